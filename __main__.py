@@ -1,0 +1,3 @@
+from autopar.cli.main import main
+
+main()

@@ -1,0 +1,37 @@
+"""Entry point: register the commands and turn user errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import sys
+
+from autopar.cli.app import app
+from autopar.errors import AutoparError
+
+# Importing a command module registers its commands on ``app``.
+from autopar.cli import inspect_cmd  # noqa: F401,E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except AutoparError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

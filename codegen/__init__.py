@@ -1,0 +1,1 @@
+"""Code generation: sharded PyTorch programs and launch scripts from a ``Plan``."""

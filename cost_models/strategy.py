@@ -1,0 +1,197 @@
+"""``Strategy``: the parallel degrees and knobs of one training configuration.
+
+Dense (attention) mapping: ``dp * tp * pp * cp = world``. MoE layers use their own
+mapping over the same GPUs and the same pipeline (MoE Parallel Folding, Megatron-Core):
+``edp * ep * etp * pp = world``, so ``ep * etp`` must divide ``world / pp``.
+Rank order (innermost first): tp, cp, dp within a pipeline stage, pp outermost; the
+expert mapping folds etp innermost, then ep, then edp over the same ranks.
+
+A compact string form is accepted everywhere a strategy is:
+``tp=8,pp=4,dp=-1,mbs=1,zero=1,recompute=selective,sp=1`` (``-1`` = "the rest").
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from autopar.errors import InputError
+
+Recompute = Literal["none", "selective", "full"]
+Schedule = Literal["gpipe", "1f1b", "interleaved"]
+
+# compact key -> field name
+ALIASES = {
+    "dp": "dp", "tp": "tp", "pp": "pp", "cp": "cp", "ep": "ep", "etp": "etp", "vpp": "vpp",
+    "mbs": "micro_batch", "micro_batch": "micro_batch",
+    "gbs": "global_batch", "global_batch": "global_batch",
+    "zero": "zero_stage", "zero_stage": "zero_stage",
+    "recompute": "recompute", "sp": "sequence_parallel", "sequence_parallel": "sequence_parallel",
+    "schedule": "schedule",
+}
+COMPACT_KEYS = {"micro_batch": "mbs", "global_batch": "gbs", "zero_stage": "zero", "sequence_parallel": "sp"}
+DEGREES = ("dp", "tp", "pp", "cp")
+
+
+class Strategy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dp: int = Field(-1, description="data parallel degree (-1 = the rest)")
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int = 1
+    vpp: int = Field(1, ge=1, description="virtual pipeline chunks per GPU (interleaved)")
+    micro_batch: int = Field(1, ge=1)
+    global_batch: int = Field(0, ge=0, description="sequences per step; 0 = taken from the command line")
+    zero_stage: int = Field(0, ge=0, le=3)
+    recompute: Recompute = "none"
+    sequence_parallel: bool = False
+    schedule: Schedule = "1f1b"
+
+    # ----- parsing ---------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str, **defaults) -> "Strategy":
+        """Parse ``tp=8,pp=4,dp=-1,...``; keys not named take ``defaults`` then field defaults."""
+        values = dict(defaults)
+        for item in filter(None, (p.strip() for p in text.replace(" ", "").split(","))):
+            if "=" not in item:
+                raise InputError(f"strategy: '{item}' is not key=value (example: tp=8,pp=4,dp=-1,mbs=1)")
+            key, raw = item.split("=", 1)
+            if key not in ALIASES:
+                raise InputError(f"strategy: unknown key '{key}'; known keys: {', '.join(sorted(set(ALIASES)))}")
+            values[ALIASES[key]] = _coerce(ALIASES[key], raw)
+        return cls.build(**values)
+
+    @classmethod
+    def parse_partial(cls, text: str) -> dict:
+        """The fields a strategy string names, coerced, without defaults (for planner constraints)."""
+        named = {}
+        for item in filter(None, (p.strip() for p in text.replace(" ", "").split(","))):
+            if "=" not in item:
+                raise InputError(f"strategy: '{item}' is not key=value (example: tp=8,pp=4)")
+            key, raw = item.split("=", 1)
+            if key not in ALIASES:
+                raise InputError(f"strategy: unknown key '{key}'; known keys: {', '.join(sorted(set(ALIASES)))}")
+            named[ALIASES[key]] = _coerce(ALIASES[key], raw)
+        cls.build(**named)  # validate types early
+        return named
+
+    @classmethod
+    def build(cls, **values) -> "Strategy":
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(x) for x in err["loc"]) or "strategy"
+            raise InputError(f"strategy: {field}: {err['msg']}") from None
+
+    def compact(self) -> str:
+        """The compact string; round-trips through ``parse``."""
+        parts = []
+        for name in ("dp", "tp", "pp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch",
+                     "zero_stage", "recompute", "sequence_parallel", "schedule"):
+            val = getattr(self, name)
+            if isinstance(val, bool):
+                val = int(val)
+            parts.append(f"{COMPACT_KEYS.get(name, name)}={val}")
+        return ",".join(parts)
+
+    def short(self) -> str:
+        """A human label with only the non-trivial knobs."""
+        bits = [f"dp{self.dp}", f"tp{self.tp}", f"pp{self.pp}"]
+        if self.cp > 1:
+            bits.append(f"cp{self.cp}")
+        if self.ep > 1 or self.etp > 1:
+            bits.append(f"ep{self.ep}" + (f"etp{self.etp}" if self.etp > 1 else ""))
+        if self.pp > 1:
+            bits.append(self.schedule + (f"v{self.vpp}" if self.schedule == "interleaved" else ""))
+        bits.append(f"mbs{self.micro_batch}")
+        if self.zero_stage:
+            bits.append(f"z{self.zero_stage}")
+        if self.sequence_parallel:
+            bits.append("sp")
+        if self.recompute != "none":
+            bits.append(f"rc-{self.recompute}")
+        return " ".join(bits)
+
+    # ----- resolution against a world size -----------------------------------------
+    def resolve(self, world: int, global_batch: int | None = None) -> "Strategy":
+        """Fill ``-1`` degrees and check every rule that does not need the model."""
+        vals = self.model_dump()
+        if global_batch and not vals["global_batch"]:
+            vals["global_batch"] = global_batch
+        free = [d for d in DEGREES if vals[d] == -1]
+        for d in ("dp", "tp", "pp", "cp", "ep", "etp"):
+            if vals[d] == 0 or vals[d] < -1:
+                raise InputError(f"strategy: {d}={vals[d]} must be a positive integer (or -1 for the rest)")
+        if len(free) > 1:
+            raise InputError(f"strategy: only one of {', '.join(free)} may be -1")
+        fixed = 1
+        for d in DEGREES:
+            if vals[d] != -1:
+                fixed *= vals[d]
+        if free:
+            if world % fixed:
+                raise InputError(f"strategy: {_product(vals)} = {fixed} does not divide the cluster's {world} GPUs")
+            vals[free[0]] = world // fixed
+        total = vals["dp"] * vals["tp"] * vals["pp"] * vals["cp"]
+        if total != world:
+            raise InputError(f"strategy: {_product(vals)} = {total}, but the cluster has {world} GPUs")
+        s = Strategy(**vals)
+        s._check_rules(world)
+        return s
+
+    def _check_rules(self, world: int) -> None:
+        per_stage = world // self.pp
+        if (self.ep * self.etp) > per_stage or per_stage % (self.ep * self.etp):
+            raise InputError(f"strategy: ep*etp = {self.ep}*{self.etp} = {self.ep * self.etp} must divide "
+                             f"dp*tp*cp = {per_stage} (GPUs per pipeline stage)")
+        if self.schedule == "interleaved" and self.pp == 1:
+            raise InputError("strategy: schedule=interleaved needs pp > 1")
+        if self.vpp > 1 and self.schedule != "interleaved":
+            raise InputError(f"strategy: vpp={self.vpp} needs schedule=interleaved")
+        if self.sequence_parallel and self.tp == 1:
+            raise InputError("strategy: sp=1 (sequence parallel) needs tp > 1")
+        if self.global_batch:
+            per_step = self.micro_batch * self.dp
+            if self.global_batch % per_step:
+                raise InputError(f"strategy: global_batch={self.global_batch} is not divisible by "
+                                 f"mbs*dp = {self.micro_batch}*{self.dp} = {per_step}; change mbs or the batch")
+
+    # ----- derived quantities (resolved strategies only) ----------------------------
+    @property
+    def edp(self) -> int:
+        """Expert data parallel degree: the ranks of a stage not used by ep*etp."""
+        return self.dp * self.tp * self.cp // (self.ep * self.etp)
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.global_batch // (self.micro_batch * self.dp)
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+
+def _product(vals: dict) -> str:
+    names = "*".join(DEGREES)
+    nums = "*".join("?" if vals[d] == -1 else str(vals[d]) for d in DEGREES)
+    return f"{names} = {nums}"
+
+
+def _coerce(field: str, raw: str):
+    if field in ("recompute", "schedule"):
+        return raw
+    if field == "sequence_parallel":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise InputError(f"strategy: sp={raw} must be 0 or 1")
+    try:
+        return int(raw)
+    except ValueError:
+        raise InputError(f"strategy: {field}={raw} must be an integer") from None

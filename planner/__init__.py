@@ -1,0 +1,1 @@
+"""Search over hybrid parallel strategies; the ``Plan`` type."""

@@ -1,0 +1,92 @@
+"""``Plan``: the planner's output and codegen's input (JSON on disk).
+
+``planner`` writes it, ``codegen`` reads it; they share nothing else. A plan holds the
+resolved strategy, the per-layer overrides (recompute per layer), the pipeline stage
+partition (layer ranges per virtual stage, in schedule order), the optional expert
+placement, the predictions that justified it, and where it came from.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from autopar import __version__
+from autopar.cost_models.strategy import Recompute, Strategy
+from autopar.errors import InputError
+from autopar.fileio import write_atomic
+from autopar.profiles.cluster import ClusterSpec
+from autopar.profiles.model_spec import ModelSpec
+
+
+class StageSpec(BaseModel):
+    """One virtual pipeline stage: transformer blocks ``[layer_start, layer_end)``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int = Field(..., ge=0, description="virtual stage index in model order")
+    rank: int = Field(..., ge=0, description="pipeline rank that runs it (index % pp)")
+    layer_start: int = Field(..., ge=0)
+    layer_end: int = Field(..., ge=0)
+    has_embedding: bool = False
+    has_output: bool = False
+    predicted_time_s: float | None = None
+    predicted_mem_bytes: float | None = None
+
+
+class Provenance(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    autopar_version: str = __version__
+    created_at: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    command: str = ""
+    inputs: dict[str, str] = Field(default_factory=dict)
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: Literal[1] = 1
+    model: ModelSpec
+    cluster: ClusterSpec
+    seq_len: int = Field(..., ge=1)
+    dtype: Literal["bf16", "fp16", "fp32", "fp8"] = "bf16"
+    strategy: Strategy
+    layer_recompute: list[Recompute] = Field(default_factory=list,
+                                             description="per-layer recompute override (empty = strategy.recompute)")
+    stages: list[StageSpec] = Field(default_factory=list)
+    expert_placement: list[list[list[int]]] | None = Field(
+        None, description="[moe_layer][ep_rank] -> expert ids held by that rank")
+    predictions: dict = Field(default_factory=dict)
+    provenance: Provenance = Field(default_factory=Provenance)
+
+    def recompute_of(self, layer: int) -> Recompute:
+        if self.layer_recompute:
+            return self.layer_recompute[layer]
+        return self.strategy.recompute
+
+    # ----- JSON on disk ----------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically: a temp file in the same folder, then rename."""
+        write_atomic(Path(path), self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"plan: {p} does not exist; write one with `autopar plan MODEL --out {p.name}`")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"plan: {p} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            raise InputError(f"plan: {p}: field '{loc}': {err['msg']}") from None

@@ -1,0 +1,1 @@
+"""Model intake, graph capture, hardware and cluster profiles, and the profiler."""

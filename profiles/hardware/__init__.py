@@ -1,0 +1,1 @@
+"""Hardware profiles (GPU and CPU) and cluster presets as data files."""

@@ -1,0 +1,181 @@
+"""Model intake: a preset name, a Hugging Face style ``config.json``, or a factory.
+
+All three give a ``ModelSpec``; ``autopar.profiles.models.build_model`` turns it into
+an ``nn.Module`` and ``autopar.profiles.graph.capture`` into a graph.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from autopar.errors import InputError
+from autopar.profiles.model_spec import ModelSpec
+
+_GPT3 = dict(family="gpt", vocab=51200, max_seq_len=2048, tie_embeddings=True, dropout=0.1, attention="eager")
+_LLAMA3 = dict(family="llama", kv_heads=8, vocab=128256, max_seq_len=8192, rope_theta=500000.0)
+_MIXTRAL = dict(family="moe", kv_heads=8, num_experts=8, topk=2, rope_theta=1e6, max_seq_len=4096)
+
+# Published configurations. GPT-3 sizes: Brown et al. 2020 Table 2.1 (1.3B uses 16 heads of
+# 128 so that heads divide the width, as Megatron-LM does); Llama 3: Llama 3 herd paper
+# Table 3; Mixtral: Mistral AI model cards; DeepSeek-V3: arXiv:2412.19437 Sec. 4.2;
+# Qwen2-57B-A14B: its Hugging Face config.
+PRESETS: dict[str, dict] = {
+    "gpt3-125m": dict(_GPT3, hidden=768, layers=12, heads=12, ffn_hidden=3072),
+    "gpt3-350m": dict(_GPT3, hidden=1024, layers=24, heads=16, ffn_hidden=4096),
+    "gpt3-1.3b": dict(_GPT3, hidden=2048, layers=24, heads=16, ffn_hidden=8192),
+    "gpt3-2.7b": dict(_GPT3, hidden=2560, layers=32, heads=32, ffn_hidden=10240),
+    "gpt3-6.7b": dict(_GPT3, hidden=4096, layers=32, heads=32, ffn_hidden=16384),
+    "gpt3-13b": dict(_GPT3, hidden=5120, layers=40, heads=40, ffn_hidden=20480),
+    "gpt3-175b": dict(_GPT3, hidden=12288, layers=96, heads=96, ffn_hidden=49152),
+    "llama3-8b": dict(_LLAMA3, hidden=4096, layers=32, heads=32, ffn_hidden=14336),
+    "llama3-70b": dict(_LLAMA3, hidden=8192, layers=80, heads=64, ffn_hidden=28672),
+    "llama3-405b": dict(_LLAMA3, hidden=16384, layers=126, heads=128, ffn_hidden=53248),
+    "mixtral-8x7b": dict(_MIXTRAL, hidden=4096, layers=32, heads=32, moe_ffn_hidden=14336, vocab=32000),
+    "mixtral-8x22b": dict(_MIXTRAL, hidden=6144, layers=56, heads=48, moe_ffn_hidden=16384, vocab=32768),
+    "qwen2-57b-a14b": dict(family="moe", hidden=3584, layers=28, heads=28, kv_heads=4, vocab=151936,
+                           num_experts=64, topk=8, moe_ffn_hidden=2560, shared_ffn_hidden=20480,
+                           qkv_bias=True, rope_theta=1e6, max_seq_len=4096, norm_eps=1e-6),
+    "deepseek-v3": dict(family="deepseek_v3", hidden=7168, layers=61, heads=128, vocab=129280, ffn_hidden=18432,
+                        num_experts=256, topk=8, moe_ffn_hidden=2048, shared_experts=1, first_dense_layers=3,
+                        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                        v_head_dim=128, max_seq_len=4096, norm_eps=1e-6),
+    # Small configurations for CPU runs, tests and the closed-loop validation.
+    "gpt-tiny": dict(family="gpt", hidden=64, layers=4, heads=4, ffn_hidden=256, vocab=512, max_seq_len=128),
+    "gpt-small": dict(family="gpt", hidden=256, layers=8, heads=8, ffn_hidden=1024, vocab=4096, max_seq_len=256),
+    "gpt2-124m": dict(family="gpt", hidden=768, layers=12, heads=12, ffn_hidden=3072, vocab=50304,
+                      max_seq_len=1024, tie_embeddings=True),
+    "llama-tiny": dict(family="llama", hidden=64, layers=4, heads=4, kv_heads=2, ffn_hidden=192, vocab=512,
+                       max_seq_len=128),
+    "moe-tiny": dict(family="moe", hidden=64, layers=4, heads=4, kv_heads=2, vocab=512, max_seq_len=128,
+                     num_experts=8, topk=2, moe_ffn_hidden=96, shared_experts=1, first_dense_layers=1,
+                     ffn_hidden=192),
+    "deepseek-tiny": dict(family="deepseek_v3", hidden=64, layers=3, heads=4, vocab=512, ffn_hidden=192,
+                          num_experts=8, topk=2, moe_ffn_hidden=32, shared_experts=1, first_dense_layers=1,
+                          q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                          v_head_dim=16, max_seq_len=128),
+}
+DEFAULT_MODEL = "llama3-8b"
+
+
+def preset(name: str) -> ModelSpec:
+    key = name.lower()
+    if key not in PRESETS:
+        raise InputError(f"model: unknown preset '{name}'; presets: {', '.join(PRESETS)} "
+                         "(or give a config.json path or a factory pkg.mod:fn)")
+    return ModelSpec(name=key, source=f"preset:{key}", **PRESETS[key])
+
+
+def resolve_model(name: str, input_shape: list[int] | None = None, input_dtype: str = "int64") -> ModelSpec:
+    """A preset name, a path to a config.json (or a folder holding one), or ``pkg.mod:fn``."""
+    path = Path(name)
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
+    if path.suffix == ".json" or path.is_file():
+        return from_hf_config(path)
+    if ":" in name:
+        try:
+            return ModelSpec(family="custom", name=name.split(":")[-1], factory=name, input_shape=input_shape,
+                             input_dtype=input_dtype, source=f"factory:{name}")
+        except ValidationError as exc:
+            raise InputError(f"model: {exc.errors()[0]['msg']}") from None
+    return preset(name)
+
+
+# ----- Hugging Face config.json ------------------------------------------------------
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "deepseek_v3", "deepseek_v2")
+
+
+def from_hf_config(path: str | Path) -> ModelSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"model: config file {path} does not exist")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"model: {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"model: {path} must hold a JSON object")
+    mtype = cfg.get("model_type")
+    if mtype not in SUPPORTED_MODEL_TYPES:
+        raise InputError(f"model: {path}: model_type={mtype!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    reader = _HFReader(cfg, path)
+    fields = _READERS[mtype](reader)
+    fields.update(name=cfg.get("_name_or_path") or path.parent.name or mtype, source=f"config:{path}")
+    try:
+        return ModelSpec(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InputError(f"model: {path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+class _HFReader:
+    """Reads config fields with one-line errors naming the missing field."""
+
+    def __init__(self, cfg: dict, path: Path):
+        self.cfg, self.path = cfg, path
+
+    def req(self, key: str):
+        if self.cfg.get(key) is None:
+            raise InputError(f"model: {self.path}: missing field '{key}' "
+                             f"(needed for model_type={self.cfg.get('model_type')})")
+        val = self.cfg[key]
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            raise InputError(f"model: {self.path}: field '{key}' must be a number, got {val!r}")
+        return val
+
+    def opt(self, key: str, default):
+        val = self.cfg.get(key)
+        return default if val is None else val
+
+
+def _llama_fields(r: _HFReader) -> dict:
+    return dict(
+        family="llama", hidden=r.req("hidden_size"), layers=r.req("num_hidden_layers"),
+        heads=r.req("num_attention_heads"), kv_heads=r.opt("num_key_value_heads", 0),
+        head_dim=r.opt("head_dim", 0), ffn_hidden=r.opt("intermediate_size", 0), vocab=r.req("vocab_size"),
+        max_seq_len=r.opt("max_position_embeddings", 4096), tie_embeddings=bool(r.opt("tie_word_embeddings", False)),
+        norm_eps=r.opt("rms_norm_eps", 1e-5), rope_theta=r.opt("rope_theta", 10000.0),
+        qkv_bias=bool(r.opt("attention_bias", r.cfg.get("model_type") == "qwen2")),
+    )
+
+
+def _gpt2(r: _HFReader) -> dict:
+    h = r.req("n_embd")
+    return dict(family="gpt", hidden=h, layers=r.req("n_layer"), heads=r.req("n_head"),
+                ffn_hidden=r.opt("n_inner", None) or 4 * h, vocab=r.req("vocab_size"),
+                max_seq_len=r.opt("n_positions", 1024), tie_embeddings=bool(r.opt("tie_word_embeddings", True)),
+                norm_eps=r.opt("layer_norm_epsilon", 1e-5), dropout=r.opt("resid_pdrop", 0.0))
+
+
+def _mixtral(r: _HFReader) -> dict:
+    f = _llama_fields(r)
+    f.update(family="moe", num_experts=r.req("num_local_experts"), topk=r.req("num_experts_per_tok"),
+             moe_ffn_hidden=r.req("intermediate_size"), ffn_hidden=0)
+    return f
+
+
+def _qwen2_moe(r: _HFReader) -> dict:
+    f = _llama_fields(r)
+    f.update(family="moe", num_experts=r.req("num_experts"), topk=r.req("num_experts_per_tok"),
+             moe_ffn_hidden=r.req("moe_intermediate_size"),
+             shared_ffn_hidden=r.opt("shared_expert_intermediate_size", 0), qkv_bias=True)
+    return f
+
+
+def _deepseek(r: _HFReader) -> dict:
+    f = _llama_fields(r)
+    f.update(family="deepseek_v3", kv_heads=0, head_dim=0, num_experts=r.req("n_routed_experts"),
+             topk=r.req("num_experts_per_tok"), moe_ffn_hidden=r.req("moe_intermediate_size"),
+             shared_experts=r.opt("n_shared_experts", 0), first_dense_layers=r.opt("first_k_dense_replace", 0),
+             q_lora_rank=r.opt("q_lora_rank", 0) or 0, kv_lora_rank=r.req("kv_lora_rank"),
+             qk_nope_head_dim=r.req("qk_nope_head_dim"), qk_rope_head_dim=r.req("qk_rope_head_dim"),
+             v_head_dim=r.req("v_head_dim"), qkv_bias=False)
+    return f
+
+
+_READERS = {"gpt2": _gpt2, "llama": _llama_fields, "mistral": _llama_fields, "qwen2": _llama_fields,
+            "mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "deepseek_v3": _deepseek, "deepseek_v2": _deepseek}

@@ -1,0 +1,232 @@
+"""Building blocks of the built-in architectures.
+
+Written so that (a) head counts are read from tensor shapes (``view(b, s, -1, hd)``),
+which lets DTensor tensor parallel shard ``wq/wk/wv/wo`` without touching this code,
+(b) the eager attention path saves exactly the tensors Megatron's analysis counts
+(Korthikanti et al. 2022, Sec. 4.1: Q, K, softmax output, dropout mask, V, ...), and
+(c) MoE routing is contained in two leaf modules (``TopKRouter``, ``GroupedExperts``)
+so torch.fx never traces data-dependent control flow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), as in Llama."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_seq_len, head_dim // 2] of rotary embeddings (Su et al. 2021)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x [b, s, n, d] by the position angle."""
+    s = x.shape[1]
+    c = cos[:s].view(1, s, 1, -1)
+    si = sin[:s].view(1, s, 1, -1)
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((x1 * c - x2 * si, x1 * si + x2 * c), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+def causal_attention(q, k, v, dropout: float, training: bool, eager: bool) -> torch.Tensor:
+    """Attention core on [b, n, s, d] tensors with a causal mask.
+
+    eager: explicit QK^T, softmax, dropout, x V (what Megatron's memory analysis
+    assumes: 5*a*s^2*b bytes saved per layer). Otherwise PyTorch SDPA (flash / memory
+    efficient kernels save O(s) instead of O(s^2)).
+    """
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    if not eager:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if training else 0.0, is_causal=True)
+    s = q.shape[2]
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+    scores = scores.masked_fill(mask, float("-inf"))
+    probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=training)
+    return torch.matmul(probs, v)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention; RoPE when ``rope`` is set (Llama), learned positions otherwise (GPT)."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: bool,
+                 dropout: float, rope: bool, eager: bool, out_bias: bool | None = None):
+        super().__init__()
+        self.head_dim, self.dropout, self.rope, self.eager = head_dim, dropout, rope, eager
+        self.wq = nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.wk = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.wv = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.wo = nn.Linear(heads * head_dim, hidden, bias=bias if out_bias is None else out_bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cos=None, sin=None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, -1, self.head_dim)
+        k = self.wk(x).view(b, s, -1, self.head_dim)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                               self.dropout, self.training, self.eager)
+        out = out.transpose(1, 2).reshape(b, s, -1)
+        return self.resid_dropout(self.wo(out))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3, arXiv:2405.04434 Sec. 2.1).
+
+    Queries pass through a low-rank bottleneck (q_lora_rank) when set; keys and values
+    are rebuilt from a shared kv_lora_rank latent plus a decoupled RoPE key of
+    qk_rope_head_dim shared by all heads.
+    """
+
+    def __init__(self, hidden: int, heads: int, q_lora_rank: int, kv_lora_rank: int,
+                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, eps: float, eager: bool):
+        super().__init__()
+        self.nope, self.rope_dim, self.v_dim, self.eager = qk_nope_head_dim, qk_rope_head_dim, v_head_dim, eager
+        self.kv_lora_rank = kv_lora_rank
+        qk_dim = qk_nope_head_dim + qk_rope_head_dim
+        if q_lora_rank:
+            self.wq_a = nn.Linear(hidden, q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(q_lora_rank, eps)
+            self.wq_b = nn.Linear(q_lora_rank, heads * qk_dim, bias=False)
+        else:
+            self.wq = nn.Linear(hidden, heads * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(hidden, kv_lora_rank + qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(kv_lora_rank, eps)
+        self.wkv_b = nn.Linear(kv_lora_rank, heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.wo = nn.Linear(heads * v_head_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos=None, sin=None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
+        q = q.view(b, s, -1, self.nope + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        kv = self.wkv_a(x)
+        latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)
+        kv = self.wkv_b(self.kv_norm(latent)).view(b, s, -1, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        n = kv.shape[2]
+        q = torch.cat([q_nope, apply_rope(q_pe, cos, sin)], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(b, s, n, self.rope_dim)], dim=-1)
+        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, self.training, self.eager)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    """GPT MLP: Linear(h, f) -> GeLU -> Linear(f, h) -> dropout."""
+
+    def __init__(self, hidden: int, ffn: int, bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, ffn, bias=bias)
+        self.w2 = nn.Linear(ffn, hidden, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w2(F.gelu(self.w1(x))))
+
+
+class SwiGLU(nn.Module):
+    """Llama MLP: w2(silu(w1 x) * w3 x) (Shazeer 2020)."""
+
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, ffn, bias=False)
+        self.w3 = nn.Linear(hidden, ffn, bias=False)
+        self.w2 = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TopKRouter(nn.Module):
+    """Token-choice top-k router: softmax over expert logits, keep k, renormalise.
+
+    forward(x[T, h]) -> (topk_idx[T, k] int64, topk_weight[T, k]). Routing traces hook
+    this module (``autopar.profiles.routing``).
+    """
+
+    def __init__(self, hidden: int, num_experts: int, topk: int):
+        super().__init__()
+        self.topk = topk
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weight, idx = torch.topk(probs, self.topk, dim=-1)
+        weight = weight / weight.sum(dim=-1, keepdim=True)
+        return idx, weight.type_as(x)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked weights w1/w3 [E, h, f], w2 [E, f, h].
+
+    ``expert_ids`` lists the global expert ids held here (all of them until expert
+    parallelism keeps a subset on each rank); ``forward`` runs the tokens assigned to
+    each held expert, weighted by the router's gate values.
+    """
+
+    def __init__(self, hidden: int, ffn: int, num_experts: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden, ffn))
+        self.w3 = nn.Parameter(torch.empty(num_experts, hidden, ffn))
+        self.w2 = nn.Parameter(torch.empty(num_experts, ffn, hidden))
+        self.register_buffer("expert_ids", torch.arange(num_experts), persistent=False)
+
+    def expert_forward(self, local: int, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(x @ self.w1[local]) * (x @ self.w3[local])
+        return h @ self.w2[local]
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for local, gid in enumerate(self.expert_ids.tolist()):
+            tok, slot = torch.where(idx == gid)
+            if tok.numel() == 0:
+                continue
+            y = self.expert_forward(local, x[tok]) * weight[tok, slot].unsqueeze(-1)
+            out = out.index_add(0, tok, y)
+        return out
+
+
+class MoE(nn.Module):
+    """Routed experts plus optional always-on shared experts (Mixtral, Qwen2-MoE, DeepSeek)."""
+
+    def __init__(self, hidden: int, ffn: int, num_experts: int, topk: int, shared_ffn: int):
+        super().__init__()
+        self.router = TopKRouter(hidden, num_experts, topk)
+        self.experts = GroupedExperts(hidden, ffn, num_experts)
+        self.shared_experts = SwiGLU(hidden, shared_ffn) if shared_ffn else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        xt = x.reshape(-1, h)
+        idx, weight = self.router(xt)
+        out = self.experts(xt, idx, weight)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(xt)
+        return out.reshape(b, s, h)
