@@ -17,6 +17,9 @@ class LinkClass(BaseModel):
 
     bw_gbps: float = Field(..., gt=0, description="bus bandwidth per GPU in GB/s (bytes, not bits)")
     latency_s: float = Field(..., ge=0, description="per-message latency (alpha) in seconds")
+    allreduce_bw_gbps: float | None = Field(
+        None, gt=0, description="all-reduce bus bandwidth when it differs from bw_gbps (NVLink SHARP / NVLS "
+        "on NVSwitch systems reduces in the switch); None = bw_gbps")
     source: str = ""
 
 
@@ -24,6 +27,7 @@ class ClusterSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "cluster"
+    description: str = ""
     gpu: str = Field(..., description="hardware profile name, e.g. h100-sxm, a100-80g, cpu")
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(8, ge=1)

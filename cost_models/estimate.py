@@ -1,0 +1,293 @@
+"""``CostModel``: step time and per-GPU memory of one strategy, stage by stage.
+
+Per step (one optimizer update of ``global_batch`` sequences):
+
+1. each layer is priced per micro-batch on its pipeline rank (``layer_cost``);
+2. ranks' forward/backward totals go through the pipeline schedule (``pipeline``),
+   which adds the bubble and the exposed point-to-point time;
+3. data-parallel gradient reduction follows: overlapped with the last micro-batch's
+   backward except the last bucket (PyTorch DDP / Megatron bucketing); ZeRO-1/2 swap
+   the all-reduce for a reduce-scatter plus a parameter all-gather of the same volume
+   (ZeRO paper Sec. 7); ZeRO-3 gathers parameters in every micro-batch's forward and
+   backward and reduce-scatters gradients, prefetched one layer ahead, so only the
+   excess over each layer's compute is exposed;
+4. the optimizer step is memory bound over the rank's optimizer states.
+
+Memory per pipeline rank: model states (``memory.model_state_bytes``), activations of
+the micro-batches in flight (``pipeline.in_flight_microbatches``), the largest transient
+of one layer's backward (recompute), output logits on the last rank, ZeRO-3 prefetch
+buffers, and the profile's framework overhead. The most loaded rank decides ``feasible``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from autopar.cost_models.comm import CommFit, collective_time
+from autopar.cost_models.compute import OpTimer
+from autopar.cost_models.layer_cost import LayerCost, PricingContext, price_layer
+from autopar.cost_models.layer_model import LayerTemplate
+from autopar.cost_models.memory import bytes_per_param, model_state_bytes
+from autopar.cost_models.pipeline import in_flight_microbatches, step_time
+from autopar.cost_models.strategy import Strategy
+from autopar.profiles.cluster import ClusterSpec
+from autopar.profiles.hw import GpuProfile
+from autopar.profiles.model_spec import ModelSpec
+
+DDP_BUCKET_BYTES = 25 * 2**20   # PyTorch DDP bucket_cap_mb default (torch.nn.parallel.DistributedDataParallel)
+OPTIMIZER_BYTES_PER_PARAM = 36  # Adam step: read p32, g, m, v (4+2+4+4... rounded) + write p32, m, v, p16
+
+
+@dataclass
+class RankReport:
+    rank: int
+    layers: list[int]
+    fwd_s: float
+    bwd_s: float
+    recompute_s: float
+    comm_s: dict[str, float]
+    memory: dict[str, float]
+    in_flight: float
+
+    @property
+    def mem_bytes(self) -> float:
+        return sum(self.memory.values())
+
+
+@dataclass
+class Estimate:
+    strategy: Strategy
+    step_time_s: float
+    time: dict[str, float]
+    ranks: list[RankReport]
+    peak_bytes: float
+    capacity_bytes: float
+    usable_bytes: float
+    model_flops: float        # per iteration, no recompute (MFU basis)
+    hardware_flops: float     # per iteration, Megatron eq. 3 basis (+ recomputed forward when full)
+    world: int
+    peak_flops: float
+    tokens: int
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def feasible(self) -> bool:
+        return self.peak_bytes - self.memory_overhead <= self.usable_bytes
+
+    @property
+    def memory_overhead(self) -> float:
+        return self.worst_rank.memory.get("framework_overhead", 0.0)
+
+    @property
+    def worst_rank(self) -> RankReport:
+        return max(self.ranks, key=lambda r: r.mem_bytes)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.step_time_s
+
+    @property
+    def tflops_per_gpu(self) -> float:
+        return self.hardware_flops / self.step_time_s / self.world / 1e12
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops / self.step_time_s / self.world / self.peak_flops
+
+
+class CostModel:
+    """Prices strategies for one (model, cluster, sequence length, dtype)."""
+
+    def __init__(self, spec: ModelSpec, cluster: ClusterSpec, seq_len: int, templates: list[LayerTemplate],
+                 gpu: GpuProfile, dtype: str = "bf16", timer: OpTimer | None = None,
+                 comm_fits: list[CommFit] | None = None, expert_load_ratio: float = 1.0):
+        self.spec, self.cluster, self.seq_len, self.dtype, self.gpu = spec, cluster, seq_len, dtype, gpu
+        self.templates = templates
+        self.blocks = {i: t for t in templates if t.kind == "block" for i in t.indices}
+        self.embedding = next((t for t in templates if t.kind == "embedding"), None)
+        self.output = next((t for t in templates if t.kind == "output"), None)
+        self.timer = timer or OpTimer(gpu, dtype)
+        dbytes = 4 if dtype == "fp32" else 2
+        self.ctx = PricingContext(
+            cluster=cluster, timer=self.timer, dtype_bytes=dbytes, hidden=spec.hidden or 1, seq_len=seq_len,
+            topk=spec.topk, num_experts=spec.num_experts, kv_bytes_per_token=_kv_bytes(spec, dbytes),
+            expert_load_ratio=expert_load_ratio, fits=comm_fits)
+        self._cache: dict[tuple, dict] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    # ----- per-layer prices (cached per sharding) ----------------------------------
+    def layer_costs(self, s: Strategy) -> dict:
+        """{"embedding": LayerCost, "output": LayerCost, i: LayerCost} for the strategy's
+        intra-stage sharding; identical layers are priced once."""
+        key = (s.tp, s.cp, s.ep, s.etp, s.dp, s.micro_batch, s.sequence_parallel)
+        if key not in self._cache:
+            by_template = {id(t): price_layer(t, s, self.ctx) for t in self.templates}
+            costs = {i: by_template[id(t)] for i, t in self.blocks.items()}
+            costs["embedding"] = by_template[id(self.embedding)] if self.embedding else None
+            costs["output"] = by_template[id(self.output)] if self.output else None
+            self._cache[key] = costs
+        return self._cache[key]
+
+    # ----- one full estimate ----------------------------------------------------------
+    def estimate(self, s: Strategy, stages: list[tuple[int, int]] | None = None,
+                 layer_recompute: list[str] | None = None) -> Estimate:
+        costs = self.layer_costs(s)
+        stages = stages or even_stages(self.num_layers, s.pp * s.vpp)
+        recompute = layer_recompute or [s.recompute] * self.num_layers
+        m = s.num_micro_batches
+        ranks = [self._rank(r, s, stages, recompute, costs, m) for r in range(s.pp)]
+        p2p = self._p2p_time(s)
+        pipe = step_time([r.fwd_s for r in ranks], [r.bwd_s for r in ranks], m, s.schedule, s.vpp, p2p)
+        dp_exposed = max(self._dp_time(s, r, costs, m) for r in ranks)
+        opt = max(self._optimizer_time(s, r, costs) for r in ranks)
+        total = pipe.step_time_s + dp_exposed + opt
+        time = _time_breakdown(ranks, pipe, dp_exposed, opt, m)
+        return self._report(s, total, time, ranks, recompute)
+
+    def _rank(self, rank: int, s: Strategy, stages, recompute, costs, m) -> RankReport:
+        layers = [i for j, (a, b) in enumerate(stages) if j % s.pp == rank for i in range(a, b)]
+        parts = [costs[i] for i in layers]
+        modes = [recompute[i] for i in layers]
+        first, last = rank == 0, rank == s.pp - 1
+        extra = ([costs["embedding"]] if first and costs["embedding"] else []) + \
+                ([costs["output"]] if last and costs["output"] else [])
+        fwd = sum(c.fwd_s for c in parts + extra)
+        rc = sum(c.recompute_s[mo] + (c.recompute_comm_s if mo == "full" else 0.0) for c, mo in zip(parts, modes))
+        comm: dict[str, float] = {}
+        for c in parts + extra:
+            for k, v in c.comm_s.items():
+                comm[k] = comm.get(k, 0.0) + v
+        bwd = sum(c.bwd_s for c in parts + extra) + rc + sum(comm.values())
+        in_flight = in_flight_microbatches(rank, s.pp, m, s.schedule, s.vpp)
+        memory = self._rank_memory(s, parts, modes, extra, in_flight, last)
+        return RankReport(rank, layers, fwd, bwd, rc, comm, memory, in_flight)
+
+    def _rank_memory(self, s: Strategy, parts: list[LayerCost], modes, extra, in_flight, last) -> dict[str, float]:
+        dense = sum(c.params_dense for c in parts + extra)
+        if self.spec.tie_embeddings and s.pp > 1 and last and self.embedding:
+            dense += 0.0  # the tied output weight is already counted by the output template
+        expert = sum(c.params_expert for c in parts)
+        ds = model_state_bytes(dense, self.dtype, s.zero_stage, s.dp * s.cp)
+        es = model_state_bytes(expert, self.dtype, s.zero_stage, s.edp)
+        acts = sum(c.act_bytes[mo] for c, mo in zip(parts, modes)) + sum(c.act_bytes["none"] for c in extra)
+        work = max([c.work_bytes[mo] for c, mo in zip(parts, modes)] + [0.0])
+        temps = sum(c.temp_bytes for c in extra)
+        mem = {
+            "parameters": ds.params + es.params,
+            "gradients": ds.grads + es.grads,
+            "optimizer_states": ds.optimizer + es.optimizer,
+            "activations": acts * in_flight,
+            "recompute_workspace": work,
+            "logits_and_temporaries": temps,
+            "comm_buffers": self._comm_buffer_bytes(s, parts),
+            "framework_overhead": float(self.gpu.framework_overhead_bytes),
+        }
+        return mem
+
+    def _comm_buffer_bytes(self, s: Strategy, parts: list[LayerCost]) -> float:
+        pbytes = bytes_per_param(self.dtype)[0]
+        if s.zero_stage >= 3 and parts:
+            biggest = max(c.params_dense + c.params_expert for c in parts)
+            return 2 * biggest * pbytes * (s.dp * s.cp - 1) / (s.dp * s.cp)  # current + prefetched layer, gathered
+        if s.dp * s.cp > 1:
+            return 2 * DDP_BUCKET_BYTES
+        return 0.0
+
+    # ----- per-step terms ------------------------------------------------------------
+    def _p2p_time(self, s: Strategy) -> float:
+        if s.pp == 1:
+            return 0.0
+        act = s.micro_batch * self.seq_len / s.cp * self.spec.hidden * self.ctx.dtype_bytes
+        if s.sequence_parallel:
+            act /= s.tp  # Megatron's scatter/gather optimisation sends 1/t of the activation
+        stride = s.world // s.pp
+        return collective_time("p2p", act, s.pp, stride, self.cluster, fits=self.ctx.fits).time_s
+
+    def _dp_time(self, s: Strategy, r: RankReport, costs, m: int) -> float:
+        grad_bytes = bytes_per_param(self.dtype)[1]
+        dense = sum(costs[i].params_dense for i in r.layers) * grad_bytes
+        expert = sum(costs[i].params_expert for i in r.layers) * grad_bytes
+        n_dense, n_exp = s.dp * s.cp, s.edp
+        if s.zero_stage >= 3:
+            return self._zero3_exposed(s, r, costs, m, grad_bytes)
+        t = self._grad_sync(dense, n_dense, s.tp, s) + self._grad_sync(expert, n_exp, s.ep * s.etp, s)
+        window = r.bwd_s / max(m, 1) if m else 0.0  # the last micro-batch's backward hides the rest
+        last_bucket = self._grad_sync(min(DDP_BUCKET_BYTES, dense), n_dense, s.tp, s)
+        return max(0.0, t - window) + last_bucket if t > 0 else 0.0
+
+    def _grad_sync(self, size: float, n: int, stride: int, s: Strategy) -> float:
+        if n <= 1 or size <= 0:
+            return 0.0
+        if s.zero_stage in (1, 2):
+            rs = collective_time("reduce_scatter", size, n, stride, self.cluster, fits=self.ctx.fits).time_s
+            ag = collective_time("all_gather", size, n, stride, self.cluster, fits=self.ctx.fits).time_s
+            return rs + ag
+        return collective_time("all_reduce", size, n, stride, self.cluster, fits=self.ctx.fits).time_s
+
+    def _zero3_exposed(self, s: Strategy, r: RankReport, costs, m: int, grad_bytes: int) -> float:
+        """FSDP: per layer and micro-batch, all-gather (fwd), all-gather + reduce-scatter
+        (bwd), each hidden behind that layer's compute when it is shorter."""
+        n = s.dp * s.cp
+        if n <= 1:
+            return 0.0
+        pbytes = bytes_per_param(self.dtype)[0]
+        exposed = 0.0
+        for i in r.layers:
+            c = costs[i]
+            full = (c.params_dense + c.params_expert) * pbytes
+            ag = collective_time("all_gather", full, n, s.tp, self.cluster, fits=self.ctx.fits).time_s
+            rs = collective_time("reduce_scatter", full / pbytes * grad_bytes, n, s.tp, self.cluster,
+                                 fits=self.ctx.fits).time_s
+            exposed += max(0.0, ag - c.fwd_s) + max(0.0, ag + rs - c.bwd_s)
+        return exposed * m
+
+    def _optimizer_time(self, s: Strategy, r: RankReport, costs) -> float:
+        dense = sum(costs[i].params_dense for i in r.layers)
+        expert = sum(costs[i].params_expert for i in r.layers)
+        local = dense / (s.dp * s.cp if s.zero_stage >= 1 else 1) + expert / (s.edp if s.zero_stage >= 1 else 1)
+        return self.timer.membound(local * OPTIMIZER_BYTES_PER_PARAM)
+
+    def _report(self, s: Strategy, total: float, time: dict, ranks: list[RankReport], recompute) -> Estimate:
+        fwd = sum(f for t in self.templates for f in [sum(o.fwd_flops for o in t.ops) * len(t.indices or [0])])
+        bwd = sum(b for t in self.templates for b in [sum(o.bwd_flops for o in t.ops) * len(t.indices or [0])])
+        full_rc = sum(sum(o.fwd_flops for o in self.blocks[i].ops) for i in self.blocks if recompute[i] == "full")
+        model = (fwd + bwd) * s.global_batch
+        worst = max(ranks, key=lambda r: r.mem_bytes)
+        return Estimate(
+            strategy=s, step_time_s=total, time=time, ranks=ranks, peak_bytes=worst.mem_bytes,
+            capacity_bytes=float(self.gpu.mem_capacity_bytes), usable_bytes=float(self.gpu.usable_mem_bytes),
+            model_flops=model, hardware_flops=model + full_rc * s.global_batch, world=s.world,
+            peak_flops=self.timer.peak, tokens=s.global_batch * self.seq_len,
+            sources={"compute": self.timer.source,
+                     "communication": "measurement" if self.ctx.fits else "datasheet"})
+
+
+def even_stages(layers: int, n: int) -> list[tuple[int, int]]:
+    """Split ``layers`` into ``n`` consecutive ranges, the first ones one layer longer."""
+    base, rest = divmod(layers, n)
+    out, start = [], 0
+    for j in range(n):
+        end = start + base + (1 if j < rest else 0)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def _kv_bytes(spec: ModelSpec, dbytes: int) -> float:
+    if spec.family == "deepseek_v3":
+        return spec.heads * (spec.qk_nope_head_dim + spec.qk_rope_head_dim + spec.v_head_dim) * dbytes
+    return 2 * spec.kv_heads * spec.head_dim * dbytes
+
+
+def _time_breakdown(ranks: list[RankReport], pipe, dp_exposed: float, opt: float, m: int) -> dict[str, float]:
+    slow = max(ranks, key=lambda r: r.fwd_s + r.bwd_s)
+    comm_total = sum(slow.comm_s.values())
+    compute = (slow.fwd_s + slow.bwd_s - slow.recompute_s - comm_total) * m
+    out = {"compute": compute, "recompute": slow.recompute_s * m}
+    for k, v in slow.comm_s.items():
+        out[f"{k}_comm"] = v * m
+    out.update({"pp_comm": pipe.p2p_s, "bubble": pipe.bubble_s, "dp_comm": dp_exposed, "optimizer": opt})
+    return out

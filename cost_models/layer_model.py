@@ -1,0 +1,110 @@
+"""Per-layer cost templates: what one layer costs before any parallelism.
+
+A ``LayerTemplate`` is built once per distinct layer (from the captured graph, see
+``from_stats``) at micro-batch 1 and the full sequence, and then scaled for each
+strategy by arithmetic only, which is what keeps the search fast:
+
+- every term scales with the local tokens ``mbs · s / cp``;
+- ``tp``-tagged ops and saved tensors (between a column- and a row-parallel linear) are
+  divided by ``tp``; ``rep``-tagged ones (norms, residual stream, dropout after the row
+  linear) are divided by ``tp`` only under sequence parallelism (Korthikanti et al.
+  2022, Sec. 4.2.2);
+- ``expert`` work is spread evenly over the ``dp·tp·cp`` ranks of a stage (MoE Parallel
+  Folding: ``edp·ep·etp = dp·tp·cp``), so per rank it is divided by ``tp·cp``; a routing
+  trace or placement multiplies it by the straggler's load ratio;
+- ``attn_core`` terms are dropped from the saved set by selective recompute and re-run
+  in backward; full recompute keeps only the layer input and re-runs the whole forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Shard = Literal["tp", "rep", "expert", "router", "vocab"]
+
+
+@dataclass(frozen=True)
+class OpTerm:
+    name: str
+    kind: Literal["gemm", "attention", "membound"]
+    shard: Shard
+    fwd_flops: float
+    bwd_flops: float
+    bytes_rw: float                       # forward bytes read + written
+    gemm: tuple[float, float, float] | None = None   # (m, n, k) of one call at mbs=1, no parallelism
+    calls: float = 1.0
+    attn_core: bool = False
+    n_dim_sharded: bool = True            # for tp GEMMs: is n (else k) the sharded dim
+
+
+@dataclass(frozen=True)
+class SavedTerm:
+    name: str
+    bytes: float
+    shard: Shard
+    attn_core: bool = False
+    const: bool = False                   # does not scale with the batch (e.g. causal mask)
+
+
+@dataclass
+class LayerTemplate:
+    name: str
+    kind: Literal["embedding", "block", "output"]
+    indices: list[int]
+    is_moe: bool = False
+    params_tp: float = 0.0
+    params_rep: float = 0.0
+    params_expert: float = 0.0
+    params_vocab: float = 0.0
+    ops: list[OpTerm] = field(default_factory=list)
+    saved: list[SavedTerm] = field(default_factory=list)
+    input_bytes: float = 0.0              # the block input kept by full recompute (mbs=1, full s)
+    temp_bytes: float = 0.0               # transient peak beyond saved tensors (e.g. fp32 logits)
+
+    @property
+    def params(self) -> float:
+        return self.params_tp + self.params_rep + self.params_expert + self.params_vocab
+
+
+@dataclass(frozen=True)
+class Shards:
+    """The divisors one strategy applies to a layer's terms."""
+
+    tokens: float      # mbs / cp
+    tp: int
+    sp: bool
+    expert_div: float  # tp * cp (expert work spread over the stage's ranks)
+
+    def of(self, shard: Shard) -> float:
+        if shard == "tp" or shard == "vocab":
+            return self.tp
+        if shard == "rep":
+            return self.tp if self.sp else 1
+        if shard == "expert":
+            return self.expert_div
+        return 1  # router: replicated on every rank that holds the tokens
+
+
+def saved_bytes(layer: LayerTemplate, sh: Shards, recompute: str) -> float:
+    """Activation bytes one micro-batch leaves saved for backward in this layer."""
+    if recompute == "full":
+        return layer.input_bytes * sh.tokens / (sh.tp if sh.sp else 1)
+    total = 0.0
+    for t in layer.saved:
+        if recompute == "selective" and t.attn_core:
+            continue
+        scale = 1.0 if t.const else sh.tokens
+        total += t.bytes * scale / sh.of(t.shard)
+    return total
+
+
+def working_bytes(layer: LayerTemplate, sh: Shards, recompute: str) -> float:
+    """Transient bytes while one layer runs backward: with recompute, its re-built
+    activations (all of them for full, the attention core for selective)."""
+    if recompute == "none":
+        return 0.0
+    keep = saved_bytes(layer, sh, "none")
+    if recompute == "full":
+        return keep
+    return keep - saved_bytes(layer, sh, "selective")

@@ -1,0 +1,79 @@
+"""Memory formulas: model states under ZeRO, activations under TP/SP/CP/recompute.
+
+Model states (Rajbhandari et al. 2020, ZeRO, Sec. 3.1 / Fig. 1): mixed-precision Adam
+keeps ``2Ψ`` bytes of 16-bit parameters, ``2Ψ`` of 16-bit gradients and ``12Ψ`` of
+optimizer state (fp32 master weights, momentum, variance). ZeRO-1 shards the ``12Ψ``
+over the data-parallel group ``N_d``, ZeRO-2 also the gradients, ZeRO-3 (FSDP) also the
+parameters. In fp32 training parameters and gradients take 4 bytes each and the
+optimizer 8 (momentum, variance; the parameters are the master copy).
+
+Activations per transformer layer come from the captured graph's saved tensors (see
+``activation_bytes``); Korthikanti et al. 2022, Table 2 is the closed form they must
+reproduce for GPT: ``s·b·h·(34 + 5·a·s/h)`` with no parallelism, ``s·b·h·(10 + 24/t +
+5·a·s/(h·t))`` with tensor parallel t, ``s·b·h/t·(34 + 5·a·s/h)`` with t and sequence
+parallel, ``s·b·h·(10 + 24/t)`` with t and selective recompute, ``34·s·b·h/t`` with t,
+SP and selective, and ``2·s·b·h`` (the layer input) with full recompute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    params: float
+    grads: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+
+def bytes_per_param(dtype: str) -> tuple[int, int, int]:
+    """(parameter, gradient, optimizer) bytes per parameter for Adam.
+
+    16-bit mixed precision: 2 + 2 + 12 (ZeRO paper, K = 12: fp32 master copy, momentum,
+    variance). fp8 training keeps 16-bit master-facing weights in Transformer Engine,
+    so it is priced like bf16. fp32: 4 + 4 + 8.
+    """
+    if dtype == "fp32":
+        return 4, 4, 8
+    return 2, 2, 12
+
+
+def model_state_bytes(params: float, dtype: str, zero_stage: int, shard_group: int) -> StateBytes:
+    """Bytes one GPU holds for ``params`` parameters replicated over ``shard_group`` ranks
+    (the data-parallel group, or the expert-data-parallel group for expert weights).
+
+    ZeRO paper, Sec. 5: stage 1 divides optimizer states by N_d, stage 2 also gradients,
+    stage 3 also parameters.
+    """
+    p, g, o = bytes_per_param(dtype)
+    n = max(shard_group, 1)
+    return StateBytes(
+        params=params * p / (n if zero_stage >= 3 else 1),
+        grads=params * g / (n if zero_stage >= 2 else 1),
+        optimizer=params * o / (n if zero_stage >= 1 else 1),
+    )
+
+
+def korthikanti_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
+                                 recompute: str = "none") -> float:
+    """Closed form of Korthikanti et al. 2022, Table 2 (16-bit activations, 1-byte
+    dropout masks), per transformer layer. Reference for tests and docs."""
+    if recompute == "full":
+        return 2 * s * b * h / (t if sp else 1)
+    attn = 0.0 if recompute == "selective" else 5 * a * s / h
+    if sp:
+        return s * b * h / t * (34 + attn)
+    return s * b * h * (10 + 24 / t + attn / t)
+
+
+def in_flight_activation_bytes(per_microbatch_bytes: float, in_flight: float) -> float:
+    """Activations a pipeline rank holds at its peak: one micro-batch's saved tensors
+    times the micro-batches in flight (``pipeline.in_flight_microbatches``)."""
+    return per_microbatch_bytes * in_flight
