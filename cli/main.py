@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from autopar.cli.app import app
-from autopar.errors import AutoparError
-
 # Importing a command module registers its commands on ``app``.
 from autopar.cli import inspect_cmd  # noqa: F401,E402
+from autopar.cli.app import app
+from autopar.errors import AutoparError
 
 
 def main(argv: list[str] | None = None) -> None:

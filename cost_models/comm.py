@@ -38,6 +38,8 @@ import math
 from collections import Counter
 from typing import Literal, NamedTuple, get_args
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from autopar.cost_models.topology import (
     GroupPlacement,
     all_group_firsts,
@@ -46,7 +48,6 @@ from autopar.cost_models.topology import (
     node_pair_bw,
 )
 from autopar.profiles.cluster import ClusterSpec, LinkClass
-from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["CommCost", "CommFit", "GroupPlacement", "all_gather_time", "all_to_all_time", "bus_factor",
            "collective_time", "group_span", "p2p_time", "reduce_scatter_time", "ring_all_reduce_time",

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, model_validator
+
 from autopar.errors import InputError
 from autopar.profiles.cluster import ClusterSpec
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, model_validator
 
 Precision = Literal["fp32", "tf32", "bf16", "fp16", "fp8"]
 CurveName = Literal["matmul", "membound", "attention"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from autopar.cost_models.comm import (
     CommFit,
     all_gather_time,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from autopar.errors import InputError
 from autopar.profiles.hw import (
     REQUIRED_SOURCES,
