@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 # Importing a command module registers its commands on ``app``.
-from autopar.cli import inspect_cmd  # noqa: F401,E402
+from autopar.cli import estimate_cmd, inspect_cmd  # noqa: F401
 from autopar.cli.app import app
 from autopar.errors import AutoparError
 

@@ -30,6 +30,7 @@ from autopar.cost_models.layer_model import LayerTemplate
 from autopar.cost_models.memory import bytes_per_param, model_state_bytes
 from autopar.cost_models.pipeline import in_flight_microbatches, step_time
 from autopar.cost_models.strategy import Strategy
+from autopar.errors import InputError
 from autopar.profiles.cluster import ClusterSpec
 from autopar.profiles.hw import GpuProfile
 from autopar.profiles.model_spec import ModelSpec
@@ -117,6 +118,12 @@ class CostModel:
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
+
+    # ----- rules that need the model ---------------------------------------------------
+    def check(self, s: Strategy) -> None:
+        """Raise a one-line InputError naming the rule a resolved strategy breaks."""
+        for msg in strategy_violations(self.spec, self.seq_len, s):
+            raise InputError(f"strategy: {msg}")
 
     # ----- per-layer prices (cached per sharding) ----------------------------------
     def layer_costs(self, s: Strategy) -> dict:
@@ -263,6 +270,36 @@ class CostModel:
             peak_flops=self.timer.peak, tokens=s.global_batch * self.seq_len,
             sources={"compute": self.timer.source,
                      "communication": "measurement" if self.ctx.fits else "datasheet"})
+
+
+def strategy_violations(spec: ModelSpec, seq_len: int, s: Strategy) -> list[str]:
+    """Every model-dependent divisibility rule the strategy breaks, as fix-naming messages."""
+    out = []
+    if spec.family != "custom":
+        if spec.heads % s.tp:
+            out.append(f"tp={s.tp} does not divide heads={spec.heads}; use a tp that divides it")
+        if spec.family != "deepseek_v3" and spec.kv_heads % s.tp:
+            out.append(f"tp={s.tp} does not divide kv_heads={spec.kv_heads}; use tp <= {spec.kv_heads}")
+        if spec.ffn_hidden and spec.ffn_hidden % s.tp:
+            out.append(f"tp={s.tp} does not divide ffn_hidden={spec.ffn_hidden}")
+        if spec.vocab % s.tp:
+            out.append(f"tp={s.tp} does not divide vocab={spec.vocab}; pad the vocabulary to a multiple of tp")
+    if s.pp * s.vpp > spec.layers:
+        out.append(f"pp*vpp = {s.pp}*{s.vpp} = {s.pp * s.vpp} exceeds the model's {spec.layers} layers")
+    if s.ep > 1 and not spec.is_moe:
+        out.append(f"ep={s.ep} needs a mixture-of-experts model; {spec.name} is dense")
+    if spec.is_moe and spec.num_experts % s.ep:
+        out.append(f"ep={s.ep} does not divide num_experts={spec.num_experts}")
+    if spec.is_moe and spec.moe_ffn_hidden % s.etp:
+        out.append(f"etp={s.etp} does not divide moe_ffn_hidden={spec.moe_ffn_hidden}")
+    if seq_len % (2 * s.cp) and s.cp > 1:
+        out.append(f"cp={s.cp}: seq_len={seq_len} must be divisible by 2*cp (load-balanced context parallel)")
+    if s.sequence_parallel and (seq_len // s.cp) % s.tp:
+        out.append(f"sp=1: the local sequence {seq_len // s.cp} must be divisible by tp={s.tp}")
+    if s.schedule == "interleaved" and s.num_micro_batches % s.pp:
+        out.append(f"interleaved schedule: micro-batches per step ({s.num_micro_batches}) must be a multiple "
+                   f"of pp={s.pp}; change mbs or the global batch")
+    return out
 
 
 def even_stages(layers: int, n: int) -> list[tuple[int, int]]:

@@ -103,20 +103,10 @@ def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext) -> tuple[
     """Forward and backward time of one op on one rank."""
     t = ctx.timer
     if op.kind == "gemm" and op.gemm is not None:
-        m, n, k = op.gemm
-        calls = op.calls
-        if op.shard == "expert":
-            # tokens per local expert: the stage's dp·mbs sequences, k experts each, over E
-            # experts and their edp replicas; f (n of w1/w3, k of w2) split by etp.
-            m = m * s.micro_batch * s.dp / s.edp
-            calls = op.calls / s.ep
-            div = s.etp
-        else:
-            m = m * sh.tokens
-            div = sh.of(op.shard) if op.shard != "rep" else 1
-            if op.shard == "rep" and s.sequence_parallel:
-                m = m / s.tp
-        n, k = (n / div, k) if op.n_dim_sharded else (n, k / div)
+        m, n, k = _local_gemm(op, s, sh)
+        calls = op.calls / s.ep if op.shard == "expert" else op.calls
+        if op.batched:
+            calls = calls * s.micro_batch / (sh.of(op.shard) if op.tp_dim == "calls" else 1)
         f = t.gemm(m, n, k, calls)
         return f, f * (op.bwd_flops / op.fwd_flops if op.fwd_flops else 2.0)
     scale = sh.tokens / sh.of(op.shard)
@@ -125,6 +115,29 @@ def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext) -> tuple[
         return f, f * (op.bwd_flops / op.fwd_flops if op.fwd_flops else 2.5)
     f = t.membound(op.bytes_rw * scale, op.fwd_flops * scale)
     return f, 2.0 * f  # backward of an elementwise op reads the output grad and the saved input
+
+
+def _local_gemm(op: OpTerm, s: Strategy, sh: Shards) -> tuple[float, float, float]:
+    """(m, n, k) of one GEMM call on one rank."""
+    m, n, k = op.gemm
+    if op.shard == "expert":
+        # tokens per local expert: the stage's dp·mbs sequences, k experts each, over E experts
+        # and their edp replicas; the expert width f (n of w1/w3, k of w2) is split by etp.
+        m = m * s.micro_batch * s.dp / s.edp
+        div = s.etp
+    elif op.batched:
+        m = m / s.cp  # local queries against all keys (ring attention); batch handled by calls
+        div = 1
+    else:
+        m = m * sh.tokens
+        div = sh.of(op.shard) if op.shard != "rep" else 1
+        if op.shard == "rep" and s.sequence_parallel:
+            m = m / s.tp
+    if op.tp_dim == "k":
+        return m, n, k / div
+    if op.tp_dim == "n":
+        return m, n / div, k
+    return m, n, k
 
 
 def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd: float) -> dict[str, float]:

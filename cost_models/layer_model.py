@@ -35,7 +35,9 @@ class OpTerm:
     gemm: tuple[float, float, float] | None = None   # (m, n, k) of one call at mbs=1, no parallelism
     calls: float = 1.0
     attn_core: bool = False
-    n_dim_sharded: bool = True            # for tp GEMMs: is n (else k) the sharded dim
+    tp_dim: Literal["n", "k", "calls"] = "n"  # what tensor parallel splits: n (column linear),
+    #                                         k (row linear) or the batch of heads (attention bmm)
+    batched: bool = False                 # batched matmul: calls scale with the micro-batch, m with 1/cp
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class LayerTemplate:
     params_rep: float = 0.0
     params_expert: float = 0.0
     params_vocab: float = 0.0
+    params_tied: float = 0.0              # output weight tied to the embedding (held twice when pp > 1)
     ops: list[OpTerm] = field(default_factory=list)
     saved: list[SavedTerm] = field(default_factory=list)
     input_bytes: float = 0.0              # the block input kept by full recompute (mbs=1, full s)

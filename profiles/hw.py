@@ -81,6 +81,9 @@ class GpuProfile(BaseModel):
         ..., ge=0, description="CUDA context + NCCL buffers + cuBLAS workspace, never available to tensors")
     usable_mem_fraction: float = Field(
         ..., gt=0, le=1, description="fraction of the rest the caching allocator can fill (fragmentation)")
+    fused_elementwise: bool = Field(
+        True, description="chains of elementwise ops run as one kernel (Megatron fused softmax / bias-GeLU / "
+                          "bias-dropout-add, torch.compile); false for eager PyTorch on CPU")
     matmul_eff: EffCurve
     membound_eff: EffCurve
     attention_eff: EffCurve

@@ -105,6 +105,9 @@ def from_hf_config(path: str | Path) -> ModelSpec:
     reader = _HFReader(cfg, path)
     fields = _READERS[mtype](reader)
     fields.update(name=cfg.get("_name_or_path") or path.parent.name or mtype, source=f"config:{path}")
+    impl = cfg.get("attn_implementation") or cfg.get("_attn_implementation")
+    if impl:
+        fields["attention"] = "eager" if impl == "eager" else "sdpa"
     try:
         return ModelSpec(**fields)
     except ValidationError as exc:

@@ -80,16 +80,26 @@ class Transformer(nn.Module):
         """Deterministic initialisation in module order (GPT-2 style: N(0, 0.02), output
         projections scaled by 1/sqrt(2l)); also rebuilds the non-persistent buffers after
         ``to_empty``. Same seed, same weights, whatever the device."""
+        for name, value in self.initial_values(seed):
+            self.get_parameter(name).copy_(value)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def initial_values(self, seed: int = 0):
+        """Yield ``(name, full initial tensor)`` per parameter, in ``init_weights`` order.
+
+        Needs only shapes, so it also runs on a meta-device model: sharded programs
+        (``autopar.codegen``) take their local shard of each full tensor and so start
+        from exactly the weights of a single-process ``init_weights(seed)``."""
         gen = torch.Generator().manual_seed(seed)
         std = 0.02
         for name, p in self.named_parameters():
             if p.ndim == 1 or name.endswith(".bias"):
                 fill = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
-                p.copy_(torch.full(p.shape, fill))
+                yield name, torch.full(p.shape, fill)
                 continue
             scale = std / math.sqrt(2 * self.spec.layers) if name.endswith(("wo.weight", "w2.weight", ".w2")) else std
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
-        self.reset_buffers()
+            yield name, torch.randn(p.shape, generator=gen) * scale
 
     @torch.no_grad()
     def reset_buffers(self) -> None:

@@ -1,0 +1,116 @@
+"""`autopar estimate` and `autopar memory`: price one given strategy."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from autopar.cli import common as c
+from autopar.cli.app import app
+from autopar.cost_models.estimate import Estimate
+from autopar.cost_models.report import candidate_fixes, estimate_dict, overflow_bytes
+from autopar.cost_models.session import build_cost_model, default_global_batch
+from autopar.cost_models.strategy import Strategy
+from autopar.errors import DoesNotFitError, InputError
+
+
+def _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype, profile,
+           placement, trace, input_shape):
+    if not strategy:
+        raise InputError("--strategy is required, e.g. --strategy tp=8,pp=1,dp=-1,mbs=1")
+    inp = c.inputs(model, gpu, nodes, gpus_per_node, cluster, seq_len, dtype, profile, placement, trace, input_shape)
+    cm, spec, cl, seq = build_cost_model(inp)
+    s = Strategy.parse(strategy)
+    gb = global_batch or s.global_batch or default_global_batch(cl.world, seq)
+    if global_batch and s.global_batch and global_batch != s.global_batch:
+        raise InputError(f"--global-batch={global_batch} disagrees with the strategy's gbs={s.global_batch}")
+    s = s.resolve(cl.world, gb)
+    cm.check(s)
+    return cm, cl, s, cm.estimate(s)
+
+
+@app.command("estimate")
+def estimate_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Optional[int] = c.Nodes,
+                 gpus_per_node: Optional[int] = c.GpusPerNode, cluster: Optional[str] = c.Cluster,
+                 seq_len: Optional[int] = c.SeqLen, global_batch: Optional[int] = c.GlobalBatch,
+                 strategy: str = typer.Option("", "--strategy", help="e.g. tp=8,pp=4,dp=-1,mbs=1,zero=1"),
+                 dtype: str = c.Dtype, profile: Optional[str] = c.Profile, placement: Optional[str] = c.Placement,
+                 trace: Optional[str] = c.Trace, json_out: bool = c.Json,
+                 input_shape: Optional[str] = c.InputShape):
+    """Predict step time, throughput, MFU and per-GPU memory of one strategy."""
+    cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
+                          profile, placement, trace, input_shape)
+    if json_out:
+        c.print_json(estimate_dict(e))
+        return
+    console = Console()
+    console.print(f"[bold]{cm.spec.short()}[/] on {cl.short()}, seq {cm.seq_len}, "
+                  f"global batch {s.global_batch}, {cm.dtype}")
+    console.print(f"strategy: {s.compact()}")
+    print_time(console, e)
+    print_memory(console, e)
+
+
+@app.command("memory")
+def memory_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Optional[int] = c.Nodes,
+               gpus_per_node: Optional[int] = c.GpusPerNode, cluster: Optional[str] = c.Cluster,
+               seq_len: Optional[int] = c.SeqLen, global_batch: Optional[int] = c.GlobalBatch,
+               strategy: str = typer.Option("", "--strategy", help="e.g. tp=8,pp=4,dp=-1,mbs=1,zero=1"),
+               dtype: str = c.Dtype, profile: Optional[str] = c.Profile, placement: Optional[str] = c.Placement,
+               trace: Optional[str] = c.Trace, json_out: bool = c.Json,
+               input_shape: Optional[str] = c.InputShape):
+    """Say whether a strategy fits, per GPU and component; exit 3 with priced fixes when not."""
+    cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
+                          profile, placement, trace, input_shape)
+    fixes = [] if e.feasible else candidate_fixes(cm, s)
+    if json_out:
+        out = estimate_dict(e)
+        out["fixes"] = [{"change": label, "peak_bytes": f.peak_bytes, "feasible": f.feasible,
+                         "step_time_s": f.step_time_s} for label, f in fixes]
+        c.print_json(out)
+    else:
+        console = Console()
+        console.print(f"strategy: {s.compact()}")
+        print_memory(console, e)
+        if fixes:
+            console.print("fixes, each priced by the model:")
+            for label, f in fixes:
+                verdict = "fits" if f.feasible else "does not fit"
+                console.print(f"  {label}: peak {c.gib(f.peak_bytes)} ({verdict}), step {c.seconds(f.step_time_s)}")
+    if not e.feasible:
+        worst = e.worst_rank
+        comp = max(worst.memory, key=worst.memory.get)
+        raise DoesNotFitError(f"does not fit: stage {worst.rank} needs {c.gib(e.peak_bytes)} of "
+                              f"{c.gib(e.capacity_bytes)} ({c.gib(overflow_bytes(e))} over the usable memory); "
+                              f"largest component: {comp} {c.gib(worst.memory[comp])}")
+
+
+def print_time(console: Console, e: Estimate) -> None:
+    t = Table(title="time per step", show_edge=False)
+    t.add_column("component")
+    t.add_column("time", justify="right")
+    t.add_column("share", justify="right")
+    for k, v in e.time.items():
+        if v > 0:
+            t.add_row(k, c.seconds(v), f"{100 * v / e.step_time_s:.1f}%")
+    console.print(t)
+    console.print(f"step time {c.seconds(e.step_time_s)} | {e.tokens_per_s:,.0f} tokens/s | "
+                  f"{e.tflops_per_gpu:.1f} TFLOP/s per GPU | MFU {100 * e.mfu:.1f}%")
+
+
+def print_memory(console: Console, e: Estimate) -> None:
+    worst = e.worst_rank
+    t = Table(title=f"memory per GPU (most loaded: pipeline stage {worst.rank})", show_edge=False)
+    t.add_column("component")
+    t.add_column("bytes", justify="right")
+    for k, v in worst.memory.items():
+        t.add_row(k, c.gib(v))
+    t.add_row("[bold]total[/]", f"[bold]{c.gib(e.peak_bytes)}[/]")
+    console.print(t)
+    if len(e.ranks) > 1:
+        console.print("per stage: " + ", ".join(f"{r.rank}: {c.gib(r.mem_bytes)}" for r in e.ranks))
+    verdict = "fits" if e.feasible else "DOES NOT FIT"
+    console.print(f"peak {c.gib(e.peak_bytes)} of {c.gib(e.capacity_bytes)} ({verdict})")

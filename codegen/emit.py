@@ -1,0 +1,296 @@
+"""``emit``: a ``Plan`` -> a folder with ``train.py``, launch scripts and a README.
+
+Everything that would fail at run time is checked here and reported as a one-line
+``InputError`` (a custom module without a block list, tp not dividing the heads, a
+schedule the microbatch count does not allow, ...). Files are rendered first, written into
+a temporary folder next to ``out_dir`` and moved into place at the end, so a failure
+leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from autopar import __version__
+from autopar.codegen.emit_checks import Layout, check_plan
+from autopar.errors import InputError
+from autopar.fileio import write_atomic
+from autopar.planner.plan import Plan
+
+TEMPLATES = Path(__file__).with_name("templates")
+FILES = ("train.py", "launch_torchrun.sh", "launch_slurm.sbatch", "pytorchjob.yaml", "README.md", "plan.json")
+
+
+def emit(plan: Plan, out_dir: str | os.PathLike, device: str = "cuda") -> list[Path]:
+    """Write the training program for ``plan`` into ``out_dir``; returns the files written."""
+    if device not in ("cuda", "cpu"):
+        raise InputError(f"device: '{device}' is not cuda or cpu")
+    layout = check_plan(plan, device)
+    texts = {
+        "train.py": render_train(plan, layout, device),
+        "launch_torchrun.sh": render_torchrun(plan, device),
+        "launch_slurm.sbatch": render_slurm(plan, device),
+        "pytorchjob.yaml": render_pytorchjob(plan, device),
+        "README.md": render_readme(plan, layout, device),
+        "plan.json": plan.model_dump_json(indent=2) + "\n",
+    }
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"out: {out} exists and is not a folder; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name, text in texts.items():
+            write_atomic(tmp / name, text)
+            if name.endswith((".sh", ".sbatch", "train.py")):
+                os.chmod(tmp / name, 0o755)
+        if not out.exists():
+            os.replace(tmp, out)  # the whole folder appears at once
+        else:  # keep what else is there (checkpoints, logs): replace our files one by one
+            for name in texts:
+                os.replace(tmp / name, out / name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return [out / name for name in FILES]
+
+
+# ----- helpers ------------------------------------------------------------------------
+def _fill(template: str, **values) -> str:
+    text = (TEMPLATES / template).read_text()
+    for key, val in values.items():
+        text = text.replace("{{" + key + "}}", str(val))
+    if "{{" in text:
+        raise RuntimeError(f"template {template}: unfilled placeholder near {text[text.index('{{'):][:40]!r}")
+    return text
+
+
+def _procs(plan: Plan) -> tuple[int, int, int]:
+    return plan.cluster.nodes, plan.cluster.gpus_per_node, plan.cluster.world
+
+
+def _job_name(plan: Plan) -> str:
+    name = "".join(c if c.isalnum() else "-" for c in plan.model.name.lower()).strip("-") or "model"
+    return f"autopar-{name}"[:52].rstrip("-")
+
+
+def launch_commands(plan: Plan) -> list[str]:
+    nodes, procs, _ = _procs(plan)
+    if nodes == 1:
+        direct = f"torchrun --standalone --nproc-per-node={procs} train.py --steps 10"
+    else:
+        direct = (f"torchrun --nnodes={nodes} --nproc-per-node={procs} --node-rank=$NODE_RANK "
+                  "--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 train.py --steps 10")
+    return [
+        direct,
+        "bash launch_torchrun.sh --steps 10" + ("" if nodes == 1 else "   # on every node: NODE_RANK=i MASTER_ADDR=..."),
+        "sbatch launch_slurm.sbatch --steps 10",
+        "kubectl apply -f pytorchjob.yaml",
+    ]
+
+
+# ----- train.py ---------------------------------------------------------------------
+def render_train(plan: Plan, lay: Layout, device: str) -> str:
+    return _fill("train.py.tmpl", DOCSTRING=_docstring(plan, lay, device), CONFIG=_config(plan, lay, device),
+                 BUILD=_build(plan, lay), STEP=_step(lay))
+
+
+def _docstring(plan: Plan, lay: Layout, device: str) -> str:
+    s, m = plan.strategy, plan.model
+    nodes, procs, world = _procs(plan)
+    lines = [
+        f"Train {m.short()} with autopar plan '{s.short()}'.",
+        "",
+        f"Cluster: {plan.cluster.short()} ({world} ranks); this program runs on {device}"
+        f" ({'NCCL' if device == 'cuda' else 'gloo, one process per rank'}).",
+        f"Strategy: {s.compact()}",
+        f"Batch: {s.global_batch} sequences x {plan.seq_len} tokens per step; {lay.n_micro} microbatch(es) of "
+        f"{s.micro_batch} per data-parallel rank; precision {plan.dtype}.",
+        f"Data parallel: {lay.dp_summary}.",
+    ]
+    if s.pp > 1:
+        ranges = ", ".join(f"{a}-{b - 1}" if b > a else "-" for a, b in lay.stages)
+        lines.append(f"Pipeline: {s.schedule}, {len(lay.stages)} virtual stages (layers {ranges}).")
+    if lay.recompute:
+        lines.append("Recompute: " + ", ".join(f"layer {k} {v}" for k, v in sorted(lay.recompute.items())) + ".")
+    if lay.ep > 1:
+        lines.append(f"Expert parallel: ep={lay.ep} over the dp*cp ranks of a stage (edp={lay.edp}).")
+    lines += [f"Note: {n}" for n in lay.notes]
+    preds = {k: v for k, v in plan.predictions.items() if isinstance(v, (int, float))}
+    if preds:
+        lines.append("Predicted: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(preds.items())[:6]) + ".")
+    lines += ["", "Launch (from this folder):"] + [f"    {c}" for c in launch_commands(plan)]
+    lines += ["", "Each step prints step=, loss= (mean over the global batch), step_time_s= and",
+              "peak_mem_bytes= (max over ranks). Checkpoints: --ckpt-every N, --resume.",
+              f"Generated by autopar {__version__}; re-run `autopar emit` to change the plan."]
+    body = "\n".join(lines).replace("\\", "\\\\").replace('"""', "'''")
+    return f'"""{body}\n"""'
+
+
+def _config(plan: Plan, lay: Layout, device: str) -> str:
+    s = plan.strategy
+    rows = [
+        f'DEVICE = "{device}"  # cuda: NCCL, one GPU per rank; cpu: gloo, one process per rank',
+        f"PP, DP, CP, TP, EP = {s.pp}, {s.dp}, {s.cp}, {s.tp}, {lay.ep}  # mesh order: pp, dp, cp, tp (innermost)",
+        f"SEQ_LEN = {plan.seq_len}",
+        f"GLOBAL_BATCH = {s.global_batch}  # sequences per step, over all data-parallel ranks",
+        f"MICRO_BATCH = {s.micro_batch}",
+        f"N_MICRO = {lay.n_micro}  # microbatches per data-parallel rank and step",
+        f"VOCAB = {lay.vocab}",
+        f'DTYPE = "{plan.dtype}"',
+        f"ZERO_STAGE = {s.zero_stage}",
+        f"ZERO1_OPTIMIZER = {lay.dp_mode == 'ddp' and s.zero_stage == 1}  # ZeroRedundancyOptimizer over dp*cp",
+    ]
+    if s.tp > 1:
+        rows.append(f"SEQUENCE_PARALLEL = {s.sequence_parallel}")
+    rows.append(f"STAGES = {lay.stages!r}  # [layer_start, layer_end) per virtual pipeline stage")
+    rows.append(f"N_STAGES = {len(lay.stages)}")
+    if s.pp > 1:
+        rows.append(f'SCHEDULE = "{s.schedule}"')
+    if lay.recompute:
+        rows.append(f"RECOMPUTE = {lay.recompute!r}  # layer -> full | selective")
+    if lay.ep > 1:
+        rows.append(f"FIRST_MOE_LAYER = {plan.model.first_dense_layers}")
+        rows.append(f"EXPERT_PLACEMENT = {lay.placement!r}  # [moe layer][ep rank] -> expert ids")
+    return "\n".join(rows)
+
+
+def _build(plan: Plan, lay: Layout) -> str:
+    s = plan.strategy
+    out = ["    # 1. The whole model on the meta device: shapes only, no memory.",
+           "    model = rt.build_meta_model(spec)"]
+    if s.pp > 1:
+        out += ["    # 2. Pipeline split: keep copies of the virtual stages this rank runs, blocks outside",
+                "    #    them deleted (layer names stay global, so checkpoints do not depend on the split).",
+                "    parts, stage_ids = rt.split_stages(model, mesh, STAGES)"]
+    else:
+        out += ["    parts, stage_ids = [model], [0]  # 2. no pipeline: one part, the whole model"]
+    per_part = []
+    if s.tp > 1:
+        per_part += ["        # 3. Tensor parallel: q/k/v, w1/w3 column-wise, wo/w2 row-wise (DTensor);",
+                     "        #    sequence parallel splits norms and residuals along the sequence.",
+                     "        rt.apply_tp(part, mesh, sequence_parallel=SEQUENCE_PARALLEL)"]
+    if s.cp > 1:
+        per_part += ["        # 4. Context parallel: this rank's share of every sequence; attention all-gathers K/V.",
+                     "        rt.apply_cp(part, mesh, seq_len=SEQ_LEN)"]
+    if lay.ep > 1:
+        per_part += ["        # 5. Expert parallel: keep the experts the placement names for this rank;",
+                     "        #    tokens reach them with all-to-all.",
+                     "        rt.apply_ep(part, mesh, EXPERT_PLACEMENT, first_moe_layer=FIRST_MOE_LAYER)"]
+    if lay.recompute:
+        per_part += ["        # 6. Activation checkpointing on the layers the plan names.",
+                     "        rt.apply_ac(part, RECOMPUTE)"]
+    if per_part:
+        out += ["    for part in parts:"] + per_part
+    dp_call = "    parts = [rt.apply_dp(part, mesh, zero_stage=ZERO_STAGE, tp=TP, pipeline=PP > 1) for part in parts]"
+    if lay.dp_mode in ("fsdp2", "replicate"):
+        what = "ZeRO-2/3 (FSDP2 fully_shard)" if lay.dp_mode == "fsdp2" else "replicated data parallel (FSDP2)"
+        out += [f"    # 7. Data parallel over dp*cp ranks: {what}, applied on the meta",
+                "    #    device so no rank ever allocates more than its shard.", dp_call]
+    out += ["    # 8. Materialize: allocate this rank's shards, fill them from the seed (the weights of a",
+            "    #    single-process run, whatever the strategy).",
+            "    rt.materialize(parts, spec, args.seed, device)"]
+    if lay.dp_mode == "ddp":
+        what = "DDP + ZeroRedundancyOptimizer (ZeRO-1)" if s.zero_stage == 1 else "DDP"
+        out += [f"    # 9. Data parallel over dp*cp ranks: {what}; DDP wraps materialized modules.", dp_call]
+    if s.pp > 1:
+        out += ["    # 10. Pipeline stages and the schedule (microbatches flow between pp ranks).",
+                "    schedule = rt.apply_pp(parts, stage_ids, N_STAGES, mesh, SCHEDULE, N_MICRO, device)"]
+    else:
+        out += ["    schedule = None"]
+    out += ["    return parts, stage_ids, schedule"]
+    return "\n".join(out)
+
+
+def _step(lay: Layout) -> str:
+    if lay.pp > 1:
+        return ("                with autocast:\n"
+                "                    loss_sum = rt.pp_step(schedule, stage_ids, N_STAGES, inputs, targets)")
+    return "                loss_sum = rt.train_step(parts[0], inputs, targets, N_MICRO, autocast)"
+
+
+# ----- launch scripts -----------------------------------------------------------------
+def _unit(device: str) -> str:
+    return "GPUs" if device == "cuda" else "CPU processes"
+
+
+def render_torchrun(plan: Plan, device: str) -> str:
+    nodes, procs, world = _procs(plan)
+    return _fill("launch_torchrun.sh.tmpl", TITLE=plan.model.name, NODES=nodes, PROCS=procs, WORLD=world,
+                 UNIT=_unit(device), LAST_NODE=nodes - 1)
+
+
+def render_slurm(plan: Plan, device: str) -> str:
+    nodes, procs, world = _procs(plan)
+    gpu = f"#SBATCH --gpus-per-node={procs}\n" if device == "cuda" else ""
+    return _fill("launch_slurm.sbatch.tmpl", TITLE=plan.model.name, NODES=nodes, PROCS=procs, WORLD=world,
+                 UNIT=_unit(device), JOB=_job_name(plan), GPU_LINE=gpu, CPUS=max(procs * 4, 4) if device == "cuda"
+                 else procs)
+
+
+def render_pytorchjob(plan: Plan, device: str) -> str:
+    nodes, procs, world = _procs(plan)
+    roles = [("Master", 1)] + ([("Worker", nodes - 1)] if nodes > 1 else [])
+    limit = f"nvidia.com/gpu: {procs}" if device == "cuda" else f'cpu: "{procs}"'
+    blocks = []
+    for role, n in roles:
+        blocks.append(f"""    {role}:
+      replicas: {n}
+      restartPolicy: OnFailure
+      template:
+        spec:
+          containers:
+            - name: pytorch
+              image: REPLACE_WITH_YOUR_IMAGE
+              imagePullPolicy: IfNotPresent
+              workingDir: /workspace/run
+              command: ["torchrun", "train.py", "--steps", "10"]
+              resources:
+                limits:
+                  {limit}
+              volumeMounts:
+                - name: dshm
+                  mountPath: /dev/shm
+          volumes:
+            - name: dshm
+              emptyDir:
+                medium: Memory""")
+    return _fill("pytorchjob.yaml.tmpl", TITLE=plan.model.name, NODES=nodes, PROCS=procs, WORLD=world,
+                 UNIT=_unit(device), JOB=_job_name(plan), REPLICAS="\n".join(blocks))
+
+
+def render_readme(plan: Plan, lay: Layout, device: str) -> str:
+    nodes, procs, world = _procs(plan)
+    cmds = "\n".join(launch_commands(plan))
+    notes = "".join(f"- {n}\n" for n in lay.notes)
+    return f"""# {plan.model.name}: {plan.strategy.short()}
+
+Generated by `autopar emit` (autopar {__version__}) for {plan.cluster.short()}:
+{nodes} node(s) x {procs} {_unit(device)} per node, world size {world}, device `{device}`.
+
+| file | what |
+|---|---|
+| `train.py` | the training program (plan summary in its docstring) |
+| `launch_torchrun.sh` | torchrun, single node or one call per node |
+| `launch_slurm.sbatch` | Slurm: srun starts torchrun on each node, rendezvous from SLURM variables |
+| `pytorchjob.yaml` | Kubeflow PyTorchJob (set the image first) |
+| `plan.json` | the plan this folder was generated from |
+
+## Run
+
+```bash
+{cmds}
+```
+
+Options of `train.py`: `--steps N`, `--seed S`, `--lr`, `--data train.bin` (flat uint16/int32
+tokens; `--data-dtype int32`), `--ckpt-every N`, `--ckpt-dir DIR`, `--resume`, `--device cpu`
+(gloo: any plan runs on a laptop with a small model). `autopar` and torch must be importable
+on every node.
+
+Each step prints `step= loss= step_time_s= peak_mem_bytes=`; the loss is the mean over the
+global batch, so it does not depend on the strategy.
+
+{notes}"""

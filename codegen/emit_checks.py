@@ -1,0 +1,223 @@
+"""Emit-time checks: everything a generated program would trip over, as one-line InputErrors.
+
+``check_plan`` also derives the layout the program uses (stage ranges, per-layer
+recompute, expert placement, microbatch count, data-parallel mode), so the rules live in
+one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from autopar.codegen.runtime_parallel import dp_mode
+from autopar.codegen.runtime_pp import even_stages
+from autopar.errors import InputError
+from autopar.planner.plan import Plan
+
+_DP_SUMMARY = {
+    "none": "none (dp*cp = 1)",
+    "ddp": "DDP over dp*cp ranks",
+    "replicate": "replicated over dp*cp ranks (FSDP2 replicate: all-reduce per block, like DDP)",
+    "fsdp2": "FSDP2 fully_shard over dp*cp ranks",
+}
+
+
+@dataclass
+class Layout:
+    pp: int
+    stages: list[tuple[int, int]]
+    recompute: dict[int, str]
+    n_micro: int
+    vocab: int
+    dp_mode: str
+    dp_summary: str
+    ep: int = 1
+    edp: int = 1
+    placement: list[list[list[int]]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def check_plan(plan: Plan, device: str) -> Layout:
+    s, m = plan.strategy, plan.model
+    if s.world != plan.cluster.world:
+        raise InputError(f"plan: the strategy uses dp*tp*pp*cp = {s.world} ranks but the cluster has "
+                         f"{plan.cluster.world} ({plan.cluster.short()}); re-plan for this cluster")
+    if s.global_batch <= 0:
+        raise InputError("plan: strategy.global_batch is 0; set the global batch (gbs=...) when planning")
+    if s.etp > 1:
+        raise InputError(f"strategy: etp={s.etp} (expert tensor parallel) is not emitted yet; use etp=1")
+    notes = []
+    if plan.dtype in ("fp16", "fp8"):
+        notes.append(f"the plan's dtype is {plan.dtype}; this program runs bf16 autocast (fp32 weights), "
+                     "so time and memory differ from the prediction")
+    vocab = _check_custom(plan) if m.family == "custom" else m.vocab
+    if m.family != "custom":
+        _check_builtin(plan)
+    stages = _stages(plan)
+    recompute = _recompute(plan)
+    placement = _placement(plan) if s.ep > 1 else None
+    mode = dp_mode(s.zero_stage, s.dp * s.cp, s.tp > 1, s.ep > 1, s.pp > 1)
+    if s.zero_stage == 1 and mode == "fsdp2":
+        notes.append("ZeRO-1 with tp, ep or pp runs as ZeRO-2 (FSDP2 without resharding after forward): "
+                     "ZeroRedundancyOptimizer cannot broadcast DTensor or expert-parallel parameters")
+    summary = _DP_SUMMARY[mode]
+    if mode == "fsdp2":
+        summary += " (ZeRO-3: reshard after forward)" if s.zero_stage >= 3 and s.pp == 1 else \
+            " (ZeRO-2: parameters stay gathered between forward and backward)"
+    elif mode == "ddp" and s.zero_stage == 1:
+        summary += " + ZeroRedundancyOptimizer (ZeRO-1: optimizer states sharded)"
+    return Layout(pp=s.pp, stages=stages, recompute=recompute, n_micro=s.num_micro_batches, vocab=vocab,
+                  dp_mode=mode, dp_summary=summary, ep=s.ep, edp=(s.dp * s.cp) // s.ep, placement=placement,
+                  notes=notes)
+
+
+def _check_builtin(plan: Plan) -> None:
+    s, m = plan.strategy, plan.model
+    if plan.seq_len > m.max_seq_len:
+        raise InputError(f"plan: seq_len={plan.seq_len} exceeds the model's max_seq_len={m.max_seq_len}")
+    if s.tp > 1:
+        if m.heads % s.tp:
+            raise InputError(f"strategy: tp={s.tp} does not divide heads={m.heads}; choose tp among the divisors")
+        if m.family != "deepseek_v3" and m.kv_heads % s.tp:
+            raise InputError(f"strategy: tp={s.tp} does not divide kv_heads={m.kv_heads} (grouped-query "
+                             f"attention splits key/value heads too); use tp <= {m.kv_heads} dividing it")
+    if s.cp > 1 and plan.seq_len % (2 * s.cp):
+        raise InputError(f"strategy: cp={s.cp} needs seq_len divisible by 2*cp = {2 * s.cp} (load-balanced "
+                         f"chunks); seq_len is {plan.seq_len}")
+    if s.sequence_parallel and (plan.seq_len // s.cp) % s.tp:
+        raise InputError(f"strategy: sequence parallel splits seq_len/cp = {plan.seq_len // s.cp} tokens over "
+                         f"tp={s.tp}, which does not divide it")
+    if s.pp * s.vpp > m.layers:
+        raise InputError(f"strategy: pp*vpp = {s.pp * s.vpp} stages exceed the model's {m.layers} layers")
+    if s.pp > 1:
+        _check_schedule(plan)
+    if s.ep > 1:
+        if not m.is_moe:
+            raise InputError(f"strategy: ep={s.ep} needs a mixture-of-experts model; {m.name} is dense")
+        if s.tp > 1:
+            raise InputError(f"strategy: ep={s.ep} with tp={s.tp} is not emitted yet (experts are placed over "
+                             "the dp*cp ranks of a stage); use tp=1 or ep=1")
+        if (s.dp * s.cp) % s.ep:
+            raise InputError(f"strategy: ep={s.ep} must divide dp*cp = {s.dp * s.cp} (experts are placed over the "
+                             "data- and context-parallel ranks of a stage)")
+
+
+def _check_schedule(plan: Plan) -> None:
+    s = plan.strategy
+    n, stages = s.num_micro_batches, s.pp * s.vpp
+    if s.schedule == "1f1b" and n < s.pp:
+        raise InputError(f"strategy: 1f1b needs at least pp={s.pp} microbatches per data-parallel rank, the "
+                         f"plan has {n} (global_batch / (mbs*dp)); lower mbs or use schedule=gpipe")
+    if s.schedule == "interleaved":
+        rounds = max(1, n // s.pp)
+        if n % rounds:
+            raise InputError(f"strategy: interleaved 1F1B needs the {n} microbatches to be a multiple of "
+                             f"{rounds} rounds of pp={s.pp}; use a multiple of pp")
+    if s.schedule != "interleaved" and stages != s.pp:
+        raise InputError(f"strategy: vpp={s.vpp} needs schedule=interleaved")
+
+
+def _stages(plan: Plan) -> list[tuple[int, int]]:
+    s, m = plan.strategy, plan.model
+    n = s.pp * s.vpp
+    if m.family == "custom" or s.pp == 1:
+        return [(0, m.layers)] if m.family != "custom" else [(0, 0)]
+    if not plan.stages:
+        return even_stages(m.layers, n)
+    if len(plan.stages) != n:
+        raise InputError(f"plan: {len(plan.stages)} stages listed but pp*vpp = {n}")
+    out, expect = [], 0
+    for i, st in enumerate(sorted(plan.stages, key=lambda x: x.index)):
+        if st.index != i or st.rank != i % s.pp:
+            raise InputError(f"plan: stage {st.index} runs on rank {st.rank}; virtual stage i must run on "
+                             f"pipeline rank i % pp = {i % s.pp}")
+        if st.layer_start != expect or st.layer_end < st.layer_start:
+            raise InputError(f"plan: stage {i} covers layers [{st.layer_start}, {st.layer_end}) but should start "
+                             f"at {expect}; stages must cover the layers in order")
+        out.append((st.layer_start, st.layer_end))
+        expect = st.layer_end
+    if expect != m.layers:
+        raise InputError(f"plan: stages cover {expect} layers, the model has {m.layers}")
+    return out
+
+
+def _recompute(plan: Plan) -> dict[int, str]:
+    m = plan.model
+    n = m.layers if m.family != "custom" else len(plan.layer_recompute) or 0
+    if plan.layer_recompute and m.family != "custom" and len(plan.layer_recompute) != m.layers:
+        raise InputError(f"plan: layer_recompute lists {len(plan.layer_recompute)} layers, the model has {m.layers}")
+    if plan.layer_recompute:
+        modes = list(plan.layer_recompute)
+    else:
+        modes = [plan.strategy.recompute] * (n if m.family != "custom" else _custom_blocks(plan))
+    if m.family == "custom" and "selective" in modes:
+        raise InputError("strategy: recompute=selective needs the built-in attention modules; a custom module "
+                         "supports recompute=full (whole blocks) or none")
+    return {i: r for i, r in enumerate(modes) if r != "none"}
+
+
+def _placement(plan: Plan) -> list[list[list[int]]]:
+    s, m = plan.strategy, plan.model
+    if plan.expert_placement is None:
+        return [[[e for e in range(m.num_experts) if e % s.ep == r] for r in range(s.ep)]
+                for _ in range(m.moe_layers)]
+    pl = plan.expert_placement
+    if len(pl) != m.moe_layers:
+        raise InputError(f"plan: expert_placement has {len(pl)} layers, the model has {m.moe_layers} MoE layers")
+    for li, layer in enumerate(pl):
+        if len(layer) != s.ep:
+            raise InputError(f"plan: expert_placement[{li}] lists {len(layer)} ranks, ep={s.ep}")
+        ids = sorted(e for ranks in layer for e in ranks)
+        if ids != list(range(m.num_experts)):
+            raise InputError(f"plan: expert_placement[{li}] must hold each of the {m.num_experts} experts exactly "
+                             "once (replicated experts are not emitted yet)")
+    return [[list(map(int, r)) for r in layer] for layer in pl]
+
+
+# ----- user modules ---------------------------------------------------------------------
+def _custom_model(plan: Plan) -> nn.Module:
+    from autopar.profiles.models import build_model
+
+    return build_model(plan.model, "meta")
+
+
+def _custom_blocks(plan: Plan) -> int:
+    from autopar.codegen.runtime_parallel import block_list
+
+    return len(block_list(_custom_model(plan)))
+
+
+def _check_custom(plan: Plan) -> int:
+    """A user module: needs a block list and token -> logits forward; supports dp/zero/recompute."""
+    s, m = plan.strategy, plan.model
+    name = m.factory
+    for deg in ("tp", "pp", "cp", "ep"):
+        if getattr(s, deg) > 1:
+            raise InputError(f"strategy: {deg}={getattr(s, deg)} needs the built-in architectures' module names; "
+                             f"custom module '{name}' supports dp, zero stages and recompute=full only")
+    if m.input_dtype != "int64":
+        raise InputError(f"model: custom module '{name}' takes {m.input_dtype} inputs; emitted programs train "
+                         "language models (int64 tokens -> logits)")
+    model = _custom_model(plan)
+    lists = [mod for mod in model.modules() if isinstance(mod, (nn.ModuleList, nn.ModuleDict)) and len(mod)]
+    if not lists:
+        raise InputError(f"model: custom module '{name}' has no block list (an nn.ModuleList or nn.ModuleDict "
+                         "of repeated blocks); codegen shards and checkpoints per block")
+    emb = [mod for mod in model.modules() if isinstance(mod, nn.Embedding)]
+    if not emb:
+        raise InputError(f"model: custom module '{name}' has no nn.Embedding to read the vocabulary size from; "
+                         "emitted programs train token language models")
+    vocab = emb[0].num_embeddings
+    try:
+        out = model(torch.zeros(2, 8, dtype=torch.long, device="meta"))
+    except Exception as exc:  # user code: any failure is an input problem
+        raise InputError(f"model: custom module '{name}' failed on tokens [2, 8]: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}; expected forward(tokens) -> logits") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, 8, vocab):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(f"model: custom module '{name}' returned {shape} for tokens [2, 8]; expected logits "
+                         f"[2, 8, {vocab}] (forward(tokens[b, s]) -> logits[b, s, vocab])")
+    return vocab

@@ -1,0 +1,102 @@
+"""Context parallel: each ``cp`` rank holds a slice of every sequence.
+
+Implementation: all-gather K/V attention (the variant Llama 3 uses for context parallel,
+Llama 3 paper Sec. 3.3.2), not torch's experimental ring attention, which dispatches only
+the CUDA SDPA kernels. Each rank keeps its queries, all-gathers keys and values over the
+``cp`` group (backward: reduce-scatter of their gradients) and masks by global position,
+so the result equals full causal attention up to summation order.
+
+Load balance: the sequence is cut into ``2*cp`` chunks and rank ``c`` holds chunks ``c`` and
+``2*cp-1-c``, so every rank gets the same share of the causal triangle.
+
+Hooks, all outside the model code: the rank's position ids / RoPE tables replace the
+model's buffers (the model slices them to the local length), and attention modules switch
+to SDPA (mathematically the eager path) and run under a ``TorchFunctionMode`` that turns
+``F.scaled_dot_product_attention(is_causal=True)`` into the gathered attention above.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as fc
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from autopar.codegen.runtime_mesh import ParallelMesh
+
+
+def cp_positions(seq_len: int, cp: int, rank: int) -> torch.Tensor:
+    """Global positions held by context-parallel rank ``rank`` (load-balanced chunks)."""
+    if cp == 1:
+        return torch.arange(seq_len)
+    chunk = seq_len // (2 * cp)
+    first = torch.arange(rank * chunk, (rank + 1) * chunk)
+    second = torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)
+    return torch.cat([first, second])
+
+
+def apply_cp(model: nn.Module, mesh: ParallelMesh, seq_len: int) -> nn.Module:
+    """Shard the sequence over the ``cp`` mesh dim (see the module docstring)."""
+    cp = mesh.size("cp")
+    if cp == 1:
+        return model
+    group = mesh.group("cp")
+    mine = cp_positions(seq_len, cp, mesh.rank("cp"))
+    every = torch.cat([cp_positions(seq_len, cp, r) for r in range(cp)])  # gathered K/V order
+    mode = _GatheredAttention(group, mine, every)
+    for mod in model.modules():
+        if hasattr(mod, "wo") and hasattr(mod, "eager"):  # Attention / MLAttention
+            mod.eager = False
+            _run_under(mod, mode)
+    _shard_position_buffers(model, mine)
+    return model
+
+
+def _run_under(module: nn.Module, mode: TorchFunctionMode) -> None:
+    """Swap ``module``'s class for a subclass whose forward runs under ``mode`` (the
+    FSDP2 trick: FQNs, parameters and hooks stay as they are)."""
+    cls = module.__class__
+
+    def forward(self, *args, **kwargs):
+        with mode:
+            return cls.forward(self, *args, **kwargs)
+
+    module.__class__ = type(f"ContextParallel{cls.__name__}", (cls,), {"forward": forward})
+
+
+def _shard_position_buffers(model: nn.Module, positions: torch.Tensor) -> None:
+    """After ``reset_buffers`` rebuilds the full tables (at materialization), keep this rank's
+    rows: the model slices ``[:local_len]`` and so reads exactly its own positions."""
+    original = model.reset_buffers
+
+    def reset_buffers():
+        original()
+        idx = positions.to(model.pos_ids.device)
+        model.pos_ids = model.pos_ids[idx]
+        if model.rope_cos is not None:
+            model.rope_cos, model.rope_sin = model.rope_cos[idx], model.rope_sin[idx]
+
+    model.reset_buffers = reset_buffers
+
+
+class _GatheredAttention(TorchFunctionMode):
+    def __init__(self, group, mine: torch.Tensor, every: torch.Tensor):
+        super().__init__()
+        self.group = group
+        self.mine, self.every = mine, every
+        self._mask: torch.Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and kwargs.get("is_causal", False):
+            return self.attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, **kw):
+        k = fc.all_gather_single_autograd(k.contiguous(), 2, self.group)  # [b, n, S, d]
+        v = fc.all_gather_single_autograd(v.contiguous(), 2, self.group)
+        if self._mask is None or self._mask.device != q.device:
+            # query at position i sees keys at positions <= i, wherever they were gathered from
+            self._mask = self.mine.to(q.device)[:, None] >= self.every.to(q.device)[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask, dropout_p=dropout_p, **kw)

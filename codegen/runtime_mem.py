@@ -1,0 +1,119 @@
+"""Peak memory of a training step, on CUDA and on CPU.
+
+CUDA has an allocator with statistics (``torch.cuda.max_memory_allocated``). The CPU
+allocator keeps none, so ``LiveTensorBytes`` counts the bytes of live tensor storages:
+a ``TorchDispatchMode`` sees every storage an op creates (unwrapping DTensor and other
+wrapper subclasses), a weak-reference finalizer subtracts it when the storage dies, and
+``UntypedStorage.resize_`` (how FSDP2 frees and re-allocates unsharded parameters without
+an op) is patched while the mode is active. Storages created before the mode was
+entered are invisible unless passed to ``track`` (the training program enters it before
+it materializes weights, so parameters, gradients and optimizer states all count).
+
+This is what the closed-loop validation compares with predicted per-rank memory:
+use ``peak_memory_bytes(device, tracker)`` for both devices.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_flatten
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes held by live tensor storages seen since ``__enter__`` (and their peak)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}   # storage handle -> bytes counted for it
+        self._orig_resize = None
+
+    # ----- public API --------------------------------------------------------------
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def track(self, tensors) -> None:
+        """Count tensors allocated before the mode was entered (e.g. an existing model)."""
+        for t in tree_flatten(tensors)[0]:
+            if isinstance(t, torch.Tensor):
+                self._add_tensor(t)
+
+    # ----- bookkeeping -------------------------------------------------------------
+    def _add_tensor(self, t: torch.Tensor) -> None:
+        if is_traceable_wrapper_subclass(t):
+            attrs, _ = t.__tensor_flatten__()
+            for name in attrs:
+                inner = getattr(t, name)
+                if isinstance(inner, torch.Tensor):
+                    self._add_tensor(inner)
+            return
+        if t.device.type == "meta":
+            return
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse / storage-less tensors
+            return
+        key = st._cdata
+        if key in self._sizes:
+            return
+        nbytes = st.nbytes()
+        self._sizes[key] = nbytes
+        self._bump(nbytes)
+        weakref.finalize(st, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current -= self._sizes.pop(key, 0)
+
+    def _bump(self, delta: int) -> None:
+        self.current += delta
+        if self.current > self.peak:
+            self.peak = self.current
+
+    def _resized(self, st: torch.UntypedStorage) -> None:
+        key = st._cdata
+        if key in self._sizes:
+            new = st.nbytes()
+            self._bump(new - self._sizes[key])
+            self._sizes[key] = new
+
+    # ----- TorchDispatchMode -------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._add_tensor(t)
+        return out
+
+    def __enter__(self):
+        self._orig_resize = orig = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(st, size):
+            res = orig(st, size)
+            tracker._resized(st)
+            return res
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._orig_resize
+        return super().__exit__(*exc)
+
+
+def reset_peak_memory(device: torch.device, tracker: LiveTensorBytes | None = None) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif tracker is not None:
+        tracker.reset_peak()
+
+
+def peak_memory_bytes(device: torch.device, tracker: LiveTensorBytes | None = None) -> int:
+    """Peak bytes since the last ``reset_peak_memory``: CUDA allocator stats, or the tracker on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(tracker.peak) if tracker is not None else 0

@@ -1,0 +1,320 @@
+"""Tensor/sequence parallel, activation checkpointing and data parallel (DDP, ZeRO, FSDP2).
+
+Each ``apply_*`` takes one model part (the whole model, or one pipeline stage whose
+missing layers were deleted) and modifies it in place; all work on the meta device except
+``apply_dp`` in DDP mode, which wraps a materialized module (DDP broadcasts real tensors).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from autopar.codegen.runtime_mesh import ParallelMesh
+
+# ----- tensor + sequence parallel ------------------------------------------------------
+_COLWISE = ("wq", "wk", "wv", "wq_b", "wkv_b")   # attention projections split by heads
+
+
+def apply_tp(model: nn.Module, mesh: ParallelMesh, sequence_parallel: bool = False) -> nn.Module:
+    """Megatron tensor parallel with DTensor ``parallelize_module`` over the ``tp`` mesh dim.
+
+    Attention: q/k/v (MLA: wq_b, wkv_b) column-wise (heads split), wo row-wise; dense MLP:
+    w1/w3 column-wise, w2 row-wise; MoE: shared experts as a dense MLP, router and routed
+    experts replicated (every tp rank routes the same tokens). Token embedding vocab-parallel
+    (row-wise), output projection column-wise with the logits all-gathered (replicated), so
+    the loss is the plain cross-entropy. With ``sequence_parallel`` the residual stream
+    between sub-layers is split along the sequence (Korthikanti et al. 2022): norms run on
+    ``Shard(1)``, an all-gather precedes each attention/MLP and a reduce-scatter follows it.
+    """
+    tp_mesh = mesh["tp"]
+    if tp_mesh.size() == 1:
+        return model
+    seq, rep = Shard(1), Replicate()
+    top = {}
+    if model.tok_embeddings is not None:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=rep, output_layouts=rep)
+        if sequence_parallel:  # positions are added on the full sequence, then it is split
+            top["emb_dropout"] = PrepareModuleInput(input_layouts=(rep,), desired_input_layouts=(seq,),
+                                                    use_local_output=True)
+    if model.norm is not None and sequence_parallel:
+        top["norm"] = SequenceParallel()
+    if model.output is not None:
+        top["output"] = ColwiseParallel(input_layouts=seq if sequence_parallel else rep,
+                                        output_layouts=rep, use_local_output=True)
+    parallelize_module(model, tp_mesh, top)
+    if model.tok_embeddings is not None and model.output is not None and model.spec.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight  # both Shard(0) over the vocab: re-tie
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, _block_plan(block, sequence_parallel))
+        if hasattr(block.attention, "wkv_a"):
+            _sum_rope_key_grad(block.attention, tp_mesh.get_group())
+    return model
+
+
+def _sum_rope_key_grad(attn: nn.Module, group) -> None:
+    """MLA's decoupled RoPE key comes from the replicated ``wkv_a`` and is shared by all heads;
+    each tp rank back-propagates only its heads' share, so its gradient is summed over tp
+    (Megatron's "f" operator on that slice; the latent part reaches ``wkv_b``, which already
+    does this)."""
+    start = attn.kv_lora_rank
+
+    def hook(module, args, out):
+        return _SumGradColumns.apply(out, start, group)
+
+    attn.wkv_a.register_forward_hook(hook)
+
+
+class _SumGradColumns(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient of columns ``[start:]``."""
+
+    @staticmethod
+    def forward(ctx, x, start, group):
+        ctx.start, ctx.group = start, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        part = grad[..., ctx.start:].contiguous()
+        dist.all_reduce(part, group=ctx.group)
+        grad[..., ctx.start:] = part
+        return grad, None, None
+
+
+def _block_plan(block: nn.Module, sp: bool) -> dict:
+    seq, rep = Shard(1), Replicate()
+    out = seq if sp else rep
+    plan = {}
+    if sp:
+        plan["attention_norm"] = SequenceParallel()
+        plan["attention"] = PrepareModuleInput(input_layouts=(seq, None, None), desired_input_layouts=(rep, None, None),
+                                               use_local_output=True)
+        plan["ffn_norm"] = SequenceParallel()
+    for name in _COLWISE:
+        if getattr(block.attention, name, None) is not None:
+            plan[f"attention.{name}"] = ColwiseParallel()
+    plan["attention.wo"] = RowwiseParallel(output_layouts=out)
+    ff = block.feed_forward
+    if hasattr(ff, "router"):  # MoE: only the shared experts are split; the rest is replicated
+        if sp:  # the whole sequence enters the router, the output is split again
+            plan["feed_forward"] = PrepareModuleInputOutput(
+                input_layouts=(seq,), desired_input_layouts=(rep,), input_kwarg_layouts=None,
+                output_layouts=(rep,), desired_output_layouts=(seq,), use_local_input=True, use_local_output=True)
+        if ff.shared_experts is not None:
+            plan.update(_mlp_plan("feed_forward.shared_experts", ff.shared_experts, rep))
+        return plan
+    if sp:
+        plan["feed_forward"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(rep,),
+                                                  use_local_output=True)
+    plan.update(_mlp_plan("feed_forward", ff, out))
+    return plan
+
+
+def _mlp_plan(prefix: str, mlp: nn.Module, out) -> dict:
+    plan = {f"{prefix}.w1": ColwiseParallel(), f"{prefix}.w2": RowwiseParallel(output_layouts=out)}
+    if hasattr(mlp, "w3"):
+        plan[f"{prefix}.w3"] = ColwiseParallel()
+    return plan
+
+
+# ----- activation checkpointing --------------------------------------------------------
+def apply_ac(model: nn.Module, recompute: dict[int, str]) -> nn.Module:
+    """Checkpoint blocks per layer: ``full`` recomputes the whole block in backward (keeps only
+    its input); ``selective`` checkpoints the attention sub-layer and saves the outputs of its
+    matmuls and collectives, so only the attention core (softmax(QK^T)V, masking, RoPE) is
+    recomputed - Megatron's selective recomputation (Korthikanti et al. 2022, Sec. 5)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = block_list(model)
+    for pos, (name, block) in enumerate(list(layers.named_children())):
+        mode = recompute.get(int(name) if name.isdigit() else pos, "none")  # keys: global layer ids
+        if mode == "full":
+            layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
+        elif mode == "selective":
+            block.attention = checkpoint_wrapper(block.attention, preserve_rng_state=False,
+                                                 context_fn=_selective_context)
+    return model
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    return list(block_list(model).children())
+
+
+def block_list(model: nn.Module) -> nn.Module:
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, (nn.ModuleDict, nn.ModuleList)):
+        return layers
+    for mod in model.modules():  # user modules: the first list of blocks
+        if isinstance(mod, (nn.ModuleDict, nn.ModuleList)) and len(mod) > 0:
+            return mod
+    raise RuntimeError("model has no block list (nn.ModuleList / nn.ModuleDict)")
+
+
+@functools.cache
+def _save_ops() -> frozenset:
+    aten, c10d = torch.ops.aten, torch.ops._c10d_functional
+    return frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, aten.linear.default,
+                      c10d.all_gather_into_tensor.default, c10d.reduce_scatter_tensor.default,
+                      c10d.all_reduce.default, c10d.wait_tensor.default})
+
+
+def _selective_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        # projections (2-D matmuls) and collectives are saved; the core is recomputed
+        if op in _save_ops() and (op is not torch.ops.aten.bmm.default or _is_projection(args)):
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def _is_projection(args) -> bool:
+    """A batched matmul against a 2-D weight expanded to 3-D is a projection, not QK^T."""
+    w = args[1] if len(args) > 1 else None
+    return isinstance(w, torch.Tensor) and w.ndim == 3 and w.stride(0) == 0
+
+
+# ----- data parallel ------------------------------------------------------------------
+def dp_mode(zero_stage: int, dp_cp: int, has_dtensor: bool, has_ep: bool, pipeline: bool = False) -> str:
+    """Which torch API implements the data-parallel part of a plan.
+
+    - ``none``: dp*cp = 1.
+    - ``ddp``: zero 0/1 on plain parameters without a pipeline: ``DistributedDataParallel``
+      (ZeRO-1 adds ``ZeroRedundancyOptimizer`` in ``make_optimizer``). Wraps a
+      *materialized* module.
+    - ``replicate``: zero 0 with tensor parallel (DTensor parameters, which DDP cannot hold)
+      or with a pipeline (DDP's bucket rebuild breaks when schedules interleave microbatch
+      backwards): FSDP2's ``replicate``, an all-reduce per block, no sharding.
+    - ``fsdp2``: ZeRO-2 = ``fully_shard(reshard_after_forward=False)`` (parameters stay
+      gathered from forward to backward, gradients and optimizer states sharded);
+      ZeRO-3 = ``fully_shard`` (parameters re-gathered in backward). ZeRO-1 combined with
+      tp, ep or pp also runs as ZeRO-2: ``ZeroRedundancyOptimizer`` cannot broadcast DTensors
+      or expert shards that differ across ranks, nor sit on a pipelined DDP.
+    """
+    if dp_cp == 1:
+        return "none"
+    if zero_stage >= 2 or (zero_stage == 1 and (has_dtensor or has_ep or pipeline)):
+        return "fsdp2"
+    if has_dtensor or pipeline:
+        return "replicate"
+    return "ddp"
+
+
+def apply_dp(model: nn.Module, mesh: ParallelMesh, zero_stage: int = 0, tp: int = 1,
+             pipeline: bool = False) -> nn.Module:
+    """Data parallel over the flattened ``dp_cp`` ranks (context-parallel ranks hold different
+    tokens of the same sequences, so their gradients are averaged like data-parallel ones).
+
+    Returns the module to train (DDP returns a wrapper). Expert parameters under expert
+    parallel are replicated only over ``edp`` ranks: FSDP2 shards them over the ``edp`` mesh
+    with a gradient divide factor of dp*cp; DDP ignores them and ``sync_grads`` all-reduces
+    them over ``edp``."""
+    experts = [m for m in model.modules() if getattr(m, "ep_group", None) is not None]
+    mode = dp_mode(zero_stage, mesh.size("dp_cp"), tp > 1, bool(experts), pipeline)
+    if mode == "none":
+        return model
+    if mode == "ddp":
+        return _apply_ddp(model, mesh, experts)
+    if mode == "replicate":
+        return _apply_replicate(model, mesh, experts)
+    from torch.distributed.fsdp import fully_shard
+
+    reshard = zero_stage >= 3 and not pipeline  # a pipeline re-gathers per microbatch otherwise
+    for ex in experts:
+        if mesh.size("edp") > 1:  # FSDP averages over edp; sync_grads rescales to a dp*cp mean
+            fully_shard(ex, mesh=mesh["edp"], reshard_after_forward=reshard)
+            ex.grad_rescale = 1.0 / mesh.size("ep")
+        else:  # nothing to shard them over: kept local, sync_grads averages their gradients
+            ex.sync_outside_dp = True
+    keep_local = bool(experts) and mesh.size("edp") == 1
+    for block in blocks(model):  # one all-gather / reduce-scatter group per block
+        fully_shard(block, mesh=mesh.dp_cp, reshard_after_forward=reshard,
+                    ignored_params=_expert_params(block) if keep_local else None)
+    fully_shard(model, mesh=mesh.dp_cp, reshard_after_forward=reshard,
+                ignored_params=_expert_params(model) if keep_local else None)
+    return model
+
+
+def _apply_replicate(model: nn.Module, mesh: ParallelMesh, experts: list) -> nn.Module:
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    for ex in experts:  # kept out of the all-reduce; sync_grads averages them over edp
+        ex.sync_outside_dp = True
+    for block in blocks(model):  # one all-reduce per block, overlapping the backward
+        replicate(block, mesh=mesh.dp_cp, ignored_params=_expert_params(block) or None)
+    return replicate(model, mesh=mesh.dp_cp, ignored_params=_expert_params(model) or None)
+
+
+def _expert_params(module: nn.Module) -> set:
+    return {p for m in module.modules() if getattr(m, "ep_group", None) is not None for p in m.parameters()}
+
+
+def _apply_ddp(model: nn.Module, mesh: ParallelMesh, experts: list) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise RuntimeError("DDP wraps a materialized module: call apply_dp after materialize")
+    if experts:  # expert shards differ across ep ranks: DDP must not average them
+        names = [n for n, p in model.named_parameters() if p in _expert_params(model)]
+        DDP._set_params_and_buffers_to_ignore_for_model(model, names)
+        for ex in experts:
+            ex.sync_outside_dp = True
+    device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
+    with warnings.catch_warnings():  # torch asks rank-local buffers (expert ids) to keep this flag
+        warnings.simplefilter("ignore", FutureWarning)
+        return DDP(model, process_group=mesh.group("dp_cp"), device_ids=device_ids, broadcast_buffers=False)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters())
+    return p.to_local().device if isinstance(p, DTensor) else p.device
+
+
+# ----- gradients no wrapper owns --------------------------------------------------------
+def sync_grads(parts: list[nn.Module], mesh: ParallelMesh) -> None:
+    """Finish gradients that DDP/FSDP do not own. Expert weights are replicated over ``edp``
+    ranks only but receive gradients from the tokens of all dp*cp ranks: kept local, they are
+    summed over ``edp`` and divided by dp*cp (what data parallel averaging means for them);
+    sharded by FSDP over ``edp`` (which averages over edp), they are scaled by edp/(dp*cp)
+    = 1/ep. Embeddings tied across the two ends of a pipeline: summed over the stage pair."""
+    n = mesh.size("dp_cp")
+    for part in parts:
+        inner = getattr(part, "module", part)
+        for mod in inner.modules():
+            if getattr(mod, "grad_rescale", None) is not None:  # (set_gradient_divide_factor needs
+                for p in mod.parameters():                      # PREMUL_SUM, which gloo lacks)
+                    if p.grad is not None:
+                        p.grad.mul_(mod.grad_rescale)
+            if getattr(mod, "sync_outside_dp", False):
+                for p in mod.parameters():
+                    if p.grad is None:
+                        continue
+                    if mesh.size("edp") > 1:
+                        dist.all_reduce(p.grad, group=mesh.group("edp"))
+                    p.grad.div_(n)
+        for fqn, group in getattr(inner, "tied_grad_groups", []):
+            p = inner.get_parameter(fqn)
+            if p.grad is None:
+                continue
+            if isinstance(p.grad, DTensor):
+                if p.grad.placements != p.placements:  # e.g. a vocab-parallel embedding's Replicate grad
+                    p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+                dist.all_reduce(p.grad.to_local(), group=group)
+            else:
+                dist.all_reduce(p.grad, group=group)

@@ -1,0 +1,95 @@
+"""Turn an ``Estimate`` into the JSON that ``estimate --json`` and ``plan --json`` print,
+and find priced fixes for a strategy that does not fit."""
+
+from __future__ import annotations
+
+from autopar.cost_models.estimate import CostModel, Estimate
+from autopar.cost_models.strategy import Strategy
+from autopar.errors import InputError
+
+GiB = 1024**3
+
+FLOPS_BASIS = {
+    "tflops_per_gpu": "Megatron-LM eq. 3 (Narayanan et al. SC21): forward + backward FLOPs of every op in the "
+                      "captured graph, plus the recomputed forward when recompute=full; divided by step time "
+                      "and GPU count",
+    "mfu": "model FLOPs (forward + backward, no recompute) / (step time x GPUs x dense peak of the dtype)",
+}
+
+
+def estimate_dict(e: Estimate) -> dict:
+    """The keys shared by ``estimate --json`` and the plans of ``plan --json``."""
+    worst = e.worst_rank
+    return {
+        "strategy": e.strategy.model_dump(),
+        "strategy_string": e.strategy.compact(),
+        "step_time_s": e.step_time_s,
+        "tokens_per_s": e.tokens_per_s,
+        "tflops_per_gpu": e.tflops_per_gpu,
+        "mfu": e.mfu,
+        "feasible": e.feasible,
+        "memory": {
+            "peak_bytes": e.peak_bytes,
+            "capacity_bytes": e.capacity_bytes,
+            "usable_bytes": e.usable_bytes + e.memory_overhead,
+            "breakdown": worst.memory,
+            "worst_stage": worst.rank,
+            "stages": [{"stage": r.rank, "peak_bytes": r.mem_bytes, "in_flight_microbatches": r.in_flight,
+                        "layers": [r.layers[0], r.layers[-1] + 1] if r.layers else [], "breakdown": r.memory}
+                       for r in e.ranks],
+        },
+        "time": {
+            "breakdown": e.time,
+            "stages": [{"stage": r.rank, "fwd_s": r.fwd_s, "bwd_s": r.bwd_s, "recompute_s": r.recompute_s,
+                        "comm_s": r.comm_s} for r in e.ranks],
+        },
+        "flops_basis": FLOPS_BASIS,
+        "model_flops_per_step": e.model_flops,
+        "hardware_flops_per_step": e.hardware_flops,
+        "sources": e.sources,
+    }
+
+
+def overflow_bytes(e: Estimate) -> float:
+    return e.peak_bytes - e.memory_overhead - e.usable_bytes
+
+
+def candidate_fixes(cm: CostModel, s: Strategy) -> list[tuple[str, Estimate]]:
+    """Single-knob changes of a strategy that does not fit, each priced by the model."""
+    world = s.world
+    tries: list[dict] = []
+    if s.zero_stage < 3 and s.dp * s.cp > 1:
+        tries += [{"zero_stage": z} for z in range(s.zero_stage + 1, 4)]
+    if s.recompute != "full":
+        tries += [{"recompute": "selective"}, {"recompute": "full"}] if s.recompute == "none" else \
+                 [{"recompute": "full"}]
+    if s.tp > 1 and not s.sequence_parallel:
+        tries.append({"sequence_parallel": True})
+    if s.micro_batch > 1:
+        tries.append({"micro_batch": 1})
+    for key in ("tp", "pp"):
+        val = getattr(s, key) * 2
+        if s.dp % 2 == 0:
+            tries.append({key: val, "dp": s.dp // 2})
+    out = []
+    for change in tries:
+        vals = s.model_dump()
+        vals.update(change)
+        if vals.get("sequence_parallel") is False and vals["tp"] > 1 and s.sequence_parallel:
+            vals["sequence_parallel"] = True
+        try:
+            cand = Strategy(**vals).resolve(world)
+            cm.check(cand)
+        except (InputError, ValueError):
+            continue
+        label = ",".join(f"{_key(k)}={_val(v)}" for k, v in change.items())
+        out.append((label, cm.estimate(cand)))
+    return out
+
+
+def _key(k: str) -> str:
+    return {"zero_stage": "zero", "micro_batch": "mbs", "sequence_parallel": "sp"}.get(k, k)
+
+
+def _val(v) -> str:
+    return str(int(v)) if isinstance(v, bool) else str(v)

@@ -1,0 +1,97 @@
+"""Build a ``CostModel`` from what a user types: model, GPU / cluster, sequence, dtype,
+an optional measured profile and an optional expert placement or routing trace."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from autopar.cost_models.estimate import CostModel
+from autopar.cost_models.templates import build_templates
+from autopar.errors import InputError
+from autopar.profiles.cluster import ClusterSpec
+from autopar.profiles.hw import default_cluster_for_gpu, load_cluster, load_gpu_profile
+from autopar.profiles.intake import resolve_model
+from autopar.profiles.model_spec import ModelSpec
+
+DEFAULT_GPU = "h100-sxm"
+DEFAULT_GPUS_PER_NODE = 8
+
+
+@dataclass
+class Inputs:
+    model: str
+    gpu: str | None = None
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    cluster: str | None = None
+    seq_len: int | None = None
+    dtype: str = "bf16"
+    profile: str | None = None
+    placement: str | None = None
+    trace: str | None = None
+    input_shape: list[int] | None = None
+
+
+def resolve_cluster(inp: Inputs) -> ClusterSpec:
+    if inp.nodes is not None and inp.nodes < 1:
+        raise InputError(f"--nodes={inp.nodes} must be at least 1")
+    if inp.gpus_per_node is not None and inp.gpus_per_node < 1:
+        raise InputError(f"--gpus-per-node={inp.gpus_per_node} must be at least 1")
+    if inp.cluster:
+        return load_cluster(inp.cluster, nodes=inp.nodes, gpus_per_node=inp.gpus_per_node, gpu=inp.gpu)
+    gpu = inp.gpu or DEFAULT_GPU
+    load_gpu_profile(gpu)  # one-line error for an unknown GPU before anything else
+    gpn = inp.gpus_per_node or (1 if gpu.startswith("cpu") else DEFAULT_GPUS_PER_NODE)
+    return default_cluster_for_gpu(gpu, nodes=inp.nodes or 1, gpus_per_node=gpn)
+
+
+def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, int]:
+    spec = resolve_model(inp.model, input_shape=inp.input_shape)
+    cluster = resolve_cluster(inp)
+    seq = inp.seq_len or default_seq_len(spec)
+    if seq < 1:
+        raise InputError(f"--seq-len={seq} must be positive")
+    if spec.family != "custom" and spec.max_seq_len < seq:
+        spec = spec.model_copy(update={"max_seq_len": seq})
+    gpu = load_gpu_profile(cluster.gpu)
+    if inp.dtype not in ("bf16", "fp16", "fp32", "fp8"):
+        raise InputError(f"--dtype={inp.dtype} is not one of bf16, fp16, fp32, fp8")
+    timer, fits = _measured(inp, gpu)
+    ratio = _expert_load_ratio(inp, spec)
+    templates = build_templates(spec, seq, inp.dtype, fuse=gpu.fused_elementwise)
+    cm = CostModel(spec, cluster, seq, templates, gpu, inp.dtype, timer=timer, comm_fits=fits,
+                   expert_load_ratio=ratio)
+    return cm, spec, cluster, seq
+
+
+def default_seq_len(spec: ModelSpec) -> int:
+    """Documented default: the model's own context, capped at 4096 (8192 for Llama 3)."""
+    if spec.family == "custom":
+        return (spec.input_shape or [1, 1])[-1]
+    return min(spec.max_seq_len, 8192 if spec.name.startswith("llama3") else 4096)
+
+
+def _measured(inp: Inputs, gpu):
+    if not inp.profile:
+        return None, None
+    from autopar.profiles.measured import load_measured_profile
+
+    path = Path(inp.profile)
+    return load_measured_profile(path, gpu, inp.dtype)
+
+
+def _expert_load_ratio(inp: Inputs, spec: ModelSpec) -> float:
+    if not (inp.placement or inp.trace):
+        return 1.0
+    if not spec.is_moe:
+        raise InputError("--placement/--trace need a mixture-of-experts model")
+    from autopar.cost_models.moe_load import load_ratio_from_files
+
+    return load_ratio_from_files(inp.placement, inp.trace)
+
+
+def default_global_batch(world: int, seq_len: int) -> int:
+    """Documented default: about one million tokens per step, a multiple of the GPU count."""
+    target = max(1, (1 << 20) // max(seq_len, 1))
+    return max(world, (target // world) * world)

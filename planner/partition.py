@@ -1,0 +1,313 @@
+"""Stage partition: which layers each pipeline rank runs, and their recompute, by dynamic programming.
+
+For one strategy (all degrees and knobs fixed) the cost model's step time is
+
+``T = A * max_r P_r + B * sum_r P_r + K + max_r D_r + max_r O_r``
+
+with ``P_r`` the forward + backward time of rank ``r`` per micro-batch (recompute
+included), ``D_r`` its exposed data-parallel gradient time, ``O_r`` its optimizer step, and
+``(A, B, K)`` from the schedule (``pipeline.step_time``): 1F1B / GPipe ``(m - 1, 1,
+2(m + p - 2) p2p)``; interleaved ``(m, (p - 1)/(v p), 2(p - 1) p2p)``; no pipeline ``(m, 0, 0)``.
+
+Layout. ``v`` chunks per rank (``v = 1`` unless interleaved); the layers form ``v``
+periods of ``C = L / v`` layers and rank ``r`` holds the same ``c_r`` consecutive positions
+``[o_r, o_r + c_r)`` of every period, ``o_r = c_0 + ... + c_{r-1}``. With ``v = 1`` this is
+every contiguous partition; with ``v > 1`` each rank's chunks are equally long (Megatron-Core
+requires all chunks equal; this allows ranks to differ). Embedding sits on rank 0, the
+output layer on rank ``p - 1``, as in ``CostModel``.
+
+Per rank, the recompute that minimises ``P_r`` under its memory budget is optimal for the
+whole step: ``T`` grows by at least ``B`` per second added to ``P_r`` and ``D_r`` shrinks by at
+most ``1/m`` of it (a longer last backward hides more gradient traffic), and ``B >= 1/m``
+in every schedule the search admits (for interleaved that is ``(p - 1) m >= v p``, a rule
+of ``planner.search``). So each rank is priced once per layer set (``recompute.choose``)
+and the DP runs over ranks with states = offset ``o`` in the period, keeping the Pareto set of
+``(max P, sum P, max D, max O)``: ``T`` is non-decreasing in each, so the Pareto labels are
+exact. Labels whose lower bound reaches ``upper`` (the k-th best step time found so far)
+are dropped, and no rank takes more layers than ``upper`` allows, which keeps the DP small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autopar.cost_models.estimate import DDP_BUCKET_BYTES, CostModel, RankReport
+from autopar.cost_models.layer_cost import RECOMPUTE_MODES, LayerCost
+from autopar.cost_models.memory import bytes_per_param
+from autopar.cost_models.pipeline import in_flight_microbatches
+from autopar.cost_models.strategy import Strategy
+from autopar.planner import recompute as rc
+
+INF = float("inf")
+
+
+@dataclass
+class RankEval:
+    """One rank holding a layer set, with its best recompute (None = does not fit)."""
+
+    P: float
+    fwd: float
+    D: float
+    O: float
+    mem_bytes: float
+    choice: rc.RecomputeChoice | None
+    group_ids: tuple[int, ...]
+
+    @property
+    def feasible(self) -> bool:
+        return self.choice is not None
+
+
+@dataclass
+class PartitionResult:
+    step_time_s: float
+    counts: list[int]                      # layers per period on each rank
+    stages: list[tuple[int, int]]          # virtual stages in model order (rank = index % pp)
+    layer_recompute: list[str]
+    ranks: list[RankEval]
+
+
+class RankPricer:
+    """Prices rank ``r`` holding positions ``[o, o + c)`` of every period; identical layer sets
+    (same counts of each distinct ``LayerCost``) are priced once."""
+
+    def __init__(self, cm: CostModel, s: Strategy, modes: tuple[str, ...] = RECOMPUTE_MODES,
+                 costs: dict | None = None, shared: dict | None = None):
+        self.cm, self.s, self.modes = cm, s, tuple(k for k in RECOMPUTE_MODES if k in modes)
+        self.costs = costs or cm.layer_costs(s)
+        shared = {} if shared is None else shared       # caches that outlive one strategy
+        self._frontiers = shared.setdefault("frontiers", {})
+        self._syncs = shared.setdefault("grad_sync", {})
+        self.L, self.p, self.v = cm.num_layers, s.pp, s.vpp
+        self.C = self.L // self.v
+        self.m = s.num_micro_batches
+        distinct: dict[int, LayerCost] = {}
+        for i in range(self.L):
+            distinct.setdefault(id(self.costs[i]), self.costs[i])
+        self.groups = list(distinct.values())
+        gid = {id(c): g for g, c in enumerate(self.groups)}
+        self.prefix = [[0] * (self.L + 1) for _ in self.groups]   # prefix[g][i]: layers < i of group g
+        for i in range(self.L):
+            for g in range(len(self.groups)):
+                self.prefix[g][i + 1] = self.prefix[g][i] + (gid[id(self.costs[i])] == g)
+        self.base = [c.time("none") for c in self.groups]
+        self.first = [next(i for i in range(self.L) if gid[id(self.costs[i])] == g) for g in range(len(self.groups))]
+        self._z3: list[float] | None = None
+        self._by_pos: dict[tuple, RankEval] = {}
+        self._by_sig: dict[tuple, RankEval] = {}
+
+    # ----- layer sets --------------------------------------------------------------------
+    def layers(self, o: int, c: int) -> list[int]:
+        return [k * self.C + o + i for k in range(self.v) for i in range(c)]
+
+    def extras(self, r: int) -> list[LayerCost]:
+        out = []
+        if r == 0 and self.costs["embedding"]:
+            out.append(self.costs["embedding"])
+        if r == self.p - 1 and self.costs["output"]:
+            out.append(self.costs["output"])
+        return out
+
+    def counts(self, o: int, c: int) -> tuple[int, ...]:
+        return tuple(sum(pre[k * self.C + o + c] - pre[k * self.C + o] for k in range(self.v)) for pre in self.prefix)
+
+    def base_time(self, o: int, c: int) -> float:
+        """Forward + backward of the layers without recompute (extras excluded)."""
+        return sum(n * t for n, t in zip(self.counts(o, c), self.base))
+
+    # ----- one rank ------------------------------------------------------------------------
+    def evaluate(self, r: int, o: int, c: int) -> RankEval:
+        key = (r, o, c)
+        if key not in self._by_pos:
+            cnt = self.counts(o, c)
+            sig = (r, cnt)
+            if sig not in self._by_sig:
+                self._by_sig[sig] = self._price(r, self.layers(o, c), cnt)
+            self._by_pos[key] = self._by_sig[sig]
+        return self._by_pos[key]
+
+    def _price(self, r: int, layers: list[int], cnt: tuple[int, ...]) -> RankEval:
+        cm, s = self.cm, self.s
+        extra = self.extras(r)
+        parts = [self.costs[i] for i in layers]
+        in_flight = in_flight_microbatches(r, self.p, self.m, s.schedule, self.v)
+        plain = cm._rank_memory(s, parts, ["none"] * len(parts), extra, in_flight, r == self.p - 1)
+        extra_act = sum(e.act_bytes["none"] for e in extra)
+        fixed = sum(plain.values()) - plain["activations"] - plain["recompute_workspace"]
+        overhead = plain.get("framework_overhead", 0.0)
+        budget = cm.gpu.usable_mem_bytes + overhead - fixed - in_flight * extra_act
+        groups = [(g, n) for g, n in zip(self.groups, cnt) if n]
+        ids = tuple(id(g) for g, _ in groups)
+        fwd = sum(g.fwd_s * n for g, n in groups) + sum(e.fwd_s for e in extra)
+        choice = rc.choose(groups, in_flight, budget, self.modes, self._frontiers)
+        if choice is None:
+            return RankEval(INF, fwd, INF, INF, INF, None, ids)
+        P = sum(g.time("none") * n for g, n in groups) + sum(e.time("none") for e in extra) + choice.extra_s
+        mem = fixed + in_flight * (choice.act_bytes + extra_act) + choice.work_bytes
+        report = RankReport(r, layers, fwd, P - fwd, choice.extra_s, {}, {}, in_flight)
+        D = self.zero3_time(cnt) if s.zero_stage >= 3 else self.dp_time(groups, P - fwd)
+        O = cm._optimizer_time(s, report, self.costs)
+        return RankEval(P, fwd, D, O, mem, choice, ids)
+
+    def dp_time(self, groups: list[tuple[LayerCost, int]], bwd: float) -> float:
+        """``CostModel._dp_time`` below ZeRO-3, with each gradient collective priced once per
+        size and group (ranks of other strategies often reduce the same bytes)."""
+        s, gbytes = self.s, bytes_per_param(self.cm.dtype)[1]
+        dense = sum(g.params_dense * n for g, n in groups) * gbytes
+        expert = sum(g.params_expert * n for g, n in groups) * gbytes
+        t = self._sync(dense, s.dp * s.cp, s.tp) + self._sync(expert, s.edp, s.ep * s.etp)
+        window = bwd / max(self.m, 1) if self.m else 0.0
+        last_bucket = self._sync(min(DDP_BUCKET_BYTES, dense), s.dp * s.cp, s.tp)
+        return max(0.0, t - window) + last_bucket if t > 0 else 0.0
+
+    def _sync(self, size: float, n: int, stride: int) -> float:
+        key = (size, n, stride, self.s.zero_stage in (1, 2))
+        if key not in self._syncs:
+            self._syncs[key] = self.cm._grad_sync(size, n, stride, self.s)
+        return self._syncs[key]
+
+    def zero3_time(self, cnt: tuple[int, ...]) -> float:
+        """ZeRO-3 exposed gather/scatter time: a sum over layers (``CostModel._zero3_exposed``),
+        so each distinct layer is priced once."""
+        if self._z3 is None:
+            self._z3 = [self.cm._dp_time(self.s, RankReport(0, [i], 0.0, 0.0, 0.0, {}, {}, 1.0), self.costs, self.m)
+                        for i in self.first]
+        return sum(n * d for n, d in zip(cnt, self._z3))
+
+    def assignment(self, r: int, o: int, c: int) -> dict[int, str]:
+        ev = self.evaluate(r, o, c)
+        layers = self.layers(o, c)
+        by_group = [[i for i in layers if id(self.costs[i]) == g] for g in ev.group_ids]
+        return rc.assign(by_group, ev.choice)
+
+
+# ----- the step-time objective -----------------------------------------------------------
+def coefficients(cm: CostModel, s: Strategy) -> tuple[float, float, float]:
+    """``(A, B, K)`` of ``T = A max P + B sum P + K + max D + max O`` (``pipeline.step_time``)."""
+    p2p = cm._p2p_time(s) if s.pp > 1 else 0.0
+    return schedule_coefficients(s.pp, s.num_micro_batches, s.schedule, s.vpp, p2p)
+
+
+def schedule_coefficients(p: int, m: int, schedule: str, v: int, p2p: float) -> tuple[float, float, float]:
+    if p == 1:
+        return float(m), 0.0, 0.0
+    if schedule == "interleaved":
+        return float(m), (p - 1) / (v * p), 2 * (p - 1) * p2p
+    return float(m - 1), 1.0, 2 * (m + p - 2) * p2p
+
+
+def evaluate_counts(pr: RankPricer, counts: list[int]) -> tuple[float, list[RankEval]]:
+    """Step time of one layout (layers per period on each rank); INF when a rank does not fit."""
+    A, B, K = coefficients(pr.cm, pr.s)
+    evs, o = [], 0
+    for r, c in enumerate(counts):
+        evs.append(pr.evaluate(r, o, c))
+        o += c
+    if not all(e.feasible for e in evs):
+        return INF, evs
+    P = [e.P for e in evs]
+    return A * max(P) + B * sum(P) + K + max(e.D for e in evs) + max(e.O for e in evs), evs
+
+
+def balanced_counts(C: int, p: int) -> list[int]:
+    base, rest = divmod(C, p)
+    return [base + (1 if r < rest else 0) for r in range(p)]
+
+
+def partition(cm: CostModel, s: Strategy, modes: tuple[str, ...] = RECOMPUTE_MODES, upper: float = INF,
+              costs: dict | None = None, shared: dict | None = None) -> PartitionResult | None:
+    """The fastest layout and per-layer recompute of a resolved strategy, or None when nothing
+    fits or nothing beats ``upper``. ``costs``: ``cm.layer_costs`` of the strategy, if at hand;
+    ``shared``: caches to reuse across strategies of one search."""
+    pr = RankPricer(cm, s, modes, costs, shared)
+    if pr.L % pr.v or pr.C < pr.p:
+        return None
+    if pr.p == 1:
+        counts = [pr.C]
+    else:
+        bound = upper
+        if upper == INF:  # a first feasible layout bounds the DP; otherwise the caller's bound does
+            bound, _ = evaluate_counts(pr, balanced_counts(pr.C, pr.p))
+        counts = _dp(pr, bound) if bound < INF else None
+        if counts is None:
+            return None
+    t, evs = evaluate_counts(pr, counts)
+    if t == INF or t >= upper:
+        return None
+    return _result(pr, counts, t, evs)
+
+
+def _result(pr: RankPricer, counts: list[int], t: float, evs: list[RankEval]) -> PartitionResult:
+    offs = [sum(counts[:r]) for r in range(pr.p)]
+    stages = [(k * pr.C + offs[r], k * pr.C + offs[r] + counts[r]) for k in range(pr.v) for r in range(pr.p)]
+    modes: dict[int, str] = {}
+    for r in range(pr.p):
+        modes.update(pr.assignment(r, offs[r], counts[r]))
+    return PartitionResult(t, list(counts), stages, [modes[i] for i in range(pr.L)], evs)
+
+
+# ----- the DP ---------------------------------------------------------------------------------
+@dataclass
+class _Label:
+    maxP: float
+    sumP: float
+    maxD: float
+    maxO: float
+    prev: "_Label | None"
+    c: int
+
+    def dominates(self, o: "_Label") -> bool:
+        return self.maxP <= o.maxP and self.sumP <= o.sumP and self.maxD <= o.maxD and self.maxO <= o.maxO
+
+
+def _dp(pr: RankPricer, upper: float) -> list[int] | None:
+    """Pareto DP over ranks (see the module docstring); returns layers per period per rank."""
+    A, B, K = coefficients(pr.cm, pr.s)
+    p, C = pr.p, pr.C
+    out_time = pr.costs["output"].time("none") if pr.costs["output"] else 0.0
+    rest = [pr.base_time(o, C - o) for o in range(C + 1)]   # base time of positions >= o
+    total = rest[0] + sum(e.time("none") for e in pr.extras(0)) + (out_time if p > 1 else 0.0)
+    p_max = (upper - K - B * total) / A if A > 0 else INF
+    slack = upper * 1e-12
+    labels: dict[int, list[_Label]] = {0: [_Label(0.0, 0.0, 0.0, 0.0, None, 0)]}
+    for r in range(p):
+        nxt: dict[int, list[_Label]] = {}
+        left = p - r - 1
+        for o, labs in labels.items():
+            hi = C - o - left
+            lo = hi if left == 0 else 1
+            for c in range(lo, hi + 1):
+                if pr.base_time(o, c) > p_max + slack:
+                    break
+                ev = pr.evaluate(r, o, c)
+                if not ev.feasible:
+                    break  # more layers on this rank only need more memory
+                if ev.P > p_max + slack:
+                    continue
+                o2 = o + c
+                rest_t = rest[o2] + (out_time if left else 0.0)
+                for lab in labs:
+                    new = _Label(max(lab.maxP, ev.P), lab.sumP + ev.P, max(lab.maxD, ev.D), max(lab.maxO, ev.O),
+                                 lab, c)
+                    peak = max(new.maxP, rest_t / left if left else 0.0)
+                    if A * peak + B * (new.sumP + rest_t) + K + new.maxD + new.maxO > upper + slack:
+                        continue
+                    _insert(nxt.setdefault(o2, []), new)
+        labels = nxt
+    final = labels.get(C, [])
+    if not final:
+        return None
+    best = min(final, key=lambda x: A * x.maxP + B * x.sumP + x.maxD + x.maxO)
+    counts = []
+    while best.prev is not None:
+        counts.append(best.c)
+        best = best.prev
+    return counts[::-1]
+
+
+def _insert(labs: list[_Label], new: _Label) -> None:
+    for lab in labs:
+        if lab.dominates(new):
+            return
+    labs[:] = [lab for lab in labs if not new.dominates(lab)]
+    labs.append(new)

@@ -1,0 +1,162 @@
+"""Per-layer activation recomputation on one pipeline rank, chosen under its memory budget.
+
+Galvatron-style layer-wise choice (Miao et al. 2022, VLDB): every transformer layer picks
+``none``, ``selective`` (Korthikanti et al. 2022: re-run the attention core) or ``full``
+(keep the layer input, re-run the forward), so a plan recomputes only the layers it must.
+
+Problem, for one rank whose layers fall into groups ``g`` of identical layers (same
+``LayerCost``: the cost model prices identical layers once), ``n_g`` layers each:
+
+- variables: ``x[g, k]`` in Z>=0, the number of layers of group ``g`` run with mode ``k``
+  (``k`` ranges over the allowed modes);
+- objective: minimise the extra backward time ``sum_{g,k} x[g,k] * dt[g,k]`` where
+  ``dt[g,k] = time(k) - time(none)`` of one layer of the group;
+- coverage: ``sum_k x[g,k] = n_g`` for every group;
+- memory: ``in_flight * sum_{g,k} x[g,k] * act[g,k] + W <= budget`` where ``act`` is the
+  activation bytes one micro-batch leaves saved, ``in_flight`` the micro-batches the rank
+  holds (``pipeline.in_flight_microbatches``) and ``W`` the largest transient working set
+  of a layer's backward, ``W >= work[g,k]`` whenever ``x[g,k] > 0`` (``CostModel._rank_memory``).
+
+Exact solution (no ILP needed; the groups are few and their layers identical):
+enumerate ``W`` over the distinct ``work`` values (it only restricts which modes are
+allowed); for each group list every count vector ``x[g, .]`` and keep its Pareto
+frontier of (saved bytes, extra time); add the groups' frontiers (Minkowski sum, Pareto
+filtered again); the answer is the cheapest frontier point whose bytes fit. When nothing
+fits the rank is infeasible: fewer layers on it, more sharding (tp, cp, pp, ZeRO) or a
+smaller micro-batch are what relax it, and the stage partition above decides that.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass
+
+import numpy as np
+
+from autopar.cost_models.layer_cost import RECOMPUTE_MODES, LayerCost
+
+Frontier = list[tuple[float, float, tuple]]  # (act bytes, extra time, counts per group and mode), act ascending
+
+
+@dataclass(frozen=True)
+class RecomputeChoice:
+    """Modes for a rank's groups: ``counts[g][k]`` layers of group ``g`` use ``modes[k]``."""
+
+    extra_s: float            # added backward time per micro-batch
+    act_bytes: float          # saved activation bytes per micro-batch (layers only)
+    work_bytes: float         # largest transient of one layer's backward
+    counts: tuple             # per group: tuple of counts aligned with ``modes``
+    modes: tuple[str, ...]
+
+
+def extra_time(c: LayerCost, mode: str) -> float:
+    """Extra backward time of one layer in ``mode`` over no recompute (``LayerCost.time``)."""
+    return c.time(mode) - c.time("none")
+
+
+def choose(groups: list[tuple[LayerCost, int]], in_flight: float, budget: float,
+           modes: tuple[str, ...] = RECOMPUTE_MODES, cache: dict | None = None) -> RecomputeChoice | None:
+    """The fastest per-layer recompute of ``groups`` (``(cost, count)`` pairs) whose
+    ``in_flight * act + work`` stays within ``budget`` bytes; None when nothing fits."""
+    cache = {} if cache is None else cache
+    plain = "none" in modes
+    if plain:  # fast path: everything fits without recompute
+        act = sum(c.act_bytes["none"] * n for c, n in groups)
+        if in_flight * act <= budget:
+            return RecomputeChoice(0.0, act, 0.0, tuple(_only(len(modes), modes.index("none"), n)
+                                                        for _, n in groups), modes)
+    best = None
+    for cap in _work_caps(groups, modes):
+        allowed = tuple(k for k in modes if all(c.work_bytes[k] <= cap or n == 0 for c, n in groups))
+        if not allowed:
+            continue
+        front = _merged_frontier(groups, allowed, cache)
+        room = (budget - cap) / in_flight
+        i = bisect_right([p[0] for p in front], room) - 1
+        if i < 0:
+            continue
+        act, dt, counts = front[i]
+        if best is None or dt < best.extra_s:
+            work = max([c.work_bytes[k] for (c, n), cnt in zip(groups, counts) for k, x in zip(allowed, cnt) if x]
+                       + [0.0])
+            best = RecomputeChoice(dt, act, work, tuple(_expand(cnt, allowed, modes) for cnt in counts), modes)
+    return best
+
+
+def _only(size: int, index: int, n: int) -> tuple:
+    out = [0] * size
+    out[index] = n
+    return tuple(out)
+
+
+def _expand(counts: tuple, allowed: tuple[str, ...], modes: tuple[str, ...]) -> tuple:
+    full = dict(zip(allowed, counts))
+    return tuple(full.get(k, 0) for k in modes)
+
+
+def _work_caps(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...]) -> list[float]:
+    """Candidate values of the largest working set, ascending (the cap only filters modes)."""
+    return sorted({c.work_bytes[k] for c, n in groups if n for k in modes})
+
+
+def _merged_frontier(groups: list[tuple[LayerCost, int]], allowed: tuple[str, ...], cache: dict) -> Frontier:
+    key = (tuple((id(c), n) for c, n in groups), allowed)
+    if key not in cache:
+        front: Frontier = [(0.0, 0.0, ())]
+        for c, n in groups:
+            front = _pareto([(a0 + a1, t0 + t1, cnt0 + (cnt1,))
+                             for a0, t0, cnt0 in front for a1, t1, cnt1 in _group_frontier(c, n, allowed, cache)])
+        cache[key] = (front, groups)  # keep the LayerCosts alive: the key uses their ids
+    return cache[key][0]
+
+
+def _group_frontier(c: LayerCost, n: int, allowed: tuple[str, ...], cache: dict) -> Frontier:
+    """Pareto frontier over every split of ``n`` identical layers among the allowed modes."""
+    key = ("group", id(c), n, allowed)
+    if key not in cache:
+        cnt = _count_vectors(n, len(allowed))                     # [points, modes]
+        act = cnt @ np.array([c.act_bytes[k] for k in allowed])
+        dt = cnt @ np.array([extra_time(c, k) for k in allowed])
+        order = np.lexsort((dt, act))
+        act, dt, cnt = act[order], dt[order], cnt[order]
+        best_before = np.concatenate(([np.inf], np.minimum.accumulate(dt)[:-1]))
+        keep = dt < best_before
+        front = [(float(a), float(t), tuple(int(x) for x in row)) for a, t, row in zip(act[keep], dt[keep], cnt[keep])]
+        cache[key] = (front, c)
+    return cache[key][0]
+
+
+def _count_vectors(n: int, k: int) -> np.ndarray:
+    """Every way to split ``n`` layers among ``k`` modes (k <= 3), one row each."""
+    if k == 1:
+        return np.array([[n]])
+    a, b = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    a, b = a.ravel(), b.ravel()
+    if k == 2:
+        keep = a + b == n
+        return np.column_stack([a[keep], b[keep]])
+    keep = a + b <= n
+    a, b = a[keep], b[keep]
+    return np.column_stack([n - a - b, a, b])
+
+
+def _pareto(points: Frontier) -> Frontier:
+    """Points not beaten on both bytes and time, bytes ascending, time strictly descending."""
+    out: Frontier = []
+    for p in sorted(points, key=lambda q: (q[0], q[1])):
+        if not out or p[1] < out[-1][1]:
+            out.append(p)
+    return out
+
+
+def assign(layers_by_group: list[list[int]], choice: RecomputeChoice) -> dict[int, str]:
+    """Layer index -> mode: within a group the first layers take the most aggressive mode
+    (any order costs the same; this one is deterministic)."""
+    order = sorted(range(len(choice.modes)), key=lambda k: -RECOMPUTE_MODES.index(choice.modes[k]))
+    out = {}
+    for layers, counts in zip(layers_by_group, choice.counts):
+        it = iter(layers)
+        for k in order:
+            for _ in range(counts[k]):
+                out[next(it)] = choice.modes[k]
+    return out
