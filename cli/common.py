@@ -34,6 +34,14 @@ def inputs(model: str, gpu: Optional[str], nodes: Optional[int], gpus_per_node: 
                   input_shape=shape)
 
 
+def console():
+    """A rich console that does not wrap tables at 80 columns when stdout is a pipe."""
+    from rich.console import Console
+
+    con = Console()
+    return con if con.is_terminal else Console(width=140)
+
+
 def print_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2, default=float))
 

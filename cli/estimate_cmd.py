@@ -46,7 +46,7 @@ def estimate_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Option
     if json_out:
         c.print_json(estimate_dict(e))
         return
-    console = Console()
+    console = c.console()
     console.print(f"[bold]{cm.spec.short()}[/] on {cl.short()}, seq {cm.seq_len}, "
                   f"global batch {s.global_batch}, {cm.dtype}")
     console.print(f"strategy: {s.compact()}")
@@ -65,14 +65,14 @@ def memory_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Optional
     """Say whether a strategy fits, per GPU and component; exit 3 with priced fixes when not."""
     cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
                           profile, placement, trace, input_shape)
-    fixes = [] if e.feasible else candidate_fixes(cm, s)
+    fixes = [] if e.feasible else candidate_fixes(cm, s, e)
     if json_out:
         out = estimate_dict(e)
         out["fixes"] = [{"change": label, "peak_bytes": f.peak_bytes, "feasible": f.feasible,
                          "step_time_s": f.step_time_s} for label, f in fixes]
         c.print_json(out)
     else:
-        console = Console()
+        console = c.console()
         console.print(f"strategy: {s.compact()}")
         print_memory(console, e)
         if fixes:

@@ -6,6 +6,7 @@ import sys
 
 # Importing a command module registers its commands on ``app``.
 from autopar.cli import estimate_cmd, inspect_cmd  # noqa: F401
+from autopar.cli import emit_cmd  # noqa: F401
 from autopar.cli.app import app
 from autopar.errors import AutoparError
 

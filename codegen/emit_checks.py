@@ -214,8 +214,9 @@ def _check_custom(plan: Plan) -> int:
     try:
         out = model(torch.zeros(2, 8, dtype=torch.long, device="meta"))
     except Exception as exc:  # user code: any failure is an input problem
-        raise InputError(f"model: custom module '{name}' failed on tokens [2, 8]: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}; expected forward(tokens) -> logits") from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise InputError(f"model: custom module '{name}' failed on tokens [2, 8]: {type(exc).__name__}: {first}; "
+                         "expected forward(tokens) -> logits") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, 8, vocab):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise InputError(f"model: custom module '{name}' returned {shape} for tokens [2, 8]; expected logits "

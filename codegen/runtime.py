@@ -105,7 +105,7 @@ def materialize(parts: list[nn.Module], spec: ModelSpec, seed: int, device: torc
         local.setdefault("tok_embeddings.weight", []).extend(local.pop("output.weight", []))
     for name, full in initial_values(spec, seed):
         for owner, p in local.get(name, []):
-            value = full[getattr(owner, "local_expert_ids")] if hasattr(owner, "local_expert_ids") else full
+            value = full[owner.local_expert_ids] if hasattr(owner, "local_expert_ids") else full
             _copy_into(p, value.to(p.dtype))
 
 

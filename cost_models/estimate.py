@@ -49,6 +49,7 @@ class RankReport:
     comm_s: dict[str, float]
     memory: dict[str, float]
     in_flight: float
+    host_bytes: float = 0.0   # optimizer states offloaded to host memory (ZeRO-Offload)
 
     @property
     def mem_bytes(self) -> float:
@@ -124,6 +125,9 @@ class CostModel:
         """Raise a one-line InputError naming the rule a resolved strategy breaks."""
         for msg in strategy_violations(self.spec, self.seq_len, s):
             raise InputError(f"strategy: {msg}")
+        if s.offload_optimizer and not (self.gpu.host_link_gbps and self.gpu.host_optimizer_gbps):
+            raise InputError(f"strategy: offload=1 needs host_link_gbps and host_optimizer_gbps in the "
+                             f"{self.gpu.name} profile")
 
     # ----- per-layer prices (cached per sharding) ----------------------------------
     def layer_costs(self, s: Strategy) -> dict:
@@ -169,16 +173,21 @@ class CostModel:
                 comm[k] = comm.get(k, 0.0) + v
         bwd = sum(c.bwd_s for c in parts + extra) + rc + sum(comm.values())
         in_flight = in_flight_microbatches(rank, s.pp, m, s.schedule, s.vpp)
-        memory = self._rank_memory(s, parts, modes, extra, in_flight, last)
-        return RankReport(rank, layers, fwd, bwd, rc, comm, memory, in_flight)
+        memory, host = self._rank_memory(s, parts, modes, extra, in_flight, last)
+        return RankReport(rank, layers, fwd, bwd, rc, comm, memory, in_flight, host)
 
-    def _rank_memory(self, s: Strategy, parts: list[LayerCost], modes, extra, in_flight, last) -> dict[str, float]:
+    def _rank_memory(self, s: Strategy, parts: list[LayerCost], modes, extra, in_flight,
+                     last) -> tuple[dict[str, float], float]:
         dense = sum(c.params_dense for c in parts + extra)
-        if self.spec.tie_embeddings and s.pp > 1 and last and self.embedding:
-            dense += 0.0  # the tied output weight is already counted by the output template
+        if s.pp > 1 and last and self.output is not None:
+            dense += self.output.params_tied / s.tp  # a tied output weight is a second copy on the last stage
         expert = sum(c.params_expert for c in parts)
         ds = model_state_bytes(dense, self.dtype, s.zero_stage, s.dp * s.cp)
         es = model_state_bytes(expert, self.dtype, s.zero_stage, s.edp)
+        host = 0.0
+        if s.offload_optimizer:  # ZeRO-Offload: the optimizer states live in host memory
+            host = ds.optimizer + es.optimizer
+            ds, es = ds.__class__(ds.params, ds.grads, 0.0), es.__class__(es.params, es.grads, 0.0)
         acts = sum(c.act_bytes[mo] for c, mo in zip(parts, modes)) + sum(c.act_bytes["none"] for c in extra)
         work = max([c.work_bytes[mo] for c, mo in zip(parts, modes)] + [0.0])
         temps = sum(c.temp_bytes for c in extra)
@@ -192,7 +201,7 @@ class CostModel:
             "comm_buffers": self._comm_buffer_bytes(s, parts),
             "framework_overhead": float(self.gpu.framework_overhead_bytes),
         }
-        return mem
+        return mem, host
 
     def _comm_buffer_bytes(self, s: Strategy, parts: list[LayerCost]) -> float:
         pbytes = bytes_per_param(self.dtype)[0]
@@ -255,6 +264,8 @@ class CostModel:
         dense = sum(costs[i].params_dense for i in r.layers)
         expert = sum(costs[i].params_expert for i in r.layers)
         local = dense / (s.dp * s.cp if s.zero_stage >= 1 else 1) + expert / (s.edp if s.zero_stage >= 1 else 1)
+        if s.offload_optimizer:
+            return offload_step_time(local, self.dtype, self.gpu)
         return self.timer.membound(local * OPTIMIZER_BYTES_PER_PARAM)
 
     def _report(self, s: Strategy, total: float, time: dict, ranks: list[RankReport], recompute) -> Estimate:
@@ -270,6 +281,16 @@ class CostModel:
             peak_flops=self.timer.peak, tokens=s.global_batch * self.seq_len,
             sources={"compute": self.timer.source,
                      "communication": "measurement" if self.ctx.fits else "datasheet"})
+
+
+def offload_step_time(params: float, dtype: str, gpu: GpuProfile) -> float:
+    """ZeRO-Offload step (Ren et al. 2021, Sec. 4): 16-bit gradients go to the host, the
+    CPU runs Adam over the fp32 states (memory bound on the GPU's share of host
+    bandwidth), 16-bit parameters come back. Not overlapped with the next step."""
+    p, g, o = bytes_per_param(dtype)
+    copies = params * (g + p) / (gpu.host_link_gbps * 1e9)
+    adam = params * (2 * o + g + p) / (gpu.host_optimizer_gbps * 1e9)
+    return copies + adam
 
 
 def strategy_violations(spec: ModelSpec, seq_len: int, s: Strategy) -> list[str]:

@@ -34,6 +34,7 @@ def estimate_dict(e: Estimate) -> dict:
             "usable_bytes": e.usable_bytes + e.memory_overhead,
             "breakdown": worst.memory,
             "worst_stage": worst.rank,
+            "host_bytes_per_gpu": max(r.host_bytes for r in e.ranks),
             "stages": [{"stage": r.rank, "peak_bytes": r.mem_bytes, "in_flight_microbatches": r.in_flight,
                         "layers": [r.layers[0], r.layers[-1] + 1] if r.layers else [], "breakdown": r.memory}
                        for r in e.ranks],
@@ -54,41 +55,62 @@ def overflow_bytes(e: Estimate) -> float:
     return e.peak_bytes - e.memory_overhead - e.usable_bytes
 
 
-def candidate_fixes(cm: CostModel, s: Strategy) -> list[tuple[str, Estimate]]:
-    """Single-knob changes of a strategy that does not fit, each priced by the model."""
-    world = s.world
+def candidate_fixes(cm: CostModel, s: Strategy, base: Estimate | None = None) -> list[tuple[str, Estimate]]:
+    """Knob changes of a strategy that does not fit, each priced by the model: every single
+    change that lowers the peak, then (when none fits alone) the greedy combination that
+    applies the most helpful change until the strategy fits or nothing helps."""
+    base = base or cm.estimate(s)
+    singles = [(label, e) for label, _, e in _single_changes(cm, s) if e.peak_bytes < base.peak_bytes]
+    if any(e.feasible for _, e in singles):
+        return singles
+    labels, cur, cur_e = [], s, base
+    for _ in range(4):
+        options = [(label, cand, e) for label, cand, e in _single_changes(cm, cur) if e.peak_bytes < cur_e.peak_bytes]
+        if not options:
+            break
+        label, cur, cur_e = min(options, key=lambda o: (not o[2].feasible, o[2].peak_bytes))
+        labels.append(label)
+        if cur_e.feasible:
+            break
+    if len(labels) > 1:
+        singles.append((" + ".join(labels), cur_e))
+    return singles
+
+
+def _single_changes(cm: CostModel, s: Strategy) -> list[tuple[str, Strategy, Estimate]]:
     tries: list[dict] = []
     if s.zero_stage < 3 and s.dp * s.cp > 1:
         tries += [{"zero_stage": z} for z in range(s.zero_stage + 1, 4)]
-    if s.recompute != "full":
-        tries += [{"recompute": "selective"}, {"recompute": "full"}] if s.recompute == "none" else \
-                 [{"recompute": "full"}]
+    if not s.offload_optimizer and cm.gpu.host_link_gbps:
+        tries.append({"offload_optimizer": True})
+    if s.recompute == "none":
+        tries += [{"recompute": "selective"}, {"recompute": "full"}]
+    elif s.recompute == "selective":
+        tries.append({"recompute": "full"})
     if s.tp > 1 and not s.sequence_parallel:
         tries.append({"sequence_parallel": True})
     if s.micro_batch > 1:
         tries.append({"micro_batch": 1})
     for key in ("tp", "pp"):
-        val = getattr(s, key) * 2
         if s.dp % 2 == 0:
-            tries.append({key: val, "dp": s.dp // 2})
+            tries.append({key: getattr(s, key) * 2, "dp": s.dp // 2})
     out = []
     for change in tries:
         vals = s.model_dump()
         vals.update(change)
-        if vals.get("sequence_parallel") is False and vals["tp"] > 1 and s.sequence_parallel:
-            vals["sequence_parallel"] = True
         try:
-            cand = Strategy(**vals).resolve(world)
+            cand = Strategy(**vals).resolve(s.world)
             cm.check(cand)
         except (InputError, ValueError):
             continue
         label = ",".join(f"{_key(k)}={_val(v)}" for k, v in change.items())
-        out.append((label, cm.estimate(cand)))
+        out.append((label, cand, cm.estimate(cand)))
     return out
 
 
 def _key(k: str) -> str:
-    return {"zero_stage": "zero", "micro_batch": "mbs", "sequence_parallel": "sp"}.get(k, k)
+    return {"zero_stage": "zero", "micro_batch": "mbs", "sequence_parallel": "sp",
+            "offload_optimizer": "offload"}.get(k, k)
 
 
 def _val(v) -> str:

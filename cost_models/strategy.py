@@ -28,9 +28,10 @@ ALIASES = {
     "gbs": "global_batch", "global_batch": "global_batch",
     "zero": "zero_stage", "zero_stage": "zero_stage",
     "recompute": "recompute", "sp": "sequence_parallel", "sequence_parallel": "sequence_parallel",
-    "schedule": "schedule",
+    "schedule": "schedule", "offload": "offload_optimizer", "offload_optimizer": "offload_optimizer",
 }
-COMPACT_KEYS = {"micro_batch": "mbs", "global_batch": "gbs", "zero_stage": "zero", "sequence_parallel": "sp"}
+COMPACT_KEYS = {"micro_batch": "mbs", "global_batch": "gbs", "zero_stage": "zero", "sequence_parallel": "sp",
+                "offload_optimizer": "offload"}
 DEGREES = ("dp", "tp", "pp", "cp")
 
 
@@ -50,6 +51,8 @@ class Strategy(BaseModel):
     recompute: Recompute = "none"
     sequence_parallel: bool = False
     schedule: Schedule = "1f1b"
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload: fp32 master weights and Adam moments in "
+                                                       "host memory, the Adam step on the CPU")
 
     # ----- parsing ---------------------------------------------------------------
     @classmethod
@@ -92,7 +95,7 @@ class Strategy(BaseModel):
         """The compact string; round-trips through ``parse``."""
         parts = []
         for name in ("dp", "tp", "pp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch",
-                     "zero_stage", "recompute", "sequence_parallel", "schedule"):
+                     "zero_stage", "recompute", "sequence_parallel", "schedule", "offload_optimizer"):
             val = getattr(self, name)
             if isinstance(val, bool):
                 val = int(val)
@@ -115,6 +118,8 @@ class Strategy(BaseModel):
             bits.append("sp")
         if self.recompute != "none":
             bits.append(f"rc-{self.recompute}")
+        if self.offload_optimizer:
+            bits.append("offload")
         return " ".join(bits)
 
     # ----- resolution against a world size -----------------------------------------
@@ -185,12 +190,12 @@ def _product(vals: dict) -> str:
 def _coerce(field: str, raw: str):
     if field in ("recompute", "schedule"):
         return raw
-    if field == "sequence_parallel":
+    if field in ("sequence_parallel", "offload_optimizer"):
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
         if raw.lower() in ("0", "false", "no", "off"):
             return False
-        raise InputError(f"strategy: sp={raw} must be 0 or 1")
+        raise InputError(f"strategy: {COMPACT_KEYS[field]}={raw} must be 0 or 1")
     try:
         return int(raw)
     except ValueError:

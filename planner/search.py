@@ -10,22 +10,25 @@ are then chosen by ``partition``):
   ``dp * tp * cp`` and stays inside a node unless ``cross_node``;
 - sequence parallel on or off when ``tp > 1``; micro-batch ``mbs`` any divisor of
   ``global_batch / dp`` (gradient accumulation = the number of micro-batches);
-- ZeRO 0-3 when some gradient is reduced (``dp * cp > 1`` or ``edp > 1``);
+- ZeRO 0-3 when some gradient is reduced (``dp * cp > 1`` or ``edp > 1``); ZeRO-Offload on or
+  off where the GPU profile prices host transfers;
 - schedule: 1F1B, or interleaved 1F1B with ``vpp = v`` when ``v | layers``, ``layers / v >= pp``,
   ``pp | m`` and ``(pp - 1) m >= v pp`` (the condition under which per-rank recompute is
-  exact, see ``partition``). GPipe has the same step time as 1F1B in the cost model and
-  holds more micro-batches, so it is searched only when the user names it.
+  exact, see ``partition``; a user-named vpp skips it). GPipe has the same step time as 1F1B
+  in the cost model and holds more micro-batches, so it is searched only when named.
 - recompute per layer (none / selective / full), chosen with the partition.
 
-Order of work: (1) for each intra-stage sharding, a memory floor that needs no pricing
-(model states with the most sharding ZeRO allows, the smallest activations any recompute
-gives, averaged over pipeline ranks) drops configurations that cannot fit; the
-micro-batch loop stops at the first mbs that fails, since the floor grows with mbs.
-(2) Surviving shardings are priced once (``CostModel.layer_costs``; every schedule, vpp,
-ZeRO stage and recompute reuses it) and each configuration gets a step-time lower bound
-(perfectly balanced stages, no recompute, no data-parallel or optimizer time).
-(3) Configurations run the stage-partition DP in bound order until the bound reaches the
-k-th best step time found: nothing past that point is partitioned.
+Order of work (nothing a bound rules out is expanded further):
+
+1. every sharding gets a memory floor that needs no pricing (model states with the most
+   sharding ZeRO / offload allow, the smallest activations any recompute gives, averaged
+   over pipeline ranks); the micro-batch loop stops at the first mbs that fails;
+2. one pricing per (tp, cp, ep, etp, sp) at the largest micro-batch bounds every row: with
+   non-decreasing efficiency curves the price per sequence never rises with mbs;
+3. a work queue ordered by lower bound: a *row* entry is priced when it comes out and queues
+   its configurations with a tighter bound (balanced stages, optimizer floor); a ZeRO-3
+   configuration gets its gather/scatter floor added once; a configuration that comes out
+   runs the partition DP; the loop ends when the smallest bound reaches the k-th best.
 """
 
 from __future__ import annotations
@@ -33,18 +36,20 @@ from __future__ import annotations
 import heapq
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from autopar.cost_models.estimate import OPTIMIZER_BYTES_PER_PARAM, CostModel, Estimate, RankReport
 from autopar.cost_models.layer_cost import RECOMPUTE_MODES, shards_for
 from autopar.cost_models.layer_model import saved_bytes
-from autopar.cost_models.memory import model_state_bytes
+from autopar.cost_models.memory import bytes_per_param, model_state_bytes
 from autopar.cost_models.pipeline import in_flight_microbatches
 from autopar.cost_models.strategy import Strategy
 from autopar.errors import InputError
 from autopar.planner import partition as part
 
 STRATEGY_FIELDS = ("dp", "tp", "pp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch", "zero_stage",
-                   "recompute", "sequence_parallel", "schedule")
+                   "recompute", "sequence_parallel", "schedule", "offload_optimizer")
+CAPS = {"tp": "max_tp", "pp": "max_pp", "cp": "max_cp", "ep": "max_ep", "micro_batch": "max_mbs"}
 
 
 @dataclass
@@ -63,21 +68,17 @@ class Constraints:
         bad = set(self.fixed) - set(STRATEGY_FIELDS)
         if bad:
             raise InputError(f"constraints: unknown field(s) {', '.join(sorted(bad))}")
-        if self.fixed.get("dp") == -1:
-            self.fixed = {k: v for k, v in self.fixed.items() if k != "dp"}
+        self.fixed = {k: v for k, v in self.fixed.items() if not (k == "dp" and v == -1)}
 
     def ok(self, name: str, value) -> bool:
         if name in self.fixed and self.fixed[name] != value:
             return False
-        cap = {"tp": self.max_tp, "pp": self.max_pp, "cp": self.max_cp, "ep": self.max_ep,
-               "micro_batch": self.max_mbs}.get(name)
+        cap = getattr(self, CAPS[name]) if name in CAPS else None
         return cap is None or value <= cap
 
     @property
     def modes(self) -> tuple[str, ...]:
-        if "recompute" in self.fixed:
-            return (self.fixed["recompute"],)
-        return RECOMPUTE_MODES
+        return (self.fixed["recompute"],) if "recompute" in self.fixed else RECOMPUTE_MODES
 
 
 @dataclass
@@ -93,11 +94,11 @@ class Candidate:
 class SearchStats:
     space: int = 0            # configurations satisfying the rules and constraints
     pruned_memory: int = 0    # ruled out by the memory floor before pricing
-    enumerated: int = 0       # configurations given a time bound (after pricing their sharding)
+    enumerated: int = 0       # configurations given a time bound (their sharding priced)
     pruned_time: int = 0      # bound no better than the k-th best: never partitioned
     priced: int = 0           # ran the stage-partition DP
-    infeasible: int = 0       # partitioned, but no layout fits in memory (or beat the k-th best)
-    layer_pricings: int = 0   # distinct intra-stage shardings priced
+    infeasible: int = 0       # partitioned, but no layout fits in memory or beats the k-th best
+    layer_pricings: int = 0   # distinct intra-stage shardings priced (CostModel.layer_costs)
     search_time_s: float = 0.0
 
     def as_dict(self) -> dict:
@@ -112,8 +113,9 @@ class SearchResult:
     closest: Estimate | None = None   # when nothing fits: the configuration that overflows least
 
 
-@dataclass(frozen=True)
-class Sharding:
+class Sharding(NamedTuple):
+    """The intra-stage sharding and pipeline depth: what ``layer_costs`` and the floors need."""
+
     tp: int
     cp: int
     pp: int
@@ -122,6 +124,19 @@ class Sharding:
     etp: int
     sp: bool
     mbs: int
+
+    @property
+    def edp(self) -> int:
+        return self.dp * self.tp * self.cp // (self.ep * self.etp)
+
+
+class Knobs(NamedTuple):
+    """The rest of a configuration: they reuse the sharding's pricing."""
+
+    zero: int
+    offload: bool
+    schedule: str
+    vpp: int
 
 
 # ----- enumeration ------------------------------------------------------------------------------
@@ -167,51 +182,54 @@ def expert_maps(cm: CostModel, cons: Constraints, stage_ranks: int):
                 yield ep, etp
 
 
-def sp_options(cm: CostModel, cons: Constraints, tp: int, cp: int) -> list[bool]:
-    opts = [False] + ([True] if tp > 1 and (cm.seq_len // cp) % tp == 0 else [])
-    return [x for x in opts if cons.ok("sequence_parallel", x)]
-
-
-def mbs_options(cons: Constraints, gb: int, dp: int) -> list[int]:
-    return [b for b in divisors(gb // dp) if cons.ok("micro_batch", b)]
-
-
-def zero_options(cons: Constraints, sh: Sharding) -> list[int]:
-    reduced = sh.dp * sh.cp > 1 or sh.dp * sh.tp * sh.cp // (sh.ep * sh.etp) > 1
-    return [z for z in (range(4) if reduced else [0]) if cons.ok("zero_stage", z)]
+def shardings(cm: CostModel, cons: Constraints, gb: int):
+    """Rows of shardings that differ only in the micro-batch, mbs ascending."""
+    for tp, cp, pp, dp in meshes(cm, cons, gb):
+        sps = [x for x in ([False, True] if tp > 1 and (cm.seq_len // cp) % tp == 0 else [False])
+               if cons.ok("sequence_parallel", x)]
+        mbs = [b for b in divisors(gb // dp) if cons.ok("micro_batch", b)]
+        for ep, etp in expert_maps(cm, cons, dp * tp * cp):
+            for sp in sps:
+                yield [Sharding(tp, cp, pp, dp, ep, etp, sp, b) for b in mbs]
 
 
 def schedule_options(cm: CostModel, cons: Constraints, pp: int, m: int) -> list[tuple[str, int]]:
     """(schedule, vpp) pairs for a pipeline of ``pp`` ranks and ``m`` micro-batches."""
     L = cm.num_layers
     if pp == 1:
-        out = [("1f1b", 1)] if "schedule" not in cons.fixed else [(cons.fixed["schedule"], 1)]
-        return [o for o in out if o[0] != "interleaved" and cons.ok("vpp", 1)]
+        sched = cons.fixed.get("schedule", "1f1b")
+        return [(sched, 1)] if sched != "interleaved" and cons.ok("vpp", 1) else []
     named = "schedule" in cons.fixed or "vpp" in cons.fixed
-    out = [("1f1b", 1), ("gpipe", 1)]
-    for v in range(2, L // pp + 1):
-        exact = (pp - 1) * m >= v * pp or named
-        if L % v == 0 and m % pp == 0 and exact:
-            out.append(("interleaved", v))
-    keep = [(s, v) for s, v in out if cons.ok("schedule", s) and cons.ok("vpp", v)]
-    if "schedule" not in cons.fixed:
-        keep = [o for o in keep if o[0] != "gpipe"]
-    return keep
+    out = [("1f1b", 1)] + ([("gpipe", 1)] if named else [])
+    out += [("interleaved", v) for v in range(2, L // pp + 1)
+            if L % v == 0 and m % pp == 0 and ((pp - 1) * m >= v * pp or named)]
+    return [(s, v) for s, v in out if cons.ok("schedule", s) and cons.ok("vpp", v)]
+
+
+def knob_options(cm: CostModel, cons: Constraints, sh: Sharding, gb: int) -> list[Knobs]:
+    reduced = sh.dp * sh.cp > 1 or sh.edp > 1
+    zeros = [z for z in (range(4) if reduced else [0]) if cons.ok("zero_stage", z)]
+    host = bool(cm.gpu.host_link_gbps and cm.gpu.host_optimizer_gbps)
+    offs = [x for x in ([False, True] if host else [False]) if cons.ok("offload_optimizer", x)]
+    scheds = schedule_options(cm, cons, sh.pp, gb // (sh.dp * sh.mbs))
+    return [Knobs(z, o, s, v) for z in zeros for o in offs for s, v in scheds]
 
 
 # ----- bounds -----------------------------------------------------------------------------------
-def _probe(sh: Sharding, gb: int, **kw) -> Strategy:
+def probe(sh: Sharding, gb: int, k: Knobs | None = None, **kw) -> Strategy:
     """A Strategy with this sharding, unvalidated (for bounds and pricing)."""
     vals = dict(Strategy().model_dump(), dp=sh.dp, tp=sh.tp, pp=sh.pp, cp=sh.cp, ep=sh.ep, etp=sh.etp,
                 micro_batch=sh.mbs, global_batch=gb, sequence_parallel=sh.sp)
+    if k is not None:
+        vals.update(zero_stage=k.zero, offload_optimizer=k.offload, schedule=k.schedule, vpp=k.vpp)
     vals.update(kw)
     return Strategy.model_construct(**vals)
 
 
 def pricing_key(sh: Sharding) -> Sharding:
     """The sharding ``layer_costs`` depends on: per-layer prices do not depend on pp, and on dp
-    only through ``dp / edp = ep*etp / (tp*cp)``, so dp = ep*etp prices every dp alike (one
-    pricing serves every pipeline depth; tests/test_planner.py checks the claim)."""
+    only through ``dp / edp = ep*etp / (tp*cp)``, so dp = ep*etp prices every dp alike
+    (tests/test_planner.py checks the claim)."""
     return Sharding(sh.tp, sh.cp, 1, sh.ep * sh.etp, sh.ep, sh.etp, sh.sp, sh.mbs)
 
 
@@ -219,22 +237,22 @@ def pricing_key(sh: Sharding) -> Sharding:
 class Floor:
     """Memory-floor terms of one intra-stage sharding over the whole model (no pricing)."""
 
-    dense: float     # parameters a rank of each pipeline position would hold, summed over layers
+    dense: float     # parameters of every layer on its pipeline rank (tp-sharded), summed
     expert: float
     act: float       # smallest saved activations per micro-batch the allowed recompute gives
     temps: float
 
-    def bytes(self, cm: CostModel, sh: Sharding, zero: int, in_flight: float) -> float:
+    def bytes(self, cm: CostModel, sh: Sharding, zero: int, offload: bool, in_flight: float) -> float:
         """Mean over pipeline ranks of states + activations: the most loaded rank holds at least this."""
-        edp = sh.dp * sh.tp * sh.cp // (sh.ep * sh.etp)
-        states = model_state_bytes(self.dense, cm.dtype, zero, sh.dp * sh.cp).total
-        states += model_state_bytes(self.expert, cm.dtype, zero, edp).total
+        ds = model_state_bytes(self.dense, cm.dtype, zero, sh.dp * sh.cp)
+        es = model_state_bytes(self.expert, cm.dtype, zero, sh.edp)
+        states = ds.total + es.total - (ds.optimizer + es.optimizer if offload else 0.0)
         return (states + self.act * in_flight + self.temps) / sh.pp
 
 
 def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...]) -> Floor:
     """Same formulas as ``layer_cost.price_layer`` for parameters and ``layer_model.saved_bytes``."""
-    shards = shards_for(_probe(sh, 0))
+    shards = shards_for(probe(sh, 0))
     dense = expert = act = temps = 0.0
     for t in cm.templates:
         n = len(t.indices) if t.kind == "block" else 1
@@ -253,11 +271,10 @@ def min_in_flight(pp: int, m: int, schedule: str, v: int) -> float:
     return min(in_flight_microbatches(r, pp, m, schedule, v) for r in (0, pp - 1))
 
 
-# ----- the search -------------------------------------------------------------------------------
 def curves_monotone(cm: CostModel) -> bool:
     """Per-unit op time never grows with size when every efficiency curve is non-decreasing
     and no measured op table overrides them: then a bigger micro-batch never costs more per
-    sequence, which lets one pricing bound a whole row of micro-batch sizes."""
+    sequence (collectives too: latency + size / bandwidth)."""
     g = cm.timer.gpu
     curves = (g.matmul_eff.root, g.membound_eff.root, g.attention_eff.root)
     return not cm.timer.measured and all(b[1] >= a[1] for c in curves for a, b in zip(c, c[1:]))
@@ -271,24 +288,27 @@ class Priced:
     total: float        # forward + backward of every layer without recompute, per micro-batch
     total_no_cp: float  # the same without context-parallel exposure (bounds smaller micro-batches)
     min_block: float    # the fastest transformer block
+    params: tuple[float, float]   # (dense, expert) parameters of the blocks on their ranks
 
 
+# ----- the search -------------------------------------------------------------------------------
 class _Space:
-    """Enumeration state of one search: caches keyed by sharding, the work queue, the stats."""
+    """State of one search: caches keyed by sharding, the work queue, the stats."""
 
-    def __init__(self, cm: CostModel, cons: Constraints, gb: int, stats: SearchStats):
-        self.cm, self.cons, self.gb, self.stats = cm, cons, gb, stats
+    def __init__(self, cm: CostModel, cons: Constraints, gb: int):
+        self.cm, self.cons, self.gb, self.stats = cm, cons, gb, SearchStats()
         self.usable = float(cm.gpu.usable_mem_bytes)
         self.floors: dict[tuple, Floor] = {}
-        self.totals: dict[Sharding, Priced] = {}
-        self.rate_bound = curves_monotone(cm)
-        curve = cm.timer.gpu.membound_eff.root
-        self.opt_bw = cm.timer.bw * max(e for _, e in curve)   # fastest the optimizer step can stream
+        self.prices: dict[Sharding, Priced] = {}
         self.queue: list[tuple] = []
+        self.pushes = 0           # tie-breaker: equal bounds leave the queue in insertion order
         self.shared: dict = {}    # caches the partition DP reuses across configurations
+        # the optimizer step streams at best at the highest HBM efficiency of the profile
+        self.opt_bw = cm.timer.bw * max(e for _, e in cm.timer.gpu.membound_eff.root)
 
     def push(self, lb: float, kind: str, *payload) -> None:
-        heapq.heappush(self.queue, (lb, len(self.queue) + self.stats.enumerated, kind, payload))
+        self.pushes += 1
+        heapq.heappush(self.queue, (lb, self.pushes, kind, payload))
 
     def floor(self, sh: Sharding) -> Floor:
         key = (sh.tp, sh.cp, sh.ep, sh.etp, sh.sp, sh.mbs)
@@ -298,45 +318,36 @@ class _Space:
 
     def priced(self, sh: Sharding) -> Priced:
         key = pricing_key(sh)
-        if key not in self.totals:
-            costs = self.cm.layer_costs(_probe(key, self.gb))
+        if key not in self.prices:
+            costs = self.cm.layer_costs(probe(key, self.gb))
             self.stats.layer_pricings += 1
             blocks = [costs[i] for i in range(self.cm.num_layers)]
             parts = blocks + [c for c in (costs["embedding"], costs["output"]) if c]
             total = sum(c.time("none") for c in parts)
-            self.totals[key] = Priced(costs, total, total - sum(c.comm_s.get("cp", 0.0) for c in parts),
-                                      min(c.time("none") for c in blocks))
-        return self.totals[key]
-
-    def inner(self, sh: Sharding) -> list[tuple[int, str, int]]:
-        m = self.gb // (sh.dp * sh.mbs)
-        scheds = schedule_options(self.cm, self.cons, sh.pp, m)
-        return [(z, sc, v) for z in zero_options(self.cons, sh) for sc, v in scheds]
+            self.prices[key] = Priced(costs, total, total - sum(c.comm_s.get("cp", 0.0) for c in parts),
+                                      min(c.time("none") for c in blocks),
+                                      (sum(c.params_dense for c in blocks), sum(c.params_expert for c in blocks)))
+        return self.prices[key]
 
 
 def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, top_k: int = 5) -> SearchResult:
-    """The ``top_k`` fastest configurations that fit, each with its stage partition and recompute.
-
-    Work queue ordered by lower bound: a *row* entry (one sharding, its price bounded from
-    the row's largest micro-batch) is priced when it comes out and pushes its configurations;
-    a *config* entry gets its ZeRO-3 term added once, then runs the partition DP. The loop
-    ends when the smallest bound reaches the k-th best step time found."""
+    """The ``top_k`` fastest configurations that fit, each with its stage partition and recompute."""
     t0 = time.perf_counter()
     cons = cons or Constraints()
-    gb = int(cons.fixed.get("global_batch") or global_batch)
-    stats = SearchStats()
-    sp = _Space(cm, cons, gb, stats)
+    sp = _Space(cm, cons, int(cons.fixed.get("global_batch") or global_batch))
+    stats = sp.stats
     _fill(sp)
     found: list[Candidate] = []
     while sp.queue:
         upper = found[top_k - 1].step_time_s if len(found) >= top_k else part.INF
         lb, _, kind, payload = heapq.heappop(sp.queue)
         if lb >= upper:
-            stats.pruned_time += _count(sp, kind, payload) + sum(_count(sp, k, p) for _, _, k, p in sp.queue)
+            stats.pruned_time += sum(len(p[1]) if k == "row" else 1 for _, _, k, p in sp.queue) + \
+                (len(payload[1]) if kind == "row" else 1)
             break
         if kind == "row":
             _expand_row(sp, *payload)
-        elif kind == "config" and payload[1] == 3:
+        elif kind == "config" and payload[1].zero == 3:
             sp.push(lb + _zero3_floor(sp, payload[0]), "config3", *payload)
         else:
             stats.priced += 1
@@ -348,21 +359,17 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
             found.sort(key=lambda c: c.step_time_s)
     for c in found[:top_k]:
         c.estimate = cm.estimate(c.strategy, c.stages, c.layer_recompute)
-    out = SearchResult(found[:top_k], stats, gb)
+    out = SearchResult(found[:top_k], stats, sp.gb)
     if not out.candidates:
-        out.closest = closest(cm, cons, gb)
+        out.closest = closest(cm, cons, sp.gb)
     stats.search_time_s = time.perf_counter() - t0
     return out
 
 
-def _count(sp: _Space, kind: str, payload) -> int:
-    return len(payload[1]) if kind == "row" else 1
-
-
-def _partitioned(sp: _Space, sh: Sharding, z: int, sched: str, v: int, upper: float) -> Candidate | None:
+def _partitioned(sp: _Space, sh: Sharding, k: Knobs, upper: float) -> Candidate | None:
     cm = sp.cm
     try:
-        s = Strategy(**_probe(sh, sp.gb, zero_stage=z, schedule=sched, vpp=v).model_dump()).resolve(cm.cluster.world)
+        s = Strategy(**probe(sh, sp.gb, k).model_dump()).resolve(cm.cluster.world)
         cm.check(s)
     except InputError:
         return None  # a rule the enumeration does not test (none known; counted as infeasible)
@@ -379,92 +386,87 @@ def _label(s: Strategy, layer_recompute: list[str]) -> Strategy:
     return s.model_copy(update={"recompute": mode})
 
 
-def shardings(cm: CostModel, cons: Constraints, gb: int):
-    """Every intra-stage sharding of the space, mbs ascending within a mesh."""
-    for tp, cp, pp, dp in meshes(cm, cons, gb):
-        for ep, etp in expert_maps(cm, cons, dp * tp * cp):
-            for sp in sp_options(cm, cons, tp, cp):
-                yield [Sharding(tp, cp, pp, dp, ep, etp, sp, b) for b in mbs_options(cons, gb, dp)]
-
-
 def _fill(sp: _Space) -> None:
-    """Queue every sharding above the memory floor, bounded without pricing where possible."""
-    stats = sp.stats
+    """Queue every sharding above the memory floor, bounded without pricing it."""
+    stats, rows = sp.stats, []
     for row in shardings(sp.cm, sp.cons, sp.gb):
-        keep = []
         for j, sh in enumerate(row):
-            inner = sp.inner(sh)
-            stats.space += len(inner)
-            if not inner:
+            knobs = knob_options(sp.cm, sp.cons, sh, sp.gb)
+            stats.space += len(knobs)
+            if not knobs:
                 continue
-            if sp.floor(sh).bytes(sp.cm, sh, max(z for z, _, _ in inner), 1.0) > sp.usable:
-                rest = sum(len(sp.inner(x)) for x in row[j + 1:])
+            z, off = max(k.zero for k in knobs), any(k.offload for k in knobs)
+            if sp.floor(sh).bytes(sp.cm, sh, z, off, 1.0) > sp.usable:
+                rest = sum(len(knob_options(sp.cm, sp.cons, x, sp.gb)) for x in row[j + 1:])
                 stats.space += rest
-                stats.pruned_memory += len(inner) + rest
+                stats.pruned_memory += len(knobs) + rest
                 break  # a larger micro-batch only needs more memory
-            keep.append((sh, inner))
-        if not keep:
-            continue
-        if not sp.rate_bound:
-            for sh, inner in keep:
-                _expand_row(sp, sh, inner)
-            continue
-        rate = sp.priced(keep[-1][0]).total_no_cp / keep[-1][0].mbs  # per sequence, never lower at smaller mbs
-        for sh, inner in keep:
-            sp.push(min(_pipeline_bound(sp, sh, sc, v, sh.mbs * rate) for _, sc, v in inner), "row", sh, inner)
+            rows.append((sh, knobs))
+    if not curves_monotone(sp.cm):
+        for sh, knobs in rows:
+            _expand_row(sp, sh, knobs)
+        return
+    biggest: dict[tuple, Sharding] = {}
+    for sh, _ in rows:
+        key = (sh.tp, sh.cp, sh.ep, sh.etp, sh.sp)
+        if key not in biggest or sh.mbs > biggest[key].mbs:
+            biggest[key] = sh
+    rate = {key: sp.priced(sh).total_no_cp / sh.mbs for key, sh in biggest.items()}
+    for sh, knobs in rows:
+        total = sh.mbs * rate[(sh.tp, sh.cp, sh.ep, sh.etp, sh.sp)]
+        sp.push(min(_pipeline_bound(sp, sh, k, total) for k in knobs), "row", sh, knobs)
 
 
-def _pipeline_bound(sp: _Space, sh: Sharding, sched: str, v: int, total: float, p2p: float = 0.0,
+def _pipeline_bound(sp: _Space, sh: Sharding, k: Knobs, total: float, p2p: float = 0.0,
                     min_block: float = 0.0) -> float:
-    """Step time with stages as balanced as the layer count allows, no recompute, gradient or
-    optimizer time: some rank holds at least ``ceil(C / pp)`` positions of each of the ``v``
-    periods of ``C = layers / v`` layers."""
+    """Step time with stages as balanced as the layer count allows and no recompute, gradient
+    or optimizer time: some rank holds at least ``ceil(C / pp)`` positions of each of the
+    ``v`` periods of ``C = layers / v`` layers."""
     m = sp.gb // (sh.dp * sh.mbs)
-    A, B, K = part.schedule_coefficients(sh.pp, m, sched, v, p2p)
-    period = sp.cm.num_layers // v
-    peak = max(total / sh.pp, v * -(-period // sh.pp) * min_block)
+    A, B, K = part.schedule_coefficients(sh.pp, m, k.schedule, k.vpp, p2p)
+    period = sp.cm.num_layers // k.vpp
+    peak = max(total / sh.pp, k.vpp * -(-period // sh.pp) * min_block)
     return A * peak + B * total + K
 
 
-def _expand_row(sp: _Space, sh: Sharding, inner) -> None:
-    """Price one sharding and queue its configurations with their exact pipeline bound."""
+def _expand_row(sp: _Space, sh: Sharding, knobs: list[Knobs]) -> None:
+    """Price one sharding and queue its configurations with a tighter bound."""
     cm, stats = sp.cm, sp.stats
     m = sp.gb // (sh.dp * sh.mbs)
     pr = sp.priced(sh)
-    p2p = cm._p2p_time(_probe(sh, sp.gb)) if sh.pp > 1 else 0.0
+    p2p = cm._p2p_time(probe(sh, sp.gb)) if sh.pp > 1 else 0.0
     floor = sp.floor(sh)
-    for z, sched, v in inner:
-        if floor.bytes(cm, sh, z, min_in_flight(sh.pp, m, sched, v)) > sp.usable:
+    for k in knobs:
+        if floor.bytes(cm, sh, k.zero, k.offload, min_in_flight(sh.pp, m, k.schedule, k.vpp)) > sp.usable:
             stats.pruned_memory += 1
             continue
         stats.enumerated += 1
-        lb = _pipeline_bound(sp, sh, sched, v, pr.total, p2p, pr.min_block) + _optimizer_floor(sp, sh, z, pr.costs)
-        sp.push(lb, "config", sh, z, sched, v)
+        lb = _pipeline_bound(sp, sh, k, pr.total, p2p, pr.min_block) + _optimizer_floor(sp, sh, k, pr)
+        sp.push(lb, "config", sh, k)
 
 
-def _optimizer_floor(sp: _Space, sh: Sharding, z: int, costs: dict) -> float:
-    """The optimizer step streams the rank's parameter shard (``CostModel._optimizer_time``);
-    the most loaded rank holds at least the mean, at no more than the best HBM efficiency."""
-    dense = sum(costs[i].params_dense for i in range(sp.cm.num_layers))
-    expert = sum(costs[i].params_expert for i in range(sp.cm.num_layers))
-    edp = sh.dp * sh.tp * sh.cp // (sh.ep * sh.etp)
-    local = dense / (sh.dp * sh.cp if z >= 1 else 1) + expert / (edp if z >= 1 else 1)
-    return local / sh.pp * OPTIMIZER_BYTES_PER_PARAM / sp.opt_bw
+def _optimizer_floor(sp: _Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
+    """``CostModel._optimizer_time`` of the mean rank (its cost grows at least linearly with
+    the shard, so the most loaded rank pays at least this)."""
+    dense, expert = pr.params
+    local = (dense / (sh.dp * sh.cp if k.zero >= 1 else 1) + expert / (sh.edp if k.zero >= 1 else 1)) / sh.pp
+    if k.offload:
+        p, g, o = bytes_per_param(sp.cm.dtype)
+        gpu = sp.cm.gpu
+        return local * ((g + p) / (gpu.host_link_gbps * 1e9) + (2 * o + g + p) / (gpu.host_optimizer_gbps * 1e9))
+    return local * OPTIMIZER_BYTES_PER_PARAM / sp.opt_bw
 
 
 def _zero3_floor(sp: _Space, sh: Sharding) -> float:
     """ZeRO-3 exposed time is a sum over layers; the slowest rank carries at least the mean."""
     costs = sp.priced(sh).costs
-    s = _probe(sh, sp.gb, zero_stage=3)
+    s = probe(sh, sp.gb, zero_stage=3)
     seen: dict[int, float] = {}
-    total = 0.0
     for i in range(sp.cm.num_layers):
-        c = costs[i]
-        if id(c) not in seen:
+        if id(costs[i]) not in seen:
             one = RankReport(0, [i], 0.0, 0.0, 0.0, {}, {}, 1.0)
-            seen[id(c)] = sp.cm._dp_time(s, one, costs, s.num_micro_batches)
-        total += seen[id(c)]
-    return total / sh.pp
+            seen[id(costs[i])] = sp.cm._dp_time(s, one, costs, s.num_micro_batches)
+    return sum(seen[id(costs[i])] for i in range(sp.cm.num_layers)) / sh.pp
 
 
 # ----- when nothing fits ------------------------------------------------------------------------
@@ -473,16 +475,14 @@ def closest(cm: CostModel, cons: Constraints, gb: int, tries: int = 4) -> Estima
     each with the most memory-saving knobs the constraints allow, priced exactly."""
     ranked = []
     for row in shardings(cm, cons, gb):
-        if not row:
+        knobs = knob_options(cm, cons, row[0], gb) if row else []   # row[0]: the smallest mbs
+        if not knobs:
             continue
-        sh = row[0]  # the smallest micro-batch
-        m = gb // (sh.dp * sh.mbs)
-        zs, scheds = zero_options(cons, sh), schedule_options(cm, cons, sh.pp, m)
-        if not zs or not scheds:
-            continue
-        sched, v = min(scheds, key=lambda x: min_in_flight(sh.pp, m, *x))
-        floor = floor_terms(cm, sh, cons.modes).bytes(cm, sh, max(zs), min_in_flight(sh.pp, m, sched, v))
-        ranked.append((floor, _probe(sh, gb, zero_stage=max(zs), schedule=sched, vpp=v, recompute=cons.modes[-1])))
+        sh, m = row[0], gb // (row[0].dp * row[0].mbs)
+        k = min(knobs, key=lambda x: (-x.zero, not x.offload, min_in_flight(sh.pp, m, x.schedule, x.vpp)))
+        floor = floor_terms(cm, sh, cons.modes).bytes(cm, sh, k.zero, k.offload,
+                                                      min_in_flight(sh.pp, m, k.schedule, k.vpp))
+        ranked.append((floor, probe(sh, gb, k, recompute=cons.modes[-1])))
     best = None
     for _, s in sorted(ranked, key=lambda x: x[0])[:tries]:
         try:

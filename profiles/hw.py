@@ -81,6 +81,10 @@ class GpuProfile(BaseModel):
         ..., ge=0, description="CUDA context + NCCL buffers + cuBLAS workspace, never available to tensors")
     usable_mem_fraction: float = Field(
         ..., gt=0, le=1, description="fraction of the rest the caching allocator can fill (fragmentation)")
+    host_link_gbps: float | None = Field(
+        None, gt=0, description="achievable GPU<->host copy bandwidth per GPU, GB/s per direction (PCIe)")
+    host_optimizer_gbps: float | None = Field(
+        None, gt=0, description="host memory bandwidth one GPU's share of the CPU gets for an offloaded Adam step")
     fused_elementwise: bool = Field(
         True, description="chains of elementwise ops run as one kernel (Megatron fused softmax / bias-GeLU / "
                           "bias-dropout-add, torch.compile); false for eager PyTorch on CPU")

@@ -4,12 +4,14 @@ codegen tests."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from autopar.codegen import runtime as rt
 from autopar.cost_models.strategy import Strategy
 from autopar.planner.plan import Plan, StageSpec
 from autopar.profiles.cluster import ClusterSpec, LinkClass
 from autopar.profiles.intake import preset
+from autopar.profiles.model_spec import ModelSpec
 from autopar.profiles.models import build_model
 
 SEQ_LEN = 32
@@ -37,22 +39,35 @@ def make_plan(model: str = "gpt-tiny", world: int = 2, strategy: str = "", nodes
                 stages=stage_specs, layer_recompute=layer_recompute or [], expert_placement=expert_placement)
 
 
-def tiny_spec(model: str, seq_len: int = SEQ_LEN, update: dict | None = None):
-    """A preset with max_seq_len = seq_len (and optional field overrides, e.g. tied embeddings)."""
+def tiny_spec(model: str, seq_len: int = SEQ_LEN, update: dict | None = None) -> ModelSpec:
+    """A preset with max_seq_len = seq_len (and optional field overrides, e.g. tied embeddings),
+    or a user factory ``pkg.mod:fn``."""
+    if ":" in model:
+        return ModelSpec(family="custom", name=model.split(":")[-1], factory=model, input_shape=[2, seq_len])
     return preset(model).model_copy(update={"max_seq_len": seq_len, **(update or {})})
 
 
 def reference_losses(model: str, steps: int = 3, seed: int = 0, seq_len: int = SEQ_LEN,
-                     global_batch: int = GLOBAL_BATCH, lr: float = LR, spec_update: dict | None = None) -> list[float]:
+                     global_batch: int = GLOBAL_BATCH, lr: float = LR, spec_update: dict | None = None,
+                     data: tuple[str, str] | None = None) -> list[float]:
     """One process, the whole batch at once: build_model(spec, 'cpu') + init_weights(seed),
-    the same synthetic data and AdamW hyper-parameters as the generated programs."""
+    the same data (synthetic, or ``data = (token file, dtype)``) and AdamW hyper-parameters
+    as the generated programs."""
     spec = tiny_spec(model, seq_len, spec_update)
-    net = build_model(spec, "cpu")
-    net.init_weights(seed)
+    if spec.family == "custom":  # a user module initialises itself
+        torch.manual_seed(seed)
+        net = build_model(spec, "cpu")
+    else:
+        net = build_model(spec, "cpu")
+        net.init_weights(seed)
+    vocab = spec.vocab or next(m for m in net.modules() if isinstance(m, nn.Embedding)).num_embeddings
     (opt,) = rt.make_optimizer([net], lr)
     out = []
     for step in range(1, steps + 1):
-        tokens = rt.synthetic_batch(seed, step, global_batch, seq_len, spec.vocab)
+        if data:
+            tokens = rt.token_file_batch(data[0], data[1], seed, step, global_batch, seq_len)
+        else:
+            tokens = rt.synthetic_batch(seed, step, global_batch, seq_len, vocab)
         loss = rt.lm_loss(net(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
         opt.step()
@@ -72,4 +87,44 @@ def parse_steps(text: str) -> dict[int, dict[str, float]]:
     return rows
 
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
+
+# ----- user modules (factories ``helpers_plans:tiny_custom_lm`` etc.) -----------------------
+class TinyBlock(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.up = nn.Linear(hidden, 4 * hidden)
+        self.down = nn.Linear(4 * hidden, hidden)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+class TinyCustomLM(nn.Module):
+    """A user language model with a block list (``blocks``) and its own initialisation."""
+
+    def __init__(self, vocab: int = 256, hidden: int = 32, layers: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.blocks = nn.ModuleList(TinyBlock(hidden) for _ in range(layers))
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def tiny_custom_lm() -> nn.Module:
+    return TinyCustomLM()
+
+
+def no_block_lm() -> nn.Module:
+    """No block list: codegen must refuse it at emit time."""
+    return nn.Sequential(nn.Embedding(256, 32), nn.Linear(32, 256))
+
+
+def image_model() -> nn.Module:
+    """Not a token language model: blocks, but no embedding."""
+    return nn.Sequential(nn.ModuleList([nn.Linear(8, 8)]), nn.Linear(8, 2))
