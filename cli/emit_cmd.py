@@ -30,4 +30,4 @@ def emit_command(
         table.add_row(str(f), str(f.stat().st_size))
     console = Console()
     console.print(table)
-    console.print(f"run: cd {out} && {launch_commands(p)[0]}")
+    console.print(f"run: cd {out} && {launch_commands(p)[0]}", soft_wrap=True, markup=False)

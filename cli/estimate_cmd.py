@@ -44,7 +44,7 @@ def estimate_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Option
     cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
                           profile, placement, trace, input_shape)
     if json_out:
-        c.print_json(estimate_dict(e))
+        c.print_json(estimate_dict(e, cm))
         return
     console = c.console()
     console.print(f"[bold]{cm.spec.short()}[/] on {cl.short()}, seq {cm.seq_len}, "
@@ -67,7 +67,7 @@ def memory_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Optional
                           profile, placement, trace, input_shape)
     fixes = [] if e.feasible else candidate_fixes(cm, s, e)
     if json_out:
-        out = estimate_dict(e)
+        out = estimate_dict(e, cm)
         out["fixes"] = [{"change": label, "peak_bytes": f.peak_bytes, "feasible": f.feasible,
                          "step_time_s": f.step_time_s} for label, f in fixes]
         c.print_json(out)

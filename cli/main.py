@@ -22,15 +22,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except Exception as exc:  # click (vendored by typer) usage errors and exits
+        code = getattr(exc, "exit_code", None)
+        if code is None:
+            raise
+        if hasattr(exc, "show"):
+            exc.show()  # a usage error: click prints "Usage: ... Error: ..."
+        sys.exit(code)
 
 
 if __name__ == "__main__":

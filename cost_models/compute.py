@@ -9,6 +9,7 @@ profile replaces the formula altogether (see ``OpTimer``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from autopar.profiles.hw import GpuProfile
@@ -28,9 +29,12 @@ def roofline_time(flops: float, bytes_rw: float, peak_flops: float, flop_eff: fl
 class OpTimer:
     """Prices ops on one device: measured table first, then fitted or datasheet curves.
 
-    ``measured`` maps an op signature (``signature(kind, dims, dtype)``) to seconds for
-    forward and backward; ``source`` names where the curves come from ("datasheet" for
-    a vendor profile, "fit" for curves fitted by ``autopar profile``).
+    ``measured`` maps an op signature (``signature(kind, dims, dtype)`` for one GEMM call,
+    ``op_signature(...)`` for a whole op of the captured graph) to seconds for forward and
+    backward; ``source`` names where the curves come from ("datasheet" for a vendor profile,
+    "fit" for curves fitted by ``autopar profile``). A measured profile (one with
+    ``measured_ops``) fills both by itself, so ``--gpu cpu`` prices from its measurements.
+    ``contention`` multiplies every time: ranks sharing CPU cores (see ``cpu_contention``).
     """
 
     gpu: GpuProfile
@@ -38,24 +42,43 @@ class OpTimer:
     measured: dict[str, tuple[float, float]] = field(default_factory=dict)
     source: str = "datasheet"
     hits: dict[str, int] = field(default_factory=lambda: {"measurement": 0, "fit": 0, "datasheet": 0})
+    contention: float = 1.0
 
     def __post_init__(self):
         prec = PRECISION.get(self.dtype, "bf16")
         self.peak = self.gpu.peak_flops(prec)
         self.bw = self.gpu.mem_bw_bytes_per_s
+        if self.gpu.measured_ops or self.gpu.meta.get("measured"):
+            self.source = "fit"  # the curves themselves were fitted to measurements
+            if not self.measured:
+                self.measured = {k: (v[0], v[1]) for k, v in self.gpu.measured_ops.items()}
+
+    def exact(self, sig: str | None) -> tuple[float, float] | None:
+        """Measured (forward, backward) seconds of a whole op at its captured shape, if profiled."""
+        hit = self.measured.get(sig) if sig and self.measured else None
+        if hit is None:
+            return None
+        self.hits["measurement"] += 1
+        return hit[0] * self.contention, hit[1] * self.contention
 
     def gemm(self, m: float, n: float, k: float, calls: float = 1.0) -> float:
         """Forward time of ``calls`` GEMMs of [m,k] x [k,n] (2mnk FLOPs each)."""
+        return self.gemm_fb(m, n, k, calls, 0.0)[0]
+
+    def gemm_fb(self, m: float, n: float, k: float, calls: float, bwd_ratio: float) -> tuple[float, float]:
+        """(forward, backward) of ``calls`` GEMMs: a measured call gives both; the curves give
+        the forward and backward = forward x ``bwd_ratio`` (the FLOP ratio)."""
         flops = 2.0 * m * n * k
         if flops <= 0:
-            return 0.0
+            return 0.0, 0.0
         hit = self._lookup("gemm", (round(m), round(n), round(k)))
         if hit is not None:
-            return hit[0] * calls
+            return hit[0] * calls * self.contention, hit[1] * calls * self.contention
         self.hits[self.source] += 1
         eff = self.gpu.eff("matmul_eff", flops)
         byts = self._dsize() * (m * k + k * n + m * n)
-        return calls * roofline_time(flops, byts, self.peak, eff, self.bw, self.gpu.eff("membound_eff", byts))
+        t = calls * roofline_time(flops, byts, self.peak, eff, self.bw, self.gpu.eff("membound_eff", byts))
+        return t * self.contention, t * self.contention * bwd_ratio
 
     def attention(self, flops: float, bytes_rw: float) -> float:
         """Fused attention kernel time (FlashAttention-style), one call of ``flops``."""
@@ -63,7 +86,8 @@ class OpTimer:
             return 0.0
         self.hits[self.source] += 1
         eff = self.gpu.eff("attention_eff", flops)
-        return roofline_time(flops, bytes_rw, self.peak, eff, self.bw, self.gpu.eff("membound_eff", max(bytes_rw, 1)))
+        t = roofline_time(flops, bytes_rw, self.peak, eff, self.bw, self.gpu.eff("membound_eff", max(bytes_rw, 1)))
+        return t * self.contention
 
     def membound(self, bytes_rw: float, flops: float = 0.0) -> float:
         """Elementwise / reduction op bounded by memory bandwidth."""
@@ -71,7 +95,7 @@ class OpTimer:
             return 0.0
         self.hits[self.source] += 1
         eff = self.gpu.eff("membound_eff", bytes_rw)
-        return roofline_time(flops, bytes_rw, self.peak, 1.0, self.bw, eff)
+        return roofline_time(flops, bytes_rw, self.peak, 1.0, self.bw, eff) * self.contention
 
     def _dsize(self) -> int:
         return 4 if self.dtype == "fp32" else 2
@@ -88,3 +112,20 @@ class OpTimer:
 def signature(kind: str, dims: tuple, dtype: str) -> str:
     """Key of a measured op: kind, shape and dtype (what ``autopar profile`` times)."""
     return f"{kind}:{'x'.join(str(int(d)) for d in dims)}:{dtype}"
+
+
+def op_signature(kind: str, in_shapes: list[list[int]], dtype: str, name: str = "") -> str:
+    """Key of one op of a captured graph at its captured shapes (what ``autopar profile`` times
+    and what ``OpTerm.sig`` holds): kind, input shapes, dtype; ops of kind ``other`` (reshape
+    copies, stack, repeat_interleave...) also carry their target, read from the node name."""
+    stem = "/" + re.sub(r"_\d+$", "", name) if kind == "other" and name else ""
+    shapes = ",".join("x".join(str(int(d)) for d in s) or "()" for s in in_shapes)
+    return f"{kind}{stem}:{shapes}:{dtype}"
+
+
+def cpu_contention(gpu: GpuProfile, ranks_per_node: int) -> float:
+    """Slowdown of every op when ranks share CPU cores: max(1, ranks * threads per rank / cores)
+    (time slicing; measured on the 2-core build machine, see docs/profiling.md). 1 for GPUs."""
+    if not gpu.cores:
+        return 1.0
+    return max(1.0, ranks_per_node * gpu.threads_per_rank / gpu.cores)

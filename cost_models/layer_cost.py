@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from autopar.cost_models.comm import CommFit, collective_time
-from autopar.cost_models.compute import OpTimer
+from autopar.cost_models.compute import OpTimer, cpu_contention
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
 from autopar.cost_models.strategy import Strategy
 from autopar.profiles.cluster import ClusterSpec
@@ -47,6 +47,7 @@ class LayerCost:
     temp_bytes: float = 0.0
     flops_fwd: float = 0.0               # model FLOPs of this layer on this rank (fwd)
     sources: dict[str, str] = field(default_factory=dict)
+    source_counts: dict[str, int] = field(default_factory=dict)  # ops priced per source (measurement/fit/...)
 
     def time(self, recompute: str) -> float:
         extra = self.recompute_comm_s if recompute == "full" else 0.0
@@ -67,6 +68,15 @@ class PricingContext:
     ep_cross_fraction: float | None = None  # measured share of routed tokens leaving the rank
     fits: list[CommFit] | None = None
 
+    def __post_init__(self):
+        """A measured hardware profile brings its own collective fits and, for CPU ranks that
+        share cores, the contention factor (the timer is the CostModel's: its optimizer step
+        slows the same way)."""
+        gpu = self.timer.gpu
+        if self.fits is None and gpu.comm_fits:
+            self.fits = [CommFit.model_validate(f) for f in gpu.comm_fits]
+        self.timer.contention = cpu_contention(gpu, self.cluster.gpus_per_node)
+
 
 def shards_for(s: Strategy) -> Shards:
     return Shards(tokens=s.micro_batch / s.cp, tp=s.tp, sp=s.sequence_parallel, expert_div=s.tp * s.cp)
@@ -74,6 +84,7 @@ def shards_for(s: Strategy) -> Shards:
 
 def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> LayerCost:
     sh = shards_for(s)
+    before = dict(ctx.timer.hits)
     fwd = bwd = attn_fwd = 0.0
     flops = 0.0
     for op in layer.ops:
@@ -96,20 +107,26 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         temp_bytes=layer.temp_bytes * sh.tokens / (s.tp if layer.kind == "output" else 1),
         flops_fwd=flops,
         sources={"compute": ctx.timer.source},
+        source_counts={k: v - before.get(k, 0) for k, v in ctx.timer.hits.items()},
     )
 
 
 def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext) -> tuple[float, float]:
-    """Forward and backward time of one op on one rank."""
+    """Forward and backward time of one op on one rank: the measured op when the strategy
+    leaves its captured shape unchanged, else the curves."""
     t = ctx.timer
     if op.kind == "gemm" and op.gemm is not None:
         m, n, k = _local_gemm(op, s, sh)
         calls = op.calls / s.ep if op.shard == "expert" else op.calls
         if op.batched:
             calls = calls * s.micro_batch / (sh.of(op.shard) if op.tp_dim == "calls" else 1)
-        f = t.gemm(m, n, k, calls)
-        return f, f * (op.bwd_flops / op.fwd_flops if op.fwd_flops else 2.0)
+        hit = t.exact(op.sig) if (m, n, k) == op.gemm and calls == op.calls else None
+        ratio = op.bwd_flops / op.fwd_flops if op.fwd_flops else 2.0
+        return hit or t.gemm_fb(m, n, k, calls, ratio)
     scale = sh.tokens / sh.of(op.shard)
+    hit = t.exact(op.sig) if scale == 1 else None
+    if hit is not None:
+        return hit
     if op.kind == "attention":
         f = t.attention(op.fwd_flops * scale, op.bytes_rw * scale)
         return f, f * (op.bwd_flops / op.fwd_flops if op.fwd_flops else 2.5)

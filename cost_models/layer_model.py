@@ -38,6 +38,7 @@ class OpTerm:
     tp_dim: Literal["n", "k", "calls"] = "n"  # what tensor parallel splits: n (column linear),
     #                                         k (row linear) or the batch of heads (attention bmm)
     batched: bool = False                 # batched matmul: calls scale with the micro-batch, m with 1/cp
+    sig: str | None = None                # op signature at the captured shape (measured-profile key)
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,8 @@ def saved_bytes(layer: LayerTemplate, sh: Shards, recompute: str) -> float:
     for t in layer.saved:
         if recompute == "selective" and t.attn_core:
             continue
-        scale = 1.0 if t.const else sh.tokens
-        total += t.bytes * scale / sh.of(t.shard)
+        # batch-independent tensors (the causal mask) neither scale nor shard
+        total += t.bytes if t.const else t.bytes * sh.tokens / sh.of(t.shard)
     return total
 
 

@@ -3,6 +3,7 @@ and find priced fixes for a strategy that does not fit."""
 
 from __future__ import annotations
 
+from autopar.cost_models.comm import collective_time
 from autopar.cost_models.estimate import CostModel, Estimate
 from autopar.cost_models.strategy import Strategy
 from autopar.errors import InputError
@@ -17,8 +18,9 @@ FLOPS_BASIS = {
 }
 
 
-def estimate_dict(e: Estimate) -> dict:
-    """The keys shared by ``estimate --json`` and the plans of ``plan --json``."""
+def estimate_dict(e: Estimate, cm: CostModel | None = None) -> dict:
+    """The keys shared by ``estimate --json`` and the plans of ``plan --json``; with the
+    ``CostModel`` that priced it, ``sources.terms`` says where every cost term came from."""
     worst = e.worst_rank
     return {
         "strategy": e.strategy.model_dump(),
@@ -47,8 +49,28 @@ def estimate_dict(e: Estimate) -> dict:
         "flops_basis": FLOPS_BASIS,
         "model_flops_per_step": e.model_flops,
         "hardware_flops_per_step": e.hardware_flops,
-        "sources": e.sources,
+        "sources": {**e.sources, "terms": term_sources(cm, e)} if cm is not None else e.sources,
     }
+
+
+def term_sources(cm: CostModel, e: Estimate) -> dict:
+    """Per cost term: compute as counts of op terms over all layers priced from a measured op
+    ("measurement"), fitted curves ("fit") or datasheet curves ("datasheet"); each collective
+    term "measurement" (a CommFit from profile-comm) or "datasheet" (link bandwidths)."""
+    s = e.strategy
+    counts = {"measurement": 0, "fit": 0, "datasheet": 0}
+    for c in cm.layer_costs(s).values():
+        for k, v in (c.source_counts if c is not None else {}).items():
+            counts[k] = counts.get(k, 0) + v
+    out: dict = {"compute": counts, "optimizer": cm.timer.source}
+    groups = {"tp_comm": ("all_gather" if s.sequence_parallel else "all_reduce", s.tp, 1),
+              "etp_comm": ("all_reduce", s.etp, 1), "cp_comm": ("p2p", s.cp, s.tp),
+              "ep_comm": ("all_to_all", s.ep, s.etp), "pp_comm": ("p2p", s.pp, s.world // s.pp),
+              "dp_comm": ("reduce_scatter" if s.zero_stage else "all_reduce", s.dp * s.cp, s.tp)}
+    for term, (kind, size, stride) in groups.items():
+        if e.time.get(term, 0.0) > 0 and size > 1:
+            out[term] = collective_time(kind, 1e6, size, stride, cm.cluster, fits=cm.ctx.fits).source
+    return out
 
 
 def overflow_bytes(e: Estimate) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from autopar.cost_models.compute import op_signature
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, SavedTerm, Shard
 from autopar.profiles.graph import capture
 from autopar.profiles.layer_stats import LayerGroup, OpCost, summarize
@@ -115,10 +116,18 @@ def _op(o: OpCost, section: str) -> OpTerm:
         return OpTerm(name=o.name, kind="gemm", shard=shard, fwd_flops=float(o.fwd_flops),
                       bwd_flops=float(o.bwd_flops), bytes_rw=float(o.bytes_rw),
                       gemm=tuple(float(x) for x in o.gemm_mnk), calls=float(o.gemm_batch), attn_core=attn_core,
-                      tp_dim=tp_dim, batched=batched)
+                      tp_dim=tp_dim, batched=batched, sig=_sig(o))
     kind = "attention" if o.kind == "sdpa" else "membound"
     return OpTerm(name=o.name, kind=kind, shard=shard, fwd_flops=float(o.fwd_flops), bwd_flops=float(o.bwd_flops),
-                  bytes_rw=float(o.bytes_rw), attn_core=attn_core)
+                  bytes_rw=float(o.bytes_rw), attn_core=attn_core, sig=_sig(o))
+
+
+def _sig(o: OpCost) -> str | None:
+    """The measured-profile key of an op as captured; fused chains and leaf sub-ops have none
+    (``autopar profile`` times fx nodes one by one)."""
+    if "+" in o.name or "." in o.name:
+        return None
+    return op_signature(o.kind, o.in_shapes, o.dtype, o.name)
 
 
 def _saved(name: str, nbytes: int, tags: list[str]) -> SavedTerm:

@@ -17,17 +17,25 @@ the all-to-all spreads them over ``G`` ranks; ``a2a_cost`` = time to move one to
 the time to compute it on one expert).
 
 Lower bound (valid for the chosen replica counts): ``a * sum_l LB_load_l + w * sum_l LB_cross_l``
-where each term is minimised alone, see ``experts_bound``.
+with each term minimised alone (``experts_ilp.lower_bound``). Methods: the exact ILP
+(``experts_ilp.solve_exact``) for small instances, the iterated local search of
+``experts_search`` for large ones; ``solve_placement`` picks and reports bound and gap.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from autopar.errors import InputError
+from autopar.fileio import write_atomic
 from autopar.profiles.routing import RoutingTrace
 
 
@@ -70,8 +78,10 @@ class Problem:
 
 
 def make_problem(trace: RoutingTrace, ep: int, replicas: int = 0, a2a_cost: float = 1.0,
-                 load_weight: float = 1.0, comm_weight: float | None = None) -> Problem:
-    """Validate sizes, pick replica counts (hot experts first) and resolve the weights."""
+                 load_weight: float = 1.0, comm_weight: float | None = None,
+                 copies: np.ndarray | None = None) -> Problem:
+    """Validate sizes, pick replica counts (hot experts first, unless ``copies`` is given)
+    and resolve the weights."""
     E = trace.num_experts
     if ep < 1:
         raise InputError(f"ep: {ep} must be >= 1")
@@ -85,8 +95,11 @@ def make_problem(trace: RoutingTrace, ep: int, replicas: int = 0, a2a_cost: floa
                          f"every rank holds the same number of experts, so choose --replicas so that it is")
     if replicas > E * (ep - 1):
         raise InputError(f"replicas: {replicas} is more than every expert on every rank; use at most {E * (ep - 1)}")
+    if a2a_cost < 0 or load_weight < 0:
+        raise InputError(f"weights: a2a_cost={a2a_cost} and load_weight={load_weight} must be >= 0")
     load = trace.load_array.astype(np.float64)
-    copies = np.stack([replica_counts(row, replicas, ep) for row in load])
+    if copies is None:
+        copies = np.stack([replica_counts(row, replicas, ep) for row in load])
     w = a2a_cost / (ep * trace.topk) if comm_weight is None else comm_weight
     return Problem(load=load, trans=trace.transitions_array.astype(np.float64), copies=copies, ep=ep,
                    topk=trace.topk, load_weight=load_weight, comm_weight=w)
@@ -168,250 +181,172 @@ def _deal(Xl: np.ndarray, ids: np.ndarray) -> None:
 
 
 
-# ----- scalable search -------------------------------------------------------------------
-def layer_gain(p: Problem, X: np.ndarray, l: int) -> np.ndarray:
-    """[E, G] transitions kept on rank r if layer l puts a copy of e there (neighbours fixed)."""
-    g = np.zeros((p.num_experts, p.ep))
-    if l > 0:
-        g += p.flow[l - 1].T @ X[l - 1]
-    if l < p.num_layers - 1:
-        g += p.flow[l] @ X[l + 1]
-    return g
 
+# ----- placement file --------------------------------------------------------------------
+class ExpertPlacement(BaseModel):
+    """Which expert copies each EP rank holds, per MoE layer, and how good that is.
 
-def lpt_layer(p: Problem, l: int) -> np.ndarray:
-    """Heaviest copy first onto the lightest rank with a free slot (no two copies on one rank)."""
-    Xl = np.zeros((p.num_experts, p.ep), dtype=bool)
-    fill, count = np.zeros(p.ep), np.zeros(p.ep, dtype=np.int64)
-    for e in np.argsort(-p.copy_load[l], kind="stable"):
-        for _ in range(p.copies[l, e]):
-            r = int(np.argmin(np.where((count < p.slots) & ~Xl[e], fill, np.inf)))
-            Xl[e, r] = True
-            fill[r] += p.copy_load[l, e]
-            count[r] += 1
-    return Xl
-
-
-def layer_objective(p: Problem, l: int, Xl: np.ndarray, gain: np.ndarray) -> float:
-    return float(p.load_weight * (p.copy_load[l] @ Xl).max() - p.comm_weight * (gain * Xl).sum())
-
-
-def solve_layer(p: Problem, l: int, gain: np.ndarray, milp_max_vars: int = 2048) -> np.ndarray:
-    """Placement of layer l given its neighbours: exact MILP when small, else assignment + swaps."""
-    from autopar.planner.experts_ilp import solve_layer_milp
-
-    if p.num_experts * p.ep <= milp_max_vars:
-        Xl = solve_layer_milp(p, l, gain)
-        if Xl is not None:
-            return Xl
-    return swap_descent(p, l, assign_layer(p, l, gain), gain)
-
-
-def assign_layer(p: Problem, l: int, gain: np.ndarray) -> np.ndarray:
-    """Max-gain assignment of copies to slots (Hungarian), then split duplicate copies."""
-    from scipy.optimize import linear_sum_assignment
-
-    items = np.repeat(np.arange(p.num_experts), p.copies[l])
-    slot_rank = np.repeat(np.arange(p.ep), p.slots)
-    rows, cols = linear_sum_assignment(-gain[items][:, slot_rank])
-    Xl = np.zeros((p.num_experts, p.ep), dtype=bool)
-    for e, r in zip(items[rows], slot_rank[cols]):
-        if Xl[e, r]:                          # a second copy on one rank: swap it elsewhere
-            r = _free_swap(Xl, e, r, gain)
-        Xl[e, r] = True
-    return Xl
-
-
-def _free_swap(Xl: np.ndarray, e: int, r: int, gain: np.ndarray) -> int:
-    """Move a copy of ``e`` from r (already holding e) by swapping with an expert elsewhere."""
-    for r2 in np.argsort(-gain[e]):
-        if r2 == r or Xl[e, r2]:
-            continue
-        movable = np.nonzero(Xl[:, r2] & ~Xl[:, r])[0]
-        if len(movable):
-            e2 = movable[np.argmax(gain[movable, r])]
-            Xl[e2, r2], Xl[e2, r] = False, True
-            return int(r2)
-    raise RuntimeError("no rank can take another copy")
-
-
-def swap_descent(p: Problem, l: int, Xl: np.ndarray, gain: np.ndarray, max_iter: int = 10_000) -> np.ndarray:
-    """Best-improvement swaps of two copies on different ranks (one layer, neighbours fixed)."""
-    c, a, w = p.copy_load[l], p.load_weight, p.comm_weight
-    for _ in range(max_iter):
-        e, r = np.nonzero(Xl)
-        load = c @ Xl
-        i, j = np.triu_indices(len(e), 1)
-        i, j = i[r[i] != r[j]], j[r[i] != r[j]]
-        ok = ~Xl[e[i], r[j]] & ~Xl[e[j], r[i]]
-        i, j = i[ok], j[ok]
-        d = c[e[j]] - c[e[i]]
-        new_max = _max_after(load[None, :], r[i][:, None], r[j][:, None], d[:, None])[:, 0]
-        delta = a * (new_max - load.max()) - w * (gain[e[i], r[j]] + gain[e[j], r[i]]
-                                                    - gain[e[i], r[i]] - gain[e[j], r[j]])
-        if len(delta) == 0 or delta.min() >= -1e-9:
-            return Xl
-        b = int(np.argmin(delta))
-        Xl[e[i[b]], r[i[b]]] = Xl[e[j[b]], r[j[b]]] = False
-        Xl[e[i[b]], r[j[b]]] = Xl[e[j[b]], r[i[b]]] = True
-    return Xl
-
-
-def _max_after(load: np.ndarray, r1: np.ndarray, r2: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Max rank load per (swap, layer) when ``d`` moves onto r1 and off r2.
-
-    ``load``: [L, G]; r1, r2: [P, 1] ranks; d: [P, L]. Uses the three largest loads per layer so
-    the max over the untouched ranks costs O(1) per swap.
+    ``assignment[l][r]`` lists the expert ids on rank ``r`` in MoE layer ``l`` (the layout of
+    ``Plan.expert_placement``); every rank holds ``(num_experts + replicas) / ep`` ids.
     """
-    L, G = load.shape
-    top = np.argsort(-load, axis=1)[:, : min(3, G)]
-    vals = np.take_along_axis(load, top, axis=1)
-    rest = np.full(np.broadcast_shapes(r1.shape, (1, L)), -np.inf)
-    for k in range(top.shape[1] - 1, -1, -1):
-        free = (top[None, :, k] != r1) & (top[None, :, k] != r2)
-        rest = np.where(free, vals[None, :, k], rest)
-    lr = np.arange(L)[None, :]
-    return np.maximum(rest, np.maximum(load[lr, r1] + d, load[lr, r2] - d))
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: Literal[1] = 1
+    ep: int = Field(..., ge=1)
+    num_experts: int = Field(..., ge=1)
+    num_layers: int = Field(..., ge=1)
+    replicas: int = Field(0, ge=0, description="extra copies per layer")
+    assignment: list[list[list[int]]]
+    objective: float = Field(0.0, description="load_term + comm_term")
+    load_term: float = Field(0.0, description="load_weight * sum_l max-rank load (tokens)")
+    comm_term: float = Field(0.0, description="comm_weight * cross_rank_tokens")
+    cross_rank_tokens: float = 0.0
+    load_weight: float = 1.0
+    comm_weight: float = 0.0
+    lower_bound: float = 0.0
+    gap: float = Field(0.0, description="(objective - lower_bound) / objective")
+    method: Literal["exact", "search", "given"] = "given"
+    solver: str = ""
+    solve_time_s: float = 0.0
+    meta: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExpertPlacement":
+        check_assignment(self.assignment, self.num_layers, self.ep, self.num_experts, self.replicas)
+        return self
+
+    def matrix(self) -> np.ndarray:
+        return to_matrix(self.assignment, self.num_experts)
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_atomic(Path(path), self.model_dump_json(indent=1))
+
+    @classmethod
+    def load_file(cls, path: str | os.PathLike) -> "ExpertPlacement":
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"placement: {p} does not exist; "
+                             f"write one with `autopar experts TRACE --ep G --out {p.name}`")
+        try:
+            return cls.model_validate(json.loads(p.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"placement: {p} is not valid JSON ({exc})") from None
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            raise InputError(f"placement: {p}: " + (f"field '{loc}': {msg}" if loc else msg)) from None
 
 
-def trajectories(p: Problem, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split each rank's copies into ``m`` chains across layers (max-flow matching per layer
-    pair inside the rank). Returns ``traj[t, l]`` expert ids and ``rank[t]``."""
-    from scipy.optimize import linear_sum_assignment
-
-    L, G, m = p.num_layers, p.ep, p.slots
-    traj = np.zeros((G * m, L), dtype=np.int64)
-    for r in range(G):
-        cur = np.nonzero(X[0, :, r])[0]
-        traj[r * m:(r + 1) * m, 0] = cur
-        for l in range(L - 1):
-            nxt = np.nonzero(X[l + 1, :, r])[0]
-            _, cols = linear_sum_assignment(-p.flow[l][np.ix_(cur, nxt)])
-            cur = nxt[cols]
-            traj[r * m:(r + 1) * m, l + 1] = cur
-    return traj, np.repeat(np.arange(G), m)
-
-
-def trajectory_swaps(p: Problem, X: np.ndarray, deadline: float) -> np.ndarray:
-    """Swap whole chains between ranks: balances every layer's load without breaking the
-    chains' own transitions (the moves one-layer steps cannot make)."""
-    traj, rank = trajectories(p, X)
-    T, L = traj.shape
-    Q = sum(p.flow[l][np.ix_(traj[:, l], traj[:, l + 1])] for l in range(L - 1)) if L > 1 else np.zeros((T, T))
-    Qs = Q + Q.T
-    cl = p.copy_load[np.arange(L)[None, :], traj]                     # [T, L]
-    i, j = np.triu_indices(T, 1)
-    while time.perf_counter() < deadline:
-        move = _best_chain_swap(p, X, traj, rank, Qs, cl, i, j)
-        if move is None:
-            break
-        t1, t2 = move
-        rank[t1], rank[t2] = rank[t2], rank[t1]
-        X = _chains_to_matrix(p, traj, rank)
-    return X
+def check_assignment(assignment, num_layers: int, ep: int, num_experts: int, replicas: int) -> None:
+    """Shape, id range, one copy per rank, every expert present, equal counts (ValueError)."""
+    per_rank = (num_experts + replicas) // ep
+    if (num_experts + replicas) % ep:
+        raise ValueError(f"num_experts + replicas = {num_experts + replicas} is not divisible by ep={ep}")
+    if len(assignment) != num_layers:
+        raise ValueError(f"assignment has {len(assignment)} layers, expected num_layers={num_layers}")
+    for l, ranks in enumerate(assignment):
+        if len(ranks) != ep:
+            raise ValueError(f"assignment[{l}] has {len(ranks)} ranks, expected ep={ep}")
+        for r, ids in enumerate(ranks):
+            if len(ids) != per_rank or len(set(ids)) != len(ids):
+                raise ValueError(f"assignment[{l}][{r}] must hold {per_rank} distinct expert ids, got {ids}")
+            if any(not 0 <= e < num_experts for e in ids):
+                raise ValueError(f"assignment[{l}][{r}] has an id outside 0..{num_experts - 1}: {ids}")
+        missing = set(range(num_experts)) - {e for ids in ranks for e in ids}
+        if missing:
+            raise ValueError(f"assignment[{l}] places no copy of experts {sorted(missing)[:8]}")
 
 
-def _best_chain_swap(p, X, traj, rank, Qs, cl, i, j):
-    G, L = p.ep, p.num_layers
-    onehot = np.eye(G)[rank]
-    H = Qs @ onehot - np.diag(Qs)[:, None] * onehot                   # [T, G] links with rank r
-    load = np.einsum("tl,tg->lg", cl, onehot)                           # [L, G]
-    sel = rank[i] != rank[j]
-    i, j = i[sel], j[sel]
-    r1, r2 = rank[i], rank[j]
-    lr = np.arange(L)[None, :]
-    ok = ~((X[lr, traj[i], r2[:, None]] & (traj[i] != traj[j])).any(1)
-           | (X[lr, traj[j], r1[:, None]] & (traj[i] != traj[j])).any(1))
-    i, j, r1, r2 = i[ok], j[ok], r1[ok], r2[ok]
-    if len(i) == 0:
-        return None
-    d = cl[j] - cl[i]
-    dmax = (_max_after(load, r1[:, None], r2[:, None], d) - load.max(axis=1)[None, :]).sum(1)
-    dcoloc = H[i, r2] + H[j, r1] - H[i, r1] - H[j, r2] - 2 * Qs[i, j]
-    delta = p.load_weight * dmax - p.comm_weight * dcoloc
-    b = int(np.argmin(delta))
-    return (int(i[b]), int(j[b])) if delta[b] < -1e-9 else None
+# ----- solving ---------------------------------------------------------------------------
+EXACT_MAX_BINARIES = 256     # x variables; the exact ILP proves optimality quickly below this
 
 
-def _chains_to_matrix(p: Problem, traj: np.ndarray, rank: np.ndarray) -> np.ndarray:
-    X = np.zeros((p.num_layers, p.num_experts, p.ep), dtype=bool)
-    for l in range(p.num_layers):
-        X[l, traj[:, l], rank] = True
-    return X
+def solve_placement(trace: RoutingTrace, ep: int, replicas: int = 0, method: str = "auto",
+                    time_limit_s: float = 60.0, solver: str | None = None, a2a_cost: float = 1.0,
+                    seed: int = 0, restarts: int = 20, target_gap: float = 0.0) -> ExpertPlacement:
+    """Place every layer's experts on ``ep`` ranks; report objective, lower bound and gap.
+
+    ``method``: ``exact`` (pulp ILP), ``search`` (iterated local search + combinatorial bound)
+    or ``auto`` (exact when at most EXACT_MAX_BINARIES placement variables, else search).
+    ``time_limit_s`` bounds the whole call (bound + search, or the ILP).
+    """
+    from autopar.planner import experts_ilp, experts_search
+
+    t0 = time.perf_counter()
+    p = make_problem(trace, ep, replicas, a2a_cost=a2a_cost)
+    solver = solver or _default_solver()
+    if method == "auto":
+        method = "exact" if p.num_layers * p.num_experts * p.ep <= EXACT_MAX_BINARIES else "search"
+    if method not in ("exact", "search"):
+        raise InputError(f"method: '{method}' is not one of auto, exact, search")
+    lb = experts_ilp.lower_bound(p)[0]
+    if method == "exact":
+        res = experts_ilp.solve_exact(p, max(1.0, time_limit_s - (time.perf_counter() - t0)), solver)
+        if res.X is None:
+            raise InputError(f"experts: the ILP found no placement in {time_limit_s:.0f} s ({res.status}); "
+                             f"raise --time-limit or use --method search")
+        X, lb, used = res.X, max(lb, res.bound), f"pulp-{solver}"
+    else:
+        stop = lb / (1.0 - target_gap) if target_gap < 1 else np.inf
+        X, _log = experts_search.search(p, max(0.0, time_limit_s - (time.perf_counter() - t0)),
+                                        restarts=restarts, seed=seed, stop_at=stop)
+        used = "local-search+scipy-highs"
+    return _placement(p, X, lb, method, used, time.perf_counter() - t0, replicas, trace, a2a_cost)
 
 
-def search(p: Problem, time_limit_s: float = 60.0, restarts: int = 20, seed: int = 0,
-           stop_at: float = -np.inf) -> tuple[np.ndarray, dict]:
-    """Iterated local search. Start: chain construction (layer 0 balanced, each next layer
-    solved given the previous). Descent: one-layer re-solves and chain swaps until neither
-    improves. Then ``restarts`` times: kick the best placement with random swaps and descend
-    again. Stops early at the time limit or once the objective reaches ``stop_at`` (a bound)."""
-    deadline = time.perf_counter() + time_limit_s
-    rng = np.random.default_rng(seed)
-    X, best = _descend(p, construct(p), deadline)
-    log = {"construct+descent": best}
-    stall = 0
-    for it in range(restarts):
-        if time.perf_counter() >= deadline or best <= stop_at + 1e-9 * max(1.0, abs(best)):
-            break
-        Y, f = _descend(p, kick(p, X, rng), deadline)
-        if f < best - 1e-9 * max(1.0, abs(best)):
-            X, best, stall = Y, f, 0
-            log[f"restart{it}"] = best
-        else:
-            stall += 1
-    log["restarts_run"] = it + 1 if restarts else 0
-    return X, log
+def _default_solver() -> str:
+    try:
+        import highspy  # noqa: F401
+        return "highs"
+    except ImportError:
+        return "cbc"
 
 
-def construct(p: Problem) -> np.ndarray:
-    X = np.zeros((p.num_layers, p.num_experts, p.ep), dtype=bool)
-    X[0] = lpt_layer(p, 0)
-    for l in range(1, p.num_layers):
-        X[l] = solve_layer(p, l, p.flow[l - 1].T @ X[l - 1])
-    return X
+def _placement(p: Problem, X: np.ndarray, lb: float, method: str, solver: str, dt: float,
+               replicas: int, trace: RoutingTrace, a2a_cost: float) -> ExpertPlacement:
+    ev = evaluate(p, X)
+    load_term = p.load_weight * float(ev.max_load.sum())
+    comm_term = p.comm_weight * float(ev.cross.sum())
+    lb = min(lb, ev.objective)                  # guards float noise: a bound never exceeds a solution
+    return ExpertPlacement(
+        ep=p.ep, num_experts=p.num_experts, num_layers=p.num_layers, replicas=replicas,
+        assignment=to_assignment(X), objective=ev.objective, load_term=load_term, comm_term=comm_term,
+        cross_rank_tokens=float(ev.cross.sum()), load_weight=p.load_weight, comm_weight=p.comm_weight,
+        lower_bound=lb, gap=(ev.objective - lb) / ev.objective if ev.objective > 0 else 0.0,
+        method=method, solver=solver, solve_time_s=dt,
+        meta=dict(a2a_cost=a2a_cost, topk=trace.topk, tokens=trace.tokens, trace=trace.meta))
 
 
-def kick(p: Problem, X: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random valid swaps of two copies in random layers (about one per 8 experts)."""
-    X = X.copy()
-    for _ in range(max(2, p.num_experts // 8)):
-        l = int(rng.integers(p.num_layers))
-        e, r = np.nonzero(X[l])
-        a, b = rng.choice(len(e), size=2, replace=False)
-        if r[a] != r[b] and not X[l, e[a], r[b]] and not X[l, e[b], r[a]]:
-            X[l, e[a], r[a]] = X[l, e[b], r[b]] = False
-            X[l, e[a], r[b]] = X[l, e[b], r[a]] = True
-    return X
+# ----- statistics (report and cost model) --------------------------------------------------
+def placement_stats(trace: RoutingTrace, placement: ExpertPlacement | np.ndarray,
+                    bytes_per_token: float, a2a_cost: float = 1.0) -> dict:
+    """Traffic and balance of a placement on a trace (what the report and cost model read).
 
-
-def _descend(p: Problem, X: np.ndarray, deadline: float, max_rounds: int = 50) -> tuple[np.ndarray, float]:
-    best = evaluate(p, X).objective
-    for rnd in range(max_rounds):
-        start = best
-        X, best = _layer_sweep(p, X, best, reverse=rnd % 2 == 1, deadline=deadline)
-        if time.perf_counter() < deadline:
-            X2 = trajectory_swaps(p, X, deadline)
-            f2 = evaluate(p, X2).objective
-            if f2 < best - 1e-9 * max(1.0, abs(best)):
-                X, best = X2, f2
-        if best > start - 1e-9 * max(1.0, abs(start)) or time.perf_counter() >= deadline:
-            break
-    return X, best
-
-
-def _layer_sweep(p: Problem, X: np.ndarray, best: float, reverse: bool, deadline: float):
-    order = range(p.num_layers - 1, -1, -1) if reverse else range(p.num_layers)
-    for l in order:
-        if time.perf_counter() >= deadline:
-            break
-        gain = layer_gain(p, X, l)
-        Xl = solve_layer(p, l, gain)
-        if layer_objective(p, l, Xl, gain) < layer_objective(p, l, X[l], gain) - 1e-9:
-            old, X[l] = X[l], Xl
-            f = evaluate(p, X).objective
-            if f < best:
-                best = f
-            else:
-                X[l] = old
-    return X, best
+    ``cross_rank_tokens``: transitions l -> l+1 that change rank (k*k pairs per token);
+    ``a2a_bytes_per_rank_max/mean``: bytes each rank sends over all layer transitions, one token
+    copy (``bytes_per_token``) per ``k`` pairs; ``max_load_ratio``: sum over layers of the
+    busiest rank's load over the sum of mean loads (1 = perfectly balanced, the factor by which
+    expert compute stretches); ``cross_fraction``: cross_rank_tokens over all transitions.
+    """
+    X = placement.matrix() if isinstance(placement, ExpertPlacement) else placement
+    if X.shape[:2] != (trace.num_layers, trace.num_experts):
+        raise InputError(f"placement: {X.shape[0]} layers x {X.shape[1]} experts does not match the trace "
+                         f"({trace.num_layers} x {trace.num_experts})")
+    p = make_problem(trace, X.shape[2], int(X.sum(axis=(1, 2))[0]) - trace.num_experts,
+                     a2a_cost=a2a_cost, copies=X.sum(axis=2))
+    ev = evaluate(p, X)
+    sent_bytes = ev.sent.sum(axis=0) / trace.topk * bytes_per_token
+    mean_load = p.load.sum(axis=1) / p.ep
+    total = float(p.trans.sum())
+    return dict(
+        cross_rank_tokens=float(ev.cross.sum()),
+        cross_fraction=float(ev.cross.sum() / total) if total else 0.0,
+        a2a_bytes_per_rank_max=float(sent_bytes.max()) if len(sent_bytes) else 0.0,
+        a2a_bytes_per_rank_mean=float(sent_bytes.mean()) if len(sent_bytes) else 0.0,
+        max_load_ratio=float(ev.max_load.sum() / mean_load.sum()) if mean_load.sum() else 1.0,
+        worst_layer_load_ratio=float((ev.max_load / np.maximum(mean_load, 1e-12)).max()),
+        objective=ev.objective,
+        rank_load=ev.rank_load.tolist(),
+    )

@@ -206,13 +206,19 @@ def schedule_options(cm: CostModel, cons: Constraints, pp: int, m: int) -> list[
     return [(s, v) for s, v in out if cons.ok("schedule", s) and cons.ok("vpp", v)]
 
 
-def knob_options(cm: CostModel, cons: Constraints, sh: Sharding, gb: int) -> list[Knobs]:
+def knob_options(cm: CostModel, cons: Constraints, sh: Sharding, gb: int, cache: dict | None = None) -> list[Knobs]:
     reduced = sh.dp * sh.cp > 1 or sh.edp > 1
+    m = gb // (sh.dp * sh.mbs)
+    key = (reduced, sh.pp, m)
+    if cache is not None and key in cache:
+        return cache[key]
     zeros = [z for z in (range(4) if reduced else [0]) if cons.ok("zero_stage", z)]
     host = bool(cm.gpu.host_link_gbps and cm.gpu.host_optimizer_gbps)
     offs = [x for x in ([False, True] if host else [False]) if cons.ok("offload_optimizer", x)]
-    scheds = schedule_options(cm, cons, sh.pp, gb // (sh.dp * sh.mbs))
-    return [Knobs(z, o, s, v) for z in zeros for o in offs for s, v in scheds]
+    out = [Knobs(z, o, s, v) for z in zeros for o in offs for s, v in schedule_options(cm, cons, sh.pp, m)]
+    if cache is not None:
+        cache[key] = out
+    return out
 
 
 # ----- bounds -----------------------------------------------------------------------------------
@@ -240,30 +246,61 @@ class Floor:
     dense: float     # parameters of every layer on its pipeline rank (tp-sharded), summed
     expert: float
     act: float       # smallest saved activations per micro-batch the allowed recompute gives
+    act_none: float  # saved activations per micro-batch without recompute
     temps: float
+    saves: tuple     # per block template: (layers, {mode: bytes one layer saves per micro-batch})
+
+    def states(self, cm: CostModel, sh: Sharding, zero: int, offload: bool) -> float:
+        ds = model_state_bytes(self.dense, cm.dtype, zero, sh.dp * sh.cp)
+        es = model_state_bytes(self.expert, cm.dtype, zero, sh.edp)
+        return ds.total + es.total - (ds.optimizer + es.optimizer if offload else 0.0)
 
     def bytes(self, cm: CostModel, sh: Sharding, zero: int, offload: bool, in_flight: float) -> float:
         """Mean over pipeline ranks of states + activations: the most loaded rank holds at least this."""
-        ds = model_state_bytes(self.dense, cm.dtype, zero, sh.dp * sh.cp)
-        es = model_state_bytes(self.expert, cm.dtype, zero, sh.edp)
-        states = ds.total + es.total - (ds.optimizer + es.optimizer if offload else 0.0)
-        return (states + self.act * in_flight + self.temps) / sh.pp
+        return (self.states(cm, sh, zero, offload) + self.act * in_flight + self.temps) / sh.pp
+
+    def recompute_time(self, cm: CostModel, sh: Sharding, k: Knobs, in_flight: float, usable: float,
+                       rc: list[dict]) -> float:
+        """Least recompute time per micro-batch (all ranks together) that brings the mean rank
+        under ``usable``: a fractional knapsack over the block templates (``rc``: extra time of
+        one layer per mode), a relaxation of ``recompute.choose`` summed over ranks."""
+        room = (sh.pp * usable - self.states(cm, sh, k.zero, k.offload) - self.temps) / in_flight
+        need = self.act_none - room
+        if need <= 0:
+            return 0.0
+        offers = []
+        for (n, saves), times in zip(self.saves, rc):
+            useful = [(times[m] / b, b) for m, b in saves.items() if b > 0]
+            if useful:   # cheapest rate, most bytes: looser than any real mode choice
+                offers.append((min(r for r, _ in useful), n * max(b for _, b in useful)))
+        extra = 0.0
+        for rate, cap in sorted(offers):
+            take = min(cap, need)
+            extra, need = extra + rate * take, need - take
+            if need <= 0:
+                break
+        return extra
 
 
 def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...]) -> Floor:
     """Same formulas as ``layer_cost.price_layer`` for parameters and ``layer_model.saved_bytes``."""
     shards = shards_for(probe(sh, 0))
-    dense = expert = act = temps = 0.0
+    dense = expert = act = act_none = temps = 0.0
+    saves = []
     for t in cm.templates:
         n = len(t.indices) if t.kind == "block" else 1
         dense += n * ((t.params_tp + t.params_vocab) / sh.tp + t.params_rep)
         expert += n * t.params_expert / (sh.ep * sh.etp)
+        none = saved_bytes(t, shards, "none")
+        act_none += n * none
         if t.kind == "block":
-            act += n * min(saved_bytes(t, shards, k) for k in modes)
+            by_mode = {k: saved_bytes(t, shards, k) for k in modes}
+            act += n * min(by_mode.values())
+            saves.append((n, {k: none - b for k, b in by_mode.items() if k != "none"}))
         else:
-            act += saved_bytes(t, shards, "none")
+            act += none
             temps += t.temp_bytes * shards.tokens / (sh.tp if t.kind == "output" else 1)
-    return Floor(dense, expert, act, temps)
+    return Floor(dense, expert, act, act_none, temps, tuple(saves))
 
 
 def min_in_flight(pp: int, m: int, schedule: str, v: int) -> float:
@@ -289,6 +326,7 @@ class Priced:
     total_no_cp: float  # the same without context-parallel exposure (bounds smaller micro-batches)
     min_block: float    # the fastest transformer block
     params: tuple[float, float]   # (dense, expert) parameters of the blocks on their ranks
+    rc: list[dict]      # per block template: extra backward time of one layer per recompute mode
 
 
 # ----- the search -------------------------------------------------------------------------------
@@ -303,6 +341,7 @@ class _Space:
         self.queue: list[tuple] = []
         self.pushes = 0           # tie-breaker: equal bounds leave the queue in insertion order
         self.shared: dict = {}    # caches the partition DP reuses across configurations
+        self.knob_cache: dict = {}
         # the optimizer step streams at best at the highest HBM efficiency of the profile
         self.opt_bw = cm.timer.bw * max(e for _, e in cm.timer.gpu.membound_eff.root)
 
@@ -324,9 +363,11 @@ class _Space:
             blocks = [costs[i] for i in range(self.cm.num_layers)]
             parts = blocks + [c for c in (costs["embedding"], costs["output"]) if c]
             total = sum(c.time("none") for c in parts)
+            rc = [{m: costs[t.indices[0]].time(m) - costs[t.indices[0]].time("none") for m in RECOMPUTE_MODES}
+                  for t in self.cm.templates if t.kind == "block"]
             self.prices[key] = Priced(costs, total, total - sum(c.comm_s.get("cp", 0.0) for c in parts),
                                       min(c.time("none") for c in blocks),
-                                      (sum(c.params_dense for c in blocks), sum(c.params_expert for c in blocks)))
+                                      (sum(c.params_dense for c in blocks), sum(c.params_expert for c in blocks)), rc)
         return self.prices[key]
 
 
@@ -391,13 +432,13 @@ def _fill(sp: _Space) -> None:
     stats, rows = sp.stats, []
     for row in shardings(sp.cm, sp.cons, sp.gb):
         for j, sh in enumerate(row):
-            knobs = knob_options(sp.cm, sp.cons, sh, sp.gb)
+            knobs = knob_options(sp.cm, sp.cons, sh, sp.gb, sp.knob_cache)
             stats.space += len(knobs)
             if not knobs:
                 continue
             z, off = max(k.zero for k in knobs), any(k.offload for k in knobs)
             if sp.floor(sh).bytes(sp.cm, sh, z, off, 1.0) > sp.usable:
-                rest = sum(len(knob_options(sp.cm, sp.cons, x, sp.gb)) for x in row[j + 1:])
+                rest = sum(len(knob_options(sp.cm, sp.cons, x, sp.gb, sp.knob_cache)) for x in row[j + 1:])
                 stats.space += rest
                 stats.pruned_memory += len(knobs) + rest
                 break  # a larger micro-batch only needs more memory
@@ -411,10 +452,14 @@ def _fill(sp: _Space) -> None:
         key = (sh.tp, sh.cp, sh.ep, sh.etp, sh.sp)
         if key not in biggest or sh.mbs > biggest[key].mbs:
             biggest[key] = sh
-    rate = {key: sp.priced(sh).total_no_cp / sh.mbs for key, sh in biggest.items()}
+    probes = {key: (sp.priced(sh), sh.mbs) for key, sh in biggest.items()}
     for sh, knobs in rows:
-        total = sh.mbs * rate[(sh.tp, sh.cp, sh.ep, sh.etp, sh.sp)]
-        sp.push(min(_pipeline_bound(sp, sh, k, total) for k in knobs), "row", sh, knobs)
+        pr, b = probes[(sh.tp, sh.cp, sh.ep, sh.etp, sh.sp)]
+        total, rc = pr.total_no_cp * sh.mbs / b, [{m: t * sh.mbs / b for m, t in x.items()} for x in pr.rc]
+        best = Knobs(max(k.zero for k in knobs), any(k.offload for k in knobs), "1f1b", 1)
+        extra = sp.floor(sh).recompute_time(sp.cm, sh, best, 1.0, sp.usable, rc)
+        scheds = {Knobs(0, False, k.schedule, k.vpp) for k in knobs}   # zero and offload add nothing here
+        sp.push(min(_pipeline_bound(sp, sh, k, total + extra) for k in scheds), "row", sh, knobs)
 
 
 def _pipeline_bound(sp: _Space, sh: Sharding, k: Knobs, total: float, p2p: float = 0.0,
@@ -437,11 +482,13 @@ def _expand_row(sp: _Space, sh: Sharding, knobs: list[Knobs]) -> None:
     p2p = cm._p2p_time(probe(sh, sp.gb)) if sh.pp > 1 else 0.0
     floor = sp.floor(sh)
     for k in knobs:
-        if floor.bytes(cm, sh, k.zero, k.offload, min_in_flight(sh.pp, m, k.schedule, k.vpp)) > sp.usable:
+        in_flight = min_in_flight(sh.pp, m, k.schedule, k.vpp)
+        if floor.bytes(cm, sh, k.zero, k.offload, in_flight) > sp.usable:
             stats.pruned_memory += 1
             continue
         stats.enumerated += 1
-        lb = _pipeline_bound(sp, sh, k, pr.total, p2p, pr.min_block) + _optimizer_floor(sp, sh, k, pr)
+        extra = floor.recompute_time(cm, sh, k, in_flight, sp.usable, pr.rc)
+        lb = _pipeline_bound(sp, sh, k, pr.total + extra, p2p, pr.min_block) + _optimizer_floor(sp, sh, k, pr)
         sp.push(lb, "config", sh, k)
 
 

@@ -92,6 +92,15 @@ class GpuProfile(BaseModel):
     membound_eff: EffCurve
     attention_eff: EffCurve
     sources: dict[str, str] = Field(..., description="field -> where its value comes from")
+    # ----- written by `autopar profile` / `autopar profile-comm` (measured profiles only) -----
+    cores: int | None = Field(None, ge=1, description="CPU cores the ranks of one node share (None: a GPU)")
+    threads_per_rank: int = Field(1, ge=1, description="torch intra-op threads of one rank (CPU)")
+    measured_ops: dict[str, list[float]] = Field(
+        default_factory=dict, description="op signature -> [forward s, backward s, relative spread]")
+    comm_fits: list[dict] = Field(
+        default_factory=list, description="measured collective fits (cost_models.comm.CommFit fields)")
+    meta: dict = Field(default_factory=dict, description="how it was measured: device, torch, dtype, "
+                                                         "threads, date, command")
 
     @model_validator(mode="after")
     def _check_sources(self) -> GpuProfile:

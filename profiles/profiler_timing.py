@@ -115,30 +115,22 @@ def time_fwd_bwd(fwd: Callable[[], object], fwd_bwd: Callable[[], object] | None
     return OpTiming(f.median_s, bwd, max(f.spread, fb.spread), f.samples + fb.samples)
 
 
-def grad_runner(fn: Callable[..., object], inputs: list, grad_outs: list | None = None):
-    """(forward closure, forward+backward closure or None) of ``fn(*inputs)``; the backward
-    differentiates w.r.t. every input that requires grad and every parameter ``fn`` owns
-    (``fn.parameters()`` when it is a module)."""
-    wrt = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
-    if isinstance(fn, torch.nn.Module):
-        wrt += [p for p in fn.parameters() if p.requires_grad]
-
-    def fwd():  # with autograd on, as in training: the forward records its graph
-        return fn(*inputs)
-
+def grad_runner(call: Callable[[], object], wrt: list[torch.Tensor]):
+    """(forward closure, forward+backward closure or None) of ``call()``; the backward
+    differentiates the outputs that require grad w.r.t. ``wrt`` (inputs and parameters)."""
     if not wrt:
-        return fwd, None
-    probe = _tensors(fn(*inputs))
+        return call, None
+    probe = _tensors(call())
     outs_idx = [i for i, t in enumerate(probe) if t.requires_grad]
     if not outs_idx:
-        return fwd, None
-    grads = grad_outs or [torch.randn_like(probe[i]) for i in outs_idx]
+        return call, None
+    grads = [torch.randn_like(probe[i]) for i in outs_idx]
 
     def fwd_bwd():
-        outs = _tensors(fn(*inputs))
+        outs = _tensors(call())
         return torch.autograd.grad([outs[i] for i in outs_idx], wrt, grads, allow_unused=True)
 
-    return fwd, fwd_bwd
+    return call, fwd_bwd
 
 
 def _tensors(value) -> list[torch.Tensor]:
