@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 
 # Importing a command module registers its commands on ``app``.
-from autopar.cli import estimate_cmd, inspect_cmd  # noqa: F401
-from autopar.cli import emit_cmd  # noqa: F401
+from autopar.cli import emit_cmd, estimate_cmd, inspect_cmd  # noqa: F401
 from autopar.cli.app import app
 from autopar.errors import AutoparError
 

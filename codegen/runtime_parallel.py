@@ -223,8 +223,7 @@ def apply_dp(model: nn.Module, mesh: ParallelMesh, zero_stage: int = 0, tp: int 
 
     Returns the module to train (DDP returns a wrapper). Expert parameters under expert
     parallel are replicated only over ``edp`` ranks: FSDP2 shards them over the ``edp`` mesh
-    with a gradient divide factor of dp*cp; DDP ignores them and ``sync_grads`` all-reduces
-    them over ``edp``."""
+    (when edp > 1); DDP and ``replicate`` leave them out. ``sync_grads`` finishes them."""
     experts = [m for m in model.modules() if getattr(m, "ep_group", None) is not None]
     mode = dp_mode(zero_stage, mesh.size("dp_cp"), tp > 1, bool(experts), pipeline)
     if mode == "none":
@@ -271,7 +270,8 @@ def _apply_ddp(model: nn.Module, mesh: ParallelMesh, experts: list) -> nn.Module
     if any(p.device.type == "meta" for p in model.parameters()):
         raise RuntimeError("DDP wraps a materialized module: call apply_dp after materialize")
     if experts:  # expert shards differ across ep ranks: DDP must not average them
-        names = [n for n, p in model.named_parameters() if p in _expert_params(model)]
+        keep = _expert_params(model)
+        names = [n for n, p in model.named_parameters() if p in keep]
         DDP._set_params_and_buffers_to_ignore_for_model(model, names)
         for ex in experts:
             ex.sync_outside_dp = True
@@ -288,33 +288,43 @@ def model_device(model: nn.Module) -> torch.device:
 
 # ----- gradients no wrapper owns --------------------------------------------------------
 def sync_grads(parts: list[nn.Module], mesh: ParallelMesh) -> None:
-    """Finish gradients that DDP/FSDP do not own. Expert weights are replicated over ``edp``
-    ranks only but receive gradients from the tokens of all dp*cp ranks: kept local, they are
-    summed over ``edp`` and divided by dp*cp (what data parallel averaging means for them);
-    sharded by FSDP over ``edp`` (which averages over edp), they are scaled by edp/(dp*cp)
-    = 1/ep. Embeddings tied across the two ends of a pipeline: summed over the stage pair."""
-    n = mesh.size("dp_cp")
+    """Finish the gradients DDP/FSDP do not own (call after backward, before the optimizer).
+
+    Expert weights are replicated over ``edp`` ranks only but receive gradients from the
+    tokens of all dp*cp ranks: kept out of DDP/FSDP, they are summed over ``edp`` and divided
+    by dp*cp (what data-parallel averaging means for them); sharded by FSDP over ``edp``
+    (which averages over edp), they are scaled by edp/(dp*cp) = 1/ep (FSDP's
+    ``set_gradient_divide_factor`` would do this but needs PREMUL_SUM, which gloo lacks).
+    Embeddings tied across the two ends of a pipeline are summed over the stage pair."""
     for part in parts:
-        inner = getattr(part, "module", part)
+        inner = getattr(part, "module", part)  # DDP wraps
         for mod in inner.modules():
-            if getattr(mod, "grad_rescale", None) is not None:  # (set_gradient_divide_factor needs
-                for p in mod.parameters():                      # PREMUL_SUM, which gloo lacks)
-                    if p.grad is not None:
-                        p.grad.mul_(mod.grad_rescale)
+            if getattr(mod, "grad_rescale", None) is not None:
+                for p in _with_grad(mod):
+                    p.grad.mul_(mod.grad_rescale)
             if getattr(mod, "sync_outside_dp", False):
-                for p in mod.parameters():
-                    if p.grad is None:
-                        continue
-                    if mesh.size("edp") > 1:
-                        dist.all_reduce(p.grad, group=mesh.group("edp"))
-                    p.grad.div_(n)
+                _average_expert_grads(mod, mesh)
         for fqn, group in getattr(inner, "tied_grad_groups", []):
-            p = inner.get_parameter(fqn)
-            if p.grad is None:
-                continue
-            if isinstance(p.grad, DTensor):
-                if p.grad.placements != p.placements:  # e.g. a vocab-parallel embedding's Replicate grad
-                    p.grad = p.grad.redistribute(p.device_mesh, p.placements)
-                dist.all_reduce(p.grad.to_local(), group=group)
-            else:
-                dist.all_reduce(p.grad, group=group)
+            _sum_tied_grad(inner.get_parameter(fqn), group)
+
+
+def _with_grad(module: nn.Module) -> list:
+    return [p for p in module.parameters() if p.grad is not None]
+
+
+def _average_expert_grads(experts: nn.Module, mesh: ParallelMesh) -> None:
+    for p in _with_grad(experts):
+        if mesh.size("edp") > 1:
+            dist.all_reduce(p.grad, group=mesh.group("edp"))
+        p.grad.div_(mesh.size("dp_cp"))
+
+
+def _sum_tied_grad(p: torch.Tensor, group) -> None:
+    if p.grad is None:
+        return
+    if not isinstance(p.grad, DTensor):
+        dist.all_reduce(p.grad, group=group)
+        return
+    if p.grad.placements != p.placements:  # a vocab-parallel embedding's gradient comes back Replicate
+        p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+    dist.all_reduce(p.grad.to_local(), group=group)

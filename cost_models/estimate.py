@@ -28,6 +28,7 @@ from autopar.cost_models.compute import OpTimer
 from autopar.cost_models.layer_cost import LayerCost, PricingContext, price_layer
 from autopar.cost_models.layer_model import LayerTemplate
 from autopar.cost_models.memory import bytes_per_param, model_state_bytes
+from autopar.cost_models.moe_load import LoadFn
 from autopar.cost_models.pipeline import in_flight_microbatches, step_time
 from autopar.cost_models.strategy import Strategy
 from autopar.errors import InputError
@@ -102,7 +103,7 @@ class CostModel:
 
     def __init__(self, spec: ModelSpec, cluster: ClusterSpec, seq_len: int, templates: list[LayerTemplate],
                  gpu: GpuProfile, dtype: str = "bf16", timer: OpTimer | None = None,
-                 comm_fits: list[CommFit] | None = None, expert_load_ratio: float = 1.0):
+                 comm_fits: list[CommFit] | None = None, moe_load: LoadFn | None = None):
         self.spec, self.cluster, self.seq_len, self.dtype, self.gpu = spec, cluster, seq_len, dtype, gpu
         self.templates = templates
         self.blocks = {i: t for t in templates if t.kind == "block" for i in t.indices}
@@ -113,7 +114,8 @@ class CostModel:
         self.ctx = PricingContext(
             cluster=cluster, timer=self.timer, dtype_bytes=dbytes, hidden=spec.hidden or 1, seq_len=seq_len,
             topk=spec.topk, num_experts=spec.num_experts, kv_bytes_per_token=_kv_bytes(spec, dbytes),
-            expert_load_ratio=expert_load_ratio, fits=comm_fits)
+            fits=comm_fits)
+        self.moe_load = moe_load
         self._cache: dict[tuple, dict] = {}
 
     @property
@@ -135,6 +137,9 @@ class CostModel:
         intra-stage sharding; identical layers are priced once."""
         key = (s.tp, s.cp, s.ep, s.etp, s.dp, s.micro_batch, s.sequence_parallel)
         if key not in self._cache:
+            if self.moe_load is not None and self.spec.is_moe:
+                ratio, cross = self.moe_load(s.ep)
+                self.ctx.expert_load_ratio, self.ctx.ep_cross_fraction = ratio, (cross if s.ep > 1 else None)
             by_template = {id(t): price_layer(t, s, self.ctx) for t in self.templates}
             costs = {i: by_template[id(t)] for i, t in self.blocks.items()}
             costs["embedding"] = by_template[id(self.embedding)] if self.embedding else None

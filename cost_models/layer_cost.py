@@ -175,6 +175,8 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
     if layer.is_moe and s.ep > 1:
         routed = act * ctx.topk / s.tp  # tokens are split over tp before dispatch
         a2a = collective_time("all_to_all", routed, s.ep, s.etp, ctx.cluster, fits=ctx.fits).time_s
+        if ctx.ep_cross_fraction is not None:  # a routing trace: measured share of tokens leaving the rank
+            a2a *= ctx.ep_cross_fraction / ((s.ep - 1) / s.ep)
         out["ep"] = 4 * a2a * ctx.expert_load_ratio
     if layer.is_moe and s.etp > 1:
         routed = act * ctx.topk / s.tp

@@ -58,10 +58,10 @@ def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, in
     if inp.dtype not in ("bf16", "fp16", "fp32", "fp8"):
         raise InputError(f"--dtype={inp.dtype} is not one of bf16, fp16, fp32, fp8")
     timer, fits = _measured(inp, gpu)
-    ratio = _expert_load_ratio(inp, spec)
+    moe_load = _moe_load(inp, spec)
     templates = build_templates(spec, seq, inp.dtype, fuse=gpu.fused_elementwise)
     cm = CostModel(spec, cluster, seq, templates, gpu, inp.dtype, timer=timer, comm_fits=fits,
-                   expert_load_ratio=ratio)
+                   moe_load=moe_load)
     return cm, spec, cluster, seq
 
 
@@ -81,9 +81,9 @@ def _measured(inp: Inputs, gpu):
     return load_measured_profile(path, gpu, inp.dtype)
 
 
-def _expert_load_ratio(inp: Inputs, spec: ModelSpec) -> float:
+def _moe_load(inp: Inputs, spec: ModelSpec):
     if not (inp.placement or inp.trace):
-        return 1.0
+        return None
     if not spec.is_moe:
         raise InputError("--placement/--trace need a mixture-of-experts model")
     from autopar.cost_models.moe_load import load_ratio_from_files

@@ -24,7 +24,9 @@ ROW_PARALLEL = ("wo", "w2")   # row-parallel linears: tensor parallel splits the
 def build_templates(spec: ModelSpec, seq_len: int, dtype: str = "bf16", fuse: bool = True) -> list[LayerTemplate]:
     """Templates of every layer group; ``fuse`` merges chains of elementwise ops into one
     kernel (what the GPU profile's ``fused_elementwise`` says the training stack does)."""
-    return list(_cached(spec.model_dump_json(), seq_len, dtype, fuse))
+    # name and source do not change the graph: leave them out of the cache key
+    key = spec.model_copy(update={"name": "model", "source": ""}).model_dump_json()
+    return list(_cached(key, seq_len, dtype, fuse))
 
 
 @lru_cache(maxsize=16)

@@ -6,26 +6,30 @@ beforehand), ``c[l,e] = load[l,e] / n[l,e]`` tokens per copy, ``f[l,i,j] = C[l,i
 transitions leaving one copy of i, ``m = sum_e n[l,e] / G`` copies per rank.
 
 Variables
-    x[l,e,r] in {0,1}   a copy of expert e of layer l sits on rank r
-    z[l] >= 0           straggler load of layer l
-    v[l,i,r] >= 0       transitions l -> l+1 leaving the copy of i on r that stay on r
+    x[l,e,r] in {0,1}     a copy of expert e of layer l sits on rank r
+    z[l] >= 0             straggler load of layer l
+    s[l,i,j,r] in [0,1]   i (layer l) and j (layer l+1) both on rank r; only where f[l,i,j] > 0
 
 Objective
-    min  a * sum_l z[l]  +  w * sum_l ( sum_ij f[l,i,j] * n[l,i]  -  sum_ir v[l,i,r] )
-    (the bracket is the number of transitions that change rank)
+    min  a * sum_l z[l]  +  w * sum_l sum_ij f[l,i,j] * ( n[l,i] - sum_r s[l,i,j,r] )
+    (the second sum counts the transitions that change rank)
 
 Constraints
-    copies      sum_r x[l,e,r] = n[l,e]                        each expert has its copies
-    slots       sum_e x[l,e,r] = m                              the same count on every rank
-    straggler   sum_e c[l,e] x[l,e,r] <= z[l]                   z is the max rank load
-    stay_src    v[l,i,r] <= (sum_j f[l,i,j]) x[l,i,r]           only a copy on r keeps tokens on r
-    stay_dst    v[l,i,r] <= sum_j f[l,i,j] x[l+1,j,r]           ... and only to experts on r
-    symmetry    x[0,e0,0] = 1 (ranks are interchangeable); without replicas also
-                x[0,e,r] = 0 for r > position of e in layer 0's expert order
+    copies      sum_r x[l,e,r] = n[l,e]                   each expert has its copies
+    slots       sum_e x[l,e,r] = m                         the same count on every rank
+    straggler   sum_e c[l,e] x[l,e,r] <= z[l]              z is the max rank load
+    stay        s[l,i,j,r] <= x[l,i,r],  s[l,i,j,r] <= x[l+1,j,r]
+    degree      sum_j s[l,i,j,r] <= m x[l,i,r],  sum_i s[l,i,j,r] <= m x[l+1,j,r]
+                (a rank holds m copies: valid cuts that lift the LP relaxation to the
+                b-matching bound of ``cross_bound``)
+    symmetry    ranks are interchangeable: without replicas x[0,e,r] = 0 for r > position
+                of e in layer 0's expert order (rank r's first expert is the r-th to open a
+                rank); with replicas layer-0 rank loads are non-increasing in r
 
-At integer ``x`` the two ``stay`` rows make ``v`` exactly the staying flow (the objective
-pushes ``v`` up to the tighter row), so the ILP is exact; its LP relaxation is weak (uniform
-fractional ``x`` keeps everything local), hence the combinatorial bounds below.
+At integer ``x`` the objective pushes ``s`` up to ``min(x, x) = x AND x``, so the ILP is exact.
+Without the degree cuts the LP relaxation keeps every transition local (uniform fractional
+``x``); with them it is at least the combinatorial bound below. The model has ``E*E*G`` ``s``
+variables per layer pair: it is for small instances (tests, checking the search).
 """
 
 from __future__ import annotations
@@ -55,12 +59,13 @@ def solve_exact(p, time_limit_s: float = 60.0, solver: str = "highs", msg: bool 
 
     t0 = time.perf_counter()
     prob = pulp.LpProblem("expert_placement", pulp.LpMinimize)
-    x, z, v = add_variables(prob, p)
-    prob += objective(p, x, z, v)
+    x, z, s = add_variables(prob, p)
+    prob += objective(p, x, z, s)
     add_copies_constraints(prob, p, x)
     add_slots_constraints(prob, p, x)
     add_straggler_constraints(prob, p, x, z)
-    add_stay_constraints(prob, p, x, v)
+    add_stay_constraints(prob, p, x, s)
+    add_degree_constraints(prob, p, x, s)
     add_symmetry_constraints(prob, p, x)
     backend = _solver(solver, time_limit_s, msg)
     prob.solve(backend)
@@ -84,17 +89,17 @@ def add_variables(prob, p):
     x = {(l, e, r): pulp.LpVariable(f"x_{l}_{e}_{r}", cat="Binary")
          for l in range(L) for e in range(E) for r in range(G)}
     z = {l: pulp.LpVariable(f"z_{l}", lowBound=0) for l in range(L)}
-    v = {(l, i, r): pulp.LpVariable(f"v_{l}_{i}_{r}", lowBound=0)
-         for l in range(L - 1) for i in range(E) for r in range(G) if p.flow[l, i].sum() > 0}
-    return x, z, v
+    s = {(l, int(i), int(j), r): pulp.LpVariable(f"s_{l}_{i}_{j}_{r}", lowBound=0, upBound=1)
+         for l in range(L - 1) for i, j in zip(*np.nonzero(p.flow[l])) for r in range(G)}
+    return x, z, s
 
 
-def objective(p, x, z, v):
+def objective(p, x, z, s):
     import pulp
 
     total = float(p.trans.sum())
     return (p.load_weight * pulp.lpSum(z.values())
-            + p.comm_weight * (total - pulp.lpSum(v.values())))
+            + p.comm_weight * (total - pulp.lpSum(float(p.flow[l, i, j]) * var for (l, i, j, _), var in s.items())))
 
 
 def add_copies_constraints(prob, p, x) -> None:
@@ -123,25 +128,39 @@ def add_straggler_constraints(prob, p, x, z) -> None:
                      f"straggler_{l}_{r}")
 
 
-def add_stay_constraints(prob, p, x, v) -> None:
+def add_stay_constraints(prob, p, x, s) -> None:
+    for (l, i, j, r), var in s.items():
+        prob += var <= x[l, i, r], f"stay_src_{l}_{i}_{j}_{r}"
+        prob += var <= x[l + 1, j, r], f"stay_dst_{l}_{i}_{j}_{r}"
+
+
+def add_degree_constraints(prob, p, x, s) -> None:
     import pulp
 
-    for (l, i, r), var in v.items():
-        row = p.flow[l, i]
-        prob += var <= float(row.sum()) * x[l, i, r], f"stay_src_{l}_{i}_{r}"
-        prob += (var <= pulp.lpSum(float(row[j]) * x[l + 1, j, r] for j in np.nonzero(row)[0]),
-                 f"stay_dst_{l}_{i}_{r}")
+    src, dst = {}, {}
+    for (l, i, j, r), var in s.items():
+        src.setdefault((l, i, r), []).append(var)
+        dst.setdefault((l + 1, j, r), []).append(var)
+    for (l, i, r), vs in src.items():
+        prob += pulp.lpSum(vs) <= p.slots * x[l, i, r], f"degree_src_{l}_{i}_{r}"
+    for (l, j, r), vs in dst.items():
+        prob += pulp.lpSum(vs) <= p.slots * x[l, j, r], f"degree_dst_{l}_{j}_{r}"
 
 
 def add_symmetry_constraints(prob, p, x) -> None:
     """Ranks are interchangeable: label them by the first layer-0 expert they hold."""
+    import pulp
+
     order = np.argsort(-p.load[0], kind="stable")
     if (p.copies[0] == 1).all():
         for pos, e in enumerate(order):
             for r in range(pos + 1, p.ep):
                 prob += x[0, int(e), r] == 0, f"symmetry_{int(e)}_{r}"
-    else:
-        prob += x[0, int(order[0]), 0] == 1, "symmetry_first"
+    else:   # replicas: order the ranks by their layer-0 load instead
+        c = p.copy_load[0]
+        for r in range(p.ep - 1):
+            prob += (pulp.lpSum(float(c[e]) * (x[0, e, r] - x[0, e, r + 1]) for e in range(p.num_experts)) >= 0,
+                     f"symmetry_{r}")
 
 
 def _solver(name: str, time_limit_s: float, msg: bool):
