@@ -58,15 +58,7 @@ class Strategy(BaseModel):
     @classmethod
     def parse(cls, text: str, **defaults) -> "Strategy":
         """Parse ``tp=8,pp=4,dp=-1,...``; keys not named take ``defaults`` then field defaults."""
-        values = dict(defaults)
-        for item in filter(None, (p.strip() for p in text.replace(" ", "").split(","))):
-            if "=" not in item:
-                raise InputError(f"strategy: '{item}' is not key=value (example: tp=8,pp=4,dp=-1,mbs=1)")
-            key, raw = item.split("=", 1)
-            if key not in ALIASES:
-                raise InputError(f"strategy: unknown key '{key}'; known keys: {', '.join(sorted(set(ALIASES)))}")
-            values[ALIASES[key]] = _coerce(ALIASES[key], raw)
-        return cls.build(**values)
+        return cls.build(**{**defaults, **cls.parse_partial(text)})
 
     @classmethod
     def parse_partial(cls, text: str) -> dict:
@@ -74,7 +66,7 @@ class Strategy(BaseModel):
         named = {}
         for item in filter(None, (p.strip() for p in text.replace(" ", "").split(","))):
             if "=" not in item:
-                raise InputError(f"strategy: '{item}' is not key=value (example: tp=8,pp=4)")
+                raise InputError(f"strategy: '{item}' is not key=value (example: tp=8,pp=4,dp=-1,mbs=1)")
             key, raw = item.split("=", 1)
             if key not in ALIASES:
                 raise InputError(f"strategy: unknown key '{key}'; known keys: {', '.join(sorted(set(ALIASES)))}")

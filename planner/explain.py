@@ -1,0 +1,163 @@
+"""The short "why" of a plan: what limits the winner, what the runner-up loses on, and, when
+nothing fits, how far the closest configuration overflows and what would make it fit."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from autopar.cost_models.estimate import CostModel, Estimate
+from autopar.cost_models.report import overflow_bytes
+from autopar.planner.search import Candidate, Constraints, SearchResult, search
+
+GiB = 2**30
+TIGHT_MEMORY = 0.05      # headroom below 5% of the usable memory counts as memory-bound
+TERM_NAMES = {"bubble": "pipeline bubble", "tp_comm": "tensor-parallel communication",
+              "cp_comm": "context-parallel communication", "ep_comm": "expert all-to-all",
+              "etp_comm": "expert tensor-parallel communication", "pp_comm": "pipeline sends",
+              "dp_comm": "exposed gradient / ZeRO communication", "recompute": "recomputation",
+              "optimizer": "optimizer step", "compute": "compute"}
+
+
+def why(cands: list[Candidate]) -> list[str]:
+    """Two or three sentences: the winner's limits, then the runner-up's loss."""
+    if not cands or cands[0].estimate is None:
+        return []
+    out = [_limits(cands[0])]
+    if len(cands) > 1 and cands[1].estimate is not None:
+        out.append(_runner_up(cands[0], cands[1]))
+    return out
+
+
+def _limits(c: Candidate) -> str:
+    e = c.estimate
+    over = {k: v for k, v in e.time.items() if k != "compute" and v > 0}
+    parts = [f"compute is {_share(e.time.get('compute', 0.0), e)} of the step"]
+    if over:
+        top = sorted(over.items(), key=lambda kv: -kv[1])[:2]
+        parts.append("then " + " and ".join(f"{TERM_NAMES.get(k, k)} {_share(v, e)}" for k, v in top))
+    headroom = 1 - (e.peak_bytes - e.memory_overhead) / e.usable_bytes
+    mem = f"peak memory {e.peak_bytes / GiB:.1f} GiB of {e.capacity_bytes / GiB:.0f} GiB"
+    rc = Counter(c.layer_recompute)
+    redo = {k: v for k, v in rc.items() if k != "none"}
+    if redo:
+        mem += ", recomputing " + " and ".join(f"{v} layers {k}" for k, v in sorted(redo.items())) + \
+               f" of {len(c.layer_recompute)} to fit"
+    limit = "memory-bound" if headroom < TIGHT_MEMORY else "compute-bound" if not over else \
+        f"limited by {TERM_NAMES.get(max(over, key=over.get), '')}"
+    return f"Winner ({c.strategy.short()}) is {limit}: " + ", ".join(parts) + f"; {mem}."
+
+
+def _runner_up(a: Candidate, b: Candidate) -> str:
+    ea, eb = a.estimate, b.estimate
+    slower = eb.step_time_s / ea.step_time_s - 1
+    keys = set(ea.time) | set(eb.time)
+    delta = {k: eb.time.get(k, 0.0) - ea.time.get(k, 0.0) for k in keys}
+    worst = max(delta, key=delta.get)
+    diff = _differences(a, b)
+    loss = f"{TERM_NAMES.get(worst, worst)} +{_seconds(delta[worst])}" if delta[worst] > 0 else "the total"
+    return (f"Runner-up ({b.strategy.short()}) is {100 * slower:.1f}% slower"
+            + (f" ({diff})" if diff else "") + f": it loses on {loss}.")
+
+
+def _differences(a: Candidate, b: Candidate) -> str:
+    keys = ("dp", "tp", "pp", "cp", "ep", "etp", "vpp", "micro_batch", "zero_stage", "sequence_parallel",
+            "schedule", "offload_optimizer")
+    names = {"micro_batch": "mbs", "zero_stage": "zero", "sequence_parallel": "sp", "offload_optimizer": "offload"}
+    sa, sb = a.strategy, b.strategy
+    out = [f"{names.get(k, k)} {_v(getattr(sa, k))}->{_v(getattr(sb, k))}" for k in keys
+           if getattr(sa, k) != getattr(sb, k)]
+    if a.layer_recompute != b.layer_recompute:
+        out.append("recompute")
+    return ", ".join(out)
+
+
+def _v(x) -> str:
+    return str(int(x)) if isinstance(x, bool) else str(x)
+
+
+def _share(x: float, e: Estimate) -> str:
+    return f"{100 * x / e.step_time_s:.0f}%"
+
+
+def _seconds(x: float) -> str:
+    return f"{x:.2f} s" if x >= 1 else f"{x * 1e3:.1f} ms"
+
+
+# ----- nothing fits -------------------------------------------------------------------------------
+def overflow_message(res: SearchResult) -> str:
+    """How far the closest configuration is from fitting (one sentence)."""
+    e = res.closest
+    if e is None:
+        return "nothing fits and no configuration of the space could be priced"
+    worst = e.worst_rank
+    comp = max(worst.memory, key=worst.memory.get)
+    return (f"nothing fits: the closest configuration ({e.strategy.short()}) needs {e.peak_bytes / GiB:.1f} GiB "
+            f"per GPU, {overflow_bytes(e) / GiB:.1f} GiB over the {e.usable_bytes / GiB:.1f} GiB usable "
+            f"(largest part: {comp.replace('_', ' ')} {worst.memory[comp] / GiB:.1f} GiB)")
+
+
+def fit_suggestions(cm: CostModel, cons: Constraints, gb: int, max_nodes_factor: int = 32) -> list[str]:
+    """Changes that make a plan fit, each checked by a search: more GPUs (doubling the nodes),
+    a shorter sequence, a smaller global batch. States that no sequence or batch can shrink
+    are said so instead of searching."""
+    out = []
+    more = _more_gpus(cm, cons, gb, max_nodes_factor)
+    if more:
+        out.append(more)
+    states_only = _states_floor(cm) > cm.gpu.usable_mem_bytes
+    if states_only:
+        out.append(f"a shorter sequence or a smaller batch cannot help: the model states alone need "
+                   f"{_states_floor(cm) / GiB:.1f} GiB per GPU even sharded over all {cm.cluster.world} GPUs")
+        return out
+    for label, cm2, gb2 in _smaller_work(cm, gb):
+        res = search(cm2, gb2, cons, top_k=1)
+        if res.candidates:
+            e = res.candidates[0].estimate
+            out.append(f"{label} fits ({res.candidates[0].strategy.short()}, {e.tokens_per_s:,.0f} tokens/s)")
+            break
+    return out
+
+
+def _more_gpus(cm: CostModel, cons: Constraints, gb: int, max_factor: int) -> str | None:
+    factor = 2
+    while factor <= max_factor:
+        cl = cm.cluster.model_copy(update={"nodes": cm.cluster.nodes * factor})
+        cm2 = _with(cm, cluster=cl)
+        if _states_floor(cm2) <= cm.gpu.usable_mem_bytes:
+            res = search(cm2, gb, cons, top_k=1)
+            if res.candidates:
+                c = res.candidates[0]
+                return (f"{cl.world} GPUs ({cl.nodes} nodes of {cl.gpus_per_node}): {c.strategy.short()} at "
+                        f"{c.estimate.tokens_per_s:,.0f} tokens/s")
+        factor *= 2
+    return None
+
+
+def _smaller_work(cm: CostModel, gb: int):
+    """Shorter sequences (halving, at least 128 tokens), then smaller global batches."""
+    from autopar.cost_models.templates import build_templates
+
+    seqs = [cm.seq_len // 2, cm.seq_len // 4] if cm.spec.family != "custom" else []
+    for seq in (x for x in seqs if x >= 128):
+        yield f"--seq-len {seq}", _with(cm, seq_len=seq, templates=build_templates(cm.spec, seq, cm.dtype)), gb
+    for b in sorted({max(1, gb // 4), max(1, gb // 16)}, reverse=True):
+        if b < gb:
+            yield f"--global-batch {b}", cm, b
+
+
+def _with(cm: CostModel, **kw) -> CostModel:
+    """The same cost model on another cluster / sequence length (templates reused when possible)."""
+    return CostModel(cm.spec, kw.get("cluster", cm.cluster), kw.get("seq_len", cm.seq_len),
+                     kw.get("templates", cm.templates), cm.gpu, cm.dtype, timer=cm.timer, comm_fits=cm.ctx.fits,
+                     expert_load_ratio=cm.ctx.expert_load_ratio)
+
+
+def _states_floor(cm: CostModel) -> float:
+    """Model-state bytes per GPU with every parameter sharded over every GPU (ZeRO-3), the
+    optimizer states on the host when the profile allows offload: no plan holds less."""
+    from autopar.cost_models.memory import model_state_bytes
+
+    params = sum(t.params * (len(t.indices) if t.kind == "block" else 1) for t in cm.templates)
+    st = model_state_bytes(params, cm.dtype, 3, cm.cluster.world)
+    offload = bool(cm.gpu.host_link_gbps and cm.gpu.host_optimizer_gbps)
+    return st.total - (st.optimizer if offload else 0.0)
