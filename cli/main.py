@@ -5,7 +5,14 @@ from __future__ import annotations
 import sys
 
 # Importing a command module registers its commands on ``app``.
-from autopar.cli import emit_cmd, estimate_cmd, inspect_cmd  # noqa: F401
+from autopar.cli import (  # noqa: F401
+    emit_cmd,
+    estimate_cmd,
+    experts_cmd,  # noqa: F401
+    inspect_cmd,
+    plan_cmd,
+    validate_cmd,
+)
 from autopar.cli.app import app
 from autopar.errors import AutoparError
 

@@ -137,6 +137,9 @@ def _stages(plan: Plan) -> list[tuple[int, int]]:
         if st.layer_start != expect or st.layer_end < st.layer_start:
             raise InputError(f"plan: stage {i} covers layers [{st.layer_start}, {st.layer_end}) but should start "
                              f"at {expect}; stages must cover the layers in order")
+        if st.layer_end == st.layer_start and 0 < i < n - 1:
+            raise InputError(f"plan: stage {i} holds no layer (only the first and last stages may, for the "
+                             "embedding or the output); give it at least one layer")
         out.append((st.layer_start, st.layer_end))
         expect = st.layer_end
     if expect != m.layers:

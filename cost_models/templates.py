@@ -129,7 +129,7 @@ def _sig(o: OpCost) -> str | None:
     (``autopar profile`` times fx nodes one by one)."""
     if "+" in o.name or "." in o.name:
         return None
-    return op_signature(o.kind, o.in_shapes, o.dtype, o.name)
+    return op_signature(o.kind, o.in_shapes, o.out_shapes, o.dtype, o.name)
 
 
 def _saved(name: str, nbytes: int, tags: list[str]) -> SavedTerm:

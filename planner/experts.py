@@ -260,7 +260,7 @@ def check_assignment(assignment, num_layers: int, ep: int, num_experts: int, rep
 
 
 # ----- solving ---------------------------------------------------------------------------
-EXACT_MAX_BINARIES = 256     # x variables; the exact ILP proves optimality quickly below this
+EXACT_MAX_BINARIES = 128     # x variables; the exact ILP proves optimality in seconds below this
 
 
 def solve_placement(trace: RoutingTrace, ep: int, replicas: int = 0, method: str = "auto",
@@ -272,28 +272,41 @@ def solve_placement(trace: RoutingTrace, ep: int, replicas: int = 0, method: str
     or ``auto`` (exact when at most EXACT_MAX_BINARIES placement variables, else search).
     ``time_limit_s`` bounds the whole call (bound + search, or the ILP).
     """
-    from autopar.planner import experts_ilp, experts_search
+    from autopar.planner import experts_ilp
 
     t0 = time.perf_counter()
     p = make_problem(trace, ep, replicas, a2a_cost=a2a_cost)
     solver = solver or _default_solver()
-    if method == "auto":
-        method = "exact" if p.num_layers * p.num_experts * p.ep <= EXACT_MAX_BINARIES else "search"
-    if method not in ("exact", "search"):
+    if method not in ("auto", "exact", "search"):
         raise InputError(f"method: '{method}' is not one of auto, exact, search")
+    small = p.num_layers * p.num_experts * p.ep <= EXACT_MAX_BINARIES
     lb = experts_ilp.lower_bound(p)[0]
-    if method == "exact":
-        res = experts_ilp.solve_exact(p, max(1.0, time_limit_s - (time.perf_counter() - t0)), solver)
-        if res.X is None:
+    X, used = None, "local-search"
+    if method == "exact" or (method == "auto" and small):
+        # auto gives the ILP half the time and lets the search finish if it is not proven optimal
+        share = 1.0 if method == "exact" else 0.5
+        res = experts_ilp.solve_exact(p, max(1.0, share * time_limit_s - (time.perf_counter() - t0)), solver)
+        if res.X is None and method == "exact":
             raise InputError(f"experts: the ILP found no placement in {time_limit_s:.0f} s ({res.status}); "
                              f"raise --time-limit or use --method search")
         X, lb, used = res.X, max(lb, res.bound), f"pulp-{solver}"
-    else:
-        stop = lb / (1.0 - target_gap) if target_gap < 1 else np.inf
-        X, _log = experts_search.search(p, max(0.0, time_limit_s - (time.perf_counter() - t0)),
-                                        restarts=restarts, seed=seed, stop_at=stop)
-        used = "local-search+scipy-highs"
-    return _placement(p, X, lb, method, used, time.perf_counter() - t0, replicas, trace, a2a_cost)
+        if res.optimal or method == "exact":
+            return _placement(p, X, lb, "exact", used, time.perf_counter() - t0, replicas, trace, a2a_cost)
+    X = _search(p, X, lb, t0 + time_limit_s, seed, restarts, target_gap)
+    return _placement(p, X, lb, "search", used if X is None else "local-search", time.perf_counter() - t0,
+                      replicas, trace, a2a_cost)
+
+
+def _search(p: Problem, incumbent: np.ndarray | None, lb: float, deadline: float, seed: int, restarts: int,
+            target_gap: float) -> np.ndarray:
+    from autopar.planner import experts_search
+
+    stop = lb / (1.0 - target_gap) if target_gap < 1 else np.inf
+    X, _log = experts_search.search(p, max(0.0, deadline - time.perf_counter()), restarts=restarts, seed=seed,
+                                    stop_at=stop)
+    if incumbent is not None and evaluate(p, incumbent).objective < evaluate(p, X).objective:
+        return incumbent
+    return X
 
 
 def _default_solver() -> str:

@@ -11,6 +11,7 @@ from autopar.planner.search import Candidate, Constraints, SearchResult, search
 
 GiB = 2**30
 TIGHT_MEMORY = 0.05      # headroom below 5% of the usable memory counts as memory-bound
+MINOR = 0.02             # overheads below 2% of the step do not limit a plan
 TERM_NAMES = {"bubble": "pipeline bubble", "tp_comm": "tensor-parallel communication",
               "cp_comm": "context-parallel communication", "ep_comm": "expert all-to-all",
               "etp_comm": "expert tensor-parallel communication", "pp_comm": "pipeline sends",
@@ -42,8 +43,13 @@ def _limits(c: Candidate) -> str:
     if redo:
         mem += ", recomputing " + " and ".join(f"{v} layers {k}" for k, v in sorted(redo.items())) + \
                f" of {len(c.layer_recompute)} to fit"
-    limit = "memory-bound" if headroom < TIGHT_MEMORY else "compute-bound" if not over else \
-        f"limited by {TERM_NAMES.get(max(over, key=over.get), '')}"
+    top_term = max(over, key=over.get) if over else None
+    if headroom < TIGHT_MEMORY:
+        limit = "memory-bound"
+    elif top_term is None or over[top_term] < MINOR * e.step_time_s:
+        limit = "compute-bound"
+    else:
+        limit = f"limited by {TERM_NAMES.get(top_term, top_term)}"
     return f"Winner ({c.strategy.short()}) is {limit}: " + ", ".join(parts) + f"; {mem}."
 
 
@@ -80,7 +86,9 @@ def _share(x: float, e: Estimate) -> str:
 
 
 def _seconds(x: float) -> str:
-    return f"{x:.2f} s" if x >= 1 else f"{x * 1e3:.1f} ms"
+    if x >= 1:
+        return f"{x:.2f} s"
+    return f"{x * 1e3:.1f} ms" if x >= 1e-3 else f"{x * 1e6:.0f} us"
 
 
 # ----- nothing fits -------------------------------------------------------------------------------
@@ -149,7 +157,7 @@ def _with(cm: CostModel, **kw) -> CostModel:
     """The same cost model on another cluster / sequence length (templates reused when possible)."""
     return CostModel(cm.spec, kw.get("cluster", cm.cluster), kw.get("seq_len", cm.seq_len),
                      kw.get("templates", cm.templates), cm.gpu, cm.dtype, timer=cm.timer, comm_fits=cm.ctx.fits,
-                     expert_load_ratio=cm.ctx.expert_load_ratio)
+                     moe_load=cm.moe_load)
 
 
 def _states_floor(cm: CostModel) -> float:

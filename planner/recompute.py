@@ -18,8 +18,8 @@ Problem, for one rank whose layers fall into groups ``g`` of identical layers (s
   of a layer's backward, ``W >= work[g,k]`` whenever ``x[g,k] > 0`` (``CostModel._rank_memory``).
 
 Exact solution (no ILP needed; the groups are few and their layers identical):
-enumerate ``W`` over the distinct ``work`` values (it only restricts which modes are
-allowed); for each group list every count vector ``x[g, .]`` and keep its Pareto
+enumerate ``W`` over the distinct ``work`` values (it only restricts which modes each
+group may use); for each group list every count vector ``x[g, .]`` and keep its Pareto
 frontier of (saved bytes, extra time); add the groups' frontiers (Minkowski sum, Pareto
 filtered again); the answer is the cheapest frontier point whose bytes fit. When nothing
 fits the rank is infeasible: fewer layers on it, more sharding (tp, cp, pp, ZeRO) or a
@@ -67,8 +67,9 @@ def choose(groups: list[tuple[LayerCost, int]], in_flight: float, budget: float,
                                                         for _, n in groups), modes)
     best = None
     for cap in _work_caps(groups, modes):
-        allowed = tuple(k for k in modes if all(c.work_bytes[k] <= cap or n == 0 for c, n in groups))
-        if not allowed:
+        # the cap filters modes group by group: a mode's working set differs between layer kinds
+        allowed = tuple(tuple(k for k in modes if c.work_bytes[k] <= cap) for c, _ in groups)
+        if not all(allowed):
             continue
         front = _merged_frontier(groups, allowed, cache)
         room = (budget - cap) / in_flight
@@ -77,9 +78,10 @@ def choose(groups: list[tuple[LayerCost, int]], in_flight: float, budget: float,
             continue
         act, dt, counts = front[i]
         if best is None or dt < best.extra_s:
-            work = max([c.work_bytes[k] for (c, n), cnt in zip(groups, counts) for k, x in zip(allowed, cnt) if x]
-                       + [0.0])
-            best = RecomputeChoice(dt, act, work, tuple(_expand(cnt, allowed, modes) for cnt in counts), modes)
+            work = max([c.work_bytes[k] for (c, _), ok, cnt in zip(groups, allowed, counts)
+                        for k, x in zip(ok, cnt) if x] + [0.0])
+            best = RecomputeChoice(dt, act, work, tuple(_expand(cnt, ok, modes) for cnt, ok in zip(counts, allowed)),
+                                   modes)
     return best
 
 
@@ -99,13 +101,14 @@ def _work_caps(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...]) -> l
     return sorted({c.work_bytes[k] for c, n in groups if n for k in modes})
 
 
-def _merged_frontier(groups: list[tuple[LayerCost, int]], allowed: tuple[str, ...], cache: dict) -> Frontier:
+def _merged_frontier(groups: list[tuple[LayerCost, int]], allowed: tuple[tuple[str, ...], ...],
+                     cache: dict) -> Frontier:
     key = (tuple((id(c), n) for c, n in groups), allowed)
     if key not in cache:
         front: Frontier = [(0.0, 0.0, ())]
-        for c, n in groups:
+        for (c, n), ok in zip(groups, allowed):
             front = _pareto([(a0 + a1, t0 + t1, cnt0 + (cnt1,))
-                             for a0, t0, cnt0 in front for a1, t1, cnt1 in _group_frontier(c, n, allowed, cache)])
+                             for a0, t0, cnt0 in front for a1, t1, cnt1 in _group_frontier(c, n, ok, cache)])
         cache[key] = (front, groups)  # keep the LayerCosts alive: the key uses their ids
     return cache[key][0]
 

@@ -212,7 +212,8 @@ def knob_options(cm: CostModel, cons: Constraints, sh: Sharding, gb: int, cache:
     key = (reduced, sh.pp, m)
     if cache is not None and key in cache:
         return cache[key]
-    zeros = [z for z in (range(4) if reduced else [0]) if cons.ok("zero_stage", z)]
+    # without a reduced gradient every ZeRO stage is the same configuration: keep one
+    zeros = [z for z in range(4) if cons.ok("zero_stage", z)] if reduced else [cons.fixed.get("zero_stage", 0)]
     host = bool(cm.gpu.host_link_gbps and cm.gpu.host_optimizer_gbps)
     offs = [x for x in ([False, True] if host else [False]) if cons.ok("offload_optimizer", x)]
     out = [Knobs(z, o, s, v) for z in zeros for o in offs for s, v in schedule_options(cm, cons, sh.pp, m)]

@@ -24,6 +24,7 @@ from autopar.profiles.graph import DTYPES, _trace, _WithLoss, capture
 from autopar.profiles.layer_stats import ModelStats, OpCost, summarize
 from autopar.profiles.model_spec import ModelSpec
 from autopar.profiles.models import build_model
+from autopar.profiles.profiler_timing import OpTiming
 
 
 @dataclass
@@ -34,6 +35,7 @@ class OpSample:
     instances: int = 0               # op instances in the model (blocks counted ``count`` times)
     call: Callable[[], Any] | None = None
     wrt: list[torch.Tensor] = field(default_factory=list)
+    timing: OpTiming | None = None
 
 
 @dataclass
@@ -78,7 +80,7 @@ def _distinct(stats: ModelStats, dtype: str) -> tuple[list[OpSample], list[Group
         for op in g.ops:
             if "." in op.name or not (op.fwd_flops or op.bytes_rw):
                 continue  # sub-ops of a leaf (grouped experts) have no fx node of their own
-            sig = op_signature(op.kind, op.in_shapes, op.dtype, op.name)
+            sig = op_signature(op.kind, op.in_shapes, op.out_shapes, op.dtype, op.name)
             sigs.add(sig)
             if sig not in by_sig:
                 gemm = signature("gemm", op.gemm_mnk, dtype) if op.gemm_mnk else None

@@ -24,7 +24,7 @@ import torch
 
 MIN_SAMPLES = 5
 MAX_SAMPLES = 40
-SAMPLE_TARGET_S = 2e-4   # tiny ops run several calls per sample so the clock's resolution does not matter
+SAMPLE_TARGET_S = 1e-3   # tiny ops run several calls per sample so the clock's resolution does not matter
 
 
 @dataclass
@@ -153,7 +153,9 @@ def engine_overhead(clock: Clock, device: str = "cpu") -> float:
             y = y * 1.0
         return y
 
-    one = measure(lambda: torch.autograd.grad(chain(1), x, g), clock, 0.3).median_s
-    many = measure(lambda: torch.autograd.grad(chain(20), x, g), clock, 0.3).median_s
-    per_op = (many - one) / 19
-    return max(one - per_op, 0.0)
+    runs = []
+    for _ in range(3):  # the first run still pays one-time autograd set-up: keep the smallest
+        one = measure(lambda: torch.autograd.grad(chain(1), x, g), clock, 0.2).median_s
+        many = measure(lambda: torch.autograd.grad(chain(20), x, g), clock, 0.2).median_s
+        runs.append(max(one - (many - one) / 19, 0.0))
+    return min(runs)

@@ -11,17 +11,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers_plans import make_plan, parse_steps, reference_losses
 
-sys.path.insert(0, str(Path(__file__).parent))
-from helpers_plans import make_plan, parse_steps, reference_losses  # noqa: E402
-
-from autopar.codegen import runtime as rt  # noqa: E402
-from autopar.codegen.emit import FILES, emit  # noqa: E402
-from autopar.codegen.runtime_mem import LiveTensorBytes  # noqa: E402
-from autopar.errors import InputError  # noqa: E402
-from autopar.planner.plan import Plan  # noqa: E402
-from autopar.profiles.intake import preset  # noqa: E402
-from autopar.profiles.models import build_model  # noqa: E402
+from autopar.codegen import runtime as rt
+from autopar.codegen.emit import FILES, emit
+from autopar.codegen.runtime_mem import LiveTensorBytes
+from autopar.errors import InputError
+from autopar.planner.plan import Plan
+from autopar.profiles.intake import preset
+from autopar.profiles.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RUFF = Path(sys.executable).with_name("ruff")
@@ -163,6 +161,7 @@ BAD_PLANS = [
     (lambda: make_plan("gpt-tiny", 4, "pp=4,mbs=4", global_batch=8), "1f1b needs at least pp=4 microbatches"),
     (lambda: make_plan("gpt-tiny", 2, "pp=2", stages=[(0, 1), (2, 4)]), "should start at 1"),
     (lambda: make_plan("gpt-tiny", 2, "pp=2", stages=[(0, 2), (2, 3)]), "cover 3 layers"),
+    (lambda: make_plan("gpt-tiny", 3, "pp=3", stages=[(0, 2), (2, 2), (2, 4)]), "stage 1 holds no layer"),
     (lambda: make_plan("gpt-tiny", 2, "dp=2", layer_recompute=["full"]), "lists 1 layers"),
     (lambda: make_plan("helpers_plans:no_block_lm", 2, "dp=2"), "has no block list"),
     (lambda: make_plan("helpers_plans:image_model", 2, "dp=2"), "no nn.Embedding"),

@@ -18,11 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_plans import make_plan, parse_steps, reference_losses
 
-sys.path.insert(0, str(Path(__file__).parent))
-from helpers_plans import make_plan, parse_steps, reference_losses  # noqa: E402
-
-from autopar.codegen.emit import emit  # noqa: E402
+from autopar.codegen.emit import emit
 
 pytestmark = pytest.mark.slow
 

@@ -109,7 +109,9 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(_rope_dim(self.spec), self.spec.max_seq_len, self.spec.rope_theta, device)
             self.rope_cos, self.rope_sin = cos, sin
         for module in self.modules():
-            if hasattr(module, "expert_ids") and module.expert_ids.device.type == "meta":
+            # a module holding every expert gets 0..E-1 (after ``to_empty`` the buffer is garbage);
+            # expert parallelism keeps a subset and sets its own ids
+            if hasattr(module, "expert_ids") and module.expert_ids.numel() == module.w1.shape[0]:
                 module.expert_ids = torch.arange(module.w1.shape[0], device=device)
 
 

@@ -1,0 +1,227 @@
+"""`autopar plan`: search the parallel strategies of a training job and write the best as a Plan."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from autopar.cli import common as c
+from autopar.cli.app import app
+from autopar.cost_models.report import estimate_dict
+from autopar.cost_models.session import build_cost_model, default_global_batch
+from autopar.cost_models.strategy import COMPACT_KEYS, Strategy
+from autopar.errors import DoesNotFitError, InputError
+from autopar.planner import explain, plots
+from autopar.planner.plan import Plan, Provenance, StageSpec
+from autopar.planner.search import Candidate, Constraints, SearchResult, search
+
+Opt = Optional
+
+
+@app.command("plan")
+def plan_cmd(model: str = c.Model, gpu: Opt[str] = c.Gpu, nodes: Opt[int] = c.Nodes,
+             gpus_per_node: Opt[int] = c.GpusPerNode, cluster: Opt[str] = c.Cluster, seq_len: Opt[int] = c.SeqLen,
+             global_batch: Opt[int] = c.GlobalBatch, dtype: str = c.Dtype, profile: Opt[str] = c.Profile,
+             placement: Opt[str] = c.Placement, trace: Opt[str] = c.Trace, input_shape: Opt[str] = c.InputShape,
+             top: int = typer.Option(5, "--top", help="plans to list"),
+             strategy: str = typer.Option("", "--strategy", help="fix the knobs it names, e.g. tp=8,pp=4; "
+                                                                  "the rest is searched"),
+             tp: Opt[int] = typer.Option(None, "--tp", help="fix the tensor-parallel degree"),
+             pp: Opt[int] = typer.Option(None, "--pp", help="fix the pipeline depth"),
+             cp: Opt[int] = typer.Option(None, "--cp", help="fix the context-parallel degree"),
+             dp: Opt[int] = typer.Option(None, "--dp", help="fix the data-parallel degree"),
+             ep: Opt[int] = typer.Option(None, "--ep", help="fix the expert-parallel degree"),
+             etp: Opt[int] = typer.Option(None, "--etp", help="fix the expert tensor-parallel degree"),
+             vpp: Opt[int] = typer.Option(None, "--vpp", help="fix the interleaved chunks per GPU"),
+             mbs: Opt[int] = typer.Option(None, "--mbs", help="fix the micro-batch size"),
+             zero: Opt[int] = typer.Option(None, "--zero", help="fix the ZeRO stage (0-3)"),
+             schedule: Opt[str] = typer.Option(None, "--schedule", help="gpipe | 1f1b | interleaved"),
+             recompute: Opt[str] = typer.Option(None, "--recompute", help="one mode for every layer: none | "
+                                                "selective | full (default: chosen per layer)"),
+             sp: Opt[bool] = typer.Option(None, "--sp/--no-sp", help="force sequence parallel on / off"),
+             offload: Opt[bool] = typer.Option(None, "--offload/--no-offload", help="force ZeRO-Offload on / off"),
+             no_cp: bool = typer.Option(False, "--no-cp", help="no context parallelism"),
+             max_tp: Opt[int] = typer.Option(None, "--max-tp", help="largest tensor-parallel degree"),
+             max_pp: Opt[int] = typer.Option(None, "--max-pp", help="largest pipeline depth"),
+             max_cp: Opt[int] = typer.Option(None, "--max-cp", help="largest context-parallel degree"),
+             max_ep: Opt[int] = typer.Option(None, "--max-ep", help="largest expert-parallel degree"),
+             max_mbs: Opt[int] = typer.Option(None, "--max-mbs", help="largest micro-batch"),
+             cross_node: bool = typer.Option(False, "--cross-node", help="let tp and ep*etp span nodes"),
+             json_out: bool = c.Json,
+             out: Opt[Path] = typer.Option(None, "--out", help="write the winning Plan (JSON) for `autopar emit`"),
+             plot: Opt[Path] = typer.Option(None, "--plot", help="folder for timeline.png and memory.png")):
+    """Search dp/ZeRO, tp, sp, cp, pp (schedule, vpp), ep/etp, micro-batch and per-layer recompute;
+    print the top plans and why the winner wins. Defaults: one node of 8 x h100-sxm, the model's
+    sequence length (capped at 4096; 8192 for Llama 3) and about one million tokens per step."""
+    if top < 1:
+        raise InputError(f"--top={top} must be at least 1")
+    inp = c.inputs(model, gpu, nodes, gpus_per_node, cluster, seq_len, dtype, profile, placement, trace, input_shape)
+    cm, spec, cl, seq = build_cost_model(inp)
+    flags = dict(tp=tp, pp=pp, cp=1 if no_cp else cp, dp=dp, ep=ep, etp=etp, vpp=vpp, micro_batch=mbs,
+                 zero_stage=zero, schedule=schedule, recompute=recompute, sequence_parallel=sp,
+                 offload_optimizer=offload)
+    fixed = _fixed(strategy, flags)
+    gb = _global_batch(global_batch, fixed, cl.world, seq)
+    cons = Constraints(fixed=fixed, max_tp=max_tp, max_pp=max_pp, max_cp=max_cp, max_ep=max_ep, max_mbs=max_mbs,
+                       cross_node=cross_node)
+    _check_complete(cm, fixed, gb)
+    res = search(cm, gb, cons, top_k=top)
+    if not res.candidates:
+        _nothing_fits(cm, cons, res)
+    if out:
+        to_plan(cm, res.candidates[0], _inputs_record(inp, gb, fixed)).save(out)
+    pngs = _plots(cm, res, plot) if plot else []
+    if json_out:
+        c.print_json(plan_json(cm, res, top))
+        return
+    _print(cm, res, out, pngs)
+
+
+# ----- inputs ------------------------------------------------------------------------------------
+def _fixed(strategy: str, flags: dict) -> dict:
+    """Knobs fixed by --strategy and by the single flags (which must agree)."""
+    fixed = Strategy.parse_partial(strategy) if strategy else {}
+    for k, v in flags.items():
+        if v is None:
+            continue
+        if k in fixed and fixed[k] != v:
+            name = COMPACT_KEYS.get(k, k)
+            raise InputError(f"--{name.replace('_', '-')}={v} disagrees with --strategy {name}={fixed[k]}")
+        fixed[k] = v
+    if fixed.get("vpp", 1) > 1 and "schedule" not in fixed:
+        fixed["schedule"] = "interleaved"
+    for k in ("tp", "pp", "cp", "ep", "etp", "vpp", "micro_batch"):
+        if k in fixed and fixed[k] < 1:
+            raise InputError(f"{COMPACT_KEYS.get(k, k)}={fixed[k]} must be a positive integer")
+    if fixed.get("dp", 1) < 1 and fixed.get("dp") != -1:
+        raise InputError(f"dp={fixed['dp']} must be a positive integer (or -1 for the rest)")
+    return fixed
+
+
+def _global_batch(flag: int | None, fixed: dict, world: int, seq: int) -> int:
+    named = fixed.pop("global_batch", 0)
+    if flag and named and flag != named:
+        raise InputError(f"--global-batch={flag} disagrees with the strategy's gbs={named}")
+    gb = flag or named or default_global_batch(world, seq)
+    if gb < 1:
+        raise InputError(f"--global-batch={gb} must be positive")
+    return gb
+
+
+def _check_complete(cm, fixed: dict, gb: int) -> None:
+    """When tp, pp and cp are fixed (dp then follows), say which rule a bad combination breaks."""
+    if not all(k in fixed for k in ("tp", "pp", "cp")):
+        return
+    vals = {k: fixed.get(k, 1) for k in ("tp", "pp", "cp", "ep", "etp")}
+    vals["dp"] = fixed.get("dp", -1)
+    s = Strategy.build(**vals, micro_batch=fixed.get("micro_batch", 1), global_batch=gb,
+                       schedule=fixed.get("schedule", "1f1b"), vpp=fixed.get("vpp", 1),
+                       sequence_parallel=fixed.get("sequence_parallel", False)).resolve(cm.cluster.world)
+    cm.check(s)
+
+
+def _inputs_record(inp, gb: int, fixed: dict) -> dict[str, str]:
+    rec = {k: str(v) for k, v in vars(inp).items() if v is not None}
+    rec["global_batch"] = str(gb)
+    if fixed:
+        rec["constraints"] = ",".join(f"{COMPACT_KEYS.get(k, k)}={_v(v)}" for k, v in fixed.items())
+    return rec
+
+
+def _v(x) -> str:
+    return str(int(x)) if isinstance(x, bool) else str(x)
+
+
+def _nothing_fits(cm, cons: Constraints, res: SearchResult) -> None:
+    if res.stats.space == 0:
+        named = ",".join(f"{COMPACT_KEYS.get(k, k)}={_v(v)}" for k, v in cons.fixed.items()) or "the caps"
+        raise InputError(f"no configuration satisfies {named} on {cm.cluster.world} GPUs (degrees multiply to the "
+                         f"GPU count, tp and ep*etp stay in a node unless --cross-node, and they divide heads, "
+                         f"layers, experts and the batch); relax them")
+    msg = explain.overflow_message(res)
+    fixes = explain.fit_suggestions(cm, cons, res.global_batch)
+    if fixes:
+        msg += "; would fit with: " + "; ".join(fixes)
+    raise DoesNotFitError(msg)
+
+
+# ----- the Plan ----------------------------------------------------------------------------------
+def to_plan(cm, cand: Candidate, inputs: dict[str, str]) -> Plan:
+    """The winning candidate as a Plan: resolved strategy, per-layer recompute, stages, predictions."""
+    e, s = cand.estimate, cand.strategy
+    ranks = {r.rank: r for r in e.ranks}
+    costs = cm.layer_costs(s)
+    stages = []
+    for j, (a, b) in enumerate(cand.stages):
+        first, last = j == 0, j == len(cand.stages) - 1
+        t = sum(costs[i].time(cand.layer_recompute[i]) for i in range(a, b))
+        t += (costs["embedding"].time("none") if first and costs["embedding"] else 0.0)
+        t += (costs["output"].time("none") if last and costs["output"] else 0.0)
+        stages.append(StageSpec(index=j, rank=j % s.pp, layer_start=a, layer_end=b, has_embedding=first,
+                                has_output=last, predicted_time_s=t, predicted_mem_bytes=ranks[j % s.pp].mem_bytes))
+    command = "autopar " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "autopar plan"
+    return Plan(model=cm.spec, cluster=cm.cluster, seq_len=cm.seq_len, dtype=cm.dtype, strategy=s,
+                layer_recompute=list(cand.layer_recompute), stages=stages, predictions=estimate_dict(e, cm),
+                provenance=Provenance(command=command, inputs=inputs))
+
+
+def plan_json(cm, res: SearchResult, top: int) -> dict:
+    cands = [_cand_json(cm, x) for x in res.candidates[:top]]
+    return {"best": cands[0], "candidates": cands, "global_batch": res.global_batch,
+            "why": explain.why(res.candidates), "stats": res.stats.as_dict()}
+
+
+def _cand_json(cm, cand: Candidate) -> dict:
+    d = estimate_dict(cand.estimate, cm)
+    d["strategy"] = strategy_keys(cand.strategy)
+    d["layer_recompute"] = cand.layer_recompute
+    d["stages"] = [list(x) for x in cand.stages]
+    return d
+
+
+def strategy_keys(s: Strategy) -> dict:
+    """The strategy with the compact string's keys (tp, mbs, zero, sp, ...)."""
+    out = {}
+    for item in s.compact().split(","):
+        k, v = item.split("=", 1)
+        field = getattr(s, {v2: k2 for k2, v2 in COMPACT_KEYS.items()}.get(k, k))
+        out[k] = field if not isinstance(field, bool) else int(field)
+    return out
+
+
+def _plots(cm, res: SearchResult, folder: Path) -> list[Path]:
+    best = res.candidates[0]
+    return [plots.timeline(best, cm._p2p_time(best.strategy), folder / "timeline.png"),
+            plots.memory_bars(res.candidates, folder / "memory.png")]
+
+
+# ----- the table ---------------------------------------------------------------------------------
+def _print(cm, res: SearchResult, out: Path | None, pngs: list[Path]) -> None:
+    console = c.console()
+    cl = cm.cluster
+    console.print(f"[bold]{cm.spec.short()}[/] on {cl.short()}, seq {cm.seq_len}, global batch "
+                  f"{res.global_batch}, {cm.dtype}")
+    t = Table(show_edge=False)
+    for col in ("#", "strategy", "step", "tokens/s", "TFLOP/s/GPU", "MFU", "peak mem"):
+        t.add_column(col, justify="left" if col == "strategy" else "right")
+    for i, x in enumerate(res.candidates, 1):
+        e = x.estimate
+        t.add_row(str(i), x.strategy.short(), c.seconds(e.step_time_s), f"{e.tokens_per_s:,.0f}",
+                  f"{e.tflops_per_gpu:.1f}", f"{100 * e.mfu:.1f}%", c.gib(e.peak_bytes))
+    console.print(t)
+    for line in explain.why(res.candidates):
+        console.print(line)
+    st = res.stats
+    console.print(f"searched {st.space:,} configurations in {st.search_time_s:.2f} s: {st.pruned_memory:,} ruled "
+                  f"out by memory, {st.pruned_time:,} by the time bound, {st.priced:,} partitioned "
+                  f"({st.layer_pricings:,} layer pricings)")
+    console.print(f"best strategy: {res.candidates[0].strategy.compact()}")
+    if out:
+        console.print(f"plan written to {out} (next: autopar emit {out})")
+    for p in pngs:
+        console.print(f"figure: {p}")

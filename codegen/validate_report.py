@@ -1,0 +1,124 @@
+"""Reports of a closed-loop validation (``codegen.validate``): markdown, JSON and a
+predicted-vs-measured scatter (step time and memory)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from autopar.fileio import write_atomic
+
+MiB = 2**20
+MEMORY_NOTE = ("memory = peak live tensor bytes (measured: CPU tracker of tensor storages or CUDA "
+               "max_memory_allocated, max over ranks; predicted: the worst rank's peak without the "
+               "framework overhead, which is not a tensor)")
+
+
+def fmt(x: float | None, scale: float = 1.0, digits: int = 3) -> str:
+    return "-" if x is None else f"{x / scale:.{digits}g}"
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.1f}%"
+
+
+def headline(s: dict) -> list[tuple[str, str]]:
+    """(label, value) pairs of the summary, in the order a reader checks them."""
+    best = s.get("predicted_best_is_measured_best")
+    return [
+        ("strategies run / failed", f"{s['ran']} / {s['failed']}"),
+        ("Spearman (step time)", fmt(s["spearman"])),
+        ("time MAPE", "-" if s["time_mape"] is None else f"{s['time_mape']:.1f}%"),
+        ("memory MAPE", "-" if s["memory_mape"] is None else f"{s['memory_mape']:.1f}%"),
+        ("max memory under-prediction", "-" if s["max_memory_under_prediction"] is None
+         else f"{s['max_memory_under_prediction']:.1f}%"),
+        ("predicted best", str(s["predicted_best"])),
+        ("measured best", str(s["measured_best"])),
+        ("predicted best vs measured best", "-" if s["best_gap_pct"] is None else
+         ("same strategy" if best else f"{s['best_gap_pct']:+.1f}% slower (measured)")),
+    ]
+
+
+def table_rows(s: dict) -> list[list[str]]:
+    """One row per strategy: name, status, predicted/measured time (s) and memory (MiB), errors."""
+    out = []
+    for r in s["strategies"]:
+        out.append([r["name"], r["status"], fmt(r["predicted_time_s"]), fmt(r["measured_time_s"]),
+                    pct(r.get("time_error_pct")), fmt(r["predicted_mem_bytes"], MiB, 4),
+                    fmt(r["measured_mem_bytes"], MiB, 4), pct(r.get("memory_error_pct"))])
+    return out
+
+
+HEADERS = ["strategy", "status", "pred time s", "meas time s", "time err", "pred mem MiB", "meas mem MiB",
+           "mem err"]
+
+
+def markdown(s: dict, meta: dict) -> str:
+    lines = [f"# autopar validate: {meta.get('model')} on {meta.get('nproc')} {meta.get('device')} ranks", "",
+             f"Command: `{meta.get('command')}`", "",
+             f"Predictions from profile `{meta.get('profile')}`; seq {meta.get('seq_len')}, global batch "
+             f"{meta.get('global_batch')}, {meta.get('dtype')}; {meta.get('steps')} steps per run, median step "
+             f"time after {meta.get('warmup')} warm-up steps; {meta.get('load')}.", "", f"Note: {MEMORY_NOTE}.", "",
+             "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in headline(s)]
+    lines += ["", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(s)]
+    failed = [r for r in s["strategies"] if r["status"] != "ok"]
+    if failed:
+        lines += ["", "Failed runs:", ""]
+        lines += [f"- {r['name']} (`{r['strategy']}`): {r['status']}: {r['error']} (log: {r['log'] or '-'})"
+                  for r in failed]
+    lines += ["", "Strategies (compact form):", ""]
+    lines += [f"- {r['name']}: `{r['strategy']}`" for r in s["strategies"]]
+    return "\n".join(lines) + "\n"
+
+
+def scatter(s: dict, path: Path, title: str) -> Path:
+    """Predicted vs measured step time and memory, one labelled point per strategy that ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in s["strategies"] if r["status"] == "ok" and r["measured_time_s"]]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6))
+    _panel(axes[0], ok, "time", 1.0, "step time (s)", f"Spearman {fmt(s['spearman'])}, "
+           f"MAPE {fmt(s['time_mape'], 1, 3)}%")
+    _panel(axes[1], ok, "mem", MiB, "peak tensor memory (MiB)", f"MAPE {fmt(s['memory_mape'], 1, 3)}%, "
+           f"max under {fmt(s['max_memory_under_prediction'], 1, 3)}%")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _panel(ax, rows: list[dict], key: str, scale: float, label: str, note: str) -> None:
+    pred = [r[f"predicted_{key}_s" if key == "time" else "predicted_mem_bytes"] / scale for r in rows]
+    meas = [r[f"measured_{key}_s" if key == "time" else "measured_mem_bytes"] / scale for r in rows]
+    ax.scatter(meas, pred, s=36, color="tab:blue", zorder=3)
+    for r, x, y in zip(rows, meas, pred):
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if meas:
+        lo, hi = min(meas + pred) * 0.9, max(meas + pred) * 1.1
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="predicted = measured")
+        ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="grey", alpha=0.15,
+                        label="within 10%")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.legend(loc="upper left", fontsize=8)
+    ax.set_xlabel(f"measured {label}")
+    ax.set_ylabel(f"predicted {label}")
+    ax.set_title(note, fontsize=10)
+    ax.grid(alpha=0.3)
+
+
+def write_all(s: dict, meta: dict, out: Path) -> list[Path]:
+    """validation.md, validation.json and validation.png in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    md, js, png = out / "validation.md", out / "validation.json", out / "validation.png"
+    write_atomic(md, markdown(s, meta))
+    write_atomic(js, json.dumps({**meta, **s}, indent=2, default=float) + "\n")
+    scatter(s, png, f"{meta.get('model')}: {meta.get('nproc')} {meta.get('device')} ranks, predicted vs measured")
+    return [md, js, png]
