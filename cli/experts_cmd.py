@@ -53,13 +53,16 @@ def trace_routing(
     _print_trace_summary(trace, out, json_out)
 
 
-def _count(text: str | None, default: int) -> int:
+def _count(text: str | None, default: int, what: str = "--synthetic takes --tokens N") -> int:
     if text is None:
         return default
     try:
-        return int(text)
+        count = int(text)
     except ValueError:
-        raise InputError(f"tokens: '{text}' is not a token count; --synthetic takes --tokens N") from None
+        raise InputError(f"tokens: '{text}' is not a token count; {what}") from None
+    if count < 1:
+        raise InputError(f"tokens: {count} must be >= 1")
+    return count
 
 
 def _trace_model(name: str, tokens: str | None, seq_len: int, batch_size: int, seed: int):
@@ -98,7 +101,7 @@ def _load_tokens(tokens: str | None, vocab: int, seq_len: int, seed: int):
     else:
         if vocab <= 0:
             raise InputError("tokens: cannot tell the model's vocabulary size; pass --tokens FILE with token ids")
-        count = _count(tokens, 8 * seq_len)
+        count = _count(tokens, 8 * seq_len, "give an existing token-id file or a number of random tokens")
         n_seq = max(1, -(-count // seq_len))
         ids = torch.randint(0, vocab, (n_seq, seq_len), generator=torch.Generator().manual_seed(seed))
     if ids.numel() == 0 or ids.min() < 0 or (vocab and ids.max() >= vocab):
@@ -152,6 +155,7 @@ def experts_cmd(
                                    "compute it on one expert"),
     bytes_per_token: float | None = typer.Option(None, "--bytes-per-token",
                                                  help="default: 2 * hidden (bf16), 8192 if unknown"),
+    gap: float = typer.Option(0.0, "--gap", help="search: stop once the proven gap is at most this (0.02 = 2%)"),
     seed: int = typer.Option(0, "--seed", help="seed of the search restarts and the random baseline"),
     out: Path | None = typer.Option(None, "--out", help="placement file to write (JSON)"),
     plot: Path | None = typer.Option(None, "--plot", help="heat map PNG of load per rank per layer"),
@@ -163,11 +167,13 @@ def experts_cmd(
 
     if solver is not None and solver not in ("cbc", "highs"):
         raise InputError(f"solver: '{solver}' is not one of cbc, highs")
+    if not 0 <= gap < 1:
+        raise InputError(f"gap: {gap} must be in [0, 1)")
     if time_limit <= 0:
         raise InputError(f"time-limit: {time_limit} must be > 0 seconds")
     trace = RoutingTrace.load_file(trace_path)
     placement = solve_placement(trace, ep, replicas, method=method, time_limit_s=time_limit, solver=solver,
-                                a2a_cost=a2a_cost, seed=seed)
+                                a2a_cost=a2a_cost, seed=seed, target_gap=gap)
     bpt = bytes_per_token or 2.0 * (trace.meta.get("hidden") or 4096)
     p = make_problem(trace, ep, replicas, a2a_cost=a2a_cost)
     rows = {"placement": placement_stats(trace, placement, bpt, a2a_cost),

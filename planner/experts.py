@@ -167,7 +167,8 @@ def round_robin(p: Problem) -> np.ndarray:
 
 def random_placement(p: Problem, seed: int = 0) -> np.ndarray:
     """Round-robin over a random expert order per layer (copies of one expert stay adjacent)."""
-    rng = np.random.default_rng(seed)
+    # a stream apart from synthetic_trace's (same seed there draws the popularity orders)
+    rng = np.random.default_rng([seed, 0x0BA5E])
     X = np.zeros((p.num_layers, p.num_experts, p.ep), dtype=bool)
     for l in range(p.num_layers):
         order = rng.permutation(p.num_experts)
@@ -218,6 +219,13 @@ class ExpertPlacement(BaseModel):
 
     def matrix(self) -> np.ndarray:
         return to_matrix(self.assignment, self.num_experts)
+
+    def check_fits(self, moe_layers: int, num_experts: int, ep: int) -> None:
+        """One-line InputError unless this placement is for that model and EP degree."""
+        if (self.num_layers, self.num_experts, self.ep) != (moe_layers, num_experts, ep):
+            raise InputError(f"placement: made for {self.num_layers} MoE layers x {self.num_experts} experts on "
+                             f"ep={self.ep}, but the plan has {moe_layers} x {num_experts} on ep={ep}; "
+                             f"run `autopar experts TRACE --ep {ep}` with a trace of this model")
 
     def save(self, path: str | os.PathLike) -> None:
         write_atomic(Path(path), self.model_dump_json(indent=1))
@@ -270,7 +278,8 @@ def solve_placement(trace: RoutingTrace, ep: int, replicas: int = 0, method: str
 
     ``method``: ``exact`` (pulp ILP), ``search`` (iterated local search + combinatorial bound)
     or ``auto`` (exact when at most EXACT_MAX_BINARIES placement variables, else search).
-    ``time_limit_s`` bounds the whole call (bound + search, or the ILP).
+    ``time_limit_s`` bounds the whole call (bound + search, or the ILP); the search stops early
+    once its gap to the bound is at most ``target_gap``.
     """
     from autopar.planner import experts_ilp
 
@@ -292,7 +301,8 @@ def solve_placement(trace: RoutingTrace, ep: int, replicas: int = 0, method: str
         X, lb, used = res.X, max(lb, res.bound), f"pulp-{solver}"
         if res.optimal or method == "exact":
             return _placement(p, X, lb, "exact", used, time.perf_counter() - t0, replicas, trace, a2a_cost)
-    X = _search(p, X, lb, t0 + time_limit_s, seed, restarts, target_gap)
+    # leave a margin: a move in flight finishes after the deadline, then the result is scored
+    X = _search(p, X, lb, t0 + time_limit_s - min(0.05 * time_limit_s, 5.0), seed, restarts, target_gap)
     return _placement(p, X, lb, "search", used if X is None else "local-search", time.perf_counter() - t0,
                       replicas, trace, a2a_cost)
 
@@ -363,3 +373,24 @@ def placement_stats(trace: RoutingTrace, placement: ExpertPlacement | np.ndarray
         objective=ev.objective,
         rank_load=ev.rank_load.tolist(),
     )
+
+
+def routing_cost_factors(trace: RoutingTrace, ep: int, placement: ExpertPlacement | None = None) -> dict:
+    """Factors against uniform routing for the cost model (``estimate``/``plan --trace/--placement``).
+
+    ``load_imbalance``: busiest-rank expert compute over the mean (uniform routing = 1).
+    ``a2a_volume_factor``: token copies that change rank over the ``(G-1)/G`` share that uniform
+    routing sends off-rank. ``a2a_rank_imbalance``: busiest rank's sent bytes over the mean.
+    Without a placement the trace is priced on round-robin placement.
+    """
+    if placement is not None:
+        placement.check_fits(trace.num_layers, trace.num_experts, ep)
+        X = placement.matrix()
+    else:
+        X = round_robin(make_problem(trace, ep))
+    s = placement_stats(trace, X, bytes_per_token=1.0)
+    uniform = (ep - 1) / ep
+    return dict(load_imbalance=s["max_load_ratio"],
+                a2a_volume_factor=s["cross_fraction"] / uniform if uniform else 0.0,
+                a2a_rank_imbalance=s["a2a_bytes_per_rank_max"] / s["a2a_bytes_per_rank_mean"]
+                if s["a2a_bytes_per_rank_mean"] else 1.0)

@@ -1,13 +1,13 @@
 """Scalable expert placement: iterated local search over one-layer solves and chain swaps.
 
 Construction: layer 0 balanced (heaviest copy onto the lightest rank), then each layer placed
-given the previous one (the one-layer MILP of ``experts_ilp``). Descent alternates two moves
+given the previous one (assignment + swaps). Descent alternates two moves
 until neither improves the objective of ``autopar.planner.experts``:
 
 - one-layer re-solve: with both neighbours fixed the objective restricted to layer ``l`` is
   ``a * max_r load(r) - w * sum gain[e,r] x[e,r]`` (``gain``: transitions kept on r), solved
-  exactly by MILP when ``E*G`` is small, else by a Hungarian assignment then best-improvement
-  swaps;
+  by a Hungarian assignment then best-improvement swaps, and polished by the exact one-layer
+  MILP (time-capped) when ``E*G`` is small;
 - chain swap: each rank's copies are linked into chains across layers (max-flow matching per
   layer pair); swapping two whole chains between ranks rebalances every layer's load without
   breaking the chains' own transitions, a move that one-layer steps cannot make.
@@ -51,43 +51,52 @@ def layer_objective(p: Problem, l: int, Xl: np.ndarray, gain: np.ndarray) -> flo
     return float(p.load_weight * (p.copy_load[l] @ Xl).max() - p.comm_weight * (gain * Xl).sum())
 
 
-def solve_layer(p: Problem, l: int, gain: np.ndarray, milp_max_vars: int = 2048) -> np.ndarray:
-    """Placement of layer l given its neighbours: exact MILP when small, else assignment + swaps."""
+def solve_layer(p: Problem, l: int, gain: np.ndarray, milp_time_s: float = 0.0,
+                milp_max_vars: int = 2048) -> np.ndarray:
+    """Placement of layer l given its neighbours: Hungarian assignment + best-improvement swaps,
+    then, when small and given time, the exact one-layer MILP if it does better."""
     from autopar.planner.experts_ilp import solve_layer_milp
 
-    if p.num_experts * p.ep <= milp_max_vars:
-        Xl = solve_layer_milp(p, l, gain)
-        if Xl is not None:
-            return Xl
-    return swap_descent(p, l, assign_layer(p, l, gain), gain)
+    Xl = swap_descent(p, l, assign_layer(p, l, gain), gain)
+    if milp_time_s > 0 and p.num_experts * p.ep <= milp_max_vars:
+        Xm = solve_layer_milp(p, l, gain, time_limit_s=milp_time_s)
+        if Xm is not None and layer_objective(p, l, Xm, gain) < layer_objective(p, l, Xl, gain) - 1e-9:
+            return Xm
+    return Xl
 
 
 def assign_layer(p: Problem, l: int, gain: np.ndarray) -> np.ndarray:
-    """Max-gain assignment of copies to slots (Hungarian), then split duplicate copies."""
+    """Max-gain assignment of copies to slots (Hungarian), then split copies that share a rank."""
     from scipy.optimize import linear_sum_assignment
 
     items = np.repeat(np.arange(p.num_experts), p.copies[l])
     slot_rank = np.repeat(np.arange(p.ep), p.slots)
     rows, cols = linear_sum_assignment(-gain[items][:, slot_rank])
-    Xl = np.zeros((p.num_experts, p.ep), dtype=bool)
-    for e, r in zip(items[rows], slot_rank[cols]):
-        if Xl[e, r]:                          # a second copy on one rank: swap it elsewhere
-            r = _free_swap(Xl, e, r, gain)
-        Xl[e, r] = True
-    return Xl
+    count = np.zeros((p.num_experts, p.ep), dtype=np.int64)
+    np.add.at(count, (items[rows], slot_rank[cols]), 1)
+    for e, r in zip(*np.nonzero(count > 1)):
+        while count[e, r] > 1:
+            _split_duplicate(count, int(e), int(r), gain)
+    return count > 0
 
 
-def _free_swap(Xl: np.ndarray, e: int, r: int, gain: np.ndarray) -> int:
-    """Move a copy of ``e`` from r (already holding e) by swapping with an expert elsewhere."""
-    for r2 in np.argsort(-gain[e]):
-        if r2 == r or Xl[e, r2]:
-            continue
-        movable = np.nonzero(Xl[:, r2] & ~Xl[:, r])[0]
-        if len(movable):
-            e2 = movable[np.argmax(gain[movable, r])]
-            Xl[e2, r2], Xl[e2, r] = False, True
-            return int(r2)
-    raise RuntimeError("no rank can take another copy")
+def _split_duplicate(count: np.ndarray, e: int, r: int, gain: np.ndarray) -> None:
+    """Swap one copy of e off rank r with an expert e2 from a rank r2 that lacks e.
+
+    Such a swap always exists: r holds at most m-1 distinct experts and e has at most G-1
+    ranks besides the duplicate, so some r2 lacks e and holds an e2 that r lacks.
+    """
+    best, move = -np.inf, None
+    for r2 in np.nonzero(count[e] == 0)[0]:
+        for e2 in np.nonzero((count[:, r2] > 0) & (count[:, r] == 0))[0]:
+            delta = gain[e, r2] + gain[e2, r] - gain[e, r] - gain[e2, r2]
+            if delta > best:
+                best, move = delta, (int(r2), int(e2))
+    r2, e2 = move
+    count[e, r] -= 1
+    count[e, r2] += 1
+    count[e2, r2] -= 1
+    count[e2, r] += 1
 
 
 def swap_descent(p: Problem, l: int, Xl: np.ndarray, gain: np.ndarray, max_iter: int = 10_000) -> np.ndarray:
@@ -261,7 +270,8 @@ def _layer_sweep(p: Problem, X: np.ndarray, best: float, reverse: bool, deadline
         if time.perf_counter() >= deadline:
             break
         gain = layer_gain(p, X, l)
-        Xl = solve_layer(p, l, gain)
+        # the MILP polish is capped: with one-sided or tied gains HiGHS can take seconds
+        Xl = solve_layer(p, l, gain, milp_time_s=min(0.5, max(0.0, deadline - time.perf_counter())))
         if layer_objective(p, l, Xl, gain) < layer_objective(p, l, X[l], gain) - 1e-9:
             old, X[l] = X[l], Xl
             f = evaluate(p, X).objective

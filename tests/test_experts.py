@@ -10,8 +10,19 @@ import pytest
 
 from autopar.cli.main import main
 from autopar.errors import InputError
-from autopar.planner.experts import (ExpertPlacement, check_assignment, evaluate, make_problem, placement_stats,
-                                     random_placement, round_robin, solve_placement, to_assignment, to_matrix)
+from autopar.planner.experts import (
+    ExpertPlacement,
+    check_assignment,
+    evaluate,
+    make_problem,
+    placement_stats,
+    random_placement,
+    round_robin,
+    routing_cost_factors,
+    solve_placement,
+    to_assignment,
+    to_matrix,
+)
 from autopar.planner.experts_ilp import cross_bound, load_bound, lower_bound, solve_exact
 from autopar.planner.experts_search import search
 from autopar.profiles.routing import RoutingTrace, synthetic_trace
@@ -157,6 +168,18 @@ def test_placement_file_roundtrip_and_validation(tmp_path):
         ExpertPlacement.load_file(tmp_path / "bad.json")
 
 
+def test_routing_cost_factors_for_the_cost_model():
+    tr = synthetic_trace(16, 4, 1, 4000, skew=0.5, affinity=0.9, seed=1)
+    base = routing_cost_factors(tr, 4)                          # round-robin on the trace
+    assert base["load_imbalance"] > 1.0 and 0.8 < base["a2a_volume_factor"] < 1.2
+    pl = solve_placement(tr, 4, method="search", time_limit_s=3, restarts=1)
+    placed = routing_cost_factors(tr, 4, pl)
+    assert placed["a2a_volume_factor"] < 0.5 * base["a2a_volume_factor"]
+    assert placed["load_imbalance"] < base["load_imbalance"]
+    with pytest.raises(InputError, match="ep=4, but the plan has 4 x 16 on ep=8"):
+        pl.check_fits(4, 16, 8)
+
+
 # ----- CLI ----------------------------------------------------------------------------------------
 def test_cli_experts_json_plot_and_out(tmp_path, capsys):
     synthetic_trace(16, 4, 1, 4000, skew=0.5, affinity=0.9, seed=1).save(tmp_path / "t.json")
@@ -197,3 +220,15 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, mutate, argv, match):
         main(["experts", path, *argv])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and match in err and err.count("\n") == 1
+
+
+def test_assignment_splits_copies_that_share_a_rank():
+    from autopar.planner.experts_search import assign_layer
+
+    tr = synthetic_trace(8, 2, 1, 400, skew=1.5, seed=0)
+    p = make_problem(tr, 4, replicas=8)                        # hot experts get up to 4 copies
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        gain = rng.random((8, 4)) * (rng.random((8, 4)) < 0.3) * 100   # ties push copies together
+        Xl = assign_layer(p, 0, gain)
+        assert (Xl.sum(axis=1) == p.copies[0]).all() and (Xl.sum(axis=0) == p.slots).all()

@@ -214,3 +214,19 @@ def test_cli_errors_exit_2(tmp_path, monkeypatch, capsys, argv, match):
         main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and match in err and err.count("\n") == 1
+
+
+def test_convert_trace_script(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "convert_trace.py"
+    spec = importlib.util.spec_from_file_location("convert_trace", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    csv = tmp_path / "routes.csv"
+    csv.write_text("layer,token,expert\n3,0,1\n3,0,2\n3,1,0\n3,1,2\n5,0,2\n5,0,3\n5,1,1\n5,1,0\n")
+    mod.main([str(csv), "--out", str(tmp_path / "t.json"), "--experts", "4"])
+    tr = RoutingTrace.load_file(tmp_path / "t.json")
+    assert tr.topk == 2 and tr.tokens == 2 and tr.meta["layer_ids"] == [3, 5]
+    assert tr.transitions[0] == [[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]]
