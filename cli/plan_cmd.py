@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -143,11 +142,11 @@ def _nothing_fits(cm, cons: Constraints, res: SearchResult) -> None:
         raise InputError(f"no configuration satisfies {named} on {cm.cluster.world} GPUs (degrees multiply to the "
                          f"GPU count, tp and ep*etp stay in a node unless --cross-node, and they divide heads, "
                          f"layers, experts and the batch); relax them")
-    msg = explain.overflow_message(res)
-    fixes = explain.fit_suggestions(cm, cons, res.global_batch)
-    if fixes:
-        msg += "; would fit with: " + "; ".join(fixes)
-    raise DoesNotFitError(msg)
+    closest = explain.closest(cm, cons, res.global_batch)
+    if closest is None and res.rule_error:
+        raise InputError(res.rule_error)
+    msg = explain.overflow_message(closest)
+    raise DoesNotFitError("; ".join([msg, *explain.fit_suggestions(cm, cons, res.global_batch)]))
 
 
 # ----- the Plan ----------------------------------------------------------------------------------
@@ -164,10 +163,22 @@ def to_plan(cm, cand: Candidate, inputs: dict[str, str]) -> Plan:
         t += (costs["output"].time("none") if last and costs["output"] else 0.0)
         stages.append(StageSpec(index=j, rank=j % s.pp, layer_start=a, layer_end=b, has_embedding=first,
                                 has_output=last, predicted_time_s=t, predicted_mem_bytes=ranks[j % s.pp].mem_bytes))
-    command = "autopar " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "autopar plan"
     return Plan(model=cm.spec, cluster=cm.cluster, seq_len=cm.seq_len, dtype=cm.dtype, strategy=s,
                 layer_recompute=list(cand.layer_recompute), stages=stages, predictions=estimate_dict(e, cm),
-                provenance=Provenance(command=command, inputs=inputs))
+                provenance=Provenance(command=_command(cm, cand, inputs), inputs=inputs))
+
+
+def _command(cm, cand: Candidate, inputs: dict[str, str]) -> str:
+    """A command line that reproduces the search (the plan's own inputs, not the caller's argv)."""
+    args = ["autopar", "plan", inputs.get("model", cm.spec.name), "--gpu", cm.cluster.gpu,
+            "--nodes", str(cm.cluster.nodes), "--gpus-per-node", str(cm.cluster.gpus_per_node),
+            "--seq-len", str(cm.seq_len), "--global-batch", str(cand.strategy.global_batch), "--dtype", cm.dtype]
+    for key, flag in (("profile", "--profile"), ("placement", "--placement"), ("trace", "--trace")):
+        if key in inputs:
+            args += [flag, inputs[key]]
+    if "constraints" in inputs:
+        args += ["--strategy", inputs["constraints"]]
+    return " ".join(shlex.quote(a) for a in args)
 
 
 def plan_json(cm, res: SearchResult, top: int) -> dict:

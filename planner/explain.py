@@ -7,7 +7,18 @@ from collections import Counter
 
 from autopar.cost_models.estimate import CostModel, Estimate
 from autopar.cost_models.report import overflow_bytes
-from autopar.planner.search import Candidate, Constraints, SearchResult, search
+from autopar.cost_models.strategy import Strategy
+from autopar.errors import InputError
+from autopar.planner.search import (
+    Candidate,
+    Constraints,
+    floor_terms,
+    knob_options,
+    min_in_flight,
+    probe,
+    search,
+    shardings,
+)
 
 GiB = 2**30
 TIGHT_MEMORY = 0.05      # headroom below 5% of the usable memory counts as memory-bound
@@ -41,8 +52,8 @@ def _limits(c: Candidate) -> str:
     rc = Counter(c.layer_recompute)
     redo = {k: v for k, v in rc.items() if k != "none"}
     if redo:
-        mem += ", recomputing " + " and ".join(f"{v} layers {k}" for k, v in sorted(redo.items())) + \
-               f" of {len(c.layer_recompute)} to fit"
+        mem += f"; recomputes {sum(redo.values())} of {len(c.layer_recompute)} layers (" + \
+               ", ".join(f"{v} {k}" for k, v in sorted(redo.items())) + ")"
     top_term = max(over, key=over.get) if over else None
     if headroom < TIGHT_MEMORY:
         limit = "memory-bound"
@@ -92,9 +103,34 @@ def _seconds(x: float) -> str:
 
 
 # ----- nothing fits -------------------------------------------------------------------------------
-def overflow_message(res: SearchResult) -> str:
-    """How far the closest configuration is from fitting (one sentence)."""
-    e = res.closest
+def closest(cm: CostModel, cons: Constraints, gb: int, tries: int = 4) -> Estimate | None:
+    """The configuration that overflows least: the shardings with the lowest memory floor,
+    each with the most memory-saving knobs the constraints allow, priced exactly."""
+    ranked = []
+    for row in shardings(cm, cons, gb):
+        knobs = knob_options(cm, cons, row[0], gb) if row else []   # row[0]: the smallest mbs
+        if not knobs:
+            continue
+        sh, m = row[0], gb // (row[0].dp * row[0].mbs)
+        k = min(knobs, key=lambda x: (-x.zero, not x.offload, min_in_flight(sh.pp, m, x.schedule, x.vpp)))
+        floor = floor_terms(cm, sh, cons.modes).bytes(cm, sh, k.zero, k.offload,
+                                                      min_in_flight(sh.pp, m, k.schedule, k.vpp))
+        ranked.append((floor, probe(sh, gb, k, recompute=cons.modes[-1])))
+    best = None
+    for _, s in sorted(ranked, key=lambda x: x[0])[:tries]:
+        try:
+            s = Strategy(**s.model_dump()).resolve(cm.cluster.world)
+            cm.check(s)
+        except InputError:
+            continue
+        e = cm.estimate(s)
+        if best is None or e.peak_bytes < best.peak_bytes:
+            best = e
+    return best
+
+
+def overflow_message(e: Estimate | None) -> str:
+    """How far the closest configuration (``closest``) is from fitting (one sentence)."""
     if e is None:
         return "nothing fits and no configuration of the space could be priced"
     worst = e.worst_rank
@@ -105,23 +141,24 @@ def overflow_message(res: SearchResult) -> str:
 
 
 def fit_suggestions(cm: CostModel, cons: Constraints, gb: int, max_nodes_factor: int = 32) -> list[str]:
-    """Changes that make a plan fit, each checked by a search: more GPUs (doubling the nodes),
-    a shorter sequence, a smaller global batch. States that no sequence or batch can shrink
-    are said so instead of searching."""
+    """What would make a plan fit, each checked by a search under the same constraints: more
+    GPUs (doubling the nodes), a shorter sequence, a smaller global batch. When the model
+    states alone overflow, says so instead of trying the sequence and the batch."""
     out = []
     more = _more_gpus(cm, cons, gb, max_nodes_factor)
-    if more:
-        out.append(more)
-    states_only = _states_floor(cm) > cm.gpu.usable_mem_bytes
-    if states_only:
+    out.append(f"would fit on {more}" if more else
+               f"no cluster up to {cm.cluster.world * max_nodes_factor} GPUs fits under these constraints")
+    floor = _states_floor(cm, cons)
+    if floor > cm.gpu.usable_mem_bytes:
         out.append(f"a shorter sequence or a smaller batch cannot help: the model states alone need "
-                   f"{_states_floor(cm) / GiB:.1f} GiB per GPU even sharded over all {cm.cluster.world} GPUs")
+                   f"{floor / GiB:.1f} GiB per GPU even sharded over all {cm.cluster.world} GPUs")
         return out
     for label, cm2, gb2 in _smaller_work(cm, gb):
         res = search(cm2, gb2, cons, top_k=1)
         if res.candidates:
             e = res.candidates[0].estimate
-            out.append(f"{label} fits ({res.candidates[0].strategy.short()}, {e.tokens_per_s:,.0f} tokens/s)")
+            out.append(f"would fit with {label} ({res.candidates[0].strategy.short()}, "
+                       f"{e.tokens_per_s:,.0f} tokens/s)")
             break
     return out
 
@@ -131,11 +168,11 @@ def _more_gpus(cm: CostModel, cons: Constraints, gb: int, max_factor: int) -> st
     while factor <= max_factor:
         cl = cm.cluster.model_copy(update={"nodes": cm.cluster.nodes * factor})
         cm2 = _with(cm, cluster=cl)
-        if _states_floor(cm2) <= cm.gpu.usable_mem_bytes:
+        if _states_floor(cm2, cons) <= cm.gpu.usable_mem_bytes:
             res = search(cm2, gb, cons, top_k=1)
             if res.candidates:
                 c = res.candidates[0]
-                return (f"{cl.world} GPUs ({cl.nodes} nodes of {cl.gpus_per_node}): {c.strategy.short()} at "
+                return (f"{cl.world} GPUs (--nodes {cl.nodes}): {c.strategy.short()} at "
                         f"{c.estimate.tokens_per_s:,.0f} tokens/s")
         factor *= 2
     return None
@@ -160,12 +197,13 @@ def _with(cm: CostModel, **kw) -> CostModel:
                      moe_load=cm.moe_load)
 
 
-def _states_floor(cm: CostModel) -> float:
-    """Model-state bytes per GPU with every parameter sharded over every GPU (ZeRO-3), the
-    optimizer states on the host when the profile allows offload: no plan holds less."""
+def _states_floor(cm: CostModel, cons: Constraints) -> float:
+    """Model-state bytes per GPU with every state sharded over every GPU (tp x pp x ZeRO can at
+    best split them evenly), the optimizer states on the host when offload is allowed: no
+    plan holds less."""
     from autopar.cost_models.memory import model_state_bytes
 
     params = sum(t.params * (len(t.indices) if t.kind == "block" else 1) for t in cm.templates)
     st = model_state_bytes(params, cm.dtype, 3, cm.cluster.world)
-    offload = bool(cm.gpu.host_link_gbps and cm.gpu.host_optimizer_gbps)
+    offload = bool(cm.gpu.host_link_gbps and cm.gpu.host_optimizer_gbps) and cons.ok("offload_optimizer", True)
     return st.total - (st.optimizer if offload else 0.0)

@@ -90,7 +90,7 @@ class RankPricer:
         for i in range(self.L):
             for g in range(len(self.groups)):
                 self.prefix[g][i + 1] = self.prefix[g][i] + (gid[id(self.costs[i])] == g)
-        self.base = [c.time("none") for c in self.groups]
+        self.base = [min(c.time(k) for k in self.modes) for c in self.groups]   # fastest allowed
         self.first = [next(i for i in range(self.L) if gid[id(self.costs[i])] == g) for g in range(len(self.groups))]
         self._z3: list[float] | None = None
         self._by_pos: dict[tuple, RankEval] = {}
@@ -112,7 +112,7 @@ class RankPricer:
         return tuple(sum(pre[k * self.C + o + c] - pre[k * self.C + o] for k in range(self.v)) for pre in self.prefix)
 
     def base_time(self, o: int, c: int) -> float:
-        """Forward + backward of the layers without recompute (extras excluded)."""
+        """Forward + backward of the layers with the fastest allowed recompute (extras excluded)."""
         return sum(n * t for n, t in zip(self.counts(o, c), self.base))
 
     # ----- one rank ------------------------------------------------------------------------

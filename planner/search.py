@@ -68,6 +68,7 @@ class Constraints:
         bad = set(self.fixed) - set(STRATEGY_FIELDS)
         if bad:
             raise InputError(f"constraints: unknown field(s) {', '.join(sorted(bad))}")
+        Strategy.build(**self.fixed)   # types and ranges, as one-line InputErrors
         self.fixed = {k: v for k, v in self.fixed.items() if not (k == "dp" and v == -1)}
 
     def ok(self, name: str, value) -> bool:
@@ -110,7 +111,7 @@ class SearchResult:
     candidates: list[Candidate]
     stats: SearchStats
     global_batch: int
-    closest: Estimate | None = None   # when nothing fits: the configuration that overflows least
+    rule_error: str | None = None     # a model rule that rejected configurations (none expected)
 
 
 class Sharding(NamedTuple):
@@ -159,7 +160,7 @@ def meshes(cm: CostModel, cons: Constraints, gb: int):
         if not cons.ok("tp", tp) or not tp_ok(cm, tp) or (not cons.cross_node and gpn % tp):
             continue
         for cp in divisors(world // tp):
-            if not cons.ok("cp", cp) or (cp > 1 and cm.seq_len % (2 * cp)):
+            if not cons.ok("cp", cp) or (cp > 1 and (cm.seq_len % (2 * cp) or cm.spec.family == "custom")):
                 continue
             for pp in divisors(world // (tp * cp)):
                 dp = world // (tp * cp * pp)
@@ -247,7 +248,7 @@ class Floor:
     dense: float     # parameters of every layer on its pipeline rank (tp-sharded), summed
     expert: float
     act: float       # smallest saved activations per micro-batch the allowed recompute gives
-    act_none: float  # saved activations per micro-batch without recompute
+    act_base: float  # saved activations per micro-batch with the fastest allowed recompute
     temps: float
     saves: tuple     # per block template: (layers, {mode: bytes one layer saves per micro-batch})
 
@@ -266,7 +267,7 @@ class Floor:
         under ``usable``: a fractional knapsack over the block templates (``rc``: extra time of
         one layer per mode), a relaxation of ``recompute.choose`` summed over ranks."""
         room = (sh.pp * usable - self.states(cm, sh, k.zero, k.offload) - self.temps) / in_flight
-        need = self.act_none - room
+        need = self.act_base - room
         if need <= 0:
             return 0.0
         offers = []
@@ -284,24 +285,25 @@ class Floor:
 
 
 def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...]) -> Floor:
-    """Same formulas as ``layer_cost.price_layer`` for parameters and ``layer_model.saved_bytes``."""
+    """Same formulas as ``layer_cost.price_layer`` for parameters and ``layer_model.saved_bytes``.
+    ``modes[0]`` is the fastest allowed recompute (none unless the user fixed another)."""
     shards = shards_for(probe(sh, 0))
-    dense = expert = act = act_none = temps = 0.0
+    dense = expert = act = act_base = temps = 0.0
     saves = []
     for t in cm.templates:
         n = len(t.indices) if t.kind == "block" else 1
         dense += n * ((t.params_tp + t.params_vocab) / sh.tp + t.params_rep)
         expert += n * t.params_expert / (sh.ep * sh.etp)
-        none = saved_bytes(t, shards, "none")
-        act_none += n * none
         if t.kind == "block":
             by_mode = {k: saved_bytes(t, shards, k) for k in modes}
             act += n * min(by_mode.values())
-            saves.append((n, {k: none - b for k, b in by_mode.items() if k != "none"}))
+            act_base += n * by_mode[modes[0]]
+            saves.append((n, {k: by_mode[modes[0]] - b for k, b in by_mode.items() if k != modes[0]}))
         else:
-            act += none
+            act += saved_bytes(t, shards, "none")
+            act_base += saved_bytes(t, shards, "none")
             temps += t.temp_bytes * shards.tokens / (sh.tp if t.kind == "output" else 1)
-    return Floor(dense, expert, act, act_none, temps, tuple(saves))
+    return Floor(dense, expert, act, act_base, temps, tuple(saves))
 
 
 def min_in_flight(pp: int, m: int, schedule: str, v: int) -> float:
@@ -343,6 +345,7 @@ class _Space:
         self.pushes = 0           # tie-breaker: equal bounds leave the queue in insertion order
         self.shared: dict = {}    # caches the partition DP reuses across configurations
         self.knob_cache: dict = {}
+        self.rule_error: str | None = None
         # the optimizer step streams at best at the highest HBM efficiency of the profile
         self.opt_bw = cm.timer.bw * max(e for _, e in cm.timer.gpu.membound_eff.root)
 
@@ -362,12 +365,13 @@ class _Space:
             costs = self.cm.layer_costs(probe(key, self.gb))
             self.stats.layer_pricings += 1
             blocks = [costs[i] for i in range(self.cm.num_layers)]
-            parts = blocks + [c for c in (costs["embedding"], costs["output"]) if c]
-            total = sum(c.time("none") for c in parts)
-            rc = [{m: costs[t.indices[0]].time(m) - costs[t.indices[0]].time("none") for m in RECOMPUTE_MODES}
+            edges = [c for c in (costs["embedding"], costs["output"]) if c]
+            base = self.cons.modes[0]   # the fastest recompute allowed: every block pays at least it
+            total = sum(c.time(base) for c in blocks) + sum(c.time("none") for c in edges)
+            no_cp = total - sum(c.comm_s.get("cp", 0.0) for c in blocks + edges)
+            rc = [{m: costs[t.indices[0]].time(m) - costs[t.indices[0]].time(base) for m in self.cons.modes}
                   for t in self.cm.templates if t.kind == "block"]
-            self.prices[key] = Priced(costs, total, total - sum(c.comm_s.get("cp", 0.0) for c in parts),
-                                      min(c.time("none") for c in blocks),
+            self.prices[key] = Priced(costs, total, no_cp, min(c.time(base) for c in blocks),
                                       (sum(c.params_dense for c in blocks), sum(c.params_expert for c in blocks)), rc)
         return self.prices[key]
 
@@ -401,11 +405,8 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
             found.sort(key=lambda c: c.step_time_s)
     for c in found[:top_k]:
         c.estimate = cm.estimate(c.strategy, c.stages, c.layer_recompute)
-    out = SearchResult(found[:top_k], stats, sp.gb)
-    if not out.candidates:
-        out.closest = closest(cm, cons, sp.gb)
     stats.search_time_s = time.perf_counter() - t0
-    return out
+    return SearchResult(found[:top_k], stats, sp.gb, rule_error=sp.rule_error)
 
 
 def _partitioned(sp: _Space, sh: Sharding, k: Knobs, upper: float) -> Candidate | None:
@@ -413,9 +414,12 @@ def _partitioned(sp: _Space, sh: Sharding, k: Knobs, upper: float) -> Candidate 
     try:
         s = Strategy(**probe(sh, sp.gb, k).model_dump()).resolve(cm.cluster.world)
         cm.check(s)
-    except InputError:
-        return None  # a rule the enumeration does not test (none known; counted as infeasible)
-    res = part.partition(cm, s, sp.cons.modes, upper, sp.priced(sh).costs, sp.shared)
+    except InputError as exc:  # a rule the enumeration does not test (none known): keep the reason
+        sp.rule_error = sp.rule_error or exc.message
+        return None
+    # the strategy's own pricing (not the shared pricing_key one): CostModel._rank_memory
+    # recognises the embedding stage by the identity of its LayerCost
+    res = part.partition(cm, s, sp.cons.modes, upper, None, sp.shared)
     if res is None:
         return None
     return Candidate(_label(s, res.layer_recompute), res.stages, res.layer_recompute, res.step_time_s)
@@ -515,30 +519,3 @@ def _zero3_floor(sp: _Space, sh: Sharding) -> float:
             one = RankReport(0, [i], 0.0, 0.0, 0.0, {}, {}, 1.0)
             seen[id(costs[i])] = sp.cm._dp_time(s, one, costs, s.num_micro_batches)
     return sum(seen[id(costs[i])] for i in range(sp.cm.num_layers)) / sh.pp
-
-
-# ----- when nothing fits ------------------------------------------------------------------------
-def closest(cm: CostModel, cons: Constraints, gb: int, tries: int = 4) -> Estimate | None:
-    """The configuration that overflows least: the shardings with the lowest memory floor,
-    each with the most memory-saving knobs the constraints allow, priced exactly."""
-    ranked = []
-    for row in shardings(cm, cons, gb):
-        knobs = knob_options(cm, cons, row[0], gb) if row else []   # row[0]: the smallest mbs
-        if not knobs:
-            continue
-        sh, m = row[0], gb // (row[0].dp * row[0].mbs)
-        k = min(knobs, key=lambda x: (-x.zero, not x.offload, min_in_flight(sh.pp, m, x.schedule, x.vpp)))
-        floor = floor_terms(cm, sh, cons.modes).bytes(cm, sh, k.zero, k.offload,
-                                                      min_in_flight(sh.pp, m, k.schedule, k.vpp))
-        ranked.append((floor, probe(sh, gb, k, recompute=cons.modes[-1])))
-    best = None
-    for _, s in sorted(ranked, key=lambda x: x[0])[:tries]:
-        try:
-            s = Strategy(**s.model_dump()).resolve(cm.cluster.world)
-            cm.check(s)
-        except InputError:
-            continue
-        e = cm.estimate(s)
-        if best is None or e.peak_bytes < best.peak_bytes:
-            best = e
-    return best

@@ -116,6 +116,8 @@ def test_partition_dp_equals_brute_force(text, seed, layers):
         assert res is not None and res.step_time_s == pytest.approx(expect, rel=1e-9)
         e = cm.estimate(s, res.stages, res.layer_recompute)
         assert e.feasible and e.step_time_s == pytest.approx(res.step_time_s, rel=1e-9)
+        # the DP's memory of every rank is the cost model's
+        assert [r.mem_bytes for r in res.ranks] == pytest.approx([r.mem_bytes for r in e.ranks], rel=1e-9)
 
 
 def test_some_case_needs_partial_recompute():

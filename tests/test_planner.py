@@ -85,6 +85,8 @@ def test_search_equals_exhaustive_enumeration(seed, layers, nodes, gpn, moe, usa
     assert best.estimate.step_time_s == pytest.approx(expect, rel=1e-9) and best.estimate.feasible
     times = [c.step_time_s for c in res.candidates]
     assert times == sorted(times)
+    for c in res.candidates:  # every reported plan is what estimate() says of it
+        assert c.estimate.feasible and c.estimate.step_time_s == pytest.approx(c.step_time_s, rel=1e-9)
 
 
 def test_search_reports_its_work():
@@ -139,8 +141,9 @@ def test_constraints_narrow_the_space():
 def test_nothing_fits_reports_the_closest_configuration():
     cm = tiny_cost_model(1, layers=4, usable_mib=20)
     res = S.search(cm, 4)
-    assert not res.candidates and res.closest is not None and not res.closest.feasible
-    msg = explain.overflow_message(res)
+    e = explain.closest(cm, S.Constraints(), 4)
+    assert not res.candidates and e is not None and not e.feasible
+    msg = explain.overflow_message(e)
     assert "nothing fits" in msg and "GiB over" in msg
 
 
@@ -169,16 +172,18 @@ def test_llama3_70b_on_8_gpus_gets_a_feasible_sharded_plan():
 
 
 def test_moe_with_dominant_experts_uses_expert_parallelism():
-    # 64 experts of width 8192 on h=1024: experts hold ~98% of the parameters.
-    spec_kw = dict(model="moe-tiny")
-    cm, spec, cl, seq = build_cost_model(Inputs(gpu="h100-sxm", nodes=1, **spec_kw))
-    big = spec.model_copy(update={"hidden": 1024, "heads": 8, "kv_heads": 8, "head_dim": 128, "num_experts": 64,
-                                  "moe_ffn_hidden": 8192, "layers": 8, "first_dense_layers": 0, "ffn_hidden": 0,
-                                  "shared_experts": 0, "max_seq_len": 2048, "vocab": 32000})
+    # 64 experts of width 8192 on h = 1024 over 8 layers: 12.9B expert parameters, ~99% of the
+    # model; their 206 GB of states cannot sit on every GPU of a node of 8 x 80 GB.
     from autopar.cost_models.templates import build_templates
+    from autopar.profiles.hw import default_cluster_for_gpu, load_gpu_profile
+    from autopar.profiles.intake import preset
 
-    cm = explain._with(cm, templates=build_templates(big, 2048, "bf16"), seq_len=2048)
-    cm.spec = big
+    spec = preset("moe-tiny").model_copy(update={
+        "name": "moe-experts-heavy", "hidden": 1024, "heads": 8, "kv_heads": 8, "head_dim": 128, "layers": 8,
+        "num_experts": 64, "moe_ffn_hidden": 8192, "first_dense_layers": 0, "shared_experts": 0,
+        "max_seq_len": 2048, "vocab": 32000})
+    cluster = default_cluster_for_gpu("h100-sxm", nodes=1, gpus_per_node=8)
+    cm = CostModel(spec, cluster, 2048, build_templates(spec, 2048, "bf16"), load_gpu_profile("h100-sxm"))
     res = S.search(cm, 64, S.Constraints(fixed={"offload_optimizer": False}), top_k=1)
     assert res.candidates and res.candidates[0].strategy.ep > 1
 
@@ -186,8 +191,7 @@ def test_moe_with_dominant_experts_uses_expert_parallelism():
 def test_405b_on_16_gpus_does_not_fit_and_says_by_how_much():
     cm, res = _plan("llama3-405b", nodes=2)
     assert not res.candidates
-    assert res.closest is not None
-    msg = explain.overflow_message(res)
+    msg = explain.overflow_message(explain.closest(cm, S.Constraints(), res.global_batch))
     assert "GiB over" in msg
     hints = explain.fit_suggestions(cm, S.Constraints(), res.global_batch, max_nodes_factor=8)
     assert any("GPUs" in h for h in hints)
