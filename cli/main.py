@@ -11,6 +11,7 @@ from autopar.cli import (  # noqa: F401
     experts_cmd,  # noqa: F401
     inspect_cmd,
     plan_cmd,
+    profile_cmd,
     validate_cmd,
 )
 from autopar.cli.app import app
@@ -19,7 +20,11 @@ from autopar.errors import AutoparError
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # non-standalone typer returns exit codes; Ctrl-C gives 130
+            if code == 130:
+                print("error: interrupted", file=sys.stderr)
+            sys.exit(code)
     except AutoparError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         sys.exit(exc.exit_code)

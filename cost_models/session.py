@@ -26,7 +26,7 @@ class Inputs:
     gpus_per_node: int | None = None
     cluster: str | None = None
     seq_len: int | None = None
-    dtype: str = "bf16"
+    dtype: str | None = None   # None: bf16, or fp32 on a device profile without a bf16 peak
     profile: str | None = None
     placement: str | None = None
     trace: str | None = None
@@ -55,6 +55,8 @@ def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, in
     if spec.family != "custom" and spec.max_seq_len < seq:
         spec = spec.model_copy(update={"max_seq_len": seq})
     gpu = load_gpu_profile(cluster.gpu)
+    if inp.dtype in (None, "auto"):  # documented default: bf16 where the device has a bf16 peak
+        inp.dtype = "bf16" if "bf16" in gpu.peak_tflops else "fp32"
     if inp.dtype not in ("bf16", "fp16", "fp32", "fp8"):
         raise InputError(f"--dtype={inp.dtype} is not one of bf16, fp16, fp32, fp8")
     timer, fits = _measured(inp, gpu)

@@ -284,8 +284,10 @@ def load_cluster(name_or_path: str | Path, nodes: int | None = None, gpus_per_no
 
 
 def cluster_preset_for_gpu(gpu_name: str) -> str:
-    """The preset whose hardware matches a GPU profile (by the profile's canonical name)."""
-    canonical = load_gpu_profile(gpu_name).name.lower()
+    """The preset whose hardware matches a GPU profile (by the profile's canonical name; a
+    measured CPU profile, one with ``cores``, of any name runs on the ``cpu`` preset)."""
+    prof = load_gpu_profile(gpu_name)
+    canonical = "cpu" if prof.cores is not None else prof.name.lower()
     for prefix, preset in GPU_TO_CLUSTER:
         if canonical.startswith(prefix):
             return preset

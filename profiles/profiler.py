@@ -123,12 +123,14 @@ def _as_point(s: OpSample, fwd: float, bwd: float) -> Point | None:
     op = s.op
     if op.gemm_mnk and op.kind == "linear" and op.gemm_batch == 1:
         m, n, k = op.gemm_mnk
-        return Point("matmul", s.sig, 2.0 * m * n * k, op.fwd_flops, op.bytes_rw, fwd, bwd, op.bwd_flops)
-    if op.kind == "sdpa":
-        return Point("attention", s.sig, op.fwd_flops, op.fwd_flops, op.bytes_rw, fwd, bwd, op.bwd_flops)
-    if op.kind in MEMBOUND_KINDS and not op.gemm_mnk:
-        return Point("membound", s.sig, op.bytes_rw, op.fwd_flops, op.bytes_rw, fwd, bwd)
-    return None
+        curve, x = "matmul", 2.0 * m * n * k
+    elif op.kind == "sdpa":
+        curve, x = "attention", op.fwd_flops
+    elif op.kind in MEMBOUND_KINDS and not op.gemm_mnk:
+        curve, x = "membound", op.bytes_rw
+    else:
+        return None
+    return Point(curve, s.sig, x, op.fwd_flops, op.bytes_rw, fwd, bwd, op.bwd_flops, from_model=True)
 
 
 def _measured_table(mops: ModelOps, dtype: str) -> dict[str, list[float]]:
@@ -140,7 +142,7 @@ def _measured_table(mops: ModelOps, dtype: str) -> dict[str, list[float]]:
         if t is None:
             continue
         table[s.sig] = [_r(t.fwd_s), _r(t.bwd_s), round(t.spread, 4)]
-        if s.gemm_sig and s.op.gemm_batch >= 1:
+        if s.gemm_sig:
             b = s.op.gemm_batch
             table.setdefault(s.gemm_sig, [_r(t.fwd_s / b), _r(t.bwd_s / b), round(t.spread, 4)])
     return table
@@ -155,20 +157,19 @@ def _assemble(points, mops, dtype, device, threads, name, command, overhead, clo
     if not any(p.curve == "matmul" for p in points) or not any(p.curve == "membound" for p in points):
         raise InputError("--budget-s: too small to time any GEMM or memory-bound sweep point; raise it")
     peak, bw = peak_flops(points), peak_bandwidth(points)
-    curves = {c: fit_curve([p for p in points if p.curve == c], peak, bw, 4 if c == "matmul" else 2)
-              for c in ("matmul", "membound", "attention")}
+    curves = {c: fit_curve([p for p in points if p.curve == c], peak, bw, 4 if c == "matmul" else 2,
+                           monotone=c != "membound") for c in ("matmul", "membound", "attention")}
     if not curves["attention"]:
         curves["attention"] = curves["matmul"]
     info = device_info(device, threads)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     how = f"measured by `{command}` on {info['device']}, {date}"
-    prec = "fp32" if dtype == "fp32" else dtype
     counts = {c: sum(p.curve == c for p in points) for c in curves}
     return {
         "name": name,
         "description": f"measured: {info['device']}, {info['threads']} thread(s) per rank, torch {info['torch']}, "
                        f"{dtype}",
-        "peak_tflops": {prec: round(peak / 1e12, 5)},
+        "peak_tflops": {dtype: round(peak / 1e12, 5)},
         "mem_capacity_bytes": info["mem_bytes"],
         "mem_bw_gbps": round(bw / 1e9, 3),
         "framework_overhead_bytes": overhead,

@@ -77,7 +77,8 @@ def measure(fn: Callable[[], object], clock: Clock, budget_s: float, rel_tol: fl
     deadline = time.perf_counter() + budget_s
     first = clock.elapsed(fn)            # warm-up: allocator, oneDNN primitive creation, caches
     calls = max(1, min(1000, int(SAMPLE_TARGET_S / max(first, 1e-9))))
-    clock.elapsed(fn, calls)
+    if first < 20 * SAMPLE_TARGET_S:     # a second warm-up unless one call is long anyway
+        clock.elapsed(fn, calls)
     samples: list[float] = []
     while len(samples) < MAX_SAMPLES:
         samples.append(clock.elapsed(fn, calls))
@@ -105,12 +106,13 @@ class OpTiming:
 
 
 def time_fwd_bwd(fwd: Callable[[], object], fwd_bwd: Callable[[], object] | None, clock: Clock,
-                 budget_s: float, engine_s: float = 0.0, rel_tol: float = 0.03) -> OpTiming:
+                 budget_s: float, engine_s: float = 0.0, rel_tol: float = 0.03,
+                 min_samples: int = MIN_SAMPLES) -> OpTiming:
     """Forward median, and backward = median(fwd+bwd) - forward - engine start-up (>= 0)."""
-    f = measure(fwd, clock, budget_s / 3 if fwd_bwd else budget_s, rel_tol)
+    f = measure(fwd, clock, budget_s / 3 if fwd_bwd else budget_s, rel_tol, min_samples)
     if fwd_bwd is None:
         return OpTiming(f.median_s, 0.0, f.spread, f.samples)
-    fb = measure(fwd_bwd, clock, budget_s * 2 / 3, rel_tol)
+    fb = measure(fwd_bwd, clock, budget_s * 2 / 3, rel_tol, min_samples)
     bwd = max(fb.median_s - f.median_s - engine_s, 0.05 * f.median_s)
     return OpTiming(f.median_s, bwd, max(f.spread, fb.spread), f.samples + fb.samples)
 

@@ -99,10 +99,11 @@ def test_precision_missing_is_input_error():
         load_gpu_profile("a100-80g").peak_flops("fp8")
 
 
-def test_cpu_is_placeholder():
+def test_cpu_is_measured():
+    """The shipped cpu profile comes from `autopar profile` on the 2-core build machine (docs/profiling.md)."""
     p = load_gpu_profile("cpu")
-    assert p.peak_tflops["fp32"] <= 1 and p.mem_bw_gbps <= 50
-    assert "PLACEHOLDER" in p.sources["peak_tflops"]
+    assert p.peak_tflops["fp32"] <= 1 and p.cores and p.meta["measured"]
+    assert "autopar profile" in p.sources["peak_tflops"]
 
 
 # ----- efficiency curves -----------------------------------------------------------------
@@ -126,6 +127,8 @@ def test_curves_monotone_and_bounded(name):
     for curve in ("matmul", "membound", "attention"):
         effs = [p.eff(curve, x) for x in xs]
         assert all(0 < e <= 1 for e in effs)
+        if curve == "membound" and p.meta.get("measured"):
+            continue  # measured on CPU it falls past ~32 MB (docs/profiling.md); search.curves_monotone knows
         assert effs == sorted(effs), curve
 
 
