@@ -45,7 +45,7 @@ def compare(run: dict, workdir: Path) -> dict:
     gpn = hw.get("gpus_per_node") or 8
     cm, spec, cluster, seq = build_cost_model(Inputs(
         model=str(cfg), gpu="a100-80g", cluster="dgx-a100", nodes=hw["num_gpus"] // gpn, gpus_per_node=gpn,
-        seq_len=run["model"]["seq_len"], dtype="fp16"))
+        seq_len=run["model"]["seq_len"], dtype="fp16", runtime="megatron"))  # priced as Megatron-LM ran them
     pub = Strategy.parse(VP.run_strategy(run)).resolve(cluster.world)
     cm.check(pub)
     e_pub = cm.estimate(pub)

@@ -52,7 +52,8 @@ def predict(run: dict, workdir: Path) -> tuple[str, float, float, object]:
     gpn = hw.get("gpus_per_node") or 8
     cm, spec, cluster, seq = build_cost_model(Inputs(
         model=str(cfg), gpu="a100-80g", cluster="dgx-a100", nodes=hw["num_gpus"] // gpn, gpus_per_node=gpn,
-        seq_len=run["model"]["seq_len"], dtype="fp16"))
+        seq_len=run["model"]["seq_len"], dtype="fp16",
+        runtime="megatron"))  # the published runs used Megatron-LM: vocab-parallel loss, its buffers
     s = Strategy.parse(run_strategy(run)).resolve(cluster.world)
     cm.check(s)
     e = cm.estimate(s)

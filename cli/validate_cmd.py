@@ -49,7 +49,7 @@ def validate_cmd(model: str = c.Model,
     cfg = v.Config(nproc=nproc, global_batch=global_batch or 4 * nproc, steps=steps, warmup=warmup,
                    timeout_s=timeout, device=device, threads_per_rank=cm.gpu.threads_per_rank)
     cfg.check()
-    chosen = v.select(cm, v.candidates(cm, strategies), cfg, strict=strategies != "auto")
+    chosen = v.select(cm, v.candidates(cm, strategies, nproc), cfg, strict=strategies != "auto")
     load0 = os.getloadavg()[0]
     rows, summary = _run(v, cm, chosen, cfg, out, quiet=json_out)
     meta = _meta(model, cm, cfg, profile or inp.gpu or "", load0)

@@ -206,11 +206,16 @@ def precision(dtype: str, device: torch.device):
 
 
 def _grad_sync(model: nn.Module, last: bool):
-    """Skip the data-parallel reduction on all but the last microbatch (gradient accumulation)."""
+    """Skip the data-parallel reduction on all but the last microbatch (gradient accumulation)
+    where gradients are full-size anyway (DDP, replicate). Sharded FSDP2 (ZeRO-2/3) reduce-
+    scatters every microbatch: skipping it would accumulate unsharded gradients of the whole
+    model on every rank, the memory ZeRO exists to save (and that plans do not count)."""
     if hasattr(model, "no_sync"):  # DDP
         return contextlib.nullcontext() if last else model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 / replicate
-        model.set_requires_gradient_sync(last)
+        from torch.distributed._composable.replicate_with_fsdp import ReplicateModule
+
+        model.set_requires_gradient_sync(last or not isinstance(model, ReplicateModule))
     return contextlib.nullcontext()
 
 

@@ -31,6 +31,13 @@ class LiveTensorBytes(TorchDispatchMode):
         self.peak = 0
         self._sizes: dict[int, int] = {}   # storage handle -> bytes counted for it
         self._orig_resize = None
+        self.active = False
+
+    def stop(self) -> None:
+        """Stop counting: leave the dispatch mode, whose per-op Python call slows every op, so
+        that later (timed) steps run without it; their peak reads -1 (not measured)."""
+        if self.active:
+            self.__exit__(None, None, None)
 
     # ----- public API --------------------------------------------------------------
     def reset_peak(self) -> None:
@@ -98,9 +105,13 @@ class LiveTensorBytes(TorchDispatchMode):
             return res
 
         torch.UntypedStorage.resize_ = resize_
+        self.active = True
         return super().__enter__()
 
     def __exit__(self, *exc):
+        if not self.active:  # stopped early: the mode is already off the stack
+            return None
+        self.active = False
         torch.UntypedStorage.resize_ = self._orig_resize
         return super().__exit__(*exc)
 
@@ -113,7 +124,10 @@ def reset_peak_memory(device: torch.device, tracker: LiveTensorBytes | None = No
 
 
 def peak_memory_bytes(device: torch.device, tracker: LiveTensorBytes | None = None) -> int:
-    """Peak bytes since the last ``reset_peak_memory``: CUDA allocator stats, or the tracker on CPU."""
+    """Peak bytes since the last ``reset_peak_memory``: CUDA allocator stats, or the tracker on CPU
+    (-1 once the tracker was stopped: not measured)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    if tracker is not None and not tracker.active:
+        return -1
     return int(tracker.peak) if tracker is not None else 0

@@ -98,9 +98,10 @@ def pp_step(schedule, stage_ids: list[int], n_stages: int, inputs: torch.Tensor,
     on the rank holding the last stage (0 elsewhere), like ``train_step``."""
     losses: list = []
     kwargs = {"target": targets, "losses": losses} if n_stages - 1 in stage_ids else {}
+    # return_outputs=False: the last stage would otherwise keep every microbatch's logits
     if 0 in stage_ids:
-        schedule.step(inputs, **kwargs)
+        schedule.step(inputs, return_outputs=False, **kwargs)
     else:
-        schedule.step(**kwargs)
+        schedule.step(return_outputs=False, **kwargs)
     per_micro = targets.numel() / max(len(losses), 1)  # microbatches are equal slices
     return sum(float(loss) for loss in losses) * per_micro

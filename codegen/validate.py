@@ -36,21 +36,21 @@ from autopar.cost_models.strategy import Strategy
 from autopar.errors import AutoparError, InputError
 from autopar.planner.plan import Plan, Provenance
 
-# Diverse strategies for N ranks ("-1" = the rest of the ranks): pure data parallel, ZeRO-1
-# and ZeRO-3, tensor (+ sequence) parallel, pipelines (1F1B, GPipe, interleaved), their mixes,
-# FSDP + TP, full recompute and a larger micro-batch. Entries the model or the rank count
-# does not allow are dropped (see ``select``).
+# Diverse strategies for n ranks (h = n / 2): pure data parallel, ZeRO-1 and ZeRO-3, tensor
+# (+ sequence) parallel, pipelines (1F1B, GPipe, interleaved), their mixes, FSDP + TP, full
+# recompute and a larger micro-batch. Entries the model or the rank count does not allow
+# are dropped (see ``select``).
 DENSE = (
-    "dp=-1,mbs=1", "dp=-1,mbs=1,zero=1", "dp=-1,mbs=1,zero=3", "tp=-1,mbs=1", "tp=2,dp=-1,mbs=1",
-    "tp=2,dp=-1,mbs=1,sp=1", "tp=2,dp=-1,mbs=1,zero=3", "pp=-1,mbs=1", "pp=2,dp=-1,mbs=1",
-    "pp=2,tp=-1,mbs=1", "pp=-1,mbs=1,schedule=interleaved,vpp=2", "pp=-1,mbs=1,schedule=gpipe",
-    "dp=-1,mbs=1,recompute=full", "dp=-1,mbs=4",
+    "dp={n},mbs=1", "dp={n},mbs=1,zero=1", "dp={n},mbs=1,zero=3", "tp={n},dp=1,mbs=1", "tp=2,dp={h},mbs=1",
+    "tp=2,dp={h},mbs=1,sp=1", "tp=2,dp={h},mbs=1,zero=3", "pp={n},dp=1,mbs=1", "pp=2,dp={h},mbs=1",
+    "pp=2,tp={h},dp=1,mbs=1", "pp={n},dp=1,mbs=1,schedule=interleaved,vpp=2", "pp={n},dp=1,mbs=1,schedule=gpipe",
+    "dp={n},mbs=1,recompute=full", "dp={n},mbs=4",
 )
-# MoE: expert parallel over the data-parallel ranks (the emitted programs place ep there).
+# MoE: expert parallel over the data-parallel ranks (where the emitted programs place it).
 MOE = (
-    "dp=-1,mbs=1", "dp=-1,ep=2,mbs=1", "dp=-1,ep=-1,mbs=1", "dp=-1,ep=-1,mbs=1,zero=3", "dp=-1,ep=2,mbs=1,zero=1",
-    "pp=2,dp=-1,ep=2,mbs=1", "tp=2,dp=-1,mbs=1", "tp=-1,mbs=1", "pp=-1,mbs=1", "pp=2,dp=-1,mbs=1",
-    "dp=-1,ep=-1,mbs=4",
+    "dp={n},mbs=1", "dp={n},ep=2,mbs=1", "dp={n},ep={n},mbs=1", "dp={n},ep={n},mbs=1,zero=3",
+    "dp={n},ep=2,mbs=1,zero=1", "pp=2,dp={h},ep=2,mbs=1", "tp=2,dp={h},mbs=1", "tp={n},dp=1,mbs=1",
+    "pp={n},dp=1,mbs=1", "pp=2,dp={h},mbs=1", "dp={n},ep={n},mbs=4",
 )
 
 
@@ -64,12 +64,22 @@ class Config:
     device: str = "cpu"
     threads_per_rank: int = 1
 
+    @property
+    def mem_steps(self) -> int:
+        """CPU: the live-tensor tracker runs only in the warm-up steps (its per-op Python call would
+        slow the timed ones); at least 2, since step 1 allocates the optimizer states after its peak."""
+        return max(2, self.warmup) if self.device == "cpu" else 0
+
+    @property
+    def untimed(self) -> int:
+        return max(self.warmup, self.mem_steps)
+
     def check(self) -> None:
         if self.nproc < 1:
             raise InputError(f"--nproc={self.nproc} must be at least 1")
-        if self.warmup < 0 or self.steps < self.warmup + 1:
-            raise InputError(f"--steps={self.steps} must exceed the {self.warmup} warm-up steps; use --steps "
-                             f"{self.warmup + 3} or more")
+        if self.warmup < 0 or self.steps < self.untimed + 1:
+            raise InputError(f"--steps={self.steps} must exceed the {self.untimed} warm-up steps; use --steps "
+                             f"{self.untimed + 3} or more")
         if self.timeout_s <= 0:
             raise InputError(f"--timeout={self.timeout_s} must be positive (seconds per run)")
         if self.device not in ("cpu", "cuda"):
@@ -94,6 +104,7 @@ class Measurement:
     log: str = ""
     error: str = ""
     warmup: int = 2
+    load_1min: float | None = None   # the machine's load average when the run started (other work)
 
     @property
     def time_s(self) -> float | None:
@@ -103,8 +114,9 @@ class Measurement:
 
     @property
     def mem_bytes(self) -> float | None:
-        """Peak tensor bytes over the steps after warm-up (optimizer states exist from step 1 on)."""
-        rest = self.peak_bytes[self.warmup:]
+        """Peak tensor bytes from step 2 on (step 1 allocates the optimizer states after its
+        peak); steps printed with -1 were not measured (the CPU tracker stopped)."""
+        rest = [b for b in self.peak_bytes[1:] if b >= 0]
         return max(rest) if rest else None
 
 
@@ -134,10 +146,12 @@ def read_strategies(path: str | os.PathLike) -> list[str]:
     return out
 
 
-def candidates(cm: CostModel, source: str) -> list[str]:
+def candidates(cm: CostModel, source: str, nproc: int) -> list[str]:
+    """The strategies of a file, or the built-in diverse set for ``nproc`` ranks ("auto")."""
     if source != "auto":
         return read_strategies(source)
-    return list(MOE if cm.spec.is_moe else DENSE)
+    half = max(1, nproc // 2) if nproc % 2 == 0 else 0  # odd n: the n/2 entries resolve to nothing
+    return [t.format(n=nproc, h=half) for t in (MOE if cm.spec.is_moe else DENSE) if half or "{h}" not in t]
 
 
 def make_plan(cm: CostModel, s: Strategy) -> Plan:
@@ -181,7 +195,7 @@ def predict(cm: CostModel, s: Strategy) -> Prediction:
 def torchrun_command(cfg: Config) -> list[str]:
     """torchrun of this interpreter (the same environment as autopar), one process per rank."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.nproc}",
-            "train.py", "--steps", str(cfg.steps), "--device", cfg.device,
+            "train.py", "--steps", str(cfg.steps), "--device", cfg.device, "--mem-steps", str(cfg.mem_steps),
             "--timeout", str(max(30.0, cfg.timeout_s / 2))]
 
 
@@ -239,15 +253,15 @@ def measure(rc: int | None, text: str, wall: float, log: Path, cfg: Config) -> M
     steps = parse_steps(text)
     ordered = [steps[k] for k in sorted(steps)]
     m = Measurement(status="ok", step_times_s=[r.get("step_time_s", 0.0) for r in ordered],
-                    peak_bytes=[r.get("peak_mem_bytes", 0.0) for r in ordered],
+                    peak_bytes=[r.get("peak_mem_bytes", -1.0) for r in ordered],
                     losses=[r.get("loss", float("nan")) for r in ordered], wall_s=wall, log=str(log),
-                    warmup=cfg.warmup)
+                    warmup=cfg.untimed)
     if rc is None:
         m.status, m.error = "timeout", f"no exit after {cfg.timeout_s:.0f} s (killed); {len(ordered)} steps printed"
     elif rc != 0:
         m.status, m.error = "failed", f"exit code {rc}: {last_error(text)}"
-    elif len(ordered) < cfg.warmup + 1:
-        m.status, m.error = "failed", f"{len(ordered)} step lines, need more than {cfg.warmup} warm-up steps"
+    elif len(ordered) < cfg.untimed + 1 or m.mem_bytes is None:
+        m.status, m.error = "failed", f"{len(ordered)} step lines, need more than {cfg.untimed} warm-up steps"
     return m
 
 
@@ -268,9 +282,12 @@ def run_plan(plan: Plan, run_dir: Path, cfg: Config, cmd: list[str] | None = Non
         emit(plan, run_dir, cfg.device)
     except AutoparError as exc:
         log.write_text(f"emit failed: {exc.message}\n")
-        return Measurement(status="failed", error=f"emit: {exc.message}", log=str(log), warmup=cfg.warmup)
+        return Measurement(status="failed", error=f"emit: {exc.message}", log=str(log), warmup=cfg.untimed)
+    load = os.getloadavg()[0]
     rc, text, wall = launch(cmd or torchrun_command(cfg), run_dir, cfg.timeout_s, log, run_env(cfg))
-    return measure(rc, text, wall, log, cfg)
+    m = measure(rc, text, wall, log, cfg)
+    m.load_1min = load
+    return m
 
 
 # ----- comparison -----------------------------------------------------------------------
@@ -318,7 +335,8 @@ def row_dict(r: Row) -> dict:
            "predicted_total_mem_bytes": p.total_bytes if p else None,
            "predicted_breakdown": p.breakdown if p else None,
            "step_times_s": m.step_times_s if m else [], "peak_mem_bytes": m.peak_bytes if m else [],
-           "losses": m.losses if m else [], "wall_s": m.wall_s if m else 0.0}
+           "losses": m.losses if m else [], "wall_s": m.wall_s if m else 0.0,
+           "load_1min": m.load_1min if m else None}
     if r.ok and m.time_s and m.mem_bytes:
         out["time_error_pct"] = (p.step_time_s - m.time_s) / m.time_s * 100.0
         out["memory_error_pct"] = (p.tensor_bytes - m.mem_bytes) / m.mem_bytes * 100.0

@@ -43,14 +43,16 @@ def table_rows(s: dict) -> list[list[str]]:
     """One row per strategy: name, status, predicted/measured time (s) and memory (MiB), errors."""
     out = []
     for r in s["strategies"]:
+        load = r.get("load_1min")
         out.append([r["name"], r["status"], fmt(r["predicted_time_s"]), fmt(r["measured_time_s"]),
                     pct(r.get("time_error_pct")), fmt(r["predicted_mem_bytes"], MiB, 4),
-                    fmt(r["measured_mem_bytes"], MiB, 4), pct(r.get("memory_error_pct"))])
+                    fmt(r["measured_mem_bytes"], MiB, 4), pct(r.get("memory_error_pct")),
+                    "-" if load is None else f"{load:.1f}"])
     return out
 
 
 HEADERS = ["strategy", "status", "pred time s", "meas time s", "time err", "pred mem MiB", "meas mem MiB",
-           "mem err"]
+           "mem err", "load"]
 
 
 def markdown(s: dict, meta: dict) -> str:
@@ -58,7 +60,9 @@ def markdown(s: dict, meta: dict) -> str:
              f"Command: `{meta.get('command')}`", "",
              f"Predictions from profile `{meta.get('profile')}`; seq {meta.get('seq_len')}, global batch "
              f"{meta.get('global_batch')}, {meta.get('dtype')}; {meta.get('steps')} steps per run, median step "
-             f"time after {meta.get('warmup')} warm-up steps; {meta.get('load')}.", "", f"Note: {MEMORY_NOTE}.", "",
+             f"time after {meta.get('warmup')} warm-up steps; {meta.get('load')}.", "", f"Note: {MEMORY_NOTE}. "
+             "`load`: the machine's 1-minute load average when the run started (other processes slow the "
+             "measured wall-clock times; predictions are for an otherwise idle machine).", "",
              "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in headline(s)]
     lines += ["", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
@@ -74,20 +78,25 @@ def markdown(s: dict, meta: dict) -> str:
 
 
 def scatter(s: dict, path: Path, title: str) -> Path:
-    """Predicted vs measured step time and memory, one labelled point per strategy that ran."""
+    """Predicted vs measured step time and memory (log axes), one numbered point per strategy
+    that ran; the numbers are keyed below the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [r for r in s["strategies"] if r["status"] == "ok" and r["measured_time_s"]]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 6))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.5 + 0.16 * len(ok)))
     _panel(axes[0], ok, "time", 1.0, "step time (s)", f"Spearman {fmt(s['spearman'])}, "
            f"MAPE {fmt(s['time_mape'], 1, 3)}%")
     _panel(axes[1], ok, "mem", MiB, "peak tensor memory (MiB)", f"MAPE {fmt(s['memory_mape'], 1, 3)}%, "
-           f"max under {fmt(s['max_memory_under_prediction'], 1, 3)}%")
+           f"max under-prediction {fmt(s['max_memory_under_prediction'], 1, 3)}%")
+    key = [f"{i}: {r['name']}" for i, r in enumerate(ok, 1)]
+    half = (len(key) + 1) // 2
+    fig.text(0.08, 0.01, "\n".join(key[:half]), fontsize=8, va="bottom", family="monospace")
+    fig.text(0.55, 0.01, "\n".join(key[half:]), fontsize=8, va="bottom", family="monospace")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.02 + 0.16 * half / (6.5 + 0.16 * len(ok)), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -95,23 +104,30 @@ def scatter(s: dict, path: Path, title: str) -> Path:
 
 
 def _panel(ax, rows: list[dict], key: str, scale: float, label: str, note: str) -> None:
-    pred = [r[f"predicted_{key}_s" if key == "time" else "predicted_mem_bytes"] / scale for r in rows]
-    meas = [r[f"measured_{key}_s" if key == "time" else "measured_mem_bytes"] / scale for r in rows]
+    pred = [r["predicted_time_s" if key == "time" else "predicted_mem_bytes"] / scale for r in rows]
+    meas = [r["measured_time_s" if key == "time" else "measured_mem_bytes"] / scale for r in rows]
     ax.scatter(meas, pred, s=36, color="tab:blue", zorder=3)
-    for r, x, y in zip(rows, meas, pred):
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for i, (x, y) in enumerate(zip(meas, pred), 1):
+        ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
     if meas:
-        lo, hi = min(meas + pred) * 0.9, max(meas + pred) * 1.1
+        lo, hi = min(meas + pred) / 1.3, max(meas + pred) * 1.3
         ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="predicted = measured")
         ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="grey", alpha=0.15,
                         label="within 10%")
+        from matplotlib.ticker import FormatStrFormatter
+
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers, not 4 x 10^-1
+            axis.set_major_formatter(FormatStrFormatter("%g"))
+            axis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.legend(loc="upper left", fontsize=8)
     ax.set_xlabel(f"measured {label}")
     ax.set_ylabel(f"predicted {label}")
     ax.set_title(note, fontsize=10)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
 
 
 def write_all(s: dict, meta: dict, out: Path) -> list[Path]:

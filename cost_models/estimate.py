@@ -21,11 +21,11 @@ buffers, and the profile's framework overhead. The most loaded rank decides ``fe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer
-from autopar.cost_models.layer_cost import LayerCost, PricingContext, price_layer
+from autopar.cost_models.layer_cost import LayerCost, PricingContext, price_layer, shared_core_sync
 from autopar.cost_models.layer_model import LayerTemplate
 from autopar.cost_models.memory import bytes_per_param, model_state_bytes
 from autopar.cost_models.moe_load import LoadFn
@@ -103,7 +103,8 @@ class CostModel:
 
     def __init__(self, spec: ModelSpec, cluster: ClusterSpec, seq_len: int, templates: list[LayerTemplate],
                  gpu: GpuProfile, dtype: str = "bf16", timer: OpTimer | None = None,
-                 comm_fits: list[CommFit] | None = None, moe_load: LoadFn | None = None):
+                 comm_fits: list[CommFit] | None = None, moe_load: LoadFn | None = None,
+                 runtime: str = "torch"):
         self.spec, self.cluster, self.seq_len, self.dtype, self.gpu = spec, cluster, seq_len, dtype, gpu
         self.templates = templates
         self.blocks = {i: t for t in templates if t.kind == "block" for i in t.indices}
@@ -114,7 +115,7 @@ class CostModel:
         self.ctx = PricingContext(
             cluster=cluster, timer=self.timer, dtype_bytes=dbytes, hidden=spec.hidden or 1, seq_len=seq_len,
             topk=spec.topk, num_experts=spec.num_experts, kv_bytes_per_token=_kv_bytes(spec, dbytes),
-            fits=comm_fits)
+            fits=comm_fits, runtime=runtime)
         self.moe_load = moe_load
         self._cache: dict[tuple, dict] = {}
 
@@ -125,7 +126,8 @@ class CostModel:
     # ----- rules that need the model ---------------------------------------------------
     def check(self, s: Strategy) -> None:
         """Raise a one-line InputError naming the rule a resolved strategy breaks."""
-        for msg in strategy_violations(self.spec, self.seq_len, s):
+        for msg in strategy_violations(self.spec.model_copy(update={"layers": self.spec.layers or self.num_layers}),
+                                       self.seq_len, s):  # custom specs carry layers=0: count the blocks
             raise InputError(f"strategy: {msg}")
         if s.offload_optimizer and not (self.gpu.host_link_gbps and self.gpu.host_optimizer_gbps):
             raise InputError(f"strategy: offload=1 needs host_link_gbps and host_optimizer_gbps in the "
@@ -157,11 +159,31 @@ class CostModel:
         ranks = [self._rank(r, s, stages, recompute, costs, m) for r in range(s.pp)]
         p2p = self._p2p_time(s)
         pipe = step_time([r.fwd_s for r in ranks], [r.bwd_s for r in ranks], m, s.schedule, s.vpp, p2p)
+        pipe = self._shared_cores(pipe, ranks, m)
         dp_exposed = max(self._dp_time(s, r, costs, m) for r in ranks)
         opt = max(self._optimizer_time(s, r, costs) for r in ranks)
         total = pipe.step_time_s + dp_exposed + opt
         time = _time_breakdown(ranks, pipe, dp_exposed, opt, m)
         return self._report(s, total, time, ranks, recompute)
+
+    def _shared_cores(self, pipe, ranks: list[RankReport], m: int):
+        """Ranks sharing CPU cores (contention k > 1, every op priced k x slower): the scheduler
+        shares the cores fairly among the ranks that have work, so a light pipeline stage that
+        waits gives its share to the heavy ones. Per micro-batch the stages' work is done in the
+        processor-sharing makespan of the node's ranks (``shared_makespan``), at most the
+        contended time of the slowest stage; the schedule (bubble included) shrinks by that
+        ratio."""
+        k, cores = self.timer.contention, self.gpu.cores
+        if k <= 1 or len(ranks) == 1 or not cores:
+            return pipe
+        per_stage = [(r.fwd_s + r.bwd_s) / k for r in ranks]            # alone on a core
+        copies = max(1, self.cluster.gpus_per_node // len(ranks))       # dp*tp*cp ranks per stage
+        span = shared_makespan(per_stage * copies, cores, self.gpu.threads_per_rank)
+        ratio = span / max(r.fwd_s + r.bwd_s for r in ranks)
+        if ratio >= 1:
+            return pipe
+        return replace(pipe, step_time_s=pipe.step_time_s * ratio, busy_s=pipe.busy_s * ratio,
+                       bubble_s=pipe.bubble_s * ratio, p2p_s=pipe.p2p_s * ratio)
 
     def _rank(self, rank: int, s: Strategy, stages, recompute, costs, m) -> RankReport:
         layers = [i for j, (a, b) in enumerate(stages) if j % s.pp == rank for i in range(a, b)]
@@ -196,26 +218,69 @@ class CostModel:
         acts = sum(c.act_bytes[mo] for c, mo in zip(parts, modes)) + sum(c.act_bytes["none"] for c in extra)
         work = max([c.work_bytes[mo] for c, mo in zip(parts, modes)] + [0.0])
         temps = sum(c.temp_bytes for c in extra)
+        first = bool(extra) and extra[0] is self.layer_costs(s)["embedding"]
         mem = {
             "parameters": ds.params + es.params,
-            "gradients": ds.grads + es.grads,
+            "gradients": ds.grads + es.grads + (self._replicated_embedding_grad(s) if first else 0.0),
             "optimizer_states": ds.optimizer + es.optimizer,
             "activations": acts * in_flight,
             "recompute_workspace": work,
             "logits_and_temporaries": temps,
-            "comm_buffers": self._comm_buffer_bytes(s, parts),
+            "comm_buffers": self._comm_buffer_bytes(s, parts, extra, temps),
+            "pipeline_buffers": self._pipeline_buffer_bytes(s, first, last, in_flight),
             "framework_overhead": float(self.gpu.framework_overhead_bytes),
         }
         return mem, host
 
-    def _comm_buffer_bytes(self, s: Strategy, parts: list[LayerCost]) -> float:
-        pbytes = bytes_per_param(self.dtype)[0]
-        if s.zero_stage >= 3 and parts:
-            biggest = max(c.params_dense + c.params_expert for c in parts)
-            return 2 * biggest * pbytes * (s.dp * s.cp - 1) / (s.dp * s.cp)  # current + prefetched layer, gathered
-        if s.dp * s.cp > 1:
-            return 2 * DDP_BUCKET_BYTES
-        return 0.0
+    def _comm_buffer_bytes(self, s: Strategy, parts: list[LayerCost], extra: list[LayerCost],
+                           temps: float) -> float:
+        """Buffers of the data-parallel wrappers (PyTorch DDP / FSDP2, what the emitted programs run).
+
+        ZeRO-3 (FSDP2 ``fully_shard``): the root group (embeddings, final norm, output), gathered
+        through forward and backward, and, in backward, two blocks' gathered parameters (current +
+        prefetched; the all-gather output is full size) and one block's unsharded gradients
+        waiting for the reduce-scatter; those are not live with the loss's temporaries ``temps``,
+        so only their excess adds to the peak. ZeRO-2 (``reshard_after_forward=False``): every
+        block stays gathered, so the sharded copy is extra, plus one block's unsharded gradients.
+        ZeRO-0/1: DDP's flat buckets (a copy of every gradient with the default
+        ``gradient_as_bucket_view=False``) or FSDP2 ``replicate``'s unsharded parameters: one
+        gradient-sized buffer."""
+        pbytes, gbytes, _ = bytes_per_param(self.dtype)
+        n = s.dp * s.cp
+        if n <= 1 or not parts:
+            return 0.0
+        biggest = max(c.params_dense + c.params_expert for c in parts)
+        # expert weights join the data-parallel wrapper unless expert parallel keeps them out
+        dense = sum(c.params_dense + (c.params_expert if s.ep == 1 else 0.0) for c in parts + extra)
+        if s.zero_stage >= 3:
+            backward = biggest * (2 * pbytes + gbytes)
+            return sum(c.params_dense for c in extra) * pbytes + max(0.0, backward - temps)
+        if s.zero_stage == 2:
+            return dense * pbytes / n + biggest * gbytes
+        return dense * gbytes
+
+    def _pipeline_buffer_bytes(self, s: Strategy, first: bool, last: bool, in_flight: float) -> float:
+        """``torch.distributed.pipelining``: a receive buffer per micro-batch for each local stage
+        link (activations from the previous stage, gradients from the next), allocated up front,
+        and each in-flight micro-batch's stage outputs, kept until its backward (the logits, all
+        vocabulary columns, on the last stage)."""
+        if s.pp == 1:
+            return 0.0
+        hidden = s.micro_batch * self.seq_len / s.cp * (self.spec.hidden or 1) * self.ctx.dtype_bytes
+        links = 2 * s.vpp - first - last
+        outputs = in_flight * s.vpp * hidden
+        if last and self.output is not None:
+            outputs += in_flight * (self.output.temp_bytes * s.micro_batch / s.cp - hidden)
+        if self.ctx.runtime == "megatron":  # Megatron-LM allocates receive buffers per in-flight step only
+            return links * hidden + outputs
+        return s.num_micro_batches * links * hidden + outputs
+
+    def _replicated_embedding_grad(self, s: Strategy) -> float:
+        """The vocab-parallel embedding's gradient comes back replicated (full vocabulary) on every
+        tensor-parallel rank (DTensor's embedding backward), (tp-1)/tp of it beyond the shard."""
+        if s.tp == 1 or self.embedding is None:
+            return 0.0
+        return self.embedding.params_vocab * (1 - 1 / s.tp) * bytes_per_param(self.dtype)[1]
 
     # ----- per-step terms ------------------------------------------------------------
     def _p2p_time(self, s: Strategy) -> float:
@@ -225,7 +290,8 @@ class CostModel:
         if s.sequence_parallel:
             act /= s.tp  # Megatron's scatter/gather optimisation sends 1/t of the activation
         stride = s.world // s.pp
-        return collective_time("p2p", act, s.pp, stride, self.cluster, fits=self.ctx.fits).time_s
+        sync = shared_core_sync(self.ctx)
+        return collective_time("p2p", act, s.pp, stride, self.cluster, fits=self.ctx.fits).time_s + sync
 
     def _dp_time(self, s: Strategy, r: RankReport, costs, m: int) -> float:
         grad_bytes = bytes_per_param(self.dtype)[1]
@@ -235,7 +301,7 @@ class CostModel:
         if s.zero_stage >= 3:
             return self._zero3_exposed(s, r, costs, m, grad_bytes)
         t = self._grad_sync(dense, n_dense, s.tp, s) + self._grad_sync(expert, n_exp, s.ep * s.etp, s)
-        window = r.bwd_s / max(m, 1) if m else 0.0  # the last micro-batch's backward hides the rest
+        window = r.bwd_s / max(m, 1) if m and not self._cores_saturated else 0.0  # the last backward hides the rest
         last_bucket = self._grad_sync(min(DDP_BUCKET_BYTES, dense), n_dense, s.tp, s)
         return max(0.0, t - window) + last_bucket if t > 0 else 0.0
 
@@ -250,7 +316,8 @@ class CostModel:
 
     def _zero3_exposed(self, s: Strategy, r: RankReport, costs, m: int, grad_bytes: int) -> float:
         """FSDP: per layer and micro-batch, all-gather (fwd), all-gather + reduce-scatter
-        (bwd), each hidden behind that layer's compute when it is shorter."""
+        (bwd), each hidden behind that layer's compute when it is shorter (not on saturated
+        CPU cores)."""
         n = s.dp * s.cp
         if n <= 1:
             return 0.0
@@ -262,8 +329,17 @@ class CostModel:
             ag = collective_time("all_gather", full, n, s.tp, self.cluster, fits=self.ctx.fits).time_s
             rs = collective_time("reduce_scatter", full / pbytes * grad_bytes, n, s.tp, self.cluster,
                                  fits=self.ctx.fits).time_s
-            exposed += max(0.0, ag - c.fwd_s) + max(0.0, ag + rs - c.bwd_s)
+            if self._cores_saturated:
+                exposed += 2 * ag + rs + 3 * shared_core_sync(self.ctx)
+            else:
+                exposed += max(0.0, ag - c.fwd_s) + max(0.0, ag + rs - c.bwd_s)
         return exposed * m
+
+    @property
+    def _cores_saturated(self) -> bool:
+        """Ranks sharing CPU cores keep every core busy with compute, so data-parallel collectives
+        (their copies, reductions and socket work need a core too) do not overlap with it."""
+        return self.timer.contention > 1
 
     def _optimizer_time(self, s: Strategy, r: RankReport, costs) -> float:
         dense = sum(costs[i].params_dense for i in r.layers)
@@ -328,6 +404,18 @@ def strategy_violations(spec: ModelSpec, seq_len: int, s: Strategy) -> list[str]
     return out
 
 
+def shared_makespan(work: list[float], cores: int, threads: int = 1) -> float:
+    """Time for jobs of ``work`` CPU-seconds each, started together, to finish on ``cores`` cores
+    shared fairly (processor sharing: every unfinished job runs at min(threads, cores / jobs))."""
+    left, t = sorted(w for w in work if w > 0), 0.0
+    while left:
+        rate = min(threads, cores / len(left))
+        dt = left[0] / rate
+        t += dt
+        left = [w - rate * dt for w in left[1:] if w - rate * dt > 1e-15]
+    return t
+
+
 def even_stages(layers: int, n: int) -> list[tuple[int, int]]:
     """Split ``layers`` into ``n`` consecutive ranges, the first ones one layer longer."""
     base, rest = divmod(layers, n)
@@ -348,7 +436,9 @@ def _kv_bytes(spec: ModelSpec, dbytes: int) -> float:
 def _time_breakdown(ranks: list[RankReport], pipe, dp_exposed: float, opt: float, m: int) -> dict[str, float]:
     slow = max(ranks, key=lambda r: r.fwd_s + r.bwd_s)
     comm_total = sum(slow.comm_s.values())
-    compute = (slow.fwd_s + slow.bwd_s - slow.recompute_s - comm_total) * m
+    # busy_s below the slowest rank's work: shared CPU cores absorbed part of it (_shared_cores)
+    absorbed = max(0.0, (slow.fwd_s + slow.bwd_s) * m - pipe.busy_s) if pipe.busy_s else 0.0
+    compute = (slow.fwd_s + slow.bwd_s - slow.recompute_s - comm_total) * m - absorbed
     out = {"compute": compute, "recompute": slow.recompute_s * m}
     for k, v in slow.comm_s.items():
         out[f"{k}_comm"] = v * m

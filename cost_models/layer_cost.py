@@ -67,6 +67,7 @@ class PricingContext:
     expert_load_ratio: float = 1.0       # straggler load over mean (routing trace / placement)
     ep_cross_fraction: float | None = None  # measured share of routed tokens leaving the rank
     fits: list[CommFit] | None = None
+    runtime: str = "torch"               # "torch": the emitted programs; "megatron": Megatron-LM kernels
 
     def __post_init__(self):
         """A measured hardware profile brings its own collective fits and, for CPU ranks that
@@ -76,10 +77,37 @@ class PricingContext:
         if self.fits is None and gpu.comm_fits:
             self.fits = [CommFit.model_validate(f) for f in gpu.comm_fits]
         self.timer.contention = cpu_contention(gpu, self.cluster.gpus_per_node)
+        if self.fits and self.timer.contention > 1:
+            self.fits = busy_node_fits(self.fits, self.cluster.gpus_per_node)
+
+
+def busy_node_fits(fits: list[CommFit], ranks: int) -> list[CommFit]:
+    """Ranks sharing cores: a collective of any group waits for members that the scheduler has
+    swapped out for the node's other (busy) ranks, so each kind is priced from its fit measured
+    with the most ranks active (up to the node's), rescaled to the group by ring steps
+    (``comm.fit_time``); the fits of smaller groups were measured with the other ranks idle.
+    Point-to-point keeps its own fit."""
+    out = []
+    for kind in {f.kind for f in fits}:
+        mine = [f for f in fits if f.kind == kind]
+        if kind == "p2p":
+            out += mine
+            continue
+        top = max((f.group_size for f in mine if f.group_size <= ranks), default=None)
+        out += [f for f in mine if f.group_size == top] if top else mine
+    return out
 
 
 def shards_for(s: Strategy) -> Shards:
-    return Shards(tokens=s.micro_batch / s.cp, tp=s.tp, sp=s.sequence_parallel, expert_div=s.tp * s.cp)
+    return Shards(tokens=s.micro_batch / s.cp, tp=s.tp, sp=s.sequence_parallel,
+                  expert_div=s.cp if _experts_replicated(s) else s.tp * s.cp)
+
+
+def _experts_replicated(s: Strategy) -> bool:
+    """No expert parallelism (ep = etp = 1): every tensor-parallel rank runs the experts on all of
+    its (tp-replicated) tokens, as the emitted programs do, instead of the folded mapping that
+    splits the tokens over tp before dispatch."""
+    return s.ep * s.etp == 1 and s.tp > 1
 
 
 def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> LayerCost:
@@ -95,16 +123,18 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         if op.attn_core:
             attn_fwd += f
     comm = _layer_comm(layer, s, ctx, attn_fwd)
+    host = _dtensor_overhead(layer, s, ctx) + len(layer.ops) * ctx.timer.gpu.op_overhead_s * ctx.timer.contention
+    fwd, bwd = fwd + host / 3, bwd + 2 * host / 3  # backward dispatches about twice the forward's ops
     return LayerCost(
         fwd_s=fwd, bwd_s=bwd,
         recompute_s={"none": 0.0, "selective": attn_fwd, "full": fwd},
         comm_s=comm,
         recompute_comm_s=comm.get("tp", 0.0) / 2 + comm.get("ep", 0.0) / 2,
-        act_bytes={m: saved_bytes(layer, sh, m) for m in RECOMPUTE_MODES},
-        work_bytes={m: working_bytes(layer, sh, m) for m in RECOMPUTE_MODES},
+        act_bytes={m: saved_bytes(layer, sh, m) + _gathered_loss_bytes(layer, s, sh, ctx) for m in RECOMPUTE_MODES},
+        work_bytes={m: working_bytes(layer, sh, m) + _expert_grad_transient(layer, s, ctx) for m in RECOMPUTE_MODES},
         params_dense=(layer.params_tp + layer.params_vocab) / s.tp + layer.params_rep,
         params_expert=layer.params_expert / (s.ep * s.etp),
-        temp_bytes=layer.temp_bytes * sh.tokens / (s.tp if layer.kind == "output" else 1),
+        temp_bytes=_logits_bytes(layer, s, sh, ctx),
         flops_fwd=flops,
         sources={"compute": ctx.timer.source},
         source_counts={k: v - before.get(k, 0) for k, v in ctx.timer.hits.items()},
@@ -140,7 +170,7 @@ def _local_gemm(op: OpTerm, s: Strategy, sh: Shards) -> tuple[float, float, floa
     if op.shard == "expert":
         # tokens per local expert: the stage's dp·mbs sequences, k experts each, over E experts
         # and their edp replicas; the expert width f (n of w1/w3, k of w2) is split by etp.
-        m = m * s.micro_batch * s.dp / s.edp
+        m = m * s.micro_batch * s.dp / (s.dp * s.cp if _experts_replicated(s) else s.edp)
         div = s.etp
     elif op.batched:
         m = m / s.cp  # local queries against all keys (ring attention); batch handled by calls
@@ -157,16 +187,51 @@ def _local_gemm(op: OpTerm, s: Strategy, sh: Shards) -> tuple[float, float, floa
     return m, n, k
 
 
+def shared_core_sync(ctx: PricingContext) -> float:
+    """Wall time each blocking collective adds while ranks share cores (members wait to be
+    scheduled together; measured, ``GpuProfile.shared_core_sync_s``); 0 otherwise."""
+    return ctx.timer.gpu.shared_core_sync_s if ctx.timer.contention > 1 else 0.0
+
+
+def _tp_modules(layer: LayerTemplate, sp: bool) -> tuple[int, int, int]:
+    """(row-parallel, column-parallel, sequence-parallel norm) modules of one layer under the
+    emitted tensor-parallel plan: every sharded linear is a module of its own (q, k, v unfused);
+    the vocabulary-parallel embedding and the output projection are one module each."""
+    if layer.kind != "block":
+        return 0, 1, int(sp and any(o.name.endswith("norm") for o in layer.ops))
+    tp_gemms = [o for o in layer.ops if o.kind == "gemm" and o.shard == "tp" and o.tp_dim in ("n", "k")]
+    rows = sum(o.tp_dim == "k" for o in tp_gemms)
+    norms = sum(o.shard == "rep" and o.name.endswith("norm") for o in layer.ops) if sp else 0
+    return rows, len(tp_gemms) - rows, norms
+
+
+def _dtensor_overhead(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:
+    """Host CPU time of the DTensor module calls of one layer per micro-batch (forward +
+    backward), slowed like every op when ranks share cores."""
+    per_call = ctx.timer.gpu.dtensor_call_overhead_s
+    if s.tp == 1 or not per_call:
+        return 0.0
+    return sum(_tp_modules(layer, s.sequence_parallel)) * per_call * ctx.timer.contention
+
+
 def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd: float) -> dict[str, float]:
     """Exposed TP / CP / EP time of one layer per micro-batch, forward + backward."""
     if layer.kind != "block":
-        return {"tp": _vocab_comm(layer, s, ctx)}
+        return {"tp": _vocab_comm(layer, s, ctx) + (shared_core_sync(ctx) if s.tp > 1 else 0.0)}
     act = s.micro_batch * ctx.seq_len / s.cp * ctx.hidden * ctx.dtype_bytes
     out = {}
+    sync = shared_core_sync(ctx)
     if s.tp > 1:
-        n_coll = 1 if layer.is_moe else 2
+        rows, cols, _ = _tp_modules(layer, s.sequence_parallel)
         one = _tp_collective(act, s, ctx)
-        out["tp"] = 2 * n_coll * one
+        # sequence parallel: an all-gather + reduce-scatter per sub-layer each way (Megatron); plain
+        # torch TP: each row-parallel linear all-reduces its output in forward, each column-parallel
+        # one its input gradient in backward (unfused q, k, v: three)
+        n = 4 * rows if s.sequence_parallel else rows + cols
+        if ctx.runtime == "megatron":  # fused QKV: one all-reduce per sub-layer each way (Shoeybi et al. 2019)
+            out["tp"] = 2 * rows * one
+        else:
+            out["tp"] = (2 * rows * one if s.sequence_parallel else n * one) + n * sync
     if s.cp > 1:
         kv = s.micro_batch * ctx.seq_len / s.cp * ctx.kv_bytes_per_token / s.tp
         step = collective_time("p2p", kv, s.cp, s.tp, ctx.cluster, fits=ctx.fits).time_s
@@ -177,7 +242,7 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
         a2a = collective_time("all_to_all", routed, s.ep, s.etp, ctx.cluster, fits=ctx.fits).time_s
         if ctx.ep_cross_fraction is not None:  # a routing trace: measured share of tokens leaving the rank
             a2a *= ctx.ep_cross_fraction / ((s.ep - 1) / s.ep)
-        out["ep"] = 4 * a2a * ctx.expert_load_ratio
+        out["ep"] = 4 * a2a * ctx.expert_load_ratio + 5 * sync  # + the token-count exchange (uneven splits)
     if layer.is_moe and s.etp > 1:
         routed = act * ctx.topk / s.tp
         out["etp"] = 2 * collective_time("all_reduce", routed, s.etp, 1, ctx.cluster, fits=ctx.fits).time_s
@@ -193,9 +258,40 @@ def _tp_collective(size: float, s: Strategy, ctx: PricingContext) -> float:
 
 
 def _vocab_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:
-    """Vocab-parallel embedding: one all-reduce of the embedding output in forward;
-    the output layer's cross-entropy reduces only per-token scalars (Megatron)."""
-    if s.tp == 1 or layer.kind != "embedding":
+    """Vocab-parallel embedding: one all-reduce of the embedding output in forward. The output
+    layer's logits are all-gathered in forward (the emitted programs run the plain cross-entropy
+    on the full vocabulary, docs/codegen.md); their gradient is split locally in backward."""
+    if s.tp == 1:
         return 0.0
+    if layer.kind == "output":
+        if ctx.runtime == "megatron":  # vocab-parallel cross-entropy reduces per-token scalars only
+            return 0.0
+        logits = layer.temp_bytes * s.micro_batch / s.cp
+        return collective_time("all_gather", logits, s.tp, 1, ctx.cluster, fits=ctx.fits).time_s
     act = s.micro_batch * ctx.seq_len / s.cp * ctx.hidden * ctx.dtype_bytes
     return _tp_collective(act, s, ctx)
+
+
+def _expert_grad_transient(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:
+    """Grouped experts index their stacked weights per expert (``w1[e]``); in backward each
+    index materializes a gradient of the whole local stack before it is accumulated, so an
+    MoE layer's backward briefly holds about one more copy of its local expert weights."""
+    return layer.params_expert / (s.ep * s.etp) * ctx.dtype_bytes if layer.is_moe else 0.0
+
+
+def _logits_bytes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext) -> float:
+    """Transient logits at the loss, full vocabulary on every tp rank (see ``_vocab_comm``); under
+    tp the all-gather's output and its concatenation along the vocabulary (DTensor Shard(-1) ->
+    Replicate) are both live when the loss starts."""
+    if ctx.runtime == "megatron" and layer.kind == "output":
+        return layer.temp_bytes * sh.tokens / s.tp  # vocab-parallel logits stay split
+    return layer.temp_bytes * sh.tokens * (2 if layer.kind == "output" and s.tp > 1 else 1)
+
+
+def _gathered_loss_bytes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext) -> float:
+    """The cross-entropy runs on the gathered logits on every tp rank: its vocabulary-sized saved
+    tensors are not split by tp (the (tp-1)/tp that ``saved_bytes`` divided away)."""
+    if layer.kind != "output" or s.tp == 1 or ctx.runtime == "megatron":
+        return 0.0
+    vocab = sum(t.bytes for t in layer.saved if t.shard in ("tp", "vocab") and not t.const)
+    return vocab * sh.tokens * (1 - 1 / s.tp)

@@ -31,6 +31,7 @@ class Inputs:
     placement: str | None = None
     trace: str | None = None
     input_shape: list[int] | None = None
+    runtime: str = "torch"   # "torch": autopar's emitted programs; "megatron": price Megatron-LM's kernels
 
 
 def resolve_cluster(inp: Inputs) -> ClusterSpec:
@@ -63,7 +64,7 @@ def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, in
     moe_load = _moe_load(inp, spec)
     templates = build_templates(spec, seq, inp.dtype, fuse=gpu.fused_elementwise)
     cm = CostModel(spec, cluster, seq, templates, gpu, inp.dtype, timer=timer, comm_fits=fits,
-                   moe_load=moe_load)
+                   moe_load=moe_load, runtime=inp.runtime)
     return cm, spec, cluster, seq
 
 

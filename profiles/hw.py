@@ -99,6 +99,17 @@ class GpuProfile(BaseModel):
         default_factory=dict, description="op signature -> [forward s, backward s, relative spread]")
     comm_fits: list[dict] = Field(
         default_factory=list, description="measured collective fits (cost_models.comm.CommFit fields)")
+    op_overhead_s: float = Field(
+        0.0, ge=0, description="host time a training step spends per captured op and micro-batch beyond the "
+                               "op's own price (module calls, autograd bookkeeping, allocation; forward + "
+                               "backward); 0 where the host runs ahead of the device (GPUs)")
+    shared_core_sync_s: float = Field(
+        0.0, ge=0, description="wall time a blocking collective or send/receive costs when the node's ranks "
+                               "share cores (its members wait to be scheduled together); 0 for GPUs")
+    dtensor_call_overhead_s: float = Field(
+        0.0, ge=0, description="host CPU time DTensor adds to one tensor-parallel module call, forward + "
+                               "backward (sharding propagation, redistribution in Python); 0 where the host "
+                               "runs ahead of the device (GPUs)")
     meta: dict = Field(default_factory=dict, description="how it was measured: device, torch, dtype, "
                                                          "threads, date, command")
 
