@@ -62,9 +62,9 @@ try:
         with contextlib.redirect_stdout(io.StringIO()):
             if job["ds"]["stage"] == 3:
                 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs as f
-                _, gpu = f(total_params=job["ds"]["params"], largest_layer_params=job["ds"]["largest"],
-                           num_gpus_per_node=job["ds"]["gpus"], num_nodes=1, cpu_offload=False,
-                           cpu_offload_params=False, zero_init=True)
+                _, gpu, _ = f(total_params=job["ds"]["params"], largest_layer_params=job["ds"]["largest"],
+                              num_gpus_per_node=job["ds"]["gpus"], num_nodes=1, cpu_offload=False,
+                              cpu_offload_params=False, zero_init=True)
             else:
                 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs as f
                 _, gpu = f(total_params=job["ds"]["params"], num_gpus_per_node=job["ds"]["gpus"], num_nodes=1,
@@ -79,9 +79,10 @@ print(json.dumps(out))
 def peer_job(spec, row: dict, seq_len: int, world: int, params: float, largest: float) -> dict:
     """The estimators' inputs for one strategy of the validation."""
     s = row["strategy_fields"]
+    ffn = spec.moe_ffn_hidden if spec.is_moe else spec.ffn_hidden
     model = {"name": spec.name, "num_layers": spec.layers, "n_head": spec.heads, "hidden_dim": spec.hidden,
              "vocab_size": spec.vocab, "max_seq_len": seq_len, "num_key_value_heads": spec.kv_heads,
-             "ffn_embed_dim": spec.moe_ffn_hidden if spec.is_moe else spec.ffn_hidden,
+             "ffn_embed_dim": ffn, "expansion_ratio": ffn / spec.hidden,  # both given: no divisibility assert
              "moe_num_experts": max(1, spec.num_experts or 1), "moe_top_k": max(1, spec.topk or 1)}
     parallel = {"tp_size": s["tp"], "pp_size": s["pp"], "dp_size": s["dp"], "ep_size": s["ep"],
                 "sp_size": s["tp"] if s["sequence_parallel"] else 1}

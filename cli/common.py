@@ -16,7 +16,8 @@ GpusPerNode = typer.Option(None, "--gpus-per-node", help="GPUs per node (default
 Cluster = typer.Option(None, "--cluster", help="cluster preset (dgx-a100, dgx-h100, ...) or YAML file")
 SeqLen = typer.Option(None, "--seq-len", help="sequence length (default: the model's, capped at 4096/8192)")
 GlobalBatch = typer.Option(None, "--global-batch", help="sequences per optimizer step")
-Dtype = typer.Option("auto", "--dtype", help="bf16 | fp16 | fp32 | fp8 (auto: bf16, fp32 where the profile has no bf16)")
+Dtype = typer.Option("auto", "--dtype",
+                     help="bf16 | fp16 | fp32 | fp8 (auto: bf16, fp32 where the profile has no bf16)")
 Profile = typer.Option(None, "--profile", help="measured profile JSON from `autopar profile`")
 Placement = typer.Option(None, "--placement", help="expert placement JSON from `autopar experts`")
 Trace = typer.Option(None, "--trace", help="routing trace JSON from `autopar trace-routing`")

@@ -22,17 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopar.codegen.runtime_mesh import ParallelMesh
-
-
-def even_stages(num_layers: int, n_virtual: int) -> list[tuple[int, int]]:
-    """Layer ranges of ``n_virtual`` stages, as even as possible (earlier stages get the extra)."""
-    base, extra = divmod(num_layers, n_virtual)
-    out, start = [], 0
-    for i in range(n_virtual):
-        end = start + base + (1 if i < extra else 0)
-        out.append((start, end))
-        start = end
-    return out
+from autopar.cost_models.estimate import even_stages  # noqa: F401  (re-exported: the partition the cost model prices)
 
 
 def split_stages(model: nn.Module, mesh: ParallelMesh, stages: list[tuple[int, int]]) -> tuple[list, list]:
