@@ -73,7 +73,10 @@ def plan_cmd(model: str = c.Model, gpu: Opt[str] = c.Gpu, nodes: Opt[int] = c.No
     if not res.candidates:
         _nothing_fits(cm, cons, res)
     if out:
-        to_plan(cm, res.candidates[0], _inputs_record(inp, gb, fixed)).save(out)
+        plan = to_plan(cm, res.candidates[0], _inputs_record(inp, gb, fixed))
+        if placement:  # emit puts each expert on the rank this placement names
+            plan.expert_placement = _placement_for(placement, plan.strategy.ep)
+        plan.save(out)
     pngs = _plots(cm, res, plot) if plot else []
     if json_out:
         c.print_json(plan_json(cm, res, top))
@@ -150,6 +153,14 @@ def _nothing_fits(cm, cons: Constraints, res: SearchResult) -> None:
 
 
 # ----- the Plan ----------------------------------------------------------------------------------
+def _placement_for(path: str, ep: int) -> list[list[list[int]]] | None:
+    """The placement file's assignment when it was made for the plan's ep (else the default)."""
+    from autopar.planner.experts import ExpertPlacement
+
+    pl = ExpertPlacement.load_file(path)
+    return pl.assignment if pl.ep == ep else None
+
+
 def to_plan(cm, cand: Candidate, inputs: dict[str, str]) -> Plan:
     """The winning candidate as a Plan: resolved strategy, per-layer recompute, stages, predictions."""
     e, s = cand.estimate, cand.strategy

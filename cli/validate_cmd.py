@@ -104,6 +104,7 @@ def _print(summary: dict, meta: dict, files: list[Path]) -> None:
         con.print(f"{k}: {val}", markup=False)
     con.print(f"note: {rep.MEMORY_NOTE}; {meta['load']}", markup=False)
     for r in summary["strategies"]:
-        if r["status"] != "ok":
-            con.print(f"failed: {r['name']}: {r['error']} (log: {r['log'] or '-'})", markup=False)
+        if r["error"]:
+            what = "failed" if r["status"] != "ok" else "note"
+            con.print(f"{what}: {r['name']}: {r['error']} (log: {r['log'] or '-'})", markup=False)
     con.print("wrote " + ", ".join(str(f) for f in files), markup=False)

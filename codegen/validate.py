@@ -258,6 +258,8 @@ def measure(rc: int | None, text: str, wall: float, log: Path, cfg: Config) -> M
                     warmup=cfg.untimed)
     if rc is None:
         m.status, m.error = "timeout", f"no exit after {cfg.timeout_s:.0f} s (killed); {len(ordered)} steps printed"
+    elif rc != 0 and len(ordered) >= cfg.steps:  # every step measured, then a crash at teardown
+        m.error = f"exit code {rc} after the last step (at shutdown): {last_error(text)}"
     elif rc != 0:
         m.status, m.error = "failed", f"exit code {rc}: {last_error(text)}"
     elif len(ordered) < cfg.untimed + 1 or m.mem_bytes is None:

@@ -72,6 +72,10 @@ def markdown(s: dict, meta: dict) -> str:
         lines += ["", "Failed runs:", ""]
         lines += [f"- {r['name']} (`{r['strategy']}`): {r['status']}: {r['error']} (log: {r['log'] or '-'})"
                   for r in failed]
+    noted = [r for r in s["strategies"] if r["status"] == "ok" and r["error"]]
+    if noted:
+        lines += ["", "Notes:", ""]
+        lines += [f"- {r['name']}: {r['error']} (log: {r['log']})" for r in noted]
     lines += ["", "Strategies (compact form):", ""]
     lines += [f"- {r['name']}: `{r['strategy']}`" for r in s["strategies"]]
     return "\n".join(lines) + "\n"

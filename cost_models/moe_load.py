@@ -89,10 +89,13 @@ def load_ratio_from_files(placement: str | None, trace: str | None) -> LoadFn:
     fixed = stats(tr, ranks, fixed_ep)
 
     def by_placement(ep: int) -> tuple[float, float]:
-        if ep != fixed_ep:
-            raise InputError(f"strategy: ep={ep} but the placement was made for ep={fixed_ep}; "
-                             f"use ep={fixed_ep} or re-run `autopar experts --ep {ep}`")
-        return fixed
+        if ep == fixed_ep:
+            return fixed
+        # another ep (the search tries several): the trace with Megatron's contiguous blocks
+        if ep <= 1 or tr.num_experts % ep:
+            return uniform(ep)
+        return stats(tr, contiguous(tr.num_layers, tr.num_experts, ep), ep)
+
     return by_placement
 
 

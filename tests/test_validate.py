@@ -86,9 +86,13 @@ def test_parse_steps_and_status():
     ok = v.measure(0, text, 1.0, Path("log"), cfg)
     assert ok.status == "ok" and ok.step_times_s == [0.5, 0.25, 0.3, 0.2] and ok.time_s == pytest.approx(0.25)
     assert ok.mem_bytes == 120
-    crash = v.measure(1, text + "Traceback (most recent call last):\nRuntimeError: boom\n", 1.0, Path("log"), cfg)
+    crash = v.measure(1, text.split("step=3")[0] + "Traceback (most recent call last):\nRuntimeError: boom\n", 1.0,
+                      Path("log"), cfg)
     assert crash.status == "failed" and "RuntimeError: boom" in crash.error
     assert v.measure(None, text, 5.0, Path("log"), cfg).status == "timeout"
+    # every step measured, then an abort at interpreter shutdown: the numbers stand, the exit is noted
+    late = v.measure(-6, text + "terminate called without an active exception\n", 1.0, Path("log"), cfg)
+    assert late.status == "ok" and "after the last step" in late.error
     assert v.measure(0, "step=1 loss=1 step_time_s=1 peak_mem_bytes=1\n", 1.0, Path("log"), cfg).status == "failed"
 
 
