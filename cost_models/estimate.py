@@ -37,7 +37,8 @@ from autopar.profiles.hw import GpuProfile
 from autopar.profiles.model_spec import ModelSpec
 
 DDP_BUCKET_BYTES = 25 * 2**20   # PyTorch DDP bucket_cap_mb default (torch.nn.parallel.DistributedDataParallel)
-OPTIMIZER_BYTES_PER_PARAM = 36  # Adam step: read p32, g, m, v (4+2+4+4... rounded) + write p32, m, v, p16
+OPTIMIZER_BYTES_PER_PARAM = 36  # Adam step traffic: read fp32 p, m, v (12) + 16-bit grad (2), its fp32 upcast
+#                                written and read back (8), write fp32 p, m, v (12) + the 16-bit copy (2)
 
 
 @dataclass
@@ -200,10 +201,10 @@ class CostModel:
                 comm[k] = comm.get(k, 0.0) + v
         bwd = sum(c.bwd_s for c in parts + extra) + rc + sum(comm.values())
         in_flight = in_flight_microbatches(rank, s.pp, m, s.schedule, s.vpp)
-        memory, host = self._rank_memory(s, parts, modes, extra, in_flight, last)
+        memory, host = self._rank_memory(s, parts, modes, extra, in_flight, first, last)
         return RankReport(rank, layers, fwd, bwd, rc, comm, memory, in_flight, host)
 
-    def _rank_memory(self, s: Strategy, parts: list[LayerCost], modes, extra, in_flight,
+    def _rank_memory(self, s: Strategy, parts: list[LayerCost], modes, extra, in_flight, first,
                      last) -> tuple[dict[str, float], float]:
         dense = sum(c.params_dense for c in parts + extra)
         if s.pp > 1 and last and self.output is not None:
@@ -218,7 +219,7 @@ class CostModel:
         acts = sum(c.act_bytes[mo] for c, mo in zip(parts, modes)) + sum(c.act_bytes["none"] for c in extra)
         work = max([c.work_bytes[mo] for c, mo in zip(parts, modes)] + [0.0])
         temps = sum(c.temp_bytes for c in extra)
-        first = bool(extra) and extra[0] is self.layer_costs(s)["embedding"]
+        first = first and self.embedding is not None
         mem = {
             "parameters": ds.params + es.params,
             "gradients": ds.grads + es.grads + (self._replicated_embedding_grad(s) if first else 0.0),

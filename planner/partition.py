@@ -131,7 +131,7 @@ class RankPricer:
         extra = self.extras(r)
         parts = [self.costs[i] for i in layers]
         in_flight = in_flight_microbatches(r, self.p, self.m, s.schedule, self.v)
-        plain = cm._rank_memory(s, parts, ["none"] * len(parts), extra, in_flight, r == self.p - 1)
+        plain = cm._rank_memory(s, parts, ["none"] * len(parts), extra, in_flight, r == 0, r == self.p - 1)
         plain = plain[0] if isinstance(plain, tuple) else plain   # (device bytes, host bytes)
         extra_act = sum(e.act_bytes["none"] for e in extra)
         fixed = sum(plain.values()) - plain["activations"] - plain["recompute_workspace"]
