@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import validate_published as vp  # noqa: E402
 
 import autopar.cost_models.session as session  # noqa: E402
-from autopar.profiles.hw import EffCurve, load_gpu_profile  # noqa: E402
+from autopar.core.gpu import EffCurve  # noqa: E402
+from autopar.profiles.hw import load_gpu_profile  # noqa: E402
 
 POINTS = [1e3, 1e4, 1e5, 1e6, 1e7, 3e7, 1e8, 3e8, 1e9, 3e9, 1e10, 3e10, 1e11, 1e12, 1e13]
 

@@ -119,8 +119,8 @@ def model_counts(spec) -> tuple[float, float]:
 
 
 def compare(validation: Path, python: str) -> list[dict]:
-    from autopar.cost_models.strategy import Strategy
-    from autopar.planner.plan import Plan
+    from autopar.core.plan import Plan
+    from autopar.core.strategy import Strategy
 
     data = json.loads(validation.read_text())
     rows = []

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from autopar.core.strategy import Strategy
 from autopar.cost_models.session import Inputs, build_cost_model
-from autopar.cost_models.strategy import Strategy
 from autopar.planner.search import search
 
 

@@ -23,14 +23,15 @@ from pathlib import Path
 
 import torch
 
+from autopar.core.cluster import ClusterSpec, LinkClass
+from autopar.core.gpu import GpuProfile
+from autopar.core.model_spec import ModelSpec
+from autopar.core.strategy import Strategy
 from autopar.cost_models.compute import OpTimer
 from autopar.cost_models.layer_cost import PricingContext, price_layer
-from autopar.cost_models.strategy import Strategy
 from autopar.cost_models.templates import build_templates
-from autopar.profiles.cluster import ClusterSpec, LinkClass
-from autopar.profiles.hw import GpuProfile, load_gpu_profile
+from autopar.profiles.hw import load_gpu_profile
 from autopar.profiles.intake import preset
-from autopar.profiles.model_spec import ModelSpec
 from autopar.profiles.models import build_model
 from autopar.profiles.profiler import profile_device
 from autopar.profiles.profiler_timing import Clock, engine_overhead, measure

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import time
 
+from autopar.core.model_spec import ModelSpec
 from autopar.cost_models.estimate import CostModel
 from autopar.cost_models.session import default_global_batch, default_seq_len
 from autopar.cost_models.templates import build_templates
 from autopar.planner.search import search
 from autopar.profiles.hw import default_cluster_for_gpu, load_gpu_profile
 from autopar.profiles.intake import preset
-from autopar.profiles.model_spec import ModelSpec
 
 # GPT 1T: Narayanan et al. SC21 Table 1, last row (128 layers, h = 25600, 160 heads).
 GPT_1T = ModelSpec(family="gpt", name="gpt-1t", hidden=25600, layers=128, heads=160, ffn_hidden=102400,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from autopar.core.strategy import Strategy
 from autopar.cost_models.session import Inputs, build_cost_model
-from autopar.cost_models.strategy import Strategy
 
 DEFAULT_YAML = Path(__file__).resolve().parents[1].parent / "shared" / "validation" / "published_calibration.yaml"
 

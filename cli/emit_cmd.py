@@ -19,7 +19,7 @@ def emit_command(
 ) -> None:
     """Generate train.py, launch_torchrun.sh, launch_slurm.sbatch, pytorchjob.yaml and a README."""
     from autopar.codegen.emit import emit, launch_commands
-    from autopar.planner.plan import Plan
+    from autopar.core.plan import Plan
 
     p = Plan.load(plan)
     files = emit(p, out, device)

@@ -10,10 +10,10 @@ from rich.table import Table
 
 from autopar.cli import common as c
 from autopar.cli.app import app
+from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate import Estimate
 from autopar.cost_models.report import candidate_fixes, estimate_dict, overflow_bytes
 from autopar.cost_models.session import build_cost_model, default_global_batch
-from autopar.cost_models.strategy import Strategy
 from autopar.errors import DoesNotFitError, InputError
 
 

@@ -11,12 +11,12 @@ from rich.table import Table
 
 from autopar.cli import common as c
 from autopar.cli.app import app
+from autopar.core.plan import Plan, Provenance, StageSpec
+from autopar.core.strategy import COMPACT_KEYS, Strategy
 from autopar.cost_models.report import estimate_dict
 from autopar.cost_models.session import build_cost_model, default_global_batch
-from autopar.cost_models.strategy import COMPACT_KEYS, Strategy
 from autopar.errors import DoesNotFitError, InputError
 from autopar.planner import explain, plots
-from autopar.planner.plan import Plan, Provenance, StageSpec
 from autopar.planner.search import Candidate, Constraints, SearchResult, search
 
 Opt = Optional

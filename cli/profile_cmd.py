@@ -20,10 +20,10 @@ from rich.console import Console
 from rich.table import Table
 
 from autopar.cli.app import app
+from autopar.core.gpu import GpuProfile
 from autopar.cost_models.session import default_seq_len
 from autopar.errors import InputError
 from autopar.fileio import write_atomic
-from autopar.profiles.hw import GpuProfile
 from autopar.profiles.intake import resolve_model
 
 

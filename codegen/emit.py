@@ -17,9 +17,9 @@ from pathlib import Path
 
 from autopar import __version__
 from autopar.codegen.emit_checks import Layout, check_plan
+from autopar.core.plan import Plan
 from autopar.errors import InputError
 from autopar.fileio import write_atomic
-from autopar.planner.plan import Plan
 
 TEMPLATES = Path(__file__).with_name("templates")
 FILES = ("train.py", "launch_torchrun.sh", "launch_slurm.sbatch", "pytorchjob.yaml", "README.md", "plan.json")

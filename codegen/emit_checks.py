@@ -14,8 +14,8 @@ from torch import nn
 
 from autopar.codegen.runtime_parallel import dp_mode
 from autopar.codegen.runtime_pp import even_stages
+from autopar.core.plan import Plan
 from autopar.errors import InputError
-from autopar.planner.plan import Plan
 
 _DP_SUMMARY = {
     "none": "none (dp*cp = 1)",

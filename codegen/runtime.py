@@ -36,7 +36,7 @@ from autopar.codegen.runtime_mesh import ParallelMesh, build_mesh, init_distribu
 from autopar.codegen.runtime_moe import apply_ep
 from autopar.codegen.runtime_parallel import apply_ac, apply_dp, apply_tp, dp_mode, sync_grads
 from autopar.codegen.runtime_pp import apply_pp, even_stages, lm_loss, pp_step, split_stages
-from autopar.profiles.model_spec import ModelSpec
+from autopar.core.model_spec import ModelSpec
 from autopar.profiles.models import build_model
 from autopar.profiles.models.layers import GroupedExperts
 
@@ -53,7 +53,7 @@ _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "module.", "_orig_mod.")
 
 # ----- model ------------------------------------------------------------------------
 def load_spec(plan_path: str | os.PathLike) -> ModelSpec:
-    from autopar.planner.plan import Plan
+    from autopar.core.plan import Plan
 
     return Plan.load(plan_path).model
 

@@ -1,6 +1,6 @@
 """Process group start-up and the device mesh of a plan.
 
-Rank order (``autopar.cost_models.strategy``): tp innermost, then cp, then dp, pp outermost,
+Rank order (``autopar.core.strategy``): tp innermost, then cp, then dp, pp outermost,
 so ``rank = ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i``. Tensor parallel groups are
 neighbours (one node, fastest links) and pipeline stages the farthest apart.
 

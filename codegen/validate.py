@@ -30,11 +30,11 @@ from typing import Callable
 
 from autopar.codegen.emit import emit
 from autopar.codegen.emit_checks import check_plan
+from autopar.core.plan import Plan, Provenance
+from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate import CostModel
 from autopar.cost_models.report import estimate_dict
-from autopar.cost_models.strategy import Strategy
 from autopar.errors import AutoparError, InputError
-from autopar.planner.plan import Plan, Provenance
 
 # Diverse strategies for n ranks (h = n / 2): pure data parallel, ZeRO-1 and ZeRO-3, tensor
 # (+ sequence) parallel, pipelines (1F1B, GPipe, interleaved), their mixes, FSDP + TP, full

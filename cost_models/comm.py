@@ -40,6 +40,7 @@ from typing import Literal, NamedTuple, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from autopar.core.cluster import ClusterSpec, LinkClass
 from autopar.cost_models.topology import (
     GroupPlacement,
     all_group_firsts,
@@ -47,7 +48,6 @@ from autopar.cost_models.topology import (
     group_span,
     node_pair_bw,
 )
-from autopar.profiles.cluster import ClusterSpec, LinkClass
 
 __all__ = ["CommCost", "CommFit", "GroupPlacement", "all_gather_time", "all_to_all_time", "bus_factor",
            "collective_time", "group_span", "p2p_time", "reduce_scatter_time", "ring_all_reduce_time",

@@ -23,6 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from autopar.core.cluster import ClusterSpec
+from autopar.core.gpu import GpuProfile
+from autopar.core.model_spec import ModelSpec
+from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer
 from autopar.cost_models.layer_cost import LayerCost, PricingContext, price_layer, shared_core_sync
@@ -30,11 +34,7 @@ from autopar.cost_models.layer_model import LayerTemplate
 from autopar.cost_models.memory import bytes_per_param, model_state_bytes
 from autopar.cost_models.moe_load import LoadFn
 from autopar.cost_models.pipeline import in_flight_microbatches, step_time
-from autopar.cost_models.strategy import Strategy
 from autopar.errors import InputError
-from autopar.profiles.cluster import ClusterSpec
-from autopar.profiles.hw import GpuProfile
-from autopar.profiles.model_spec import ModelSpec
 
 DDP_BUCKET_BYTES = 25 * 2**20   # PyTorch DDP bucket_cap_mb default (torch.nn.parallel.DistributedDataParallel)
 OPTIMIZER_BYTES_PER_PARAM = 36  # Adam step traffic: read fp32 p, m, v (12) + 16-bit grad (2), its fp32 upcast

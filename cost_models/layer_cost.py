@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from autopar.core.cluster import ClusterSpec
+from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, cpu_contention
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
-from autopar.cost_models.strategy import Strategy
-from autopar.profiles.cluster import ClusterSpec
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 

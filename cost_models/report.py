@@ -3,9 +3,9 @@ and find priced fixes for a strategy that does not fit."""
 
 from __future__ import annotations
 
+from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import collective_time
 from autopar.cost_models.estimate import CostModel, Estimate
-from autopar.cost_models.strategy import Strategy
 from autopar.errors import InputError
 
 GiB = 1024**3

@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from autopar.core.cluster import ClusterSpec
+from autopar.core.model_spec import ModelSpec
 from autopar.cost_models.estimate import CostModel
 from autopar.cost_models.templates import build_templates
 from autopar.errors import InputError
-from autopar.profiles.cluster import ClusterSpec
 from autopar.profiles.hw import default_cluster_for_gpu, load_cluster, load_gpu_profile
 from autopar.profiles.intake import resolve_model
-from autopar.profiles.model_spec import ModelSpec
 
 DEFAULT_GPU = "h100-sxm"
 DEFAULT_GPUS_PER_NODE = 8

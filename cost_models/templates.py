@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from autopar.core.model_spec import ModelSpec
 from autopar.cost_models.compute import op_signature
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, SavedTerm, Shard
 from autopar.profiles.graph import capture
 from autopar.profiles.layer_stats import LayerGroup, OpCost, summarize
-from autopar.profiles.model_spec import ModelSpec
 
 ROW_PARALLEL = ("wo", "w2")   # row-parallel linears: tensor parallel splits their k (input) dim
 

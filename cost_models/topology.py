@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import NamedTuple
 
+from autopar.core.cluster import ClusterSpec
 from autopar.errors import InputError
-from autopar.profiles.cluster import ClusterSpec
 
 
 class GroupPlacement(NamedTuple):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate import CostModel, Estimate
 from autopar.cost_models.report import overflow_bytes
-from autopar.cost_models.strategy import Strategy
 from autopar.errors import InputError
 from autopar.planner.search import (
     Candidate,

@@ -31,11 +31,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate import DDP_BUCKET_BYTES, CostModel, RankReport
 from autopar.cost_models.layer_cost import RECOMPUTE_MODES, LayerCost
 from autopar.cost_models.memory import bytes_per_param
 from autopar.cost_models.pipeline import in_flight_microbatches
-from autopar.cost_models.strategy import Strategy
 from autopar.planner import recompute as rc
 
 INF = float("inf")

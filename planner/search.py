@@ -38,12 +38,12 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate import OPTIMIZER_BYTES_PER_PARAM, CostModel, Estimate, RankReport
 from autopar.cost_models.layer_cost import RECOMPUTE_MODES, shards_for
 from autopar.cost_models.layer_model import saved_bytes
 from autopar.cost_models.memory import bytes_per_param, model_state_bytes
 from autopar.cost_models.pipeline import in_flight_microbatches
-from autopar.cost_models.strategy import Strategy
 from autopar.errors import InputError
 from autopar.planner import partition as part
 

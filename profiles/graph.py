@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from autopar.core.model_spec import ModelSpec
 from autopar.errors import InputError
 from autopar.profiles.graph_ops import (
     CALL_OPS,
@@ -42,7 +43,6 @@ from autopar.profiles.graph_ops import (
     storage_id,
     tensors_in,
 )
-from autopar.profiles.model_spec import ModelSpec
 from autopar.profiles.models import build_model
 from autopar.profiles.models.layers import GroupedExperts, RMSNorm, TopKRouter
 

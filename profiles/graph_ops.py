@@ -17,7 +17,7 @@ import torch.fx as fx
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from autopar.profiles.model_spec import ModelSpec
+from autopar.core.model_spec import ModelSpec
 from autopar.profiles.models.layers import GroupedExperts, RMSNorm, TopKRouter
 
 PREFIX = "model."  # capture wraps the model with its loss; module paths drop this prefix

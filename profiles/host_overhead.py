@@ -135,8 +135,8 @@ def measure_op_overhead(profile: Path, model: str, seq_len: int) -> float:
     import torch
 
     from autopar.codegen.runtime import lm_loss
+    from autopar.core.strategy import Strategy
     from autopar.cost_models.session import Inputs, build_cost_model
-    from autopar.cost_models.strategy import Strategy
     from autopar.profiles.models import build_model
 
     torch.set_num_threads(1)
@@ -170,8 +170,8 @@ def _cpu_min(fn, samples: int = 15) -> float:
 
 
 def update_profile(path: Path, values: dict[str, float], how: dict[str, str]) -> None:
+    from autopar.core.gpu import GpuProfile
     from autopar.fileio import write_atomic
-    from autopar.profiles.hw import GpuProfile
 
     data = json.loads(path.read_text())
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from autopar.core.model_spec import ModelSpec
 from autopar.errors import InputError
-from autopar.profiles.model_spec import ModelSpec
 
 _GPT3 = dict(family="gpt", vocab=51200, max_seq_len=2048, tie_embeddings=True, dropout=0.1, attention="eager")
 _LLAMA3 = dict(family="llama", kv_heads=8, vocab=128256, max_seq_len=8192, rope_theta=500000.0)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from autopar.core.gpu import GpuProfile
 from autopar.cost_models.comm import CommFit
 from autopar.cost_models.compute import OpTimer
 from autopar.errors import InputError
-from autopar.profiles.hw import GpuProfile, load_gpu_profile
+from autopar.profiles.hw import load_gpu_profile
 
 
 def load_measured_profile(path: str | Path, gpu: GpuProfile | None,

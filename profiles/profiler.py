@@ -25,9 +25,9 @@ from typing import Callable
 
 import torch
 
+from autopar.core.model_spec import ModelSpec
 from autopar.errors import InputError
 from autopar.profiles.graph import DTYPES
-from autopar.profiles.model_spec import ModelSpec
 from autopar.profiles.profiler_ops import ModelOps, OpSample, model_ops
 from autopar.profiles.profiler_sweep import Point, fit_curve, peak_bandwidth, peak_flops, run_sweep
 from autopar.profiles.profiler_timing import Clock, engine_overhead, grad_runner, time_fwd_bwd

@@ -18,11 +18,11 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from autopar.core.model_spec import ModelSpec
 from autopar.cost_models.compute import op_signature, signature
 from autopar.errors import InputError
 from autopar.profiles.graph import DTYPES, _trace, _WithLoss, capture
 from autopar.profiles.layer_stats import ModelStats, OpCost, summarize
-from autopar.profiles.model_spec import ModelSpec
 from autopar.profiles.models import build_model
 from autopar.profiles.profiler_timing import OpTiming
 

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from autopar.codegen import runtime as rt
-from autopar.cost_models.strategy import Strategy
-from autopar.planner.plan import Plan, StageSpec
-from autopar.profiles.cluster import ClusterSpec, LinkClass
+from autopar.core.cluster import ClusterSpec, LinkClass
+from autopar.core.model_spec import ModelSpec
+from autopar.core.plan import Plan, StageSpec
+from autopar.core.strategy import Strategy
 from autopar.profiles.intake import preset
-from autopar.profiles.model_spec import ModelSpec
 from autopar.profiles.models import build_model
 
 SEQ_LEN = 32

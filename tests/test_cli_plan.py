@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from autopar.planner.plan import Plan
+from autopar.core.plan import Plan
 
 TINY = ("gpt-tiny", "--gpu", "h100-sxm", "--gpus-per-node", "4", "--global-batch", "32")
 

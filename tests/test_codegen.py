@@ -16,8 +16,8 @@ from helpers_plans import make_plan, parse_steps, reference_losses
 from autopar.codegen import runtime as rt
 from autopar.codegen.emit import FILES, emit
 from autopar.codegen.runtime_mem import LiveTensorBytes
+from autopar.core.plan import Plan
 from autopar.errors import InputError
-from autopar.planner.plan import Plan
 from autopar.profiles.intake import preset
 from autopar.profiles.models import build_model
 

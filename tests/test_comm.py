@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from autopar.core.cluster import ClusterSpec, LinkClass
 from autopar.cost_models.comm import (
     CommFit,
     all_gather_time,
@@ -21,7 +22,6 @@ from autopar.cost_models.comm import (
 )
 from autopar.cost_models.topology import all_group_firsts, dense_placements, expert_placements, group_span
 from autopar.errors import InputError
-from autopar.profiles.cluster import ClusterSpec, LinkClass
 from autopar.profiles.hw import load_cluster
 
 GB = 1e9

@@ -3,10 +3,10 @@ same code path estimate() uses (graph capture -> templates -> saved_bytes under 
 
 import pytest
 
+from autopar.core.model_spec import ModelSpec
 from autopar.cost_models.layer_model import Shards, saved_bytes
 from autopar.cost_models.memory import korthikanti_activation_bytes
 from autopar.cost_models.templates import build_templates
-from autopar.profiles.model_spec import ModelSpec
 
 S, B, H, A = 128, 2, 256, 8
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from autopar.core.model_spec import ModelSpec
 from autopar.errors import InputError
 from autopar.profiles.graph import capture
 from autopar.profiles.intake import preset, resolve_model
 from autopar.profiles.layer_stats import summarize
-from autopar.profiles.model_spec import ModelSpec
 
 
 def test_llama3_70b_is_one_group_of_80():

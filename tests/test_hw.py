@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from autopar.core.gpu import REQUIRED_SOURCES, EffCurve
 from autopar.errors import InputError
 from autopar.profiles.hw import (
-    REQUIRED_SOURCES,
-    EffCurve,
     default_cluster_for_gpu,
     list_cluster_presets,
     list_gpu_profiles,

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from autopar.core.model_spec import ModelSpec
 from autopar.profiles.intake import SUPPORTED_MODEL_TYPES, from_hf_config, preset
-from autopar.profiles.model_spec import ModelSpec
 
 ARCH_FIELDS = ("family", "hidden", "layers", "heads", "kv_heads", "head_dim", "vocab", "tie_embeddings",
                "qkv_bias", "num_experts", "topk", "moe_ffn_hidden", "first_dense_layers", "q_lora_rank",

@@ -8,17 +8,18 @@ import json
 import pytest
 import yaml
 
+from autopar.core.cluster import ClusterSpec, LinkClass
+from autopar.core.gpu import GpuProfile
+from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, cpu_contention
 from autopar.cost_models.layer_cost import PricingContext, price_layer
 from autopar.cost_models.report import estimate_dict
 from autopar.cost_models.session import Inputs, build_cost_model
-from autopar.cost_models.strategy import Strategy
 from autopar.cost_models.templates import build_templates
 from autopar.errors import InputError
-from autopar.profiles.cluster import ClusterSpec, LinkClass
 from autopar.profiles.comm_profiler import CommPoint, fit_alpha_beta, fit_points, link_class
-from autopar.profiles.hw import GpuProfile, load_cluster, load_gpu_profile
+from autopar.profiles.hw import load_cluster, load_gpu_profile
 from autopar.profiles.intake import preset
 from autopar.profiles.measured import load_measured_profile
 

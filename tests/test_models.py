@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from autopar.core.model_spec import ModelSpec
 from autopar.profiles.graph import capture
 from autopar.profiles.intake import PRESETS, preset
 from autopar.profiles.layer_stats import summarize
-from autopar.profiles.model_spec import ModelSpec
 from autopar.profiles.models import build_model
 
 CALIBRATION = Path(__file__).resolve().parents[2] / "shared" / "validation" / "published_calibration.yaml"

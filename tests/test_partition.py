@@ -12,14 +12,14 @@ import random
 
 import pytest
 
+from autopar.core.model_spec import ModelSpec
+from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate import CostModel
 from autopar.cost_models.layer_cost import RECOMPUTE_MODES, LayerCost
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, SavedTerm
-from autopar.cost_models.strategy import Strategy
 from autopar.planner import partition as part
 from autopar.planner import recompute as rc
 from autopar.profiles.hw import default_cluster_for_gpu, load_gpu_profile
-from autopar.profiles.model_spec import ModelSpec
 
 H, SEQ, MB = 64, 128, 2**20
 

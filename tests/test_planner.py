@@ -10,10 +10,10 @@ import pytest
 from pydantic import ValidationError
 from test_partition import layouts, tiny_cost_model
 
+from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate import CostModel
 from autopar.cost_models.layer_cost import RECOMPUTE_MODES
 from autopar.cost_models.session import Inputs, build_cost_model
-from autopar.cost_models.strategy import Strategy
 from autopar.errors import InputError
 from autopar.planner import explain
 from autopar.planner import search as S

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from autopar.cost_models.strategy import Strategy
+from autopar.core.cluster import ClusterSpec, LinkClass
+from autopar.core.plan import Plan, StageSpec
+from autopar.core.strategy import Strategy
 from autopar.errors import InputError
-from autopar.planner.plan import Plan, StageSpec
-from autopar.profiles.cluster import ClusterSpec, LinkClass
 from autopar.profiles.intake import preset
 
 

@@ -206,7 +206,7 @@ def test_busy_node_prices_collectives_from_the_all_ranks_fit():
 def test_emitted_program_memory_terms():
     cm4 = build_cost_model(Inputs(model="gpt-small", gpu="cpu", nodes=1, gpus_per_node=4, seq_len=128,
                                   dtype="fp32"))[0]
-    from autopar.cost_models.strategy import Strategy
+    from autopar.core.strategy import Strategy
 
     dp = cm4.estimate(Strategy.parse("dp=4,mbs=1").resolve(4, 16)).worst_rank.memory
     assert dp["comm_buffers"] == pytest.approx(dp["gradients"])  # DDP's flat buckets: one gradient copy

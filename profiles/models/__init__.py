@@ -8,8 +8,8 @@ import importlib
 import torch
 from torch import nn
 
+from autopar.core.model_spec import ModelSpec
 from autopar.errors import InputError
-from autopar.profiles.model_spec import ModelSpec
 from autopar.profiles.models.transformer import Block, Transformer
 
 __all__ = ["Block", "Transformer", "build_model", "load_factory"]

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from autopar.profiles.model_spec import ModelSpec
+from autopar.core.model_spec import ModelSpec
 from autopar.profiles.models.layers import MLP, Attention, MLAttention, MoE, RMSNorm, SwiGLU, rope_tables
 
 

@@ -17,11 +17,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from autopar import __version__
-from autopar.cost_models.strategy import Recompute, Strategy
+from autopar.core.cluster import ClusterSpec
+from autopar.core.model_spec import ModelSpec
+from autopar.core.strategy import Recompute, Strategy
 from autopar.errors import InputError
 from autopar.fileio import write_atomic
-from autopar.profiles.cluster import ClusterSpec
-from autopar.profiles.model_spec import ModelSpec
 
 
 class StageSpec(BaseModel):

@@ -1,0 +1,127 @@
+"""``GpuProfile``: one accelerator's peak rates, memory and efficiency curves (shared type).
+
+Loaded from ``profiles/hardware/*.yaml`` by ``autopar.profiles.hw``; written by ``autopar profile``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
+
+from autopar.errors import InputError
+
+Precision = Literal["fp32", "tf32", "bf16", "fp16", "fp8"]
+CurveName = Literal["matmul", "membound", "attention"]
+REQUIRED_SOURCES = ("peak_tflops", "mem_capacity_bytes", "mem_bw_gbps", "framework_overhead_bytes",
+                    "usable_mem_fraction", "matmul_eff", "membound_eff", "attention_eff")
+
+
+class EffCurve(RootModel[list[tuple[float, float]]]):
+    """``[[x, eff], ...]`` with x > 0 increasing and 0 < eff <= 1."""
+
+    @model_validator(mode="after")
+    def _check(self) -> EffCurve:
+        pts = self.root
+        if not pts:
+            raise ValueError("an efficiency curve needs at least one [x, eff] point")
+        if any(x <= 0 for x, _ in pts) or any(b[0] <= a[0] for a, b in itertools.pairwise(pts)):
+            raise ValueError("curve x values must be positive and strictly increasing")
+        if any(not 0 < e <= 1 for _, e in pts):
+            raise ValueError("curve efficiencies must lie in (0, 1]")
+        return self
+
+    def at(self, x: float) -> float:
+        """Piecewise-linear in log10(x), clamped outside the first/last point."""
+        pts = self.root
+        if x <= pts[0][0]:
+            return pts[0][1]
+        if x >= pts[-1][0]:
+            return pts[-1][1]
+        lx = math.log10(x)
+        for (x0, e0), (x1, e1) in itertools.pairwise(pts):
+            if x <= x1:
+                t = (lx - math.log10(x0)) / (math.log10(x1) - math.log10(x0))
+                return e0 + t * (e1 - e0)
+        return pts[-1][1]  # unreachable: x < pts[-1][0] is inside some segment
+
+
+class GpuProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    aliases: list[str] = Field(default_factory=list, description="other names load_gpu_profile accepts")
+    peak_tflops: dict[Precision, float] = Field(..., description="dense tensor-core TFLOP/s per precision")
+    mem_capacity_bytes: int = Field(..., gt=0)
+    mem_bw_gbps: float = Field(..., gt=0, description="HBM (or DRAM) bandwidth, GB/s")
+    framework_overhead_bytes: int = Field(
+        ..., ge=0, description="CUDA context + NCCL buffers + cuBLAS workspace, never available to tensors")
+    usable_mem_fraction: float = Field(
+        ..., gt=0, le=1, description="fraction of the rest the caching allocator can fill (fragmentation)")
+    host_link_gbps: float | None = Field(
+        None, gt=0, description="achievable GPU<->host copy bandwidth per GPU, GB/s per direction (PCIe)")
+    host_optimizer_gbps: float | None = Field(
+        None, gt=0, description="host memory bandwidth one GPU's share of the CPU gets for an offloaded Adam step")
+    fused_elementwise: bool = Field(
+        True, description="chains of elementwise ops run as one kernel (Megatron fused softmax / bias-GeLU / "
+                          "bias-dropout-add, torch.compile); false for eager PyTorch on CPU")
+    matmul_eff: EffCurve
+    membound_eff: EffCurve
+    attention_eff: EffCurve
+    sources: dict[str, str] = Field(..., description="field -> where its value comes from")
+    # ----- written by `autopar profile` / `autopar profile-comm` (measured profiles only) -----
+    cores: int | None = Field(None, ge=1, description="CPU cores the ranks of one node share (None: a GPU)")
+    threads_per_rank: int = Field(1, ge=1, description="torch intra-op threads of one rank (CPU)")
+    measured_ops: dict[str, list[float]] = Field(
+        default_factory=dict, description="op signature -> [forward s, backward s, relative spread]")
+    comm_fits: list[dict] = Field(
+        default_factory=list, description="measured collective fits (cost_models.comm.CommFit fields)")
+    op_overhead_s: float = Field(
+        0.0, ge=0, description="host time a training step spends per captured op and micro-batch beyond the "
+                               "op's own price (module calls, autograd bookkeeping, allocation; forward + "
+                               "backward); 0 where the host runs ahead of the device (GPUs)")
+    shared_core_sync_s: float = Field(
+        0.0, ge=0, description="wall time a blocking collective or send/receive costs when the node's ranks "
+                               "share cores (its members wait to be scheduled together); 0 for GPUs")
+    dtensor_call_overhead_s: float = Field(
+        0.0, ge=0, description="host CPU time DTensor adds to one tensor-parallel module call, forward + "
+                               "backward (sharding propagation, redistribution in Python); 0 where the host "
+                               "runs ahead of the device (GPUs)")
+    meta: dict = Field(default_factory=dict, description="how it was measured: device, torch, dtype, "
+                                                         "threads, date, command")
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> GpuProfile:
+        missing = [k for k in REQUIRED_SOURCES if not self.sources.get(k, "").strip()]
+        if missing:
+            raise ValueError(f"sources must name where each number comes from; missing: {', '.join(missing)}")
+        if not self.peak_tflops or any(v <= 0 for v in self.peak_tflops.values()):
+            raise ValueError("peak_tflops needs at least one positive entry")
+        return self
+
+    def peak_flops(self, precision: str = "bf16") -> float:
+        """Dense peak in FLOP/s for ``precision``."""
+        if precision not in self.peak_tflops:
+            raise InputError(f"precision: {self.name} has no {precision} peak; "
+                             f"known: {', '.join(self.peak_tflops)}")
+        return self.peak_tflops[precision] * 1e12
+
+    @property
+    def mem_bw_bytes_per_s(self) -> float:
+        return self.mem_bw_gbps * 1e9
+
+    @property
+    def usable_mem_bytes(self) -> int:
+        """Bytes tensors may use: (capacity - framework overhead) * usable fraction."""
+        return int((self.mem_capacity_bytes - self.framework_overhead_bytes) * self.usable_mem_fraction)
+
+    def eff(self, curve_name: str, x: float) -> float:
+        """Efficiency from curve ``matmul`` | ``membound`` | ``attention`` (``*_eff`` also accepted)."""
+        key = curve_name if curve_name.endswith("_eff") else f"{curve_name}_eff"
+        curve = getattr(self, key, None) if key in ("matmul_eff", "membound_eff", "attention_eff") else None
+        if curve is None:
+            raise InputError(f"curve: unknown efficiency curve '{curve_name}'; known: matmul, membound, attention")
+        return curve.at(x)
