@@ -8,7 +8,7 @@ APIs (see docs/codegen.md):
 - ``apply_tp``: DTensor ``parallelize_module``, sequence parallel (runtime_parallel)
 - ``apply_cp``: all-gather K/V context parallel (runtime_cp)
 - ``apply_ep``: expert parallel with all-to-all dispatch (runtime_moe)
-- ``apply_ac``: activation checkpointing, full or selective (runtime_parallel)
+- ``apply_ac``: activation checkpointing, full, selective or per-op (runtime_ac)
 - ``apply_dp``: DDP, ZeRO-1 (+``ZeroRedundancyOptimizer``), ZeRO-2/3 (FSDP2) (runtime_parallel)
 
 and the pieces around them: the mesh, strategy-independent weight initialisation,
@@ -30,11 +30,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from autopar.codegen.runtime_ac import apply_ac
 from autopar.codegen.runtime_cp import apply_cp, cp_positions
 from autopar.codegen.runtime_mem import LiveTensorBytes, peak_memory_bytes, reset_peak_memory
 from autopar.codegen.runtime_mesh import ParallelMesh, build_mesh, init_distributed, shutdown
 from autopar.codegen.runtime_moe import apply_ep
-from autopar.codegen.runtime_parallel import apply_ac, apply_dp, apply_tp, dp_mode, sync_grads
+from autopar.codegen.runtime_parallel import apply_dp, apply_tp, dp_mode, sync_grads
 from autopar.codegen.runtime_pp import apply_pp, even_stages, lm_loss, pp_step, split_stages
 from autopar.core.model_spec import ModelSpec
 from autopar.profiles.models import build_model
