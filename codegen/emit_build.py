@@ -1,0 +1,62 @@
+"""The ``build()`` body of an emitted ``train.py``: one ``rt.apply_*`` call per technique the plan
+uses, in the fixed order of docs/codegen.md (pipeline split, tp/sp, cp, ep, recompute, data
+parallel, materialize, pipeline schedule), each with a numbered comment saying why.
+"""
+
+from __future__ import annotations
+
+from autopar.codegen.emit_checks import Layout
+from autopar.core.plan import Plan
+
+
+def render_build(plan: Plan, lay: Layout) -> str:
+    s = plan.strategy
+    out = ["    # @. The whole model on the meta device: shapes only, no memory.",
+           "    model = rt.build_meta_model(spec)"]
+    if s.pp > 1:
+        out += ["    # @. Pipeline split: keep copies of the virtual stages this rank runs, blocks outside",
+                "    #    them deleted (layer names stay global, so checkpoints do not depend on the split).",
+                "    parts, stage_ids = rt.split_stages(model, mesh, STAGES)"]
+    else:
+        out += ["    parts, stage_ids = [model], [0]  # @. no pipeline: one part, the whole model"]
+    per_part = []
+    if s.tp > 1:
+        per_part += ["        # @. Tensor parallel: q/k/v, w1/w3 column-wise, wo/w2 row-wise (DTensor);",
+                     "        #    sequence parallel splits norms and residuals along the sequence.",
+                     "        rt.apply_tp(part, mesh, sequence_parallel=SEQUENCE_PARALLEL)"]
+    if s.cp > 1:
+        per_part += ["        # @. Context parallel: this rank's share of every sequence; attention all-gathers K/V.",
+                     "        rt.apply_cp(part, mesh, seq_len=SEQ_LEN)"]
+    if lay.ep > 1:
+        per_part += ["        # @. Expert parallel: keep the experts the placement names for this rank;",
+                     "        #    tokens reach them with all-to-all.",
+                     "        rt.apply_ep(part, mesh, EXPERT_PLACEMENT, first_moe_layer=FIRST_MOE_LAYER)"]
+    if lay.recompute:
+        per_part += ["        # @. Activation checkpointing on the layers the plan names.",
+                     "        rt.apply_ac(part, RECOMPUTE)"]
+    if per_part:
+        out += ["    for part in parts:"] + per_part
+    dp_call = "    parts = [rt.apply_dp(part, mesh, zero_stage=ZERO_STAGE, tp=TP, pipeline=PP > 1) for part in parts]"
+    if lay.dp_mode in ("fsdp2", "replicate"):
+        what = "ZeRO-2/3 (FSDP2 fully_shard)" if lay.dp_mode == "fsdp2" else "replicated data parallel (FSDP2)"
+        out += [f"    # @. Data parallel over dp*cp ranks: {what}, applied on the meta",
+                "    #    device so no rank ever allocates more than its shard.", dp_call]
+    out += ["    # @. Materialize: allocate this rank's shards, fill them from the seed (the weights of a",
+            "    #    single-process run, whatever the strategy).",
+            "    rt.materialize(parts, spec, args.seed, device)"]
+    if lay.dp_mode == "ddp":
+        what = "DDP + ZeroRedundancyOptimizer (ZeRO-1)" if s.zero_stage == 1 else "DDP"
+        out += [f"    # @. Data parallel over dp*cp ranks: {what}; DDP wraps materialized modules.", dp_call]
+    if s.pp > 1:
+        out += ["    # @. Pipeline stages and the schedule (microbatches flow between pp ranks).",
+                "    schedule = rt.apply_pp(parts, stage_ids, N_STAGES, mesh, SCHEDULE, N_MICRO, device)"]
+    else:
+        out += ["    schedule = None"]
+    out += ["    return parts, stage_ids, schedule"]
+    return _number_steps("\n".join(out))
+
+
+def _number_steps(text: str) -> str:
+    """Number the ``# @.`` comments 1, 2, ... in order (only the steps this plan uses appear)."""
+    parts = text.split("# @. ")
+    return parts[0] + "".join(f"# {n}. {rest}" for n, rest in enumerate(parts[1:], 1))
