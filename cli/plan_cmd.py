@@ -218,7 +218,7 @@ def strategy_keys(s: Strategy) -> dict:
 
 def _plots(cm, res: SearchResult, folder: Path) -> list[Path]:
     best = res.candidates[0]
-    return [plots.timeline(best, cm._p2p_time(best.strategy), folder / "timeline.png"),
+    return [plots.timeline(best, cm.p2p_time(best.strategy), folder / "timeline.png"),
             plots.memory_bars(res.candidates, folder / "memory.png")]
 
 

@@ -22,6 +22,7 @@ buffers, and the profile's framework overhead. The most loaded rank decides ``fe
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from autopar.core.cluster import ClusterSpec
 from autopar.core.gpu import GpuProfile
@@ -39,6 +40,12 @@ from autopar.errors import InputError
 DDP_BUCKET_BYTES = 25 * 2**20   # PyTorch DDP bucket_cap_mb default (torch.nn.parallel.DistributedDataParallel)
 OPTIMIZER_BYTES_PER_PARAM = 36  # Adam step traffic: read fp32 p, m, v (12) + 16-bit grad (2), its fp32 upcast
 #                                written and read back (8), write fp32 p, m, v (12) + the 16-bit copy (2)
+
+
+class RankMemory(NamedTuple):
+    """``CostModel.rank_memory``: device bytes by kind and bytes offloaded to host memory."""
+    memory: dict[str, float]
+    host_bytes: float
 
 
 @dataclass
@@ -158,11 +165,11 @@ class CostModel:
         recompute = layer_recompute or [s.recompute] * self.num_layers
         m = s.num_micro_batches
         ranks = [self._rank(r, s, stages, recompute, costs, m) for r in range(s.pp)]
-        p2p = self._p2p_time(s)
+        p2p = self.p2p_time(s)
         pipe = step_time([r.fwd_s for r in ranks], [r.bwd_s for r in ranks], m, s.schedule, s.vpp, p2p)
         pipe = self._shared_cores(pipe, ranks, m)
-        dp_exposed = max(self._dp_time(s, r, costs, m) for r in ranks)
-        opt = max(self._optimizer_time(s, r, costs) for r in ranks)
+        dp_exposed = max(self.dp_time(s, r, costs, m) for r in ranks)
+        opt = max(self.optimizer_time(s, r, costs) for r in ranks)
         total = pipe.step_time_s + dp_exposed + opt
         time = _time_breakdown(ranks, pipe, dp_exposed, opt, m)
         return self._report(s, total, time, ranks, recompute)
@@ -201,11 +208,12 @@ class CostModel:
                 comm[k] = comm.get(k, 0.0) + v
         bwd = sum(c.bwd_s for c in parts + extra) + rc + sum(comm.values())
         in_flight = in_flight_microbatches(rank, s.pp, m, s.schedule, s.vpp)
-        memory, host = self._rank_memory(s, parts, modes, extra, in_flight, first, last)
+        memory, host = self.rank_memory(s, parts, modes, extra, in_flight, first, last)
         return RankReport(rank, layers, fwd, bwd, rc, comm, memory, in_flight, host)
 
-    def _rank_memory(self, s: Strategy, parts: list[LayerCost], modes, extra, in_flight, first,
-                     last) -> tuple[dict[str, float], float]:
+    def rank_memory(self, s: Strategy, parts: list[LayerCost], modes, extra, in_flight, first,
+                    last) -> RankMemory:
+        """Per-GPU memory of one pipeline rank by kind, and the bytes offloaded to host (public cost API)."""
         dense = sum(c.params_dense for c in parts + extra)
         if s.pp > 1 and last and self.output is not None:
             dense += self.output.params_tied / s.tp  # a tied output weight is a second copy on the last stage
@@ -231,7 +239,7 @@ class CostModel:
             "pipeline_buffers": self._pipeline_buffer_bytes(s, first, last, in_flight),
             "framework_overhead": float(self.gpu.framework_overhead_bytes),
         }
-        return mem, host
+        return RankMemory(mem, host)
 
     def _comm_buffer_bytes(self, s: Strategy, parts: list[LayerCost], extra: list[LayerCost],
                            temps: float) -> float:
@@ -284,7 +292,8 @@ class CostModel:
         return self.embedding.params_vocab * (1 - 1 / s.tp) * bytes_per_param(self.dtype)[1]
 
     # ----- per-step terms ------------------------------------------------------------
-    def _p2p_time(self, s: Strategy) -> float:
+    def p2p_time(self, s: Strategy) -> float:
+        """Seconds of one stage-to-stage activation send (per micro-batch and direction)."""
         if s.pp == 1:
             return 0.0
         act = s.micro_batch * self.seq_len / s.cp * self.spec.hidden * self.ctx.dtype_bytes
@@ -294,19 +303,22 @@ class CostModel:
         sync = shared_core_sync(self.ctx)
         return collective_time("p2p", act, s.pp, stride, self.cluster, fits=self.ctx.fits).time_s + sync
 
-    def _dp_time(self, s: Strategy, r: RankReport, costs, m: int) -> float:
+    def dp_time(self, s: Strategy, r: RankReport, costs, m: int) -> float:
+        """Exposed data-parallel gradient/parameter traffic of one rank per step (seconds)."""
         grad_bytes = bytes_per_param(self.dtype)[1]
         dense = sum(costs[i].params_dense for i in r.layers) * grad_bytes
         expert = sum(costs[i].params_expert for i in r.layers) * grad_bytes
         n_dense, n_exp = s.dp * s.cp, s.edp
         if s.zero_stage >= 3:
             return self._zero3_exposed(s, r, costs, m, grad_bytes)
-        t = self._grad_sync(dense, n_dense, s.tp, s) + self._grad_sync(expert, n_exp, s.ep * s.etp, s)
+        t = self.grad_sync_time(dense, n_dense, s.tp, s) + self.grad_sync_time(expert, n_exp, s.ep * s.etp, s)
         window = r.bwd_s / max(m, 1) if m and not self._cores_saturated else 0.0  # the last backward hides the rest
-        last_bucket = self._grad_sync(min(DDP_BUCKET_BYTES, dense), n_dense, s.tp, s)
+        last_bucket = self.grad_sync_time(min(DDP_BUCKET_BYTES, dense), n_dense, s.tp, s)
         return max(0.0, t - window) + last_bucket if t > 0 else 0.0
 
-    def _grad_sync(self, size: float, n: int, stride: int, s: Strategy) -> float:
+    def grad_sync_time(self, size: float, n: int, stride: int, s: Strategy) -> float:
+        """One gradient synchronisation of ``size`` bytes over ``n`` ranks (all-reduce, or
+        reduce-scatter + all-gather under ZeRO-1/2), in seconds."""
         if n <= 1 or size <= 0:
             return 0.0
         if s.zero_stage in (1, 2):
@@ -342,7 +354,8 @@ class CostModel:
         (their copies, reductions and socket work need a core too) do not overlap with it."""
         return self.timer.contention > 1
 
-    def _optimizer_time(self, s: Strategy, r: RankReport, costs) -> float:
+    def optimizer_time(self, s: Strategy, r: RankReport, costs) -> float:
+        """Optimizer step of one rank's local parameters (on the GPU, or ZeRO-Offload's host step)."""
         dense = sum(costs[i].params_dense for i in r.layers)
         expert = sum(costs[i].params_expert for i in r.layers)
         local = dense / (s.dp * s.cp if s.zero_stage >= 1 else 1) + expert / (s.edp if s.zero_stage >= 1 else 1)

@@ -131,8 +131,7 @@ class RankPricer:
         extra = self.extras(r)
         parts = [self.costs[i] for i in layers]
         in_flight = in_flight_microbatches(r, self.p, self.m, s.schedule, self.v)
-        plain = cm._rank_memory(s, parts, ["none"] * len(parts), extra, in_flight, r == 0, r == self.p - 1)
-        plain = plain[0] if isinstance(plain, tuple) else plain   # (device bytes, host bytes)
+        plain = cm.rank_memory(s, parts, ["none"] * len(parts), extra, in_flight, r == 0, r == self.p - 1).memory
         extra_act = sum(e.act_bytes["none"] for e in extra)
         fixed = sum(plain.values()) - plain["activations"] - plain["recompute_workspace"]
         overhead = plain.get("framework_overhead", 0.0)
@@ -147,11 +146,11 @@ class RankPricer:
         mem = fixed + in_flight * (choice.act_bytes + extra_act) + choice.work_bytes
         report = RankReport(r, layers, fwd, P - fwd, choice.extra_s, {}, {}, in_flight)
         D = self.zero3_time(cnt) if s.zero_stage >= 3 else self.dp_time(groups, P - fwd)
-        O = cm._optimizer_time(s, report, self.costs)
+        O = cm.optimizer_time(s, report, self.costs)
         return RankEval(P, fwd, D, O, mem, choice, ids)
 
     def dp_time(self, groups: list[tuple[LayerCost, int]], bwd: float) -> float:
-        """``CostModel._dp_time`` below ZeRO-3, with each gradient collective priced once per
+        """``CostModel.dp_time`` below ZeRO-3, with each gradient collective priced once per
         size and group (ranks of other strategies often reduce the same bytes)."""
         s, gbytes = self.s, bytes_per_param(self.cm.dtype)[1]
         dense = sum(g.params_dense * n for g, n in groups) * gbytes
@@ -164,14 +163,14 @@ class RankPricer:
     def _sync(self, size: float, n: int, stride: int) -> float:
         key = (size, n, stride, self.s.zero_stage in (1, 2))
         if key not in self._syncs:
-            self._syncs[key] = self.cm._grad_sync(size, n, stride, self.s)
+            self._syncs[key] = self.cm.grad_sync_time(size, n, stride, self.s)
         return self._syncs[key]
 
     def zero3_time(self, cnt: tuple[int, ...]) -> float:
         """ZeRO-3 exposed gather/scatter time: a sum over layers (``CostModel._zero3_exposed``),
         so each distinct layer is priced once."""
         if self._z3 is None:
-            self._z3 = [self.cm._dp_time(self.s, RankReport(0, [i], 0.0, 0.0, 0.0, {}, {}, 1.0), self.costs, self.m)
+            self._z3 = [self.cm.dp_time(self.s, RankReport(0, [i], 0.0, 0.0, 0.0, {}, {}, 1.0), self.costs, self.m)
                         for i in self.first]
         return sum(n * d for n, d in zip(cnt, self._z3))
 
@@ -185,7 +184,7 @@ class RankPricer:
 # ----- the step-time objective -----------------------------------------------------------
 def coefficients(cm: CostModel, s: Strategy) -> tuple[float, float, float]:
     """``(A, B, K)`` of ``T = A max P + B sum P + K + max D + max O`` (``pipeline.step_time``)."""
-    p2p = cm._p2p_time(s) if s.pp > 1 else 0.0
+    p2p = cm.p2p_time(s) if s.pp > 1 else 0.0
     return schedule_coefficients(s.pp, s.num_micro_batches, s.schedule, s.vpp, p2p)
 
 

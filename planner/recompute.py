@@ -15,7 +15,7 @@ Problem, for one rank whose layers fall into groups ``g`` of identical layers (s
 - memory: ``in_flight * sum_{g,k} x[g,k] * act[g,k] + W <= budget`` where ``act`` is the
   activation bytes one micro-batch leaves saved, ``in_flight`` the micro-batches the rank
   holds (``pipeline.in_flight_microbatches``) and ``W`` the largest transient working set
-  of a layer's backward, ``W >= work[g,k]`` whenever ``x[g,k] > 0`` (``CostModel._rank_memory``).
+  of a layer's backward, ``W >= work[g,k]`` whenever ``x[g,k] > 0`` (``CostModel.rank_memory``).
 
 Exact solution (no ILP needed; the groups are few and their layers identical):
 enumerate ``W`` over the distinct ``work`` values (it only restricts which modes each

@@ -417,7 +417,7 @@ def _partitioned(sp: _Space, sh: Sharding, k: Knobs, upper: float) -> Candidate 
     except InputError as exc:  # a rule the enumeration does not test (none known): keep the reason
         sp.rule_error = sp.rule_error or exc.message
         return None
-    # the strategy's own pricing (not the shared pricing_key one): CostModel._rank_memory
+    # the strategy's own pricing (not the shared pricing_key one): CostModel.rank_memory
     # recognises the embedding stage by the identity of its LayerCost
     res = part.partition(cm, s, sp.cons.modes, upper, None, sp.shared)
     if res is None:
@@ -484,7 +484,7 @@ def _expand_row(sp: _Space, sh: Sharding, knobs: list[Knobs]) -> None:
     cm, stats = sp.cm, sp.stats
     m = sp.gb // (sh.dp * sh.mbs)
     pr = sp.priced(sh)
-    p2p = cm._p2p_time(probe(sh, sp.gb)) if sh.pp > 1 else 0.0
+    p2p = cm.p2p_time(probe(sh, sp.gb)) if sh.pp > 1 else 0.0
     floor = sp.floor(sh)
     for k in knobs:
         in_flight = min_in_flight(sh.pp, m, k.schedule, k.vpp)
@@ -498,7 +498,7 @@ def _expand_row(sp: _Space, sh: Sharding, knobs: list[Knobs]) -> None:
 
 
 def _optimizer_floor(sp: _Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
-    """``CostModel._optimizer_time`` of the mean rank (its cost grows at least linearly with
+    """``CostModel.optimizer_time`` of the mean rank (its cost grows at least linearly with
     the shard, so the most loaded rank pays at least this)."""
     dense, expert = pr.params
     local = (dense / (sh.dp * sh.cp if k.zero >= 1 else 1) + expert / (sh.edp if k.zero >= 1 else 1)) / sh.pp
@@ -517,5 +517,5 @@ def _zero3_floor(sp: _Space, sh: Sharding) -> float:
     for i in range(sp.cm.num_layers):
         if id(costs[i]) not in seen:
             one = RankReport(0, [i], 0.0, 0.0, 0.0, {}, {}, 1.0)
-            seen[id(costs[i])] = sp.cm._dp_time(s, one, costs, s.num_micro_batches)
+            seen[id(costs[i])] = sp.cm.dp_time(s, one, costs, s.num_micro_batches)
     return sum(seen[id(costs[i])] for i in range(sp.cm.num_layers)) / sh.pp
