@@ -13,50 +13,62 @@ APIs (see docs/codegen.md):
 
 and the pieces around them: the mesh, strategy-independent weight initialisation,
 synthetic or file data split over data/context-parallel ranks, the global-mean loss,
-peak memory, and checkpoints with ``torch.distributed.checkpoint``.
+peak memory. Checkpoints live in ``runtime_ckpt`` (``torch.distributed.checkpoint``, plan-independent).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from autopar.codegen.runtime_ac import apply_ac
 from autopar.codegen.runtime_cp import apply_cp, cp_positions
+from autopar.codegen.runtime_data import (
+    DataError,
+    TokenSampler,
+    dp_rows,
+    get_batch,
+    local_batch,
+    make_sampler,
+    synthetic_batch,
+)
 from autopar.codegen.runtime_mem import LiveTensorBytes, peak_memory_bytes, reset_peak_memory
 from autopar.codegen.runtime_mesh import ParallelMesh, build_mesh, init_distributed, shutdown
+from autopar.codegen.runtime_metrics import FlopBasis, MetricsLogger, StepProfiler
 from autopar.codegen.runtime_moe import apply_ep
+from autopar.codegen.runtime_optim import clip_grad_norm_, current_lr, make_schedulers
 from autopar.codegen.runtime_parallel import apply_dp, apply_tp, dp_mode, sync_grads
 from autopar.codegen.runtime_pp import apply_pp, even_stages, lm_loss, pp_step, split_stages
-from autopar.core.model_spec import ModelSpec
+from autopar.codegen.runtime_spec import RunSpec, load_run_spec
 from autopar.profiles.models import build_model
 from autopar.profiles.models.layers import GroupedExperts
 
 __all__ = [
     "LiveTensorBytes", "ParallelMesh", "apply_ac", "apply_cp", "apply_dp", "apply_ep", "apply_pp", "apply_tp",
+    "DataError", "FlopBasis", "MetricsLogger", "RunSpec", "StepProfiler", "TokenSampler", "clip_grad_norm_",
+    "current_lr", "dp_rows", "make_sampler", "make_schedulers",
     "build_mesh", "build_meta_model", "cp_positions", "dp_mode", "even_stages", "get_batch", "init_distributed",
-    "initial_values", "latest_checkpoint", "lm_loss", "load_checkpoint", "local_batch", "make_optimizer",
-    "materialize", "peak_memory_bytes", "pp_step", "reset_peak_memory", "save_checkpoint", "shutdown",
-    "split_stages", "sync_grads", "synthetic_batch", "token_file_batch", "train_step",
+    "initial_values", "lm_loss", "local_batch", "make_optimizer",
+    "materialize", "peak_memory_bytes", "pp_step", "reset_peak_memory", "shutdown",
+    "split_stages", "sync_grads", "synthetic_batch", "train_step",
 ]
+
+if TYPE_CHECKING:  # the run directory's runtime reads plans without pydantic (RunSpec)
+    from autopar.core.model_spec import ModelSpec
 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "module.", "_orig_mod.")
 
 
 # ----- model ------------------------------------------------------------------------
-def load_spec(plan_path: str | os.PathLike) -> ModelSpec:
-    from autopar.core.plan import Plan
-
-    return Plan.load(plan_path).model
+def load_spec(plan_path: str | os.PathLike) -> RunSpec:
+    """The plan's model without pydantic (``runtime_spec``): nodes need only torch."""
+    return load_run_spec(plan_path)
 
 
 def build_meta_model(spec: ModelSpec) -> nn.Module:
@@ -120,56 +132,7 @@ def _copy_into(p: torch.Tensor, value: torch.Tensor) -> None:
 
 
 # ----- data -------------------------------------------------------------------------
-def _generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
-def synthetic_batch(seed: int, step: int, global_batch: int, seq_len: int, vocab: int) -> torch.Tensor:
-    """Tokens ``[global_batch, seq_len + 1]``: a function of (seed, step) only, so every
-    strategy trains on the same global batch and each rank takes its slice."""
-    return torch.randint(0, vocab, (global_batch, seq_len + 1), generator=_generator(seed, step))
-
-
-def token_file_batch(path: str, dtype: str, seed: int, step: int, global_batch: int, seq_len: int,
-                     rows: slice = slice(None)) -> torch.Tensor:
-    """Windows of a flat binary token file (nanoGPT's ``train.bin``: uint16 or int32), at
-    offsets drawn from (seed, step); ``rows`` reads only this rank's share."""
-    data = np.memmap(path, dtype=np.dtype(dtype), mode="r")
-    if len(data) <= seq_len + 1:
-        raise ValueError(f"--data {path}: {len(data)} tokens, fewer than seq_len+1 = {seq_len + 1}")
-    starts = torch.randint(0, len(data) - seq_len - 1, (global_batch,), generator=_generator(seed, step))
-    return torch.stack([torch.from_numpy(data[s: s + seq_len + 1].astype(np.int64)) for s in starts[rows].tolist()])
-
-
-def dp_rows(mesh: ParallelMesh, global_batch: int) -> slice:
-    """Rows of the global batch this rank's data-parallel index owns."""
-    per = global_batch // mesh.size("dp")
-    return slice(mesh.rank("dp") * per, (mesh.rank("dp") + 1) * per)
-
-
-def local_batch(tokens: torch.Tensor, mesh: ParallelMesh, seq_len: int):
-    """(inputs, targets) of this rank from its rows ``[b, seq_len + 1]``: its context-parallel positions."""
-    pos = cp_positions(seq_len, mesh.size("cp"), mesh.rank("cp"))
-    return tokens[:, :-1][:, pos].contiguous(), tokens[:, 1:][:, pos].contiguous()
-
-
-def get_batch(data: str | None, data_dtype: str, seed: int, step: int, global_batch: int, seq_len: int,
-              vocab: int, mesh: ParallelMesh, device: torch.device | None = None):
-    """This rank's (inputs, targets) of step ``step``: synthetic tokens, or windows of ``data``."""
-    rows = dp_rows(mesh, global_batch)
-    if data:
-        tokens = token_file_batch(data, data_dtype, seed, step, global_batch, seq_len, rows)
-    else:
-        tokens = synthetic_batch(seed, step, global_batch, seq_len, vocab)[rows]
-    x, y = local_batch(tokens, mesh, seq_len)
-    dev = device or _default_device()
-    return x.to(dev), y.to(dev)
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+# runtime_data: memory-mapped token files, the resumable sampler, dp rows and cp positions.
 
 
 # ----- optimizer --------------------------------------------------------------------
@@ -221,31 +184,18 @@ def _grad_sync(model: nn.Module, last: bool):
 
 
 def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, n_micro: int,
-               autocast=contextlib.nullcontext()) -> float:
+               autocast=contextlib.nullcontext()) -> torch.Tensor:
     """Forward/backward over ``n_micro`` microbatches of the rank's batch, gradients of the
-    mean loss; returns the sum of token losses on this rank (for the global mean)."""
-    total = 0.0
+    mean loss; returns the sum of token losses on this rank (for the global mean) as a device
+    tensor: no host sync per micro-batch (the logger syncs once per logging interval)."""
+    total = torch.zeros((), dtype=torch.float64, device=inputs.device)
     for i, (x, y) in enumerate(zip(inputs.chunk(n_micro), targets.chunk(n_micro))):
         with _grad_sync(model, i == n_micro - 1):
             with autocast:
                 loss = lm_loss(model(x), y)
             (loss / n_micro).backward()
-        total += loss.item() * y.numel()
+        total += loss.detach().double() * y.numel()
     return total
-
-
-def global_mean_loss(local_sum: float, contributes: bool, tokens: int, device: torch.device) -> float:
-    """Mean loss over the global batch: the sum over the ranks that hold distinct tokens of the
-    last stage (tp rank 0 of each dp/cp rank), all-reduced so every rank logs the same value."""
-    t = torch.tensor([local_sum if contributes else 0.0], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / tokens
-
-
-def max_over_ranks(value: int, device: torch.device) -> int:
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
 
 
 class StepTimer:
@@ -268,90 +218,3 @@ class StepTimer:
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-# ----- checkpoints ------------------------------------------------------------------
-def _state_dicts(parts: list[nn.Module], optimizers: list) -> tuple[list, list]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    opts = StateDictOptions(flatten_optimizer_state_dict=True)
-    models, optims = [], []
-    for part, opt in zip(parts, optimizers):
-        m, o = get_state_dict(part, getattr(opt, "optim", opt), options=opts)  # ZeRO-1: its local AdamW
-        models.append(m)
-        optims.append(o)
-    return models, optims
-
-
-def _per_expert(sd: dict, parts: list[nn.Module]) -> dict:
-    """Expert-parallel weights differ across ranks under one name; give each expert its own key
-    (``...experts.w1.expert5``) so the checkpoint holds every expert once, whatever the placement."""
-    ids = {}
-    for part in parts:
-        for name, mod in part.named_modules():
-            if hasattr(mod, "local_expert_ids"):
-                for pname, p in mod.named_parameters():
-                    ids[clean_fqn(f"{name}.{pname}")] = (mod.local_expert_ids, p)
-    out = {}
-    for key, val in sd.items():
-        fqn = key.removeprefix("state.").rsplit(".", 1)[0] if key.startswith("state.") else key
-        hit = ids.get(fqn)
-        if hit is None or not isinstance(val, torch.Tensor) or val.ndim == 0:
-            out[key] = val
-            continue
-        expert_ids, _ = hit
-        local, offset = val, 0
-        if isinstance(val, DTensor):  # FSDP over edp: this rank holds rows [offset, offset+n)
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-            offset = compute_local_shape_and_global_offset(val.shape, val.device_mesh, val.placements)[1][0]
-            local = val.to_local()
-        for j in range(local.shape[0]):
-            out[f"{key}.expert{expert_ids[offset + j]}"] = local[j]
-    return out
-
-
-def _flat(dicts: list[dict], parts) -> dict:
-    merged = {}
-    for d in dicts:
-        merged.update(d)
-    return _per_expert(merged, parts)
-
-
-def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, parts: list[nn.Module], optimizers: list) -> Path:
-    """Save model and optimizer (DCP, sharded: each rank writes its shards) as ``step_NNNNNNN``;
-    written to a temporary folder renamed at the end, so a crash never leaves a partial one."""
-    import torch.distributed.checkpoint as dcp
-
-    models, optims = _state_dicts(parts, optimizers)
-    path = Path(ckpt_dir) / f"step_{step:07d}"
-    tmp = path.with_name(path.name + ".tmp")
-    dcp.save({"model": _flat(models, parts), "optim": _flat(optims, parts), "train": {"step": step}},
-             checkpoint_id=str(tmp))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    dist.barrier()
-    return path
-
-
-def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
-    found = sorted(p for p in Path(ckpt_dir).glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: str | os.PathLike, parts: list[nn.Module], optimizers: list) -> int:
-    """Load a checkpoint saved by ``save_checkpoint`` (any rank layout DCP can reshard to) in
-    place; returns the step it was saved at."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    models, optims = _state_dicts(parts, optimizers)
-    state = {"model": _flat(models, parts), "optim": _flat(optims, parts), "train": {"step": 0}}
-    dcp.load(state, checkpoint_id=str(path))  # fills the tensors above (views of the real ones)
-    opts = StateDictOptions(flatten_optimizer_state_dict=True)
-    for part, opt, m, o in zip(parts, optimizers, models, optims):
-        set_state_dict(part, getattr(opt, "optim", opt), model_state_dict=m, optim_state_dict=o, options=opts)
-    return int(state["train"]["step"])
