@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopar.codegen.runtime_mesh import ParallelMesh
-from autopar.cost_models.estimate import even_stages  # noqa: F401  (re-exported: the partition the cost model prices)
 
 
 def split_stages(model: nn.Module, mesh: ParallelMesh, stages: list[tuple[int, int]]) -> tuple[list, list]:
@@ -62,6 +61,14 @@ def _tie_across_stages(parts: list, mine: list[int], mesh: ParallelMesh, n_virtu
             part.tied_grad_groups = [("output.weight", group)]
 
 
+def even_stages(layers: int, n: int) -> list[tuple[int, int]]:
+    """The partition the cost model prices (``cost_models.estimate.even_stages``), imported
+    when called: the run directory's runtime ships without the cost model."""
+    from autopar.cost_models.estimate import even_stages as split
+
+    return split(layers, n)
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (fp32) over the tokens given."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -83,7 +90,7 @@ def apply_pp(parts: list[nn.Module], stage_ids: list[int], n_stages: int, mesh: 
     return cls(stages[0], n_microbatches, loss_fn=loss_fn)
 
 
-def pp_step(schedule, stage_ids: list[int], n_stages: int, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+def pp_step(schedule, stage_ids: list[int], n_stages: int, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """One pipelined forward/backward over the rank's batch; returns the sum of token losses
     on the rank holding the last stage (0 elsewhere), like ``train_step``."""
     losses: list = []
@@ -94,4 +101,6 @@ def pp_step(schedule, stage_ids: list[int], n_stages: int, inputs: torch.Tensor,
     else:
         schedule.step(return_outputs=False, **kwargs)
     per_micro = targets.numel() / max(len(losses), 1)  # microbatches are equal slices
-    return sum(float(loss) for loss in losses) * per_micro
+    if not losses:
+        return torch.zeros((), dtype=torch.float64, device=targets.device)
+    return torch.stack([loss.detach().double() for loss in losses]).sum() * per_micro  # no host sync
