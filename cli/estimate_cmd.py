@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -11,14 +11,18 @@ from rich.table import Table
 from autopar.cli import common as c
 from autopar.cli.app import app
 from autopar.core.strategy import Strategy
-from autopar.cost_models.estimate import Estimate
-from autopar.cost_models.report import candidate_fixes, estimate_dict, overflow_bytes
-from autopar.cost_models.session import build_cost_model, default_global_batch
 from autopar.errors import DoesNotFitError, InputError
+
+if TYPE_CHECKING:  # the cost model loads inside the commands (fast --help and input errors)
+    from autopar.cost_models.estimate import Estimate
+
+StrategyOpt = typer.Option("", "--strategy", help="e.g. tp=8,pp=4,dp=-1,mbs=1,zero=1; " + c.STRATEGY_KEYS)
 
 
 def _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype, profile,
            placement, trace, input_shape):
+    from autopar.cost_models.session import build_cost_model, default_global_batch
+
     if not strategy:
         raise InputError("--strategy is required, e.g. --strategy tp=8,pp=1,dp=-1,mbs=1")
     inp = c.inputs(model, gpu, nodes, gpus_per_node, cluster, seq_len, dtype, profile, placement, trace, input_shape)
@@ -36,11 +40,13 @@ def _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, str
 def estimate_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Optional[int] = c.Nodes,
                  gpus_per_node: Optional[int] = c.GpusPerNode, cluster: Optional[str] = c.Cluster,
                  seq_len: Optional[int] = c.SeqLen, global_batch: Optional[int] = c.GlobalBatch,
-                 strategy: str = typer.Option("", "--strategy", help="e.g. tp=8,pp=4,dp=-1,mbs=1,zero=1"),
+                 strategy: str = StrategyOpt,
                  dtype: str = c.Dtype, profile: Optional[str] = c.Profile, placement: Optional[str] = c.Placement,
                  trace: Optional[str] = c.Trace, json_out: bool = c.Json,
-                 input_shape: Optional[str] = c.InputShape):
+                 input_shape: Optional[str] = c.InputShape, no_cache: bool = c.NoCache):
     """Predict step time, throughput, MFU and per-GPU memory of one strategy."""
+    from autopar.cost_models.report import estimate_dict
+
     cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
                           profile, placement, trace, input_shape)
     if json_out:
@@ -58,11 +64,13 @@ def estimate_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Option
 def memory_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Optional[int] = c.Nodes,
                gpus_per_node: Optional[int] = c.GpusPerNode, cluster: Optional[str] = c.Cluster,
                seq_len: Optional[int] = c.SeqLen, global_batch: Optional[int] = c.GlobalBatch,
-               strategy: str = typer.Option("", "--strategy", help="e.g. tp=8,pp=4,dp=-1,mbs=1,zero=1"),
+               strategy: str = StrategyOpt,
                dtype: str = c.Dtype, profile: Optional[str] = c.Profile, placement: Optional[str] = c.Placement,
                trace: Optional[str] = c.Trace, json_out: bool = c.Json,
-               input_shape: Optional[str] = c.InputShape):
+               input_shape: Optional[str] = c.InputShape, no_cache: bool = c.NoCache):
     """Say whether a strategy fits, per GPU and component; exit 3 with priced fixes when not."""
+    from autopar.cost_models.report import candidate_fixes, estimate_dict, overflow_bytes
+
     cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
                           profile, placement, trace, input_shape)
     fixes = [] if e.feasible else candidate_fixes(cm, s, e)

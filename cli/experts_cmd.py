@@ -6,8 +6,8 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -15,6 +15,9 @@ from rich.table import Table
 from autopar.cli.app import app
 from autopar.errors import InputError
 from autopar.fileio import write_atomic
+
+if TYPE_CHECKING:  # numpy loads inside the commands that use it (fast --help)
+    import numpy as np
 
 console = Console()
 
@@ -27,14 +30,16 @@ def trace_routing(
     tokens: str | None = typer.Option(None, "--tokens", help="model: token-id file (.pt, .npy, .txt) or a count of "
                                       "random tokens; --synthetic: number of tokens"),
     synthetic: bool = typer.Option(False, "--synthetic", help="generate a trace instead of running a model"),
-    experts: int = typer.Option(64, "--experts", help="synthetic: experts per layer"),
-    layers: int = typer.Option(8, "--layers", help="synthetic: MoE layers"),
-    topk: int = typer.Option(2, "--topk", help="synthetic: experts per token"),
-    skew: float = typer.Option(1.0, "--skew", help="synthetic: Zipf exponent of expert popularity (0 = uniform)"),
-    affinity: float = typer.Option(0.0, "--affinity", help="synthetic: 0 = independent layers, 1 = fixed successor"),
+    experts: int = typer.Option(64, "--experts", min=1, help="synthetic: experts per layer"),
+    layers: int = typer.Option(8, "--layers", min=1, help="synthetic: MoE layers"),
+    topk: int = typer.Option(2, "--topk", min=1, help="synthetic: experts per token"),
+    skew: float = typer.Option(1.0, "--skew", min=0.0,
+                               help="synthetic: Zipf exponent of expert popularity (0 = uniform)"),
+    affinity: float = typer.Option(0.0, "--affinity", min=0.0, max=1.0,
+                                   help="synthetic: 0 = independent layers, 1 = fixed successor"),
     seed: int = typer.Option(0, "--seed", help="RNG seed (synthetic draws, random tokens, model init)"),
-    seq_len: int = typer.Option(128, "--seq-len", help="model: sequence length of random tokens / .txt rows"),
-    batch_size: int = typer.Option(8, "--batch-size", help="model: sequences per forward pass"),
+    seq_len: int = typer.Option(128, "--seq-len", min=1, help="model: sequence length of random tokens / .txt rows"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="model: sequences per forward pass"),
     out: Path = typer.Option(..., "--out", help="trace file to write (JSON)"),
     json_out: bool = typer.Option(False, "--json", help="print a JSON summary"),
 ) -> None:
@@ -110,6 +115,7 @@ def _load_tokens(tokens: str | None, vocab: int, seq_len: int, seed: int):
 
 
 def _read_token_file(path: Path, seq_len: int):
+    import numpy as np
     import torch
 
     try:
@@ -128,6 +134,8 @@ def _read_token_file(path: Path, seq_len: int):
 
 
 def _print_trace_summary(trace, out: Path, json_out: bool) -> None:
+    import numpy as np
+
     load, C = trace.load_array, trace.transitions_array
     mean = load.sum(axis=1) / trace.num_experts
     summary = dict(out=str(out), num_layers=trace.num_layers, num_experts=trace.num_experts, topk=trace.topk,
@@ -145,23 +153,26 @@ def _print_trace_summary(trace, out: Path, json_out: bool) -> None:
 @app.command("experts")
 def experts_cmd(
     trace_path: Path = typer.Argument(..., metavar="TRACE", help="routing trace from `autopar trace-routing`"),
-    ep: int = typer.Option(..., "--ep", help="expert-parallel ranks G"),
-    replicas: int = typer.Option(0, "--replicas", help="extra copies of hot experts per layer"),
-    time_limit: float = typer.Option(60.0, "--time-limit", help="seconds for bound + search (or the ILP)"),
+    ep: int = typer.Option(..., "--ep", min=1, help="expert-parallel ranks G"),
+    replicas: int = typer.Option(0, "--replicas", min=0, help="extra copies of hot experts per layer"),
+    time_limit: float = typer.Option(60.0, "--time-limit", min=0.001, help="seconds for bound + search (or the ILP)"),
     solver: str | None = typer.Option(None, "--solver", help="exact ILP backend: cbc or highs "
                                       "(default: highs if installed)"),
     method: str = typer.Option("auto", "--method", help="auto, exact (pulp ILP) or search (scales)"),
-    a2a_cost: float = typer.Option(1.0, "--a2a-cost", help="time to move one token copy over the time to "
+    a2a_cost: float = typer.Option(1.0, "--a2a-cost", min=0.0, help="time to move one token copy over the time to "
                                    "compute it on one expert"),
     bytes_per_token: float | None = typer.Option(None, "--bytes-per-token",
                                                  help="default: 2 * hidden (bf16), 8192 if unknown"),
-    gap: float = typer.Option(0.0, "--gap", help="search: stop once the proven gap is at most this (0.02 = 2%)"),
+    gap: float = typer.Option(0.0, "--gap", min=0.0,
+                              help="search: stop once the proven gap is at most this (0.02 = 2%)"),
     seed: int = typer.Option(0, "--seed", help="seed of the search restarts and the random baseline"),
     out: Path | None = typer.Option(None, "--out", help="placement file to write (JSON)"),
     plot: Path | None = typer.Option(None, "--plot", help="heat map PNG of load per rank per layer"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Assign each MoE layer's experts to EP ranks: balanced load, few cross-rank tokens."""
+    import numpy as np
+
     from autopar.planner.experts import make_problem, placement_stats, random_placement, round_robin, solve_placement
     from autopar.profiles.routing import RoutingTrace
 
@@ -226,6 +237,7 @@ def _print_report(report: dict, rows: dict, out: Path | None, plot: Path | None)
 def plot_load_heatmap(loads: dict[str, np.ndarray], path: Path) -> None:
     """One panel per placement: rank load over the layer's mean load, layers down, ranks across."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

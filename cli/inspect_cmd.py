@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -11,16 +12,17 @@ from rich.table import Table
 
 from autopar.cli.app import app
 from autopar.errors import InputError
-from autopar.profiles.graph import capture
 from autopar.profiles.intake import resolve_model
-from autopar.profiles.layer_stats import LayerGroup, ModelStats, summarize
+
+if TYPE_CHECKING:  # capture imports torch: only inside the command
+    from autopar.profiles.layer_stats import LayerGroup, ModelStats
 
 
 @app.command("inspect")
 def inspect_command(
     model: str = typer.Argument(..., help="preset name, path to a config.json, or factory pkg.mod:fn"),
-    seq_len: int = typer.Option(None, "--seq-len", help="sequence length (default: the model's max_seq_len)"),
-    micro_batch: int = typer.Option(1, "--micro-batch", help="sequences per micro-batch"),
+    seq_len: int = typer.Option(None, "--seq-len", min=1, help="sequence length (default: the model's max_seq_len)"),
+    micro_batch: int = typer.Option(1, "--micro-batch", min=1, help="sequences per micro-batch"),
     dtype: str = typer.Option("bf16", "--dtype", help="parameter / activation dtype: bf16, fp16, fp32"),
     input_shape: str = typer.Option(None, "--input-shape", help="example input shape of a factory, e.g. 2,128"),
     input_dtype: str = typer.Option("int64", "--input-dtype", help="example input dtype of a factory"),
@@ -29,6 +31,9 @@ def inspect_command(
     """Capture MODEL's graph and print parameters, FLOPs and saved activations per layer type."""
     t0 = time.perf_counter()
     spec = resolve_model(model, input_shape=_parse_shape(input_shape), input_dtype=_check_dtype(input_dtype))
+    from autopar.profiles.graph import capture
+    from autopar.profiles.layer_stats import summarize
+
     stats = summarize(capture(spec, seq_len or spec.max_seq_len, micro_batch, dtype))
     report = inspect_report(stats, spec.short(), time.perf_counter() - t0)
     if as_json:

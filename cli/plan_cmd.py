@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
@@ -13,11 +13,10 @@ from autopar.cli import common as c
 from autopar.cli.app import app
 from autopar.core.plan import Plan, Provenance, StageSpec
 from autopar.core.strategy import COMPACT_KEYS, Strategy
-from autopar.cost_models.report import estimate_dict
-from autopar.cost_models.session import build_cost_model, default_global_batch
 from autopar.errors import DoesNotFitError, InputError
-from autopar.planner import explain, plots
-from autopar.planner.search import Candidate, Constraints, SearchResult, search
+
+if TYPE_CHECKING:  # the cost model and the planner load inside the command (fast --help and input errors)
+    from autopar.planner.search import Candidate, Constraints, SearchResult
 
 Opt = Optional
 
@@ -60,6 +59,9 @@ def plan_cmd(model: str = c.Model, gpu: Opt[str] = c.Gpu, nodes: Opt[int] = c.No
     if top < 1:
         raise InputError(f"--top={top} must be at least 1")
     inp = c.inputs(model, gpu, nodes, gpus_per_node, cluster, seq_len, dtype, profile, placement, trace, input_shape)
+    from autopar.cost_models.session import build_cost_model
+    from autopar.planner.search import Constraints, search
+
     cm, spec, cl, seq = build_cost_model(inp)
     flags = dict(tp=tp, pp=pp, cp=1 if no_cp else cp, dp=dp, ep=ep, etp=etp, vpp=vpp, micro_batch=mbs,
                  zero_stage=zero, schedule=schedule, recompute=recompute, sequence_parallel=sp,
@@ -106,6 +108,8 @@ def _fixed(strategy: str, flags: dict) -> dict:
 
 
 def _global_batch(flag: int | None, fixed: dict, world: int, seq: int) -> int:
+    from autopar.cost_models.session import default_global_batch
+
     named = fixed.pop("global_batch", 0)
     if flag and named and flag != named:
         raise InputError(f"--global-batch={flag} disagrees with the strategy's gbs={named}")
@@ -140,6 +144,8 @@ def _v(x) -> str:
 
 
 def _nothing_fits(cm, cons: Constraints, res: SearchResult) -> None:
+    from autopar.planner import explain
+
     if res.stats.space == 0:
         named = ",".join(f"{COMPACT_KEYS.get(k, k)}={_v(v)}" for k, v in cons.fixed.items()) or "the caps"
         raise InputError(f"no configuration satisfies {named} on {cm.cluster.world} GPUs (degrees multiply to the "
@@ -163,6 +169,8 @@ def _placement_for(path: str, ep: int) -> list[list[list[int]]] | None:
 
 def to_plan(cm, cand: Candidate, inputs: dict[str, str]) -> Plan:
     """The winning candidate as a Plan: resolved strategy, per-layer recompute, stages, predictions."""
+    from autopar.cost_models.report import estimate_dict
+
     e, s = cand.estimate, cand.strategy
     ranks = {r.rank: r for r in e.ranks}
     costs = cm.layer_costs(s)
@@ -193,12 +201,16 @@ def _command(cm, cand: Candidate, inputs: dict[str, str]) -> str:
 
 
 def plan_json(cm, res: SearchResult, top: int) -> dict:
+    from autopar.planner import explain
+
     cands = [_cand_json(cm, x) for x in res.candidates[:top]]
     return {"best": cands[0], "candidates": cands, "global_batch": res.global_batch,
             "why": explain.why(res.candidates), "stats": res.stats.as_dict()}
 
 
 def _cand_json(cm, cand: Candidate) -> dict:
+    from autopar.cost_models.report import estimate_dict
+
     d = estimate_dict(cand.estimate, cm)
     d["strategy"] = strategy_keys(cand.strategy)
     d["layer_recompute"] = cand.layer_recompute
@@ -217,6 +229,8 @@ def strategy_keys(s: Strategy) -> dict:
 
 
 def _plots(cm, res: SearchResult, folder: Path) -> list[Path]:
+    from autopar.planner import plots  # matplotlib: only for --plot
+
     best = res.candidates[0]
     return [plots.timeline(best, cm.p2p_time(best.strategy), folder / "timeline.png"),
             plots.memory_bars(res.candidates, folder / "memory.png")]
@@ -224,6 +238,8 @@ def _plots(cm, res: SearchResult, folder: Path) -> list[Path]:
 
 # ----- the table ---------------------------------------------------------------------------------
 def _print(cm, res: SearchResult, out: Path | None, pngs: list[Path]) -> None:
+    from autopar.planner import explain
+
     console = c.console()
     cl = cm.cluster
     console.print(f"[bold]{cm.spec.short()}[/] on {cl.short()}, seq {cm.seq_len}, global batch "

@@ -21,7 +21,6 @@ from rich.table import Table
 
 from autopar.cli.app import app
 from autopar.core.gpu import GpuProfile
-from autopar.cost_models.session import default_seq_len
 from autopar.errors import InputError
 from autopar.fileio import write_atomic
 from autopar.profiles.intake import resolve_model
@@ -70,11 +69,13 @@ def profile_command(
     model: str = typer.Argument(..., help="preset name, config.json path, or pkg.mod:fn factory"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda (cuda:N)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16 (default fp32 on cpu, bf16 on cuda)"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="sequence length (default: the model's, <= 4096)"),
-    micro_batch: int = typer.Option(1, "--micro-batch", help="sequences per micro-batch (the cost model's "
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1,
+                                          help="sequence length (default: the model's, <= 4096)"),
+    micro_batch: int = typer.Option(1, "--micro-batch", min=1, help="sequences per micro-batch (the cost model's "
                                                               "templates are captured at 1)"),
-    threads: int = typer.Option(1, "--threads", help="torch threads (CPU); generated CPU programs use 1 per rank"),
-    budget_s: float = typer.Option(75.0, "--budget-s", help="wall-clock seconds for timing ops and sweeps"),
+    threads: int = typer.Option(1, "--threads", min=1,
+                                help="torch threads (CPU); generated CPU programs use 1 per rank"),
+    budget_s: float = typer.Option(75.0, "--budget-s", min=0.001, help="wall-clock seconds for timing ops and sweeps"),
     out: Optional[Path] = typer.Option(None, "--out", help="profile JSON to write (default profile-<name>.json)"),
     name: Optional[str] = typer.Option(None, "--name", help="profile name (default: the --out file stem)"),
     alias: list[str] = typer.Option([], "--alias", help="extra name load_gpu_profile accepts (repeatable)"),
@@ -82,6 +83,7 @@ def profile_command(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="example input shape of a factory"),
 ):
     """Time every distinct op of MODEL forward and backward on this device and fit its efficiency curves."""
+    from autopar.cost_models.session import default_seq_len
     from autopar.profiles.profiler import profile_device
 
     if budget_s <= 0 or threads < 1 or micro_batch < 1:
@@ -142,10 +144,11 @@ def _us(x: float) -> str:
 # ----- profile-comm ------------------------------------------------------------------------
 @app.command("profile-comm")
 def profile_comm_command(
-    nproc: int = typer.Option(..., "--nproc", help="local ranks to start (2 or more)"),
+    nproc: int = typer.Option(..., "--nproc", min=2, help="local ranks to start (2 or more)"),
     backend: str = typer.Option("gloo", "--backend", help="gloo (CPU) | nccl (one GPU per rank)"),
-    budget_s: float = typer.Option(60.0, "--budget-s", help="seconds of measurement (start-up not included)"),
-    max_mib: float = typer.Option(256.0, "--max-mib", help="largest message in MiB"),
+    budget_s: float = typer.Option(60.0, "--budget-s", min=0.001,
+                                   help="seconds of measurement (start-up not included)"),
+    max_mib: float = typer.Option(256.0, "--max-mib", min=0.001, help="largest message in MiB"),
     out: Path = typer.Option(Path("cluster-local.yaml"), "--out", help="cluster YAML to write (link classes)"),
     name: Optional[str] = typer.Option(None, "--name", help="cluster name (default: --out stem without "
                                                              "'cluster-')"),

@@ -15,31 +15,32 @@ from rich.table import Table
 
 from autopar.cli import common as c
 from autopar.cli.app import app
-from autopar.cost_models.session import Inputs, build_cost_model
 from autopar.errors import InputError
 
 
 @app.command("validate")
 def validate_cmd(model: str = c.Model,
-                 nproc: int = typer.Option(..., "--nproc", help="local ranks (processes) per run"),
+                 nproc: int = typer.Option(..., "--nproc", min=1, help="local ranks (processes) per run"),
                  device: str = typer.Option("cpu", "--device", help="cpu (gloo) or cuda (NCCL)"),
                  gpu: Optional[str] = typer.Option(None, "--gpu", help="hardware profile the predictions use "
                                                    "(default: cpu for --device cpu, h100-sxm for cuda)"),
                  profile: Optional[str] = c.Profile,
                  strategies: str = typer.Option("auto", "--strategies", help="auto, or a file with one "
                                                 "strategy per line (tp=2,dp=-1,mbs=1)"),
-                 steps: int = typer.Option(6, "--steps", help="training steps per run"),
-                 warmup: int = typer.Option(2, "--warmup", help="first steps left out of the median"),
+                 steps: int = typer.Option(6, "--steps", min=1, help="training steps per run"),
+                 warmup: int = typer.Option(2, "--warmup", min=0, help="first steps left out of the median"),
                  seq_len: Optional[int] = c.SeqLen,
-                 global_batch: Optional[int] = typer.Option(None, "--global-batch", help="sequences per step "
+                 global_batch: Optional[int] = typer.Option(None, "--global-batch", min=1, help="sequences per step "
                                                             "(default 4 x nproc)"),
                  dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16"),
-                 timeout: float = typer.Option(300.0, "--timeout", help="seconds per run before it is killed"),
+                 timeout: float = typer.Option(300.0, "--timeout", min=0.001,
+                                               help="seconds per run before it is killed"),
                  out: Path = typer.Option(Path("validate-out"), "--out", help="folder for the runs and reports"),
                  json_out: bool = c.Json):
     """Run strategies for real and compare measured step time and memory with the predictions."""
     from autopar.codegen import validate as v
     from autopar.codegen import validate_report as rep
+    from autopar.cost_models.session import Inputs, build_cost_model
 
     if nproc < 1:
         raise InputError(f"--nproc={nproc} must be at least 1")

@@ -9,16 +9,35 @@ keep their defaults. ``family`` picks the ``nn.Module`` code in
 - ``moe``: Llama-style attention with top-k routed experts; optional shared experts,
   fine-grained experts and first dense layers (Mixtral, Qwen2-MoE, DeepSeek-MoE).
 - ``deepseek_v3``: ``moe`` with multi-head latent attention (MLA).
-- ``custom``: any ``nn.Module`` factory ``pkg.mod:fn``.
+- ``custom``: any ``nn.Module`` factory ``pkg.mod:fn``, or (``hf_config`` set) a Hugging Face
+  transformers module built from its ``config.json`` and captured as itself.
+
+The structural fields below (norm kind and placement, parallel blocks, q/k norms, partial
+rotary, sliding-window layers, gated activations, soft-capping, MoE layer spacing) default to
+the Llama layout; ``autopar.profiles.hf_families`` sets them from each family's config.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Family = Literal["gpt", "llama", "moe", "deepseek_v3", "custom"]
+# auto: LayerNorm for gpt, RMSNorm otherwise; layernorm_nobias: weight only (Cohere);
+# nonparametric: no weight, no bias (OLMo-1)
+NormKind = Literal["auto", "rmsnorm", "layernorm", "layernorm_nobias", "nonparametric"]
+# pre_norm: x + attn(n1(x)); x + mlp(n2(x))           (Llama, GPT-2)
+# parallel: x + attn(n1(x)) + mlp(n1(x))             (Cohere, Falcon-7B, GPT-J)
+# parallel_two_norms: x + attn(n1(x)) + mlp(n2(x))   (GPT-NeoX, Falcon-40B/180B)
+# sandwich: x + n3(attn(n1(x))); x + n4(mlp(n2(x)))  (Gemma 2/3)
+# post_norm: x + n1(attn(x)); x + n2(mlp(x))         (OLMo-2)
+BlockLayout = Literal["pre_norm", "parallel", "parallel_two_norms", "sandwich", "post_norm"]
+# head: RMSNorm over head_dim, one weight shared by heads (Qwen3, Gemma3); per_head: a weight per
+# head (Cohere); full: one norm over all heads' width (OLMo-2, OLMoE)
+QKNorm = Literal["none", "head", "per_head", "full"]
+# swiglu: w2(silu(w1 x) * w3 x); geglu: gelu-tanh gate (Gemma); gelu / relu: plain two-matrix MLP
+MLPKind = Literal["auto", "swiglu", "geglu", "gelu", "relu"]
 
 
 class ModelSpec(BaseModel):
@@ -41,6 +60,21 @@ class ModelSpec(BaseModel):
     qkv_bias: bool = Field(False, description="biases on q/k/v projections (Qwen2); gpt always has biases")
     attention: Literal["eager", "sdpa"] = Field(
         "sdpa", description="eager = explicit softmax(QK^T)V saving O(s^2) (Megatron's analysis); sdpa = fused kernel")
+    # --- block structure (see the Literal types above) ---
+    norm_kind: NormKind = "auto"
+    block_layout: BlockLayout = "pre_norm"
+    qk_norm: QKNorm = "none"
+    mlp_kind: MLPKind = Field("auto", description="auto: gelu for gpt, swiglu otherwise")
+    mlp_bias: bool = Field(False, description="biases on the MLP linears (gpt always has them)")
+    attn_out_bias: bool = Field(False, description="bias on the attention output projection")
+    fused_qkv: bool = Field(False, description="one q/k/v linear (GPT-NeoX, Falcon, Phi-3): same FLOPs and params")
+    rotary_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of head_dim that RoPE rotates")
+    sliding_window: int = Field(0, ge=0, description="local attention window in tokens; 0 = none")
+    layer_attention: list[Literal["full", "sliding"]] = Field(
+        default_factory=list, description="per-layer attention kind; empty = all full (all sliding if a window)")
+    embed_scale: float = Field(1.0, gt=0.0, description="embedding output multiplier (Gemma: sqrt(hidden))")
+    logit_softcap: float = Field(0.0, ge=0.0, description="final logits = c*tanh(logits/c); 0 = off")
+    attn_softcap: float = Field(0.0, ge=0.0, description="attention scores soft-cap (eager attention only)")
     # --- mixture of experts ---
     num_experts: int = Field(0, ge=0, description="routed experts per MoE layer; 0 = dense")
     topk: int = Field(0, ge=0, description="experts per token")
@@ -48,6 +82,8 @@ class ModelSpec(BaseModel):
     shared_experts: int = Field(0, ge=0, description="always-on experts of width moe_ffn_hidden")
     shared_ffn_hidden: int = Field(0, ge=0, description="shared expert inner width; 0 = shared_experts*moe_ffn_hidden")
     first_dense_layers: int = Field(0, ge=0, description="leading layers with a dense MLP")
+    moe_layer_step: int = Field(1, ge=1, description="after first_dense_layers, layer i is MoE when (i+1) % step == 0")
+    shared_expert_gate: bool = Field(False, description="sigmoid gate Linear(h, 1) on the shared expert (Qwen2-MoE)")
     # --- multi-head latent attention (DeepSeek-V2/V3) ---
     q_lora_rank: int = Field(0, ge=0)
     kv_lora_rank: int = Field(0, ge=0)
@@ -59,12 +95,15 @@ class ModelSpec(BaseModel):
     input_shape: list[int] | None = Field(None, description="example input shape for a custom module")
     input_dtype: Literal["int64", "float32", "bfloat16", "float16"] = "int64"
     source: str = Field("", description="where the spec came from: preset name, config path or factory")
+    # --- a transformers module captured as itself (family=custom) ---
+    hf_config: dict[str, Any] | None = Field(
+        None, description="config.json of a Hugging Face model built with transformers from_config (family=custom)")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
         if self.family == "custom":
-            if not self.factory:
-                raise ValueError("family=custom needs factory='pkg.mod:fn'")
+            if not self.factory and self.hf_config is None:
+                raise ValueError("family=custom needs factory='pkg.mod:fn' or hf_config")
             return self
         for field in ("hidden", "layers", "heads", "vocab"):
             if getattr(self, field) <= 0:
@@ -88,15 +127,15 @@ class ModelSpec(BaseModel):
             raise ValueError("ffn_hidden must be positive")
         if self.family == "deepseek_v3" and (self.kv_lora_rank <= 0 or self.qk_rope_head_dim <= 0):
             raise ValueError("deepseek_v3 needs kv_lora_rank and qk_rope_head_dim")
+        if self.layer_attention and len(self.layer_attention) != self.layers:
+            raise ValueError(f"layer_attention has {len(self.layer_attention)} entries for layers={self.layers}")
+        if "sliding" in self.layer_attention and not self.sliding_window:
+            raise ValueError("layer_attention names sliding layers but sliding_window is 0")
         return self
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
-
-    @property
-    def moe_layers(self) -> int:
-        return self.layers - self.first_dense_layers if self.is_moe else 0
 
     @property
     def shared_width(self) -> int:
@@ -105,11 +144,34 @@ class ModelSpec(BaseModel):
             return self.shared_ffn_hidden
         return self.shared_experts * self.moe_ffn_hidden
 
+    @property
+    def moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.layers))
+
     def is_moe_layer(self, index: int) -> bool:
-        return self.is_moe and index >= self.first_dense_layers
+        return self.is_moe and index >= self.first_dense_layers and (index + 1) % self.moe_layer_step == 0
+
+    def is_sliding_layer(self, index: int) -> bool:
+        """Layer ``index`` attends within ``sliding_window`` tokens (Mistral, Gemma 2/3 local layers)."""
+        if not self.sliding_window:
+            return False
+        return not self.layer_attention or self.layer_attention[index] == "sliding"
+
+    @property
+    def resolved_norm(self) -> str:
+        if self.norm_kind != "auto":
+            return self.norm_kind
+        return "layernorm" if self.family == "gpt" else "rmsnorm"
+
+    @property
+    def resolved_mlp(self) -> str:
+        if self.mlp_kind != "auto":
+            return self.mlp_kind
+        return "gelu" if self.family == "gpt" else "swiglu"
 
     def short(self) -> str:
         if self.family == "custom":
-            return f"{self.name} (custom {self.factory})"
+            what = self.factory or f"transformers {self.hf_config.get('model_type')}"
+            return f"{self.name} (custom {what})"
         moe = f", {self.num_experts} experts top-{self.topk}" if self.is_moe else ""
         return f"{self.name} ({self.family}, l={self.layers}, h={self.hidden}, a={self.heads}{moe})"

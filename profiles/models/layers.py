@@ -31,6 +31,23 @@ class RMSNorm(nn.Module):
         return out.type_as(x) * self.weight
 
 
+def make_norm(kind: str, dim, eps: float) -> nn.Module:
+    """A norm of ``kind`` (``ModelSpec.resolved_norm``): RMSNorm, LayerNorm with bias, LayerNorm
+    with a weight only (Cohere) or without parameters (OLMo-1)."""
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "layernorm_nobias":
+        return nn.LayerNorm(dim, eps=eps, bias=False)
+    return nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap) (Gemma 2 logit soft-capping); identity when cap is 0."""
+    return cap * torch.tanh(x / cap) if cap else x
+
+
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [max_seq_len, head_dim // 2] of rotary embeddings (Su et al. 2021)."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
@@ -40,7 +57,11 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x [b, s, n, d] by the position angle."""
+    """Rotate pairs (x[2i], x[2i+1]) of x [b, s, n, d] by the position angle; with tables
+    narrower than d/2 only the first 2*width features rotate (partial rotary, GPT-NeoX)."""
+    rot = 2 * cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
     s = x.shape[1]
     c = cos[:s].view(1, s, 1, -1)
     si = sin[:s].view(1, s, 1, -1)
@@ -49,49 +70,82 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
-def causal_attention(q, k, v, dropout: float, training: bool, eager: bool) -> torch.Tensor:
+def causal_attention(q, k, v, dropout: float, training: bool, eager: bool, window: int = 0,
+                     cap: float = 0.0) -> torch.Tensor:
     """Attention core on [b, n, s, d] tensors with a causal mask.
 
     eager: explicit QK^T, softmax, dropout, x V (what Megatron's memory analysis
     assumes: 5*a*s^2*b bytes saved per layer). Otherwise PyTorch SDPA (flash / memory
-    efficient kernels save O(s) instead of O(s^2)).
+    efficient kernels save O(s) instead of O(s^2)). ``window``: each query sees the last
+    ``window`` keys (sliding-window layers; SDPA takes it as a boolean mask and still computes
+    all s^2 scores, so the FLOPs are those of full causal attention). ``cap``: score
+    soft-capping (Gemma 2), eager path only, as in transformers' sdpa path.
     """
+    s = q.shape[2]
+    if window and s > window:
+        return _windowed(q, k, v, dropout, training, eager, window, cap)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     if not eager:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if training else 0.0, is_causal=True)
-    s = q.shape[2]
-    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
     mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(mask, float("-inf"))
+    return _eager(q, k, v, mask, dropout, training, cap)
+
+
+def _eager(q, k, v, blocked, dropout: float, training: bool, cap: float) -> torch.Tensor:
+    scores = softcap(torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1])), cap)
+    scores = scores.masked_fill(blocked, float("-inf"))
     probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=training)
     return torch.matmul(probs, v)
+
+
+def _windowed(q, k, v, dropout, training, eager, window: int, cap: float) -> torch.Tensor:
+    """Sliding-window causal attention: key j is visible to query i when i - window < j <= i."""
+    s = q.shape[2]
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    ones = torch.ones(s, s, dtype=torch.bool, device=q.device)
+    blocked = ones.triu(1) | ones.tril(-window)
+    if eager:
+        return _eager(q, k, v, blocked, dropout, training, cap)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=~blocked, dropout_p=dropout if training else 0.0)
 
 
 class Attention(nn.Module):
     """Multi-head / grouped-query attention; RoPE when ``rope`` is set (Llama), learned positions otherwise (GPT)."""
 
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: bool,
-                 dropout: float, rope: bool, eager: bool, out_bias: bool | None = None):
+                 dropout: float, rope: bool, eager: bool, out_bias: bool | None = None, qk_norm: str = "none",
+                 norm_kind: str = "rmsnorm", eps: float = 1e-5, window: int = 0, cap: float = 0.0):
         super().__init__()
         self.head_dim, self.dropout, self.rope, self.eager = head_dim, dropout, rope, eager
+        self.window, self.cap, self.qk_norm = window, cap, qk_norm
         self.wq = nn.Linear(hidden, heads * head_dim, bias=bias)
         self.wk = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
         self.wv = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
         self.wo = nn.Linear(heads * head_dim, hidden, bias=bias if out_bias is None else out_bias)
         self.resid_dropout = nn.Dropout(dropout)
+        if qk_norm != "none":  # q_norm / k_norm: Qwen3, Gemma 3 (head), Cohere (per_head), OLMo-2 (full)
+            dims = {"head": (head_dim, head_dim), "per_head": ((heads, head_dim), (kv_heads, head_dim)),
+                    "full": (heads * head_dim, kv_heads * head_dim)}[qk_norm]
+            self.q_norm, self.k_norm = make_norm(norm_kind, dims[0], eps), make_norm(norm_kind, dims[1], eps)
 
     def forward(self, x: torch.Tensor, cos=None, sin=None) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, -1, self.head_dim)
-        k = self.wk(x).view(b, s, -1, self.head_dim)
+        q, k = self.wq(x), self.wk(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(b, s, -1, self.head_dim), k.view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
+        if self.qk_norm in ("head", "per_head"):
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                               self.dropout, self.training, self.eager)
+                               self.dropout, self.training, self.eager, self.window, self.cap)
         out = out.transpose(1, 2).reshape(b, s, -1)
         return self.resid_dropout(self.wo(out))
 
@@ -139,29 +193,34 @@ class MLAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT MLP: Linear(h, f) -> GeLU -> Linear(f, h) -> dropout."""
+    """GPT MLP: Linear(h, f) -> GeLU (or ReLU) -> Linear(f, h) -> dropout."""
 
-    def __init__(self, hidden: int, ffn: int, bias: bool = True, dropout: float = 0.0):
+    def __init__(self, hidden: int, ffn: int, bias: bool = True, dropout: float = 0.0, act: str = "gelu"):
         super().__init__()
+        self.act = act
         self.w1 = nn.Linear(hidden, ffn, bias=bias)
         self.w2 = nn.Linear(ffn, hidden, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.w2(F.gelu(self.w1(x))))
+        h = self.w1(x)
+        return self.dropout(self.w2(F.relu(h) if self.act == "relu" else F.gelu(h)))
 
 
 class SwiGLU(nn.Module):
-    """Llama MLP: w2(silu(w1 x) * w3 x) (Shazeer 2020)."""
+    """Llama MLP: w2(silu(w1 x) * w3 x) (Shazeer 2020); ``act="geglu"``: tanh-GeLU gate (Gemma)."""
 
-    def __init__(self, hidden: int, ffn: int):
+    def __init__(self, hidden: int, ffn: int, bias: bool = False, act: str = "swiglu"):
         super().__init__()
-        self.w1 = nn.Linear(hidden, ffn, bias=False)
-        self.w3 = nn.Linear(hidden, ffn, bias=False)
-        self.w2 = nn.Linear(ffn, hidden, bias=False)
+        self.act = act
+        self.w1 = nn.Linear(hidden, ffn, bias=bias)
+        self.w3 = nn.Linear(hidden, ffn, bias=bias)
+        self.w2 = nn.Linear(ffn, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        g = self.w1(x)
+        g = F.gelu(g, approximate="tanh") if self.act == "geglu" else F.silu(g)
+        return self.w2(g * self.w3(x))
 
 
 class TopKRouter(nn.Module):
@@ -216,11 +275,14 @@ class GroupedExperts(nn.Module):
 class MoE(nn.Module):
     """Routed experts plus optional always-on shared experts (Mixtral, Qwen2-MoE, DeepSeek)."""
 
-    def __init__(self, hidden: int, ffn: int, num_experts: int, topk: int, shared_ffn: int):
+    def __init__(self, hidden: int, ffn: int, num_experts: int, topk: int, shared_ffn: int,
+                 shared_gate: bool = False):
         super().__init__()
         self.router = TopKRouter(hidden, num_experts, topk)
         self.experts = GroupedExperts(hidden, ffn, num_experts)
         self.shared_experts = SwiGLU(hidden, shared_ffn) if shared_ffn else None
+        # Qwen2-MoE scales the shared expert by sigmoid(Linear(h, 1) x)
+        self.shared_gate = nn.Linear(hidden, 1, bias=False) if shared_ffn and shared_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
@@ -228,5 +290,8 @@ class MoE(nn.Module):
         idx, weight = self.router(xt)
         out = self.experts(xt, idx, weight)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(xt)
+            shared = self.shared_experts(xt)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(xt)) * shared
+            out = out + shared
         return out.reshape(b, s, h)

@@ -14,27 +14,39 @@ import torch
 from torch import nn
 
 from autopar.core.model_spec import ModelSpec
-from autopar.profiles.models.layers import MLP, Attention, MLAttention, MoE, RMSNorm, SwiGLU, rope_tables
+from autopar.profiles.models.layers import MLP, Attention, MLAttention, MoE, SwiGLU, make_norm, rope_tables, softcap
 
 
 class Block(nn.Module):
+    """One decoder block in the layout ``spec.block_layout`` (see ``core.model_spec.BlockLayout``).
+
+    ``attention_norm`` / ``ffn_norm`` are the two pre-norms (the post-norms for ``post_norm``;
+    ``ffn_norm`` is None for the one-norm ``parallel`` layout); ``sandwich`` adds
+    ``post_attention_norm`` / ``post_ffn_norm`` on the branch outputs (Gemma 2/3)."""
+
     def __init__(self, spec: ModelSpec, index: int):
         super().__init__()
-        self.index = index
-        gpt = spec.family == "gpt"
+        self.index, self.layout = index, spec.block_layout
         self.attention_norm = _norm(spec)
-        self.attention = _attention(spec)
-        self.ffn_norm = _norm(spec)
-        if spec.is_moe_layer(index):
-            self.feed_forward = MoE(spec.hidden, spec.moe_ffn_hidden, spec.num_experts, spec.topk, spec.shared_width)
-        elif gpt:
-            self.feed_forward = MLP(spec.hidden, spec.ffn_hidden, bias=True, dropout=spec.dropout)
-        else:
-            self.feed_forward = SwiGLU(spec.hidden, spec.ffn_hidden)
+        self.attention = _attention(spec, index)
+        self.ffn_norm = None if self.layout == "parallel" else _norm(spec)
+        if self.layout == "sandwich":
+            self.post_attention_norm, self.post_ffn_norm = _norm(spec), _norm(spec)
+        self.feed_forward = _feed_forward(spec, index)
 
     def forward(self, x: torch.Tensor, cos=None, sin=None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
-        return x + self.feed_forward(self.ffn_norm(x))
+        if self.layout == "parallel":
+            y = self.attention_norm(x)
+            return x + self.attention(y, cos, sin) + self.feed_forward(y)
+        if self.layout == "parallel_two_norms":
+            return x + self.attention(self.attention_norm(x), cos, sin) + self.feed_forward(self.ffn_norm(x))
+        if self.layout == "post_norm":
+            x = x + self.attention_norm(self.attention(x, cos, sin))
+            return x + self.ffn_norm(self.feed_forward(x))
+        a = self.attention(self.attention_norm(x), cos, sin)
+        x = x + (self.post_attention_norm(a) if self.layout == "sandwich" else a)
+        f = self.feed_forward(self.ffn_norm(x))
+        return x + (self.post_ffn_norm(f) if self.layout == "sandwich" else f)
 
 
 class Transformer(nn.Module):
@@ -64,6 +76,8 @@ class Transformer(nn.Module):
         output takes or returns hidden states [b, s, h] instead."""
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(tokens)
+            if self.spec.embed_scale != 1.0:  # Gemma: sqrt(hidden), in the activation dtype
+                h = h * torch.tensor(self.spec.embed_scale, dtype=h.dtype)
             if self.pos_embeddings is not None:
                 h = h + self.pos_embeddings(self.pos_ids[: tokens.shape[1]])
             h = self.emb_dropout(h)
@@ -73,7 +87,9 @@ class Transformer(nn.Module):
             h = layer(h, self.rope_cos, self.rope_sin)
         if self.norm is not None:
             h = self.norm(h)
-        return self.output(h) if self.output is not None else h
+        if self.output is None:
+            return h
+        return softcap(self.output(h), self.spec.logit_softcap)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -116,20 +132,36 @@ class Transformer(nn.Module):
 
 
 def _rope_dim(spec: ModelSpec) -> int:
-    return spec.qk_rope_head_dim if spec.family == "deepseek_v3" else spec.head_dim
+    """Rotated width per head: the decoupled RoPE key of MLA, else the rotary share of head_dim
+    rounded down to an even width (GPT-NeoX ``rotary_pct``, Phi-3 ``partial_rotary_factor``)."""
+    if spec.family == "deepseek_v3":
+        return spec.qk_rope_head_dim
+    return int(spec.head_dim * spec.rotary_fraction) // 2 * 2
 
 
 def _norm(spec: ModelSpec) -> nn.Module:
-    if spec.family == "gpt":
-        return nn.LayerNorm(spec.hidden, eps=spec.norm_eps)
-    return RMSNorm(spec.hidden, spec.norm_eps)
+    return make_norm(spec.resolved_norm, spec.hidden, spec.norm_eps)
 
 
-def _attention(spec: ModelSpec) -> nn.Module:
+def _attention(spec: ModelSpec, index: int) -> nn.Module:
     eager = spec.attention == "eager"
     if spec.family == "deepseek_v3":
         return MLAttention(spec.hidden, spec.heads, spec.q_lora_rank, spec.kv_lora_rank, spec.qk_nope_head_dim,
                            spec.qk_rope_head_dim, spec.v_head_dim, spec.norm_eps, eager)
     gpt = spec.family == "gpt"
+    norm = "rmsnorm" if spec.qk_norm == "head" or spec.resolved_norm == "nonparametric" else spec.resolved_norm
     return Attention(spec.hidden, spec.heads, spec.kv_heads, spec.head_dim, bias=gpt or spec.qkv_bias,
-                     dropout=spec.dropout if gpt else 0.0, rope=not gpt, eager=eager, out_bias=gpt)
+                     dropout=spec.dropout if gpt else 0.0, rope=not gpt, eager=eager,
+                     out_bias=gpt or spec.attn_out_bias, qk_norm=spec.qk_norm, norm_kind=norm, eps=spec.norm_eps,
+                     window=spec.sliding_window if spec.is_sliding_layer(index) else 0, cap=spec.attn_softcap)
+
+
+def _feed_forward(spec: ModelSpec, index: int) -> nn.Module:
+    if spec.is_moe_layer(index):
+        return MoE(spec.hidden, spec.moe_ffn_hidden, spec.num_experts, spec.topk, spec.shared_width,
+                   spec.shared_expert_gate)
+    kind, bias = spec.resolved_mlp, spec.family == "gpt" or spec.mlp_bias
+    if kind in ("gelu", "relu"):
+        return MLP(spec.hidden, spec.ffn_hidden, bias=bias, dropout=spec.dropout if spec.family == "gpt" else 0.0,
+                   act=kind)
+    return SwiGLU(spec.hidden, spec.ffn_hidden, bias=bias, act=kind)
