@@ -25,7 +25,7 @@ backward of a DTensor linear minus the plain linear of the same local shape, med
 samples, process CPU time, one thread, averaged over column- and row-parallel, square and
 4x-wide linears.
 
-    python -m autopar.profiles.host_overhead --profile profiles/hardware/cpu.json
+    python benchmarks/host_overhead.py --profile profiles/hardware/cpu.json
 
 updates (atomically) the profile's ``dtensor_call_overhead_s`` and its ``sources`` entry.
 """
@@ -177,7 +177,7 @@ def update_profile(path: Path, values: dict[str, float], how: dict[str, str]) ->
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     for key, value in values.items():
         data[key] = float(f"{value:.4g}")
-        data.setdefault("sources", {})[key] = f"{how[key]}; measured by `python -m autopar.profiles.host_overhead " \
+        data.setdefault("sources", {})[key] = f"{how[key]}; measured by `python benchmarks/host_overhead.py " \
                                              f"--profile {path}` at {stamp}"
     GpuProfile.model_validate(data)  # still a valid profile
     write_atomic(path, json.dumps(data, indent=1) + "\n")

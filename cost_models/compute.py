@@ -9,10 +9,10 @@ profile replaces the formula altogether (see ``OpTimer``).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from autopar.core.gpu import GpuProfile
+from autopar.core.op_signature import op_signature, signature  # noqa: F401  (re-exported)
 
 PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8", "fp32": "fp32"}
 
@@ -107,24 +107,6 @@ class OpTimer:
         if hit is not None:
             self.hits["measurement"] += 1
         return hit
-
-
-def signature(kind: str, dims: tuple, dtype: str) -> str:
-    """Key of a measured op: kind, shape and dtype (what ``autopar profile`` times)."""
-    return f"{kind}:{'x'.join(str(int(d)) for d in dims)}:{dtype}"
-
-
-def op_signature(kind: str, in_shapes: list[list[int]], out_shapes: list[list[int]], dtype: str,
-                 name: str = "") -> str:
-    """Key of one op of a captured graph at its captured shapes (what ``autopar profile`` times
-    and what ``OpTerm.sig`` holds): kind, input -> output shapes, dtype; ops of kind ``other``
-    (reshape copies, stack, repeat_interleave...) also carry their target, read from the node name."""
-    stem = "/" + re.sub(r"_\d+$", "", name) if kind == "other" and name else ""
-
-    def shapes(ss):
-        return ",".join("x".join(str(int(d)) for d in s) or "()" for s in ss)
-
-    return f"{kind}{stem}:{shapes(in_shapes)}->{shapes(out_shapes)}:{dtype}"
 
 
 def cpu_contention(gpu: GpuProfile, ranks_per_node: int) -> float:

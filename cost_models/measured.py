@@ -1,4 +1,5 @@
-"""Reading a measured profile (``autopar profile`` / ``autopar profile-comm``) for the cost model.
+"""Reading a measured profile (``autopar profile`` / ``autopar profile-comm``) into the cost model's
+timer and collective fits (cost_models: it builds an ``OpTimer`` and ``CommFit``s, so it sits above profiles/).
 
 A measured profile is a ``GpuProfile`` file (JSON) with ``measured_ops`` and ``meta``; its
 curves were fitted on the device, so ``--profile FILE`` prices with them (source "fit"), takes

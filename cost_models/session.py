@@ -78,7 +78,7 @@ def default_seq_len(spec: ModelSpec) -> int:
 def _measured(inp: Inputs, gpu):
     if not inp.profile:
         return None, None
-    from autopar.profiles.measured import load_measured_profile
+    from autopar.cost_models.measured import load_measured_profile
 
     path = Path(inp.profile)
     return load_measured_profile(path, gpu, inp.dtype)

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from autopar.planner.experts import Problem, evaluate
+from autopar.planner.experts_problem import Problem, evaluate
 
 
 def layer_gain(p: Problem, X: np.ndarray, l: int) -> np.ndarray:

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from autopar.core.model_spec import ModelSpec
-from autopar.cost_models.compute import op_signature, signature
+from autopar.core.op_signature import op_signature, signature
 from autopar.errors import InputError
 from autopar.profiles.graph import DTYPES, _trace, _WithLoss, capture
 from autopar.profiles.layer_stats import ModelStats, OpCost, summarize
