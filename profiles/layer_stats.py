@@ -17,6 +17,11 @@ Tags (on ops and on saved tensors), for the cost model:
   mask and output): what selective recompute drops (Korthikanti et al. 2022, Sec. 5).
 - ``quadratic``: grows with s^2; ``const``: does not scale with the batch (the causal mask);
   ``stat``: tiny per-token statistics (norm mean/rstd, logsumexp); ``router``; ``input``.
+
+Per-op selective checkpointing (``recompute=op``, ``codegen.runtime_ac.op_policy``) keeps a different
+set per block, ``LayerGroup.op_saved`` (see ``op_policy``): tagged like the rest, plus ``partial``
+(a row-parallel matmul's full-size partial sum, not split by tp) and ``sp_collective`` (a
+reduce-scatter output, present only under tensor + sequence parallelism).
 """
 
 from __future__ import annotations
@@ -71,6 +76,9 @@ class LayerGroup(BaseModel):
     saved: list[SavedTensor] = Field(default_factory=list)
     temporaries: list[SavedTensor] = Field(default_factory=list,
                                            description="transient forward tensors (logits, their fp32 upcast)")
+    op_saved: list[SavedTensor] = Field(default_factory=list,
+                                        description="kept under per-op selective checkpointing (op_policy)")
+    op_kept: list[str] = Field(default_factory=list, description="ops whose outputs op_policy keeps (not re-run)")
 
     def saved_where(self, *tags: str, exclude: tuple[str, ...] = ()) -> int:
         """Bytes of saved tensors carrying all ``tags`` and none of ``exclude``."""
@@ -146,6 +154,8 @@ def _block_groups(mg: ModelGraph, sections, saved) -> list[LayerGroup]:
         name = base if used[base] == 1 else f"{base}_{used[base]}"
         grp = _group(mg, name, "block", indices, nodes, saved.get(key, []))
         grp.count, grp.is_moe = max(1, len(indices)), is_moe
+        if indices:
+            grp.op_saved, grp.op_kept = op_policy(mg, nodes, grp.saved)
         out.append(grp)
     return out
 
@@ -192,6 +202,64 @@ def _op_costs(node: str, a: dict) -> list[OpCost]:
     return [OpCost(name=node, kind=a["kind"], module=a["module"], fwd_flops=a["fwd_flops"], bwd_flops=a["bwd_flops"],
                    bytes_rw=a["bytes_read"] + a["bytes_written"], gemm_mnk=a["gemm"], gemm_batch=a["gemm_batch"],
                    in_shapes=a["in_shapes"], out_shapes=a["out_shapes"], dtype=dtype, tags=a["tags"])]
+
+
+def op_policy(mg: ModelGraph, nodes: list[str], saved: list[SavedTensor]) -> tuple[list[SavedTensor], list[str]]:
+    """What a block keeps under torchtitan's per-op policy (``codegen.runtime_ac.op_policy``) and
+    which ops it does not re-run: the block input (the checkpoint's input), the output of every
+    odd-numbered matmul (each linear is one ``mm`` / ``addmm``; the router's gate counts), the
+    attention kernel's output and logsumexp, and under tp + sequence parallelism the
+    reduce-scatter output after each row-parallel linear. Routed experts run three matmuls per
+    expert in turn, so half of their matmul outputs are kept (exact for an even number of local
+    experts). Everything else is recomputed in backward."""
+    g = mg.graph
+    first = g.nodes[nodes[0]]
+    es = _elsize(first["in_dtypes"][0]) if first["in_dtypes"] else 2
+    shape = first["in_shapes"][0] if first["in_shapes"] else []
+    out = [SavedTensor(name="block_input", bytes=_numel(shape) * es, tags=["input", "replicated"], shape=shape,
+                       dtype=first["in_dtypes"][0] if first["in_dtypes"] else "", saved_by=["checkpoint"])]
+    kept, matmuls = [], 0
+    for n in nodes:
+        a = g.nodes[n]
+        if a["kind"] == "moe_router":  # its gate matmul: [tokens, experts] logits in the input dtype
+            matmuls += 1
+            if matmuls % 2:
+                rows = a["in_shapes"][0][0]
+                out.append(SavedTensor(name=f"{n}:gate", bytes=rows * mg.spec.num_experts * es, tags=["router"],
+                                       shape=[rows, mg.spec.num_experts], dtype=a["in_dtypes"][0],
+                                       saved_by=["checkpoint"]))
+        elif a["kind"] == "linear":
+            matmuls += 1
+            row = "row_parallel" in a["tags"]
+            if matmuls % 2:
+                kept.append(n)
+                out.append(_output(n, a, ["partial"] if row else a["out_tags"]))
+            if row:  # the reduce-scatter of its partial sums, saved whatever the count says
+                out.append(_output(n, a, ["replicated", "sp_collective"], ":reduce_scatter"))
+        elif a["kind"] == "sdpa":
+            kept.append(n)
+            out.append(_output(n, a, a["out_tags"]))
+            out += [t for t in saved if t.name == f"{n}:logsumexp"]
+        elif a["kind"] == "moe_experts":
+            out += [t.model_copy(update={"bytes": t.bytes // 2}) for t in saved
+                    if t.name.startswith(f"{n}:") and t.name.split(":")[-1] in ("w1_out", "w3_out", "w2_out")]
+    return out, kept
+
+
+def _output(node: str, a: dict, tags: list[str], suffix: str = "") -> SavedTensor:
+    return SavedTensor(name=node + suffix, bytes=a["bytes_written"], tags=sorted(tags), shape=a["out_shapes"][0],
+                       dtype=a["out_dtypes"][0], saved_by=["checkpoint"])
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _elsize(dtype: str) -> int:
+    return {"float32": 4, "float64": 8, "int64": 8, "bool": 1, "int8": 1, "float8_e4m3fn": 1}.get(dtype, 2)
 
 
 def _logit_temporaries(mg: ModelGraph, nodes: list[str]) -> list[SavedTensor]:
