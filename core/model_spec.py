@@ -94,6 +94,9 @@ class ModelSpec(BaseModel):
     factory: str | None = Field(None, description="pkg.mod:fn returning an nn.Module (family=custom)")
     input_shape: list[int] | None = Field(None, description="example input shape for a custom module")
     input_dtype: Literal["int64", "float32", "bfloat16", "float16"] = "int64"
+    sample_tokens: int = Field(0, ge=0, description="sequence length of one non-token sample (ViT: patches per "
+                               "image); 0 = input_shape[-1]")
+    sample_unit: str = Field("tokens", description="what one sequence position is: tokens, patches, frames, ...")
     source: str = Field("", description="where the spec came from: preset name, config path or factory")
     # --- a transformers module captured as itself (family=custom) ---
     hf_config: dict[str, Any] | None = Field(

@@ -43,6 +43,7 @@ from autopar.profiles.graph_ops import (
     storage_id,
     tensors_in,
 )
+from autopar.profiles.hf_capture import expert_geometry, is_expert_container
 from autopar.profiles.models import build_model
 from autopar.profiles.models.layers import GroupedExperts, RMSNorm, TopKRouter
 
@@ -102,7 +103,7 @@ class _Tracer(fx.Tracer):
         self._running, self._leaf_forward = False, None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, LEAF_TYPES) or super().is_leaf_module(m, qualname)
+        return isinstance(m, LEAF_TYPES) or is_expert_container(m) or super().is_leaf_module(m, qualname)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _MetaProxy(node, self)
@@ -139,7 +140,7 @@ class _Tracer(fx.Tracer):
                 if kind == "call_method":
                     return getattr(a[0], target)(*a[1:], **k)
                 mod = self.root.get_submodule(target)
-                if isinstance(mod, GroupedExperts):
+                if isinstance(mod, GroupedExperts) or is_expert_container(mod):
                     return torch.empty_like(a[0])
                 return self._leaf_forward(*a, **k)
         finally:
@@ -203,7 +204,7 @@ class _Recorder:
         input), the w2 output and the gate weights (the weighting product), and the int64
         token and slot indices of the gather / index_add."""
         rows, h = idx.numel(), x.shape[-1]
-        num_e, f = mod.w1.shape[0], mod.w1.shape[-1]
+        num_e, f = expert_geometry(mod, h)
         dt, meta = x.dtype, dict(device=x.device)
         for label, shape, dtype in (("dispatched_x", (rows, h), dt), ("w1_out", (rows, f), dt),
                                     ("silu_out", (rows, f), dt), ("w3_out", (rows, f), dt),
@@ -234,8 +235,8 @@ class _Runner(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         mod = self.fetch_attr(target)
-        if isinstance(mod, GroupedExperts):
-            return self.rec.experts(mod, *args, **kwargs)
+        if isinstance(mod, GroupedExperts) or is_expert_container(mod):  # transformers' *Experts too
+            return self.rec.experts(mod, *args[:3])
         if isinstance(mod, nn.Dropout):
             return self.rec.dropout(args[0], mod.p, mod.training)
         return super().call_module(target, args, kwargs)
@@ -261,6 +262,12 @@ def capture(spec: ModelSpec, seq_len: int, micro_batch: int = 1, dtype: str = "b
         raise InputError(f"dtype: '{dtype}' is not supported for capture; use one of {', '.join(DTYPES)}")
     if seq_len < 1 or micro_batch < 1:
         raise InputError(f"seq_len={seq_len} and micro_batch={micro_batch} must be positive integers")
+    if spec.hf_config is not None:  # a transformers module, captured as itself
+        model, gm, inputs, seq_len = _trace_hf(spec, seq_len, micro_batch, dtype)
+        rec = _run(gm, inputs, spec)
+        mg = build(gm, rec, model, spec, seq_len, micro_batch, dtype, _block_container(model))
+        mg.capture_time_s = time.perf_counter() - t0
+        return mg
     model = build_model(spec, "meta")
     _cast_params(model, DTYPES[dtype])
     model.train()
@@ -289,7 +296,24 @@ def _cast_params(model: nn.Module, dtype: torch.dtype) -> None:
 
 def _trace(root: nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
     tracer = _Tracer(inputs)
-    graph = tracer.trace(root)
+    return _graph_module(tracer, tracer.trace(root))
+
+
+def _trace_hf(spec: ModelSpec, seq_len: int, micro_batch: int, dtype: str):
+    """(model, graph module, inputs, sequence length) of a transformers module; a non-token
+    input's sequence length is its tokens per sample (``spec.sample_tokens``: ViT patches)."""
+    from autopar.profiles import hf_capture
+
+    model = hf_capture.build_hf_model(spec, "meta")
+    _cast_params(model, DTYPES[dtype])
+    model.train()
+    inputs = hf_capture.example_inputs(spec, model, seq_len, micro_batch)
+    tracer, graph, _ = hf_capture.trace_hf(spec, model, inputs, _Tracer)
+    seq = spec.sample_tokens or seq_len if inputs["tokens"].is_floating_point() else seq_len
+    return model, _graph_module(tracer, graph), inputs, seq
+
+
+def _graph_module(tracer: _Tracer, graph: fx.Graph) -> fx.GraphModule:
     gm = fx.GraphModule(tracer.root, graph)
     for node in gm.graph.nodes:
         path = tracer.paths.get(node, "")

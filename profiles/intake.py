@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from autopar.core.model_spec import ModelSpec
 from autopar.errors import InputError
+from autopar.profiles.hf_families import READERS, HFReader, text_config
 
 _GPT3 = dict(family="gpt", vocab=51200, max_seq_len=2048, tie_embeddings=True, dropout=0.1, attention="eager")
 _LLAMA3 = dict(family="llama", kv_heads=8, vocab=128256, max_seq_len=8192, rope_theta=500000.0)
@@ -69,12 +70,14 @@ def preset(name: str) -> ModelSpec:
 
 
 def resolve_model(name: str, input_shape: list[int] | None = None, input_dtype: str = "int64") -> ModelSpec:
-    """A preset name, a path to a config.json (or a folder holding one), or ``pkg.mod:fn``."""
-    path = Path(name)
+    """A preset name, a path to a config.json (or a folder holding one), ``hf:PATH`` (capture
+    the transformers module of that config as itself), or ``pkg.mod:fn``."""
+    force_hf = name.startswith(HF_PREFIX)
+    path = Path(name[len(HF_PREFIX):] if force_hf else name)
     if path.is_dir() and (path / "config.json").is_file():
         path = path / "config.json"
-    if path.suffix == ".json" or path.is_file():
-        return from_hf_config(path)
+    if force_hf or path.suffix == ".json" or path.is_file():
+        return from_hf_config(path, force_hf, input_shape, input_dtype)
     if ":" in name:
         try:
             return ModelSpec(family="custom", name=name.split(":")[-1], factory=name, input_shape=input_shape,
@@ -85,10 +88,14 @@ def resolve_model(name: str, input_shape: list[int] | None = None, input_dtype: 
 
 
 # ----- Hugging Face config.json ------------------------------------------------------
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "deepseek_v3", "deepseek_v2")
+SUPPORTED_MODEL_TYPES = tuple(READERS)
+HF_PREFIX = "hf:"  # ``hf:PATH`` (the CLI's --hf): capture the transformers module even for catalog types
 
 
-def from_hf_config(path: str | Path) -> ModelSpec:
+def from_hf_config(path: str | Path, force_hf: bool = False, input_shape: list[int] | None = None,
+                   input_dtype: str = "int64") -> ModelSpec:
+    """A catalog ``ModelSpec`` for the families in ``hf_families.READERS``; any other
+    ``model_type`` (or ``force_hf``) gives a spec that builds the transformers module itself."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"model: config file {path} does not exist")
@@ -98,13 +105,15 @@ def from_hf_config(path: str | Path) -> ModelSpec:
         raise InputError(f"model: {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
     if not isinstance(cfg, dict):
         raise InputError(f"model: {path} must hold a JSON object")
-    mtype = cfg.get("model_type")
-    if mtype not in SUPPORTED_MODEL_TYPES:
-        raise InputError(f"model: {path}: model_type={mtype!r} is not supported; "
-                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    reader = _HFReader(cfg, path)
-    fields = _READERS[mtype](reader)
-    fields.update(name=cfg.get("_name_or_path") or path.parent.name or mtype, source=f"config:{path}")
+    name = cfg.get("_name_or_path") or path.parent.name or str(cfg.get("model_type"))
+    text = text_config(cfg)
+    mtype = text.get("model_type")
+    if force_hf or mtype not in READERS:
+        from autopar.profiles.hf_spec import hf_spec  # needs transformers only when used
+
+        return hf_spec(cfg, path, name, input_shape, input_dtype)
+    fields = READERS[mtype](HFReader(text, path))
+    fields.update(name=name, source=f"config:{path}")
     impl = cfg.get("attn_implementation") or cfg.get("_attn_implementation")
     if impl:
         fields["attention"] = "eager" if impl == "eager" else "sdpa"
@@ -113,72 +122,3 @@ def from_hf_config(path: str | Path) -> ModelSpec:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise InputError(f"model: {path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-
-
-class _HFReader:
-    """Reads config fields with one-line errors naming the missing field."""
-
-    def __init__(self, cfg: dict, path: Path):
-        self.cfg, self.path = cfg, path
-
-    def req(self, key: str):
-        if self.cfg.get(key) is None:
-            raise InputError(f"model: {self.path}: missing field '{key}' "
-                             f"(needed for model_type={self.cfg.get('model_type')})")
-        val = self.cfg[key]
-        if isinstance(val, bool) or not isinstance(val, (int, float)):
-            raise InputError(f"model: {self.path}: field '{key}' must be a number, got {val!r}")
-        return val
-
-    def opt(self, key: str, default):
-        val = self.cfg.get(key)
-        return default if val is None else val
-
-
-def _llama_fields(r: _HFReader) -> dict:
-    return dict(
-        family="llama", hidden=r.req("hidden_size"), layers=r.req("num_hidden_layers"),
-        heads=r.req("num_attention_heads"), kv_heads=r.opt("num_key_value_heads", 0),
-        head_dim=r.opt("head_dim", 0), ffn_hidden=r.opt("intermediate_size", 0), vocab=r.req("vocab_size"),
-        max_seq_len=r.opt("max_position_embeddings", 4096), tie_embeddings=bool(r.opt("tie_word_embeddings", False)),
-        norm_eps=r.opt("rms_norm_eps", 1e-5), rope_theta=r.opt("rope_theta", 10000.0),
-        qkv_bias=bool(r.opt("attention_bias", r.cfg.get("model_type") == "qwen2")),
-    )
-
-
-def _gpt2(r: _HFReader) -> dict:
-    h = r.req("n_embd")
-    return dict(family="gpt", hidden=h, layers=r.req("n_layer"), heads=r.req("n_head"),
-                ffn_hidden=r.opt("n_inner", None) or 4 * h, vocab=r.req("vocab_size"),
-                max_seq_len=r.opt("n_positions", 1024), tie_embeddings=bool(r.opt("tie_word_embeddings", True)),
-                norm_eps=r.opt("layer_norm_epsilon", 1e-5), dropout=r.opt("resid_pdrop", 0.0))
-
-
-def _mixtral(r: _HFReader) -> dict:
-    f = _llama_fields(r)
-    f.update(family="moe", num_experts=r.req("num_local_experts"), topk=r.req("num_experts_per_tok"),
-             moe_ffn_hidden=r.req("intermediate_size"), ffn_hidden=0)
-    return f
-
-
-def _qwen2_moe(r: _HFReader) -> dict:
-    f = _llama_fields(r)
-    f.update(family="moe", num_experts=r.req("num_experts"), topk=r.req("num_experts_per_tok"),
-             moe_ffn_hidden=r.req("moe_intermediate_size"),
-             shared_ffn_hidden=r.opt("shared_expert_intermediate_size", 0), qkv_bias=True)
-    return f
-
-
-def _deepseek(r: _HFReader) -> dict:
-    f = _llama_fields(r)
-    f.update(family="deepseek_v3", kv_heads=0, head_dim=0, num_experts=r.req("n_routed_experts"),
-             topk=r.req("num_experts_per_tok"), moe_ffn_hidden=r.req("moe_intermediate_size"),
-             shared_experts=r.opt("n_shared_experts", 0), first_dense_layers=r.opt("first_k_dense_replace", 0),
-             q_lora_rank=r.opt("q_lora_rank", 0) or 0, kv_lora_rank=r.req("kv_lora_rank"),
-             qk_nope_head_dim=r.req("qk_nope_head_dim"), qk_rope_head_dim=r.req("qk_rope_head_dim"),
-             v_head_dim=r.req("v_head_dim"), qkv_bias=False)
-    return f
-
-
-_READERS = {"gpt2": _gpt2, "llama": _llama_fields, "mistral": _llama_fields, "qwen2": _llama_fields,
-            "mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "deepseek_v3": _deepseek, "deepseek_v2": _deepseek}

@@ -1,0 +1,185 @@
+"""Build a Hugging Face transformers module from its config and trace it as itself.
+
+``build_hf_model(spec)`` builds the module with ``from_config`` (no hub access, no weights)
+on the meta device: the class in the config's ``architectures`` when transformers has it, else
+``AutoModelForCausalLM``, else ``AutoModel``. ``trace_hf`` traces it with the same concrete-meta
+tracer as the built-in catalog (``profiles.graph._Tracer``: proxies carry meta values, so the
+shape-dependent Python in transformers' code runs concretely), with three adjustments:
+
+- the packed-sequence probe of transformers' mask code reads tensor values (``.all()``);
+  a training batch without packing has none, so it is answered "no packing" while tracing;
+- expert containers (a module holding stacked 3-D expert weights, ``gate_up_proj`` /
+  ``down_proj`` or ``w1``/``w2``/``w3``) loop over the experts a batch hits, which is data
+  dependent: they become leaves priced under uniform top-k routing (as the catalog's
+  ``GroupedExperts``);
+- the loss is cross-entropy on fp32 logits when the model returns token logits, else the mean
+  of its first output (a stand-in objective whose cost is one reduction).
+
+A failure names the module path and the construct (``cannot capture <model_type>: <module>:
+<error>``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from autopar.core.model_spec import ModelSpec
+from autopar.errors import InputError
+
+_INPUT_DTYPES = {"int64": torch.int64, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}
+
+
+def hf_config(spec: ModelSpec):
+    """The transformers config object of ``spec.hf_config`` (nested sub-configs included)."""
+    import transformers
+
+    raw = dict(spec.hf_config or {})
+    mtype = raw.pop("model_type", None)
+    for key in ("transformers_version", "_name_or_path", "auto_map"):
+        raw.pop(key, None)
+    try:
+        cfg = transformers.AutoConfig.for_model(mtype, **raw)
+    except Exception as exc:
+        raise InputError(f"model: transformers cannot read model_type={mtype!r}: {type(exc).__name__}: "
+                         f"{_first_line(exc)}; check the config.json or upgrade transformers") from None
+    return cfg
+
+
+def model_class(cfg) -> type:
+    """The class named by ``architectures`` when transformers has it, else the Auto class for
+    causal LMs, else the bare ``AutoModel``."""
+    import transformers
+
+    for arch in getattr(cfg, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        if type(cfg) in auto._model_mapping:
+            return auto._model_mapping[type(cfg)]
+    raise InputError(f"model: transformers has no model class for model_type={cfg.model_type!r}; "
+                     "name one in the config's architectures")
+
+
+def build_hf_model(spec: ModelSpec, device: str | torch.device = "meta", attn: str | None = None) -> nn.Module:
+    """The transformers module of ``spec`` on ``device``, with SDPA attention unless the spec (or
+    ``attn``) asks for eager or the model does not support SDPA."""
+    cfg = hf_config(spec)
+    cls = model_class(cfg)
+    impl = attn or ("eager" if spec.attention == "eager" else "sdpa")
+    with torch.device(device):
+        try:
+            return cls._from_config(cfg, attn_implementation=impl)
+        except (ValueError, ImportError):
+            if impl == "eager":
+                raise
+            return cls._from_config(cfg, attn_implementation="eager")
+        except Exception as exc:
+            raise InputError(f"model: cannot build {cls.__name__} from config: {type(exc).__name__}: "
+                             f"{_first_line(exc)}") from None
+
+
+def is_expert_container(m: nn.Module) -> bool:
+    """A module holding stacked expert weights (3-D parameters) whose forward takes the router's
+    (index, weight): transformers' ``*Experts`` classes."""
+    params = dict(m.named_parameters(recurse=False))
+    return (type(m).__name__.endswith("Experts") and bool(params)
+            and all(p.dim() == 3 for p in params.values()))
+
+
+def expert_geometry(m: nn.Module, hidden: int) -> tuple[int, int]:
+    """(experts, inner width) of an expert container from its down projection's shape."""
+    params = dict(m.named_parameters(recurse=False))
+    down = params.get("down_proj", params.get("w2"))
+    if down is None:
+        down = list(params.values())[-1]
+    num_e = down.shape[0]
+    inner = down.shape[2] if down.shape[1] == hidden else down.shape[1]
+    return num_e, inner
+
+
+class WithLoss(nn.Module):
+    """The transformers module plus a training loss; ``model`` keeps the capture prefix."""
+
+    def __init__(self, model: nn.Module, encoder_decoder: bool, input_name: str):
+        super().__init__()
+        self.model, self.encoder_decoder, self.input_name = model, encoder_decoder, input_name
+
+    def forward(self, tokens, labels):
+        kwargs = {self.input_name: tokens}
+        if self.encoder_decoder:
+            kwargs["decoder_input_ids"] = labels
+        if self.input_name == "input_ids":
+            kwargs["use_cache"] = False
+        out = self.model(**kwargs)
+        logits = out["logits"] if "logits" in out else out[0]
+        if logits.dim() == 3 and logits.shape[:2] == labels.shape:
+            return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        return logits.float().mean()
+
+
+@contextlib.contextmanager
+def _tracing_patches():
+    """Answer transformers' value-reading mask probes as a training batch without packing does."""
+    patched = []
+    try:
+        import transformers.masking_utils as mu
+
+        if hasattr(mu, "find_packed_sequence_indices"):
+            patched.append((mu, "find_packed_sequence_indices", mu.find_packed_sequence_indices))
+            mu.find_packed_sequence_indices = lambda position_ids: None
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        for mod, name, orig in patched:
+            setattr(mod, name, orig)
+
+
+def example_inputs(spec: ModelSpec, model: nn.Module, seq_len: int, micro_batch: int) -> dict[str, Any]:
+    """tokens [b, s] (labels alike) for a token model; ``input_shape`` for any other input
+    (pixels [b, c, H, W] for a ViT), in the parameters' dtype when floating."""
+    name = getattr(model, "main_input_name", "input_ids")
+    if name == "input_ids" or spec.input_dtype == "int64":
+        tokens = torch.zeros(micro_batch, seq_len, dtype=torch.int64, device="meta")
+        return {"tokens": tokens, "labels": tokens.clone()}
+    shape = list(spec.input_shape or [])
+    if not shape:
+        raise InputError(f"model: {spec.name} takes '{name}'; pass --input-shape (and --input-dtype)")
+    shape[0] = micro_batch
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), _INPUT_DTYPES[spec.input_dtype])
+    return {"tokens": torch.zeros(*shape, dtype=dtype, device="meta"),
+            "labels": torch.zeros(micro_batch, 1, dtype=torch.int64, device="meta")}
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def trace_hf(spec: ModelSpec, model: nn.Module, inputs: dict[str, Any], tracer_cls) -> fx.GraphModule:
+    """Trace ``WithLoss(model)`` with ``tracer_cls`` (graph's tracer, HF experts as leaves);
+    a failure names the innermost module being traced and the construct."""
+    cfg = model.config
+    root = WithLoss(model, bool(getattr(cfg, "is_encoder_decoder", False)),
+                    getattr(model, "main_input_name", "input_ids"))
+    tracer = tracer_cls(inputs)
+    try:
+        with _tracing_patches():
+            graph = tracer.trace(root)
+    except InputError:
+        raise
+    except Exception as exc:
+        where = tracer.scope.module_path if getattr(tracer, "scope", None) else ""
+        where = where[len("model."):] if where.startswith("model.") else where
+        raise InputError(f"model: cannot capture {cfg.model_type} ({type(model).__name__}) at module "
+                         f"'{where or '<top>'}': {type(exc).__name__}: {_first_line(exc)}") from None
+    return tracer, graph, root
