@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from autopar.errors import InputError
 
-Recompute = Literal["none", "selective", "full"]
+Recompute = Literal["none", "selective", "op", "full"]  # op: per-op selective checkpointing (torchtitan)
 Schedule = Literal["gpipe", "1f1b", "interleaved"]
 
 # compact key -> field name

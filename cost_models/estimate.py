@@ -201,7 +201,7 @@ class CostModel:
         extra = ([costs["embedding"]] if first and costs["embedding"] else []) + \
                 ([costs["output"]] if last and costs["output"] else [])
         fwd = sum(c.fwd_s for c in parts + extra)
-        rc = sum(c.recompute_s[mo] + (c.recompute_comm_s if mo == "full" else 0.0) for c, mo in zip(parts, modes))
+        rc = sum(c.recompute_s[mo] + c.recompute_comm(mo) for c, mo in zip(parts, modes))
         comm: dict[str, float] = {}
         for c in parts + extra:
             for k, v in c.comm_s.items():

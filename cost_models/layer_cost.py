@@ -28,7 +28,7 @@ from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, cpu_contention
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
 
-RECOMPUTE_MODES = ("none", "selective", "full")
+RECOMPUTE_MODES = ("none", "selective", "op", "full")
 
 
 @dataclass
@@ -49,8 +49,15 @@ class LayerCost:
     sources: dict[str, str] = field(default_factory=dict)
     source_counts: dict[str, int] = field(default_factory=dict)  # ops priced per source (measurement/fit/...)
 
+    recompute_comm_op_s: float = 0.0     # forward collectives per-op checkpointing repeats (not saved)
+
+    def recompute_comm(self, recompute: str) -> float:
+        """Forward collectives re-run in backward: all of them under full recompute; under ``op``
+        those whose outputs the policy does not keep (all-gathers, all-reduces, all-to-alls)."""
+        return {"full": self.recompute_comm_s, "op": self.recompute_comm_op_s}.get(recompute, 0.0)
+
     def time(self, recompute: str) -> float:
-        extra = self.recompute_comm_s if recompute == "full" else 0.0
+        extra = self.recompute_comm(recompute)
         return self.fwd_s + self.bwd_s + self.recompute_s[recompute] + sum(self.comm_s.values()) + extra
 
 
@@ -113,7 +120,7 @@ def _experts_replicated(s: Strategy) -> bool:
 def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> LayerCost:
     sh = shards_for(s)
     before = dict(ctx.timer.hits)
-    fwd = bwd = attn_fwd = 0.0
+    fwd = bwd = attn_fwd = op_rerun = 0.0
     flops = 0.0
     for op in layer.ops:
         f, b = _op_time(op, s, sh, ctx)
@@ -122,14 +129,20 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         flops += op.fwd_flops * sh.tokens / sh.of(op.shard)
         if op.attn_core:
             attn_fwd += f
+        if not op.op_kept:  # per-op checkpointing re-runs it in backward
+            op_rerun += f * load
     comm = _layer_comm(layer, s, ctx, attn_fwd)
     host = _dtensor_overhead(layer, s, ctx) + len(layer.ops) * ctx.timer.gpu.op_overhead_s * ctx.timer.contention
     fwd, bwd = fwd + host / 3, bwd + 2 * host / 3  # backward dispatches about twice the forward's ops
+    rerun = sum(not o.op_kept for o in layer.ops) / max(len(layer.ops), 1)
     return LayerCost(
         fwd_s=fwd, bwd_s=bwd,
-        recompute_s={"none": 0.0, "selective": attn_fwd, "full": fwd},
+        recompute_s={"none": 0.0, "selective": attn_fwd, "op": op_rerun + rerun * host / 3, "full": fwd},
         comm_s=comm,
         recompute_comm_s=comm.get("tp", 0.0) / 2 + comm.get("ep", 0.0) / 2,
+        # op keeps reduce-scatter outputs (sequence parallel: the all-gathers, a quarter of the tp
+        # time, are re-run); plain tp all-reduces and ep all-to-alls are re-run as under full
+        recompute_comm_op_s=comm.get("tp", 0.0) / (4 if s.sequence_parallel else 2) + comm.get("ep", 0.0) / 2,
         act_bytes={m: saved_bytes(layer, sh, m) + _gathered_loss_bytes(layer, s, sh, ctx) for m in RECOMPUTE_MODES},
         work_bytes={m: working_bytes(layer, sh, m) + _expert_grad_transient(layer, s, ctx) for m in RECOMPUTE_MODES},
         params_dense=(layer.params_tp + layer.params_vocab) / s.tp + layer.params_rep,

@@ -13,7 +13,11 @@ strategy by arithmetic only, which is what keeps the search fast:
   Folding: ``edp·ep·etp = dp·tp·cp``), so per rank it is divided by ``tp·cp``; a routing
   trace or placement multiplies it by the straggler's load ratio;
 - ``attn_core`` terms are dropped from the saved set by selective recompute and re-run
-  in backward; full recompute keeps only the layer input and re-runs the whole forward.
+  in backward; full recompute keeps only the layer input and re-runs the whole forward;
+  per-op checkpointing (``op``) keeps its own set ``op_saved`` (``layer_stats.op_policy``) and
+  re-runs every op not marked ``op_kept``. Its ``partial`` terms (a row-parallel matmul's
+  partial sums) are full size on every tp rank; ``sp_only`` terms (reduce-scatter outputs)
+  exist only under tensor + sequence parallelism.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Shard = Literal["tp", "rep", "expert", "router", "vocab"]
+Shard = Literal["tp", "rep", "expert", "router", "vocab", "partial"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class OpTerm:
     #                                         k (row linear) or the batch of heads (attention bmm)
     batched: bool = False                 # batched matmul: calls scale with the micro-batch, m with 1/cp
     sig: str | None = None                # op signature at the captured shape (measured-profile key)
+    op_kept: bool = False                 # per-op checkpointing keeps its output: not re-run in backward
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class SavedTerm:
     shard: Shard
     attn_core: bool = False
     const: bool = False                   # does not scale with the batch (e.g. causal mask)
+    sp_only: bool = False                 # exists only under tp > 1 with sequence parallelism
 
 
 @dataclass
@@ -65,6 +71,7 @@ class LayerTemplate:
     saved: list[SavedTerm] = field(default_factory=list)
     input_bytes: float = 0.0              # the block input kept by full recompute (mbs=1, full s)
     temp_bytes: float = 0.0               # transient peak beyond saved tensors (e.g. fp32 logits)
+    op_saved: list[SavedTerm] = field(default_factory=list)  # kept under per-op checkpointing
 
     @property
     def params(self) -> float:
@@ -87,13 +94,15 @@ class Shards:
             return self.tp if self.sp else 1
         if shard == "expert":
             return self.expert_div
-        return 1  # router: replicated on every rank that holds the tokens
+        return 1  # router: replicated on every rank that holds the tokens; partial: full-size partial sums
 
 
 def saved_bytes(layer: LayerTemplate, sh: Shards, recompute: str) -> float:
     """Activation bytes one micro-batch leaves saved for backward in this layer."""
     if recompute == "full":
         return layer.input_bytes * sh.tokens / (sh.tp if sh.sp else 1)
+    if recompute == "op" and layer.op_saved:
+        return _sum_terms(layer.op_saved, sh)
     total = 0.0
     for t in layer.saved:
         if recompute == "selective" and t.attn_core:
@@ -105,10 +114,20 @@ def saved_bytes(layer: LayerTemplate, sh: Shards, recompute: str) -> float:
 
 def working_bytes(layer: LayerTemplate, sh: Shards, recompute: str) -> float:
     """Transient bytes while one layer runs backward: with recompute, its re-built
-    activations (all of them for full, the attention core for selective)."""
+    activations (all of them for full, the attention core for selective, all but the kept
+    ones for op)."""
     if recompute == "none":
         return 0.0
     keep = saved_bytes(layer, sh, "none")
     if recompute == "full":
         return keep
-    return keep - saved_bytes(layer, sh, "selective")
+    return max(0.0, keep - saved_bytes(layer, sh, recompute))
+
+
+def _sum_terms(terms: list[SavedTerm], sh: Shards) -> float:
+    total = 0.0
+    for t in terms:
+        if t.sp_only and not (sh.sp and sh.tp > 1):
+            continue
+        total += t.bytes if t.const else t.bytes * sh.tokens / sh.of(t.shard)
+    return total

@@ -49,8 +49,9 @@ def _template(g: LayerGroup, spec: ModelSpec, seq_len: int, dbytes: int, fuse: b
         name=g.name, kind=g.kind, indices=list(g.indices), is_moe=g.is_moe,
         params_tp=float(g.params_tp), params_rep=float(g.params_replicated),
         params_expert=float(g.params_expert), params_vocab=float(g.params_embedding),
-        ops=[_op(o, g.kind) for o in (fuse_elementwise(ops) if fuse else ops)],
+        ops=[_op(o, g.kind, o.name in g.op_kept) for o in (fuse_elementwise(ops) if fuse else ops)],
         saved=[_saved(t.name, t.bytes, t.tags) for t in g.saved],
+        op_saved=[_saved(t.name, t.bytes, t.tags) for t in g.op_saved],
         input_bytes=float(seq_len * hidden * dbytes),
         temp_bytes=float(sum(t.bytes for t in g.temporaries)),
     )
@@ -99,6 +100,8 @@ def _nbytes(shape: list[int], dtype: str) -> int:
 
 
 def _shard(tags: list[str]) -> Shard:
+    if "partial" in tags:  # a row-parallel matmul's partial sums: full size on every tp rank
+        return "partial"
     if "expert" in tags:
         return "expert"
     if "tp" in tags:
@@ -108,7 +111,7 @@ def _shard(tags: list[str]) -> Shard:
     return "rep"
 
 
-def _op(o: OpCost, section: str) -> OpTerm:
+def _op(o: OpCost, section: str, kept: bool = False) -> OpTerm:
     shard = _shard(o.tags)
     attn_core = "attn_core" in o.tags
     if o.gemm_mnk is not None:
@@ -118,10 +121,10 @@ def _op(o: OpCost, section: str) -> OpTerm:
         return OpTerm(name=o.name, kind="gemm", shard=shard, fwd_flops=float(o.fwd_flops),
                       bwd_flops=float(o.bwd_flops), bytes_rw=float(o.bytes_rw),
                       gemm=tuple(float(x) for x in o.gemm_mnk), calls=float(o.gemm_batch), attn_core=attn_core,
-                      tp_dim=tp_dim, batched=batched, sig=_sig(o))
+                      tp_dim=tp_dim, batched=batched, sig=_sig(o), op_kept=kept)
     kind = "attention" if o.kind == "sdpa" else "membound"
     return OpTerm(name=o.name, kind=kind, shard=shard, fwd_flops=float(o.fwd_flops), bwd_flops=float(o.bwd_flops),
-                  bytes_rw=float(o.bytes_rw), attn_core=attn_core, sig=_sig(o))
+                  bytes_rw=float(o.bytes_rw), attn_core=attn_core, sig=_sig(o), op_kept=kept)
 
 
 def _sig(o: OpCost) -> str | None:
@@ -134,4 +137,4 @@ def _sig(o: OpCost) -> str | None:
 
 def _saved(name: str, nbytes: int, tags: list[str]) -> SavedTerm:
     return SavedTerm(name=name, bytes=float(nbytes), shard=_shard(tags), attn_core="attn_core" in tags,
-                     const="const" in tags)
+                     const="const" in tags, sp_only="sp_collective" in tags)

@@ -1,8 +1,10 @@
 """Per-layer activation recomputation on one pipeline rank, chosen under its memory budget.
 
 Galvatron-style layer-wise choice (Miao et al. 2022, VLDB): every transformer layer picks
-``none``, ``selective`` (Korthikanti et al. 2022: re-run the attention core) or ``full``
-(keep the layer input, re-run the forward), so a plan recomputes only the layers it must.
+``none``, ``selective`` (Korthikanti et al. 2022: re-run the attention core), ``op`` (per-op
+selective checkpointing as torchtitan runs it: keep matmul and attention outputs but every
+second matmul, re-run the rest) or ``full`` (keep the layer input, re-run the forward), so a
+plan recomputes only the layers it must.
 
 Problem, for one rank whose layers fall into groups ``g`` of identical layers (same
 ``LayerCost``: the cost model prices identical layers once), ``n_g`` layers each:
@@ -130,9 +132,12 @@ def _group_frontier(c: LayerCost, n: int, allowed: tuple[str, ...], cache: dict)
 
 
 def _count_vectors(n: int, k: int) -> np.ndarray:
-    """Every way to split ``n`` layers among ``k`` modes (k <= 3), one row each."""
+    """Every way to split ``n`` layers among ``k`` modes, one row each."""
     if k == 1:
         return np.array([[n]])
+    if k > 3:  # the count of the first mode, then every split of the rest
+        return np.vstack([np.column_stack([np.full(len(rest), first), rest])
+                          for first in range(n + 1) for rest in [_count_vectors(n - first, k - 1)]])
     a, b = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
     a, b = a.ravel(), b.ravel()
     if k == 2:

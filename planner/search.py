@@ -16,7 +16,7 @@ are then chosen by ``partition``):
   ``pp | m`` and ``(pp - 1) m >= v pp`` (the condition under which per-rank recompute is
   exact, see ``partition``; a user-named vpp skips it). GPipe has the same step time as 1F1B
   in the cost model and holds more micro-batches, so it is searched only when named.
-- recompute per layer (none / selective / full), chosen with the partition.
+- recompute per layer (none / selective / op / full), chosen with the partition.
 
 Order of work (nothing a bound rules out is expanded further):
 
@@ -428,7 +428,8 @@ def _partitioned(sp: _Space, sh: Sharding, k: Knobs, upper: float) -> Candidate 
 def _label(s: Strategy, layer_recompute: list[str]) -> Strategy:
     """The strategy's recompute field: the one mode every layer uses, else the strongest used."""
     used = set(layer_recompute)
-    mode = used.pop() if len(used) == 1 else ("full" if "full" in used else "selective")
+    strongest = next(m for m in ("full", "op", "selective", "none") if m in used)
+    mode = used.pop() if len(used) == 1 else strongest
     return s.model_copy(update={"recompute": mode})
 
 

@@ -143,11 +143,13 @@ def test_upper_bound_prunes_only_worse_layouts():
 
 def _random_cost(rng: random.Random) -> LayerCost:
     fwd = rng.uniform(1, 2)
-    act = {"none": rng.uniform(50, 100), "selective": rng.uniform(20, 60), "full": rng.uniform(1, 10)}
+    act = {"none": rng.uniform(50, 100), "selective": rng.uniform(20, 60), "op": rng.uniform(10, 30),
+           "full": rng.uniform(1, 10)}
     return LayerCost(fwd_s=fwd, bwd_s=2 * fwd, recompute_s={"none": 0.0, "selective": rng.uniform(0.1, 0.8),
-                                                             "full": fwd},
+                                                             "op": rng.uniform(0.2, 1.2), "full": fwd},
                      comm_s={}, recompute_comm_s=rng.uniform(0, 0.2), act_bytes=act,
-                     work_bytes={"none": 0.0, "selective": rng.uniform(5, 40), "full": rng.uniform(20, 120)},
+                     work_bytes={"none": 0.0, "selective": rng.uniform(5, 40), "op": rng.uniform(10, 80),
+                                 "full": rng.uniform(20, 120)},
                      params_dense=1.0, params_expert=0.0)
 
 
@@ -177,7 +179,7 @@ def test_recompute_choice_equals_brute_force(seed):
 def test_assign_puts_the_chosen_counts_on_layers():
     rng = random.Random(3)
     a, b = _random_cost(rng), _random_cost(rng)
-    choice = rc.RecomputeChoice(0.0, 0.0, 0.0, ((1, 1, 1), (2, 0, 0)), RECOMPUTE_MODES)
+    choice = rc.RecomputeChoice(0.0, 0.0, 0.0, ((1, 1, 1), (2, 0, 0)), ("none", "selective", "full"))
     got = rc.assign([[0, 1, 2], [3, 4]], choice)
     assert sorted(got.values()) == sorted(["full", "selective", "none", "none", "none"])
     assert got[0] == "full" and got[3] == "none"
