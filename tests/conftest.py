@@ -6,9 +6,15 @@ The factories are importable as ``conftest:<name>`` because pytest puts this fol
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 from torch import nn
+
+# The capture cache of this test session: never the user's ~/.cache (subprocess CLI runs inherit it).
+os.environ.setdefault("AUTOPAR_CACHE_DIR", tempfile.mkdtemp(prefix="autopar-test-cache-"))
 
 
 @pytest.fixture
