@@ -28,7 +28,7 @@ def plan_cmd(model: str = c.Model, gpu: Opt[str] = c.Gpu, nodes: Opt[int] = c.No
              placement: Opt[str] = c.Placement, trace: Opt[str] = c.Trace, input_shape: Opt[str] = c.InputShape,
              top: int = typer.Option(5, "--top", help="plans to list"),
              strategy: str = typer.Option("", "--strategy", help="fix the knobs it names, e.g. tp=8,pp=4; "
-                                                                  "the rest is searched"),
+                                          "the rest is searched; " + c.STRATEGY_KEYS),
              tp: Opt[int] = typer.Option(None, "--tp", help="fix the tensor-parallel degree"),
              pp: Opt[int] = typer.Option(None, "--pp", help="fix the pipeline depth"),
              cp: Opt[int] = typer.Option(None, "--cp", help="fix the context-parallel degree"),
@@ -50,7 +50,7 @@ def plan_cmd(model: str = c.Model, gpu: Opt[str] = c.Gpu, nodes: Opt[int] = c.No
              max_ep: Opt[int] = typer.Option(None, "--max-ep", help="largest expert-parallel degree"),
              max_mbs: Opt[int] = typer.Option(None, "--max-mbs", help="largest micro-batch"),
              cross_node: bool = typer.Option(False, "--cross-node", help="let tp and ep*etp span nodes"),
-             json_out: bool = c.Json,
+             json_out: bool = c.Json, no_cache: bool = c.NoCache,
              out: Opt[Path] = typer.Option(None, "--out", help="write the winning Plan (JSON) for `autopar emit`"),
              plot: Opt[Path] = typer.Option(None, "--plot", help="folder for timeline.png and memory.png")):
     """Search dp/ZeRO, tp, sp, cp, pp (schedule, vpp), ep/etp, micro-batch and per-layer recompute;
