@@ -9,6 +9,7 @@ leaves nothing half-written.
 
 from __future__ import annotations
 
+import math
 import os
 import pprint
 import shutil
@@ -18,12 +19,35 @@ from pathlib import Path
 from autopar import __version__
 from autopar.codegen.emit_build import render_build
 from autopar.codegen.emit_checks import Layout, check_plan
+from autopar.codegen.emit_vendor import vendored_runtime
+from autopar.codegen.sample_data import ALPHABET, sample_bytes
 from autopar.core.plan import Plan
 from autopar.errors import InputError
 from autopar.fileio import write_atomic
 
 TEMPLATES = Path(__file__).with_name("templates")
 FILES = ("train.py", "launch_torchrun.sh", "launch_slurm.sbatch", "pytorchjob.yaml", "README.md", "plan.json")
+# Peak AdamW learning rate by parameter count (train.py --lr overrides it), interpolated in
+# log-log between published recipes: nanoGPT's 10.7M-parameter shakespeare_char model (1e-3),
+# then GPT-3's Table 2.1 (Brown et al. 2020) from 125M (6e-4) to 175B (6e-5).
+LR_TABLE = ((1.07e7, 1e-3), (1.25e8, 6e-4), (3.5e8, 3e-4), (7.6e8, 2.5e-4), (1.3e9, 2e-4), (2.7e9, 1.6e-4),
+            (6.7e9, 1.2e-4), (1.3e10, 1e-4), (1.75e11, 6e-5))
+
+
+def default_lr(n_params: float) -> float:
+    """The peak learning rate of ``LR_TABLE`` for a model of ``n_params`` (clamped at both ends)."""
+    if n_params <= LR_TABLE[0][0]:
+        return LR_TABLE[0][1]
+    for (n0, lr0), (n1, lr1) in zip(LR_TABLE, LR_TABLE[1:]):
+        if n_params <= n1:
+            t = math.log(n_params / n0) / math.log(n1 / n0)
+            return float(f"{math.exp(math.log(lr0) + t * math.log(lr1 / lr0)):.2g}")
+    return LR_TABLE[-1][1]
+
+
+def has_sample(vocab: int) -> bool:
+    """The generated sample needs a vocabulary holding its alphabet (custom models: ``vocab`` unknown = 0)."""
+    return vocab >= len(ALPHABET)
 
 
 def emit(plan: Plan, out_dir: str | os.PathLike, device: str = "cuda") -> list[Path]:
@@ -38,7 +62,10 @@ def emit(plan: Plan, out_dir: str | os.PathLike, device: str = "cuda") -> list[P
         "pytorchjob.yaml": render_pytorchjob(plan, device),
         "README.md": render_readme(plan, layout, device),
         "plan.json": plan.model_dump_json(indent=2) + "\n",
+        **vendored_runtime(),  # autopar_rt/: the runtime travels with the folder, nodes need only torch
     }
+    if has_sample(layout.vocab):
+        texts["data/sample.bin"], texts["data/sample.txt"] = sample_bytes(layout.vocab)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"out: {out} exists and is not a folder; choose another --out")
@@ -53,6 +80,7 @@ def emit(plan: Plan, out_dir: str | os.PathLike, device: str = "cuda") -> list[P
             os.replace(tmp, out)  # the whole folder appears at once
         else:  # keep what else is there (checkpoints, logs): replace our files one by one
             for name in texts:
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp / name, out / name)
     finally:
         if tmp.exists():
@@ -151,6 +179,7 @@ def _config(plan: Plan, lay: Layout, device: str) -> str:
         f"ZERO_STAGE = {s.zero_stage}",
         f"ZERO1_OPTIMIZER = {lay.dp_mode == 'ddp' and s.zero_stage == 1}  # ZeroRedundancyOptimizer over dp*cp",
     ]
+    rows += _training_rows(plan, lay)
     if s.tp > 1:
         rows.append(f"SEQUENCE_PARALLEL = {s.sequence_parallel}")
     rows.append(_const("STAGES", lay.stages, "[layer_start, layer_end) per virtual pipeline stage"))
@@ -163,6 +192,29 @@ def _config(plan: Plan, lay: Layout, device: str) -> str:
         rows.append(f"FIRST_MOE_LAYER = {plan.model.first_dense_layers}")
         rows.append(_const("EXPERT_PLACEMENT", lay.placement, "[moe layer][ep rank] -> expert ids"))
     return "\n".join(rows)
+
+
+def _training_rows(plan: Plan, lay: Layout) -> list[str]:
+    """Optimizer default, the sample flag and the FLOP basis of the logged MFU (the plan's predictions)."""
+    p = plan.predictions
+    mem = p.get("memory", {}).get("peak_bytes", float("nan")) if isinstance(p.get("memory"), dict) else float("nan")
+    basis = (f"FLOPS = rt.FlopBasis(model_flops_per_step={p.get('model_flops_per_step', 0.0)!r}, "
+             f"hardware_flops_per_step={p.get('hardware_flops_per_step', 0.0)!r},\n"
+             f"                     peak_flops_per_gpu={p.get('peak_flops_per_gpu', 0.0)!r}, "
+             f"pred_step_time_s={p.get('step_time_s', float('nan'))!r},\n"
+             f"                     pred_mfu={p.get('mfu', float('nan'))!r}, pred_peak_mem_bytes={mem!r})")
+    return [
+        f"LR = {default_lr(_n_params(plan))}  # peak AdamW learning rate for this model size (--lr; see emit.LR_TABLE)",
+        f"SAMPLE_DATA = {has_sample(lay.vocab)}  # data/sample.bin: the generated learnable sample (--data)",
+        "# FLOP basis of the logged TFLOP/s and MFU (autopar estimate's) and the predicted figures",
+        basis.replace("nan", "math.nan"),
+    ]
+
+
+def _n_params(plan: Plan) -> int:
+    from autopar.profiles.models import build_model
+
+    return sum(p.numel() for p in build_model(plan.model, "meta").parameters())
 
 
 def _const(name: str, value, comment: str) -> str:

@@ -40,9 +40,9 @@ from autopar.codegen.runtime_data import (
 )
 from autopar.codegen.runtime_mem import LiveTensorBytes, peak_memory_bytes, reset_peak_memory
 from autopar.codegen.runtime_mesh import ParallelMesh, build_mesh, init_distributed, shutdown
-from autopar.codegen.runtime_metrics import FlopBasis, MetricsLogger, StepProfiler
+from autopar.codegen.runtime_metrics import FlopBasis, MetricsLogger, StepProfiler, parse_step_list
 from autopar.codegen.runtime_moe import apply_ep
-from autopar.codegen.runtime_optim import clip_grad_norm_, current_lr, make_schedulers
+from autopar.codegen.runtime_optim import clip_grad_norm_, current_lr, make_schedulers, seed_everything
 from autopar.codegen.runtime_parallel import apply_dp, apply_tp, dp_mode, sync_grads
 from autopar.codegen.runtime_pp import apply_pp, even_stages, lm_loss, pp_step, split_stages
 from autopar.codegen.runtime_spec import RunSpec, load_run_spec
@@ -52,7 +52,7 @@ from autopar.profiles.models.layers import GroupedExperts
 __all__ = [
     "LiveTensorBytes", "ParallelMesh", "apply_ac", "apply_cp", "apply_dp", "apply_ep", "apply_pp", "apply_tp",
     "DataError", "FlopBasis", "MetricsLogger", "RunSpec", "StepProfiler", "TokenSampler", "clip_grad_norm_",
-    "current_lr", "dp_rows", "make_sampler", "make_schedulers",
+    "current_lr", "dp_rows", "make_sampler", "make_schedulers", "parse_step_list", "seed_everything",
     "build_mesh", "build_meta_model", "cp_positions", "dp_mode", "even_stages", "get_batch", "init_distributed",
     "initial_values", "lm_loss", "local_batch", "make_optimizer",
     "materialize", "peak_memory_bytes", "pp_step", "reset_peak_memory", "shutdown",

@@ -135,6 +135,6 @@ class StepProfiler:
         prof.export_chrome_trace(str(self.out_dir / f"trace_step{step}_rank{rank}.json"))
 
 
-def parse_steps(text: str) -> set[int]:
+def parse_step_list(text: str) -> set[int]:
     """``--profile-steps 5,6`` -> {5, 6}; ``''`` -> none."""
     return {int(x) for x in text.split(",") if x.strip()}

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import Literal
 
 import torch
@@ -46,6 +47,15 @@ def make_schedulers(optimizers: list, warmup_steps: int, decay_steps: int, decay
         return lr_lambda(i, warmup_steps, decay_steps, decay, min_lr_ratio)
 
     return [torch.optim.lr_scheduler.LambdaLR(opt, fn) for opt in optimizers]
+
+
+def seed_everything(seed: int) -> None:
+    """Python, CPU and CUDA generators from ``seed`` (dropout, anything the model draws); the
+    weights come from ``materialize`` and the data order from the sampler, both seeded apart."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
 
 
 def current_lr(optimizers: list) -> float:
@@ -102,6 +112,10 @@ def grad_norm_sq_local(parts: list[nn.Module], model_ranks: int, ep: int = 1) ->
             if id(p) in tied:
                 sq = sq / 2
             total = sq if total is None else total + sq
+        for bucket in getattr(part, "zero1_buckets", []):  # ZeRO-1 (runtime_zero1): reduced slices,
+            for p, g in bucket.shards():                    # distinct over the bucket's ranks
+                sq = g.pow(2).sum() * bucket.n / _copies(p, model_ranks, ep, id(p) in experts)
+                total = sq / (2 if id(p) in tied else 1) + (0.0 if total is None else total)
     if total is None:
         dev = next((p.device for part in parts for p in part.parameters()), torch.device("cpu"))
         total = torch.zeros((), device=dev if dev.type != "meta" else "cpu")
@@ -124,4 +138,7 @@ def clip_grad_norm_(parts: list[nn.Module], max_norm: float, model_ranks: int, e
                 if p.grad is not None:
                     g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
                     g.mul_(coef.to(g.device))
+            for bucket in getattr(part, "zero1_buckets", []):
+                if bucket.grad is not None:
+                    bucket.grad.mul_(coef.to(bucket.grad.device))
     return norm

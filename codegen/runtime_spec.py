@@ -3,36 +3,41 @@ only torch on the nodes.
 
 ``autopar emit`` validated the plan (``core.model_spec.ModelSpec``, defaults filled in) and
 wrote it with every field, so the runtime reads the ``model`` object as it is. ``RunSpec``
-offers the attributes and the few derived properties the model code uses; a test checks
-they agree with ``ModelSpec`` on every preset.
+offers the fields as attributes and ``ModelSpec``'s methods and properties on top (copied
+into the run directory by ``emit_vendor``); a test checks they agree on every preset.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
 
 class RunSpec(SimpleNamespace):
-    """``plan["model"]`` as attributes (``spec.hidden``, ``spec.family``, ...)."""
+    """``plan["model"]`` as attributes (``spec.hidden``, ``spec.family``, ...); the derived
+    properties and methods (``is_moe``, ``resolved_norm``, ...) are ``ModelSpec``'s own,
+    looked up when an attribute is not a field."""
 
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts > 0
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        attr = getattr(spec_methods(), name, None)
+        if isinstance(attr, property):
+            return attr.fget(self)
+        if callable(attr):
+            return types.MethodType(attr, self)
+        raise AttributeError(f"model spec has no field or property '{name}'")
 
-    @property
-    def moe_layers(self) -> int:
-        return self.layers - self.first_dense_layers if self.is_moe else 0
 
-    @property
-    def shared_width(self) -> int:
-        """Inner width of the fused shared-expert MLP (0 when there is none)."""
-        return self.shared_ffn_hidden or self.shared_experts * self.moe_ffn_hidden
+def spec_methods() -> type:
+    """The class holding ``ModelSpec``'s methods: ``ModelSpec`` itself inside autopar; in the
+    run directory ``emit_vendor`` replaces this function by a plain class with their source."""
+    from autopar.core.model_spec import ModelSpec
 
-    def is_moe_layer(self, index: int) -> bool:
-        return self.is_moe and index >= self.first_dense_layers
+    return ModelSpec
 
 
 def load_run_spec(plan_path: str | os.PathLike) -> RunSpec:

@@ -48,6 +48,7 @@ def estimate_dict(e: Estimate, cm: CostModel | None = None) -> dict:
         },
         "flops_basis": FLOPS_BASIS,
         "model_flops_per_step": e.model_flops,
+        "peak_flops_per_gpu": e.peak_flops,  # dense peak of the dtype: the MFU denominator train.py logs with
         "hardware_flops_per_step": e.hardware_flops,
         "sources": {**e.sources, "terms": term_sources(cm, e)} if cm is not None else e.sources,
     }
