@@ -16,7 +16,7 @@ def render_build(plan: Plan, lay: Layout) -> str:
     if s.pp > 1:
         out += ["    # @. Pipeline split: keep copies of the virtual stages this rank runs, blocks outside",
                 "    #    them deleted (layer names stay global, so checkpoints do not depend on the split).",
-                "    parts, stage_ids = rt.split_stages(model, mesh, STAGES)"]
+                "    parts, stage_ids = rt.split_stages(model, mesh, STAGES, STAGE_RANKS)"]
     else:
         out += ["    parts, stage_ids = [model], [0]  # @. no pipeline: one part, the whole model"]
     per_part = []

@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from autopar import techniques
 from autopar.codegen.runtime_parallel import dp_mode
 from autopar.codegen.runtime_pp import even_stages
 from autopar.core.plan import Plan
 from autopar.errors import InputError
+from autopar.techniques import recompute as recompute_technique
+from autopar.techniques.pipeline import stage_rank
 
 _DP_SUMMARY = {
     "none": "none (dp*cp = 1)",
@@ -47,15 +50,16 @@ def check_plan(plan: Plan, device: str) -> Layout:
                          f"{plan.cluster.world} ({plan.cluster.short()}); re-plan for this cluster")
     if s.global_batch <= 0:
         raise InputError("plan: strategy.global_batch is 0; set the global batch (gbs=...) when planning")
-    if s.etp > 1:
-        raise InputError(f"strategy: etp={s.etp} (expert tensor parallel) is not emitted yet; use etp=1")
     notes = []
     if plan.dtype in ("fp16", "fp8"):
         notes.append(f"the plan's dtype is {plan.dtype}; this program runs bf16 autocast (fp32 weights), "
                      "so time and memory differ from the prediction")
     vocab = _check_custom(plan) if m.family == "custom" else m.vocab
-    if m.family != "custom":
-        _check_builtin(plan)
+    if m.family != "custom" and plan.seq_len > m.max_seq_len:
+        raise InputError(f"plan: seq_len={plan.seq_len} exceeds the model's max_seq_len={m.max_seq_len}")
+    # every technique's rules and emit rules: the same functions the planner's search reads
+    for msg in techniques.violations(s, m, plan.cluster.world, plan.seq_len, emitted=True):
+        raise InputError(f"strategy: {msg}")
     stages = _stages(plan)
     recompute = _recompute(plan)
     placement = _placement(plan) if s.ep > 1 else None
@@ -74,52 +78,6 @@ def check_plan(plan: Plan, device: str) -> Layout:
                   notes=notes)
 
 
-def _check_builtin(plan: Plan) -> None:
-    s, m = plan.strategy, plan.model
-    if plan.seq_len > m.max_seq_len:
-        raise InputError(f"plan: seq_len={plan.seq_len} exceeds the model's max_seq_len={m.max_seq_len}")
-    if s.tp > 1:
-        if m.heads % s.tp:
-            raise InputError(f"strategy: tp={s.tp} does not divide heads={m.heads}; choose tp among the divisors")
-        if m.family != "deepseek_v3" and m.kv_heads % s.tp:
-            raise InputError(f"strategy: tp={s.tp} does not divide kv_heads={m.kv_heads} (grouped-query "
-                             f"attention splits key/value heads too); use tp <= {m.kv_heads} dividing it")
-    if s.cp > 1 and plan.seq_len % (2 * s.cp):
-        raise InputError(f"strategy: cp={s.cp} needs seq_len divisible by 2*cp = {2 * s.cp} (load-balanced "
-                         f"chunks); seq_len is {plan.seq_len}")
-    if s.sequence_parallel and (plan.seq_len // s.cp) % s.tp:
-        raise InputError(f"strategy: sequence parallel splits seq_len/cp = {plan.seq_len // s.cp} tokens over "
-                         f"tp={s.tp}, which does not divide it")
-    if s.pp * s.vpp > m.layers:
-        raise InputError(f"strategy: pp*vpp = {s.pp * s.vpp} stages exceed the model's {m.layers} layers")
-    if s.pp > 1:
-        _check_schedule(plan)
-    if s.ep > 1:
-        if not m.is_moe:
-            raise InputError(f"strategy: ep={s.ep} needs a mixture-of-experts model; {m.name} is dense")
-        if s.tp > 1:
-            raise InputError(f"strategy: ep={s.ep} with tp={s.tp} is not emitted yet (experts are placed over "
-                             "the dp*cp ranks of a stage); use tp=1 or ep=1")
-        if (s.dp * s.cp) % s.ep:
-            raise InputError(f"strategy: ep={s.ep} must divide dp*cp = {s.dp * s.cp} (experts are placed over the "
-                             "data- and context-parallel ranks of a stage)")
-
-
-def _check_schedule(plan: Plan) -> None:
-    s = plan.strategy
-    n, stages = s.num_micro_batches, s.pp * s.vpp
-    if s.schedule == "1f1b" and n < s.pp:
-        raise InputError(f"strategy: 1f1b needs at least pp={s.pp} microbatches per data-parallel rank, the "
-                         f"plan has {n} (global_batch / (mbs*dp)); lower mbs or use schedule=gpipe")
-    if s.schedule == "interleaved":
-        rounds = max(1, n // s.pp)
-        if n % rounds:
-            raise InputError(f"strategy: interleaved 1F1B needs the {n} microbatches to be a multiple of "
-                             f"{rounds} rounds of pp={s.pp}; use a multiple of pp")
-    if s.schedule != "interleaved" and stages != s.pp:
-        raise InputError(f"strategy: vpp={s.vpp} needs schedule=interleaved")
-
-
 def _stages(plan: Plan) -> list[tuple[int, int]]:
     s, m = plan.strategy, plan.model
     n = s.pp * s.vpp
@@ -131,9 +89,10 @@ def _stages(plan: Plan) -> list[tuple[int, int]]:
         raise InputError(f"plan: {len(plan.stages)} stages listed but pp*vpp = {n}")
     out, expect = [], 0
     for i, st in enumerate(sorted(plan.stages, key=lambda x: x.index)):
-        if st.index != i or st.rank != i % s.pp:
-            raise InputError(f"plan: stage {st.index} runs on rank {st.rank}; virtual stage i must run on "
-                             f"pipeline rank i % pp = {i % s.pp}")
+        rank = stage_rank(i, s.pp, s.schedule)
+        if st.index != i or st.rank != rank:
+            raise InputError(f"plan: stage {st.index} runs on rank {st.rank}; under schedule={s.schedule} "
+                             f"virtual stage {i} runs on pipeline rank {rank}")
         if st.layer_start != expect or st.layer_end < st.layer_start:
             raise InputError(f"plan: stage {i} covers layers [{st.layer_start}, {st.layer_end}) but should start "
                              f"at {expect}; stages must cover the layers in order")
@@ -156,9 +115,8 @@ def _recompute(plan: Plan) -> dict[int, str]:
         modes = list(plan.layer_recompute)
     else:
         modes = [plan.strategy.recompute] * (n if m.family != "custom" else _custom_blocks(plan))
-    if m.family == "custom" and "selective" in modes:
-        raise InputError("strategy: recompute=selective needs the built-in attention modules; a custom module "
-                         "supports recompute=full (whole blocks) or none")
+    for msg in filter(None, (recompute_technique.mode_problem(mode, m) for mode in sorted(set(modes)))):
+        raise InputError(f"strategy: {msg}")
     return {i: r for i, r in enumerate(modes) if r != "none"}
 
 

@@ -30,11 +30,11 @@ from typing import Callable
 
 from autopar.codegen.emit import emit
 from autopar.codegen.emit_checks import check_plan
-from autopar.core.plan import Plan, Provenance
+from autopar.core.plan import Plan
 from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate import CostModel
-from autopar.cost_models.report import estimate_dict
 from autopar.errors import AutoparError, InputError
+from autopar.planner.build import plan_from_strategy
 
 # Diverse strategies for n ranks (h = n / 2): pure data parallel, ZeRO-1 and ZeRO-3, tensor
 # (+ sequence) parallel, pipelines (1F1B, GPipe, interleaved), their mixes, FSDP + TP, full
@@ -157,9 +157,7 @@ def candidates(cm: CostModel, source: str, nproc: int) -> list[str]:
 def make_plan(cm: CostModel, s: Strategy) -> Plan:
     """A plan for one resolved strategy: even stages (what ``estimate`` assumes), default
     expert placement, and the estimate it was priced with in ``predictions``."""
-    e = cm.estimate(s)
-    return Plan(model=cm.spec, cluster=cm.cluster, seq_len=cm.seq_len, dtype=cm.dtype, strategy=s,
-                predictions=estimate_dict(e, cm), provenance=Provenance(command="autopar validate"))
+    return plan_from_strategy(cm, s, command="autopar validate")
 
 
 def select(cm: CostModel, texts: list[str], cfg: Config, strict: bool) -> list[tuple[Row, Plan | None]]:

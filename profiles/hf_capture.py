@@ -22,6 +22,7 @@ A failure names the module path and the construct (``cannot capture <model_type>
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 import torch
@@ -88,10 +89,12 @@ def build_hf_model(spec: ModelSpec, device: str | torch.device = "meta", attn: s
 
 def is_expert_container(m: nn.Module) -> bool:
     """A module holding stacked expert weights (3-D parameters) whose forward takes the router's
-    (index, weight): transformers' ``*Experts`` classes."""
+    (hidden, index, weight): transformers' routed ``*Experts`` classes. Llama 4's experts take
+    pre-scaled copies of every token for every expert (dense, no data-dependent loop): traced."""
     params = dict(m.named_parameters(recurse=False))
-    return (type(m).__name__.endswith("Experts") and bool(params)
-            and all(p.dim() == 3 for p in params.values()))
+    if not (type(m).__name__.endswith("Experts") and params and all(p.dim() == 3 for p in params.values())):
+        return False
+    return len(inspect.signature(m.forward).parameters) >= 3
 
 
 def expert_geometry(m: nn.Module, hidden: int) -> tuple[int, int]:

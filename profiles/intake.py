@@ -38,7 +38,7 @@ PRESETS: dict[str, dict] = {
     "mixtral-8x22b": dict(_MIXTRAL, hidden=6144, layers=56, heads=48, moe_ffn_hidden=16384, vocab=32768),
     "qwen2-57b-a14b": dict(family="moe", hidden=3584, layers=28, heads=28, kv_heads=4, vocab=151936,
                            num_experts=64, topk=8, moe_ffn_hidden=2560, shared_ffn_hidden=20480,
-                           qkv_bias=True, rope_theta=1e6, max_seq_len=4096, norm_eps=1e-6),
+                           shared_expert_gate=True, qkv_bias=True, rope_theta=1e6, max_seq_len=4096, norm_eps=1e-6),
     "deepseek-v3": dict(family="deepseek_v3", hidden=7168, layers=61, heads=128, vocab=129280, ffn_hidden=18432,
                         num_experts=256, topk=8, moe_ffn_hidden=2048, shared_experts=1, first_dense_layers=3,
                         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
