@@ -3,36 +3,84 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from autopar.cost_models.session import Inputs
+from autopar.cli.app import disable_cache
+from autopar.errors import InputError
+from autopar.profiles.intake import PRESETS
 
-Model = typer.Argument(..., help="preset name, config.json path, or pkg.mod:fn factory")
-Gpu = typer.Option(None, "--gpu", help="GPU profile (h100-sxm, a100-80g, h200, h800, a100-40g, cpu) or a file")
-Nodes = typer.Option(None, "--nodes", help="number of nodes (default 1)")
-GpusPerNode = typer.Option(None, "--gpus-per-node", help="GPUs per node (default 8; 1 for cpu)")
+if TYPE_CHECKING:  # the cost model imports numpy and the planner: only the command bodies need them
+    from autopar.cost_models.session import Inputs
+
+Model = typer.Argument(..., help="preset name (" + ", ".join(PRESETS) + "), a config.json path, "
+                       "or a pkg.mod:fn factory")
+Gpu = typer.Option(None, "--gpu", help="GPU profile (h100-sxm, a100-80g, h200, h800, a100-40g, cpu) or a file; "
+                   "--gpu G --nodes N assumes that GPU's DGX network (its cluster preset): NVSwitch inside a node "
+                   "and one InfiniBand NIC per GPU between nodes, 48 GB/s per GPU for H100/H200 (NDR 400 Gb/s), "
+                   "24 GB/s for A100 (HDR 200 Gb/s), 50 GB/s for H800; --cluster FILE for any other network")
+Nodes = typer.Option(None, "--nodes", min=1, help="number of nodes (default 1)")
+GpusPerNode = typer.Option(None, "--gpus-per-node", min=1, help="GPUs per node (default 8; 1 for cpu)")
 Cluster = typer.Option(None, "--cluster", help="cluster preset (dgx-a100, dgx-h100, ...) or YAML file")
-SeqLen = typer.Option(None, "--seq-len", help="sequence length (default: the model's, capped at 4096/8192)")
-GlobalBatch = typer.Option(None, "--global-batch", help="sequences per optimizer step")
+SeqLen = typer.Option(None, "--seq-len", min=1, help="sequence length (default: the model's, capped at 4096/8192)")
+GlobalBatch = typer.Option(None, "--global-batch", min=1, help="sequences per optimizer step")
 Dtype = typer.Option("auto", "--dtype",
                      help="bf16 | fp16 | fp32 | fp8 (auto: bf16, fp32 where the profile has no bf16)")
+Runtime = typer.Option("torch", "--runtime",
+                       help="software that runs the plan: torch (autopar's emitted FSDP2/DTensor programs; "
+                            "also llm-foundry, torchtitan) | megatron (Megatron-LM/Core, NeMo) | deepspeed (ZeRO)")
 Profile = typer.Option(None, "--profile", help="measured profile JSON from `autopar profile`")
 Placement = typer.Option(None, "--placement", help="expert placement JSON from `autopar experts`")
 Trace = typer.Option(None, "--trace", help="routing trace JSON from `autopar trace-routing`")
 Json = typer.Option(False, "--json", help="print one JSON object")
 InputShape = typer.Option(None, "--input-shape", help="example input shape of a factory model, e.g. 2,128")
+NoCache = typer.Option(False, "--no-cache", callback=disable_cache, expose_value=False,
+                       help="capture the model graph again instead of reading the capture cache")
+STRATEGY_KEYS = ("keys: dp data parallel (-1 = the rest), tp tensor parallel, pp pipeline stages, cp context "
+                 "parallel, ep expert parallel, etp expert tensor parallel, vpp interleaved chunks per GPU, mbs "
+                 "micro-batch, gbs global batch, zero ZeRO stage 0-3 (3 = FSDP), recompute none|selective|full, "
+                 "sp sequence parallel 0|1, schedule gpipe|1f1b|interleaved, offload ZeRO-Offload 0|1")
 
 
 def inputs(model: str, gpu: Optional[str], nodes: Optional[int], gpus_per_node: Optional[int],
            cluster: Optional[str], seq_len: Optional[int], dtype: str, profile: Optional[str],
            placement: Optional[str] = None, trace: Optional[str] = None,
-           input_shape: Optional[str] = None) -> Inputs:
-    shape = [int(x) for x in input_shape.split(",")] if input_shape else None
+           input_shape: Optional[str] = None, runtime: str = "torch") -> Inputs:
+    shape = _shape(input_shape)
+    precheck(model, gpu, nodes, gpus_per_node, cluster, shape)
+    from autopar.cost_models.session import Inputs
+
     return Inputs(model=model, gpu=gpu, nodes=nodes, gpus_per_node=gpus_per_node, cluster=cluster,
                   seq_len=seq_len, dtype=dtype, profile=profile, placement=placement, trace=trace,
-                  input_shape=shape)
+                  input_shape=shape, runtime=runtime)
+
+
+def _shape(text: Optional[str]) -> Optional[list[int]]:
+    if not text:
+        return None
+    try:
+        shape = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise InputError(f"--input-shape={text}: comma-separated positive integers, e.g. 2,128") from None
+    if any(d < 1 for d in shape):
+        raise InputError(f"--input-shape={text}: every dimension must be at least 1")
+    return shape
+
+
+def precheck(model: str, gpu: Optional[str], nodes: Optional[int], gpus_per_node: Optional[int],
+             cluster: Optional[str], shape: Optional[list[int]]) -> None:
+    """The common input errors (unknown preset, GPU or cluster, a malformed file) before the cost
+    model and the planner load: a one-line error in a fraction of a second. Cheap to repeat:
+    ``build_cost_model`` resolves the same names again."""
+    from autopar.profiles.hw import load_cluster, load_gpu_profile
+    from autopar.profiles.intake import resolve_model
+
+    resolve_model(model, input_shape=shape)
+    if cluster:
+        load_cluster(cluster, nodes=nodes, gpus_per_node=gpus_per_node, gpu=gpu)
+    elif gpu:
+        load_gpu_profile(gpu)
 
 
 def console():

@@ -1,26 +1,49 @@
-"""Entry point: register the commands and turn user errors into one line and an exit code."""
+"""Entry point: register the commands and turn user errors into one line and an exit code.
+
+Start-up time is most of what a user waits for, so this module imports only the command
+module that defines the command named on the command line (found by reading the
+``@app.command("name")`` lines of ``cli/*_cmd.py``, no import needed); ``autopar --help``
+and unknown commands import them all. Each command module keeps its module-level imports
+light (typer, rich, ``cli.common``) and imports torch, the cost models and the planner
+inside the command function.
+"""
 
 from __future__ import annotations
 
+import importlib
+import re
 import sys
+from pathlib import Path
 
-# Importing a command module registers its commands on ``app``.
-from autopar.cli import (  # noqa: F401
-    emit_cmd,
-    estimate_cmd,
-    experts_cmd,  # noqa: F401
-    inspect_cmd,
-    plan_cmd,
-    profile_cmd,
-    validate_cmd,
-)
 from autopar.cli.app import app
 from autopar.errors import AutoparError
 
+_CMD_RE = re.compile(r"""@app\.command\(\s*["']([\w-]+)["']""")
+
+
+def command_modules() -> dict[str, str]:
+    """Command name -> ``autopar.cli.<module>`` for every ``cli/*_cmd.py``."""
+    out = {}
+    for path in sorted(Path(__file__).parent.glob("*_cmd.py")):
+        for name in _CMD_RE.findall(path.read_text()):
+            out[name] = f"autopar.cli.{path.stem}"
+    return out
+
+
+def register(argv: list[str]) -> None:
+    """Import the module of the command in ``argv`` (all of them when there is none)."""
+    mods = command_modules()
+    first = next((a for a in argv if not a.startswith("-")), None)
+    wanted = [mods[first]] if first in mods else sorted(set(mods.values()))
+    for mod in wanted:
+        importlib.import_module(mod)
+
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
     try:
-        code = app(args=argv, standalone_mode=False)
+        register(args)
+        code = app(args=args, standalone_mode=False)
         if isinstance(code, int) and code:  # non-standalone typer returns exit codes; Ctrl-C gives 130
             if code == 130:
                 print("error: interrupted", file=sys.stderr)
@@ -37,8 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         code = getattr(exc, "exit_code", None)
         if code is None:
             raise
-        if hasattr(exc, "show"):
-            exc.show()  # a usage error: click prints "Usage: ... Error: ..."
+        if hasattr(exc, "format_message"):  # a usage error (bad option value, unknown option): one line
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            print(f"error: {exc.format_message()}{where}", file=sys.stderr)
         sys.exit(code)
 
 

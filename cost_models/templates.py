@@ -10,13 +10,17 @@ strategy. Results are cached per (model, seq_len, dtype): the search reuses them
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from autopar.core.model_spec import ModelSpec
 from autopar.cost_models.compute import op_signature
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, SavedTerm, Shard
-from autopar.profiles.graph import capture
-from autopar.profiles.layer_stats import LayerGroup, OpCost, summarize
+from autopar.cost_models.template_cache import cached_templates
+
+if TYPE_CHECKING:  # capture imports torch: only a cache miss pays for it
+    from autopar.profiles.layer_stats import LayerGroup, OpCost
 
 ROW_PARALLEL = ("wo", "w2")   # row-parallel linears: tensor parallel splits their k (input) dim
 
@@ -31,6 +35,14 @@ def build_templates(spec: ModelSpec, seq_len: int, dtype: str = "bf16", fuse: bo
 
 @lru_cache(maxsize=16)
 def _cached(spec_json: str, seq_len: int, dtype: str, fuse: bool) -> tuple[LayerTemplate, ...]:
+    key = {"spec": json.loads(spec_json), "seq_len": seq_len, "micro_batch": 1, "dtype": dtype, "fuse": fuse}
+    return cached_templates(key, lambda: _capture(spec_json, seq_len, dtype, fuse))
+
+
+def _capture(spec_json: str, seq_len: int, dtype: str, fuse: bool) -> tuple[LayerTemplate, ...]:
+    from autopar.profiles.graph import capture
+    from autopar.profiles.layer_stats import summarize
+
     spec = ModelSpec.model_validate_json(spec_json)
     stats = summarize(capture(spec, seq_len, 1, dtype))
     dbytes = 4 if dtype == "fp32" else 2

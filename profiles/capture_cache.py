@@ -1,0 +1,116 @@
+"""An on-disk cache for the results of graph capture (what ``cost_models.templates`` builds).
+
+Capturing a model with torch.fx costs seconds (importing torch alone is most of a cold
+``autopar plan``); the result depends only on the model config, the sequence length, the
+micro-batch, the dtype and the capture code. So each result is stored once as JSON under
+the user cache directory (``$AUTOPAR_CACHE_DIR``, else ``$XDG_CACHE_HOME/autopar``, else
+``~/.cache/autopar``) and reused by later runs.
+
+- Key: a SHA-256 of the caller's key fields plus autopar's version and a digest of the
+  source files that decide what a capture produces, so an edited capture never serves a
+  stale entry.
+- Concurrent runs: each entry is written to a temporary file and ``os.replace``d into
+  place (``fileio.write_atomic``); two runs racing on one key both write the same bytes.
+- A corrupted entry (unreadable JSON, wrong shape) is rebuilt with a one-line warning.
+- ``--no-cache`` (or ``AUTOPAR_NO_CACHE=1``) bypasses reads and writes.
+
+This module is generic (JSON in, JSON out) so that ``profiles`` stays below ``cost_models``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from autopar import __version__
+from autopar.fileio import write_atomic
+
+T = TypeVar("T")
+
+# Source files whose edits change what a capture produces (relative to the package root).
+_CAPTURE_SOURCES = ("profiles/graph.py", "profiles/graph_ops.py", "profiles/layer_stats.py",
+                    "cost_models/templates.py", "cost_models/layer_model.py", "cost_models/compute.py")
+_ROOT = Path(__file__).resolve().parents[1]
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """The CLI's ``--no-cache`` switch (one process, one setting)."""
+    global _enabled
+    _enabled = enabled
+
+
+def enabled() -> bool:
+    return _enabled and os.environ.get("AUTOPAR_NO_CACHE", "") in ("", "0")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("AUTOPAR_CACHE_DIR"):
+        return Path(os.environ["AUTOPAR_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "autopar"
+
+
+def code_digest() -> str:
+    """A digest of the capture code: part of every key (a missing file hashes as empty)."""
+    h = hashlib.sha256(__version__.encode())
+    for rel in _CAPTURE_SOURCES:
+        p = _ROOT / rel
+        h.update(rel.encode())
+        h.update(p.read_bytes() if p.exists() else b"")
+    return h.hexdigest()[:16]
+
+
+def entry_path(namespace: str, key: dict) -> Path:
+    text = json.dumps({"key": key, "version": __version__, "code": code_digest()}, sort_keys=True)
+    return cache_dir() / namespace / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
+
+
+def load_or_build(namespace: str, key: dict, build: Callable[[], T], dump: Callable[[T], object],
+                  load: Callable[[object], T]) -> T:
+    """``load(json)`` of the cached entry for ``key``, else ``build()`` and store ``dump(result)``.
+
+    ``dump`` returns a JSON-serialisable object; ``load`` turns it back (and may raise on a
+    malformed entry, which is then rebuilt)."""
+    if not enabled():
+        return build()
+    path = entry_path(namespace, key)
+    hit = _read(path, load)
+    if hit is not None:
+        return hit[0]
+    value = build()
+    _write(path, dump(value))
+    return value
+
+
+def _read(path: Path, load: Callable[[object], T]) -> tuple[T] | None:
+    """The entry as a 1-tuple, or None on a miss; a corrupted entry warns once and misses."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        _warn(f"capture cache entry {path} unreadable ({exc.strerror}); capturing again")
+        return None
+    try:
+        return (load(json.loads(text)),)
+    except Exception as exc:  # any malformed content: rebuild rather than fail the command
+        _warn(f"capture cache entry {path} is corrupted ({type(exc).__name__}); capturing again")
+        return None
+
+
+def _write(path: Path, obj: object) -> None:
+    """Store an entry; a read-only or full cache directory only costs the next run a capture."""
+    try:
+        write_atomic(path, json.dumps(obj, separators=(",", ":")))
+    except OSError as exc:
+        _warn(f"capture cache not written to {path.parent} ({exc.strerror}); use --no-cache to skip it")
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)

@@ -1,0 +1,108 @@
+"""The on-disk capture cache: miss, hit, a corrupted entry, --no-cache, concurrent CLI runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autopar.cost_models import templates as tpl
+from autopar.cost_models.template_cache import NAMESPACE
+from autopar.profiles import capture_cache
+from autopar.profiles.intake import preset
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOPAR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("AUTOPAR_NO_CACHE", raising=False)
+    capture_cache.set_enabled(True)
+    tpl._cached.cache_clear()  # the in-process cache would hide the disk
+    yield tmp_path / "cache"
+    tpl._cached.cache_clear()
+
+
+def _entries(root: Path) -> list[Path]:
+    return sorted((root / NAMESPACE).glob("*.json")) if (root / NAMESPACE).is_dir() else []
+
+
+def _build(spec, seq=64):
+    tpl._cached.cache_clear()
+    return tpl.build_templates(spec, seq, "fp32")
+
+
+def test_miss_then_hit_without_capturing(cache, monkeypatch):
+    spec = preset("llama-tiny")
+    first = _build(spec)
+    assert len(_entries(cache)) == 1
+    calls = []
+    real = tpl._capture
+    monkeypatch.setattr(tpl, "_capture", lambda *a: calls.append(a) or real(*a))  # a hit must not capture
+    again = _build(spec)
+    assert calls == [] and again == first
+    _build(spec, seq=32)  # another sequence length is another key: a miss
+    assert len(calls) == 1
+
+
+def test_key_covers_config_dtype_and_code(cache):
+    a = capture_cache.entry_path(NAMESPACE, {"spec": {"hidden": 64}, "seq_len": 64, "dtype": "fp32"})
+    b = capture_cache.entry_path(NAMESPACE, {"spec": {"hidden": 128}, "seq_len": 64, "dtype": "fp32"})
+    c = capture_cache.entry_path(NAMESPACE, {"spec": {"hidden": 64}, "seq_len": 64, "dtype": "bf16"})
+    assert len({a, b, c}) == 3
+    assert len(capture_cache.code_digest()) == 16
+
+
+def test_corrupted_entry_is_rebuilt_with_one_warning(cache, capsys):
+    spec = preset("llama-tiny")
+    first = _build(spec)
+    (entry,) = _entries(cache)
+    entry.write_text('{"truncated": [')
+    capsys.readouterr()
+    again = _build(spec)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert again == first
+    assert len(err) == 1 and err[0].startswith("warning: capture cache entry") and "corrupted" in err[0]
+    assert isinstance(json.loads(entry.read_text()), list)  # rewritten whole
+    entry.write_text(json.dumps([{"name": "x"}]))  # valid JSON, wrong shape: also rebuilt
+    assert _build(spec) == first
+
+
+def test_no_cache_reads_and_writes_nothing(cache, monkeypatch):
+    monkeypatch.setenv("AUTOPAR_NO_CACHE", "1")
+    _build(preset("gpt-tiny"))
+    assert _entries(cache) == []
+
+
+def test_unwritable_cache_dir_warns_and_still_answers(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("AUTOPAR_CACHE_DIR", str(blocker / "sub"))
+    tpl._cached.cache_clear()
+    assert tpl.build_templates(preset("gpt-tiny"), 32, "fp32")
+    assert "capture cache not written" in capsys.readouterr().err
+    tpl._cached.cache_clear()
+
+
+def _plan(cache_dir: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, AUTOPAR_CACHE_DIR=str(cache_dir))
+    args = [sys.executable, "-m", "autopar", "plan", "llama-tiny", "--gpu", "cpu", "--nodes", "2", "--json", *extra]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_concurrent_plans_share_one_cache(tmp_path):
+    cache_dir = tmp_path / "shared-cache"
+    procs = [_plan(cache_dir), _plan(cache_dir)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    assert all("warning" not in err for _, err in outs)
+    best = [json.loads(out)["best"]["strategy"] for out, _ in outs]
+    assert best[0] == best[1]
+    entries = _entries(cache_dir)
+    assert len(entries) == 1 and not list((cache_dir / NAMESPACE).glob(".*"))  # no temp files left behind
+    third = _plan(cache_dir, "--no-cache")
+    out, err = third.communicate(timeout=300)
+    assert third.returncode == 0 and json.loads(out)["best"]["strategy"] == best[0]
