@@ -22,7 +22,8 @@ Opt = Optional
 
 
 @app.command("plan")
-def plan_cmd(model: str = c.Model, gpu: Opt[str] = c.Gpu, nodes: Opt[int] = c.Nodes,
+def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitted with --from"),
+             gpu: Opt[str] = c.Gpu, nodes: Opt[int] = c.Nodes,
              gpus_per_node: Opt[int] = c.GpusPerNode, cluster: Opt[str] = c.Cluster, seq_len: Opt[int] = c.SeqLen,
              global_batch: Opt[int] = c.GlobalBatch, dtype: str = c.Dtype, profile: Opt[str] = c.Profile,
              placement: Opt[str] = c.Placement, trace: Opt[str] = c.Trace, input_shape: Opt[str] = c.InputShape,
@@ -52,12 +53,24 @@ def plan_cmd(model: str = c.Model, gpu: Opt[str] = c.Gpu, nodes: Opt[int] = c.No
              cross_node: bool = typer.Option(False, "--cross-node", help="let tp and ep*etp span nodes"),
              json_out: bool = c.Json, no_cache: bool = c.NoCache,
              out: Opt[Path] = typer.Option(None, "--out", help="write the winning Plan (JSON) for `autopar emit`"),
-             plot: Opt[Path] = typer.Option(None, "--plot", help="folder for timeline.png and memory.png")):
+             plot: Opt[Path] = typer.Option(None, "--plot", help="folder for timeline.png and memory.png"),
+             from_plan: Opt[Path] = typer.Option(None, "--from", help="elastic re-plan of this plan.json for "
+                                                 "--gpus N (or --nodes N), the global batch kept (docs/elastic.md)"),
+             gpus: Opt[int] = typer.Option(None, "--gpus", min=1, help="with --from: the GPUs left"),
+             lost_nodes: Opt[str] = typer.Option(None, "--lost-nodes", help="with --from: the old nodes that are "
+                                                 "gone, e.g. 15 (default: the last ones)")):
     """Search dp/ZeRO, tp, sp, cp, pp (schedule, vpp), ep/etp, micro-batch and per-layer recompute;
     print the top plans and why the winner wins. Defaults: one node of 8 x h100-sxm, the model's
     sequence length (capped at 4096; 8192 for Llama 3) and about one million tokens per step."""
     if top < 1:
         raise InputError(f"--top={top} must be at least 1")
+    if from_plan is not None:  # elastic: the same model on the GPUs left (cli/elastic_cmd.py)
+        from autopar.cli.elastic_cmd import replan_from
+
+        caps = dict(max_tp=max_tp, max_pp=max_pp, max_cp=max_cp, max_ep=max_ep, max_mbs=max_mbs, cross_node=cross_node)
+        return replan_from(from_plan, gpus, nodes, global_batch, strategy, caps, top, json_out, out, lost_nodes)
+    if model is None:
+        raise InputError("MODEL: missing; fix: autopar plan MODEL ..., or autopar plan --from PLAN.json --gpus N")
     inp = c.inputs(model, gpu, nodes, gpus_per_node, cluster, seq_len, dtype, profile, placement, trace, input_shape)
     from autopar.cost_models.session import build_cost_model
     from autopar.planner.search import Constraints, search
