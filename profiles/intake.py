@@ -7,6 +7,7 @@ an ``nn.Module`` and ``autopar.profiles.graph.capture`` into a graph.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -61,10 +62,24 @@ PRESETS: dict[str, dict] = {
 DEFAULT_MODEL = "llama3-8b"
 
 
+# Well-known sizes of the other catalog families, kept as their public config.json contents
+# (profiles/hf_presets.json) and read by the same family readers as a user's config.
+_HF_PRESETS = Path(__file__).with_name("hf_presets.json")
+
+
+@lru_cache(maxsize=1)
+def hf_presets() -> dict[str, dict]:
+    return json.loads(_HF_PRESETS.read_text())
+
+
 def preset(name: str) -> ModelSpec:
     key = name.lower()
+    if key in hf_presets():
+        cfg = hf_presets()[key]
+        fields = READERS[cfg["model_type"]](HFReader(cfg, _HF_PRESETS))
+        return ModelSpec(**dict(fields, name=key, source=f"preset:{key}"))
     if key not in PRESETS:
-        raise InputError(f"model: unknown preset '{name}'; presets: {', '.join(PRESETS)} "
+        raise InputError(f"model: unknown preset '{name}'; presets: {', '.join(list(PRESETS) + list(hf_presets()))} "
                          "(or give a config.json path or a factory pkg.mod:fn)")
     return ModelSpec(name=key, source=f"preset:{key}", **PRESETS[key])
 

@@ -75,3 +75,17 @@ def test_structure_is_read(tmp_path):
     assert spec["phi3"].rotary_fraction == 0.75 and spec["qwen2_moe"].shared_expert_gate
     assert spec["deepseek_v3"].first_dense_layers == 3 and spec["llama4_text"].moe_layer_step == 2
     assert [spec["llama4_text"].is_moe_layer(i) for i in range(4)] == [False, True, False, True]
+
+
+def test_presets_of_other_families_read_like_their_configs():
+    """Each shipped preset (profiles/hf_presets.json) builds; the ones whose fixture is the same
+    model with fewer layers have that fixture's parameters per layer."""
+    from autopar.profiles.intake import hf_presets, preset
+
+    for name in hf_presets():
+        spec = preset(name)
+        assert spec.family != "custom" and spec.layers > 0, name
+    full, small = preset("qwen3-30b-a3b"), from_hf_config(next(p for p in FIXTURES if p.stem == "qwen3_moe"))
+    one = small.model_copy(update={"layers": 1})
+    per_layer = _params(build_model(small)) - _params(build_model(one))
+    assert _params(build_model(full)) == _params(build_model(one)) + per_layer * (full.layers - 1)
