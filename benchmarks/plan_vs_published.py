@@ -1,10 +1,10 @@
-"""`autopar plan` against the published configurations of shared/validation/published_calibration.yaml.
+"""`autopar plan` against the published configurations of shared/validation/published_*.yaml.
 
-For every run: the cost model's prediction for the published configuration (exactly as
-benchmarks/validate_published.py builds it: same model config, A100-80GB DGX cluster, fp16,
-micro-batch 1 where the source gives none, even stages, the source's recompute) next to the
-plan the search returns for the same model, GPU count, sequence length and global batch.
-Acceptance: the plan's predicted throughput is at least the published configuration's.
+For every run: the cost model's prediction for the published configuration (built exactly as
+benchmarks/validate_published.py builds it, ``benchmarks/published_rows.py``: the row's model,
+GPU, cluster, dtype, runtime and strategy) next to the plan the search returns for the same
+model, GPU count, sequence length, global batch and runtime. Acceptance: the plan's predicted
+throughput is at least the published configuration's; the ratio is the planner's claimed gain.
 
     python benchmarks/plan_vs_published.py [--yaml PATH] [--markdown] [--only ID_SUBSTRING]
 """
@@ -12,48 +12,26 @@ Acceptance: the plan's predicted throughput is at least the published configurat
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import published_rows as pr  # noqa: E402
 
-from autopar.core.strategy import Strategy
-from autopar.cost_models.session import Inputs, build_cost_model
-from autopar.planner.search import search
-
-
-def _validate_module():
-    """The lead's published-run mapping (strategy string, model config), reused as is."""
-    path = Path(__file__).with_name("validate_published.py")
-    spec = importlib.util.spec_from_file_location("validate_published", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-VP = _validate_module()
+from autopar.planner.search import search  # noqa: E402
 
 
 def compare(run: dict, workdir: Path) -> dict:
-    cfg = workdir / f"{run['id']}.json"
-    cfg.write_text(json.dumps(VP.gpt_config(run)))
-    hw = run["hardware"]
-    gpn = hw.get("gpus_per_node") or 8
-    cm, spec, cluster, seq = build_cost_model(Inputs(
-        model=str(cfg), gpu="a100-80g", cluster="dgx-a100", nodes=hw["num_gpus"] // gpn, gpus_per_node=gpn,
-        seq_len=run["model"]["seq_len"], dtype="fp16", runtime="megatron"))  # priced as Megatron-LM ran them
-    pub = Strategy.parse(VP.run_strategy(run)).resolve(cluster.world)
-    cm.check(pub)
+    case = pr.case_for(run)
+    cm, pub = pr.build(case, workdir)
     e_pub = cm.estimate(pub)
     t0 = time.perf_counter()
     res = search(cm, pub.global_batch, top_k=1)
     elapsed = time.perf_counter() - t0
     best = res.candidates[0] if res.candidates else None
-    return {"id": run["id"], "gpus": cluster.world, "gb": pub.global_batch, "published": pub.short(),
+    return {"id": run["id"], "gpus": cm.cluster.world, "gb": pub.global_batch, "published": pub.short(),
             "pub_tok": e_pub.tokens_per_s, "pub_fits": e_pub.feasible,
             "plan": best.strategy.short() if best else "nothing fits",
             "plan_tok": best.estimate.tokens_per_s if best else 0.0, "search_s": elapsed}
@@ -61,15 +39,19 @@ def compare(run: dict, workdir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--yaml", default=str(VP.DEFAULT_YAML))
+    ap.add_argument("--yaml", default=str(pr.CALIBRATION_YAML))
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
     ap.add_argument("--only", default="", help="runs whose id contains this text")
     args = ap.parse_args(argv)
-    runs = [r for r in yaml.safe_load(Path(args.yaml).read_text())["runs"] if args.only in r["id"]]
+    runs = [r for r in pr.load_runs(args.yaml) if args.only in r["id"]]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
-            rows.append(compare(run, Path(tmp)))
+            try:
+                rows.append(compare(run, Path(tmp)))
+            except pr.RowSkip as exc:
+                print(f"not priced: {run['id']}: {exc}")
+                continue
             if not args.markdown:
                 _line(rows[-1])
     if args.markdown:

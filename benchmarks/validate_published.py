@@ -1,12 +1,16 @@
-"""Predict every published run of shared/validation/published_calibration.yaml with its own
-configuration and print predicted vs published, in the source's own FLOP convention.
+"""Price every published run of a file through the path ``autopar estimate`` uses and compare with
+what the run measured: per-row and per-source errors, the fitted constants, leave-one-source-out.
 
-    python benchmarks/validate_published.py [--yaml PATH] [--markdown]
+    python benchmarks/validate_published.py [FILE] [--markdown] [--loso] [--cache PICKLE]
 
-Narayanan et al. SC21 rows report TFLOP/s per GPU counted with their eq. 3 (recomputed
-forward included); we compare our ``tflops_per_gpu`` (same basis). Korthikanti et al. 2022
-rows report iteration time (and MFU); we compare step time. Micro-batch 1 where the
-source gives none; the schedule is 1F1B, interleaved where the source gives vpp.
+FILE defaults to shared/validation/published_calibration.yaml (18 Megatron-LM A100 rows); the
+modern set is shared/validation/published_modern.yaml. Rows are mapped to autopar inputs by
+``benchmarks/published_rows.py`` (model config, GPU, cluster, dtype, --runtime, strategy; a row
+that cannot be priced gets a one-line reason). Error = predicted throughput / published - 1 in
+the source's own FLOP convention (see published_rows). The constants are those the hardware
+profiles ship (``stacks:``, fitted by ``benchmarks/calibrate_modern.py``); ``--loso`` refits them
+without each source in turn (on every other row of the file and of published_calibration.yaml)
+and predicts that source.
 """
 
 from __future__ import annotations
@@ -16,79 +20,106 @@ import statistics
 import sys
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import calibrate_modern as cal  # noqa: E402
+import published_rows as pr  # noqa: E402
 
-from autopar.core.strategy import Strategy
-from autopar.cost_models.session import Inputs, build_cost_model
-
-DEFAULT_YAML = Path(__file__).resolve().parents[1].parent / "shared" / "validation" / "published_calibration.yaml"
-
-
-def run_strategy(run: dict) -> str:
-    par = run["parallel"]
-    rec = str(par.get("recompute") or "none").split()[0]
-    parts = [f"tp={par['tp']}", f"pp={par['pp']}", f"dp={par['dp']}", f"mbs={par.get('microbatch') or 1}",
-             f"gbs={par['global_batch']}", f"recompute={rec}", f"sp={int(bool(par.get('sequence_parallel')))}"]
-    if par.get("vpp"):
-        parts += [f"vpp={par['vpp']}", "schedule=interleaved"]
-    return ",".join(parts)
-
-
-def gpt_config(run: dict) -> dict:
-    m = run["model"]
-    return {"model_type": "gpt2", "n_embd": m["hidden"], "n_layer": m["layers"], "n_head": m["heads"],
-            "n_inner": m["ffn_hidden"], "vocab_size": m["vocab"], "n_positions": m["seq_len"],
-            "resid_pdrop": 0.1, "tie_word_embeddings": True,
-            "attn_implementation": "eager"}  # Megatron 2021/22: unfused-memory softmax attention
+DEFAULT_YAML = pr.CALIBRATION_YAML
 
 
 def predict(run: dict, workdir: Path) -> tuple[str, float, float, object]:
-    """(metric, predicted, published, estimate) for one run."""
-    import json
+    """(metric, predicted, published, estimate) for one row, in step-time terms (calibrate_a100.py)."""
+    p = pr.price(pr.case_for(run), workdir)
+    return "step time s", p.pred_step_s, p.pub_step_s, p.estimate
 
-    cfg = workdir / f"{run['id']}.json"
-    cfg.write_text(json.dumps(gpt_config(run)))
-    hw = run["hardware"]
-    gpn = hw.get("gpus_per_node") or 8
-    cm, spec, cluster, seq = build_cost_model(Inputs(
-        model=str(cfg), gpu="a100-80g", cluster="dgx-a100", nodes=hw["num_gpus"] // gpn, gpus_per_node=gpn,
-        seq_len=run["model"]["seq_len"], dtype="fp16",
-        runtime="megatron"))  # the published runs used Megatron-LM: vocab-parallel loss, its buffers
-    s = Strategy.parse(run_strategy(run)).resolve(cluster.world)
-    cm.check(s)
-    e = cm.estimate(s)
-    meas = run["measured"]
-    if meas.get("tflops_per_gpu"):
-        return "TFLOP/s/GPU", e.tflops_per_gpu, float(meas["tflops_per_gpu"]), e
-    return "step time s", e.step_time_s, float(meas["step_time_s"]), e
+
+def summary(priced: list[pr.Priced]) -> dict[str, tuple[int, float, float, float]]:
+    """source -> (rows, mean |error|, max |error|, mean signed error)."""
+    by: dict[str, list[float]] = {}
+    for p in priced:
+        by.setdefault(p.case.source, []).append(p.error)
+    return {k: (len(v), statistics.mean(map(abs, v)), max(map(abs, v)), statistics.mean(v)) for k, v in by.items()}
+
+
+def print_rows(priced: list[pr.Priced], markdown: bool) -> None:
+    if markdown:
+        print("| run | stack | dtype | strategy | predicted tok/s/GPU | published | error |")
+        print("|---|---|---|---|---|---|---|")
+    for p in priced:
+        c, world = p.case, p.estimate.world
+        pred, pub = p.estimate.tokens / p.pred_step_s / world, p.estimate.tokens / p.pub_step_s / world
+        if markdown:
+            print(f"| {c.id} | {c.stack} | {c.dtype} | `{c.strategy}` | {pred:,.0f} | {pub:,.0f} | "
+                  f"{100 * p.error:+.1f}% |")
+        else:
+            print(f"{c.id[:56]:56s} {c.stack:11s} {c.dtype:4s} pred {pred:9.0f} pub {pub:9.0f} "
+                  f"err {100 * p.error:+6.1f}%")
+
+
+def print_summary(priced: list[pr.Priced], skipped: list[tuple[str, str]], title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'source':22s} {'rows':>4s} {'mean|err|':>9s} {'max|err|':>8s} {'bias':>7s}")
+    for src, (n, mean, worst, bias) in sorted(summary(priced).items()):
+        print(f"{src:22s} {n:4d} {100 * mean:8.1f}% {100 * worst:7.1f}% {100 * bias:+6.1f}%")
+    errs = [abs(p.error) for p in priced]
+    if errs:
+        print(f"{'all':22s} {len(errs):4d} {100 * statistics.mean(errs):8.1f}% {100 * max(errs):7.1f}%   "
+              f"over 15%: {sum(e > 0.15 for e in errs)}  not priced: {len(skipped)}")
+    for rid, why in skipped:
+        print(f"not priced: {rid}: {why}")
+
+
+def print_constants(built: list[cal.Built]) -> None:
+    print("\nconstants the profiles ship (GPU type, runtime):")
+    seen = set()
+    for b in built:
+        key = (b.case.gpu, b.case.runtime)
+        if key not in seen:
+            seen.add(key)
+            print(f"  {key[0]:9s} {key[1]:9s} {cal.constants_yaml(b.cm.gpu.stack(key[1]), 'calibrate_modern.py')}")
+
+
+def loso(built: list[cal.Built], anchor: list[cal.Built]) -> list[pr.Priced]:
+    """Each source predicted with constants fitted on every other source (and the anchor rows)."""
+    full = cal.fit(built + anchor)
+    out = []
+    for src in sorted({b.case.source for b in built}):
+        mine = [b for b in built if b.case.source == src]
+        groups = {b.group for b in mine}  # only the groups holding this source change when it is left out
+        rest = [b for b in built + anchor if b.group in groups]
+        consts = {**full, **{k: v for k, v in cal.fit(rest, exclude_source=src).items() if k in groups}}
+        out += cal.apply(mine, consts)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--yaml", default=str(DEFAULT_YAML))
-    ap.add_argument("--markdown", action="store_true", help="print a markdown table")
+    ap.add_argument("file", nargs="?", type=Path, default=None)
+    ap.add_argument("--yaml", type=Path, default=None, help="same as FILE")
+    ap.add_argument("--markdown", action="store_true", help="per-row markdown table")
+    ap.add_argument("--loso", action="store_true", help="leave-one-source-out: refit without each source")
+    ap.add_argument("--cache", type=Path, help="pickle of the built rows (reused when present)")
     args = ap.parse_args(argv)
-    runs = yaml.safe_load(Path(args.yaml).read_text())["runs"]
-    import tempfile
-
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for run in runs:
-            metric, pred, pub, e = predict(run, Path(tmp))
-            err = (pred - pub) / pub
-            rows.append((run["id"], run_strategy(run), metric, pred, pub, err, e))
-    sep = "|" if args.markdown else " "
-    if args.markdown:
-        print("| run | strategy | metric | predicted | published | error |\n|---|---|---|---|---|---|")
-    for rid, strat, metric, pred, pub, err, _ in rows:
-        if args.markdown:
-            print(f"| {rid} | `{strat}` | {metric} | {pred:.2f} | {pub:.2f} | {100 * err:+.1f}% |")
-        else:
-            print(f"{rid:45s}{sep}{metric:12s}{sep}pred {pred:9.2f}{sep}pub {pub:9.2f}{sep}err {100 * err:+6.1f}%")
-    errs = [abs(r[5]) for r in rows]
-    print(f"\nrows: {len(rows)}  mean |error|: {100 * statistics.mean(errs):.1f}%  "
-          f"max |error|: {100 * max(errs):.1f}%  within 10%: {sum(e <= 0.10 for e in errs)}/{len(errs)}")
+    path = args.file or args.yaml or DEFAULT_YAML
+    built, skipped = cal.load_or_build([path], args.cache)
+    priced = _shipped(built)
+    print_rows(priced, args.markdown)
+    print_summary(priced, skipped, f"{path.name}: constants as shipped")
+    print_constants(built)
+    if args.loso:
+        anchor = [] if path == DEFAULT_YAML else cal.load_or_build([DEFAULT_YAML], None)[0]
+        print_summary(loso(built, anchor), skipped, f"{path.name}: leave-one-source-out (refit without each source)")
     return 0
+
+
+def _shipped(built: list[cal.Built]) -> list[pr.Priced]:
+    out = []
+    for b in built:
+        try:
+            out.append(cal.price(b, b.cm.gpu.stack(b.case.runtime)))
+        except pr.RowSkip:
+            continue
+    return out
 
 
 if __name__ == "__main__":

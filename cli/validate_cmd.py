@@ -36,7 +36,9 @@ def validate_cmd(model: str = c.Model,
                  timeout: float = typer.Option(300.0, "--timeout", min=0.001,
                                                help="seconds per run before it is killed"),
                  out: Path = typer.Option(Path("validate-out"), "--out", help="folder for the runs and reports"),
-                 json_out: bool = c.Json):
+                 json_out: bool = c.Json,
+                 runtime: str = typer.Option("torch", "--runtime", help="torch: validate runs autopar's own "
+                                             "emitted programs, so only their runtime can be compared")):
     """Run strategies for real and compare measured step time and memory with the predictions."""
     from autopar.codegen import validate as v
     from autopar.codegen import validate_report as rep
@@ -44,6 +46,8 @@ def validate_cmd(model: str = c.Model,
 
     if nproc < 1:
         raise InputError(f"--nproc={nproc} must be at least 1")
+    if runtime != "torch":
+        raise InputError(f"--runtime={runtime}: validate runs autopar's emitted torch programs; use --runtime torch")
     inp = Inputs(model=model, gpu=gpu or ("cpu" if device == "cpu" else None), nodes=1, gpus_per_node=nproc,
                  seq_len=seq_len, dtype=dtype, profile=profile)
     cm, spec, cl, seq = build_cost_model(inp)

@@ -48,6 +48,34 @@ class EffCurve(RootModel[list[tuple[float, float]]]):
         return pts[-1][1]  # unreachable: x < pts[-1][0] is inside some segment
 
 
+Runtime = Literal["torch", "megatron", "deepspeed"]
+
+
+class StackConstants(BaseModel):
+    """Global constants of one software stack on one GPU type (``GpuProfile.stacks``), fitted over
+    all published runs of that GPU type and stack by ``benchmarks/calibrate_modern.py`` (never per
+    run). The defaults are neutral: a profile without them prices as before."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    matmul_scale: float = Field(1.0, gt=0, le=2, description="GEMM efficiency of the stack's kernels relative "
+                                                                "to matmul_eff (capped at 1 overall)")
+    fp8_matmul_scale: float = Field(1.0, gt=0, le=2, description="fp8 GEMM efficiency at the fp8 peak relative "
+                                                                    "to matmul_eff")
+    attention_scale: float = Field(1.0, gt=0, le=2, description="fused attention efficiency relative to "
+                                                                   "attention_eff")
+    overlap_slowdown: float = Field(0.0, ge=0, le=1, description="compute seconds lost per second of "
+                                                                    "communication running beside it (SM contention)")
+    zero3_overlap: float = Field(1.0, ge=0, le=1, description="share of ZeRO-3 / FSDP gathers and reduce-scatters "
+                                                                 "the prefetch can hide behind compute")
+    inter_node_decay: float = Field(0.0, ge=0, description="data-parallel bus bandwidth across nodes falls as "
+                                                              "1 / (1 + decay * log2(nodes))")
+    step_overhead_s: float = Field(0.0, ge=0, description="host time per optimizer step (launch, data, logging)")
+    tp_overlap: float = Field(0.0, ge=0, le=1, description="share of tensor-parallel collectives hidden behind "
+                                                              "GEMMs (Megatron-Core --tp-comm-overlap, async TP)")
+    sources: dict[str, str] = Field(default_factory=dict, description="field -> the command that fitted it")
+
+
 class GpuProfile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -61,6 +89,11 @@ class GpuProfile(BaseModel):
         ..., ge=0, description="CUDA context + NCCL buffers + cuBLAS workspace, never available to tensors")
     usable_mem_fraction: float = Field(
         ..., gt=0, le=1, description="fraction of the rest the caching allocator can fill (fragmentation)")
+    allocator_reserve_fraction: float = Field(
+        0.0, ge=0, le=1, description="bytes the caching allocator holds beyond the live-tensor peak (fragmentation, "
+                                     "cached blocks: max_memory_reserved / max_memory_allocated - 1), fitted per GPU "
+                                     "and stack (benchmarks/validate_memory.py --fit); 0: not fitted")
+    power_limit_w: float | None = Field(None, gt=0, description="board power limit the profile's numbers hold for, W")
     host_link_gbps: float | None = Field(
         None, gt=0, description="achievable GPU<->host copy bandwidth per GPU, GB/s per direction (PCIe)")
     host_optimizer_gbps: float | None = Field(
@@ -92,6 +125,8 @@ class GpuProfile(BaseModel):
                                "runs ahead of the device (GPUs)")
     meta: dict = Field(default_factory=dict, description="how it was measured: device, torch, dtype, "
                                                          "threads, date, command")
+    stacks: dict[Runtime, StackConstants] = Field(
+        default_factory=dict, description="per software stack (--runtime): fitted global constants")
 
     @model_validator(mode="after")
     def _check_sources(self) -> GpuProfile:
@@ -101,6 +136,10 @@ class GpuProfile(BaseModel):
         if not self.peak_tflops or any(v <= 0 for v in self.peak_tflops.values()):
             raise ValueError("peak_tflops needs at least one positive entry")
         return self
+
+    def stack(self, runtime: str) -> StackConstants:
+        """The fitted constants of ``runtime`` on this GPU; neutral defaults where none were fitted."""
+        return self.stacks.get(runtime) or StackConstants()
 
     def peak_flops(self, precision: str = "bf16") -> float:
         """Dense peak in FLOP/s for ``precision``."""

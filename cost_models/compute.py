@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from autopar.core.gpu import GpuProfile
+from autopar.core.gpu import GpuProfile, StackConstants
 from autopar.core.op_signature import op_signature, signature  # noqa: F401  (re-exported)
 
 PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8", "fp32": "fp32"}
@@ -43,10 +43,14 @@ class OpTimer:
     source: str = "datasheet"
     hits: dict[str, int] = field(default_factory=lambda: {"measurement": 0, "fit": 0, "datasheet": 0})
     contention: float = 1.0
+    stack: StackConstants = field(default_factory=StackConstants)  # the runtime's fitted constants
 
     def __post_init__(self):
         prec = PRECISION.get(self.dtype, "bf16")
-        self.peak = self.gpu.peak_flops(prec)
+        # fp8 (Transformer Engine / torchao float8): only the GEMMs run at the fp8 peak; attention,
+        # elementwise ops and the MFU basis stay at the bf16 peak
+        self.peak = self.gpu.peak_flops("bf16" if prec == "fp8" else prec)
+        self.gemm_peak = self.gpu.peak_flops(prec)
         self.bw = self.gpu.mem_bw_bytes_per_s
         if self.gpu.measured_ops or self.gpu.meta.get("measured"):
             self.source = "fit"  # the curves themselves were fitted to measurements
@@ -75,17 +79,22 @@ class OpTimer:
         if hit is not None:
             return hit[0] * calls * self.contention, hit[1] * calls * self.contention
         self.hits[self.source] += 1
-        eff = self.gpu.eff("matmul_eff", flops)
+        eff = stack_matmul_eff(self.gpu.eff("matmul_eff", flops), self.stack, self.dtype)
         byts = self._dsize() * (m * k + k * n + m * n)
-        t = calls * roofline_time(flops, byts, self.peak, eff, self.bw, self.gpu.eff("membound_eff", byts))
-        return t * self.contention, t * self.contention * bwd_ratio
+        t = calls * roofline_time(flops, byts, self.gemm_peak, eff, self.bw, self.gpu.eff("membound_eff", byts))
+        if self.dtype != "fp8":
+            return t * self.contention, t * self.contention * bwd_ratio
+        cast_f, cast_b = fp8_cast_bytes(m, n, k)
+        fwd = t + calls * self.membound(cast_f) / self.contention
+        bwd = t * bwd_ratio + calls * self.membound(cast_b) / self.contention
+        return fwd * self.contention, bwd * self.contention
 
     def attention(self, flops: float, bytes_rw: float) -> float:
         """Fused attention kernel time (FlashAttention-style), one call of ``flops``."""
         if flops <= 0:
             return 0.0
         self.hits[self.source] += 1
-        eff = self.gpu.eff("attention_eff", flops)
+        eff = min(1.0, self.gpu.eff("attention_eff", flops) * self.stack.attention_scale)
         t = roofline_time(flops, bytes_rw, self.peak, eff, self.bw, self.gpu.eff("membound_eff", max(bytes_rw, 1)))
         return t * self.contention
 
@@ -107,6 +116,27 @@ class OpTimer:
         if hit is not None:
             self.hits["measurement"] += 1
         return hit
+
+
+def stack_matmul_eff(eff: float, stack: StackConstants, dtype: str) -> float:
+    """GEMM efficiency under a software stack: the profile's shape curve times the stack's fitted
+    kernel factor (cuBLAS through torch vs Transformer Engine, fp8 vs bf16 tiles), at most 1.
+    Constants: ``GpuProfile.stacks``, fitted by ``benchmarks/calibrate_modern.py``."""
+    scale = stack.fp8_matmul_scale if dtype == "fp8" else stack.matmul_scale
+    return min(1.0, eff * scale)
+
+
+def fp8_cast_bytes(m: float, n: float, k: float) -> tuple[float, float]:
+    """HBM bytes of the fp8 scaling kernels around one [m,k]x[k,n] GEMM (forward, backward).
+
+    Transformer Engine / torchao float8 with per-tensor (current or delayed) scaling: forward
+    reads the bf16 input and weight for their amax and writes fp8 copies (2 + 2 + 1 bytes per
+    element, the amax pass fused into the cast); backward does the same for the output gradient
+    and writes fp8 transposes of the saved input and weight (read 1, write 1). Memory-bound
+    (Micikevicius et al. 2022, "FP8 formats for deep learning"; TE ``cast_transpose`` kernels)."""
+    fwd = 5 * (m * k + k * n)
+    bwd = 5 * m * n + 2 * (m * k + k * n)
+    return fwd, bwd
 
 
 def cpu_contention(gpu: GpuProfile, ranks_per_node: int) -> float:

@@ -16,6 +16,10 @@ from autopar.profiles.intake import resolve_model
 
 DEFAULT_GPU = "h100-sxm"
 DEFAULT_GPUS_PER_NODE = 8
+# torch: autopar's emitted torch-native programs (FSDP2, DTensor, torch pipelining; also what
+# llm-foundry and torchtitan run); megatron: Megatron-LM / Megatron-Core (NeMo, MegaScale);
+# deepspeed: DeepSpeed ZeRO (its ZeRO-3 prefetch and bucketing)
+RUNTIMES = ("torch", "megatron", "deepspeed")
 
 
 @dataclass
@@ -31,7 +35,7 @@ class Inputs:
     placement: str | None = None
     trace: str | None = None
     input_shape: list[int] | None = None
-    runtime: str = "torch"   # "torch": autopar's emitted programs; "megatron": price Megatron-LM's kernels
+    runtime: str = "torch"   # one of RUNTIMES: which software runs the plan
 
 
 def resolve_cluster(inp: Inputs) -> ClusterSpec:
@@ -62,7 +66,12 @@ def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, in
         raise InputError(f"--dtype={inp.dtype} is not one of bf16, fp16, fp32, fp8")
     timer, fits = _measured(inp, gpu)
     moe_load = _moe_load(inp, spec)
-    templates = build_templates(spec, seq, inp.dtype, fuse=gpu.fused_elementwise)
+    if inp.runtime not in RUNTIMES:
+        raise InputError(f"--runtime={inp.runtime} is not one of {', '.join(RUNTIMES)}")
+    # fp8 runs keep bf16 activations and weights outside the GEMMs (Transformer Engine, torchao
+    # float8): capture in bf16, the timer prices the GEMMs at the fp8 peak (compute.OpTimer)
+    capture_dtype = "bf16" if inp.dtype == "fp8" else inp.dtype
+    templates = build_templates(spec, seq, capture_dtype, fuse=gpu.fused_elementwise)
     cm = CostModel(spec, cluster, seq, templates, gpu, inp.dtype, timer=timer, comm_fits=fits,
                    moe_load=moe_load, runtime=inp.runtime)
     return cm, spec, cluster, seq

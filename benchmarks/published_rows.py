@@ -1,0 +1,378 @@
+"""Published training runs as autopar inputs: one row of ``shared/validation/published_*.yaml`` ->
+the model config, GPU, cluster, dtype, runtime and strategy a user would give ``autopar estimate``,
+priced through the CLI's own path (``cost_models.session.build_cost_model`` + ``CostModel.estimate``),
+and the row's measured figure turned into a step time in the source's own FLOP convention.
+
+Reusable by other benchmarks (``validate_published.py``, ``plan_vs_published.py``, the memory
+column): ``load_runs``, ``case_for`` (raises ``RowSkip`` with a one-line reason naming what the row
+lacks), ``price``, ``published_step_s``.
+
+Row conventions (each stated once, here):
+- Error = predicted throughput / published throughput - 1 (= published step / predicted step - 1):
+  positive means autopar promises more than the run achieved.
+- The published figure, in order of preference: ``step_time_s`` (only with a stated global batch),
+  tokens/s per GPU, tokens/s, then TFLOP/s per GPU or MFU x the source's peak. TFLOP/s and MFU are
+  converted with the source's ``flops_basis``: llm-foundry's ``6N + 12·L·d·s`` per token, Narayanan
+  et al. eq. 3 (recomputed forward included) as autopar's ``hardware_flops``, and "model TFLOP/s"
+  (or no basis) as autopar's ``model_flops`` (graph FLOPs without recompute).
+- Missing micro-batch: 1; missing global batch: from grad_accum x micro-batch x dp; missing zero
+  stage: 1 for Megatron-family stacks (distributed optimizer), 3 for FSDP stacks (the row says so);
+  ``vpp`` > 1 selects the interleaved schedule; Megatron-family rows with tp > 1 run sequence
+  parallel (Megatron-Core / NeMo defaults); recompute text maps to none | selective | full.
+- Architectures a row leaves null are filled from the public configuration named in ``ARCHS``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "validation"
+MODERN_YAML = SHARED / "published_modern.yaml"
+CALIBRATION_YAML = SHARED / "published_calibration.yaml"
+
+# Public configurations for rows whose model dims are null (HF config.json of each model, or the
+# NeMo launcher config for NeMo's GPT-3 / Nemotron sizes). Keys: the row's model.name.
+_LLAMA2 = dict(model_type="llama", vocab_size=32000, num_key_value_heads=None)
+ARCHS: dict[str, dict] = {
+    "LLAMA2-7B": dict(_LLAMA2, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                      intermediate_size=11008),                       # meta-llama/Llama-2-7b-hf
+    "Llama-2-13B": dict(_LLAMA2, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
+                        intermediate_size=13824),                     # meta-llama/Llama-2-13b-hf
+    "LLAMA2-70B": dict(_LLAMA2, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, intermediate_size=28672),
+    "Llama-2-70B": dict(_LLAMA2, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, intermediate_size=28672),  # meta-llama/Llama-2-70b-hf
+    "GPT3-5B": dict(model_type="gpt2", n_embd=4096, n_layer=24, n_head=32, n_inner=16384,
+                    vocab_size=50304),                                # NeMo conf/training/gpt3/5b.yaml
+    "GPT3-20B": dict(model_type="gpt2", n_embd=6144, n_layer=44, n_head=48, n_inner=24576,
+                     vocab_size=50304),                               # NeMo conf/training/gpt3/20b.yaml
+    "Nemotron-8B": dict(model_type="gpt2", n_embd=4096, n_layer=32, n_head=32, n_inner=16384,
+                        vocab_size=256000),                           # NeMo nemotron 8b (squared-ReLU MLP)
+    "Mixtral-8x22B": dict(model_type="mixtral", hidden_size=6144, num_hidden_layers=56, num_attention_heads=48,
+                          num_key_value_heads=8, intermediate_size=16384, vocab_size=32768,
+                          num_local_experts=8, num_experts_per_tok=2),   # mistralai/Mixtral-8x22B-v0.1
+    # MoE Parallel Folding's fine-grained variant: 8x22B with each expert split in 8 (64 experts, top-8)
+    "Mixtral-8x22B-G8T8": dict(model_type="mixtral", hidden_size=6144, num_hidden_layers=56, num_attention_heads=48,
+                               num_key_value_heads=8, intermediate_size=2048, vocab_size=32768,
+                               num_local_experts=64, num_experts_per_tok=8),
+    "Qwen2-57B-A14B": dict(model_type="qwen2_moe", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                           num_key_value_heads=4, moe_intermediate_size=2560,
+                           shared_expert_intermediate_size=20480, vocab_size=151936, num_experts=64,
+                           num_experts_per_tok=8),                    # Qwen/Qwen2-57B-A14B
+    "Qwen3_30B_a3B": dict(model_type="qwen2_moe", hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, moe_intermediate_size=768, vocab_size=151936,
+                          num_experts=128, num_experts_per_tok=8, attention_bias=False),  # Qwen/Qwen3-30B-A3B
+    "Qwen3_235B_a22B": dict(model_type="qwen2_moe", hidden_size=4096, num_hidden_layers=94, num_attention_heads=64,
+                            num_key_value_heads=4, head_dim=128, moe_intermediate_size=1536, vocab_size=151936,
+                            num_experts=128, num_experts_per_tok=8, attention_bias=False),  # Qwen/Qwen3-235B-A22B
+    "GPT-OSS-120B": dict(model_type="mixtral", hidden_size=2880, num_hidden_layers=36, num_attention_heads=64,
+                         num_key_value_heads=8, head_dim=64, intermediate_size=2880, vocab_size=201088,
+                         num_local_experts=128, num_experts_per_tok=4),   # openai/gpt-oss-120b (head_dim 64)
+    "DeepSeek-V3": dict(model_type="deepseek_v3", hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
+                        intermediate_size=18432, vocab_size=129280, n_routed_experts=256, num_experts_per_tok=8,
+                        moe_intermediate_size=2048, n_shared_experts=1, first_k_dense_replace=3, q_lora_rank=1536,
+                        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
+}
+LEGACY_MEGATRON = ("narayanan21", "mt-nlg")  # 2021 Megatron-LM / DeepSpeed GPT runs: unfused attention
+UNSUPPORTED = {"Nemotron_3_Nano": "a hybrid Mamba-2 / attention MoE (no dims in the row; autopar builds "
+                                  "no Mamba layer)"}
+
+
+class RowSkip(Exception):
+    """A row that cannot be priced; the message names what it lacks (one line)."""
+
+
+@dataclass
+class Case:
+    id: str
+    source: str          # short source key for per-source reports
+    stack: str           # software family: llm-foundry | torchtitan | megatron | deepspeed | meta
+    runtime: str         # autopar --runtime
+    gpu: str
+    cluster: str
+    nodes: int
+    gpus_per_node: int
+    seq_len: int
+    dtype: str
+    config: dict         # HF-style config.json
+    strategy: str
+    run: dict
+
+
+@dataclass
+class Priced:
+    case: Case
+    pred_step_s: float
+    pub_step_s: float
+    estimate: object
+
+    @property
+    def error(self) -> float:
+        return self.pub_step_s / self.pred_step_s - 1.0
+
+
+def load_runs(path: str | Path) -> list[dict]:
+    return yaml.safe_load(Path(path).read_text())["runs"]
+
+
+def source_key(run: dict) -> str:
+    """Short per-source key: the paper / table family of the row."""
+    rid = run["id"]
+    for prefix, key in [("mpt_llmfoundry", "llm-foundry"), ("torchtitan", "torchtitan"), ("moe_folding", "moe-folding"),
+                        ("megascale", "megascale"), ("megatron_bridge", "megatron-bridge"), ("nemo_", "nemo"),
+                        ("megatron_core", "megatron-core-readme"), ("megatron_lm_examples", "megatron-lm-fp8"),
+                        ("narayanan21", "narayanan21"), ("llama3_", "llama3"), ("mt_nlg", "mt-nlg")]:
+        if rid.startswith(prefix):
+            return key
+    return rid.split("_")[0]
+
+
+def stack_of(run: dict) -> tuple[str, str]:
+    """(stack, runtime) from the row's ``software``: FSDP stacks run as autopar's torch runtime,
+    Megatron-derived stacks (Megatron-LM/Core, NeMo, MegaScale, Megatron-DeepSpeed) as megatron."""
+    sw = (run.get("software") or "").lower()
+    if "deepspeed zero" in sw:
+        return "deepspeed", "deepspeed"
+    if "llm-foundry" in sw:
+        return "llm-foundry", "torch"
+    if "torchtitan" in sw:
+        return "torchtitan", "torch"
+    if "meta" in sw and "fsdp" in sw:
+        return "meta", "torch"
+    if any(k in sw for k in ("megatron", "nemo", "megascale")):
+        return "megatron", "megatron"
+    if not sw:  # Megatron-LM calibration rows carry no software field
+        return "megatron", "megatron"
+    raise RowSkip(f"software '{run.get('software')}' maps to no autopar runtime")
+
+
+def gpu_of(run: dict) -> tuple[str, str]:
+    """(GPU profile, cluster preset) from the row's ``hardware.gpu``."""
+    g = str(run["hardware"].get("gpu") or "").lower()
+    if "h200" in g:
+        return "h200", "dgx-h200"
+    if "h100" in g:
+        return "h100-sxm", "dgx-h100"
+    if "40gb" in g:
+        return "a100-40g", "dgx-a100"
+    if "a100" in g or "ampere" in g:
+        return "a100-80g", "dgx-a100"
+    raise RowSkip(f"hardware.gpu '{run['hardware'].get('gpu')}' matches no GPU profile")
+
+
+def dtype_of(run: dict) -> str:
+    p = str(run.get("precision") or "").lower()
+    if "fp8" in p:
+        return "fp8"
+    if "fp16" in p:
+        return "fp16"
+    return "bf16"
+
+
+def model_config(run: dict) -> dict:
+    m = run["model"]
+    name = m.get("name") or ""
+    if name in UNSUPPORTED:
+        raise RowSkip(f"model {name} is {UNSUPPORTED[name]}")
+    seq = int(m["seq_len"])
+    if name in ARCHS and (m.get("layers") is None or m.get("num_experts")):
+        cfg = {k: v for k, v in ARCHS[name].items() if v is not None}
+    elif m.get("layers") is None:
+        raise RowSkip(f"model.layers/hidden are null and {name!r} has no public configuration in ARCHS")
+    elif m.get("num_experts"):
+        cfg = _moe_config(m)
+    elif "gqa" in str(m.get("arch") or "").lower() or m.get("kv_heads") not in (None, m.get("heads")) \
+            or "llama" in name.lower():
+        cfg = dict(model_type="llama", hidden_size=m["hidden"], num_hidden_layers=m["layers"],
+                   num_attention_heads=m["heads"], num_key_value_heads=m.get("kv_heads") or m["heads"],
+                   intermediate_size=m["ffn_hidden"], vocab_size=m["vocab"])
+    else:
+        cfg = dict(model_type="gpt2", n_embd=m["hidden"], n_layer=m["layers"], n_head=m["heads"],
+                   n_inner=m.get("ffn_hidden") or 4 * m["hidden"], vocab_size=m["vocab"] or 51200,
+                   tie_word_embeddings=True)
+    key = "n_positions" if cfg["model_type"] == "gpt2" else "max_position_embeddings"
+    cfg[key] = seq
+    return cfg
+
+
+def _moe_config(m: dict) -> dict:
+    """Llama-style MoE from the row's dims (Llama3-8x70B upcycled: dense FFN width per expert;
+    top-k 2 where the row states none, as in Mixtral and the upcycling recipes)."""
+    hd = m["hidden"] // m["heads"] if m["hidden"] % m["heads"] == 0 else 64
+    return dict(model_type="mixtral", hidden_size=m["hidden"], num_hidden_layers=m["layers"],
+                num_attention_heads=m["heads"], num_key_value_heads=m.get("kv_heads") or m["heads"], head_dim=hd,
+                intermediate_size=m.get("expert_ffn_hidden") or m["ffn_hidden"], vocab_size=m["vocab"],
+                num_local_experts=m["num_experts"], num_experts_per_tok=m.get("topk") or 2)
+
+
+def _int(v, default=None):
+    if v is None or isinstance(v, bool):
+        return default
+    if isinstance(v, (int, float)):
+        return int(v)
+    match = re.match(r"^\s*(\d+)\s*$", str(v))
+    return int(match.group(1)) if match else default
+
+
+def recompute_of(run: dict) -> str:
+    r = str(run["parallel"].get("recompute") or "none").lower()
+    if r.startswith("full"):
+        return "full"
+    if r.startswith("selective"):
+        return "selective"
+    return "none"
+
+
+def strategy_of(run: dict, stack: str) -> str:
+    par, world = run["parallel"], int(run["hardware"]["num_gpus"])
+    note = str(par.get("note") or "")
+    tp, pp = _int(par.get("tp")), _int(par.get("pp"))
+    if tp is None and pp is None:
+        match = re.search(r"TP(\d+) PP(\d+)", note)  # Megatron-Core README: strong runs reuse the weak mapping
+        if not match:
+            raise RowSkip("parallel.tp/pp are null and no note states them")
+        tp, pp = int(match.group(1)), int(match.group(2))
+    tp, pp = tp or 1, pp or 1
+    cp, ep, etp = _int(par.get("cp"), 1), _int(par.get("ep"), 1), _int(par.get("etp"), 1)
+    dp = world // (tp * pp * cp)
+    mbs = _int(par.get("microbatch"), 1)
+    gbs = _int(par.get("global_batch")) or _global_batch(par, dp, mbs)
+    if gbs is None:
+        raise RowSkip("parallel.global_batch is null and grad_accum x microbatch does not give it")
+    zero = _zero_stage(par, stack)
+    vpp = _vpp(par)
+    sp = int(stack == "megatron" and tp > 1)
+    parts = [f"tp={tp}", f"pp={pp}", f"dp={dp}", f"cp={cp}", f"ep={ep}", f"etp={etp}", f"mbs={mbs}", f"gbs={gbs}",
+             f"zero={zero}", f"recompute={recompute_of(run)}", f"sp={sp}"]
+    if pp > 1 and vpp > 1:
+        parts += [f"vpp={vpp}", "schedule=interleaved"]
+    return ",".join(parts)
+
+
+def _global_batch(par: dict, dp: int, mbs: int) -> int | None:
+    ga = _int(par.get("grad_accum"))
+    if ga:
+        return ga * mbs * dp
+    per_dp = _int(par.get("batch_size_per_dp"))  # Llama 3 Table 4: sequences per data-parallel rank
+    return per_dp * dp if per_dp else None
+
+
+def _zero_stage(par: dict, stack: str) -> int:
+    z = par.get("zero_stage")
+    if str(par.get("sharding") or "") == "SHARD_GRAD_OP":
+        return 2
+    if isinstance(z, int):
+        return z
+    if isinstance(z, str) and "ZeRO-2" in z:
+        return 2
+    return 1 if stack == "megatron" else (3 if stack in ("llm-foundry", "torchtitan") else 0)
+
+
+def _vpp(par: dict) -> int:
+    v = par.get("vpp")
+    if isinstance(v, str):
+        return 2  # "interleaved, V not stated": torchtitan / Llama 3 default of 2 stages per rank
+    return _int(v, 1) or 1
+
+
+def calibration_case(run: dict) -> Case:
+    """A row of published_calibration.yaml (Megatron-LM 2021-22 on A100, fp16): the mapping the A100
+    constants were calibrated with (``benchmarks/calibrate_a100.py``), kept as it was."""
+    par, hw = run["parallel"], run["hardware"]
+    rec = str(par.get("recompute") or "none").split()[0]
+    parts = [f"tp={par['tp']}", f"pp={par['pp']}", f"dp={par['dp']}", f"mbs={par.get('microbatch') or 1}",
+             f"gbs={par['global_batch']}", f"recompute={rec}", f"sp={int(bool(par.get('sequence_parallel')))}"]
+    if par.get("vpp"):
+        parts += [f"vpp={par['vpp']}", "schedule=interleaved"]
+    gpn = hw.get("gpus_per_node") or 8
+    return Case(id=run["id"], source=run["id"].split("_")[0], stack="megatron", runtime="megatron", gpu="a100-80g",
+                cluster="dgx-a100", nodes=hw["num_gpus"] // gpn, gpus_per_node=gpn, seq_len=run["model"]["seq_len"],
+                dtype="fp16", config=megatron2021_config(run), strategy=",".join(parts), run=run)
+
+
+def megatron2021_config(run: dict) -> dict:
+    """GPT as Megatron-LM ran it in 2021-22: unfused softmax attention (its O(s^2) memory), dropout."""
+    m = run["model"]
+    return {"model_type": "gpt2", "n_embd": m["hidden"], "n_layer": m["layers"], "n_head": m["heads"],
+            "n_inner": m.get("ffn_hidden") or 4 * m["hidden"], "vocab_size": m["vocab"], "n_positions": m["seq_len"],
+            "resid_pdrop": 0.1, "tie_word_embeddings": True, "attn_implementation": "eager"}
+
+
+def case_for(run: dict) -> Case:
+    """The autopar inputs of one row, or ``RowSkip`` naming what the row lacks."""
+    if "software" not in run:
+        return calibration_case(run)
+    stack, runtime = stack_of(run)
+    gpu, cluster = gpu_of(run)
+    hw = run["hardware"]
+    if not isinstance(hw.get("num_gpus"), int):
+        raise RowSkip(f"hardware.num_gpus is {hw.get('num_gpus')!r}, not one GPU count")
+    gpn = hw.get("gpus_per_node") or 8
+    world = hw["num_gpus"]
+    source = source_key(run)
+    config = megatron2021_config(run) if source in LEGACY_MEGATRON else model_config(run)
+    return Case(id=run["id"], source=source, stack=stack, runtime=runtime, gpu=gpu, cluster=cluster,
+                nodes=max(1, world // gpn), gpus_per_node=min(gpn, world), seq_len=int(run["model"]["seq_len"]),
+                dtype=dtype_of(run), config=config, strategy=strategy_of(run, stack), run=run)
+
+
+def build(case: Case, workdir: Path):
+    """(CostModel, resolved Strategy) exactly as ``autopar estimate`` builds them."""
+    from autopar.core.strategy import Strategy
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    cfg = workdir / f"{case.id}.json"
+    cfg.write_text(json.dumps(case.config))
+    cm, _spec, cluster, _seq = build_cost_model(Inputs(
+        model=str(cfg), gpu=case.gpu, cluster=case.cluster, nodes=case.nodes, gpus_per_node=case.gpus_per_node,
+        seq_len=case.seq_len, dtype=case.dtype, runtime=case.runtime))
+    s = Strategy.parse(case.strategy).resolve(cluster.world)
+    cm.check(s)
+    return cm, s
+
+
+def price(case: Case, workdir: Path) -> Priced:
+    cm, s = build(case, workdir)
+    e = cm.estimate(s)
+    return Priced(case, e.step_time_s, published_step_s(case.run, e), e)
+
+
+def published_step_s(run: dict, e) -> float:
+    """The row's measured step time for the priced global batch (see the module docstring)."""
+    meas, world = run["measured"], e.world
+    tokens = e.tokens
+    if meas.get("step_time_s") and run["parallel"].get("global_batch"):
+        return float(meas["step_time_s"])
+    if meas.get("tokens_per_sec_per_gpu"):
+        return tokens / (float(meas["tokens_per_sec_per_gpu"]) * world)
+    if meas.get("tokens_per_sec"):
+        return tokens / float(meas["tokens_per_sec"])
+    tflops = _published_tflops(run)
+    basis = str(meas.get("flops_basis") or "")
+    if basis.startswith("llm-foundry"):
+        m = run["model"]
+        flops = (6 * float(m["params"]) + 12 * m["layers"] * m["hidden"] * m["seq_len"]) * tokens
+    elif "Eq.3" in basis or "eq. 3" in basis.lower():
+        flops = e.hardware_flops
+    else:
+        flops = e.model_flops
+    return flops / (tflops * 1e12 * world)
+
+
+def _published_tflops(run: dict) -> float:
+    meas = run["measured"]
+    if isinstance(meas.get("tflops_per_gpu"), (int, float)):
+        return float(meas["tflops_per_gpu"])
+    mfu = meas.get("mfu")
+    if not isinstance(mfu, (int, float)):
+        raise RowSkip(f"measured has no single throughput figure (mfu={mfu!r})")
+    basis = str(meas.get("flops_basis") or "")
+    match = re.search(r"peak (\d+(?:\.\d+)?)", basis) or re.search(r"vs (\d+(?:\.\d+)?)", basis)
+    if match:
+        return mfu * float(match.group(1))
+    return mfu * (312.0 if gpu_of(run)[0].startswith("a100") else 989.5)

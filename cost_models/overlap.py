@@ -1,0 +1,50 @@
+"""What hides behind compute, and what it costs when it does: pure formulas whose constants are
+fitted per GPU type and software stack (``core.gpu.StackConstants``, ``profiles/hardware/*.yaml``,
+fitted by ``benchmarks/calibrate_modern.py`` over the published runs; never per run).
+
+- ``exposed_behind``: a prefetched collective overlaps compute only partly. A share
+  ``overlap`` of it can run beside the compute window; the rest (issue order, waits on the
+  previous bucket, the allocator's rate limiter in FSDP, DeepSpeed's bucketed prefetch that
+  trails the layer it serves) is serialised. Zhao et al. 2023 (PyTorch FSDP, VLDB) Sec. 4-5
+  and Rajbhandari et al. 2020 (ZeRO) Sec. 7 describe the prefetch; how much of it hides is
+  what the fitted ``overlap`` measures.
+- ``zero3_edges``: what no prefetch hides: the first all-gather of a step (nothing runs before
+  it) and the last reduce-scatter (nothing runs after it) (Zhao et al. 2023, Fig. 6).
+- ``contention_time``: communication kernels running beside compute take SMs and HBM
+  bandwidth from it (NCCL uses 16-32 CTAs per collective; Jangda et al. 2022, "Breaking the
+  computation and communication abstraction barrier", Sec. 2): compute slows by ``slowdown``
+  seconds per second of communication it hides.
+- ``inter_node_factor``: across nodes, data-parallel rings and trees lose bus bandwidth as the
+  node count grows (more switch hops, congestion, stragglers: NCCL tests on large clusters,
+  MegaScale, Jiang et al. 2024, Sec. 3.3): time x (1 + decay * log2(nodes)).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def exposed_behind(comm_s: float, compute_s: float, overlap: float) -> float:
+    """Exposed seconds of ``comm_s`` issued beside ``compute_s``: the share ``1 - overlap`` runs
+    alone, the overlappable share shows only where it outlasts the compute window."""
+    if comm_s <= 0:
+        return 0.0
+    return (1.0 - overlap) * comm_s + max(0.0, overlap * comm_s - compute_s)
+
+
+def zero3_edges(first_gather_s: float, last_reduce_scatter_s: float) -> float:
+    """ZeRO-3 / FSDP seconds no prefetch hides, once per step: the first layer's all-gather and
+    the last layer's reduce-scatter."""
+    return first_gather_s + last_reduce_scatter_s
+
+
+def contention_time(hidden_comm_s: float, slowdown: float) -> float:
+    """Compute seconds lost to communication kernels that ran beside it (SM / HBM contention)."""
+    return max(0.0, hidden_comm_s) * slowdown
+
+
+def inter_node_factor(nodes: int, decay: float) -> float:
+    """Multiplier on a data-parallel collective's time when its group spans ``nodes`` nodes."""
+    if nodes <= 1 or decay <= 0:
+        return 1.0
+    return 1.0 + decay * math.log2(nodes)
