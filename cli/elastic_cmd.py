@@ -14,6 +14,7 @@ from autopar.cli.app import app
 from autopar.errors import DoesNotFitError, InputError
 
 _INT_INPUTS = ("nodes", "gpus_per_node", "seq_len")
+MAX_GROUPS = 8  # lines of per-rank fetches printed (--json has them all)
 
 
 # ----- plan --from -------------------------------------------------------------------------------
@@ -26,11 +27,27 @@ def _inputs_of(plan, **override):
           if k in Inputs.__dataclass_fields__ and k != "input_shape"}
     if rec.get("input_shape"):
         kw["input_shape"] = json.loads(rec["input_shape"])
-    kw.setdefault("model", plan.model.source or plan.model.name)
+    kw.setdefault("model", _model_arg(plan.model))
     kw.update(gpu=plan.cluster.gpu, seq_len=plan.seq_len, dtype=plan.dtype, gpus_per_node=plan.cluster.gpus_per_node,
               nodes=plan.cluster.nodes)
     kw.update({k: v for k, v in override.items() if v is not None})
     return Inputs(**kw)
+
+
+def _model_arg(spec) -> str:
+    """The model argument that resolves to ``spec`` (its source: ``preset:NAME``, ``factory:X``, a path)."""
+    kind, _, rest = (spec.source or "").partition(":")
+    return rest if kind in ("preset", "factory", "config") and rest else spec.name
+
+
+def same_model(plan, cm) -> None:
+    """The model the plan's inputs resolve to today must be the plan's own (the context length aside)."""
+    skip = {"max_seq_len", "source"}
+    a, b = plan.model.model_dump(exclude=skip), cm.spec.model_dump(exclude=skip)
+    diff = next((k for k in a if a[k] != b.get(k)), None)
+    if diff is not None:
+        raise InputError(f"--from: the plan's model differs from what '{_model_arg(plan.model)}' resolves to "
+                         f"today ({diff}: {a[diff]!r} vs {b.get(diff)!r}); fix: re-run `autopar plan` for it")
 
 
 def new_shape(plan, gpus: int | None, nodes: int | None) -> tuple[int, int]:
@@ -62,6 +79,7 @@ def replan_from(from_plan: Path, gpus: int | None, nodes: int | None, global_bat
     cons = Constraints(fixed=_fixed(strategy, {}), **caps)
     n_nodes, gpn = new_shape(plan, gpus, nodes)
     cm_old = build_cost_model(_inputs_of(plan))[0]
+    same_model(plan, cm_old)
     inp_new = _inputs_of(plan, nodes=n_nodes, gpus_per_node=gpn)
     cm_new = build_cost_model(inp_new)[0]
     gb = global_batch or plan.strategy.global_batch
@@ -136,8 +154,13 @@ def _print(plan, cm_new, res, top: int, out: Path | None) -> None:
     console.print(f"batch: dp {old_s.dp} -> {new.strategy.dp}, micro-batch {old_s.micro_batch} -> "
                   f"{new.strategy.micro_batch}, micro-batches per step {n_old} -> {n_new}")
     console.print(f"state to fetch (weights + Adam states; model total {_size(res.best.move.total_state_bytes)}):")
-    for line in _rank_groups(res.best.move):
+    groups = _rank_groups(res.best.move)
+    for line in groups[:MAX_GROUPS]:
         console.print("  " + line)
+    if len(groups) > MAX_GROUPS:
+        per = [r.from_peers_bytes + r.from_checkpoint_bytes for r in res.best.move.per_rank]
+        console.print(f"  ... {len(groups) - MAX_GROUPS} more groups of ranks (per rank {_size(min(per))} to "
+                      f"{_size(max(per))}; --json lists every rank)")
     for note in res.notes:
         console.print(f"note: {note}")
     if out:
@@ -155,7 +178,8 @@ def _rank_groups(move) -> list[str]:
             continue
         a, b = ranks[start], ranks[i - 1]
         where = "new GPUs" if a.gpu < 0 else f"on old GPUs {a.gpu}-{b.gpu}" if b.gpu != a.gpu else f"on old GPU {a.gpu}"
-        lines.append(f"ranks {a.rank}-{b.rank} ({where}): {_size(a.from_peers_bytes)} from peers, "
+        who = f"rank {a.rank}" if a is b else f"ranks {a.rank}-{b.rank}"
+        lines.append(f"{who} ({where}): {_size(a.from_peers_bytes)} from peers, "
                      f"{_size(a.from_checkpoint_bytes)} from the checkpoint")
         start = i
     return lines
@@ -294,6 +318,7 @@ def reshard_cmd(ckpt: Path = typer.Argument(..., help="a step-N checkpoint folde
 def _rewrite(src: Path, out: Path, target, keys: list[str]) -> Path:
     """Every tensor of ``src`` in memory (one process), saved again under ``out/step-N``."""
     import shutil
+    import warnings
 
     import torch
     import torch.distributed.checkpoint as dcp
@@ -316,5 +341,7 @@ def _rewrite(src: Path, out: Path, target, keys: list[str]) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
     return rc.finalize(tmp, meta, torch.load(src / rc.TRAIN_STATE, weights_only=True))
