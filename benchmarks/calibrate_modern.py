@@ -42,6 +42,7 @@ GRIDS = {
 # DeepSpeed has two published rows: only its ZeRO-3 prefetch overlap is its own; the rest is Megatron's
 DEEPSPEED_FIELDS = ("zero3_overlap",)
 SWEEPS = 2
+LAYER_FIELDS = ("matmul_scale", "fp8_matmul_scale", "attention_scale", "tp_overlap")
 
 
 @dataclass
@@ -85,8 +86,10 @@ def load_or_build(paths: list[Path], cache: Path | None) -> tuple[list[Built], l
 def price(b: Built, consts: StackConstants | None = None) -> pr.Priced:
     """Re-price one built row under ``consts`` (None: the constants its profile ships)."""
     if consts is not None:
+        old = b.cm.stack
         b.cm.stack = b.cm.timer.stack = consts
-        b.cm._cache.clear()
+        if any(getattr(old, f) != getattr(consts, f) for f in LAYER_FIELDS):
+            b.cm._cache.clear()  # per-layer prices depend on these; the per-step terms are re-derived anyway
     e = b.cm.estimate(b.strategy)
     return pr.Priced(b.case, e.step_time_s, pr.published_step_s(b.case.run, e), e)
 
