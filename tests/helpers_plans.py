@@ -49,10 +49,12 @@ def tiny_spec(model: str, seq_len: int = SEQ_LEN, update: dict | None = None) ->
 
 def reference_losses(model: str, steps: int = 3, seed: int = 0, seq_len: int = SEQ_LEN,
                      global_batch: int = GLOBAL_BATCH, lr: float = LR, spec_update: dict | None = None,
-                     data: tuple[str, str] | None = None) -> list[float]:
+                     data: tuple[str, str] | None = None, grad_clip: float = 0.0, warmup_steps: int = 0,
+                     decay: str = "constant", norms: list | None = None) -> list[float]:
     """One process, the whole batch at once: build_model(spec, 'cpu') + init_weights(seed),
-    the same data (synthetic, or ``data = (token file, dtype)``) and AdamW hyper-parameters
-    as the generated programs."""
+    the same data (synthetic, or ``data = (token file, dtype)``), AdamW hyper-parameters, LR
+    schedule (decay over ``steps``) and ``torch.nn.utils.clip_grad_norm_`` (``grad_clip > 0``;
+    the norms before clipping are appended to ``norms``) as the generated programs."""
     spec = tiny_spec(model, seq_len, spec_update)
     if spec.family == "custom":  # a user module initialises itself
         torch.manual_seed(seed)
@@ -62,15 +64,19 @@ def reference_losses(model: str, steps: int = 3, seed: int = 0, seq_len: int = S
         net.init_weights(seed)
     vocab = spec.vocab or next(m for m in net.modules() if isinstance(m, nn.Embedding)).num_embeddings
     (opt,) = rt.make_optimizer([net], lr)
+    (sched,) = rt.make_schedulers([opt], warmup_steps, steps, decay)
+    sampler = rt.make_sampler(data[0] if data else "synthetic", vocab, seq_len, global_batch, seed,
+                              data[1] if data else "auto")
     out = []
-    for step in range(1, steps + 1):
-        if data:
-            tokens = rt.token_file_batch(data[0], data[1], seed, step, global_batch, seq_len)
-        else:
-            tokens = rt.synthetic_batch(seed, step, global_batch, seq_len, vocab)
+    for _step in range(1, steps + 1):
+        tokens = sampler.next_batch()
         loss = rt.lm_loss(net(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        if norms is not None:
+            norms.append(float(norm))
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         out.append(loss.item())
     return out

@@ -67,7 +67,9 @@ DATA_CASE = ("gpt-tiny", "dp=2,zero=3", {})
 
 def _jobs_for(root: Path, world: int, cases: dict, ckpts: dict, data: Path | None) -> list[dict]:
     jobs = []
-    base = ["--lr", "1e-2", "--timeout", "60"]
+    # constant lr, no clipping, uniform tokens: the reference run (schedule and clipping: test_train_program.py)
+    base = ["--lr", "1e-2", "--timeout", "60", "--data", "synthetic", "--warmup-steps", "0", "--lr-decay", "constant",
+            "--grad-clip", "0"]
     for name, (model, strategy, kw) in cases.items():
         emit(make_plan(model, world, strategy, **kw), root / name, "cpu")
         jobs.append({"name": name, "dir": str(root / name), "args": ["--steps", str(STEPS), *base]})
@@ -81,7 +83,7 @@ def _jobs_for(root: Path, world: int, cases: dict, ckpts: dict, data: Path | Non
         model, strategy, kw = DATA_CASE
         emit(make_plan(model, world, strategy, **kw), root / "data", "cpu")
         jobs.append({"name": "data", "dir": str(root / "data"),
-                     "args": ["--steps", str(STEPS), "--data", str(data), "--data-dtype", "int32", *base]})
+                     "args": ["--steps", str(STEPS), *base, "--data", str(data), "--data-dtype", "int32"]})
     return jobs
 
 
