@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.table import Table
 
+from autopar.cli import awkward_view
 from autopar.cli import common as c
 from autopar.cli.app import app
 from autopar.core.plan import Plan, Provenance, StageSpec
@@ -51,6 +52,10 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
              max_ep: Opt[int] = typer.Option(None, "--max-ep", help="largest expert-parallel degree"),
              max_mbs: Opt[int] = typer.Option(None, "--max-mbs", help="largest micro-batch"),
              cross_node: bool = typer.Option(False, "--cross-node", help="let tp and ep*etp span nodes"),
+             exact_gpus: bool = typer.Option(False, "--exact-gpus", help="use every GPU: on an awkward GPU count "
+                                             "offer no plan that leaves GPUs idle"),
+             exact_batch: bool = typer.Option(False, "--exact-batch", help="keep the global batch: on an awkward "
+                                              "GPU count offer no plan at a nearby batch"),
              json_out: bool = c.Json, no_cache: bool = c.NoCache,
              out: Opt[Path] = typer.Option(None, "--out", help="write the winning Plan (JSON) for `autopar emit`"),
              plot: Opt[Path] = typer.Option(None, "--plot", help="folder for timeline.png and memory.png"),
@@ -85,6 +90,9 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
                        cross_node=cross_node)
     _check_complete(cm, fixed, gb)
     res = search(cm, gb, cons, top_k=top)
+    alts = awkward_view.alternatives(cm, gb, cons, res, top, exact_gpus, exact_batch)
+    if alts is not None and alts.recommended is not None:  # continue with the recommended option
+        cm, res = alts.recommended.cm, alts.recommended.result
     if not res.candidates:
         _nothing_fits(cm, cons, res)
     if out:
@@ -94,8 +102,10 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
         plan.save(out)
     pngs = _plots(cm, res, plot) if plot else []
     if json_out:
-        c.print_json(plan_json(cm, res, top))
+        c.print_json({**plan_json(cm, res, top), **({"alternatives": awkward_view.as_json(alts)} if alts else {})})
         return
+    if alts is not None and alts.options:
+        awkward_view.print_table(alts, gb)
     _print(cm, res, out, pngs)
 
 
