@@ -150,8 +150,9 @@ def _docstring(plan: Plan, lay: Layout, device: str) -> str:
         by_mode = {mode: [k for k, v in sorted(lay.recompute.items()) if v == mode] for mode in ("full", "selective")}
         lines.append("Recompute: " + "; ".join(f"{mode} on layer{'s' if len(ids) > 1 else ''} {_ranges(ids)}"
                                                 for mode, ids in by_mode.items() if ids) + ".")
-    if lay.ep > 1:
-        lines.append(f"Expert parallel: ep={lay.ep} over the dp*cp ranks of a stage (edp={lay.edp}).")
+    if lay.ep > 1 or s.etp > 1:
+        lines.append(f"Expert parallel: ep={lay.ep}, etp={s.etp} folded over the dp*cp*tp ranks of a stage "
+                     f"(edp={lay.edp}).")
     lines += [f"Note: {n}" for n in lay.notes]
     preds = {k: v for k, v in plan.predictions.items() if isinstance(v, (int, float))}
     if preds:
@@ -170,6 +171,7 @@ def _config(plan: Plan, lay: Layout, device: str) -> str:
     rows = [
         f'DEVICE = "{device}"  # cuda: NCCL, one GPU per rank; cpu: gloo, one process per rank',
         f"PP, DP, CP, TP, EP = {s.pp}, {s.dp}, {s.cp}, {s.tp}, {lay.ep}  # mesh order: pp, dp, cp, tp (innermost)",
+        f"ETP = {s.etp}  # expert tensor parallel: ep*etp folded over a stage's dp*cp*tp ranks (etp innermost)",
         f"SEQ_LEN = {plan.seq_len}",
         f"GLOBAL_BATCH = {s.global_batch}  # sequences per step, over all data-parallel ranks",
         f"MICRO_BATCH = {s.micro_batch}",

@@ -27,26 +27,37 @@ def render_build(plan: Plan, lay: Layout) -> str:
     if s.cp > 1:
         per_part += ["        # @. Context parallel: this rank's share of every sequence; attention all-gathers K/V.",
                      "        rt.apply_cp(part, mesh, seq_len=SEQ_LEN)"]
-    if lay.ep > 1:
-        per_part += ["        # @. Expert parallel: keep the experts the placement names for this rank;",
-                     "        #    tokens reach them with all-to-all.",
-                     "        rt.apply_ep(part, mesh, EXPERT_PLACEMENT, first_moe_layer=FIRST_MOE_LAYER)"]
+    if lay.ep > 1 or s.etp > 1:
+        call = ("rt.apply_ep(part, mesh, EXPERT_PLACEMENT, first_moe_layer=FIRST_MOE_LAYER)" if lay.ep > 1
+                else "rt.apply_ep(part, mesh, None)")
+        per_part += ["        # @. Expert parallel: keep the experts the placement names for this rank (ep), their",
+                     "        #    ffn split over etp; tokens reach them with all-to-all (each tp rank its share).",
+                     "        " + call]
     if lay.recompute:
         per_part += ["        # @. Activation checkpointing on the layers the plan names.",
                      "        rt.apply_ac(part, RECOMPUTE)"]
     if per_part:
         out += ["    for part in parts:"] + per_part
-    dp_call = "    parts = [rt.apply_dp(part, mesh, zero_stage=ZERO_STAGE, tp=TP, pipeline=PP > 1) for part in parts]"
+    dp_call = _dp_call(plan)
     if lay.dp_mode in ("fsdp2", "replicate"):
         what = "ZeRO-2/3 (FSDP2 fully_shard)" if lay.dp_mode == "fsdp2" else "replicated data parallel (FSDP2)"
         out += [f"    # @. Data parallel over dp*cp ranks: {what}, applied on the meta",
-                "    #    device so no rank ever allocates more than its shard.", dp_call]
+                "    #    device so no rank ever allocates more than its shard."] + _dp_why(plan) + [dp_call]
     out += ["    # @. Materialize: allocate this rank's shards, fill them from the seed (the weights of a",
-            "    #    single-process run, whatever the strategy).",
-            "    rt.materialize(parts, spec, args.seed, device)"]
+            "    #    single-process run, whatever the strategy)."]
+    if s.offload_optimizer:
+        out += ["    #    Offload: the parameter shards live on the host (CPUOffloadPolicy), buffers on the device.",
+                '    rt.materialize(parts, spec, args.seed, "cpu")',
+                "    rt.buffers_to(parts, device)"]
+    else:
+        out += ["    rt.materialize(parts, spec, args.seed, device)"]
     if lay.dp_mode == "ddp":
         what = "DDP + ZeroRedundancyOptimizer (ZeRO-1)" if s.zero_stage == 1 else "DDP"
         out += [f"    # @. Data parallel over dp*cp ranks: {what}; DDP wraps materialized modules.", dp_call]
+    if lay.dp_mode == "zero1":
+        out += ["    # @. ZeRO-1 over dp*cp ranks: parameters and gradients stay whole; the optimizer",
+                "    #    (make_optimizer) keeps fp32 master slices and moments of 1/(dp*cp) of each weight.",
+                dp_call]
     if s.pp > 1:
         out += ["    # @. Pipeline stages and the schedule (microbatches flow between pp ranks).",
                 "    schedule = rt.apply_pp(parts, stage_ids, N_STAGES, mesh, SCHEDULE, N_MICRO, device)"]
@@ -60,3 +71,24 @@ def _number_steps(text: str) -> str:
     """Number the ``# @.`` comments 1, 2, ... in order (only the steps this plan uses appear)."""
     parts = text.split("# @. ")
     return parts[0] + "".join(f"# {n}. {rest}" for n, rest in enumerate(parts[1:], 1))
+
+
+def _dp_call(plan: Plan) -> str:
+    s = plan.strategy
+    extra = ""
+    if s.offload_optimizer:
+        extra += ", offload=True"
+    if plan.dtype != "fp32":
+        extra += f', dtype="{plan.dtype}"'
+    return (f"    parts = [rt.apply_dp(part, mesh, zero_stage=ZERO_STAGE, tp=TP, pipeline=PP > 1{extra})"
+            " for part in parts]")
+
+
+def _dp_why(plan: Plan) -> list[str]:
+    """What the priced knobs become in FSDP2 (emitted as priced: see cost_models/estimate.py)."""
+    s, out = plan.strategy, []
+    if plan.dtype != "fp32":
+        out.append("    #    bf16: MixedPrecisionPolicy - bf16 compute weights, all-gathers and reduce-scatters.")
+    if s.offload_optimizer:
+        out.append("    #    offload: CPUOffloadPolicy - parameter shards, gradients and AdamW states on the host.")
+    return out

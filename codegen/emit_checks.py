@@ -25,6 +25,8 @@ _DP_SUMMARY = {
     "ddp": "DDP over dp*cp ranks",
     "replicate": "replicated over dp*cp ranks (FSDP2 replicate: all-reduce per block, like DDP)",
     "fsdp2": "FSDP2 fully_shard over dp*cp ranks",
+    "zero1": "ZeRO-1 over dp*cp ranks (whole params and grads; ShardedAdamW: reduce-scatter, sharded fp32 "
+             "states, all-gather)",
 }
 
 
@@ -52,7 +54,7 @@ def check_plan(plan: Plan, device: str) -> Layout:
         raise InputError("plan: strategy.global_batch is 0; set the global batch (gbs=...) when planning")
     notes = []
     if plan.dtype in ("fp16", "fp8"):
-        notes.append(f"the plan's dtype is {plan.dtype}; this program runs bf16 autocast (fp32 weights), "
+        notes.append(f"the plan's dtype is {plan.dtype}; this program runs bf16 (FSDP2 mixed precision), "
                      "so time and memory differ from the prediction")
     vocab = _check_custom(plan) if m.family == "custom" else m.vocab
     if m.family != "custom" and plan.seq_len > m.max_seq_len:
@@ -63,18 +65,20 @@ def check_plan(plan: Plan, device: str) -> Layout:
     stages = _stages(plan)
     recompute = _recompute(plan)
     placement = _placement(plan) if s.ep > 1 else None
-    mode = dp_mode(s.zero_stage, s.dp * s.cp, s.tp > 1, s.ep > 1, s.pp > 1)
-    if s.zero_stage == 1 and mode == "fsdp2":
-        notes.append("ZeRO-1 with tp, ep or pp runs as ZeRO-2 (FSDP2 without resharding after forward): "
-                     "ZeroRedundancyOptimizer cannot broadcast DTensor or expert-parallel parameters")
+    mode = dp_mode(s.zero_stage, s.dp * s.cp, s.tp > 1 or s.etp > 1, s.ep > 1 or s.etp > 1, s.pp > 1,
+                   s.offload_optimizer, plan.dtype)
     summary = _DP_SUMMARY[mode]
     if mode == "fsdp2":
-        summary += " (ZeRO-3: reshard after forward)" if s.zero_stage >= 3 and s.pp == 1 else \
+        summary += " (ZeRO-3: reshard after forward)" if s.zero_stage >= 3 else \
             " (ZeRO-2: parameters stay gathered between forward and backward)"
+        if s.offload_optimizer:
+            summary += " + CPUOffloadPolicy (parameter shards, gradients, AdamW states on the host)"
     elif mode == "ddp" and s.zero_stage == 1:
         summary += " + ZeroRedundancyOptimizer (ZeRO-1: optimizer states sharded)"
+    if plan.dtype != "fp32":
+        summary += "; bf16 weights in compute and collectives, fp32 master weights"
     return Layout(pp=s.pp, stages=stages, recompute=recompute, n_micro=s.num_micro_batches, vocab=vocab,
-                  dp_mode=mode, dp_summary=summary, ep=s.ep, edp=(s.dp * s.cp) // s.ep, placement=placement,
+                  dp_mode=mode, dp_summary=summary, ep=s.ep, edp=s.edp, placement=placement,
                   notes=notes)
 
 

@@ -43,7 +43,7 @@ from autopar.codegen.runtime_mesh import ParallelMesh, build_mesh, init_distribu
 from autopar.codegen.runtime_metrics import FlopBasis, MetricsLogger, StepProfiler, parse_step_list
 from autopar.codegen.runtime_moe import apply_ep
 from autopar.codegen.runtime_optim import clip_grad_norm_, current_lr, make_schedulers, seed_everything
-from autopar.codegen.runtime_parallel import apply_dp, apply_tp, dp_mode, sync_grads
+from autopar.codegen.runtime_parallel import apply_dp, apply_tp, buffers_to, dp_mode, sync_grads
 from autopar.codegen.runtime_pp import apply_pp, even_stages, lm_loss, pp_step, split_stages
 from autopar.codegen.runtime_spec import RunSpec, load_run_spec
 from autopar.profiles.models import build_model
@@ -52,7 +52,7 @@ from autopar.profiles.models.layers import GroupedExperts
 __all__ = [
     "LiveTensorBytes", "ParallelMesh", "apply_ac", "apply_cp", "apply_dp", "apply_ep", "apply_pp", "apply_tp",
     "DataError", "FlopBasis", "MetricsLogger", "RunSpec", "StepProfiler", "TokenSampler", "clip_grad_norm_",
-    "current_lr", "dp_rows", "make_sampler", "make_schedulers", "parse_step_list", "seed_everything",
+    "buffers_to", "current_lr", "dp_rows", "make_sampler", "make_schedulers", "parse_step_list", "seed_everything",
     "build_mesh", "build_meta_model", "cp_positions", "dp_mode", "even_stages", "get_batch", "init_distributed",
     "initial_values", "lm_loss", "local_batch", "make_optimizer",
     "materialize", "peak_memory_bytes", "pp_step", "reset_peak_memory", "shutdown",
@@ -138,10 +138,18 @@ def _copy_into(p: torch.Tensor, value: torch.Tensor) -> None:
 # ----- optimizer --------------------------------------------------------------------
 def make_optimizer(parts: list[nn.Module], lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
                    zero1: bool = False, mesh: ParallelMesh | None = None) -> list[torch.optim.Optimizer]:
-    """AdamW per model part, decaying matrices only (nanoGPT). ``zero1``: each data-parallel
-    rank keeps the states of a partition of the parameters (``ZeroRedundancyOptimizer``)."""
+    """AdamW per model part, decaying matrices only (nanoGPT). ``zero1`` (fp32 DDP plans): each
+    data-parallel rank keeps the states of a partition of the parameters
+    (``ZeroRedundancyOptimizer``). A part ``apply_dp`` prepared for ZeRO-1 (``zero1_buckets``:
+    DTensor, expert, pipelined or 16-bit plans) gets ``ShardedAdamW`` (runtime_zero1)."""
+    from autopar.codegen.runtime_zero1 import ShardedAdamW
+
     opts = []
     for part in parts:
+        if getattr(part, "zero1_buckets", None) is not None:
+            opts.append(ShardedAdamW(part.zero1_buckets, lr=lr, betas=betas, weight_decay=weight_decay,
+                                     param_dtype=part.zero1_dtype))
+            continue
         params = [p for p in part.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -163,10 +171,11 @@ def optimizer_step(optimizers: list) -> None:
 
 # ----- training step ----------------------------------------------------------------
 def precision(dtype: str, device: torch.device):
-    """fp32 runs as is; bf16 (and fp16/fp8 plans, see docs) under bf16 autocast with fp32 weights."""
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """No autocast: a 16-bit plan's weights are 16-bit where they compute (FSDP2 / replicate
+    ``MixedPrecisionPolicy``, or ZeRO-1's bf16 parameters with fp32 masters; ``apply_dp``), so
+    parameters, gradients and collectives have the widths the cost model prices. Kept so
+    programs emitted earlier still run."""
+    return contextlib.nullcontext()
 
 
 def _grad_sync(model: nn.Module, last: bool):

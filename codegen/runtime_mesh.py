@@ -4,11 +4,12 @@ Rank order (``autopar.core.strategy``): tp innermost, then cp, then dp, pp outer
 so ``rank = ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i``. Tensor parallel groups are
 neighbours (one node, fastest links) and pipeline stages the farthest apart.
 
-The expert mapping (MoE Parallel Folding) folds ``ep`` over the same ranks. This first
-version places ``ep`` over the ``dp * cp`` ranks of a pipeline stage (``tp = etp = 1``):
-the flattened ``dp_cp`` dim splits into ``edp`` (outer) x ``ep`` (inner), so an expert
-parallel group is ``ep`` consecutive data-parallel ranks and each expert is replicated on
-``edp = dp * cp / ep`` ranks.
+The expert mapping (MoE Parallel Folding, Liu et al. 2025; ``autopar.core.strategy``) folds
+``ep`` and ``etp`` over the same ranks: the ``dp * cp * tp`` ranks of a pipeline stage,
+flattened with tp innermost, split into ``edp`` (outer) x ``ep`` x ``etp`` (innermost). An
+expert-parallel group is ``ep`` ranks ``etp`` apart, an expert-tensor-parallel group ``etp``
+consecutive ranks sharing one set of experts (their ffn dimension split), and each expert
+shard is replicated on ``edp = dp * cp * tp / (ep * etp)`` ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 DIMS = ("pp", "dp", "cp", "tp")
+EXPERT_DIMS = ("edp", "ep", "etp")
 _OWN_GROUP = False
 
 
@@ -35,15 +37,15 @@ class ParallelMesh:
 
     world: DeviceMesh
     dp_cp: DeviceMesh                 # gradient averaging group: data and context parallel ranks
-    ep_mesh: DeviceMesh | None = None  # (edp, ep) over dp_cp, when ep > 1
+    ep_mesh: DeviceMesh | None = None  # (edp, ep, etp) over a stage's dp*cp*tp ranks, when ep*etp > 1
 
     def size(self, dim: str) -> int:
         if dim in DIMS:
             return self.world.size(DIMS.index(dim))
         if dim == "dp_cp":
             return self.dp_cp.size()
-        if dim in ("edp", "ep"):
-            return self.ep_mesh.size(("edp", "ep").index(dim)) if self.ep_mesh is not None else 1
+        if dim in EXPERT_DIMS:
+            return self.ep_mesh.size(EXPERT_DIMS.index(dim)) if self.ep_mesh is not None else 1
         raise KeyError(dim)
 
     def rank(self, dim: str) -> int:
@@ -51,7 +53,7 @@ class ParallelMesh:
             return self.world.get_local_rank(dim)
         if dim == "dp_cp":
             return self.dp_cp.get_local_rank()
-        if dim in ("edp", "ep"):
+        if dim in EXPERT_DIMS:
             return self.ep_mesh.get_local_rank(dim) if self.ep_mesh is not None else 0
         raise KeyError(dim)
 
@@ -110,8 +112,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_mesh(device_type: str, pp: int = 1, dp: int = 1, cp: int = 1, tp: int = 1, ep: int = 1) -> ParallelMesh:
-    """The ``(pp, dp, cp, tp)`` mesh (documented rank order) and its ``dp_cp`` / ``(edp, ep)`` views."""
+def build_mesh(device_type: str, pp: int = 1, dp: int = 1, cp: int = 1, tp: int = 1, ep: int = 1,
+               etp: int = 1) -> ParallelMesh:
+    """The ``(pp, dp, cp, tp)`` mesh (documented rank order) and its ``dp_cp`` / ``(edp, ep, etp)`` views."""
     world = dist.get_world_size()
     if pp * dp * cp * tp != world:
         raise RuntimeError(f"plan needs pp*dp*cp*tp = {pp}*{dp}*{cp}*{tp} = {pp * dp * cp * tp} ranks, "
@@ -119,8 +122,9 @@ def build_mesh(device_type: str, pp: int = 1, dp: int = 1, cp: int = 1, tp: int 
     mesh = init_device_mesh(device_type, (pp, dp, cp, tp), mesh_dim_names=DIMS)
     dp_cp = mesh["dp", "cp"]._flatten("dp_cp")
     ep_mesh = None
-    if ep > 1:
-        if (dp * cp) % ep:
-            raise RuntimeError(f"ep={ep} must divide dp*cp={dp * cp}")
-        ep_mesh = dp_cp._unflatten(0, (dp * cp // ep, ep), ("edp", "ep"))
+    if ep * etp > 1:
+        stage = dp * cp * tp
+        if stage % (ep * etp):
+            raise RuntimeError(f"ep*etp={ep * etp} must divide dp*cp*tp={stage}")
+        ep_mesh = mesh["dp", "cp", "tp"]._flatten("stage")._unflatten(0, (stage // (ep * etp), ep, etp), EXPERT_DIMS)
     return ParallelMesh(world=mesh, dp_cp=dp_cp, ep_mesh=ep_mesh)

@@ -15,6 +15,16 @@ The functional all-to-all is differentiable (its backward is the reverse exchang
 gate weights are applied at the source, so router gradients stay local. Routing is the
 model's own ``TopKRouter`` on the same tokens, so it equals a single-process run.
 
+With tensor parallel (tp > 1) the tokens entering an MoE layer are the same on every tp rank:
+each tp rank dispatches its 1/tp share of them (``_SliceRows``; the backward gathers the
+input gradients) and the expert outputs are all-gathered over tp (``_GatherRows``; the
+backward keeps the rank's share), Megatron's scatter/gather pair. With expert tensor
+parallel (etp > 1) the ``etp`` ranks of a group hold the same experts, their ffn dimension
+split (w1/w3 column-wise, w2 row-wise, DTensor ``Shard`` over the ``etp`` mesh): the rows a
+rank received are all-gathered over etp, each rank computes its partial outputs, and a
+reduce-scatter returns each rank the sum for its own rows. The expert mesh (edp, ep, etp)
+folds over a stage's dp*cp*tp ranks (``runtime_mesh``).
+
 Replicated experts (an expert on two ranks of one group) are not supported yet: the
 placement must list every expert exactly once per layer.
 """
@@ -25,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from autopar.codegen.runtime_mesh import ParallelMesh
 from autopar.profiles.models.layers import GroupedExperts
@@ -37,44 +48,117 @@ def round_robin_placement(num_experts: int, ep: int) -> list[list[int]]:
 def apply_ep(model: nn.Module, mesh: ParallelMesh, placement: list[list[list[int]]] | None,
              first_moe_layer: int = 0) -> nn.Module:
     """Keep, on each rank, the experts ``placement[moe_layer][ep_rank]`` lists (global MoE
-    layer index = ``first_moe_layer + moe_layer``); default: expert ``e`` on rank ``e % ep``."""
+    layer index = ``first_moe_layer + moe_layer``; default: expert ``e`` on rank ``e % ep``),
+    their ffn dimension split over ``etp``."""
     ep = mesh.size("ep")
-    if ep == 1:
+    if ep * mesh.size("etp") == 1:
         return model
-    rank, group = mesh.rank("ep"), mesh.group("ep")
     for name, block in model.layers.items():
         experts = getattr(block.feed_forward, "experts", None)
         if not isinstance(experts, GroupedExperts):
             continue
         num = experts.w1.shape[0]
         layer = placement[int(name) - first_moe_layer] if placement else round_robin_placement(num, ep)
-        _keep_experts(experts, layer, rank, group)
+        _keep_experts(experts, layer, mesh)
     return model
 
 
-def _keep_experts(experts: GroupedExperts, layer: list[list[int]], rank: int, group) -> None:
-    """Slice the stacked weights to this rank's experts (still on the meta device) and swap
-    in the dispatching forward."""
+def _keep_experts(experts: GroupedExperts, layer: list[list[int]], mesh: ParallelMesh) -> None:
+    """Slice the stacked weights to this rank's experts (still on the meta device), split their
+    ffn dimension over etp, and swap in the dispatching forward."""
     owner = torch.empty(experts.w1.shape[0], dtype=torch.long)
     for r, ids in enumerate(layer):
         owner[ids] = r
-    ids = list(layer[rank])
-    for pname in ("w1", "w3", "w2"):
+    ids = list(layer[mesh.rank("ep")])
+    for pname, ffn_dim in (("w1", 2), ("w3", 2), ("w2", 1)):
         full = getattr(experts, pname)
-        setattr(experts, pname, nn.Parameter(torch.empty((len(ids),) + tuple(full.shape[1:]),
-                                                         dtype=full.dtype, device=full.device)))
+        mine = torch.empty((len(ids),) + tuple(full.shape[1:]), dtype=full.dtype, device=full.device)
+        if mesh.size("etp") > 1:
+            mine = distribute_tensor(mine, mesh["etp"], [Shard(ffn_dim)])
+        setattr(experts, pname, nn.Parameter(mine))
     experts.local_expert_ids = ids  # materialize takes these rows of each full initial tensor
     experts.expert_owner = owner
-    experts.ep_group = group
-    experts.ep_size = len(layer)
+    experts.ep_group, experts.ep_size = mesh.group("ep"), len(layer)
+    experts.etp_group = mesh.group("etp") if mesh.size("etp") > 1 else None
+    experts.tp_group = mesh.group("tp") if mesh.size("tp") > 1 else None
     experts.register_buffer("expert_ids", torch.tensor(ids, device=experts.w1.device), persistent=False)
     experts.__class__ = ExpertParallelGroupedExperts
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _all_gather_rows(t: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
+    """Concatenate every rank's rows (``sizes[r]`` rows on rank r; padded for the collective)."""
+    pad = t.new_zeros((max(sizes),) + tuple(t.shape[1:]))
+    pad[: t.shape[0]] = t
+    out = [torch.empty_like(pad) for _ in sizes]
+    dist.all_gather(out, pad, group=group)
+    return torch.cat([o[:n] for o, n in zip(out, sizes)])
+
+
+def _own_rows(t: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
+    start = sum(sizes[: dist.get_rank(group)])
+    return t[start: start + sizes[dist.get_rank(group)]]
+
+
+class _GatherRows(torch.autograd.Function):
+    """Forward: all ranks' rows. Backward: this rank's rows of the gradient, summed over the
+    group first when every rank used all rows with its own weight shard (``reduce_grad``)."""
+
+    @staticmethod
+    def forward(ctx, t, group, sizes, reduce_grad):
+        ctx.group, ctx.sizes, ctx.reduce_grad = group, sizes, reduce_grad
+        return _all_gather_rows(t, group, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        if ctx.reduce_grad:
+            dist.all_reduce(grad, group=ctx.group)
+        return _own_rows(grad, ctx.group, ctx.sizes).contiguous(), None, None, None
+
+
+class _SliceRows(torch.autograd.Function):
+    """Forward: this rank's rows (of the sum over the group with ``reduce_fwd``: the partial
+    outputs of a row-split w2). Backward: every rank's row gradients gathered."""
+
+    @staticmethod
+    def forward(ctx, t, group, sizes, reduce_fwd):
+        ctx.group, ctx.sizes = group, sizes
+        if reduce_fwd:
+            t = t.clone()
+            dist.all_reduce(t, group=group)
+        return _own_rows(t, group, sizes).clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_rows(grad.contiguous(), ctx.group, ctx.sizes), None, None, None
+
+
+def _group_sizes(n: int, group, device) -> list[int]:
+    """Row counts of every rank of ``group`` (exchanged: they differ after routing)."""
+    mine = torch.tensor([n], dtype=torch.long, device=device)
+    out = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, mine, group=group)
+    return [int(x) for x in out]
 
 
 class ExpertParallelGroupedExperts(GroupedExperts):
     """``GroupedExperts`` holding a subset of experts, with all-to-all token dispatch."""
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is None:
+            return self._dispatch(x, idx, weight)
+        tp = dist.get_world_size(self.tp_group)
+        sizes = [len(c) for c in torch.arange(x.shape[0]).tensor_split(tp)]
+        x_s = _SliceRows.apply(x, self.tp_group, sizes, False)
+        w_s = _SliceRows.apply(weight, self.tp_group, sizes, False)
+        y = self._dispatch(x_s, _own_rows(idx, self.tp_group, sizes), w_s)
+        return _GatherRows.apply(y, self.tp_group, sizes, False)
+
+    def _dispatch(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         T, k = idx.shape
         dest = self.expert_owner.to(idx.device)[idx.reshape(-1)]            # [T*k] rank per assignment
         order = torch.argsort(dest * len(self.expert_owner) + idx.reshape(-1), stable=True)
@@ -85,10 +169,26 @@ class ExpertParallelGroupedExperts(GroupedExperts):
         send_l, recv_l = send.tolist(), recv.tolist()
         rows = fc.all_to_all_single(x[token], recv_l, send_l, self.ep_group)
         eids = fc.all_to_all_single(idx.reshape(-1)[order], recv_l, send_l, self.ep_group)
-        out_rows = self._run_local(rows, eids)
+        out_rows = self._run_etp(rows, eids)
         back = fc.all_to_all_single(out_rows, send_l, recv_l, self.ep_group)
         y = back * weight[token, slot].unsqueeze(-1)
         return torch.zeros_like(x).index_add(0, token, y)
+
+    def _run_etp(self, rows: torch.Tensor, eids: torch.Tensor) -> torch.Tensor:
+        """The experts on the received rows; under etp on the rows of the whole etp group, each
+        rank's ffn shard giving partial outputs, summed and returned per rank (reduce-scatter)."""
+        if self.etp_group is None:
+            return self._run_local(rows, eids)
+        sizes = _group_sizes(rows.shape[0], self.etp_group, rows.device)
+        all_rows = _GatherRows.apply(rows, self.etp_group, sizes, True)
+        all_eids = _all_gather_rows(eids, self.etp_group, sizes)
+        return _SliceRows.apply(self._run_local(all_rows, all_eids), self.etp_group, sizes, True)
+
+    def expert_forward(self, local: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert on this rank's ffn shard (under etp the local tensors of the DTensors)."""
+        w1, w3, w2 = _local(self.w1), _local(self.w3), _local(self.w2)
+        h = torch.nn.functional.silu(x @ w1[local]) * (x @ w3[local])
+        return h @ w2[local]
 
     def _run_local(self, rows: torch.Tensor, eids: torch.Tensor) -> torch.Tensor:
         """Each received row through its expert (rows of one expert are batched). An expert

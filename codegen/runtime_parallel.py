@@ -146,73 +146,148 @@ def block_list(model: nn.Module) -> nn.Module:
 
 
 # ----- data parallel ------------------------------------------------------------------
-def dp_mode(zero_stage: int, dp_cp: int, has_dtensor: bool, has_ep: bool, pipeline: bool = False) -> str:
-    """Which torch API implements the data-parallel part of a plan.
+def dp_mode(zero_stage: int, dp_cp: int, has_dtensor: bool, has_ep: bool, pipeline: bool = False,
+            offload: bool = False, dtype: str = "fp32") -> str:
+    """Which torch API implements the data-parallel part of a plan (and its precision).
 
-    - ``none``: dp*cp = 1.
-    - ``ddp``: zero 0/1 on plain parameters without a pipeline: ``DistributedDataParallel``
-      (ZeRO-1 adds ``ZeroRedundancyOptimizer`` in ``make_optimizer``). Wraps a
-      *materialized* module.
-    - ``replicate``: zero 0 with tensor parallel (DTensor parameters, which DDP cannot hold)
-      or with a pipeline (DDP's bucket rebuild breaks when schedules interleave microbatch
-      backwards): FSDP2's ``replicate``, an all-reduce per block, no sharding.
+    - ``none``: dp*cp = 1, fp32, no offload: the module as built.
+    - ``ddp``: fp32 zero 0/1 on plain parameters without a pipeline: ``DistributedDataParallel``
+      (ZeRO-1 adds ``ZeroRedundancyOptimizer``, params/grads whole, states partitioned).
+      Wraps a *materialized* module.
+    - ``replicate``: zero 0 with tensor parallel (DTensor parameters, which DDP cannot hold),
+      with a pipeline (DDP's bucket rebuild breaks when schedules interleave microbatch
+      backwards), or in 16-bit: FSDP2's ``replicate``, an all-reduce per block, no sharding,
+      its ``MixedPrecisionPolicy`` giving 16-bit compute weights and collectives.
+    - ``zero1``: zero 1 with DTensor, expert or pipelined parameters, or 16-bit: no wrapper,
+      ``runtime_zero1.ShardedAdamW`` (whole params and grads, sharded fp32 master + moments,
+      reduce-scatter + all-gather at the step): ZeRO-1 as priced.
     - ``fsdp2``: ZeRO-2 = ``fully_shard(reshard_after_forward=False)`` (parameters stay
       gathered from forward to backward, gradients and optimizer states sharded);
-      ZeRO-3 = ``fully_shard`` (parameters re-gathered in backward). ZeRO-1 combined with
-      tp, ep or pp also runs as ZeRO-2: ``ZeroRedundancyOptimizer`` cannot broadcast DTensors
-      or expert shards that differ across ranks, nor sit on a pipelined DDP.
+      ZeRO-3 = ``fully_shard`` (parameters re-gathered in backward, also under a pipeline);
+      optimizer offload = either with ``CPUOffloadPolicy`` (any zero stage: the policy needs
+      FSDP2's sharded parameters, which then live on the host with their gradients and states).
     """
-    if dp_cp == 1:
-        return "none"
-    if zero_stage >= 2 or (zero_stage == 1 and (has_dtensor or has_ep or pipeline)):
+    if offload:
         return "fsdp2"
-    if has_dtensor or pipeline:
+    half = dtype != "fp32"
+    if zero_stage >= 2 and (dp_cp > 1 or half):
+        return "fsdp2"
+    if zero_stage == 1 and (half or (dp_cp > 1 and (has_dtensor or has_ep or pipeline))):
+        return "zero1"
+    if dp_cp == 1 and not half:
+        return "none"
+    if half or has_dtensor or pipeline:
         return "replicate"
     return "ddp"
 
 
+def mp_policy(dtype: str):
+    """FSDP2 mixed precision as priced: 16-bit compute weights, all-gathers and reduce-scatters
+    (2-byte collectives), fp32 sharded weights and gradients for the optimizer. fp16/fp8 plans
+    run bf16 (the emitted note says so)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if dtype == "fp32":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+
+
+def offload_policy(offload: bool, device_type: str):
+    """``CPUOffloadPolicy`` for optimizer offload: sharded parameters, their gradients and the
+    AdamW states on the host; parameters copied in at each all-gather, gradients copied out
+    after each reduce-scatter, the optimizer step on the CPU (priced in ``offload_step_time``)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    return CPUOffloadPolicy(pin_memory=device_type == "cuda") if offload else OffloadPolicy()
+
+
 def apply_dp(model: nn.Module, mesh: ParallelMesh, zero_stage: int = 0, tp: int = 1,
-             pipeline: bool = False) -> nn.Module:
+             pipeline: bool = False, offload: bool = False, dtype: str = "fp32") -> nn.Module:
     """Data parallel over the flattened ``dp_cp`` ranks (context-parallel ranks hold different
     tokens of the same sequences, so their gradients are averaged like data-parallel ones).
 
     Returns the module to train (DDP returns a wrapper). Expert parameters under expert
-    parallel are replicated only over ``edp`` ranks: FSDP2 shards them over the ``edp`` mesh
-    (when edp > 1); DDP and ``replicate`` leave them out. ``sync_grads`` finishes them."""
+    parallel are replicated only over ``edp`` ranks: FSDP2 shards (or ``replicate`` copies)
+    them over the ``edp`` mesh; DDP leaves them out. ``sync_grads`` finishes them."""
     experts = [m for m in model.modules() if getattr(m, "ep_group", None) is not None]
-    mode = dp_mode(zero_stage, mesh.size("dp_cp"), tp > 1, bool(experts), pipeline)
+    dtensor = tp > 1 or mesh.size("etp") > 1  # expert tensor parallel weights are DTensors too
+    mode = dp_mode(zero_stage, mesh.size("dp_cp"), dtensor, bool(experts), pipeline, offload, dtype)
     if mode == "none":
         return model
     if mode == "ddp":
         return _apply_ddp(model, mesh, experts)
+    if mode == "zero1":
+        return _apply_zero1(model, mesh, dtype)
     if mode == "replicate":
-        return _apply_replicate(model, mesh, experts)
+        return _apply_replicate(model, mesh, experts, mp_policy(dtype))
     from torch.distributed.fsdp import fully_shard
 
-    reshard = zero_stage >= 3 and not pipeline  # a pipeline re-gathers per microbatch otherwise
-    for ex in experts:
-        if mesh.size("edp") > 1:  # FSDP averages over edp; sync_grads rescales to a dp*cp mean
-            fully_shard(ex, mesh=mesh["edp"], reshard_after_forward=reshard)
-            ex.grad_rescale = 1.0 / mesh.size("ep")
-        else:  # nothing to shard them over: kept local, sync_grads averages their gradients
-            ex.sync_outside_dp = True
-    keep_local = bool(experts) and mesh.size("edp") == 1
+    # ZeRO-3 reshards after forward also under a pipeline (priced so: params / dp per rank,
+    # re-gathered in each micro-batch's backward); ZeRO-2 and offload-without-ZeRO-3 keep them.
+    kw = dict(reshard_after_forward=zero_stage >= 3, mp_policy=mp_policy(dtype),
+              offload_policy=offload_policy(offload, mesh.dp_cp.device_type))
+    for ex in experts:  # FSDP averages over edp; sync_grads rescales to a dp*cp mean
+        fully_shard(ex, mesh=mesh["edp"], **kw)
+        ex.grad_rescale = mesh.size("edp") / mesh.size("dp_cp")
     for block in blocks(model):  # one all-gather / reduce-scatter group per block
-        fully_shard(block, mesh=mesh.dp_cp, reshard_after_forward=reshard,
-                    ignored_params=_expert_params(block) if keep_local else None)
-    fully_shard(model, mesh=mesh.dp_cp, reshard_after_forward=reshard,
-                ignored_params=_expert_params(model) if keep_local else None)
+        fully_shard(block, mesh=mesh.dp_cp, **kw)
+    fully_shard(model, mesh=mesh.dp_cp, **kw)
+    if pipeline:
+        _keep_per_microbatch_sharding(model)
     return model
 
 
-def _apply_replicate(model: nn.Module, mesh: ParallelMesh, experts: list) -> nn.Module:
+def _keep_per_microbatch_sharding(model: nn.Module) -> None:
+    """``torch.distributed.pipelining`` turns FSDP's resharding after backward and its gradient
+    reduce-scatter off for every micro-batch but the step's last (stage.backward_maybe_with_nosync):
+    whole parameters and unsharded gradients then stay through the step, ZeRO-1 memory. ZeRO-2/3
+    are priced sharded per micro-batch, as without a pipeline, so the stage's setters become no-ops
+    on this part (the hooks run each micro-batch; the stage's final post-backward finds nothing
+    left to reduce)."""
+    def keep(*args, **kwargs) -> None:
+        return None
+
+    for name in ("set_reshard_after_backward", "set_requires_gradient_sync", "set_is_last_backward"):
+        setattr(model, name, keep)
+
+
+def buffers_to(parts: list[nn.Module], device) -> None:
+    """Move every buffer (RoPE tables, position and expert ids) to ``device``: under optimizer
+    offload the parts are materialized on the host, where FSDP2's CPUOffloadPolicy keeps the
+    parameter shards, but the forward reads buffers on the device."""
+    for part in parts:
+        for mod in part.modules():
+            for name, buf in list(mod._buffers.items()):
+                if buf is not None:
+                    mod._buffers[name] = buf.to(device)
+
+
+def _apply_replicate(model: nn.Module, mesh: ParallelMesh, experts: list, mp) -> nn.Module:
     from torch.distributed._composable.replicate_with_fsdp import replicate
 
-    for ex in experts:  # kept out of the all-reduce; sync_grads averages them over edp
-        ex.sync_outside_dp = True
+    for ex in experts:  # their own all-reduce over edp; sync_grads rescales to a dp*cp mean
+        replicate(ex, mesh=mesh["edp"], mp_policy=mp)
+        ex.grad_rescale = mesh.size("edp") / mesh.size("dp_cp")
     for block in blocks(model):  # one all-reduce per block, overlapping the backward
-        replicate(block, mesh=mesh.dp_cp, ignored_params=_expert_params(block) or None)
-    return replicate(model, mesh=mesh.dp_cp, ignored_params=_expert_params(model) or None)
+        replicate(block, mesh=mesh.dp_cp, mp_policy=mp)
+    return replicate(model, mesh=mesh.dp_cp, mp_policy=mp)
+
+
+def _apply_zero1(model: nn.Module, mesh: ParallelMesh, dtype: str) -> nn.Module:
+    """No wrapper: gradients accumulate whole on each rank over the micro-batches; at the step
+    ``sync_grads`` reduce-scatters them per ``Bucket`` (dense weights over dp*cp, expert weights
+    over edp, both divided by dp*cp) and ``make_optimizer`` builds ``ShardedAdamW`` on them."""
+    from autopar.codegen.runtime_zero1 import Bucket
+
+    keep = _expert_params(model)
+    n, edp = mesh.size("dp_cp"), mesh.size("edp")
+    model.zero1_buckets = [Bucket([p for p in model.parameters() if p not in keep],
+                                  mesh.group("dp_cp") if n > 1 else None, n)]
+    if keep:
+        model.zero1_buckets.append(Bucket([p for p in model.parameters() if p in keep],
+                                          mesh.group("edp") if edp > 1 else None, n))
+    model.zero1_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    return model
 
 
 def _expert_params(module: nn.Module) -> set:
@@ -248,7 +323,7 @@ def sync_grads(parts: list[nn.Module], mesh: ParallelMesh) -> None:
     Expert weights are replicated over ``edp`` ranks only but receive gradients from the
     tokens of all dp*cp ranks: kept out of DDP/FSDP, they are summed over ``edp`` and divided
     by dp*cp (what data-parallel averaging means for them); sharded by FSDP over ``edp``
-    (which averages over edp), they are scaled by edp/(dp*cp) = 1/ep (FSDP's
+    (which averages over edp), they are scaled by edp/(dp*cp) (FSDP's
     ``set_gradient_divide_factor`` would do this but needs PREMUL_SUM, which gloo lacks).
     Embeddings tied across the two ends of a pipeline are summed over the stage pair."""
     for part in parts:
@@ -261,6 +336,8 @@ def sync_grads(parts: list[nn.Module], mesh: ParallelMesh) -> None:
                 _average_expert_grads(mod, mesh)
         for fqn, group in getattr(inner, "tied_grad_groups", []):
             _sum_tied_grad(inner.get_parameter(fqn), group)
+        for bucket in getattr(inner, "zero1_buckets", []):  # ZeRO-1: reduce-scatter, after the tied sum
+            bucket.reduce(inner.zero1_dtype)
 
 
 def _with_grad(module: nn.Module) -> list:
@@ -270,7 +347,7 @@ def _with_grad(module: nn.Module) -> list:
 def _average_expert_grads(experts: nn.Module, mesh: ParallelMesh) -> None:
     for p in _with_grad(experts):
         if mesh.size("edp") > 1:
-            dist.all_reduce(p.grad, group=mesh.group("edp"))
+            dist.all_reduce(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad, group=mesh.group("edp"))
         p.grad.div_(mesh.size("dp_cp"))
 
 

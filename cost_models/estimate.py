@@ -221,9 +221,14 @@ class CostModel:
         ds = model_state_bytes(dense, self.dtype, s.zero_stage, s.dp * s.cp)
         es = model_state_bytes(expert, self.dtype, s.zero_stage, s.edp)
         host = 0.0
-        if s.offload_optimizer:  # ZeRO-Offload: the optimizer states live in host memory
-            host = ds.optimizer + es.optimizer
-            ds, es = ds.__class__(ds.params, ds.grads, 0.0), es.__class__(es.params, es.grads, 0.0)
+        if s.offload_optimizer:  # as emitted: FSDP2 CPUOffloadPolicy (codegen.runtime_parallel.apply_dp)
+            # the parameter shards, their gradients and the AdamW states live on the host, at any
+            # zero stage; the device holds gathered parameters only: ZeRO-3 one block at a time
+            # (comm_buffers), otherwise (reshard_after_forward=False) all of them from forward to backward
+            host = (model_state_bytes(dense, self.dtype, 3, s.dp * s.cp).total
+                    + model_state_bytes(expert, self.dtype, 3, s.edp).total)
+            gathered = 0.0 if s.zero_stage >= 3 else (dense + expert) * bytes_per_param(self.dtype)[0]
+            ds, es = ds.__class__(gathered, 0.0, 0.0), es.__class__(0.0, 0.0, 0.0)
         acts = sum(c.act_bytes[mo] for c, mo in zip(parts, modes)) + sum(c.act_bytes["none"] for c in extra)
         work = max([c.work_bytes[mo] for c, mo in zip(parts, modes)] + [0.0])
         temps = sum(c.temp_bytes for c in extra)
@@ -256,7 +261,9 @@ class CostModel:
         gradient-sized buffer."""
         pbytes, gbytes, _ = bytes_per_param(self.dtype)
         n = s.dp * s.cp
-        if n <= 1 or not parts:
+        # one rank: no wrapper in fp32; a 16-bit or offloading plan still runs FSDP2 / ZeRO-1's
+        # optimizer on its one rank (the 16-bit compute copies, codegen.runtime_parallel.dp_mode)
+        if not parts or (n <= 1 and self.dtype == "fp32" and not s.offload_optimizer):
             return 0.0
         biggest = max(c.params_dense + c.params_expert for c in parts)
         # expert weights join the data-parallel wrapper unless expert parallel keeps them out
@@ -264,6 +271,8 @@ class CostModel:
         if s.zero_stage >= 3:
             backward = biggest * (2 * pbytes + gbytes)
             return sum(c.params_dense for c in extra) * pbytes + max(0.0, backward - temps)
+        if s.offload_optimizer:  # FSDP2 CPUOffloadPolicy: one block's unsharded gradients; shards on the host
+            return biggest * gbytes
         if s.zero_stage == 2:
             return dense * pbytes / n + biggest * gbytes
         return dense * gbytes
@@ -359,8 +368,10 @@ class CostModel:
         dense = sum(costs[i].params_dense for i in r.layers)
         expert = sum(costs[i].params_expert for i in r.layers)
         local = dense / (s.dp * s.cp if s.zero_stage >= 1 else 1) + expert / (s.edp if s.zero_stage >= 1 else 1)
-        if s.offload_optimizer:
-            return offload_step_time(local, self.dtype, self.gpu)
+        if s.offload_optimizer:  # CPUOffloadPolicy shards at any zero stage; ZeRO-3 gathers twice per micro-batch
+            m = s.num_micro_batches
+            return offload_step_time(dense / (s.dp * s.cp) + expert / s.edp, self.dtype, self.gpu,
+                                     gathers=m * (2 if s.zero_stage >= 3 else 1), reductions=m)
         return self.timer.membound(local * OPTIMIZER_BYTES_PER_PARAM)
 
     def _report(self, s: Strategy, total: float, time: dict, ranks: list[RankReport], recompute) -> Estimate:
@@ -378,12 +389,16 @@ class CostModel:
                      "communication": "measurement" if self.ctx.fits else "datasheet"})
 
 
-def offload_step_time(params: float, dtype: str, gpu: GpuProfile) -> float:
-    """ZeRO-Offload step (Ren et al. 2021, Sec. 4): 16-bit gradients go to the host, the
-    CPU runs Adam over the fp32 states (memory bound on the GPU's share of host
-    bandwidth), 16-bit parameters come back. Not overlapped with the next step."""
+def offload_step_time(params: float, dtype: str, gpu: GpuProfile, gathers: int = 1, reductions: int = 1) -> float:
+    """Optimizer offload as emitted: FSDP2 ``CPUOffloadPolicy`` (torch.distributed.fsdp). The
+    rank's parameter shard ``params`` is copied host -> device in fp32 (4 bytes, the master
+    copy) at each of ``gathers`` all-gathers per step (each micro-batch's forward, and its
+    backward again under ZeRO-3), its reduced gradient shard device -> host after each of
+    ``reductions`` reduce-scatters (one per micro-batch), and AdamW runs on the CPU over the
+    fp32 states (memory bound on the GPU's share of host bandwidth; ZeRO-Offload, Ren et al.
+    2021, Sec. 4). Not overlapped with compute."""
     p, g, o = bytes_per_param(dtype)
-    copies = params * (g + p) / (gpu.host_link_gbps * 1e9)
+    copies = params * (gathers * 4 + reductions * g) / (gpu.host_link_gbps * 1e9)
     adam = params * (2 * o + g + p) / (gpu.host_optimizer_gbps * 1e9)
     return copies + adam
 
