@@ -26,7 +26,6 @@ import inspect
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -168,21 +167,49 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0][:200] if text else ""
 
 
-def trace_hf(spec: ModelSpec, model: nn.Module, inputs: dict[str, Any], tracer_cls) -> fx.GraphModule:
-    """Trace ``WithLoss(model)`` with ``tracer_cls`` (graph's tracer, HF experts as leaves);
-    a failure names the innermost module being traced and the construct."""
+def trace_hf(spec: ModelSpec, model: nn.Module, inputs: dict[str, Any], tracer_cls):
+    """Trace ``WithLoss(model)`` with a subclass of ``tracer_cls`` (graph's tracer); a failure
+    names the innermost module being run and the construct. Returns (tracer, graph, root)."""
     cfg = model.config
     root = WithLoss(model, bool(getattr(cfg, "is_encoder_decoder", False)),
                     getattr(model, "main_input_name", "input_ids"))
-    tracer = tracer_cls(inputs)
+    tracer = _hf_tracer(tracer_cls)(inputs)
     try:
         with _tracing_patches():
             graph = tracer.trace(root)
     except InputError:
         raise
     except Exception as exc:
-        where = tracer.scope.module_path if getattr(tracer, "scope", None) else ""
-        where = where[len("model."):] if where.startswith("model.") else where
-        raise InputError(f"model: cannot capture {cfg.model_type} ({type(model).__name__}) at module "
-                         f"'{where or '<top>'}': {type(exc).__name__}: {_first_line(exc)}") from None
+        where = _failing_module(exc, root)
+        raise InputError(f"model: cannot capture {cfg.model_type} ({type(model).__name__}) at {where}: "
+                         f"{type(exc).__name__}: {_first_line(exc)}") from None
     return tracer, graph, root
+
+
+def _hf_tracer(base: type) -> type:
+    class HFTracer(base):
+        """Modules that are not submodules of the model (transformers keeps activation modules
+        such as ``ACT2FN['gelu']`` as globals) are inlined: their ops join the caller's scope."""
+
+        def call_module(self, m, forward, args, kwargs):
+            known = self.__dict__.setdefault("_known", {id(x) for x in self.root.modules()})
+            if id(m) not in known and not self._running:
+                return forward(*args, **kwargs)
+            return super().call_module(m, forward, args, kwargs)
+
+    return HFTracer
+
+
+def _failing_module(exc: Exception, root: nn.Module) -> str:
+    """'module <path> (<Class>)' of the innermost model module whose code raised."""
+    names = {id(m): n for n, m in root.named_modules()}
+    found = "module '<top>'"
+    tb = exc.__traceback__
+    while tb is not None:
+        me = tb.tb_frame.f_locals.get("self")
+        if isinstance(me, nn.Module) and id(me) in names:
+            path = names[id(me)]
+            path = path[len("model."):] if path.startswith("model.") else path
+            found = f"module '{path or '<top>'}' ({type(me).__name__}, line {tb.tb_lineno})"
+        tb = tb.tb_next
+    return found
