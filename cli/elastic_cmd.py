@@ -265,7 +265,7 @@ def inspect_checkpoint_cmd(ckpt: Path = typer.Argument(..., help="a step-N check
                   f"shapes {m.get('shapes_sha256')}")
     console.print(f"plan: {_plan_line(info['plan'])}")
     for name, sec in sorted(info["sections"].items()):
-        console.print(f"{name}: {sec['tensors']} tensors, {sec['values']:,} values, {c.gib(sec['bytes'])}"
+        console.print(f"{name}: {sec['tensors']} tensors, {sec['values']:,} values, {_size(sec['bytes'])}"
                       + (f", {sec['objects']} other entries" if sec["objects"] else ""))
     if info["experts"]:
         console.print(f"experts: saved per expert id ({info['experts']} ids), any placement loads them")

@@ -19,7 +19,7 @@ sampler, RNG of every rank), ``meta.json`` (plan, step, model identity) and ``CO
 Everything is written into ``step-00000012.tmp/`` first; the marker is written last and the
 folder renamed atomically, so a checkpoint killed half-way is never picked up.
 
-Imports only torch and the standard library: the run folder needs nothing else.
+Imports only torch, the standard library and runtime_ckpt_zero1: the run folder needs nothing else.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
+
+import autopar.codegen.runtime_ckpt_zero1 as z1
 
 MARKER = "COMPLETE"
 META = "meta.json"
@@ -93,13 +95,23 @@ def clean_fqn(name: str) -> str:
 
 
 # ----- plan-independent state dicts -----------------------------------------------------
-def _state_dicts(parts: list[nn.Module], optimizers: list) -> tuple[list, list]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+def _state_dicts(parts: list[nn.Module], optimizers: list, for_load: bool = False) -> tuple[list, list]:
+    """Per part: model and flattened optimizer state dicts (``get_state_dict``'s keys). ZeRO-1's
+    ``ShardedAdamW`` through runtime_ckpt_zero1: gathered for a save, placeholders for a load."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     opts = StateDictOptions(flatten_optimizer_state_dict=True)
     models, optims = [], []
     for part, opt in zip(parts, optimizers):
-        m, o = get_state_dict(part, getattr(opt, "optim", opt), options=opts)  # ZeRO-1: its local AdamW
+        if z1.is_sharded_adamw(opt):
+            m = get_model_state_dict(part, options=opts)
+            if for_load:
+                weights, o = z1.placeholders(part, opt, clean_fqn)
+            else:
+                weights, o = z1.master_weights(part, opt, clean_fqn), z1.optim_state(part, opt, clean_fqn)
+            m.update(weights)
+        else:
+            m, o = get_state_dict(part, getattr(opt, "optim", opt), options=opts)  # ZeroRedundancyOptimizer: local
         models.append(m)
         optims.append(o)
     return models, optims
@@ -146,10 +158,10 @@ def _flat(dicts: list[dict], parts) -> dict:
     return _per_expert(merged, parts)
 
 
-def dcp_state(parts: list[nn.Module], optimizers: list) -> tuple[dict, list, list]:
+def dcp_state(parts: list[nn.Module], optimizers: list, for_load: bool = False) -> tuple[dict, list, list]:
     """``{"model": ..., "optim": ...}`` with plan-independent keys, and the per-part dicts that
     ``set_state_dict`` needs after a load (the flat one holds views of their tensors)."""
-    models, optims = _state_dicts(parts, optimizers)
+    models, optims = _state_dicts(parts, optimizers, for_load)
     return {"model": _flat(models, parts), "optim": _flat(optims, parts)}, models, optims
 
 
@@ -257,11 +269,21 @@ def _crash_for_tests(step: int) -> None:
 
 
 # ----- save / load --------------------------------------------------------------------------
+def _copy_objects(flat: dict, models: list, optims: list) -> None:
+    """DCP loads tensors in place (the per-part dicts share them) but replaces other values (the
+    param groups' lr, betas, ...) in the dict it was given: copy those back into the per-part dicts."""
+    for section, dicts in (("model", models), ("optim", optims)):
+        for d in dicts:
+            for key, val in d.items():
+                if not isinstance(val, torch.Tensor) and key in flat[section]:
+                    d[key] = flat[section][key]
+
+
 def load_checkpoint(path: str | os.PathLike, state: TrainState, identity: dict | None = None) -> int:
     """Load a complete checkpoint written under any plan into this rank's parts (in place);
     returns its step. ``identity``: refuse another model's checkpoint before touching anything."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     meta = read_meta(path)
     if meta.get("format") != FORMAT:
@@ -269,11 +291,16 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState, identity: dict |
                                  "fix: convert it with `autopar reshard`")
     if identity is not None:
         check_identity(meta.get("model", {}), identity)
-    flat, models, optims = dcp_state(state.parts, state.optimizers)
+    flat, models, optims = dcp_state(state.parts, state.optimizers, for_load=True)
     dcp.load(flat, checkpoint_id=str(path))  # fills the views above, resharding from the saved layout
+    _copy_objects(flat, models, optims)
     opts = StateDictOptions(flatten_optimizer_state_dict=True)
     for part, opt, m, o in zip(state.parts, state.optimizers, models, optims):
-        set_state_dict(part, getattr(opt, "optim", opt), model_state_dict=m, optim_state_dict=o, options=opts)
+        if z1.is_sharded_adamw(opt):
+            set_model_state_dict(part, m, options=opts)
+            z1.load_optim_state(part, opt, o, m, clean_fqn)
+        else:
+            set_state_dict(part, getattr(opt, "optim", opt), model_state_dict=m, optim_state_dict=o, options=opts)
     saved = torch.load(Path(path) / TRAIN_STATE, weights_only=True)
     _restore_train_state(saved, state)
     return int(saved["step"])

@@ -4,15 +4,15 @@ Emitted programs run on CPU/gloo inside grouped torchrun launches (tests/codegen
 
 - launch 1, 4 ranks: plan A (dp2 x tp2 + sp, ZeRO-1) trains 6 steps, checkpointing at 3 and 6:
   the uninterrupted run. Plan C (FSDP dp4) resumes A's step-3 checkpoint. A MoE run on ep2
-  checkpoints at 3 and an ep4 program with another expert placement resumes it. Plan A run
-  for 3 steps then requeued (``--resume auto``) continues exactly (sampler and RNG state).
+  checkpoints at 3 and an ep4 program with another expert placement resumes it.
 - launch 2, 2 ranks: plan B (pp2, 1F1B) resumes A's step-3 checkpoint; plan D (ZeRO-2 dp2)
   trains 6 steps uninterrupted, then again with a kill during the save of step 4.
-- launch 3, 2 ranks: the killed run restarts and goes on from step 2, the last complete one
-  (the half-written step-4 folder is removed, never read), keeping the newest 2.
+- launch 3, 2 ranks: the killed run restarts (``--resume auto``, as a requeue does) and goes on
+  from step 2, the last complete one (the half-written step-4 folder is removed, never read),
+  keeping the newest 2; its losses equal the uninterrupted run's (sampler and RNG state).
 
 Resumed losses at steps 4-6 match the uninterrupted run's within rtol 1e-4 (fp32 reduction
-order differs between plans); a requeue under the same plan matches to the printed digits.
+order differs between plans); a restart under the same plan matches to the printed digits.
 """
 
 from __future__ import annotations
@@ -80,8 +80,6 @@ def runs(tmp_path_factory):
         _job(root, "C<-A", "C", "--steps", "6", "--resume", a3, "--ckpt-dir", str(root / "ckC")),
         _job(root, "M2", "M2", "--steps", "6", "--ckpt-every", "3", "--ckpt-dir", str(root / "ckM")),
         _job(root, "M4<-M2", "M4", "--steps", "6", "--resume", m3, "--ckpt-dir", str(root / "ckM4")),
-        _job(root, "K/first", "A", "--steps", "3", "--ckpt-every", "3", "--ckpt-dir", str(root / "ckK")),
-        _job(root, "K/requeue", "A", "--steps", "6", "--ckpt-dir", str(root / "ckK")),
     ]
     out = {"__root__": root}
     first = _launch(root, 4, jobs4)
@@ -117,23 +115,14 @@ def test_resume_under_another_plan_continues_the_trajectory(runs, launch, name, 
 
 
 @pytest.mark.slow
-def test_requeue_after_step_k_matches_exactly(runs):
-    want = _losses(runs["first"], "A", [4, 5, 6])
-    assert _losses(runs["first"], "K/first", [1, 2, 3]) == _losses(runs["first"], "A", [1, 2, 3])
-    rows, text = runs["first"]["K/requeue"]
-    assert sorted(rows) == [4, 5, 6], text
-    assert [rows[s]["loss"] for s in (4, 5, 6)] == want  # same plan: the same numbers, to the printed digit
-
-
-@pytest.mark.slow
-def test_killed_during_save_restarts_from_the_previous_complete_checkpoint(runs):
+def test_killed_during_save_restarts_from_the_previous_complete_checkpoint_exactly(runs):
     assert runs["second"]["__rc__"] != 0, "the kill during the step-4 save did not happen"
     assert "step-00000002" in runs["__after_kill__"] and "step-00000004.tmp" in runs["__after_kill__"]
     rows, text = runs["third"]["D/restart"]
     assert "step-00000002 (step 2" in text, text[:500]
     assert sorted(rows or {}) == [3, 4, 5, 6], text
-    np.testing.assert_allclose([rows[s]["loss"] for s in (3, 4, 5, 6)], _losses(runs["second"], "D", [3, 4, 5, 6]),
-                               rtol=1e-6)
+    # a requeue after step 2 under the same plan: the same numbers to the printed digit (sampler, RNG, optimizer)
+    assert [rows[s]["loss"] for s in (3, 4, 5, 6)] == _losses(runs["second"], "D", [3, 4, 5, 6])
     left = sorted(p.name for p in (runs["__root__"] / "ckD").iterdir())
     assert left == ["step-00000004", "step-00000006"], left  # the tmp folder removed, --ckpt-keep 2
 
