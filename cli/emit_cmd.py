@@ -1,8 +1,9 @@
-"""`autopar emit PLAN --out DIR [--device cuda|cpu]`: write the training program of a plan."""
+"""`autopar emit PLAN --out DIR [--device cuda|cpu] [launcher options]`: write the training program of a plan."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -16,13 +17,26 @@ def emit_command(
     plan: Path = typer.Argument(..., help="plan.json written by `autopar plan`"),
     out: Path = typer.Option(..., "--out", "-o", help="folder to write train.py and the launch scripts into"),
     device: str = typer.Option("cuda", "--device", help="cuda (NCCL) or cpu (gloo: try any plan on a laptop)"),
+    account: Optional[str] = typer.Option(None, "--account", help="SLURM --account"),
+    partition: Optional[str] = typer.Option(None, "--partition", help="SLURM --partition"),
+    time_limit: str = typer.Option("01:00:00", "--time", help="SLURM --time ([D-]HH:MM:SS)"),
+    exclusive: bool = typer.Option(True, "--exclusive/--shared", help="SLURM: whole nodes (default) or shared"),
+    image: str = typer.Option("REPLACE_WITH_YOUR_IMAGE", "--image", help="PyTorchJob container image (torch inside)"),
+    workdir: str = typer.Option("/workspace/run", "--workdir", help="the run folder's path inside the image"),
+    host_network: bool = typer.Option(False, "--host-network", help="PyTorchJob: pods on the node's network"),
+    rdma_resource: Optional[str] = typer.Option(None, "--rdma-resource",
+                                                help="PyTorchJob: RDMA device-plugin resource, e.g. rdma/ib"),
 ) -> None:
-    """Generate train.py, launch_torchrun.sh, launch_slurm.sbatch, pytorchjob.yaml and a README."""
+    """Generate train.py (with its runtime, autopar_rt/, and a sample in data/), launch_torchrun.sh,
+    launch_slurm.sbatch, pytorchjob.yaml and a README."""
     from autopar.codegen.emit import emit, launch_commands
+    from autopar.codegen.emit_launch import LaunchOptions
     from autopar.core.plan import Plan
 
     p = Plan.load(plan)
-    files = emit(p, out, device)
+    launch = LaunchOptions(account=account, partition=partition, time_limit=time_limit, exclusive=exclusive,
+                           image=image, workdir=workdir, host_network=host_network, rdma_resource=rdma_resource)
+    files = emit(p, out, device, launch)
     table = Table(title=f"autopar emit: {p.model.name}, {p.strategy.short()} on {p.cluster.short()}")
     table.add_column("file")
     table.add_column("bytes", justify="right")

@@ -19,6 +19,7 @@ from pathlib import Path
 from autopar import __version__
 from autopar.codegen.emit_build import render_build
 from autopar.codegen.emit_checks import Layout, check_plan
+from autopar.codegen.emit_launch import LaunchOptions, network_line, render_pytorchjob, render_slurm, render_torchrun
 from autopar.codegen.emit_vendor import vendored_runtime
 from autopar.codegen.sample_data import ALPHABET, sample_bytes
 from autopar.core.plan import Plan
@@ -50,16 +51,19 @@ def has_sample(vocab: int) -> bool:
     return vocab >= len(ALPHABET)
 
 
-def emit(plan: Plan, out_dir: str | os.PathLike, device: str = "cuda") -> list[Path]:
-    """Write the training program for ``plan`` into ``out_dir``; returns the files written."""
+def emit(plan: Plan, out_dir: str | os.PathLike, device: str = "cuda",
+         launch: LaunchOptions | None = None) -> list[Path]:
+    """Write the training program for ``plan`` into ``out_dir``; returns the files written.
+    ``launch``: account, partition, image, ... of the launch scripts (``emit_launch``)."""
     if device not in ("cuda", "cpu"):
         raise InputError(f"device: '{device}' is not cuda or cpu")
     layout = check_plan(plan, device)
+    launch = launch or LaunchOptions()
     texts = {
         "train.py": render_train(plan, layout, device),
-        "launch_torchrun.sh": render_torchrun(plan, device),
-        "launch_slurm.sbatch": render_slurm(plan, device),
-        "pytorchjob.yaml": render_pytorchjob(plan, device),
+        "launch_torchrun.sh": render_torchrun(plan, device, launch),
+        "launch_slurm.sbatch": render_slurm(plan, device, launch),
+        "pytorchjob.yaml": render_pytorchjob(plan, device, launch),
         "README.md": render_readme(plan, layout, device),
         "plan.json": plan.model_dump_json(indent=2) + "\n",
         **vendored_runtime(),  # autopar_rt/: the runtime travels with the folder, nodes need only torch
@@ -100,11 +104,6 @@ def _fill(template: str, **values) -> str:
 
 def _procs(plan: Plan) -> tuple[int, int, int]:
     return plan.cluster.nodes, plan.cluster.gpus_per_node, plan.cluster.world
-
-
-def _job_name(plan: Plan) -> str:
-    name = "".join(c if c.isalnum() else "-" for c in plan.model.name.lower()).strip("-") or "model"
-    return f"autopar-{name}"[:52].rstrip("-")
 
 
 def launch_commands(plan: Plan) -> list[str]:
@@ -247,85 +246,43 @@ def _step(lay: Layout) -> str:
     return "                loss_sum = rt.train_step(parts[0], inputs, targets, N_MICRO, autocast)"
 
 
-# ----- launch scripts -----------------------------------------------------------------
-def _unit(device: str) -> str:
-    return "GPUs" if device == "cuda" else "CPU processes"
-
-
-def render_torchrun(plan: Plan, device: str) -> str:
-    nodes, procs, world = _procs(plan)
-    return _fill("launch_torchrun.sh.tmpl", TITLE=plan.model.name, NODES=nodes, PROCS=procs, WORLD=world,
-                 UNIT=_unit(device), LAST_NODE=nodes - 1)
-
-
-def render_slurm(plan: Plan, device: str) -> str:
-    nodes, procs, world = _procs(plan)
-    gpu = f"#SBATCH --gpus-per-node={procs}\n" if device == "cuda" else ""
-    return _fill("launch_slurm.sbatch.tmpl", TITLE=plan.model.name, NODES=nodes, PROCS=procs, WORLD=world,
-                 UNIT=_unit(device), JOB=_job_name(plan), GPU_LINE=gpu, CPUS=max(procs * 4, 4) if device == "cuda"
-                 else procs)
-
-
-def render_pytorchjob(plan: Plan, device: str) -> str:
-    nodes, procs, world = _procs(plan)
-    roles = [("Master", 1)] + ([("Worker", nodes - 1)] if nodes > 1 else [])
-    limit = f"nvidia.com/gpu: {procs}" if device == "cuda" else f'cpu: "{procs}"'
-    blocks = []
-    for role, n in roles:
-        blocks.append(f"""    {role}:
-      replicas: {n}
-      restartPolicy: OnFailure
-      template:
-        spec:
-          containers:
-            - name: pytorch
-              image: REPLACE_WITH_YOUR_IMAGE
-              imagePullPolicy: IfNotPresent
-              workingDir: /workspace/run
-              command: ["torchrun", "train.py", "--steps", "10"]
-              resources:
-                limits:
-                  {limit}
-              volumeMounts:
-                - name: dshm
-                  mountPath: /dev/shm
-          volumes:
-            - name: dshm
-              emptyDir:
-                medium: Memory""")
-    return _fill("pytorchjob.yaml.tmpl", TITLE=plan.model.name, NODES=nodes, PROCS=procs, WORLD=world,
-                 UNIT=_unit(device), JOB=_job_name(plan), REPLICAS="\n".join(blocks))
-
-
+# ----- README -------------------------------------------------------------------------
 def render_readme(plan: Plan, lay: Layout, device: str) -> str:
     nodes, procs, world = _procs(plan)
     cmds = "\n".join(launch_commands(plan))
     notes = "".join(f"- {n}\n" for n in lay.notes)
+    unit = "GPUs" if device == "cuda" else "CPU processes"
+    sample = ("| `data/sample.bin` | a generated learnable sample (its text: `data/sample.txt`), the default "
+              "`--data` |\n" if has_sample(lay.vocab) else "")
     return f"""# {plan.model.name}: {plan.strategy.short()}
 
 Generated by `autopar emit` (autopar {__version__}) for {plan.cluster.short()}:
-{nodes} node(s) x {procs} {_unit(device)} per node, world size {world}, device `{device}`.
+{nodes} node(s) x {procs} {unit} per node, world size {world}, device `{device}`.
+Network the plan was priced with: {network_line(plan)}.
 
 | file | what |
 |---|---|
 | `train.py` | the training program (plan summary in its docstring) |
+| `autopar_rt/` | its runtime (copied from autopar): nodes need only python and torch |
 | `launch_torchrun.sh` | torchrun, single node or one call per node |
-| `launch_slurm.sbatch` | Slurm: srun starts torchrun on each node, rendezvous from SLURM variables |
-| `pytorchjob.yaml` | Kubeflow PyTorchJob (set the image first) |
+| `launch_slurm.sbatch` | Slurm: srun starts torchrun on each node, c10d rendezvous, requeue |
+| `pytorchjob.yaml` | Kubeflow PyTorchJob (image from `autopar emit --image`) |
 | `plan.json` | the plan this folder was generated from |
-
+{sample}
 ## Run
 
 ```bash
 {cmds}
 ```
 
-Options of `train.py`: `--steps N`, `--seed S`, `--lr`, `--data train.bin` (flat uint16/int32
-tokens; `--data-dtype int32`), `--ckpt-every N`, `--ckpt-dir DIR`, `--resume`, `--device cpu`
-(gloo: any plan runs on a laptop with a small model). `autopar` and torch must be importable
-on every node.
+Options of `train.py` (`--help` lists all): `--steps N`, `--data PATH` (nanoGPT-style flat
+uint16/uint32 token file or a folder of `*.bin` shards; `synthetic` for random tokens),
+`--lr`, `--warmup-steps`, `--lr-decay cosine|linear|constant`, `--grad-clip`, `--log-every`,
+`--metrics-file FILE.jsonl`, `--profile-steps 5,6`, `--ckpt-every N`, `--resume auto|never|PATH`,
+`--device cpu` (gloo: any plan runs on a laptop with a small model).
 
-Each step prints `step= loss= step_time_s= peak_mem_bytes=`; the loss is the mean over the
-global batch, so it does not depend on the strategy.
+Each logged line prints `step= loss= lr= grad_norm= step_time_s= tokens_per_s= tflops_per_gpu=
+mfu= peak_mem_bytes=` and the plan's `pred_step_time_s= pred_mfu= pred_peak_mem_bytes=`; the loss
+is the mean over the global batch, so it does not depend on the strategy.
 
 {notes}"""
