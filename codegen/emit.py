@@ -146,7 +146,8 @@ def _docstring(plan: Plan, lay: Layout, device: str) -> str:
         ranges = ", ".join(f"{a}-{b - 1}" if b > a else "-" for a, b in lay.stages)
         lines.append(f"Pipeline: {s.schedule}, {len(lay.stages)} virtual stages (layers {ranges}).")
     if lay.recompute:
-        by_mode = {mode: [k for k, v in sorted(lay.recompute.items()) if v == mode] for mode in ("full", "selective")}
+        by_mode = {mode: [k for k, v in sorted(lay.recompute.items()) if v == mode]
+                   for mode in ("full", "op", "selective")}
         lines.append("Recompute: " + "; ".join(f"{mode} on layer{'s' if len(ids) > 1 else ''} {_ranges(ids)}"
                                                 for mode, ids in by_mode.items() if ids) + ".")
     if lay.ep > 1 or s.etp > 1:
@@ -188,7 +189,7 @@ def _config(plan: Plan, lay: Layout, device: str) -> str:
     if s.pp > 1:
         rows.append(f'SCHEDULE = "{s.schedule}"')
     if lay.recompute:
-        rows.append(_const("RECOMPUTE", lay.recompute, "layer -> full | selective (others: none)"))
+        rows.append(_const("RECOMPUTE", lay.recompute, "layer -> full | op | selective (others: none)"))
     if lay.ep > 1:
         rows.append(f"FIRST_MOE_LAYER = {plan.model.first_dense_layers}")
         rows.append(_const("EXPERT_PLACEMENT", lay.placement, "[moe layer][ep rank] -> expert ids"))

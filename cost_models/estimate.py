@@ -80,6 +80,15 @@ class Estimate:
     peak_flops: float
     tokens: int
     sources: dict[str, str] = field(default_factory=dict)
+    allocator_reserve_fraction: float = 0.0  # the GPU profile's fitted caching-allocator reserve
+
+    @property
+    def reserved_peak_bytes(self) -> float:
+        """What ``torch.cuda.max_memory_reserved`` reports: the worst rank's live-tensor peak plus
+        the caching allocator's reserve beyond it (fragmentation, cached blocks), a fraction fitted
+        per GPU and stack; the CUDA context and NCCL's own buffers (``framework_overhead``) are
+        outside the allocator and not in it."""
+        return (self.peak_bytes - self.memory_overhead) * (1.0 + self.allocator_reserve_fraction)
 
     @property
     def feasible(self) -> bool:
@@ -238,7 +247,7 @@ class CostModel:
             "gradients": ds.grads + es.grads + (self._replicated_embedding_grad(s) if first else 0.0),
             "optimizer_states": ds.optimizer + es.optimizer,
             "activations": acts * in_flight,
-            "recompute_workspace": work,
+            "recompute_workspace": self.workspace_excess(s, parts, work, temps),
             "logits_and_temporaries": temps,
             "comm_buffers": self._comm_buffer_bytes(s, parts, extra, temps),
             "pipeline_buffers": self._pipeline_buffer_bytes(s, first, last, in_flight),
@@ -269,13 +278,29 @@ class CostModel:
         # expert weights join the data-parallel wrapper unless expert parallel keeps them out
         dense = sum(c.params_dense + (c.params_expert if s.ep == 1 else 0.0) for c in parts + extra)
         if s.zero_stage >= 3:
-            backward = biggest * (2 * pbytes + gbytes)
+            backward = self._zero3_backward_bytes(s, parts)
             return sum(c.params_dense for c in extra) * pbytes + max(0.0, backward - temps)
         if s.offload_optimizer:  # FSDP2 CPUOffloadPolicy: one block's unsharded gradients; shards on the host
             return biggest * gbytes
         if s.zero_stage == 2:
             return dense * pbytes / n + biggest * gbytes
         return dense * gbytes
+
+    def _zero3_backward_bytes(self, s: Strategy, parts: list[LayerCost]) -> float:
+        """ZeRO-3 buffers live only while blocks run backward: two blocks' gathered parameters
+        (current + prefetched) and one block's unsharded gradients (``_comm_buffer_bytes``)."""
+        if s.zero_stage < 3 or s.dp * s.cp <= 1 or not parts:
+            return 0.0
+        pbytes, gbytes, _ = bytes_per_param(self.dtype)
+        return max(c.params_dense + c.params_expert for c in parts) * (2 * pbytes + gbytes)
+
+    def workspace_excess(self, s: Strategy, parts: list[LayerCost], work: float, temps: float) -> float:
+        """A layer's backward transient (its recompute) and the loss's temporaries are never live at
+        once: the loss runs before any layer's backward and its tensors are freed first. The peak
+        holds the larger phase, loss ``temps`` or layer ``work`` + the ZeRO-3 backward buffers, so
+        the workspace adds only its excess over what the loss phase already counts."""
+        backward = self._zero3_backward_bytes(s, parts)
+        return max(0.0, work + backward - max(temps, backward))
 
     def _pipeline_buffer_bytes(self, s: Strategy, first: bool, last: bool, in_flight: float) -> float:
         """``torch.distributed.pipelining``: a receive buffer per micro-batch for each local stage
@@ -386,7 +411,8 @@ class CostModel:
             model_flops=model, hardware_flops=model + full_rc * s.global_batch, world=s.world,
             peak_flops=self.timer.peak, tokens=s.global_batch * self.seq_len,
             sources={"compute": self.timer.source,
-                     "communication": "measurement" if self.ctx.fits else "datasheet"})
+                     "communication": "measurement" if self.ctx.fits else "datasheet"},
+            allocator_reserve_fraction=self.gpu.allocator_reserve_fraction)
 
 
 def offload_step_time(params: float, dtype: str, gpu: GpuProfile, gathers: int = 1, reductions: int = 1) -> float:

@@ -75,6 +75,8 @@ class PricingContext:
     ep_cross_fraction: float | None = None  # measured share of routed tokens leaving the rank
     fits: list[CommFit] | None = None
     runtime: str = "torch"               # "torch": the emitted programs; "megatron": Megatron-LM kernels
+    compile: str = "none"                # torch.compile of the blocks ("model") and of the loss ("model+loss")
+    loss_parallel: bool = False          # torch runtime: cross-entropy on vocabulary-sharded logits (torchtitan)
 
     def __post_init__(self):
         """A measured hardware profile brings its own collective fits and, for CPU ranks that
@@ -143,7 +145,8 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         # op keeps reduce-scatter outputs (sequence parallel: the all-gathers, a quarter of the tp
         # time, are re-run); plain tp all-reduces and ep all-to-alls are re-run as under full
         recompute_comm_op_s=comm.get("tp", 0.0) / (4 if s.sequence_parallel else 2) + comm.get("ep", 0.0) / 2,
-        act_bytes={m: saved_bytes(layer, sh, m) + _gathered_loss_bytes(layer, s, sh, ctx) for m in RECOMPUTE_MODES},
+        act_bytes={m: saved_bytes(layer, sh, m, ctx.compile != "none") + _gathered_loss_bytes(layer, s, sh, ctx)
+                   for m in RECOMPUTE_MODES},
         work_bytes={m: working_bytes(layer, sh, m) + _expert_grad_transient(layer, s, ctx) for m in RECOMPUTE_MODES},
         params_dense=(layer.params_tp + layer.params_vocab) / s.tp + layer.params_rep,
         params_expert=layer.params_expert / (s.ep * s.etp),
@@ -298,13 +301,46 @@ def _logits_bytes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingCon
     Replicate) are both live when the loss starts."""
     if ctx.runtime == "megatron" and layer.kind == "output":
         return layer.temp_bytes * sh.tokens / s.tp  # vocab-parallel logits stay split
-    return layer.temp_bytes * sh.tokens * (2 if layer.kind == "output" and s.tp > 1 else 1)
+    if layer.kind != "output":
+        return layer.temp_bytes * sh.tokens
+    split = _vocab_split(s, ctx)
+    if ctx.compile == "model+loss":  # one fused kernel writes the 16-bit logit gradient directly
+        return _vocab_saved(layer, sh) / 2 / split
+    forward = layer.temp_bytes * sh.tokens * (2 if s.tp > split else 1) / split
+    return max(forward, loss_backward_bytes(layer, sh, split > 1) / split)
+
+
+def loss_backward_bytes(layer: LayerTemplate, sh: Shards, vocab_parallel: bool = False) -> float:
+    """The loss's backward beyond its saved log-probabilities: ``nll_loss_backward`` writes a
+    full fp32 [tokens, vocab] gradient and ``log_softmax_backward`` another while the saved
+    output is still held (torch autograd frees a node's saved tensors only after it runs), so
+    the loss phase peaks at three fp32 logit-sized tensors, above the forward's bf16 logits +
+    fp32 upcast + log-probabilities. Full vocabulary on every tp rank (see ``_vocab_comm``).
+    DTensor's ``loss_parallel`` (torch/distributed/tensor/parallel/loss.py,
+    ``_nll_loss_and_log_softmax_backward``) builds ``(zeros_like(x) + exp(x)) * grad`` beside the
+    saved ``x``: three fp32 temporaries, four with the saved one."""
+    if layer.kind != "output":
+        return 0.0
+    return (3 if vocab_parallel else 2) * _vocab_saved(layer, sh)
+
+
+def _vocab_saved(layer: LayerTemplate, sh: Shards) -> float:
+    """The loss's vocabulary-sized saved tensors (fp32 log-probabilities), full vocabulary."""
+    return sum(t.bytes for t in layer.saved if t.shard in ("tp", "vocab") and not t.const) * sh.tokens
+
+
+def _vocab_split(s: Strategy, ctx: PricingContext) -> int:
+    """Over how many ranks the loss's logits are split: tp for a vocab-parallel loss, else 1."""
+    return s.tp if ctx.runtime == "megatron" or ctx.loss_parallel else 1
 
 
 def _gathered_loss_bytes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext) -> float:
     """The cross-entropy runs on the gathered logits on every tp rank: its vocabulary-sized saved
-    tensors are not split by tp (the (tp-1)/tp that ``saved_bytes`` divided away)."""
-    if layer.kind != "output" or s.tp == 1 or ctx.runtime == "megatron":
+    tensors are not split by tp (the (tp-1)/tp that ``saved_bytes`` divided away) unless the loss
+    is vocab-parallel. A compiled loss keeps the 16-bit logits (and a per-token logsumexp) instead
+    of fp32 log-probabilities: half the bytes."""
+    if layer.kind != "output":
         return 0.0
-    vocab = sum(t.bytes for t in layer.saved if t.shard in ("tp", "vocab") and not t.const)
-    return vocab * sh.tokens * (1 - 1 / s.tp)
+    full = _vocab_saved(layer, sh)
+    mine = full / _vocab_split(s, ctx) / (2 if ctx.compile == "model+loss" else 1)
+    return mine - full / s.tp  # saved_bytes counted full / tp

@@ -54,6 +54,7 @@ class SavedTerm:
     attn_core: bool = False
     const: bool = False                   # does not scale with the batch (e.g. causal mask)
     sp_only: bool = False                 # exists only under tp > 1 with sequence parallelism
+    compile_drops: bool = False           # only residual adds use it: a compiled block does not keep it
 
 
 @dataclass
@@ -97,12 +98,14 @@ class Shards:
         return 1  # router: replicated on every rank that holds the tokens; partial: full-size partial sums
 
 
-def saved_bytes(layer: LayerTemplate, sh: Shards, recompute: str) -> float:
-    """Activation bytes one micro-batch leaves saved for backward in this layer."""
+def saved_bytes(layer: LayerTemplate, sh: Shards, recompute: str, compiled: bool = False) -> float:
+    """Activation bytes one micro-batch leaves saved for backward in this layer. ``compiled``: the
+    block runs under ``torch.compile``, whose partitioner keeps of the per-op policy's outputs only
+    those the backward reads (eager checkpointing stores every one the policy names)."""
     if recompute == "full":
         return layer.input_bytes * sh.tokens / (sh.tp if sh.sp else 1)
     if recompute == "op" and layer.op_saved:
-        return _sum_terms(layer.op_saved, sh)
+        return _sum_terms([t for t in layer.op_saved if not (compiled and t.compile_drops)], sh)
     total = 0.0
     for t in layer.saved:
         if recompute == "selective" and t.attn_core:

@@ -32,6 +32,7 @@ def estimate_dict(e: Estimate, cm: CostModel | None = None) -> dict:
         "feasible": e.feasible,
         "memory": {
             "peak_bytes": e.peak_bytes,
+            "reserved_peak_bytes": e.reserved_peak_bytes,
             "capacity_bytes": e.capacity_bytes,
             "usable_bytes": e.usable_bytes + e.memory_overhead,
             "breakdown": worst.memory,

@@ -149,4 +149,5 @@ def _sig(o: OpCost) -> str | None:
 
 def _saved(name: str, nbytes: int, tags: list[str]) -> SavedTerm:
     return SavedTerm(name=name, bytes=float(nbytes), shard=_shard(tags), attn_core="attn_core" in tags,
-                     const="const" in tags, sp_only="sp_collective" in tags)
+                     const="const" in tags, sp_only="sp_collective" in tags,
+                     compile_drops="residual_only" in tags)

@@ -20,8 +20,10 @@ Tags (on ops and on saved tensors), for the cost model:
 
 Per-op selective checkpointing (``recompute=op``, ``codegen.runtime_ac.op_policy``) keeps a different
 set per block, ``LayerGroup.op_saved`` (see ``op_policy``): tagged like the rest, plus ``partial``
-(a row-parallel matmul's full-size partial sum, not split by tp) and ``sp_collective`` (a
-reduce-scatter output, present only under tensor + sequence parallelism).
+(a row-parallel matmul's full-size partial sum, not split by tp), ``sp_collective`` (a
+reduce-scatter output, present only under tensor + sequence parallelism) and ``residual_only``
+(consumed only by residual adds, whose backward needs no input: a compiled block's partitioner
+does not keep it, eager checkpointing does).
 """
 
 from __future__ import annotations
@@ -231,11 +233,12 @@ def op_policy(mg: ModelGraph, nodes: list[str], saved: list[SavedTensor]) -> tup
         elif a["kind"] == "linear":
             matmuls += 1
             row = "row_parallel" in a["tags"]
+            residual = ["residual_only"] if _feeds_only_adds(mg, n) else []
             if matmuls % 2:
                 kept.append(n)
-                out.append(_output(n, a, ["partial"] if row else a["out_tags"]))
+                out.append(_output(n, a, (["partial"] if row else a["out_tags"]) + residual))
             if row:  # the reduce-scatter of its partial sums, saved whatever the count says
-                out.append(_output(n, a, ["replicated", "sp_collective"], ":reduce_scatter"))
+                out.append(_output(n, a, ["replicated", "sp_collective"] + residual, ":reduce_scatter"))
         elif a["kind"] == "sdpa":
             kept.append(n)
             out.append(_output(n, a, a["out_tags"]))
@@ -244,6 +247,13 @@ def op_policy(mg: ModelGraph, nodes: list[str], saved: list[SavedTensor]) -> tup
             out += [t.model_copy(update={"bytes": t.bytes // 2}) for t in saved
                     if t.name.startswith(f"{n}:") and t.name.split(":")[-1] in ("w1_out", "w3_out", "w2_out")]
     return out, kept
+
+
+def _feeds_only_adds(mg: ModelGraph, node: str) -> bool:
+    """Every consumer (through views) is an add: the value itself is not needed in backward."""
+    users = list(mg.graph.successors(node))
+    return bool(users) and all(mg.graph.nodes[u]["kind"] == "add" or
+                               (mg.graph.nodes[u]["kind"] == "view" and _feeds_only_adds(mg, u)) for u in users)
 
 
 def _output(node: str, a: dict, tags: list[str], suffix: str = "") -> SavedTensor:

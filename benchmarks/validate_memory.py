@@ -1,0 +1,152 @@
+"""Predicted vs published peak memory for every row of published_modern.yaml that reports
+``measured.memory_gib``, priced the way ``autopar estimate`` prices the row (``published_rows``).
+
+    python benchmarks/validate_memory.py [--yaml PATH] [--markdown] [--fit]
+
+The published figure is torchtitan's ``memory`` log line: ``torch.cuda.max_memory_reserved`` on the
+worst rank (the caching allocator's reserved bytes, not the CUDA context or NCCL's own buffers).
+It is compared with ``Estimate.reserved_peak_bytes``: the predicted live-tensor peak of the worst
+rank (without ``framework_overhead``) times ``1 + allocator_reserve_fraction`` of the GPU profile.
+Error = predicted / published - 1 (negative: under-predicted).
+
+``--fit`` prints the allocator reserve fraction that the rows imply per GPU profile (mean of
+published / live-peak - 1 over that profile's rows), the number ``allocator_reserve_fraction`` in
+``profiles/hardware/<gpu>.yaml`` is set from; the rows of other profiles (h200) check it.
+
+Row mapping beyond ``published_rows.case_for`` (torchtitan's configuration, each stated once here):
+- "per-op SAC" / "selective op" recompute is torchtitan's per-op policy: ``recompute=op``;
+- "H100 (96GB HBM2e, 500 W cap ...)" is the ``h100-96g`` profile;
+- torchtitan's tensor parallel always shards norms and the residual stream over the sequence
+  (``SequenceParallel``) and computes the loss on vocabulary-sharded logits (``loss_parallel``):
+  ``sp=1`` and ``PricingContext.loss_parallel``;
+- "torch.compile" rows: torchtitan at the Dec 2024 benchmark commit (9dec370) compiles each
+  transformer block (``compile="model"``); from 2025 it compiles the loss too
+  (``compile.components`` = model, loss: ``compile="model+loss"``), as the June 2025 H200 run did;
+- a row without a global batch (memory does not depend on it) runs one micro-batch per rank;
+- with a pipeline, torchtitan (Dec 2024) splits the local batch into ``pp`` micro-batches
+  (``pipeline_parallel_microbatches`` defaults to the pp degree): the row's batch of 32 is
+  ``mbs = 32 / pp``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from autopar.errors import AutoparError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from published_rows import MODERN_YAML, Case, RowSkip, build, case_for, load_runs  # noqa: E402
+
+GiB = 1024**3
+
+
+def memory_case(run: dict) -> Case:
+    """``case_for`` plus the torchtitan mapping of the module docstring."""
+    par = run["parallel"]
+    if par.get("global_batch") is None and isinstance(par.get("dp"), int):
+        run = {**run, "parallel": {**par, "global_batch": (par.get("microbatch") or 1) * par["dp"]}}
+    case = case_for(run)
+    gpu = str(run["hardware"].get("gpu") or "").lower()
+    if "h100" in gpu and "96gb" in gpu:
+        case = replace(case, gpu="h100-96g")
+    text = str(run["parallel"].get("recompute") or "").lower()
+    strategy = case.strategy
+    if "per-op" in text or "selective op" in text:
+        strategy = re.sub(r"recompute=\w+", "recompute=op", strategy)
+    if case.stack == "torchtitan" and _degree(strategy, "tp") > 1:
+        strategy = strategy.replace("sp=0", "sp=1")
+    pp = _degree(strategy, "pp")
+    if case.stack == "torchtitan" and pp > 1:
+        strategy = re.sub(r"mbs=(\d+)", lambda m: f"mbs={max(1, int(m.group(1)) // pp)}", strategy)
+    return replace(case, strategy=strategy)
+
+
+def compile_mode(run: dict) -> str:
+    """none | model | model+loss: what the row's torchtitan version compiles (module docstring)."""
+    text = f"{run['parallel'].get('technique') or ''} {run.get('precision') or ''}".lower()
+    if "compile" not in text:
+        return "none"
+    return "model+loss" if "2025" in str(run["source"].get("title") or "") else "model"
+
+
+def _degree(strategy: str, name: str) -> int:
+    match = re.search(rf"\b{name}=(\d+)", strategy)
+    return int(match.group(1)) if match else 1
+
+
+def rows(path: Path) -> list[dict]:
+    return [r for r in load_runs(path) if (r.get("measured") or {}).get("memory_gib") is not None]
+
+
+def price_memory(run: dict, workdir: Path) -> dict:
+    case = memory_case(run)
+    cm, s = build(case, workdir)
+    if case.stack == "torchtitan":  # how torchtitan runs what the strategy names (module docstring)
+        cm.ctx.compile, cm.ctx.loss_parallel = compile_mode(run), s.tp > 1
+    e = cm.estimate(s)
+    live = e.peak_bytes - e.memory_overhead
+    pub = float(run["measured"]["memory_gib"]) * GiB
+    return {"id": run["id"], "gpu": case.gpu, "strategy": s.short(), "dtype": case.dtype, "live": live,
+            "pred": e.reserved_peak_bytes, "pub": pub, "err": e.reserved_peak_bytes / pub - 1.0,
+            "reserve": e.allocator_reserve_fraction, "memory": e.worst_rank.memory}
+
+
+def fit(results: list[dict]) -> dict[str, float]:
+    """Per GPU profile: the mean of published / live-peak - 1 over its rows without a pipeline
+    (torchtitan's pipeline memory - FSDP without resharding, unsharded gradients accumulated over
+    micro-batches, its stage buffers - is not modelled; those rows would bias the constant)."""
+    by_gpu: dict[str, list[float]] = {}
+    for r in results:
+        if " pp1 " in f" {r['strategy']} ":
+            by_gpu.setdefault(r["gpu"], []).append(r["pub"] / r["live"] - 1.0)
+    return {g: statistics.fmean(v) for g, v in by_gpu.items()}
+
+
+def report(results: list[dict], skipped: list[tuple[str, str]], markdown: bool) -> None:
+    head = ("row", "gpu", "strategy", "dtype", "live GiB", "pred GiB", "published GiB", "error")
+    if markdown:
+        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in results:
+        cells = (r["id"], r["gpu"], r["strategy"], r["dtype"], f"{r['live'] / GiB:.1f}", f"{r['pred'] / GiB:.1f}",
+                 f"{r['pub'] / GiB:.1f}", f"{r['err'] * 100:+.1f}%")
+        print(("| " + " | ".join(cells) + " |") if markdown else "  ".join(f"{c:<12}" for c in cells))
+    errs = [abs(r["err"]) for r in results]
+    if errs:
+        print(f"\nrows {len(results)}, memory MAPE {statistics.fmean(errs) * 100:.1f}%, max |error| "
+              f"{max(errs) * 100:.1f}%, worst under-prediction {min(0.0, min(r['err'] for r in results)) * 100:.1f}%")
+    for rid, why in skipped:
+        print(f"skipped {rid}: {why}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--yaml", type=Path, default=MODERN_YAML)
+    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--fit", action="store_true", help="print the allocator reserve fraction per GPU profile")
+    ap.add_argument("--breakdown", action="store_true", help="print the predicted memory components per row")
+    args = ap.parse_args(argv)
+    results, skipped = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in rows(args.yaml):
+            try:
+                results.append(price_memory(run, Path(tmp)))
+            except (RowSkip, AutoparError) as exc:
+                skipped.append((run["id"], str(exc)))
+    report(results, skipped, args.markdown)
+    if args.breakdown:
+        for r in results:
+            print(r["id"], {k: round(v / GiB, 2) for k, v in r["memory"].items() if v})
+    if args.fit:
+        for gpu, value in fit(results).items():
+            print(f"allocator_reserve_fraction {gpu}: {value:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
