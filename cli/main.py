@@ -11,6 +11,7 @@ inside the command function.
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import sys
 from pathlib import Path
@@ -39,6 +40,14 @@ def register(argv: list[str]) -> None:
         importlib.import_module(mod)
 
 
+def error_json(exc: AutoparError) -> dict:
+    """``{"error": kind, "exit_code", "message", "reasons", "fixes"}``; an error raised with
+    ``details`` (reasons, fixes) keeps them apart, else the message is the one reason."""
+    kind = "does_not_fit" if exc.exit_code == 3 else "input"
+    details = getattr(exc, "details", None) or {"reasons": [exc.message], "fixes": []}
+    return {"error": kind, "exit_code": exc.exit_code, "message": exc.message, **details}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -49,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
                 print("error: interrupted", file=sys.stderr)
             sys.exit(code)
     except AutoparError as exc:
+        if "--json" in args:  # a script reading stdout gets an object too, with the reasons and fixes
+            print(json.dumps(error_json(exc), indent=2))
         print(f"error: {exc.message}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except SystemExit:

@@ -21,7 +21,7 @@ from autopar.planner.search import (
 )
 
 GiB = 2**30
-TIGHT_MEMORY = 0.05      # headroom below 5% of the usable memory counts as memory-bound
+TIGHT_MEMORY = 0.05      # headroom below 5% of the usable memory: the winner is called memory-tight
 MINOR = 0.02             # overheads below 2% of the step do not limit a plan
 TERM_NAMES = {"bubble": "pipeline bubble", "tp_comm": "tensor-parallel communication",
               "cp_comm": "context-parallel communication", "ep_comm": "expert all-to-all",
@@ -55,12 +55,12 @@ def _limits(c: Candidate) -> str:
         mem += f"; recomputes {sum(redo.values())} of {len(c.layer_recompute)} layers (" + \
                ", ".join(f"{v} {k}" for k, v in sorted(redo.items())) + ")"
     top_term = max(over, key=over.get) if over else None
-    if headroom < TIGHT_MEMORY:
-        limit = "memory-bound"
-    elif top_term is None or over[top_term] < MINOR * e.step_time_s:
+    if top_term is None or over[top_term] < MINOR * e.step_time_s:
         limit = "compute-bound"
     else:
         limit = f"limited by {TERM_NAMES.get(top_term, top_term)}"
+    if headroom < TIGHT_MEMORY:  # nearly full memory, which says nothing about where the time goes
+        limit += f" and memory-tight ({100 * max(headroom, 0.0):.1f}% of usable memory left)"
     return f"Winner ({c.strategy.short()}) is {limit}: " + ", ".join(parts) + f"; {mem}."
 
 

@@ -28,7 +28,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert result["env"]["device"] == "cpu" and result["env"]["torch"]
     assert result["summary"]["profile_measured"] and (out / "profile-cpu-dry-run.json").is_file()
     ok = [r for r in result["strategies"] if r["status"] == "ok"]
-    assert len(ok) == len(result["strategies"]) >= 4, [r.get("error") for r in result["strategies"]]
+    assert len(ok) == len(result["strategies"]) >= 3, [r.get("error") for r in result["strategies"]]
     for row in ok:  # both profiles priced every run that ran
         assert row["measured_time_s"] > 0 and row["datasheet_time_s"] > 0 and row["mem_err_datasheet_pct"] is not None
     assert result["emitted"]["status"] == "ok" and result["emitted"]["checkpoints"]
