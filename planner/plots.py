@@ -37,21 +37,21 @@ def timeline(c: Candidate, p2p_s: float, path: Path) -> Path:
     f = [r.fwd_s for r in e.ranks]
     b = [r.bwd_s for r in e.ranks]
     sim = simulate(f, b, shown, s.schedule, s.vpp, p2p_s)
-    fig, ax = plt.subplots(figsize=(12, 1 + 0.45 * s.pp))
+    fig, ax = plt.subplots(figsize=(12, 1.8 + 0.45 * s.pp))  # room for one row (pp=1) plus title and legend
     for rank in range(s.pp):
         ax.barh(rank, sim.step_time_s, left=0, height=0.8, color=COLORS["bubble"])
     for rank, kind, _, _, start, end in sim.events:
         _draw_op(ax, e, rank, kind, start, end)
     ax.set_yticks(range(s.pp), [f"stage {r}" for r in range(s.pp)])
-    ax.invert_yaxis()
     ax.set_xlabel("time (s)")
     title = f"{s.short()}: pipeline schedule"
     if shown < m:
         title += f" (first {shown} of {m} micro-batches drawn)"
     ax.set_title(title)
+    ax.set_ylim(s.pp - 0.5, -0.5)
     handles = [plt.Rectangle((0, 0), 1, 1, color=v) for v in COLORS.values()]
-    ax.legend(handles, list(COLORS), loc="upper center", bbox_to_anchor=(0.5, -0.3 - 0.3 / s.pp), fontsize=8,
-              ncol=5, frameon=False)
+    # outside the axes, right of them: never over a bar, whatever the number of stages
+    ax.legend(handles, list(COLORS), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return _save(fig, path)
 
 
@@ -93,16 +93,16 @@ def memory_bars(cands: list[Candidate], path: Path) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("GiB per GPU (most loaded pipeline stage)")
     ax.set_title("memory breakdown of the top plans")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the bars
     return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)   # write then rename: no half-written PNG on disk
+    # bbox_inches="tight" grows the canvas to the legends outside the axes instead of shrinking the axes
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")   # write then rename: no half-written PNG on disk
     plt.close(fig)
     tmp.replace(path)
     return path
