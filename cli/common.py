@@ -34,7 +34,12 @@ Profile = typer.Option(None, "--profile", help="measured profile JSON from `auto
 Placement = typer.Option(None, "--placement", help="expert placement JSON from `autopar experts`")
 Trace = typer.Option(None, "--trace", help="routing trace JSON from `autopar trace-routing`")
 Json = typer.Option(False, "--json", help="print one JSON object")
-InputShape = typer.Option(None, "--input-shape", help="example input shape of a factory model, e.g. 2,128")
+InputShape = typer.Option(None, "--input-shape", help="example input shape of a factory or non-token model, "
+                          "e.g. 2,128 or 1,3,224,224")
+InputDtype = typer.Option("int64", "--input-dtype", help="example input dtype: int64 (tokens), float32, bfloat16, "
+                          "float16")
+Hf = typer.Option(False, "--hf", help="build the transformers module of MODEL's config.json and capture it as "
+                  "itself, even when its model_type is in the built-in catalog")
 NoCache = typer.Option(False, "--no-cache", callback=disable_cache, expose_value=False,
                        help="capture the model graph again instead of reading the capture cache")
 STRATEGY_KEYS = ("keys: dp data parallel (-1 = the rest), tp tensor parallel, pp pipeline stages, cp context "
@@ -46,14 +51,24 @@ STRATEGY_KEYS = ("keys: dp data parallel (-1 = the rest), tp tensor parallel, pp
 def inputs(model: str, gpu: Optional[str], nodes: Optional[int], gpus_per_node: Optional[int],
            cluster: Optional[str], seq_len: Optional[int], dtype: str, profile: Optional[str],
            placement: Optional[str] = None, trace: Optional[str] = None,
-           input_shape: Optional[str] = None, runtime: str = "torch") -> Inputs:
+           input_shape: Optional[str] = None, runtime: str = "torch", input_dtype: str = "int64",
+           hf: bool = False) -> Inputs:
     shape = _shape(input_shape)
-    precheck(model, gpu, nodes, gpus_per_node, cluster, shape)
+    model = hf_model(model, hf)
+    precheck(model, gpu, nodes, gpus_per_node, cluster, shape, input_dtype)
     from autopar.cost_models.session import Inputs
 
     return Inputs(model=model, gpu=gpu, nodes=nodes, gpus_per_node=gpus_per_node, cluster=cluster,
                   seq_len=seq_len, dtype=dtype, profile=profile, placement=placement, trace=trace,
-                  input_shape=shape, runtime=runtime)
+                  input_shape=shape, runtime=runtime, input_dtype=input_dtype)
+
+
+INPUT_DTYPES = ("int64", "float32", "bfloat16", "float16")
+
+
+def hf_model(model: str, hf: bool) -> str:
+    """``--hf``: the ``hf:`` model prefix (capture the transformers module itself)."""
+    return model if not hf or model.startswith("hf:") else f"hf:{model}"
 
 
 def _shape(text: Optional[str]) -> Optional[list[int]]:
@@ -69,14 +84,16 @@ def _shape(text: Optional[str]) -> Optional[list[int]]:
 
 
 def precheck(model: str, gpu: Optional[str], nodes: Optional[int], gpus_per_node: Optional[int],
-             cluster: Optional[str], shape: Optional[list[int]]) -> None:
+             cluster: Optional[str], shape: Optional[list[int]], input_dtype: str = "int64") -> None:
     """The common input errors (unknown preset, GPU or cluster, a malformed file) before the cost
     model and the planner load: a one-line error in a fraction of a second. Cheap to repeat:
     ``build_cost_model`` resolves the same names again."""
     from autopar.profiles.hw import load_cluster, load_gpu_profile
     from autopar.profiles.intake import resolve_model
 
-    resolve_model(model, input_shape=shape)
+    if input_dtype not in INPUT_DTYPES:
+        raise InputError(f"--input-dtype={input_dtype} is not one of {', '.join(INPUT_DTYPES)}")
+    resolve_model(model, input_shape=shape, input_dtype=input_dtype)
     if cluster:
         load_cluster(cluster, nodes=nodes, gpus_per_node=gpus_per_node, gpu=gpu)
     elif gpu:

@@ -20,13 +20,13 @@ StrategyOpt = typer.Option("", "--strategy", help="e.g. tp=8,pp=4,dp=-1,mbs=1,ze
 
 
 def _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype, profile,
-           placement, trace, input_shape, runtime="torch"):
+           placement, trace, input_shape, runtime="torch", input_dtype="int64", hf=False):
     from autopar.cost_models.session import build_cost_model, default_global_batch
 
     if not strategy:
         raise InputError("--strategy is required, e.g. --strategy tp=8,pp=1,dp=-1,mbs=1")
     inp = c.inputs(model, gpu, nodes, gpus_per_node, cluster, seq_len, dtype, profile, placement, trace, input_shape,
-                   runtime)
+                   runtime, input_dtype, hf)
     cm, spec, cl, seq = build_cost_model(inp)
     s = Strategy.parse(strategy)
     gb = global_batch or s.global_batch or default_global_batch(cl.world, seq)
@@ -45,12 +45,12 @@ def estimate_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Option
                  dtype: str = c.Dtype, profile: Optional[str] = c.Profile, placement: Optional[str] = c.Placement,
                  trace: Optional[str] = c.Trace, json_out: bool = c.Json,
                  input_shape: Optional[str] = c.InputShape, no_cache: bool = c.NoCache,
-                 runtime: str = c.Runtime):
+                 runtime: str = c.Runtime, input_dtype: str = c.InputDtype, hf: bool = c.Hf):
     """Predict step time, throughput, MFU and per-GPU memory of one strategy."""
     from autopar.cost_models.report import estimate_dict
 
     cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
-                          profile, placement, trace, input_shape, runtime)
+                          profile, placement, trace, input_shape, runtime, input_dtype, hf)
     if json_out:
         c.print_json(estimate_dict(e, cm))
         return
@@ -70,12 +70,12 @@ def memory_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Optional
                dtype: str = c.Dtype, profile: Optional[str] = c.Profile, placement: Optional[str] = c.Placement,
                trace: Optional[str] = c.Trace, json_out: bool = c.Json,
                input_shape: Optional[str] = c.InputShape, no_cache: bool = c.NoCache,
-               runtime: str = c.Runtime):
+               runtime: str = c.Runtime, input_dtype: str = c.InputDtype, hf: bool = c.Hf):
     """Say whether a strategy fits, per GPU and component; exit 3 with priced fixes when not."""
     from autopar.cost_models.report import candidate_fixes, estimate_dict, overflow_bytes
 
     cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
-                          profile, placement, trace, input_shape, runtime)
+                          profile, placement, trace, input_shape, runtime, input_dtype, hf)
     fixes = [] if e.feasible else candidate_fixes(cm, s, e)
     if json_out:
         out = estimate_dict(e, cm)
@@ -109,6 +109,7 @@ def print_time(console: Console, e: Estimate) -> None:
             t.add_row(k, c.seconds(v), f"{100 * v / e.step_time_s:.1f}%")
     console.print(t)
     console.print(f"step time {c.seconds(e.step_time_s)} | {e.tokens_per_s:,.0f} tokens/s | "
+                  f"{e.strategy.global_batch / e.step_time_s:,.1f} samples/s | "
                   f"{e.tflops_per_gpu:.1f} TFLOP/s per GPU | MFU {100 * e.mfu:.1f}%")
 
 

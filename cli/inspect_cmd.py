@@ -27,14 +27,17 @@ def inspect_command(
     input_shape: str = typer.Option(None, "--input-shape", help="example input shape of a factory, e.g. 2,128"),
     input_dtype: str = typer.Option("int64", "--input-dtype", help="example input dtype of a factory"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
+    hf: bool = typer.Option(False, "--hf", help="capture the transformers module of the config.json as itself"),
 ) -> None:
     """Capture MODEL's graph and print parameters, FLOPs and saved activations per layer type."""
     t0 = time.perf_counter()
+    model = model if not hf or model.startswith("hf:") else f"hf:{model}"
     spec = resolve_model(model, input_shape=_parse_shape(input_shape), input_dtype=_check_dtype(input_dtype))
     from autopar.profiles.graph import capture
     from autopar.profiles.layer_stats import summarize
 
-    stats = summarize(capture(spec, seq_len or spec.max_seq_len, micro_batch, dtype))
+    default = spec.input_shape[-1] if spec.hf_config and spec.input_shape else spec.max_seq_len  # HF: capped context
+    stats = summarize(capture(spec, seq_len or default, micro_batch, dtype))
     report = inspect_report(stats, spec.short(), time.perf_counter() - t0)
     if as_json:
         print(json.dumps(report, indent=2))

@@ -12,7 +12,7 @@ from rich.table import Table
 from autopar.cli import awkward_view
 from autopar.cli import common as c
 from autopar.cli.app import app
-from autopar.core.plan import Plan, Provenance, StageSpec
+from autopar.core.plan import Provenance
 from autopar.core.strategy import COMPACT_KEYS, Strategy
 from autopar.errors import DoesNotFitError, InputError
 
@@ -28,6 +28,7 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
              gpus_per_node: Opt[int] = c.GpusPerNode, cluster: Opt[str] = c.Cluster, seq_len: Opt[int] = c.SeqLen,
              global_batch: Opt[int] = c.GlobalBatch, dtype: str = c.Dtype, profile: Opt[str] = c.Profile,
              placement: Opt[str] = c.Placement, trace: Opt[str] = c.Trace, input_shape: Opt[str] = c.InputShape,
+             input_dtype: str = c.InputDtype, hf: bool = c.Hf,
              top: int = typer.Option(5, "--top", help="plans to list"),
              strategy: str = typer.Option("", "--strategy", help="fix the knobs it names, e.g. tp=8,pp=4; "
                                           "the rest is searched; " + c.STRATEGY_KEYS),
@@ -40,7 +41,8 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
              vpp: Opt[int] = typer.Option(None, "--vpp", help="fix the interleaved chunks per GPU"),
              mbs: Opt[int] = typer.Option(None, "--mbs", help="fix the micro-batch size"),
              zero: Opt[int] = typer.Option(None, "--zero", help="fix the ZeRO stage (0-3)"),
-             schedule: Opt[str] = typer.Option(None, "--schedule", help="gpipe | 1f1b | interleaved"),
+             schedule: Opt[str] = typer.Option(None, "--schedule", help="gpipe | 1f1b | interleaved | "
+                                                 "zb_interleaved | zbv | dualpipev"),
              recompute: Opt[str] = typer.Option(None, "--recompute", help="one mode for every layer: none | "
                                                 "selective | full (default: chosen per layer)"),
              sp: Opt[bool] = typer.Option(None, "--sp/--no-sp", help="force sequence parallel on / off"),
@@ -56,7 +58,7 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
                                              "offer no plan that leaves GPUs idle"),
              exact_batch: bool = typer.Option(False, "--exact-batch", help="keep the global batch: on an awkward "
                                               "GPU count offer no plan at a nearby batch"),
-             json_out: bool = c.Json, no_cache: bool = c.NoCache,
+             json_out: bool = c.Json, no_cache: bool = c.NoCache, runtime: str = c.Runtime,
              out: Opt[Path] = typer.Option(None, "--out", help="write the winning Plan (JSON) for `autopar emit`"),
              plot: Opt[Path] = typer.Option(None, "--plot", help="folder for timeline.png and memory.png"),
              from_plan: Opt[Path] = typer.Option(None, "--from", help="elastic re-plan of this plan.json for "
@@ -65,7 +67,10 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
              lost_nodes: Opt[str] = typer.Option(None, "--lost-nodes", help="with --from: the old nodes that are "
                                                  "gone, e.g. 15 (default: the last ones)")):
     """Search dp/ZeRO, tp, sp, cp, pp (schedule, vpp), ep/etp, micro-batch and per-layer recompute;
-    print the top plans and why the winner wins. Defaults: one node of 8 x h100-sxm, the model's
+    print the top plans that fit (exit 3 with the nearest fixes when none does) and why the winner
+    wins. Order: by predicted step time; plans within 1% of each other are listed simpler first
+    (fewer parallel dimensions > 1, DDP before ZeRO-3, lower ZeRO stage, no offload before offload).
+    Defaults: one node of 8 x h100-sxm, the model's
     sequence length (capped at 4096; 8192 for Llama 3) and about one million tokens per step."""
     if top < 1:
         raise InputError(f"--top={top} must be at least 1")
@@ -76,7 +81,11 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
         return replan_from(from_plan, gpus, nodes, global_batch, strategy, caps, top, json_out, out, lost_nodes)
     if model is None:
         raise InputError("MODEL: missing; fix: autopar plan MODEL ..., or autopar plan --from PLAN.json --gpus N")
-    inp = c.inputs(model, gpu, nodes, gpus_per_node, cluster, seq_len, dtype, profile, placement, trace, input_shape)
+    if dtype == "fp8" and runtime == "torch":  # the emitted program runs bf16 autocast: nothing fp8 to search
+        raise InputError("--dtype fp8: autopar's emitted programs run bf16, not fp8 GEMMs; plan with --dtype bf16, "
+                         "or --runtime megatron to plan for Transformer Engine fp8 under Megatron-Core")
+    inp = c.inputs(model, gpu, nodes, gpus_per_node, cluster, seq_len, dtype, profile, placement, trace, input_shape,
+                   runtime, input_dtype, hf)
     from autopar.cost_models.session import build_cost_model
     from autopar.planner.search import Constraints, search
 
@@ -96,10 +105,7 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
     if not res.candidates:
         _nothing_fits(cm, cons, res)
     if out:
-        plan = to_plan(cm, res.candidates[0], _inputs_record(inp, gb, fixed))
-        if placement:  # emit puts each expert on the rank this placement names
-            plan.expert_placement = _placement_for(placement, plan.strategy.ep)
-        plan.save(out)
+        _write_plan(cm, res.candidates[0], _inputs_record(inp, res.global_batch, fixed), placement, out)
     pngs = _plots(cm, res, plot) if plot else []
     if json_out:
         c.print_json({**plan_json(cm, res, top), **({"alternatives": awkward_view.as_json(alts)} if alts else {})})
@@ -122,6 +128,8 @@ def _fixed(strategy: str, flags: dict) -> dict:
         fixed[k] = v
     if fixed.get("vpp", 1) > 1 and "schedule" not in fixed:
         fixed["schedule"] = "interleaved"
+    if fixed.get("schedule") in ("zbv", "dualpipev") and "vpp" not in fixed:
+        fixed["vpp"] = 2   # V-shaped schedules run two stages per rank
     for k in ("tp", "pp", "cp", "ep", "etp", "vpp", "micro_batch"):
         if k in fixed and fixed[k] < 1:
             raise InputError(f"{COMPACT_KEYS.get(k, k)}={fixed[k]} must be a positive integer")
@@ -178,7 +186,23 @@ def _nothing_fits(cm, cons: Constraints, res: SearchResult) -> None:
     if closest is None and res.rule_error:
         raise InputError(res.rule_error)
     msg = explain.overflow_message(closest)
-    raise DoesNotFitError("; ".join([msg, *explain.fit_suggestions(cm, cons, res.global_batch)]))
+    fixes = [*_nearest_fixes(cm, closest), *explain.fit_suggestions(cm, cons, res.global_batch)]
+    err = DoesNotFitError("; ".join([msg, *fixes]))
+    err.details = {"reasons": [msg], "fixes": fixes}  # kept apart for --json (cli.main.error_json)
+    raise err
+
+
+def _nearest_fixes(cm, closest) -> list[str]:
+    """The knob changes of the closest configuration that lower its peak most (``candidate_fixes``)."""
+    from autopar.cost_models.report import candidate_fixes
+
+    if closest is None:
+        return []
+    fixes = sorted(candidate_fixes(cm, closest.strategy, closest), key=lambda f: (not f[1].feasible, f[1].peak_bytes))
+    if not fixes:
+        return []
+    return ["nearest fixes for it: " + ", ".join(f"{label} -> {e.peak_bytes / 2**30:.1f} GiB"
+                                                 + ("" if e.feasible else " (still over)") for label, e in fixes[:3])]
 
 
 # ----- the Plan ----------------------------------------------------------------------------------
@@ -190,24 +214,13 @@ def _placement_for(path: str, ep: int) -> list[list[list[int]]] | None:
     return pl.assignment if pl.ep == ep else None
 
 
-def to_plan(cm, cand: Candidate, inputs: dict[str, str]) -> Plan:
-    """The winning candidate as a Plan: resolved strategy, per-layer recompute, stages, predictions."""
-    from autopar.cost_models.report import estimate_dict
+def _write_plan(cm, best: Candidate, inputs: dict[str, str], placement: str | None, out: Path) -> None:
+    """The winner as a Plan (``planner.build``, the one builder), with the placement file's
+    assignment when it matches the plan's ep (emit routes by it)."""
+    from autopar.planner.build import plan_from_candidate
 
-    e, s = cand.estimate, cand.strategy
-    ranks = {r.rank: r for r in e.ranks}
-    costs = cm.layer_costs(s)
-    stages = []
-    for j, (a, b) in enumerate(cand.stages):
-        first, last = j == 0, j == len(cand.stages) - 1
-        t = sum(costs[i].time(cand.layer_recompute[i]) for i in range(a, b))
-        t += (costs["embedding"].time("none") if first and costs["embedding"] else 0.0)
-        t += (costs["output"].time("none") if last and costs["output"] else 0.0)
-        stages.append(StageSpec(index=j, rank=j % s.pp, layer_start=a, layer_end=b, has_embedding=first,
-                                has_output=last, predicted_time_s=t, predicted_mem_bytes=ranks[j % s.pp].mem_bytes))
-    return Plan(model=cm.spec, cluster=cm.cluster, seq_len=cm.seq_len, dtype=cm.dtype, strategy=s,
-                layer_recompute=list(cand.layer_recompute), stages=stages, predictions=estimate_dict(e, cm),
-                provenance=Provenance(command=_command(cm, cand, inputs), inputs=inputs))
+    chosen = _placement_for(placement, best.strategy.ep) if placement else None
+    plan_from_candidate(cm, best, Provenance(command=_command(cm, best, inputs), inputs=inputs), chosen).save(out)
 
 
 def _command(cm, cand: Candidate, inputs: dict[str, str]) -> str:
@@ -265,14 +278,16 @@ def _print(cm, res: SearchResult, out: Path | None, pngs: list[Path]) -> None:
 
     console = c.console()
     cl = cm.cluster
-    console.print(f"[bold]{cm.spec.short()}[/] on {cl.short()}, seq {cm.seq_len}, global batch "
+    unit = "" if cm.spec.sample_unit == "tokens" else f" {cm.spec.sample_unit}"
+    console.print(f"[bold]{cm.spec.short()}[/] on {cl.short()}, seq {cm.seq_len}{unit}, global batch "
                   f"{res.global_batch}, {cm.dtype}")
     t = Table(show_edge=False)
-    for col in ("#", "strategy", "step", "tokens/s", "TFLOP/s/GPU", "MFU", "peak mem"):
+    for col in ("#", "strategy", "step", "tokens/s", "samples/s", "TFLOP/s/GPU", "MFU", "peak mem"):
         t.add_column(col, justify="left" if col == "strategy" else "right")
     for i, x in enumerate(res.candidates, 1):
         e = x.estimate
         t.add_row(str(i), x.strategy.short(), c.seconds(e.step_time_s), f"{e.tokens_per_s:,.0f}",
+                  f"{res.global_batch / e.step_time_s:,.1f}",
                   f"{e.tflops_per_gpu:.1f}", f"{100 * e.mfu:.1f}%", c.gib(e.peak_bytes))
     console.print(t)
     for line in explain.why(res.candidates):

@@ -27,6 +27,7 @@ def estimate_dict(e: Estimate, cm: CostModel | None = None) -> dict:
         "strategy_string": e.strategy.compact(),
         "step_time_s": e.step_time_s,
         "tokens_per_s": e.tokens_per_s,
+        "samples_per_s": e.strategy.global_batch / e.step_time_s,
         "tflops_per_gpu": e.tflops_per_gpu,
         "mfu": e.mfu,
         "feasible": e.feasible,

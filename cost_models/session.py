@@ -36,6 +36,7 @@ class Inputs:
     trace: str | None = None
     input_shape: list[int] | None = None
     runtime: str = "torch"   # one of RUNTIMES: which software runs the plan
+    input_dtype: str = "int64"   # a factory's / transformers model's example input dtype
 
 
 def resolve_cluster(inp: Inputs) -> ClusterSpec:
@@ -52,8 +53,11 @@ def resolve_cluster(inp: Inputs) -> ClusterSpec:
 
 
 def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, int]:
-    spec = resolve_model(inp.model, input_shape=inp.input_shape)
+    spec = resolve_model(inp.model, input_shape=inp.input_shape, input_dtype=inp.input_dtype)
     cluster = resolve_cluster(inp)
+    if spec.sample_tokens and inp.seq_len and inp.seq_len != spec.sample_tokens:
+        raise InputError(f"--seq-len={inp.seq_len}: one input of {spec.name} is {spec.sample_tokens} "
+                         f"{spec.sample_unit}; set --input-shape instead (or leave --seq-len out)")
     seq = inp.seq_len or default_seq_len(spec)
     if seq < 1:
         raise InputError(f"--seq-len={seq} must be positive")
@@ -79,8 +83,8 @@ def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, in
 
 def default_seq_len(spec: ModelSpec) -> int:
     """Documented default: the model's own context, capped at 4096 (8192 for Llama 3)."""
-    if spec.family == "custom":
-        return (spec.input_shape or [1, 1])[-1]
+    if spec.family == "custom":  # a non-token input: its tokens per sample (ViT: patches)
+        return spec.sample_tokens or (spec.input_shape or [1, 1])[-1]
     return min(spec.max_seq_len, 8192 if spec.name.startswith("llama3") else 4096)
 
 

@@ -343,7 +343,7 @@ def _trace_custom(spec: ModelSpec, model: nn.Module):
         raise InputError(f"model: cannot trace factory '{spec.factory}': {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}; make data-dependent control flow "
                          "a leaf module or use shape-only branching") from None
-    return gm, inputs, (shape[1] if len(shape) > 1 else 1), shape[0]
+    return gm, inputs, spec.sample_tokens or (shape[1] if len(shape) > 1 else 1), shape[0]
 
 
 def _run(gm: fx.GraphModule, inputs: dict[str, Any], spec: ModelSpec) -> _Recorder:
