@@ -334,6 +334,8 @@ class CheckpointManager:
         if resume == "never":
             return 0
         path = latest_checkpoint(self.dir) if resume == "auto" else Path(resume)
+        if path is not None and not is_complete(path) and step_of(path) is None:
+            path = latest_checkpoint(path) or path  # a --ckpt-dir of another run: its newest complete one
         if path is None:
             return 0
         try:
