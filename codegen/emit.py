@@ -25,6 +25,7 @@ from autopar.codegen.sample_data import ALPHABET, sample_bytes
 from autopar.core.plan import Plan
 from autopar.errors import InputError
 from autopar.fileio import write_atomic
+from autopar.techniques.pipeline import stage_rank
 
 TEMPLATES = Path(__file__).with_name("templates")
 FILES = ("train.py", "launch_torchrun.sh", "launch_slurm.sbatch", "pytorchjob.yaml", "README.md", "plan.json")
@@ -188,6 +189,8 @@ def _config(plan: Plan, lay: Layout, device: str) -> str:
     rows.append(f"N_STAGES = {len(lay.stages)}")
     if s.pp > 1:
         rows.append(f'SCHEDULE = "{s.schedule}"')
+        ranks = [stage_rank(i, s.pp, s.schedule) for i in range(len(lay.stages))]
+        rows.append(_const("STAGE_RANKS", ranks, "pipeline rank of each virtual stage (techniques.pipeline)"))
     if lay.recompute:
         rows.append(_const("RECOMPUTE", lay.recompute, "layer -> full | op | selective (others: none)"))
     if lay.ep > 1:

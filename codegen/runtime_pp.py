@@ -6,7 +6,10 @@ model per virtual stage it runs, with the blocks outside the stage's layer range
 those of the full model) and ``tok_embeddings``/``norm``/``output`` set to ``None`` where
 the stage does not hold them. The other techniques then apply to each part, and
 ``apply_pp`` wraps the materialized parts in ``PipelineStage`` objects and builds the
-schedule: GPipe, 1F1B, or interleaved 1F1B (virtual stage ``i`` on rank ``i % pp``).
+schedule: GPipe, 1F1B, interleaved 1F1B or looped zero bubble (virtual stage ``i`` on rank
+``i % pp``), or the V-shaped ZBV / DualPipeV (rank ``r`` runs stages ``r`` and ``2pp-1-r``). The
+placement comes in as data (``STAGE_RANKS`` in train.py, written by emit from
+``techniques.pipeline.stage_rank``, the rule the cost model prices), not re-derived here.
 
 Tied embeddings across the two ends of the pipeline get one more gradient all-reduce
 (``sync_grads``) between the ranks holding the first and last stage, as Megatron-LM does.
@@ -24,11 +27,13 @@ from torch import nn
 from autopar.codegen.runtime_mesh import ParallelMesh
 
 
-def split_stages(model: nn.Module, mesh: ParallelMesh, stages: list[tuple[int, int]]) -> tuple[list, list]:
-    """This rank's model parts and their virtual stage indices (stage ``i`` runs on pp rank
-    ``i % pp``). ``stages[i] = (layer_start, layer_end)``."""
+def split_stages(model: nn.Module, mesh: ParallelMesh, stages: list[tuple[int, int]],
+                 ranks: list[int] | None = None) -> tuple[list, list]:
+    """This rank's model parts and their virtual stage indices: stage ``i`` (``stages[i] =
+    (layer_start, layer_end)``) runs on pp rank ``ranks[i]`` (default ``i % pp``, looped)."""
     pp, rank = mesh.size("pp"), mesh.rank("pp")
-    mine = [i for i in range(len(stages)) if i % pp == rank]
+    ranks = ranks or [i % pp for i in range(len(stages))]
+    mine = [i for i in range(len(stages)) if ranks[i] == rank]
     parts = []
     for n, i in enumerate(mine):
         part = model if n == len(mine) - 1 else copy.deepcopy(model)  # meta tensors: copies are free
@@ -42,15 +47,15 @@ def split_stages(model: nn.Module, mesh: ParallelMesh, stages: list[tuple[int, i
             part.norm = part.output = None
         parts.append(part)
     if pp > 1 and model.spec.tie_embeddings:
-        _tie_across_stages(parts, mine, mesh, len(stages))
+        _tie_across_stages(parts, mine, mesh, len(stages), ranks[-1])
     return parts, mine
 
 
-def _tie_across_stages(parts: list, mine: list[int], mesh: ParallelMesh, n_virtual: int) -> None:
+def _tie_across_stages(parts: list, mine: list[int], mesh: ParallelMesh, n_virtual: int, last: int) -> None:
     """One process group per (dp, cp, tp) coordinate joining the first and the last pipeline
     rank; ``sync_grads`` sums the tied weight's gradient over it."""
     grid = mesh.world.mesh  # [pp, dp, cp, tp] -> global rank
-    first, last = 0, (n_virtual - 1) % mesh.size("pp")
+    first = 0   # last: the rank of the output stage (V schedules put it on rank 0: an emit rule refuses ties)
     pairs = [[int(grid[first, d, c, t]), int(grid[last, d, c, t])]
              for d in range(grid.shape[1]) for c in range(grid.shape[2]) for t in range(grid.shape[3])]
     group, _ = dist.new_subgroups_by_enumeration(pairs)  # every rank creates every group
@@ -80,13 +85,16 @@ def apply_pp(parts: list[nn.Module], stage_ids: list[int], n_stages: int, mesh: 
 
     The loss is the mean over a microbatch; the schedule divides gradients by the number of
     microbatches (``scale_grads``), so they are those of the mean over the rank's batch."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining import schedules as S
 
     group = mesh.group("pp")
     stages = [PipelineStage(part, i, n_stages, device, group=group) for part, i in zip(parts, stage_ids)]
-    if schedule == "interleaved":
-        return ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=loss_fn)
-    cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+    multi = {"interleaved": S.ScheduleInterleaved1F1B, "zb_interleaved": S.ScheduleInterleavedZeroBubble,
+             "zbv": S.ScheduleZBVZeroBubble, "dualpipev": S.ScheduleDualPipeV}
+    if schedule in multi:  # several stages per rank; the zero-bubble ones split backward into B and W
+        return multi[schedule](stages, n_microbatches, loss_fn=loss_fn)
+    cls = S.ScheduleGPipe if schedule == "gpipe" else S.Schedule1F1B
     return cls(stages[0], n_microbatches, loss_fn=loss_fn)
 
 

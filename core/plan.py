@@ -3,7 +3,9 @@
 ``planner`` writes it, ``codegen`` reads it; they share nothing else. A plan holds the
 resolved strategy, the per-layer overrides (recompute per layer), the pipeline stage
 partition (layer ranges per virtual stage, in schedule order), the optional expert
-placement, the predictions that justified it, and where it came from.
+placement, the predictions that justified it, the software stack they priced (``runtime``; with
+``dtype``, ``seq_len`` and the strategy's global batch, what a re-pricing needs) and where it
+came from. ``planner.build`` makes it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class StageSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     index: int = Field(..., ge=0, description="virtual stage index in model order")
-    rank: int = Field(..., ge=0, description="pipeline rank that runs it (index % pp)")
+    rank: int = Field(..., ge=0, description="pipeline rank that runs it (techniques.pipeline.stage_rank)")
     layer_start: int = Field(..., ge=0)
     layer_end: int = Field(..., ge=0)
     has_embedding: bool = False
@@ -56,6 +58,8 @@ class Plan(BaseModel):
     cluster: ClusterSpec
     seq_len: int = Field(..., ge=1)
     dtype: Literal["bf16", "fp16", "fp32", "fp8"] = "bf16"
+    runtime: Literal["torch", "megatron", "deepspeed"] = Field(
+        "torch", description="the software stack the predictions priced (cost_models.session.RUNTIMES)")
     strategy: Strategy
     layer_recompute: list[Recompute] = Field(default_factory=list,
                                              description="per-layer recompute override (empty = strategy.recompute)")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from autopar.errors import InputError
 
 Recompute = Literal["none", "selective", "op", "full"]  # op: per-op selective checkpointing (torchtitan)
-Schedule = Literal["gpipe", "1f1b", "interleaved"]
+Schedule = Literal["gpipe", "1f1b", "interleaved", "zb_interleaved", "zbv", "dualpipev"]  # techniques/pipeline.py
 
 # compact key -> field name
 ALIASES = {
@@ -86,8 +86,7 @@ class Strategy(BaseModel):
     def compact(self) -> str:
         """The compact string; round-trips through ``parse``."""
         parts = []
-        for name in ("dp", "tp", "pp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch",
-                     "zero_stage", "recompute", "sequence_parallel", "schedule", "offload_optimizer"):
+        for name in FIELDS:
             val = getattr(self, name)
             if isinstance(val, bool):
                 val = int(val)
@@ -102,7 +101,7 @@ class Strategy(BaseModel):
         if self.ep > 1 or self.etp > 1:
             bits.append(f"ep{self.ep}" + (f"etp{self.etp}" if self.etp > 1 else ""))
         if self.pp > 1:
-            bits.append(self.schedule + (f"v{self.vpp}" if self.schedule == "interleaved" else ""))
+            bits.append(self.schedule + (f"v{self.vpp}" if self.schedule in ("interleaved", "zb_interleaved") else ""))
         bits.append(f"mbs{self.micro_batch}")
         if self.zero_stage:
             bits.append(f"z{self.zero_stage}")
@@ -116,7 +115,8 @@ class Strategy(BaseModel):
 
     # ----- resolution against a world size -----------------------------------------
     def resolve(self, world: int, global_batch: int | None = None) -> "Strategy":
-        """Fill ``-1`` degrees and check every rule that does not need the model."""
+        """Fill ``-1`` degrees and check that they multiply to ``world``. The techniques' own rules:
+        ``autopar.techniques.check`` / ``resolve``."""
         vals = self.model_dump()
         if global_batch and not vals["global_batch"]:
             vals["global_batch"] = global_batch
@@ -137,26 +137,9 @@ class Strategy(BaseModel):
         total = vals["dp"] * vals["tp"] * vals["pp"] * vals["cp"]
         if total != world:
             raise InputError(f"strategy: {_product(vals)} = {total}, but the cluster has {world} GPUs")
-        s = Strategy(**vals)
-        s._check_rules(world)
-        return s
-
-    def _check_rules(self, world: int) -> None:
-        per_stage = world // self.pp
-        if (self.ep * self.etp) > per_stage or per_stage % (self.ep * self.etp):
-            raise InputError(f"strategy: ep*etp = {self.ep}*{self.etp} = {self.ep * self.etp} must divide "
-                             f"dp*tp*cp = {per_stage} (GPUs per pipeline stage)")
-        if self.schedule == "interleaved" and self.pp == 1:
-            raise InputError("strategy: schedule=interleaved needs pp > 1")
-        if self.vpp > 1 and self.schedule != "interleaved":
-            raise InputError(f"strategy: vpp={self.vpp} needs schedule=interleaved")
-        if self.sequence_parallel and self.tp == 1:
-            raise InputError("strategy: sp=1 (sequence parallel) needs tp > 1")
-        if self.global_batch:
-            per_step = self.micro_batch * self.dp
-            if self.global_batch % per_step:
-                raise InputError(f"strategy: global_batch={self.global_batch} is not divisible by "
-                                 f"mbs*dp = {self.micro_batch}*{self.dp} = {per_step}; change mbs or the batch")
+        # the rules of each technique (ep*etp folding, schedules, sp, the batch split) live in
+        # autopar.techniques, which CostModel.check, the search and emit all read
+        return Strategy(**vals)
 
     # ----- derived quantities (resolved strategies only) ----------------------------
     @property
@@ -173,6 +156,10 @@ class Strategy(BaseModel):
         return self.dp * self.tp * self.pp * self.cp
 
 
+FIELDS: tuple[str, ...] = tuple(Strategy.model_fields)   # the one list of strategy fields
+BOOL_FIELDS: tuple[str, ...] = tuple(f for f, info in Strategy.model_fields.items() if info.annotation is bool)
+
+
 def _product(vals: dict) -> str:
     names = "*".join(DEGREES)
     nums = "*".join("?" if vals[d] == -1 else str(vals[d]) for d in DEGREES)
@@ -182,7 +169,7 @@ def _product(vals: dict) -> str:
 def _coerce(field: str, raw: str):
     if field in ("recompute", "schedule"):
         return raw
-    if field in ("sequence_parallel", "offload_optimizer"):
+    if field in BOOL_FIELDS:
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
         if raw.lower() in ("0", "false", "no", "off"):

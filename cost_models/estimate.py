@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+from autopar import techniques
 from autopar.core.cluster import ClusterSpec
 from autopar.core.gpu import GpuProfile
 from autopar.core.model_spec import ModelSpec
@@ -34,8 +35,10 @@ from autopar.cost_models.layer_cost import LayerCost, PricingContext, price_laye
 from autopar.cost_models.layer_model import LayerTemplate
 from autopar.cost_models.memory import bytes_per_param, model_state_bytes
 from autopar.cost_models.moe_load import LoadFn
-from autopar.cost_models.pipeline import in_flight_microbatches, step_time
+from autopar.cost_models.pipeline import in_flight_microbatches, step_time, weight_grad_fraction
 from autopar.errors import InputError
+from autopar.techniques import offload
+from autopar.techniques.pipeline import ZERO_BUBBLE, rank_stages
 
 DDP_BUCKET_BYTES = 25 * 2**20   # PyTorch DDP bucket_cap_mb default (torch.nn.parallel.DistributedDataParallel)
 OPTIMIZER_BYTES_PER_PARAM = 36  # Adam step traffic: read fp32 p, m, v (12) + 16-bit grad (2), its fp32 upcast
@@ -146,9 +149,8 @@ class CostModel:
         for msg in strategy_violations(self.spec.model_copy(update={"layers": self.spec.layers or self.num_layers}),
                                        self.seq_len, s):  # custom specs carry layers=0: count the blocks
             raise InputError(f"strategy: {msg}")
-        if s.offload_optimizer and not (self.gpu.host_link_gbps and self.gpu.host_optimizer_gbps):
-            raise InputError(f"strategy: offload=1 needs host_link_gbps and host_optimizer_gbps in the "
-                             f"{self.gpu.name} profile")
+        for msg in offload.gpu_violations(s, self.gpu):
+            raise InputError(f"strategy: {msg}")
 
     # ----- per-layer prices (cached per sharding) ----------------------------------
     def layer_costs(self, s: Strategy) -> dict:
@@ -175,7 +177,8 @@ class CostModel:
         m = s.num_micro_batches
         ranks = [self._rank(r, s, stages, recompute, costs, m) for r in range(s.pp)]
         p2p = self.p2p_time(s)
-        pipe = step_time([r.fwd_s for r in ranks], [r.bwd_s for r in ranks], m, s.schedule, s.vpp, p2p)
+        w = [self.weight_grad_time(s, r) for r in ranks] if s.schedule in ZERO_BUBBLE else None
+        pipe = step_time([r.fwd_s for r in ranks], [r.bwd_s for r in ranks], m, s.schedule, s.vpp, p2p, w)
         pipe = self._shared_cores(pipe, ranks, m)
         dp_exposed = max(self.dp_time(s, r, costs, m) for r in ranks)
         opt = max(self.optimizer_time(s, r, costs) for r in ranks)
@@ -203,10 +206,11 @@ class CostModel:
                        bubble_s=pipe.bubble_s * ratio, p2p_s=pipe.p2p_s * ratio)
 
     def _rank(self, rank: int, s: Strategy, stages, recompute, costs, m) -> RankReport:
-        layers = [i for j, (a, b) in enumerate(stages) if j % s.pp == rank for i in range(a, b)]
+        mine = rank_stages(rank, s.pp, len(stages) // s.pp, s.schedule)   # techniques/pipeline.py placement
+        layers = [i for j in mine for i in range(*stages[j])]
         parts = [costs[i] for i in layers]
         modes = [recompute[i] for i in layers]
-        first, last = rank == 0, rank == s.pp - 1
+        first, last = 0 in mine, len(stages) - 1 in mine
         extra = ([costs["embedding"]] if first and costs["embedding"] else []) + \
                 ([costs["output"]] if last and costs["output"] else [])
         fwd = sum(c.fwd_s for c in parts + extra)
@@ -326,6 +330,12 @@ class CostModel:
         return self.embedding.params_vocab * (1 - 1 / s.tp) * bytes_per_param(self.dtype)[1]
 
     # ----- per-step terms ------------------------------------------------------------
+    def weight_grad_time(self, s: Strategy, r: RankReport) -> float:
+        """Weight-gradient (W) part of one rank's backward per micro-batch: each block's backward
+        times its template's ``pipeline.weight_grad_fraction`` (zero-bubble schedules defer it)."""
+        costs = self.layer_costs(s)
+        return sum(costs[i].bwd_s * weight_grad_fraction(self.blocks[i].ops) for i in r.layers)
+
     def p2p_time(self, s: Strategy) -> float:
         """Seconds of one stage-to-stage activation send (per micro-batch and direction)."""
         if s.pp == 1:
@@ -430,33 +440,8 @@ def offload_step_time(params: float, dtype: str, gpu: GpuProfile, gathers: int =
 
 
 def strategy_violations(spec: ModelSpec, seq_len: int, s: Strategy) -> list[str]:
-    """Every model-dependent divisibility rule the strategy breaks, as fix-naming messages."""
-    out = []
-    if spec.family != "custom":
-        if spec.heads % s.tp:
-            out.append(f"tp={s.tp} does not divide heads={spec.heads}; use a tp that divides it")
-        if spec.family != "deepseek_v3" and spec.kv_heads % s.tp:
-            out.append(f"tp={s.tp} does not divide kv_heads={spec.kv_heads}; use tp <= {spec.kv_heads}")
-        if spec.ffn_hidden and spec.ffn_hidden % s.tp:
-            out.append(f"tp={s.tp} does not divide ffn_hidden={spec.ffn_hidden}")
-        if spec.vocab % s.tp:
-            out.append(f"tp={s.tp} does not divide vocab={spec.vocab}; pad the vocabulary to a multiple of tp")
-    if s.pp * s.vpp > spec.layers:
-        out.append(f"pp*vpp = {s.pp}*{s.vpp} = {s.pp * s.vpp} exceeds the model's {spec.layers} layers")
-    if s.ep > 1 and not spec.is_moe:
-        out.append(f"ep={s.ep} needs a mixture-of-experts model; {spec.name} is dense")
-    if spec.is_moe and spec.num_experts % s.ep:
-        out.append(f"ep={s.ep} does not divide num_experts={spec.num_experts}")
-    if spec.is_moe and spec.moe_ffn_hidden % s.etp:
-        out.append(f"etp={s.etp} does not divide moe_ffn_hidden={spec.moe_ffn_hidden}")
-    if seq_len % (2 * s.cp) and s.cp > 1:
-        out.append(f"cp={s.cp}: seq_len={seq_len} must be divisible by 2*cp (load-balanced context parallel)")
-    if s.sequence_parallel and (seq_len // s.cp) % s.tp:
-        out.append(f"sp=1: the local sequence {seq_len // s.cp} must be divisible by tp={s.tp}")
-    if s.schedule == "interleaved" and s.num_micro_batches % s.pp:
-        out.append(f"interleaved schedule: micro-batches per step ({s.num_micro_batches}) must be a multiple "
-                   f"of pp={s.pp}; change mbs or the global batch")
-    return out
+    """Every technique rule the strategy breaks, as fix-naming messages (``autopar.techniques``)."""
+    return techniques.violations(s, spec, s.world, seq_len)
 
 
 def shared_makespan(work: list[float], cores: int, threads: int = 1) -> float:

@@ -13,6 +13,13 @@ Closed forms (used by the search, O(p)):
   ``T = (m - 1)·max_i(f_i + b_i) + Σ_i (f_i + b_i)``.
 - Interleaved 1F1B (SC21 Sec. 2.2.2): the bubble shrinks by ``v``:
   ``T = m·max_i(f_i + b_i) + (p - 1)/v · mean_i(f_i + b_i)``.
+- Zero bubble (Qi et al., ICLR 2024, "Zero Bubble Pipeline Parallelism"): backward splits into
+  the input gradient ``B`` (on the critical path) and the weight gradient ``W`` (``w_i`` of
+  ``b_i``, deferred into the bubbles). Per chunk the bubble is ``(p - 1)(F + B - W)`` for the
+  looped schedule (ZB-H1; ``zb_interleaved``, ``v`` chunks) and ``(p - 1)(F + B - 2W)`` for the
+  V-shaped ones (ZB-V; ``zbv``, ``dualpipev``, two chunks): with per-rank totals
+  ``T = m·max_i(f_i + b_i) + (p - 1)/v · mean_i(max(0, f_i + b_i - k w_i))``, ``k = 2`` looped,
+  ``k = 3`` V-shaped. ``w`` comes from the captured graph (``weight_grad_fraction``).
 
 Communication assumptions: 1F1B and GPipe exchange activations with blocking
 send/recv (Megatron-LM's default), so ``p2p`` is paid per micro-batch on the critical
@@ -25,9 +32,9 @@ and to draw timelines.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
-Schedule = Literal["gpipe", "1f1b", "interleaved"]
+from autopar.core.strategy import Schedule
+from autopar.techniques.pipeline import V_SHAPED, ZERO_BUBBLE, stage_rank
 
 
 @dataclass
@@ -40,15 +47,21 @@ class PipelineTime:
 
 
 def step_time(f: list[float], b: list[float], m: int, schedule: Schedule, v: int = 1,
-              p2p: float = 0.0) -> PipelineTime:
-    """Closed-form step time of one optimizer step (see module docstring)."""
+              p2p: float = 0.0, w: list[float] | None = None) -> PipelineTime:
+    """Closed-form step time of one optimizer step (see module docstring); ``w``: the
+    weight-gradient part of each rank's backward (zero-bubble schedules)."""
     p = len(f)
     per = [fi + bi for fi, bi in zip(f, b)]
     slow = max(per)
     busy = m * slow
     if p == 1:
         return PipelineTime(busy, busy, 0.0, 0.0)
-    if schedule == "interleaved":
+    if schedule in ZERO_BUBBLE:
+        k = 3 if schedule in V_SHAPED else 2
+        fill = [max(0.0, x - k * wi) for x, wi in zip(per, w or [0.0] * p)]
+        exposed = 2 * (p - 1) * p2p   # torch's zero-bubble runtime posts sends/receives asynchronously
+        total = m * slow + (p - 1) / v * (sum(fill) / p) + exposed
+    elif schedule == "interleaved":
         exposed = 2 * (p - 1) * p2p
         total = m * slow + (p - 1) / v * (sum(per) / p) + exposed
     else:
@@ -57,11 +70,32 @@ def step_time(f: list[float], b: list[float], m: int, schedule: Schedule, v: int
     return PipelineTime(total, busy, total - busy - exposed, exposed)
 
 
+def bubble_share(schedule: str, f: float, b: float, w: float) -> float:
+    """The bubble of a zero-bubble schedule as a share of 1F1B's (``step_time``), from a rank's
+    forward ``f``, backward ``b`` and its weight-gradient part ``w``; 1 for the other schedules."""
+    if schedule not in ZERO_BUBBLE or f + b <= 0:
+        return 1.0
+    k = 3 if schedule in V_SHAPED else 2
+    return max(0.0, f + b - k * w) / (f + b)
+
+
+def weight_grad_fraction(ops) -> float:
+    """Share of a layer's backward FLOPs that is weight-gradient work (W): a GEMM with a weight
+    (not a batched activation x activation product) computes dX and dW of equal FLOPs, so W is
+    half of its backward; every other op's backward is input-gradient work. ``ops``: the
+    template's captured ``OpTerm``s."""
+    total = sum(o.bwd_flops for o in ops)
+    weight = sum(o.bwd_flops / 2 for o in ops if o.kind == "gemm" and not o.batched)
+    return weight / total if total > 0 else 0.0
+
+
 def in_flight_microbatches(rank: int, p: int, m: int, schedule: Schedule, v: int = 1) -> float:
     """Micro-batches whose activations a pipeline rank holds at its peak.
 
     GPipe: all ``m`` (every forward runs before any backward). 1F1B: rank ``i`` (0-based)
-    holds ``min(p - i, m)`` (Narayanan et al. SC21, Sec. 2.2.1). Interleaved 1F1B: the
+    holds ``min(p - i, m)`` (Narayanan et al. SC21, Sec. 2.2.1). ZB-V: ``p`` on every rank
+    (Qi et al. 2024, Sec. 6; torch's ``ScheduleZBVZeroBubble`` warm-up). Looped zero bubble: as
+    interleaved (W is deferred, its inputs are small next to the activations). Interleaved 1F1B: the
     first rank warms up with ``(p - 1)·2 + (v - 1)·p + 1`` chunk forwards before its first
     backward (Megatron-LM ``get_num_warmup_microbatches``) — expressed here in units of
     full micro-batches (``v`` chunks = one micro-batch of the rank's layers).
@@ -72,15 +106,21 @@ def in_flight_microbatches(rank: int, p: int, m: int, schedule: Schedule, v: int
         return float(m)
     if schedule == "1f1b":
         return float(min(p - rank, m))
+    if schedule == "zbv":  # ZB-V: 2(p-r)-1 + r first-chunk and r+1 second-chunk forwards, p on every rank
+        return float(min(p, m))
+    if schedule == "dualpipev":  # DeepSeek-V3 (2024) Table 2: DualPipe holds PP + 1 micro-batches
+        return float(min(p + 1, m))
     warm_chunks = min((p - rank - 1) * 2 + (v - 1) * p + 1, m * v)
     return warm_chunks / v
 
 
 def simulate(f: list[float], b: list[float], m: int, schedule: Schedule, v: int = 1,
-             p2p: float = 0.0) -> PipelineTime:
+             p2p: float = 0.0, w: list[float] | None = None) -> PipelineTime:
     """Replay the schedule op by op (ranks run their op lists in order; an op starts when
     its rank is free and its input has arrived). ``f``/``b`` are per-rank totals; each
-    chunk of an interleaved rank takes ``f[i]/v``."""
+    chunk of an interleaved rank takes ``f[i]/v``. Zero-bubble schedules: ``_simulate_zb``."""
+    if schedule in ZERO_BUBBLE and len(f) > 1:
+        return _simulate_zb(f, b, w or [0.0] * len(f), m, schedule, v, p2p)
     p = len(f)
     order = [_rank_order(r, p, m, schedule, v) for r in range(p)]
     fc = [x / v for x in f]
@@ -172,3 +212,84 @@ def _interleaved_order(rank: int, p: int, m: int, v: int) -> list[tuple]:
         ops.append(("B", *bwd(k)))
     ops += [("B", *bwd(k)) for k in range(total - warm, total)]
     return ops
+
+
+# ----- zero bubble ----------------------------------------------------------------------------
+class _ZB:
+    """State of a zero-bubble replay: per virtual stage the next forward / backward micro-batch,
+    per rank its free time, forwards outstanding and deferred weight-gradient work."""
+
+    def __init__(self, f, b, w, m, schedule, v, p2p):
+        self.p, self.m, self.n, self.p2p = len(f), m, len(f) * v, p2p
+        self.rank = [stage_rank(j, self.p, schedule) for j in range(self.n)]
+        self.cost = {"F": [x / v for x in f], "B": [(x - y) / v for x, y in zip(b, w)], "W": [y / v for y in w]}
+        # micro-batches a rank holds: started on its first local stage, backward there not yet run
+        self.first = [min(j for j in range(self.n) if self.rank[j] == r) for r in range(self.p)]
+        self.limit = [-(-in_flight_microbatches(r, self.p, m, schedule, v) // 1) for r in range(self.p)]
+        self.next = {"F": [0] * self.n, "B": [0] * self.n}
+        self.done: dict[tuple, float] = {}
+        self.free, self.out, self.pending = [0.0] * self.p, [0] * self.p, [[] for _ in range(self.p)]
+        self.events: list[tuple] = []
+
+    def ready(self, kind: str, j: int) -> float | None:
+        """When the next ``kind`` op of stage ``j`` has its input (None: not yet known / none left)."""
+        mb = self.next[kind][j]
+        if mb >= self.m:
+            return None
+        if kind == "F":
+            if j == 0:
+                return 0.0
+            t = self.done.get(("F", mb, j - 1))
+            return None if t is None else t + (self.p2p if self.rank[j - 1] != self.rank[j] else 0.0)
+        if ("F", mb, j) not in self.done:
+            return None
+        if j == self.n - 1:
+            return self.done[("F", mb, j)]
+        t = self.done.get(("B", mb, j + 1))
+        return None if t is None else t + (self.p2p if self.rank[j + 1] != self.rank[j] else 0.0)
+
+    def choice(self, r: int) -> tuple[float, int, int, str, int] | None:
+        """This rank's next op: the earliest-ready backward, else forward (within the memory
+        limit), else deferred W when nothing else can start at once (it fills the bubble)."""
+        opts = []
+        for j in (j for j in range(self.n) if self.rank[j] == r):
+            for pri, kind in ((0, "B"), (1, "F")):
+                t = self.ready(kind, j)
+                if t is not None and (kind == "B" or j != self.first[r] or self.out[r] < self.limit[r]):
+                    opts.append((max(t, self.free[r]), pri, -j, kind, j))
+        if self.pending[r] and (not opts or min(opts)[0] > self.free[r]):
+            opts.append((self.free[r], 2, 0, "W", self.pending[r][0][1]))
+        return min(opts) if opts else None
+
+    def run(self, r: int, start: float, kind: str, j: int) -> None:
+        if kind == "W":
+            mb, j = self.pending[r].pop(0)
+        else:
+            mb = self.next[kind][j]
+            self.next[kind][j] += 1
+            if j == self.first[r]:
+                self.out[r] += 1 if kind == "F" else -1
+            if kind == "B":
+                self.pending[r].append((mb, j))
+        end = start + self.cost[kind][r]
+        self.done[(kind, mb, j)] = end
+        self.free[r] = end
+        self.events.append((r, kind, mb, j, start, end))
+
+
+def _simulate_zb(f, b, w, m, schedule, v, p2p) -> PipelineTime:
+    """Greedy zero-bubble replay: at each step the rank whose next op can start earliest runs it
+    (backward before forward, forwards capped at the schedule's in-flight count, W only when
+    nothing else is ready); leftover W runs at the end."""
+    st = _ZB(f, b, w, m, schedule, v, p2p)
+    todo = 3 * m * st.n
+    while todo:
+        picks = [(c, r) for r in range(st.p) if (c := st.choice(r)) is not None]
+        if not picks:
+            raise RuntimeError("zero-bubble replay deadlocked (bug in the op rules)")
+        (start, _, _, kind, j), r = min(picks)
+        st.run(r, start, kind, j)
+        todo -= 1
+    total = max(st.free)
+    busy = m * max(fi + bi for fi, bi in zip(f, b))
+    return PipelineTime(total, busy, max(total - busy, 0.0), 0.0, st.events)

@@ -35,8 +35,9 @@ from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate import DDP_BUCKET_BYTES, CostModel, RankReport
 from autopar.cost_models.layer_cost import RECOMPUTE_MODES, LayerCost
 from autopar.cost_models.memory import bytes_per_param
-from autopar.cost_models.pipeline import in_flight_microbatches
+from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches, weight_grad_fraction
 from autopar.planner import recompute as rc
+from autopar.techniques.pipeline import ZERO_BUBBLE
 
 INF = float("inf")
 
@@ -185,12 +186,24 @@ class RankPricer:
 def coefficients(cm: CostModel, s: Strategy) -> tuple[float, float, float]:
     """``(A, B, K)`` of ``T = A max P + B sum P + K + max D + max O`` (``pipeline.step_time``)."""
     p2p = cm.p2p_time(s) if s.pp > 1 else 0.0
-    return schedule_coefficients(s.pp, s.num_micro_batches, s.schedule, s.vpp, p2p)
+    share = 1.0
+    if s.schedule in ZERO_BUBBLE:   # the W share of the blocks' backward, summed over the model
+        costs = cm.layer_costs(s)
+        blocks = [costs[i] for i in range(cm.num_layers)]
+        f, b = sum(c.fwd_s for c in blocks), sum(c.bwd_s for c in blocks)
+        w = sum(c.bwd_s * weight_grad_fraction(cm.blocks[i].ops) for i, c in enumerate(blocks))
+        share = bubble_share(s.schedule, f, b, w)
+    return schedule_coefficients(s.pp, s.num_micro_batches, s.schedule, s.vpp, p2p, share)
 
 
-def schedule_coefficients(p: int, m: int, schedule: str, v: int, p2p: float) -> tuple[float, float, float]:
+def schedule_coefficients(p: int, m: int, schedule: str, v: int, p2p: float,
+                          share: float = 0.0) -> tuple[float, float, float]:
+    """``share``: a zero-bubble schedule's bubble relative to 1F1B's (``pipeline.bubble_share``;
+    the default 0 gives the lower bound the search needs)."""
     if p == 1:
         return float(m), 0.0, 0.0
+    if schedule in ZERO_BUBBLE:
+        return float(m), (p - 1) / (v * p) * share, 2 * (p - 1) * p2p
     if schedule == "interleaved":
         return float(m), (p - 1) / (v * p), 2 * (p - 1) * p2p
     return float(m - 1), 1.0, 2 * (m + p - 2) * p2p

@@ -35,192 +35,32 @@ from __future__ import annotations
 
 import heapq
 import time
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass
 
+from autopar import techniques
 from autopar.core.strategy import Strategy
-from autopar.cost_models.estimate import OPTIMIZER_BYTES_PER_PARAM, CostModel, Estimate, RankReport
-from autopar.cost_models.layer_cost import RECOMPUTE_MODES, shards_for
+from autopar.cost_models.estimate import OPTIMIZER_BYTES_PER_PARAM, CostModel, RankReport, even_stages
+from autopar.cost_models.layer_cost import shards_for
 from autopar.cost_models.layer_model import saved_bytes
 from autopar.cost_models.memory import bytes_per_param, model_state_bytes
 from autopar.cost_models.pipeline import in_flight_microbatches
 from autopar.errors import InputError
 from autopar.planner import partition as part
-
-STRATEGY_FIELDS = ("dp", "tp", "pp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch", "zero_stage",
-                   "recompute", "sequence_parallel", "schedule", "offload_optimizer")
-CAPS = {"tp": "max_tp", "pp": "max_pp", "cp": "max_cp", "ep": "max_ep", "micro_batch": "max_mbs"}
-
-
-@dataclass
-class Constraints:
-    """What the user fixes (Strategy field -> value) and the caps that narrow the space."""
-
-    fixed: dict = field(default_factory=dict)
-    max_tp: int | None = None
-    max_pp: int | None = None
-    max_cp: int | None = None
-    max_ep: int | None = None
-    max_mbs: int | None = None
-    cross_node: bool = False     # lift "tp and ep*etp stay inside a node"
-
-    def __post_init__(self):
-        bad = set(self.fixed) - set(STRATEGY_FIELDS)
-        if bad:
-            raise InputError(f"constraints: unknown field(s) {', '.join(sorted(bad))}")
-        Strategy.build(**self.fixed)   # types and ranges, as one-line InputErrors
-        self.fixed = {k: v for k, v in self.fixed.items() if not (k == "dp" and v == -1)}
-
-    def ok(self, name: str, value) -> bool:
-        if name in self.fixed and self.fixed[name] != value:
-            return False
-        cap = getattr(self, CAPS[name]) if name in CAPS else None
-        return cap is None or value <= cap
-
-    @property
-    def modes(self) -> tuple[str, ...]:
-        return (self.fixed["recompute"],) if "recompute" in self.fixed else RECOMPUTE_MODES
-
-
-@dataclass
-class Candidate:
-    strategy: Strategy
-    stages: list[tuple[int, int]]
-    layer_recompute: list[str]
-    step_time_s: float
-    estimate: Estimate | None = None
-
-
-@dataclass
-class SearchStats:
-    space: int = 0            # configurations satisfying the rules and constraints
-    pruned_memory: int = 0    # ruled out by the memory floor before pricing
-    enumerated: int = 0       # configurations given a time bound (their sharding priced)
-    pruned_time: int = 0      # bound no better than the k-th best: never partitioned
-    priced: int = 0           # ran the stage-partition DP
-    infeasible: int = 0       # partitioned, but no layout fits in memory or beats the k-th best
-    layer_pricings: int = 0   # distinct intra-stage shardings priced (CostModel.layer_costs)
-    search_time_s: float = 0.0
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class SearchResult:
-    candidates: list[Candidate]
-    stats: SearchStats
-    global_batch: int
-    rule_error: str | None = None     # a model rule that rejected configurations (none expected)
-
-
-class Sharding(NamedTuple):
-    """The intra-stage sharding and pipeline depth: what ``layer_costs`` and the floors need."""
-
-    tp: int
-    cp: int
-    pp: int
-    dp: int
-    ep: int
-    etp: int
-    sp: bool
-    mbs: int
-
-    @property
-    def edp(self) -> int:
-        return self.dp * self.tp * self.cp // (self.ep * self.etp)
-
-
-class Knobs(NamedTuple):
-    """The rest of a configuration: they reuse the sharding's pricing."""
-
-    zero: int
-    offload: bool
-    schedule: str
-    vpp: int
-
-
-# ----- enumeration ------------------------------------------------------------------------------
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def tp_ok(cm: CostModel, tp: int) -> bool:
-    spec = cm.spec
-    if spec.family == "custom":
-        return tp == 1  # a user module has no known head / width structure to split
-    return (spec.heads % tp == 0 and (spec.family == "deepseek_v3" or spec.kv_heads % tp == 0)
-            and (not spec.ffn_hidden or spec.ffn_hidden % tp == 0) and spec.vocab % tp == 0)
-
-
-def meshes(cm: CostModel, cons: Constraints, gb: int):
-    """(tp, cp, pp, dp) of the dense mapping."""
-    world, gpn = cm.cluster.world, cm.cluster.gpus_per_node
-    for tp in divisors(world):
-        if not cons.ok("tp", tp) or not tp_ok(cm, tp) or (not cons.cross_node and gpn % tp):
-            continue
-        for cp in divisors(world // tp):
-            if not cons.ok("cp", cp) or (cp > 1 and (cm.seq_len % (2 * cp) or cm.spec.family == "custom")):
-                continue
-            for pp in divisors(world // (tp * cp)):
-                dp = world // (tp * cp * pp)
-                if cons.ok("pp", pp) and pp <= cm.num_layers and cons.ok("dp", dp) and gb % dp == 0:
-                    yield tp, cp, pp, dp
-
-
-def expert_maps(cm: CostModel, cons: Constraints, stage_ranks: int):
-    spec, gpn = cm.spec, cm.cluster.gpus_per_node
-    if not spec.is_moe:
-        if cons.ok("ep", 1) and cons.ok("etp", 1):
-            yield 1, 1
-        return
-    for ep in divisors(spec.num_experts):
-        for etp in divisors(spec.moe_ffn_hidden):
-            g = ep * etp
-            if g > stage_ranks or stage_ranks % g or not (cons.ok("ep", ep) and cons.ok("etp", etp)):
-                continue
-            if cons.cross_node or gpn % g == 0:
-                yield ep, etp
-
-
-def shardings(cm: CostModel, cons: Constraints, gb: int):
-    """Rows of shardings that differ only in the micro-batch, mbs ascending."""
-    for tp, cp, pp, dp in meshes(cm, cons, gb):
-        sps = [x for x in ([False, True] if tp > 1 and (cm.seq_len // cp) % tp == 0 else [False])
-               if cons.ok("sequence_parallel", x)]
-        mbs = [b for b in divisors(gb // dp) if cons.ok("micro_batch", b)]
-        for ep, etp in expert_maps(cm, cons, dp * tp * cp):
-            for sp in sps:
-                yield [Sharding(tp, cp, pp, dp, ep, etp, sp, b) for b in mbs]
-
-
-def schedule_options(cm: CostModel, cons: Constraints, pp: int, m: int) -> list[tuple[str, int]]:
-    """(schedule, vpp) pairs for a pipeline of ``pp`` ranks and ``m`` micro-batches."""
-    L = cm.num_layers
-    if pp == 1:
-        sched = cons.fixed.get("schedule", "1f1b")
-        return [(sched, 1)] if sched != "interleaved" and cons.ok("vpp", 1) else []
-    named = "schedule" in cons.fixed or "vpp" in cons.fixed
-    out = [("1f1b", 1)] + ([("gpipe", 1)] if named else [])
-    out += [("interleaved", v) for v in range(2, L // pp + 1)
-            if L % v == 0 and m % pp == 0 and ((pp - 1) * m >= v * pp or named)]
-    return [(s, v) for s, v in out if cons.ok("schedule", s) and cons.ok("vpp", v)]
-
-
-def knob_options(cm: CostModel, cons: Constraints, sh: Sharding, gb: int, cache: dict | None = None) -> list[Knobs]:
-    reduced = sh.dp * sh.cp > 1 or sh.edp > 1
-    m = gb // (sh.dp * sh.mbs)
-    key = (reduced, sh.pp, m)
-    if cache is not None and key in cache:
-        return cache[key]
-    # without a reduced gradient every ZeRO stage is the same configuration: keep one
-    zeros = [z for z in range(4) if cons.ok("zero_stage", z)] if reduced else [cons.fixed.get("zero_stage", 0)]
-    host = bool(cm.gpu.host_link_gbps and cm.gpu.host_optimizer_gbps)
-    offs = [x for x in ([False, True] if host else [False]) if cons.ok("offload_optimizer", x)]
-    out = [Knobs(z, o, s, v) for z in zeros for o in offs for s, v in schedule_options(cm, cons, sh.pp, m)]
-    if cache is not None:
-        cache[key] = out
-    return out
+from autopar.planner import rank
+from autopar.planner.space import (  # noqa: F401  (re-exported: the planner's public names)
+    STRATEGY_FIELDS,
+    Candidate,
+    Constraints,
+    Knobs,
+    SearchResult,
+    SearchStats,
+    Sharding,
+    knob_options,
+    rule_spec,
+    schedule_options,
+    shardings,
+)
+from autopar.techniques import pipeline
 
 
 # ----- bounds -----------------------------------------------------------------------------------
@@ -403,10 +243,10 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
                 continue
             found.append(cand)
             found.sort(key=lambda c: c.step_time_s)
-    for c in found[:top_k]:
-        c.estimate = cm.estimate(c.strategy, c.stages, c.layer_recompute)
+    ranked, dropped = rank.feasible_ranked(cm, found, top_k)   # printed order = estimate order + tie rule
+    stats.infeasible += dropped
     stats.search_time_s = time.perf_counter() - t0
-    return SearchResult(found[:top_k], stats, sp.gb, rule_error=sp.rule_error)
+    return SearchResult(ranked, stats, sp.gb, rule_error=sp.rule_error)
 
 
 def _partitioned(sp: _Space, sh: Sharding, k: Knobs, upper: float) -> Candidate | None:
@@ -414,15 +254,32 @@ def _partitioned(sp: _Space, sh: Sharding, k: Knobs, upper: float) -> Candidate 
     try:
         s = Strategy(**probe(sh, sp.gb, k).model_dump()).resolve(cm.cluster.world)
         cm.check(s)
+        techniques.check(s, rule_spec(cm), cm.seq_len, emitted=True)
     except InputError as exc:  # a rule the enumeration does not test (none known): keep the reason
         sp.rule_error = sp.rule_error or exc.message
         return None
-    # the strategy's own pricing (not the shared pricing_key one): CostModel.rank_memory
-    # recognises the embedding stage by the identity of its LayerCost
+    if s.schedule in pipeline.V_SHAPED:
+        return _v_shaped(cm, s, sp.cons.modes, upper)
     res = part.partition(cm, s, sp.cons.modes, upper, None, sp.shared)
     if res is None:
         return None
     return Candidate(_label(s, res.layer_recompute), res.stages, res.layer_recompute, res.step_time_s)
+
+
+def _v_shaped(cm: CostModel, s: Strategy, modes: tuple[str, ...], upper: float) -> Candidate | None:
+    """V-shaped schedules (two chunks per rank, the last next to the first) take the even split of
+    the layers over the 2*pp stages (the partition DP assumes looped placement) and the fastest
+    recompute mode, one for every layer, that fits."""
+    stages = even_stages(cm.num_layers, s.pp * s.vpp)
+    best = None
+    for mode in modes:
+        e = cm.estimate(s, stages, [mode] * cm.num_layers)
+        if e.feasible and e.step_time_s < upper and (best is None or e.step_time_s < best[1].step_time_s):
+            best = (mode, e)
+    if best is None:
+        return None
+    layer_recompute = [best[0]] * cm.num_layers
+    return Candidate(_label(s, layer_recompute), stages, layer_recompute, best[1].step_time_s)
 
 
 def _label(s: Strategy, layer_recompute: list[str]) -> Strategy:
@@ -476,7 +333,8 @@ def _pipeline_bound(sp: _Space, sh: Sharding, k: Knobs, total: float, p2p: float
     m = sp.gb // (sh.dp * sh.mbs)
     A, B, K = part.schedule_coefficients(sh.pp, m, k.schedule, k.vpp, p2p)
     period = sp.cm.num_layers // k.vpp
-    peak = max(total / sh.pp, k.vpp * -(-period // sh.pp) * min_block)
+    held = -(-sp.cm.num_layers // sh.pp) if k.schedule in pipeline.V_SHAPED else k.vpp * -(-period // sh.pp)
+    peak = max(total / sh.pp, held * min_block)
     return A * peak + B * total + K
 
 

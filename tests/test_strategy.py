@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from autopar import techniques
 from autopar.core.cluster import ClusterSpec, LinkClass
 from autopar.core.plan import Plan, StageSpec
 from autopar.core.strategy import Strategy
@@ -43,28 +44,33 @@ def test_degrees_must_cover_the_cluster():
         Strategy.parse("tp=-1,dp=-1").resolve(8)
 
 
+def _resolve(text: str, world: int):
+    """Degrees, then every technique rule (autopar.techniques owns them since issue 11)."""
+    return techniques.resolve(Strategy.parse(text), world)
+
+
 def test_expert_degrees_divide_a_stage():
-    assert Strategy.parse("tp=2,pp=2,dp=4,ep=8").resolve(16).edp == 1
+    assert _resolve("tp=2,pp=2,dp=4,ep=8", 16).edp == 1
     with pytest.raises(InputError, match=r"ep\*etp = 3\*1 = 3 must divide dp\*tp\*cp = 8"):
-        Strategy.parse("tp=2,pp=2,dp=4,ep=3").resolve(16)
+        _resolve("tp=2,pp=2,dp=4,ep=3", 16)
     with pytest.raises(InputError, match=r"ep\*etp = 4\*4 = 16 must divide"):
-        Strategy.parse("tp=2,pp=2,dp=4,ep=4,etp=4").resolve(16)
+        _resolve("tp=2,pp=2,dp=4,ep=4,etp=4", 16)
 
 
 def test_interleaved_rules():
-    ok = Strategy.parse("pp=4,dp=-1,schedule=interleaved,vpp=2").resolve(8)
+    ok = _resolve("pp=4,dp=-1,schedule=interleaved,vpp=2", 8)
     assert (ok.schedule, ok.vpp) == ("interleaved", 2)
     with pytest.raises(InputError, match="interleaved needs pp > 1"):
-        Strategy.parse("dp=-1,schedule=interleaved").resolve(8)
+        _resolve("dp=-1,schedule=interleaved", 8)
     with pytest.raises(InputError, match="vpp=2 needs schedule=interleaved"):
-        Strategy.parse("pp=2,dp=-1,vpp=2").resolve(8)
+        _resolve("pp=2,dp=-1,vpp=2", 8)
     with pytest.raises(InputError, match="sequence parallel"):
-        Strategy.parse("dp=-1,sp=1").resolve(8)
+        _resolve("dp=-1,sp=1", 8)
 
 
 def test_global_batch_divisibility():
     with pytest.raises(InputError, match="global_batch=10 is not divisible by mbs\\*dp = 1\\*4 = 4"):
-        Strategy.parse("dp=4,gbs=10").resolve(4)
+        _resolve("dp=4,gbs=10", 4)
 
 
 def _cluster() -> ClusterSpec:

@@ -1,0 +1,53 @@
+"""Ranking of the plans the search found: by the step time the estimate prints, feasible only,
+and within ``TIE`` (1%) of each other the simpler plan first.
+
+Simpler, in order: fewer parallel dimensions above 1 (dp, tp, pp, cp, ep, etp), plain data
+parallel (DDP) before ZeRO-3 / FSDP, a lower ZeRO stage, no optimizer offload, then no
+recompute. A practitioner runs DDP over ZeRO-3 when the cost model says they are within 1%:
+the difference is inside the model's error, the simpler program is easier to run.
+"""
+
+from __future__ import annotations
+
+from autopar.core.strategy import Strategy
+from autopar.cost_models.estimate import CostModel
+from autopar.planner.space import Candidate
+
+TIE = 0.01
+RULE = ("ranked by predicted step time; plans within 1% of each other are listed simpler first "
+        "(fewer parallel dimensions > 1, DDP before ZeRO-3, lower ZeRO stage, no offload before offload)")
+
+
+def simplicity(s: Strategy) -> tuple:
+    """Sort key: smaller is simpler."""
+    dims = sum(d > 1 for d in (s.dp, s.tp, s.pp, s.cp, s.ep, s.etp))
+    return dims, s.zero_stage >= 3, s.zero_stage, s.offload_optimizer, s.recompute != "none"
+
+
+def order(cands: list[Candidate], tie: float = TIE) -> list[Candidate]:
+    """Fastest first; among the plans within ``tie`` of the fastest one left, the simplest next."""
+    left = sorted(cands, key=lambda c: c.estimate.step_time_s)
+    out = []
+    while left:
+        fastest = left[0].estimate.step_time_s
+        close = [c for c in left if c.estimate.step_time_s <= fastest * (1 + tie)]
+        pick = min(close, key=lambda c: (simplicity(c.strategy), c.estimate.step_time_s))
+        out.append(pick)
+        left.remove(pick)
+    return out
+
+
+def feasible_ranked(cm: CostModel, found: list[Candidate], top_k: int) -> tuple[list[Candidate], int]:
+    """Estimate the found candidates (fastest by the search's price first) until ``top_k`` fit,
+    plus any within ``TIE`` of those; drop the ones whose estimate does not fit. Returns the
+    ranked candidates and how many were dropped."""
+    kept, dropped = [], 0
+    for c in sorted(found, key=lambda c: c.step_time_s):
+        if len(kept) >= top_k and c.step_time_s > kept[top_k - 1].estimate.step_time_s * (1 + TIE):
+            break
+        c.estimate = c.estimate or cm.estimate(c.strategy, c.stages, c.layer_recompute)
+        if not c.estimate.feasible:
+            dropped += 1
+            continue
+        kept.append(c)
+    return order(kept)[:top_k], dropped

@@ -1,0 +1,218 @@
+"""The search space: what the user fixes (``Constraints``) and the configurations the planner
+enumerates, read from the techniques' declarations (``autopar.techniques``): their searched
+values, filtered by their rules *and* their emit rules, so every configuration is one that
+``emit`` writes a program for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import NamedTuple
+
+from autopar.core.model_spec import ModelSpec
+from autopar.core.strategy import FIELDS, Strategy
+from autopar.cost_models.estimate import CostModel, Estimate
+from autopar.cost_models.layer_cost import RECOMPUTE_MODES
+from autopar.errors import InputError
+from autopar.techniques import context_parallel, data_parallel, expert_parallel, offload, pipeline, tensor_parallel
+from autopar.techniques.base import Technique
+
+STRATEGY_FIELDS = FIELDS
+CAPS = {"tp": "max_tp", "pp": "max_pp", "cp": "max_cp", "ep": "max_ep", "micro_batch": "max_mbs"}
+
+
+@dataclass
+class Constraints:
+    """What the user fixes (Strategy field -> value) and the caps that narrow the space."""
+
+    fixed: dict = field(default_factory=dict)
+    max_tp: int | None = None
+    max_pp: int | None = None
+    max_cp: int | None = None
+    max_ep: int | None = None
+    max_mbs: int | None = None
+    cross_node: bool = False     # lift "tp and ep*etp stay inside a node"
+    schedules: tuple[str, ...] | None = None   # pipeline schedules allowed (None: every one)
+
+    def __post_init__(self):
+        bad = set(self.fixed) - set(STRATEGY_FIELDS)
+        if bad:
+            raise InputError(f"constraints: unknown field(s) {', '.join(sorted(bad))}")
+        Strategy.build(**self.fixed)   # types and ranges, as one-line InputErrors
+        self.fixed = {k: v for k, v in self.fixed.items() if not (k == "dp" and v == -1)}
+
+    def ok(self, name: str, value) -> bool:
+        if name in self.fixed and self.fixed[name] != value:
+            return False
+        cap = getattr(self, CAPS[name]) if name in CAPS else None
+        return cap is None or value <= cap
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return (self.fixed["recompute"],) if "recompute" in self.fixed else RECOMPUTE_MODES
+
+
+@dataclass
+class Candidate:
+    strategy: Strategy
+    stages: list[tuple[int, int]]
+    layer_recompute: list[str]
+    step_time_s: float
+    estimate: Estimate | None = None
+
+
+@dataclass
+class SearchStats:
+    space: int = 0            # configurations satisfying the rules and constraints
+    pruned_memory: int = 0    # ruled out by the memory floor before pricing
+    enumerated: int = 0       # configurations given a time bound (their sharding priced)
+    pruned_time: int = 0      # bound no better than the k-th best: never partitioned
+    priced: int = 0           # ran the stage-partition DP
+    infeasible: int = 0       # partitioned, but no layout fits in memory or beats the k-th best
+    layer_pricings: int = 0   # distinct intra-stage shardings priced (CostModel.layer_costs)
+    search_time_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SearchResult:
+    candidates: list[Candidate]
+    stats: SearchStats
+    global_batch: int
+    rule_error: str | None = None     # a model rule that rejected configurations (none expected)
+
+
+class Sharding(NamedTuple):
+    """The intra-stage sharding and pipeline depth: what ``layer_costs`` and the floors need."""
+
+    tp: int
+    cp: int
+    pp: int
+    dp: int
+    ep: int
+    etp: int
+    sp: bool
+    mbs: int
+
+    @property
+    def edp(self) -> int:
+        return self.dp * self.tp * self.cp // (self.ep * self.etp)
+
+
+class Knobs(NamedTuple):
+    """The rest of a configuration: they reuse the sharding's pricing."""
+
+    zero: int
+    offload: bool
+    schedule: str
+    vpp: int
+
+
+# ----- enumeration ------------------------------------------------------------------------------
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@lru_cache(maxsize=8)
+def rule_spec(cm: CostModel) -> ModelSpec:
+    """The model as the rules see it (custom modules carry layers=0: count the blocks)."""
+    return cm.spec.model_copy(update={"layers": cm.spec.layers or cm.num_layers})
+
+
+def allowed(cm: CostModel, tech: Technique, s: Strategy) -> bool:
+    """``s`` passes the technique's rules and its emit rules."""
+    return not tech.violations(s, rule_spec(cm), cm.cluster.world, cm.seq_len, emitted=True)
+
+
+def shape(**degrees) -> Strategy:
+    """An unvalidated strategy with these fields (the rest default) for the rules to read."""
+    return Strategy.model_construct(**{**Strategy().model_dump(), **degrees})
+
+
+def tp_ok(cm: CostModel, tp: int) -> bool:
+    return allowed(cm, tensor_parallel.TECHNIQUE, shape(tp=tp, dp=1))
+
+
+def meshes(cm: CostModel, cons: Constraints, gb: int):
+    """(tp, cp, pp, dp) of the dense mapping."""
+    world, gpn = cm.cluster.world, cm.cluster.gpus_per_node
+    for tp in divisors(world):
+        if not cons.ok("tp", tp) or not tp_ok(cm, tp) or (not cons.cross_node and gpn % tp):
+            continue
+        for cp in divisors(world // tp):
+            if not cons.ok("cp", cp) or not allowed(cm, context_parallel.TECHNIQUE, shape(cp=cp, dp=1)):
+                continue
+            for pp in divisors(world // (tp * cp)):
+                dp = world // (tp * cp * pp)
+                if cons.ok("pp", pp) and cons.ok("dp", dp) and gb % dp == 0 and \
+                        allowed(cm, pipeline.TECHNIQUE, shape(pp=pp, dp=dp)):
+                    yield tp, cp, pp, dp
+
+
+def expert_maps(cm: CostModel, cons: Constraints, tp: int, cp: int, pp: int, dp: int):
+    spec, gpn = cm.spec, cm.cluster.gpus_per_node
+    eps = divisors(spec.num_experts) if spec.is_moe else [1]
+    etps = divisors(spec.moe_ffn_hidden) if spec.is_moe else [1]
+    for ep in eps:
+        for etp in etps:
+            if not (cons.ok("ep", ep) and cons.ok("etp", etp)):
+                continue
+            if not allowed(cm, expert_parallel.TECHNIQUE, shape(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, etp=etp)):
+                continue
+            if cons.cross_node or gpn % (ep * etp) == 0:
+                yield ep, etp
+
+
+def shardings(cm: CostModel, cons: Constraints, gb: int):
+    """Rows of shardings that differ only in the micro-batch, mbs ascending."""
+    for tp, cp, pp, dp in meshes(cm, cons, gb):
+        sps = [x for x in tensor_parallel.SP_VALUES if cons.ok("sequence_parallel", x)
+               and allowed(cm, tensor_parallel.TECHNIQUE, shape(tp=tp, cp=cp, dp=dp, sequence_parallel=x))]
+        mbs = [b for b in divisors(gb // dp) if cons.ok("micro_batch", b)]
+        for ep, etp in expert_maps(cm, cons, tp, cp, pp, dp):
+            for sp in sps:
+                yield [Sharding(tp, cp, pp, dp, ep, etp, sp, b) for b in mbs]
+
+
+def schedule_options(cm: CostModel, cons: Constraints, pp: int, m: int) -> list[tuple[str, int]]:
+    """(schedule, vpp) pairs for a pipeline of ``pp`` ranks and ``m`` micro-batches: the pipeline
+    technique's searched schedules (and the named-only ones when the user names a schedule or
+    vpp; GPipe also when ``m < pp``), each with the vpp values it runs, kept when the pipeline
+    rules and emit rules pass.
+    Looped schedules need ``v | layers`` and, unless named, ``(p - 1) m >= v p`` (the condition
+    under which per-rank recompute is exact, see ``partition``)."""
+    L = cm.num_layers
+    named = "schedule" in cons.fixed or "vpp" in cons.fixed
+    # GPipe stands in for 1F1B when m < pp (torch's 1F1B refuses it; both price and hold the same)
+    fallback = ("gpipe",) if pp > 1 and m < pp and not named else ()
+    out = []
+    for sched in pipeline.SEARCHED + (pipeline.NAMED_ONLY if named else fallback):
+        if cons.schedules is not None and sched not in cons.schedules:
+            continue
+        if sched in pipeline.LOOPED:
+            vs = [v for v in range(2, L // pp + 1) if L % v == 0 and ((pp - 1) * m >= v * pp or named)]
+        else:
+            vs = [2] if sched in pipeline.V_SHAPED else [1]
+        out += [(sched, v) for v in vs]
+    ok = [(sc, v) for sc, v in out if cons.ok("schedule", sc) and cons.ok("vpp", v)
+          and allowed(cm, pipeline.TECHNIQUE, shape(pp=pp, vpp=v, schedule=sc, dp=1, global_batch=m))]
+    return ok
+
+
+def knob_options(cm: CostModel, cons: Constraints, sh: Sharding, gb: int, cache: dict | None = None) -> list[Knobs]:
+    reduced = sh.dp * sh.cp > 1 or sh.edp > 1
+    m = gb // (sh.dp * sh.mbs)
+    key = (reduced, sh.pp, m)
+    if cache is not None and key in cache:
+        return cache[key]
+    # without a reduced gradient every ZeRO stage is the same configuration: keep one
+    zeros = [z for z in data_parallel.ZERO_STAGES if cons.ok("zero_stage", z)] if reduced \
+        else [cons.fixed.get("zero_stage", 0)]
+    offs = [x for x in (offload.VALUES if offload.priced_on(cm.gpu) else (False,)) if cons.ok("offload_optimizer", x)]
+    out = [Knobs(z, o, s, v) for z in zeros for o in offs for s, v in schedule_options(cm, cons, sh.pp, m)]
+    if cache is not None:
+        cache[key] = out
+    return out

@@ -1,0 +1,46 @@
+"""One module per technique; ``ALL`` is the registry every consumer reads (see ``base``).
+
+To add a technique: declare its ``Technique`` in a new module here (fields, rules, searched
+values, cost terms, apply_*), add it to ``ALL``, give the planner its searched values, and
+``tests/test_techniques.py`` checks the rest (every field owned once, every apply_* and cost
+term resolves, every searched value passes emit's checks).
+"""
+
+from __future__ import annotations
+
+from autopar.core.model_spec import ModelSpec
+from autopar.core.strategy import Strategy
+from autopar.errors import InputError
+from autopar.techniques import (
+    context_parallel,
+    data_parallel,
+    expert_parallel,
+    offload,
+    pipeline,
+    recompute,
+    tensor_parallel,
+)
+from autopar.techniques.base import Technique
+
+ALL: tuple[Technique, ...] = tuple(m.TECHNIQUE for m in (
+    data_parallel, tensor_parallel, context_parallel, pipeline, expert_parallel, recompute, offload))
+
+
+def violations(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None = None,
+               emitted: bool = False) -> list[str]:
+    """Every rule of every technique the strategy breaks (model rules only when ``spec`` is given;
+    ``emitted``: also what the code generator cannot run)."""
+    return [msg for t in ALL for msg in t.violations(s, spec, world, seq_len, emitted)]
+
+
+def check(s: Strategy, spec: ModelSpec | None = None, seq_len: int | None = None, emitted: bool = False) -> Strategy:
+    """Raise the first violation as a one-line InputError; return the strategy."""
+    for msg in violations(s, spec, s.world, seq_len, emitted):
+        raise InputError(f"strategy: {msg}")
+    return s
+
+
+def resolve(s: Strategy, world: int, global_batch: int | None = None, spec: ModelSpec | None = None,
+            seq_len: int | None = None) -> Strategy:
+    """``Strategy.resolve`` (degrees) and then every technique rule."""
+    return check(s.resolve(world, global_batch), spec, seq_len)

@@ -1,0 +1,56 @@
+"""``Technique``: one parallelism or memory technique, declared in one place.
+
+A technique names the ``Strategy`` fields it owns, its validity rules, the values the
+search tries for each field, the public cost-model terms that price it and the codegen
+function that applies it. Every consumer reads the declaration: ``Strategy`` resolution
+and ``CostModel.check`` (``violations``), the planner's enumeration (``search`` values,
+filtered by the same rules), and ``emit`` (the same rules again, before writing a program).
+
+``rules`` say what is a strategy at all (``estimate`` prices any strategy that passes them, e.g.
+a published run's); ``emit_rules`` add what the generated program runs today. The search tries
+only strategies that pass both, so every plan it prints is one ``emit`` writes.
+
+A rule is a pure function ``(strategy, model spec or None, world size, seq_len or None) ->
+[one-line violation, ...]``; rules that need the model return nothing when it is None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from autopar.core.model_spec import ModelSpec
+from autopar.core.strategy import Strategy
+
+Rule = Callable[[Strategy, "ModelSpec | None", int, "int | None"], list[str]]
+
+
+@dataclass(frozen=True)
+class Technique:
+    name: str
+    fields: tuple[str, ...]                      # Strategy fields this technique owns
+    rules: tuple[Rule, ...]                      # validity rules (see module docstring)
+    search: dict[str, tuple | str]               # field -> values searched (a tuple) or how they are derived
+    cost_terms: tuple[str, ...]                  # "module:qualname" of public terms in autopar.cost_models
+    apply: str                                   # dotted name of its apply_* in autopar.codegen
+    named_only: dict[str, tuple] = field(default_factory=dict)  # values searched only when the user names them
+    emit_rules: tuple[Rule, ...] = ()            # what codegen cannot run yet (or torch refuses): not searched
+
+    def violations(self, s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None,
+                   emitted: bool = False) -> list[str]:
+        rules = self.rules + (self.emit_rules if emitted else ())
+        return [msg for rule in rules for msg in rule(s, spec, world, seq_len)]
+
+
+def builtin(spec: ModelSpec | None) -> bool:
+    """A built-in architecture (known head / width structure), not a user module."""
+    return spec is not None and spec.family != "custom"
+
+
+def custom(spec: ModelSpec | None) -> bool:
+    return spec is not None and spec.family == "custom"
+
+
+def custom_refusal(knob: str, value: int) -> str:
+    return (f"{knob}={value} needs the built-in architectures' module names; a custom module supports dp, "
+            "zero stages and recompute=full only")

@@ -1,0 +1,51 @@
+"""Expert parallel (``ep``: experts spread over ranks, tokens routed by all-to-all) and expert
+tensor parallel (``etp``: each expert's FFN split). MoE Parallel Folding (Megatron-Core): the
+expert mapping ``edp * ep * etp`` covers the ``dp * tp * cp`` ranks of a pipeline stage.
+Applied by ``codegen.runtime_moe.apply_ep``; priced per layer (``layer_cost.price_layer``, with
+the placement's load ratio from ``moe_load``)."""
+
+from __future__ import annotations
+
+from autopar.core.model_spec import ModelSpec
+from autopar.core.strategy import Strategy
+from autopar.techniques.base import Technique
+
+
+def fold_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    per_stage = world // s.pp
+    g = s.ep * s.etp
+    if g > per_stage or per_stage % g:
+        return [f"ep*etp = {s.ep}*{s.etp} = {g} must divide dp*tp*cp = {per_stage} (GPUs per pipeline stage)"]
+    return []
+
+
+def model_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    if spec is None:
+        return []
+    if s.ep > 1 and not spec.is_moe:
+        return [f"ep={s.ep} needs a mixture-of-experts model; {spec.name} is dense"]
+    out = []
+    if spec.is_moe and spec.num_experts % s.ep:
+        out.append(f"ep={s.ep} does not divide num_experts={spec.num_experts}")
+    if spec.is_moe and spec.moe_ffn_hidden % s.etp:
+        out.append(f"etp={s.etp} does not divide moe_ffn_hidden={spec.moe_ffn_hidden}")
+    return out
+
+
+def emitted_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    """What ``apply_ep`` runs: any ep*etp folded over the dp*cp*tp ranks of a stage (``fold_rule``),
+    each tp rank dispatching its share of the tokens, etp splitting each expert's ffn. Nothing
+    more to refuse; add a line here if codegen ever stops emitting a case."""
+    return []
+
+
+TECHNIQUE = Technique(
+    name="expert_parallel",
+    fields=("ep", "etp"),
+    rules=(fold_rule, model_rule),
+    emit_rules=(emitted_rule,),
+    search={"ep": "divisors of num_experts", "etp": "divisors of moe_ffn_hidden",
+            "ep*etp": "divides dp*tp*cp, inside a node unless --cross-node"},
+    cost_terms=("layer_cost:price_layer", "moe_load:load_ratio_from_files"),
+    apply="autopar.codegen.runtime_moe.apply_ep",
+)

@@ -1,0 +1,32 @@
+"""Optimizer offload (ZeRO-Offload): fp32 master weights and Adam moments in host memory, the
+step on the CPU. Emitted through FSDP2's ``CPUOffloadPolicy`` inside ``apply_dp``; priced by
+``estimate.offload_step_time`` and the host bytes of ``CostModel.rank_memory``. Searched only
+where the GPU profile prices the host link and the host optimizer."""
+
+from __future__ import annotations
+
+from autopar.core.gpu import GpuProfile
+from autopar.core.strategy import Strategy
+from autopar.techniques.base import Technique
+
+VALUES = (False, True)
+
+
+def priced_on(gpu: GpuProfile) -> bool:
+    return bool(gpu.host_link_gbps and gpu.host_optimizer_gbps)
+
+
+def gpu_violations(s: Strategy, gpu: GpuProfile) -> list[str]:
+    if s.offload_optimizer and not priced_on(gpu):
+        return [f"offload=1 needs host_link_gbps and host_optimizer_gbps in the {gpu.name} profile"]
+    return []
+
+
+TECHNIQUE = Technique(
+    name="offload",
+    fields=("offload_optimizer",),
+    rules=(),
+    search={"offload_optimizer": VALUES},
+    cost_terms=("estimate:offload_step_time", "estimate:CostModel.rank_memory"),
+    apply="autopar.codegen.runtime_parallel.apply_dp",
+)

@@ -1,0 +1,102 @@
+"""Pipeline parallel and its schedules (``torch.distributed.pipelining``).
+
+Fields ``pp``, ``vpp`` (model chunks per rank), ``schedule``:
+
+- ``gpipe`` / ``1f1b``: one stage per rank;
+- ``interleaved`` (Megatron interleaved 1F1B) and ``zb_interleaved`` (``ScheduleInterleavedZeroBubble``:
+  backward split into input-gradient B and weight-gradient W, W deferred into the bubbles): ``vpp``
+  chunks per rank, virtual stage ``i`` on rank ``i % pp`` (looped);
+- ``zbv`` (``ScheduleZBVZeroBubble``) and ``dualpipev`` (``ScheduleDualPipeV``): two chunks per rank in
+  a V (rank ``r`` holds stages ``r`` and ``2pp-1-r``), so the last stage sits on rank 0 next to the first.
+
+Priced by ``pipeline.step_time`` (closed forms, zero-bubble ones with the W share of backward,
+``pipeline.weight_grad_fraction``), checked by ``pipeline.simulate``; memory in flight by
+``pipeline.in_flight_microbatches``; applied by ``codegen.runtime_pp.apply_pp``.
+"""
+
+from __future__ import annotations
+
+from typing import get_args
+
+from autopar.core.model_spec import ModelSpec
+from autopar.core.strategy import Schedule, Strategy
+from autopar.techniques.base import Technique, custom, custom_refusal
+
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+LOOPED = ("interleaved", "zb_interleaved")      # vpp chunks per rank, stage i on rank i % pp
+V_SHAPED = ("zbv", "dualpipev")                 # exactly two chunks per rank, V placement
+ZERO_BUBBLE = ("zb_interleaved", "zbv", "dualpipev")
+SEARCHED = ("1f1b", "interleaved", "zb_interleaved", "zbv")
+# GPipe prices like 1F1B and holds every micro-batch; DualPipeV prices like ZBV (its gain, overlapping
+# expert all-to-all with compute, is not modelled): both are searched only when the user names them,
+# and GPipe also when m < pp, where torch's 1F1B refuses to run and GPipe prices and holds the same
+NAMED_ONLY = ("gpipe", "dualpipev")
+
+
+def stage_rank(index: int, pp: int, schedule: str) -> int:
+    """The pipeline rank that runs virtual stage ``index``."""
+    if schedule in V_SHAPED:
+        return index if index < pp else 2 * pp - 1 - index
+    return index % pp
+
+
+def rank_stages(rank: int, pp: int, vpp: int, schedule: str) -> list[int]:
+    """The virtual stages a pipeline rank runs, in model order."""
+    return [i for i in range(pp * vpp) if stage_rank(i, pp, schedule) == rank]
+
+
+def depth_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    if custom(spec) and s.pp > 1:
+        return [custom_refusal("pp", s.pp)]
+    if spec is not None and spec.layers and s.pp * s.vpp > spec.layers:
+        return [f"pp*vpp = {s.pp}*{s.vpp} = {s.pp * s.vpp} stages exceed the model's {spec.layers} layers"]
+    return []
+
+
+def shape_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    if s.schedule not in ("gpipe", "1f1b") and s.pp == 1:
+        return [f"schedule={s.schedule} needs pp > 1"]
+    if s.vpp > 1 and s.schedule not in LOOPED + V_SHAPED:
+        return [f"vpp={s.vpp} needs schedule=interleaved (or zb_interleaved, zbv, dualpipev)"]
+    if s.schedule in V_SHAPED and s.vpp != 2:
+        return [f"schedule={s.schedule} runs two stages per rank in a V; set vpp=2"]
+    return []
+
+
+def microbatch_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    """Looped schedules run micro-batches in rounds of pp (Megatron-LM and the closed form)."""
+    if s.pp > 1 and s.global_batch and s.schedule in LOOPED and s.num_micro_batches % s.pp:
+        return [f"{s.schedule} schedule: micro-batches per step ({s.num_micro_batches}) must be a multiple of "
+                f"pp={s.pp}; change mbs or the global batch"]
+    return []
+
+
+def torch_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    """What ``torch.distributed.pipelining``'s schedules accept (an emit rule: Megatron runs fewer)."""
+    if s.pp == 1 or not s.global_batch:
+        return []
+    m = s.num_micro_batches
+    if s.schedule == "1f1b" and m < s.pp:
+        return [f"1f1b needs at least pp={s.pp} microbatches per data-parallel rank, the plan has {m} "
+                "(global_batch / (mbs*dp)); lower mbs or use schedule=gpipe"]
+    if s.schedule in V_SHAPED and spec is not None and spec.tie_embeddings:
+        return [f"{s.schedule} puts the first and last stage on one rank as two model copies; tied embeddings "
+                "are not emitted there; use schedule=zb_interleaved or untie them"]
+    if s.schedule in V_SHAPED and m < 2 * s.pp:
+        return [f"{s.schedule} needs at least 2*pp = {2 * s.pp} microbatches per data-parallel rank, the plan has "
+                f"{m}; lower mbs or raise the global batch"]
+    return []
+
+
+TECHNIQUE = Technique(
+    name="pipeline",
+    fields=("pp", "vpp", "schedule"),
+    rules=(depth_rule, shape_rule, microbatch_rule),
+    emit_rules=(torch_rule,),
+    search={"pp": "divisors of world / (tp*cp), at most the layer count", "schedule": SEARCHED,
+            "vpp": "1; looped schedules: v dividing the layers with layers/v >= pp; V schedules: 2"},
+    named_only={"schedule": NAMED_ONLY},
+    cost_terms=("pipeline:step_time", "pipeline:simulate", "pipeline:in_flight_microbatches",
+                "pipeline:weight_grad_fraction", "estimate:CostModel.p2p_time"),
+    apply="autopar.codegen.runtime_pp.apply_pp",
+)

@@ -1,0 +1,55 @@
+"""Tensor parallel (Megatron column/row linears over heads and FFN width, vocabulary-parallel
+embedding and output) and sequence parallel (norms and dropout split over the sequence).
+
+Fields ``tp``, ``sequence_parallel``; applied by ``codegen.runtime_parallel.apply_tp``
+(DTensor ``parallelize_module``), priced per layer by ``layer_cost.price_layer``.
+"""
+
+from __future__ import annotations
+
+from autopar.core.model_spec import ModelSpec
+from autopar.core.strategy import Strategy
+from autopar.techniques.base import Technique, builtin, custom, custom_refusal
+
+SP_VALUES = (False, True)
+
+
+def width_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    """tp splits heads, key/value heads (not MLA), the FFN width and the vocabulary."""
+    if custom(spec) and s.tp > 1:
+        return [custom_refusal("tp", s.tp)]
+    if not builtin(spec) or s.tp == 1:
+        return []
+    out = []
+    if spec.heads % s.tp:
+        out.append(f"tp={s.tp} does not divide heads={spec.heads}; use a tp that divides it")
+    if spec.family != "deepseek_v3" and spec.kv_heads % s.tp:
+        out.append(f"tp={s.tp} does not divide kv_heads={spec.kv_heads} (grouped-query attention splits key/value "
+                   f"heads too); use tp <= {spec.kv_heads} dividing it")
+    if spec.ffn_hidden and spec.ffn_hidden % s.tp:
+        out.append(f"tp={s.tp} does not divide ffn_hidden={spec.ffn_hidden}")
+    if spec.vocab % s.tp:
+        out.append(f"tp={s.tp} does not divide vocab={spec.vocab}; pad the vocabulary to a multiple of tp")
+    return out
+
+
+def sp_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    if not s.sequence_parallel:
+        return []
+    if s.tp == 1:
+        return ["sp=1 (sequence parallel) needs tp > 1"]
+    if seq_len and (seq_len // s.cp) % s.tp:
+        return [f"sp=1: sequence parallel splits seq_len/cp = {seq_len // s.cp} tokens over tp={s.tp}, which does "
+                "not divide it"]
+    return []
+
+
+TECHNIQUE = Technique(
+    name="tensor_parallel",
+    fields=("tp", "sequence_parallel"),
+    rules=(width_rule, sp_rule),
+    search={"tp": "divisors of the world inside a node (unless --cross-node) that pass width_rule",
+            "sequence_parallel": SP_VALUES},
+    cost_terms=("layer_cost:price_layer", "layer_cost:shards_for"),
+    apply="autopar.codegen.runtime_parallel.apply_tp",
+)
