@@ -265,12 +265,17 @@ def buffers_to(parts: list[nn.Module], device) -> None:
 def _apply_replicate(model: nn.Module, mesh: ParallelMesh, experts: list, mp) -> nn.Module:
     from torch.distributed._composable.replicate_with_fsdp import replicate
 
-    for ex in experts:  # their own all-reduce over edp; sync_grads rescales to a dp*cp mean
-        replicate(ex, mesh=mesh["edp"], mp_policy=mp)
-        ex.grad_rescale = mesh.size("edp") / mesh.size("dp_cp")
+    half = mp.param_dtype is not None
+    for ex in experts:
+        if half:  # bf16 weights need the policy: their own all-reduce over edp, rescaled by sync_grads
+            replicate(ex, mesh=mesh["edp"], mp_policy=mp)
+            ex.grad_rescale = mesh.size("edp") / mesh.size("dp_cp")
+        else:  # kept out of the all-reduce (no unsharded copy); sync_grads averages them over edp
+            ex.sync_outside_dp = True
+    ignored = set() if half else _expert_params(model)
     for block in blocks(model):  # one all-reduce per block, overlapping the backward
-        replicate(block, mesh=mesh.dp_cp, mp_policy=mp)
-    return replicate(model, mesh=mesh.dp_cp, mp_policy=mp)
+        replicate(block, mesh=mesh.dp_cp, mp_policy=mp, ignored_params=(ignored & set(block.parameters())) or None)
+    return replicate(model, mesh=mesh.dp_cp, mp_policy=mp, ignored_params=ignored or None)
 
 
 def _apply_zero1(model: nn.Module, mesh: ParallelMesh, dtype: str) -> nn.Module:

@@ -279,8 +279,10 @@ class CostModel:
         if not parts or (n <= 1 and self.dtype == "fp32" and not s.offload_optimizer):
             return 0.0
         biggest = max(c.params_dense + c.params_expert for c in parts)
-        # expert weights join the data-parallel wrapper unless expert parallel keeps them out
-        dense = sum(c.params_dense + (c.params_expert if s.ep == 1 else 0.0) for c in parts + extra)
+        # expert weights join the data-parallel wrapper unless expert parallel keeps them out (a
+        # 16-bit zero-0 plan's FSDP2 replicate holds their compute copies too: codegen apply_dp)
+        joins = s.ep * s.etp == 1 or (self.dtype != "fp32" and s.zero_stage == 0)
+        dense = sum(c.params_dense + (c.params_expert if joins else 0.0) for c in parts + extra)
         if s.zero_stage >= 3:
             backward = self._zero3_backward_bytes(s, parts)
             return sum(c.params_dense for c in extra) * pbytes + max(0.0, backward - temps)
