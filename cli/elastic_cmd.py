@@ -69,14 +69,14 @@ def replan_from(from_plan: Path, gpus: int | None, nodes: int | None, global_bat
                 caps: dict, top: int, json_out: bool, out: Path | None, lost_nodes: str | None) -> None:
     """`autopar plan --from PLAN.json --gpus N`: the same model on N GPUs, the global batch kept
     (unless --global-batch); ``strategy`` fixes knobs and ``caps`` bound them as in a plain search."""
-    from autopar.cli.plan_cmd import _fixed
     from autopar.core.plan import Plan
+    from autopar.core.strategy import Strategy
     from autopar.cost_models.session import build_cost_model
     from autopar.planner import elastic
     from autopar.planner.search import Constraints
 
     plan = Plan.load(from_plan)
-    cons = Constraints(fixed=_fixed(strategy, {}), **caps)
+    cons = Constraints(fixed=Strategy.parse_partial(strategy) if strategy else {}, **caps)
     n_nodes, gpn = new_shape(plan, gpus, nodes)
     cm_old = build_cost_model(_inputs_of(plan))[0]
     same_model(plan, cm_old)
@@ -117,14 +117,12 @@ def _int_list(text: str | None) -> list[int] | None:
 
 
 def _json(plan, cm_new, res, top: int) -> dict:
-    from autopar.cli.plan_cmd import strategy_keys
-
-    opts = [{"strategy": strategy_keys(o.candidate.strategy), "step_time_s": o.candidate.step_time_s,
+    opts = [{"strategy": o.candidate.strategy.model_dump(), "step_time_s": o.candidate.step_time_s,
              "from_peers_bytes": o.move.from_peers_bytes, "from_checkpoint_bytes": o.move.from_checkpoint_bytes,
              "max_rank_bytes": o.move.max_rank_bytes} for o in res.options[:top]]
-    return {"old": {"strategy": strategy_keys(plan.strategy), "gpus": plan.cluster.world,
+    return {"old": {"strategy": plan.strategy.model_dump(), "gpus": plan.cluster.world,
                     "step_time_s": res.old_step_time_s},
-            "new": {"strategy": strategy_keys(res.best.candidate.strategy), "gpus": cm_new.cluster.world,
+            "new": {"strategy": res.best.candidate.strategy.model_dump(), "gpus": cm_new.cluster.world,
                     "step_time_s": res.best.candidate.step_time_s, "move": res.best.move.as_dict()},
             "global_batch": res.global_batch, "chosen": res.chosen, "options": opts, "notes": res.notes}
 
