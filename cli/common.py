@@ -44,7 +44,7 @@ NoCache = typer.Option(False, "--no-cache", callback=disable_cache, expose_value
                        help="capture the model graph again instead of reading the capture cache")
 STRATEGY_KEYS = ("keys: dp data parallel (-1 = the rest), tp tensor parallel, pp pipeline stages, cp context "
                  "parallel, ep expert parallel, etp expert tensor parallel, vpp interleaved chunks per GPU, mbs "
-                 "micro-batch, gbs global batch, zero ZeRO stage 0-3 (3 = FSDP), recompute none|selective|full, "
+                 "micro-batch, gbs global batch, zero ZeRO stage 0-3 (3 = FSDP), recompute none|selective|op|full, "
                  "sp sequence parallel 0|1, schedule gpipe|1f1b|interleaved, offload ZeRO-Offload 0|1")
 
 

@@ -44,7 +44,7 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
              schedule: Opt[str] = typer.Option(None, "--schedule", help="gpipe | 1f1b | interleaved | "
                                                  "zb_interleaved | zbv | dualpipev"),
              recompute: Opt[str] = typer.Option(None, "--recompute", help="one mode for every layer: none | "
-                                                "selective | full (default: chosen per layer)"),
+                                                "selective | op | full (default: chosen per layer)"),
              sp: Opt[bool] = typer.Option(None, "--sp/--no-sp", help="force sequence parallel on / off"),
              offload: Opt[bool] = typer.Option(None, "--offload/--no-offload", help="force ZeRO-Offload on / off"),
              no_cp: bool = typer.Option(False, "--no-cp", help="no context parallelism"),
