@@ -117,10 +117,19 @@ class Checker:
         return self.cms[key]
 
     def ok(self, c: dict) -> bool:
+        """What ``plan --strategy`` then ``emit`` accept: the strategy's rules, the planner's search
+        with every knob fixed (its space holds what the code generator emits), emit's checks."""
+        from autopar.planner.search import Constraints, search
+
         try:
             s = Strategy.parse(strategy_text(c)).resolve(NPROC, GLOBAL_BATCH)
             cm = self.cm(c["model"], c["dtype"])
             cm.check(s)
+            fixed = {k: getattr(s, k) for k in ("dp", "tp", "pp", "cp", "ep", "etp", "vpp", "micro_batch",
+                                                 "zero_stage", "recompute", "sequence_parallel", "schedule",
+                                                 "offload_optimizer")}
+            if not search(cm, GLOBAL_BATCH, Constraints(fixed=fixed), top_k=1).candidates:
+                return False
             plan = Plan(model=cm.spec, cluster=cm.cluster, seq_len=SEQ_LEN, dtype=c["dtype"], strategy=s)
             check_plan(plan, "cpu")
         except AutoparError:

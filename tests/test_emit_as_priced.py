@@ -154,6 +154,7 @@ def test_ep_with_tp_and_etp_build(fake_world, tmp_path):
     assert len(experts.local_expert_ids) == plan.model.num_experts // 2
 
 
+@pytest.mark.slow
 def test_cli_offload_plan_emits_offload(tmp_path):
     """``autopar plan llama3-70b --offload --out p.json && autopar emit p.json``: the plan offloads,
     so the program does (the apply_dp call of its build step)."""
