@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -131,6 +132,7 @@ def _group_frontier(c: LayerCost, n: int, allowed: tuple[str, ...], cache: dict)
     return cache[key][0]
 
 
+@lru_cache(maxsize=512)  # read-only: callers index and multiply, never write
 def _count_vectors(n: int, k: int) -> np.ndarray:
     """Every way to split ``n`` layers among ``k`` modes, one row each."""
     if k == 1:
