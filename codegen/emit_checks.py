@@ -158,7 +158,7 @@ def _custom_blocks(plan: Plan) -> int:
 def _check_custom(plan: Plan) -> int:
     """A user module: needs a block list and token -> logits forward; supports dp/zero/recompute."""
     s, m = plan.strategy, plan.model
-    name = m.factory
+    name = m.factory or f"transformers {(m.hf_config or {}).get('model_type')}"  # hf_config: the module itself
     for deg in ("tp", "pp", "cp", "ep"):
         if getattr(s, deg) > 1:
             raise InputError(f"strategy: {deg}={getattr(s, deg)} needs the built-in architectures' module names; "
@@ -176,6 +176,8 @@ def _check_custom(plan: Plan) -> int:
         raise InputError(f"model: custom module '{name}' has no nn.Embedding to read the vocabulary size from; "
                          "emitted programs train token language models")
     vocab = emb[0].num_embeddings
+    if m.hf_config is not None:  # HFLanguageModel returns logits by construction; capture ran the module
+        return vocab
     try:
         out = model(torch.zeros(2, 8, dtype=torch.long, device="meta"))
     except Exception as exc:  # user code: any failure is an input problem

@@ -25,6 +25,7 @@ MODULES = {
     "models/__init__.py": "profiles/models/__init__.py",
     "models/layers.py": "profiles/models/layers.py",
     "models/transformer.py": "profiles/models/transformer.py",
+    "models/hf.py": "profiles/models/hf.py",  # transformers modules (their plans only)
     "errors.py": "errors.py",
 }
 # applied in order to every copied module

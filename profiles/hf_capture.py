@@ -1,8 +1,7 @@
 """Build a Hugging Face transformers module from its config and trace it as itself.
 
-``build_hf_model(spec)`` builds the module with ``from_config`` (no hub access, no weights)
-on the meta device: the class in the config's ``architectures`` when transformers has it, else
-``AutoModelForCausalLM``, else ``AutoModel``. ``trace_hf`` traces it with the same concrete-meta
+``build_hf_model(spec)`` (``profiles.models.hf``) builds the module with ``from_config`` (no hub
+access, no weights) on the meta device. ``trace_hf`` traces it with the same concrete-meta
 tracer as the built-in catalog (``profiles.graph._Tracer``: proxies carry meta values, so the
 shape-dependent Python in transformers' code runs concretely), with three adjustments:
 
@@ -21,7 +20,6 @@ A failure names the module path and the construct (``cannot capture <model_type>
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from typing import Any
 
@@ -31,59 +29,11 @@ from torch import nn
 
 from autopar.core.model_spec import ModelSpec
 from autopar.errors import InputError
+from autopar.profiles.models.hf import build_hf_model, hf_config, model_class  # noqa: F401  (re-exported)
+from autopar.profiles.models.hf import no_packing_probe as _tracing_patches
 
 _INPUT_DTYPES = {"int64": torch.int64, "float32": torch.float32, "bfloat16": torch.bfloat16,
                  "float16": torch.float16}
-
-
-def hf_config(spec: ModelSpec):
-    """The transformers config object of ``spec.hf_config`` (nested sub-configs included)."""
-    import transformers
-
-    raw = dict(spec.hf_config or {})
-    mtype = raw.pop("model_type", None)
-    for key in ("transformers_version", "_name_or_path", "auto_map"):
-        raw.pop(key, None)
-    try:
-        cfg = transformers.AutoConfig.for_model(mtype, **raw)
-    except Exception as exc:
-        raise InputError(f"model: transformers cannot read model_type={mtype!r}: {type(exc).__name__}: "
-                         f"{_first_line(exc)}; check the config.json or upgrade transformers") from None
-    return cfg
-
-
-def model_class(cfg) -> type:
-    """The class named by ``architectures`` when transformers has it, else the Auto class for
-    causal LMs, else the bare ``AutoModel``."""
-    import transformers
-
-    for arch in getattr(cfg, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            return cls
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
-        if type(cfg) in auto._model_mapping:
-            return auto._model_mapping[type(cfg)]
-    raise InputError(f"model: transformers has no model class for model_type={cfg.model_type!r}; "
-                     "name one in the config's architectures")
-
-
-def build_hf_model(spec: ModelSpec, device: str | torch.device = "meta", attn: str | None = None) -> nn.Module:
-    """The transformers module of ``spec`` on ``device``, with SDPA attention unless the spec (or
-    ``attn``) asks for eager or the model does not support SDPA."""
-    cfg = hf_config(spec)
-    cls = model_class(cfg)
-    impl = attn or ("eager" if spec.attention == "eager" else "sdpa")
-    with torch.device(device):
-        try:
-            return cls._from_config(cfg, attn_implementation=impl)
-        except (ValueError, ImportError):
-            if impl == "eager":
-                raise
-            return cls._from_config(cfg, attn_implementation="eager")
-        except Exception as exc:
-            raise InputError(f"model: cannot build {cls.__name__} from config: {type(exc).__name__}: "
-                             f"{_first_line(exc)}") from None
 
 
 def is_expert_container(m: nn.Module) -> bool:
@@ -125,25 +75,6 @@ class WithLoss(nn.Module):
         if logits.dim() == 3 and logits.shape[:2] == labels.shape:
             return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
         return logits.float().mean()
-
-
-@contextlib.contextmanager
-def _tracing_patches():
-    """Answer transformers' value-reading mask probes as a training batch without packing does."""
-    patched = []
-    try:
-        import transformers.masking_utils as mu
-
-        if hasattr(mu, "find_packed_sequence_indices"):
-            patched.append((mu, "find_packed_sequence_indices", mu.find_packed_sequence_indices))
-            mu.find_packed_sequence_indices = lambda position_ids: None
-    except ImportError:
-        pass
-    try:
-        yield
-    finally:
-        for mod, name, orig in patched:
-            setattr(mod, name, orig)
 
 
 def example_inputs(spec: ModelSpec, model: nn.Module, seq_len: int, micro_batch: int) -> dict[str, Any]:

@@ -17,6 +17,10 @@ __all__ = ["Block", "Transformer", "build_model", "load_factory"]
 
 def build_model(spec: ModelSpec, device: str | torch.device = "meta") -> nn.Module:
     """Build the module for ``spec`` on ``device`` (``meta``: shapes only, no memory)."""
+    if getattr(spec, "hf_config", None) is not None:  # a transformers module, as itself
+        from autopar.profiles.models.hf import build_hf_lm
+
+        return build_hf_lm(spec, device)
     with torch.device(device):
         if spec.family == "custom":
             return _call_factory(spec.factory)
