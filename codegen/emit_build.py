@@ -80,7 +80,8 @@ def _dp_call(plan: Plan) -> str:
         extra += ", offload=True"
     if plan.dtype != "fp32":
         extra += f', dtype="{plan.dtype}"'
-    return (f"    parts = [rt.apply_dp(part, mesh, zero_stage=ZERO_STAGE, tp=TP, pipeline=PP > 1{extra})"
+    pipeline = "SCHEDULE" if s.pp > 1 else "False"  # the schedule decides how FSDP meets the pipeline
+    return (f"    parts = [rt.apply_dp(part, mesh, zero_stage=ZERO_STAGE, tp=TP, pipeline={pipeline}{extra})"
             " for part in parts]")
 
 

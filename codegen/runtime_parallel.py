@@ -202,7 +202,7 @@ def offload_policy(offload: bool, device_type: str):
 
 
 def apply_dp(model: nn.Module, mesh: ParallelMesh, zero_stage: int = 0, tp: int = 1,
-             pipeline: bool = False, offload: bool = False, dtype: str = "fp32") -> nn.Module:
+             pipeline: bool | str = False, offload: bool = False, dtype: str = "fp32") -> nn.Module:
     """Data parallel over the flattened ``dp_cp`` ranks (context-parallel ranks hold different
     tokens of the same sequences, so their gradients are averaged like data-parallel ones).
 
@@ -211,7 +211,7 @@ def apply_dp(model: nn.Module, mesh: ParallelMesh, zero_stage: int = 0, tp: int 
     them over the ``edp`` mesh; DDP leaves them out. ``sync_grads`` finishes them."""
     experts = [m for m in model.modules() if getattr(m, "ep_group", None) is not None]
     dtensor = tp > 1 or mesh.size("etp") > 1  # expert tensor parallel weights are DTensors too
-    mode = dp_mode(zero_stage, mesh.size("dp_cp"), dtensor, bool(experts), pipeline, offload, dtype)
+    mode = dp_mode(zero_stage, mesh.size("dp_cp"), dtensor, bool(experts), bool(pipeline), offload, dtype)
     if mode == "none":
         return model
     if mode == "ddp":
@@ -232,9 +232,15 @@ def apply_dp(model: nn.Module, mesh: ParallelMesh, zero_stage: int = 0, tp: int 
     for block in blocks(model):  # one all-gather / reduce-scatter group per block
         fully_shard(block, mesh=mesh.dp_cp, **kw)
     fully_shard(model, mesh=mesh.dp_cp, **kw)
-    if pipeline:
+    if pipeline is True or pipeline in FULL_BACKWARD:  # the schedule's name, or True
         _keep_per_microbatch_sharding(model)
     return model
+
+
+# Schedules whose backward is one autograd pass per micro-batch: FSDP's hooks may reduce after
+# it. Zero-bubble schedules split it (input gradients, then weight gradients later): there
+# FSDP must wait for the stage's final post-backward, torch's default.
+FULL_BACKWARD = ("gpipe", "1f1b", "interleaved")
 
 
 def _keep_per_microbatch_sharding(model: nn.Module) -> None:
