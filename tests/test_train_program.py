@@ -144,6 +144,36 @@ def test_mfu_is_estimates_definition():
     assert math.isnan(mfu(0.0, 1.0, 8, 1e15))  # a plan without predictions
 
 
+def test_metrics_interval_means_and_jsonl(tmp_path, capsys):
+    basis = rt.FlopBasis(model_flops_per_step=8e9, hardware_flops_per_step=1e10, peak_flops_per_gpu=1e11)
+    log = rt.MetricsLogger(2, tokens_per_step=100, world=2, basis=basis, metrics_file=str(tmp_path / "m.jsonl"))
+    rows = [log.record(step, torch.tensor(100.0 * step), True, 1e-3, torch.tensor(0.5), 0.1 * step, 10 * step)
+            for step in range(1, 5)]
+    log.close()
+    assert rows[0] is None and rows[2] is None  # one line per interval of 2 steps
+    assert rows[1]["loss"] == pytest.approx(1.5) and rows[3]["loss"] == pytest.approx(3.5)
+    assert rows[3]["step_time_s"] == pytest.approx(0.35) and rows[3]["peak_mem_bytes"] == 40
+    assert rows[3]["mfu"] == pytest.approx(8e9 / (0.35 * 2 * 1e11))
+    assert [json.loads(line)["step"] for line in (tmp_path / "m.jsonl").read_text().splitlines()] == [2, 4]
+    assert "step=4 loss=3.5 " in capsys.readouterr().out
+
+
+def test_profiler_traces_only_the_chosen_steps(tmp_path):
+    prof = rt.StepProfiler(rt.parse_step_list("2"), tmp_path)
+    for step in (1, 2, 3):
+        with prof.step(step):
+            torch.ones(8) @ torch.ones(8)
+    assert [p.name for p in tmp_path.iterdir()] == ["trace_step2_rank0.json"]
+
+
+def test_vendored_runtime_refuses_a_module_importing_autopar():
+    from autopar.codegen.emit_vendor import _check_closure
+
+    _check_closure("ok.py", "import torch\ndef f():\n    import autopar.cost_models\n")  # lazy: fine
+    with pytest.raises(RuntimeError, match="would import autopar.core.plan"):
+        _check_closure("bad.py", "import torch\nfrom autopar.core.plan import Plan\n")
+
+
 # ----- the plan's model without pydantic ----------------------------------------------
 @pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny", "moe-tiny", "deepseek-tiny", "llama3-70b"])
 def test_run_spec_matches_model_spec(name):
