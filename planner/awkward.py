@@ -109,14 +109,27 @@ def fewer_gpu_counts(cl: ClusterSpec) -> list[int]:
     return [n * cl.gpus_per_node for n in range(cl.nodes - 1, max(cl.nodes - 1 - MAX_FEWER_TRIES, 0), -1)]
 
 
-def nearest_batches(world: int, gb: int) -> list[int]:
-    """Batches near ``gb`` (nearest first, the larger first on a tie) that some dp dividing the
-    world divides: the only batches a mesh on all GPUs can take."""
-    out = set()
-    for d in (d for d in range(1, world + 1) if world % d == 0 and d <= gb * (1 + MAX_BATCH_SHIFT)):
-        lo = (gb // d) * d
-        out.update(b for b in (lo, lo + d) if b != gb and b > 0 and abs(b - gb) <= gb * MAX_BATCH_SHIFT)
-    return sorted(out, key=lambda b: (abs(b - gb), -b))
+def rough_part(n: int) -> int:
+    """The product of the prime factors of ``n`` above ``SMOOTH`` (with multiplicity)."""
+    out, p, m = 1, 2, n
+    while p * p <= m:
+        while m % p == 0:
+            out, m = out * (p if p > SMOOTH else 1), m // p
+        p += 1
+    return out * (m if m > SMOOTH else 1)
+
+
+def nearest_batches(world: int, gb: int, limit: int = 64) -> list[int]:
+    """Candidate batches near ``gb``, nearest first (the larger first on a tie), at most ``limit``:
+    multiples of the world's rough part. A large prime factor of the world rarely fits tp (inside
+    a node) or cp (divides the sequence); pp takes it only when the layers allow, and then a plan
+    on every GPU usually exists at the requested batch anyway, so dp holds it and the batch must
+    be its multiple. The caller checks each candidate for a valid mesh."""
+    q = rough_part(world)
+    span = int(gb * MAX_BATCH_SHIFT)
+    out = {b for k in range(max(1, (gb - span) // q), (gb + span) // q + 2) if 0 < (b := k * q) != gb
+           and abs(b - gb) <= max(span, q)}
+    return sorted(out, key=lambda b: (abs(b - gb), -b))[:limit]
 
 
 def _fewer(cm: CostModel, cons: Constraints, gb: int, top_k: int, why_all: str) -> Option | None:

@@ -1,0 +1,55 @@
+"""Start-up structure of the CLI: help and input errors load neither torch nor the cost model.
+
+Timings live in benchmarks/cli_latency.py; here the property that makes them small is checked:
+which modules a command imports before it answers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "numpy", "matplotlib", "networkx", "autopar.cost_models.estimate", "autopar.planner.search")
+
+PROBE = """
+import json, sys
+from autopar.cli.main import main
+code = 0
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"code": code, "heavy": [m for m in HEAVY if m in sys.modules]}), file=sys.stderr)
+"""
+
+
+def _loaded(*args: str) -> dict:
+    code = f"HEAVY = {HEAVY!r}\n" + PROBE
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    return json.loads(proc.stderr.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("args,code", [
+    (["--help"], 0),
+    (["plan", "--help"], 0),
+    (["estimate", "--help"], 0),
+    (["plan", "no-such-model"], 2),
+    (["plan", "llama3-8b", "--gpu", "no-such-gpu"], 2),
+    (["estimate", "llama3-8b", "--seq-len", "0", "--strategy", "tp=8"], 2),
+    (["plan", "llama3-8b", "--nodes", "0"], 2),
+])
+def test_help_and_input_errors_stay_light(args, code):
+    got = _loaded(*args)
+    assert got["code"] in ((0, None) if code == 0 else (code,))
+    assert got["heavy"] == [], f"{args} imported {got['heavy']}"
+
+
+def test_each_command_is_found_without_importing_the_others():
+    from autopar.cli.main import command_modules
+
+    mods = command_modules()
+    for name in ("plan", "estimate", "memory", "emit", "inspect", "profile", "validate", "experts"):
+        assert name in mods, name
+    assert mods["memory"] == mods["estimate"] == "autopar.cli.estimate_cmd"
