@@ -72,6 +72,9 @@ def _runner_up(a: Candidate, b: Candidate) -> str:
     worst = max(delta, key=delta.get)
     diff = _differences(a, b)
     loss = f"{TERM_NAMES.get(worst, worst)} +{_seconds(delta[worst])}" if delta[worst] > 0 else "the total"
+    if slower < 0:   # listed second by the tie rule (planner/rank.py)
+        return (f"Runner-up ({b.strategy.short()}) is {100 * -slower:.1f}% faster" + (f" ({diff})" if diff else "")
+                + ", within the 1% tie, so the simpler plan is listed first.")
     return (f"Runner-up ({b.strategy.short()}) is {100 * slower:.1f}% slower"
             + (f" ({diff})" if diff else "") + f": it loses on {loss}.")
 

@@ -140,7 +140,9 @@ class RankPricer:
         groups = [(g, n) for g, n in zip(self.groups, cnt) if n]
         ids = tuple(id(g) for g, _ in groups)
         fwd = sum(g.fwd_s * n for g, n in groups) + sum(e.fwd_s for e in extra)
-        choice = rc.choose(groups, in_flight, budget, self.modes, self._frontiers)
+        temps = plain.get("logits_and_temporaries", 0.0)
+        choice = rc.choose(groups, in_flight, budget, self.modes, self._frontiers,
+                           lambda w: cm.workspace_excess(s, parts, w, temps))
         if choice is None:
             return RankEval(INF, fwd, INF, INF, INF, None, ids)
         P = sum(g.time("none") * n for g, n in groups) + sum(e.time("none") for e in extra) + choice.extra_s

@@ -58,10 +58,14 @@ def extra_time(c: LayerCost, mode: str) -> float:
 
 
 def choose(groups: list[tuple[LayerCost, int]], in_flight: float, budget: float,
-           modes: tuple[str, ...] = RECOMPUTE_MODES, cache: dict | None = None) -> RecomputeChoice | None:
+           modes: tuple[str, ...] = RECOMPUTE_MODES, cache: dict | None = None,
+           workspace=None) -> RecomputeChoice | None:
     """The fastest per-layer recompute of ``groups`` (``(cost, count)`` pairs) whose
-    ``in_flight * act + work`` stays within ``budget`` bytes; None when nothing fits."""
+    ``in_flight * act + workspace(work)`` stays within ``budget`` bytes; None when nothing fits.
+    ``workspace``: the bytes a largest layer transient ``work`` adds to the peak
+    (``CostModel.workspace_excess``: only its excess over the loss phase); default ``work``."""
     cache = {} if cache is None else cache
+    workspace = workspace or (lambda w: w)
     plain = "none" in modes
     if plain:  # fast path: everything fits without recompute
         act = sum(c.act_bytes["none"] * n for c, n in groups)
@@ -75,7 +79,7 @@ def choose(groups: list[tuple[LayerCost, int]], in_flight: float, budget: float,
         if not all(allowed):
             continue
         front = _merged_frontier(groups, allowed, cache)
-        room = (budget - cap) / in_flight
+        room = (budget - workspace(cap)) / in_flight
         i = bisect_right([p[0] for p in front], room) - 1
         if i < 0:
             continue
@@ -83,8 +87,8 @@ def choose(groups: list[tuple[LayerCost, int]], in_flight: float, budget: float,
         if best is None or dt < best.extra_s:
             work = max([c.work_bytes[k] for (c, _), ok, cnt in zip(groups, allowed, counts)
                         for k, x in zip(ok, cnt) if x] + [0.0])
-            best = RecomputeChoice(dt, act, work, tuple(_expand(cnt, ok, modes) for cnt, ok in zip(counts, allowed)),
-                                   modes)
+            per_group = tuple(_expand(cnt, ok, modes) for cnt, ok in zip(counts, allowed))
+            best = RecomputeChoice(dt, act, workspace(work), per_group, modes)
     return best
 
 

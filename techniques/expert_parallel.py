@@ -1,7 +1,8 @@
 """Expert parallel (``ep``: experts spread over ranks, tokens routed by all-to-all) and expert
 tensor parallel (``etp``: each expert's FFN split). MoE Parallel Folding (Megatron-Core): the
 expert mapping ``edp * ep * etp`` covers the ``dp * tp * cp`` ranks of a pipeline stage.
-Applied by ``codegen.runtime_moe.apply_ep``; priced per layer (``layer_cost.price_layer``, with
+Applied by ``codegen.runtime_moe.apply_ep`` over the (edp, ep, etp) mesh of a stage (ep with tp and
+etp > 1 included, so no emit rule narrows the search); priced per layer (``layer_cost.price_layer``, with
 the placement's load ratio from ``moe_load``)."""
 
 from __future__ import annotations
@@ -32,18 +33,10 @@ def model_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | N
     return out
 
 
-def emitted_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
-    """What ``apply_ep`` runs: any ep*etp folded over the dp*cp*tp ranks of a stage (``fold_rule``),
-    each tp rank dispatching its share of the tokens, etp splitting each expert's ffn. Nothing
-    more to refuse; add a line here if codegen ever stops emitting a case."""
-    return []
-
-
 TECHNIQUE = Technique(
     name="expert_parallel",
     fields=("ep", "etp"),
     rules=(fold_rule, model_rule),
-    emit_rules=(emitted_rule,),
     search={"ep": "divisors of num_experts", "etp": "divisors of moe_ffn_hidden",
             "ep*etp": "divides dp*tp*cp, inside a node unless --cross-node"},
     cost_terms=("layer_cost:price_layer", "moe_load:load_ratio_from_files"),

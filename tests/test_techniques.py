@@ -121,11 +121,17 @@ def test_every_searched_value_of_every_knob_occurs():
 
 
 def test_emit_rules_enforced_during_search():
-    """moe-tiny with pp=2 and one micro-batch per rank: 1F1B would be refused by emit, so it is not searched."""
-    for _, s in _space("moe-tiny", 4, 8):
+    """moe-tiny with pp=2 and one micro-batch per rank: 1F1B would be refused by emit, so it is not
+    searched (GPipe stands in); ZBV on tied embeddings is not emitted, so not searched either."""
+    space = [s for _, s in _space("moe-tiny", 4, 8)]
+    assert any(s.pp == 2 and s.num_micro_batches < 2 and s.schedule == "gpipe" for s in space)
+    for s in space:
         if s.pp > 1 and s.schedule == "1f1b":
             assert s.num_micro_batches >= s.pp
-        assert s.etp == 1 and not (s.ep > 1 and s.tp > 1)
+    tied = _cm("gpt-tiny", 4).spec.model_copy(update={"tie_embeddings": True})
+    zbv = Strategy.parse("pp=2,vpp=2,schedule=zbv,mbs=1").resolve(2, 8)
+    assert not pipeline.TECHNIQUE.violations(zbv, tied, 2, 64)
+    assert any("tied" in m for m in pipeline.TECHNIQUE.violations(zbv, tied, 2, 64, emitted=True))
 
 
 def test_planned_candidates_build_plans_emit_accepts():

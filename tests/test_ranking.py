@@ -1,0 +1,77 @@
+"""Ranking of the printed plans: only feasible ones, in the order of the step time shown, and
+within 1% the simpler plan first (planner/rank.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autopar.core.strategy import Strategy
+from autopar.cost_models.session import Inputs, build_cost_model
+from autopar.planner import rank
+from autopar.planner import search as S
+
+
+class _E:
+    def __init__(self, t: float):
+        self.step_time_s, self.feasible = t, True
+
+
+def _cand(text: str, t: float) -> S.Candidate:
+    s = Strategy.parse(text).resolve(8, 8)
+    return S.Candidate(s, [], [], t, _E(t))
+
+
+def test_simpler_first_within_one_percent():
+    z3 = _cand("dp=8,zero=3", 1.000)
+    ddp = _cand("dp=8", 1.004)
+    tp = _cand("dp=4,tp=2", 1.002)
+    slow = _cand("dp=8,zero=1", 1.05)
+    got = [c.strategy.short() for c in rank.order([slow, z3, tp, ddp])]
+    assert got == [ddp.strategy.short(), z3.strategy.short(), tp.strategy.short(), slow.strategy.short()]
+
+
+def test_outside_the_tie_the_faster_wins():
+    z3, ddp = _cand("dp=8,zero=3", 1.00), _cand("dp=8", 1.02)
+    assert rank.order([ddp, z3])[0] is z3
+
+
+def test_simplicity_order():
+    keys = [rank.simplicity(Strategy.parse(t).resolve(8, 8)) for t in
+            ("dp=8", "dp=8,zero=1", "dp=8,zero=3", "dp=8,zero=3,offload=1", "dp=4,tp=2", "dp=2,tp=2,pp=2")]
+    assert keys == sorted(keys)
+
+
+@pytest.fixture(scope="module")
+def gpt2_result():
+    cm = build_cost_model(Inputs(model="gpt2-124m", gpu="h100-sxm", nodes=1, gpus_per_node=8, seq_len=1024))[0]
+    return cm, S.search(cm, 512, top_k=5)
+
+
+def test_gpt2_on_8_gpus_ranks_ddp_first(gpt2_result):
+    _, res = gpt2_result
+    best = res.candidates[0].strategy
+    assert (best.dp, best.tp, best.pp, best.zero_stage, best.offload_optimizer) == (8, 1, 1, 0, False), best.short()
+
+
+def test_printed_order_is_step_time_order_up_to_the_tie(gpt2_result):
+    _, res = gpt2_result
+    times = [c.estimate.step_time_s for c in res.candidates]
+    assert all(c.estimate.feasible for c in res.candidates)
+    for a, b in zip(times, times[1:]):
+        assert b >= a / (1 + rank.TIE) - 1e-12
+
+
+def test_moe_tiny_order_and_feasibility(run_cli):
+    code, out, err = run_cli("plan", "moe-tiny", "--json", "--top", "6")
+    assert code == 0, err
+    cands = json.loads(out)["candidates"]
+    times = [c["step_time_s"] for c in cands]
+    assert all(c["feasible"] for c in cands)
+    assert times == sorted(times) or all(b >= a / (1 + rank.TIE) for a, b in zip(times, times[1:]))
+
+
+def test_plan_help_states_the_tie_rule(run_cli):
+    code, out, _ = run_cli("plan", "--help")
+    assert code == 0 and "within 1%" in " ".join(out.split())
