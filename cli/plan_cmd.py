@@ -98,6 +98,10 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
     cons = Constraints(fixed=fixed, max_tp=max_tp, max_pp=max_pp, max_cp=max_cp, max_ep=max_ep, max_mbs=max_mbs,
                        cross_node=cross_node)
     _check_complete(cm, fixed, gb)
+    if cl.heterogeneous:  # node groups of different GPUs or links: each stage on one kind (planner/hetero.py)
+        from autopar.cli import hetero_view
+
+        return hetero_view.run(cm, gb, cons, json_out)
     res = search(cm, gb, cons, top_k=top)
     alts = awkward_view.alternatives(cm, gb, cons, res, top, exact_gpus, exact_batch)
     if alts is not None and alts.recommended is not None:  # continue with the recommended option
