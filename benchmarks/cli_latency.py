@@ -1,0 +1,68 @@
+"""Wall and CPU time of whole ``autopar`` commands, process start included, cold and warm.
+
+Cold: an empty capture cache (``AUTOPAR_CACHE_DIR`` set to a fresh folder per command), so a plan imports
+torch and captures the graph. Warm: the same command again on the now filled cache. CPU time
+is the children's user + system time (``resource.getrusage(RUSAGE_CHILDREN)``): on a shared,
+loaded machine it is the steadier figure; wall time is what a user waits for.
+
+    python benchmarks/cli_latency.py            # all commands, one cold and REPEAT warm runs each
+    python benchmarks/cli_latency.py --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+COMMANDS = {
+    "--help": ["--help"],
+    "input error (unknown preset)": ["plan", "no-such-model"],
+    "input error (--seq-len 0)": ["estimate", "llama3-8b", "--seq-len", "0", "--strategy", "tp=8"],
+    "plan llama3-8b": ["plan", "llama3-8b"],
+    "plan llama3-70b --nodes 128": ["plan", "llama3-70b", "--nodes", "128"],
+    "plan deepseek-v3 --nodes 256": ["plan", "deepseek-v3", "--nodes", "256"],
+    "estimate llama3-70b tp=8,pp=4 (4 nodes)": ["estimate", "llama3-70b", "--nodes", "4", "--strategy",
+                                                "tp=8,pp=4,dp=-1,mbs=1,recompute=selective"],
+    "plan gpt-530b, 641 x 8 a100 (awkward)": ["plan", "tests/fixtures/gpt-530b/config.json", "--gpu", "a100-80g",
+                                              "--nodes", "641", "--global-batch", "2520"],
+}
+
+
+def run(args: list[str], env: dict) -> tuple[float, float, int]:
+    """(wall s, CPU s, exit code) of one ``python -m autopar ARGS`` process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "autopar", *args], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, proc.returncode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeat", type=int, default=2, help="warm runs per command (the best is reported)")
+    ap.add_argument("--only", default="", help="run the commands whose label contains this text")
+    args = ap.parse_args()
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'command':42s} {'exit':>4s} {'cold wall':>10s} {'cold CPU':>9s} {'warm wall':>10s} {'warm CPU':>9s}")
+    for label, cmd in COMMANDS.items():
+        if args.only and args.only not in label:
+            continue
+        env = dict(os.environ, AUTOPAR_CACHE_DIR=tempfile.mkdtemp(prefix="autopar-latency-"))  # cold: empty
+        env.pop("AUTOPAR_NO_CACHE", None)
+        cw, cc, code = run(cmd, env)
+        warm = [run(cmd, env) for _ in range(args.repeat)]
+        ww, wc, _ = min(warm)
+        print(f"{label:42s} {code:4d} {cw:9.2f}s {cc:8.2f}s {ww:9.2f}s {wc:8.2f}s", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
