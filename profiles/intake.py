@@ -94,8 +94,9 @@ def resolve_model(name: str, input_shape: list[int] | None = None, input_dtype: 
     if force_hf or path.suffix == ".json" or path.is_file():
         return from_hf_config(path, force_hf, input_shape, input_dtype)
     if ":" in name:
-        # a float input of rank >= 3 (images, audio frames) has no token axis: one position per sample
-        per_sample = input_dtype != "int64" and len(input_shape or []) >= 3
+        # a float input of rank >= 4 (images [b, c, h, w], video) has no token axis: one position per
+        # sample (rank 3 [b, s, features] keeps s); never the channel count
+        per_sample = input_dtype != "int64" and len(input_shape or []) >= 4
         try:
             return ModelSpec(family="custom", name=name.split(":")[-1], factory=name, input_shape=input_shape,
                              input_dtype=input_dtype, source=f"factory:{name}", sample_tokens=int(per_sample),

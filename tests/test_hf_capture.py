@@ -65,3 +65,39 @@ def test_uncapturable_module_names_module_and_construct(tmp_path, run_cli, monke
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err
     assert "module 'model.layers.0.mlp' (LlamaMLP" in lines[0]
+
+
+def tiny_cnn():
+    """A factory taking images [b, 3, h, w]: conv stem, two identical blocks, a head."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return x + self.conv(x).relu()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x):
+            h = self.stem(x)
+            for b in self.blocks:
+                h = b(h)
+            return self.head(h.mean((2, 3)))
+
+    return Net()
+
+
+def test_image_factory_sequence_is_not_the_channel_count(run_cli):
+    code, out, err = run_cli("inspect", "test_hf_capture:tiny_cnn", "--input-shape", "2,3,16,16",
+                             "--input-dtype", "float32", "--dtype", "fp32", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["seq_len"] == 1 and report["micro_batch"] == 2  # one position per image, not 3 channels
