@@ -21,8 +21,7 @@ buffers, and the profile's framework overhead. The most loaded rank decides ``fe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from dataclasses import replace
 
 from autopar import techniques
 from autopar.core.cluster import ClusterSpec
@@ -31,6 +30,7 @@ from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer
+from autopar.cost_models.estimate_types import Estimate, RankMemory, RankReport  # noqa: F401
 from autopar.cost_models.layer_cost import LayerCost, PricingContext, price_layer, shared_core_sync
 from autopar.cost_models.layer_model import LayerTemplate
 from autopar.cost_models.memory import bytes_per_param, model_state_bytes
@@ -45,77 +45,6 @@ OPTIMIZER_BYTES_PER_PARAM = 36  # Adam step traffic: read fp32 p, m, v (12) + 16
 #                                written and read back (8), write fp32 p, m, v (12) + the 16-bit copy (2)
 
 
-class RankMemory(NamedTuple):
-    """``CostModel.rank_memory``: device bytes by kind and bytes offloaded to host memory."""
-    memory: dict[str, float]
-    host_bytes: float
-
-
-@dataclass
-class RankReport:
-    rank: int
-    layers: list[int]
-    fwd_s: float
-    bwd_s: float
-    recompute_s: float
-    comm_s: dict[str, float]
-    memory: dict[str, float]
-    in_flight: float
-    host_bytes: float = 0.0   # optimizer states offloaded to host memory (ZeRO-Offload)
-
-    @property
-    def mem_bytes(self) -> float:
-        return sum(self.memory.values())
-
-
-@dataclass
-class Estimate:
-    strategy: Strategy
-    step_time_s: float
-    time: dict[str, float]
-    ranks: list[RankReport]
-    peak_bytes: float
-    capacity_bytes: float
-    usable_bytes: float
-    model_flops: float        # per iteration, no recompute (MFU basis)
-    hardware_flops: float     # per iteration, Megatron eq. 3 basis (+ recomputed forward when full)
-    world: int
-    peak_flops: float
-    tokens: int
-    sources: dict[str, str] = field(default_factory=dict)
-    allocator_reserve_fraction: float = 0.0  # the GPU profile's fitted caching-allocator reserve
-
-    @property
-    def reserved_peak_bytes(self) -> float:
-        """What ``torch.cuda.max_memory_reserved`` reports: the worst rank's live-tensor peak plus
-        the caching allocator's reserve beyond it (fragmentation, cached blocks), a fraction fitted
-        per GPU and stack; the CUDA context and NCCL's own buffers (``framework_overhead``) are
-        outside the allocator and not in it."""
-        return (self.peak_bytes - self.memory_overhead) * (1.0 + self.allocator_reserve_fraction)
-
-    @property
-    def feasible(self) -> bool:
-        return self.peak_bytes - self.memory_overhead <= self.usable_bytes
-
-    @property
-    def memory_overhead(self) -> float:
-        return self.worst_rank.memory.get("framework_overhead", 0.0)
-
-    @property
-    def worst_rank(self) -> RankReport:
-        return max(self.ranks, key=lambda r: r.mem_bytes)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.step_time_s
-
-    @property
-    def tflops_per_gpu(self) -> float:
-        return self.hardware_flops / self.step_time_s / self.world / 1e12
-
-    @property
-    def mfu(self) -> float:
-        return self.model_flops / self.step_time_s / self.world / self.peak_flops
 
 
 class CostModel:

@@ -1,0 +1,83 @@
+"""Typed results of the cost model (``CostModel.estimate`` and its public per-rank terms):
+``Estimate`` for one strategy, ``RankReport`` per pipeline rank, ``RankMemory`` from
+``CostModel.rank_memory``. Kept apart from ``estimate.py`` so the model stays under 500 lines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from autopar.core.strategy import Strategy
+
+
+class RankMemory(NamedTuple):
+    """``CostModel.rank_memory``: device bytes by kind and bytes offloaded to host memory."""
+    memory: dict[str, float]
+    host_bytes: float
+
+
+@dataclass
+class RankReport:
+    rank: int
+    layers: list[int]
+    fwd_s: float
+    bwd_s: float
+    recompute_s: float
+    comm_s: dict[str, float]
+    memory: dict[str, float]
+    in_flight: float
+    host_bytes: float = 0.0   # optimizer states offloaded to host memory (ZeRO-Offload)
+
+    @property
+    def mem_bytes(self) -> float:
+        return sum(self.memory.values())
+
+
+@dataclass
+class Estimate:
+    strategy: Strategy
+    step_time_s: float
+    time: dict[str, float]
+    ranks: list[RankReport]
+    peak_bytes: float
+    capacity_bytes: float
+    usable_bytes: float
+    model_flops: float        # per iteration, no recompute (MFU basis)
+    hardware_flops: float     # per iteration, Megatron eq. 3 basis (+ recomputed forward when full)
+    world: int
+    peak_flops: float
+    tokens: int
+    sources: dict[str, str] = field(default_factory=dict)
+    allocator_reserve_fraction: float = 0.0  # the GPU profile's fitted caching-allocator reserve
+
+    @property
+    def reserved_peak_bytes(self) -> float:
+        """What ``torch.cuda.max_memory_reserved`` reports: the worst rank's live-tensor peak plus
+        the caching allocator's reserve beyond it (fragmentation, cached blocks), a fraction fitted
+        per GPU and stack; the CUDA context and NCCL's own buffers (``framework_overhead``) are
+        outside the allocator and not in it."""
+        return (self.peak_bytes - self.memory_overhead) * (1.0 + self.allocator_reserve_fraction)
+
+    @property
+    def feasible(self) -> bool:
+        return self.peak_bytes - self.memory_overhead <= self.usable_bytes
+
+    @property
+    def memory_overhead(self) -> float:
+        return self.worst_rank.memory.get("framework_overhead", 0.0)
+
+    @property
+    def worst_rank(self) -> RankReport:
+        return max(self.ranks, key=lambda r: r.mem_bytes)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.step_time_s
+
+    @property
+    def tflops_per_gpu(self) -> float:
+        return self.hardware_flops / self.step_time_s / self.world / 1e12
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops / self.step_time_s / self.world / self.peak_flops
