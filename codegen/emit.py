@@ -21,7 +21,7 @@ from autopar.codegen.emit_build import render_build
 from autopar.codegen.emit_checks import Layout, check_plan
 from autopar.codegen.emit_launch import LaunchOptions, network_line, render_pytorchjob, render_slurm, render_torchrun
 from autopar.codegen.emit_vendor import vendored_runtime
-from autopar.codegen.sample_data import ALPHABET, sample_bytes
+from autopar.codegen.sample_data import ALPHABET, SAMPLE_TOKENS, sample_bytes
 from autopar.core.plan import Plan
 from autopar.errors import InputError
 from autopar.fileio import write_atomic
@@ -70,7 +70,9 @@ def emit(plan: Plan, out_dir: str | os.PathLike, device: str = "cuda",
         **vendored_runtime(),  # autopar_rt/: the runtime travels with the folder, nodes need only torch
     }
     if has_sample(layout.vocab):
-        texts["data/sample.bin"], texts["data/sample.txt"] = sample_bytes(layout.vocab)
+        # at least 4 windows of the plan's sequence (long-context plans get a longer sample)
+        texts["data/sample.bin"], texts["data/sample.txt"] = sample_bytes(layout.vocab,
+                                                                          max(SAMPLE_TOKENS, 4 * (plan.seq_len + 1)))
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"out: {out} exists and is not a folder; choose another --out")

@@ -133,6 +133,8 @@ class TokenSampler:
         """Tokens ``[rows, seq_len + 1]`` of the next global batch (only these rows are read)."""
         ids = range(self.consumed, self.consumed + self.global_batch)[rows]
         self.consumed += self.global_batch
+        if not ids:  # a pipeline stage that needs no tokens still advances
+            return torch.empty((0, self.seq_len + 1), dtype=torch.int64)
         return torch.stack([self._window(i) for i in ids])
 
 
@@ -179,10 +181,11 @@ def local_batch(tokens: torch.Tensor, mesh: ParallelMesh, seq_len: int):
     return tokens[:, :-1][:, pos].contiguous(), tokens[:, 1:][:, pos].contiguous()
 
 
-def get_batch(sampler, mesh: ParallelMesh, seq_len: int, device: torch.device):
-    """This rank's (inputs, targets) of the next step: its dp rows, its cp positions. Every
-    rank of a dp group reads the same rows (tp and pp ranks need the same tokens; a pipeline
-    stage that uses neither inputs nor targets still advances the sampler to stay in step)."""
-    tokens = sampler.next_batch(dp_rows(mesh, sampler.global_batch))
+def get_batch(sampler, mesh: ParallelMesh, seq_len: int, device: torch.device, read: bool = True):
+    """This rank's (inputs, targets) of the next step: its dp rows, its cp positions (tp ranks
+    read the same rows). ``read=False`` (a pipeline rank holding neither the first nor the last
+    stage: it uses neither inputs nor targets) reads nothing but advances the sampler."""
+    rows = dp_rows(mesh, sampler.global_batch) if read else slice(0, 0)
+    tokens = sampler.next_batch(rows)
     x, y = local_batch(tokens, mesh, seq_len)
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)

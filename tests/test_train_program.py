@@ -1,8 +1,8 @@
 """The emitted training loop as people run it: data, LR schedule, clipping, metrics.
 
 Fast checks of the runtime pieces (sampler, data errors, schedule, MFU basis, the pydantic-free
-model spec) and one 4-rank torchrun launch (tests/codegen_harness.py) where DP, FSDP, TP, PP
-(tied embeddings across the pipeline ends) and EP programs train with warm-up + cosine decay
+model spec) and one 4-rank torchrun launch (tests/codegen_harness.py) where DP, FSDP, ZeRO-1
+with TP, TP, PP (tied embeddings across the pipeline ends; 4 stages) and EP programs train with warm-up + cosine decay
 and active gradient clipping; their loss and global gradient norm at every step must equal a
 single process with ``torch.nn.utils.clip_grad_norm_`` (the norm before clipping is logged; the
 next step's loss depends on the clipped update, so equal losses mean equal updated weights).
@@ -195,8 +195,10 @@ TIED = {"spec_update": {"tie_embeddings": True}}
 CASES = {
     "dp": ("gpt-tiny", "dp=4", {}),
     "fsdp": ("gpt-tiny", "dp=4,zero=3", {}),
+    "zero1_tp": ("llama-tiny", "dp=2,tp=2,sp=1,zero=1", {}),  # ShardedAdamW: clipping sees reduced slices
     "tp": ("llama-tiny", "dp=2,tp=2,sp=1", {}),
     "pp_tied": ("gpt-tiny", "dp=2,pp=2,mbs=1", TIED),
+    "pp4": ("gpt-tiny", "pp=4,mbs=1", {}),  # middle stages read no tokens
     "ep": ("moe-tiny", "dp=4,ep=2", {}),
 }
 
