@@ -340,9 +340,10 @@ class CheckpointManager:
             return 0
         try:
             step = load_checkpoint(path, state, self.identity or None)
-        except CheckpointMismatch as err:
+        except CheckpointMismatch as err:  # every rank reads the same files, so every rank is here
             if dist.get_rank() == 0:
                 print(f"error: {err}", file=sys.stderr, flush=True)
+            dist.barrier()  # the line is out before any rank exits (torchrun then stops the others)
             raise SystemExit(2) from None
         if dist.get_rank() == 0:
             print(f"resumed from {path} (step {step}, plan {self._plan_of(path)})", flush=True)

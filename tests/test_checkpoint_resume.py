@@ -10,6 +10,7 @@ Emitted programs run on CPU/gloo inside grouped torchrun launches (tests/codegen
 - launch 3, 2 ranks: the killed run restarts (``--resume auto``, as a requeue does) and goes on
   from step 2, the last complete one (the half-written step-4 folder is removed, never read),
   keeping the newest 2; its losses equal the uninterrupted run's (sampler and RNG state).
+  Then a gpt-tiny program asked to resume the MoE checkpoint stops with one line (exit 2).
 
 Resumed losses at steps 4-6 match the uninterrupted run's within rtol 1e-4 (fp32 reduction
 order differs between plans); a restart under the same plan matches to the printed digits.
@@ -91,7 +92,10 @@ def runs(tmp_path_factory):
     ]
     second = _launch(root, 2, jobs2, env={"AUTOPAR_CKPT_CRASH_AT_STEP": "4"})
     out["__after_kill__"] = sorted(p.name for p in (root / "ckD").iterdir()) if (root / "ckD").exists() else []
-    third = _launch(root, 2, [_job(root, "D/restart", "D", "--steps", "6", "--ckpt-keep", "2", *ckd)], tag="restart")
+    third = _launch(root, 2, [_job(root, "D/restart", "D", "--steps", "6", "--ckpt-keep", "2", *ckd),
+                              # the last job: a checkpoint of another model stops the program (exit 2)
+                              _job(root, "D<-M2", "D", "--steps", "6", "--resume", m3, "--ckpt-dir", str(root / "x"))],
+                    tag="restart")
     return out | {"first": first, "second": second, "third": third}
 
 
@@ -135,6 +139,16 @@ def test_checkpoint_records_plan_step_and_identity(runs):
     assert meta["step"] == 3 and meta["world"] == 4
     assert meta["plan"]["strategy"]["tp"] == 2 and meta["model"]["name"] == "gpt-tiny"
     assert meta["model"]["vocab"] == 512 and meta["model"]["n_params"] > 0
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_model_stops_the_program_with_one_line(runs):
+    out = runs["third"]["__out__"]
+    # torchrun prefixes a worker's stderr lines with "[rankN]:"
+    lines = [re.sub(r"^\[rank\d+\]:\s?", "", line) for line in out.splitlines()]
+    lines = [line for line in lines if line.startswith("error: checkpoint:")]
+    assert len(lines) == 1 and "model 'moe-tiny' differs from this program's 'gpt-tiny'" in lines[0], out[-2000:]
+    assert "SystemExit: 2" in out and not (runs["__root__"] / "x").exists()
 
 
 # ----- no launch ----------------------------------------------------------------------------
