@@ -157,7 +157,6 @@ BAD_PLANS = [
     (lambda: make_plan("gpt-tiny", 8, "tp=8"), "does not divide heads=4"),
     (lambda: make_plan("gpt-tiny", 2, "cp=2", seq_len=30), "divisible by 2*cp"),
     (lambda: make_plan("gpt-tiny", 2, "dp=2,ep=2"), "needs a mixture-of-experts model"),
-    (lambda: make_plan("moe-tiny", 4, "tp=2,dp=2,ep=2"), "ep=2 with tp=2"),
     (lambda: make_plan("moe-tiny", 2, "dp=2,ep=2", expert_placement=[[[0, 1, 2, 3], [3, 4, 5, 6]]] * 3),
      "exactly once"),
     (lambda: make_plan("moe-tiny", 2, "dp=2,ep=2", expert_placement=[[[0, 1, 2, 3], [4, 5, 6, 7]]]), "3 MoE layers"),
