@@ -39,7 +39,13 @@ from dataclasses import dataclass
 
 from autopar import techniques
 from autopar.core.strategy import Strategy
-from autopar.cost_models.estimate import OPTIMIZER_BYTES_PER_PARAM, CostModel, RankReport, even_stages
+from autopar.cost_models.estimate import (
+    OPTIMIZER_BYTES_PER_PARAM,
+    CostModel,
+    RankReport,
+    even_stages,
+    offload_step_time,
+)
 from autopar.cost_models.layer_cost import shards_for
 from autopar.cost_models.layer_model import saved_bytes
 from autopar.cost_models.memory import bytes_per_param, model_state_bytes
@@ -93,6 +99,8 @@ class Floor:
     saves: tuple     # per block template: (layers, {mode: bytes one layer saves per micro-batch})
 
     def states(self, cm: CostModel, sh: Sharding, zero: int, offload: bool) -> float:
+        if offload:  # as CostModel.rank_memory: CPUOffloadPolicy keeps shards, gradients, AdamW states on the host
+            return 0.0 if zero >= 3 else (self.dense + self.expert) * bytes_per_param(cm.dtype)[0]
         ds = model_state_bytes(self.dense, cm.dtype, zero, sh.dp * sh.cp)
         es = model_state_bytes(self.expert, cm.dtype, zero, sh.edp)
         return ds.total + es.total - (ds.optimizer + es.optimizer if offload else 0.0)
@@ -360,11 +368,9 @@ def _optimizer_floor(sp: _Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
     """``CostModel.optimizer_time`` of the mean rank (its cost grows at least linearly with
     the shard, so the most loaded rank pays at least this)."""
     dense, expert = pr.params
+    if k.offload:   # CPUOffloadPolicy shards at any ZeRO stage; at least one gather and one reduction per step
+        return offload_step_time((dense / (sh.dp * sh.cp) + expert / sh.edp) / sh.pp, sp.cm.dtype, sp.cm.gpu)
     local = (dense / (sh.dp * sh.cp if k.zero >= 1 else 1) + expert / (sh.edp if k.zero >= 1 else 1)) / sh.pp
-    if k.offload:
-        p, g, o = bytes_per_param(sp.cm.dtype)
-        gpu = sp.cm.gpu
-        return local * ((g + p) / (gpu.host_link_gbps * 1e9) + (2 * o + g + p) / (gpu.host_optimizer_gbps * 1e9))
     return local * OPTIMIZER_BYTES_PER_PARAM / sp.opt_bw
 
 

@@ -143,8 +143,9 @@ def test_constraints_narrow_the_space():
 
 def test_nothing_fits_reports_the_closest_configuration():
     cm = tiny_cost_model(1, layers=4, usable_mib=20)
-    res = S.search(cm, 4)
-    e = explain.closest(cm, S.Constraints(), 4)
+    cons = S.Constraints(fixed={"offload_optimizer": False})   # with everything offloaded (CPUOffloadPolicy) it fits
+    res = S.search(cm, 4, cons)
+    e = explain.closest(cm, cons, 4)
     assert not res.candidates and e is not None and not e.feasible
     msg = explain.overflow_message(e)
     assert "nothing fits" in msg and "GiB over" in msg
