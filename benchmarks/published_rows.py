@@ -220,7 +220,12 @@ def _int(v, default=None):
 
 
 def recompute_of(run: dict) -> str:
-    r = str(run["parallel"].get("recompute") or "none").lower()
+    """none | selective | full from the row's text; unstated, but counted in the row's FLOP basis
+    (Narayanan et al. eq. 3 "includes recompute"): full."""
+    raw = run["parallel"].get("recompute")
+    if raw is None and "includes recompute" in str(run["measured"].get("flops_basis") or ""):
+        return "full"
+    r = str(raw or "none").lower()
     if r.startswith("full"):
         return "full"
     if r.startswith("selective"):
@@ -242,6 +247,10 @@ def strategy_of(run: dict, stack: str) -> str:
     dp = world // (tp * pp * cp)
     mbs = _int(par.get("microbatch"), 1)
     gbs = _int(par.get("global_batch")) or _global_batch(par, dp, mbs)
+    if stack == "torchtitan":
+        gbs = gbs or mbs * dp  # torchtitan's default: no gradient accumulation, local batch x dp
+        if pp > 1:
+            mbs = 1  # the row's batch is torchtitan's local batch; its pipeline micro-batch size defaults to 1
     if gbs is None:
         raise RowSkip("parallel.global_batch is null and grad_accum x microbatch does not give it")
     zero = _zero_stage(par, stack)

@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import calibrate_modern as cal  # noqa: E402
 import published_rows as pr  # noqa: E402
 
+from autopar.profiles.hw import load_gpu_profile  # noqa: E402
+
 DEFAULT_YAML = pr.CALIBRATION_YAML
 
 
@@ -76,7 +78,8 @@ def print_constants(built: list[cal.Built]) -> None:
         key = (b.case.gpu, b.case.runtime)
         if key not in seen:
             seen.add(key)
-            print(f"  {key[0]:9s} {key[1]:9s} {cal.constants_yaml(b.cm.gpu.stack(key[1]), 'calibrate_modern.py')}")
+            shipped = load_gpu_profile(key[0]).stack(key[1])
+            print(f"  {key[0]:9s} {key[1]:9s} {cal.constants_yaml(shipped, 'python benchmarks/calibrate_modern.py')}")
 
 
 def loso(built: list[cal.Built], anchor: list[cal.Built]) -> list[pr.Priced]:
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(priced, skipped, f"{path.name}: constants as shipped")
     print_constants(built)
     if args.loso:
-        anchor = [] if path == DEFAULT_YAML else cal.load_or_build([DEFAULT_YAML], None)[0]
+        anchor = [] if path == DEFAULT_YAML else cal.load_or_build([DEFAULT_YAML], args.cache)[0]
         print_summary(loso(built, anchor), skipped, f"{path.name}: leave-one-source-out (refit without each source)")
     return 0
 
@@ -116,7 +119,7 @@ def _shipped(built: list[cal.Built]) -> list[pr.Priced]:
     out = []
     for b in built:
         try:
-            out.append(cal.price(b, b.cm.gpu.stack(b.case.runtime)))
+            out.append(cal.price(b, load_gpu_profile(b.case.gpu).stack(b.case.runtime)))  # as the YAML ships
         except pr.RowSkip:
             continue
     return out

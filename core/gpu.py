@@ -71,6 +71,8 @@ class StackConstants(BaseModel):
     inter_node_decay: float = Field(0.0, ge=0, description="data-parallel bus bandwidth across nodes falls as "
                                                               "1 / (1 + decay * log2(nodes))")
     step_overhead_s: float = Field(0.0, ge=0, description="host time per optimizer step (launch, data, logging)")
+    moe_imbalance: float = Field(1.0, ge=1, le=3, description="busiest expert rank's tokens over the mean "
+                                                                 "(routing imbalance the step waits for)")
     tp_overlap: float = Field(0.0, ge=0, le=1, description="share of tensor-parallel collectives hidden behind "
                                                               "GEMMs (Megatron-Core --tp-comm-overlap, async TP)")
     sources: dict[str, str] = Field(default_factory=dict, description="field -> the command that fitted it")

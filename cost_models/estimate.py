@@ -21,6 +21,7 @@ buffers, and the profile's framework overhead. The most loaded rank decides ``fe
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from autopar import techniques
@@ -35,6 +36,7 @@ from autopar.cost_models.layer_cost import LayerCost, PricingContext, price_laye
 from autopar.cost_models.layer_model import LayerTemplate
 from autopar.cost_models.memory import bytes_per_param, model_state_bytes
 from autopar.cost_models.moe_load import LoadFn
+from autopar.cost_models.overlap import contention_time, exposed_behind, inter_node_factor, zero3_edges
 from autopar.cost_models.pipeline import in_flight_microbatches, step_time, weight_grad_fraction
 from autopar.errors import InputError
 from autopar.techniques import offload
@@ -60,6 +62,8 @@ class CostModel:
         self.embedding = next((t for t in templates if t.kind == "embedding"), None)
         self.output = next((t for t in templates if t.kind == "output"), None)
         self.timer = timer or OpTimer(gpu, dtype)
+        self.stack = gpu.stack(runtime)  # fitted constants of the software stack (cost_models/overlap.py)
+        self.timer.stack = self.stack
         dbytes = 4 if dtype == "fp32" else 2
         self.ctx = PricingContext(
             cluster=cluster, timer=self.timer, dtype_bytes=dbytes, hidden=spec.hidden or 1, seq_len=seq_len,
@@ -109,10 +113,13 @@ class CostModel:
         w = [self.weight_grad_time(s, r) for r in ranks] if s.schedule in ZERO_BUBBLE else None
         pipe = step_time([r.fwd_s for r in ranks], [r.bwd_s for r in ranks], m, s.schedule, s.vpp, p2p, w)
         pipe = self._shared_cores(pipe, ranks, m)
-        dp_exposed = max(self.dp_time(s, r, costs, m) for r in ranks)
+        dp = [self.dp_time(s, r, costs, m) for r in ranks]
+        dp_exposed = max(dp)
         opt = max(self.optimizer_time(s, r, costs) for r in ranks)
-        total = pipe.step_time_s + dp_exposed + opt
+        slowed = max(self.overlap_contention(s, r, costs, m, e) for r, e in zip(ranks, dp))
+        total = pipe.step_time_s + dp_exposed + opt + slowed + self.stack.step_overhead_s
         time = _time_breakdown(ranks, pipe, dp_exposed, opt, m)
+        time.update({"comm_contention": slowed, "step_overhead": self.stack.step_overhead_s})
         return self._report(s, total, time, ranks, recompute)
 
     def _shared_cores(self, pipe, ranks: list[RankReport], m: int):
@@ -299,29 +306,62 @@ class CostModel:
         if s.zero_stage in (1, 2):
             rs = collective_time("reduce_scatter", size, n, stride, self.cluster, fits=self.ctx.fits).time_s
             ag = collective_time("all_gather", size, n, stride, self.cluster, fits=self.ctx.fits).time_s
-            return rs + ag
-        return collective_time("all_reduce", size, n, stride, self.cluster, fits=self.ctx.fits).time_s
+            return (rs + ag) * self._dp_scale(n, stride)
+        t = collective_time("all_reduce", size, n, stride, self.cluster, fits=self.ctx.fits).time_s
+        return t * self._dp_scale(n, stride)
+
+    def _dp_scale(self, n: int, stride: int) -> float:
+        """Bus bandwidth lost as the data-parallel group spans more nodes (``overlap.inter_node_factor``)."""
+        nodes = math.ceil(n * stride / self.cluster.gpus_per_node) if n * stride > self.cluster.gpus_per_node else 1
+        return inter_node_factor(min(nodes, self.cluster.nodes), self.stack.inter_node_decay)
+
+    def overlap_contention(self, s: Strategy, r: RankReport, costs, m: int, exposed: float) -> float:
+        """Compute slowed by the data-parallel collectives it hid (``overlap.contention_time``)."""
+        if not self.stack.overlap_slowdown or self._cores_saturated:
+            return 0.0
+        return contention_time(self.dp_comm_total(s, r, costs, m) - exposed, self.stack.overlap_slowdown)
+
+    def dp_comm_total(self, s: Strategy, r: RankReport, costs, m: int) -> float:
+        """All data-parallel collective seconds of one rank per step, hidden or not."""
+        grad_bytes = bytes_per_param(self.dtype)[1]
+        if s.zero_stage >= 3:
+            return sum(sum(self._zero3_layer(s, costs[i], grad_bytes)) for i in r.layers) * m
+        dense = sum(costs[i].params_dense for i in r.layers) * grad_bytes
+        expert = sum(costs[i].params_expert for i in r.layers) * grad_bytes
+        return self.grad_sync_time(dense, s.dp * s.cp, s.tp, s) + self.grad_sync_time(expert, s.edp, s.ep * s.etp, s)
+
+    def _zero3_layer(self, s: Strategy, c: LayerCost, grad_bytes: int) -> tuple[float, float, float]:
+        """(forward all-gather, backward all-gather, reduce-scatter) seconds of one layer's parameters."""
+        n, pbytes = s.dp * s.cp, bytes_per_param(self.dtype)[0]
+        full = (c.params_dense + c.params_expert) * pbytes
+        scale = self._dp_scale(n, s.tp)
+        ag = collective_time("all_gather", full, n, s.tp, self.cluster, fits=self.ctx.fits).time_s * scale
+        rs = collective_time("reduce_scatter", full / pbytes * grad_bytes, n, s.tp, self.cluster,
+                             fits=self.ctx.fits).time_s * scale
+        return ag, ag, rs
 
     def _zero3_exposed(self, s: Strategy, r: RankReport, costs, m: int, grad_bytes: int) -> float:
-        """FSDP: per layer and micro-batch, all-gather (fwd), all-gather + reduce-scatter
-        (bwd), each hidden behind that layer's compute when it is shorter (not on saturated
-        CPU cores)."""
+        """FSDP: per layer and micro-batch, all-gather (fwd), all-gather + reduce-scatter (bwd),
+        prefetched beside that layer's compute: the stack's ``zero3_overlap`` share hides where
+        the compute is longer (``overlap.exposed_behind``); the first gather and the last
+        reduce-scatter of the step stay exposed (``overlap.zero3_edges``). Saturated CPU cores
+        hide nothing."""
         n = s.dp * s.cp
-        if n <= 1:
+        if n <= 1 or not r.layers:
             return 0.0
-        pbytes = bytes_per_param(self.dtype)[0]
-        exposed = 0.0
+        exposed, ov = 0.0, self.stack.zero3_overlap
         for i in r.layers:
             c = costs[i]
-            full = (c.params_dense + c.params_expert) * pbytes
-            ag = collective_time("all_gather", full, n, s.tp, self.cluster, fits=self.ctx.fits).time_s
-            rs = collective_time("reduce_scatter", full / pbytes * grad_bytes, n, s.tp, self.cluster,
-                                 fits=self.ctx.fits).time_s
+            ag, ag_b, rs = self._zero3_layer(s, c, grad_bytes)
             if self._cores_saturated:
                 exposed += 2 * ag + rs + 3 * shared_core_sync(self.ctx)
             else:
-                exposed += max(0.0, ag - c.fwd_s) + max(0.0, ag + rs - c.bwd_s)
-        return exposed * m
+                exposed += exposed_behind(ag, c.fwd_s, ov) + exposed_behind(ag_b + rs, c.bwd_s, ov)
+        if self._cores_saturated or not self.gpu.stacks:  # unfitted profiles (measured CPU): per-layer terms only
+            return exposed * m
+        first, last = self._zero3_layer(s, costs[r.layers[0]], grad_bytes), self._zero3_layer(s, costs[r.layers[-1]],
+                                                                                               grad_bytes)
+        return exposed * m + zero3_edges(first[0], last[2])
 
     @property
     def _cores_saturated(self) -> bool:

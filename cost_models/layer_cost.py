@@ -107,6 +107,13 @@ def busy_node_fits(fits: list[CommFit], ranks: int) -> list[CommFit]:
     return out
 
 
+def expert_load(ctx: PricingContext) -> float:
+    """Busiest expert rank's tokens over the mean: a routing trace or placement's measured ratio, times
+    the stack's fitted imbalance of dropless routing (``StackConstants.moe_imbalance``; GShard,
+    Lepikhin et al. 2021, Sec. 2.2: the step waits for the most loaded expert)."""
+    return ctx.expert_load_ratio * ctx.timer.stack.moe_imbalance
+
+
 def shards_for(s: Strategy) -> Shards:
     return Shards(tokens=s.micro_batch / s.cp, tp=s.tp, sp=s.sequence_parallel,
                   expert_div=s.cp if _experts_replicated(s) else s.tp * s.cp)
@@ -126,7 +133,7 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     flops = 0.0
     for op in layer.ops:
         f, b = _op_time(op, s, sh, ctx)
-        load = ctx.expert_load_ratio if op.shard == "expert" else 1.0
+        load = expert_load(ctx) if op.shard == "expert" else 1.0
         fwd, bwd = fwd + f * load, bwd + b * load
         flops += op.fwd_flops * sh.tokens / sh.of(op.shard)
         if op.attn_core:
@@ -248,6 +255,7 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
             out["tp"] = 2 * rows * one
         else:
             out["tp"] = (2 * rows * one if s.sequence_parallel else n * one) + n * sync
+        out["tp"] *= 1.0 - ctx.timer.stack.tp_overlap  # hidden behind GEMMs (--tp-comm-overlap, async TP)
     if s.cp > 1:
         kv = s.micro_batch * ctx.seq_len / s.cp * ctx.kv_bytes_per_token / s.tp
         step = collective_time("p2p", kv, s.cp, s.tp, ctx.cluster, fits=ctx.fits).time_s
@@ -258,7 +266,7 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
         a2a = collective_time("all_to_all", routed, s.ep, s.etp, ctx.cluster, fits=ctx.fits).time_s
         if ctx.ep_cross_fraction is not None:  # a routing trace: measured share of tokens leaving the rank
             a2a *= ctx.ep_cross_fraction / ((s.ep - 1) / s.ep)
-        out["ep"] = 4 * a2a * ctx.expert_load_ratio + 5 * sync  # + the token-count exchange (uneven splits)
+        out["ep"] = 4 * a2a * expert_load(ctx) + 5 * sync  # + the token-count exchange (uneven splits)
     if layer.is_moe and s.etp > 1:
         routed = act * ctx.topk / s.tp
         out["etp"] = 2 * collective_time("all_reduce", routed, s.etp, 1, ctx.cluster, fits=ctx.fits).time_s
