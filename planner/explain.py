@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from autopar.core.strategy import Strategy
+from autopar.core.strategy import COMPACT_KEYS, FIELDS, Strategy
 from autopar.cost_models.estimate import CostModel, Estimate
 from autopar.cost_models.report import overflow_bytes
 from autopar.errors import InputError
@@ -19,6 +19,7 @@ from autopar.planner.search import (
     search,
     shardings,
 )
+from autopar.techniques import offload
 
 GiB = 2**30
 TIGHT_MEMORY = 0.05      # headroom below 5% of the usable memory: the winner is called memory-tight
@@ -80,11 +81,9 @@ def _runner_up(a: Candidate, b: Candidate) -> str:
 
 
 def _differences(a: Candidate, b: Candidate) -> str:
-    keys = ("dp", "tp", "pp", "cp", "ep", "etp", "vpp", "micro_batch", "zero_stage", "sequence_parallel",
-            "schedule", "offload_optimizer")
-    names = {"micro_batch": "mbs", "zero_stage": "zero", "sequence_parallel": "sp", "offload_optimizer": "offload"}
+    keys = [k for k in FIELDS if k not in ("global_batch", "recompute")]   # recompute: per layer, below
     sa, sb = a.strategy, b.strategy
-    out = [f"{names.get(k, k)} {_v(getattr(sa, k))}->{_v(getattr(sb, k))}" for k in keys
+    out = [f"{COMPACT_KEYS.get(k, k)} {_v(getattr(sa, k))}->{_v(getattr(sb, k))}" for k in keys
            if getattr(sa, k) != getattr(sb, k)]
     if a.layer_recompute != b.layer_recompute:
         out.append("recompute")
@@ -202,11 +201,11 @@ def _with(cm: CostModel, **kw) -> CostModel:
 
 def _states_floor(cm: CostModel, cons: Constraints) -> float:
     """Model-state bytes per GPU with every state sharded over every GPU (tp x pp x ZeRO can at
-    best split them evenly), the optimizer states on the host when offload is allowed: no
-    plan holds less."""
+    best split them evenly); 0 when offload is allowed (every state on the host): no plan holds less."""
     from autopar.cost_models.memory import model_state_bytes
 
     params = sum(t.params * (len(t.indices) if t.kind == "block" else 1) for t in cm.templates)
     st = model_state_bytes(params, cm.dtype, 3, cm.cluster.world)
-    offload = bool(cm.gpu.host_link_gbps and cm.gpu.host_optimizer_gbps) and cons.ok("offload_optimizer", True)
-    return st.total - (st.optimizer if offload else 0.0)
+    if offload.priced_on(cm.gpu) and cons.ok("offload_optimizer", True):
+        return 0.0   # CPUOffloadPolicy keeps every state on the host (CostModel.rank_memory)
+    return st.total
