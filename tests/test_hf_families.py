@@ -89,3 +89,16 @@ def test_presets_of_other_families_read_like_their_configs():
     one = small.model_copy(update={"layers": 1})
     per_layer = _params(build_model(small)) - _params(build_model(one))
     assert _params(build_model(full)) == _params(build_model(one)) + per_layer * (full.layers - 1)
+
+
+def test_tp_over_head_spanning_qk_norms_is_refused():
+    """q/k norm weights over all heads (Cohere per-head, OLMo-2 full) are not sharded by tensor
+    parallel: the planner's rules refuse tp > 1 for them; Qwen3's shared per-head norm is fine."""
+    from autopar import techniques
+    from autopar.core.strategy import Strategy
+
+    s = Strategy.parse("tp=2,dp=4").resolve(8, 64)
+    spec = {p.stem: from_hf_config(p) for p in FIXTURES if p.stem in ("cohere", "olmo2", "qwen3")}
+    assert any("qk_norm=per_head" in m for m in techniques.violations(s, spec["cohere"], 8, 64))
+    assert any("qk_norm=full" in m for m in techniques.violations(s, spec["olmo2"], 8, 64))
+    assert not any("qk_norm" in m for m in techniques.violations(s, spec["qwen3"], 8, 64))

@@ -43,6 +43,24 @@ def make_norm(kind: str, dim, eps: float) -> nn.Module:
     return nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
 
 
+class PerHeadNorm(nn.Module):
+    """A norm over head_dim with its own weight per head, weight [heads, head_dim] (Cohere's q/k
+    LayerNorm without bias; RMS when ``kind`` is rmsnorm)."""
+
+    def __init__(self, heads: int, head_dim: int, kind: str, eps: float):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if self.kind == "rmsnorm":
+            out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        else:
+            out = F.layer_norm(xf, (x.shape[-1],), eps=self.eps)
+        return out.type_as(x) * self.weight
+
+
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """cap * tanh(x / cap) (Gemma 2 logit soft-capping); identity when cap is 0."""
     return cap * torch.tanh(x / cap) if cap else x
@@ -129,9 +147,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(heads * head_dim, hidden, bias=bias if out_bias is None else out_bias)
         self.resid_dropout = nn.Dropout(dropout)
         if qk_norm != "none":  # q_norm / k_norm: Qwen3, Gemma 3 (head), Cohere (per_head), OLMo-2 (full)
-            dims = {"head": (head_dim, head_dim), "per_head": ((heads, head_dim), (kv_heads, head_dim)),
-                    "full": (heads * head_dim, kv_heads * head_dim)}[qk_norm]
-            self.q_norm, self.k_norm = make_norm(norm_kind, dims[0], eps), make_norm(norm_kind, dims[1], eps)
+            if qk_norm == "per_head":
+                self.q_norm = PerHeadNorm(heads, head_dim, norm_kind, eps)
+                self.k_norm = PerHeadNorm(kv_heads, head_dim, norm_kind, eps)
+            else:
+                dims = (head_dim, head_dim) if qk_norm == "head" else (heads * head_dim, kv_heads * head_dim)
+                self.q_norm, self.k_norm = make_norm(norm_kind, dims[0], eps), make_norm(norm_kind, dims[1], eps)
 
     def forward(self, x: torch.Tensor, cos=None, sin=None) -> torch.Tensor:
         b, s, _ = x.shape
