@@ -30,6 +30,9 @@ def width_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | N
         out.append(f"tp={s.tp} does not divide ffn_hidden={spec.ffn_hidden}")
     if spec.vocab % s.tp:
         out.append(f"tp={s.tp} does not divide vocab={spec.vocab}; pad the vocabulary to a multiple of tp")
+    if spec.block_layout == "post_norm":  # apply_tp's plan places the norms before attention / MLP
+        out.append(f"tp={s.tp} with block_layout=post_norm (OLMo-2) is not supported by the emitted tensor "
+                   "parallel plan; use tp=1")
     if spec.qk_norm in ("per_head", "full"):  # their weights span the heads tp splits (not sharded by apply_tp)
         out.append(f"tp={s.tp} with qk_norm={spec.qk_norm} (q/k norm weights over all heads) is not supported; "
                    "use tp=1")

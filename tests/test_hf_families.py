@@ -101,4 +101,5 @@ def test_tp_over_head_spanning_qk_norms_is_refused():
     spec = {p.stem: from_hf_config(p) for p in FIXTURES if p.stem in ("cohere", "olmo2", "qwen3")}
     assert any("qk_norm=per_head" in m for m in techniques.violations(s, spec["cohere"], 8, 64))
     assert any("qk_norm=full" in m for m in techniques.violations(s, spec["olmo2"], 8, 64))
+    assert any("post_norm" in m for m in techniques.violations(s, spec["olmo2"], 8, 64))
     assert not any("qk_norm" in m for m in techniques.violations(s, spec["qwen3"], 8, 64))
