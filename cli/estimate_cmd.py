@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from autopar.cli import common as c
 from autopar.cli.app import app
 from autopar.core.strategy import Strategy
 from autopar.errors import DoesNotFitError, InputError
 
-if TYPE_CHECKING:  # the cost model loads inside the commands (fast --help and input errors)
+if TYPE_CHECKING:  # the cost model and rich load inside the commands (fast --help and input errors)
+    from rich.console import Console
+
     from autopar.cost_models.estimate import Estimate
 
 StrategyOpt = typer.Option("", "--strategy", help="e.g. tp=8,pp=4,dp=-1,mbs=1,zero=1; " + c.STRATEGY_KEYS)
@@ -100,6 +100,8 @@ def memory_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Optional
 
 
 def print_time(console: Console, e: Estimate) -> None:
+    from rich.table import Table
+
     t = Table(title="time per step", show_edge=False)
     t.add_column("component")
     t.add_column("time", justify="right")
@@ -114,6 +116,8 @@ def print_time(console: Console, e: Estimate) -> None:
 
 
 def print_memory(console: Console, e: Estimate) -> None:
+    from rich.table import Table
+
     worst = e.worst_rank
     t = Table(title=f"memory per GPU (most loaded: pipeline stage {worst.rank})", show_edge=False)
     t.add_column("component")

@@ -7,12 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
-from rich.table import Table
 
 from autopar.cli import awkward_view
 from autopar.cli import common as c
 from autopar.cli.app import app
-from autopar.core.plan import Provenance
 from autopar.core.strategy import COMPACT_KEYS, Strategy
 from autopar.errors import DoesNotFitError, InputError
 
@@ -224,6 +222,8 @@ def _write_plan(cm, best: Candidate, inputs: dict[str, str], placement: str | No
     from autopar.planner.build import plan_from_candidate
 
     chosen = _placement_for(placement, best.strategy.ep) if placement else None
+    from autopar.core.plan import Provenance
+
     plan_from_candidate(cm, best, Provenance(command=_command(cm, best, inputs), inputs=inputs), chosen).save(out)
 
 
@@ -285,6 +285,8 @@ def _print(cm, res: SearchResult, out: Path | None, pngs: list[Path]) -> None:
     unit = "" if cm.spec.sample_unit == "tokens" else f" {cm.spec.sample_unit}"
     console.print(f"[bold]{cm.spec.short()}[/] on {cl.short()}, seq {cm.seq_len}{unit}, global batch "
                   f"{res.global_batch}, {cm.dtype}")
+    from rich.table import Table  # rich's table and the Plan model load only for output (fast input errors)
+
     t = Table(show_edge=False)
     for col in ("#", "strategy", "step", "tokens/s", "samples/s", "TFLOP/s/GPU", "MFU", "peak mem"):
         t.add_column(col, justify="left" if col == "strategy" else "right")
