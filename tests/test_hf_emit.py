@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from helpers_plans import GLOBAL_BATCH, LR, SEQ_LEN, cluster, parse_steps  # noqa: E402
+from helpers_plans import GLOBAL_BATCH, LR, SEQ_LEN, cluster, make_plan, parse_steps, reference_losses  # noqa: E402
 
 from autopar import techniques  # noqa: E402
 from autopar.codegen import runtime as rt  # noqa: E402
@@ -45,6 +45,14 @@ CASES = {  # name -> (config, strategy)
     "llama_fsdp_ac": ("llama", "dp=4,zero=3,recompute=full"),
     "mixtral_dp": ("mixtral", "dp=4,zero=1"),
     "mixtral_fsdp": ("mixtral", "dp=4,zero=3"),
+}
+
+# catalog structures (docs/models.md) under dp x tp + sp: llama-tiny with the field overrides
+STRUCTURES = {
+    "gemma2_like_dp_tp": {"block_layout": "sandwich", "qk_norm": "head", "mlp_kind": "geglu", "logit_softcap": 30.0},
+    "neox_like_dp_tp": {"block_layout": "parallel_two_norms", "norm_kind": "layernorm", "mlp_kind": "gelu",
+                        "mlp_bias": True, "qkv_bias": True, "attn_out_bias": True, "rotary_fraction": 0.5},
+    "cohere_like_dp_tp": {"block_layout": "parallel", "norm_kind": "layernorm_nobias"},
 }
 
 
@@ -90,6 +98,9 @@ def runs(tmp_path_factory):
     for name, (cfg, strategy) in CASES.items():
         emit(_plan(specs[cfg], strategy), root / name, "cpu")
         jobs.append({"name": name, "dir": str(root / name), "args": base})
+    for name, upd in STRUCTURES.items():
+        emit(make_plan("llama-tiny", WORLD, "dp=2,tp=2,sp=1", spec_update=upd), root / name, "cpu")
+        jobs.append({"name": name, "dir": str(root / name), "args": base})
     (root / "jobs.json").write_text(json.dumps(jobs))
     env = dict(os.environ, OMP_NUM_THREADS="1", HARNESS_TIMEOUT="60")
     proc = subprocess.run([str(TORCHRUN), "--standalone", f"--nproc-per-node={WORLD}", str(HARNESS),
@@ -109,6 +120,16 @@ def test_four_ranks_match_single_process(runs, name):
     assert rows is not None, f"{name} did not run: {results['__error__']}"
     got = [rows[s]["loss"] for s in range(1, STEPS + 1)]
     ref = _reference(specs[CASES[name][0]])
+    np.testing.assert_allclose(got, ref, rtol=1e-4, err_msg=f"{name}: {got} vs single process {ref}")
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_catalog_structures_under_dp_tp(runs, name):
+    results, _ = runs
+    rows = results[name]
+    assert rows is not None, f"{name} did not run: {results['__error__']}"
+    got = [rows[s]["loss"] for s in range(1, STEPS + 1)]
+    ref = reference_losses("llama-tiny", STEPS, spec_update=STRUCTURES[name])
     np.testing.assert_allclose(got, ref, rtol=1e-4, err_msg=f"{name}: {got} vs single process {ref}")
 
 
