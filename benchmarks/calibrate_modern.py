@@ -41,7 +41,7 @@ GRIDS = {
     "inter_node_decay": [0.0, 0.05, 0.1, 0.2, 0.3],
     "step_overhead_s": [0.0, 0.05, 0.1, 0.2, 0.4],
 }
-# DeepSpeed has two published rows: only its ZeRO-3 prefetch overlap is its own; the rest is Megatron's
+# DeepSpeed has two published rows: one constant, its ZeRO-3 prefetch overlap; the rest stays neutral
 DEEPSPEED_FIELDS = ("zero3_overlap",)
 SWEEPS = 2
 LAYER_FIELDS = ("matmul_scale", "fp8_matmul_scale", "attention_scale", "tp_overlap", "moe_imbalance")
@@ -167,9 +167,8 @@ def fit(built: list[Built], exclude_source: str | None = None) -> dict[tuple[str
     for b in rows:
         groups.setdefault(b.group, []).append(b)
     out = {}
-    for key in sorted(groups, key=lambda k: k[1] == "deepspeed"):  # DeepSpeed starts from Megatron's
-        start = out.get((key[0], "megatron")) if key[1] == "deepspeed" else None
-        out[key] = fit_group(groups[key], key[1], start)
+    for key in sorted(groups):
+        out[key] = fit_group(groups[key], key[1])
     return out
 
 
