@@ -292,9 +292,11 @@ def _steps(text: str) -> dict[int, dict[str, float]]:
 
 
 def _tail(text: str) -> str:
+    """The telling error line: a rank's own exception, not a peer's lost connection to it."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     errs = [ln for ln in lines if "Error" in ln or "error" in ln]
-    return (errs[-1] if errs else (lines[-1] if lines else "no output"))[:240]
+    own = [ln for ln in errs if "gloo" not in ln and "Connection" not in ln and not ln.startswith("File ")]
+    return ((own or errs)[-1] if errs else (lines[-1] if lines else "no output"))[:240]
 
 
 # ----- verdicts -----------------------------------------------------------------------------
