@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true", help="per-row markdown table")
     ap.add_argument("--loso", action="store_true", help="leave-one-source-out: refit without each source")
     ap.add_argument("--cache", type=Path, help="pickle of the built rows (reused when present)")
+    ap.add_argument("--sweeps", type=int, default=cal.SWEEPS, help="coordinate-descent sweeps of each --loso refit")
     args = ap.parse_args(argv)
+    cal.SWEEPS = args.sweeps
     path = args.file or args.yaml or DEFAULT_YAML
     built, skipped = cal.load_or_build([path], args.cache)
     priced = _shipped(built)
