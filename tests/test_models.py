@@ -46,11 +46,13 @@ def mla_attention_params(s: ModelSpec) -> int:
 
 
 def ffn_params(s: ModelSpec, index: int) -> int:
-    """Dense SwiGLU 3hf; MoE layer: routed 3*E*h*f_e + router E*h + shared 3*h*f_s."""
+    """Dense SwiGLU 3hf; MoE layer: routed 3*E*h*f_e + router E*h + shared 3*h*f_s (+ its sigmoid
+    gate h, Qwen2-MoE)."""
     h = s.hidden
     if not s.is_moe_layer(index):
         return 3 * h * s.ffn_hidden
-    return 3 * s.num_experts * h * s.moe_ffn_hidden + s.num_experts * h + 3 * h * s.shared_width
+    gate = h if s.shared_expert_gate and s.shared_width else 0
+    return 3 * s.num_experts * h * s.moe_ffn_hidden + s.num_experts * h + 3 * h * s.shared_width + gate
 
 
 def decoder_params(s: ModelSpec) -> int:
