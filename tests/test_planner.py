@@ -193,9 +193,14 @@ def test_moe_with_dominant_experts_uses_expert_parallelism():
 
 
 def test_405b_on_16_gpus_does_not_fit_and_says_by_how_much():
-    cm, res = _plan("llama3-405b", nodes=2)
+    # without offload: CPUOffloadPolicy puts every state on the host, and host memory is not priced
+    cons = S.Constraints(fixed={"offload_optimizer": False})
+    cm, spec, cl, seq = build_cost_model(Inputs(model="llama3-405b", gpu="h100-sxm", nodes=2))
+    from autopar.cost_models.session import default_global_batch
+
+    res = S.search(cm, default_global_batch(cl.world, seq), cons, top_k=2)
     assert not res.candidates
-    msg = explain.overflow_message(explain.closest(cm, S.Constraints(), res.global_batch))
+    msg = explain.overflow_message(explain.closest(cm, cons, res.global_batch))
     assert "GiB over" in msg
-    hints = explain.fit_suggestions(cm, S.Constraints(), res.global_batch, max_nodes_factor=8)
+    hints = explain.fit_suggestions(cm, cons, res.global_batch, max_nodes_factor=8)
     assert any("GPUs" in h for h in hints)
