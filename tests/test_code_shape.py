@@ -1,6 +1,7 @@
 """Code shape of the autopar package (ast): median function length at most 20 lines, no function
-over 60 (body lines, after the signature and docstring), no file over 500 lines. tests/ and benchmarks/ are scripts, not the package, and are
-left out; so are the code generator's templates (not Python modules)."""
+over 60 (body lines, after the signature and docstring), no file over 500 lines. tests/ and
+benchmarks/ are scripts, not the package, and are left out; so are the code generator's
+templates (not Python modules)."""
 
 from __future__ import annotations
 
