@@ -72,7 +72,7 @@ def memory_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Optional
                input_shape: Optional[str] = c.InputShape, no_cache: bool = c.NoCache,
                runtime: str = c.Runtime, input_dtype: str = c.InputDtype, hf: bool = c.Hf):
     """Say whether a strategy fits, per GPU and component; exit 3 with priced fixes when not."""
-    from autopar.cost_models.report import candidate_fixes, estimate_dict, overflow_bytes
+    from autopar.cost_models.report import candidate_fixes, estimate_dict, host_overflow_message, overflow_bytes
 
     cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
                           profile, placement, trace, input_shape, runtime, input_dtype, hf)
@@ -91,6 +91,8 @@ def memory_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Optional
             for label, f in fixes:
                 verdict = "fits" if f.feasible else "does not fit"
                 console.print(f"  {label}: peak {c.gib(f.peak_bytes)} ({verdict}), step {c.seconds(f.step_time_s)}")
+    if not e.feasible and overflow_bytes(e) <= 0:
+        raise DoesNotFitError(f"does not fit: {host_overflow_message(e)}")
     if not e.feasible:
         worst = e.worst_rank
         comp = max(worst.memory, key=worst.memory.get)

@@ -22,6 +22,21 @@ from torch import nn
 from autopar.codegen.runtime_parallel import block_list
 
 
+def _ignore_profiler_markers() -> None:
+    """torch's selective checkpointing looks every op of the recompute up in what the forward
+    stored; FSDP2 and replicate wrap their hooks in ``record_function`` markers, which run a
+    different number of times in forward and recompute ("invocation index ... not found"). They
+    carry no tensors, so they join ``SAC_IGNORED_OPS`` (torch's own set for such ops)."""
+    from torch.utils import checkpoint
+
+    prof = torch.ops.profiler
+    checkpoint.SAC_IGNORED_OPS.update({prof._record_function_enter.default, prof._record_function_enter_new.default,
+                                       prof._record_function_exit.default, prof._record_function_exit._RecordFunction})
+
+
+_ignore_profiler_markers()
+
+
 # ----- per-layer wrapping --------------------------------------------------------
 def apply_ac(model: nn.Module, recompute: dict[int, str]) -> nn.Module:
     """Checkpoint blocks per layer: ``full`` recomputes the whole block in backward (keeps only

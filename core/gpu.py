@@ -100,6 +100,12 @@ class GpuProfile(BaseModel):
         None, gt=0, description="achievable GPU<->host copy bandwidth per GPU, GB/s per direction (PCIe)")
     host_optimizer_gbps: float | None = Field(
         None, gt=0, description="host memory bandwidth one GPU's share of the CPU gets for an offloaded Adam step")
+    host_mem_bytes: int | None = Field(
+        None, gt=0, description="host DRAM per GPU: the node's system memory / its GPUs; offloaded states must fit "
+                                "in host_usable_fraction of it (None: not checked)")
+    host_usable_fraction: float = Field(
+        0.8, gt=0, le=1, description="share of a GPU's host DRAM offloaded states may hold; the OS, data loaders "
+                                     "and pinned staging buffers keep the rest (estimate)")
     fused_elementwise: bool = Field(
         True, description="chains of elementwise ops run as one kernel (Megatron fused softmax / bias-GeLU / "
                           "bias-dropout-add, torch.compile); false for eager PyTorch on CPU")

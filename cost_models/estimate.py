@@ -393,7 +393,9 @@ class CostModel:
             peak_flops=self.timer.peak, tokens=s.global_batch * self.seq_len,
             sources={"compute": self.timer.source,
                      "communication": "measurement" if self.ctx.fits else "datasheet"},
-            allocator_reserve_fraction=self.gpu.allocator_reserve_fraction)
+            allocator_reserve_fraction=self.gpu.allocator_reserve_fraction,
+            host_usable_bytes=self.gpu.host_mem_bytes * self.gpu.host_usable_fraction if self.gpu.host_mem_bytes
+            else None)
 
 
 def offload_step_time(params: float, dtype: str, gpu: GpuProfile, gathers: int = 1, reductions: int = 1) -> float:

@@ -49,6 +49,7 @@ class Estimate:
     tokens: int
     sources: dict[str, str] = field(default_factory=dict)
     allocator_reserve_fraction: float = 0.0  # the GPU profile's fitted caching-allocator reserve
+    host_usable_bytes: float | None = None   # host DRAM per GPU offloaded states may hold (None: unchecked)
 
     @property
     def reserved_peak_bytes(self) -> float:
@@ -59,8 +60,18 @@ class Estimate:
         return (self.peak_bytes - self.memory_overhead) * (1.0 + self.allocator_reserve_fraction)
 
     @property
+    def host_peak_bytes(self) -> float:
+        """Offloaded states one GPU keeps in host memory (the most loaded pipeline rank)."""
+        return max((r.host_bytes for r in self.ranks), default=0.0)
+
+    @property
+    def fits_host(self) -> bool:
+        return self.host_usable_bytes is None or self.host_peak_bytes <= self.host_usable_bytes
+
+    @property
     def feasible(self) -> bool:
-        return self.peak_bytes - self.memory_overhead <= self.usable_bytes
+        """Device memory fits, and what is offloaded fits the GPU's share of host memory."""
+        return self.peak_bytes - self.memory_overhead <= self.usable_bytes and self.fits_host
 
     @property
     def memory_overhead(self) -> float:

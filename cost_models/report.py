@@ -39,6 +39,7 @@ def estimate_dict(e: Estimate, cm: CostModel | None = None) -> dict:
             "breakdown": worst.memory,
             "worst_stage": worst.rank,
             "host_bytes_per_gpu": max(r.host_bytes for r in e.ranks),
+            "host_usable_bytes_per_gpu": e.host_usable_bytes,
             "stages": [{"stage": r.rank, "peak_bytes": r.mem_bytes, "in_flight_microbatches": r.in_flight,
                         "layers": [r.layers[0], r.layers[-1] + 1] if r.layers else [], "breakdown": r.memory}
                        for r in e.ranks],
@@ -78,6 +79,13 @@ def term_sources(cm: CostModel, e: Estimate) -> dict:
 
 def overflow_bytes(e: Estimate) -> float:
     return e.peak_bytes - e.memory_overhead - e.usable_bytes
+
+
+def host_overflow_message(e: Estimate) -> str:
+    """Why an estimate whose device memory fits still does not: offloaded states over host memory."""
+    return (f"offloaded states need {e.host_peak_bytes / 2**30:.1f} GiB of host memory per GPU, over the "
+            f"{(e.host_usable_bytes or 0) / 2**30:.1f} GiB usable (host_mem_bytes x host_usable_fraction of the "
+            f"GPU profile); shard them over more GPUs or turn offload off")
 
 
 def candidate_fixes(cm: CostModel, s: Strategy, base: Estimate | None = None) -> list[tuple[str, Estimate]]:

@@ -7,7 +7,7 @@ from collections import Counter
 
 from autopar.core.strategy import COMPACT_KEYS, FIELDS, Strategy
 from autopar.cost_models.estimate import CostModel, Estimate
-from autopar.cost_models.report import overflow_bytes
+from autopar.cost_models.report import host_overflow_message, overflow_bytes
 from autopar.errors import InputError
 from autopar.planner.search import (
     Candidate,
@@ -135,6 +135,8 @@ def overflow_message(e: Estimate | None) -> str:
     """How far the closest configuration (``closest``) is from fitting (one sentence)."""
     if e is None:
         return "nothing fits and no configuration of the space could be priced"
+    if overflow_bytes(e) <= 0 and not e.fits_host:
+        return f"nothing fits: the closest configuration ({e.strategy.short()}): {host_overflow_message(e)}"
     worst = e.worst_rank
     comp = max(worst.memory, key=worst.memory.get)
     return (f"nothing fits: the closest configuration ({e.strategy.short()}) needs {e.peak_bytes / GiB:.1f} GiB "

@@ -66,7 +66,7 @@ from autopar.planner.space import (  # noqa: F401  (re-exported: the planner's p
     schedule_options,
     shardings,
 )
-from autopar.techniques import pipeline
+from autopar.techniques import offload, pipeline
 
 
 # ----- bounds -----------------------------------------------------------------------------------
@@ -104,6 +104,11 @@ class Floor:
         ds = model_state_bytes(self.dense, cm.dtype, zero, sh.dp * sh.cp)
         es = model_state_bytes(self.expert, cm.dtype, zero, sh.edp)
         return ds.total + es.total - (ds.optimizer + es.optimizer if offload else 0.0)
+
+    def host_bytes(self, cm: CostModel, sh: Sharding) -> float:
+        """Mean over pipeline ranks of what offload keeps in host memory (as ``CostModel.rank_memory``)."""
+        return (model_state_bytes(self.dense, cm.dtype, 3, sh.dp * sh.cp).total
+                + model_state_bytes(self.expert, cm.dtype, 3, sh.edp).total) / sh.pp
 
     def bytes(self, cm: CostModel, sh: Sharding, zero: int, offload: bool, in_flight: float) -> float:
         """Mean over pipeline ranks of states + activations: the most loaded rank holds at least this."""
@@ -266,9 +271,14 @@ def _partitioned(sp: _Space, sh: Sharding, k: Knobs, upper: float) -> Candidate 
     except InputError as exc:  # a rule the enumeration does not test (none known): keep the reason
         sp.rule_error = sp.rule_error or exc.message
         return None
+    modes = sp.cons.modes
+    if s.schedule in pipeline.ZERO_BUBBLE:  # per-layer choices obey the emit rules on recompute too
+        modes = tuple(m for m in modes if m in pipeline.ZB_RECOMPUTE) or modes
+    if s.offload_optimizer:
+        modes = tuple(m for m in modes if m in offload.OFFLOAD_RECOMPUTE) or modes
     if s.schedule in pipeline.V_SHAPED:
-        return _v_shaped(cm, s, sp.cons.modes, upper)
-    res = part.partition(cm, s, sp.cons.modes, upper, None, sp.shared)
+        return _v_shaped(cm, s, modes, upper)
+    res = part.partition(cm, s, modes, upper, None, sp.shared)
     if res is None:
         return None
     return Candidate(_label(s, res.layer_recompute), res.stages, res.layer_recompute, res.step_time_s)
@@ -355,7 +365,9 @@ def _expand_row(sp: _Space, sh: Sharding, knobs: list[Knobs]) -> None:
     floor = sp.floor(sh)
     for k in knobs:
         in_flight = min_in_flight(sh.pp, m, k.schedule, k.vpp)
-        if floor.bytes(cm, sh, k.zero, k.offload, in_flight) > sp.usable:
+        host_usable = cm.gpu.host_mem_bytes * cm.gpu.host_usable_fraction if cm.gpu.host_mem_bytes else None
+        if floor.bytes(cm, sh, k.zero, k.offload, in_flight) > sp.usable or (
+                k.offload and host_usable is not None and floor.host_bytes(cm, sh) > host_usable):
             stats.pruned_memory += 1
             continue
         stats.enumerated += 1

@@ -6,10 +6,15 @@ where the GPU profile prices the host link and the host optimizer."""
 from __future__ import annotations
 
 from autopar.core.gpu import GpuProfile
+from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
 from autopar.techniques.base import Technique
 
 VALUES = (False, True)
+# Recompute modes emitted beside offload: under CPUOffloadPolicy the per-op policy's recompute meets
+# FSDP2's host-to-device copies a different number of times than the forward did ("aten.copy_
+# invocation index ... not found in storage", contract sweep); Megatron's selective policy runs.
+OFFLOAD_RECOMPUTE = ("none", "selective", "full")
 
 
 def priced_on(gpu: GpuProfile) -> bool:
@@ -22,10 +27,18 @@ def gpu_violations(s: Strategy, gpu: GpuProfile) -> list[str]:
     return []
 
 
+def emitted_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    if s.offload_optimizer and s.recompute not in OFFLOAD_RECOMPUTE:
+        return [f"offload=1 with recompute={s.recompute} is not emitted yet (the per-op policy's recompute "
+                "meets FSDP2's offload copies); use recompute=selective or full"]
+    return []
+
+
 TECHNIQUE = Technique(
     name="offload",
     fields=("offload_optimizer",),
     rules=(),
+    emit_rules=(emitted_rule,),
     search={"offload_optimizer": VALUES},
     cost_terms=("estimate:offload_step_time", "estimate:CostModel.rank_memory"),
     apply="autopar.codegen.runtime_parallel.apply_dp",

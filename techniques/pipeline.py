@@ -31,6 +31,10 @@ SEARCHED = ("1f1b", "interleaved", "zb_interleaved", "zbv")
 # expert all-to-all with compute, is not modelled): both are searched only when the user names them,
 # and GPipe also when m < pp, where torch's 1F1B refuses to run and GPipe prices and holds the same
 NAMED_ONLY = ("gpipe", "dualpipev")
+# Recompute modes the zero-bubble schedules run: their split backward (input gradients, then weight
+# gradients) unpacks a checkpointed region twice, which torch's selective checkpointing forbids
+# ("backward an extra time"); full checkpointing recomputes per unpack and runs (contract sweep).
+ZB_RECOMPUTE = ("none", "full")
 
 
 def stage_rank(index: int, pp: int, schedule: str) -> int:
@@ -82,6 +86,12 @@ def torch_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | N
     if s.schedule in V_SHAPED and spec is not None and spec.tie_embeddings:
         return [f"{s.schedule} puts the first and last stage on one rank as two model copies; tied embeddings "
                 "are not emitted there; use schedule=zb_interleaved or untie them"]
+    if s.schedule in ZERO_BUBBLE and s.recompute not in ZB_RECOMPUTE:
+        return [f"{s.schedule} splits the backward in two; recompute={s.recompute} (selective checkpointing) "
+                "allows one backward per region; use recompute=none or full"]
+    if s.schedule in ZERO_BUBBLE and s.zero_stage == 3:
+        return [f"{s.schedule} keeps ZeRO-3 parameters gathered between its split backward passes, which is not "
+                "what zero=3 prices; use zero<=2 or schedule=1f1b/interleaved"]
     if s.schedule in V_SHAPED and m < 2 * s.pp:
         return [f"{s.schedule} needs at least 2*pp = {2 * s.pp} microbatches per data-parallel rank, the plan has "
                 f"{m}; lower mbs or raise the global batch"]

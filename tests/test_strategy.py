@@ -99,3 +99,20 @@ def test_plan_load_errors(tmp_path):
     bad.write_text("{")
     with pytest.raises(InputError, match="is not valid JSON"):
         Plan.load(bad)
+
+
+def test_offload_must_fit_host_memory():
+    """Offloaded states count against the GPU's share of host DRAM (DGX H100: 2 TB / 8 GPUs):
+    llama3-405b on 16 H100 does not fit with offload (about 400 GiB of states per GPU), 70B on 8
+    (about 130 GiB) does."""
+    from autopar.core.strategy import Strategy
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    def est(model, nodes, text):
+        cm, _, _, _ = build_cost_model(Inputs(model=model, gpu="h100-sxm", nodes=nodes, seq_len=2048))
+        return cm.estimate(Strategy.parse(text, global_batch=64).resolve(cm.cluster.world))
+
+    big = est("llama3-405b", 2, "dp=16,zero=3,offload=1,recompute=full")
+    assert not big.fits_host and not big.feasible and big.host_peak_bytes > big.host_usable_bytes
+    small = est("llama3-70b", 1, "dp=8,zero=3,offload=1,recompute=full")
+    assert small.fits_host and 100 * 2**30 < small.host_peak_bytes < 160 * 2**30
