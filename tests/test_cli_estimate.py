@@ -60,7 +60,7 @@ def test_model_rules_name_the_field(capsys):
     assert code == 2 and "kv_heads=8" in err
     code, _, err = run(capsys, "estimate", "gpt-tiny", "--gpus-per-node", "8", "--strategy", "pp=8,dp=1",
                        "--global-batch", "64", "--seq-len", "64")
-    assert code == 2 and "exceeds the model's 4 layers" in err
+    assert code == 2 and "exceed the model's 4 layers" in err
     code, _, err = run(capsys, "estimate", "mixtral-8x7b", "--gpus-per-node", "16",
                        "--strategy", "ep=16,dp=16", "--global-batch", "64")
     assert code == 2 and "ep=16 does not divide num_experts=8" in err
