@@ -195,7 +195,8 @@ def coefficients(cm: CostModel, s: Strategy) -> tuple[float, float, float]:
         f, b = sum(c.fwd_s for c in blocks), sum(c.bwd_s for c in blocks)
         w = sum(c.bwd_s * weight_grad_fraction(cm.blocks[i].ops) for i, c in enumerate(blocks))
         share = bubble_share(s.schedule, f, b, w)
-    return schedule_coefficients(s.pp, s.num_micro_batches, s.schedule, s.vpp, p2p, share)
+    A, B, K = schedule_coefficients(s.pp, s.num_micro_batches, s.schedule, s.vpp, p2p, share)
+    return A, B, K + cm.stack.step_overhead_s   # the stack's fixed per-step host time (CostModel.estimate)
 
 
 def schedule_coefficients(p: int, m: int, schedule: str, v: int, p2p: float,
