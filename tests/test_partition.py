@@ -113,9 +113,10 @@ def test_partition_dp_equals_brute_force(text, seed, layers):
         if expect == float("inf"):
             assert res is None
             continue
-        assert res is not None and res.step_time_s == pytest.approx(expect, rel=1e-9)
+        # within the contention term estimate adds after the partition (see test_planner.py)
+        assert res is not None and res.step_time_s == pytest.approx(expect, rel=5e-3)
         e = cm.estimate(s, res.stages, res.layer_recompute)
-        assert e.feasible and e.step_time_s == pytest.approx(res.step_time_s, rel=1e-9)
+        assert e.feasible and e.step_time_s == pytest.approx(res.step_time_s, rel=5e-3)
         # the DP's memory of every rank is the cost model's
         assert [r.mem_bytes for r in res.ranks] == pytest.approx([r.mem_bytes for r in e.ranks], rel=1e-9)
 
