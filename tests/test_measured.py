@@ -14,6 +14,7 @@ from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, cpu_contention
 from autopar.cost_models.layer_cost import PricingContext, price_layer
+from autopar.cost_models.measured import load_measured_profile
 from autopar.cost_models.report import estimate_dict
 from autopar.cost_models.session import Inputs, build_cost_model
 from autopar.cost_models.templates import build_templates
@@ -21,7 +22,6 @@ from autopar.errors import InputError
 from autopar.profiles.comm_profiler import CommPoint, fit_alpha_beta, fit_points, link_class
 from autopar.profiles.hw import load_cluster, load_gpu_profile
 from autopar.profiles.intake import preset
-from autopar.cost_models.measured import load_measured_profile
 
 SEQ = 32
 FIT = {"kind": "all_reduce", "group_size": 2, "link": "intra_node", "alpha_s": 1e-4, "beta_s_per_byte": 1e-9,
