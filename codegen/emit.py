@@ -19,7 +19,14 @@ from pathlib import Path
 from autopar import __version__
 from autopar.codegen.emit_build import render_build
 from autopar.codegen.emit_checks import Layout, check_plan
-from autopar.codegen.emit_launch import LaunchOptions, network_line, render_pytorchjob, render_slurm, render_torchrun
+from autopar.codegen.emit_launch import (
+    LaunchOptions,
+    _fill,
+    network_line,
+    render_pytorchjob,
+    render_slurm,
+    render_torchrun,
+)
 from autopar.codegen.emit_vendor import vendored_runtime
 from autopar.codegen.sample_data import ALPHABET, SAMPLE_TOKENS, sample_bytes
 from autopar.core.plan import Plan
@@ -27,7 +34,6 @@ from autopar.errors import InputError
 from autopar.fileio import write_atomic
 from autopar.techniques.pipeline import stage_rank
 
-TEMPLATES = Path(__file__).with_name("templates")
 FILES = ("train.py", "launch_torchrun.sh", "launch_slurm.sbatch", "pytorchjob.yaml", "README.md", "plan.json")
 # Peak AdamW learning rate by parameter count (train.py --lr overrides it), interpolated in
 # log-log between published recipes: nanoGPT's 10.7M-parameter shakespeare_char model (1e-3),
@@ -96,15 +102,6 @@ def emit(plan: Plan, out_dir: str | os.PathLike, device: str = "cuda",
 
 
 # ----- helpers ------------------------------------------------------------------------
-def _fill(template: str, **values) -> str:
-    text = (TEMPLATES / template).read_text()
-    for key, val in values.items():
-        text = text.replace("{{" + key + "}}", str(val))
-    if "{{" in text:
-        raise RuntimeError(f"template {template}: unfilled placeholder near {text[text.index('{{'):][:40]!r}")
-    return text
-
-
 def _procs(plan: Plan) -> tuple[int, int, int]:
     return plan.cluster.nodes, plan.cluster.gpus_per_node, plan.cluster.world
 
