@@ -3,7 +3,7 @@ and find priced fixes for a strategy that does not fit."""
 
 from __future__ import annotations
 
-from autopar.core.strategy import Strategy
+from autopar.core.strategy import COMPACT_KEYS, Strategy
 from autopar.cost_models.comm import collective_time
 from autopar.cost_models.estimate import CostModel, Estimate
 from autopar.errors import InputError
@@ -142,8 +142,7 @@ def _single_changes(cm: CostModel, s: Strategy) -> list[tuple[str, Strategy, Est
 
 
 def _key(k: str) -> str:
-    return {"zero_stage": "zero", "micro_batch": "mbs", "sequence_parallel": "sp",
-            "offload_optimizer": "offload"}.get(k, k)
+    return COMPACT_KEYS.get(k, k)   # the compact names Strategy owns
 
 
 def _val(v) -> str:
