@@ -29,7 +29,7 @@ Dtype = typer.Option("auto", "--dtype",
                      help="bf16 | fp16 | fp32 | fp8 (auto: bf16, fp32 where the profile has no bf16)")
 Runtime = typer.Option("torch", "--runtime",
                        help="software that runs the plan: torch (autopar's emitted FSDP2/DTensor programs; "
-                            "also llm-foundry, torchtitan) | megatron (Megatron-LM/Core, NeMo) | deepspeed (ZeRO)")
+                            "also llm-foundry) | torchtitan | megatron (Megatron-LM/Core, NeMo) | deepspeed (ZeRO)")
 Profile = typer.Option(None, "--profile", help="measured profile JSON from `autopar profile`")
 Placement = typer.Option(None, "--placement", help="expert placement JSON from `autopar experts`")
 Trace = typer.Option(None, "--trace", help="routing trace JSON from `autopar trace-routing`")

@@ -48,7 +48,8 @@ class EffCurve(RootModel[list[tuple[float, float]]]):
         return pts[-1][1]  # unreachable: x < pts[-1][0] is inside some segment
 
 
-Runtime = Literal["torch", "megatron", "deepspeed"]
+# the software stack that runs a plan (cost_models.session.RUNTIMES says what each one means)
+Runtime = Literal["torch", "torchtitan", "megatron", "deepspeed"]
 
 
 class StackConstants(BaseModel):

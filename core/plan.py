@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from autopar import __version__
 from autopar.core.cluster import ClusterSpec
+from autopar.core.gpu import Runtime
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Recompute, Strategy
 from autopar.errors import InputError
@@ -58,7 +59,7 @@ class Plan(BaseModel):
     cluster: ClusterSpec
     seq_len: int = Field(..., ge=1)
     dtype: Literal["bf16", "fp16", "fp32", "fp8"] = "bf16"
-    runtime: Literal["torch", "megatron", "deepspeed"] = Field(
+    runtime: Runtime = Field(
         "torch", description="the software stack the predictions priced (cost_models.session.RUNTIMES)")
     strategy: Strategy
     layer_recompute: list[Recompute] = Field(default_factory=list,

@@ -17,9 +17,10 @@ from autopar.profiles.intake import resolve_model
 DEFAULT_GPU = "h100-sxm"
 DEFAULT_GPUS_PER_NODE = 8
 # torch: autopar's emitted torch-native programs (FSDP2, DTensor, torch pipelining; also what
-# llm-foundry and torchtitan run); megatron: Megatron-LM / Megatron-Core (NeMo, MegaScale);
+# llm-foundry runs); torchtitan: torchtitan's FSDP2 programs (async TP, per-op SAC, its pipeline
+# keeps stage parameters unsharded); megatron: Megatron-LM / Megatron-Core (NeMo, MegaScale);
 # deepspeed: DeepSpeed ZeRO (its ZeRO-3 prefetch and bucketing)
-RUNTIMES = ("torch", "megatron", "deepspeed")
+RUNTIMES = ("torch", "torchtitan", "megatron", "deepspeed")
 
 
 @dataclass
