@@ -28,8 +28,8 @@ import published_rows as pr  # noqa: E402
 from autopar.core.gpu import StackConstants  # noqa: E402
 from autopar.core.strategy import Strategy  # noqa: E402
 
-GPU_TYPE = {"a100-40g": "ampere", "a100-80g": "ampere", "h100-sxm": "hopper", "h200": "hopper"}
-PROFILES = {"ampere": ("a100-40g", "a100-80g"), "hopper": ("h100-sxm", "h200")}
+GPU_TYPE = {"a100-40g": "ampere", "a100-80g": "ampere", "h100-sxm": "hopper", "h100-96g": "hopper", "h200": "hopper"}
+PROFILES = {"ampere": ("a100-40g", "a100-80g"), "hopper": ("h100-sxm", "h100-96g", "h200")}
 GRIDS = {
     "matmul_scale": [0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3],
     "fp8_matmul_scale": [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3],
@@ -40,9 +40,10 @@ GRIDS = {
     "overlap_slowdown": [0.0, 0.05, 0.1, 0.2, 0.3],
     "inter_node_decay": [0.0, 0.05, 0.1, 0.2, 0.3],
     "step_overhead_s": [0.0, 0.05, 0.1, 0.2, 0.4],
+    "zero3_gather_gbps": [0.0, 15.0, 20.0, 25.0, 30.0, 40.0, 60.0],
 }
-# DeepSpeed has two published rows: one constant, its ZeRO-3 prefetch overlap; the rest stays neutral
-DEEPSPEED_FIELDS = ("zero3_overlap",)
+# DeepSpeed has two published rows: its ZeRO-3 prefetch overlap and gather rate; the rest stays neutral
+DEEPSPEED_FIELDS = ("zero3_overlap", "zero3_gather_gbps")
 SWEEPS = 2
 LAYER_FIELDS = ("matmul_scale", "fp8_matmul_scale", "attention_scale", "tp_overlap", "moe_imbalance")
 
@@ -79,10 +80,15 @@ def load_or_build(paths: list[Path], cache: Path | None) -> tuple[list[Built], l
         ids = {r["id"] for p in paths for r in pr.load_runs(p)}
         built, skipped = pickle.loads(cache.read_bytes())
         built, skipped = [b for b in built if b.case.id in ids], [s for s in skipped if s[0] in ids]
-        for b in built:  # the strategy mapping may have changed since the pickle: re-derive it (cheap)
-            b.case = pr.case_for(b.case.run)
-            b.strategy = Strategy.parse(b.case.strategy).resolve(b.strategy.world)
-        retry = [r for p in paths for r in pr.load_runs(p) if r["id"] in {s[0] for s in skipped}]
+        stale = []
+        for b in built:  # the mapping may have changed since the pickle: re-derive the strategy (cheap)
+            case = pr.case_for(b.case.run)
+            if _build_key(case) != _build_key(b.case):  # another GPU, runtime, dtype or model: rebuild
+                stale.append(b.case.id)
+                continue
+            b.case, b.strategy = case, Strategy.parse(case.strategy).resolve(b.strategy.world)
+        built = [b for b in built if b.case.id not in stale]
+        retry = [r for p in paths for r in pr.load_runs(p) if r["id"] in {s[0] for s in skipped} | set(stale)]
         with tempfile.TemporaryDirectory() as tmp:
             more, skipped = build_all(retry, Path(tmp))  # rows the mapping may price now
         return built + more, skipped
@@ -92,6 +98,12 @@ def load_or_build(paths: list[Path], cache: Path | None) -> tuple[list[Built], l
     if cache:
         cache.write_bytes(pickle.dumps(out))
     return out
+
+
+def _build_key(case: pr.Case) -> tuple:
+    """What a built CostModel depends on (the strategy is re-derived from the row)."""
+    return case.gpu, case.cluster, case.nodes, case.gpus_per_node, case.seq_len, case.dtype, case.runtime, \
+        repr(sorted(case.config.items()))
 
 
 def price(b: Built, consts: StackConstants | None = None) -> pr.Priced:
@@ -137,8 +149,8 @@ def fields_for(rows: list[Built], runtime: str) -> list[str]:
         out.append("fp8_matmul_scale")
     if any(b.cm.spec.is_moe for b in rows):
         out.append("moe_imbalance")
-    if any(s.tp > 1 for s in strategies):
-        out.append("tp_overlap")
+    if runtime != "torch" and any(s.tp > 1 for s in strategies):
+        out.append("tp_overlap")  # async TP / --tp-comm-overlap; autopar's own torch programs run none
     if any(s.zero_stage >= 3 for s in strategies):
         out.append("zero3_overlap")
     if any(s.world > b.cm.cluster.gpus_per_node for s, b in zip(strategies, rows)):

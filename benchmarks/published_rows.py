@@ -18,7 +18,14 @@ Row conventions (each stated once, here):
 - Missing micro-batch: 1; missing global batch: from grad_accum x micro-batch x dp; missing zero
   stage: 1 for Megatron-family stacks (distributed optimizer), 3 for FSDP stacks (the row says so);
   ``vpp`` > 1 selects the interleaved schedule; Megatron-family rows with tp > 1 run sequence
-  parallel (Megatron-Core / NeMo defaults); recompute text maps to none | selective | full.
+  parallel (Megatron-Core / NeMo defaults); recompute text maps to none | selective | full, and
+  torchtitan's per-op selective activation checkpointing ("per-op SAC", "selective op") to ``op``.
+- torchtitan rows run as ``--runtime torchtitan`` (its own fitted constants: async TP, its FSDP2
+  prefetch); its tensor parallel always shards norms and the residual stream over the sequence
+  (``SequenceParallel``): ``sp=1``; without a global batch it runs one local batch per rank (no
+  gradient accumulation); with a pipeline, the micro-batch size is torchtitan's default of 1.
+- "H100 (96GB HBM2e, 500 W cap)" (Meta's Grand Teton, torchtitan's benchmarks) is the ``h100-96g``
+  profile on the DGX H100 cluster preset; other H100 variants are ``h100-sxm``.
 - Architectures a row leaves null are filled from the public configuration named in ``ARCHS``.
 """
 
@@ -133,15 +140,16 @@ def source_key(run: dict) -> str:
 
 
 def stack_of(run: dict) -> tuple[str, str]:
-    """(stack, runtime) from the row's ``software``: FSDP stacks run as autopar's torch runtime,
-    Megatron-derived stacks (Megatron-LM/Core, NeMo, MegaScale, Megatron-DeepSpeed) as megatron."""
+    """(stack, runtime) from the row's ``software``: llm-foundry and Meta's FSDP stack run as autopar's
+    torch runtime, torchtitan as its own, Megatron-derived stacks (Megatron-LM/Core, NeMo, MegaScale,
+    Megatron-DeepSpeed) as megatron."""
     sw = (run.get("software") or "").lower()
     if "deepspeed zero" in sw:
         return "deepspeed", "deepspeed"
     if "llm-foundry" in sw:
         return "llm-foundry", "torch"
     if "torchtitan" in sw:
-        return "torchtitan", "torch"
+        return "torchtitan", "torchtitan"
     if "meta" in sw and "fsdp" in sw:
         return "meta", "torch"
     if any(k in sw for k in ("megatron", "nemo", "megascale")):
@@ -156,6 +164,8 @@ def gpu_of(run: dict) -> tuple[str, str]:
     g = str(run["hardware"].get("gpu") or "").lower()
     if "h200" in g:
         return "h200", "dgx-h200"
+    if "h100" in g and "96gb" in g:
+        return "h100-96g", "dgx-h100"
     if "h100" in g:
         return "h100-sxm", "dgx-h100"
     if "40gb" in g:
@@ -220,14 +230,17 @@ def _int(v, default=None):
 
 
 def recompute_of(run: dict) -> str:
-    """none | selective | full from the row's text; unstated, but counted in the row's FLOP basis
-    (Narayanan et al. eq. 3 "includes recompute"): full."""
+    """none | selective | op | full from the row's text; unstated, but counted in the row's FLOP basis
+    (Narayanan et al. eq. 3 "includes recompute"): full. torchtitan's per-op SAC ("per-op", "selective
+    op") saves matmul outputs and recomputes the rest: autopar's ``op``."""
     raw = run["parallel"].get("recompute")
     if raw is None and "includes recompute" in str(run["measured"].get("flops_basis") or ""):
         return "full"
     r = str(raw or "none").lower()
     if r.startswith("full"):
         return "full"
+    if "per-op" in r or "selective op" in r:
+        return "op"
     if r.startswith("selective"):
         return "selective"
     return "none"
@@ -255,7 +268,7 @@ def strategy_of(run: dict, stack: str) -> str:
         raise RowSkip("parallel.global_batch is null and grad_accum x microbatch does not give it")
     zero = _zero_stage(par, stack)
     vpp = _vpp(par)
-    sp = int(stack == "megatron" and tp > 1)
+    sp = int(stack in ("megatron", "torchtitan") and tp > 1)  # torchtitan: SequenceParallel norms
     parts = [f"tp={tp}", f"pp={pp}", f"dp={dp}", f"cp={cp}", f"ep={ep}", f"etp={etp}", f"mbs={mbs}", f"gbs={gbs}",
              f"zero={zero}", f"recompute={recompute_of(run)}", f"sp={sp}"]
     if pp > 1 and vpp > 1:

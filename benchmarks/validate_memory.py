@@ -31,11 +31,9 @@ Row mapping beyond ``published_rows.case_for`` (torchtitan's configuration, each
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 from autopar.errors import AutoparError
@@ -47,24 +45,12 @@ GiB = 1024**3
 
 
 def memory_case(run: dict) -> Case:
-    """``case_for`` plus the torchtitan mapping of the module docstring."""
+    """``case_for``, which holds the torchtitan mapping of the module docstring (h100-96g, per-op SAC,
+    sp, pipeline micro-batches), plus one micro-batch per rank where the row has no global batch."""
     par = run["parallel"]
     if par.get("global_batch") is None and isinstance(par.get("dp"), int):
         run = {**run, "parallel": {**par, "global_batch": (par.get("microbatch") or 1) * par["dp"]}}
-    case = case_for(run)
-    gpu = str(run["hardware"].get("gpu") or "").lower()
-    if "h100" in gpu and "96gb" in gpu:
-        case = replace(case, gpu="h100-96g")
-    text = str(run["parallel"].get("recompute") or "").lower()
-    strategy = case.strategy
-    if "per-op" in text or "selective op" in text:
-        strategy = re.sub(r"recompute=\w+", "recompute=op", strategy)
-    if case.stack == "torchtitan" and _degree(strategy, "tp") > 1:
-        strategy = strategy.replace("sp=0", "sp=1")
-    pp = _degree(strategy, "pp")
-    if case.stack == "torchtitan" and pp > 1:
-        strategy = re.sub(r"mbs=(\d+)", lambda m: f"mbs={max(1, int(m.group(1)) // pp)}", strategy)
-    return replace(case, strategy=strategy)
+    return case_for(run)
 
 
 def compile_mode(run: dict) -> str:
@@ -73,11 +59,6 @@ def compile_mode(run: dict) -> str:
     if "compile" not in text:
         return "none"
     return "model+loss" if "2025" in str(run["source"].get("title") or "") else "model"
-
-
-def _degree(strategy: str, name: str) -> int:
-    match = re.search(rf"\b{name}=(\d+)", strategy)
-    return int(match.group(1)) if match else 1
 
 
 def rows(path: Path) -> list[dict]:

@@ -76,6 +76,10 @@ class StackConstants(BaseModel):
                                                                  "(routing imbalance the step waits for)")
     tp_overlap: float = Field(0.0, ge=0, le=1, description="share of tensor-parallel collectives hidden behind "
                                                               "GEMMs (Megatron-Core --tp-comm-overlap, async TP)")
+    zero3_gather_gbps: float = Field(0.0, ge=0, description="effective per-GPU GB/s of the stack's ZeRO-3 "
+                                                               "parameter gathers and gradient reduce-scatters "
+                                                               "across nodes, where below the NCCL ring model "
+                                                               "(0: the ring model)")
     sources: dict[str, str] = Field(default_factory=dict, description="field -> the command that fitted it")
 
 

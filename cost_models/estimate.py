@@ -36,7 +36,7 @@ from autopar.cost_models.layer_cost import LayerCost, PricingContext, price_laye
 from autopar.cost_models.layer_model import LayerTemplate
 from autopar.cost_models.memory import bytes_per_param, model_state_bytes
 from autopar.cost_models.moe_load import LoadFn
-from autopar.cost_models.overlap import contention_time, exposed_behind, inter_node_factor, zero3_edges
+from autopar.cost_models.overlap import contention_time, exposed_behind, inter_node_factor, rate_capped, zero3_edges
 from autopar.cost_models.pipeline import in_flight_microbatches, step_time, weight_grad_fraction
 from autopar.errors import InputError
 from autopar.techniques import offload
@@ -334,10 +334,12 @@ class CostModel:
         """(forward all-gather, backward all-gather, reduce-scatter) seconds of one layer's parameters."""
         n, pbytes = s.dp * s.cp, bytes_per_param(self.dtype)[0]
         full = (c.params_dense + c.params_expert) * pbytes
-        scale = self._dp_scale(n, s.tp)
+        scale, grads = self._dp_scale(n, s.tp), full / pbytes * grad_bytes
         ag = collective_time("all_gather", full, n, s.tp, self.cluster, fits=self.ctx.fits).time_s * scale
-        rs = collective_time("reduce_scatter", full / pbytes * grad_bytes, n, s.tp, self.cluster,
-                             fits=self.ctx.fits).time_s * scale
+        rs = collective_time("reduce_scatter", grads, n, s.tp, self.cluster, fits=self.ctx.fits).time_s * scale
+        if n * s.tp > self.cluster.gpus_per_node:  # across nodes the stack may not reach the ring's rate
+            rate, share = self.stack.zero3_gather_gbps, (n - 1) / n  # each GPU receives / sends (n-1)/n
+            ag, rs = rate_capped(ag, full * share, rate), rate_capped(rs, grads * share, rate)
         return ag, ag, rs
 
     def _zero3_exposed(self, s: Strategy, r: RankReport, costs, m: int, grad_bytes: int) -> float:

@@ -98,7 +98,7 @@ def test_torchtitan_rows_map_to_what_torchtitan_runs():
     assert vm.compile_mode(runs["torchtitan_h100_t1_Llama-3.1-8B_8gpu_2"]) == "model"
     assert vm.compile_mode(runs["torchtitan_h200_llama3_8b_64gpu"]) == "model+loss"
     tp = vm.memory_case(runs["torchtitan_h100_t4_Llama-3.1-70B_256gpu_11"])
-    assert "sp=1" in tp.strategy and tp.runtime == "torch"
+    assert "sp=1" in tp.strategy and tp.runtime == "torchtitan"
     pp = vm.memory_case(runs["torchtitan_h100_t5_Llama-3.1-405B_512gpu_12"])
     # torchtitan's pipeline micro-batch size defaults to 1 (pipeline_parallel_microbatch_size): the
     # local batch of 32 runs as 32 micro-batches (benchmarks/published_rows.py)
