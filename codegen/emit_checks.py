@@ -52,6 +52,9 @@ def check_plan(plan: Plan, device: str) -> Layout:
                          f"{plan.cluster.world} ({plan.cluster.short()}); re-plan for this cluster")
     if s.global_batch <= 0:
         raise InputError("plan: strategy.global_batch is 0; set the global batch (gbs=...) when planning")
+    if plan.runtime != "torch":  # the emitted program is the torch runtime: what was priced must be what runs
+        raise InputError(f"plan: runtime={plan.runtime} prices {plan.runtime}'s kernels and memory, but the emitted "
+                         "program runs autopar's torch runtime; re-plan with --runtime torch")
     notes = []
     if plan.dtype in ("fp16", "fp8"):
         notes.append(f"the plan's dtype is {plan.dtype}; this program runs bf16 (FSDP2 mixed precision), "
@@ -59,9 +62,13 @@ def check_plan(plan: Plan, device: str) -> Layout:
     vocab = _check_custom(plan) if m.family == "custom" else m.vocab
     if m.family != "custom" and plan.seq_len > m.max_seq_len:
         raise InputError(f"plan: seq_len={plan.seq_len} exceeds the model's max_seq_len={m.max_seq_len}")
-    # every technique's rules and emit rules: the same functions the planner's search reads
-    for msg in techniques.violations(s, m, plan.cluster.world, plan.seq_len, emitted=True):
-        raise InputError(f"strategy: {msg}")
+    # every technique's rules and emit rules: the same functions the planner's search reads, once per
+    # recompute mode the plan runs (a per-layer override meets the same emit rules as strategy.recompute)
+    for mode in _recompute_modes(plan):
+        for msg in techniques.violations(s.model_copy(update={"recompute": mode}), m, plan.cluster.world,
+                                         plan.seq_len, emitted=True):
+            where = "" if mode == s.recompute else f" (layer_recompute holds {mode})"
+            raise InputError(f"strategy: {msg}{where}")
     stages = _stages(plan)
     recompute = _recompute(plan)
     placement = _placement(plan) if s.ep > 1 else None
@@ -108,6 +115,12 @@ def _stages(plan: Plan) -> list[tuple[int, int]]:
     if expect != m.layers:
         raise InputError(f"plan: stages cover {expect} layers, the model has {m.layers}")
     return out
+
+
+def _recompute_modes(plan: Plan) -> list[str]:
+    """strategy.recompute first, then every other mode ``layer_recompute`` names."""
+    s = plan.strategy
+    return [s.recompute] + sorted(set(plan.layer_recompute) - {s.recompute})
 
 
 def _recompute(plan: Plan) -> dict[int, str]:

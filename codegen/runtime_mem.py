@@ -11,10 +11,16 @@ it materializes weights, so parameters, gradients and optimizer states all count
 
 This is what the closed-loop validation compares with predicted per-rank memory:
 use ``peak_memory_bytes(device, tracker)`` for both devices.
+
+Diagnosis: with ``AUTOPAR_MEM_PEAK_DUMP=DIR`` in the environment the tracker also keeps, at
+each new peak, the live storages by (op that created them, shape, dtype), and ``stop()``
+writes that last peak's set to ``DIR/peak_rank<R>.txt`` (largest groups first): what is live
+at the peak, to compare component by component with ``autopar memory --json``.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -32,16 +38,23 @@ class LiveTensorBytes(TorchDispatchMode):
         self._sizes: dict[int, int] = {}   # storage handle -> bytes counted for it
         self._orig_resize = None
         self.active = False
+        self._dump_dir = os.environ.get("AUTOPAR_MEM_PEAK_DUMP")  # diagnosis only (module docstring)
+        self._labels: dict[int, str] = {}
+        self._at_peak: dict[int, int] = {}
 
     def stop(self) -> None:
         """Stop counting: leave the dispatch mode, whose per-op Python call slows every op, so
         that later (timed) steps run without it; their peak reads -1 (not measured)."""
         if self.active:
             self.__exit__(None, None, None)
+            if self._dump_dir:
+                self._dump()
 
     # ----- public API --------------------------------------------------------------
     def reset_peak(self) -> None:
         self.peak = self.current
+        if self._dump_dir:
+            self._at_peak = dict(self._sizes)
 
     def track(self, tensors) -> None:
         """Count tensors allocated before the mode was entered (e.g. an existing model)."""
@@ -50,13 +63,13 @@ class LiveTensorBytes(TorchDispatchMode):
                 self._add_tensor(t)
 
     # ----- bookkeeping -------------------------------------------------------------
-    def _add_tensor(self, t: torch.Tensor) -> None:
+    def _add_tensor(self, t: torch.Tensor, op: object = "track") -> None:
         if is_traceable_wrapper_subclass(t):
             attrs, _ = t.__tensor_flatten__()
             for name in attrs:
                 inner = getattr(t, name)
                 if isinstance(inner, torch.Tensor):
-                    self._add_tensor(inner)
+                    self._add_tensor(inner, op)
             return
         if t.device.type == "meta":
             return
@@ -69,6 +82,8 @@ class LiveTensorBytes(TorchDispatchMode):
             return
         nbytes = st.nbytes()
         self._sizes[key] = nbytes
+        if self._dump_dir:
+            self._labels[key] = f"{op} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
         self._bump(nbytes)
         weakref.finalize(st, self._free, key)
 
@@ -79,6 +94,8 @@ class LiveTensorBytes(TorchDispatchMode):
         self.current += delta
         if self.current > self.peak:
             self.peak = self.current
+            if self._dump_dir:
+                self._at_peak = dict(self._sizes)
 
     def _resized(self, st: torch.UntypedStorage) -> None:
         key = st._cdata
@@ -92,7 +109,7 @@ class LiveTensorBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self._add_tensor(t)
+                self._add_tensor(t, func)
         return out
 
     def __enter__(self):
@@ -114,6 +131,20 @@ class LiveTensorBytes(TorchDispatchMode):
         self.active = False
         torch.UntypedStorage.resize_ = self._orig_resize
         return super().__exit__(*exc)
+
+
+    def _dump(self) -> None:
+        """Write the live storages of the last peak, grouped by label (diagnosis, module docstring)."""
+        groups: dict[str, list[int]] = {}
+        for key, nbytes in self._at_peak.items():
+            g = groups.setdefault(self._labels.get(key, "?"), [0, 0])
+            g[0], g[1] = g[0] + nbytes, g[1] + 1
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        os.makedirs(self._dump_dir, exist_ok=True)
+        with open(os.path.join(self._dump_dir, f"peak_rank{rank}.txt"), "w") as fh:
+            fh.write(f"peak {self.peak} bytes\n")
+            for label, (nbytes, count) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+                fh.write(f"{nbytes:>12} {count:>5}  {label}\n")
 
 
 def reset_peak_memory(device: torch.device, tracker: LiveTensorBytes | None = None) -> None:

@@ -168,14 +168,14 @@ class CostModel:
             dense += self.output.params_tied / s.tp  # a tied output weight is a second copy on the last stage
         expert = sum(c.params_expert for c in parts)
         ds = model_state_bytes(dense, self.dtype, s.zero_stage, s.dp * s.cp)
-        es = model_state_bytes(expert, self.dtype, s.zero_stage, s.edp)
+        es = model_state_bytes(expert, self.dtype, s.zero_stage, self.expert_shard_group(s))
         host = 0.0
         if s.offload_optimizer:  # as emitted: FSDP2 CPUOffloadPolicy (codegen.runtime_parallel.apply_dp)
             # the parameter shards, their gradients and the AdamW states live on the host, at any
             # zero stage; the device holds gathered parameters only: ZeRO-3 one block at a time
             # (comm_buffers), otherwise (reshard_after_forward=False) all of them from forward to backward
             host = (model_state_bytes(dense, self.dtype, 3, s.dp * s.cp).total
-                    + model_state_bytes(expert, self.dtype, 3, s.edp).total)
+                    + model_state_bytes(expert, self.dtype, 3, self.expert_shard_group(s)).total)
             gathered = 0.0 if s.zero_stage >= 3 else (dense + expert) * bytes_per_param(self.dtype)[0]
             ds, es = ds.__class__(gathered, 0.0, 0.0), es.__class__(0.0, 0.0, 0.0)
         acts = sum(c.act_bytes[mo] for c, mo in zip(parts, modes)) + sum(c.act_bytes["none"] for c in extra)
@@ -194,6 +194,17 @@ class CostModel:
             "framework_overhead": float(self.gpu.framework_overhead_bytes),
         }
         return RankMemory(mem, host)
+
+    def expert_shard_group(self, s: Strategy) -> int:
+        """Ranks over which ZeRO shards the expert weights' states (public cost API). With expert
+        parallel (ep*etp > 1) the expert-data-parallel group ``edp`` (MoE Parallel Folding). Without
+        it, autopar's programs keep the routed experts replicated on every tp rank inside the blocks'
+        own data-parallel units (``codegen.runtime_parallel.apply_dp``): sharded over dp*cp like the
+        dense weights, not over the tp ranks that ``edp`` also counts (contract sweep,
+        docs/codegen.md). Other stacks keep edp (Megatron-Core folds experts over dp*cp*tp)."""
+        if s.ep * s.etp > 1 or self.ctx.runtime != "torch":
+            return s.edp
+        return s.dp * s.cp
 
     def _comm_buffer_bytes(self, s: Strategy, parts: list[LayerCost], extra: list[LayerCost],
                            temps: float) -> float:
