@@ -33,20 +33,10 @@ def model_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | N
     return out
 
 
-def emitted_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
-    """MoE layers under tp > 1 and cp > 1 together allocate 1.16-1.52x the priced memory in the
-    contract sweep (benchmarks/contract.py, docs/codegen.md); not searched until priced as run."""
-    if spec is not None and spec.is_moe and s.tp > 1 and s.cp > 1:
-        return [f"MoE layers with tp={s.tp} and cp={s.cp} together are not emitted as priced yet; "
-                "use tp=1 or cp=1"]
-    return []
-
-
 TECHNIQUE = Technique(
     name="expert_parallel",
     fields=("ep", "etp"),
     rules=(fold_rule, model_rule),
-    emit_rules=(emitted_rule,),
     search={"ep": "divisors of num_experts", "etp": "divisors of moe_ffn_hidden",
             "ep*etp": "divides dp*tp*cp, inside a node unless --cross-node"},
     cost_terms=("layer_cost:price_layer", "moe_load:load_ratio_from_files"),
