@@ -11,31 +11,17 @@ from autopar.core.plan import Plan
 
 def render_build(plan: Plan, lay: Layout) -> str:
     s = plan.strategy
+    hf = plan.model.hf_config is not None  # a transformers module: its own tp plan and decoder layer list
     out = ["    # @. The whole model on the meta device: shapes only, no memory.",
            "    model = rt.build_meta_model(spec)"]
     if s.pp > 1:
         out += ["    # @. Pipeline split: keep copies of the virtual stages this rank runs, blocks outside",
                 "    #    them deleted (layer names stay global, so checkpoints do not depend on the split).",
-                "    parts, stage_ids = rt.split_stages(model, mesh, STAGES, STAGE_RANKS)"]
+                f"    parts, stage_ids = rt.{'split_hf_stages' if hf else 'split_stages'}(model, mesh, STAGES, "
+                "STAGE_RANKS)"]
     else:
         out += ["    parts, stage_ids = [model], [0]  # @. no pipeline: one part, the whole model"]
-    per_part = []
-    if s.tp > 1:
-        per_part += ["        # @. Tensor parallel: q/k/v, w1/w3 column-wise, wo/w2 row-wise (DTensor);",
-                     "        #    sequence parallel splits norms and residuals along the sequence.",
-                     "        rt.apply_tp(part, mesh, sequence_parallel=SEQUENCE_PARALLEL)"]
-    if s.cp > 1:
-        per_part += ["        # @. Context parallel: this rank's share of every sequence; attention all-gathers K/V.",
-                     "        rt.apply_cp(part, mesh, seq_len=SEQ_LEN)"]
-    if lay.ep > 1 or s.etp > 1:
-        call = ("rt.apply_ep(part, mesh, EXPERT_PLACEMENT, first_moe_layer=FIRST_MOE_LAYER)" if lay.ep > 1
-                else "rt.apply_ep(part, mesh, None)")
-        per_part += ["        # @. Expert parallel: keep the experts the placement names for this rank (ep), their",
-                     "        #    ffn split over etp; tokens reach them with all-to-all (each tp rank its share).",
-                     "        " + call]
-    if lay.recompute:
-        per_part += ["        # @. Activation checkpointing on the layers the plan names.",
-                     "        rt.apply_ac(part, RECOMPUTE)"]
+    per_part = _per_part(plan, lay, hf)
     if per_part:
         out += ["    for part in parts:"] + per_part
     dp_call = _dp_call(plan)
@@ -65,6 +51,33 @@ def render_build(plan: Plan, lay: Layout) -> str:
         out += ["    schedule = None"]
     out += ["    return parts, stage_ids, schedule"]
     return _number_steps("\n".join(out))
+
+
+def _per_part(plan: Plan, lay: Layout, hf: bool) -> list[str]:
+    """The techniques applied to each model part (pipeline stage), in the documented order."""
+    s = plan.strategy
+    per_part: list[str] = []
+    if s.tp > 1 and hf:
+        per_part += ["        # @. Tensor parallel: the model's own plan (its config's base_model_tp_plan: colwise /",
+                     "        #    rowwise linears, DTensor); sequence parallel splits norms and residuals.",
+                     "        rt.apply_hf_tp(part, mesh, sequence_parallel=SEQUENCE_PARALLEL)"]
+    elif s.tp > 1:
+        per_part += ["        # @. Tensor parallel: q/k/v, w1/w3 column-wise, wo/w2 row-wise (DTensor);",
+                     "        #    sequence parallel splits norms and residuals along the sequence.",
+                     "        rt.apply_tp(part, mesh, sequence_parallel=SEQUENCE_PARALLEL)"]
+    if s.cp > 1:
+        per_part += ["        # @. Context parallel: this rank's share of every sequence; attention all-gathers K/V.",
+                     "        rt.apply_cp(part, mesh, seq_len=SEQ_LEN)"]
+    if lay.ep > 1 or s.etp > 1:
+        call = ("rt.apply_ep(part, mesh, EXPERT_PLACEMENT, first_moe_layer=FIRST_MOE_LAYER)" if lay.ep > 1
+                else "rt.apply_ep(part, mesh, None)")
+        per_part += ["        # @. Expert parallel: keep the experts the placement names for this rank (ep), their",
+                     "        #    ffn split over etp; tokens reach them with all-to-all (each tp rank its share).",
+                     "        " + call]
+    if lay.recompute:
+        per_part += ["        # @. Activation checkpointing on the layers the plan names.",
+                     "        rt.apply_ac(part, RECOMPUTE)"]
+    return per_part
 
 
 def _number_steps(text: str) -> str:

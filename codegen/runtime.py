@@ -38,6 +38,7 @@ from autopar.codegen.runtime_data import (
     make_sampler,
     synthetic_batch,
 )
+from autopar.codegen.runtime_hf import apply_hf_tp, split_hf_stages
 from autopar.codegen.runtime_mem import LiveTensorBytes, peak_memory_bytes, reset_peak_memory
 from autopar.codegen.runtime_mesh import ParallelMesh, build_mesh, init_distributed, shutdown
 from autopar.codegen.runtime_metrics import FlopBasis, MetricsLogger, StepProfiler, parse_step_list
@@ -51,6 +52,7 @@ from autopar.profiles.models.layers import GroupedExperts
 
 __all__ = [
     "LiveTensorBytes", "ParallelMesh", "apply_ac", "apply_cp", "apply_dp", "apply_ep", "apply_pp", "apply_tp",
+    "apply_hf_tp", "split_hf_stages",
     "DataError", "FlopBasis", "MetricsLogger", "RunSpec", "StepProfiler", "TokenSampler", "clip_grad_norm_",
     "buffers_to", "current_lr", "dp_rows", "make_sampler", "make_schedulers", "parse_step_list", "seed_everything",
     "build_mesh", "build_meta_model", "cp_positions", "dp_mode", "even_stages", "get_batch", "init_distributed",

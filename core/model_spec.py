@@ -101,6 +101,10 @@ class ModelSpec(BaseModel):
     # --- a transformers module captured as itself (family=custom) ---
     hf_config: dict[str, Any] | None = Field(
         None, description="config.json of a Hugging Face model built with transformers from_config (family=custom)")
+    hf_parallel: list[Literal["tp", "pp"]] = Field(
+        default_factory=list, description="what the emitted program can split this transformers module by beyond "
+        "dp/zero/recompute: tp (its own tensor-parallel plan), pp (its decoder layer list); set at intake")
+    hf_why_not: dict[str, str] = Field(default_factory=dict, description="knob -> why the module cannot be split so")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":

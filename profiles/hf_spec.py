@@ -3,7 +3,8 @@
 The spec is ``family="custom"`` with ``hf_config`` (the config.json); ``profiles.hf_capture``
 builds it with ``from_config`` on the meta device and traces it. The width, depth, heads and
 vocabulary are read where the config names them (for reports and memory bounds only; the
-captured graph decides the cost). No transformers import here: only a check that it exists.
+captured graph decides the cost); which of tp / pp the emitted program can apply, and why not,
+is decided on a one-layer meta copy of the module (``hf_parallel``, ``hf_why_not``).
 """
 
 from __future__ import annotations
@@ -64,9 +65,25 @@ def hf_spec(cfg: dict, path: Path, name: str, input_shape: list[int] | None, inp
         sample_tokens = (input_shape[-1] // patch) * (input_shape[-2] // patch)
     elif input_shape is None:
         input_shape = [1, min(fields["max_seq_len"], 4096)]
+    fields.update(_split_fields(cfg, text))
     try:
         return ModelSpec(family="custom", name=name, hf_config=cfg, input_shape=input_shape, input_dtype=input_dtype,
                          sample_tokens=sample_tokens, sample_unit=unit, source=f"hf:{path}", **fields)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise InputError(f"model: {path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def _split_fields(cfg: dict, text: dict) -> dict:
+    """What the technique rules read to allow tp / pp for this module (``hf_parallel`` from a
+    one-layer copy built on the meta device, ``profiles.models.hf.parallel_support``) and the
+    widths tp must divide (key/value heads, the MLP width)."""
+    from autopar.profiles.models.hf import parallel_support
+
+    parallel, why = parallel_support(cfg)
+    out: dict = {"hf_parallel": parallel, "hf_why_not": why}
+    if "tp" in parallel:
+        out["kv_heads"] = _first(text, ("num_key_value_heads", "num_kv_heads", "multi_query_group_num")) or \
+            _first(text, _ALIASES["heads"])
+        out["ffn_hidden"] = _first(text, ("intermediate_size", "ffn_dim", "n_inner"))
+    return out

@@ -51,6 +51,12 @@ def custom(spec: ModelSpec | None) -> bool:
     return spec is not None and spec.family == "custom"
 
 
-def custom_refusal(knob: str, value: int) -> str:
+def custom_refusal(knob: str, value: int, spec: ModelSpec | None = None) -> str:
+    """A user module supports dp / zero / recompute=full; a transformers module also what
+    ``spec.hf_parallel`` lists (its own tp plan, its decoder layer list), else ``hf_why_not`` says why."""
+    if spec is not None and spec.hf_config is not None:
+        why = spec.hf_why_not.get(knob, "not emitted for transformers modules")
+        can = ", ".join(["dp", "zero stages", "recompute=full", *spec.hf_parallel])
+        return f"{knob}={value}: {why}; this transformers module supports {can}"
     return (f"{knob}={value} needs the built-in architectures' module names; a custom module supports dp, "
             "zero stages and recompute=full only")

@@ -13,7 +13,7 @@ def chunk_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | N
     if s.cp == 1:
         return []
     if custom(spec):
-        return [custom_refusal("cp", s.cp)]
+        return [custom_refusal("cp", s.cp, spec)]
     if seq_len and seq_len % (2 * s.cp):
         return [f"cp={s.cp}: seq_len={seq_len} must be divisible by 2*cp = {2 * s.cp} (load-balanced context "
                 "parallel chunks)"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
-from autopar.techniques.base import Technique
+from autopar.techniques.base import Technique, custom, custom_refusal
 
 
 def fold_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
@@ -23,6 +23,8 @@ def fold_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | No
 def model_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
     if spec is None:
         return []
+    if custom(spec) and s.ep * s.etp > 1:  # a transformers MoE keeps its experts replicated
+        return [custom_refusal("ep" if s.ep > 1 else "etp", max(s.ep, s.etp), spec)]
     if s.ep > 1 and not spec.is_moe:
         return [f"ep={s.ep} needs a mixture-of-experts model; {spec.name} is dense"]
     out = []

@@ -50,8 +50,8 @@ def rank_stages(rank: int, pp: int, vpp: int, schedule: str) -> list[int]:
 
 
 def depth_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
-    if custom(spec) and s.pp > 1:
-        return [custom_refusal("pp", s.pp)]
+    if custom(spec) and s.pp > 1 and "pp" not in spec.hf_parallel:  # a transformers decoder splits its layers
+        return [custom_refusal("pp", s.pp, spec)]
     if spec is not None and spec.layers and s.pp * s.vpp > spec.layers:
         return [f"pp*vpp = {s.pp}*{s.vpp} = {s.pp * s.vpp} stages exceed the model's {spec.layers} layers"]
     return []

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
-from autopar.techniques.base import Technique, builtin, custom, custom_refusal
+from autopar.techniques.base import Technique, custom, custom_refusal
 
 SP_VALUES = (False, True)
 
 
 def width_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
     """tp splits heads, key/value heads (not MLA), the FFN width and the vocabulary."""
-    if custom(spec) and s.tp > 1:
-        return [custom_refusal("tp", s.tp)]
-    if not builtin(spec) or s.tp == 1:
+    if custom(spec) and s.tp > 1 and "tp" not in spec.hf_parallel:  # a transformers module: its own plan
+        return [custom_refusal("tp", s.tp, spec)]
+    if spec is None or s.tp == 1 or (custom(spec) and "tp" not in spec.hf_parallel):
         return []
     out = []
     if spec.heads % s.tp:
@@ -30,6 +30,8 @@ def width_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | N
         out.append(f"tp={s.tp} does not divide ffn_hidden={spec.ffn_hidden}")
     if spec.vocab % s.tp:
         out.append(f"tp={s.tp} does not divide vocab={spec.vocab}; pad the vocabulary to a multiple of tp")
+    if custom(spec):  # the rest concerns the catalog's structures
+        return out
     if spec.block_layout == "post_norm":  # apply_tp's plan places the norms before attention / MLP
         out.append(f"tp={s.tp} with block_layout=post_norm (OLMo-2) is not supported by the emitted tensor "
                    "parallel plan; use tp=1")

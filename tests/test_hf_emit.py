@@ -1,8 +1,10 @@
 """A transformers module trained as itself: ``emit`` of a plan for a tiny transformers Llama and
 a tiny transformers Mixtral (built from config, no hub) writes a program that builds that module
-and applies the plan; on 4 CPU ranks (gloo) its losses match one process training the same
-module within rtol 1e-4 over 3 steps. Strategies the transformers path cannot apply yet
-(tp, pp, cp) are refused at plan time by the same rules the planner reads."""
+and applies the plan - dp, FSDP, tensor + sequence parallel from the model's own
+``base_model_tp_plan``, pipeline stages split from its decoder layer list, dp x tp, pp x tp; on 4
+CPU ranks (gloo) its losses match one process training the same module within rtol 1e-4 over 3
+steps. What the transformers path cannot apply (cp, ep) is refused at plan time by the same rules
+the planner reads."""
 
 from __future__ import annotations
 
@@ -34,17 +36,24 @@ HARNESS = Path(__file__).with_name("codegen_harness.py")
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 CONFIGS = {
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                  num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, vocab_size=256,
                   max_position_embeddings=64),
     "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], hidden_size=32,
-                    intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=48, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
                     num_local_experts=4, num_experts_per_tok=2, vocab_size=256, max_position_embeddings=64),
 }
 CASES = {  # name -> (config, strategy)
     "llama_dp": ("llama", "dp=4"),
     "llama_fsdp_ac": ("llama", "dp=4,zero=3,recompute=full"),
+    "llama_tp_sp": ("llama", "tp=4,sp=1"),
+    "llama_pp": ("llama", "pp=2,dp=2"),
+    "llama_dp_tp": ("llama", "dp=2,tp=2"),
+    "llama_pp_tp_sp_ac": ("llama", "pp=2,tp=2,sp=1,recompute=full"),
     "mixtral_dp": ("mixtral", "dp=4,zero=1"),
     "mixtral_fsdp": ("mixtral", "dp=4,zero=3"),
+    "mixtral_tp_sp": ("mixtral", "tp=4,sp=1"),
+    "mixtral_pp": ("mixtral", "pp=2,dp=2,zero=3"),
+    "mixtral_dp_tp_sp": ("mixtral", "dp=2,tp=2,sp=1"),
 }
 
 # catalog structures (docs/models.md) under dp x tp + sp: llama-tiny with the field overrides
@@ -133,10 +142,11 @@ def test_catalog_structures_under_dp_tp(runs, name):
     np.testing.assert_allclose(got, ref, rtol=1e-4, err_msg=f"{name}: {got} vs single process {ref}")
 
 
-@pytest.mark.parametrize("strategy", ["tp=2,dp=2,sp=1", "pp=2,dp=2", "dp=2,cp=2"])
+@pytest.mark.parametrize("strategy", ["dp=2,cp=2", "dp=2,ep=2"])
 def test_unsupported_parallelism_is_refused_at_plan_time(tmp_path, strategy):
     """The planner's rules (techniques.violations) rule these out for a transformers module."""
-    spec = _spec(tmp_path, "llama")
+    spec = _spec(tmp_path, "mixtral")
     s = Strategy.parse(strategy).resolve(WORLD, GLOBAL_BATCH)
     msgs = techniques.violations(s, spec, WORLD, SEQ_LEN)
-    assert msgs and all("custom module supports dp" in m for m in msgs)
+    assert msgs and all("this transformers module supports dp, zero stages, recompute=full, tp, pp" in m
+                        for m in msgs), msgs
