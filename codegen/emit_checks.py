@@ -92,7 +92,7 @@ def check_plan(plan: Plan, device: str) -> Layout:
 def _stages(plan: Plan) -> list[tuple[int, int]]:
     s, m = plan.strategy, plan.model
     n = s.pp * s.vpp
-    if m.family == "custom" or s.pp == 1:
+    if (m.family == "custom" and m.hf_config is None) or s.pp == 1:  # transformers decoders split their layers
         return [(0, m.layers)] if m.family != "custom" else [(0, 0)]
     if not plan.stages:
         return even_stages(m.layers, n)
@@ -173,7 +173,7 @@ def _check_custom(plan: Plan) -> int:
     s, m = plan.strategy, plan.model
     name = m.factory or f"transformers {(m.hf_config or {}).get('model_type')}"  # hf_config: the module itself
     for deg in ("tp", "pp", "cp", "ep"):
-        if getattr(s, deg) > 1:
+        if getattr(s, deg) > 1 and deg not in m.hf_parallel:  # a transformers module's own tp plan, its layer list
             raise InputError(f"strategy: {deg}={getattr(s, deg)} needs the built-in architectures' module names; "
                              f"custom module '{name}' supports dp, zero stages and recompute=full only")
     if m.input_dtype != "int64":
