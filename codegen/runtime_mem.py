@@ -107,8 +107,11 @@ class LiveTensorBytes(TorchDispatchMode):
     # ----- TorchDispatchMode -------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = _storage_keys(tree_flatten((args, kwargs))[0])
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            # a view of an input allocates nothing: counting it would charge a storage made before
+            # the mode (the memory-mapped token file that runtime_data slices each step) as new
+            if isinstance(t, torch.Tensor) and not (_storage_keys([t]) & inputs):
                 self._add_tensor(t, func)
         return out
 
@@ -145,6 +148,22 @@ class LiveTensorBytes(TorchDispatchMode):
             fh.write(f"peak {self.peak} bytes\n")
             for label, (nbytes, count) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
                 fh.write(f"{nbytes:>12} {count:>5}  {label}\n")
+
+
+def _storage_keys(tensors) -> set[int]:
+    """Storage handles of the plain tensors among ``tensors`` (wrapper subclasses unwrapped)."""
+    keys = set()
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if is_traceable_wrapper_subclass(t):
+            keys |= _storage_keys(getattr(t, name) for name in t.__tensor_flatten__()[0])
+        elif t.device.type != "meta":
+            try:
+                keys.add(t.untyped_storage()._cdata)
+            except (RuntimeError, NotImplementedError):
+                pass
+    return keys
 
 
 def reset_peak_memory(device: torch.device, tracker: LiveTensorBytes | None = None) -> None:
