@@ -144,11 +144,13 @@ def param_class(qualname: str, module: nn.Module) -> str:
     """How a parameter shards: tp | replicated | expert | embedding (vocab-parallel)."""
     path, _, pname = _strip(qualname).rpartition(".")
     leaf = path.rpartition(".")[2]
+    role = getattr(module, "autopar_tp_role", None)  # a transformers module's own tp plan (hf_capture)
     if isinstance(module, GroupedExperts):
         return "expert"
-    if path in VOCAB_PARALLEL:
+    if path in VOCAB_PARALLEL or role in ("embedding", "output"):
         return "embedding"
-    if leaf in COLUMN_LINEARS or (leaf in ROW_LINEARS and pname == "weight"):
+    if leaf in COLUMN_LINEARS or (leaf in ROW_LINEARS and pname == "weight") or role == "colwise" or \
+            (role == "rowwise" and pname == "weight"):
         return "tp"
     return "replicated"
 
@@ -246,7 +248,7 @@ def build(gm, rec, model, spec, seq_len, micro_batch, dtype, container) -> Model
     for n in nodes:
         r = info[n]
         r["tags"], r["out_tags"] = sorted(r["tags"]), sorted(r["out_tags"])
-        for key in ("_ins", "_outs", "_params", "batch"):
+        for key in ("_ins", "_outs", "_params", "batch", "_role"):
             r.pop(key)
         g.add_node(n.name, **r)
         for a in n.all_input_nodes:
@@ -278,7 +280,8 @@ def _analyse(n: fx.Node, gm: fx.GraphModule, rec: Any) -> dict:
     r = dict(kind=kind, target=target, module=n.meta.get("autopar_path", ""), layer=None, section="",
              in_shapes=in_shapes, in_dtypes=in_dtypes, out_shapes=out_shapes, out_dtypes=out_dtypes,
              params=0, param_bytes=0, params_by_class={}, tied_params=0, sub_ops=rec.sub_ops.get(n, []),
-             saved_bytes=0, tags=set(), out_tags=set(), _ins=ins, _outs=outs, _params=params, batch=False)
+             saved_bytes=0, tags=set(), out_tags=set(), _ins=ins, _outs=outs, _params=params, batch=False,
+             _role=getattr(gm.get_submodule(n.target), "autopar_tp_role", None) if n.op == "call_module" else None)
     if free or n.op in ("placeholder", "get_attr"):
         r.update(fwd_flops=0, bwd_flops=0, bytes_read=0, bytes_written=0, gemm=None, gemm_batch=1)
     else:
@@ -341,9 +344,10 @@ def _tag(nodes, info, seq_len: int) -> None:
             r["tags"], r["out_tags"] = {"expert"}, {"replicated"}
         elif r["kind"] == "moe_router":
             r["tags"], r["out_tags"] = {"router", "replicated"}, {"router", "replicated"}
-        elif r["kind"] == "linear" and n.op == "call_module" and leaf in ROW_LINEARS:
+        elif r["kind"] == "linear" and n.op == "call_module" and (leaf in ROW_LINEARS or r["_role"] == "rowwise"):
             r["tags"], r["out_tags"] = {"tp", "row_parallel"}, {"replicated"}
-        elif r["kind"] == "linear" and n.op == "call_module" and (leaf in COLUMN_LINEARS or r["module"] == "output"):
+        elif r["kind"] == "linear" and n.op == "call_module" and (leaf in COLUMN_LINEARS or r["module"] == "output"
+                                                                  or r["_role"] in ("colwise", "output")):
             r["tags"], r["out_tags"] = {"tp", "column_parallel"}, {"tp"}
         elif in_tp and r["kind"] not in ("input", "attr"):
             r["tags"], r["out_tags"] = {"tp"}, {"tp"}
@@ -351,7 +355,7 @@ def _tag(nodes, info, seq_len: int) -> None:
             r["tags"], r["out_tags"] = {"replicated"}, {"replicated"}
         if n.op == "placeholder":
             r["out_tags"].add("input")
-        if r["module"] in VOCAB_PARALLEL:
+        if r["module"] in VOCAB_PARALLEL or r["_role"] in ("embedding", "output"):
             r["tags"].add("vocab")
         if not r["batch"]:
             r["tags"].add("const")

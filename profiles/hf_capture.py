@@ -11,6 +11,8 @@ shape-dependent Python in transformers' code runs concretely), with three adjust
   ``down_proj`` or ``w1``/``w2``/``w3``) loop over the experts a batch hits, which is data
   dependent: they become leaves priced under uniform top-k routing (as the catalog's
   ``GroupedExperts``);
+- the linears of the module's tensor-parallel plan carry their role (``mark_tp_roles``), so tp is
+  priced as ``codegen.runtime_hf`` applies it;
 - the loss is cross-entropy on fp32 logits when the model returns token logits, else the mean
   of its first output (a stand-in objective whose cost is one reduction).
 
@@ -29,7 +31,7 @@ from torch import nn
 
 from autopar.core.model_spec import ModelSpec
 from autopar.errors import InputError
-from autopar.profiles.models.hf import build_hf_model, hf_config, model_class  # noqa: F401  (re-exported)
+from autopar.profiles.models.hf import build_hf_model, decoder, hf_config, model_class, tp_plan  # noqa: F401
 from autopar.profiles.models.hf import no_packing_probe as _tracing_patches
 
 _INPUT_DTYPES = {"int64": torch.int64, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -102,6 +104,8 @@ def trace_hf(spec: ModelSpec, model: nn.Module, inputs: dict[str, Any], tracer_c
     """Trace ``WithLoss(model)`` with a subclass of ``tracer_cls`` (graph's tracer); a failure
     names the innermost module being run and the construct. Returns (tracer, graph, root)."""
     cfg = model.config
+    if "tp" in spec.hf_parallel:
+        mark_tp_roles(model)
     root = WithLoss(model, bool(getattr(cfg, "is_encoder_decoder", False)),
                     getattr(model, "main_input_name", "input_ids"))
     tracer = _hf_tracer(tracer_cls)(inputs)
@@ -115,6 +119,20 @@ def trace_hf(spec: ModelSpec, model: nn.Module, inputs: dict[str, Any], tracer_c
         raise InputError(f"model: cannot capture {cfg.model_type} ({type(model).__name__}) at {where}: "
                          f"{type(exc).__name__}: {_first_line(exc)}") from None
     return tracer, graph, root
+
+
+def mark_tp_roles(model: nn.Module) -> None:
+    """Tag the linears of the module's tensor-parallel plan (``autopar_tp_role``: colwise / rowwise,
+    the vocab-parallel embedding and output head) so the captured graph prices tp as the emitted
+    program applies it (``profiles.graph_ops.param_class`` and its sharding tags)."""
+    plan, why = tp_plan(model)
+    if why:
+        return
+    for path, style in plan.items():
+        model.get_submodule(path).autopar_tp_role = style
+    if getattr(decoder(model), "embed_tokens", None) is not None:
+        decoder(model).embed_tokens.autopar_tp_role = "embedding"
+    model.lm_head.autopar_tp_role = "output"
 
 
 def _hf_tracer(base: type) -> type:
