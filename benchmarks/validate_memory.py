@@ -13,29 +13,36 @@ Error = predicted / published - 1 (negative: under-predicted).
 published / live-peak - 1 over that profile's rows), the number ``allocator_reserve_fraction`` in
 ``profiles/hardware/<gpu>.yaml`` is set from; the rows of other profiles (h200) check it.
 
-Row mapping beyond ``published_rows.case_for`` (torchtitan's configuration, each stated once here):
-- "per-op SAC" / "selective op" recompute is torchtitan's per-op policy: ``recompute=op``;
-- "H100 (96GB HBM2e, 500 W cap ...)" is the ``h100-96g`` profile;
-- torchtitan's tensor parallel always shards norms and the residual stream over the sequence
-  (``SequenceParallel``) and computes the loss on vocabulary-sharded logits (``loss_parallel``):
-  ``sp=1`` and ``PricingContext.loss_parallel``;
+Row mapping: ``published_rows.case_for`` (torchtitan rows run as ``--runtime torchtitan``, whose
+pipeline memory is ``cost_models/runtime_memory.py``; per-op SAC is ``recompute=op``; the 96 GB
+H100 is ``h100-96g``; ``sp=1`` under its TP), plus, each stated once here:
+- torchtitan computes the loss on vocabulary-sharded logits under TP (``loss_parallel``):
+  ``PricingContext.loss_parallel``;
 - "torch.compile" rows: torchtitan at the Dec 2024 benchmark commit (9dec370) compiles each
   transformer block (``compile="model"``); from 2025 it compiles the loss too
   (``compile.components`` = model, loss: ``compile="model+loss"``), as the June 2025 H200 run did;
 - a row without a global batch (memory does not depend on it) runs one micro-batch per rank;
-- with a pipeline, torchtitan (Dec 2024) splits the local batch into ``pp`` micro-batches
-  (``pipeline_parallel_microbatches`` defaults to the pp degree): the row's batch of 32 is
-  ``mbs = 32 / pp``.
+- with a pipeline, torchtitan at the Dec 2024 commit splits the local batch into
+  ``pipeline_parallel_microbatches`` micro-batches, which default to the number of pipeline stages
+  (``build_pipeline_schedule``: ``pp`` x stages per rank; 2 per rank for an interleaved schedule
+  without split points, ``generate_split_points``): the 405B rows' local batch of 32 is ``mbs=4``
+  under 1F1B and ``mbs=2`` interleaved. (``published_rows`` maps them to ``mbs=1``, the
+  ``pipeline_parallel_microbatch_size`` default of 2025 torchtitan; under it the interleaved run
+  would hold more in flight than the 1F1B one, 23 chunks of 8 layers against 8 micro-batches of
+  16, while it published 9.8 GiB less.)
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
+from autopar.core.strategy import Strategy
 from autopar.errors import AutoparError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,12 +52,17 @@ GiB = 1024**3
 
 
 def memory_case(run: dict) -> Case:
-    """``case_for``, which holds the torchtitan mapping of the module docstring (h100-96g, per-op SAC,
-    sp, pipeline micro-batches), plus one micro-batch per rank where the row has no global batch."""
+    """``case_for`` plus the mapping of the module docstring (no global batch; pipeline micro-batches)."""
     par = run["parallel"]
     if par.get("global_batch") is None and isinstance(par.get("dp"), int):
         run = {**run, "parallel": {**par, "global_batch": (par.get("microbatch") or 1) * par["dp"]}}
-    return case_for(run)
+    case = case_for(run)
+    s = Strategy.parse(case.strategy)
+    if case.stack == "torchtitan" and s.pp > 1 and "2024" in str(run["source"].get("title") or ""):
+        local = int(par.get("microbatch") or 1)  # the row's batch is torchtitan's local batch
+        mbs = max(1, local // (s.pp * max(s.vpp, 1)))
+        case = replace(case, strategy=re.sub(r"mbs=\d+", f"mbs={mbs}", case.strategy))
+    return case
 
 
 def compile_mode(run: dict) -> str:
@@ -80,8 +92,7 @@ def price_memory(run: dict, workdir: Path) -> dict:
 
 def fit(results: list[dict]) -> dict[str, float]:
     """Per GPU profile: the mean of published / live-peak - 1 over its rows without a pipeline
-    (torchtitan's pipeline memory - FSDP without resharding, unsharded gradients accumulated over
-    micro-batches, its stage buffers - is not modelled; those rows would bias the constant)."""
+    (the constant was fitted on those; the pipeline rows, priced by ``runtime_memory``, check it)."""
     by_gpu: dict[str, list[float]] = {}
     for r in results:
         if " pp1 " in f" {r['strategy']} ":

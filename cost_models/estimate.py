@@ -38,6 +38,7 @@ from autopar.cost_models.memory import bytes_per_param, model_state_bytes
 from autopar.cost_models.moe_load import LoadFn
 from autopar.cost_models.overlap import contention_time, exposed_behind, inter_node_factor, rate_capped, zero3_edges
 from autopar.cost_models.pipeline import in_flight_microbatches, step_time, weight_grad_fraction
+from autopar.cost_models.runtime_memory import torchtitan_memory
 from autopar.errors import InputError
 from autopar.techniques import offload
 from autopar.techniques.pipeline import ZERO_BUBBLE, rank_stages
@@ -193,6 +194,8 @@ class CostModel:
             "pipeline_buffers": self._pipeline_buffer_bytes(s, first, last, in_flight),
             "framework_overhead": float(self.gpu.framework_overhead_bytes),
         }
+        if self.ctx.runtime == "torchtitan":  # its pipeline keeps stages gathered (runtime_memory.py)
+            mem = torchtitan_memory(self, s, parts, modes, extra, in_flight, first, last, mem)
         return RankMemory(mem, host)
 
     def expert_shard_group(self, s: Strategy) -> int:

@@ -100,8 +100,9 @@ def test_torchtitan_rows_map_to_what_torchtitan_runs():
     tp = vm.memory_case(runs["torchtitan_h100_t4_Llama-3.1-70B_256gpu_11"])
     assert "sp=1" in tp.strategy and tp.runtime == "torchtitan"
     pp = vm.memory_case(runs["torchtitan_h100_t5_Llama-3.1-405B_512gpu_12"])
-    # torchtitan's pipeline micro-batch size defaults to 1 (pipeline_parallel_microbatch_size): the
-    # local batch of 32 runs as 32 micro-batches (benchmarks/published_rows.py)
-    assert "mbs=1" in pp.strategy
+    # torchtitan (Dec 2024) splits the local batch of 32 into as many micro-batches as pipeline
+    # stages (validate_memory's docstring): 8 under 1F1B, 16 interleaved (2 stages per rank)
+    assert "mbs=4" in pp.strategy and pp.runtime == "torchtitan"
+    assert "mbs=2" in vm.memory_case(runs["torchtitan_h100_t5_Llama-3.1-405B_512gpu_13"]).strategy
     full = vm.memory_case(runs["torchtitan_h100_t2_Llama-3.1-8B_8gpu_3"])  # no global batch published
     assert "recompute=full" in full.strategy

@@ -1,0 +1,131 @@
+"""Per-GPU memory of the programs a runtime other than autopar's own runs (``--runtime torchtitan``).
+
+``CostModel.rank_memory`` prices autopar's emitted programs; with ``PricingContext.runtime ==
+"torchtitan"`` it hands its per-rank components to ``torchtitan_memory``, which re-prices what
+torchtitan does differently. Outside a pipeline torchtitan runs what autopar emits (FSDP2 blocks
+resharded after forward, per-op SAC, DTensor TP + SP, ``loss_parallel``): nothing changes. Under a
+pipeline (torchtitan at the Dec 2024 benchmark commit 9dec370 on torch 2.6, read in torchtitan's
+``parallelize_llama.apply_fsdp`` / ``pipeline_llama`` and torch's ``distributed.pipelining``):
+
+- ``apply_fsdp(pp_enabled=True)`` sets ``reshard_after_forward=False`` on every block and the root
+  ("do not reshard after forward to avoid per-microbatch all-gathers"), and the pipeline stage runs
+  every backward but the last micro-batch's with ``set_reshard_after_backward(False)``: the stage's
+  parameters stay gathered in ``param_dtype`` (bf16) for the whole step (``gathered_param_bytes``);
+- the same stage call (``PipelineStage.backward_maybe_with_nosync``) turns gradient sync off but on
+  the last micro-batch, and FSDP2 keeps the unsharded gradients in ``reduce_dtype`` (torchtitan:
+  fp32) meanwhile (``FSDPParam.to_accumulated_grad_if_needed``): ``nosync_grad_bytes``; they exist
+  from a rank's first backward on, beside the activations still in flight
+  (``activations_beside_grads``); the sharded gradients are ``None`` until the last reduce-scatter
+  (``zero_grad(set_to_none=True)`` each step);
+- stage-to-stage tensors are the local block outputs, split along the sequence under SP
+  (torchtitan's TP plan: ``RowwiseParallel(output_layouts=Shard(1))``): ``boundary_bytes``; every
+  stage allocates one receive buffer per micro-batch for activations and one for gradients
+  (``_prepare_forward_infra`` / ``_prepare_backward_infra``: ``recv_buffer_bytes``) and keeps each
+  in-flight micro-batch's output in ``fwd_cache`` until its backward;
+- the last stage appends every micro-batch's output to ``output_chunks`` (merged at the end of
+  ``step``): the logits, vocabulary-sharded under ``loss_parallel``, for all but the current
+  micro-batch on top of its loss phase (``retained_logits_bytes``). They are 16-bit as in
+  torchtitan 0.1.0's source (``Transformer.forward`` returns ``self.output(h)``, the loss function
+  upcasts); a 2024 model that returned ``self.output(h).float()`` would retain twice that (not
+  verified for 9dec370);
+- the ZeRO-3 prefetch buffers of ``_comm_buffer_bytes`` do not exist (everything is gathered) and
+  a layer's recompute workspace adds only its excess over the loss phase.
+
+Not modelled: FSDP float8 all-gather (``enable_fsdp_float8_all_gather``, fp8 gathered linears).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from autopar.core.strategy import Strategy
+from autopar.cost_models.memory import model_state_bytes
+
+if TYPE_CHECKING:  # estimate.py imports this module
+    from autopar.cost_models.estimate import CostModel
+    from autopar.cost_models.layer_cost import LayerCost
+
+FP32_BYTES = 4  # torchtitan's mixed_precision_reduce default
+
+
+def gathered_param_bytes(stage_params: float, param_bytes: int) -> float:
+    """Parameters FSDP2 holds gathered for the whole step under torchtitan's pipeline
+    (``apply_fsdp``: ``reshard_after_forward = False`` if ``pp_enabled``): every parameter of the
+    rank's stages (already divided by tp) in ``param_dtype``."""
+    return stage_params * param_bytes
+
+
+def nosync_grad_bytes(stage_params: float, block_params: float, grad_bytes: int) -> float:
+    """Unsharded gradients accumulated across micro-batches without sync: fp32 (``reduce_dtype``)
+    copies of every stage parameter (torch ``FSDPParam.to_accumulated_grad_if_needed`` /
+    ``accumulate_unsharded_grad_if_needed``) plus one block's 16-bit gradients before they are added."""
+    return stage_params * FP32_BYTES + block_params * grad_bytes
+
+
+def activations_beside_grads(per_microbatch: float, in_flight: float, microbatches: int, grads: float) -> float:
+    """The activation bytes to add to the accumulated gradients ``grads`` for the rank's peak. In
+    the 1F1B steady state ``in_flight`` micro-batches are live with the gradients; a rank whose
+    warm-up runs every micro-batch forward (``in_flight >= m``) peaks either at the end of its
+    warm-up (every micro-batch, no gradients yet) or after its first backward (one fewer, with
+    the gradients), whichever is larger."""
+    if in_flight < microbatches:
+        return per_microbatch * in_flight
+    return max(per_microbatch * in_flight - grads, per_microbatch * (in_flight - 1))
+
+
+def boundary_bytes(s: Strategy, seq_len: int, hidden: int, dtype_bytes: int) -> float:
+    """One stage-to-stage tensor: the block output ``[mbs, s/cp, h]``, sequence-split over tp under
+    sequence parallelism (torchtitan's TP plan leaves the residual stream ``Shard(1)`` local)."""
+    split = s.tp if s.sequence_parallel else 1
+    return s.micro_batch * seq_len / s.cp / split * hidden * dtype_bytes
+
+
+def recv_buffer_bytes(microbatches: int, links: int, boundary: float) -> float:
+    """torch.distributed.pipelining allocates a receive buffer per micro-batch for every local stage
+    link (activations into a non-first stage, gradients into a non-last one), up front
+    (``_create_act_recv_info`` / ``_create_grad_recv_info`` per chunk)."""
+    return microbatches * links * boundary
+
+
+def retained_logits_bytes(s: Strategy, seq_len: int, vocab: int, vocab_split: int, logit_bytes: int) -> float:
+    """The last stage's ``output_chunks`` (torch ``PipelineStage.forward_one_chunk``): the logits of
+    every micro-batch but the current one (whose loss phase ``layer_cost`` prices),
+    ``[mbs, s/cp, V/split]`` each."""
+    per_microbatch = s.micro_batch * seq_len / s.cp * vocab / vocab_split * logit_bytes
+    return (s.num_micro_batches - 1) * per_microbatch
+
+
+def torchtitan_memory(cm: CostModel, s: Strategy, parts: list[LayerCost], modes: list[str],
+                      extra: list[LayerCost], in_flight: float, first: bool, last: bool,
+                      mem: dict[str, float]) -> dict[str, float]:
+    """``mem`` (``CostModel.rank_memory``'s components) as torchtitan runs the strategy (module
+    docstring); unchanged without a pipeline or without FSDP (ZeRO-3)."""
+    if s.pp == 1 or s.zero_stage < 3 or not parts:
+        return mem
+    pbytes = cm.ctx.dtype_bytes
+    dense = sum(c.params_dense for c in parts + extra)
+    expert = sum(c.params_expert for c in parts)
+    block = max(c.params_dense + c.params_expert for c in parts)
+    grads = nosync_grad_bytes(dense + expert, block, pbytes)
+    boundary = boundary_bytes(s, cm.seq_len, cm.spec.hidden or 1, pbytes)
+    m = s.num_micro_batches
+    acts = sum(c.act_bytes[mo] for c, mo in zip(parts, modes))
+    # the loss's saved tensors: one micro-batch (the last stage runs each loss's backward next)
+    loss_acts = sum(c.act_bytes["none"] for c in extra)
+    work = max(c.work_bytes[mo] for c, mo in zip(parts, modes))
+    outputs = in_flight * s.vpp * boundary  # each in-flight chunk's stage output, in fwd_cache
+    if last:
+        split = s.tp if cm.ctx.loss_parallel and s.tp > 1 else 1
+        outputs += retained_logits_bytes(s, cm.seq_len, cm.spec.vocab, split, pbytes)
+    # the ZeRO-3 gradient shards are None during the step (zero_grad(set_to_none=True)) until the
+    # last micro-batch's reduce-scatter: the unsharded fp32 accumulators stand in their place
+    # (torchtitan shards expert weights over its expert-data-parallel mesh when ep > 1)
+    shards = (model_state_bytes(dense, cm.dtype, 3, s.dp * s.cp).grads
+              + model_state_bytes(expert, cm.dtype, 3, s.edp if s.ep > 1 else s.dp * s.cp).grads)
+    return {**mem,
+            "parameters": mem["parameters"] + gathered_param_bytes(dense + expert, pbytes),
+            "gradients": mem["gradients"] - shards + grads,
+            "activations": activations_beside_grads(acts, in_flight, m, grads) + loss_acts,
+            "recompute_workspace": max(0.0, work - mem["logits_and_temporaries"]),
+            "comm_buffers": 0.0,
+            "pipeline_buffers": recv_buffer_bytes(m, 2 * s.vpp - first - last, boundary) + outputs}

@@ -1,0 +1,72 @@
+"""``--runtime torchtitan`` memory (``cost_models/runtime_memory.py``): torchtitan's pipeline keeps
+every stage parameter gathered and fp32 unsharded gradients across micro-batches, its stage-to-stage
+tensors are sequence-split under SP, its last stage retains every micro-batch's logits; without a
+pipeline it runs what autopar prices for its own programs."""
+
+from __future__ import annotations
+
+import pytest
+
+from autopar.core.strategy import Strategy
+from autopar.cost_models import runtime_memory as rm
+from autopar.cost_models.session import Inputs, build_cost_model
+
+SEQ = 64
+
+
+def _cm(runtime: str, loss_parallel: bool = False):
+    cm, _spec, _cluster, _ = build_cost_model(Inputs(model="llama-tiny", gpu="h100-96g", nodes=1, gpus_per_node=8,
+                                                     seq_len=SEQ, dtype="bf16", runtime=runtime))
+    cm.ctx.loss_parallel = loss_parallel
+    return cm
+
+
+def _ranks(cm, text: str):
+    return cm.estimate(Strategy.parse(text).resolve(8)).ranks
+
+
+def test_pure_formulas():
+    s = Strategy.parse("tp=2,pp=2,dp=2,mbs=2,gbs=16,zero=3,sp=1").resolve(8)
+    assert rm.gathered_param_bytes(1e6, 2) == 2e6
+    assert rm.nosync_grad_bytes(1e6, 1e5, 2) == 4e6 + 2e5
+    assert rm.boundary_bytes(s, 64, 32, 2) == 2 * 64 / 2 * 32 * 2
+    assert rm.recv_buffer_bytes(4, 3, 10.0) == 120.0
+    assert rm.retained_logits_bytes(s, 64, 100, 2, 2) == (s.num_micro_batches - 1) * 2 * 64 * 50 * 2
+    # a rank that warms up every micro-batch: the larger of (all, no grads) and (one fewer, with grads)
+    assert rm.activations_beside_grads(10.0, 4, 4, grads=100.0) == 30.0
+    assert rm.activations_beside_grads(10.0, 4, 4, grads=5.0) == 35.0
+    assert rm.activations_beside_grads(10.0, 4, 8, grads=100.0) == 40.0
+
+
+def test_no_pipeline_prices_as_autopars_own_program():
+    text = "tp=2,dp=4,mbs=2,gbs=16,zero=3,sp=1,recompute=op"
+    assert _ranks(_cm("torchtitan"), text)[0].memory == _ranks(_cm("torch"), text)[0].memory
+
+
+def test_pipeline_keeps_stage_gathered_with_fp32_unsharded_grads():
+    text = "pp=2,dp=4,mbs=1,gbs=32,zero=3,recompute=full"
+    torch_r = _ranks(_cm("torch"), text)
+    titan_r = _ranks(_cm("torchtitan"), text)
+    cm = _cm("torchtitan")
+    s = Strategy.parse(text).resolve(8)
+    costs = cm.layer_costs(s)
+    stage0 = sum(costs[i].params_dense for i in titan_r[0].layers) + costs["embedding"].params_dense
+    block = max(costs[i].params_dense for i in titan_r[0].layers)
+    t, o = titan_r[0].memory, torch_r[0].memory
+    assert t["parameters"] - o["parameters"] == pytest.approx(stage0 * 2)
+    assert t["gradients"] - (o["gradients"] - stage0 * 2 / 4) == pytest.approx(stage0 * 4 + block * 2)
+    assert t["comm_buffers"] == 0.0
+    boundary = SEQ * cm.spec.hidden * 2
+    m = s.num_micro_batches
+    assert t["pipeline_buffers"] == pytest.approx(m * 1 * boundary + titan_r[0].in_flight * boundary)
+
+
+def test_sequence_parallel_splits_the_stage_boundary_and_last_stage_retains_logits():
+    text = "tp=2,pp=2,dp=2,mbs=1,gbs=32,zero=3,sp=1,recompute=full"
+    cm = _cm("torchtitan", loss_parallel=True)
+    s = Strategy.parse(text).resolve(8)
+    last = _ranks(cm, text)[1]
+    boundary = SEQ / 2 * cm.spec.hidden * 2
+    logits = (s.num_micro_batches - 1) * SEQ * cm.spec.vocab / 2 * 2
+    assert last.memory["pipeline_buffers"] == pytest.approx(s.num_micro_batches * boundary + last.in_flight * boundary
+                                                            + logits)
