@@ -41,11 +41,14 @@ GRIDS = {
     "inter_node_decay": [0.0, 0.05, 0.1, 0.2, 0.3],
     "step_overhead_s": [0.0, 0.05, 0.1, 0.2, 0.4],
     "zero3_gather_gbps": [0.0, 15.0, 20.0, 25.0, 30.0, 40.0, 60.0],
+    "expert_grouped_gemm": [False, True],
+    "ep_overlap": [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9],
 }
 # DeepSpeed has two published rows: its ZeRO-3 prefetch overlap and gather rate; the rest stays neutral
 DEEPSPEED_FIELDS = ("zero3_overlap", "zero3_gather_gbps")
 SWEEPS = 2
-LAYER_FIELDS = ("matmul_scale", "fp8_matmul_scale", "attention_scale", "tp_overlap", "moe_imbalance")
+LAYER_FIELDS = ("matmul_scale", "fp8_matmul_scale", "attention_scale", "tp_overlap", "moe_imbalance",
+                "expert_grouped_gemm", "ep_overlap")
 
 
 @dataclass
@@ -149,6 +152,9 @@ def fields_for(rows: list[Built], runtime: str) -> list[str]:
         out.append("fp8_matmul_scale")
     if any(b.cm.spec.is_moe for b in rows):
         out.append("moe_imbalance")
+        if runtime != "torch":  # autopar's own programs loop over experts and do not overlap the all-to-alls
+            out.append("expert_grouped_gemm")
+            out += ["ep_overlap"] if any(s.ep > 1 for s in strategies) else []
     if runtime != "torch" and any(s.tp > 1 for s in strategies):
         out.append("tp_overlap")  # async TP / --tp-comm-overlap; autopar's own torch programs run none
     if any(s.zero_stage >= 3 for s in strategies):

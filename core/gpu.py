@@ -76,6 +76,12 @@ class StackConstants(BaseModel):
                                                                  "(routing imbalance the step waits for)")
     tp_overlap: float = Field(0.0, ge=0, le=1, description="share of tensor-parallel collectives hidden behind "
                                                               "GEMMs (Megatron-Core --tp-comm-overlap, async TP)")
+    expert_grouped_gemm: bool = Field(False, description="the local experts of an MoE layer run as one grouped "
+                                                         "GEMM (Megatron-Core --moe-grouped-gemm), not a per-expert "
+                                                         "loop (autopar's torch programs); cost_models/moe_cost.py")
+    ep_overlap: float = Field(0.0, ge=0, le=1, description="share of the MoE dispatch / combine all-to-alls hidden "
+                                                              "behind another micro-batch's compute (Megatron-Core "
+                                                              "--overlap-moe-expert-parallel-comm, DeepSeek DualPipe)")
     zero3_gather_gbps: float = Field(0.0, ge=0, description="effective per-GPU GB/s of the stack's ZeRO-3 "
                                                                "parameter gathers and gradient reduce-scatters "
                                                                "across nodes, where below the NCCL ring model "

@@ -89,6 +89,24 @@ class OpTimer:
         bwd = t * bwd_ratio + calls * self.membound(cast_b) / self.contention
         return fwd * self.contention, bwd * self.contention
 
+    def grouped_gemm_fb(self, m: float, n: float, k: float, calls: float, bwd_ratio: float) -> tuple[float, float]:
+        """(forward, backward) of ``calls`` [m,k] x [k,n] GEMMs run as one grouped kernel (MoE experts,
+        ``moe_cost.grouped_expert_time``): one efficiency read at the group's FLOPs, every expert's
+        operands in the memory term, the fp8 casts as one pass over all of them."""
+        flops = 2.0 * m * n * k * calls
+        if flops <= 0:
+            return 0.0, 0.0
+        self.hits[self.source] += 1
+        eff = stack_matmul_eff(self.gpu.eff("matmul_eff", flops), self.stack, self.dtype)
+        byts = self._dsize() * (m * k + k * n + m * n) * calls
+        t = roofline_time(flops, byts, self.gemm_peak, eff, self.bw, self.gpu.eff("membound_eff", byts))
+        if self.dtype != "fp8":
+            return t * self.contention, t * self.contention * bwd_ratio
+        cast_f, cast_b = fp8_cast_bytes(m, n, k)
+        fwd = t + self.membound(cast_f * calls) / self.contention
+        bwd = t * bwd_ratio + self.membound(cast_b * calls) / self.contention
+        return fwd * self.contention, bwd * self.contention
+
     def attention(self, flops: float, bytes_rw: float) -> float:
         """Fused attention kernel time (FlashAttention-style), one call of ``flops``."""
         if flops <= 0:

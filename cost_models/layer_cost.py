@@ -27,6 +27,7 @@ from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, cpu_contention
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
+from autopar.cost_models.moe_cost import ep_exposed, grouped_expert_time, ring_exposed
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
 
@@ -129,7 +130,7 @@ def _experts_replicated(s: Strategy) -> bool:
 def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> LayerCost:
     sh = shards_for(s)
     before = dict(ctx.timer.hits)
-    fwd = bwd = attn_fwd = op_rerun = 0.0
+    fwd = bwd = attn_fwd = kernel_fwd = op_rerun = 0.0
     flops = 0.0
     for op in layer.ops:
         f, b = _op_time(op, s, sh, ctx)
@@ -138,9 +139,11 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         flops += op.fwd_flops * sh.tokens / sh.of(op.shard)
         if op.attn_core:
             attn_fwd += f
+        if op.attn_core or op.kind == "attention":  # the kernels a context-parallel ring step hides behind
+            kernel_fwd += f
         if not op.op_kept:  # per-op checkpointing re-runs it in backward
             op_rerun += f * load
-    comm = _layer_comm(layer, s, ctx, attn_fwd)
+    comm = _layer_comm(layer, s, ctx, kernel_fwd, fwd + bwd)
     host = _dtensor_overhead(layer, s, ctx) + len(layer.ops) * ctx.timer.gpu.op_overhead_s * ctx.timer.contention
     fwd, bwd = fwd + host / 3, bwd + 2 * host / 3  # backward dispatches about twice the forward's ops
     rerun = sum(not o.op_kept for o in layer.ops) / max(len(layer.ops), 1)
@@ -175,6 +178,8 @@ def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext) -> tuple[
             calls = calls * s.micro_batch / (sh.of(op.shard) if op.tp_dim == "calls" else 1)
         hit = t.exact(op.sig) if (m, n, k) == op.gemm and calls == op.calls else None
         ratio = op.bwd_flops / op.fwd_flops if op.fwd_flops else 2.0
+        if hit is None and op.shard == "expert" and t.stack.expert_grouped_gemm and calls > 1:
+            return _grouped_experts(t, m, n, k, calls, ratio)
         return hit or t.gemm_fb(m, n, k, calls, ratio)
     scale = sh.tokens / sh.of(op.shard)
     hit = t.exact(op.sig) if scale == 1 else None
@@ -185,6 +190,14 @@ def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext) -> tuple[
         return f, f * (op.bwd_flops / op.fwd_flops if op.fwd_flops else 2.5)
     f = t.membound(op.bytes_rw * scale, op.fwd_flops * scale)
     return f, 2.0 * f  # backward of an elementwise op reads the output grad and the saved input
+
+
+def _grouped_experts(t: OpTimer, m: float, n: float, k: float, calls: float, ratio: float) -> tuple[float, float]:
+    """(forward, backward) of one layer's local expert GEMMs as one grouped GEMM
+    (``moe_cost.grouped_expert_time``; the stack runs ``--moe-grouped-gemm``)."""
+    one_f, one_b = t.gemm_fb(m, n, k, 1.0, ratio)
+    all_f, all_b = t.grouped_gemm_fb(m, n, k, calls, ratio)
+    return grouped_expert_time(one_f, calls, all_f, m), grouped_expert_time(one_b, calls, all_b, m)
 
 
 def _local_gemm(op: OpTerm, s: Strategy, sh: Shards) -> tuple[float, float, float]:
@@ -237,8 +250,11 @@ def _dtensor_overhead(layer: LayerTemplate, s: Strategy, ctx: PricingContext) ->
     return sum(_tp_modules(layer, s.sequence_parallel)) * per_call * ctx.timer.contention
 
 
-def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd: float) -> dict[str, float]:
-    """Exposed TP / CP / EP time of one layer per micro-batch, forward + backward."""
+def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd: float,
+                compute_s: float = 0.0) -> dict[str, float]:
+    """Exposed TP / CP / EP time of one layer per micro-batch, forward + backward (``attn_fwd``: its
+    attention kernels' forward seconds, the ring's window; ``compute_s``: its compute, the window
+    of the all-to-all overlap)."""
     if layer.kind != "block":
         return {"tp": _vocab_comm(layer, s, ctx) + (shared_core_sync(ctx) if s.tp > 1 else 0.0)}
     act = s.micro_batch * ctx.seq_len / s.cp * ctx.hidden * ctx.dtype_bytes
@@ -259,14 +275,14 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
     if s.cp > 1:
         kv = s.micro_batch * ctx.seq_len / s.cp * ctx.kv_bytes_per_token / s.tp
         step = collective_time("p2p", kv, s.cp, s.tp, ctx.cluster, fits=ctx.fits).time_s
-        per_step_compute = attn_fwd / s.cp
-        out["cp"] = (s.cp - 1) * (max(0.0, step - per_step_compute) + max(0.0, 2 * step - 2.5 * per_step_compute))
+        out["cp"] = ring_exposed(s.cp, step, attn_fwd)
     if layer.is_moe and s.ep > 1:
         routed = act * ctx.topk / s.tp  # tokens are split over tp before dispatch
         a2a = collective_time("all_to_all", routed, s.ep, s.etp, ctx.cluster, fits=ctx.fits).time_s
         if ctx.ep_cross_fraction is not None:  # a routing trace: measured share of tokens leaving the rank
             a2a *= ctx.ep_cross_fraction / ((s.ep - 1) / s.ep)
-        out["ep"] = 4 * a2a * expert_load(ctx) + 5 * sync  # + the token-count exchange (uneven splits)
+        a2a = ep_exposed(4 * a2a * expert_load(ctx), compute_s, ctx.timer.stack.ep_overlap)
+        out["ep"] = a2a + 5 * sync  # + the token-count exchange (uneven splits)
     if layer.is_moe and s.etp > 1:
         routed = act * ctx.topk / s.tp
         out["etp"] = 2 * collective_time("all_reduce", routed, s.etp, 1, ctx.cluster, fits=ctx.fits).time_s

@@ -1,0 +1,65 @@
+"""Mixture-of-experts and context-parallel terms of one layer: pure formulas, each with its source;
+their constants are per GPU type and software stack (``core.gpu.StackConstants``, fitted by
+``benchmarks/calibrate_modern.py``; neutral defaults leave the pricing as it was).
+
+- ``grouped_expert_time``: the local experts of one MoE layer run as one grouped GEMM
+  (Megatron-Core ``--moe-grouped-gemm``: Transformer Engine ``GroupedLinear`` / CUTLASS grouped
+  GEMM; MegaBlocks, Gale et al. 2023, Sec. 5) instead of a loop of per-expert GEMMs (autopar's own
+  ``codegen/runtime_moe.py``). One kernel schedules the tiles of every expert together, so the
+  fixed launch and wave-tail cost is paid once per group (the efficiency curve is read at the
+  group's FLOPs); each expert's rows are still padded to the row tile, so tokens per expert set
+  the padding waste (``tile_fill``).
+- ``ep_exposed``: the token dispatch / combine all-to-alls of one micro-batch run beside the
+  compute of another (Megatron-Core ``--overlap-moe-expert-parallel-comm``, the 1F1B
+  all-to-all overlap; DeepSeek-V3 technical report, Liu et al. 2024, Sec. 3.2.1, DualPipe);
+  a share ``overlap`` can hide, and only as long as the compute window lasts
+  (``overlap.exposed_behind``).
+- ``ring_exposed``: context parallelism as a ring (Liu et al. 2023, Ring Attention; Megatron-Core /
+  Transformer Engine ``AttnFuncWithCPAndKVP2P``): ``cp - 1`` steps each pass a K,V chunk while the
+  attention kernel works on the previous one; backward passes K, V, dK, dV (twice the bytes)
+  beside 2.5x the forward work. Only what outlasts the attention kernel of the step shows.
+"""
+
+from __future__ import annotations
+
+import math
+
+from autopar.cost_models.overlap import exposed_behind
+
+ROW_TILE = 128  # rows of one GEMM output tile (CUTLASS / cuBLAS Hopper grouped GEMM tiles: 128 x 128/256)
+
+
+def tile_fill(rows: float, tile: int = ROW_TILE) -> float:
+    """Share of the computed rows that are real when ``rows`` tokens of one expert are padded to
+    whole row tiles (MegaBlocks, Gale et al. 2023, Sec. 3: per-expert padding of grouped GEMMs)."""
+    if rows <= 0:
+        return 1.0
+    return rows / (math.ceil(rows / tile) * tile)
+
+
+def grouped_expert_time(per_call_s: float, calls: float, group_s: float, rows: float) -> float:
+    """Time of ``calls`` expert GEMMs of one layer on one rank run as one grouped GEMM:
+    ``group_s`` is one GEMM of all their FLOPs (one launch, one tail), slowed by the row-tile
+    padding of each expert's ``rows`` tokens; never slower than the per-expert loop
+    (``calls`` x ``per_call_s``), which a grouped kernel falls back to."""
+    if calls <= 1:
+        return per_call_s * max(calls, 0.0)
+    return min(calls * per_call_s, group_s / tile_fill(rows))
+
+
+def ep_exposed(a2a_s: float, compute_s: float, overlap: float) -> float:
+    """Exposed seconds of a layer's all-to-alls (dispatch + combine, forward + backward) when a
+    share ``overlap`` of them runs beside ``compute_s`` of another micro-batch's work."""
+    return exposed_behind(a2a_s, compute_s, overlap)
+
+
+def ring_exposed(cp: int, step_s: float, attn_fwd_s: float) -> float:
+    """Exposed seconds of one layer's context-parallel ring per micro-batch (forward + backward):
+    each of the ``cp - 1`` steps moves K,V (``step_s``) beside ``attn_fwd_s / cp`` of attention
+    forward, and in backward K,V,dK,dV (``2 step_s``) beside 2.5x that (FlashAttention's backward
+    / forward FLOP ratio)."""
+    if cp <= 1:
+        return 0.0
+    per_step = attn_fwd_s / cp
+    return (cp - 1) * (max(0.0, step_s - per_step) + max(0.0, 2 * step_s - 2.5 * per_step))
+

@@ -1,0 +1,118 @@
+"""MoE and context-parallel terms (cost_models/moe_cost.py): each formula against a hand computation,
+and the stack switches (grouped GEMM, all-to-all overlap) through the layer pricing."""
+
+from __future__ import annotations
+
+import pytest
+
+from autopar.core.gpu import StackConstants
+from autopar.cost_models.compute import OpTimer
+from autopar.cost_models.moe_cost import ep_exposed, grouped_expert_time, ring_exposed, tile_fill
+from autopar.profiles.hw import load_gpu_profile
+
+
+def test_tile_fill_pads_each_expert_to_whole_row_tiles():
+    assert tile_fill(256) == 1.0
+    assert tile_fill(200) == pytest.approx(200 / 256)       # two 128-row tiles, 56 rows of padding
+    assert tile_fill(1) == pytest.approx(1 / 128)
+    assert tile_fill(0) == 1.0
+
+
+def test_grouped_gemm_pays_the_group_once_and_never_exceeds_the_loop():
+    # 16 experts, 10 us each as separate kernels; one grouped kernel of all their FLOPs 120 us
+    assert grouped_expert_time(10e-6, 16, 120e-6, 256) == pytest.approx(120e-6)
+    # padding: 200 rows per expert compute 256: 120 us / (200/256)
+    assert grouped_expert_time(10e-6, 16, 120e-6, 200) == pytest.approx(120e-6 * 256 / 200)
+    # a group slower than the loop (tiny experts, heavy padding): the loop's 160 us
+    assert grouped_expert_time(10e-6, 16, 150e-6, 64) == pytest.approx(160e-6)
+    assert grouped_expert_time(10e-6, 1, 5e-6, 256) == pytest.approx(10e-6)  # one local expert: no group
+
+
+def test_grouped_timer_reads_the_curve_at_the_group_flops():
+    """H100 curve eff(x) = 1/(1/0.75 + 4.95e9/x) (profile comment): 16 GEMMs of 2048x768x2048
+    (6.44 GFLOP each) as one group run at eff(103 GFLOP) instead of eff(6.44 GFLOP)."""
+    gpu = load_gpu_profile("h100-sxm")
+    t = OpTimer(gpu, "bf16")
+    m, n, k, calls = 2048, 768, 2048, 16
+    one = 2.0 * m * n * k
+    loop_f, _ = t.gemm_fb(m, n, k, calls, 2.0)
+    group_f, group_b = t.grouped_gemm_fb(m, n, k, calls, 2.0)
+    assert loop_f == pytest.approx(calls * one / (989.4e12 * gpu.eff("matmul", one)))
+    assert group_f == pytest.approx(calls * one / (989.4e12 * gpu.eff("matmul", calls * one)))
+    assert group_b == pytest.approx(2.0 * group_f)
+    assert group_f < 0.8 * loop_f  # the launch / tail floor paid once, not 16 times
+
+
+def test_ep_overlap_hides_a_share_within_the_compute_window():
+    assert ep_exposed(4.0, 10.0, 0.0) == 4.0                     # neutral: all exposed (as before)
+    assert ep_exposed(4.0, 10.0, 0.75) == pytest.approx(1.0)     # a quarter runs alone
+    assert ep_exposed(4.0, 1.0, 0.75) == pytest.approx(1.0 + 2.0)  # the window holds only 1 s of the 3
+
+
+def test_ring_exposes_only_what_outlasts_the_attention_step():
+    # cp=4, K,V step 1 ms, attention forward 8 ms -> 2 ms per step hides 1 ms forward and the 2 ms backward
+    assert ring_exposed(4, 1e-3, 8e-3) == 0.0
+    # attention 2 ms -> 0.5 ms per step: forward 0.5 ms, backward 2 - 1.25 = 0.75 ms exposed, x 3 steps
+    assert ring_exposed(4, 1e-3, 2e-3) == pytest.approx(3 * (0.5e-3 + 0.75e-3))
+    assert ring_exposed(4, 1e-3, 0.0) == pytest.approx(3 * 3e-3)  # nothing to hide behind
+    assert ring_exposed(1, 1e-3, 0.0) == 0.0
+
+
+def test_new_stack_fields_are_neutral_by_default():
+    st = StackConstants()
+    assert st.expert_grouped_gemm is False and st.ep_overlap == 0.0
+    assert load_gpu_profile("cpu").stack("torch") == st
+
+
+def _moe_layer_cost(stack: StackConstants, strategy: str, seq: int = 4096):
+    """One Qwen3-30B-A3B-like MoE block (128 experts of 768 columns, top-8) priced on H100."""
+    from autopar.core.strategy import Strategy
+    from autopar.cost_models.layer_cost import price_layer
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    cm = _qwen_moe_cost_model(Inputs, build_cost_model, seq)
+    cm.timer.stack = cm.stack = stack
+    s = Strategy.parse(strategy).resolve(16)
+    block = next(t for t in cm.templates if t.is_moe)
+    return price_layer(block, s, cm.ctx)
+
+
+_CACHE: dict = {}
+
+
+def _qwen_moe_cost_model(inputs_cls, build, seq: int):
+    import json
+    import tempfile
+    from pathlib import Path
+
+    if seq not in _CACHE:
+        cfg = dict(model_type="qwen2_moe", hidden_size=2048, num_hidden_layers=2, num_attention_heads=32,
+                   num_key_value_heads=4, head_dim=128, moe_intermediate_size=768, vocab_size=1024,
+                   num_experts=128, num_experts_per_tok=8, max_position_embeddings=seq)
+        path = Path(tempfile.mkdtemp()) / "qwen3_moe_small.json"
+        path.write_text(json.dumps(cfg))
+        _CACHE[seq] = build(inputs_cls(model=str(path), gpu="h100-sxm", nodes=2, gpus_per_node=8, seq_len=seq,
+                                       runtime="megatron"))[0]
+    return _CACHE[seq]
+
+
+def test_grouped_gemm_and_ep_overlap_through_the_layer():
+    base = StackConstants()
+    plain = _moe_layer_cost(base, "tp=1,pp=1,dp=16,ep=16,mbs=1")
+    grouped = _moe_layer_cost(base.model_copy(update={"expert_grouped_gemm": True}), "tp=1,pp=1,dp=16,ep=16,mbs=1")
+    assert grouped.fwd_s < plain.fwd_s and grouped.bwd_s < plain.bwd_s   # 8 local experts, one launch
+    assert grouped.comm_s["ep"] == pytest.approx(plain.comm_s["ep"])
+    hidden = _moe_layer_cost(base.model_copy(update={"ep_overlap": 0.5}), "tp=1,pp=1,dp=16,ep=16,mbs=1")
+    a2a = plain.comm_s["ep"]
+    window = plain.fwd_s + plain.bwd_s
+    assert hidden.comm_s["ep"] == pytest.approx(0.5 * a2a + max(0.0, 0.5 * a2a - window))
+    assert hidden.fwd_s == pytest.approx(plain.fwd_s)
+
+
+def test_cp_ring_hides_behind_the_fused_attention_kernel():
+    """The ring's window is the attention kernel's forward (SDPA / flash), not only the eager
+    attention ops that selective recompute re-runs. At 32k tokens, cp=2 on one node, one ring step
+    moves 16k tokens x 2 KiB of K,V (32 MiB, ~0.1 ms on NVLink) beside half of a 32k-token attention
+    forward (milliseconds), so nothing shows; with the old window (no eager attention ops) all of it did."""
+    cost = _moe_layer_cost(StackConstants(), "tp=1,pp=1,dp=8,cp=2,ep=8,mbs=1", seq=32768)
+    assert cost.comm_s["cp"] == 0.0
