@@ -49,15 +49,27 @@ def apply_ac(model: nn.Module, recompute: dict[int, str]) -> nn.Module:
     layers = block_list(model)
     for pos, (name, block) in enumerate(list(layers.named_children())):
         mode = recompute.get(int(name) if name.isdigit() else pos, "none")  # keys: global layer ids
+        rng = has_dropout(block)  # the recompute must draw the forward's masks; else skip the RNG copies
         if mode == "full":
-            layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
+            layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=rng))
         elif mode == "selective":
-            block.attention = checkpoint_wrapper(block.attention, preserve_rng_state=False,
+            block.attention = checkpoint_wrapper(block.attention, preserve_rng_state=rng,
                                                  context_fn=_selective_context)
         elif mode == "op":  # the whole block, like full, but the policy keeps the listed op outputs
-            layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False,
+            layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=rng,
                                                             context_fn=op_context))
     return model
+
+
+def has_dropout(block: nn.Module) -> bool:
+    """Whether the block draws random numbers in training: an ``nn.Dropout`` with p > 0 or an
+    attention module whose ``dropout`` probability is > 0 (``profiles.models.layers``). Only then
+    does a recompute need the forward's RNG state back (``preserve_rng_state=True``)."""
+    for m in block.modules():
+        p = m.p if isinstance(m, nn.Dropout) else getattr(m, "dropout", 0.0)
+        if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
+            return True
+    return False
 
 
 @functools.cache

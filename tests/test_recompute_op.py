@@ -108,3 +108,29 @@ def test_op_pricing_lies_between_selective_and_full():
     mib = 2**20
     expected = (64 / 4 + (64 + 16 + 64 + 1 + 224) / 4 + 64 + 2 * 64 / 4) * mib
     assert saved_bytes(block, sp, "op") == pytest.approx(expected)
+
+
+def _grads_with_dropout(spec, mode: str) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = build_model(spec, "cpu")
+    model.train()
+    runtime_ac.apply_ac(model, {i: mode for i in range(spec.layers)})
+    tokens = torch.randint(0, spec.vocab, (MBS, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)  # the same dropout masks in every mode's forward
+    logits = model(tokens[:, :-1])
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+    return {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters()}
+
+
+def test_recompute_replays_the_forward_dropout_masks():
+    """A model with dropout: the recompute draws the forward's masks again (preserve_rng_state is
+    on where a block has dropout, off otherwise), so full and op give the gradients of no recompute."""
+    spec = resolve_model("gpt-tiny").model_copy(update={"dropout": 0.2})  # attention, residual dropout
+    assert runtime_ac.has_dropout(next(iter(build_model(spec, "meta").layers.values())))
+    assert not runtime_ac.has_dropout(next(iter(build_model(resolve_model("llama-tiny"), "meta").layers.values())))
+    ref = _grads_with_dropout(spec, "none")
+    for mode in ("full", "op", "selective"):
+        got = _grads_with_dropout(spec, mode)
+        assert got.keys() == ref.keys()
+        for name, g in ref.items():
+            torch.testing.assert_close(got[name], g, msg=f"{mode}: {name}")
