@@ -34,7 +34,13 @@ from autopar.cost_models.compute import OpTimer
 from autopar.cost_models.estimate_types import Estimate, RankMemory, RankReport  # noqa: F401
 from autopar.cost_models.layer_cost import LayerCost, PricingContext, price_layer, shared_core_sync
 from autopar.cost_models.layer_model import LayerTemplate
-from autopar.cost_models.memory import bytes_per_param, model_state_bytes
+from autopar.cost_models.memory import (
+    bytes_per_param,
+    expert_shard_group,
+    model_state_bytes,
+    runs_sharded_adamw,
+    zero1_reduce_bytes,
+)
 from autopar.cost_models.moe_load import LoadFn
 from autopar.cost_models.overlap import contention_time, exposed_behind, inter_node_factor, rate_capped, zero3_edges
 from autopar.cost_models.pipeline import in_flight_microbatches, step_time, weight_grad_fraction
@@ -169,14 +175,14 @@ class CostModel:
             dense += self.output.params_tied / s.tp  # a tied output weight is a second copy on the last stage
         expert = sum(c.params_expert for c in parts)
         ds = model_state_bytes(dense, self.dtype, s.zero_stage, s.dp * s.cp)
-        es = model_state_bytes(expert, self.dtype, s.zero_stage, self.expert_shard_group(s))
+        es = model_state_bytes(expert, self.dtype, s.zero_stage, expert_shard_group(s, self.ctx.runtime))
         host = 0.0
         if s.offload_optimizer:  # as emitted: FSDP2 CPUOffloadPolicy (codegen.runtime_parallel.apply_dp)
             # the parameter shards, their gradients and the AdamW states live on the host, at any
             # zero stage; the device holds gathered parameters only: ZeRO-3 one block at a time
             # (comm_buffers), otherwise (reshard_after_forward=False) all of them from forward to backward
             host = (model_state_bytes(dense, self.dtype, 3, s.dp * s.cp).total
-                    + model_state_bytes(expert, self.dtype, 3, self.expert_shard_group(s)).total)
+                    + model_state_bytes(expert, self.dtype, 3, expert_shard_group(s, self.ctx.runtime)).total)
             gathered = 0.0 if s.zero_stage >= 3 else (dense + expert) * bytes_per_param(self.dtype)[0]
             ds, es = ds.__class__(gathered, 0.0, 0.0), es.__class__(0.0, 0.0, 0.0)
         acts = sum(c.act_bytes[mo] for c, mo in zip(parts, modes)) + sum(c.act_bytes["none"] for c in extra)
@@ -194,20 +200,15 @@ class CostModel:
             "pipeline_buffers": self._pipeline_buffer_bytes(s, first, last, in_flight),
             "framework_overhead": float(self.gpu.framework_overhead_bytes),
         }
+        if runs_sharded_adamw(s, self.dtype, self.ctx.runtime):  # its bucket lives after backward only
+            folded = s.ep * s.etp > 1  # expert weights in their own bucket
+            dense = sum(c.params_dense + (0.0 if folded else c.params_expert) for c in parts + extra)
+            reduce = zero1_reduce_bytes(dense, expert if folded else 0.0, s, self.dtype, bool(self.gpu.cores))
+            live = mem["activations"] + mem["recompute_workspace"] + temps
+            mem["comm_buffers"] = max(0.0, reduce - live)
         if self.ctx.runtime == "torchtitan":  # its pipeline keeps stages gathered (runtime_memory.py)
             mem = torchtitan_memory(self, s, parts, modes, extra, in_flight, first, last, mem)
         return RankMemory(mem, host)
-
-    def expert_shard_group(self, s: Strategy) -> int:
-        """Ranks over which ZeRO shards the expert weights' states (public cost API). With expert
-        parallel (ep*etp > 1) the expert-data-parallel group ``edp`` (MoE Parallel Folding). Without
-        it, autopar's programs keep the routed experts replicated on every tp rank inside the blocks'
-        own data-parallel units (``codegen.runtime_parallel.apply_dp``): sharded over dp*cp like the
-        dense weights, not over the tp ranks that ``edp`` also counts (contract sweep,
-        docs/codegen.md). Other stacks keep edp (Megatron-Core folds experts over dp*cp*tp)."""
-        if s.ep * s.etp > 1 or self.ctx.runtime != "torch":
-            return s.edp
-        return s.dp * s.cp
 
     def _comm_buffer_bytes(self, s: Strategy, parts: list[LayerCost], extra: list[LayerCost],
                            temps: float) -> float:

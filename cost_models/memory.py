@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autopar.core.strategy import Strategy
+
 GiB = 1024**3
 
 
@@ -59,6 +61,44 @@ def model_state_bytes(params: float, dtype: str, zero_stage: int, shard_group: i
         grads=params * g / (n if zero_stage >= 2 else 1),
         optimizer=params * o / (n if zero_stage >= 1 else 1),
     )
+
+
+def expert_shard_group(s: Strategy, runtime: str) -> int:
+    """Ranks over which ZeRO shards the expert weights' states. With expert parallel (ep*etp > 1)
+    the expert-data-parallel group ``edp`` (MoE Parallel Folding). Without it, autopar's programs
+    (runtime torch) keep the routed experts replicated on every tp rank inside the blocks' own
+    data-parallel units (``codegen.runtime_parallel.apply_dp``): sharded over dp*cp like the dense
+    weights, not over the tp ranks ``edp`` also counts (contract sweep, docs/codegen.md). Other
+    stacks keep edp (Megatron-Core folds experts over dp*cp*tp)."""
+    if s.ep * s.etp > 1 or runtime != "torch":
+        return s.edp
+    return s.dp * s.cp
+
+
+def runs_sharded_adamw(s: Strategy, dtype: str, runtime: str) -> bool:
+    """ZeRO-1 as autopar's programs run it beside tensor, expert or pipeline parallel or with 16-bit
+    weights: ``runtime_zero1.ShardedAdamW`` (``codegen.runtime_parallel.dp_mode`` 'zero1'), not DDP."""
+    if runtime != "torch" or s.zero_stage != 1 or s.offload_optimizer:
+        return False
+    return dtype != "fp32" or (s.dp * s.cp > 1 and (s.tp > 1 or s.ep * s.etp > 1 or s.pp > 1))
+
+
+def zero1_reduce_bytes(dense: float, expert: float, s: Strategy, dtype: str, gloo: bool) -> float:
+    """``runtime_zero1.Bucket.reduce`` after backward, beyond parameters, whole gradients and states,
+    for the largest bucket (one per model chunk and group: ``dense`` parameters over dp*cp, ``expert``
+    ones over edp; reduced one after another): its flat copy of the gradients (training dtype),
+    allocated while they live; once they are freed, the flat copy, the reduce-scatter output (1/n),
+    its fp32 copy under 16-bit weights, and with ``gloo`` (CPU ranks) gloo's copy of the whole input
+    (``ProcessGroupGloo`` reduce-scatters a copy: the contract sweep's peak dumps show it)."""
+    gbytes = bytes_per_param(dtype)[1]
+
+    def one(params: float, n: int) -> float:
+        grads = params * gbytes / s.vpp
+        out = grads / n if n > 1 else 0.0
+        upcast = grads / n * 4 / gbytes if gbytes < 4 else 0.0
+        return max(grads, out + upcast + (grads if gloo and n > 1 else 0.0))
+
+    return max(one(dense, s.dp * s.cp), one(expert, s.edp))
 
 
 def korthikanti_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
