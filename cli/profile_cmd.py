@@ -19,6 +19,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from autopar.cli import common as c
 from autopar.cli.app import app
 from autopar.core.gpu import GpuProfile
 from autopar.errors import InputError
@@ -80,7 +81,9 @@ def profile_command(
     name: Optional[str] = typer.Option(None, "--name", help="profile name (default: the --out file stem)"),
     alias: list[str] = typer.Option([], "--alias", help="extra name load_gpu_profile accepts (repeatable)"),
     extend: bool = typer.Option(False, "--extend", help="keep the measured ops already in --out (other models)"),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="example input shape of a factory"),
+    input_shape: Optional[str] = c.InputShape,
+    input_dtype: str = c.InputDtype,
+    hf: bool = c.Hf,
 ):
     """Time every distinct op of MODEL forward and backward on this device and fit its efficiency curves."""
     from autopar.cost_models.session import default_seq_len
@@ -91,8 +94,9 @@ def profile_command(
     dtype = dtype or ("fp32" if device == "cpu" else "bf16")
     name = name or (out.stem if out else ("cpu" if device == "cpu" else "cuda"))
     out = out or Path(f"profile-{name}.json")
-    shape = [int(x) for x in input_shape.split(",")] if input_shape else None
-    spec = resolve_model(model, input_shape=shape)
+    if input_dtype not in c.INPUT_DTYPES:
+        raise InputError(f"--input-dtype={input_dtype} is not one of {', '.join(c.INPUT_DTYPES)}")
+    spec = resolve_model(c.hf_model(model, hf), input_shape=c._shape(input_shape), input_dtype=input_dtype)
     seq = seq_len or default_seq_len(spec)
     console = _console()
     with Progress(console) as log:

@@ -38,7 +38,8 @@ def validate_cmd(model: str = c.Model,
                  out: Path = typer.Option(Path("validate-out"), "--out", help="folder for the runs and reports"),
                  json_out: bool = c.Json,
                  runtime: str = typer.Option("torch", "--runtime", help="torch: validate runs autopar's own "
-                                             "emitted programs, so only their runtime can be compared")):
+                                             "emitted programs, so only their runtime can be compared"),
+                 input_shape: Optional[str] = c.InputShape, input_dtype: str = c.InputDtype, hf: bool = c.Hf):
     """Run strategies for real and compare measured step time and memory with the predictions."""
     from autopar.codegen import validate as v
     from autopar.codegen import validate_report as rep
@@ -48,8 +49,11 @@ def validate_cmd(model: str = c.Model,
         raise InputError(f"--nproc={nproc} must be at least 1")
     if runtime != "torch":
         raise InputError(f"--runtime={runtime}: validate runs autopar's emitted torch programs; use --runtime torch")
+    model = c.hf_model(model, hf)
+    c.precheck(model, None, None, None, None, c._shape(input_shape), input_dtype)
     inp = Inputs(model=model, gpu=gpu or ("cpu" if device == "cpu" else None), nodes=1, gpus_per_node=nproc,
-                 seq_len=seq_len, dtype=dtype, profile=profile)
+                 seq_len=seq_len, dtype=dtype, profile=profile, input_shape=c._shape(input_shape),
+                 input_dtype=input_dtype)
     cm, spec, cl, seq = build_cost_model(inp)
     cfg = v.Config(nproc=nproc, global_batch=global_batch or 4 * nproc, steps=steps, warmup=warmup,
                    timeout_s=timeout, device=device, threads_per_rank=cm.gpu.threads_per_rank)

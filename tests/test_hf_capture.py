@@ -179,3 +179,12 @@ def test_what_cannot_be_split_is_refused_at_plan_time(tmp_path, name, knob, why)
     spec = resolve_model(f"hf:{tmp_path}")
     msgs = techniques.violations(Strategy.parse(f"{knob}=2,dp=4").resolve(8, 64), spec, 8, 64)
     assert len(msgs) == 1 and why in msgs[0] and "this transformers module supports dp" in msgs[0], msgs
+
+
+@pytest.mark.parametrize("command", [("profile", "--budget-s", "1"), ("validate", "--nproc", "2")])
+def test_profile_and_validate_take_input_dtype_and_shape(run_cli, command):
+    """Every command that captures takes --input-dtype / --input-shape (and --hf): checked before any work."""
+    code, _, err = run_cli(command[0], "llama-tiny", *command[1:], "--input-dtype", "int8")
+    assert code == 2 and "--input-dtype=int8 is not one of" in err
+    code, _, err = run_cli(command[0], "llama-tiny", *command[1:], "--input-shape", "2,x")
+    assert code == 2 and "--input-shape=2,x" in err
