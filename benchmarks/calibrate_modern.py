@@ -31,7 +31,7 @@ from autopar.core.strategy import Strategy  # noqa: E402
 GPU_TYPE = {"a100-40g": "ampere", "a100-80g": "ampere", "h100-sxm": "hopper", "h100-96g": "hopper", "h200": "hopper"}
 PROFILES = {"ampere": ("a100-40g", "a100-80g"), "hopper": ("h100-sxm", "h100-96g", "h200")}
 GRIDS = {
-    "matmul_scale": [0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3],
+    "matmul_scale": [0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3],
     "fp8_matmul_scale": [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3],
     "attention_scale": [0.7, 0.85, 1.0, 1.2, 1.4],
     "tp_overlap": [0.0, 0.3, 0.6, 0.9],
@@ -90,10 +90,13 @@ def load_or_build(paths: list[Path], cache: Path | None) -> tuple[list[Built], l
                 stale.append(b.case.id)
                 continue
             b.case, b.strategy = case, Strategy.parse(case.strategy).resolve(b.strategy.world)
+            _refresh(b)
         built = [b for b in built if b.case.id not in stale]
         retry = [r for p in paths for r in pr.load_runs(p) if r["id"] in {s[0] for s in skipped} | set(stale)]
         with tempfile.TemporaryDirectory() as tmp:
             more, skipped = build_all(retry, Path(tmp))  # rows the mapping may price now
+        if stale and len(paths) > 1:  # keep the rebuilt rows for the next run
+            cache.write_bytes(pickle.dumps((built + more, skipped)))
         return built + more, skipped
     runs = [r for p in paths for r in pr.load_runs(p)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,6 +104,18 @@ def load_or_build(paths: list[Path], cache: Path | None) -> tuple[list[Built], l
     if cache:
         cache.write_bytes(pickle.dumps(out))
     return out
+
+
+def _refresh(b: Built) -> None:
+    """A pickled row keeps its captured layers (the slow part) but prices with the GPU profile as
+    it is now (curves, stacks) and forgets its per-layer prices."""
+    from autopar.profiles.hw import load_gpu_profile
+
+    gpu = load_gpu_profile(b.case.gpu)
+    b.cm.gpu = b.cm.timer.gpu = gpu
+    b.cm.timer.__post_init__()
+    b.cm.stack = b.cm.timer.stack = gpu.stack(b.case.runtime)
+    b.cm._cache.clear()
 
 
 def _build_key(case: pr.Case) -> tuple:

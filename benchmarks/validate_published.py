@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import calibrate_modern as cal  # noqa: E402
 import published_rows as pr  # noqa: E402
 
+from autopar.core.gpu import StackConstants  # noqa: E402
 from autopar.profiles.hw import load_gpu_profile  # noqa: E402
 
 DEFAULT_YAML = pr.CALIBRATION_YAML
@@ -90,7 +91,8 @@ def loso(built: list[cal.Built], anchor: list[cal.Built]) -> list[pr.Priced]:
         mine = [b for b in built if b.case.source == src]
         groups = {b.group for b in mine}  # only the groups holding this source change when it is left out
         rest = [b for b in built + anchor if b.group in groups]
-        consts = {**full, **{k: v for k, v in cal.fit(rest, exclude_source=src).items() if k in groups}}
+        refit = cal.fit(rest, exclude_source=src)  # a group only this source has gets neutral constants
+        consts = {**full, **{k: refit.get(k, StackConstants()) for k in groups}}
         out += cal.apply(mine, consts)
     return out
 

@@ -10,7 +10,7 @@ import pytest
 
 from autopar.core.gpu import StackConstants
 from autopar.cost_models.compute import OpTimer, fp8_cast_bytes, stack_matmul_eff
-from autopar.cost_models.overlap import contention_time, exposed_behind, inter_node_factor, zero3_edges
+from autopar.cost_models.overlap import contention_time, exposed_behind, inter_node_factor, rate_capped, zero3_edges
 from autopar.profiles.hw import load_gpu_profile
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -88,9 +88,17 @@ def test_row_mapping_synthetic():
                         "recompute": "selective op"},
            "measured": {"tokens_per_sec_per_gpu": 1000}}
     case = pr.case_for(run)
-    assert (case.runtime, case.gpu, case.dtype, case.nodes) == ("torch", "h100-sxm", "fp8", 2)
+    assert (case.runtime, case.gpu, case.dtype, case.nodes) == ("torchtitan", "h100-sxm", "fp8", 2)
     assert case.config["num_hidden_layers"] == 40            # filled from the public config (ARCHS)
-    assert "tp=2" in case.strategy and "zero=3" in case.strategy and "recompute=selective" in case.strategy
+    # torchtitan's per-op SAC is autopar's op recompute; its TP shards norms over the sequence
+    assert "tp=2" in case.strategy and "zero=3" in case.strategy and "recompute=op" in case.strategy
+    assert "sp=1" in case.strategy
+    run["parallel"]["recompute"] = "selective layer"
+    assert "recompute=selective" in pr.case_for(run).strategy
+    run["hardware"]["gpu"] = "H100 (96GB HBM2e, 500 W cap; Grand Teton)"
+    assert (pr.case_for(run).gpu, pr.case_for(run).cluster) == ("h100-96g", "dgx-h100")
+    run["software"] = "llm-foundry (Composer FSDP)"
+    assert pr.case_for(run).runtime == "torch" and "sp=0" in pr.case_for(run).strategy
     run["model"]["name"] = "Nemotron_3_Nano"
     with pytest.raises(pr.RowSkip, match="Mamba"):
         pr.case_for(run)
@@ -110,3 +118,51 @@ def test_every_modern_row_maps_or_names_what_it_lacks():
             assert str(exc) and "\n" not in str(exc)
             skipped.append(run["id"])
     assert len(skipped) <= 0.03 * len(runs)
+
+
+def test_rate_capped_gathers():
+    # 10 GB received at 25 GB/s takes 0.4 s: slower than a 0.1 s ring, so the cap decides
+    assert rate_capped(0.1, 10e9, 25.0) == pytest.approx(0.4)
+    assert rate_capped(0.5, 10e9, 25.0) == pytest.approx(0.5)   # the ring model is already slower
+    assert rate_capped(0.1, 10e9, 0.0) == pytest.approx(0.1)    # neutral: the ring model
+
+
+def test_zero3_gather_rate_applies_across_nodes_only():
+    from autopar.core.strategy import Strategy
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    def layer(nodes: int, consts: StackConstants):
+        cm, _, cluster, _ = build_cost_model(Inputs(model="llama-tiny", gpu="h100-sxm", nodes=nodes, seq_len=128))
+        cm.stack = consts
+        s = Strategy.parse(f"dp={8 * nodes},zero=3,mbs=1,gbs={8 * nodes}").resolve(cluster.world)
+        c = cm.layer_costs(s)[0]
+        return cm._zero3_layer(s, c, 2), (c.params_dense + c.params_expert) * 2
+
+    slow = StackConstants(zero3_gather_gbps=0.001)   # 1 MB/s: far below any ring
+    (ag, ag_b, rs), full = layer(2, slow)
+    share = 15 / 16                                 # each of 16 ranks receives (n-1)/n of the layer
+    assert ag == ag_b == pytest.approx(full * share / 1e6) and rs == pytest.approx(full * share / 1e6)
+    ring, _ = layer(2, StackConstants())
+    assert ring[0] < ag / 100                        # the ring model alone is far faster
+    assert layer(1, slow)[0] == layer(1, StackConstants())[0]   # inside one node NVLink: no cap
+    # FSDP / ZeRO-3 collectives lose bus bandwidth across nodes like the DDP ones: 1 + decay * log2(2 nodes)
+    decayed, _ = layer(2, StackConstants(inter_node_decay=0.5))
+    assert decayed[0] == pytest.approx(1.5 * ring[0]) and decayed[2] == pytest.approx(1.5 * ring[2])
+
+
+def test_torch_stack_runs_no_async_tp():
+    """autopar's emitted torch programs do not run async TP: the torch stack hides no TP collective,
+    and the fit does not give it the constant (torchtitan and megatron keep theirs)."""
+    sys.path.insert(0, str(BENCH))
+    import calibrate_modern as cal
+
+    for gpu in ("a100-80g", "h100-sxm", "h100-96g", "h200"):
+        assert load_gpu_profile(gpu).stack("torch").tp_overlap == 0.0
+    assert "tp_overlap" not in cal.DEEPSPEED_FIELDS
+    from types import SimpleNamespace as NS
+
+    row = NS(strategy=NS(tp=8, zero_stage=3, world=16), case=NS(dtype="bf16"),
+             cm=NS(spec=NS(is_moe=False), cluster=NS(gpus_per_node=8)))
+    assert "tp_overlap" not in cal.fields_for([row], "torch")
+    assert "tp_overlap" in cal.fields_for([row], "torchtitan") and "zero3_overlap" in cal.fields_for([row], "torch")
+    assert cal.GPU_TYPE["h100-96g"] == "hopper" and "h100-96g" in cal.PROFILES["hopper"]
