@@ -9,10 +9,17 @@ from __future__ import annotations
 import os
 import tempfile
 
-import pytest
-import torch
-from torch import nn
+# One intra-op thread for this process and every subprocess it starts (set before torch loads):
+# the tests' tensors are tiny, and on a 2-core CI machine a second OpenMP thread only spins
+# against the torchrun ranks or the other xdist worker (a moe-tiny reference run took 11 CPU-s
+# with 2 threads beside a busy core, 0.3 s with 1). Profiling sets its own thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # The capture cache of this test session: never the user's ~/.cache (subprocess CLI runs inherit it).
 os.environ.setdefault("AUTOPAR_CACHE_DIR", tempfile.mkdtemp(prefix="autopar-test-cache-"))
 
