@@ -39,6 +39,7 @@ from autopar.cost_models.memory import (
     expert_shard_group,
     model_state_bytes,
     runs_sharded_adamw,
+    warmup_only_activations,
     zero1_reduce_bytes,
 )
 from autopar.cost_models.moe_load import LoadFn
@@ -206,6 +207,10 @@ class CostModel:
             reduce = zero1_reduce_bytes(dense, expert if folded else 0.0, s, self.dtype, bool(self.gpu.cores))
             live = mem["activations"] + mem["recompute_workspace"] + temps
             mem["comm_buffers"] = max(0.0, reduce - live)
+        if self.ctx.runtime == "torch" and s.pp > 1 and s.schedule not in ZERO_BUBBLE:
+            grad_bufs = mem["comm_buffers"] if s.zero_stage < 3 and not s.offload_optimizer else 0.0
+            mem["activations"] = warmup_only_activations(mem["activations"], mem["gradients"] + grad_bufs,
+                                                         in_flight, s.num_micro_batches)
         if self.ctx.runtime == "torchtitan":  # its pipeline keeps stages gathered (runtime_memory.py)
             mem = torchtitan_memory(self, s, parts, modes, extra, in_flight, first, last, mem)
         return RankMemory(mem, host)

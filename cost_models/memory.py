@@ -101,6 +101,18 @@ def zero1_reduce_bytes(dense: float, expert: float, s: Strategy, dtype: str, glo
     return max(one(dense, s.dp * s.cp), one(expert, s.edp))
 
 
+def warmup_only_activations(acts: float, grads: float, in_flight: float, micro_batches: int) -> float:
+    """A pipeline rank whose warm-up holds every micro-batch of the step (GPipe; 1F1B with m <= pp -
+    rank) runs all its forwards before any backward: no gradient exists at that activation peak
+    (``zero_grad`` freed them), and its backward frees activations as the gradients appear.
+    ``grads``: gradients and the buffers that hold them (DDP-style / ZeRO-1/2 gradient buffers; not
+    ZeRO-3's gathered blocks, which the forward gathers too). Peak = max(activations, grads): only
+    the activations' excess over the gradients adds (contract sweep: GPipe measured 0.84x the sum)."""
+    if in_flight < micro_batches:  # a steady state: forwards run while gradients are live
+        return acts
+    return max(0.0, acts - grads)
+
+
 def korthikanti_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
                                  recompute: str = "none") -> float:
     """Closed form of Korthikanti et al. 2022, Table 2 (16-bit activations, 1-byte
