@@ -30,6 +30,10 @@ Dtype = typer.Option("auto", "--dtype",
 Runtime = typer.Option("torch", "--runtime",
                        help="software that runs the plan: torch (autopar's emitted FSDP2/DTensor programs; "
                             "also llm-foundry) | torchtitan | megatron (Megatron-LM/Core, NeMo) | deepspeed (ZeRO)")
+Compile = typer.Option("none", "--compile", help="what the priced program compiles with torch.compile: none | "
+                       "model (each block) | model+loss (and the loss); --runtime torchtitan only")
+LossParallel = typer.Option(False, "--loss-parallel", help="the loss runs on vocabulary-sharded logits (DTensor "
+                            "loss_parallel, torchtitan under tp); --runtime torchtitan only")
 Profile = typer.Option(None, "--profile", help="measured profile JSON from `autopar profile`")
 Placement = typer.Option(None, "--placement", help="expert placement JSON from `autopar experts`")
 Trace = typer.Option(None, "--trace", help="routing trace JSON from `autopar trace-routing`")
@@ -52,7 +56,7 @@ def inputs(model: str, gpu: Optional[str], nodes: Optional[int], gpus_per_node: 
            cluster: Optional[str], seq_len: Optional[int], dtype: str, profile: Optional[str],
            placement: Optional[str] = None, trace: Optional[str] = None,
            input_shape: Optional[str] = None, runtime: str = "torch", input_dtype: str = "int64",
-           hf: bool = False) -> Inputs:
+           hf: bool = False, compile: str = "none", loss_parallel: bool = False) -> Inputs:
     shape = _shape(input_shape)
     model = hf_model(model, hf)
     precheck(model, gpu, nodes, gpus_per_node, cluster, shape, input_dtype)
@@ -60,7 +64,8 @@ def inputs(model: str, gpu: Optional[str], nodes: Optional[int], gpus_per_node: 
 
     return Inputs(model=model, gpu=gpu, nodes=nodes, gpus_per_node=gpus_per_node, cluster=cluster,
                   seq_len=seq_len, dtype=dtype, profile=profile, placement=placement, trace=trace,
-                  input_shape=shape, runtime=runtime, input_dtype=input_dtype)
+                  input_shape=shape, runtime=runtime, input_dtype=input_dtype, compile=compile,
+                  loss_parallel=loss_parallel)
 
 
 INPUT_DTYPES = ("int64", "float32", "bfloat16", "float16")

@@ -20,13 +20,13 @@ StrategyOpt = typer.Option("", "--strategy", help="e.g. tp=8,pp=4,dp=-1,mbs=1,ze
 
 
 def _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype, profile,
-           placement, trace, input_shape, runtime="torch", input_dtype="int64", hf=False):
+           placement, trace, input_shape, runtime="torch", input_dtype="int64", hf=False, program=("none", False)):
     from autopar.cost_models.session import build_cost_model, default_global_batch
 
     if not strategy:
         raise InputError("--strategy is required, e.g. --strategy tp=8,pp=1,dp=-1,mbs=1")
     inp = c.inputs(model, gpu, nodes, gpus_per_node, cluster, seq_len, dtype, profile, placement, trace, input_shape,
-                   runtime, input_dtype, hf)
+                   runtime, input_dtype, hf, *program)
     cm, spec, cl, seq = build_cost_model(inp)
     s = Strategy.parse(strategy)
     gb = global_batch or s.global_batch or default_global_batch(cl.world, seq)
@@ -45,12 +45,13 @@ def estimate_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Option
                  dtype: str = c.Dtype, profile: Optional[str] = c.Profile, placement: Optional[str] = c.Placement,
                  trace: Optional[str] = c.Trace, json_out: bool = c.Json,
                  input_shape: Optional[str] = c.InputShape, no_cache: bool = c.NoCache,
-                 runtime: str = c.Runtime, input_dtype: str = c.InputDtype, hf: bool = c.Hf):
+                 runtime: str = c.Runtime, input_dtype: str = c.InputDtype, hf: bool = c.Hf,
+                 compile: str = c.Compile, loss_parallel: bool = c.LossParallel):
     """Predict step time, throughput, MFU and per-GPU memory of one strategy."""
     from autopar.cost_models.report import estimate_dict
 
     cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
-                          profile, placement, trace, input_shape, runtime, input_dtype, hf)
+                          profile, placement, trace, input_shape, runtime, input_dtype, hf, (compile, loss_parallel))
     if json_out:
         c.print_json(estimate_dict(e, cm))
         return
@@ -70,12 +71,13 @@ def memory_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Optional
                dtype: str = c.Dtype, profile: Optional[str] = c.Profile, placement: Optional[str] = c.Placement,
                trace: Optional[str] = c.Trace, json_out: bool = c.Json,
                input_shape: Optional[str] = c.InputShape, no_cache: bool = c.NoCache,
-               runtime: str = c.Runtime, input_dtype: str = c.InputDtype, hf: bool = c.Hf):
+               runtime: str = c.Runtime, input_dtype: str = c.InputDtype, hf: bool = c.Hf,
+               compile: str = c.Compile, loss_parallel: bool = c.LossParallel):
     """Say whether a strategy fits, per GPU and component; exit 3 with priced fixes when not."""
     from autopar.cost_models.report import candidate_fixes, estimate_dict, host_overflow_message, overflow_bytes
 
     cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
-                          profile, placement, trace, input_shape, runtime, input_dtype, hf)
+                          profile, placement, trace, input_shape, runtime, input_dtype, hf, (compile, loss_parallel))
     fixes = [] if e.feasible else candidate_fixes(cm, s, e)
     if json_out:
         out = estimate_dict(e, cm)

@@ -57,6 +57,7 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
              exact_batch: bool = typer.Option(False, "--exact-batch", help="keep the global batch: on an awkward "
                                               "GPU count offer no plan at a nearby batch"),
              json_out: bool = c.Json, no_cache: bool = c.NoCache, runtime: str = c.Runtime,
+             compile: str = c.Compile, loss_parallel: bool = c.LossParallel,
              out: Opt[Path] = typer.Option(None, "--out", help="write the winning Plan (JSON) for `autopar emit`"),
              plot: Opt[Path] = typer.Option(None, "--plot", help="folder for timeline.png and memory.png"),
              from_plan: Opt[Path] = typer.Option(None, "--from", help="elastic re-plan of this plan.json for "
@@ -83,7 +84,7 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
         raise InputError("--dtype fp8: autopar's emitted programs run bf16, not fp8 GEMMs; plan with --dtype bf16, "
                          "or --runtime megatron to plan for Transformer Engine fp8 under Megatron-Core")
     inp = c.inputs(model, gpu, nodes, gpus_per_node, cluster, seq_len, dtype, profile, placement, trace, input_shape,
-                   runtime, input_dtype, hf)
+                   runtime, input_dtype, hf, compile, loss_parallel)
     from autopar.cost_models.session import build_cost_model
     from autopar.planner.search import Constraints, search
 

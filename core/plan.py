@@ -42,6 +42,10 @@ class StageSpec(BaseModel):
     predicted_mem_bytes: float | None = None
 
 
+# torch.compile of the program the plan priced: nothing, the blocks, the blocks and the loss
+Compile = Literal["none", "model", "model+loss"]
+
+
 class Provenance(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -61,6 +65,8 @@ class Plan(BaseModel):
     dtype: Literal["bf16", "fp16", "fp32", "fp8"] = "bf16"
     runtime: Runtime = Field(
         "torch", description="the software stack the predictions priced (cost_models.session.RUNTIMES)")
+    compile: Compile = Field("none", description="what the priced program compiles (--compile; torchtitan runtime)")
+    loss_parallel: bool = Field(False, description="cross-entropy on vocabulary-sharded logits (--loss-parallel)")
     strategy: Strategy
     layer_recompute: list[Recompute] = Field(default_factory=list,
                                              description="per-layer recompute override (empty = strategy.recompute)")

@@ -50,8 +50,10 @@ def group_models(cm: CostModel) -> list[CostModel]:
         dtype = cm.dtype if cm.dtype == "fp32" or cm.dtype in gpu.peak_tflops else None
         if dtype is None:
             raise InputError(f"cluster: node group {g.name or g.gpu} has no {cm.dtype} peak; plan with --dtype fp32")
-        out.append(CostModel(cm.spec, group_cluster(cm.cluster, g), cm.seq_len, cm.templates, gpu, dtype,
-                             comm_fits=cm.ctx.fits, moe_load=cm.moe_load, runtime=cm.ctx.runtime))
+        group = CostModel(cm.spec, group_cluster(cm.cluster, g), cm.seq_len, cm.templates, gpu, dtype,
+                          comm_fits=cm.ctx.fits, moe_load=cm.moe_load, runtime=cm.ctx.runtime)
+        group.ctx.compile, group.ctx.loss_parallel = cm.ctx.compile, cm.ctx.loss_parallel  # the same program
+        out.append(group)
     return out
 
 

@@ -36,14 +36,9 @@ Not modelled: FSDP float8 all-gather (``enable_fsdp_float8_all_gather``, fp8 gat
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from autopar.core.strategy import Strategy
+from autopar.cost_models.layer_cost import LayerCost
 from autopar.cost_models.memory import model_state_bytes
-
-if TYPE_CHECKING:  # estimate.py imports this module
-    from autopar.cost_models.estimate import CostModel
-    from autopar.cost_models.layer_cost import LayerCost
 
 FP32_BYTES = 4  # torchtitan's mixed_precision_reduce default
 
@@ -95,11 +90,12 @@ def retained_logits_bytes(s: Strategy, seq_len: int, vocab: int, vocab_split: in
     return (s.num_micro_batches - 1) * per_microbatch
 
 
-def torchtitan_memory(cm: CostModel, s: Strategy, parts: list[LayerCost], modes: list[str],
+def torchtitan_memory(cm, s: Strategy, parts: list[LayerCost], modes: list[str],
                       extra: list[LayerCost], in_flight: float, first: bool, last: bool,
                       mem: dict[str, float]) -> dict[str, float]:
     """``mem`` (``CostModel.rank_memory``'s components) as torchtitan runs the strategy (module
-    docstring); unchanged without a pipeline or without FSDP (ZeRO-3)."""
+    docstring); unchanged without a pipeline or without FSDP (ZeRO-3). ``cm``: the ``CostModel``
+    (not imported: estimate.py imports this module)."""
     if s.pp == 1 or s.zero_stage < 3 or not parts:
         return mem
     pbytes = cm.ctx.dtype_bytes

@@ -38,6 +38,8 @@ class Inputs:
     input_shape: list[int] | None = None
     runtime: str = "torch"   # one of RUNTIMES: which software runs the plan
     input_dtype: str = "int64"   # a factory's / transformers model's example input dtype
+    compile: str = "none"        # none | model | model+loss: what the runtime's program compiles
+    loss_parallel: bool = False  # the loss on vocabulary-sharded logits (DTensor loss_parallel)
 
 
 def resolve_cluster(inp: Inputs) -> ClusterSpec:
@@ -79,7 +81,26 @@ def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, in
     templates = build_templates(spec, seq, capture_dtype, fuse=gpu.fused_elementwise)
     cm = CostModel(spec, cluster, seq, templates, gpu, inp.dtype, timer=timer, comm_fits=fits,
                    moe_load=moe_load, runtime=inp.runtime)
+    cm.ctx.compile, cm.ctx.loss_parallel = program_options(inp)
     return cm, spec, cluster, seq
+
+
+COMPILE_MODES = ("none", "model", "model+loss")
+
+
+def program_options(inp: Inputs) -> tuple[str, bool]:
+    """(compile, loss_parallel) of the priced program. Only torchtitan's programs compile their
+    blocks / loss or run DTensor's ``loss_parallel``; autopar's emitted program (runtime torch) does
+    neither (pricing them would promise what ``emit`` does not run), Megatron's loss is always
+    vocab-parallel and it does not compile."""
+    if inp.compile not in COMPILE_MODES:
+        raise InputError(f"--compile={inp.compile} is not one of {', '.join(COMPILE_MODES)}; fix: pick one of them")
+    if (inp.compile != "none" or inp.loss_parallel) and inp.runtime != "torchtitan":
+        given = " ".join(f for f, on in ((f"--compile {inp.compile}", inp.compile != "none"),
+                                         ("--loss-parallel", inp.loss_parallel)) if on)
+        raise InputError(f"{given}: --runtime {inp.runtime} programs do not run it; fix: leave it out, "
+                         "or price torchtitan's programs with --runtime torchtitan")
+    return inp.compile, inp.loss_parallel
 
 
 def default_seq_len(spec: ModelSpec) -> int:

@@ -84,8 +84,10 @@ def is_awkward(world: int, found_all: bool) -> bool:
 
 def with_cluster(cm: CostModel, cluster: ClusterSpec) -> CostModel:
     """The same model, sequence, dtype, device timer and measured fits on another cluster."""
-    return CostModel(cm.spec, cluster, cm.seq_len, cm.templates, cm.gpu, cm.dtype, timer=cm.timer,
-                     comm_fits=cm.ctx.fits, moe_load=cm.moe_load, runtime=cm.ctx.runtime)
+    out = CostModel(cm.spec, cluster, cm.seq_len, cm.templates, cm.gpu, cm.dtype, timer=cm.timer,
+                    comm_fits=cm.ctx.fits, moe_load=cm.moe_load, runtime=cm.ctx.runtime)
+    out.ctx.compile, out.ctx.loss_parallel = cm.ctx.compile, cm.ctx.loss_parallel  # the same program
+    return out
 
 
 def sub_cluster(cl: ClusterSpec, gpus: int) -> ClusterSpec:
