@@ -94,8 +94,8 @@ def in_flight_microbatches(rank: int, p: int, m: int, schedule: Schedule, v: int
 
     GPipe: all ``m`` (every forward runs before any backward). 1F1B: rank ``i`` (0-based)
     holds ``min(p - i, m)`` (Narayanan et al. SC21, Sec. 2.2.1). ZB-V: ``p`` on every rank
-    (Qi et al. 2024, Sec. 6; torch's ``ScheduleZBVZeroBubble`` warm-up). Looped zero bubble: as
-    interleaved (W is deferred, its inputs are small next to the activations). Interleaved 1F1B: the
+    (Qi et al. 2024, Sec. 6; torch's ``ScheduleZBVZeroBubble`` warm-up). Looped zero bubble: ``p`` on
+    every rank (a micro-batch's activations live until its deferred W). Interleaved 1F1B: the
     first rank warms up with ``(p - 1)·2 + (v - 1)·p + 1`` chunk forwards before its first
     backward (Megatron-LM ``get_num_warmup_microbatches``) — expressed here in units of
     full micro-batches (``v`` chunks = one micro-batch of the rank's layers).
@@ -110,6 +110,14 @@ def in_flight_microbatches(rank: int, p: int, m: int, schedule: Schedule, v: int
         return float(min(p, m))
     if schedule == "dualpipev":  # DeepSeek-V3 (2024) Table 2: DualPipe holds PP + 1 micro-batches
         return float(min(p + 1, m))
+    if schedule == "zb_interleaved":  # activations live until the deferred weight pass W: torch's
+        # ScheduleInterleavedZeroBubble order keeps p*v chunks between F and W on every rank (contract sweep)
+        return float(min(p, m))
+    return _looped_warmup(rank, p, m, v)
+
+
+def _looped_warmup(rank: int, p: int, m: int, v: int) -> float:
+    """Interleaved 1F1B warm-up in micro-batches (Megatron-LM ``get_num_warmup_microbatches``)."""
     warm_chunks = min((p - rank - 1) * 2 + (v - 1) * p + 1, m * v)
     return warm_chunks / v
 
@@ -225,7 +233,9 @@ class _ZB:
         self.cost = {"F": [x / v for x in f], "B": [(x - y) / v for x, y in zip(b, w)], "W": [y / v for y in w]}
         # micro-batches a rank holds: started on its first local stage, backward there not yet run
         self.first = [min(j for j in range(self.n) if self.rank[j] == r) for r in range(self.p)]
-        self.limit = [-(-in_flight_microbatches(r, self.p, m, schedule, v) // 1) for r in range(self.p)]
+        held = [_looped_warmup(r, self.p, m, v) if schedule == "zb_interleaved"  # its forwards outstanding,
+                else in_flight_microbatches(r, self.p, m, schedule, v) for r in range(self.p)]  # not memory
+        self.limit = [-(-x // 1) for x in held]
         self.next = {"F": [0] * self.n, "B": [0] * self.n}
         self.done: dict[tuple, float] = {}
         self.free, self.out, self.pending = [0.0] * self.p, [0] * self.p, [[] for _ in range(self.p)]

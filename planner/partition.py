@@ -141,16 +141,36 @@ class RankPricer:
         ids = tuple(id(g) for g, _ in groups)
         fwd = sum(g.fwd_s * n for g, n in groups) + sum(e.fwd_s for e in extra)
         temps = plain.get("logits_and_temporaries", 0.0)
-        choice = rc.choose(groups, in_flight, budget, self.modes, self._frontiers,
-                           lambda w: cm.workspace_excess(s, parts, w, temps))
+        choice, mem = self._fitting_choice(r, layers, groups, in_flight, budget, extra, temps)
         if choice is None:
             return RankEval(INF, fwd, INF, INF, INF, None, ids)
         P = sum(g.time("none") * n for g, n in groups) + sum(e.time("none") for e in extra) + choice.extra_s
-        mem = fixed + in_flight * (choice.act_bytes + extra_act) + choice.work_bytes
         report = RankReport(r, layers, fwd, P - fwd, choice.extra_s, {}, {}, in_flight)
         D = self.zero3_time(cnt) if s.zero_stage >= 3 else self.dp_time(groups, P - fwd)
         O = cm.optimizer_time(s, report, self.costs)
         return RankEval(P, fwd, D, O, mem, choice, ids)
+
+    def _fitting_choice(self, r: int, layers: list[int], groups, in_flight: float, budget: float, extra,
+                        temps: float):
+        """``rc.choose`` within ``budget``, then the chosen modes priced by ``CostModel.rank_memory``
+        itself: its phase peaks (ZeRO-1's reduce bucket, pipeline ranks that warm up every micro-batch)
+        are not linear in the choice, so the budget tightens by the excess until the exact peak fits.
+        Returns (choice or None, the rank's memory)."""
+        cm, s = self.cm, self.s
+        parts = [self.costs[i] for i in layers]
+        usable = cm.gpu.usable_mem_bytes + cm.gpu.framework_overhead_bytes
+        for _ in range(4):
+            choice = rc.choose(groups, in_flight, budget, self.modes, self._frontiers,
+                               lambda w: cm.workspace_excess(s, parts, w, temps))
+            if choice is None:
+                return None, INF
+            modes = rc.assign([[i for i in layers if self.costs[i] is g] for g, _ in groups], choice)
+            mem = sum(cm.rank_memory(s, parts, [modes[i] for i in layers], extra, in_flight, r == 0,
+                                     r == self.p - 1).memory.values())
+            if mem <= usable:
+                return choice, mem
+            budget -= mem - usable
+        return None, INF
 
     def dp_time(self, groups: list[tuple[LayerCost, int]], bwd: float) -> float:
         """``CostModel.dp_time`` below ZeRO-3, with each gradient collective priced once per
