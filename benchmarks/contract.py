@@ -63,6 +63,21 @@ MEM_TOL = 0.10
 # depends on the model size); the CPU memory tracker on in both steps
 RUN_ARGS = ["--steps", str(STEPS), "--device", "cpu", "--mem-steps", str(STEPS), "--timeout", "60", "--lr", "1e-3"]
 MODELS = ("gpt-tiny", "moe-tiny")
+# Families whose measured peak is known to miss the memory half of the contract, each with its
+# mechanism (docs/codegen.md, "The contract sweep"): the sweep still judges them, and their rows
+# are marked; tests/test_contract.py asserts memory on every other row. Empty = no known gap.
+MEMORY_GAPS: dict[str, str] = {
+    "bf16-offload-moe": "bf16 MoE with optimizer offload below ZeRO-3: the host gradient shards appear while "
+                        "the backward frees activations, the cost model adds both (measured 0.85x)",
+}
+
+
+def memory_gap(model: str, dtype: str, strategy: str) -> str:
+    """The ``MEMORY_GAPS`` family a row belongs to ('' when none)."""
+    k = dict(item.split("=", 1) for item in strategy.split(","))
+    if model == "moe-tiny" and dtype != "fp32" and k["offload"] == "1" and int(k["zero"]) < 3:
+        return "bf16-offload-moe"
+    return ""
 HARNESS = Path(__file__).resolve().parents[1] / "tests" / "codegen_harness.py"
 
 
@@ -352,8 +367,10 @@ def report(rows: list[Row], refs: dict[str, Row]) -> int:
     for r in rows:
         v, rel, ratio = verdict(r, refs[r.model].losses)
         fails += v != "ok"
+        gap = memory_gap(r.model, r.dtype, r.strategy)
         print(f"{r.name:4} {r.model:9} {r.dtype:5} {'-' if rel is None else f'{rel:.2e}':>12} "
-              f"{'-' if ratio is None else f'{ratio:.3f}':>13}  {v:7}  {r.strategy}", flush=True)
+              f"{'-' if ratio is None else f'{ratio:.3f}':>13}  {v:7}  {r.strategy}"
+              + (f"  [known gap: {gap}]" if gap else ""), flush=True)
     print(f"{len(rows) - fails}/{len(rows)} strategies emitted, run and within the contract")
     return 1 if fails else 0
 

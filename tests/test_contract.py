@@ -19,11 +19,10 @@ import contract  # noqa: E402
 
 
 def test_contract_subset_of_eight(tmp_path, capsys):
-    """Every strategy of the subset is planned, emitted and run, and its losses match one process.
-
-    The memory half of the contract (within 10% of the prediction) does not hold across the space
-    yet (docs/codegen.md lists the families that miss it): the ratios are printed, and the sweep's
-    own exit code (which also judges memory) is not asserted here."""
+    """Every strategy of the subset is planned, emitted and run; its losses match one process, and
+    its measured peak is within 10% of the prediction (never more than 10% above it) - except rows
+    of a family ``contract.MEMORY_GAPS`` names (mechanism in docs/codegen.md), whose ratio is printed
+    and not asserted."""
     contract.main(["--seed", "0", "--subset", "8", "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
     rows = [ln for ln in out.splitlines() if ln[:1] == "s" and ln[1:3].isdigit()]
@@ -32,3 +31,5 @@ def test_contract_subset_of_eight(tmp_path, capsys):
     memory_only = re.compile(r"FAIL memory [0-9.]+x predicted\s+dp=")
     numerics = [ln for ln in rows if " FAIL " in ln and not memory_only.search(ln)]
     assert not numerics, "\n".join(numerics)
+    memory = [ln for ln in rows if memory_only.search(ln) and "[known gap:" not in ln]
+    assert not memory, "\n".join(memory)
