@@ -107,6 +107,11 @@ def grad_norm_sq_local(parts: list[nn.Module], model_ranks: int, ep: int = 1) ->
             if p.grad is None or id(p) in seen:
                 continue
             seen.add(id(p))
+            if isinstance(p.grad, DTensor) and tuple(p.grad.placements) != tuple(p.placements):
+                # the gradient in the weight's own layout: a norm under sequence parallel holds the
+                # partial gradient of its tokens (Partial: summed once here, not at every optimizer
+                # op); a vocab-parallel embedding's comes back whole (Replicate: this rank's rows)
+                p.grad = p.grad.redistribute(p.grad.device_mesh, p.placements)
             g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
             sq = g.detach().float().pow(2).sum() / _copies(p, model_ranks, ep, id(p) in experts)
             if id(p) in tied:

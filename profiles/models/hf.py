@@ -200,8 +200,9 @@ def tp_plan(lm: nn.Module) -> tuple[dict[str, str], str | None]:
     the experts stay replicated and every tp rank routes the same tokens, as in the catalog's
     plan; any other style (packed, gathered, replicated-with-allreduce) is refused."""
     dec = decoder(lm)
+    head = getattr(lm, "lm_head", False)  # None: a pipeline stage without the head
     if dec is None or not isinstance(getattr(dec, "layers", None), (nn.ModuleList, nn.ModuleDict)) or \
-            not isinstance(getattr(lm, "lm_head", None), nn.Linear):
+            not (head is None or isinstance(head, nn.Linear)):
         return {}, f"{type(lm).__name__} is not a decoder with 'layers' and an 'lm_head' linear"
     patterns = dict(getattr(lm.config, "base_model_tp_plan", None) or {}) or derive_tp_plan(lm)
     if not patterns:
