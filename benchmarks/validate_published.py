@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import calibrate_modern as cal  # noqa: E402
 import published_rows as pr  # noqa: E402
+import validate_memory as vm  # noqa: E402
 
 from autopar.core.gpu import StackConstants  # noqa: E402
 from autopar.profiles.hw import load_gpu_profile  # noqa: E402
@@ -44,19 +46,33 @@ def summary(priced: list[pr.Priced]) -> dict[str, tuple[int, float, float, float
     return {k: (len(v), statistics.mean(map(abs, v)), max(map(abs, v)), statistics.mean(v)) for k, v in by.items()}
 
 
+def memory_errors(priced: list[pr.Priced]) -> dict[str, float]:
+    """Predicted / published peak memory - 1 for the rows that publish ``measured.memory_gib``, priced
+    as ``benchmarks/validate_memory.py`` prices them (its mapping: compile, loss_parallel, pipeline
+    micro-batches; reserved bytes against ``max_memory_reserved``)."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for p in priced:
+            if (p.case.run.get("measured") or {}).get("memory_gib") is not None:
+                out[p.case.id] = vm.price_memory(p.case.run, Path(tmp))["err"]
+    return out
+
+
 def print_rows(priced: list[pr.Priced], markdown: bool) -> None:
+    mem = memory_errors(priced)
     if markdown:
-        print("| run | stack | dtype | strategy | predicted tok/s/GPU | published | error |")
-        print("|---|---|---|---|---|---|---|")
+        print("| run | stack | dtype | strategy | predicted tok/s/GPU | published | error | memory error |")
+        print("|---|---|---|---|---|---|---|---|")
     for p in priced:
         c, world = p.case, p.estimate.world
         pred, pub = p.estimate.tokens / p.pred_step_s / world, p.estimate.tokens / p.pub_step_s / world
+        mem_err = f"{100 * mem[c.id]:+.1f}%" if c.id in mem else ""
         if markdown:
             print(f"| {c.id} | {c.stack} | {c.dtype} | `{c.strategy}` | {pred:,.0f} | {pub:,.0f} | "
-                  f"{100 * p.error:+.1f}% |")
+                  f"{100 * p.error:+.1f}% | {mem_err} |")
         else:
             print(f"{c.id[:56]:56s} {c.stack:11s} {c.dtype:4s} pred {pred:9.0f} pub {pub:9.0f} "
-                  f"err {100 * p.error:+6.1f}%")
+                  f"err {100 * p.error:+6.1f}%" + (f"  mem err {mem_err}" if mem_err else ""))
 
 
 def print_summary(priced: list[pr.Priced], skipped: list[tuple[str, str]], title: str) -> None:
@@ -83,18 +99,32 @@ def print_constants(built: list[cal.Built]) -> None:
             print(f"  {key[0]:9s} {key[1]:9s} {cal.constants_yaml(shipped, 'python benchmarks/calibrate_modern.py')}")
 
 
-def loso(built: list[cal.Built], anchor: list[cal.Built]) -> list[pr.Priced]:
-    """Each source predicted with constants fitted on every other source (and the anchor rows)."""
+def loso(built: list[cal.Built], anchor: list[cal.Built], stand_in: bool = False) -> list[pr.Priced]:
+    """Each source predicted with constants fitted on every other source (and the anchor rows). A
+    group only the left-out source has (its stack on that GPU type) is priced neutral, or with
+    ``stand_in`` by the GPU type's largest other group, as a user with no run of that stack would."""
     full = cal.fit(built + anchor)
+    sizes: dict[tuple[str, str], int] = {}
+    for b in built + anchor:
+        sizes[b.group] = sizes.get(b.group, 0) + 1
     out = []
     for src in sorted({b.case.source for b in built}):
         mine = [b for b in built if b.case.source == src]
         groups = {b.group for b in mine}  # only the groups holding this source change when it is left out
         rest = [b for b in built + anchor if b.group in groups]
-        refit = cal.fit(rest, exclude_source=src)  # a group only this source has gets neutral constants
-        consts = {**full, **{k: refit.get(k, StackConstants()) for k in groups}}
+        refit = cal.fit(rest, exclude_source=src)
+        known = {**{k: v for k, v in full.items() if k not in groups}, **refit}  # nothing fitted on src
+        consts = {**known, **{k: _without(k, known, sizes, stand_in) for k in groups if k not in refit}}
         out += cal.apply(mine, consts)
     return out
+
+
+def _without(key, known: dict, sizes: dict, stand_in: bool) -> StackConstants:
+    """Constants for a group no row is left in: neutral, or the same GPU type's largest other group."""
+    others = [k for k in known if k[0] == key[0] and k != key]
+    if not stand_in or not others:
+        return StackConstants()
+    return known[max(others, key=lambda k: sizes.get(k, 0))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loso", action="store_true", help="leave-one-source-out: refit without each source")
     ap.add_argument("--cache", type=Path, help="pickle of the built rows (reused when present)")
     ap.add_argument("--sweeps", type=int, default=cal.SWEEPS, help="coordinate-descent sweeps of each --loso refit")
+    ap.add_argument("--stand-in", action="store_true", help="--loso: a stack no other source runs on that GPU "
+                                                            "type takes the GPU type's largest other group")
     args = ap.parse_args(argv)
     cal.SWEEPS = args.sweeps
     path = args.file or args.yaml or DEFAULT_YAML
@@ -115,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     print_constants(built)
     if args.loso:
         anchor = [] if path == DEFAULT_YAML else cal.load_or_build([DEFAULT_YAML], args.cache)[0]
-        print_summary(loso(built, anchor), skipped, f"{path.name}: leave-one-source-out (refit without each source)")
+        title = f"{path.name}: leave-one-source-out (refit without each source{', stand-in' * args.stand_in})"
+        print_summary(loso(built, anchor, args.stand_in), skipped, title)
     return 0
 
 
