@@ -116,3 +116,23 @@ def test_cp_ring_hides_behind_the_fused_attention_kernel():
     forward (milliseconds), so nothing shows; with the old window (no eager attention ops) all of it did."""
     cost = _moe_layer_cost(StackConstants(), "tp=1,pp=1,dp=8,cp=2,ep=8,mbs=1", seq=32768)
     assert cost.comm_s["cp"] == 0.0
+
+
+def test_torch_programs_get_neither_grouped_gemm_nor_all_to_all_overlap():
+    """autopar's emitted programs loop over experts and block on the all-to-alls
+    (codegen/runtime_moe.py): the fit never offers the two to the torch stack, and no profile has them."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace as NS
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import calibrate_modern as cal
+
+    row = NS(strategy=NS(tp=1, ep=8, zero_stage=1, world=16), case=NS(dtype="bf16"),
+             cm=NS(spec=NS(is_moe=True), cluster=NS(gpus_per_node=8)))
+    assert not {"expert_grouped_gemm", "ep_overlap"} & set(cal.fields_for([row], "torch"))
+    assert {"expert_grouped_gemm", "ep_overlap"} <= set(cal.fields_for([row], "megatron"))
+    assert {"expert_grouped_gemm", "ep_overlap"} <= set(cal.LAYER_FIELDS)  # per-layer prices are re-derived
+    for gpu in ("a100-80g", "h100-sxm", "h200"):
+        torch = load_gpu_profile(gpu).stack("torch")
+        assert torch.expert_grouped_gemm is False and torch.ep_overlap == 0.0
