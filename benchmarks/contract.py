@@ -253,7 +253,7 @@ def plan_and_emit(row: Row, nproc: int, strategy: str, profile: Path) -> None:
                       + pred.get("host_bytes_per_gpu", 0.0))
 
 
-def run_rows(rows: list[Row], nproc: int, root: Path, timeout_s: float = 900) -> None:
+def run_rows(rows: list[Row], nproc: int, root: Path, timeout_s: float = 1800) -> None:
     """All runnable rows in as few torchrun launches as possible: a failing program ends its
     launch (its peers would wait), so the launch restarts after it."""
     todo = [r for r in rows if not r.error]
