@@ -8,6 +8,7 @@ the planner reads."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -25,6 +27,7 @@ from helpers_plans import GLOBAL_BATCH, LR, SEQ_LEN, cluster, make_plan, parse_s
 from autopar import techniques  # noqa: E402
 from autopar.codegen import runtime as rt  # noqa: E402
 from autopar.codegen.emit import emit  # noqa: E402
+from autopar.core.model_spec import ModelSpec  # noqa: E402
 from autopar.core.plan import Plan  # noqa: E402
 from autopar.core.strategy import Strategy  # noqa: E402
 from autopar.profiles.intake import resolve_model  # noqa: E402
@@ -77,21 +80,25 @@ def _plan(spec, strategy: str) -> Plan:
                 strategy=Strategy.parse(strategy).resolve(WORLD, GLOBAL_BATCH))
 
 
-def _reference(spec) -> list[float]:
-    """One process, the whole batch: the same transformers module, seed, data and AdamW."""
+@functools.cache
+def _reference(name: str, spec_json: str) -> tuple[list[float], list[float]]:
+    """One process, the whole batch: the same transformers module, seed, data and AdamW; the
+    losses and global gradient norms (Adam's update hides a wrongly scaled gradient, the norm not)."""
+    spec = ModelSpec.model_validate_json(spec_json)
     rt.seed_everything(0)
     net = build_model(spec, "cpu")
     (opt,) = rt.make_optimizer([net], LR)
     sampler = rt.make_sampler("synthetic", VOCAB, SEQ_LEN, GLOBAL_BATCH, 0, "auto")
-    out = []
+    losses, norms = [], []
     for _ in range(STEPS):
         tokens = sampler.next_batch()
         loss = rt.lm_loss(net(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
+        norms.append(torch.sqrt(sum(p.grad.pow(2).sum() for p in net.parameters())).item())
         opt.step()
         opt.zero_grad(set_to_none=True)
-        out.append(loss.item())
-    return out
+        losses.append(loss.item())
+    return losses, norms
 
 
 VOCAB = 256
@@ -102,7 +109,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_runs")
     specs = {name: _spec(root, name) for name in CONFIGS}
     base = ["--steps", str(STEPS), "--lr", str(LR), "--timeout", "60", "--data", "synthetic", "--warmup-steps", "0",
-            "--lr-decay", "constant", "--grad-clip", "0"]
+            "--lr-decay", "constant", "--grad-clip", "0", "--mem-steps", "1"]
     jobs = []
     for name, (cfg, strategy) in CASES.items():
         emit(_plan(specs[cfg], strategy), root / name, "cpu")
@@ -128,8 +135,11 @@ def test_four_ranks_match_single_process(runs, name):
     rows = results[name]
     assert rows is not None, f"{name} did not run: {results['__error__']}"
     got = [rows[s]["loss"] for s in range(1, STEPS + 1)]
-    ref = _reference(specs[CASES[name][0]])
+    cfg = CASES[name][0]
+    ref, ref_norms = _reference(cfg, specs[cfg].model_dump_json())
     np.testing.assert_allclose(got, ref, rtol=1e-4, err_msg=f"{name}: {got} vs single process {ref}")
+    norms = [rows[s]["grad_norm"] for s in range(1, STEPS + 1)]
+    np.testing.assert_allclose(norms, ref_norms, rtol=1e-4, err_msg=f"{name}: grad norms {norms} vs {ref_norms}")
 
 
 @pytest.mark.parametrize("name", list(STRUCTURES))
@@ -142,7 +152,7 @@ def test_catalog_structures_under_dp_tp(runs, name):
     np.testing.assert_allclose(got, ref, rtol=1e-4, err_msg=f"{name}: {got} vs single process {ref}")
 
 
-@pytest.mark.parametrize("strategy", ["dp=2,cp=2", "dp=2,ep=2"])
+@pytest.mark.parametrize("strategy", ["dp=2,cp=2", "dp=4,ep=2"])
 def test_unsupported_parallelism_is_refused_at_plan_time(tmp_path, strategy):
     """The planner's rules (techniques.violations) rule these out for a transformers module."""
     spec = _spec(tmp_path, "mixtral")
