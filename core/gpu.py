@@ -123,6 +123,10 @@ class GpuProfile(BaseModel):
     matmul_eff: EffCurve
     membound_eff: EffCurve
     attention_eff: EffCurve
+    attention_eff_counts: Literal["full", "performed"] = Field(
+        "full", description="FLOPs attention_eff is quoted in: 'full' 4bhs^2d per call (measured profiles time causal "
+                            "SDPA against it), 'performed' only the score blocks a causal / windowed kernel computes "
+                            "(FlashAttention papers; cost_models.compute.causal_block_fraction)")
     sources: dict[str, str] = Field(..., description="field -> where its value comes from")
     # ----- written by `autopar profile` / `autopar profile-comm` (measured profiles only) -----
     cores: int | None = Field(None, ge=1, description="CPU cores the ranks of one node share (None: a GPU)")

@@ -25,6 +25,44 @@ def roofline_time(flops: float, bytes_rw: float, peak_flops: float, flop_eff: fl
     return max(t_compute, t_memory)
 
 
+def _triangle_blocks(n: int) -> int:
+    """Score blocks at or below the diagonal of an n x n block grid (causal mask)."""
+    return n * (n + 1) // 2
+
+
+def _window_blocks(n: int, w: int) -> int:
+    """Score blocks of an n x n causal grid that a window of ``w`` blocks back reaches: query
+    block r computes key blocks max(0, r - w) .. r."""
+    if n <= w + 1:
+        return _triangle_blocks(n)
+    return _triangle_blocks(w + 1) + (n - w - 1) * (w + 1)
+
+
+def causal_block_fraction(seq: int, cp: int = 1, window: int = 0, block: int = 128,
+                          kernel_skips_window: bool = True) -> float:
+    """Share of the s^2 score blocks (per context-parallel rank: of its s/cp x s) a causal
+    FlashAttention kernel computes. FlashAttention-2 (Dao 2023) sections 3.1 and 4.1: blocks
+    wholly above the diagonal are skipped, ``nb(nb+1)/2`` of ``nb^2`` blocks of ``block`` tokens
+    (128 on Hopper / Ampere), the papers count causal FLOPs as half. Context parallel (Ring
+    Attention, Liu et al. 2023; Megatron-Core CP, torchtitan): the sequence is cut in 2cp chunks
+    and rank i holds chunks i and 2cp-1-i (load-balanced zig-zag), so each rank computes 2cp-1
+    full chunk pairs and two causal diagonal chunks of its 4cp chunk pairs (all ranks equal).
+    ``window`` (sliding-window layers, tokens): a kernel that skips out-of-window blocks (FA2
+    ``window_size``, Megatron/TE, flex attention) computes the band; torch SDPA with a boolean
+    mask (``kernel_skips_window=False``) computes every block (1.0)."""
+    if window and not kernel_skips_window:
+        return 1.0
+    if cp <= 1:
+        nb = -(-seq // block)
+        done = _window_blocks(nb, -(-window // block)) if window and window < seq else _triangle_blocks(nb)
+        return done / nb ** 2
+    if window and window < seq:  # the band per rank: each rank holds an equal share of it
+        return causal_block_fraction(seq, 1, window, block)
+    nc = -(-seq // (2 * cp * block))  # blocks per chunk
+    diag = _triangle_blocks(nc) / nc ** 2
+    return (2 * cp - 1 + 2 * diag) / (4 * cp)
+
+
 @dataclass
 class OpTimer:
     """Prices ops on one device: measured table first, then fitted or datasheet curves.
@@ -107,11 +145,16 @@ class OpTimer:
         bwd = t * bwd_ratio + self.membound(cast_b * calls) / self.contention
         return fwd * self.contention, bwd * self.contention
 
-    def attention(self, flops: float, bytes_rw: float) -> float:
-        """Fused attention kernel time (FlashAttention-style), one call of ``flops``."""
+    def attention(self, flops: float, bytes_rw: float, performed: float = 1.0) -> float:
+        """Fused attention kernel time (FlashAttention-style), one call of ``flops`` (full 4bhs^2d).
+        ``performed``: the share of score blocks the kernel computes (``causal_block_fraction``);
+        it applies where the profile quotes ``attention_eff`` in performed FLOPs, for the curve's
+        x as for the work, so a measured ("full") profile prices as it was measured."""
         if flops <= 0:
             return 0.0
         self.hits[self.source] += 1
+        if self.gpu.attention_eff_counts == "performed":
+            flops = flops * performed
         eff = min(1.0, self.gpu.eff("attention_eff", flops) * self.stack.attention_scale)
         t = roofline_time(flops, bytes_rw, self.peak, eff, self.bw, self.gpu.eff("membound_eff", max(bytes_rw, 1)))
         return t * self.contention

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from autopar.core.cluster import ClusterSpec
 from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import CommFit, collective_time
-from autopar.cost_models.compute import OpTimer, cpu_contention
+from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_contention
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
 from autopar.cost_models.moe_cost import ep_exposed, grouped_expert_time, ring_exposed
 
@@ -186,7 +186,7 @@ def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext) -> tuple[
     if hit is not None:
         return hit
     if op.kind == "attention":
-        f = t.attention(op.fwd_flops * scale, op.bytes_rw * scale)
+        f = t.attention(op.fwd_flops * scale, op.bytes_rw * scale, causal_block_fraction(ctx.seq_len, s.cp))
         return f, f * (op.bwd_flops / op.fwd_flops if op.fwd_flops else 2.5)
     f = t.membound(op.bytes_rw * scale, op.fwd_flops * scale)
     return f, 2.0 * f  # backward of an elementwise op reads the output grad and the saved input

@@ -57,7 +57,8 @@ def ring_exposed(cp: int, step_s: float, attn_fwd_s: float) -> float:
     """Exposed seconds of one layer's context-parallel ring per micro-batch (forward + backward):
     each of the ``cp - 1`` steps moves K,V (``step_s``) beside ``attn_fwd_s / cp`` of attention
     forward, and in backward K,V,dK,dV (``2 step_s``) beside 2.5x that (FlashAttention's backward
-    / forward FLOP ratio)."""
+    / forward FLOP ratio). ``attn_fwd_s`` is the kernels' priced time, i.e. of the score blocks a
+    causal kernel performs (``compute.causal_block_fraction``), not of the full s^2."""
     if cp <= 1:
         return 0.0
     per_step = attn_fwd_s / cp
