@@ -76,7 +76,8 @@ class CostModel:
         self.ctx = PricingContext(
             cluster=cluster, timer=self.timer, dtype_bytes=dbytes, hidden=spec.hidden or 1, seq_len=seq_len,
             topk=spec.topk, num_experts=spec.num_experts, kv_bytes_per_token=_kv_bytes(spec, dbytes),
-            fits=comm_fits, runtime=runtime)
+            fits=comm_fits, runtime=runtime, sliding_window=spec.sliding_window,
+            sliding_layers=frozenset(i for i in self.blocks if spec.is_sliding_layer(i)))
         self.moe_load = moe_load
         self._cache: dict[tuple, dict] = {}
 

@@ -78,6 +78,8 @@ class PricingContext:
     runtime: str = "torch"               # "torch": the emitted programs; "megatron": Megatron-LM kernels
     compile: str = "none"                # torch.compile of the blocks ("model") and of the loss ("model+loss")
     loss_parallel: bool = False          # torch runtime: cross-entropy on vocabulary-sharded logits (torchtitan)
+    sliding_window: int = 0              # tokens a sliding-window layer attends back (ModelSpec.sliding_window)
+    sliding_layers: frozenset[int] = frozenset()  # block indices that attend within the window
 
     def __post_init__(self):
         """A measured hardware profile brings its own collective fits and, for CPU ranks that
@@ -132,8 +134,9 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     before = dict(ctx.timer.hits)
     fwd = bwd = attn_fwd = kernel_fwd = op_rerun = 0.0
     flops = 0.0
+    performed = _attention_performed(layer, s, ctx)
     for op in layer.ops:
-        f, b = _op_time(op, s, sh, ctx)
+        f, b = _op_time(op, s, sh, ctx, performed)
         load = expert_load(ctx) if op.shard == "expert" else 1.0
         fwd, bwd = fwd + f * load, bwd + b * load
         flops += op.fwd_flops * sh.tokens / sh.of(op.shard)
@@ -167,7 +170,15 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     )
 
 
-def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext) -> tuple[float, float]:
+def _attention_performed(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:
+    """Share of the score blocks the layer's attention kernel computes: causal, per CP rank; a
+    sliding-window layer's band where the runtime's kernel skips masked blocks (Megatron/TE,
+    torchtitan flex, FA2 window_size), all of them under the emitted programs' SDPA with a boolean mask."""
+    window = ctx.sliding_window if layer.indices and layer.indices[0] in ctx.sliding_layers else 0
+    return causal_block_fraction(ctx.seq_len, s.cp, window, kernel_skips_window=ctx.runtime != "torch")
+
+
+def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext, performed: float = 1.0) -> tuple[float, float]:
     """Forward and backward time of one op on one rank: the measured op when the strategy
     leaves its captured shape unchanged, else the curves."""
     t = ctx.timer
@@ -186,7 +197,7 @@ def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext) -> tuple[
     if hit is not None:
         return hit
     if op.kind == "attention":
-        f = t.attention(op.fwd_flops * scale, op.bytes_rw * scale, causal_block_fraction(ctx.seq_len, s.cp))
+        f = t.attention(op.fwd_flops * scale, op.bytes_rw * scale, performed)
         return f, f * (op.bwd_flops / op.fwd_flops if op.fwd_flops else 2.5)
     f = t.membound(op.bytes_rw * scale, op.fwd_flops * scale)
     return f, 2.0 * f  # backward of an elementwise op reads the output grad and the saved input

@@ -5,8 +5,11 @@ from pathlib import Path
 import pytest
 
 from autopar.core.gpu import StackConstants
+from autopar.core.strategy import Strategy
 from autopar.cost_models.compute import OpTimer, causal_block_fraction
-from autopar.profiles.hw import load_gpu_profile
+from autopar.cost_models.layer_cost import PricingContext, _attention_performed
+from autopar.cost_models.layer_model import LayerTemplate
+from autopar.profiles.hw import load_cluster, load_gpu_profile
 
 CPU_JSON = Path(__file__).resolve().parents[1] / "profiles" / "hardware" / "cpu.json"
 
@@ -55,3 +58,13 @@ def test_cpu_profile_prices_unchanged():
     assert gpu.attention_eff_counts == "full"
     t = OpTimer(gpu=gpu, dtype="fp32", stack=StackConstants())
     assert t.attention(1e9, 1e7, causal_block_fraction(512)) == t.attention(1e9, 1e7)
+
+
+@pytest.mark.parametrize("runtime,expect", [("torch", 1.0), ("megatron", _hand_count(8192, 128, 8))])
+def test_sliding_layer_performed_share_follows_the_kernel(runtime, expect):
+    ctx = PricingContext(load_cluster("cluster-dgx-h100"), OpTimer(gpu=load_gpu_profile("h100-sxm")), 2, 4096, 8192,
+                         runtime=runtime, sliding_window=1024, sliding_layers=frozenset({0}))
+    s = Strategy.parse("dp=1").resolve(1, 1)
+    local, full = LayerTemplate("l", "block", [0]), LayerTemplate("g", "block", [1])
+    assert _attention_performed(local, s, ctx) == pytest.approx(expect)
+    assert _attention_performed(full, s, ctx) == pytest.approx(_hand_count(8192, 128))
