@@ -7,8 +7,12 @@ the user cache directory (``$AUTOPAR_CACHE_DIR``, else ``$XDG_CACHE_HOME/autopar
 ``~/.cache/autopar``) and reused by later runs.
 
 - Key: a SHA-256 of the caller's key fields plus autopar's version and a digest of the
-  source files that decide what a capture produces, so an edited capture never serves a
-  stale entry.
+  source files that decide what a capture produces (the capture, the built-in model modules,
+  the transformers capture, the template conversion and its JSON form), so an edited capture
+  never serves a stale entry. The digest is read once per process, before anything is
+  captured, so an entry is stored under the digest of the code that built it even when the
+  sources are edited while the command runs (``tests/test_cache.py`` checks that every module
+  a capture imports is a source).
 - Concurrent runs: each entry is written to a temporary file and ``os.replace``d into
   place (``fileio.write_atomic``); two runs racing on one key both write the same bytes.
 - A corrupted entry (unreadable JSON, wrong shape) is rebuilt with a one-line warning.
@@ -24,6 +28,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
 
@@ -32,9 +37,10 @@ from autopar.fileio import write_atomic
 
 T = TypeVar("T")
 
-# Source files whose edits change what a capture produces (relative to the package root).
-_CAPTURE_SOURCES = ("profiles/graph.py", "profiles/graph_ops.py", "profiles/layer_stats.py",
-                    "cost_models/templates.py", "cost_models/layer_model.py", "cost_models/compute.py")
+# Source files whose edits change what a capture produces (globs relative to the package root).
+CAPTURE_SOURCES = ("profiles/graph.py", "profiles/graph_ops.py", "profiles/layer_stats.py", "profiles/models/*.py",
+                   "profiles/hf_*", "cost_models/templates.py", "cost_models/template_cache.py",
+                   "cost_models/layer_model.py", "cost_models/compute.py", "core/op_signature.py")
 _ROOT = Path(__file__).resolve().parents[1]
 _enabled = True
 
@@ -56,13 +62,20 @@ def cache_dir() -> Path:
     return Path(base) / "autopar"
 
 
+def capture_sources(root: Path | None = None) -> list[str]:
+    """The files (relative to the package root) whose contents make up ``code_digest``."""
+    root = root or _ROOT
+    return sorted({p.relative_to(root).as_posix() for g in CAPTURE_SOURCES for p in root.glob(g) if p.is_file()})
+
+
+@lru_cache(maxsize=1)
 def code_digest() -> str:
-    """A digest of the capture code: part of every key (a missing file hashes as empty)."""
+    """A digest of the capture code: part of every key. Read once per process (the first
+    lookup precedes any capture), so reads and writes of one run agree on it."""
     h = hashlib.sha256(__version__.encode())
-    for rel in _CAPTURE_SOURCES:
-        p = _ROOT / rel
+    for rel in capture_sources():
         h.update(rel.encode())
-        h.update(p.read_bytes() if p.exists() else b"")
+        h.update((_ROOT / rel).read_bytes())
     return h.hexdigest()[:16]
 
 

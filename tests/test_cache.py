@@ -56,6 +56,55 @@ def test_key_covers_config_dtype_and_code(cache):
     assert len(capture_cache.code_digest()) == 16
 
 
+# Modules a capture imports that do not shape its result: the spec (built by intake) is the key itself,
+# the GPU profile prices templates without changing them, the rest stores them or names errors.
+NOT_CAPTURE_SOURCES = {"__init__.py", "core/__init__.py", "cost_models/__init__.py", "profiles/__init__.py",
+                       "errors.py", "fileio.py", "core/model_spec.py", "core/gpu.py", "profiles/intake.py",
+                       "profiles/capture_cache.py"}
+_IMPORTED = """
+import json, sys
+from pathlib import Path
+from autopar.cost_models import templates
+from autopar.profiles.intake import preset
+for name in ("llama-tiny", "moe-tiny", "gpt-tiny"):
+    templates._capture(preset(name).model_dump_json(), 32, "fp32", True)
+root = Path(sys.modules["autopar"].__file__).resolve().parent
+files = [Path(m.__file__).resolve() for n, m in list(sys.modules.items()) if n.startswith("autopar") and m.__file__]
+print(json.dumps(sorted(p.relative_to(root).as_posix() for p in files)))
+"""
+
+
+def test_every_module_a_capture_imports_is_in_the_digest():
+    out = subprocess.run([sys.executable, "-c", _IMPORTED], capture_output=True, text=True, timeout=300, check=True)
+    imported = set(json.loads(out.stdout))
+    assert {"profiles/models/layers.py", "profiles/graph.py"} <= imported   # the probe did capture
+    missing = imported - set(capture_cache.capture_sources()) - NOT_CAPTURE_SOURCES
+    assert not missing, f"add to capture_cache.CAPTURE_SOURCES: {sorted(missing)}"
+
+
+def test_digest_is_read_once_and_covers_model_sources(tmp_path, monkeypatch):
+    root = Path(capture_cache.__file__).resolve().parents[1]
+    for rel in capture_cache.capture_sources():   # a copy of the sources to edit
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes((root / rel).read_bytes())
+    assert {"profiles/models/transformer.py", "profiles/hf_families.py"} <= set(capture_cache.capture_sources())
+    monkeypatch.setattr(capture_cache, "_ROOT", tmp_path)
+    capture_cache.code_digest.cache_clear()
+    try:
+        first = capture_cache.code_digest()
+        (tmp_path / "profiles/models/transformer.py").write_text("# edited while a command runs\n")
+        assert capture_cache.code_digest() == first      # once per process: a write keeps the read's digest
+        capture_cache.code_digest.cache_clear()
+        edited = capture_cache.code_digest()              # the next process sees the edit
+        assert edited != first
+        (tmp_path / "profiles/hf_families.py").write_text("# edited\n")
+        capture_cache.code_digest.cache_clear()
+        assert capture_cache.code_digest() != edited
+    finally:
+        monkeypatch.undo()
+        capture_cache.code_digest.cache_clear()
+
+
 def test_corrupted_entry_is_rebuilt_with_one_warning(cache, capsys):
     spec = preset("llama-tiny")
     first = _build(spec)
