@@ -66,8 +66,10 @@ def test_runtime_changes_the_price(run_cli):
 
     args = ["estimate", "llama-tiny", "--gpu", "h100-sxm", "--nodes", "2", "--seq-len", "128",
             "--global-batch", "32", "--strategy", "dp=16,zero=3,mbs=1", "--json"]
-    out = {rt: json.loads(run_cli(*args, "--runtime", rt)[1])["step_time_s"] for rt in ("torch", "deepspeed")}
+    out = {rt: json.loads(run_cli(*args, "--runtime", rt)[1])["step_time_s"]
+           for rt in ("torch", "torchtitan", "deepspeed")}
     assert out["torch"] > 0 and out["deepspeed"] > 0
+    assert out["torchtitan"] != out["torch"]   # its own fitted constants, not autopar's torch ones
     code, _, err = run_cli(*args, "--runtime", "jax")
     assert code == 2 and "--runtime=jax" in err and len(err.strip().splitlines()) == 1
 
