@@ -65,7 +65,7 @@ def apply_hf_tp(model: nn.Module, mesh: ParallelMesh, sequence_parallel: bool = 
         hf.lm_head.weight = dec.embed_tokens.weight  # both Shard(0) over the vocabulary: re-tie
     sharded = {id(names[k]) for k in styles if k in names}
     for name, layer in _layers(dec):
-        _local_heads(layer, tp_mesh.size())
+        _local_heads(layer, tp_mesh.size(), sharded)
         if sp:
             _sequence_parallel_layer(layer, tp_mesh, sharded, first=name == "0" and dec.embed_tokens is not None)
     if sp:
@@ -77,8 +77,11 @@ def _layers(dec: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(dec.layers.items() if isinstance(dec.layers, nn.ModuleDict) else dec.layers.named_children())
 
 
-def _local_heads(layer: nn.Module, tp: int) -> None:
+def _local_heads(layer: nn.Module, tp: int, sharded: set[int]) -> None:
+    """Head counts of the modules whose projections are split (a replicated attention keeps all)."""
     for mod in layer.modules():
+        if not any(id(child) in sharded for child in mod.children()):
+            continue
         for attr in _HEAD_ATTRS:
             value = mod.__dict__.get(attr)
             if isinstance(value, int) and not isinstance(value, bool) and value % tp == 0:
