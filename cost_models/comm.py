@@ -290,9 +290,29 @@ def _one_group(kind: str, size_bytes: float, size: int, stride: int, cluster: Cl
     return _inter_cost(kind, size_bytes, n, nodes_of, cluster, algo)
 
 
+_MEMO: dict[tuple, tuple] = {}   # collective_time by its arguments (the search asks the same ones many times)
+_MEMO_MAX = 200_000
+
+
 def collective_time(kind: Kind, size_bytes: float, size: int, stride: int, cluster: ClusterSpec,
                     algo: Algo = "auto", fits: list[CommFit] | None = None,
                     first_rank: int | None = 0) -> CommCost:
+    """``_collective_time``, memoized: a pure function of its arguments. The cluster and the fits
+    are keyed by identity and kept beside the result, so a key never outlives its objects."""
+    key = (kind, size_bytes, size, stride, id(cluster), algo, id(fits), first_rank)
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0] is cluster and hit[1] is fits:
+        return hit[2]
+    out = _collective_time(kind, size_bytes, size, stride, cluster, algo, fits, first_rank)
+    if len(_MEMO) >= _MEMO_MAX:
+        _MEMO.clear()
+    _MEMO[key] = (cluster, fits, out)
+    return out
+
+
+def _collective_time(kind: Kind, size_bytes: float, size: int, stride: int, cluster: ClusterSpec,
+                     algo: Algo = "auto", fits: list[CommFit] | None = None,
+                     first_rank: int | None = 0) -> CommCost:
     """Time of one collective of ``size_bytes`` over the group ``(size, stride)`` on ``cluster``.
 
     ``kind`` p2p: one message between neighbours of the chain ``size`` members ``stride`` apart

@@ -1,0 +1,303 @@
+"""What the search knows before it partitions a configuration: memory floors and step-time lower
+bounds, and the one pricing per intra-stage sharding they read (``Space``, the search's state).
+
+Every bound here stays at or under the price the partition DP (``partition``) and the estimate
+(``CostModel.estimate``) give the configuration, whatever its layout and recompute: the search
+drops a configuration when its bound reaches the k-th best plan found, so a bound that overshot
+would change the answer (``tests/test_planner.py`` checks the search against exhaustive
+enumeration and against ``search(..., exhaustive=True)``).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from autopar.core.strategy import Strategy
+from autopar.cost_models.estimate import (
+    DDP_BUCKET_BYTES,
+    OPTIMIZER_BYTES_PER_PARAM,
+    CostModel,
+    RankReport,
+    even_stages,
+    offload_step_time,
+)
+from autopar.cost_models.layer_cost import shards_for
+from autopar.cost_models.layer_model import saved_bytes
+from autopar.cost_models.memory import bytes_per_param, model_state_bytes
+from autopar.cost_models.pipeline import in_flight_microbatches, weight_grad_fraction
+from autopar.planner import partition as part
+from autopar.planner.space import Constraints, Knobs, SearchStats, Sharding
+from autopar.techniques import pipeline
+
+
+def probe(sh: Sharding, gb: int, k: Knobs | None = None, **kw) -> Strategy:
+    """A Strategy with this sharding, unvalidated (for bounds and pricing)."""
+    vals = dict(Strategy().model_dump(), dp=sh.dp, tp=sh.tp, pp=sh.pp, cp=sh.cp, ep=sh.ep, etp=sh.etp,
+                micro_batch=sh.mbs, global_batch=gb, sequence_parallel=sh.sp)
+    if k is not None:
+        vals.update(zero_stage=k.zero, offload_optimizer=k.offload, schedule=k.schedule, vpp=k.vpp)
+    vals.update(kw)
+    return Strategy.model_construct(**vals)
+
+
+def pricing_key(sh: Sharding) -> Sharding:
+    """The sharding ``layer_costs`` depends on: per-layer prices do not depend on pp, and on dp
+    only through ``dp / edp = ep*etp / (tp*cp)``, so dp = ep*etp prices every dp alike
+    (tests/test_planner.py checks the claim)."""
+    return Sharding(sh.tp, sh.cp, 1, sh.ep * sh.etp, sh.ep, sh.etp, sh.sp, sh.mbs)
+
+
+@dataclass(frozen=True)
+class Floor:
+    """Memory-floor terms of one intra-stage sharding over the whole model (no pricing)."""
+
+    dense: float     # parameters of every layer on its pipeline rank (tp-sharded), summed
+    expert: float
+    act: float       # smallest saved activations per micro-batch the allowed recompute gives
+    act_base: float  # saved activations per micro-batch with the fastest allowed recompute
+    temps: float
+    saves: tuple     # per block template: (layers, {mode: bytes one layer saves per micro-batch})
+
+    def states(self, cm: CostModel, sh: Sharding, zero: int, offload: bool) -> float:
+        if offload:  # as CostModel.rank_memory: CPUOffloadPolicy keeps shards, gradients, AdamW states on the host
+            return 0.0 if zero >= 3 else (self.dense + self.expert) * bytes_per_param(cm.dtype)[0]
+        ds = model_state_bytes(self.dense, cm.dtype, zero, sh.dp * sh.cp)
+        es = model_state_bytes(self.expert, cm.dtype, zero, sh.edp)
+        return ds.total + es.total - (ds.optimizer + es.optimizer if offload else 0.0)
+
+    def host_bytes(self, cm: CostModel, sh: Sharding) -> float:
+        """Mean over pipeline ranks of what offload keeps in host memory (as ``CostModel.rank_memory``)."""
+        return (model_state_bytes(self.dense, cm.dtype, 3, sh.dp * sh.cp).total
+                + model_state_bytes(self.expert, cm.dtype, 3, sh.edp).total) / sh.pp
+
+    def bytes(self, cm: CostModel, sh: Sharding, zero: int, offload: bool, in_flight: float) -> float:
+        """Mean over pipeline ranks of states + activations: the most loaded rank holds at least this."""
+        return (self.states(cm, sh, zero, offload) + self.act * in_flight + self.temps) / sh.pp
+
+    def recompute_time(self, cm: CostModel, sh: Sharding, k: Knobs, in_flight: float, usable: float,
+                       rc: list[dict]) -> float:
+        """Least recompute time per micro-batch (all ranks together) that brings the mean rank
+        under ``usable``: a fractional knapsack over the block templates (``rc``: extra time of
+        one layer per mode), a relaxation of ``recompute.choose`` summed over ranks."""
+        room = (sh.pp * usable - self.states(cm, sh, k.zero, k.offload) - self.temps) / in_flight
+        need = self.act_base - room
+        if need <= 0:
+            return 0.0
+        offers = []
+        for (n, saves), times in zip(self.saves, rc):
+            useful = [(times[m] / b, b) for m, b in saves.items() if b > 0]
+            if useful:   # cheapest rate, most bytes: looser than any real mode choice
+                offers.append((min(r for r, _ in useful), n * max(b for _, b in useful)))
+        extra = 0.0
+        for rate, cap in sorted(offers):
+            take = min(cap, need)
+            extra, need = extra + rate * take, need - take
+            if need <= 0:
+                break
+        return extra
+
+
+def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...]) -> Floor:
+    """Same formulas as ``layer_cost.price_layer`` for parameters and ``layer_model.saved_bytes``.
+    ``modes[0]`` is the fastest allowed recompute (none unless the user fixed another)."""
+    shards = shards_for(probe(sh, 0))
+    dense = expert = act = act_base = temps = 0.0
+    saves = []
+    for t in cm.templates:
+        n = len(t.indices) if t.kind == "block" else 1
+        dense += n * ((t.params_tp + t.params_vocab) / sh.tp + t.params_rep)
+        expert += n * t.params_expert / (sh.ep * sh.etp)
+        if t.kind == "block":
+            by_mode = {k: saved_bytes(t, shards, k) for k in modes}
+            act += n * min(by_mode.values())
+            act_base += n * by_mode[modes[0]]
+            saves.append((n, {k: by_mode[modes[0]] - b for k, b in by_mode.items() if k != modes[0]}))
+        else:
+            act += saved_bytes(t, shards, "none")
+            act_base += saved_bytes(t, shards, "none")
+            temps += t.temp_bytes * shards.tokens / (sh.tp if t.kind == "output" else 1)
+    return Floor(dense, expert, act, act_base, temps, tuple(saves))
+
+
+def min_in_flight(pp: int, m: int, schedule: str, v: int) -> float:
+    """Fewest micro-batches any rank holds (the count falls or stays flat with the rank)."""
+    return min(in_flight_microbatches(r, pp, m, schedule, v) for r in (0, pp - 1))
+
+
+def curves_monotone(cm: CostModel) -> bool:
+    """Per-unit op time never grows with size when every efficiency curve is non-decreasing
+    and no measured op table overrides them: then a bigger micro-batch never costs more per
+    sequence (collectives too: latency + size / bandwidth)."""
+    g = cm.timer.gpu
+    curves = (g.matmul_eff.root, g.membound_eff.root, g.attention_eff.root)
+    return not cm.timer.measured and all(b[1] >= a[1] for c in curves for a, b in zip(c, c[1:]))
+
+
+@dataclass
+class Priced:
+    """One pricing of an intra-stage sharding (``layer_costs``) and the sums the bounds use."""
+
+    costs: dict
+    total: float        # forward + backward of every layer without recompute, per micro-batch
+    total_no_cp: float  # the same without context-parallel exposure (bounds smaller micro-batches)
+    min_block: float    # the fastest transformer block
+    params: tuple[float, float]   # (dense, expert) parameters of the blocks on their ranks
+    rc: list[dict]      # per block template: extra backward time of one layer per recompute mode
+    fbw: tuple[float, float, float]   # blocks' forward, backward and weight-gradient sums (bubble share)
+    min_dense: float    # parameters of the smallest block (dense, on its rank): every rank holds one
+    max_block: float    # the slowest transformer block
+    edges: tuple[float, float]    # embedding and output layer times (on the first / last rank)
+    base: list[float]   # every block's time with the fastest allowed recompute, in model order
+
+
+class Space:
+    """State of one search: caches keyed by sharding, the work queue, the stats."""
+
+    def __init__(self, cm: CostModel, cons: Constraints, gb: int):
+        self.cm, self.cons, self.gb, self.stats = cm, cons, gb, SearchStats()
+        self.usable = float(cm.gpu.usable_mem_bytes)
+        self.floors: dict[tuple, Floor] = {}
+        self.prices: dict[Sharding, Priced] = {}
+        self.queue: list[tuple] = []
+        self.pushes = 0           # tie-breaker: equal bounds leave the queue in insertion order
+        self.shared: dict = {}    # caches the partition DP reuses across configurations
+        self.knob_cache: dict = {}
+        self.rule_error: str | None = None
+        # the optimizer step streams at best at the highest HBM efficiency of the profile
+        self.opt_bw = cm.timer.bw * max(e for _, e in cm.timer.gpu.membound_eff.root)
+        self.wfrac = {id(t): weight_grad_fraction(t.ops) for t in cm.templates if t.kind == "block"}
+        self.syncs: dict[tuple, float] = {}   # gradient-sync floors by (dp group, tp, zero 1/2)
+
+    def push(self, lb: float, kind: str, *payload) -> None:
+        self.pushes += 1
+        heapq.heappush(self.queue, (lb, self.pushes, kind, payload))
+
+    def floor(self, sh: Sharding) -> Floor:
+        key = (sh.tp, sh.cp, sh.ep, sh.etp, sh.sp, sh.mbs)
+        if key not in self.floors:
+            self.floors[key] = floor_terms(self.cm, sh, self.cons.modes)
+        return self.floors[key]
+
+    def priced(self, sh: Sharding) -> Priced:
+        key = pricing_key(sh)
+        if key not in self.prices:
+            costs = self.cm.layer_costs(probe(key, self.gb))
+            self.stats.layer_pricings += 1
+            blocks = [costs[i] for i in range(self.cm.num_layers)]
+            edges = [c for c in (costs["embedding"], costs["output"]) if c]
+            base = self.cons.modes[0]   # the fastest recompute allowed: every block pays at least it
+            total = sum(c.time(base) for c in blocks) + sum(c.time("none") for c in edges)
+            no_cp = total - sum(c.comm_s.get("cp", 0.0) for c in blocks + edges)
+            rc = [{m: costs[t.indices[0]].time(m) - costs[t.indices[0]].time(base) for m in self.cons.modes}
+                  for t in self.cm.templates if t.kind == "block"]
+            wfrac = [self.wfrac[id(self.cm.blocks[i])] for i in range(self.cm.num_layers)]
+            fbw = (sum(c.fwd_s for c in blocks), sum(c.bwd_s for c in blocks),
+                   sum(c.bwd_s * f for c, f in zip(blocks, wfrac)))
+            times = [c.time(base) for c in blocks]
+            edges = tuple(c.time("none") if c else 0.0 for c in (costs["embedding"], costs["output"]))
+            self.prices[key] = Priced(costs, total, no_cp, min(times),
+                                      (sum(c.params_dense for c in blocks), sum(c.params_expert for c in blocks)), rc,
+                                      fbw, min(c.params_dense for c in blocks), max(times), edges, times)
+        return self.prices[key]
+
+
+
+def pipeline_bound(sp: Space, sh: Sharding, k: Knobs, total: float, p2p: float = 0.0,
+                    peak: float = 0.0, share: float = 0.0, sync: float = 0.0) -> float:
+    """``T = A max P + B sum P + K + max D`` (``partition``) with the slowest rank at its floor
+    ``peak`` (``peak_floor``; at least the mean) and ``sum P >= total``. ``share``: a zero-bubble
+    schedule's bubble relative to 1F1B's (``partition.coefficients``; 0 where it is not known
+    yet). ``sync``: the gradient synchronisation of the rank holding the most layers, of which
+    its last backward hides at most ``max P / m`` (``partition.RankPricer.dp_time``); with
+    ``A >= 1/m`` the sum grows with ``max P``, so the floor may stand in for it. The stack's
+    per-step overhead is a constant of every step."""
+    m = sp.gb // (sh.dp * sh.mbs)
+    A, B, K = part.schedule_coefficients(sh.pp, m, k.schedule, k.vpp, p2p, share)
+    peak = max(total / sh.pp, peak)
+    exposed = max(0.0, sync - peak / m) if A * m >= 1 else 0.0
+    return A * peak + B * total + K + exposed + sp.cm.stack.step_overhead_s
+
+
+def held_layers(sp: Space, sh: Sharding, k: Knobs) -> int:
+    """Layers on the most loaded rank, at least: some rank holds ``ceil(C / pp)`` positions of each
+    of the ``v`` periods of ``C = layers / v`` layers (V-shaped: ``ceil(layers / pp)``)."""
+    L = sp.cm.num_layers
+    return -(-L // sh.pp) if k.schedule in pipeline.V_SHAPED else k.vpp * -(-(L // k.vpp) // sh.pp)
+
+
+def peak_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
+    """Lower bound of the slowest rank's time per micro-batch (``max P``), every layer at its
+    fastest allowed recompute. V-shaped schedules use the even split (``_v_shaped``): exact per
+    rank. Looped: the rank holding the embedding (and the one holding the output layer) takes
+    ``n`` layers, ``v | n``; it is at least ``edge + n * fastest block`` and the other ranks'
+    mean is at least ``(total - edge - n * slowest block) / (pp - 1)``; the minimum over ``n``
+    of the larger of the two bounds ``max P``."""
+    p, v = sh.pp, k.vpp
+    held = held_layers(sp, sh, k) * pr.min_block
+    if p == 1:
+        return held
+    if k.schedule in pipeline.V_SHAPED:
+        stages = even_stages(sp.cm.num_layers, p * v)
+        per = [sum(pr.base[i] for j in pipeline.rank_stages(r, p, v, k.schedule) for i in range(*stages[j]))
+               for r in range(p)]
+        per[pipeline.stage_rank(0, p, k.schedule)] += pr.edges[0]
+        per[pipeline.stage_rank(p * v - 1, p, k.schedule)] += pr.edges[1]
+        return max(max(per), held)
+    base_total = pr.total
+    out = held
+    for edge in pr.edges:
+        out = max(out, edge_rank_floor(edge, base_total - edge, pr.min_block, pr.max_block, p, v,
+                                        sp.cm.num_layers // v))
+    return out
+
+
+def edge_rank_floor(edge: float, rest: float, lo: float, hi: float, p: int, v: int, C: int) -> float:
+    """``min over n = v c, 1 <= c <= C - p + 1`` of ``max(edge + n lo, (rest - n hi) / (p - 1))``:
+    the first term grows with ``n``, the second falls, so the minimum sits next to where they cross."""
+    def f(c: int) -> float:
+        return max(edge + v * c * lo, (rest - v * c * hi) / (p - 1))
+    cross = (rest - (p - 1) * edge) / (v * ((p - 1) * lo + hi)) if (p - 1) * lo + hi > 0 else 1.0
+    c0 = min(max(int(cross), 1), C - p + 1)
+    return min(f(c) for c in {c0, min(c0 + 1, C - p + 1)})
+
+
+def optimizer_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
+    """``CostModel.optimizer_time`` of the mean rank (its cost grows at least linearly with
+    the shard, so the most loaded rank pays at least this)."""
+    dense, expert = pr.params
+    if k.offload:   # CPUOffloadPolicy shards at any ZeRO stage; at least one gather and one reduction per step
+        return offload_step_time((dense / (sh.dp * sh.cp) + expert / sh.edp) / sh.pp, sp.cm.dtype, sp.cm.gpu)
+    local = (dense / (sh.dp * sh.cp if k.zero >= 1 else 1) + expert / (sh.edp if k.zero >= 1 else 1)) / sh.pp
+    return local * OPTIMIZER_BYTES_PER_PARAM / sp.opt_bw
+
+
+def grad_sync_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> tuple[float, float]:
+    """Below ZeRO-3 (``partition.RankPricer.dp_time``): (the last bucket every rank synchronises
+    after its last backward, ``min(DDP_BUCKET_BYTES, its dense gradient bytes)``; the whole dense
+    gradient synchronisation of the rank holding the most layers). Every rank holds at least the
+    smallest block and collective times grow with the size."""
+    n = sh.dp * sh.cp
+    if k.zero >= 3 or n <= 1 or pr.min_dense <= 0:
+        return 0.0, 0.0
+    gbytes = bytes_per_param(sp.cm.dtype)[1]
+    sizes = (min(DDP_BUCKET_BYTES, pr.min_dense * gbytes), held_layers(sp, sh, k) * pr.min_dense * gbytes)
+    out = []
+    for size in sizes:
+        key = (size, n, sh.tp, k.zero in (1, 2))
+        if key not in sp.syncs:
+            sp.syncs[key] = sp.cm.grad_sync_time(size, n, sh.tp, probe(sh, sp.gb, k))
+        out.append(sp.syncs[key])
+    return out[0], out[1]
+
+
+def zero3_floor(sp: Space, sh: Sharding) -> float:
+    """ZeRO-3 exposed time is a sum over layers; the slowest rank carries at least the mean."""
+    costs = sp.priced(sh).costs
+    s = probe(sh, sp.gb, zero_stage=3)
+    seen: dict[int, float] = {}
+    for i in range(sp.cm.num_layers):
+        if id(costs[i]) not in seen:
+            one = RankReport(0, [i], 0.0, 0.0, 0.0, {}, {}, 1.0)
+            seen[id(costs[i])] = sp.cm.dp_time(s, one, costs, s.num_micro_batches)
+    return sum(seen[id(costs[i])] for i in range(sp.cm.num_layers)) / sh.pp
