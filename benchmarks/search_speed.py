@@ -74,9 +74,11 @@ def run(label, spec, gpu, nodes, seq, gb, target, repeat):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=1, help="searches per job (the minimum is reported)")
+    ap.add_argument("--only", default="", help="run the jobs whose label contains this text")
     args = ap.parse_args()
     for job in JOBS:
-        run(*job, repeat=args.repeat)
+        if args.only in job[0]:
+            run(*job, repeat=args.repeat)
 
 
 if __name__ == "__main__":
