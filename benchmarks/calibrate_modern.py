@@ -33,7 +33,7 @@ PROFILES = {"ampere": ("a100-40g", "a100-80g"), "hopper": ("h100-sxm", "h100-96g
 GRIDS = {
     "matmul_scale": [0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3],
     "fp8_matmul_scale": [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3],
-    "attention_scale": [0.7, 0.85, 1.0, 1.2, 1.4],
+    "attention_scale": [0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0, 1.2, 1.4],
     "tp_overlap": [0.0, 0.3, 0.6, 0.9],
     "moe_imbalance": [1.0, 1.15, 1.3, 1.5, 1.75],
     "zero3_overlap": [0.0, 0.25, 0.5, 0.7, 0.85, 1.0],
@@ -264,4 +264,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as the importable module, so the --cache pickle names calibrate_modern.Built (which
+    # validate_published.py can read back) rather than __main__.Built
+    import calibrate_modern
+
+    sys.exit(calibrate_modern.main())

@@ -43,8 +43,9 @@ def test_context_parallel_zigzag_per_rank():
 
 
 def test_gpu_profile_prices_causal_about_half():
-    gpu = load_gpu_profile("h100-sxm")
-    assert gpu.attention_eff_counts == "performed"
+    # the shipped GPU profiles count full FLOPs (the fit prefers it: docs/validation.md); a profile
+    # whose attention_eff is in the FlashAttention papers' performed-FLOPs convention halves causal
+    gpu = load_gpu_profile("h100-sxm").model_copy(update={"attention_eff_counts": "performed"})
     t = OpTimer(gpu=gpu, stack=StackConstants())
     flops = 4 * 8 * 32 * 8192 ** 2 * 128  # b=8, h=32, s=8192, d=128
     full, causal = t.attention(flops, 1e8), t.attention(flops, 1e8, causal_block_fraction(8192))
