@@ -75,39 +75,29 @@ def test_sequence_parallel_splits_the_stage_boundary_and_last_stage_retains_logi
                                                             + logits)
 
 
-def _cli(capsys, *argv):
-    from autopar.cli.main import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
 TINY = ("llama-tiny", "--seq-len", "64", "--gpu", "h100-96g")
 
 
-def test_compile_and_loss_parallel_are_refused_where_the_program_does_not_run_them(capsys):
+def test_compile_and_loss_parallel_are_refused_where_the_program_does_not_run_them(run_cli):
     for argv in (("estimate", *TINY, "--strategy", "dp=8", "--compile", "model"),
                  ("memory", *TINY, "--strategy", "dp=8", "--loss-parallel", "--runtime", "megatron"),
                  ("plan", *TINY, "--compile", "model+loss"),
                  ("estimate", *TINY, "--strategy", "dp=8", "--runtime", "torchtitan", "--compile", "blocks")):
-        code, _out, err = _cli(capsys, *argv)
+        code, _out, err = run_cli(*argv)
         assert code == 2 and len(err.strip().splitlines()) == 1
         assert "--compile" in err or "--loss-parallel" in err
 
 
-def test_compile_and_loss_parallel_are_priced_and_recorded_in_the_plan(capsys, tmp_path):
+def test_compile_and_loss_parallel_are_priced_and_recorded_in_the_plan(run_cli, tmp_path):
     strategy = ("--strategy", "dp=4,tp=2,sp=1,mbs=2", "--runtime", "torchtitan", "--json")
     peaks = []
     for extra in ((), ("--compile", "model+loss", "--loss-parallel")):
-        code, out, _ = _cli(capsys, "memory", *TINY, *strategy, *extra)
+        code, out, _ = run_cli("memory", *TINY, *strategy, *extra)
         assert code == 0
         peaks.append(json.loads(out)["memory"]["peak_bytes"])
     assert peaks[1] < peaks[0]  # a compiled, vocab-parallel loss keeps 16-bit logits split over tp
     path = tmp_path / "plan.json"
-    code, _out, _ = _cli(capsys, "plan", *TINY, "--runtime", "torchtitan", "--compile", "model", "--loss-parallel",
+    code, _out, _ = run_cli("plan", *TINY, "--runtime", "torchtitan", "--compile", "model", "--loss-parallel",
                          "--top", "1", "--out", str(path))
     assert code == 0
     plan = Plan.load(path)
