@@ -1,10 +1,12 @@
 """Ranking of the plans the search found: by the step time the estimate prints, feasible only,
 and within ``TIE`` (1%) of each other the simpler plan first.
 
-Simpler, in order: fewer parallel dimensions above 1 (dp, tp, pp, cp, ep, etp), plain data
-parallel (DDP) before ZeRO-3 / FSDP, a lower ZeRO stage, no optimizer offload, then no
-recompute. A practitioner runs DDP over ZeRO-3 when the cost model says they are within 1%:
-the difference is inside the model's error, the simpler program is easier to run.
+Simpler, in order: fewer model-parallel dimensions above 1 (tp, pp, cp, ep, etp), fewer
+parallel dimensions in all (dp included), plain data parallel (DDP) before ZeRO-3 / FSDP, a
+lower ZeRO stage, no optimizer offload, then no recompute. A practitioner runs DDP over ZeRO-3,
+and data parallel (FSDP) over splitting the model (an 8B model at 8k on one node runs dp8 FSDP,
+not cp8), when the cost model says they are within 1%: the difference is inside the model's
+error, and each model-parallel dimension adds collectives in the critical path and ways to fail.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from autopar.planner.space import Candidate
 
 TIE = 0.01
 RULE = ("ranked by predicted step time; plans within 1% of each other are listed simpler first "
-        "(fewer parallel dimensions > 1, DDP before ZeRO-3, lower ZeRO stage, no offload before offload)")
+        "(fewer model-parallel dimensions > 1 (tp, pp, cp, ep), then fewer dimensions with dp, DDP before "
+        "ZeRO-3, lower ZeRO stage, no offload before offload, no recompute before recompute)")
 
 
 def simplicity(s: Strategy) -> tuple:
     """Sort key: smaller is simpler."""
-    dims = sum(d > 1 for d in (s.dp, s.tp, s.pp, s.cp, s.ep, s.etp))
-    return dims, s.zero_stage >= 3, s.zero_stage, s.offload_optimizer, s.recompute != "none"
+    model_dims = sum(d > 1 for d in (s.tp, s.pp, s.cp, s.ep, s.etp))
+    return (model_dims, model_dims + (s.dp > 1), s.zero_stage >= 3, s.zero_stage, s.offload_optimizer,
+            s.recompute != "none")
 
 
 def order(cands: list[Candidate], tie: float = TIE) -> list[Candidate]:
