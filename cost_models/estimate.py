@@ -396,10 +396,11 @@ class CostModel:
         """Optimizer step of one rank's local parameters (on the GPU, or ZeRO-Offload's host step)."""
         dense = sum(costs[i].params_dense for i in r.layers)
         expert = sum(costs[i].params_expert for i in r.layers)
-        local = dense / (s.dp * s.cp if s.zero_stage >= 1 else 1) + expert / (s.edp if s.zero_stage >= 1 else 1)
+        edp = expert_shard_group(s, self.ctx.runtime)  # the group the memory prices the expert shards over
+        local = dense / (s.dp * s.cp if s.zero_stage >= 1 else 1) + expert / (edp if s.zero_stage >= 1 else 1)
         if s.offload_optimizer:  # CPUOffloadPolicy shards at any zero stage; ZeRO-3 gathers twice per micro-batch
             m = s.num_micro_batches
-            return offload_step_time(dense / (s.dp * s.cp) + expert / s.edp, self.dtype, self.gpu,
+            return offload_step_time(dense / (s.dp * s.cp) + expert / edp, self.dtype, self.gpu,
                                      gathers=m * (2 if s.zero_stage >= 3 else 1), reductions=m)
         return self.timer.membound(local * OPTIMIZER_BYTES_PER_PARAM)
 

@@ -45,3 +45,23 @@ def test_full_recompute_keeps_the_layer_input(gpt_block, t, sp):
     # Korthikanti et al. 2022 Sec. 5: full recompute keeps only the input, 2·s·b·h (sharded by SP).
     got = saved_bytes(gpt_block, Shards(tokens=B, tp=t, sp=sp, expert_div=t), "full")
     assert got == 2 * S * B * H / (t if sp else 1)
+
+
+def test_optimizer_step_shards_experts_over_the_group_the_program_uses():
+    """Without expert parallel under tp > 1, autopar's program shards the routed experts' ZeRO-1 states
+    over dp*cp (memory.expert_shard_group), so the optimizer step updates that share, not 1/edp."""
+    from autopar.core.strategy import Strategy
+    from autopar.cost_models.estimate import OPTIMIZER_BYTES_PER_PARAM
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    cm, *_ = build_cost_model(Inputs(model="moe-tiny", gpu="cpu", gpus_per_node=4, seq_len=64))
+    s = Strategy.parse("dp=2,tp=2,zero=1,gbs=8").resolve(4, 8)
+    est = cm.estimate(s)
+    costs = cm.layer_costs(s)
+    seen = []
+    cm.timer.membound = lambda b: seen.append(b) or 0.0  # record the bytes the step moves
+    dense = sum(costs[i].params_dense for i in est.ranks[0].layers)
+    expert = sum(costs[i].params_expert for i in est.ranks[0].layers)
+    assert expert > 0 and s.edp == 4
+    cm.optimizer_time(s, est.ranks[0], costs)
+    assert seen[-1] == pytest.approx((dense + expert) / 2 * OPTIMIZER_BYTES_PER_PARAM)
