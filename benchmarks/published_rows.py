@@ -23,7 +23,8 @@ Row conventions (each stated once, here):
 - torchtitan rows run as ``--runtime torchtitan`` (its own fitted constants: async TP, its FSDP2
   prefetch); its tensor parallel always shards norms and the residual stream over the sequence
   (``SequenceParallel``): ``sp=1``; without a global batch it runs one local batch per rank (no
-  gradient accumulation); with a pipeline, the micro-batch size is torchtitan's default of 1.
+  gradient accumulation); with a pipeline, the local batch is split into torchtitan's default
+  number of micro-batches (``_torchtitan_pp_microbatch``: Dec 2024, one per stage).
 - "H100 (96GB HBM2e, 500 W cap)" (Meta's Grand Teton, torchtitan's benchmarks) is the ``h100-96g``
   profile on the DGX H100 cluster preset; other H100 variants are ``h100-sxm``.
 - Architectures a row leaves null are filled from the public configuration named in ``ARCHS``.
@@ -109,6 +110,7 @@ class Case:
     config: dict         # HF-style config.json
     strategy: str
     run: dict
+    moe_capacity_factor: float | None = None  # token-drop capacity / forced balance the row states (1.0)
 
 
 @dataclass
@@ -256,14 +258,14 @@ def strategy_of(run: dict, stack: str) -> str:
             raise RowSkip("parallel.tp/pp are null and no note states them")
         tp, pp = int(match.group(1)), int(match.group(2))
     tp, pp = tp or 1, pp or 1
-    cp, ep, etp = _int(par.get("cp"), 1), _int(par.get("ep"), 1), _int(par.get("etp"), 1)
+    cp, ep, etp = _int(par.get("cp"), 1), _int(par.get("ep"), 1), _int(par.get("etp"), _etp_default(par, tp))
     dp = world // (tp * pp * cp)
     mbs = _int(par.get("microbatch"), 1)
     gbs = _int(par.get("global_batch")) or _global_batch(par, dp, mbs)
     if stack == "torchtitan":
         gbs = gbs or mbs * dp  # torchtitan's default: no gradient accumulation, local batch x dp
-        if pp > 1:
-            mbs = 1  # the row's batch is torchtitan's local batch; its pipeline micro-batch size defaults to 1
+        if pp > 1:  # the row's batch is torchtitan's local batch, split into its pipeline's micro-batches
+            mbs = _torchtitan_pp_microbatch(run, mbs, pp, _vpp(par))
     if gbs is None:
         raise RowSkip("parallel.global_batch is null and grad_accum x microbatch does not give it")
     zero = _zero_stage(par, stack)
@@ -274,6 +276,25 @@ def strategy_of(run: dict, stack: str) -> str:
     if pp > 1 and vpp > 1:
         parts += [f"vpp={vpp}", "schedule=interleaved"]
     return ",".join(parts)
+
+
+def _torchtitan_pp_microbatch(run: dict, local: int, pp: int, vpp: int) -> int:
+    """torchtitan's pipeline micro-batch size for the row's local batch. Dec 2024 (9dec370,
+    ``build_pipeline_schedule``): ``pipeline_parallel_microbatches`` defaults to the number of stages,
+    pp x stages per rank (1 for 1F1B / GPipe, 2 for a looped schedule without split points:
+    ``generate_split_points``); from 2025 the micro-batch size itself defaults to 1
+    (``pipeline_parallel_microbatch_size``)."""
+    if "2024" not in str(run["source"].get("title") or ""):
+        return 1
+    return max(1, local // (pp * vpp))
+
+
+def _etp_default(par: dict, tp: int | None) -> int:
+    """Expert tensor parallel where the row leaves it blank: plain Megatron-Core (before MoE Parallel
+    Folding) shards each expert over the attention's tensor-parallel group (ETP = TP; Liu et al. 2025,
+    Sec. 3, and the rows' own note "ETP blank for plain MCore (ETP=TP there)"); otherwise 1."""
+    method = str(par.get("method") or "")
+    return (tp or 1) if method.startswith("MCore") and "Folding" not in method else 1
 
 
 def _global_batch(par: dict, dp: int, mbs: int) -> int | None:
@@ -340,7 +361,20 @@ def case_for(run: dict) -> Case:
     config = megatron2021_config(run) if source in LEGACY_MEGATRON else model_config(run)
     return Case(id=run["id"], source=source, stack=stack, runtime=runtime, gpu=gpu, cluster=cluster,
                 nodes=max(1, world // gpn), gpus_per_node=min(gpn, world), seq_len=int(run["model"]["seq_len"]),
-                dtype=dtype_of(run), config=config, strategy=strategy_of(run, stack), run=run)
+                dtype=dtype_of(run), config=config, strategy=strategy_of(run, stack), run=run,
+                moe_capacity_factor=capacity_factor_of(run))
+
+
+def capacity_factor_of(run: dict) -> float | None:
+    """The expert capacity the row's routing ran with: Megatron-Bridge's MoE benchmarks force-balance
+    tokens across experts (``--moe-router-force-load-balancing``: every expert gets its mean share,
+    capacity 1); "token-drop ..., capacity factor C" caps each expert at C x its share; unstated:
+    dropless (None)."""
+    text = " ".join(str(x or "") for x in (run.get("notes"), run["parallel"].get("note"))).lower()
+    if "force-balance" in text or "force balance" in text:
+        return 1.0
+    match = re.search(r"token-drop[^.]*capacity factor (\d+(?:\.\d+)?)", text)
+    return float(match.group(1)) if match else None
 
 
 def build(case: Case, workdir: Path):
@@ -352,7 +386,7 @@ def build(case: Case, workdir: Path):
     cfg.write_text(json.dumps(case.config))
     cm, _spec, cluster, _seq = build_cost_model(Inputs(
         model=str(cfg), gpu=case.gpu, cluster=case.cluster, nodes=case.nodes, gpus_per_node=case.gpus_per_node,
-        seq_len=case.seq_len, dtype=case.dtype, runtime=case.runtime))
+        seq_len=case.seq_len, dtype=case.dtype, runtime=case.runtime, moe_capacity_factor=case.moe_capacity_factor))
     s = Strategy.parse(case.strategy).resolve(cluster.world)
     cm.check(s)
     return cm, s

@@ -34,6 +34,9 @@ Compile = typer.Option("none", "--compile", help="what the priced program compil
                        "model (each block) | model+loss (and the loss); --runtime torchtitan only")
 LossParallel = typer.Option(False, "--loss-parallel", help="the loss runs on vocabulary-sharded logits (DTensor "
                             "loss_parallel, torchtitan under tp); --runtime torchtitan only")
+MoeCapacityFactor = typer.Option(None, "--moe-capacity-factor", help="token-drop routing: each expert takes at "
+                                 "most this x its mean share of tokens (1 also prices forced load balancing, "
+                                 "Megatron-Core --moe-router-force-load-balancing); default: dropless")
 Profile = typer.Option(None, "--profile", help="measured profile JSON from `autopar profile`")
 Placement = typer.Option(None, "--placement", help="expert placement JSON from `autopar experts`")
 Trace = typer.Option(None, "--trace", help="routing trace JSON from `autopar trace-routing`")
@@ -56,7 +59,8 @@ def inputs(model: str, gpu: Optional[str], nodes: Optional[int], gpus_per_node: 
            cluster: Optional[str], seq_len: Optional[int], dtype: str, profile: Optional[str],
            placement: Optional[str] = None, trace: Optional[str] = None,
            input_shape: Optional[str] = None, runtime: str = "torch", input_dtype: str = "int64",
-           hf: bool = False, compile: str = "none", loss_parallel: bool = False) -> Inputs:
+           hf: bool = False, compile: str = "none", loss_parallel: bool = False,
+           moe_capacity_factor: Optional[float] = None) -> Inputs:
     shape = _shape(input_shape)
     model = hf_model(model, hf)
     precheck(model, gpu, nodes, gpus_per_node, cluster, shape, input_dtype)
@@ -65,7 +69,7 @@ def inputs(model: str, gpu: Optional[str], nodes: Optional[int], gpus_per_node: 
     return Inputs(model=model, gpu=gpu, nodes=nodes, gpus_per_node=gpus_per_node, cluster=cluster,
                   seq_len=seq_len, dtype=dtype, profile=profile, placement=placement, trace=trace,
                   input_shape=shape, runtime=runtime, input_dtype=input_dtype, compile=compile,
-                  loss_parallel=loss_parallel)
+                  loss_parallel=loss_parallel, moe_capacity_factor=moe_capacity_factor)
 
 
 INPUT_DTYPES = ("int64", "float32", "bfloat16", "float16")

@@ -46,12 +46,14 @@ def estimate_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Option
                  trace: Optional[str] = c.Trace, json_out: bool = c.Json,
                  input_shape: Optional[str] = c.InputShape, no_cache: bool = c.NoCache,
                  runtime: str = c.Runtime, input_dtype: str = c.InputDtype, hf: bool = c.Hf,
-                 compile: str = c.Compile, loss_parallel: bool = c.LossParallel):
+                 compile: str = c.Compile, loss_parallel: bool = c.LossParallel,
+                 moe_capacity_factor: Optional[float] = c.MoeCapacityFactor):
     """Predict step time, throughput, MFU and per-GPU memory of one strategy."""
     from autopar.cost_models.report import estimate_dict
 
     cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
-                          profile, placement, trace, input_shape, runtime, input_dtype, hf, (compile, loss_parallel))
+                          profile, placement, trace, input_shape, runtime, input_dtype, hf,
+                          (compile, loss_parallel, moe_capacity_factor))
     if json_out:
         c.print_json(estimate_dict(e, cm))
         return
@@ -72,12 +74,14 @@ def memory_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Optional
                trace: Optional[str] = c.Trace, json_out: bool = c.Json,
                input_shape: Optional[str] = c.InputShape, no_cache: bool = c.NoCache,
                runtime: str = c.Runtime, input_dtype: str = c.InputDtype, hf: bool = c.Hf,
-               compile: str = c.Compile, loss_parallel: bool = c.LossParallel):
+               compile: str = c.Compile, loss_parallel: bool = c.LossParallel,
+               moe_capacity_factor: Optional[float] = c.MoeCapacityFactor):
     """Say whether a strategy fits, per GPU and component; exit 3 with priced fixes when not."""
     from autopar.cost_models.report import candidate_fixes, estimate_dict, host_overflow_message, overflow_bytes
 
     cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
-                          profile, placement, trace, input_shape, runtime, input_dtype, hf, (compile, loss_parallel))
+                          profile, placement, trace, input_shape, runtime, input_dtype, hf,
+                          (compile, loss_parallel, moe_capacity_factor))
     fixes = [] if e.feasible else candidate_fixes(cm, s, e)
     if json_out:
         out = estimate_dict(e, cm)

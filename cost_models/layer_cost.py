@@ -27,7 +27,7 @@ from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_contention
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
-from autopar.cost_models.moe_cost import ep_exposed, grouped_expert_time, ring_exposed
+from autopar.cost_models.moe_cost import capped_load, ep_exposed, grouped_expert_time, ring_exposed
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
 
@@ -74,6 +74,7 @@ class PricingContext:
     kv_bytes_per_token: float = 0.0      # K+V bytes per token for CP ring exchange
     expert_load_ratio: float = 1.0       # straggler load over mean (routing trace / placement)
     ep_cross_fraction: float | None = None  # measured share of routed tokens leaving the rank
+    moe_capacity_factor: float | None = None  # token-drop capacity (1: forced balance); None: dropless
     fits: list[CommFit] | None = None
     runtime: str = "torch"               # "torch": the emitted programs; "megatron": Megatron-LM kernels
     compile: str = "none"                # torch.compile of the blocks ("model") and of the loss ("model+loss")
@@ -113,8 +114,9 @@ def busy_node_fits(fits: list[CommFit], ranks: int) -> list[CommFit]:
 def expert_load(ctx: PricingContext) -> float:
     """Busiest expert rank's tokens over the mean: a routing trace or placement's measured ratio, times
     the stack's fitted imbalance of dropless routing (``StackConstants.moe_imbalance``; GShard,
-    Lepikhin et al. 2021, Sec. 2.2: the step waits for the most loaded expert)."""
-    return ctx.expert_load_ratio * ctx.timer.stack.moe_imbalance
+    Lepikhin et al. 2021, Sec. 2.2: the step waits for the most loaded expert), capped by the run's
+    token-drop capacity factor (``moe_cost.capped_load``)."""
+    return capped_load(ctx.expert_load_ratio * ctx.timer.stack.moe_imbalance, ctx.moe_capacity_factor)
 
 
 def shards_for(s: Strategy) -> Shards:

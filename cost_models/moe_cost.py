@@ -9,6 +9,8 @@ their constants are per GPU type and software stack (``core.gpu.StackConstants``
   fixed launch and wave-tail cost is paid once per group (the efficiency curve is read at the
   group's FLOPs); each expert's rows are still padded to the row tile, so tokens per expert set
   the padding waste (``tile_fill``).
+- ``capped_load``: token-drop routing with a capacity factor (or forced balancing) bounds the
+  busiest expert's load, which dropless routing leaves to the router's imbalance.
 - ``ep_exposed``: the token dispatch / combine all-to-alls of one micro-batch run beside the
   compute of another (Megatron-Core ``--overlap-moe-expert-parallel-comm``, the 1F1B
   all-to-all overlap; DeepSeek-V3 technical report, Liu et al. 2024, Sec. 3.2.1, DualPipe);
@@ -45,6 +47,16 @@ def grouped_expert_time(per_call_s: float, calls: float, group_s: float, rows: f
     if calls <= 1:
         return per_call_s * max(calls, 0.0)
     return min(calls * per_call_s, group_s / tile_fill(rows))
+
+
+def capped_load(load: float, capacity_factor: float | None) -> float:
+    """Busiest expert's tokens over the mean once the router caps each expert at ``capacity_factor``
+    x its mean share (Switch Transformer, Fedus et al. 2022, Sec. 2.1: expert capacity = capacity
+    factor x tokens / experts; the tokens over it are dropped, so no expert computes or receives
+    more). Forced balancing (Megatron-Core ``--moe-router-force-load-balancing``, the benchmark
+    mode of its MoE performance tables) routes every expert the mean: capacity 1. ``None``:
+    dropless routing, the load as it comes."""
+    return load if capacity_factor is None else min(load, capacity_factor)
 
 
 def ep_exposed(a2a_s: float, compute_s: float, overlap: float) -> float:

@@ -40,6 +40,7 @@ class Inputs:
     input_dtype: str = "int64"   # a factory's / transformers model's example input dtype
     compile: str = "none"        # none | model | model+loss: what the runtime's program compiles
     loss_parallel: bool = False  # the loss on vocabulary-sharded logits (DTensor loss_parallel)
+    moe_capacity_factor: float | None = None  # token-drop expert capacity (1: forced balance); None: dropless
 
 
 def resolve_cluster(inp: Inputs) -> ClusterSpec:
@@ -82,6 +83,7 @@ def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, in
     cm = CostModel(spec, cluster, seq, templates, gpu, inp.dtype, timer=timer, comm_fits=fits,
                    moe_load=moe_load, runtime=inp.runtime)
     cm.ctx.compile, cm.ctx.loss_parallel = program_options(inp)
+    cm.ctx.moe_capacity_factor = _capacity_factor(inp, spec)
     return cm, spec, cluster, seq
 
 
@@ -117,6 +119,15 @@ def _measured(inp: Inputs, gpu):
 
     path = Path(inp.profile)
     return load_measured_profile(path, gpu, inp.dtype)
+
+
+def _capacity_factor(inp: Inputs, spec: ModelSpec) -> float | None:
+    cf = inp.moe_capacity_factor
+    if cf is not None and not (cf > 0 and spec.is_moe):
+        raise InputError(f"--moe-capacity-factor={cf}: " + ("must be positive (1: each expert takes at most its "
+                         "mean share of tokens); fix: give e.g. 1 or 1.25" if spec.is_moe else
+                         "needs a mixture-of-experts model; fix: leave it out"))
+    return cf
 
 
 def _moe_load(inp: Inputs, spec: ModelSpec):

@@ -136,3 +136,68 @@ def test_torch_programs_get_neither_grouped_gemm_nor_all_to_all_overlap():
     for gpu in ("a100-80g", "h100-sxm", "h200"):
         torch = load_gpu_profile(gpu).stack("torch")
         assert torch.expert_grouped_gemm is False and torch.ep_overlap == 0.0
+
+
+def test_capacity_factor_caps_the_busiest_expert():
+    """Switch Transformer (Fedus et al. 2022, Sec. 2.1): an expert takes at most capacity factor x its
+    mean share; forced balancing is capacity 1; dropless (None) keeps the load as it comes."""
+    from autopar.cost_models.moe_cost import capped_load
+
+    assert capped_load(1.3, None) == 1.3
+    assert capped_load(1.3, 1.0) == 1.0
+    assert capped_load(1.3, 1.25) == 1.25
+    assert capped_load(1.1, 1.25) == 1.1   # under the cap: nothing is dropped
+    assert capped_load(1.0, 0.5) == 0.5    # capacity under the mean: every expert drops half
+
+
+def test_capacity_factor_through_the_layer_and_its_input_errors():
+    from autopar.errors import InputError
+
+    imbalanced = StackConstants(moe_imbalance=1.3)
+    dropless = _moe_layer_cost(imbalanced, "tp=1,pp=1,dp=16,ep=16,mbs=1")
+    from autopar.cost_models.session import Inputs, _capacity_factor, build_cost_model
+
+    cm = _qwen_moe_cost_model(Inputs, build_cost_model, 4096)
+    cm.ctx.moe_capacity_factor = 1.0
+    try:
+        capped = _moe_layer_cost(imbalanced, "tp=1,pp=1,dp=16,ep=16,mbs=1")
+    finally:
+        cm.ctx.moe_capacity_factor = None
+    neutral = _moe_layer_cost(StackConstants(), "tp=1,pp=1,dp=16,ep=16,mbs=1")
+    assert capped.fwd_s == pytest.approx(neutral.fwd_s) and capped.comm_s["ep"] == pytest.approx(neutral.comm_s["ep"])
+    assert dropless.fwd_s > 1.05 * capped.fwd_s   # the 1.3x straggler expert is capped at its mean share
+
+    moe, dense = cm.spec, cm.spec.model_copy(update={"num_experts": 0, "topk": 0})
+    assert _capacity_factor(Inputs(model="x", moe_capacity_factor=1.25), moe) == 1.25
+    with pytest.raises(InputError, match="--moe-capacity-factor=0.0: must be positive"):
+        _capacity_factor(Inputs(model="x", moe_capacity_factor=0.0), moe)
+    with pytest.raises(InputError, match="needs a mixture-of-experts model; fix"):
+        _capacity_factor(Inputs(model="x", moe_capacity_factor=1.0), dense)
+
+
+def _published_rows():
+    import sys
+    from pathlib import Path
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "validation" / "published_modern.yaml"
+    if not shared.is_file():
+        pytest.skip("shared/validation is not next to the repository")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import published_rows as pr
+
+    return pr, {r["id"]: r for r in pr.load_runs(shared)}
+
+
+def test_published_moe_rows_map_routing_and_expert_tp_as_their_text_states():
+    """Plain Megatron-Core (MoE Parallel Folding's "MCore" rows, ETP blank) shards experts over the
+    attention's TP group; the Folding rows state ETP; Megatron-Bridge's MoE benchmarks force-balance
+    tokens (capacity 1); the Folding paper's Table 3 rows train token-drop at capacity factor 1."""
+    pr, runs = _published_rows()
+    mcore = pr.case_for(runs["moe_folding_table4_Mixtral-8x22B-G8T8_mcore_512gpu"])
+    assert "tp=2," in mcore.strategy and "etp=2," in mcore.strategy
+    folded = pr.case_for(runs["moe_folding_table3_Mixtral-8x22B-G8T8_folding"])
+    assert "tp=4," in folded.strategy and "etp=1," in folded.strategy and folded.moe_capacity_factor == 1.0
+    bridge = pr.case_for(runs["megatron_bridge_26.04_h100_Qwen3_30B_a3B_16gpu_FP8_12"])
+    assert bridge.moe_capacity_factor == 1.0
+    dense = pr.case_for(runs["megatron_bridge_26.04.01_h100_LLAMA3_70B_64gpu_FP8_4"])
+    assert dense.moe_capacity_factor is None and "etp=1," in dense.strategy
