@@ -21,48 +21,28 @@ H100 is ``h100-96g``; ``sp=1`` under its TP), plus, each stated once here:
 - "torch.compile" rows: torchtitan at the Dec 2024 benchmark commit (9dec370) compiles each
   transformer block (``compile="model"``); from 2025 it compiles the loss too
   (``compile.components`` = model, loss: ``compile="model+loss"``), as the June 2025 H200 run did;
-- a row without a global batch (memory does not depend on it) runs one micro-batch per rank;
-- with a pipeline, torchtitan at the Dec 2024 commit splits the local batch into
-  ``pipeline_parallel_microbatches`` micro-batches, which default to the number of pipeline stages
-  (``build_pipeline_schedule``: ``pp`` x stages per rank; 2 per rank for an interleaved schedule
-  without split points, ``generate_split_points``): the 405B rows' local batch of 32 is ``mbs=4``
-  under 1F1B and ``mbs=2`` interleaved. (``published_rows`` maps them to ``mbs=1``, the
-  ``pipeline_parallel_microbatch_size`` default of 2025 torchtitan; under it the interleaved run
-  would hold more in flight than the 1F1B one, 23 chunks of 8 layers against 8 micro-batches of
-  16, while it published 9.8 GiB less.)
+- a row without a global batch (memory does not depend on it) runs one local batch per rank, and a
+  pipeline row's local batch is split into torchtitan's default number of micro-batches (one per
+  stage in Dec 2024: the 405B rows' local batch of 32 is ``mbs=4`` under 1F1B, 8 stages, and
+  ``mbs=2`` interleaved, 16 stages), both in ``published_rows.case_for``, which prices their time too;
+- the pipeline stages are torchtitan's own split (``runtime_memory.torchtitan_stages``, what
+  ``CostModel.estimate`` takes under ``--runtime torchtitan`` when no split is given).
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
-from autopar.core.strategy import Strategy
 from autopar.errors import AutoparError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from published_rows import MODERN_YAML, Case, RowSkip, build, case_for, load_runs  # noqa: E402
+from published_rows import MODERN_YAML, RowSkip, build, case_for, load_runs  # noqa: E402
 
 GiB = 1024**3
-
-
-def memory_case(run: dict) -> Case:
-    """``case_for`` plus the mapping of the module docstring (no global batch; pipeline micro-batches)."""
-    par = run["parallel"]
-    if par.get("global_batch") is None and isinstance(par.get("dp"), int):
-        run = {**run, "parallel": {**par, "global_batch": (par.get("microbatch") or 1) * par["dp"]}}
-    case = case_for(run)
-    s = Strategy.parse(case.strategy)
-    if case.stack == "torchtitan" and s.pp > 1 and "2024" in str(run["source"].get("title") or ""):
-        local = int(par.get("microbatch") or 1)  # the row's batch is torchtitan's local batch
-        mbs = max(1, local // (s.pp * max(s.vpp, 1)))
-        case = replace(case, strategy=re.sub(r"mbs=\d+", f"mbs={mbs}", case.strategy))
-    return case
 
 
 def compile_mode(run: dict) -> str:
@@ -78,7 +58,7 @@ def rows(path: Path) -> list[dict]:
 
 
 def price_memory(run: dict, workdir: Path) -> dict:
-    case = memory_case(run)
+    case = case_for(run)
     cm, s = build(case, workdir)
     if case.stack == "torchtitan":  # how torchtitan runs what the strategy names (module docstring)
         cm.ctx.compile, cm.ctx.loss_parallel = compile_mode(run), s.tp > 1

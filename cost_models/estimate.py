@@ -45,7 +45,7 @@ from autopar.cost_models.memory import (
 from autopar.cost_models.moe_load import LoadFn
 from autopar.cost_models.overlap import contention_time, exposed_behind, inter_node_factor, rate_capped, zero3_edges
 from autopar.cost_models.pipeline import in_flight_microbatches, step_time, weight_grad_fraction
-from autopar.cost_models.runtime_memory import torchtitan_memory
+from autopar.cost_models.runtime_memory import torchtitan_memory, torchtitan_stages
 from autopar.errors import InputError
 from autopar.techniques import offload
 from autopar.techniques.pipeline import ZERO_BUBBLE, rank_stages
@@ -114,7 +114,9 @@ class CostModel:
     def estimate(self, s: Strategy, stages: list[tuple[int, int]] | None = None,
                  layer_recompute: list[str] | None = None) -> Estimate:
         costs = self.layer_costs(s)
-        stages = stages or even_stages(self.num_layers, s.pp * s.vpp)
+        # a strategy without a stage split runs the runtime's own: torchtitan shortens the first stage
+        split = torchtitan_stages if self.ctx.runtime == "torchtitan" else even_stages
+        stages = stages or split(self.num_layers, s.pp * s.vpp)
         recompute = layer_recompute or [s.recompute] * self.num_layers
         m = s.num_micro_batches
         ranks = [self._rank(r, s, stages, recompute, costs, m) for r in range(s.pp)]

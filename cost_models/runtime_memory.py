@@ -43,6 +43,21 @@ from autopar.cost_models.memory import model_state_bytes
 FP32_BYTES = 4  # torchtitan's mixed_precision_reduce default
 
 
+def torchtitan_stages(layers: int, n: int) -> list[tuple[int, int]]:
+    """How torchtitan splits ``layers`` blocks into ``n`` pipeline stages when the job names no split
+    points (``pipelining_utils.generate_split_points`` at 9dec370: ``n`` = pp x stages per rank, 1
+    for single-stage schedules, 2 for looped ones): ``layers // n`` per stage, the remainder one
+    each to the middle stages from the second on, so the first and the last stage are the short
+    ones (autopar's ``even_stages`` lengthens the first)."""
+    base, extra = divmod(layers, n)
+    bounds = [0, base]
+    for _ in range(n - 2):
+        bounds.append(bounds[-1] + base + (1 if extra > 0 else 0))
+        extra -= 1
+    bounds = bounds[:n] + [layers]
+    return [(bounds[j], bounds[j + 1]) for j in range(n)]
+
+
 def gathered_param_bytes(stage_params: float, param_bytes: int) -> float:
     """Parameters FSDP2 holds gathered for the whole step under torchtitan's pipeline
     (``apply_fsdp``: ``reshard_after_forward = False`` if ``pp_enabled``): every parameter of the
@@ -66,6 +81,45 @@ def activations_beside_grads(per_microbatch: float, in_flight: float, microbatch
     if in_flight < microbatches:
         return per_microbatch * in_flight
     return max(per_microbatch * in_flight - grads, per_microbatch * (in_flight - 1))
+
+
+def schedule_order(warm: int, p: int, m: int, v: int, schedule: str) -> list[tuple[str, int]] | None:
+    """The ops one pipeline rank runs, ``("F" | "B", local stage)``, as torch's schedules of Dec 2024
+    (torch 2.6 ``distributed.pipelining.schedules``) order them, given the rank's ``warm`` warm-up
+    forwards; None for schedules not listed. ``Schedule1F1B``: ``min(m, p - rank)`` warm-up forwards,
+    then backward / forward pairs. ``ScheduleInterleaved1F1B``: ``(v - 1) * per_round + 2 * (p - 1 -
+    rank)`` warm-up forwards (at most ``m * v``; ``per_round = m // max(1, m // p)``), then forward /
+    backward pairs; the k-th forward runs local stage ``(k // per_round) % v``, the k-th backward
+    ``v - 1 -`` that (``pipeline.in_flight_microbatches`` gives the warm-up, + 1, in micro-batches)."""
+    if schedule == "gpipe":
+        return [("F", 0)] * m + [("B", 0)] * m
+    if schedule == "1f1b":
+        return [("F", 0)] * warm + [op for _ in range(m - warm) for op in (("B", 0), ("F", 0))] + [("B", 0)] * warm
+    if schedule != "interleaved":
+        return None
+    per_round, n = m // max(1, m // p), m * v
+    warm = min(warm, n)
+    fwd = [("F", (k // per_round) % v) for k in range(n)]
+    bwd = [("B", v - 1 - (k // per_round) % v) for k in range(n)]
+    steady = [op for i in range(n - warm) for op in (fwd[warm + i], bwd[i])]
+    return fwd[:warm] + steady + bwd[n - warm:]
+
+
+def peak_beside_grads(order: list[tuple[str, int]], chunk: list[float], grads: float) -> float:
+    """The activation bytes at a rank's peak beside its accumulated gradients, replaying ``order``
+    (``schedule_order``): ``chunk[j]`` bytes per in-flight micro-batch of local stage j; a stage's
+    unsharded gradients (``grads`` / stages) exist from its first backward on. Returns the peak of
+    activations + gradients minus ``grads`` (the gradients component counts them whole)."""
+    v = len(chunk)
+    live, started, peak = 0.0, set(), 0.0
+    for kind, j in order:
+        if kind == "F":
+            live += chunk[j]
+        else:
+            live -= chunk[j]
+            started.add(j)
+        peak = max(peak, live + grads * len(started) / v)
+    return peak - grads
 
 
 def boundary_bytes(s: Strategy, seq_len: int, hidden: int, dtype_bytes: int) -> float:
@@ -105,7 +159,7 @@ def torchtitan_memory(cm, s: Strategy, parts: list[LayerCost], modes: list[str],
     grads = nosync_grad_bytes(dense + expert, block, pbytes)
     boundary = boundary_bytes(s, cm.seq_len, cm.spec.hidden or 1, pbytes)
     m = s.num_micro_batches
-    acts = sum(c.act_bytes[mo] for c, mo in zip(parts, modes))
+    acts = sum(c.act_bytes[mo] for c, mo in zip(parts, modes)) / s.vpp  # one chunk (even stages)
     # the loss's saved tensors: one micro-batch (the last stage runs each loss's backward next)
     loss_acts = sum(c.act_bytes["none"] for c in extra)
     work = max(c.work_bytes[mo] for c, mo in zip(parts, modes))
@@ -121,7 +175,23 @@ def torchtitan_memory(cm, s: Strategy, parts: list[LayerCost], modes: list[str],
     return {**mem,
             "parameters": mem["parameters"] + gathered_param_bytes(dense + expert, pbytes),
             "gradients": mem["gradients"] - shards + grads,
-            "activations": activations_beside_grads(acts, in_flight, m, grads) + loss_acts,
+            "activations": _activations(s, modes, acts, boundary, in_flight, first, grads) + loss_acts,
             "recompute_workspace": max(0.0, work - mem["logits_and_temporaries"]),
             "comm_buffers": 0.0,
             "pipeline_buffers": recv_buffer_bytes(m, 2 * s.vpp - first - last, boundary) + outputs}
+
+
+def _activations(s: Strategy, modes: list[str], chunk: float, boundary: float, in_flight: float, first: bool,
+                 grads: float) -> float:
+    """Activations beside the gradients at the rank's peak, replaying its schedule (``schedule_order``;
+    others: ``activations_beside_grads``). Under full recompute a non-first stage's first block
+    input is the receive buffer itself (non-reentrant checkpoint keeps its inputs alive, the stage's
+    first input is ``args_recv_info[chunk].buffer``), already counted in the pipeline buffers."""
+    v = s.vpp
+    warm = round(in_flight * v) - (1 if s.schedule == "interleaved" else 0)
+    order = schedule_order(warm, s.pp, s.num_micro_batches, v, s.schedule)
+    if order is None:
+        return activations_beside_grads(chunk * v, in_flight, s.num_micro_batches, grads)
+    recv = boundary if all(mo == "full" for mo in modes) else 0.0
+    per_stage = [chunk - (0.0 if first and j == 0 else recv) for j in range(v)]
+    return peak_beside_grads(order, per_stage, grads)

@@ -86,23 +86,25 @@ def test_h100_96g_profile_carries_its_sources():
 def test_torchtitan_rows_map_to_what_torchtitan_runs():
     sys.path.insert(0, str(BENCH))
     try:
+        import published_rows as pr
         import validate_memory as vm
     finally:
         sys.path.remove(str(BENCH))
     runs = {r["id"]: r for r in vm.rows(SHARED)}
     assert len(runs) >= 9
     row = runs["torchtitan_h100_t1_Llama-3.1-8B_8gpu_0"]
-    case = vm.memory_case(row)
+    case = pr.case_for(row)
     assert case.gpu == "h100-96g" and "recompute=op" in case.strategy and "zero=3" in case.strategy
     assert vm.compile_mode(row) == "none"
     assert vm.compile_mode(runs["torchtitan_h100_t1_Llama-3.1-8B_8gpu_2"]) == "model"
     assert vm.compile_mode(runs["torchtitan_h200_llama3_8b_64gpu"]) == "model+loss"
-    tp = vm.memory_case(runs["torchtitan_h100_t4_Llama-3.1-70B_256gpu_11"])
+    tp = pr.case_for(runs["torchtitan_h100_t4_Llama-3.1-70B_256gpu_11"])
     assert "sp=1" in tp.strategy and tp.runtime == "torchtitan"
-    pp = vm.memory_case(runs["torchtitan_h100_t5_Llama-3.1-405B_512gpu_12"])
+    pp = pr.case_for(runs["torchtitan_h100_t5_Llama-3.1-405B_512gpu_12"])
     # torchtitan (Dec 2024) splits the local batch of 32 into as many micro-batches as pipeline
-    # stages (validate_memory's docstring): 8 under 1F1B, 16 interleaved (2 stages per rank)
+    # stages (published_rows._torchtitan_pp_microbatch): 8 under 1F1B, 16 interleaved (2 stages per
+    # rank); time (validate_published) and memory (validate_memory) price the same case
     assert "mbs=4" in pp.strategy and pp.runtime == "torchtitan"
-    assert "mbs=2" in vm.memory_case(runs["torchtitan_h100_t5_Llama-3.1-405B_512gpu_13"]).strategy
-    full = vm.memory_case(runs["torchtitan_h100_t2_Llama-3.1-8B_8gpu_3"])  # no global batch published
+    assert "mbs=2" in pr.case_for(runs["torchtitan_h100_t5_Llama-3.1-405B_512gpu_13"]).strategy
+    full = pr.case_for(runs["torchtitan_h100_t2_Llama-3.1-8B_8gpu_3"])  # no global batch published
     assert "recompute=full" in full.strategy

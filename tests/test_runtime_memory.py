@@ -41,6 +41,45 @@ def test_pure_formulas():
     assert rm.activations_beside_grads(10.0, 4, 8, grads=100.0) == 40.0
 
 
+def test_torchtitan_stage_split_shortens_first_and_last():
+    """generate_split_points (torchtitan 9dec370): base per stage, the remainder to the middle stages."""
+    lengths = [[b - a for a, b in rm.torchtitan_stages(*args)] for args in ((126, 8), (126, 16), (11, 4), (8, 1))]
+    assert lengths == [[15] + [16] * 6 + [15], [7] + [8] * 14 + [7], [2, 3, 3, 3], [8]]
+    # CostModel.estimate without a split runs torchtitan's under --runtime torchtitan: 4 layers on 3 stages
+    ranks = {}
+    for runtime in ("torch", "torchtitan"):
+        cm, _spec, _cluster, _ = build_cost_model(Inputs(model="llama-tiny", gpu="h100-96g", nodes=1, gpus_per_node=3,
+                                                         seq_len=SEQ, dtype="bf16", runtime=runtime))
+        ranks[runtime] = [r.layers for r in cm.estimate(Strategy.parse("pp=3,mbs=1,gbs=6").resolve(3)).ranks]
+    assert ranks == {"torch": [[0, 1], [2], [3]], "torchtitan": [[0], [1, 2], [3]]}
+
+
+def test_schedule_replay_matches_the_closed_forms():
+    """torch's Schedule1F1B: the replay gives activations_beside_grads; Interleaved1F1B (p=8, m=16,
+    v=2): rank 0 warms up with 8 + 2*7 = 22 forwards and peaks, every stage's gradients present,
+    with 15 micro-batches of its first local stage and 8 of its second in flight (rank 1: 21)."""
+    for warm, m, grads in ((4, 4, 100.0), (4, 4, 5.0), (4, 8, 100.0)):
+        order = rm.schedule_order(warm, 8, m, 1, "1f1b")
+        assert rm.peak_beside_grads(order, [10.0], grads) == rm.activations_beside_grads(10.0, warm, m, grads)
+    order = rm.schedule_order(22, 8, 16, 2, "interleaved")
+    assert len(order) == 64 and order.count(("F", 0)) == order.count(("B", 1)) == 16
+    assert rm.peak_beside_grads(order, [1.0, 0.0], 1e3) == 15 and rm.peak_beside_grads(order, [0.0, 1.0], 1e3) == 8
+    assert rm.peak_beside_grads(rm.schedule_order(20, 8, 16, 2, "interleaved"), [1.0, 1.0], 1e3) == 21
+    assert rm.schedule_order(4, 4, 8, 2, "zbv") is None
+
+
+def test_full_recompute_stage_input_is_the_receive_buffer():
+    """Under full recompute a non-first stage's first block input is its receive buffer (counted in
+    the pipeline buffers), so each in-flight micro-batch saves one stage boundary less there."""
+    cm = _cm("torchtitan")
+    ranks = _ranks(cm, "pp=2,dp=4,mbs=1,gbs=32,zero=3,recompute=full")
+    costs = cm.layer_costs(Strategy.parse("pp=2,dp=4,mbs=1,gbs=32,zero=3,recompute=full").resolve(8))
+    per_mb = sum(costs[i].act_bytes["full"] for i in ranks[1].layers)
+    boundary = SEQ * cm.spec.hidden * 2
+    loss = costs["output"].act_bytes["none"]
+    assert ranks[1].memory["activations"] == pytest.approx((per_mb - boundary) * ranks[1].in_flight + loss)
+
+
 def test_no_pipeline_prices_as_autopars_own_program():
     text = "tp=2,dp=4,mbs=2,gbs=16,zero=3,sp=1,recompute=op"
     assert _ranks(_cm("torchtitan"), text)[0].memory == _ranks(_cm("torch"), text)[0].memory
