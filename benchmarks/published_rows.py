@@ -284,7 +284,7 @@ def _torchtitan_pp_microbatch(run: dict, local: int, pp: int, vpp: int) -> int:
     pp x stages per rank (1 for 1F1B / GPipe, 2 for a looped schedule without split points:
     ``generate_split_points``); from 2025 the micro-batch size itself defaults to 1
     (``pipeline_parallel_microbatch_size``)."""
-    if "2024" not in str(run["source"].get("title") or ""):
+    if "2024" not in str((run.get("source") or {}).get("title") or ""):
         return 1
     return max(1, local // (pp * vpp))
 
