@@ -39,7 +39,10 @@ def validate_cmd(model: str = c.Model,
                  json_out: bool = c.Json,
                  runtime: str = typer.Option("torch", "--runtime", help="torch: validate runs autopar's own "
                                              "emitted programs, so only their runtime can be compared"),
-                 input_shape: Optional[str] = c.InputShape, input_dtype: str = c.InputDtype, hf: bool = c.Hf):
+                 input_shape: Optional[str] = c.InputShape, input_dtype: str = c.InputDtype, hf: bool = c.Hf,
+                 merge: Optional[str] = typer.Option(None, "--merge", help="comma-separated --out folders of "
+                                                     "earlier runs of this configuration (the strategies split in "
+                                                     "pieces): one report of them all in --out; runs nothing")):
     """Run strategies for real and compare measured step time and memory with the predictions."""
     from autopar.codegen import validate as v
     from autopar.codegen import validate_report as rep
@@ -50,6 +53,8 @@ def validate_cmd(model: str = c.Model,
     if runtime != "torch":
         raise InputError(f"--runtime={runtime}: validate runs autopar's emitted torch programs; use --runtime torch")
     model = c.hf_model(model, hf)
+    if merge:
+        return _merged(v, rep, model, nproc, [Path(d) for d in merge.split(",") if d], out, json_out)
     c.precheck(model, None, None, None, None, c._shape(input_shape), input_dtype)
     inp = Inputs(model=model, gpu=gpu or ("cpu" if device == "cpu" else None), nodes=1, gpus_per_node=nproc,
                  seq_len=seq_len, dtype=dtype, profile=profile, input_shape=c._shape(input_shape),
@@ -62,6 +67,20 @@ def validate_cmd(model: str = c.Model,
     load0 = os.getloadavg()[0]
     rows, summary = _run(v, cm, chosen, cfg, out, quiet=json_out)
     meta = _meta(model, cm, cfg, profile or inp.gpu or "", load0)
+    files = rep.write_all(summary, meta, out)
+    if json_out:
+        c.print_json({**meta, **summary})
+        return
+    _print(summary, meta, files)
+
+
+def _merged(v, rep, model: str, nproc: int, dirs: list[Path], out: Path, json_out: bool) -> None:
+    """--merge: the pieces' strategies compared as one set, reported like a run."""
+    strategies, meta = rep.merge(dirs)
+    if (meta["model"], meta["nproc"]) != (model, nproc):
+        raise InputError(f"--merge: the folders ran {meta['model']} on {meta['nproc']} ranks, not {model} on {nproc}; "
+                         "fix: give the model and --nproc they ran")
+    summary = v.summarize_dicts(strategies)
     files = rep.write_all(summary, meta, out)
     if json_out:
         c.print_json({**meta, **summary})

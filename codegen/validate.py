@@ -346,23 +346,28 @@ def row_dict(r: Row) -> dict:
 def summarize(rows: list[Row]) -> dict:
     """The comparison over the strategies that ran: MAPEs, worst memory under-prediction,
     Spearman of step times, and whether the predicted fastest is the measured fastest."""
-    ok = [r for r in rows if r.ok and r.measurement.time_s and r.measurement.mem_bytes]
-    pt = [r.prediction.step_time_s for r in ok]
-    mt = [r.measurement.time_s for r in ok]
-    pm = [r.prediction.tensor_bytes for r in ok]
-    mm = [r.measurement.mem_bytes for r in ok]
-    out = {"ran": len(ok), "failed": len(rows) - len(ok), "spearman": spearman(pt, mt),
+    return summarize_dicts([row_dict(r) for r in rows])
+
+
+def summarize_dicts(strategies: list[dict]) -> dict:
+    """``summarize`` from the per-strategy dicts (``row_dict``, the ``strategies`` of validation.json),
+    so that runs made in pieces (``autopar validate --merge``) are compared as one set."""
+    ok = [r for r in strategies if r["status"] == "ok" and r["predicted_time_s"] is not None
+          and r["measured_time_s"] and r["measured_mem_bytes"]]
+    pt, mt = [r["predicted_time_s"] for r in ok], [r["measured_time_s"] for r in ok]
+    pm, mm = [r["predicted_mem_bytes"] for r in ok], [r["measured_mem_bytes"] for r in ok]
+    out = {"ran": len(ok), "failed": len(strategies) - len(ok), "spearman": spearman(pt, mt),
            "time_mape": _mean([ape(p, m) for p, m in zip(pt, mt)]),
            "memory_mape": _mean([ape(p, m) for p, m in zip(pm, mm)]),
            "max_memory_under_prediction": max([under_prediction(p, m) for p, m in zip(pm, mm)], default=None),
            "predicted_best": None, "measured_best": None, "best_gap_pct": None}
     if ok:
-        pb, mb = min(ok, key=lambda r: r.prediction.step_time_s), min(ok, key=lambda r: r.measurement.time_s)
-        out["predicted_best"], out["measured_best"] = pb.name, mb.name
+        pb, mb = min(ok, key=lambda r: r["predicted_time_s"]), min(ok, key=lambda r: r["measured_time_s"])
+        out["predicted_best"], out["measured_best"] = pb["name"], mb["name"]
         out["predicted_best_is_measured_best"] = pb is mb
         # how much slower the predicted best really is than the real best
-        out["best_gap_pct"] = (pb.measurement.time_s / mb.measurement.time_s - 1.0) * 100.0
-    out["strategies"] = [row_dict(r) for r in rows]
+        out["best_gap_pct"] = (pb["measured_time_s"] / mb["measured_time_s"] - 1.0) * 100.0
+    out["strategies"] = strategies
     return out
 
 

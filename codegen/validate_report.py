@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from autopar.errors import InputError
 from autopar.fileio import write_atomic
 
 MiB = 2**20
@@ -142,3 +143,29 @@ def write_all(s: dict, meta: dict, out: Path) -> list[Path]:
     write_atomic(js, json.dumps({**meta, **s}, indent=2, default=float) + "\n")
     scatter(s, png, f"{meta.get('model')}: {meta.get('nproc')} {meta.get('device')} ranks, predicted vs measured")
     return [md, js, png]
+
+
+# what must agree for runs made in pieces to be one comparison
+SAME = ("model", "nproc", "device", "profile", "seq_len", "global_batch", "dtype", "steps", "warmup")
+
+
+def merge(dirs: list[Path]) -> tuple[list[dict], dict]:
+    """The strategies and the run description of several ``autopar validate --out DIR`` runs of one
+    configuration (the strategy list split in pieces, e.g. to hold a shared machine's lock for less
+    time); ``validate.summarize_dicts`` compares them as one set."""
+    parts = []
+    for d in dirs:
+        path = Path(d) / "validation.json"
+        if not path.is_file():
+            raise InputError(f"--merge: {path} does not exist; fix: name folders an `autopar validate --out` wrote")
+        parts.append((path, json.loads(path.read_text())))
+    first_path, first = parts[0]
+    for path, other in parts[1:]:
+        for key in SAME:
+            if other.get(key) != first.get(key):
+                raise InputError(f"--merge: {path} ran {key}={other.get(key)!r}, {first_path} {first.get(key)!r}; "
+                                 "fix: merge runs of one configuration")
+    meta = {k: first.get(k) for k in (*SAME, "threads_per_rank", "cpu_count")}
+    meta["load"] = "; ".join(f"{Path(p).parent.name}: {o.get('load')}" for p, o in parts)
+    meta["command"] = " && ".join(str(o.get("command")) for _p, o in parts)
+    return [s for _p, o in parts for s in o["strategies"]], meta

@@ -166,6 +166,30 @@ def test_cli_bad_input_is_one_line(run_cli, tmp_path):
     assert code == 2 and "--steps" in err
 
 
+def test_merge_compares_pieces_as_one_set(run_cli, tmp_path):
+    """--merge: runs of one configuration made in pieces give the summary of all their strategies."""
+    rows = [_row("a", 1.0, 2.0, 100, 100), _row("b", 2.0, 1.0, 90, 100), _row("c", 3.0, 3.0, 110, 100),
+            _row("dead", 0.5, 0.0, 1, 1, status="failed")]
+    meta = {"model": "gpt-tiny", "nproc": 2, "device": "cpu", "profile": "cpu", "seq_len": 32, "global_batch": 4,
+            "dtype": "fp32", "steps": 3, "warmup": 1, "load": "calm", "command": "autopar validate"}
+    for name, part in (("p1", rows[:2]), ("p2", rows[2:])):
+        rep.write_all(v.summarize(part), meta, tmp_path / name)
+    pieces = f"{tmp_path / 'p1'},{tmp_path / 'p2'}"
+    code, out, err = run_cli("validate", "gpt-tiny", "--nproc", "2", "--merge", pieces, "--out",
+                             str(tmp_path / "all"), "--json")
+    assert code == 0, err
+    merged, whole = json.loads(out), v.summarize(rows)
+    for key in ("ran", "failed", "spearman", "time_mape", "memory_mape", "max_memory_under_prediction",
+                "predicted_best", "measured_best", "best_gap_pct"):
+        assert merged[key] == pytest.approx(whole[key]), key
+    assert (tmp_path / "all" / "validation.md").is_file()
+    rep.write_all(v.summarize(rows[:1]), {**meta, "seq_len": 64}, tmp_path / "p3")
+    for argv in (("--merge", f"{tmp_path / 'p1'},{tmp_path / 'p3'}"), ("--merge", str(tmp_path / "none")),
+                 ("--merge", str(tmp_path / "p1"), "--nproc", "4")):
+        code, _, err = run_cli("validate", "gpt-tiny", "--nproc", "2", *argv, "--out", str(tmp_path / "x"))
+        assert code == 2 and err.strip().count("\n") == 0 and "--merge" in err
+
+
 # ----- one real run -------------------------------------------------------------------------
 @pytest.mark.slow
 def test_end_to_end_two_strategies_on_two_ranks(tmp_path, run_cli):
