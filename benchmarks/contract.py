@@ -22,6 +22,7 @@ and compared with a single-process run of the same model (``plan --gpus-per-node
 
     python benchmarks/contract.py                 # the whole cover (>= 40 strategies)
     python benchmarks/contract.py --subset 8      # a seeded subset (what CI runs)
+    python benchmarks/contract.py --rows s02,s11  # single rows of the cover (or ranges: s00-s19)
 """
 
 from __future__ import annotations
@@ -331,23 +332,38 @@ def verdict(row: Row, ref: list[float]) -> tuple[str, float | None, float | None
     return ("ok" if not bad else "FAIL " + "; ".join(bad)), rel, ratio
 
 
+def row_names(spec: str) -> set[str]:
+    """``s02,s11,s20-s23`` -> the row names it lists (a range includes both ends)."""
+    names = set()
+    for item in filter(None, spec.split(",")):
+        lo, _, hi = item.partition("-")
+        names.update(f"s{i:02d}" for i in range(int(lo.lstrip("s")), int((hi or lo).lstrip("s")) + 1))
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0, help="seed of the cover and of the subset")
     ap.add_argument("--count", type=int, default=40, help="strategies in the cover (at least every knob value)")
     ap.add_argument("--subset", type=int, default=0, help="run a seeded subset of this many (0: all)")
+    ap.add_argument("--rows", default="", help="only these rows of the cover, e.g. s02,s11 or s00-s19")
     ap.add_argument("--out-dir", default="/tmp/autopar-contract", help="plans, programs and logs")
     args = ap.parse_args(argv)
     root = Path(args.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     profile = contract_profile(root)
     combos, missing = cover(args.seed, args.count, Checker(profile))
+    named = [(f"s{i:02d}", c) for i, c in enumerate(combos)]
     if args.subset:
-        combos = random.Random(args.seed).sample(combos, min(args.subset, len(combos)))
+        named = random.Random(args.seed).sample(named, min(args.subset, len(named)))
+    if args.rows:
+        want = row_names(args.rows)
+        named = [(n, c) for n, c in named if n in want]
+    combos = [c for _, c in named]
     print(f"contract sweep: {len(combos)} strategies (seed {args.seed}), {NPROC} CPU ranks, seq {SEQ_LEN}, "
           f"global batch {GLOBAL_BATCH}, {STEPS} steps; knob values not covered: {missing or 'none'}", flush=True)
-    rows = [Row(name=f"s{i:02d}", model=c["model"], dtype=c["dtype"], strategy=strategy_text(c),
-                dir=root / f"s{i:02d}") for i, c in enumerate(combos)]
+    rows = [Row(name=n, model=c["model"], dtype=c["dtype"], strategy=strategy_text(c), dir=root / n)
+            for n, c in named]
     refs = {m: Row(name=f"ref-{m}", model=m, dtype="fp32", strategy="dp=1", dir=root / f"ref-{m}")
             for m in sorted({r.model for r in rows})}
     for r in itertools.chain(refs.values(), rows):

@@ -15,7 +15,10 @@ use ``peak_memory_bytes(device, tracker)`` for both devices.
 Diagnosis: with ``AUTOPAR_MEM_PEAK_DUMP=DIR`` in the environment the tracker also keeps, at
 each new peak, the live storages by (op that created them, shape, dtype), and ``stop()``
 writes that last peak's set to ``DIR/peak_rank<R>.txt`` (largest groups first): what is live
-at the peak, to compare component by component with ``autopar memory --json``.
+at the peak, to compare component by component with ``autopar memory --json``. With
+``AUTOPAR_MEM_TRACE=DIR`` it writes ``DIR/trace_rank<R>.txt``: every allocation and free since
+the last ``reset_peak`` (bytes live after it, the change, the op / shape / dtype), in order:
+which phase of the step holds the peak (loss, a block's backward, the optimizer step).
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ class LiveTensorBytes(TorchDispatchMode):
         self._orig_resize = None
         self.active = False
         self._dump_dir = os.environ.get("AUTOPAR_MEM_PEAK_DUMP")  # diagnosis only (module docstring)
+        self._trace_dir = os.environ.get("AUTOPAR_MEM_TRACE")  # diagnosis only (module docstring)
         self._labels: dict[int, str] = {}
         self._at_peak: dict[int, int] = {}
+        self._trace: list[tuple[int, int, str]] | None = None  # recording starts at reset_peak
 
     def stop(self) -> None:
         """Stop counting: leave the dispatch mode, whose per-op Python call slows every op, so
@@ -49,12 +54,16 @@ class LiveTensorBytes(TorchDispatchMode):
             self.__exit__(None, None, None)
             if self._dump_dir:
                 self._dump()
+            if self._trace_dir:
+                self._write_trace()
 
     # ----- public API --------------------------------------------------------------
     def reset_peak(self) -> None:
         self.peak = self.current
         if self._dump_dir:
             self._at_peak = dict(self._sizes)
+        if self._trace_dir:
+            self._trace = []
 
     def track(self, tensors) -> None:
         """Count tensors allocated before the mode was entered (e.g. an existing model)."""
@@ -82,16 +91,21 @@ class LiveTensorBytes(TorchDispatchMode):
             return
         nbytes = st.nbytes()
         self._sizes[key] = nbytes
-        if self._dump_dir:
+        if self._dump_dir or self._trace_dir:
             self._labels[key] = f"{op} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
-        self._bump(nbytes)
+        self._bump(nbytes, key)
         weakref.finalize(st, self._free, key)
 
     def _free(self, key: int) -> None:
-        self.current -= self._sizes.pop(key, 0)
+        nbytes = self._sizes.pop(key, 0)
+        self.current -= nbytes
+        if self._trace is not None and nbytes:
+            self._trace.append((self.current, -nbytes, "free " + self._labels.get(key, "?")))
 
-    def _bump(self, delta: int) -> None:
+    def _bump(self, delta: int, key: int, how: str = "") -> None:
         self.current += delta
+        if self._trace is not None:
+            self._trace.append((self.current, delta, how + self._labels.get(key, "?")))
         if self.current > self.peak:
             self.peak = self.current
             if self._dump_dir:
@@ -101,7 +115,7 @@ class LiveTensorBytes(TorchDispatchMode):
         key = st._cdata
         if key in self._sizes:
             new = st.nbytes()
-            self._bump(new - self._sizes[key])
+            self._bump(new - self._sizes[key], key, "resize ")
             self._sizes[key] = new
 
     # ----- TorchDispatchMode -------------------------------------------------------
@@ -135,6 +149,12 @@ class LiveTensorBytes(TorchDispatchMode):
         torch.UntypedStorage.resize_ = self._orig_resize
         return super().__exit__(*exc)
 
+
+    def _write_trace(self) -> None:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        os.makedirs(self._trace_dir, exist_ok=True)
+        with open(os.path.join(self._trace_dir, f"trace_rank{rank}.txt"), "w") as fh:
+            fh.writelines(f"{cur} {delta} {label}\n" for cur, delta, label in self._trace or [])
 
     def _dump(self) -> None:
         """Write the live storages of the last peak, grouped by label (diagnosis, module docstring)."""

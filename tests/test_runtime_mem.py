@@ -36,3 +36,17 @@ def test_peak_dump_lists_what_is_live_at_the_peak(tmp_path, monkeypatch):
     assert lines[0] == "peak 4200 bytes"
     assert "aten.ones.default (100, 10) float32" in lines[1] and lines[1].split()[0] == "4000"
     assert "aten.zeros.default (50,) float32" in lines[2]
+
+
+def test_trace_records_every_change_after_reset_peak(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOPAR_MEM_TRACE", str(tmp_path))
+    tracker = LiveTensorBytes()
+    with tracker:
+        a = torch.ones(100, 10)          # before reset_peak: not in the trace
+        tracker.reset_peak()
+        b = torch.zeros(50)
+        del b
+        tracker.stop()
+    del a
+    lines = (tmp_path / "trace_rank0.txt").read_text().splitlines()
+    assert lines == ["4200 200 aten.zeros.default (50,) float32", "4000 -200 free aten.zeros.default (50,) float32"]
