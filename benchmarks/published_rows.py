@@ -270,7 +270,9 @@ def strategy_of(run: dict, stack: str) -> str:
         raise RowSkip("parallel.global_batch is null and grad_accum x microbatch does not give it")
     zero = _zero_stage(par, stack)
     vpp = _vpp(par) if source_key(run) != "moe-folding" else _folding_vpp(run, pp)
-    sp = int(stack in ("megatron", "torchtitan") and tp > 1)  # torchtitan: SequenceParallel norms
+    # torchtitan: SequenceParallel norms; 2021 Megatron-LM / Megatron-DeepSpeed predate sequence
+    # parallelism (Korthikanti et al. 2022), as the calibration rows of the same paper map it
+    sp = int(stack in ("megatron", "torchtitan") and tp > 1 and source_key(run) not in LEGACY_MEGATRON)
     parts = [f"tp={tp}", f"pp={pp}", f"dp={dp}", f"cp={cp}", f"ep={ep}", f"etp={etp}", f"mbs={mbs}", f"gbs={gbs}",
              f"zero={zero}", f"recompute={recompute_of(run)}", f"sp={sp}"]
     if pp > 1 and vpp > 1:

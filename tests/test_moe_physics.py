@@ -216,3 +216,12 @@ def test_folding_rows_run_interleaved_with_the_smallest_even_split():
     for rid, v in want.items():
         assert f"vpp={v},schedule=interleaved" in pr.case_for(runs[rid]).strategy
     assert "vpp" not in pr.case_for(runs["megatron_bridge_26.04_h100_Qwen3_30B_a3B_16gpu_FP8_12"]).strategy
+
+
+def test_2021_megatron_rows_run_without_sequence_parallelism():
+    """Sequence parallelism came with Korthikanti et al. 2022: Narayanan et al. 2021 and MT-NLG (2021)
+    run plain tensor parallel, as the calibration rows of the same paper are mapped."""
+    pr, runs = _published_rows()
+    for rid in ("mt_nlg_530b_2800gpu", "narayanan21_table2_PTD-P_174.6B_384gpu"):
+        assert "tp=8," in pr.case_for(runs[rid]).strategy and pr.case_for(runs[rid]).strategy.endswith("sp=0")
+    assert "sp=1" in pr.case_for(runs["megatron_bridge_26.04.01_h100_LLAMA3_70B_64gpu_FP8_4"]).strategy
