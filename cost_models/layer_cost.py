@@ -137,7 +137,8 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     fwd = bwd = attn_fwd = kernel_fwd = op_rerun = 0.0
     flops = 0.0
     performed = _attention_performed(layer, s, ctx)
-    for op in layer.ops:
+    ops = runtime_ops(layer, ctx.runtime, ctx.dtype_bytes)
+    for op in ops:
         f, b = _op_time(op, s, sh, ctx, performed)
         load = expert_load(ctx) if op.shard == "expert" else 1.0
         fwd, bwd = fwd + f * load, bwd + b * load
@@ -149,9 +150,9 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         if not op.op_kept:  # per-op checkpointing re-runs it in backward
             op_rerun += f * load
     comm = _layer_comm(layer, s, ctx, kernel_fwd, fwd + bwd)
-    host = _dtensor_overhead(layer, s, ctx) + len(layer.ops) * ctx.timer.gpu.op_overhead_s * ctx.timer.contention
+    host = _dtensor_overhead(layer, s, ctx) + len(ops) * ctx.timer.gpu.op_overhead_s * ctx.timer.contention
     fwd, bwd = fwd + host / 3, bwd + 2 * host / 3  # backward dispatches about twice the forward's ops
-    rerun = sum(not o.op_kept for o in layer.ops) / max(len(layer.ops), 1)
+    rerun = sum(not o.op_kept for o in ops) / max(len(ops), 1)
     return LayerCost(
         fwd_s=fwd, bwd_s=bwd,
         recompute_s={"none": 0.0, "selective": attn_fwd, "op": op_rerun + rerun * host / 3, "full": fwd},
@@ -170,6 +171,33 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         sources={"compute": ctx.timer.source},
         source_counts={k: v - before.get(k, 0) for k, v in ctx.timer.hits.items()},
     )
+
+
+def runtime_ops(layer: LayerTemplate, runtime: str, dtype_bytes: int) -> list[OpTerm]:
+    """The ops the runtime runs for the captured ones. Megatron-Core rotates q and k with one fused
+    kernel each in the activations' dtype (``--apply-rope-fusion``: Transformer Engine's
+    ``fused_apply_rotary_pos_emb``) and its FlashAttention takes GQA's fewer K/V heads as they are
+    (Dao 2023, FlashAttention-2 ``num_heads_k``), where the captured graph runs RoPE in fp32 with its
+    casts and expands K/V: the elementwise ops between the last projection and the attention kernel
+    become one op moving ``fused_rope_bytes``. Other runtimes run the graph's ops."""
+    ops = layer.ops
+    attn = next((i for i, o in enumerate(ops) if o.kind == "attention" or o.attn_core), None)
+    if runtime != "megatron" or attn is None:
+        return ops
+    last = max((i for i in range(attn) if ops[i].kind == "gemm"), default=-1)
+    proj = [o for o in ops[:attn] if o.kind == "gemm" and o.shard == "tp" and o.gemm is not None][-3:]
+    if len(proj) < 2 or not any(o.kind == "membound" for o in ops[last + 1:attn]):
+        return ops  # no rotary region (fused QKV GPT, learned positions)
+    q, k = proj[0], proj[1]  # (q, k, v) or MLA's (q, kv) projections
+    rope = OpTerm(name="fused_rope", kind="membound", shard="tp", fwd_flops=0.0, bwd_flops=0.0,
+                  bytes_rw=fused_rope_bytes(q.gemm[0], q.gemm[1], k.gemm[1], dtype_bytes))
+    return ops[:last + 1] + [o for o in ops[last + 1:attn] if o.kind != "membound"] + [rope] + ops[attn:]
+
+
+def fused_rope_bytes(tokens: float, q_cols: float, k_cols: float, dtype_bytes: int) -> float:
+    """Bytes of a fused RoPE kernel over q and k: each read and written once in the activations'
+    dtype (Transformer Engine ``fused_apply_rotary_pos_emb``; Su et al. 2021 rotary embeddings)."""
+    return 2.0 * dtype_bytes * tokens * (q_cols + k_cols)
 
 
 def _attention_performed(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:

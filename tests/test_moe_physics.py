@@ -225,3 +225,23 @@ def test_2021_megatron_rows_run_without_sequence_parallelism():
     for rid in ("mt_nlg_530b_2800gpu", "narayanan21_table2_PTD-P_174.6B_384gpu"):
         assert "tp=8," in pr.case_for(runs[rid]).strategy and pr.case_for(runs[rid]).strategy.endswith("sp=0")
     assert "sp=1" in pr.case_for(runs["megatron_bridge_26.04.01_h100_LLAMA3_70B_64gpu_FP8_4"]).strategy
+
+
+def test_megatron_runs_rope_fused_and_gqa_unexpanded():
+    """Megatron-Core: one fused RoPE kernel per q and k in bf16 (TE fused_apply_rotary_pos_emb) and no
+    K/V expansion (FlashAttention takes GQA heads as they are): the captured fp32 RoPE, its casts and
+    repeat_interleave become one op reading and writing q and k once."""
+    from autopar.cost_models.layer_cost import fused_rope_bytes, runtime_ops
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    cm = _qwen_moe_cost_model(Inputs, build_cost_model, 4096)
+    block = next(t for t in cm.templates if t.is_moe)
+    assert runtime_ops(block, "torch", 2) is block.ops and runtime_ops(block, "torchtitan", 2) is block.ops
+    ops = runtime_ops(block, "megatron", 2)
+    attn = next(i for i, o in enumerate(ops) if o.kind == "attention")
+    assert ops[attn - 1].name == "fused_rope" and ops[attn - 2].kind == "gemm"
+    assert ops[attn - 1].bytes_rw == fused_rope_bytes(4096, 32 * 128, 4 * 128, 2) == 2 * 2 * 4096 * 4608
+    dropped = [o for o in block.ops if o not in ops]
+    assert dropped and all(o.kind == "membound" for o in dropped)
+    assert sum(o.bytes_rw for o in dropped) > 3 * ops[attn - 1].bytes_rw   # fp32 round trips, K/V copies
+    assert ops[attn:] == block.ops[block.ops.index(ops[attn]):]             # the rest as captured
