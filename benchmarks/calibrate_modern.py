@@ -1,15 +1,20 @@
-"""Fit the per-GPU-type, per-stack constants (``core.gpu.StackConstants``) on the published runs.
+"""Fit the per-GPU-type hardware constants and the per-stack constants (``core.gpu.StackConstants``)
+on the published runs.
 
     python benchmarks/calibrate_modern.py [--write] [--cache FILE]
 
 Every row of shared/validation/published_modern.yaml and published_calibration.yaml is built once
-as ``autopar estimate`` builds it (``published_rows.build``); the constants of each group are then
-fitted by coordinate descent over small grids, re-pricing the group's rows in memory. A group is
-one GPU type (Ampere: a100-40g and a100-80g; Hopper: h100-sxm and h200; the same chip with other
-memory) and one runtime (torch, megatron, deepspeed): global constants, never one per row. The
-objective is the group's mean |error| plus a fifth of its largest |error| (the acceptance bounds
-both). ``--write`` stores the result in the ``stacks:`` section of each profile YAML, naming this
-command as the source.
+as ``autopar estimate`` builds it (``published_rows.build``); the constants are then fitted by
+coordinate descent over small grids, re-pricing the rows in memory. Two levels
+(``core.gpu.GPU_LEVEL_FIELDS``, docs/validation.md): the hardware level of a GPU type (Ampere:
+a100-40g and a100-80g; Hopper: h100-sxm, h100-96g and h200, the same chip with other memory) is
+fitted jointly on all its rows, whatever the stack; the stack level (one GPU type and one runtime:
+torch, torchtitan, megatron, deepspeed) on that stack's rows. A stack overrides a hardware-level
+constant only where its own rows' objective improves by ``OVERRIDE_GAIN``; a stack with fewer than
+``MIN_STACK_ROWS`` rows keeps neutral stack choices. Global constants, never one per row. The
+objective is the rows' mean |error| plus a fifth of the largest |error| (the acceptance bounds
+both). ``--write`` stores the result in the ``gpu_constants:`` and ``stacks:`` sections of each
+profile YAML, naming this command as the source.
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ import pickle
 import statistics
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import published_rows as pr  # noqa: E402
 
-from autopar.core.gpu import StackConstants  # noqa: E402
+from autopar.core.gpu import GPU_LEVEL_FIELDS, StackConstants, resolve_stack  # noqa: E402
 from autopar.core.strategy import Strategy  # noqa: E402
 
 GPU_TYPE = {"a100-40g": "ampere", "a100-80g": "ampere", "h100-sxm": "hopper", "h100-96g": "hopper", "h200": "hopper"}
@@ -44,9 +49,12 @@ GRIDS = {
     "expert_grouped_gemm": [False, True],
     "ep_overlap": [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9],
 }
-# DeepSpeed has two published rows: its ZeRO-3 prefetch overlap and gather rate; the rest stays neutral
+# DeepSpeed has two published rows: its own ZeRO-3 prefetch overlap (overriding the hardware level:
+# DeepSpeed 2021 gathered parameter by parameter) and gather rate; the rest it inherits or keeps neutral
 DEEPSPEED_FIELDS = ("zero3_overlap", "zero3_gather_gbps")
 SWEEPS = 2
+MIN_STACK_ROWS = 2   # one row cannot tell a stack's choices from that row's own noise
+OVERRIDE_GAIN = 0.01  # objective points a stack's rows must gain to override a hardware-level constant
 LAYER_FIELDS = ("matmul_scale", "fp8_matmul_scale", "attention_scale", "tp_overlap", "moe_imbalance",
                 "expert_grouped_gemm", "ep_overlap")
 
@@ -121,7 +129,7 @@ def _refresh(b: Built) -> None:
 def _build_key(case: pr.Case) -> tuple:
     """What a built CostModel depends on (the strategy is re-derived from the row)."""
     return case.gpu, case.cluster, case.nodes, case.gpus_per_node, case.seq_len, case.dtype, case.runtime, \
-        repr(sorted(case.config.items()))
+        repr(sorted(case.config.items())), getattr(case, "moe_capacity_factor", None)
 
 
 def price(b: Built, consts: StackConstants | None = None) -> pr.Priced:
@@ -135,12 +143,27 @@ def price(b: Built, consts: StackConstants | None = None) -> pr.Priced:
     return pr.Priced(b.case, e.step_time_s, pr.published_step_s(b.case.run, e), e)
 
 
-def errors(rows: list[Built], consts: StackConstants | None = None) -> list[tuple[float, bool]]:
+@dataclass
+class Fitted:
+    """Fitted constants: the hardware level per GPU type and each stack's own fields (only the fields
+    set: its choices and the hardware-level constants it overrides)."""
+
+    gpu: dict[str, StackConstants] = field(default_factory=dict)
+    stacks: dict[tuple[str, str], StackConstants] = field(default_factory=dict)
+
+    def resolve(self, group: tuple[str, str]) -> StackConstants:
+        """What a row of ``group`` prices with (``core.gpu.resolve_stack``): a stack with no fitted
+        entry inherits its GPU type's hardware level and neutral stack choices."""
+        return resolve_stack(self.gpu.get(group[0], StackConstants()), self.stacks.get(group))
+
+
+def errors(rows: list[Built], fitted: Fitted) -> list[tuple[float, bool]]:
     """(error, is a published_calibration.yaml row) per priced row."""
+    resolved = {g: fitted.resolve(g) for g in {b.group for b in rows}}
     out = []
     for b in rows:
         try:
-            out.append((price(b, consts).error, "software" not in b.case.run))
+            out.append((price(b, resolved[b.group]).error, "software" not in b.case.run))
         except pr.RowSkip:
             continue
     return out
@@ -158,13 +181,12 @@ def objective(errs: list[tuple[float, bool]]) -> float:
 
 
 def fields_for(rows: list[Built], runtime: str) -> list[str]:
-    """The constants a group's rows can tell apart (fp8 only with fp8 rows, zero3 with FSDP rows...)."""
+    """The stack-level constants a group's rows can tell apart (zero3 with FSDP rows, MoE terms with
+    MoE rows...); the hardware-level ones are ``gpu_fields_for``."""
     if runtime == "deepspeed":
         return list(DEEPSPEED_FIELDS)
     strategies = [b.strategy for b in rows]
-    out = ["matmul_scale", "attention_scale", "overlap_slowdown", "step_overhead_s"]
-    if any(b.case.dtype == "fp8" for b in rows):
-        out.append("fp8_matmul_scale")
+    out = ["attention_scale"]
     if any(b.cm.spec.is_moe for b in rows):
         out.append("moe_imbalance")
         if runtime != "torch":  # autopar's own programs loop over experts and do not overlap the all-to-alls
@@ -172,93 +194,159 @@ def fields_for(rows: list[Built], runtime: str) -> list[str]:
             out += ["ep_overlap"] if any(s.ep > 1 for s in strategies) else []
     if runtime != "torch" and any(s.tp > 1 for s in strategies):
         out.append("tp_overlap")  # async TP / --tp-comm-overlap; autopar's own torch programs run none
-    if any(s.zero_stage >= 3 for s in strategies):
-        out.append("zero3_overlap")
-    if any(s.world > b.cm.cluster.gpus_per_node for s, b in zip(strategies, rows)):
-        out.append("inter_node_decay")
     return out
 
 
-def fit_group(rows: list[Built], runtime: str, start: StackConstants | None = None) -> StackConstants:
-    """Coordinate descent over ``GRIDS`` for the fields the rows can tell apart."""
-    best = (start or StackConstants()).model_copy()
-    best_obj = objective(errors(rows, best))
-    for _ in range(SWEEPS):
-        for name in fields_for(rows, runtime):
-            for value in GRIDS[name]:
-                trial = best.model_copy(update={name: value})
-                obj = objective(errors(rows, trial))
-                if obj < best_obj - 1e-6:
-                    best, best_obj = trial, obj
-    return best
+def gpu_fields_for(rows: list[Built]) -> list[str]:
+    """The hardware-level constants (``GPU_LEVEL_FIELDS``) the rows can tell apart."""
+    out = ["matmul_scale", "overlap_slowdown", "step_overhead_s"]
+    if any(b.case.dtype == "fp8" for b in rows):
+        out.append("fp8_matmul_scale")
+    if any(b.strategy.world > b.cm.cluster.gpus_per_node for b in rows):
+        out.append("inter_node_decay")
+    if any(b.strategy.zero_stage >= 3 for b in rows):
+        out.append("zero3_overlap")
+    return out
 
 
-def fit(built: list[Built], exclude_source: str | None = None) -> dict[tuple[str, str], StackConstants]:
-    """Constants per (GPU type, runtime) from every row except those of ``exclude_source``."""
+def _descend(rows: list[Built], fitted: Fitted, level: dict, key, fields: list[str]) -> None:
+    """One coordinate-descent pass over ``fields`` of ``level[key]`` (a GPU type's hardware level or
+    a stack's entry), judged on ``rows``."""
+    best_obj = objective(errors(rows, fitted))
+    for name in fields:
+        best = level[key]
+        for value in GRIDS[name]:
+            level[key] = best.model_copy(update={name: value})
+            obj = objective(errors(rows, fitted))
+            if obj < best_obj - 1e-6:
+                best, best_obj = level[key], obj
+        level[key] = best
+
+
+def _overrides(rows: list[Built], fitted: Fitted, key: tuple[str, str]) -> None:
+    """Hardware-level constants this stack's own rows price better with a value of their own: kept
+    only where the stack's objective improves by ``OVERRIDE_GAIN`` (beyond noise)."""
+    for name in gpu_fields_for(rows):
+        if name in fitted.stacks[key].model_fields_set:
+            continue  # overridden in an earlier sweep: refit below with the stack's fields
+        before, base = objective(errors(rows, fitted)), fitted.stacks[key]
+        _descend(rows, fitted, fitted.stacks, key, [name])
+        if objective(errors(rows, fitted)) > before - OVERRIDE_GAIN:
+            fitted.stacks[key] = base
+
+
+def fit(built: list[Built], exclude_source: str | None = None, one_level: bool = False) -> Fitted:
+    """Both levels from every row except those of ``exclude_source``: per sweep, each GPU type's
+    hardware level on all its rows, then each stack's choices (and overrides) on its own rows.
+    ``one_level``: the previous scheme for comparison, every constant fitted per stack."""
     rows = [b for b in built if b.case.source != exclude_source]
     groups: dict[tuple[str, str], list[Built]] = {}
     for b in rows:
         groups.setdefault(b.group, []).append(b)
-    out = {}
-    for key in sorted(groups):
-        out[key] = fit_group(groups[key], key[1])
-    return out
+    if one_level:
+        return _fit_one_level(groups)
+    fitted = Fitted({g: StackConstants() for g, _ in groups},
+                    {k: StackConstants() for k, v in groups.items() if len(v) >= MIN_STACK_ROWS})
+    for _ in range(SWEEPS):  # stack choices first, so the hardware level never absorbs a stack's own term
+        for key in sorted(fitted.stacks):
+            own = [n for n in gpu_fields_for(groups[key]) if n in fitted.stacks[key].model_fields_set]
+            _descend(groups[key], fitted, fitted.stacks, key, fields_for(groups[key], key[1]) + own)
+        for gtype in sorted(fitted.gpu):
+            mine = [b for b in rows if b.group[0] == gtype]
+            _descend(mine, fitted, fitted.gpu, gtype, gpu_fields_for(mine))
+        for key in sorted(fitted.stacks):
+            if key[1] != "deepspeed":  # two rows: its ZeRO-3 terms only
+                _overrides(groups[key], fitted, key)
+    return fitted
 
 
-def apply(built: list[Built], consts: dict[tuple[str, str], StackConstants]) -> list[pr.Priced]:
-    """Price every row under the fitted constants of its group (neutral where its group has none)."""
+def _fit_one_level(groups: dict[tuple[str, str], list[Built]]) -> Fitted:
+    """Every constant per (GPU type, stack), hardware-level ones included (the scheme before the two
+    levels; ``--one-level``)."""
+    fitted = Fitted({}, {k: StackConstants() for k in groups})
+    for _ in range(SWEEPS):
+        for key in sorted(groups):
+            hw = gpu_fields_for(groups[key]) if key[1] != "deepspeed" else []
+            _descend(groups[key], fitted, fitted.stacks, key, hw + fields_for(groups[key], key[1]))
+    return fitted
+
+
+def apply(built: list[Built], fitted: Fitted) -> list[pr.Priced]:
+    """Price every row under the fitted constants of its group."""
     out = []
     for b in built:
         try:
-            out.append(price(b, consts.get(b.group, StackConstants())))
+            out.append(price(b, fitted.resolve(b.group)))
         except pr.RowSkip:
             continue
     return out
 
 
-def constants_yaml(c: StackConstants, command: str) -> str:
-    fields = {k: v for k, v in c.model_dump().items() if k != "sources" and v != StackConstants().model_dump()[k]}
+def constants_yaml(c: StackConstants, command: str, hardware: bool = False) -> str:
+    """One flow-style YAML mapping: the stack choices that differ from neutral, every hardware-level
+    field the entry sets (an override equal to the neutral value still overrides)."""
+    neutral = StackConstants().model_dump()
+    fields = {k: v for k, v in c.model_dump().items()
+              if k != "sources" and (v != neutral[k] or (k in GPU_LEVEL_FIELDS and k in c.model_fields_set))}
     body = ", ".join(f"{k}: {v}" for k, v in fields.items())
-    return f"{{{body}{', ' if body else ''}sources: {{all: \"fitted by `{command}`\"}}}}"
+    what = "hardware level, fitted on every row of this GPU type" if hardware else "fitted on this stack's rows"
+    return f"{{{body}{', ' if body else ''}sources: {{all: \"{what} by `{command}`\"}}}}"
 
 
 MARKER = "\n# per software stack (--runtime): constants fitted over the published runs of this GPU type"
 
 
-def write_profiles(consts: dict[tuple[str, str], StackConstants], command: str) -> list[Path]:
-    """Replace the ``stacks:`` block at the end of each profile YAML with the fitted constants."""
+def write_profiles(fitted: Fitted, command: str) -> list[Path]:
+    """Replace the ``gpu_constants:`` / ``stacks:`` block at the end of each profile YAML."""
     root = Path(__file__).resolve().parents[1] / "profiles" / "hardware"
     written = []
     for gtype, names in PROFILES.items():
-        lines = [f"  {rt}: {constants_yaml(c, command)}" for (g, rt), c in sorted(consts.items()) if g == gtype]
+        lines = [f"  {rt}: {constants_yaml(c, command)}" for (g, rt), c in sorted(fitted.stacks.items()) if g == gtype]
+        hw = fitted.gpu.get(gtype)
         for name in names:
             path = root / f"{name}.yaml"
             head = path.read_text().split(MARKER)[0].split("\nstacks:")[0].rstrip("\n")
-            block = MARKER + " (docs/validation.md)\nstacks:\n" + "\n".join(lines) + "\n" if lines else "\n"
+            block = (MARKER + " (docs/validation.md; two levels: core/gpu.py GPU_LEVEL_FIELDS)\n"
+                     + (f"gpu_constants: {constants_yaml(hw, command, hardware=True)}\n" if hw else "")
+                     + ("stacks:\n" + "\n".join(lines) + "\n" if lines else ""))
             path.write_text(head + block)
             written.append(path)
     return written
+
+
+def report(built: list[Built], fitted: Fitted) -> None:
+    """Per GPU type and stack, then per source: rows, mean / max |error| (and the constants)."""
+    cmd = "python benchmarks/calibrate_modern.py"
+    for gtype, hw in sorted(fitted.gpu.items()):
+        print(f"{gtype:7s} hardware level  {constants_yaml(hw, cmd, hardware=True)}")
+    for key in sorted({b.group for b in built}):
+        errs = [p.error for p in apply([b for b in built if b.group == key], fitted)]
+        own = fitted.stacks.get(key)
+        print(f"{key[0]:7s} {key[1]:9s} rows {len(errs):3d}  mean |err| {100 * statistics.mean(map(abs, errs)):5.1f}%  "
+              f"max {100 * max(map(abs, errs)):5.1f}%  {constants_yaml(own, cmd) if own else '(neutral choices)'}")
+    by: dict[str, list[float]] = {}
+    for p in apply(built, fitted):
+        by.setdefault(p.case.source, []).append(p.error)
+    for src, errs in sorted(by.items()):
+        print(f"  {src:22s} rows {len(errs):3d}  mean |err| {100 * statistics.mean(map(abs, errs)):5.1f}%  "
+              f"max {100 * max(map(abs, errs)):5.1f}%  bias {100 * statistics.mean(errs):+5.1f}%")
+    a = [abs(e) for v in by.values() for e in v]
+    print(f"  {'all':22s} rows {len(a):3d}  mean |err| {100 * statistics.mean(a):5.1f}%  max {100 * max(a):5.1f}%  "
+          f"over 15%: {sum(e > 0.15 for e in a)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help="store the constants in profiles/hardware/*.yaml")
     ap.add_argument("--cache", type=Path, help="pickle of the built rows (reused when present)")
+    ap.add_argument("--one-level", action="store_true", help="fit every constant per stack (the previous "
+                                                             "scheme, for comparison; not with --write)")
     args = ap.parse_args(argv)
     built, skipped = load_or_build([pr.MODERN_YAML, pr.CALIBRATION_YAML], args.cache)
-    consts = fit(built)
-    for (g, rt), c in sorted(consts.items()):
-        errs = [p.error for p in apply([b for b in built if b.group == (g, rt)], consts)]
-        print(f"{g:7s} {rt:9s} rows {len(errs):3d}  mean |err| {100 * statistics.mean(map(abs, errs)):5.1f}%  "
-              f"max {100 * max(map(abs, errs)):5.1f}%  {constants_yaml(c, 'python benchmarks/calibrate_modern.py')}")
-    by: dict[str, list[float]] = {}
-    for p in apply(built, consts):
-        by.setdefault(p.case.source, []).append(p.error)
-    for src, errs in sorted(by.items()):
-        print(f"  {src:22s} rows {len(errs):3d}  mean |err| {100 * statistics.mean(map(abs, errs)):5.1f}%  "
-              f"max {100 * max(map(abs, errs)):5.1f}%  bias {100 * statistics.mean(errs):+5.1f}%")
-    if args.write:
-        for path in write_profiles(consts, "python benchmarks/calibrate_modern.py --write"):
+    fitted = fit(built, one_level=args.one_level)
+    report(built, fitted)
+    if args.write and not args.one_level:
+        for path in write_profiles(fitted, "python benchmarks/calibrate_modern.py --write"):
             print(f"wrote {path}")
     return 0
 

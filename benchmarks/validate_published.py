@@ -26,7 +26,6 @@ import calibrate_modern as cal  # noqa: E402
 import published_rows as pr  # noqa: E402
 import validate_memory as vm  # noqa: E402
 
-from autopar.core.gpu import StackConstants  # noqa: E402
 from autopar.profiles.hw import load_gpu_profile  # noqa: E402
 
 DEFAULT_YAML = pr.CALIBRATION_YAML
@@ -100,31 +99,32 @@ def print_constants(built: list[cal.Built]) -> None:
 
 
 def loso(built: list[cal.Built], anchor: list[cal.Built], stand_in: bool = False) -> list[pr.Priced]:
-    """Each source predicted with constants fitted on every other source (and the anchor rows). A
-    group only the left-out source has (its stack on that GPU type) is priced neutral, or with
-    ``stand_in`` by the GPU type's largest other group, as a user with no run of that stack would."""
-    full = cal.fit(built + anchor)
-    sizes: dict[tuple[str, str], int] = {}
-    for b in built + anchor:
-        sizes[b.group] = sizes.get(b.group, 0) + 1
+    """Each source predicted with constants fitted on every other source (and the anchor rows): the
+    hardware level of its GPU types refitted without it, stack choices from the other sources of
+    that stack. A stack only the left-out source runs on a GPU type inherits the refitted hardware
+    level with neutral stack choices, or with ``stand_in`` the choices of the GPU type's largest
+    other stack (as a user with no run of that stack might)."""
     out = []
     for src in sorted({b.case.source for b in built}):
         mine = [b for b in built if b.case.source == src]
-        groups = {b.group for b in mine}  # only the groups holding this source change when it is left out
-        rest = [b for b in built + anchor if b.group in groups]
-        refit = cal.fit(rest, exclude_source=src)
-        known = {**{k: v for k, v in full.items() if k not in groups}, **refit}  # nothing fitted on src
-        consts = {**known, **{k: _without(k, known, sizes, stand_in) for k in groups if k not in refit}}
-        out += cal.apply(mine, consts)
+        types = {b.group[0] for b in mine}  # only the GPU types holding this source change when it is left out
+        refit = cal.fit([b for b in built + anchor if b.group[0] in types], exclude_source=src)
+        if stand_in:
+            for key in {b.group for b in mine} - set(refit.stacks):
+                _stand_in(key, refit, built + anchor, src)
+        out += cal.apply(mine, refit)
     return out
 
 
-def _without(key, known: dict, sizes: dict, stand_in: bool) -> StackConstants:
-    """Constants for a group no row is left in: neutral, or the same GPU type's largest other group."""
-    others = [k for k in known if k[0] == key[0] and k != key]
-    if not stand_in or not others:
-        return StackConstants()
-    return known[max(others, key=lambda k: sizes.get(k, 0))]
+def _stand_in(key: tuple[str, str], refit: cal.Fitted, rows: list[cal.Built], src: str) -> None:
+    """Give ``key`` the stack entry of the same GPU type's largest other fitted stack (rows of ``src`` not counted)."""
+    sizes: dict[tuple[str, str], int] = {}
+    for b in rows:
+        if b.case.source != src:
+            sizes[b.group] = sizes.get(b.group, 0) + 1
+    others = [k for k in refit.stacks if k[0] == key[0] and k != key]
+    if others:
+        refit.stacks[key] = refit.stacks[max(others, key=lambda k: sizes.get(k, 0))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, help="pickle of the built rows (reused when present)")
     ap.add_argument("--sweeps", type=int, default=cal.SWEEPS, help="coordinate-descent sweeps of each --loso refit")
     ap.add_argument("--stand-in", action="store_true", help="--loso: a stack no other source runs on that GPU "
-                                                            "type takes the GPU type's largest other group")
+                                                            "type takes the choices of its largest other stack")
     args = ap.parse_args(argv)
     cal.SWEEPS = args.sweeps
     path = args.file or args.yaml or DEFAULT_YAML

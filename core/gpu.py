@@ -52,10 +52,23 @@ class EffCurve(RootModel[list[tuple[float, float]]]):
 Runtime = Literal["torch", "torchtitan", "megatron", "deepspeed"]
 
 
+# Constants that are physics of the GPU type, its host and NCCL, the same for every stack that does
+# the thing (docs/validation.md, "Two levels of constants"): cuBLAS GEMM efficiency (bf16, fp8),
+# compute slowed by communication kernels beside it (SM and HBM contention), bus bandwidth lost
+# across nodes, the host's per-step cost, the share of a one-unit-ahead ZeRO-3 prefetch that hides
+# behind a layer's compute. Fitted jointly on all rows of a GPU type (``GpuProfile.gpu_constants``);
+# a stack overrides one only where its own rows show it differs. Every other field is a choice of
+# the stack (attention kernel, async TP, all-to-all overlap, grouped GEMM, ZeRO-3 gather rate,
+# routing imbalance): neutral for a stack with no rows.
+GPU_LEVEL_FIELDS = ("matmul_scale", "fp8_matmul_scale", "overlap_slowdown", "inter_node_decay", "step_overhead_s",
+                    "zero3_overlap")
+
+
 class StackConstants(BaseModel):
     """Global constants of one software stack on one GPU type (``GpuProfile.stacks``), fitted over
     all published runs of that GPU type and stack by ``benchmarks/calibrate_modern.py`` (never per
-    run). The defaults are neutral: a profile without them prices as before."""
+    run). The defaults are neutral: a profile without them prices as before. The fields named in
+    ``GPU_LEVEL_FIELDS`` come from ``GpuProfile.gpu_constants`` unless a stack sets them."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -87,6 +100,14 @@ class StackConstants(BaseModel):
                                                                "across nodes, where below the NCCL ring model "
                                                                "(0: the ring model)")
     sources: dict[str, str] = Field(default_factory=dict, description="field -> the command that fitted it")
+
+
+def resolve_stack(gpu_level: StackConstants, stack: StackConstants | None) -> StackConstants:
+    """Hardware-level fields from ``gpu_level`` unless ``stack`` sets them; stack choices from ``stack``
+    (neutral when it is None: a stack no published row runs on this GPU type)."""
+    inherited = gpu_level.model_dump(include=set(GPU_LEVEL_FIELDS) & gpu_level.model_fields_set)
+    own = stack.model_dump(include=stack.model_fields_set - {"sources"}) if stack is not None else {}
+    return StackConstants(**{**inherited, **own})
 
 
 class GpuProfile(BaseModel):
@@ -148,8 +169,12 @@ class GpuProfile(BaseModel):
                                "runs ahead of the device (GPUs)")
     meta: dict = Field(default_factory=dict, description="how it was measured: device, torch, dtype, "
                                                          "threads, date, command")
+    gpu_constants: StackConstants = Field(
+        default_factory=StackConstants, description="hardware-level constants (GPU_LEVEL_FIELDS only) every "
+                                                     "stack inherits, fitted on all published rows of the GPU type")
     stacks: dict[Runtime, StackConstants] = Field(
-        default_factory=dict, description="per software stack (--runtime): fitted global constants")
+        default_factory=dict, description="per software stack (--runtime): its fitted choices, and the "
+                                          "hardware-level fields it overrides")
 
     @model_validator(mode="after")
     def _check_sources(self) -> GpuProfile:
@@ -158,11 +183,21 @@ class GpuProfile(BaseModel):
             raise ValueError(f"sources must name where each number comes from; missing: {', '.join(missing)}")
         if not self.peak_tflops or any(v <= 0 for v in self.peak_tflops.values()):
             raise ValueError("peak_tflops needs at least one positive entry")
+        stack_only = sorted(set(self.gpu_constants.model_fields_set) - set(GPU_LEVEL_FIELDS) - {"sources"})
+        if stack_only:
+            raise ValueError(f"gpu_constants may set only hardware-level fields ({', '.join(GPU_LEVEL_FIELDS)}); "
+                             f"move {', '.join(stack_only)} to stacks:")
         return self
 
+    @property
+    def fitted(self) -> bool:
+        """Whether any constant was fitted for this GPU (measured CPU profiles have none)."""
+        return bool(self.stacks or set(self.gpu_constants.model_fields_set) - {"sources"})
+
     def stack(self, runtime: str) -> StackConstants:
-        """The fitted constants of ``runtime`` on this GPU; neutral defaults where none were fitted."""
-        return self.stacks.get(runtime) or StackConstants()
+        """The constants ``runtime`` prices with on this GPU: the hardware level, overridden by the
+        fields the stack sets; neutral defaults where nothing was fitted."""
+        return resolve_stack(self.gpu_constants, self.stacks.get(runtime))
 
     def peak_flops(self, precision: str = "bf16") -> float:
         """Dense peak in FLOP/s for ``precision``."""

@@ -382,7 +382,7 @@ class CostModel:
                 exposed += 2 * ag + rs + 3 * shared_core_sync(self.ctx)
             else:
                 exposed += exposed_behind(ag, c.fwd_s, ov) + exposed_behind(ag_b + rs, c.bwd_s, ov)
-        if self._cores_saturated or not self.gpu.stacks:  # unfitted profiles (measured CPU): per-layer terms only
+        if self._cores_saturated or not self.gpu.fitted:  # unfitted profiles (measured CPU): per-layer terms only
             return exposed * m
         first, last = self._zero3_layer(s, costs[r.layers[0]], grad_bytes), self._zero3_layer(s, costs[r.layers[-1]],
                                                                                                grad_bytes)

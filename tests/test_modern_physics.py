@@ -166,5 +166,50 @@ def test_torch_stack_runs_no_async_tp():
     row = NS(strategy=NS(tp=8, zero_stage=3, world=16), case=NS(dtype="bf16"),
              cm=NS(spec=NS(is_moe=False), cluster=NS(gpus_per_node=8)))
     assert "tp_overlap" not in cal.fields_for([row], "torch")
-    assert "tp_overlap" in cal.fields_for([row], "torchtitan") and "zero3_overlap" in cal.fields_for([row], "torch")
+    assert "tp_overlap" in cal.fields_for([row], "torchtitan") and "zero3_overlap" in cal.gpu_fields_for([row])
     assert cal.GPU_TYPE["h100-96g"] == "hopper" and "h100-96g" in cal.PROFILES["hopper"]
+
+
+def test_two_levels_resolve():
+    """Hardware-level constants (GPU_LEVEL_FIELDS) come from the GPU type unless the stack sets them
+    (a stack's override equal to the neutral value still overrides); a stack with no entry gets the
+    hardware level and neutral stack choices."""
+    from autopar.core.gpu import GPU_LEVEL_FIELDS, resolve_stack
+
+    hw = StackConstants(matmul_scale=0.8, step_overhead_s=0.05, overlap_slowdown=0.2)
+    own = StackConstants(tp_overlap=0.6, step_overhead_s=0.0)
+    r = resolve_stack(hw, own)
+    assert (r.matmul_scale, r.overlap_slowdown, r.step_overhead_s, r.tp_overlap) == (0.8, 0.2, 0.0, 0.6)
+    unseen = resolve_stack(hw, None)
+    assert (unseen.matmul_scale, unseen.step_overhead_s, unseen.tp_overlap, unseen.attention_scale) == \
+        (0.8, 0.05, 0.0, 1.0)
+    # a stack choice set at the GPU level is refused, naming where it belongs
+    data = load_gpu_profile("h100-sxm").model_dump(exclude={"gpu_constants", "stacks"})
+    from autopar.core.gpu import GpuProfile
+
+    with pytest.raises(ValueError, match="move tp_overlap to stacks"):
+        GpuProfile(**data, gpu_constants={"tp_overlap": 0.5})
+    assert GpuProfile(**data, gpu_constants={"matmul_scale": 0.9}).stack("megatron").matmul_scale == 0.9
+    # the fit's two field lists partition the constants: stack choices never fitted at the GPU level
+    sys.path.insert(0, str(BENCH))
+    from types import SimpleNamespace as NS
+
+    import calibrate_modern as cal
+
+    row = NS(strategy=NS(tp=8, ep=8, zero_stage=3, world=16), case=NS(dtype="fp8"),
+             cm=NS(spec=NS(is_moe=True), cluster=NS(gpus_per_node=8)))
+    assert not set(cal.fields_for([row], "megatron")) & set(GPU_LEVEL_FIELDS)
+    assert set(cal.gpu_fields_for([row])) == set(GPU_LEVEL_FIELDS)
+    assert "zero3_overlap" in cal.DEEPSPEED_FIELDS  # DeepSpeed 2021's own prefetch overrides the GPU level
+
+
+def test_shipped_profiles_inherit_the_gpu_level():
+    """Every fitted GPU profile prices a stack it has no entry for with its hardware level."""
+    from autopar.core.gpu import GPU_LEVEL_FIELDS
+
+    for name in ("a100-80g", "h100-sxm", "h200"):
+        gpu = load_gpu_profile(name)
+        unseen = gpu.stack("deepspeed" if "h" in name else "no-such-stack")
+        for f in GPU_LEVEL_FIELDS:
+            assert getattr(unseen, f) == getattr(gpu.gpu_constants, f)
+        assert unseen.tp_overlap == 0.0 and unseen.zero3_gather_gbps == 0.0
