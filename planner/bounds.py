@@ -11,7 +11,7 @@ enumeration and against ``search(..., exhaustive=True)``).
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate import (
@@ -27,13 +27,13 @@ from autopar.cost_models.layer_model import saved_bytes
 from autopar.cost_models.memory import bytes_per_param, model_state_bytes
 from autopar.cost_models.pipeline import in_flight_microbatches, weight_grad_fraction
 from autopar.planner import partition as part
-from autopar.planner.space import Constraints, Knobs, SearchStats, Sharding
+from autopar.planner.space import Constraints, Knobs, SearchStats, Sharding, strategy_defaults
 from autopar.techniques import pipeline
 
 
 def probe(sh: Sharding, gb: int, k: Knobs | None = None, **kw) -> Strategy:
     """A Strategy with this sharding, unvalidated (for bounds and pricing)."""
-    vals = dict(Strategy().model_dump(), dp=sh.dp, tp=sh.tp, pp=sh.pp, cp=sh.cp, ep=sh.ep, etp=sh.etp,
+    vals = dict(strategy_defaults(), dp=sh.dp, tp=sh.tp, pp=sh.pp, cp=sh.cp, ep=sh.ep, etp=sh.etp,
                 micro_batch=sh.mbs, global_batch=gb, sequence_parallel=sh.sp)
     if k is not None:
         vals.update(zero_stage=k.zero, offload_optimizer=k.offload, schedule=k.schedule, vpp=k.vpp)
@@ -58,8 +58,15 @@ class Floor:
     act_base: float  # saved activations per micro-batch with the fastest allowed recompute
     temps: float
     saves: tuple     # per block template: (layers, {mode: bytes one layer saves per micro-batch})
+    memo: dict = field(default_factory=dict, compare=False, repr=False)   # states by (groups, zero, offload)
 
     def states(self, cm: CostModel, sh: Sharding, zero: int, offload: bool) -> float:
+        key = (sh.dp * sh.cp, sh.edp, zero, offload)
+        if key not in self.memo:
+            self.memo[key] = self._states(cm, sh, zero, offload)
+        return self.memo[key]
+
+    def _states(self, cm: CostModel, sh: Sharding, zero: int, offload: bool) -> float:
         if offload:  # as CostModel.rank_memory: CPUOffloadPolicy keeps shards, gradients, AdamW states on the host
             return 0.0 if zero >= 3 else (self.dense + self.expert) * bytes_per_param(cm.dtype)[0]
         ds = model_state_bytes(self.dense, cm.dtype, zero, sh.dp * sh.cp)
@@ -68,6 +75,12 @@ class Floor:
 
     def host_bytes(self, cm: CostModel, sh: Sharding) -> float:
         """Mean over pipeline ranks of what offload keeps in host memory (as ``CostModel.rank_memory``)."""
+        key = (sh.dp * sh.cp, sh.edp, sh.pp)
+        if key not in self.memo:
+            self.memo[key] = self._host_bytes(cm, sh)
+        return self.memo[key]
+
+    def _host_bytes(self, cm: CostModel, sh: Sharding) -> float:
         return (model_state_bytes(self.dense, cm.dtype, 3, sh.dp * sh.cp).total
                 + model_state_bytes(self.expert, cm.dtype, 3, sh.edp).total) / sh.pp
 
@@ -149,6 +162,7 @@ class Priced:
     max_block: float    # the slowest transformer block
     edges: tuple[float, float]    # embedding and output layer times (on the first / last rank)
     base: list[float]   # every block's time with the fastest allowed recompute, in model order
+    min_block_no_cp: float   # the fastest block without context-parallel exposure (bounds smaller micro-batches)
 
 
 class Space:
@@ -168,6 +182,7 @@ class Space:
         self.opt_bw = cm.timer.bw * max(e for _, e in cm.timer.gpu.membound_eff.root)
         self.wfrac = {id(t): weight_grad_fraction(t.ops) for t in cm.templates if t.kind == "block"}
         self.syncs: dict[tuple, float] = {}   # gradient-sync floors by (dp group, tp, zero 1/2)
+        self.p2ps: dict[tuple, float] = {}
 
     def push(self, lb: float, kind: str, *payload) -> None:
         self.pushes += 1
@@ -198,8 +213,18 @@ class Space:
             edges = tuple(c.time("none") if c else 0.0 for c in (costs["embedding"], costs["output"]))
             self.prices[key] = Priced(costs, total, no_cp, min(times),
                                       (sum(c.params_dense for c in blocks), sum(c.params_expert for c in blocks)), rc,
-                                      fbw, min(c.params_dense for c in blocks), max(times), edges, times)
+                                      fbw, min(c.params_dense for c in blocks), max(times), edges, times,
+                                      min(t - c.comm_s.get("cp", 0.0) for t, c in zip(times, blocks)))
         return self.prices[key]
+
+    def p2p(self, sh: Sharding) -> float:
+        """``CostModel.p2p_time`` of the sharding (what it reads: pp, mbs, cp, tp, sp)."""
+        if sh.pp == 1:
+            return 0.0
+        key = (sh.pp, sh.mbs, sh.cp, sh.tp, sh.sp)
+        if key not in self.p2ps:
+            self.p2ps[key] = self.cm.p2p_time(probe(sh, self.gb))
+        return self.p2ps[key]
 
 
 

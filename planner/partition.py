@@ -159,9 +159,11 @@ class RankPricer:
         cm, s = self.cm, self.s
         parts = [self.costs[i] for i in layers]
         usable = cm.gpu.usable_mem_bytes + cm.gpu.framework_overhead_bytes
+        workspace = lambda w: cm.workspace_excess(s, parts, w, temps)  # noqa: E731
         for _ in range(4):
-            choice = rc.choose(groups, in_flight, budget, self.modes, self._frontiers,
-                               lambda w: cm.workspace_excess(s, parts, w, temps))
+            if cannot_fit(groups, self.modes, in_flight, budget, workspace):
+                return None, INF
+            choice = rc.choose(groups, in_flight, budget, self.modes, self._frontiers, workspace)
             if choice is None:
                 return None, INF
             modes = rc.assign([[i for i in layers if self.costs[i] is g] for g, _ in groups], choice)
@@ -202,6 +204,22 @@ class RankPricer:
         layers = self.layers(o, c)
         by_group = [[i for i in layers if id(self.costs[i]) == g] for g in ev.group_ids]
         return rc.assign(by_group, ev.choice)
+
+
+def cannot_fit(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...], in_flight: float, budget: float,
+               workspace) -> bool:
+    """True only where ``recompute.choose`` returns None: no plain fit, and for every cap on the
+    largest working set even the least activations the allowed modes leave, plus that cap's
+    workspace, exceed ``budget``. A rank that cannot fit is then refused without building the
+    recompute frontiers (every split of n layers over four modes: O(n^3) points)."""
+    if "none" in modes and in_flight * sum(c.act_bytes["none"] * n for c, n in groups) <= budget:
+        return False
+    for cap in sorted({c.work_bytes[k] for c, n in groups if n for k in modes}):
+        allowed = [[k for k in modes if c.work_bytes[k] <= cap] for c, _ in groups]
+        if all(allowed) and in_flight * sum(n * min(c.act_bytes[k] for k in ok) for (c, n), ok in
+                                            zip(groups, allowed)) + workspace(cap) <= budget:
+            return False
+    return True
 
 
 # ----- the step-time objective -----------------------------------------------------------

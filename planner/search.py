@@ -54,6 +54,7 @@ from autopar.planner.bounds import (  # noqa: F401  (re-exported: tests and expl
     curves_monotone,
     floor_terms,
     grad_sync_floor,
+    held_layers,
     min_in_flight,
     optimizer_floor,
     peak_floor,
@@ -97,11 +98,12 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
         upper = part.INF if exhaustive else upper
         lb, _, kind, payload = heapq.heappop(sp.queue)
         if lb >= upper:
-            stats.pruned_time += sum(len(p[1]) if k == "row" else 1 for _, _, k, p in sp.queue) + \
-                (len(payload[1]) if kind == "row" else 1)
+            stats.pruned_time += sum(_size(k, p) for _, _, k, p in sp.queue) + _size(kind, payload)
             break
         if kind == "row":
             _expand_row(sp, *payload)
+        elif kind == "group":
+            _expand_group(sp, *payload)
         elif kind == "config" and payload[1].zero == 3:
             sp.push(lb + zero3_floor(sp, payload[0]), "config3", *payload)
         else:
@@ -118,6 +120,11 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
     stats.infeasible += dropped
     stats.search_time_s = time.perf_counter() - t0
     return SearchResult(ranked, stats, sp.gb, rule_error=sp.rule_error)
+
+
+def _size(kind: str, payload: tuple) -> int:
+    """Configurations a queue entry stands for."""
+    return len(payload[1]) if kind == "row" else len(payload[1][0]) if kind == "group" else 1
 
 
 def _partitioned(sp: Space, sh: Sharding, k: Knobs, upper: float) -> Candidate | None:
@@ -193,41 +200,70 @@ def _fill(sp: Space) -> None:
             biggest[key] = sh
     probes = {key: (sp.priced(sh), sh.mbs) for key, sh in biggest.items()}
     for sh, knobs in rows:
-        pr, b = probes[(sh.tp, sh.cp, sh.ep, sh.etp, sh.sp)]
-        total, rc = pr.total_no_cp * sh.mbs / b, [{m: t * sh.mbs / b for m, t in x.items()} for x in pr.rc]
-        best = Knobs(max(k.zero for k in knobs), any(k.offload for k in knobs), "1f1b", 1)
-        extra = sp.floor(sh).recompute_time(sp.cm, sh, best, 1.0, sp.usable, rc)
-        scheds = {Knobs(0, False, k.schedule, k.vpp) for k in knobs}   # zero and offload add nothing here
-        sp.push(min(pipeline_bound(sp, sh, k, total + extra) for k in scheds), "row", sh, knobs)
+        sp.push(_row_bound(sp, sh, knobs, *probes[(sh.tp, sh.cp, sh.ep, sh.etp, sh.sp)]), "row", sh, knobs)
+
+
+def _row_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: int) -> float:
+    """A bound of every configuration of the row without pricing its micro-batch: the pricing at
+    micro-batch ``b >= sh.mbs`` scaled by ``sh.mbs / b`` (context-parallel exposure left out) stays
+    under this micro-batch's price, so its total and fastest block bound the sum and the slowest
+    rank (``held_layers`` blocks at least); the stage-to-stage sends and the optimizer step need no
+    layer pricing (the parameters do not depend on the micro-batch)."""
+    scale = sh.mbs / b
+    total, rc = pr.total_no_cp * scale, [{m: t * scale for m, t in x.items()} for x in pr.rc]
+    best = Knobs(max(k.zero for k in knobs), any(k.offload for k in knobs), "1f1b", 1)
+    extra = sp.floor(sh).recompute_time(sp.cm, sh, best, 1.0, sp.usable, rc)
+    p2p, block = sp.p2p(sh), pr.min_block_no_cp * scale
+    opt = min(optimizer_floor(sp, sh, k, pr) for k in {(k.zero, k.offload): k for k in knobs}.values())
+    scheds = {(k.schedule, k.vpp): k for k in knobs}.values()   # zero and offload add nothing here
+    return min(pipeline_bound(sp, sh, k, total + extra, p2p, held_layers(sp, sh, k) * block) for k in scheds) + opt
 
 
 def _expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
-    """Price one sharding and queue its configurations with a tighter bound. The bound's terms
-    depend on few of the knobs (the schedule, or the ZeRO stage and offload): each is worked
-    out once per row."""
+    """Price one sharding and queue its configurations by schedule: a group holds the knobs of one
+    (schedule, vpp) above the memory floor, under the least of their bounds (the ZeRO- and
+    offload-dependent terms at their smallest), so most configurations are never bounded one by one
+    (a group whose bound reaches the k-th best never leaves the queue). Each term is worked out once
+    per row: the schedule's, and the ZeRO stage's and offload's for each in-flight count."""
     cm, stats = sp.cm, sp.stats
     m = sp.gb // (sh.dp * sh.mbs)
     pr = sp.priced(sh)
-    p2p = cm.p2p_time(probe(sh, sp.gb)) if sh.pp > 1 else 0.0
+    p2p = sp.p2p(sh)
     floor = sp.floor(sh)
     host_usable = cm.gpu.host_mem_bytes * cm.gpu.host_usable_fraction if cm.gpu.host_mem_bytes else None
-    scheds: dict[tuple, tuple] = {}
-    rests: dict[tuple, tuple] = {}
+    groups: dict[tuple, list[Knobs]] = {}
     for k in knobs:
-        if (k.schedule, k.vpp) not in scheds:   # exact bubble share: the partition reads the same sums
-            scheds[k.schedule, k.vpp] = (min_in_flight(sh.pp, m, k.schedule, k.vpp), peak_floor(sp, sh, k, pr),
-                                         bubble_share(k.schedule, *pr.fbw))
-        in_flight, peak, share = scheds[k.schedule, k.vpp]
-        if (k.zero, k.offload, in_flight) not in rests:
-            fits = floor.bytes(cm, sh, k.zero, k.offload, in_flight) <= sp.usable and not (
-                k.offload and host_usable is not None and floor.host_bytes(cm, sh) > host_usable)
-            extra = floor.recompute_time(cm, sh, k, in_flight, sp.usable, pr.rc) if fits else 0.0
-            rests[k.zero, k.offload, in_flight] = (fits, extra, optimizer_floor(sp, sh, k, pr))
-        fits, extra, opt = rests[k.zero, k.offload, in_flight]
-        if not fits:
-            stats.pruned_memory += 1
-            continue
-        stats.enumerated += 1
+        groups.setdefault((k.schedule, k.vpp), []).append(k)
+    rests: dict[tuple, tuple] = {}
+    for ks in groups.values():
+        k0 = ks[0]   # exact bubble share: the partition reads the same sums
+        in_flight = min_in_flight(sh.pp, m, k0.schedule, k0.vpp)
+        peak, share = peak_floor(sp, sh, k0, pr), bubble_share(k0.schedule, *pr.fbw)
+        terms = []
+        for k in ks:
+            if (k.zero, k.offload, in_flight) not in rests:
+                fits = floor.bytes(cm, sh, k.zero, k.offload, in_flight) <= sp.usable and not (
+                    k.offload and host_usable is not None and floor.host_bytes(cm, sh) > host_usable)
+                extra = floor.recompute_time(cm, sh, k, in_flight, sp.usable, pr.rc) if fits else 0.0
+                rests[k.zero, k.offload, in_flight] = (fits, extra, optimizer_floor(sp, sh, k, pr))
+            fits, extra, opt = rests[k.zero, k.offload, in_flight]
+            if fits:
+                terms.append((k, extra, opt))
+        stats.pruned_memory += len(ks) - len(terms)
+        if terms:   # pipeline_bound grows with the per-micro-batch total and with the gradient sync
+            syncs = [grad_sync_floor(sp, sh, k, pr) for k in {t[0].zero: t[0] for t in terms}.values()]
+            lb = pipeline_bound(sp, sh, k0, pr.total + min(t[1] for t in terms), p2p, peak, share,
+                                min(x[1] for x in syncs))
+            sp.push(lb + min(t[2] for t in terms) + min(x[0] for x in syncs), "group", sh,
+                    (terms, pr.total, p2p, peak, share))
+
+
+def _expand_group(sp: Space, sh: Sharding, group: tuple) -> None:
+    """Queue each configuration of a schedule group (``_expand_row``) under its own bound."""
+    terms, total, p2p, peak, share = group
+    pr = sp.priced(sh)
+    for k, extra, opt in terms:
+        sp.stats.enumerated += 1
         last_bucket, sync = grad_sync_floor(sp, sh, k, pr)
-        lb = pipeline_bound(sp, sh, k, pr.total + extra, p2p, peak, share, sync)
+        lb = pipeline_bound(sp, sh, k, total + extra, p2p, peak, share, sync)
         sp.push(lb + opt + last_bucket, "config", sh, k)

@@ -127,13 +127,35 @@ def allowed(cm: CostModel, tech: Technique, s: Strategy) -> bool:
     return not tech.violations(s, rule_spec(cm), cm.cluster.world, cm.seq_len, emitted=True)
 
 
+def allowed_shape(cm: CostModel, tech: Technique, **degrees) -> bool:
+    """``allowed(cm, tech, shape(**degrees))``, memoized: rules are pure functions of the strategy,
+    the model, the world size and the sequence (``techniques.base``), and the enumeration asks the
+    same question for every micro-batch and every row (a pydantic construction each time)."""
+    return _allowed(cm, tech.name, tuple(sorted(degrees.items())))
+
+
+@lru_cache(maxsize=1 << 16)
+def _allowed(cm: CostModel, name: str, degrees: tuple) -> bool:
+    return allowed(cm, _TECHS[name], shape(**dict(degrees)))
+
+
+_TECHS = {t.name: t for t in (context_parallel.TECHNIQUE, data_parallel.TECHNIQUE, expert_parallel.TECHNIQUE,
+                              offload.TECHNIQUE, pipeline.TECHNIQUE, tensor_parallel.TECHNIQUE)}
+
+
+@lru_cache(maxsize=1)
+def strategy_defaults() -> dict:
+    """The default Strategy as a dict (read-only: callers copy it)."""
+    return Strategy().model_dump()
+
+
 def shape(**degrees) -> Strategy:
     """An unvalidated strategy with these fields (the rest default) for the rules to read."""
-    return Strategy.model_construct(**{**Strategy().model_dump(), **degrees})
+    return Strategy.model_construct(**{**strategy_defaults(), **degrees})
 
 
 def tp_ok(cm: CostModel, tp: int) -> bool:
-    return allowed(cm, tensor_parallel.TECHNIQUE, shape(tp=tp, dp=1))
+    return allowed_shape(cm, tensor_parallel.TECHNIQUE, tp=tp, dp=1)
 
 
 def meshes(cm: CostModel, cons: Constraints, gb: int):
@@ -143,12 +165,12 @@ def meshes(cm: CostModel, cons: Constraints, gb: int):
         if not cons.ok("tp", tp) or not tp_ok(cm, tp) or (not cons.cross_node and gpn % tp):
             continue
         for cp in divisors(world // tp):
-            if not cons.ok("cp", cp) or not allowed(cm, context_parallel.TECHNIQUE, shape(cp=cp, dp=1)):
+            if not cons.ok("cp", cp) or not allowed_shape(cm, context_parallel.TECHNIQUE, cp=cp, dp=1):
                 continue
             for pp in divisors(world // (tp * cp)):
                 dp = world // (tp * cp * pp)
                 if cons.ok("pp", pp) and cons.ok("dp", dp) and gb % dp == 0 and \
-                        allowed(cm, pipeline.TECHNIQUE, shape(pp=pp, dp=dp)):
+                        allowed_shape(cm, pipeline.TECHNIQUE, pp=pp, dp=dp):
                     yield tp, cp, pp, dp
 
 
@@ -160,7 +182,7 @@ def expert_maps(cm: CostModel, cons: Constraints, tp: int, cp: int, pp: int, dp:
         for etp in etps:
             if not (cons.ok("ep", ep) and cons.ok("etp", etp)):
                 continue
-            if not allowed(cm, expert_parallel.TECHNIQUE, shape(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, etp=etp)):
+            if not allowed_shape(cm, expert_parallel.TECHNIQUE, tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, etp=etp):
                 continue
             if cons.cross_node or gpn % (ep * etp) == 0:
                 yield ep, etp
@@ -170,7 +192,7 @@ def shardings(cm: CostModel, cons: Constraints, gb: int):
     """Rows of shardings that differ only in the micro-batch, mbs ascending."""
     for tp, cp, pp, dp in meshes(cm, cons, gb):
         sps = [x for x in tensor_parallel.SP_VALUES if cons.ok("sequence_parallel", x)
-               and allowed(cm, tensor_parallel.TECHNIQUE, shape(tp=tp, cp=cp, dp=dp, sequence_parallel=x))]
+               and allowed_shape(cm, tensor_parallel.TECHNIQUE, tp=tp, cp=cp, dp=dp, sequence_parallel=x)]
         mbs = [b for b in divisors(gb // dp) if cons.ok("micro_batch", b)]
         for ep, etp in expert_maps(cm, cons, tp, cp, pp, dp):
             for sp in sps:
@@ -198,7 +220,7 @@ def schedule_options(cm: CostModel, cons: Constraints, pp: int, m: int) -> list[
             vs = [2] if sched in pipeline.V_SHAPED else [1]
         out += [(sched, v) for v in vs]
     ok = [(sc, v) for sc, v in out if cons.ok("schedule", sc) and cons.ok("vpp", v)
-          and allowed(cm, pipeline.TECHNIQUE, shape(pp=pp, vpp=v, schedule=sc, dp=1, global_batch=m))]
+          and allowed_shape(cm, pipeline.TECHNIQUE, pp=pp, vpp=v, schedule=sc, dp=1, global_batch=m)]
     return ok
 
 
@@ -213,8 +235,9 @@ def knob_options(cm: CostModel, cons: Constraints, sh: Sharding, gb: int, cache:
         else [cons.fixed.get("zero_stage", 0)]
     offs = [x for x in (offload.VALUES if offload.priced_on(cm.gpu) else (False,)) if cons.ok("offload_optimizer", x)]
     out = [Knobs(z, o, s, v) for z in zeros for o in offs for s, v in schedule_options(cm, cons, sh.pp, m)
-           if s not in pipeline.ZERO_BUBBLE or allowed(cm, pipeline.TECHNIQUE, shape(
-               pp=sh.pp, dp=sh.dp, micro_batch=sh.mbs, global_batch=gb, zero_stage=z, schedule=s, vpp=v))]
+           if s not in pipeline.ZERO_BUBBLE or allowed_shape(cm, pipeline.TECHNIQUE, pp=sh.pp, dp=sh.dp,
+                                                             micro_batch=sh.mbs, global_batch=gb, zero_stage=z,
+                                                             schedule=s, vpp=v)]
     if cache is not None:
         cache[key] = out
     return out
