@@ -129,7 +129,8 @@ def _refresh(b: Built) -> None:
 def _build_key(case: pr.Case) -> tuple:
     """What a built CostModel depends on (the strategy is re-derived from the row)."""
     return case.gpu, case.cluster, case.nodes, case.gpus_per_node, case.seq_len, case.dtype, case.runtime, \
-        repr(sorted(case.config.items())), getattr(case, "moe_capacity_factor", None)
+        repr(sorted(case.config.items())), getattr(case, "moe_capacity_factor", None), \
+        getattr(case, "a2a_overlap", True)
 
 
 def price(b: Built, consts: StackConstants | None = None) -> pr.Priced:

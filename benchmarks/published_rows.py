@@ -111,6 +111,7 @@ class Case:
     strategy: str
     run: dict
     moe_capacity_factor: float | None = None  # token-drop capacity / forced balance the row states (1.0)
+    a2a_overlap: bool = True  # False: the row's Megatron-Core predates the MoE all-to-all overlap
 
 
 @dataclass
@@ -377,7 +378,7 @@ def case_for(run: dict) -> Case:
     return Case(id=run["id"], source=source, stack=stack, runtime=runtime, gpu=gpu, cluster=cluster,
                 nodes=max(1, world // gpn), gpus_per_node=min(gpn, world), seq_len=int(run["model"]["seq_len"]),
                 dtype=dtype_of(run), config=config, strategy=strategy_of(run, stack), run=run,
-                moe_capacity_factor=capacity_factor_of(run))
+                moe_capacity_factor=capacity_factor_of(run), a2a_overlap=source != "moe-folding")
 
 
 def capacity_factor_of(run: dict) -> float | None:
@@ -401,7 +402,8 @@ def build(case: Case, workdir: Path):
     cfg.write_text(json.dumps(case.config))
     cm, _spec, cluster, _seq = build_cost_model(Inputs(
         model=str(cfg), gpu=case.gpu, cluster=case.cluster, nodes=case.nodes, gpus_per_node=case.gpus_per_node,
-        seq_len=case.seq_len, dtype=case.dtype, runtime=case.runtime, moe_capacity_factor=case.moe_capacity_factor))
+        seq_len=case.seq_len, dtype=case.dtype, runtime=case.runtime, moe_capacity_factor=case.moe_capacity_factor,
+        a2a_overlap=case.a2a_overlap))
     s = Strategy.parse(case.strategy).resolve(cluster.world)
     cm.check(s)
     return cm, s

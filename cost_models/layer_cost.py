@@ -75,6 +75,7 @@ class PricingContext:
     expert_load_ratio: float = 1.0       # straggler load over mean (routing trace / placement)
     ep_cross_fraction: float | None = None  # measured share of routed tokens leaving the rank
     moe_capacity_factor: float | None = None  # token-drop capacity (1: forced balance); None: dropless
+    a2a_overlap: bool = True             # False: the run blocks on its all-to-alls (stack's ep_overlap unused)
     fits: list[CommFit] | None = None
     runtime: str = "torch"               # "torch": the emitted programs; "megatron": Megatron-LM kernels
     compile: str = "none"                # torch.compile of the blocks ("model") and of the loss ("model+loss")
@@ -322,7 +323,8 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
         a2a = collective_time("all_to_all", routed, s.ep, s.etp, ctx.cluster, fits=ctx.fits).time_s
         if ctx.ep_cross_fraction is not None:  # a routing trace: measured share of tokens leaving the rank
             a2a *= ctx.ep_cross_fraction / ((s.ep - 1) / s.ep)
-        a2a = ep_exposed(4 * a2a * expert_load(ctx), compute_s, ctx.timer.stack.ep_overlap)
+        overlap = ctx.timer.stack.ep_overlap if ctx.a2a_overlap else 0.0
+        a2a = ep_exposed(4 * a2a * expert_load(ctx), compute_s, overlap)
         out["ep"] = a2a + 5 * sync  # + the token-count exchange (uneven splits)
     if layer.is_moe and s.etp > 1:
         routed = act * ctx.topk / s.tp

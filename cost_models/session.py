@@ -41,6 +41,7 @@ class Inputs:
     compile: str = "none"        # none | model | model+loss: what the runtime's program compiles
     loss_parallel: bool = False  # the loss on vocabulary-sharded logits (DTensor loss_parallel)
     moe_capacity_factor: float | None = None  # token-drop expert capacity (1: forced balance); None: dropless
+    a2a_overlap: bool = True     # False: the run blocks on its MoE all-to-alls (the stack's ep_overlap unused)
 
 
 def resolve_cluster(inp: Inputs) -> ClusterSpec:
@@ -83,7 +84,7 @@ def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, in
     cm = CostModel(spec, cluster, seq, templates, gpu, inp.dtype, timer=timer, comm_fits=fits,
                    moe_load=moe_load, runtime=inp.runtime)
     cm.ctx.compile, cm.ctx.loss_parallel = program_options(inp)
-    cm.ctx.moe_capacity_factor = _capacity_factor(inp, spec)
+    cm.ctx.moe_capacity_factor, cm.ctx.a2a_overlap = _capacity_factor(inp, spec), inp.a2a_overlap
     return cm, spec, cluster, seq
 
 

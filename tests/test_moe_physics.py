@@ -245,3 +245,23 @@ def test_megatron_runs_rope_fused_and_gqa_unexpanded():
     assert dropped and all(o.kind == "membound" for o in dropped)
     assert sum(o.bytes_rw for o in dropped) > 3 * ops[attn - 1].bytes_rw   # fp32 round trips, K/V copies
     assert ops[attn:] == block.ops[block.ops.index(ops[attn]):]             # the rest as captured
+
+
+def test_a2a_overlap_off_exposes_every_all_to_all_and_folding_rows_run_without_it():
+    """A run without Megatron-Core's all-to-all overlap (the MoE Parallel Folding paper's MCore of early
+    2025 predates --overlap-moe-expert-parallel-comm) pays every all-to-all whatever the stack's fit."""
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    stack = StackConstants(ep_overlap=0.6)
+    hidden = _moe_layer_cost(stack, "tp=1,pp=1,dp=16,ep=16,mbs=1")
+    cm = _qwen_moe_cost_model(Inputs, build_cost_model, 4096)
+    cm.ctx.a2a_overlap = False
+    try:
+        blocking = _moe_layer_cost(stack, "tp=1,pp=1,dp=16,ep=16,mbs=1")
+    finally:
+        cm.ctx.a2a_overlap = True
+    neutral = _moe_layer_cost(StackConstants(), "tp=1,pp=1,dp=16,ep=16,mbs=1")
+    assert blocking.comm_s["ep"] == pytest.approx(neutral.comm_s["ep"]) and hidden.comm_s["ep"] < blocking.comm_s["ep"]
+    pr, runs = _published_rows()
+    assert not pr.case_for(runs["moe_folding_table4_Mixtral-8x22B-G8T8_mcore_512gpu"]).a2a_overlap
+    assert pr.case_for(runs["megatron_bridge_26.04_h100_Qwen3_30B_a3B_16gpu_FP8_12"]).a2a_overlap
