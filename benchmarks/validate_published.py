@@ -98,17 +98,19 @@ def print_constants(built: list[cal.Built]) -> None:
             print(f"  {key[0]:9s} {key[1]:9s} {cal.constants_yaml(shipped, 'python benchmarks/calibrate_modern.py')}")
 
 
-def loso(built: list[cal.Built], anchor: list[cal.Built], stand_in: bool = False) -> list[pr.Priced]:
+def loso(built: list[cal.Built], anchor: list[cal.Built], stand_in: bool = False,
+         one_level: bool = False) -> list[pr.Priced]:
     """Each source predicted with constants fitted on every other source (and the anchor rows): the
     hardware level of its GPU types refitted without it, stack choices from the other sources of
     that stack. A stack only the left-out source runs on a GPU type inherits the refitted hardware
     level with neutral stack choices, or with ``stand_in`` the choices of the GPU type's largest
-    other stack (as a user with no run of that stack might)."""
+    other stack (as a user with no run of that stack might). ``one_level``: every constant fitted per
+    stack (the scheme before the two levels), such a stack priced neutral."""
     out = []
     for src in sorted({b.case.source for b in built}):
         mine = [b for b in built if b.case.source == src]
         types = {b.group[0] for b in mine}  # only the GPU types holding this source change when it is left out
-        refit = cal.fit([b for b in built + anchor if b.group[0] in types], exclude_source=src)
+        refit = cal.fit([b for b in built + anchor if b.group[0] in types], exclude_source=src, one_level=one_level)
         if stand_in:
             for key in {b.group for b in mine} - set(refit.stacks):
                 _stand_in(key, refit, built + anchor, src)
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweeps", type=int, default=cal.SWEEPS, help="coordinate-descent sweeps of each --loso refit")
     ap.add_argument("--stand-in", action="store_true", help="--loso: a stack no other source runs on that GPU "
                                                             "type takes the choices of its largest other stack")
+    ap.add_argument("--one-level", action="store_true", help="--loso with every constant fitted per stack (the "
+                                                             "scheme before the two levels, for comparison)")
     args = ap.parse_args(argv)
     cal.SWEEPS = args.sweeps
     path = args.file or args.yaml or DEFAULT_YAML
@@ -148,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.loso:
         anchor = [] if path == DEFAULT_YAML else cal.load_or_build([DEFAULT_YAML], args.cache)[0]
         title = f"{path.name}: leave-one-source-out (refit without each source{', stand-in' * args.stand_in})"
-        print_summary(loso(built, anchor, args.stand_in), skipped, title)
+        title += ", one level" * args.one_level
+        print_summary(loso(built, anchor, args.stand_in, args.one_level), skipped, title)
     return 0
 
 
