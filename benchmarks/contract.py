@@ -16,8 +16,9 @@ and compared with a single-process run of the same model (``plan --gpus-per-node
 - loss parity, both steps: rtol 1e-4 in fp32; bf16 rows (bf16 weights, activations and
   collectives against the fp32 single process) at ``BF16_RTOL`` (see its comment);
 - memory: the measured peak of step 2 (live tensor bytes, max over ranks, ``runtime_mem``)
-  against the plan's predicted peak without the framework overhead (not a tensor), plus the
-  host bytes of an offloading plan (on CPU ranks, host and device memory are the same);
+  against the plan's ``pooled_peak_bytes`` without the framework overhead (not a tensor): device
+  and host bytes at their joint peak, since on CPU ranks an offloading plan's host memory is the
+  rank's own (``cost_models.memory.pooled_peak_bytes``; without offload the device peak);
   within 10% of the prediction and never more than 10% above it.
 
     python benchmarks/contract.py                 # the whole cover (>= 40 strategies)
@@ -64,21 +65,6 @@ MEM_TOL = 0.10
 # depends on the model size); the CPU memory tracker on in both steps
 RUN_ARGS = ["--steps", str(STEPS), "--device", "cpu", "--mem-steps", str(STEPS), "--timeout", "60", "--lr", "1e-3"]
 MODELS = ("gpt-tiny", "moe-tiny")
-# Families whose measured peak is known to miss the memory half of the contract, each with its
-# mechanism (docs/codegen.md, "The contract sweep"): the sweep still judges them, and their rows
-# are marked; tests/test_contract.py asserts memory on every other row. Empty = no known gap.
-MEMORY_GAPS: dict[str, str] = {
-    "bf16-offload-moe": "bf16 MoE with optimizer offload below ZeRO-3: the host gradient shards appear while "
-                        "the backward frees activations, the cost model adds both (measured 0.85x)",
-}
-
-
-def memory_gap(model: str, dtype: str, strategy: str) -> str:
-    """The ``MEMORY_GAPS`` family a row belongs to ('' when none)."""
-    k = dict(item.split("=", 1) for item in strategy.split(","))
-    if model == "moe-tiny" and dtype != "fp32" and k["offload"] == "1" and int(k["zero"]) < 3:
-        return "bf16-offload-moe"
-    return ""
 HARNESS = Path(__file__).resolve().parents[1] / "tests" / "codegen_harness.py"
 
 
@@ -250,8 +236,7 @@ def plan_and_emit(row: Row, nproc: int, strategy: str, profile: Path) -> None:
         row.error = err
         return
     pred = json.loads(plan_json.read_text())["predictions"]["memory"]
-    row.pred_bytes = (pred["peak_bytes"] - pred["breakdown"].get("framework_overhead", 0.0)
-                      + pred.get("host_bytes_per_gpu", 0.0))
+    row.pred_bytes = pred["pooled_peak_bytes"] - pred["breakdown"].get("framework_overhead", 0.0)
 
 
 def run_rows(rows: list[Row], nproc: int, root: Path, timeout_s: float = 1800) -> None:
@@ -383,10 +368,8 @@ def report(rows: list[Row], refs: dict[str, Row]) -> int:
     for r in rows:
         v, rel, ratio = verdict(r, refs[r.model].losses)
         fails += v != "ok"
-        gap = memory_gap(r.model, r.dtype, r.strategy)
         print(f"{r.name:4} {r.model:9} {r.dtype:5} {'-' if rel is None else f'{rel:.2e}':>12} "
-              f"{'-' if ratio is None else f'{ratio:.3f}':>13}  {v:7}  {r.strategy}"
-              + (f"  [known gap: {gap}]" if gap else ""), flush=True)
+              f"{'-' if ratio is None else f'{ratio:.3f}':>13}  {v:7}  {r.strategy}", flush=True)
     print(f"{len(rows) - fails}/{len(rows)} strategies emitted, run and within the contract")
     return 1 if fails else 0
 

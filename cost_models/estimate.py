@@ -37,7 +37,10 @@ from autopar.cost_models.layer_model import LayerTemplate
 from autopar.cost_models.memory import (
     bytes_per_param,
     expert_shard_group,
+    host_grads_at_device_peak,
     model_state_bytes,
+    offload_grad_shard_bytes,
+    pooled_peak_bytes,
     runs_sharded_adamw,
     warmup_only_activations,
     zero1_reduce_bytes,
@@ -168,8 +171,8 @@ class CostModel:
                 comm[k] = comm.get(k, 0.0) + v
         bwd = sum(c.bwd_s for c in parts + extra) + rc + sum(comm.values())
         in_flight = in_flight_microbatches(rank, s.pp, m, s.schedule, s.vpp)
-        memory, host = self.rank_memory(s, parts, modes, extra, in_flight, first, last)
-        return RankReport(rank, layers, fwd, bwd, rc, comm, memory, in_flight, host)
+        memory, host, pooled = self.rank_memory(s, parts, modes, extra, in_flight, first, last)
+        return RankReport(rank, layers, fwd, bwd, rc, comm, memory, in_flight, host, pooled)
 
     def rank_memory(self, s: Strategy, parts: list[LayerCost], modes, extra, in_flight, first,
                     last) -> RankMemory:
@@ -179,14 +182,16 @@ class CostModel:
             dense += self.output.params_tied / s.tp  # a tied output weight is a second copy on the last stage
         expert = sum(c.params_expert for c in parts)
         ds = model_state_bytes(dense, self.dtype, s.zero_stage, s.dp * s.cp)
-        es = model_state_bytes(expert, self.dtype, s.zero_stage, expert_shard_group(s, self.ctx.runtime))
-        host = 0.0
+        eg = expert_shard_group(s, self.ctx.runtime)
+        es = model_state_bytes(expert, self.dtype, s.zero_stage, eg)
+        host = shards = 0.0
         if s.offload_optimizer:  # as emitted: FSDP2 CPUOffloadPolicy (codegen.runtime_parallel.apply_dp)
             # the parameter shards, their gradients and the AdamW states live on the host, at any
             # zero stage; the device holds gathered parameters only: ZeRO-3 one block at a time
             # (comm_buffers), otherwise (reshard_after_forward=False) all of them from forward to backward
             host = (model_state_bytes(dense, self.dtype, 3, s.dp * s.cp).total
-                    + model_state_bytes(expert, self.dtype, 3, expert_shard_group(s, self.ctx.runtime)).total)
+                    + model_state_bytes(expert, self.dtype, 3, eg).total)
+            shards = offload_grad_shard_bytes(dense / (s.dp * s.cp) + expert / eg)  # part of host, by phase
             gathered = 0.0 if s.zero_stage >= 3 else (dense + expert) * bytes_per_param(self.dtype)[0]
             ds, es = ds.__class__(gathered, 0.0, 0.0), es.__class__(0.0, 0.0, 0.0)
         acts = sum(c.act_bytes[mo] for c, mo in zip(parts, modes)) + sum(c.act_bytes["none"] for c in extra)
@@ -216,7 +221,8 @@ class CostModel:
                                                          in_flight, s.num_micro_batches)
         if self.ctx.runtime == "torchtitan":  # its pipeline keeps stages gathered (runtime_memory.py)
             mem = torchtitan_memory(self, s, parts, modes, extra, in_flight, first, last, mem)
-        return RankMemory(mem, host)
+        at_peak = host_grads_at_device_peak(s, self.ctx.runtime)
+        return RankMemory(mem, host, pooled_peak_bytes(mem, host, shards, at_peak))
 
     def _comm_buffer_bytes(self, s: Strategy, parts: list[LayerCost], extra: list[LayerCost],
                            temps: float) -> float:

@@ -11,9 +11,11 @@ from autopar.core.strategy import Strategy
 
 
 class RankMemory(NamedTuple):
-    """``CostModel.rank_memory``: device bytes by kind and bytes offloaded to host memory."""
+    """``CostModel.rank_memory``: device bytes by kind, bytes offloaded to host memory, and both
+    at their joint peak (``memory.pooled_peak_bytes``: one memory, as on CPU ranks)."""
     memory: dict[str, float]
     host_bytes: float
+    pooled_bytes: float
 
 
 @dataclass
@@ -27,6 +29,7 @@ class RankReport:
     memory: dict[str, float]
     in_flight: float
     host_bytes: float = 0.0   # optimizer states offloaded to host memory (ZeRO-Offload)
+    pooled_bytes: float = 0.0  # device + host at their joint peak (memory.pooled_peak_bytes)
 
     @property
     def mem_bytes(self) -> float:
@@ -63,6 +66,12 @@ class Estimate:
     def host_peak_bytes(self) -> float:
         """Offloaded states one GPU keeps in host memory (the most loaded pipeline rank)."""
         return max((r.host_bytes for r in self.ranks), default=0.0)
+
+    @property
+    def pooled_peak_bytes(self) -> float:
+        """Device and host bytes together at their joint peak, worst rank: what a rank holds when
+        both are one memory (CPU ranks; ``memory.pooled_peak_bytes``), not the sum of the two peaks."""
+        return max((r.pooled_bytes or r.mem_bytes + r.host_bytes for r in self.ranks), default=0.0)
 
     @property
     def fits_host(self) -> bool:

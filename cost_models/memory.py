@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autopar.core.strategy import Strategy
+from autopar.techniques.pipeline import ZERO_BUBBLE
 
 GiB = 1024**3
 
@@ -129,3 +130,38 @@ def in_flight_activation_bytes(per_microbatch_bytes: float, in_flight: float) ->
     """Activations a pipeline rank holds at its peak: one micro-batch's saved tensors
     times the micro-batches in flight (``pipeline.in_flight_microbatches``)."""
     return per_microbatch_bytes * in_flight
+
+
+def offload_grad_shard_bytes(sharded_params: float) -> float:
+    """Host bytes of the gradient shards FSDP2's ``CPUOffloadPolicy`` keeps: the sharded gradient
+    takes the sharded parameter's dtype, fp32 in every plan (bf16 plans keep fp32 shards under
+    ``MixedPrecisionPolicy``, ``codegen.runtime_parallel.apply_dp``), so 4 bytes per parameter of
+    the shard, whatever the training dtype (of the 16 host bytes per parameter, the rest are the
+    fp32 shard and the two AdamW states)."""
+    return 4.0 * sharded_params
+
+
+def host_grads_at_device_peak(s: Strategy, runtime: str) -> bool:
+    """Whether offload's host gradient shards already exist when the device peaks (the loss and
+    the first blocks' backward, where every activation of the micro-batch is still live). They
+    are written block by block as the backward reduce-scatters, so not yet with one micro-batch
+    per step, nor under a zero-bubble pipeline of autopar's programs (FSDP2 reduces there after
+    the step's final backward only, ``codegen.runtime_parallel.FULL_BACKWARD``); with gradient
+    accumulation the earlier micro-batches' shards are live (contract sweep traces,
+    ``AUTOPAR_MEM_TRACE``: s02, s30, s11 peak at the loss without them, s06, s31 with them)."""
+    if s.num_micro_batches <= 1:
+        return False
+    return not (runtime == "torch" and s.pp > 1 and s.schedule in ZERO_BUBBLE)
+
+
+def pooled_peak_bytes(device: dict[str, float], host: float, grad_shards: float, grads_at_peak: bool) -> float:
+    """Device and host bytes of one rank together at their joint peak: what a rank holds when both
+    are one memory (CPU ranks, where offload's host copies share the rank's RAM: the contract
+    sweep measures this). Not the sum of the two peaks: the host peaks at the end of the backward,
+    once every gradient shard is written (``grad_shards``) and the activations are freed; the device
+    at the loss. Peak = max(device peak + host without the shards not yet written then, host peak +
+    the gathered parameters and one block's unsharded gradients, which the end of the backward
+    still holds)."""
+    at_device_peak = sum(device.values()) + host - (0.0 if grads_at_peak else grad_shards)
+    at_host_peak = host + device.get("parameters", 0.0) + device.get("comm_buffers", 0.0)
+    return max(at_device_peak, at_host_peak)

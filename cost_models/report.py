@@ -40,6 +40,7 @@ def estimate_dict(e: Estimate, cm: CostModel | None = None) -> dict:
             "worst_stage": worst.rank,
             "host_bytes_per_gpu": max(r.host_bytes for r in e.ranks),
             "host_usable_bytes_per_gpu": e.host_usable_bytes,
+            "pooled_peak_bytes": e.pooled_peak_bytes,  # device + host in one memory (CPU ranks)
             "stages": [{"stage": r.rank, "peak_bytes": r.mem_bytes, "in_flight_microbatches": r.in_flight,
                         "layers": [r.layers[0], r.layers[-1] + 1] if r.layers else [], "breakdown": r.memory}
                        for r in e.ranks],

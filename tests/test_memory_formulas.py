@@ -2,7 +2,15 @@
 
 import pytest
 
-from autopar.cost_models.memory import korthikanti_activation_bytes, model_state_bytes
+from autopar.core.strategy import Strategy
+from autopar.cost_models.memory import (
+    host_grads_at_device_peak,
+    korthikanti_activation_bytes,
+    model_state_bytes,
+    offload_grad_shard_bytes,
+    pooled_peak_bytes,
+)
+from autopar.cost_models.session import Inputs, build_cost_model
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -27,3 +35,41 @@ def test_korthikanti_table2_closed_forms():
     assert korthikanti_activation_bytes(s, b, h, a, t, recompute="selective") == s * b * h * (10 + 24 / t)
     assert korthikanti_activation_bytes(s, b, h, a, t, sp=True, recompute="selective") == 34 * s * b * h / t
     assert korthikanti_activation_bytes(s, b, h, a, t, recompute="full") == 2 * s * b * h
+
+
+def test_offload_gradient_shards_are_fp32():
+    # FSDP2 CPUOffloadPolicy: the sharded gradient has the fp32 shard's dtype, 4 of the 16 host bytes
+    assert offload_grad_shard_bytes(1000.0) == 4000.0
+
+
+@pytest.mark.parametrize("text,runtime,live", [
+    ("dp=4,mbs=2,gbs=8,offload=1", "torch", False),                # one micro-batch: shards come after the loss
+    ("dp=4,mbs=1,gbs=8,offload=1", "torch", True),                 # accumulation: micro-batch 1's shards stay
+    ("tp=2,pp=2,vpp=2,mbs=2,gbs=8,schedule=zbv,offload=1", "torch", False),  # FSDP2 reduces after the step's last
+    ("tp=2,pp=2,vpp=2,mbs=2,gbs=8,schedule=zbv,offload=1", "megatron", True),
+    ("tp=2,pp=2,mbs=2,gbs=8,schedule=1f1b,offload=1", "torch", True),  # apply_dp reduces each micro-batch
+])
+def test_host_gradient_shards_at_the_device_peak(text, runtime, live):
+    s = Strategy.parse(text).resolve(4, 8)
+    assert host_grads_at_device_peak(s, runtime) is live
+
+
+def test_pooled_peak_is_the_larger_phase_not_the_sum():
+    device = {"parameters": 10.0, "activations": 50.0, "comm_buffers": 5.0}
+    # at the loss: device peak + host without the 25 shard bytes not yet written
+    assert pooled_peak_bytes(device, 100.0, 25.0, grads_at_peak=False) == 65 + 100 - 25
+    assert pooled_peak_bytes(device, 100.0, 25.0, grads_at_peak=True) == 65 + 100
+    # shards larger than the activations: the end of the backward (host peak + parameters + one block) wins
+    assert pooled_peak_bytes(device, 100.0, 80.0, grads_at_peak=False) == 100 + 10 + 5
+
+
+def test_estimate_reports_the_pooled_peak():
+    cm = build_cost_model(Inputs(model="moe-tiny", gpu="h100-sxm", gpus_per_node=4, seq_len=32, dtype="bf16"))[0]
+    plain = cm.estimate(Strategy.parse("dp=4,mbs=2,gbs=8,zero=2").resolve(4, 8))
+    assert plain.pooled_peak_bytes == plain.peak_bytes   # nothing on the host
+    s = Strategy.parse("dp=4,mbs=2,gbs=8,zero=2,offload=1").resolve(4, 8)
+    e = cm.estimate(s)
+    shards = offload_grad_shard_bytes(sum(cm.layer_costs(s)[k].params_dense + cm.layer_costs(s)[k].params_expert
+                                          for k in [*range(cm.num_layers), "embedding", "output"]) / 4)
+    assert e.host_peak_bytes > shards > 0
+    assert e.pooled_peak_bytes == pytest.approx(e.peak_bytes + e.host_peak_bytes - shards)
