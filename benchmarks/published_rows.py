@@ -28,6 +28,11 @@ Row conventions (each stated once, here):
 - "H100 (96GB HBM2e, 500 W cap)" (Meta's Grand Teton, torchtitan's benchmarks) is the ``h100-96g``
   profile on the DGX H100 cluster preset; other H100 variants are ``h100-sxm``.
 - Architectures a row leaves null are filled from the public configuration named in ``ARCHS``.
+- MoE routing and dispatch as the rows state them: plain Megatron-Core (ETP blank) runs etp = tp;
+  "force-balance tokens" and "token-drop, capacity factor C" set ``--moe-capacity-factor`` (1, C);
+  the MoE Parallel Folding rows (Megatron-Core of early 2025) run without the all-to-all overlap
+  (``--no-a2a-overlap``) and interleaved with the smallest even V (``_folding_vpp``).
+- 2021 Megatron-LM / MT-NLG rows predate sequence parallelism: sp = 0.
 """
 
 from __future__ import annotations
