@@ -58,6 +58,7 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
                                               "GPU count offer no plan at a nearby batch"),
              json_out: bool = c.Json, no_cache: bool = c.NoCache, runtime: str = c.Runtime,
              compile: str = c.Compile, loss_parallel: bool = c.LossParallel,
+             moe_capacity_factor: Opt[float] = c.MoeCapacityFactor, no_a2a_overlap: bool = c.NoA2aOverlap,
              out: Opt[Path] = typer.Option(None, "--out", help="write the winning Plan (JSON) for `autopar emit`"),
              plot: Opt[Path] = typer.Option(None, "--plot", help="folder for timeline.png and memory.png"),
              from_plan: Opt[Path] = typer.Option(None, "--from", help="elastic re-plan of this plan.json for "
@@ -84,7 +85,7 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
         raise InputError("--dtype fp8: autopar's emitted programs run bf16, not fp8 GEMMs; plan with --dtype bf16, "
                          "or --runtime megatron to plan for Transformer Engine fp8 under Megatron-Core")
     inp = c.inputs(model, gpu, nodes, gpus_per_node, cluster, seq_len, dtype, profile, placement, trace, input_shape,
-                   runtime, input_dtype, hf, compile, loss_parallel)
+                   runtime, input_dtype, hf, compile, loss_parallel, moe_capacity_factor, no_a2a_overlap)
     from autopar.cost_models.session import build_cost_model
     from autopar.planner.search import Constraints, search
 
@@ -238,7 +239,16 @@ def _command(cm, cand: Candidate, inputs: dict[str, str]) -> str:
             args += [flag, inputs[key]]
     if "constraints" in inputs:
         args += ["--strategy", inputs["constraints"]]
-    return " ".join(shlex.quote(a) for a in args)
+    return " ".join(shlex.quote(a) for a in args + _program_args(cm.ctx))
+
+
+def _program_args(ctx) -> list[str]:
+    """The stack and program options the search priced (a re-run must price the same program)."""
+    args = ["--runtime", ctx.runtime] if ctx.runtime != "torch" else []
+    args += ["--compile", ctx.compile] if ctx.compile != "none" else []
+    args += ["--loss-parallel"] if ctx.loss_parallel else []
+    args += ["--moe-capacity-factor", str(ctx.moe_capacity_factor)] if ctx.moe_capacity_factor is not None else []
+    return args + ([] if ctx.a2a_overlap else ["--no-a2a-overlap"])
 
 
 def plan_json(cm, res: SearchResult, top: int) -> dict:
@@ -305,6 +315,8 @@ def _print(cm, res: SearchResult, out: Path | None, pngs: list[Path]) -> None:
                   f"({st.layer_pricings:,} layer pricings)")
     console.print(f"best strategy: {res.candidates[0].strategy.compact()}")
     if out:
-        console.print(f"plan written to {out} (next: autopar emit {out})")
+        nxt = f"next: autopar emit {out}" if cm.ctx.runtime == "torch" else \
+            f"priced for {cm.ctx.runtime}'s programs: emit writes autopar's own, re-plan with --runtime torch"
+        console.print(f"plan written to {out} ({nxt})")
     for p in pngs:
         console.print(f"figure: {p}")

@@ -67,6 +67,10 @@ class Plan(BaseModel):
         "torch", description="the software stack the predictions priced (cost_models.session.RUNTIMES)")
     compile: Compile = Field("none", description="what the priced program compiles (--compile; torchtitan runtime)")
     loss_parallel: bool = Field(False, description="cross-entropy on vocabulary-sharded logits (--loss-parallel)")
+    moe_capacity_factor: float | None = Field(None, gt=0, description="token-drop expert capacity the priced stack "
+                                              "routes with (--moe-capacity-factor); None: dropless")
+    a2a_overlap: bool = Field(True, description="False: the priced stack blocks on its MoE all-to-alls "
+                              "(--no-a2a-overlap)")
     strategy: Strategy
     layer_recompute: list[Recompute] = Field(default_factory=list,
                                              description="per-layer recompute override (empty = strategy.recompute)")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from autopar.core.cluster import ClusterSpec, LinkClass, NodeGroup
 from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate import CostModel, Estimate
+from autopar.cost_models.layer_cost import same_program
 from autopar.cost_models.pipeline import simulate
 from autopar.errors import InputError
 from autopar.profiles.hw import load_gpu_profile
@@ -52,7 +53,7 @@ def group_models(cm: CostModel) -> list[CostModel]:
             raise InputError(f"cluster: node group {g.name or g.gpu} has no {cm.dtype} peak; plan with --dtype fp32")
         group = CostModel(cm.spec, group_cluster(cm.cluster, g), cm.seq_len, cm.templates, gpu, dtype,
                           comm_fits=cm.ctx.fits, moe_load=cm.moe_load, runtime=cm.ctx.runtime)
-        group.ctx.compile, group.ctx.loss_parallel = cm.ctx.compile, cm.ctx.loss_parallel  # the same program
+        same_program(group.ctx, cm.ctx)
         out.append(group)
     return out
 

@@ -95,6 +95,17 @@ class PricingContext:
             self.fits = busy_node_fits(self.fits, self.cluster.gpus_per_node)
 
 
+# What the priced program runs beyond the strategy (CLI options; recorded in the Plan): a cost model
+# for another cluster or node group of the same job must price the same program.
+PROGRAM_OPTIONS = ("compile", "loss_parallel", "moe_capacity_factor", "a2a_overlap")
+
+
+def same_program(dst: PricingContext, src: PricingContext) -> None:
+    """Copy the program options (``PROGRAM_OPTIONS``) of ``src`` onto ``dst``."""
+    for name in PROGRAM_OPTIONS:
+        setattr(dst, name, getattr(src, name))
+
+
 def busy_node_fits(fits: list[CommFit], ranks: int) -> list[CommFit]:
     """Ranks sharing cores: a collective of any group waits for members that the scheduler has
     swapped out for the node's other (busy) ranks, so each kind is priced from its fit measured

@@ -128,6 +128,10 @@ def _capacity_factor(inp: Inputs, spec: ModelSpec) -> float | None:
         raise InputError(f"--moe-capacity-factor={cf}: " + ("must be positive (1: each expert takes at most its "
                          "mean share of tokens); fix: give e.g. 1 or 1.25" if spec.is_moe else
                          "needs a mixture-of-experts model; fix: leave it out"))
+    if cf is not None and inp.runtime == "torch":  # the emitted program routes every token (dropless)
+        raise InputError(f"--moe-capacity-factor={cf}: autopar's emitted programs (--runtime torch) route dropless, "
+                         "so pricing dropped tokens would promise what emit does not run; fix: leave it out, or "
+                         "price another stack with --runtime megatron")
     return cf
 
 

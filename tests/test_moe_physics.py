@@ -168,7 +168,7 @@ def test_capacity_factor_through_the_layer_and_its_input_errors():
     assert dropless.fwd_s > 1.05 * capped.fwd_s   # the 1.3x straggler expert is capped at its mean share
 
     moe, dense = cm.spec, cm.spec.model_copy(update={"num_experts": 0, "topk": 0})
-    assert _capacity_factor(Inputs(model="x", moe_capacity_factor=1.25), moe) == 1.25
+    assert _capacity_factor(Inputs(model="x", moe_capacity_factor=1.25, runtime="megatron"), moe) == 1.25
     with pytest.raises(InputError, match="--moe-capacity-factor=0.0: must be positive"):
         _capacity_factor(Inputs(model="x", moe_capacity_factor=0.0), moe)
     with pytest.raises(InputError, match="needs a mixture-of-experts model; fix"):
