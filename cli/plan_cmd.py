@@ -69,7 +69,8 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
     """Search dp/ZeRO, tp, sp, cp, pp (schedule, vpp), ep/etp, micro-batch and per-layer recompute;
     print the top plans that fit (exit 3 with the nearest fixes when none does) and why the winner
     wins. Order: by predicted step time; plans within 1% of each other are listed simpler first
-    (fewer parallel dimensions > 1, DDP before ZeRO-3, lower ZeRO stage, no offload before offload).
+    (fewer model-parallel dimensions > 1 (tp, pp, cp, ep), then fewer with dp, DDP before ZeRO-3,
+    lower ZeRO stage, no offload before offload, no recompute before recompute).
     Defaults: one node of 8 x h100-sxm, the model's
     sequence length (capped at 4096; 8192 for Llama 3) and about one million tokens per step."""
     if top < 1:
