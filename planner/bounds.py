@@ -11,9 +11,11 @@ enumeration and against ``search(..., exhaustive=True)``).
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from dataclasses import dataclass, field
 
 from autopar.core.strategy import Strategy
+from autopar.cost_models.comm import collective_time
 from autopar.cost_models.estimate import (
     DDP_BUCKET_BYTES,
     OPTIMIZER_BYTES_PER_PARAM,
@@ -25,6 +27,7 @@ from autopar.cost_models.estimate import (
 from autopar.cost_models.layer_cost import shards_for
 from autopar.cost_models.layer_model import saved_bytes
 from autopar.cost_models.memory import bytes_per_param, model_state_bytes
+from autopar.cost_models.moe_cost import ring_exposed
 from autopar.cost_models.pipeline import in_flight_microbatches, weight_grad_fraction
 from autopar.planner import partition as part
 from autopar.planner.space import Constraints, Knobs, SearchStats, Sharding, strategy_defaults
@@ -163,6 +166,7 @@ class Priced:
     edges: tuple[float, float]    # embedding and output layer times (on the first / last rank)
     base: list[float]   # every block's time with the fastest allowed recompute, in model order
     min_block_no_cp: float   # the fastest block without context-parallel exposure (bounds smaller micro-batches)
+    fwds: tuple = ()    # (forward seconds of a block, blocks with it): the windows of a context-parallel ring
 
 
 class Space:
@@ -214,7 +218,8 @@ class Space:
             self.prices[key] = Priced(costs, total, no_cp, min(times),
                                       (sum(c.params_dense for c in blocks), sum(c.params_expert for c in blocks)), rc,
                                       fbw, min(c.params_dense for c in blocks), max(times), edges, times,
-                                      min(t - c.comm_s.get("cp", 0.0) for t, c in zip(times, blocks)))
+                                      min(t - c.comm_s.get("cp", 0.0) for t, c in zip(times, blocks)),
+                                      tuple(Counter(c.fwd_s for c in blocks).items()))
         return self.prices[key]
 
     def p2p(self, sh: Sharding) -> float:
@@ -226,6 +231,20 @@ class Space:
             self.p2ps[key] = self.cm.p2p_time(probe(sh, self.gb))
         return self.p2ps[key]
 
+
+
+def cp_exposure_floor(sp: Space, sh: Sharding, lo: Priced, b_lo: int) -> float:
+    """Context-parallel ring exposure of every block per micro-batch at ``sh.mbs >= b_lo``, without
+    pricing that micro-batch: each ring step moves ``mbs * s / cp`` tokens' K and V
+    (``layer_cost._layer_comm``) and hides behind at most the block's whole forward, which per
+    sequence takes no longer than at ``b_lo`` (non-decreasing efficiency curves); the exposure
+    (``moe_cost.ring_exposed``) only falls as that window grows."""
+    if sh.cp <= 1:
+        return 0.0
+    cm, scale = sp.cm, sh.mbs / b_lo
+    kv = sh.mbs * cm.ctx.seq_len / sh.cp * cm.ctx.kv_bytes_per_token / sh.tp
+    step = collective_time("p2p", kv, sh.cp, sh.tp, cm.cluster, fits=cm.ctx.fits).time_s
+    return sum(n * ring_exposed(sh.cp, step, f * scale) for f, n in lo.fwds)
 
 
 def pipeline_bound(sp: Space, sh: Sharding, k: Knobs, total: float, p2p: float = 0.0,

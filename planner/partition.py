@@ -141,7 +141,7 @@ class RankPricer:
         ids = tuple(id(g) for g, _ in groups)
         fwd = sum(g.fwd_s * n for g, n in groups) + sum(e.fwd_s for e in extra)
         temps = plain.get("logits_and_temporaries", 0.0)
-        choice, mem = self._fitting_choice(r, layers, groups, in_flight, budget, extra, temps)
+        choice, mem = self._fitting_choice(r, layers, groups, in_flight, budget, extra, temps, sum(plain.values()))
         if choice is None:
             return RankEval(INF, fwd, INF, INF, INF, None, ids)
         P = sum(g.time("none") * n for g, n in groups) + sum(e.time("none") for e in extra) + choice.extra_s
@@ -151,11 +151,11 @@ class RankPricer:
         return RankEval(P, fwd, D, O, mem, choice, ids)
 
     def _fitting_choice(self, r: int, layers: list[int], groups, in_flight: float, budget: float, extra,
-                        temps: float):
+                        temps: float, plain: float):
         """``rc.choose`` within ``budget``, then the chosen modes priced by ``CostModel.rank_memory``
         itself: its phase peaks (ZeRO-1's reduce bucket, pipeline ranks that warm up every micro-batch)
         are not linear in the choice, so the budget tightens by the excess until the exact peak fits.
-        Returns (choice or None, the rank's memory)."""
+        ``plain``: the rank's memory without recompute. Returns (choice or None, the rank's memory)."""
         cm, s = self.cm, self.s
         parts = [self.costs[i] for i in layers]
         usable = cm.gpu.usable_mem_bytes + cm.gpu.framework_overhead_bytes
@@ -167,8 +167,9 @@ class RankPricer:
             if choice is None:
                 return None, INF
             modes = rc.assign([[i for i in layers if self.costs[i] is g] for g, _ in groups], choice)
-            mem = sum(cm.rank_memory(s, parts, [modes[i] for i in layers], extra, in_flight, r == 0,
-                                     r == self.p - 1).memory.values())
+            chosen = [modes[i] for i in layers]
+            mem = plain if all(m == "none" for m in chosen) else sum(   # ``plain``: the same call, no recompute
+                cm.rank_memory(s, parts, chosen, extra, in_flight, r == 0, r == self.p - 1).memory.values())
             if mem <= usable:
                 return choice, mem
             budget -= mem - usable

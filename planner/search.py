@@ -51,6 +51,7 @@ from autopar.planner.bounds import (  # noqa: F401  (re-exported: tests and expl
     Floor,
     Priced,
     Space,
+    cp_exposure_floor,
     curves_monotone,
     floor_terms,
     grad_sync_floor,
@@ -100,7 +101,10 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
         if lb >= upper:
             stats.pruned_time += sum(_size(k, p) for _, _, k, p in sp.queue) + _size(kind, payload)
             break
-        if kind == "row":
+        if kind == "row":   # its micro-batch priced: the same bound, now exact in the layers' times
+            pr = sp.priced(payload[0])
+            sp.push(_row_bound(sp, *payload, pr, payload[0].mbs, pr.total - pr.total_no_cp), "priced row", *payload)
+        elif kind == "priced row":
             _expand_row(sp, *payload)
         elif kind == "group":
             _expand_group(sp, *payload)
@@ -124,7 +128,7 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
 
 def _size(kind: str, payload: tuple) -> int:
     """Configurations a queue entry stands for."""
-    return len(payload[1]) if kind == "row" else len(payload[1][0]) if kind == "group" else 1
+    return len(payload[1][0]) if kind == "group" else len(payload[1]) if kind.endswith("row") else 1
 
 
 def _partitioned(sp: Space, sh: Sharding, k: Knobs, upper: float) -> Candidate | None:
@@ -194,23 +198,29 @@ def _fill(sp: Space) -> None:
             _expand_row(sp, sh, knobs)
         return
     biggest: dict[tuple, Sharding] = {}
+    smallest: dict[tuple, Sharding] = {}   # its blocks' forward bounds the ring's window (cp > 1)
     for sh, _ in rows:
         key = (sh.tp, sh.cp, sh.ep, sh.etp, sh.sp)
         if key not in biggest or sh.mbs > biggest[key].mbs:
             biggest[key] = sh
+        if sh.cp > 1 and (key not in smallest or sh.mbs < smallest[key].mbs):
+            smallest[key] = sh
     probes = {key: (sp.priced(sh), sh.mbs) for key, sh in biggest.items()}
+    lows = {key: (sp.priced(sh), sh.mbs) for key, sh in smallest.items()}
     for sh, knobs in rows:
-        sp.push(_row_bound(sp, sh, knobs, *probes[(sh.tp, sh.cp, sh.ep, sh.etp, sh.sp)]), "row", sh, knobs)
+        key = (sh.tp, sh.cp, sh.ep, sh.etp, sh.sp)
+        cp = cp_exposure_floor(sp, sh, *lows[key]) if key in lows else 0.0
+        sp.push(_row_bound(sp, sh, knobs, *probes[key], cp), "row", sh, knobs)
 
 
-def _row_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: int) -> float:
+def _row_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: int, cp: float) -> float:
     """A bound of every configuration of the row without pricing its micro-batch: the pricing at
-    micro-batch ``b >= sh.mbs`` scaled by ``sh.mbs / b`` (context-parallel exposure left out) stays
-    under this micro-batch's price, so its total and fastest block bound the sum and the slowest
-    rank (``held_layers`` blocks at least); the stage-to-stage sends and the optimizer step need no
-    layer pricing (the parameters do not depend on the micro-batch)."""
+    micro-batch ``b >= sh.mbs`` scaled by ``sh.mbs / b`` (context-parallel exposure left out, ``cp``
+    bounds it) stays under this micro-batch's price, so its total and fastest block bound the sum
+    and the slowest rank (``held_layers`` blocks at least); the stage-to-stage sends and the
+    optimizer step need no layer pricing (the parameters do not depend on the micro-batch)."""
     scale = sh.mbs / b
-    total, rc = pr.total_no_cp * scale, [{m: t * scale for m, t in x.items()} for x in pr.rc]
+    total, rc = pr.total_no_cp * scale + cp, [{m: t * scale for m, t in x.items()} for x in pr.rc]
     best = Knobs(max(k.zero for k in knobs), any(k.offload for k in knobs), "1f1b", 1)
     extra = sp.floor(sh).recompute_time(sp.cm, sh, best, 1.0, sp.usable, rc)
     p2p, block = sp.p2p(sh), pr.min_block_no_cp * scale
