@@ -127,16 +127,34 @@ class RankPricer:
             self._by_pos[key] = self._by_sig[sig]
         return self._by_pos[key]
 
-    def _price(self, r: int, layers: list[int], cnt: tuple[int, ...]) -> RankEval:
+    def _budget(self, r: int, parts: list[LayerCost]) -> tuple[dict, float, float]:
+        """(the rank's memory without recompute by kind, what its layers' activations may take,
+        its in-flight micro-batches)."""
         cm, s = self.cm, self.s
         extra = self.extras(r)
-        parts = [self.costs[i] for i in layers]
         in_flight = in_flight_microbatches(r, self.p, self.m, s.schedule, self.v)
         plain = cm.rank_memory(s, parts, ["none"] * len(parts), extra, in_flight, r == 0, r == self.p - 1).memory
         extra_act = sum(e.act_bytes["none"] for e in extra)
         fixed = sum(plain.values()) - plain["activations"] - plain["recompute_workspace"]
         overhead = plain.get("framework_overhead", 0.0)
-        budget = cm.gpu.usable_mem_bytes + overhead - fixed - in_flight * extra_act
+        return plain, cm.gpu.usable_mem_bytes + overhead - fixed - in_flight * extra_act, in_flight
+
+    def may_fit(self, r: int, c: int) -> bool:
+        """``cannot_fit`` is false for rank ``r`` holding ``c`` positions of every period: true of
+        every rank ``evaluate`` finds feasible (its first budget is this one), read without the
+        recompute frontiers. For a model of one kind of layer, where any offset holds the same."""
+        cm, s = self.cm, self.s
+        parts = [self.costs[i] for i in self.layers(0, c)]
+        plain, budget, in_flight = self._budget(r, parts)
+        temps = plain.get("logits_and_temporaries", 0.0)
+        return not cannot_fit([(self.groups[0], len(parts))], self.modes, in_flight, budget,
+                              lambda w: cm.workspace_excess(s, parts, w, temps))
+
+    def _price(self, r: int, layers: list[int], cnt: tuple[int, ...]) -> RankEval:
+        cm, s = self.cm, self.s
+        extra = self.extras(r)
+        parts = [self.costs[i] for i in layers]
+        plain, budget, in_flight = self._budget(r, parts)
         groups = [(g, n) for g, n in zip(self.groups, cnt) if n]
         ids = tuple(id(g) for g, _ in groups)
         fwd = sum(g.fwd_s * n for g, n in groups) + sum(e.fwd_s for e in extra)
@@ -264,18 +282,38 @@ def evaluate_counts(pr: RankPricer, counts: list[int]) -> tuple[float, list[Rank
     return A * max(P) + B * sum(P) + K + max(e.D for e in evs) + max(e.O for e in evs), evs
 
 
+def can_hold(pr: RankPricer) -> bool:
+    """False only when no layout fits: with one kind of layer, the most positions each rank can
+    hold (``may_fit``, found by bisection: more layers on a rank only need more memory, the
+    assumption the DP's own cut-off rests on) add up to less than the period. Memory-tight
+    configurations are then refused without pricing a rank's recompute."""
+    if pr.p == 1 or len(pr.groups) != 1:
+        return True
+    room, top = 0, pr.C - pr.p + 1
+    for r in range(pr.p):
+        lo, hi = 0, top            # may_fit(r, lo) holds (lo = 0: nothing held); find the largest
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if pr.may_fit(r, mid) else (lo, mid - 1)
+        room += lo
+        if room >= pr.C:
+            return True
+    return False
+
+
 def balanced_counts(C: int, p: int) -> list[int]:
     base, rest = divmod(C, p)
     return [base + (1 if r < rest else 0) for r in range(p)]
 
 
 def partition(cm: CostModel, s: Strategy, modes: tuple[str, ...] = RECOMPUTE_MODES, upper: float = INF,
-              costs: dict | None = None, shared: dict | None = None) -> PartitionResult | None:
+              costs: dict | None = None, shared: dict | None = None, tight: bool = True) -> PartitionResult | None:
     """The fastest layout and per-layer recompute of a resolved strategy, or None when nothing
     fits or nothing beats ``upper``. ``costs``: ``cm.layer_costs`` of the strategy, if at hand;
-    ``shared``: caches to reuse across strategies of one search."""
+    ``shared``: caches to reuse across strategies of one search; ``tight``: memory may not hold
+    every layout, so ``can_hold`` is worth asking first (the answer is the same either way)."""
     pr = RankPricer(cm, s, modes, costs, shared)
-    if pr.L % pr.v or pr.C < pr.p:
+    if pr.L % pr.v or pr.C < pr.p or (tight and not can_hold(pr)):
         return None
     if pr.p == 1:
         counts = [pr.C]

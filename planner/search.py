@@ -43,7 +43,7 @@ import time
 from autopar import techniques
 from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate import CostModel, even_stages
-from autopar.cost_models.pipeline import bubble_share
+from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches
 from autopar.errors import InputError
 from autopar.planner import partition as part
 from autopar.planner import rank
@@ -147,7 +147,12 @@ def _partitioned(sp: Space, sh: Sharding, k: Knobs, upper: float) -> Candidate |
         modes = tuple(m for m in modes if m in offload.OFFLOAD_RECOMPUTE) or modes
     if s.schedule in pipeline.V_SHAPED:
         return _v_shaped(cm, s, modes, upper)
-    res = part.partition(cm, s, modes, upper, None, sp.shared)
+    # the pricing of the sharding's key (``pricing_key``: the same prices for every dp): one
+    # LayerCost per layer kind across dp and pp, so the recompute frontiers cached by it are reused
+    # tight: the mean rank with the first rank's micro-batches in flight takes 60% of the memory or more
+    tight = sp.floor(sh).bytes(cm, sh, s.zero_stage, s.offload_optimizer, in_flight_microbatches(
+        0, s.pp, s.num_micro_batches, s.schedule, s.vpp)) > 0.6 * sp.usable
+    res = part.partition(cm, s, modes, upper, sp.priced(sh).costs, sp.shared, tight)
     if res is None:
         return None
     return Candidate(_label(s, res.layer_recompute), res.stages, res.layer_recompute, res.step_time_s)
