@@ -37,6 +37,7 @@ from autopar.cost_models.layer_model import LayerTemplate
 from autopar.cost_models.memory import (
     bytes_per_param,
     expert_shard_group,
+    grads_freed_before_activation_peak,
     host_grads_at_device_peak,
     model_state_bytes,
     offload_grad_shard_bytes,
@@ -215,8 +216,8 @@ class CostModel:
             reduce = zero1_reduce_bytes(dense, expert if folded else 0.0, s, self.dtype, bool(self.gpu.cores))
             live = mem["activations"] + mem["recompute_workspace"] + temps
             mem["comm_buffers"] = max(0.0, reduce - live)
-        if self.ctx.runtime == "torch" and s.pp > 1 and s.schedule not in ZERO_BUBBLE:
-            grad_bufs = mem["comm_buffers"] if s.zero_stage < 3 and not s.offload_optimizer else 0.0
+        if grads_freed_before_activation_peak(s, self.ctx.runtime):  # pp = 1: DDP's buckets persist
+            grad_bufs = mem["comm_buffers"] if s.pp > 1 and s.zero_stage < 3 and not s.offload_optimizer else 0.0
             mem["activations"] = warmup_only_activations(mem["activations"], mem["gradients"] + grad_bufs,
                                                          in_flight, s.num_micro_batches)
         if self.ctx.runtime == "torchtitan":  # its pipeline keeps stages gathered (runtime_memory.py)

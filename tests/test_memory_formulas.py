@@ -4,6 +4,7 @@ import pytest
 
 from autopar.core.strategy import Strategy
 from autopar.cost_models.memory import (
+    grads_freed_before_activation_peak,
     host_grads_at_device_peak,
     korthikanti_activation_bytes,
     model_state_bytes,
@@ -73,3 +74,27 @@ def test_estimate_reports_the_pooled_peak():
                                           for k in [*range(cm.num_layers), "embedding", "output"]) / 4)
     assert e.host_peak_bytes > shards > 0
     assert e.pooled_peak_bytes == pytest.approx(e.peak_bytes + e.host_peak_bytes - shards)
+
+
+@pytest.mark.parametrize("text,runtime,freed", [
+    ("dp=4,mbs=4,gbs=16", "torch", True),             # one micro-batch: zero_grad(set_to_none) ran before it
+    ("dp=4,mbs=4,gbs=16,zero=3", "torchtitan", True),  # torchtitan's optimizers.zero_grad() sets None too
+    ("dp=4,mbs=1,gbs=16", "torch", False),            # accumulation: micro-batch 1's gradients are live
+    ("dp=4,mbs=4,gbs=16", "megatron", False),         # persistent contiguous gradient buffer
+    ("pp=2,dp=2,mbs=1,gbs=8,schedule=gpipe", "torch", True),
+    ("pp=2,dp=2,mbs=1,gbs=8,schedule=zbv,vpp=2", "torch", False),
+])
+def test_gradients_freed_before_the_activation_peak(text, runtime, freed):
+    s = Strategy.parse(text).resolve(4, 8)
+    assert grads_freed_before_activation_peak(s, runtime) is freed
+
+
+def test_one_micro_batch_peak_does_not_add_the_gradients():
+    """gpt-small dp4 mbs4 on 4 CPU ranks (docs/validation.md closed loop): the activation peak of a
+    one-micro-batch step holds no gradient; with mbs1 (4 micro-batches) it holds all of them."""
+    cm = build_cost_model(Inputs(model="gpt-small", gpu="cpu", gpus_per_node=4, seq_len=128, dtype="fp32"))[0]
+    one = cm.estimate(Strategy.parse("dp=4,mbs=4,gbs=16").resolve(4, 1)).ranks[0].memory
+    acc = cm.estimate(Strategy.parse("dp=4,mbs=1,gbs=16").resolve(4, 1)).ranks[0].memory
+    per_mb_acc = acc["activations"]  # one micro-batch of 1 sequence
+    assert one["activations"] == pytest.approx(4 * per_mb_acc - one["gradients"])
+    assert acc["gradients"] == one["gradients"] > 0
