@@ -25,11 +25,14 @@ Order of work (nothing a bound rules out is expanded further):
    over pipeline ranks); the micro-batch loop stops at the first mbs that fails;
 2. one pricing per (tp, cp, ep, etp, sp) at the largest micro-batch bounds every row: with
    non-decreasing efficiency curves the price per sequence never rises with mbs;
-3. a work queue ordered by lower bound: a *row* entry is priced when it comes out and queues
-   its configurations with a tighter bound (``bounds``: the slowest rank at least the rank
-   holding the embedding or the output layer, the zero-bubble schedules' exact bubble share,
-   the gradient synchronisation the last backward cannot hide, the optimizer floor, the
-   stack's step overhead); a ZeRO-3 configuration gets its gather/scatter floor added once; a
+3. a work queue ordered by lower bound: a *row* entry (bounded from that pricing, scaled, plus
+   the stage sends, the optimizer floor and a context-parallel ring floor) is priced at its own
+   micro-batch when it comes out and queued again under that bound; the second time it queues one
+   *group* per (schedule, vpp) under the least of its configurations' bounds (``bounds``: the
+   slowest rank at least the rank holding the embedding or the output layer, the zero-bubble
+   schedules' exact bubble share, the gradient synchronisation the last backward cannot hide, the
+   optimizer floor, the stack's step overhead); a group that comes out queues its configurations
+   under their own bounds; a ZeRO-3 configuration gets its gather/scatter floor added once; a
    configuration that comes out runs the partition DP and is estimated; the loop ends when the
    smallest bound reaches the k-th best estimate plus the tie rule's 1% band, so the answer is
    that of ``search(..., exhaustive=True)`` (``tests/test_search_bounds.py``).
