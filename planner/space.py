@@ -66,7 +66,7 @@ class Candidate:
 class SearchStats:
     space: int = 0            # configurations satisfying the rules and constraints
     pruned_memory: int = 0    # ruled out by the memory floor before pricing
-    enumerated: int = 0       # configurations given a time bound (their sharding priced)
+    enumerated: int = 0       # configurations given their own time bound (their schedule group left the queue)
     pruned_time: int = 0      # bound no better than the k-th best: never partitioned
     priced: int = 0           # ran the stage-partition DP
     infeasible: int = 0       # partitioned, but no layout fits in memory or beats the k-th best
