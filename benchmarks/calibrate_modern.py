@@ -32,6 +32,7 @@ import published_rows as pr  # noqa: E402
 
 from autopar.core.gpu import GPU_LEVEL_FIELDS, StackConstants, resolve_stack  # noqa: E402
 from autopar.core.strategy import Strategy  # noqa: E402
+from autopar.fileio import write_atomic  # noqa: E402
 
 GPU_TYPE = {"a100-40g": "ampere", "a100-80g": "ampere", "h100-sxm": "hopper", "h100-96g": "hopper", "h200": "hopper"}
 PROFILES = {"ampere": ("a100-40g", "a100-80g"), "hopper": ("h100-sxm", "h100-96g", "h200")}
@@ -310,7 +311,7 @@ def write_profiles(fitted: Fitted, command: str) -> list[Path]:
             block = (MARKER + " (docs/validation.md; two levels: core/gpu.py GPU_LEVEL_FIELDS)\n"
                      + (f"gpu_constants: {constants_yaml(hw, command, hardware=True)}\n" if hw else "")
                      + ("stacks:\n" + "\n".join(lines) + "\n" if lines else ""))
-            path.write_text(head + block)
+            write_atomic(path, head + block)  # the profiles are read by every other process on this tree
             written.append(path)
     return written
 
