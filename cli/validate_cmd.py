@@ -40,6 +40,7 @@ def validate_cmd(model: str = c.Model,
                  runtime: str = typer.Option("torch", "--runtime", help="torch: validate runs autopar's own "
                                              "emitted programs, so only their runtime can be compared"),
                  input_shape: Optional[str] = c.InputShape, input_dtype: str = c.InputDtype, hf: bool = c.Hf,
+                 trace: Optional[str] = c.Trace,
                  merge: Optional[str] = typer.Option(None, "--merge", help="comma-separated --out folders of "
                                                      "earlier runs of this configuration (the strategies split in "
                                                      "pieces): one report of them all in --out; runs nothing")):
@@ -58,7 +59,7 @@ def validate_cmd(model: str = c.Model,
     c.precheck(model, None, None, None, None, c._shape(input_shape), input_dtype)
     inp = Inputs(model=model, gpu=gpu or ("cpu" if device == "cpu" else None), nodes=1, gpus_per_node=nproc,
                  seq_len=seq_len, dtype=dtype, profile=profile, input_shape=c._shape(input_shape),
-                 input_dtype=input_dtype)
+                 input_dtype=input_dtype, trace=trace)  # a routing trace: the busiest expert rank's load
     cm, spec, cl, seq = build_cost_model(inp)
     cfg = v.Config(nproc=nproc, global_batch=global_batch or 4 * nproc, steps=steps, warmup=warmup,
                    timeout_s=timeout, device=device, threads_per_rank=cm.gpu.threads_per_rank)

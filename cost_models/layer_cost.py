@@ -27,6 +27,7 @@ from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_contention
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
+from autopar.cost_models.memory import busiest_rank_expert_excess
 from autopar.cost_models.moe_cost import capped_load, ep_exposed, grouped_expert_time, ring_exposed
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
@@ -174,7 +175,7 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         # time, are re-run); plain tp all-reduces and ep all-to-alls are re-run as under full
         recompute_comm_op_s=comm.get("tp", 0.0) / (4 if s.sequence_parallel else 2) + comm.get("ep", 0.0) / 2,
         act_bytes={m: saved_bytes(layer, sh, m, ctx.compile != "none") + _gathered_loss_bytes(layer, s, sh, ctx)
-                   for m in RECOMPUTE_MODES},
+                   + _expert_load_excess(layer, s, sh, ctx, m) for m in RECOMPUTE_MODES},
         work_bytes={m: working_bytes(layer, sh, m) + _expert_grad_transient(layer, s, ctx) for m in RECOMPUTE_MODES},
         params_dense=(layer.params_tp + layer.params_vocab) / s.tp + layer.params_rep,
         params_expert=layer.params_expert / (s.ep * s.etp),
@@ -371,6 +372,17 @@ def _expert_grad_transient(layer: LayerTemplate, s: Strategy, ctx: PricingContex
     index materializes a gradient of the whole local stack before it is accumulated, so an
     MoE layer's backward briefly holds about one more copy of its local expert weights."""
     return layer.params_expert / (s.ep * s.etp) * ctx.dtype_bytes if layer.is_moe else 0.0
+
+
+def _expert_load_excess(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext, recompute: str) -> float:
+    """The busiest expert-parallel rank's extra saved expert activations (``memory.busiest_rank_expert_excess``)
+    at the measured straggler ratio of a routing trace or placement (``ctx.expert_load_ratio``; 1 without
+    one). Without ep every rank runs all experts on its own tokens: no rank is busier."""
+    if s.ep == 1 or not layer.is_moe or recompute == "full":
+        return 0.0
+    terms = layer.op_saved if recompute == "op" and layer.op_saved else layer.saved
+    expert = sum(t.bytes * sh.tokens / sh.of(t.shard) for t in terms if t.shard == "expert" and not t.const)
+    return busiest_rank_expert_excess(expert, capped_load(ctx.expert_load_ratio, ctx.moe_capacity_factor))
 
 
 def _logits_bytes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext) -> float:

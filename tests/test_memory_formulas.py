@@ -4,6 +4,7 @@ import pytest
 
 from autopar.core.strategy import Strategy
 from autopar.cost_models.memory import (
+    busiest_rank_expert_excess,
     grads_freed_before_activation_peak,
     host_grads_at_device_peak,
     korthikanti_activation_bytes,
@@ -98,3 +99,22 @@ def test_one_micro_batch_peak_does_not_add_the_gradients():
     per_mb_acc = acc["activations"]  # one micro-batch of 1 sequence
     assert one["activations"] == pytest.approx(4 * per_mb_acc - one["gradients"])
     assert acc["gradients"] == one["gradients"] > 0
+
+
+def test_busiest_expert_rank_holds_its_share_of_routed_tokens():
+    """Dropless routing: the busiest ep rank saves ``load`` x the mean rank's expert activations;
+    a balanced trace adds nothing, and without ep no rank is busier."""
+    assert busiest_rank_expert_excess(100.0, 1.5) == 50.0
+    assert busiest_rank_expert_excess(100.0, 0.9) == 0.0
+    cm = build_cost_model(Inputs(model="moe-tiny", gpu="cpu", gpus_per_node=4, seq_len=128, dtype="fp32"))[0]
+    moe = next(t for t in cm.templates if t.is_moe)
+    s = Strategy.parse("dp=4,ep=4,mbs=1,gbs=16").resolve(4, 1)
+    base = cm.layer_costs(s)[moe.indices[0]].act_bytes
+    cm2 = build_cost_model(Inputs(model="moe-tiny", gpu="cpu", gpus_per_node=4, seq_len=128, dtype="fp32"))[0]
+    cm2.moe_load = lambda ep: (1.5, 0.75)
+    busy = cm2.layer_costs(s)[moe.indices[0]].act_bytes
+    expert = sum(t.bytes for t in moe.saved if t.shard == "expert")
+    assert busy["none"] - base["none"] == pytest.approx(0.5 * expert)
+    assert busy["full"] == base["full"]  # full recompute saves only the block input
+    dp = Strategy.parse("dp=4,mbs=1,gbs=16").resolve(4, 1)
+    assert cm2.layer_costs(dp)[moe.indices[0]].act_bytes == cm.layer_costs(dp)[moe.indices[0]].act_bytes
