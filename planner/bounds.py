@@ -26,7 +26,7 @@ from autopar.cost_models.estimate import (
 )
 from autopar.cost_models.layer_cost import shards_for
 from autopar.cost_models.layer_model import saved_bytes
-from autopar.cost_models.memory import bytes_per_param, model_state_bytes
+from autopar.cost_models.memory import bytes_per_param, grads_freed_before_activation_peak, model_state_bytes
 from autopar.cost_models.moe_cost import ring_exposed
 from autopar.cost_models.pipeline import in_flight_microbatches, weight_grad_fraction
 from autopar.planner import partition as part
@@ -87,16 +87,34 @@ class Floor:
         return (model_state_bytes(self.dense, cm.dtype, 3, sh.dp * sh.cp).total
                 + model_state_bytes(self.expert, cm.dtype, 3, sh.edp).total) / sh.pp
 
-    def bytes(self, cm: CostModel, sh: Sharding, zero: int, offload: bool, in_flight: float) -> float:
-        """Mean over pipeline ranks of states + activations: the most loaded rank holds at least this."""
-        return (self.states(cm, sh, zero, offload) + self.act * in_flight + self.temps) / sh.pp
+    def grads(self, cm: CostModel, sh: Sharding, zero: int, offload: bool) -> float:
+        """The gradient part of ``states`` (none on the device under offload)."""
+        if offload:
+            return 0.0
+        g = bytes_per_param(cm.dtype)[1]
+        return (self.dense / (sh.dp * sh.cp if zero >= 2 else 1) + self.expert / (sh.edp if zero >= 2 else 1)) * g
+
+    def resident(self, cm: CostModel, sh: Sharding, zero: int, offload: bool, warm: bool) -> float:
+        """States that sit beside the activations at the peak: without the gradients where the step
+        frees them before its activation peak (``warm``: ``memory.grads_freed_before_activation_peak``;
+        the peak then holds the larger of the two, ``warmup_only_activations``)."""
+        return self.states(cm, sh, zero, offload) - (self.grads(cm, sh, zero, offload) if warm else 0.0)
+
+    def bytes(self, cm: CostModel, sh: Sharding, zero: int, offload: bool, in_flight: float,
+              warm: bool = False) -> float:
+        """Mean over pipeline ranks of states + activations: the most loaded rank holds at least this
+        (``warm``: the larger of the gradients and the activations, summed over ranks)."""
+        acts = self.act * in_flight
+        if warm:
+            acts = max(acts, self.grads(cm, sh, zero, offload))
+        return (self.resident(cm, sh, zero, offload, warm) + acts + self.temps) / sh.pp
 
     def recompute_time(self, cm: CostModel, sh: Sharding, k: Knobs, in_flight: float, usable: float,
-                       rc: list[dict]) -> float:
+                       rc: list[dict], warm: bool = False) -> float:
         """Least recompute time per micro-batch (all ranks together) that brings the mean rank
         under ``usable``: a fractional knapsack over the block templates (``rc``: extra time of
         one layer per mode), a relaxation of ``recompute.choose`` summed over ranks."""
-        room = (sh.pp * usable - self.states(cm, sh, k.zero, k.offload) - self.temps) / in_flight
+        room = (sh.pp * usable - self.resident(cm, sh, k.zero, k.offload, warm) - self.temps) / in_flight
         need = self.act_base - room
         if need <= 0:
             return 0.0
@@ -112,6 +130,15 @@ class Floor:
             if need <= 0:
                 break
         return extra
+
+
+def grads_freed(sp: "Space", sh: Sharding, schedule: str, vpp: int) -> bool:
+    """Whether some rank's activation peak may come before its gradients exist: the program frees
+    them (``memory.grads_freed_before_activation_peak``) and the first rank (the most in flight)
+    warms up with every micro-batch (``memory.warmup_only_activations``)."""
+    m = sp.gb // (sh.dp * sh.mbs)
+    return in_flight_microbatches(0, sh.pp, m, schedule, vpp) >= m and grads_freed_before_activation_peak(
+        probe(sh, sp.gb, schedule=schedule, vpp=vpp), sp.cm.ctx.runtime)
 
 
 def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...]) -> Floor:

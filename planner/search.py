@@ -58,6 +58,7 @@ from autopar.planner.bounds import (  # noqa: F401  (re-exported: tests and expl
     curves_monotone,
     floor_terms,
     grad_sync_floor,
+    grads_freed,
     held_layers,
     min_in_flight,
     optimizer_floor,
@@ -154,7 +155,7 @@ def _partitioned(sp: Space, sh: Sharding, k: Knobs, upper: float) -> Candidate |
     # LayerCost per layer kind across dp and pp, so the recompute frontiers cached by it are reused
     # tight: the mean rank with the first rank's micro-batches in flight takes 60% of the memory or more
     tight = sp.floor(sh).bytes(cm, sh, s.zero_stage, s.offload_optimizer, in_flight_microbatches(
-        0, s.pp, s.num_micro_batches, s.schedule, s.vpp)) > 0.6 * sp.usable
+        0, s.pp, s.num_micro_batches, s.schedule, s.vpp), grads_freed(sp, sh, s.schedule, s.vpp)) > 0.6 * sp.usable
     res = part.partition(cm, s, modes, upper, sp.priced(sh).costs, sp.shared, tight)
     if res is None:
         return None
@@ -195,7 +196,8 @@ def _fill(sp: Space) -> None:
             if not knobs:
                 continue
             z, off = max(k.zero for k in knobs), any(k.offload for k in knobs)
-            if sp.floor(sh).bytes(sp.cm, sh, z, off, 1.0) > sp.usable:
+            warm = any(grads_freed(sp, sh, *x) for x in {(k.schedule, k.vpp) for k in knobs})
+            if sp.floor(sh).bytes(sp.cm, sh, z, off, 1.0, warm) > sp.usable:
                 rest = sum(len(knob_options(sp.cm, sp.cons, x, sp.gb, sp.knob_cache)) for x in row[j + 1:])
                 stats.space += rest
                 stats.pruned_memory += len(knobs) + rest
@@ -230,7 +232,8 @@ def _row_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: int, 
     scale = sh.mbs / b
     total, rc = pr.total_no_cp * scale + cp, [{m: t * scale for m, t in x.items()} for x in pr.rc]
     best = Knobs(max(k.zero for k in knobs), any(k.offload for k in knobs), "1f1b", 1)
-    extra = sp.floor(sh).recompute_time(sp.cm, sh, best, 1.0, sp.usable, rc)
+    warm = any(grads_freed(sp, sh, *x) for x in {(k.schedule, k.vpp) for k in knobs})
+    extra = sp.floor(sh).recompute_time(sp.cm, sh, best, 1.0, sp.usable, rc, warm)
     p2p, block = sp.p2p(sh), pr.min_block_no_cp * scale
     opt = min(optimizer_floor(sp, sh, k, pr) for k in {(k.zero, k.offload): k for k in knobs}.values())
     scheds = {(k.schedule, k.vpp): k for k in knobs}.values()   # zero and offload add nothing here
@@ -257,14 +260,15 @@ def _expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
         k0 = ks[0]   # exact bubble share: the partition reads the same sums
         in_flight = min_in_flight(sh.pp, m, k0.schedule, k0.vpp)
         peak, share = peak_floor(sp, sh, k0, pr), bubble_share(k0.schedule, *pr.fbw)
+        warm = grads_freed(sp, sh, k0.schedule, k0.vpp)
         terms = []
         for k in ks:
-            if (k.zero, k.offload, in_flight) not in rests:
-                fits = floor.bytes(cm, sh, k.zero, k.offload, in_flight) <= sp.usable and not (
+            if (k.zero, k.offload, in_flight, warm) not in rests:
+                fits = floor.bytes(cm, sh, k.zero, k.offload, in_flight, warm) <= sp.usable and not (
                     k.offload and host_usable is not None and floor.host_bytes(cm, sh) > host_usable)
-                extra = floor.recompute_time(cm, sh, k, in_flight, sp.usable, pr.rc) if fits else 0.0
-                rests[k.zero, k.offload, in_flight] = (fits, extra, optimizer_floor(sp, sh, k, pr))
-            fits, extra, opt = rests[k.zero, k.offload, in_flight]
+                extra = floor.recompute_time(cm, sh, k, in_flight, sp.usable, pr.rc, warm) if fits else 0.0
+                rests[k.zero, k.offload, in_flight, warm] = (fits, extra, optimizer_floor(sp, sh, k, pr))
+            fits, extra, opt = rests[k.zero, k.offload, in_flight, warm]
             if fits:
                 terms.append((k, extra, opt))
         stats.pruned_memory += len(ks) - len(terms)

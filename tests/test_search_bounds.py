@@ -127,3 +127,24 @@ def test_can_hold_refuses_only_what_the_partition_cannot_fit(spec, usable):
         assert (part.partition(cm, s) is not None) == fits
         refused += not held
     assert 0 < refused < 4   # the memory above makes it decide both ways
+
+
+@pytest.mark.parametrize("seed,usable,gb", [(0, 400, 4), (1, 300, 8), (2, 250, 4)])
+def test_the_memory_floor_never_prunes_a_configuration_that_fits(seed, usable, gb):
+    # small global batches give one micro-batch per step, where the program frees the gradients
+    # before the activation peak (memory.grads_freed_before_activation_peak): the floor must allow it
+    cm = tiny_cost_model(seed, layers=6, nodes=1, gpus_per_node=4, usable_mib=usable)
+    sp = bounds.Space(cm, S.Constraints(), gb)
+    fits = warm = 0
+    for row in S.shardings(cm, sp.cons, gb):
+        for sh in row:
+            for k in S.knob_options(cm, sp.cons, sh, gb):
+                pushed = []
+                sp.push = lambda lb, kind, *payload: pushed.append(lb)   # noqa: B023
+                S._expand_row(sp, sh, [k])
+                cand = S._partitioned(sp, sh, k, part.INF)
+                if cand is not None:
+                    assert pushed, (sh, k)
+                    fits += 1
+                    warm += bounds.grads_freed(sp, sh, k.schedule, k.vpp)
+    assert fits > 5 and warm > 0
