@@ -31,7 +31,7 @@ def test_json_has_best_candidates_and_stats(run_cli):
     # strategy keys are the strategy string's keys
     assert set(best["strategy"]) == {k.split("=")[0] for k in best["strategy_string"].split(",")}
     steps = [c["step_time_s"] for c in d["candidates"]]
-    assert steps == sorted(steps)
+    assert all(b >= a / 1.01 - 1e-12 for a, b in zip(steps, steps[1:]))  # sorted up to the 1% tie rule
     # the same prediction keys as `estimate --json`
     code, out2, _ = run_cli("estimate", *TINY, "--strategy", best["strategy_string"], "--json")
     est = json.loads(out2)
