@@ -9,7 +9,7 @@ import itertools
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_serializer, model_validator
 
 from autopar.errors import InputError
 
@@ -188,6 +188,16 @@ class GpuProfile(BaseModel):
             raise ValueError(f"gpu_constants may set only hardware-level fields ({', '.join(GPU_LEVEL_FIELDS)}); "
                              f"move {', '.join(stack_only)} to stacks:")
         return self
+
+    @field_serializer("gpu_constants")
+    def _dump_gpu_constants(self, c: StackConstants) -> dict:
+        """Only the fields set: a dumped profile loads back with the same inheritance."""
+        return c.model_dump(include=c.model_fields_set)
+
+    @field_serializer("stacks")
+    def _dump_stacks(self, stacks: dict[str, StackConstants]) -> dict:
+        """Only each stack's own fields, so a dump does not turn inherited values into overrides."""
+        return {k: c.model_dump(include=c.model_fields_set) for k, c in stacks.items()}
 
     @property
     def fitted(self) -> bool:

@@ -213,3 +213,7 @@ def test_shipped_profiles_inherit_the_gpu_level():
         for f in GPU_LEVEL_FIELDS:
             assert getattr(unseen, f) == getattr(gpu.gpu_constants, f)
         assert unseen.tp_overlap == 0.0 and unseen.zero3_gather_gbps == 0.0
+        # a dumped profile loads back with the same inheritance (no inherited value turns into an override)
+        again = type(gpu)(**gpu.model_dump())
+        assert all(again.stack(rt) == gpu.stack(rt) for rt in ("torch", "torchtitan", "megatron", "deepspeed"))
+    assert load_gpu_profile("h100-sxm").gpu_constants.matmul_scale < 1.0  # the fit wrote a hardware level
