@@ -48,6 +48,7 @@ from autopar.cost_models.topology import (
     group_span,
     node_pair_bw,
 )
+from autopar.memo import IdentityMemo
 
 __all__ = ["CommCost", "CommFit", "GroupPlacement", "all_gather_time", "all_to_all_time", "bus_factor",
            "collective_time", "group_span", "p2p_time", "reduce_scatter_time", "ring_all_reduce_time",
@@ -290,8 +291,7 @@ def _one_group(kind: str, size_bytes: float, size: int, stride: int, cluster: Cl
     return _inter_cost(kind, size_bytes, n, nodes_of, cluster, algo)
 
 
-_MEMO: dict[tuple, tuple] = {}   # collective_time by its arguments (the search asks the same ones many times)
-_MEMO_MAX = 200_000
+_MEMO = IdentityMemo(200_000)   # collective_time by its arguments (the search asks the same ones many times)
 
 
 def collective_time(kind: Kind, size_bytes: float, size: int, stride: int, cluster: ClusterSpec,
@@ -299,15 +299,8 @@ def collective_time(kind: Kind, size_bytes: float, size: int, stride: int, clust
                     first_rank: int | None = 0) -> CommCost:
     """``_collective_time``, memoized: a pure function of its arguments. The cluster and the fits
     are keyed by identity and kept beside the result, so a key never outlives its objects."""
-    key = (kind, size_bytes, size, stride, id(cluster), algo, id(fits), first_rank)
-    hit = _MEMO.get(key)
-    if hit is not None and hit[0] is cluster and hit[1] is fits:
-        return hit[2]
-    out = _collective_time(kind, size_bytes, size, stride, cluster, algo, fits, first_rank)
-    if len(_MEMO) >= _MEMO_MAX:
-        _MEMO.clear()
-    _MEMO[key] = (cluster, fits, out)
-    return out
+    return _MEMO.get((kind, size_bytes, size, stride, algo, first_rank), (cluster, fits),
+                     lambda: _collective_time(kind, size_bytes, size, stride, cluster, algo, fits, first_rank))
 
 
 def _collective_time(kind: Kind, size_bytes: float, size: int, stride: int, cluster: ClusterSpec,

@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from autopar.core.strategy import Schedule
+from autopar.memo import IdentityMemo
 from autopar.techniques.pipeline import V_SHAPED, ZERO_BUBBLE, stage_rank
 
 
@@ -84,18 +85,15 @@ def weight_grad_fraction(ops) -> float:
     (not a batched activation x activation product) computes dX and dW of equal FLOPs, so W is
     half of its backward; every other op's backward is input-gradient work. ``ops``: the
     template's captured ``OpTerm``s (memoized by identity: a template's ops do not change)."""
-    hit = _WFRAC.get(id(ops))
-    if hit is not None and hit[0] is ops:
-        return hit[1]
-    total = sum(o.bwd_flops for o in ops)
-    weight = sum(o.bwd_flops / 2 for o in ops if o.kind == "gemm" and not o.batched)
-    if len(_WFRAC) >= 4096:
-        _WFRAC.clear()
-    _WFRAC[id(ops)] = (ops, weight / total if total > 0 else 0.0)
-    return _WFRAC[id(ops)][1]
+    def compute() -> float:
+        total = sum(o.bwd_flops for o in ops)
+        weight = sum(o.bwd_flops / 2 for o in ops if o.kind == "gemm" and not o.batched)
+        return weight / total if total > 0 else 0.0
+
+    return _WFRAC.get((), (ops,), compute)
 
 
-_WFRAC: dict[int, tuple] = {}   # weight_grad_fraction by the ops list (kept beside it: ids are not reused)
+_WFRAC = IdentityMemo(4096)   # weight_grad_fraction by the ops list
 
 
 def in_flight_microbatches(rank: int, p: int, m: int, schedule: Schedule, v: int = 1) -> float:
