@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import typer
 from rich.console import Console
@@ -37,8 +37,19 @@ def trace_routing(
                                help="synthetic: Zipf exponent of expert popularity (0 = uniform)"),
     affinity: float = typer.Option(0.0, "--affinity", min=0.0, max=1.0,
                                    help="synthetic: 0 = independent layers, 1 = fixed successor"),
-    seed: int = typer.Option(0, "--seed", help="RNG seed (synthetic draws, random tokens, model init)"),
-    seq_len: int = typer.Option(128, "--seq-len", min=1, help="model: sequence length of random tokens / .txt rows"),
+    seed: int = typer.Option(0, "--seed", help="RNG seed (synthetic draws, random tokens, model init; "
+                      "with --data: train.py's --seed, weights and data order)"),
+    data: str | None = typer.Option(None, "--data", help="model: route exactly what an emitted train.py trains on "
+                                    "with the same --data, --seed, sequence length and global batch: a token file "
+                                    "or folder of *.bin shards, 'sample' (emit's data/sample.bin, train.py's "
+                                    "default) or 'synthetic'. Routing depends on the data: without --data the "
+                                    "trace is of uniform random tokens, not of the program's"),
+    data_dtype: str = typer.Option("auto", "--data-dtype", help="model: --data token dtype, as train.py's"),
+    global_batch: int = typer.Option(8, "--global-batch", min=1, help="model: --data sequences per step "
+                                     "(the plan's global batch)"),
+    steps: int = typer.Option(1, "--steps", min=1, help="model: --data steps traced (all at the initial weights)"),
+    seq_len: int = typer.Option(128, "--seq-len", min=1, help="model: sequence length of random tokens / .txt rows "
+                                "/ --data windows (the plan's)"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="model: sequences per forward pass"),
     out: Path = typer.Option(..., "--out", help="trace file to write (JSON)"),
     json_out: bool = typer.Option(False, "--json", help="print a JSON summary"),
@@ -53,7 +64,8 @@ def trace_routing(
     elif model is None:
         raise InputError("trace-routing: give a MODEL (preset, config.json, pkg.mod:fn) or --synthetic")
     else:
-        trace = _trace_model(model, tokens, seq_len, batch_size, seed)
+        source = _DataSource(data=data, dtype=data_dtype, global_batch=global_batch, steps=steps)
+        trace = _trace_model(model, tokens, seq_len, batch_size, seed, source)
     trace.save(out)
     _print_trace_summary(trace, out, json_out)
 
@@ -70,7 +82,15 @@ def _count(text: str | None, default: int, what: str = "--synthetic takes --toke
     return count
 
 
-def _trace_model(name: str, tokens: str | None, seq_len: int, batch_size: int, seed: int):
+class _DataSource(NamedTuple):
+    """``--data`` and what picks its windows: as the emitted ``train.py`` reads them."""
+    data: str | None
+    dtype: str
+    global_batch: int
+    steps: int
+
+
+def _trace_model(name: str, tokens: str | None, seq_len: int, batch_size: int, seed: int, source: _DataSource):
     import torch
 
     # Imported here: model code is heavy and only this path needs it.
@@ -85,8 +105,15 @@ def _trace_model(name: str, tokens: str | None, seq_len: int, batch_size: int, s
     net = build_model(spec, device="cpu")
     if hasattr(net, "init_weights"):
         net.init_weights(seed)
-    ids = _load_tokens(tokens, _vocab(spec, net), seq_len, seed)
+    if source.data is not None:
+        if tokens is not None:
+            raise InputError("trace-routing: give either --tokens or --data, not both")
+        ids = _program_inputs(source, _vocab(spec, net), seq_len, seed)
+    else:
+        ids = _load_tokens(tokens, _vocab(spec, net), seq_len, seed)
     meta = dict(model=name, hidden=spec.hidden or None, seed=seed)
+    if source.data is not None:
+        meta.update(data=source.data, seq_len=seq_len, global_batch=source.global_batch, steps=source.steps)
     return record_trace(net, ids, batch_size=batch_size, meta=meta)
 
 
@@ -95,6 +122,29 @@ def _vocab(spec, net) -> int:
         return spec.vocab
     emb = next((m for m in net.modules() if type(m).__name__ == "Embedding"), None)
     return int(emb.num_embeddings) if emb is not None else 0
+
+
+def _program_inputs(source: _DataSource, vocab: int, seq_len: int, seed: int):
+    """The inputs of an emitted program's steps 1..``steps`` (all its data-parallel rows): its own
+    sampler (``codegen.runtime_data``) on the same data, seed, sequence length and global batch."""
+    import torch
+
+    from autopar.codegen.runtime_data import DataError, TokenSampler, make_sampler
+    from autopar.codegen.sample_data import ALPHABET, sample_bytes, sample_size
+
+    try:
+        if source.data == "sample":  # the bytes emit writes to data/sample.bin for this sequence length
+            if vocab < len(ALPHABET):
+                raise InputError(f"--data: vocab {vocab} cannot hold the sample's {len(ALPHABET)} symbols; fix: give "
+                                 "a token file")
+            raw, _ = sample_bytes(vocab, sample_size(seq_len))
+            shard = torch.frombuffer(bytearray(raw), dtype=torch.uint16 if vocab <= 1 << 16 else torch.uint32)
+            sampler = TokenSampler([shard], seq_len, source.global_batch, seed)
+        else:
+            sampler = make_sampler(source.data, vocab, seq_len, source.global_batch, seed, source.dtype)
+    except DataError as exc:
+        raise InputError(str(exc)) from None
+    return torch.cat([sampler.next_batch()[:, :-1] for _ in range(source.steps)])
 
 
 def _load_tokens(tokens: str | None, vocab: int, seq_len: int, seed: int):

@@ -28,7 +28,7 @@ from autopar.codegen.emit_launch import (
     render_torchrun,
 )
 from autopar.codegen.emit_vendor import vendored_runtime
-from autopar.codegen.sample_data import ALPHABET, SAMPLE_TOKENS, sample_bytes
+from autopar.codegen.sample_data import ALPHABET, sample_bytes, sample_size
 from autopar.core.plan import Plan
 from autopar.errors import InputError
 from autopar.fileio import write_atomic
@@ -77,8 +77,7 @@ def emit(plan: Plan, out_dir: str | os.PathLike, device: str = "cuda",
     }
     if has_sample(layout.vocab):
         # at least 4 windows of the plan's sequence (long-context plans get a longer sample)
-        texts["data/sample.bin"], texts["data/sample.txt"] = sample_bytes(layout.vocab,
-                                                                          max(SAMPLE_TOKENS, 4 * (plan.seq_len + 1)))
+        texts["data/sample.bin"], texts["data/sample.txt"] = sample_bytes(layout.vocab, sample_size(plan.seq_len))
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"out: {out} exists and is not a folder; choose another --out")

@@ -52,6 +52,12 @@ def sample_text(n_chars: int = SAMPLE_TOKENS, seed: int = 0) -> str:
     return "".join(out)[:n_chars]
 
 
+def sample_size(seq_len: int) -> int:
+    """Tokens of the sample ``emit`` writes for a plan of ``seq_len``: at least 4 windows (long-context
+    plans get a longer sample). ``autopar trace-routing --data sample`` rebuilds the same file."""
+    return max(SAMPLE_TOKENS, 4 * (seq_len + 1))
+
+
 def encode(text: str) -> list[int]:
     return [ALPHABET.index(c) for c in text]
 
