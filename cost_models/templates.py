@@ -1,8 +1,8 @@
 """From the captured graph to per-layer cost templates (``layer_model.LayerTemplate``).
 
 ``build_templates(spec, seq_len, dtype)`` captures the model once with torch.fx at
-micro-batch 1 (``profiles.graph.capture``), groups identical blocks
-(``profiles.layer_stats.summarize``) and converts each group: GEMMs keep their
+micro-batch 1, one block per distinct layer context (``profiles.layer_stats.capture_stats``,
+``profiles.depth``), groups identical blocks and converts each group: GEMMs keep their
 (m, n, k) and batch count so the compute model can look up a shape-dependent
 efficiency; the sharding tags decide how each op and saved tensor divides under a
 strategy. Results are cached per (model, seq_len, dtype): the search reuses them.
@@ -20,7 +20,7 @@ from autopar.cost_models.layer_model import LayerTemplate, OpTerm, SavedTerm, Sh
 from autopar.cost_models.template_cache import cached_templates
 
 if TYPE_CHECKING:  # capture imports torch: only a cache miss pays for it
-    from autopar.profiles.layer_stats import LayerGroup, OpCost
+    from autopar.profiles.layer_stats import LayerGroup, ModelStats, OpCost
 
 ROW_PARALLEL = ("wo", "w2")   # row-parallel linears: tensor parallel splits their k (input) dim
 
@@ -40,11 +40,15 @@ def _cached(spec_json: str, seq_len: int, dtype: str, fuse: bool) -> tuple[Layer
 
 
 def _capture(spec_json: str, seq_len: int, dtype: str, fuse: bool) -> tuple[LayerTemplate, ...]:
-    from autopar.profiles.graph import capture
-    from autopar.profiles.layer_stats import summarize
+    from autopar.profiles.layer_stats import capture_stats
 
     spec = ModelSpec.model_validate_json(spec_json)
-    stats = summarize(capture(spec, seq_len, 1, dtype))
+    return templates_from_stats(capture_stats(spec, seq_len, 1, dtype), spec, seq_len, dtype, fuse)
+
+
+def templates_from_stats(stats: ModelStats, spec: ModelSpec, seq_len: int, dtype: str,
+                         fuse: bool = True) -> tuple[LayerTemplate, ...]:
+    """Convert a capture's layer statistics (at micro-batch 1) to templates."""
     dbytes = 4 if dtype == "fp32" else 2
     tied = sum(g.params_tied for g in stats.groups if g.kind == "output")
     out = [_template(g, spec, seq_len, dbytes, fuse) for g in stats.groups]

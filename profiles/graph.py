@@ -30,6 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autopar.core.model_spec import ModelSpec
 from autopar.errors import InputError
+from autopar.profiles.depth import DepthPlan, LayerNames
+from autopar.profiles.dynamo_shim import no_dynamo_import
 from autopar.profiles.graph_ops import (
     CALL_OPS,
     PREFIX,
@@ -97,10 +99,16 @@ class _MetaProxy(fx.Proxy):
 class _Tracer(fx.Tracer):
     proxy_buffer_attributes = True  # buffers sliced by a traced length become graph nodes
 
-    def __init__(self, inputs: dict[str, Any]):
+    def __init__(self, inputs: dict[str, Any], names: LayerNames | None = None):
         super().__init__()
         self.inputs, self.vals, self.paths = inputs, {}, {}
         self._running, self._leaf_forward = False, None
+        self.names = names  # a reduced-depth trace: keep the full-depth node names
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        if self.names is not None:  # the candidate fx.Graph.create_node derives the name from
+            self.names.note(self.scope.module_path, name if name is not None else self.graph._target_to_str(target))
+        return super().create_node(kind, target, args, kwargs, name, type_expr)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, LEAF_TYPES) or is_expert_container(m) or super().is_leaf_module(m, qualname)
@@ -112,6 +120,8 @@ class _Tracer(fx.Tracer):
         if self._running:  # evaluating a leaf on meta values: plain call, no graph nodes
             return forward(*args, **kwargs)
         self._leaf_forward = forward
+        if self.names is not None:
+            self.names.enter(self.path_of_module(m), self)
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
@@ -255,35 +265,51 @@ _DROPOUT_SIG = inspect.signature(lambda input, p=0.5, training=True, inplace=Fal
 
 
 # ----- capture ---------------------------------------------------------------------------
-def capture(spec: ModelSpec, seq_len: int, micro_batch: int = 1, dtype: str = "bf16") -> ModelGraph:
-    """Trace ``spec`` at (micro_batch, seq_len) on the meta device and measure every op."""
+def capture(spec: ModelSpec, seq_len: int, micro_batch: int = 1, dtype: str = "bf16",
+            plan: DepthPlan | None = None) -> ModelGraph:
+    """Trace ``spec`` at (micro_batch, seq_len) on the meta device and measure every op.
+
+    ``plan``: capture only ``plan.kept`` of a built-in model's layers, with the node names of the
+    full-depth trace (``profiles.depth``; may raise ``DepthMismatch``)."""
     t0 = time.perf_counter()
     if dtype not in DTYPES:
         raise InputError(f"dtype: '{dtype}' is not supported for capture; use one of {', '.join(DTYPES)}")
     if seq_len < 1 or micro_batch < 1:
         raise InputError(f"seq_len={seq_len} and micro_batch={micro_batch} must be positive integers")
-    if spec.hf_config is not None:  # a transformers module, captured as itself
-        model, gm, inputs, seq_len = _trace_hf(spec, seq_len, micro_batch, dtype)
+    with no_dynamo_import():
+        if spec.hf_config is not None:  # a transformers module, captured as itself
+            model, gm, inputs, seq_len = _trace_hf(spec, seq_len, micro_batch, dtype)
+        else:
+            model, gm, inputs, seq_len, micro_batch = _trace_builtin(spec, seq_len, micro_batch, dtype, plan)
         rec = _run(gm, inputs, spec)
         mg = build(gm, rec, model, spec, seq_len, micro_batch, dtype, _block_container(model))
-        mg.capture_time_s = time.perf_counter() - t0
-        return mg
-    model = build_model(spec, "meta")
+    mg.depth = plan
+    mg.capture_time_s = time.perf_counter() - t0
+    return mg
+
+
+def _trace_builtin(spec: ModelSpec, seq_len: int, micro_batch: int, dtype: str, plan: DepthPlan | None):
+    """(model, graph module, inputs, seq_len, micro_batch) of a built-in model or a factory,
+    built on meta without initialisers (nothing to fill; see ``models.SkipInit``)."""
+    model = build_model(spec, "meta", layer_ids=plan.kept if plan else None, init=False)
     _cast_params(model, DTYPES[dtype])
     model.train()
     if spec.family == "custom":
         gm, inputs, seq_len, micro_batch = _trace_custom(spec, model)
-    else:
-        if seq_len > spec.max_seq_len:
-            raise InputError(f"seq_len: {seq_len} exceeds the model's max_seq_len={spec.max_seq_len}; "
-                             "use a shorter --seq-len or raise max_seq_len")
-        tokens = torch.zeros(micro_batch, seq_len, dtype=torch.int64, device="meta")
-        inputs = {"tokens": tokens, "labels": tokens.clone()}
-        gm = _trace(_WithLoss(model), inputs)
-    rec = _run(gm, inputs, spec)
-    mg = build(gm, rec, model, spec, seq_len, micro_batch, dtype, _block_container(model))
-    mg.capture_time_s = time.perf_counter() - t0
-    return mg
+        return model, gm, inputs, seq_len, micro_batch
+    if seq_len > spec.max_seq_len:
+        raise InputError(f"seq_len: {seq_len} exceeds the model's max_seq_len={spec.max_seq_len}; "
+                         "use a shorter --seq-len or raise max_seq_len")
+    tokens = torch.zeros(micro_batch, seq_len, dtype=torch.int64, device="meta")
+    inputs = {"tokens": tokens, "labels": tokens.clone()}
+    names = None
+    if plan is not None:
+        container = _block_container(model)
+        names = LayerNames(plan, f"{PREFIX}{container[0]}.")
+    gm = _trace(_WithLoss(model), inputs, names)
+    if names is not None:
+        names.check()
+    return model, gm, inputs, seq_len, micro_batch
 
 
 def _cast_params(model: nn.Module, dtype: torch.dtype) -> None:
@@ -294,8 +320,8 @@ def _cast_params(model: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def _trace(root: nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
-    tracer = _Tracer(inputs)
+def _trace(root: nn.Module, inputs: dict[str, Any], names: LayerNames | None = None) -> fx.GraphModule:
+    tracer = _Tracer(inputs, names)
     return _graph_module(tracer, tracer.trace(root))
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from autopar.core.model_spec import ModelSpec
+from autopar.profiles.depth import DepthPlan
 from autopar.profiles.models.layers import GroupedExperts, RMSNorm, TopKRouter
 
 PREFIX = "model."  # capture wraps the model with its loss; module paths drop this prefix
@@ -43,7 +44,8 @@ class ModelGraph:
     layer, section ("embedding" | "block" | "output"), in_shapes, in_dtypes, out_shapes,
     out_dtypes, params, param_bytes, params_by_class, tied_params, fwd_flops, bwd_flops,
     bytes_read, bytes_written, gemm (m, n, k) or None, gemm_batch, sub_ops, saved_bytes,
-    tags (of the op), out_tags (of its output)."""
+    tags (of the op), out_tags (of its output). With ``depth`` (``profiles.depth``) the graph
+    holds only ``depth.kept`` of the blocks, under their full-depth names."""
 
     spec: ModelSpec
     seq_len: int
@@ -57,6 +59,8 @@ class ModelGraph:
     block_path: str | None
     block_indices: list[int]
     capture_time_s: float = 0.0
+    depth: DepthPlan | None = None  # captured at reduced depth: which layers stand for which
+
 
     @property
     def tokens(self) -> int:

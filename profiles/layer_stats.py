@@ -32,9 +32,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from autopar.profiles.graph import ModelGraph, SavedTensor
+from autopar.core.model_spec import ModelSpec
+from autopar.profiles.depth import DepthMismatch, layer_plan
+from autopar.profiles.graph import ModelGraph, SavedTensor, capture
 
-__all__ = ["LayerGroup", "ModelStats", "OpCost", "SavedTensor", "summarize"]
+__all__ = ["LayerGroup", "ModelStats", "OpCost", "SavedTensor", "capture_stats", "summarize"]
 
 
 class OpCost(BaseModel):
@@ -114,6 +116,20 @@ class ModelStats(BaseModel):
 
 
 # ----- summarising -------------------------------------------------------------------------
+def capture_stats(spec: ModelSpec, seq_len: int, micro_batch: int = 1, dtype: str = "bf16") -> ModelStats:
+    """``summarize(capture(...))`` from the fewest layers that show every distinct block
+    (``profiles.depth``): the same statistics, field by field, as a full-depth capture
+    (tests/test_capture_depth.py). Full depth where the reduction cannot see the layer kinds
+    or its checks fail."""
+    plan = layer_plan(spec)
+    if plan is not None:
+        try:
+            return summarize(capture(spec, seq_len, micro_batch, dtype, plan))
+        except DepthMismatch:
+            pass
+    return summarize(capture(spec, seq_len, micro_batch, dtype))
+
+
 def summarize(mg: ModelGraph) -> ModelStats:
     g = mg.graph
     sections: dict[tuple, list[str]] = {}
@@ -143,6 +159,8 @@ def _block_groups(mg: ModelGraph, sections, saved) -> list[LayerGroup]:
     for layer in layers:
         sig = _signature(mg, sections[("block", layer)], saved.get(("block", layer), []))
         by_sig.setdefault(sig, []).append(layer)
+    if mg.depth is not None:  # a reduced-depth capture: each group's layers at full depth
+        by_sig = {sig: mg.depth.expand(kept) for sig, kept in by_sig.items()}
     if ("block", None) in sections:  # a custom model without a block list: one group
         by_sig[("model",)] = []
     any_moe = any(mg.graph.nodes[n]["kind"] == "moe_experts" for n in mg.order)

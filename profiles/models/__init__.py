@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import importlib
+from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from autopar.core.model_spec import ModelSpec
 from autopar.errors import InputError
@@ -15,16 +17,35 @@ from autopar.profiles.models.transformer import Block, Transformer
 __all__ = ["Block", "Transformer", "build_model", "load_factory"]
 
 
-def build_model(spec: ModelSpec, device: str | torch.device = "meta") -> nn.Module:
-    """Build the module for ``spec`` on ``device`` (``meta``: shapes only, no memory)."""
+def build_model(spec: ModelSpec, device: str | torch.device = "meta", layer_ids: list[int] | None = None,
+                init: bool = True) -> nn.Module:
+    """Build the module for ``spec`` on ``device`` (``meta``: shapes only, no memory).
+
+    ``layer_ids``: only these blocks of a built-in model (``Transformer``); ``init=False`` skips
+    the ``torch.nn.init`` initialisers (``SkipInit``): what graph capture on meta wants."""
     if getattr(spec, "hf_config", None) is not None:  # a transformers module, as itself
         from autopar.profiles.models.hf import build_hf_lm
 
         return build_hf_lm(spec, device)
-    with torch.device(device):
+    with torch.device(device), (nullcontext() if init else SkipInit()):
         if spec.family == "custom":
             return _call_factory(spec.factory)
-        return Transformer(spec)
+        return Transformer(spec, layer_ids)
+
+
+class SkipInit(TorchFunctionMode):
+    """Construction without the ``torch.nn.init`` initialisers: each returns its tensor untouched.
+
+    For the meta device, where there are no values to fill anyway: there the initialisers' meta
+    kernels (``normal_``, ``uniform_``) are Python references whose first call imports
+    ``torch._dynamo`` (seconds of a cold ``autopar plan``). Shapes, dtypes and parameter identity
+    (tied weights) are those of a normal construction."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 def load_factory(path: str):

@@ -50,13 +50,17 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    """``layer_ids``: build only these blocks, under their global indices (graph capture at
+    reduced depth, ``profiles.depth``); None builds all ``spec.layers``."""
+
+    def __init__(self, spec: ModelSpec, layer_ids: list[int] | None = None):
         super().__init__()
         self.spec = spec
         self.tok_embeddings = nn.Embedding(spec.vocab, spec.hidden)
         self.pos_embeddings = nn.Embedding(spec.max_seq_len, spec.hidden) if spec.family == "gpt" else None
         self.emb_dropout = nn.Dropout(spec.dropout)
-        self.layers = nn.ModuleDict({str(i): Block(spec, i) for i in range(spec.layers)})
+        ids = range(spec.layers) if layer_ids is None else layer_ids
+        self.layers = nn.ModuleDict({str(i): Block(spec, i) for i in ids})
         self.norm = _norm(spec)
         self.output = nn.Linear(spec.hidden, spec.vocab, bias=False)
         if spec.tie_embeddings:
