@@ -209,6 +209,8 @@ def model_config(run: dict) -> dict:
         cfg = dict(model_type="llama", hidden_size=m["hidden"], num_hidden_layers=m["layers"],
                    num_attention_heads=m["heads"], num_key_value_heads=m.get("kv_heads") or m["heads"],
                    intermediate_size=m["ffn_hidden"], vocab_size=m["vocab"])
+    elif parallel_block(run):
+        cfg = _parallel_block_config(m)
     else:
         cfg = dict(model_type="gpt2", n_embd=m["hidden"], n_layer=m["layers"], n_head=m["heads"],
                    n_inner=m.get("ffn_hidden") or 4 * m["hidden"], vocab_size=m["vocab"] or 51200,
@@ -216,6 +218,26 @@ def model_config(run: dict) -> dict:
     key = "n_positions" if cfg["model_type"] == "gpt2" else "max_position_embeddings"
     cfg[key] = seq
     return cfg
+
+
+def parallel_block(run: dict) -> bool:
+    """The row's own system runs GPT with the parallel transformer block (PTB): attention and MLP
+    read one LayerNorm's output and their outputs join the residual together, y = x + Attn(LN(x)) +
+    MLP(LN(x)) (MegaScale, Jiang et al. NSDI 2024, Sec. 3.1; GPT-J; PaLM, Chowdhery et al. 2022,
+    Sec. 2). The MegaScale rows' notes name it ("PTB"); the Megatron-LM baseline rows beside them
+    (whose arch text only says MegaScale uses it) run the sequential block."""
+    return "ptb" in re.findall(r"[a-z]+", str(run.get("notes") or "").lower())
+
+
+def _parallel_block_config(m: dict) -> dict:
+    """GPT (LayerNorm with biases, GeLU MLP 4h, multi-head attention, fused QKV) in the one-norm
+    parallel layout: the Falcon configuration with ``parallel_attn`` and a single LayerNorm
+    (``profiles.hf_families.falcon``: ``block_layout="parallel"``)."""
+    return dict(model_type="falcon", hidden_size=m["hidden"], num_hidden_layers=m["layers"],
+                num_attention_heads=m["heads"], multi_query=False, new_decoder_architecture=False,
+                parallel_attn=True, num_ln_in_parallel_attn=1, bias=True, alibi=False,
+                ffn_hidden_size=m.get("ffn_hidden") or 4 * m["hidden"], vocab_size=m["vocab"],
+                tie_word_embeddings=True)
 
 
 def _moe_config(m: dict) -> dict:

@@ -322,7 +322,7 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
         # one its input gradient in backward (unfused q, k, v: three)
         n = 4 * rows if s.sequence_parallel else rows + cols
         if ctx.runtime == "megatron":  # fused QKV: one all-reduce per sub-layer each way (Shoeybi et al. 2019)
-            out["tp"] = 2 * rows * one
+            out["tp"] = 2 * megatron_tp_reductions(layer, rows) * one
         else:
             out["tp"] = (2 * rows * one if s.sequence_parallel else n * one) + n * sync
         out["tp"] *= 1.0 - ctx.timer.stack.tp_overlap  # hidden behind GEMMs (--tp-comm-overlap, async TP)
@@ -342,6 +342,25 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
         routed = act * ctx.topk / s.tp
         out["etp"] = 2 * collective_time("all_reduce", routed, s.etp, 1, ctx.cluster, fits=ctx.fits).time_s
     return out
+
+
+def megatron_tp_reductions(layer: LayerTemplate, rows: int) -> int:
+    """Tensor-parallel reductions of one block per pass (each an all-reduce, or a reduce-scatter with
+    its all-gather under sequence parallel) in Megatron-style tensor parallelism: one per row-parallel
+    linear (Shoeybi et al. 2019: attention and MLP); a parallel block (``parallel_block``) sums its
+    attention and MLP outputs before the one reduction and gathers its single norm's output once
+    (MegaScale, Jiang et al. NSDI 2024, Sec. 3.1, parallel transformer block; GPT-NeoX's parallel
+    residual all-reduces ``attention + mlp`` together, Black et al. 2022). The emitted torch programs
+    (one DTensor collective per module) keep their per-module count."""
+    return min(rows, 1) if parallel_block(layer) else rows
+
+
+def parallel_block(layer: LayerTemplate) -> bool:
+    """The block runs attention and MLP on one norm's output (``Block`` layout "parallel": the
+    captured block has its attention norm and no MLP norm)."""
+    names = [o.name for o in layer.ops]
+    return layer.kind == "block" and any("attention_norm" in n for n in names) \
+        and not any("ffn_norm" in n for n in names)
 
 
 def _tp_collective(size: float, s: Strategy, ctx: PricingContext) -> float:
