@@ -129,6 +129,25 @@ def _stand_in(key: tuple[str, str], refit: cal.Fitted, rows: list[cal.Built], sr
         refit.stacks[key] = refit.stacks[max(others, key=lambda k: sizes.get(k, 0))]
 
 
+def zero3_excess(built: list[cal.Built]) -> None:
+    """``--zero3-excess``: for each DeepSpeed ZeRO-3 row, the seconds per step its published time leaves
+    beyond the price with NCCL's ring model and nothing hidden (``zero3_gather_gbps`` 0, ``zero3_overlap``
+    0), beside the ring's hop latency per all-gather ((n - nodes) NVLink + (nodes - 1) network hops,
+    ``comm.multinode_ring_time``). A per-call latency (gathers issued parameter by parameter) would make
+    the excess grow with the hop latency; bytes at a rate below the ring's keep it flat."""
+    for b in built:
+        if b.case.runtime != "deepspeed":
+            continue
+        c = load_gpu_profile(b.case.gpu).stack("deepspeed").model_copy(update={"zero3_gather_gbps": 0.0,
+                                                                             "zero3_overlap": 0.0})
+        p, n, cl = cal.price(b, c), b.strategy.dp, b.cm.cluster
+        nodes = max(1, n // cl.gpus_per_node)
+        hops_s = (n - nodes) * cl.intra_node.latency_s + (nodes - 1) * cl.inter_node.latency_s
+        print(f"{b.case.id[:48]:48s} dp {n:5d}  published {p.pub_step_s:6.1f} s  ring, nothing hidden "
+              f"{p.pred_step_s:6.1f} s  excess {p.pub_step_s - p.pred_step_s:5.1f} s  "
+              f"ring hop latency per gather {1e3 * hops_s:.2f} ms")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("file", nargs="?", type=Path, default=None)
@@ -141,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                                                             "type takes the choices of its largest other stack")
     ap.add_argument("--one-level", action="store_true", help="--loso with every constant fitted per stack (the "
                                                              "scheme before the two levels, for comparison)")
+    ap.add_argument("--zero3-excess", action="store_true", help="DeepSpeed ZeRO-3 rows: the time the ring model "
+                                                                "leaves unexplained against the ring's hop latency")
     args = ap.parse_args(argv)
     cal.SWEEPS = args.sweeps
     path = args.file or args.yaml or DEFAULT_YAML
@@ -149,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     print_rows(priced, args.markdown)
     print_summary(priced, skipped, f"{path.name}: constants as shipped")
     print_constants(built)
+    if args.zero3_excess:
+        print("\nZeRO-3 time the ring model leaves (DeepSpeed rows):")
+        zero3_excess(built)
     if args.loso:
         anchor = [] if path == DEFAULT_YAML else cal.load_or_build([DEFAULT_YAML], args.cache)[0]
         title = f"{path.name}: leave-one-source-out (refit without each source{', stand-in' * args.stand_in})"
