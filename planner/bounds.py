@@ -137,8 +137,11 @@ def grads_freed(sp: "Space", sh: Sharding, schedule: str, vpp: int) -> bool:
     them (``memory.grads_freed_before_activation_peak``) and the first rank (the most in flight)
     warms up with every micro-batch (``memory.warmup_only_activations``)."""
     m = sp.gb // (sh.dp * sh.mbs)
-    return in_flight_microbatches(0, sh.pp, m, schedule, vpp) >= m and grads_freed_before_activation_peak(
-        probe(sh, sp.gb, schedule=schedule, vpp=vpp), sp.cm.ctx.runtime)
+    key = (sh.pp, m, schedule, vpp)   # all it reads (the probe's pp, schedule and micro-batch count)
+    if key not in sp.freed:
+        sp.freed[key] = in_flight_microbatches(0, sh.pp, m, schedule, vpp) >= m and \
+            grads_freed_before_activation_peak(probe(sh, sp.gb, schedule=schedule, vpp=vpp), sp.cm.ctx.runtime)
+    return sp.freed[key]
 
 
 def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...]) -> Floor:
@@ -175,6 +178,26 @@ def curves_monotone(cm: CostModel) -> bool:
     g = cm.timer.gpu
     curves = (g.matmul_eff.root, g.membound_eff.root, g.attention_eff.root)
     return not cm.timer.measured and all(b[1] >= a[1] for c in curves for a, b in zip(c, c[1:]))
+
+
+@dataclass(frozen=True)
+class KnobSet:
+    """What the row bounds read of a row's ``knob_options`` list, worked out once per list (rows of
+    one pipeline depth and micro-batch count share it)."""
+
+    knobs: list          # the list itself (keeps its id valid while the summary lives)
+    zero: int            # the highest ZeRO stage
+    offload: bool        # offload among the options
+    schedules: tuple     # one Knobs per (schedule, vpp), in first-seen order
+    pairs: tuple         # the distinct (schedule, vpp)
+    states: tuple        # one Knobs per (zero, offload), in first-seen order
+
+
+def knob_set(knobs: list) -> KnobSet:
+    return KnobSet(knobs, max(k.zero for k in knobs), any(k.offload for k in knobs),
+                   tuple({(k.schedule, k.vpp): k for k in knobs}.values()),
+                   tuple({(k.schedule, k.vpp) for k in knobs}),
+                   tuple({(k.zero, k.offload): k for k in knobs}.values()))
 
 
 @dataclass
@@ -214,6 +237,19 @@ class Space:
         self.wfrac = {id(t): weight_grad_fraction(t.ops) for t in cm.templates if t.kind == "block"}
         self.syncs: dict[tuple, float] = {}   # gradient-sync floors by (dp group, tp, zero 1/2)
         self.p2ps: dict[tuple, float] = {}
+        self.freed: dict[tuple, bool] = {}    # grads_freed by (pp, micro-batches, schedule, vpp)
+        self.memo: dict[tuple, float] = {}    # bound terms by the values they read (optimizer, cp ring)
+        self.knob_sets: dict[int, KnobSet] = {}   # knob_options lists (shared by rows) summarised once
+
+    def knobs(self, knobs: list) -> KnobSet:
+        ks = self.knob_sets.get(id(knobs))
+        if ks is None or ks.knobs is not knobs:
+            ks = self.knob_sets[id(knobs)] = knob_set(knobs)
+        return ks
+
+    def warm(self, sh: Sharding, ks: KnobSet) -> bool:
+        """``grads_freed`` for some schedule of the row."""
+        return any(grads_freed(self, sh, *x) for x in ks.pairs)
 
     def push(self, lb: float, kind: str, *payload) -> None:
         self.pushes += 1
@@ -268,10 +304,13 @@ def cp_exposure_floor(sp: Space, sh: Sharding, lo: Priced, b_lo: int) -> float:
     (``moe_cost.ring_exposed``) only falls as that window grows."""
     if sh.cp <= 1:
         return 0.0
-    cm, scale = sp.cm, sh.mbs / b_lo
-    kv = sh.mbs * cm.ctx.seq_len / sh.cp * cm.ctx.kv_bytes_per_token / sh.tp
-    step = collective_time("p2p", kv, sh.cp, sh.tp, cm.cluster, fits=cm.ctx.fits).time_s
-    return sum(n * ring_exposed(sh.cp, step, f * scale) for f, n in lo.fwds)
+    key = ("cp", sh.mbs, sh.cp, sh.tp, lo.fwds, b_lo)   # what it reads (lo: its blocks' forwards)
+    if key not in sp.memo:
+        cm, scale = sp.cm, sh.mbs / b_lo
+        kv = sh.mbs * cm.ctx.seq_len / sh.cp * cm.ctx.kv_bytes_per_token / sh.tp
+        step = collective_time("p2p", kv, sh.cp, sh.tp, cm.cluster, fits=cm.ctx.fits).time_s
+        sp.memo[key] = sum(n * ring_exposed(sh.cp, step, f * scale) for f, n in lo.fwds)
+    return sp.memo[key]
 
 
 def pipeline_bound(sp: Space, sh: Sharding, k: Knobs, total: float, p2p: float = 0.0,
@@ -336,6 +375,13 @@ def edge_rank_floor(edge: float, rest: float, lo: float, hi: float, p: int, v: i
 def optimizer_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
     """``CostModel.optimizer_time`` of the mean rank (its cost grows at least linearly with
     the shard, so the most loaded rank pays at least this)."""
+    key = ("opt", pr.params, sh.dp * sh.cp, sh.edp, sh.pp, k.zero, k.offload)
+    if key not in sp.memo:
+        sp.memo[key] = _optimizer_floor(sp, sh, k, pr)
+    return sp.memo[key]
+
+
+def _optimizer_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
     dense, expert = pr.params
     if k.offload:   # CPUOffloadPolicy shards at any ZeRO stage; at least one gather and one reduction per step
         return offload_step_time((dense / (sh.dp * sh.cp) + expert / sh.edp) / sh.pp, sp.cm.dtype, sp.cm.gpu)

@@ -82,17 +82,16 @@ class RankPricer:
         self.L, self.p, self.v = cm.num_layers, s.pp, s.vpp
         self.C = self.L // self.v
         self.m = s.num_micro_batches
-        distinct: dict[int, LayerCost] = {}
-        for i in range(self.L):
-            distinct.setdefault(id(self.costs[i]), self.costs[i])
-        self.groups = list(distinct.values())
-        gid = {id(c): g for g, c in enumerate(self.groups)}
-        self.prefix = [[0] * (self.L + 1) for _ in self.groups]   # prefix[g][i]: layers < i of group g
-        for i in range(self.L):
-            for g in range(len(self.groups)):
-                self.prefix[g][i + 1] = self.prefix[g][i] + (gid[id(self.costs[i])] == g)
-        self.base = [min(c.time(k) for k in self.modes) for c in self.groups]   # fastest allowed
-        self.first = [next(i for i in range(self.L) if gid[id(self.costs[i])] == g) for g in range(len(self.groups))]
+        # the layout of the layer kinds, shared by every strategy priced with these costs and modes
+        key = ("layout", id(self.costs), self.modes)
+        lay = shared.get(key)
+        if lay is None or lay.costs is not self.costs:
+            lay = shared[key] = _Layout(self.costs, self.L, self.modes)
+        self.groups, self.prefix, self.base, self.first = lay.groups, lay.prefix, lay.base, lay.first
+        self._counts = lay.counts.setdefault(self.v, {})   # (o, c) -> counts, for this period length
+        self._base_times = lay.base_times.setdefault(self.v, {})
+        self._coef: tuple[float, float, float] | None = None
+        self._zb = shared.setdefault("zb_sums", {})
         self._z3: list[float] | None = None
         self._by_pos: dict[tuple, RankEval] = {}
         self._by_sig: dict[tuple, RankEval] = {}
@@ -110,11 +109,24 @@ class RankPricer:
         return out
 
     def counts(self, o: int, c: int) -> tuple[int, ...]:
-        return tuple(sum(pre[k * self.C + o + c] - pre[k * self.C + o] for k in range(self.v)) for pre in self.prefix)
+        out = self._counts.get((o, c))
+        if out is None:
+            out = self._counts[o, c] = tuple(sum(pre[k * self.C + o + c] - pre[k * self.C + o] for k in range(self.v))
+                                             for pre in self.prefix)
+        return out
 
     def base_time(self, o: int, c: int) -> float:
         """Forward + backward of the layers with the fastest allowed recompute (extras excluded)."""
-        return sum(n * t for n, t in zip(self.counts(o, c), self.base))
+        out = self._base_times.get((o, c))
+        if out is None:
+            out = self._base_times[o, c] = sum(n * t for n, t in zip(self.counts(o, c), self.base))
+        return out
+
+    def coefficients(self) -> tuple[float, float, float]:
+        """``coefficients(cm, s)``, worked out once per strategy (the zero-bubble sums once per pricing)."""
+        if self._coef is None:
+            self._coef = coefficients(self.cm, self.s, self._zb)
+        return self._coef
 
     # ----- one rank ------------------------------------------------------------------------
     def evaluate(self, r: int, o: int, c: int) -> RankEval:
@@ -184,10 +196,12 @@ class RankPricer:
             choice = rc.choose(groups, in_flight, budget, self.modes, self._frontiers, workspace)
             if choice is None:
                 return None, INF
-            modes = rc.assign([[i for i in layers if self.costs[i] is g] for g, _ in groups], choice)
-            chosen = [modes[i] for i in layers]
-            mem = plain if all(m == "none" for m in chosen) else sum(   # ``plain``: the same call, no recompute
-                cm.rank_memory(s, parts, chosen, extra, in_flight, r == 0, r == self.p - 1).memory.values())
+            if _all_none(choice):   # ``plain``: the same call, no recompute
+                mem = plain
+            else:
+                modes = rc.assign([[i for i in layers if self.costs[i] is g] for g, _ in groups], choice)
+                chosen = [modes[i] for i in layers]
+                mem = sum(cm.rank_memory(s, parts, chosen, extra, in_flight, r == 0, r == self.p - 1).memory.values())
             if mem <= usable:
                 return choice, mem
             budget -= mem - usable
@@ -225,6 +239,11 @@ class RankPricer:
         return rc.assign(by_group, ev.choice)
 
 
+def _all_none(choice: rc.RecomputeChoice) -> bool:
+    """Every layer of the choice runs without recompute."""
+    return all(n == 0 for counts in choice.counts for k, n in zip(choice.modes, counts) if k != "none")
+
+
 def cannot_fit(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...], in_flight: float, budget: float,
                workspace) -> bool:
     """True only where ``recompute.choose`` returns None: no plain fit, and for every cap on the
@@ -242,18 +261,29 @@ def cannot_fit(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...], in_f
 
 
 # ----- the step-time objective -----------------------------------------------------------
-def coefficients(cm: CostModel, s: Strategy) -> tuple[float, float, float]:
-    """``(A, B, K)`` of ``T = A max P + B sum P + K + max D + max O`` (``pipeline.step_time``)."""
+def coefficients(cm: CostModel, s: Strategy, sums: dict | None = None) -> tuple[float, float, float]:
+    """``(A, B, K)`` of ``T = A max P + B sum P + K + max D + max O`` (``pipeline.step_time``).
+    ``sums``: a cache of the zero-bubble sums by pricing (they depend on the layer costs only)."""
     p2p = cm.p2p_time(s) if s.pp > 1 else 0.0
     share = 1.0
     if s.schedule in ZERO_BUBBLE:   # the W share of the blocks' backward, summed over the model
         costs = cm.layer_costs(s)
-        blocks = [costs[i] for i in range(cm.num_layers)]
-        f, b = sum(c.fwd_s for c in blocks), sum(c.bwd_s for c in blocks)
-        w = sum(c.bwd_s * weight_grad_fraction(cm.blocks[i].ops) for i, c in enumerate(blocks))
-        share = bubble_share(s.schedule, f, b, w)
+        hit = sums.get(id(costs)) if sums is not None else None
+        if hit is None or hit[0] is not costs:
+            hit = (costs, *_fbw(cm, costs))
+            if sums is not None:
+                sums[id(costs)] = hit
+        share = bubble_share(s.schedule, *hit[1:])
     A, B, K = schedule_coefficients(s.pp, s.num_micro_batches, s.schedule, s.vpp, p2p, share)
     return A, B, K + cm.stack.step_overhead_s   # the stack's fixed per-step host time (CostModel.estimate)
+
+
+def _fbw(cm: CostModel, costs: dict) -> tuple[float, float, float]:
+    """The blocks' forward, backward and weight-gradient sums (``pipeline.bubble_share``)."""
+    blocks = [costs[i] for i in range(cm.num_layers)]
+    f, b = sum(c.fwd_s for c in blocks), sum(c.bwd_s for c in blocks)
+    w = sum(c.bwd_s * weight_grad_fraction(cm.blocks[i].ops) for i, c in enumerate(blocks))
+    return f, b, w
 
 
 def schedule_coefficients(p: int, m: int, schedule: str, v: int, p2p: float,
@@ -271,7 +301,7 @@ def schedule_coefficients(p: int, m: int, schedule: str, v: int, p2p: float,
 
 def evaluate_counts(pr: RankPricer, counts: list[int]) -> tuple[float, list[RankEval]]:
     """Step time of one layout (layers per period on each rank); INF when a rank does not fit."""
-    A, B, K = coefficients(pr.cm, pr.s)
+    A, B, K = pr.coefficients()
     evs, o = [], 0
     for r, c in enumerate(counts):
         evs.append(pr.evaluate(r, o, c))
@@ -339,6 +369,27 @@ def _result(pr: RankPricer, counts: list[int], t: float, evs: list[RankEval]) ->
     return PartitionResult(t, list(counts), stages, [modes[i] for i in range(pr.L)], evs)
 
 
+class _Layout:
+    """The distinct layer costs of a pricing in model order (groups), prefix counts of each, the
+    fastest allowed time of each, and their first layers; with the per-layout caches of counts."""
+
+    def __init__(self, costs: dict, L: int, modes: tuple[str, ...]):
+        self.costs = costs   # kept: the cache key holds its id
+        distinct: dict[int, LayerCost] = {}
+        for i in range(L):
+            distinct.setdefault(id(costs[i]), costs[i])
+        self.groups = list(distinct.values())
+        gid = {id(c): g for g, c in enumerate(self.groups)}
+        self.prefix = [[0] * (L + 1) for _ in self.groups]   # prefix[g][i]: layers < i of group g
+        for i in range(L):
+            for g in range(len(self.groups)):
+                self.prefix[g][i + 1] = self.prefix[g][i] + (gid[id(costs[i])] == g)
+        self.base = [min(c.time(k) for k in modes) for c in self.groups]   # fastest allowed
+        self.first = [next(i for i in range(L) if gid[id(costs[i])] == g) for g in range(len(self.groups))]
+        self.counts: dict[int, dict] = {}       # by vpp: (o, c) -> layers of each group
+        self.base_times: dict[int, dict] = {}   # by vpp: (o, c) -> base time
+
+
 # ----- the DP ---------------------------------------------------------------------------------
 @dataclass
 class _Label:
@@ -355,7 +406,7 @@ class _Label:
 
 def _dp(pr: RankPricer, upper: float) -> list[int] | None:
     """Pareto DP over ranks (see the module docstring); returns layers per period per rank."""
-    A, B, K = coefficients(pr.cm, pr.s)
+    A, B, K = pr.coefficients()
     p, C = pr.p, pr.C
     out_time = pr.costs["output"].time("none") if pr.costs["output"] else 0.0
     rest = [pr.base_time(o, C - o) for o in range(C + 1)]   # base time of positions >= o

@@ -73,14 +73,10 @@ def choose(groups: list[tuple[LayerCost, int]], in_flight: float, budget: float,
             return RecomputeChoice(0.0, act, 0.0, tuple(_only(len(modes), modes.index("none"), n)
                                                         for _, n in groups), modes)
     best = None
-    for cap in _work_caps(groups, modes):
-        # the cap filters modes group by group: a mode's working set differs between layer kinds
-        allowed = tuple(tuple(k for k in modes if c.work_bytes[k] <= cap) for c, _ in groups)
-        if not all(allowed):
-            continue
-        front = _merged_frontier(groups, allowed, cache)
+    for cap, allowed in _caps(groups, modes, cache):
+        front, acts = _merged_frontier(groups, allowed, cache)
         room = (budget - workspace(cap)) / in_flight
-        i = bisect_right([p[0] for p in front], room) - 1
+        i = bisect_right(acts, room) - 1
         if i < 0:
             continue
         act, dt, counts = front[i]
@@ -108,16 +104,32 @@ def _work_caps(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...]) -> l
     return sorted({c.work_bytes[k] for c, n in groups if n for k in modes})
 
 
+def _caps(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...], cache: dict) -> list[tuple]:
+    """``(cap, allowed modes per group)`` for each work cap (``_work_caps``) under which every group
+    keeps a mode; the cap filters modes group by group: a mode's working set differs between layer kinds."""
+    key = ("caps", tuple((id(c), n) for c, n in groups), modes)
+    if key not in cache:
+        out = []
+        for cap in _work_caps(groups, modes):
+            allowed = tuple(tuple(k for k in modes if c.work_bytes[k] <= cap) for c, _ in groups)
+            if all(allowed):
+                out.append((cap, allowed))
+        cache[key] = (out, list(groups))  # keep the LayerCosts alive: the key uses their ids
+    return cache[key][0]
+
+
 def _merged_frontier(groups: list[tuple[LayerCost, int]], allowed: tuple[tuple[str, ...], ...],
-                     cache: dict) -> Frontier:
+                     cache: dict) -> tuple[Frontier, list[float]]:
+    """The groups' merged frontier and its bytes (ascending, for bisection)."""
     key = (tuple((id(c), n) for c, n in groups), allowed)
     if key not in cache:
         front: Frontier = [(0.0, 0.0, ())]
         for (c, n), ok in zip(groups, allowed):
             front = _pareto([(a0 + a1, t0 + t1, cnt0 + (cnt1,))
                              for a0, t0, cnt0 in front for a1, t1, cnt1 in _group_frontier(c, n, ok, cache)])
-        cache[key] = (front, groups)  # keep the LayerCosts alive: the key uses their ids
-    return cache[key][0]
+        cache[key] = (front, list(groups), [p[0] for p in front])  # keep the LayerCosts alive: the key uses their ids
+    hit = cache[key]
+    return hit[0], hit[2]
 
 
 def _group_frontier(c: LayerCost, n: int, allowed: tuple[str, ...], cache: dict) -> Frontier:

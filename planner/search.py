@@ -195,9 +195,8 @@ def _fill(sp: Space) -> None:
             stats.space += len(knobs)
             if not knobs:
                 continue
-            z, off = max(k.zero for k in knobs), any(k.offload for k in knobs)
-            warm = any(grads_freed(sp, sh, *x) for x in {(k.schedule, k.vpp) for k in knobs})
-            if sp.floor(sh).bytes(sp.cm, sh, z, off, 1.0, warm) > sp.usable:
+            ks = sp.knobs(knobs)
+            if sp.floor(sh).bytes(sp.cm, sh, ks.zero, ks.offload, 1.0, sp.warm(sh, ks)) > sp.usable:
                 rest = sum(len(knob_options(sp.cm, sp.cons, x, sp.gb, sp.knob_cache)) for x in row[j + 1:])
                 stats.space += rest
                 stats.pruned_memory += len(knobs) + rest
@@ -231,13 +230,14 @@ def _row_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: int, 
     optimizer step need no layer pricing (the parameters do not depend on the micro-batch)."""
     scale = sh.mbs / b
     total, rc = pr.total_no_cp * scale + cp, [{m: t * scale for m, t in x.items()} for x in pr.rc]
-    best = Knobs(max(k.zero for k in knobs), any(k.offload for k in knobs), "1f1b", 1)
-    warm = any(grads_freed(sp, sh, *x) for x in {(k.schedule, k.vpp) for k in knobs})
-    extra = sp.floor(sh).recompute_time(sp.cm, sh, best, 1.0, sp.usable, rc, warm)
+    ks = sp.knobs(knobs)
+    best = Knobs(ks.zero, ks.offload, "1f1b", 1)
+    extra = sp.floor(sh).recompute_time(sp.cm, sh, best, 1.0, sp.usable, rc, sp.warm(sh, ks))
     p2p, block = sp.p2p(sh), pr.min_block_no_cp * scale
-    opt = min(optimizer_floor(sp, sh, k, pr) for k in {(k.zero, k.offload): k for k in knobs}.values())
-    scheds = {(k.schedule, k.vpp): k for k in knobs}.values()   # zero and offload add nothing here
-    return min(pipeline_bound(sp, sh, k, total + extra, p2p, held_layers(sp, sh, k) * block) for k in scheds) + opt
+    opt = min(optimizer_floor(sp, sh, k, pr) for k in ks.states)
+    # zero and offload add nothing here: one Knobs per schedule
+    return min(pipeline_bound(sp, sh, k, total + extra, p2p, held_layers(sp, sh, k) * block)
+               for k in ks.schedules) + opt
 
 
 def _expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
