@@ -15,6 +15,8 @@ with the real wrapper outside compilation. On exit everything is undone: the sta
 Any other use of the stand-in (an attribute other than ``disable``) imports the real
 ``torch._dynamo`` and answers from it, so what runs never depends on the stand-in. Nothing
 happens when dynamo is already imported (a test process): the import cost is paid already.
+``profiles.graph.capture`` uses it for the built-in models only, whose code it knows: a
+transformers module or a user factory may import dynamo's submodules, which a stand-in cannot serve.
 """
 
 from __future__ import annotations

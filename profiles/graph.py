@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -276,7 +277,8 @@ def capture(spec: ModelSpec, seq_len: int, micro_batch: int = 1, dtype: str = "b
         raise InputError(f"dtype: '{dtype}' is not supported for capture; use one of {', '.join(DTYPES)}")
     if seq_len < 1 or micro_batch < 1:
         raise InputError(f"seq_len={seq_len} and micro_batch={micro_batch} must be positive integers")
-    with no_dynamo_import():
+    builtin = spec.hf_config is None and spec.family != "custom"  # code we know never needs dynamo
+    with no_dynamo_import() if builtin else nullcontext():
         if spec.hf_config is not None:  # a transformers module, captured as itself
             model, gm, inputs, seq_len = _trace_hf(spec, seq_len, micro_batch, dtype)
         else:
