@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from autopar import techniques
+from autopar.codegen.runtime_moe import contiguous_placement
 from autopar.codegen.runtime_parallel import dp_mode
 from autopar.codegen.runtime_pp import even_stages
 from autopar.core.plan import Plan
@@ -139,9 +140,8 @@ def _recompute(plan: Plan) -> dict[int, str]:
 
 def _placement(plan: Plan) -> list[list[list[int]]]:
     s, m = plan.strategy, plan.model
-    if plan.expert_placement is None:
-        return [[[e for e in range(m.num_experts) if e % s.ep == r] for r in range(s.ep)]
-                for _ in range(m.moe_layers)]
+    if plan.expert_placement is None:  # the layout a routing trace is priced on (runtime_moe)
+        return [contiguous_placement(m.num_experts, s.ep) for _ in range(m.moe_layers)]
     pl = plan.expert_placement
     if len(pl) != m.moe_layers:
         raise InputError(f"plan: expert_placement has {len(pl)} layers, the model has {m.moe_layers} MoE layers")

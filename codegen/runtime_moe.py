@@ -41,14 +41,18 @@ from autopar.codegen.runtime_mesh import ParallelMesh
 from autopar.profiles.models.layers import GroupedExperts
 
 
-def round_robin_placement(num_experts: int, ep: int) -> list[list[int]]:
-    return [[e for e in range(num_experts) if e % ep == r] for r in range(ep)]
+def contiguous_placement(num_experts: int, ep: int) -> list[list[int]]:
+    """Rank ``r`` holds experts ``[r E/ep, (r+1) E/ep)``: Megatron-Core's and torchtitan's layout, and
+    the one the cost model prices a routing trace on when the plan names no placement
+    (``cost_models.moe_load.contiguous``), so a trace's busiest rank is the program's."""
+    per = num_experts // ep
+    return [list(range(r * per, (r + 1) * per)) for r in range(ep)]
 
 
 def apply_ep(model: nn.Module, mesh: ParallelMesh, placement: list[list[list[int]]] | None,
              first_moe_layer: int = 0) -> nn.Module:
     """Keep, on each rank, the experts ``placement[moe_layer][ep_rank]`` lists (global MoE
-    layer index = ``first_moe_layer + moe_layer``; default: expert ``e`` on rank ``e % ep``),
+    layer index = ``first_moe_layer + moe_layer``; default: contiguous blocks of experts),
     their ffn dimension split over ``etp``."""
     ep = mesh.size("ep")
     if ep * mesh.size("etp") == 1:
@@ -58,7 +62,7 @@ def apply_ep(model: nn.Module, mesh: ParallelMesh, placement: list[list[list[int
         if not isinstance(experts, GroupedExperts):
             continue
         num = experts.w1.shape[0]
-        layer = placement[int(name) - first_moe_layer] if placement else round_robin_placement(num, ep)
+        layer = placement[int(name) - first_moe_layer] if placement else contiguous_placement(num, ep)
         _keep_experts(experts, layer, mesh)
     return model
 

@@ -10,6 +10,7 @@ tokens ~1.2x; a trace of other data would price another load (docs/validation.md
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from helpers_plans import GLOBAL_BATCH, SEQ_LEN, make_plan
 
 from autopar.cli.main import main
 from autopar.codegen.emit import emit
+from autopar.cost_models.moe_load import contiguous
 from autopar.profiles.routing import RoutingTrace
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -105,6 +107,18 @@ def test_trace_equals_program_first_step(program, tmp_path):
     skew = seen["sample"].max(axis=1) / seen["sample"].mean(axis=1)
     rand = _trace(tmp_path, "random", "--tokens", str(GLOBAL_BATCH * SEQ_LEN))
     assert skew[0] > 1.6 > (rand.max(axis=1) / rand.mean(axis=1)).max()
+
+
+def test_default_placement_is_the_priced_one(tmp_path):
+    """A plan without a placement runs the experts where a trace is priced (contiguous blocks,
+    ``moe_load.contiguous``), so the busiest rank the price sees is the program's."""
+    emit(make_plan("moe-tiny", 4, "dp=4,ep=4"), tmp_path / "run", "cpu")
+    tree = ast.parse((tmp_path / "run" / "train.py").read_text())
+    placement = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                     and getattr(node.targets[0], "id", "") == "EXPERT_PLACEMENT")
+    ranks = contiguous(3, 8, 4)
+    for layer, owners in zip(placement, ranks):
+        assert [sorted(ids) for ids in layer] == [np.flatnonzero(owners == r).tolist() for r in range(4)]
 
 
 def test_data_steps_stack_global_batches(tmp_path):
