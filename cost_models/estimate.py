@@ -29,6 +29,7 @@ from autopar.core.cluster import ClusterSpec
 from autopar.core.gpu import GpuProfile
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
+from autopar.cost_models import overlap
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer
 from autopar.cost_models.estimate_types import Estimate, RankMemory, RankReport  # noqa: F401
@@ -324,9 +325,10 @@ class CostModel:
         if s.zero_stage >= 3:
             return self._zero3_exposed(s, r, costs, m, grad_bytes)
         t = self.grad_sync_time(dense, n_dense, s.tp, s) + self.grad_sync_time(expert, n_exp, s.ep * s.etp, s)
-        window = r.bwd_s / max(m, 1) if m and not self._cores_saturated else 0.0  # the last backward hides the rest
+        hide = bool(m) and not self._cores_saturated  # r.bwd_s / r.fwd_s: one micro-batch's backward / forward
         last_bucket = self.grad_sync_time(min(DDP_BUCKET_BYTES, dense), n_dense, s.tp, s)
-        return max(0.0, t - window) + last_bucket if t > 0 else 0.0
+        ahead = overlap.gathers_ahead(self.ctx.runtime, s.zero_stage)  # Megatron-Core --overlap-param-gather
+        return overlap.grad_sync_exposed(t, r.bwd_s * hide, r.fwd_s * hide, ahead) + last_bucket if t > 0 else 0.0
 
     def grad_sync_time(self, size: float, n: int, stride: int, s: Strategy) -> float:
         """One gradient synchronisation of ``size`` bytes over ``n`` ranks (all-reduce, or

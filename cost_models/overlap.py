@@ -65,3 +65,24 @@ def rate_capped(ring_s: float, moved_bytes: float, gbps: float) -> float:
     if gbps <= 0 or moved_bytes <= 0:
         return ring_s
     return max(ring_s, moved_bytes / (gbps * 1e9))
+
+
+def grad_sync_exposed(sync_s: float, last_bwd_s: float, first_fwd_s: float, gather_ahead: bool) -> float:
+    """Data-parallel gradient sync (DDP's all-reduce, or ZeRO-1/2's reduce-scatter + all-gather)
+    left beyond the compute it runs beside. The buckets reduce during the step's last micro-batch
+    backward (the others run under ``no_sync``: Li et al. 2020, PyTorch DDP, Sec. 3.2.3; Megatron
+    ``--overlap-grad-reduce``), so that one backward hides it. ``gather_ahead``: Megatron-Core's
+    distributed optimizer with ``--overlap-param-gather`` (the Megatron-Core README's H100 runs;
+    NeMo 2 / Megatron-Bridge's default DDP config) all-gathers the updated parameters bucket by
+    bucket beside the next step's first forward, so the reduce-scatter half hides behind the last
+    backward and the all-gather half behind that forward."""
+    if not gather_ahead:
+        return max(0.0, sync_s - last_bwd_s)
+    return max(0.0, sync_s / 2 - last_bwd_s) + max(0.0, sync_s / 2 - first_fwd_s)
+
+
+def gathers_ahead(runtime: str, zero_stage: int) -> bool:
+    """Whether the step's parameter all-gather runs beside the next step's first forward
+    (``grad_sync_exposed``): Megatron-Core's distributed optimizer (ZeRO-1/2) with
+    ``--overlap-param-gather``; DDP and autopar's emitted programs gather nothing ahead."""
+    return runtime == "megatron" and zero_stage in (1, 2)

@@ -67,3 +67,36 @@ def test_megascale_rows_that_name_ptb_run_the_parallel_block():
     assert pr.parallel_block(ptb) and not pr.parallel_block(base)
     assert pr.model_config(ptb)["model_type"] == "falcon" and pr.model_config(ptb)["parallel_attn"]
     assert pr.model_config(base)["model_type"] == "gpt2"
+
+
+def test_grad_sync_hides_behind_one_micro_batch_not_a_share_of_it(tmp_path):
+    """DDP / ZeRO-1/2 reduce the gradients during the step's last micro-batch backward (the others
+    run under no_sync, as the emitted programs do: codegen/runtime.py): the window is one micro-batch's
+    backward whatever the number of micro-batches, so the exposed sync does not grow with it (it did
+    when the window was a 1/m share of that backward)."""
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    cfg = dict(model_type="llama", hidden_size=2048, num_hidden_layers=8, num_attention_heads=16,
+               intermediate_size=8192, vocab_size=32000, max_position_embeddings=128)
+    (tmp_path / "m.json").write_text(json.dumps(cfg))
+    cm, _, cluster, _ = build_cost_model(Inputs(model=str(tmp_path / "m.json"), gpu="h100-sxm", nodes=4, seq_len=128))
+    exposed, bwd = [], []
+    for m in (1, 2, 8):
+        e = cm.estimate(Strategy.parse(f"dp={cluster.world},mbs=1,gbs={m * cluster.world}").resolve(cluster.world))
+        exposed.append(e.time["dp_comm"])
+        bwd.append(e.ranks[0].bwd_s)
+    total = cm.dp_comm_total(cm.estimate(Strategy.parse(f"dp={cluster.world}").resolve(cluster.world)).strategy,
+                             e.ranks[0], cm.layer_costs(e.strategy), 1)
+    assert total > bwd[0] > 0  # the sync outlasts one backward: part of it is exposed
+    assert exposed[1] == pytest.approx(exposed[0]) and exposed[2] == pytest.approx(exposed[0])
+
+
+def test_megatron_param_gather_hides_behind_the_next_first_forward():
+    """Megatron-Core's distributed optimizer with --overlap-param-gather: the reduce-scatter half of
+    the sync hides behind the last backward, the all-gather half behind the next step's first forward."""
+    from autopar.cost_models.overlap import grad_sync_exposed
+
+    assert grad_sync_exposed(1.0, 0.25, 0.1, gather_ahead=False) == pytest.approx(0.75)
+    assert grad_sync_exposed(1.0, 0.25, 0.1, gather_ahead=True) == pytest.approx(0.25 + 0.4)
+    assert grad_sync_exposed(1.0, 0.6, 0.6, gather_ahead=True) == 0.0
+    assert grad_sync_exposed(1.0, 0.6, 0.6, gather_ahead=False) == pytest.approx(0.4)
