@@ -6,9 +6,11 @@ where ``jobs.json`` lists ``{"dir": ..., "args": [...]}``. The process group is 
 here; ``train.py`` reuses it (``rt.init_distributed``) and leaves it up (``rt.shutdown``).
 Rank 0 prints ``=== BEGIN <name>`` / ``=== END <name>`` around each program's output; a
 failing program prints ``=== FAILED <name>`` and ends the launch (its peers would wait).
+After each program the groups its mesh created are destroyed (``_drop_groups``).
 """
 
 import datetime
+import gc
 import json
 import os
 import runpy
@@ -16,6 +18,33 @@ import sys
 import traceback
 
 import torch.distributed as dist
+
+
+def _drop_groups() -> None:
+    """Destroy every group but the world: each program's DeviceMesh makes 8-12 gloo groups of 3
+    threads each (2 workers and a transport loop) that outlive it, so a 8-program launch reached
+    145 threads per rank and the load rose with them; destroying them joins the threads."""
+    gc.collect()  # the finished program's meshes and modules (reference cycles) let go of their groups
+    for pg in list(dist.distributed_c10d._world.pg_map):
+        if pg is not dist.GroupMember.WORLD:
+            dist.destroy_process_group(pg)
+    _clear_dtensor_caches()
+    gc.collect()
+
+
+def _clear_dtensor_caches() -> None:
+    """DTensor caches redistribution plans and sharding decisions by mesh, and meshes of the same
+    shape compare equal: a later program would reuse a plan naming a destroyed group ("Could not
+    resolve the process group registered under the name 11"). Each cache is cleared if this
+    torch has it."""
+    from torch.distributed.tensor import _collective_utils, _redistribute, debug
+
+    for clear in (getattr(debug, "_clear_sharding_prop_cache", None),
+                  getattr(_redistribute, "clear_redistribute_planner_cache", None),
+                  getattr(getattr(_redistribute, "_gen_transform_infos", None), "cache_clear", None),
+                  getattr(getattr(_collective_utils.MeshTopoInfo, "build_from_mesh", None), "cache_clear", None)):
+        if clear is not None:
+            clear()
 
 
 def main() -> None:
@@ -35,6 +64,7 @@ def main() -> None:
             sys.stdout.flush()
             os._exit(1)
         dist.barrier()
+        _drop_groups()
         if rank == 0:
             print(f"=== END {name}", flush=True)
     dist.destroy_process_group()
