@@ -48,7 +48,7 @@ from autopar.cost_models.topology import (
     group_span,
     node_pair_bw,
 )
-from autopar.memo import IdentityMemo
+from autopar.memo import MISS, IdentityMemo
 
 __all__ = ["CommCost", "CommFit", "GroupPlacement", "all_gather_time", "all_to_all_time", "bus_factor",
            "collective_time", "group_span", "p2p_time", "reduce_scatter_time", "ring_all_reduce_time",
@@ -299,8 +299,11 @@ def collective_time(kind: Kind, size_bytes: float, size: int, stride: int, clust
                     first_rank: int | None = 0) -> CommCost:
     """``_collective_time``, memoized: a pure function of its arguments. The cluster and the fits
     are keyed by identity and kept beside the result, so a key never outlives its objects."""
-    return _MEMO.get((kind, size_bytes, size, stride, algo, first_rank), (cluster, fits),
-                     lambda: _collective_time(kind, size_bytes, size, stride, cluster, algo, fits, first_rank))
+    key, out = _MEMO.lookup((kind, size_bytes, size, stride, algo, first_rank), (cluster, fits))
+    if out is MISS:
+        out = _MEMO.put(key, (cluster, fits), _collective_time(kind, size_bytes, size, stride, cluster, algo, fits,
+                                                                first_rank))
+    return out
 
 
 def _collective_time(kind: Kind, size_bytes: float, size: int, stride: int, cluster: ClusterSpec,

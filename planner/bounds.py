@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import collective_time
@@ -36,12 +37,18 @@ from autopar.techniques import pipeline
 
 def probe(sh: Sharding, gb: int, k: Knobs | None = None, **kw) -> Strategy:
     """A Strategy with this sharding, unvalidated (for bounds and pricing)."""
-    vals = dict(strategy_defaults(), dp=sh.dp, tp=sh.tp, pp=sh.pp, cp=sh.cp, ep=sh.ep, etp=sh.etp,
-                micro_batch=sh.mbs, global_batch=gb, sequence_parallel=sh.sp)
+    vals = dict(dp=sh.dp, tp=sh.tp, pp=sh.pp, cp=sh.cp, ep=sh.ep, etp=sh.etp, micro_batch=sh.mbs, global_batch=gb,
+                sequence_parallel=sh.sp)
     if k is not None:
         vals.update(zero_stage=k.zero, offload_optimizer=k.offload, schedule=k.schedule, vpp=k.vpp)
     vals.update(kw)
-    return Strategy.model_construct(**vals)
+    return _default_probe().model_copy(update=vals)   # a copy of the defaults: a third of model_construct's time
+
+
+@lru_cache(maxsize=1)
+def _default_probe() -> Strategy:
+    """The default Strategy, unvalidated (read-only: ``probe`` copies it)."""
+    return Strategy.model_construct(**strategy_defaults())
 
 
 def pricing_key(sh: Sharding) -> Sharding:
@@ -319,14 +326,13 @@ def pipeline_bound(sp: Space, sh: Sharding, k: Knobs, total: float, p2p: float =
     ``peak`` (``peak_floor``; at least the mean) and ``sum P >= total``. ``share``: a zero-bubble
     schedule's bubble relative to 1F1B's (``partition.coefficients``; 0 where it is not known
     yet). ``sync``: the gradient synchronisation of the rank holding the most layers, of which
-    one micro-batch's forward and backward hide at most ``max P`` (``partition.RankPricer.dp_time``,
-    ``overlap.grad_sync_exposed``): ``A·x + max(0, sync - x)`` over ``x >= peak`` is least at
-    ``x = peak`` for ``A >= 1`` and at ``x = max(peak, sync)`` below, so the floor stands in with
-    ``min(1, A)`` of the excess. The stack's per-step overhead is a constant of every step."""
+    its last backward hides at most ``max P / m`` (``partition.RankPricer.dp_time``); with
+    ``A >= 1/m`` the sum grows with ``max P``, so the floor may stand in for it. The stack's
+    per-step overhead is a constant of every step."""
     m = sp.gb // (sh.dp * sh.mbs)
     A, B, K = part.schedule_coefficients(sh.pp, m, k.schedule, k.vpp, p2p, share)
     peak = max(total / sh.pp, peak)
-    exposed = max(0.0, sync - peak) * min(1.0, A)
+    exposed = max(0.0, sync - peak / m) if A * m >= 1 else 0.0
     return A * peak + B * total + K + exposed + sp.cm.stack.step_overhead_s
 
 
