@@ -65,6 +65,7 @@ class Built:
     case: pr.Case
     cm: object
     strategy: object
+    fused: bool | None = None  # the templates' elementwise fusion (session.runtime_fuses_elementwise); None: unknown
 
     @property
     def group(self) -> tuple[str, str]:
@@ -80,7 +81,7 @@ def build_all(runs: list[dict], workdir: Path) -> tuple[list[Built], list[tuple[
         try:
             case = pr.case_for(run)
             cm, s = pr.build(case, workdir)
-            built.append(Built(case, cm, s))
+            built.append(Built(case, cm, s, _fuses(case)))
         except (pr.RowSkip, InputError) as exc:
             skipped.append((run["id"], str(exc).splitlines()[0]))
     return built, skipped
@@ -90,12 +91,12 @@ def load_or_build(paths: list[Path], cache: Path | None) -> tuple[list[Built], l
     """``build_all`` over several files, optionally pickled to ``cache`` (rebuilding takes minutes)."""
     if cache and cache.is_file():  # a pickle of several files: keep the rows of ``paths``
         ids = {r["id"] for p in paths for r in pr.load_runs(p)}
-        built, skipped = pickle.loads(cache.read_bytes())
-        built, skipped = [b for b in built if b.case.id in ids], [s for s in skipped if s[0] in ids]
+        every, skipped_all = pickle.loads(cache.read_bytes())
+        built, skipped = [b for b in every if b.case.id in ids], [s for s in skipped_all if s[0] in ids]
         stale = []
         for b in built:  # the mapping may have changed since the pickle: re-derive the strategy (cheap)
             case = pr.case_for(b.case.run)
-            if _build_key(case) != _build_key(b.case):  # another GPU, runtime, dtype or model: rebuild
+            if _build_key(case) != _build_key(b.case) or _fused(b) != _fuses(case):  # another GPU, runtime, model...
                 stale.append(b.case.id)
                 continue
             b.case, b.strategy = case, Strategy.parse(case.strategy).resolve(b.strategy.world)
@@ -104,8 +105,9 @@ def load_or_build(paths: list[Path], cache: Path | None) -> tuple[list[Built], l
         retry = [r for p in paths for r in pr.load_runs(p) if r["id"] in {s[0] for s in skipped} | set(stale)]
         with tempfile.TemporaryDirectory() as tmp:
             more, skipped = build_all(retry, Path(tmp))  # rows the mapping may price now
-        if stale and len(paths) > 1:  # keep the rebuilt rows for the next run
-            cache.write_bytes(pickle.dumps((built + more, skipped)))
+        if stale:  # keep the rebuilt rows (and the other files' rows) for the next run
+            others = [b for b in every if b.case.id not in ids], [s for s in skipped_all if s[0] not in ids]
+            cache.write_bytes(pickle.dumps((others[0] + built + more, others[1] + skipped)))
         return built + more, skipped
     runs = [r for p in paths for r in pr.load_runs(p)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,6 +115,12 @@ def load_or_build(paths: list[Path], cache: Path | None) -> tuple[list[Built], l
     if cache:
         cache.write_bytes(pickle.dumps(out))
     return out
+
+
+def _fused(b: Built) -> bool:
+    """Whether a built row's templates fuse elementwise chains (rows pickled before the choice was per
+    runtime were built fused: every GPU profile fused them)."""
+    return True if b.fused is None else b.fused
 
 
 def _refresh(b: Built) -> None:
@@ -131,7 +139,14 @@ def _build_key(case: pr.Case) -> tuple:
     """What a built CostModel depends on (the strategy is re-derived from the row)."""
     return case.gpu, case.cluster, case.nodes, case.gpus_per_node, case.seq_len, case.dtype, case.runtime, \
         repr(sorted(case.config.items())), getattr(case, "moe_capacity_factor", None), \
-        getattr(case, "a2a_overlap", True)
+        getattr(case, "a2a_overlap", True), getattr(case, "compile", "none")
+
+
+def _fuses(case: pr.Case) -> bool:
+    """Whether the row's templates are built with elementwise chains fused (its runtime's choice)."""
+    from autopar.cost_models.session import runtime_fuses_elementwise
+
+    return runtime_fuses_elementwise(case.runtime, case.compile)
 
 
 def price(b: Built, consts: StackConstants | None = None) -> pr.Priced:

@@ -117,6 +117,7 @@ class Case:
     run: dict
     moe_capacity_factor: float | None = None  # token-drop capacity / forced balance the row states (1.0)
     a2a_overlap: bool = True  # False: the row's Megatron-Core predates the MoE all-to-all overlap
+    compile: str = "none"     # torchtitan rows that name torch.compile (validate_memory.compile_mode)
 
 
 @dataclass
@@ -405,7 +406,15 @@ def case_for(run: dict) -> Case:
     return Case(id=run["id"], source=source, stack=stack, runtime=runtime, gpu=gpu, cluster=cluster,
                 nodes=max(1, world // gpn), gpus_per_node=min(gpn, world), seq_len=int(run["model"]["seq_len"]),
                 dtype=dtype_of(run), config=config, strategy=strategy_of(run, stack), run=run,
-                moe_capacity_factor=capacity_factor_of(run), a2a_overlap=source != "moe-folding")
+                moe_capacity_factor=capacity_factor_of(run), a2a_overlap=source != "moe-folding",
+                compile=compile_of(run) if runtime == "torchtitan" else "none")
+
+
+def compile_of(run: dict) -> str:
+    """What the row's torchtitan program compiles (one definition: ``validate_memory.compile_mode``)."""
+    from validate_memory import compile_mode  # imports this module: loaded on first use only
+
+    return compile_mode(run)
 
 
 def capacity_factor_of(run: dict) -> float | None:
@@ -430,7 +439,7 @@ def build(case: Case, workdir: Path):
     cm, _spec, cluster, _seq = build_cost_model(Inputs(
         model=str(cfg), gpu=case.gpu, cluster=case.cluster, nodes=case.nodes, gpus_per_node=case.gpus_per_node,
         seq_len=case.seq_len, dtype=case.dtype, runtime=case.runtime, moe_capacity_factor=case.moe_capacity_factor,
-        a2a_overlap=case.a2a_overlap))
+        a2a_overlap=case.a2a_overlap, compile=case.compile))
     s = Strategy.parse(case.strategy).resolve(cluster.world)
     cm.check(s)
     return cm, s

@@ -139,8 +139,9 @@ class GpuProfile(BaseModel):
         0.8, gt=0, le=1, description="share of a GPU's host DRAM offloaded states may hold; the OS, data loaders "
                                      "and pinned staging buffers keep the rest (estimate)")
     fused_elementwise: bool = Field(
-        True, description="chains of elementwise ops run as one kernel (Megatron fused softmax / bias-GeLU / "
-                          "bias-dropout-add, torch.compile); false for eager PyTorch on CPU")
+        True, description="chains of elementwise ops run as one kernel where the runtime fuses them "
+                          "(cost_models.session.runtime_fuses_elementwise: Megatron's fused kernels, compiled "
+                          "torchtitan; eager runtimes run them op by op); false: never (a measured eager CPU profile)")
     matmul_eff: EffCurve
     membound_eff: EffCurve
     attention_eff: EffCurve

@@ -80,15 +80,32 @@ def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, in
     # fp8 runs keep bf16 activations and weights outside the GEMMs (Transformer Engine, torchao
     # float8): capture in bf16, the timer prices the GEMMs at the fp8 peak (compute.OpTimer)
     capture_dtype = "bf16" if inp.dtype == "fp8" else inp.dtype
-    templates = build_templates(spec, seq, capture_dtype, fuse=gpu.fused_elementwise)
+    compile_mode, loss_parallel = program_options(inp)
+    fuse = gpu.fused_elementwise and runtime_fuses_elementwise(inp.runtime, compile_mode)
+    templates = build_templates(spec, seq, capture_dtype, fuse=fuse)
     cm = CostModel(spec, cluster, seq, templates, gpu, inp.dtype, timer=timer, comm_fits=fits,
                    moe_load=moe_load, runtime=inp.runtime)
-    cm.ctx.compile, cm.ctx.loss_parallel = program_options(inp)
+    cm.ctx.compile, cm.ctx.loss_parallel = compile_mode, loss_parallel
     cm.ctx.moe_capacity_factor, cm.ctx.a2a_overlap = _capacity_factor(inp, spec), inp.a2a_overlap
     return cm, spec, cluster, seq
 
 
 COMPILE_MODES = ("none", "model", "model+loss")
+# Runtimes whose programs run each chain of elementwise ops (norm, activation, residual add, RoPE,
+# dropout, casts) as one kernel, from each stack's documentation: Megatron-LM / Megatron-Core fuse
+# bias + GeLU / SwiGLU, bias + dropout + add, LayerNorm / RMSNorm (Apex / Transformer Engine), RoPE
+# and the vocab-parallel cross-entropy (Shoeybi et al. 2019; Megatron-Core ``fusions/``); the
+# 2021 DeepSpeed ZeRO-3 rows train Megatron's GPT model code with those kernels. Eager PyTorch
+# launches one kernel per op: autopar's emitted programs (no torch.compile), llm-foundry (its
+# MPT blocks call flash-attention and a low-precision LayerNorm, everything else eager), and
+# torchtitan unless it compiles its blocks (``--compile``).
+FUSED_RUNTIMES = ("megatron", "deepspeed")
+
+
+def runtime_fuses_elementwise(runtime: str, compile: str = "none") -> bool:
+    """Whether ``runtime``'s program fuses elementwise chains (``FUSED_RUNTIMES``, or a compiled
+    torchtitan program); the templates are built fused or op by op accordingly."""
+    return runtime in FUSED_RUNTIMES or (runtime == "torchtitan" and compile != "none")
 
 
 def program_options(inp: Inputs) -> tuple[str, bool]:

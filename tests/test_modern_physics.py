@@ -217,3 +217,24 @@ def test_shipped_profiles_inherit_the_gpu_level():
         again = type(gpu)(**gpu.model_dump())
         assert all(again.stack(rt) == gpu.stack(rt) for rt in ("torch", "torchtitan", "megatron", "deepspeed"))
     assert load_gpu_profile("h100-sxm").gpu_constants.matmul_scale < 1.0  # the fit wrote a hardware level
+
+
+def test_elementwise_fusion_is_the_runtimes_choice():
+    """Megatron (and 2021 DeepSpeed on Megatron's model code) fuse elementwise chains; autopar's
+    eager programs and torchtitan without --compile run them op by op; a measured CPU profile never
+    fuses. The fused templates move fewer bytes through fewer memory-bound kernels."""
+    from autopar.cost_models.session import Inputs, build_cost_model, runtime_fuses_elementwise
+
+    assert runtime_fuses_elementwise("megatron") and runtime_fuses_elementwise("deepspeed")
+    assert not runtime_fuses_elementwise("torch") and not runtime_fuses_elementwise("torchtitan")
+    assert runtime_fuses_elementwise("torchtitan", "model")
+
+    def block(runtime: str, gpu: str = "h100-sxm", compile: str = "none"):
+        cm = build_cost_model(Inputs(model="llama-tiny", gpu=gpu, seq_len=128, runtime=runtime, compile=compile))[0]
+        return [o for o in next(iter(cm.blocks.values())).ops if o.kind == "membound"]
+
+    eager, fused, compiled = block("torch"), block("megatron"), block("torchtitan", compile="model")
+    assert not any("+" in o.name for o in eager) and any("+" in o.name for o in fused)
+    assert len(fused) < len(eager) and sum(o.bytes_rw for o in fused) < sum(o.bytes_rw for o in eager)
+    assert [o.name for o in compiled] == [o.name for o in fused]
+    assert not any("+" in o.name for o in block("megatron", gpu="cpu"))
