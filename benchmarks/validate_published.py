@@ -146,6 +146,27 @@ def zero3_excess(built: list[cal.Built]) -> None:
         print(f"{b.case.id[:48]:48s} dp {n:5d}  published {p.pub_step_s:6.1f} s  ring, nothing hidden "
               f"{p.pred_step_s:6.1f} s  excess {p.pub_step_s - p.pred_step_s:5.1f} s  "
               f"ring hop latency per gather {1e3 * hops_s:.2f} ms")
+    _rate_elsewhere(built)
+
+
+def _rate_elsewhere(built: list[cal.Built]) -> None:
+    """Whether DeepSpeed's fitted ZeRO-3 gather rate is physics other stacks share: the other ZeRO-3
+    rows across nodes on the same GPU types, priced with the ring model and with that rate."""
+    ds = {b.case.gpu: load_gpu_profile(b.case.gpu).stack("deepspeed").zero3_gather_gbps
+          for b in built if b.case.runtime == "deepspeed"}
+    gtypes = {cal.GPU_TYPE.get(g, g) for g in ds}
+    rows = [b for b in built if b.group[0] in gtypes and b.case.runtime != "deepspeed"
+            and b.strategy.zero_stage >= 3 and b.strategy.world > b.cm.cluster.gpus_per_node]
+    rate = max(ds.values(), default=0.0)
+    if not rows or not rate:
+        return
+    for cap in (0.0, rate):
+        errs = [cal.price(b, load_gpu_profile(b.case.gpu).stack(b.case.runtime).model_copy(
+            update={"zero3_gather_gbps": cap})).error for b in rows]
+        how = "ring model" if not cap else f"at {cap:g} GB/s"
+        print(f"other ZeRO-3 rows across nodes ({len(rows)}, {', '.join(sorted({b.case.source for b in rows}))}) "
+              f"{how}: mean |err| {100 * statistics.mean(map(abs, errs)):.1f}%  "
+              f"bias {100 * statistics.mean(errs):+.1f}%  max {100 * max(map(abs, errs)):.1f}%")
 
 
 def main(argv: list[str] | None = None) -> int:
