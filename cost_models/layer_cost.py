@@ -28,7 +28,7 @@ from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_contention
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
 from autopar.cost_models.memory import busiest_rank_expert_excess
-from autopar.cost_models.moe_cost import capped_load, ep_exposed, grouped_expert_time, ring_exposed
+from autopar.cost_models.moe_cost import capped_load, ep_exposed, grouped_expert_time, local_sort_bytes, ring_exposed
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
 
@@ -162,6 +162,8 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
             kernel_fwd += f
         if not op.op_kept:  # per-op checkpointing re-runs it in backward
             op_rerun += f * load
+    sort = _expert_sort_s(layer, s, sh, ctx) * expert_load(ctx)
+    fwd, bwd = fwd + sort, bwd + sort
     comm = _layer_comm(layer, s, ctx, kernel_fwd, fwd + bwd)
     host = _dtensor_overhead(layer, s, ctx) + len(ops) * ctx.timer.gpu.op_overhead_s * ctx.timer.contention
     fwd, bwd = fwd + host / 3, bwd + 2 * host / 3  # backward dispatches about twice the forward's ops
@@ -252,6 +254,20 @@ def _grouped_experts(t: OpTimer, m: float, n: float, k: float, calls: float, rat
     one_f, one_b = t.gemm_fb(m, n, k, 1.0, ratio)
     all_f, all_b = t.grouped_gemm_fb(m, n, k, calls, ratio)
     return grouped_expert_time(one_f, calls, all_f, m), grouped_expert_time(one_b, calls, all_b, m)
+
+
+def _expert_sort_s(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext) -> float:
+    """Seconds per direction (forward or backward) of Megatron-Core's token re-sort on an expert-parallel
+    rank holding several experts (``moe_cost.local_sort_bytes``); the rank's received tokens are its
+    local experts' GEMM rows. Autopar's emitted programs index each expert's rows instead (none)."""
+    if ctx.runtime != "megatron" or not layer.is_moe or s.ep <= 1:
+        return 0.0
+    w1 = next((o for o in layer.ops if o.shard == "expert" and o.kind == "gemm" and o.gemm and o.tp_dim == "n"), None)
+    if w1 is None:
+        return 0.0
+    rows, _, hidden = _local_gemm(w1, s, sh)
+    local = w1.calls / s.ep
+    return ctx.timer.membound(local_sort_bytes(rows * local, hidden, ctx.dtype_bytes, local))
 
 
 def _local_gemm(op: OpTerm, s: Strategy, sh: Shards) -> tuple[float, float, float]:

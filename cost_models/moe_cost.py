@@ -16,6 +16,9 @@ their constants are per GPU type and software stack (``core.gpu.StackConstants``
   all-to-all overlap; DeepSeek-V3 technical report, Liu et al. 2024, Sec. 3.2.1, DualPipe);
   a share ``overlap`` can hide, and only as long as the compute window lasts
   (``overlap.exposed_behind``).
+- ``local_sort_bytes``: a Megatron-Core expert-parallel rank holding several experts re-sorts the
+  tokens the dispatch all-to-all delivered (grouped by source rank) into expert order, and back
+  before the combine: one more read and write of every received token each way.
 - ``ring_exposed``: context parallelism as a ring (Liu et al. 2023, Ring Attention; Megatron-Core /
   Transformer Engine ``AttnFuncWithCPAndKVP2P``): ``cp - 1`` steps each pass a K,V chunk while the
   attention kernel works on the previous one; backward passes K, V, dK, dV (twice the bytes)
@@ -57,6 +60,20 @@ def capped_load(load: float, capacity_factor: float | None) -> float:
     mode of its MoE performance tables) routes every expert the mean: capacity 1. ``None``:
     dropless routing, the load as it comes."""
     return load if capacity_factor is None else min(load, capacity_factor)
+
+
+def local_sort_bytes(received_rows: float, hidden: float, dtype_bytes: float, local_experts: float) -> float:
+    """Bytes one direction (forward or backward) of a layer's token re-sort moves on an expert-parallel
+    rank: Megatron-Core's all-to-all dispatcher (``MoEAlltoAllTokenDispatcher``,
+    megatron/core/transformer/moe/token_dispatcher.py) receives its tokens grouped by source rank,
+    then by expert; when the rank holds more than one expert it reorders them expert-major for the
+    grouped GEMM (``sort_chunks_by_idxs`` after the dispatch all-to-all) and back before the combine
+    all-to-all: two permutations of the ``received_rows`` token copies of ``hidden`` values, each
+    reading and writing them once. Backward runs the inverse permutations on the gradients (the same
+    bytes). One local expert: the tokens already arrive in expert order, no sort."""
+    if local_experts <= 1:
+        return 0.0
+    return 2 * 2.0 * received_rows * hidden * dtype_bytes
 
 
 def ep_exposed(a2a_s: float, compute_s: float, overlap: float) -> float:

@@ -265,3 +265,46 @@ def test_a2a_overlap_off_exposes_every_all_to_all_and_folding_rows_run_without_i
     pr, runs = _published_rows()
     assert not pr.case_for(runs["moe_folding_table4_Mixtral-8x22B-G8T8_mcore_512gpu"]).a2a_overlap
     assert pr.case_for(runs["megatron_bridge_26.04_h100_Qwen3_30B_a3B_16gpu_FP8_12"]).a2a_overlap
+
+
+def test_megatron_ranks_with_several_experts_resort_their_tokens():
+    """Megatron-Core's all-to-all dispatcher reorders a rank's received tokens expert-major
+    (``sort_chunks_by_idxs``) and back before the combine when the rank holds more than one expert:
+    two more reads and writes of every received token copy per direction; one local expert: none."""
+    from autopar.core.strategy import Strategy
+    from autopar.cost_models.layer_cost import _expert_sort_s, shards_for
+    from autopar.cost_models.moe_cost import local_sort_bytes
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    assert local_sort_bytes(8192, 6144, 2, 8) == 2 * 2 * 8192 * 6144 * 2
+    assert local_sort_bytes(8192, 6144, 2, 1) == 0.0
+    cm = _qwen_moe_cost_model(Inputs, build_cost_model, 4096)
+    block = next(t for t in cm.templates if t.is_moe)
+    s = Strategy.parse("tp=1,pp=1,dp=16,ep=16,mbs=1").resolve(16)
+    # 16 ranks x 4096 tokens x top-8 over 128 experts: 4096 rows per expert, 8 experts per rank
+    want = cm.ctx.timer.membound(local_sort_bytes(8 * 4096, 2048, 2, 8))
+    assert want > 0 and _expert_sort_s(block, s, shards_for(s), cm.ctx) == pytest.approx(want)
+    cm.ctx.runtime = "torch"   # autopar's emitted programs index each expert's rows: no re-sort
+    try:
+        assert _expert_sort_s(block, s, shards_for(s), cm.ctx) == 0.0
+    finally:
+        cm.ctx.runtime = "megatron"
+
+
+def test_folding_scaling_rows_run_the_papers_token_drop_setup():
+    """MoE Parallel Folding's Table 3 states token-drop at capacity factor 1; its scaling (Table 4, 5) and
+    fp8 (Table 2) runs reuse that setup, so they are priced with the same routing."""
+    pr, runs = _published_rows()
+    for rid in ("moe_folding_table4_Mixtral-8x22B_folding_256gpu", "moe_folding_table5_Mixtral-8x22B_mcore_seq65536",
+                "moe_folding_table2_Mixtral-8x22B_fp8_folding", "moe_folding_table3_Llama3-8x70B_mcore"):
+        assert pr.case_for(runs[rid]).moe_capacity_factor == 1.0
+    assert pr.case_for(runs["megatron_bridge_26.04.01_h100_LLAMA3_70B_64gpu_FP8_4"]).moe_capacity_factor is None
+
+
+def test_qwen3_rows_build_qwen3_blocks():
+    """Qwen3 MoE (Qwen/Qwen3-30B-A3B config.json, model_type qwen3_moe): per-head q/k RMSNorm, no q/k/v
+    bias and no shared expert, unlike the Qwen2-MoE family the rows were first mapped to."""
+    pr, runs = _published_rows()
+    for rid in ("megatron_bridge_26.04_h100_Qwen3_30B_a3B_16gpu_FP8_12",
+                "megatron_bridge_26.04_h100_Qwen3_235B_a22B_256gpu_FP8_13"):
+        assert pr.case_for(runs[rid]).config["model_type"] == "qwen3_moe"
