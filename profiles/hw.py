@@ -33,6 +33,11 @@ GPU_TO_CLUSTER = (("a100", "dgx-a100"), ("h100", "dgx-h100"), ("h200", "dgx-h200
                   ("h800", "h800"), ("cpu", "cpu"))
 
 
+# libyaml's parser where PyYAML was built with it: the same safe constructors, about 10x faster (a warm
+# `plan` parses six profile files, 0.1-0.2 s of CPU with the pure-Python parser)
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 # ----- file helpers -------------------------------------------------------------------
 def _hardware_dir() -> Path:
     return Path(str(resources.files("autopar.profiles.hardware")))
@@ -44,7 +49,7 @@ def _read_mapping(path: Path, what: str) -> dict:
         raise InputError(f"{what}: {path} does not exist")
     text = path.read_text()
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_YAML_LOADER)
     except json.JSONDecodeError as exc:
         raise InputError(f"{what}: {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
     except yaml.YAMLError as exc:
