@@ -117,17 +117,17 @@ class Floor:
         return (self.resident(cm, sh, zero, offload, warm) + acts + self.temps) / sh.pp
 
     def recompute_time(self, cm: CostModel, sh: Sharding, k: Knobs, in_flight: float, usable: float,
-                       rc: list[dict], warm: bool = False) -> float:
+                       rc: list[dict], warm: bool = False, scale: float = 1.0) -> float:
         """Least recompute time per micro-batch (all ranks together) that brings the mean rank
         under ``usable``: a fractional knapsack over the block templates (``rc``: extra time of
-        one layer per mode), a relaxation of ``recompute.choose`` summed over ranks."""
+        one layer per mode, times ``scale``), a relaxation of ``recompute.choose`` summed over ranks."""
         room = (sh.pp * usable - self.resident(cm, sh, k.zero, k.offload, warm) - self.temps) / in_flight
         need = self.act_base - room
         if need <= 0:
             return 0.0
         offers = []
         for (n, saves), times in zip(self.saves, rc):
-            useful = [(times[m] / b, b) for m, b in saves.items() if b > 0]
+            useful = [(times[m] * scale / b, b) for m, b in saves.items() if b > 0]   # x * 1.0 is x
             if useful:   # cheapest rate, most bytes: looser than any real mode choice
                 offers.append((min(r for r, _ in useful), n * max(b for _, b in useful)))
         extra = 0.0
@@ -198,13 +198,17 @@ class KnobSet:
     schedules: tuple     # one Knobs per (schedule, vpp), in first-seen order
     pairs: tuple         # the distinct (schedule, vpp)
     states: tuple        # one Knobs per (zero, offload), in first-seen order
+    groups: tuple        # the knobs of each (schedule, vpp), in first-seen order
 
 
 def knob_set(knobs: list) -> KnobSet:
+    groups: dict[tuple, list[Knobs]] = {}
+    for k in knobs:
+        groups.setdefault((k.schedule, k.vpp), []).append(k)
     return KnobSet(knobs, max(k.zero for k in knobs), any(k.offload for k in knobs),
                    tuple({(k.schedule, k.vpp): k for k in knobs}.values()),
                    tuple({(k.schedule, k.vpp) for k in knobs}),
-                   tuple({(k.zero, k.offload): k for k in knobs}.values()))
+                   tuple({(k.zero, k.offload): k for k in knobs}.values()), tuple(groups.values()))
 
 
 @dataclass
@@ -255,8 +259,11 @@ class Space:
         return ks
 
     def warm(self, sh: Sharding, ks: KnobSet) -> bool:
-        """``grads_freed`` for some schedule of the row."""
-        return any(grads_freed(self, sh, *x) for x in ks.pairs)
+        """``grads_freed`` for some schedule of the row (it reads pp, the micro-batch count and the schedules)."""
+        key = ("warm", sh.pp, self.gb // (sh.dp * sh.mbs), ks.pairs)
+        if key not in self.memo:
+            self.memo[key] = any(grads_freed(self, sh, *x) for x in ks.pairs)
+        return self.memo[key]
 
     def push(self, lb: float, kind: str, *payload) -> None:
         self.pushes += 1

@@ -93,6 +93,7 @@ class RankPricer:
         self._coef: tuple[float, float, float] | None = None
         self._zb = shared.setdefault("zb_sums", {})
         self._z3: list[float] | None = None
+        self._opt: dict[tuple, float] = {}
         self._by_pos: dict[tuple, RankEval] = {}
         self._by_sig: dict[tuple, RankEval] = {}
 
@@ -160,10 +161,10 @@ class RankPricer:
         plain, budget, in_flight = self._budget(r, parts)
         temps = plain.get("logits_and_temporaries", 0.0)
         return not cannot_fit([(self.groups[0], len(parts))], self.modes, in_flight, budget,
-                              lambda w: cm.workspace_excess(s, parts, w, temps))
+                              lambda w: cm.workspace_excess(s, parts, w, temps), self._frontiers)
 
     def _price(self, r: int, layers: list[int], cnt: tuple[int, ...]) -> RankEval:
-        cm, s = self.cm, self.s
+        s = self.s
         extra = self.extras(r)
         parts = [self.costs[i] for i in layers]
         plain, budget, in_flight = self._budget(r, parts)
@@ -177,7 +178,7 @@ class RankPricer:
         P = sum(g.time("none") * n for g, n in groups) + sum(e.time("none") for e in extra) + choice.extra_s
         report = RankReport(r, layers, fwd, P - fwd, choice.extra_s, {}, {}, in_flight)
         D = self.zero3_time(cnt) if s.zero_stage >= 3 else self.dp_time(groups, P - fwd)
-        O = cm.optimizer_time(s, report, self.costs)
+        O = self._optimizer(report, cnt)
         return RankEval(P, fwd, D, O, mem, choice, ids)
 
     def _fitting_choice(self, r: int, layers: list[int], groups, in_flight: float, budget: float, extra,
@@ -191,7 +192,7 @@ class RankPricer:
         usable = cm.gpu.usable_mem_bytes + cm.gpu.framework_overhead_bytes
         workspace = lambda w: cm.workspace_excess(s, parts, w, temps)  # noqa: E731
         for _ in range(4):
-            if cannot_fit(groups, self.modes, in_flight, budget, workspace):
+            if cannot_fit(groups, self.modes, in_flight, budget, workspace, self._frontiers):
                 return None, INF
             choice = rc.choose(groups, in_flight, budget, self.modes, self._frontiers, workspace)
             if choice is None:
@@ -206,6 +207,15 @@ class RankPricer:
                 return choice, mem
             budget -= mem - usable
         return None, INF
+
+    def _optimizer(self, report: RankReport, cnt: tuple[int, ...]) -> float:
+        """``CostModel.optimizer_time`` of the rank (it reads the layers only, not the rank): with one
+        kind of layer every layer set of the same size sums the same values, so it is priced once."""
+        if len(self.groups) != 1:
+            return self.cm.optimizer_time(self.s, report, self.costs)
+        if cnt not in self._opt:
+            self._opt[cnt] = self.cm.optimizer_time(self.s, report, self.costs)
+        return self._opt[cnt]
 
     def dp_time(self, groups: list[tuple[LayerCost, int]], bwd: float) -> float:
         """``CostModel.dp_time`` below ZeRO-3, with each gradient collective priced once per
@@ -245,19 +255,35 @@ def _all_none(choice: rc.RecomputeChoice) -> bool:
 
 
 def cannot_fit(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...], in_flight: float, budget: float,
-               workspace) -> bool:
+               workspace, cache: dict | None = None) -> bool:
     """True only where ``recompute.choose`` returns None: no plain fit, and for every cap on the
     largest working set even the least activations the allowed modes leave, plus that cap's
     workspace, exceed ``budget``. A rank that cannot fit is then refused without building the
-    recompute frontiers (every split of n layers over four modes: O(n^3) points)."""
-    if "none" in modes and in_flight * sum(c.act_bytes["none"] * n for c, n in groups) <= budget:
+    recompute frontiers (every split of n layers over four modes: O(n^3) points). ``cache``: keeps
+    the sums, which depend on the groups and modes only, across calls."""
+    plain, least = _fit_sums(groups, modes) if cache is None else _cached_fit_sums(groups, modes, cache)
+    if plain is not None and in_flight * plain <= budget:
         return False
+    return all(in_flight * acts + workspace(cap) > budget for cap, acts in least)
+
+
+def _fit_sums(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...]) -> tuple[float | None, list]:
+    """(activations without recompute, or None when ``none`` is not allowed; for each work cap under
+    which every group keeps a mode, ascending: (cap, the least activations those modes leave))."""
+    plain = sum(c.act_bytes["none"] * n for c, n in groups) if "none" in modes else None
+    least = []
     for cap in sorted({c.work_bytes[k] for c, n in groups if n for k in modes}):
         allowed = [[k for k in modes if c.work_bytes[k] <= cap] for c, _ in groups]
-        if all(allowed) and in_flight * sum(n * min(c.act_bytes[k] for k in ok) for (c, n), ok in
-                                            zip(groups, allowed)) + workspace(cap) <= budget:
-            return False
-    return True
+        if all(allowed):
+            least.append((cap, sum(n * min(c.act_bytes[k] for k in ok) for (c, n), ok in zip(groups, allowed))))
+    return plain, least
+
+
+def _cached_fit_sums(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...], cache: dict):
+    key = ("fit_sums", tuple((id(c), n) for c, n in groups), modes)
+    if key not in cache:
+        cache[key] = (_fit_sums(groups, modes), list(groups))   # the groups kept alive: the key holds their ids
+    return cache[key][0]
 
 
 # ----- the step-time objective -----------------------------------------------------------

@@ -125,8 +125,11 @@ def _merged_frontier(groups: list[tuple[LayerCost, int]], allowed: tuple[tuple[s
     if key not in cache:
         front: Frontier = [(0.0, 0.0, ())]
         for (c, n), ok in zip(groups, allowed):
-            front = _pareto([(a0 + a1, t0 + t1, cnt0 + (cnt1,))
-                             for a0, t0, cnt0 in front for a1, t1, cnt1 in _group_frontier(c, n, ok, cache)])
+            merged = [(a0 + a1, t0 + t1, cnt0 + (cnt1,))
+                      for a0, t0, cnt0 in front for a1, t1, cnt1 in _group_frontier(c, n, ok, cache)]
+            # one group: its frontier is already Pareto (bytes strictly up, time strictly down), so
+            # ``_pareto`` would keep every point in the same order
+            front = merged if len(groups) == 1 else _pareto(merged)
         cache[key] = (front, list(groups), [p[0] for p in front])  # keep the LayerCosts alive: the key uses their ids
     hit = cache[key]
     return hit[0], hit[2]

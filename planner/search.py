@@ -229,12 +229,15 @@ def _row_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: int, 
     and the slowest rank (``held_layers`` blocks at least); the stage-to-stage sends and the
     optimizer step need no layer pricing (the parameters do not depend on the micro-batch)."""
     scale = sh.mbs / b
-    total, rc = pr.total_no_cp * scale + cp, [{m: t * scale for m, t in x.items()} for x in pr.rc]
+    total = pr.total_no_cp * scale + cp
     ks = sp.knobs(knobs)
     best = Knobs(ks.zero, ks.offload, "1f1b", 1)
-    extra = sp.floor(sh).recompute_time(sp.cm, sh, best, 1.0, sp.usable, rc, sp.warm(sh, ks))
+    extra = sp.floor(sh).recompute_time(sp.cm, sh, best, 1.0, sp.usable, pr.rc, sp.warm(sh, ks), scale)
     p2p, block = sp.p2p(sh), pr.min_block_no_cp * scale
-    opt = min(optimizer_floor(sp, sh, k, pr) for k in ks.states)
+    key = ("opt_min", pr.params, sh.dp * sh.cp, sh.edp, sh.pp, ks.states)   # what optimizer_floor reads
+    if key not in sp.memo:
+        sp.memo[key] = min(optimizer_floor(sp, sh, k, pr) for k in ks.states)
+    opt = sp.memo[key]
     # zero and offload add nothing here: one Knobs per schedule
     return min(pipeline_bound(sp, sh, k, total + extra, p2p, held_layers(sp, sh, k) * block)
                for k in ks.schedules) + opt
@@ -252,11 +255,8 @@ def _expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
     p2p = sp.p2p(sh)
     floor = sp.floor(sh)
     host_usable = cm.gpu.host_mem_bytes * cm.gpu.host_usable_fraction if cm.gpu.host_mem_bytes else None
-    groups: dict[tuple, list[Knobs]] = {}
-    for k in knobs:
-        groups.setdefault((k.schedule, k.vpp), []).append(k)
     rests: dict[tuple, tuple] = {}
-    for ks in groups.values():
+    for ks in sp.knobs(knobs).groups:
         k0 = ks[0]   # exact bubble share: the partition reads the same sums
         in_flight = min_in_flight(sh.pp, m, k0.schedule, k0.vpp)
         peak, share = peak_floor(sp, sh, k0, pr), bubble_share(k0.schedule, *pr.fbw)

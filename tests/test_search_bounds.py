@@ -148,3 +148,48 @@ def test_the_memory_floor_never_prunes_a_configuration_that_fits(seed, usable, g
                     fits += 1
                     warm += bounds.grads_freed(sp, sh, k.schedule, k.vpp)
     assert fits > 5 and warm > 0
+
+
+@pytest.mark.parametrize("seed,kinds", [(0, 2), (1, 1)])
+def test_caches_shared_across_strategies_change_no_partition(seed, kinds):
+    # the search hands every partition one ``shared`` dict (layer layouts, counts, base times,
+    # zero-bubble sums, recompute frontiers and fit sums by pricing) and the bounds memoize by value:
+    # each strategy's partition is the one a fresh cache gives, and the fit check with its cached
+    # sums says what the uncached one says
+    cm = tiny_cost_model(seed, layers=8, nodes=1, gpus_per_node=4, usable_mib=500, kinds=kinds)
+    gb, shared, checked, fitted = 8, {}, 0, 0
+    sp = bounds.Space(cm, S.Constraints(), gb)
+    for row in S.shardings(cm, sp.cons, gb):
+        for sh in row:
+            for k in S.knob_options(cm, sp.cons, sh, gb):
+                s = Strategy(**bounds.probe(sh, gb, k).model_dump()).resolve(cm.cluster.world)
+                costs = sp.priced(sh).costs
+                fresh = part.partition(cm, s, _allowed_modes(s), part.INF, costs, None)
+                reused = part.partition(cm, s, _allowed_modes(s), part.INF, costs, shared)
+                assert (fresh is None) == (reused is None), (sh, k)
+                if fresh is not None:
+                    assert (fresh.step_time_s, fresh.stages, fresh.layer_recompute) == \
+                        (reused.step_time_s, reused.stages, reused.layer_recompute), (sh, k)
+                    fitted += 1
+                checked += 1
+    assert checked > 30 and fitted > 5
+    costs = cm.layer_costs(Strategy.parse("dp=4,tp=1,pp=1,mbs=2,gbs=8").resolve(cm.cluster.world))
+    groups = [(costs[0], 3), (costs[7], 5)] if kinds == 2 else [(costs[0], 8)]
+    need, cache = sum(c.act_bytes["none"] * n for c, n in groups), {}
+    for modes in (part.RECOMPUTE_MODES, ("selective", "full"), ("full",)):
+        for frac in (0.05, 0.3, 0.7, 1.1):
+            budget, work = frac * need * 2.0, (lambda w: 0.5 * w)
+            assert part.cannot_fit(groups, modes, 2.0, budget, work, cache) == \
+                part.cannot_fit(groups, modes, 2.0, budget, work)
+
+
+def _allowed_modes(s: Strategy) -> tuple[str, ...]:
+    """The recompute modes ``search._partitioned`` lets the partition use."""
+    from autopar.techniques import offload, pipeline
+
+    modes = part.RECOMPUTE_MODES
+    if s.schedule in pipeline.ZERO_BUBBLE:
+        modes = tuple(m for m in modes if m in pipeline.ZB_RECOMPUTE) or modes
+    if s.offload_optimizer:
+        modes = tuple(m for m in modes if m in offload.OFFLOAD_RECOMPUTE) or modes
+    return modes
