@@ -333,13 +333,14 @@ def pipeline_bound(sp: Space, sh: Sharding, k: Knobs, total: float, p2p: float =
     ``peak`` (``peak_floor``; at least the mean) and ``sum P >= total``. ``share``: a zero-bubble
     schedule's bubble relative to 1F1B's (``partition.coefficients``; 0 where it is not known
     yet). ``sync``: the gradient synchronisation of the rank holding the most layers, of which
-    its last backward hides at most ``max P / m`` (``partition.RankPricer.dp_time``); with
-    ``A >= 1/m`` the sum grows with ``max P``, so the floor may stand in for it. The stack's
-    per-step overhead is a constant of every step."""
+    one micro-batch's forward and backward hide at most ``max P`` (``partition.RankPricer.dp_time``,
+    ``overlap.grad_sync_exposed``): ``A·x + max(0, sync - x)`` over ``x >= peak`` is least at
+    ``x = peak`` for ``A >= 1`` and at ``x = max(peak, sync)`` below, so the floor stands in with
+    ``min(1, A)`` of the excess. The stack's per-step overhead is a constant of every step."""
     m = sp.gb // (sh.dp * sh.mbs)
     A, B, K = part.schedule_coefficients(sh.pp, m, k.schedule, k.vpp, p2p, share)
     peak = max(total / sh.pp, peak)
-    exposed = max(0.0, sync - peak / m) if A * m >= 1 else 0.0
+    exposed = max(0.0, sync - peak) * min(1.0, A)
     return A * peak + B * total + K + exposed + sp.cm.stack.step_overhead_s
 
 
