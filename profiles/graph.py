@@ -14,6 +14,9 @@ dropout (CUDA ``native_dropout`` keeps a 1-byte bool mask; the CPU path keeps a 
 input dtype), SDPA (a flash kernel keeps q, k, v, the output and an fp32 logsumexp; the
 meta/CPU math path would keep the s^2 probabilities) and the ``GroupedExperts`` leaf (uniform
 top-k routing, see ``_Recorder.experts``). The ``TopKRouter`` leaf runs for real.
+
+With a ``profiles.depth.DepthPlan`` only some of a built-in model's blocks are built and traced,
+under the node names the full-depth trace gives them (``layer_stats.capture_stats``).
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ class _Tracer(fx.Tracer):
         self.names = names  # a reduced-depth trace: keep the full-depth node names
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
-        if self.names is not None:  # the candidate fx.Graph.create_node derives the name from
+        if self.names is not None:  # the candidate fx.Graph.create_node makes the node's name from
             self.names.note(self.scope.module_path, name if name is not None else self.graph._target_to_str(target))
         return super().create_node(kind, target, args, kwargs, name, type_expr)
 
