@@ -32,7 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autopar.core.strategy import Strategy
-from autopar.cost_models import overlap
 from autopar.cost_models.estimate import DDP_BUCKET_BYTES, CostModel, RankReport
 from autopar.cost_models.layer_cost import RECOMPUTE_MODES, LayerCost
 from autopar.cost_models.memory import bytes_per_param
@@ -95,6 +94,7 @@ class RankPricer:
         self._zb = shared.setdefault("zb_sums", {})
         self._z3: list[float] | None = None
         self._opt: dict[tuple, float] = {}
+        self._budgets: dict[tuple, tuple] = {}
         self._by_pos: dict[tuple, RankEval] = {}
         self._by_sig: dict[tuple, RankEval] = {}
 
@@ -141,9 +141,18 @@ class RankPricer:
             self._by_pos[key] = self._by_sig[sig]
         return self._by_pos[key]
 
-    def _budget(self, r: int, parts: list[LayerCost]) -> tuple[dict, float, float]:
+    def _budget(self, r: int, parts: list[LayerCost], cnt: tuple[int, ...] | None = None) -> tuple[dict, float, float]:
         """(the rank's memory without recompute by kind, what its layers' activations may take,
-        its in-flight micro-batches)."""
+        its in-flight micro-batches). With one kind of layer every layer set of one size lists the
+        same costs, so the budget is worked out once per (rank, counts) (``can_hold`` asks, the DP
+        asks again)."""
+        if cnt is None or len(self.groups) != 1:
+            return self._plain_budget(r, parts)
+        if (r, cnt) not in self._budgets:
+            self._budgets[r, cnt] = self._plain_budget(r, parts)
+        return self._budgets[r, cnt]
+
+    def _plain_budget(self, r: int, parts: list[LayerCost]) -> tuple[dict, float, float]:
         cm, s = self.cm, self.s
         extra = self.extras(r)
         in_flight = in_flight_microbatches(r, self.p, self.m, s.schedule, self.v)
@@ -159,7 +168,7 @@ class RankPricer:
         recompute frontiers. For a model of one kind of layer, where any offset holds the same."""
         cm, s = self.cm, self.s
         parts = [self.costs[i] for i in self.layers(0, c)]
-        plain, budget, in_flight = self._budget(r, parts)
+        plain, budget, in_flight = self._budget(r, parts, self.counts(0, c))
         temps = plain.get("logits_and_temporaries", 0.0)
         return not cannot_fit([(self.groups[0], len(parts))], self.modes, in_flight, budget,
                               lambda w: cm.workspace_excess(s, parts, w, temps), self._frontiers)
@@ -168,7 +177,7 @@ class RankPricer:
         s = self.s
         extra = self.extras(r)
         parts = [self.costs[i] for i in layers]
-        plain, budget, in_flight = self._budget(r, parts)
+        plain, budget, in_flight = self._budget(r, parts, cnt)
         groups = [(g, n) for g, n in zip(self.groups, cnt) if n]
         ids = tuple(id(g) for g, _ in groups)
         fwd = sum(g.fwd_s * n for g, n in groups) + sum(e.fwd_s for e in extra)
@@ -178,7 +187,7 @@ class RankPricer:
             return RankEval(INF, fwd, INF, INF, INF, None, ids)
         P = sum(g.time("none") * n for g, n in groups) + sum(e.time("none") for e in extra) + choice.extra_s
         report = RankReport(r, layers, fwd, P - fwd, choice.extra_s, {}, {}, in_flight)
-        D = self.zero3_time(cnt) if s.zero_stage >= 3 else self.dp_time(groups, P - fwd, fwd)
+        D = self.zero3_time(cnt) if s.zero_stage >= 3 else self.dp_time(groups, P - fwd)
         O = self._optimizer(report, cnt)
         return RankEval(P, fwd, D, O, mem, choice, ids)
 
@@ -218,18 +227,16 @@ class RankPricer:
             self._opt[cnt] = self.cm.optimizer_time(self.s, report, self.costs)
         return self._opt[cnt]
 
-    def dp_time(self, groups: list[tuple[LayerCost, int]], bwd: float, fwd: float = 0.0) -> float:
+    def dp_time(self, groups: list[tuple[LayerCost, int]], bwd: float) -> float:
         """``CostModel.dp_time`` below ZeRO-3, with each gradient collective priced once per
-        size and group (ranks of other strategies often reduce the same bytes); ``bwd`` / ``fwd``:
-        one micro-batch's backward / forward on the rank (``overlap.grad_sync_exposed``)."""
+        size and group (ranks of other strategies often reduce the same bytes)."""
         s, gbytes = self.s, bytes_per_param(self.cm.dtype)[1]
         dense = sum(g.params_dense * n for g, n in groups) * gbytes
         expert = sum(g.params_expert * n for g, n in groups) * gbytes
         t = self._sync(dense, s.dp * s.cp, s.tp) + self._sync(expert, s.edp, s.ep * s.etp)
-        hide = bool(self.m)
+        window = bwd / max(self.m, 1) if self.m else 0.0
         last_bucket = self._sync(min(DDP_BUCKET_BYTES, dense), s.dp * s.cp, s.tp)
-        ahead = overlap.gathers_ahead(self.cm.ctx.runtime, s.zero_stage)
-        return overlap.grad_sync_exposed(t, bwd * hide, fwd * hide, ahead) + last_bucket if t > 0 else 0.0
+        return max(0.0, t - window) + last_bucket if t > 0 else 0.0
 
     def _sync(self, size: float, n: int, stride: int) -> float:
         key = (size, n, stride, self.s.zero_stage in (1, 2))
