@@ -102,10 +102,11 @@ def load_or_build(paths: list[Path], cache: Path | None) -> tuple[list[Built], l
             b.case, b.strategy = case, Strategy.parse(case.strategy).resolve(b.strategy.world)
             _refresh(b)
         built = [b for b in built if b.case.id not in stale]
-        retry = [r for p in paths for r in pr.load_runs(p) if r["id"] in {s[0] for s in skipped} | set(stale)]
+        absent = ids - {b.case.id for b in every} - {s[0] for s in skipped_all}  # rows of a file the pickle lacks
+        retry = [r for p in paths for r in pr.load_runs(p) if r["id"] in {s[0] for s in skipped} | set(stale) | absent]
         with tempfile.TemporaryDirectory() as tmp:
             more, skipped = build_all(retry, Path(tmp))  # rows the mapping may price now
-        if stale:  # keep the rebuilt rows (and the other files' rows) for the next run
+        if stale or absent:  # keep the rebuilt rows (and the other files' rows) for the next run
             others = [b for b in every if b.case.id not in ids], [s for s in skipped_all if s[0] not in ids]
             cache.write_bytes(pickle.dumps((others[0] + built + more, others[1] + skipped)))
         return built + more, skipped
