@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autopar.core.strategy import Strategy
+from autopar.cost_models import overlap
 from autopar.cost_models.estimate import DDP_BUCKET_BYTES, CostModel, RankReport
 from autopar.cost_models.layer_cost import RECOMPUTE_MODES, LayerCost
 from autopar.cost_models.memory import bytes_per_param
@@ -187,7 +188,7 @@ class RankPricer:
             return RankEval(INF, fwd, INF, INF, INF, None, ids)
         P = sum(g.time("none") * n for g, n in groups) + sum(e.time("none") for e in extra) + choice.extra_s
         report = RankReport(r, layers, fwd, P - fwd, choice.extra_s, {}, {}, in_flight)
-        D = self.zero3_time(cnt) if s.zero_stage >= 3 else self.dp_time(groups, P - fwd)
+        D = self.zero3_time(cnt) if s.zero_stage >= 3 else self.dp_time(groups, P - fwd, fwd)
         O = self._optimizer(report, cnt)
         return RankEval(P, fwd, D, O, mem, choice, ids)
 
@@ -227,16 +228,18 @@ class RankPricer:
             self._opt[cnt] = self.cm.optimizer_time(self.s, report, self.costs)
         return self._opt[cnt]
 
-    def dp_time(self, groups: list[tuple[LayerCost, int]], bwd: float) -> float:
+    def dp_time(self, groups: list[tuple[LayerCost, int]], bwd: float, fwd: float = 0.0) -> float:
         """``CostModel.dp_time`` below ZeRO-3, with each gradient collective priced once per
-        size and group (ranks of other strategies often reduce the same bytes)."""
+        size and group (ranks of other strategies often reduce the same bytes); ``bwd`` / ``fwd``:
+        one micro-batch's backward / forward on the rank (``overlap.grad_sync_exposed``)."""
         s, gbytes = self.s, bytes_per_param(self.cm.dtype)[1]
         dense = sum(g.params_dense * n for g, n in groups) * gbytes
         expert = sum(g.params_expert * n for g, n in groups) * gbytes
         t = self._sync(dense, s.dp * s.cp, s.tp) + self._sync(expert, s.edp, s.ep * s.etp)
-        window = bwd / max(self.m, 1) if self.m else 0.0
+        hide = bool(self.m)
         last_bucket = self._sync(min(DDP_BUCKET_BYTES, dense), s.dp * s.cp, s.tp)
-        return max(0.0, t - window) + last_bucket if t > 0 else 0.0
+        ahead = overlap.gathers_ahead(self.cm.ctx.runtime, s.zero_stage)
+        return overlap.grad_sync_exposed(t, bwd * hide, fwd * hide, ahead) + last_bucket if t > 0 else 0.0
 
     def _sync(self, size: float, n: int, stride: int) -> float:
         key = (size, n, stride, self.s.zero_stage in (1, 2))
