@@ -46,6 +46,8 @@ def hook(module, _inputs, output):
 
 
 register_module_forward_hook(hook)
+sys.path.insert(0, os.environ["ROUTING_TESTS_DIR"])
+import codegen_harness  # noqa: E402
 root = os.path.dirname(os.path.abspath(sys.argv[1]))
 jobs, out = json.loads(open(sys.argv[1]).read()), {}
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # train.py reuses it
@@ -55,6 +57,8 @@ for job in jobs:
     runpy.run_path(sys.argv[0], run_name="__main__")
     out[job["name"]] = [c.tolist() for c in counts.values()]
     dist.barrier()
+    counts.clear()
+    codegen_harness._drop_groups()  # the program's groups and their threads
 with open(os.path.join(root, f"routing_rank{dist.get_rank()}.json"), "w") as f:
     f.write(json.dumps(out))
 dist.destroy_process_group()
@@ -65,7 +69,7 @@ def _program_routing(root: Path, jobs: list[dict], world: int) -> dict[str, np.n
     """Run the jobs in one torchrun launch; {job: [layer, expert] counts summed over ranks}."""
     (root / "jobs.json").write_text(json.dumps(jobs))
     (root / "hooked.py").write_text(HOOKED_HARNESS)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", ROUTING_TESTS_DIR=str(Path(__file__).parent))
     proc = subprocess.run([str(TORCHRUN), "--standalone", f"--nproc-per-node={world}", str(root / "hooked.py"),
                            str(root / "jobs.json")], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
