@@ -12,6 +12,16 @@ equals wall time on an otherwise idle machine):
     DeepSeek-V3 on 2,048 H800          <= 10 s
 
 Run: .venv/bin/python benchmarks/search_speed.py [--repeat N]
+
+``--plans``: instead, the search of five `autopar plan` commands as the CLI builds them (llama3-8b;
+llama3-70b on 128 nodes; llama3-405b on 64; mixtral-8x7b on 8; deepseek-v3 on 256), the least CPU of
+``--repeat`` searches each; ``--dump DIR`` writes each job's top plans (strategy, stages, per-layer
+recompute, step time and peak memory as exact reprs) and search statistics to DIR/JOB.json, and
+``--compare DIR`` checks them against such a dump. A before/after pair on one tree state:
+
+    git worktree add /tmp/base <commit>; mkdir -p /tmp/basepkg; ln -s /tmp/base /tmp/basepkg/autopar
+    PYTHONPATH=/tmp/basepkg .venv/bin/python benchmarks/search_speed.py --plans --dump /tmp/before
+    .venv/bin/python benchmarks/search_speed.py --plans --compare /tmp/before
 """
 
 from __future__ import annotations
@@ -71,11 +81,56 @@ def run(label, spec, gpu, nodes, seq, gb, target, repeat):
         print("  nothing fits")
 
 
+PLANS = {"llama3-8b": dict(model="llama3-8b"), "llama3-70b x128": dict(model="llama3-70b", nodes=128),
+         "llama3-405b x64": dict(model="llama3-405b", nodes=64), "mixtral-8x7b x8": dict(model="mixtral-8x7b", nodes=8),
+         "deepseek-v3 x256": dict(model="deepseek-v3", nodes=256)}
+
+
+def plan_record(res) -> dict:
+    """What must not change: the top plans to the last digit, and the search statistics."""
+    rows = [dict(strategy=c.strategy.model_dump(), stages=c.stages, recompute=c.layer_recompute,
+                 step=repr(c.estimate.step_time_s), peak=repr(c.estimate.peak_bytes)) for c in res.candidates]
+    stats = {k: v for k, v in res.stats.as_dict().items() if k != "search_time_s"}
+    return dict(global_batch=res.global_batch, plans=rows, stats=stats)
+
+
+def run_plans(repeat: int, only: str, dump: str, compare: str) -> None:
+    import json
+    from pathlib import Path
+
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    for label, kw in PLANS.items():
+        if only not in label:
+            continue
+        cpu = []
+        for _ in range(repeat):
+            cm, _, cl, seq = build_cost_model(Inputs(**kw))   # a fresh cost model: price from scratch
+            c0 = time.process_time()
+            res = search(cm, default_global_batch(cl.world, seq))
+            cpu.append(time.process_time() - c0)
+        rec, name = json.loads(json.dumps(plan_record(res))), label.replace(" ", "_")   # tuples as JSON lists
+        verdict = ""
+        if compare:
+            verdict = " | same as before" if json.loads((Path(compare) / f"{name}.json").read_text()) == rec \
+                else " | DIFFERS from before"
+        if dump:
+            Path(dump).mkdir(parents=True, exist_ok=True)
+            (Path(dump) / f"{name}.json").write_text(json.dumps(rec, indent=1))
+        print(f"{label}: search {min(cpu):.2f} s CPU (runs {', '.join(f'{c:.2f}' for c in cpu)}) | "
+              f"partitioned {res.stats.priced}{verdict}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=1, help="searches per job (the minimum is reported)")
     ap.add_argument("--only", default="", help="run the jobs whose label contains this text")
+    ap.add_argument("--plans", action="store_true", help="the five `autopar plan` jobs instead (see above)")
+    ap.add_argument("--dump", default="", help="with --plans: write each job's top plans and stats here")
+    ap.add_argument("--compare", default="", help="with --plans: compare with a --dump folder")
     args = ap.parse_args()
+    if args.plans:
+        return run_plans(args.repeat, args.only, args.dump, args.compare)
     for job in JOBS:
         if args.only in job[0]:
             run(*job, repeat=args.repeat)
