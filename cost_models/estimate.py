@@ -44,6 +44,7 @@ from autopar.cost_models.memory import (
     offload_grad_shard_bytes,
     pooled_peak_bytes,
     runs_sharded_adamw,
+    warmup_gradient_bytes,
     warmup_only_activations,
     zero1_reduce_bytes,
 )
@@ -218,9 +219,8 @@ class CostModel:
             live = mem["activations"] + mem["recompute_workspace"] + temps
             mem["comm_buffers"] = max(0.0, reduce - live)
         if grads_freed_before_activation_peak(s, self.ctx.runtime):  # pp = 1: DDP's buckets persist
-            grad_bufs = mem["comm_buffers"] if s.pp > 1 and s.zero_stage < 3 and not s.offload_optimizer else 0.0
-            mem["activations"] = warmup_only_activations(mem["activations"], mem["gradients"] + grad_bufs,
-                                                         in_flight, s.num_micro_batches)
+            grads = warmup_gradient_bytes(s, self.ctx.runtime, mem)
+            mem["activations"] = warmup_only_activations(mem["activations"], grads, in_flight, s.num_micro_batches)
         if self.ctx.runtime == "torchtitan":  # its pipeline keeps stages gathered (runtime_memory.py)
             mem = torchtitan_memory(self, s, parts, modes, extra, in_flight, first, last, mem)
         at_peak = host_grads_at_device_peak(s, self.ctx.runtime)
@@ -376,26 +376,29 @@ class CostModel:
 
     def _zero3_exposed(self, s: Strategy, r: RankReport, costs, m: int, grad_bytes: int) -> float:
         """FSDP: per layer and micro-batch, all-gather (fwd), all-gather + reduce-scatter (bwd),
-        prefetched beside that layer's compute: the stack's ``zero3_overlap`` share hides where
-        the compute is longer (``overlap.exposed_behind``); the first gather and the last
-        reduce-scatter of the step stay exposed (``overlap.zero3_edges``). Saturated CPU cores
-        hide nothing."""
-        n = s.dp * s.cp
-        if n <= 1 or not r.layers:
+        prefetched beside that layer's compute (``zero3_layer_exposed``); the first gather and the last
+        reduce-scatter of the step stay exposed once per rank (``zero3_edge_time``)."""
+        if s.dp * s.cp <= 1 or not r.layers:
             return 0.0
-        exposed, ov = 0.0, self.stack.zero3_overlap
-        for i in r.layers:
-            c = costs[i]
-            ag, ag_b, rs = self._zero3_layer(s, c, grad_bytes)
-            if self._cores_saturated:
-                exposed += 2 * ag + rs + 3 * shared_core_sync(self.ctx)
-            else:
-                exposed += exposed_behind(ag, c.fwd_s, ov) + exposed_behind(ag_b + rs, c.bwd_s, ov)
-        if self._cores_saturated or not self.gpu.fitted:  # unfitted profiles (measured CPU): per-layer terms only
-            return exposed * m
-        first, last = self._zero3_layer(s, costs[r.layers[0]], grad_bytes), self._zero3_layer(s, costs[r.layers[-1]],
-                                                                                               grad_bytes)
-        return exposed * m + zero3_edges(first[0], last[2])
+        exposed = sum(self.zero3_layer_exposed(s, costs[i]) for i in r.layers)
+        return exposed * m + self.zero3_edge_time(s, costs[r.layers[0]], costs[r.layers[-1]])
+
+    def zero3_layer_exposed(self, s: Strategy, c: LayerCost) -> float:
+        """One layer's exposed FSDP traffic per micro-batch: the stack's ``zero3_overlap`` share hides
+        where the compute is longer (``overlap.exposed_behind``). Saturated CPU cores hide nothing."""
+        ag, ag_b, rs = self._zero3_layer(s, c, bytes_per_param(self.dtype)[1])
+        if self._cores_saturated:
+            return 2 * ag + rs + 3 * shared_core_sync(self.ctx)
+        ov = self.stack.zero3_overlap
+        return exposed_behind(ag, c.fwd_s, ov) + exposed_behind(ag_b + rs, c.bwd_s, ov)
+
+    def zero3_edge_time(self, s: Strategy, first: LayerCost, last: LayerCost) -> float:
+        """The step's first all-gather (of ``first``) and last reduce-scatter (of ``last``), exposed
+        (``overlap.zero3_edges``); unfitted profiles (measured CPU) and saturated cores: per-layer terms only."""
+        if self._cores_saturated or not self.gpu.fitted:
+            return 0.0
+        grad_bytes = bytes_per_param(self.dtype)[1]
+        return zero3_edges(self._zero3_layer(s, first, grad_bytes)[0], self._zero3_layer(s, last, grad_bytes)[2])
 
     @property
     def _cores_saturated(self) -> bool:

@@ -129,6 +129,17 @@ def grads_freed_before_activation_peak(s: Strategy, runtime: str) -> bool:
     return runtime in ("torch", "torchtitan") and s.pp == 1 and s.num_micro_batches == 1
 
 
+def warmup_gradient_bytes(s: Strategy, runtime: str, mem: dict[str, float]) -> float:
+    """The gradients, and the buffers that hold them, whose bytes a warm-up rank's activations reuse
+    (``warmup_only_activations``' ``grads``; ``mem``: the rank's memory by kind): DDP-style and ZeRO-1/2
+    gradient buffers of a pipeline rank count too, ZeRO-3's gathered blocks do not (the forward
+    gathers them as well). 0 where the program keeps gradients live at its activation peak."""
+    if not grads_freed_before_activation_peak(s, runtime):
+        return 0.0
+    bufs = mem["comm_buffers"] if s.pp > 1 and s.zero_stage < 3 and not s.offload_optimizer else 0.0
+    return mem["gradients"] + bufs
+
+
 def busiest_rank_expert_excess(expert_saved: float, load: float) -> float:
     """Saved expert activations the busiest expert-parallel rank holds beyond the mean rank's
     ``expert_saved``: dropless routing sends it ``load`` times the mean routed tokens (a routing

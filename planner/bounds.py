@@ -21,7 +21,6 @@ from autopar.cost_models.estimate import (
     DDP_BUCKET_BYTES,
     OPTIMIZER_BYTES_PER_PARAM,
     CostModel,
-    RankReport,
     even_stages,
     offload_step_time,
 )
@@ -424,12 +423,14 @@ def grad_sync_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> tuple[floa
 
 
 def zero3_floor(sp: Space, sh: Sharding) -> float:
-    """ZeRO-3 exposed time is a sum over layers; the slowest rank carries at least the mean."""
+    """ZeRO-3 exposed time is a sum over layers (``CostModel.zero3_layer_exposed`` per micro-batch)
+    plus the step's edges once per rank; the slowest rank carries at least the mean of the sum."""
     costs = sp.priced(sh).costs
     s = probe(sh, sp.gb, zero_stage=3)
+    if s.dp * s.cp <= 1:
+        return 0.0
     seen: dict[int, float] = {}
     for i in range(sp.cm.num_layers):
         if id(costs[i]) not in seen:
-            one = RankReport(0, [i], 0.0, 0.0, 0.0, {}, {}, 1.0)
-            seen[id(costs[i])] = sp.cm.dp_time(s, one, costs, s.num_micro_batches)
-    return sum(seen[id(costs[i])] for i in range(sp.cm.num_layers)) / sh.pp
+            seen[id(costs[i])] = sp.cm.zero3_layer_exposed(s, costs[i])
+    return sum(seen[id(costs[i])] for i in range(sp.cm.num_layers)) * s.num_micro_batches / sh.pp

@@ -35,7 +35,7 @@ from autopar.core.strategy import Strategy
 from autopar.cost_models import overlap
 from autopar.cost_models.estimate import DDP_BUCKET_BYTES, CostModel, RankReport
 from autopar.cost_models.layer_cost import RECOMPUTE_MODES, LayerCost
-from autopar.cost_models.memory import bytes_per_param
+from autopar.cost_models.memory import bytes_per_param, warmup_gradient_bytes
 from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches, weight_grad_fraction
 from autopar.planner import recompute as rc
 from autopar.techniques.pipeline import ZERO_BUBBLE
@@ -161,7 +161,9 @@ class RankPricer:
         extra_act = sum(e.act_bytes["none"] for e in extra)
         fixed = sum(plain.values()) - plain["activations"] - plain["recompute_workspace"]
         overhead = plain.get("framework_overhead", 0.0)
-        return plain, cm.gpu.usable_mem_bytes + overhead - fixed - in_flight * extra_act, in_flight
+        # a rank warming up every micro-batch peaks before its gradients exist (warmup_only_activations)
+        reuse = warmup_gradient_bytes(s, cm.ctx.runtime, plain) if in_flight >= self.m else 0.0
+        return plain, cm.gpu.usable_mem_bytes + overhead - fixed + reuse - in_flight * extra_act, in_flight
 
     def may_fit(self, r: int, c: int) -> bool:
         """``cannot_fit`` is false for rank ``r`` holding ``c`` positions of every period: true of
@@ -188,7 +190,7 @@ class RankPricer:
             return RankEval(INF, fwd, INF, INF, INF, None, ids)
         P = sum(g.time("none") * n for g, n in groups) + sum(e.time("none") for e in extra) + choice.extra_s
         report = RankReport(r, layers, fwd, P - fwd, choice.extra_s, {}, {}, in_flight)
-        D = self.zero3_time(cnt) if s.zero_stage >= 3 else self.dp_time(groups, P - fwd, fwd)
+        D = self.zero3_time(cnt, layers) if s.zero_stage >= 3 else self.dp_time(groups, P - fwd, fwd)
         O = self._optimizer(report, cnt)
         return RankEval(P, fwd, D, O, mem, choice, ids)
 
@@ -247,13 +249,15 @@ class RankPricer:
             self._syncs[key] = self.cm.grad_sync_time(size, n, stride, self.s)
         return self._syncs[key]
 
-    def zero3_time(self, cnt: tuple[int, ...]) -> float:
-        """ZeRO-3 exposed gather/scatter time: a sum over layers (``CostModel._zero3_exposed``),
-        so each distinct layer is priced once."""
+    def zero3_time(self, cnt: tuple[int, ...], layers: list[int]) -> float:
+        """``CostModel._zero3_exposed``: each distinct layer priced once, the step's edges once per rank."""
+        cm, s = self.cm, self.s
+        if s.dp * s.cp <= 1 or not layers:
+            return 0.0
         if self._z3 is None:
-            self._z3 = [self.cm.dp_time(self.s, RankReport(0, [i], 0.0, 0.0, 0.0, {}, {}, 1.0), self.costs, self.m)
-                        for i in self.first]
-        return sum(n * d for n, d in zip(cnt, self._z3))
+            self._z3 = [cm.zero3_layer_exposed(s, self.costs[i]) for i in self.first]
+        edges = cm.zero3_edge_time(s, self.costs[layers[0]], self.costs[layers[-1]])
+        return sum(n * d for n, d in zip(cnt, self._z3)) * self.m + edges
 
     def assignment(self, r: int, o: int, c: int) -> dict[int, str]:
         ev = self.evaluate(r, o, c)

@@ -113,10 +113,15 @@ def test_partition_dp_equals_brute_force(text, seed, layers):
         if expect == float("inf"):
             assert res is None
             continue
-        # within the contention term estimate adds after the partition (see test_planner.py)
-        assert res is not None and res.step_time_s == pytest.approx(expect, rel=5e-3)
+        # The DP prices everything but the SM contention of overlapped collectives, which estimate
+        # adds after it (see test_planner.py): its optimum is at most the brute-force best, and the
+        # estimate of its choice exceeds its own price by at most that contention, so the choice is
+        # within the contention of the best.
+        assert res is not None and res.step_time_s <= expect * (1 + 1e-9)
         e = cm.estimate(s, res.stages, res.layer_recompute)
-        assert e.feasible and e.step_time_s == pytest.approx(res.step_time_s, rel=5e-3)
+        contention = e.time.get("comm_contention", 0.0)
+        assert e.feasible and res.step_time_s * (1 - 1e-9) <= e.step_time_s <= res.step_time_s + contention + 1e-12
+        assert e.step_time_s <= expect + contention + 1e-12
         # the DP's memory of every rank is the cost model's
         assert [r.mem_bytes for r in res.ranks] == pytest.approx([r.mem_bytes for r in e.ranks], rel=1e-9)
 

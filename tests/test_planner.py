@@ -87,14 +87,17 @@ def test_search_equals_exhaustive_enumeration(seed, layers, nodes, gpn, moe, usa
     # Exact (rel 1e-9) until the fitted stacks added compute slowed by overlapped communication
     # (CostModel.overlap_contention): estimate prices it after the partition, the partition DP's
     # objective does not hold it yet, so the search can miss the optimum by that term (open; see
-    # docs/planner.md). Here it is within 0.5%.
+    # docs/planner.md): the best is within that term of the optimum.
     best = min(res.candidates, key=lambda c: c.estimate.step_time_s)
-    assert best.estimate.step_time_s == pytest.approx(expect, rel=5e-3) and best.estimate.feasible
+    contention = best.estimate.time.get("comm_contention", 0.0)
+    assert best.estimate.feasible and best.estimate.step_time_s <= expect + contention + 1e-12
     assert best.estimate.step_time_s >= expect * (1 - 1e-9)   # never better than the true optimum
     times = [c.step_time_s for c in res.candidates]
     assert all(a <= b * 1.01 for i, a in enumerate(times) for b in times[i + 1:])
-    for c in res.candidates:  # every reported plan is what estimate() says of it (but the contention term)
-        assert c.estimate.feasible and c.estimate.step_time_s == pytest.approx(c.step_time_s, rel=5e-3)
+    for c in res.candidates:  # every reported plan is what estimate() says of it, but the contention term
+        extra = c.estimate.time.get("comm_contention", 0.0)
+        assert c.estimate.feasible and c.step_time_s * (1 - 1e-9) <= c.estimate.step_time_s
+        assert c.estimate.step_time_s <= c.step_time_s + extra + 1e-12
 
 
 def test_search_reports_its_work():
