@@ -222,8 +222,7 @@ class RankPricer:
         return None, INF
 
     def _optimizer(self, report: RankReport, cnt: tuple[int, ...]) -> float:
-        """``CostModel.optimizer_time`` of the rank (it reads the layers only, not the rank): with one
-        kind of layer every layer set of the same size sums the same values, so it is priced once."""
+        """``CostModel.optimizer_time`` of the rank, priced once per layer count for one kind of layer."""
         if len(self.groups) != 1:
             return self.cm.optimizer_time(self.s, report, self.costs)
         if cnt not in self._opt:
