@@ -17,10 +17,10 @@ requires all chunks equal; this allows ranks to differ). Embedding sits on rank 
 output layer on rank ``p - 1``, as in ``CostModel``.
 
 Per rank, the recompute that minimises ``P_r`` under its memory budget is optimal for the
-whole step: ``T`` grows by at least ``B`` per second added to ``P_r`` and ``D_r`` shrinks by at
-most ``1/m`` of it (a longer last backward hides more gradient traffic), and ``B >= 1/m``
-in every schedule the search admits (for interleaved that is ``(p - 1) m >= v p``, a rule
-of ``planner.search``). So each rank is priced once per layer set (``recompute.choose``)
+whole step where ``B >= 1`` (1F1B, GPipe; no pipeline: ``A = m``): ``T`` grows by at least ``B``
+per second added to ``P_r``, ``D_r`` shrinks by at most that second (a longer last backward hides
+more gradient traffic). Interleaved (``B < 1``) could trade recompute for hidden gradient sync; the
+DP ignores that (an approximation there). So each rank is priced once per layer set (``recompute.choose``)
 and the DP runs over ranks with states = offset ``o`` in the period, keeping the Pareto set of
 ``(max P, sum P, max D, max O)``: ``T`` is non-decreasing in each, so the Pareto labels are
 exact. Labels whose lower bound reaches ``upper`` (the k-th best step time found so far)
