@@ -139,16 +139,30 @@ def _group_frontier(c: LayerCost, n: int, allowed: tuple[str, ...], cache: dict)
     """Pareto frontier over every split of ``n`` identical layers among the allowed modes."""
     key = ("group", id(c), n, allowed)
     if key not in cache:
-        cnt = _count_vectors(n, len(allowed))                     # [points, modes]
-        act = cnt @ np.array([c.act_bytes[k] for k in allowed])
-        dt = cnt @ np.array([extra_time(c, k) for k in allowed])
+        acts, dts = tuple(c.act_bytes[k] for k in allowed), tuple(extra_time(c, k) for k in allowed)
+        cache[key] = (_frontier_by_value(n, acts, dts), c)
+    return cache[key][0]
+
+
+_BY_VALUE: dict[tuple, Frontier] = {}   # across searches (an awkward plan runs three): a pure function of values
+
+
+def _frontier_by_value(n: int, acts: tuple[float, ...], dts: tuple[float, ...]) -> Frontier:
+    """``_group_frontier`` of ``n`` layers whose allowed modes save ``acts`` bytes and add ``dts`` seconds."""
+    key = (n, acts, dts)
+    if key not in _BY_VALUE:
+        if len(_BY_VALUE) >= 4096:
+            _BY_VALUE.clear()
+        cnt = _count_vectors(n, len(acts))                        # [points, modes]
+        act = cnt @ np.array(acts)
+        dt = cnt @ np.array(dts)
         order = np.lexsort((dt, act))
         act, dt, cnt = act[order], dt[order], cnt[order]
         best_before = np.concatenate(([np.inf], np.minimum.accumulate(dt)[:-1]))
         keep = dt < best_before
-        front = [(float(a), float(t), tuple(int(x) for x in row)) for a, t, row in zip(act[keep], dt[keep], cnt[keep])]
-        cache[key] = (front, c)
-    return cache[key][0]
+        _BY_VALUE[key] = [(float(a), float(t), tuple(int(x) for x in row))
+                          for a, t, row in zip(act[keep], dt[keep], cnt[keep])]
+    return _BY_VALUE[key]
 
 
 @lru_cache(maxsize=512)  # read-only: callers index and multiply, never write
