@@ -323,7 +323,7 @@ class CostModel:
         expert = sum(costs[i].params_expert for i in r.layers) * grad_bytes
         n_dense, n_exp = s.dp * s.cp, s.edp
         if s.zero_stage >= 3:
-            return self._zero3_exposed(s, r, costs, m, grad_bytes)
+            return self._zero3_exposed(s, r, costs, m)
         t = self.grad_sync_time(dense, n_dense, s.tp, s) + self.grad_sync_time(expert, n_exp, s.ep * s.etp, s)
         hide = bool(m) and not self._cores_saturated  # r.bwd_s / r.fwd_s: one micro-batch's backward / forward
         last_bucket = self.grad_sync_time(min(DDP_BUCKET_BYTES, dense), n_dense, s.tp, s)
@@ -374,7 +374,7 @@ class CostModel:
             ag, rs = rate_capped(ag, full * share, rate), rate_capped(rs, grads * share, rate)
         return ag, ag, rs
 
-    def _zero3_exposed(self, s: Strategy, r: RankReport, costs, m: int, grad_bytes: int) -> float:
+    def _zero3_exposed(self, s: Strategy, r: RankReport, costs, m: int) -> float:
         """FSDP: per layer and micro-batch, all-gather (fwd), all-gather + reduce-scatter (bwd),
         prefetched beside that layer's compute (``zero3_layer_exposed``); the first gather and the last
         reduce-scatter of the step stay exposed once per rank (``zero3_edge_time``)."""

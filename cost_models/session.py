@@ -9,6 +9,7 @@ from pathlib import Path
 from autopar.core.cluster import ClusterSpec
 from autopar.core.model_spec import ModelSpec
 from autopar.cost_models.estimate import CostModel
+from autopar.cost_models.layer_cost import same_program
 from autopar.cost_models.templates import build_templates
 from autopar.errors import InputError
 from autopar.profiles.hw import default_cluster_for_gpu, load_cluster, load_gpu_profile
@@ -79,15 +80,33 @@ def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, in
         raise InputError(f"--runtime={inp.runtime} is not one of {', '.join(RUNTIMES)}")
     # fp8 runs keep bf16 activations and weights outside the GEMMs (Transformer Engine, torchao
     # float8): capture in bf16, the timer prices the GEMMs at the fp8 peak (compute.OpTimer)
-    capture_dtype = "bf16" if inp.dtype == "fp8" else inp.dtype
     compile_mode, loss_parallel = program_options(inp)
-    fuse = gpu.fused_elementwise and runtime_fuses_elementwise(inp.runtime, compile_mode)
-    templates = build_templates(spec, seq, capture_dtype, fuse=fuse)
+    templates = program_templates(spec, seq, inp.dtype, gpu, inp.runtime, compile_mode)
     cm = CostModel(spec, cluster, seq, templates, gpu, inp.dtype, timer=timer, comm_fits=fits,
                    moe_load=moe_load, runtime=inp.runtime)
     cm.ctx.compile, cm.ctx.loss_parallel = compile_mode, loss_parallel
     cm.ctx.moe_capacity_factor, cm.ctx.a2a_overlap = _capacity_factor(inp, spec), inp.a2a_overlap
     return cm, spec, cluster, seq
+
+
+def program_templates(spec: ModelSpec, seq: int, dtype: str, gpu, runtime: str,
+                      compile_mode: str = "none") -> list:
+    """The layer templates as ``runtime``'s program runs them: fp8 runs captured in bf16 (the timer
+    prices their GEMMs at the fp8 peak), elementwise chains fused where the runtime fuses them."""
+    fuse = gpu.fused_elementwise and runtime_fuses_elementwise(runtime, compile_mode)
+    return build_templates(spec, seq, "bf16" if dtype == "fp8" else dtype, fuse=fuse)
+
+
+def same_job(cm: CostModel, cluster: ClusterSpec | None = None, seq_len: int | None = None) -> CostModel:
+    """``cm``'s job (model, dtype, device timer, measured fits, runtime and program options) on another
+    cluster or at another sequence length (its templates captured as the runtime runs them)."""
+    seq = seq_len or cm.seq_len
+    templates = cm.templates if seq == cm.seq_len else program_templates(
+        cm.spec, seq, cm.dtype, cm.gpu, cm.ctx.runtime, cm.ctx.compile)
+    out = CostModel(cm.spec, cluster or cm.cluster, seq, templates, cm.gpu, cm.dtype, timer=cm.timer,
+                    comm_fits=cm.ctx.fits, moe_load=cm.moe_load, runtime=cm.ctx.runtime)
+    same_program(out.ctx, cm.ctx)
+    return out
 
 
 COMPILE_MODES = ("none", "model", "model+loss")

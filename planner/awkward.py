@@ -29,7 +29,7 @@ from typing import Literal
 
 from autopar.core.cluster import ClusterSpec
 from autopar.cost_models.estimate import CostModel
-from autopar.cost_models.layer_cost import same_program
+from autopar.cost_models.session import same_job
 from autopar.planner.search import Constraints, SearchResult, search, shardings
 
 SMOOTH = 7                   # largest prime factor of a "smooth" GPU count
@@ -84,11 +84,8 @@ def is_awkward(world: int, found_all: bool) -> bool:
 
 
 def with_cluster(cm: CostModel, cluster: ClusterSpec) -> CostModel:
-    """The same model, sequence, dtype, device timer and measured fits on another cluster."""
-    out = CostModel(cm.spec, cluster, cm.seq_len, cm.templates, cm.gpu, cm.dtype, timer=cm.timer,
-                    comm_fits=cm.ctx.fits, moe_load=cm.moe_load, runtime=cm.ctx.runtime)
-    same_program(out.ctx, cm.ctx)
-    return out
+    """The same job on another cluster (``session.same_job``)."""
+    return same_job(cm, cluster=cluster)
 
 
 def sub_cluster(cl: ClusterSpec, gpus: int) -> ClusterSpec:

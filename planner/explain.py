@@ -8,6 +8,7 @@ from collections import Counter
 from autopar.core.strategy import COMPACT_KEYS, FIELDS, Strategy
 from autopar.cost_models.estimate import CostModel, Estimate
 from autopar.cost_models.report import host_overflow_message, overflow_bytes
+from autopar.cost_models.session import same_job
 from autopar.errors import InputError
 from autopar.planner.search import (
     Candidate,
@@ -171,7 +172,7 @@ def _more_gpus(cm: CostModel, cons: Constraints, gb: int, max_factor: int) -> st
     factor = 2
     while factor <= max_factor:
         cl = cm.cluster.model_copy(update={"nodes": cm.cluster.nodes * factor})
-        cm2 = _with(cm, cluster=cl)
+        cm2 = same_job(cm, cluster=cl)
         if _states_floor(cm2, cons) <= cm.gpu.usable_mem_bytes:
             res = search(cm2, gb, cons, top_k=1)
             if res.candidates:
@@ -184,21 +185,12 @@ def _more_gpus(cm: CostModel, cons: Constraints, gb: int, max_factor: int) -> st
 
 def _smaller_work(cm: CostModel, gb: int):
     """Shorter sequences (halving, at least 128 tokens), then smaller global batches."""
-    from autopar.cost_models.templates import build_templates
-
     seqs = [cm.seq_len // 2, cm.seq_len // 4] if cm.spec.family != "custom" else []
     for seq in (x for x in seqs if x >= 128):
-        yield f"--seq-len {seq}", _with(cm, seq_len=seq, templates=build_templates(cm.spec, seq, cm.dtype)), gb
+        yield f"--seq-len {seq}", same_job(cm, seq_len=seq), gb
     for b in sorted({max(1, gb // 4), max(1, gb // 16)}, reverse=True):
         if b < gb:
             yield f"--global-batch {b}", cm, b
-
-
-def _with(cm: CostModel, **kw) -> CostModel:
-    """The same cost model on another cluster / sequence length (templates reused when possible)."""
-    return CostModel(cm.spec, kw.get("cluster", cm.cluster), kw.get("seq_len", cm.seq_len),
-                     kw.get("templates", cm.templates), cm.gpu, cm.dtype, timer=cm.timer, comm_fits=cm.ctx.fits,
-                     moe_load=cm.moe_load)
 
 
 def _states_floor(cm: CostModel, cons: Constraints) -> float:

@@ -33,3 +33,17 @@ def test_other_clusters_of_the_job_price_the_same_program():
                                      a2a_overlap=False))
     other = with_cluster(cm, sub_cluster(cm.cluster, 4))
     assert {k: getattr(other.ctx, k) for k in PROGRAM_OPTIONS} == {k: getattr(cm.ctx, k) for k in PROGRAM_OPTIONS}
+
+
+def test_a_shorter_sequence_of_the_job_prices_the_same_program():
+    # the "what to change" suggestions (planner.explain) price --seq-len alternatives with same_job:
+    # the runtime, its options and its templates (fused as Megatron runs them) must carry over
+    from autopar.cost_models.session import program_templates, same_job
+
+    cm, *_ = build_cost_model(Inputs(model="moe-tiny", runtime="megatron", moe_capacity_factor=1.25,
+                                     a2a_overlap=False, seq_len=512))
+    short = same_job(cm, seq_len=256)
+    assert short.ctx.runtime == "megatron" and short.seq_len == 256
+    assert {k: getattr(short.ctx, k) for k in PROGRAM_OPTIONS} == {k: getattr(cm.ctx, k) for k in PROGRAM_OPTIONS}
+    assert short.templates == program_templates(cm.spec, 256, cm.dtype, cm.gpu, "megatron")
+    assert short.templates != program_templates(cm.spec, 256, cm.dtype, cm.gpu, "torch")  # unfused there
