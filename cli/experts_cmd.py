@@ -223,7 +223,14 @@ def experts_cmd(
     """Assign each MoE layer's experts to EP ranks: balanced load, few cross-rank tokens."""
     import numpy as np
 
-    from autopar.planner.experts import make_problem, placement_stats, random_placement, round_robin, solve_placement
+    from autopar.planner.experts import (
+        contiguous,
+        make_problem,
+        placement_stats,
+        random_placement,
+        round_robin,
+        solve_placement,
+    )
     from autopar.profiles.routing import RoutingTrace
 
     if solver is not None and solver not in ("cbc", "highs"):
@@ -237,8 +244,11 @@ def experts_cmd(
                                 a2a_cost=a2a_cost, seed=seed, target_gap=gap)
     bpt = bytes_per_token or 2.0 * (trace.meta.get("hidden") or 4096)
     p = make_problem(trace, ep, replicas, a2a_cost=a2a_cost)
-    rows = {"placement": placement_stats(trace, placement, bpt, a2a_cost),
-            "round-robin": placement_stats(trace, round_robin(p), bpt, a2a_cost),
+    rows = {"placement": placement_stats(trace, placement, bpt, a2a_cost)}
+    default = contiguous(p)
+    if default is not None:   # what the emitted program runs without --placement
+        rows["default"] = placement_stats(trace, default, bpt, a2a_cost)
+    rows |= {"round-robin": placement_stats(trace, round_robin(p), bpt, a2a_cost),
             "random": placement_stats(trace, random_placement(p, seed), bpt, a2a_cost)}
     if out is not None:
         placement.save(out)
@@ -264,7 +274,17 @@ def _report(placement, rows: dict, bpt: float) -> dict:
         round_robin_a2a_bytes_per_rank_max=rr["a2a_bytes_per_rank_max"], bytes_per_token=bpt,
         objective=placement.objective, lower_bound=placement.lower_bound, gap=placement.gap,
         solve_time_s=placement.solve_time_s, method=placement.method, solver=placement.solver,
-        ep=placement.ep, replicas=placement.replicas)
+        ep=placement.ep, replicas=placement.replicas, **_default_keys(mine, rows.get("default")))
+
+
+def _default_keys(mine: dict, default: dict | None) -> dict:
+    """Against the program's default placement (absent with replicas: only a placement places copies)."""
+    if default is None:
+        return {}
+    return dict(default_cross_rank_tokens=default["cross_rank_tokens"],
+                default_max_load_ratio=default["max_load_ratio"],
+                cross_rank_reduction_vs_default=1 - mine["cross_rank_tokens"] / default["cross_rank_tokens"]
+                if default["cross_rank_tokens"] else 0.0)
 
 
 def _print_report(report: dict, rows: dict, out: Path | None, plot: Path | None) -> None:
@@ -278,7 +298,9 @@ def _print_report(report: dict, rows: dict, out: Path | None, plot: Path | None)
     console.print(table)
     console.print(f"lower bound {report['lower_bound']:,.1f}, gap {report['gap']:.2%}, "
                   f"{report['method']} ({report['solver']}) in {report['solve_time_s']:.1f} s; cross-rank tokens "
-                  f"{report['cross_rank_reduction_vs_round_robin']:.1%} below round-robin")
+                  f"{report['cross_rank_reduction_vs_round_robin']:.1%} below round-robin"
+                  + (f", {report['cross_rank_reduction_vs_default']:.1%} below the default placement"
+                     if "cross_rank_reduction_vs_default" in report else ""))
     for label, path in (("placement", out), ("heat map", plot)):
         if path is not None:
             console.print(f"wrote {label} {path}")

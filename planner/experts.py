@@ -38,6 +38,7 @@ from autopar.fileio import write_atomic
 from autopar.planner.experts_problem import (  # noqa: F401  (re-exported)
     Evaluation,
     Problem,
+    contiguous,
     evaluate,
     make_problem,
     random_placement,
@@ -247,13 +248,14 @@ def routing_cost_factors(trace: RoutingTrace, ep: int, placement: ExpertPlacemen
     ``load_imbalance``: busiest-rank expert compute over the mean (uniform routing = 1).
     ``a2a_volume_factor``: token copies that change rank over the ``(G-1)/G`` share that uniform
     routing sends off-rank. ``a2a_rank_imbalance``: busiest rank's sent bytes over the mean.
-    Without a placement the trace is priced on round-robin placement.
+    Without a placement the trace is priced on the emitted program's default placement
+    (contiguous blocks of experts per rank), as ``estimate --trace`` prices it.
     """
     if placement is not None:
         placement.check_fits(trace.num_layers, trace.num_experts, ep)
         X = placement.matrix()
     else:
-        X = round_robin(make_problem(trace, ep))
+        X = contiguous(make_problem(trace, ep))   # no replicas, E % ep == 0 (make_problem checks)
     s = placement_stats(trace, X, bytes_per_token=1.0)
     uniform = (ep - 1) / ep
     return dict(load_imbalance=s["max_load_ratio"],

@@ -137,6 +137,23 @@ def round_robin(p: Problem) -> np.ndarray:
     return X
 
 
+def contiguous(p: Problem) -> np.ndarray | None:
+    """The emitted program's default: rank r holds experts [r*E/G, (r+1)*E/G) in every layer.
+
+    The same ranks the cost model prices a trace on (``cost_models.moe_load.contiguous``), so the
+    baseline ``autopar experts`` reports is what runs without ``--placement``. ``None`` when the
+    problem has replicas (only a placement file places copies).
+    """
+    from autopar.cost_models.moe_load import contiguous as contiguous_ranks
+
+    if (p.copies != 1).any() or p.num_experts % p.ep:
+        return None
+    ranks = contiguous_ranks(p.num_layers, p.num_experts, p.ep)
+    X = np.zeros((p.num_layers, p.num_experts, p.ep), dtype=bool)
+    X[np.arange(p.num_layers)[:, None], np.arange(p.num_experts)[None, :], ranks] = True
+    return X
+
+
 def random_placement(p: Problem, seed: int = 0) -> np.ndarray:
     """Round-robin over a random expert order per layer (copies of one expert stay adjacent)."""
     # a stream apart from synthetic_trace's (same seed there draws the popularity orders)

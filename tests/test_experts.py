@@ -170,7 +170,7 @@ def test_placement_file_roundtrip_and_validation(tmp_path):
 
 def test_routing_cost_factors_for_the_cost_model():
     tr = synthetic_trace(16, 4, 1, 4000, skew=0.5, affinity=0.9, seed=1)
-    base = routing_cost_factors(tr, 4)                          # round-robin on the trace
+    base = routing_cost_factors(tr, 4)                          # the program's default placement
     assert base["load_imbalance"] > 1.0 and 0.8 < base["a2a_volume_factor"] < 1.2
     pl = solve_placement(tr, 4, method="search", time_limit_s=3, restarts=1)
     placed = routing_cost_factors(tr, 4, pl)
@@ -180,6 +180,25 @@ def test_routing_cost_factors_for_the_cost_model():
         pl.check_fits(4, 16, 8)
 
 
+def test_default_baseline_is_the_emitted_programs_placement():
+    """Without a placement, the cost factors and the `experts` baseline use the ranks the emitted
+    program gives each expert (codegen's contiguous blocks), not round-robin."""
+    from autopar.codegen.runtime_moe import contiguous_placement
+    from autopar.planner.experts import contiguous
+
+    tr = synthetic_trace(16, 4, 1, 4000, skew=0.5, affinity=0.9, seed=1)
+    X = contiguous(make_problem(tr, 4))
+    assert to_assignment(X)[0] == contiguous_placement(16, 4)
+    program = ExpertPlacement(ep=4, num_experts=16, num_layers=tr.num_layers,
+                              assignment=[contiguous_placement(16, 4)] * tr.num_layers)
+    assert routing_cost_factors(tr, 4) == routing_cost_factors(tr, 4, program)
+    rr = placement_stats(tr, round_robin(make_problem(tr, 4)), bytes_per_token=1.0)
+    assert routing_cost_factors(tr, 4)["load_imbalance"] != pytest.approx(rr["max_load_ratio"])
+    assert contiguous(make_problem(tr, 4, replicas=4)) is None
+    with pytest.raises(InputError, match="ep: num_experts=16 \\+ replicas=0 is not divisible by ep=3"):
+        routing_cost_factors(tr, 3)
+
+
 # ----- CLI ----------------------------------------------------------------------------------------
 def test_cli_experts_json_plot_and_out(tmp_path, capsys):
     synthetic_trace(16, 4, 1, 4000, skew=0.5, affinity=0.9, seed=1).save(tmp_path / "t.json")
@@ -187,7 +206,7 @@ def test_cli_experts_json_plot_and_out(tmp_path, capsys):
           "--out", str(tmp_path / "p.json"), "--plot", str(tmp_path / "h.png"), "--json"])
     report = json.loads(capsys.readouterr().out)
     for key in ("cross_rank_tokens", "round_robin_cross_rank_tokens", "max_load_ratio", "lower_bound", "gap",
-                "solve_time_s"):
+                "solve_time_s", "default_cross_rank_tokens", "cross_rank_reduction_vs_default"):
         assert key in report
     assert report["cross_rank_tokens"] < 0.5 * report["round_robin_cross_rank_tokens"]
     assert ExpertPlacement.load_file(tmp_path / "p.json").ep == 4
