@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from mcore_readme_rows import README, megatron_model_flops, readme_v
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "validation"
 MODERN_YAML = SHARED / "published_modern.yaml"
@@ -302,7 +303,7 @@ def strategy_of(run: dict, stack: str) -> str:
     if gbs is None:
         raise RowSkip("parallel.global_batch is null and grad_accum x microbatch does not give it")
     zero = _zero_stage(par, stack)
-    vpp = _vpp(par) if source_key(run) != "moe-folding" else _folding_vpp(run, pp)
+    vpp = _folding_vpp(run, pp) if source_key(run) == "moe-folding" else readme_v(run, source_key(run), pp) or _vpp(par)
     # torchtitan: SequenceParallel norms; 2021 Megatron-LM / Megatron-DeepSpeed predate sequence
     # parallelism (Korthikanti et al. 2022), as the calibration rows of the same paper map it
     sp = int(stack in ("megatron", "torchtitan") and tp > 1 and source_key(run) not in LEGACY_MEGATRON)
@@ -480,7 +481,7 @@ def published_step_s(run: dict, e) -> float:
     elif "Eq.3" in basis or "eq. 3" in basis.lower():
         flops = e.hardware_flops
     else:
-        flops = e.model_flops
+        flops = megatron_model_flops(run, tokens) if source_key(run) == README else e.model_flops
     return flops / (tflops * 1e12 * world)
 
 

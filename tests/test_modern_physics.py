@@ -238,3 +238,30 @@ def test_elementwise_fusion_is_the_runtimes_choice():
     assert len(fused) < len(eager) and sum(o.bytes_rw for o in fused) < sum(o.bytes_rw for o in eager)
     assert [o.name for o in compiled] == [o.name for o in fused]
     assert not any("+" in o.name for o in block("megatron", gpu="cpu"))
+
+
+def test_megatron_core_readme_schedule_and_flops():
+    """The README rows' unstated schedule (chunks of at most two layers) and Megatron-LM's own FLOP
+    count (``num_floating_point_operations``), checked against eq. 3 without recompute by hand."""
+    sys.path.insert(0, str(BENCH))
+    import mcore_readme_rows as mc
+    import published_rows as pr
+
+    def run(layers, pp, **model):
+        return {"id": "megatron_core_h100_weak_x", "software": "Megatron-LM / Megatron-Core",
+                "model": dict(layers=layers, seq_len=4096, hidden=12288, heads=96, vocab=131072, **model),
+                "hardware": {"gpu": "H100 (SXM, DGX-class)", "num_gpus": 8 * pp * 4, "gpus_per_node": 8},
+                "parallel": {"tp": 8, "pp": pp, "dp": 4, "global_batch": 96}, "measured": {"mfu": 0.44}}
+
+    assert [mc.readme_v(run(96, pp), mc.README, pp) for pp in (1, 6, 8)] == [1, 8, 6]
+    assert mc.readme_v(run(92, 4), mc.README, 4) == 23           # 23 layers per stage: chunks of one
+    assert mc.readme_v(run(96, 8), "moe-folding", 8) == 0         # other sources keep their own rule
+    assert "vpp=8,schedule=interleaved" in pr.case_for(run(96, 6)).strategy
+    b, s, layers, h, v = 3, 4096, 96, 12288, 131072
+    eq3 = 72 * b * s * layers * h * h * (1 + s / (6 * h) + v / (12 * layers * h))
+    assert mc.megatron_model_flops(run(96, 6), b * s) == pytest.approx(eq3, rel=1e-12)
+    # SwiGLU (3 GEMMs of f) and GQA (K, V projections of g / a of the width), counted GEMM by GEMM
+    gqa = run(96, 6, kv_heads=8, ffn_hidden=28672, arch="dense, GQA, SwiGLU")
+    q, kv, mlp, logit = 2 * h * h, 2 * 2 * h * h * 8 / 96, 3 * 2 * h * 28672, 2 * h * v / layers
+    per_token = 3 * layers * (q + kv + 2 * h * h + 2 * 2 * s * h + mlp + logit)  # fwd + 2x bwd
+    assert mc.megatron_model_flops(gqa, b * s) == pytest.approx(per_token * b * s, rel=1e-12)
