@@ -45,7 +45,7 @@ import time
 
 from autopar import techniques
 from autopar.core.strategy import Strategy
-from autopar.cost_models.estimate import CostModel, even_stages
+from autopar.cost_models.estimate import CostModel, even_stages, offload_step_time
 from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches
 from autopar.errors import InputError
 from autopar.planner import partition as part
@@ -234,13 +234,31 @@ def _row_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: int, 
     best = Knobs(ks.zero, ks.offload, "1f1b", 1)
     extra = sp.floor(sh).recompute_time(sp.cm, sh, best, 1.0, sp.usable, pr.rc, sp.warm(sh, ks), scale)
     p2p, block = sp.p2p(sh), pr.min_block_no_cp * scale
-    key = ("opt_min", pr.params, sh.dp * sh.cp, sh.edp, sh.pp, ks.states)   # what optimizer_floor reads
+    m = sp.gb // (sh.dp * sh.mbs)
+    key = ("opt_min", pr.params, sh.dp * sh.cp, sh.edp, sh.pp, m, ks.states)   # what _optimizer_floor reads
     if key not in sp.memo:
-        sp.memo[key] = min(optimizer_floor(sp, sh, k, pr) for k in ks.states)
+        sp.memo[key] = min(_optimizer_floor(sp, sh, k, pr) for k in ks.states)
     opt = sp.memo[key]
     # zero and offload add nothing here: one Knobs per schedule
     return min(pipeline_bound(sp, sh, k, total + extra, p2p, held_layers(sp, sh, k) * block)
                for k in ks.schedules) + opt
+
+
+def _optimizer_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
+    """``optimizer_floor`` with ZeRO-Offload's copies per micro-batch: ``CostModel.optimizer_time``
+    copies the rank's shard host <-> device at each of ``m`` gathers (``2m`` under ZeRO-3) and ``m``
+    reductions (``offload_step_time``), linear in the shard, so the mean rank's shard bounds the
+    most loaded one (the expert shard over ``edp``, the largest group the estimate may use)."""
+    if not k.offload:
+        return optimizer_floor(sp, sh, k, pr)
+    m = sp.gb // (sh.dp * sh.mbs)
+    key = ("opt_offload", pr.params, sh.dp * sh.cp, sh.edp, sh.pp, k.zero >= 3, m)
+    if key not in sp.memo:
+        dense, expert = pr.params
+        local = (dense / (sh.dp * sh.cp) + expert / sh.edp) / sh.pp
+        sp.memo[key] = max(optimizer_floor(sp, sh, k, pr), offload_step_time(
+            local, sp.cm.dtype, sp.cm.gpu, gathers=m * (2 if k.zero >= 3 else 1), reductions=m))
+    return sp.memo[key]
 
 
 def _expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
@@ -267,7 +285,7 @@ def _expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
                 fits = floor.bytes(cm, sh, k.zero, k.offload, in_flight, warm) <= sp.usable and not (
                     k.offload and host_usable is not None and floor.host_bytes(cm, sh) > host_usable)
                 extra = floor.recompute_time(cm, sh, k, in_flight, sp.usable, pr.rc, warm) if fits else 0.0
-                rests[k.zero, k.offload, in_flight, warm] = (fits, extra, optimizer_floor(sp, sh, k, pr))
+                rests[k.zero, k.offload, in_flight, warm] = (fits, extra, _optimizer_floor(sp, sh, k, pr))
             fits, extra, opt = rests[k.zero, k.offload, in_flight, warm]
             if fits:
                 terms.append((k, extra, opt))
