@@ -1,0 +1,132 @@
+"""The llm-foundry (MPT) rows of ``published_modern.yaml``: the checks behind the llm-foundry part of
+docs/validation.md "Outlier rows, by mechanism". Prices nothing new: it prints the rows as
+``validate_published.py`` prices them (shipped constants) beside the arithmetic the doc cites.
+
+    python benchmarks/foundry_probe.py [--cache PICKLE]
+
+1. Same work per step: the MPT-760m rows of one table whose steps hold the same tokens in the same
+   number of micro-batches of the same token count (only the sequence length differs).
+2. The same job on A100-40GB and A100-80GB (same chip; 80GB has the faster HBM).
+3. A hypothesis, not a shipped term: Composer's FSDP ``mixed_precision: DEFAULT`` (the A100-80GB and
+   H100 tables' ``mp_mode``) keeps parameters in fp32 and runs under ``torch.autocast``, so every
+   micro-batch casts each layer's gathered weights to bf16 (and back for the gradients) where
+   autopar's own program (FSDP2 bf16 ``MixedPrecisionPolicy``, the A100-40GB table's ``PURE``) does
+   not. It prints every row's error with that traffic added to the priced step.
+4. The rows that run FSDP ``SHARD_GRAD_OP`` (ZeRO-2) priced as they are (one reduce-scatter + all-gather
+   per step, behind the last backward: ``CostModel.dp_time`` below ZeRO-3) and, as an upper bound of
+   FSDP's per-unit gathers in the forward, priced as ZeRO-3 (which also re-gathers in the backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import calibrate_modern as cal  # noqa: E402
+import published_rows as pr  # noqa: E402
+
+CAST_BYTES_PER_PARAM = 6.0  # read fp32 (4) + write bf16 (2), or read bf16 (2) + write fp32 (4)
+
+
+def autocast_cast_bytes(layer_params: float, recompute_full: bool) -> float:
+    """HBM bytes one micro-batch moves to cast one layer's weights and gradients when FSDP keeps the
+    parameters in fp32 under ``torch.autocast`` (Composer ``get_mixed_precision``: DEFAULT =
+    ``MixedPrecision(param_dtype=float32, reduce_dtype=bf16, buffer_dtype=float32)``): the forward's
+    autocast cast of each weight (fp32 -> bf16; autocast caches casts of leaf tensors only, and
+    FSDP1's unsharded parameters are views of its flat parameter), the cast's backward (bf16 -> fp32
+    gradient), FSDP's cast of the unsharded gradient to ``reduce_dtype`` before the reduce-scatter,
+    and with full activation checkpointing the recomputed forward's cast again. Lower bound: the
+    gradient accumulation into the flat parameter and the fp32 all-gathers are not counted."""
+    passes = 4 if recompute_full else 3
+    return passes * CAST_BYTES_PER_PARAM * layer_params
+
+
+def micro_batches(strategy: str) -> int:
+    d = dict(kv.split("=") for kv in strategy.split(","))
+    return int(d["gbs"]) // (int(d["mbs"]) * int(d["dp"]))
+
+
+def cast_seconds(b: cal.Built) -> float:
+    """The hypothesis' extra seconds per step for one built row (0 for ``mp_mode`` other than DEFAULT)."""
+    run = b.case.run
+    if run["parallel"].get("mp_mode") != "DEFAULT":
+        return 0.0
+    m = run["model"]
+    h, f = m["hidden"], m["ffn_hidden"]
+    full = "recompute=full" in b.case.strategy
+    per_mb = m["layers"] * b.cm.timer.membound(autocast_cast_bytes(4 * h * h + 2 * h * f, full)) \
+        + b.cm.timer.membound(autocast_cast_bytes(m["vocab"] * h, full))  # tied embedding / LM head
+    return micro_batches(b.case.strategy) * per_mb
+
+
+def same_work(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
+    print("\n1. MPT-760m, A100-80GB: same tokens per step, same micro-batch count and tokens per micro-batch")
+    for b, p in rows:
+        if "a100_80gb" in b.case.id and "_760m_" in b.case.id and b.case.seq_len <= 2048:
+            d = dict(kv.split("=") for kv in b.case.strategy.split(","))
+            tps = b.case.run["measured"]["tokens_per_sec_per_gpu"]
+            print(f"  seq {b.case.seq_len:5d}: {int(d['gbs']) * b.case.seq_len:7d} tokens/step, "
+                  f"{micro_batches(b.case.strategy)} micro-batches of {int(d['mbs']) * b.case.seq_len} tokens, "
+                  f"published {tps:6d} tok/s/GPU, error {100 * p.error:+.1f}%")
+
+
+def pairs(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
+    print("\n2. The same model and sequence length on A100-40GB (PURE) and A100-80GB (DEFAULT), 8 GPUs")
+    a40 = {(b.case.run["model"]["name"], b.case.seq_len): (b, p) for b, p in rows
+           if "a100_40gb" in b.case.id and b.case.run["hardware"]["num_gpus"] == 8}
+    for b, p in rows:
+        other = a40.get((b.case.run["model"]["name"], b.case.seq_len))
+        if "a100_80gb" in b.case.id and other:
+            for bb, pp in (other, (b, p)):
+                d = dict(kv.split("=") for kv in bb.case.strategy.split(","))
+                print(f"  {bb.case.id[15:50]:35s} mbs {d['mbs']:>3s} x {micro_batches(bb.case.strategy):2d} "
+                      f"rc {d['recompute']:4s} published {bb.case.run['measured']['tokens_per_sec_per_gpu']:6d} "
+                      f"tok/s/GPU, error {100 * pp.error:+.1f}%")
+
+
+def hypothesis(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
+    print("\n3. Hypothesis (not shipped): fp32 parameters under autocast (mp_mode DEFAULT) add autocast_cast_bytes")
+    out = []
+    for b, p in rows:
+        extra = cast_seconds(b)
+        out.append((b.case.id, p.error, p.pub_step_s / (p.pred_step_s + extra) - 1, extra / p.pred_step_s))
+    for rid, before, after, share in sorted(out):
+        print(f"  {rid[15:56]:41s} {100 * before:+6.1f}% -> {100 * after:+6.1f}%  (+{100 * share:.1f}% priced time)")
+    for table in ("a100_40gb", "a100_80gb", "h100_80gb", ""):
+        sel = [r for r in out if table in r[0]]
+        for k, col in ((1, "now"), (2, "with the casts")):
+            errs = [r[k] for r in sel]
+            mean = statistics.mean(map(abs, errs))
+            print(f"  {table or 'all':10s} {len(sel):3d} rows {col:15s} mean {100 * mean:.2f}% "
+                  f"bias {100 * statistics.mean(errs):+.2f}% max {100 * max(map(abs, errs)):.1f}% "
+                  f"over 12%: {sum(abs(e) > 0.12 for e in errs)} over 15%: {sum(abs(e) > 0.15 for e in errs)}")
+
+
+def zero2_as_fsdp(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
+    from autopar.core.strategy import Strategy
+
+    print("\n4. FSDP SHARD_GRAD_OP rows: priced as ZeRO-2 now, and as ZeRO-3 (upper bound of per-unit gathers)")
+    for b, p in rows:
+        if "zero=2" in b.case.strategy:
+            s3 = Strategy.parse(b.case.strategy.replace("zero=2", "zero=3")).resolve(b.strategy.world)
+            as_zero3 = p.pub_step_s / b.cm.estimate(s3).step_time_s - 1
+            print(f"  {b.case.id[15:56]:41s} {100 * p.error:+6.1f}% -> {100 * as_zero3:+6.1f}%")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", type=Path, help="pickle of the built rows (validate_published.py --cache)")
+    args = ap.parse_args()
+    built, _skipped = cal.load_or_build([pr.MODERN_YAML], args.cache)
+    rows = [(b, cal.price(b)) for b in built if b.case.source == "llm-foundry"]
+    same_work(rows)
+    pairs(rows)
+    hypothesis(rows)
+    zero2_as_fsdp(rows)
+
+
+if __name__ == "__main__":
+    main()
