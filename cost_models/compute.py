@@ -95,6 +95,13 @@ class OpTimer:
             if not self.measured:
                 self.measured = {k: (v[0], v[1]) for k, v in self.gpu.measured_ops.items()}
 
+    def in_dtype(self, dtype: str) -> OpTimer:
+        """This timer pricing in ``dtype`` (same profile, measurements, stack and contention; the hit
+        counts are shared)."""
+        if dtype == self.dtype:
+            return self
+        return OpTimer(self.gpu, dtype, self.measured, self.source, self.hits, self.contention, self.stack)
+
     def exact(self, sig: str | None) -> tuple[float, float] | None:
         """Measured (forward, backward) seconds of a whole op at its captured shape, if profiled."""
         hit = self.measured.get(sig) if sig and self.measured else None
@@ -177,6 +184,17 @@ class OpTimer:
         if hit is not None:
             self.hits["measurement"] += 1
         return hit
+
+
+def layer_dtype(kind: str, dtype: str) -> str:
+    """The precision a layer's GEMMs run in under a training ``dtype``: fp8 recipes quantize the
+    transformer blocks' linears only. Megatron-Core enters Transformer Engine's ``fp8_autocast`` per
+    transformer layer (``TransformerBlock``: ``get_fp8_context``) and its output layer is a plain
+    ``ColumnParallelLinear``; torchao float8 in torchtitan skips the ``output`` projection
+    (``Float8LinearConverter`` ``filter_fqns``); llm-foundry's MPT ties the head to ``wte`` through
+    ``F.linear``. So the embedding and output layers stay in bf16 (Micikevicius et al. 2022 keep the
+    first and last layers in higher precision too)."""
+    return "bf16" if dtype == "fp8" and kind != "block" else dtype
 
 
 def stack_matmul_eff(eff: float, stack: StackConstants, dtype: str) -> float:

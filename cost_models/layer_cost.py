@@ -20,13 +20,15 @@ Communication per technique and what hides behind compute (stated once, here):
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from autopar.core.cluster import ClusterSpec
 from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import CommFit, collective_time
-from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_contention
+from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_contention, layer_dtype
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
+from autopar.cost_models.megatron_ops import megatron_linears
 from autopar.cost_models.memory import busiest_rank_expert_excess
 from autopar.cost_models.moe_cost import capped_load, ep_exposed, grouped_expert_time, local_sort_bytes, ring_exposed
 
@@ -145,6 +147,9 @@ def _experts_replicated(s: Strategy) -> bool:
 
 
 def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> LayerCost:
+    if layer_dtype(layer.kind, ctx.timer.dtype) != ctx.timer.dtype:  # fp8 runs the blocks' linears only
+        ctx = copy.copy(ctx)  # a shallow copy: the fits and contention are already set up
+        ctx.timer = ctx.timer.in_dtype(layer_dtype(layer.kind, ctx.timer.dtype))
     sh = shards_for(s)
     before = dict(ctx.timer.hits)
     fwd = bwd = attn_fwd = kernel_fwd = op_rerun = 0.0
@@ -194,10 +199,15 @@ def runtime_ops(layer: LayerTemplate, runtime: str, dtype_bytes: int) -> list[Op
     ``fused_apply_rotary_pos_emb``) and its FlashAttention takes GQA's fewer K/V heads as they are
     (Dao 2023, FlashAttention-2 ``num_heads_k``), where the captured graph runs RoPE in fp32 with its
     casts and expands K/V: the elementwise ops between the last projection and the attention kernel
-    become one op moving ``fused_rope_bytes``. Other runtimes run the graph's ops."""
-    ops = layer.ops
+    become one op moving ``fused_rope_bytes``; its linears are Megatron's fused ones
+    (``megatron_ops.megatron_linears``: ``linear_qkv``, ``linear_fc1`` with the fused SwiGLU). Other
+    runtimes run the graph's ops."""
+    return megatron_linears(_megatron_rope(layer.ops, dtype_bytes)) if runtime == "megatron" else layer.ops
+
+
+def _megatron_rope(ops: list[OpTerm], dtype_bytes: int) -> list[OpTerm]:
     attn = next((i for i, o in enumerate(ops) if o.kind == "attention" or o.attn_core), None)
-    if runtime != "megatron" or attn is None:
+    if attn is None:
         return ops
     last = max((i for i in range(attn) if ops[i].kind == "gemm"), default=-1)
     proj = [o for o in ops[:attn] if o.kind == "gemm" and o.shard == "tp" and o.gemm is not None][-3:]

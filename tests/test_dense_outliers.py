@@ -100,3 +100,73 @@ def test_megatron_param_gather_hides_behind_the_next_first_forward():
     assert grad_sync_exposed(1.0, 0.25, 0.1, gather_ahead=True) == pytest.approx(0.25 + 0.4)
     assert grad_sync_exposed(1.0, 0.6, 0.6, gather_ahead=True) == 0.0
     assert grad_sync_exposed(1.0, 0.6, 0.6, gather_ahead=False) == pytest.approx(0.4)
+
+
+def _llama_like(tmp_path: Path) -> Path:
+    """A tiny Llama (RMSNorm, GQA, RoPE, SwiGLU)."""
+    cfg = dict(model_type="llama", hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+               intermediate_size=768, vocab_size=1024, max_position_embeddings=256)
+    path = tmp_path / "llama.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _model(path: Path, runtime: str, dtype: str = "bf16"):
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    return build_cost_model(Inputs(model=str(path), gpu="h100-sxm", seq_len=256, runtime=runtime, dtype=dtype))[0]
+
+
+def test_megatron_runs_fused_qkv_and_fc1_linears_with_one_swiglu_kernel(tmp_path):
+    """Megatron-Core's ``linear_qkv`` and ``linear_fc1`` ([gate; up]) are one GEMM each, and its SwiGLU one
+    fused kernel (``bias_swiglu_impl``): the captured q, k, v and gate, up linears merge with their FLOPs
+    and output widths summed, the gate's activation folds into the product; other runtimes keep the graph."""
+    from autopar.cost_models.layer_cost import runtime_ops
+
+    block = next(iter(_model(_llama_like(tmp_path), "megatron").blocks.values()))
+    graph, mega = runtime_ops(block, "torch", 2), runtime_ops(block, "megatron", 2)
+    assert graph == block.ops
+    gemms = [o for o in graph if o.kind == "gemm"]
+    fused = [o for o in mega if o.kind == "gemm"]
+    assert len(gemms) == 7 and len(fused) == 4  # q, k, v, o, gate, up, down -> qkv, o, fc1, down
+    assert sum(o.fwd_flops for o in fused) == pytest.approx(sum(o.fwd_flops for o in gemms), rel=1e-12)
+    qkv, fc1 = fused[0], fused[2]
+    assert qkv.gemm == (256.0, 256.0 + 2 * 64.0, 256.0) and fc1.gemm == (256.0, 2 * 768.0, 256.0)
+    between = mega[mega.index(fc1) + 1:mega.index(fused[3])]
+    assert [o.kind for o in between] == ["membound"]  # one SwiGLU kernel
+    assert sum(o.kind == "membound" for o in mega) < sum(o.kind == "membound" for o in graph)
+
+
+def test_megatron_linears_leave_unrelated_gemms_alone():
+    """Only column linears over one input merge: q, k, v with k and v equally wide, or two equal gate / up
+    linears; a row linear, a batched matmul or linears of other shapes stay as they are."""
+    from autopar.cost_models.layer_model import OpTerm
+    from autopar.cost_models.megatron_ops import megatron_linears
+
+    def g(name, m, n, k, dim="n"):
+        return OpTerm(name=name, kind="gemm", shard="tp", fwd_flops=2 * m * n * k, bwd_flops=4 * m * n * k,
+                      bytes_rw=2 * (m * k + k * n + m * n), gemm=(m, n, k), tp_dim=dim)
+
+    ops = [g("a", 8, 16, 32), g("b", 8, 24, 32), g("o", 8, 32, 16, "k"), g("c", 8, 16, 64)]
+    assert megatron_linears(ops) == ops
+    merged = megatron_linears([g("gate", 8, 16, 32), g("up", 8, 16, 32)])
+    assert len(merged) == 1 and merged[0].gemm == (8, 32, 32) and merged[0].bytes_rw == pytest.approx(
+        2 * (8 * 32 + 32 * 32 + 8 * 32))
+
+
+def test_fp8_prices_the_blocks_linears_only(tmp_path):
+    """Transformer Engine (Megatron-Core), torchao float8 (torchtitan) and llm-foundry quantize the
+    transformer blocks' linears; the output projection stays bf16 (``compute.layer_dtype``): under fp8
+    the output layer prices as under bf16, the blocks faster."""
+    from autopar.cost_models.compute import layer_dtype
+    from autopar.cost_models.layer_cost import price_layer
+
+    assert layer_dtype("output", "fp8") == "bf16" and layer_dtype("block", "fp8") == "fp8"
+    assert layer_dtype("output", "bf16") == "bf16"
+    s = Strategy.parse("mbs=1").resolve(1)
+    bf16, fp8 = _model(_llama_like(tmp_path), "megatron"), _model(_llama_like(tmp_path), "megatron", "fp8")
+    out = [price_layer(cm.output, s, cm.ctx) for cm in (bf16, fp8)]
+    assert out[1].fwd_s == pytest.approx(out[0].fwd_s, rel=1e-12) and out[1].bwd_s == pytest.approx(out[0].bwd_s)
+    assert fp8.timer.dtype == "fp8"  # the shared timer is left as it was
+    blocks = [price_layer(next(iter(cm.blocks.values())), s, cm.ctx) for cm in (bf16, fp8)]
+    assert blocks[1].fwd_s != blocks[0].fwd_s

@@ -231,13 +231,13 @@ def test_megatron_runs_rope_fused_and_gqa_unexpanded():
     """Megatron-Core: one fused RoPE kernel per q and k in bf16 (TE fused_apply_rotary_pos_emb) and no
     K/V expansion (FlashAttention takes GQA heads as they are): the captured fp32 RoPE, its casts and
     repeat_interleave become one op reading and writing q and k once."""
-    from autopar.cost_models.layer_cost import fused_rope_bytes, runtime_ops
+    from autopar.cost_models.layer_cost import _megatron_rope, fused_rope_bytes, runtime_ops
     from autopar.cost_models.session import Inputs, build_cost_model
 
     cm = _qwen_moe_cost_model(Inputs, build_cost_model, 4096)
     block = next(t for t in cm.templates if t.is_moe)
     assert runtime_ops(block, "torch", 2) is block.ops and runtime_ops(block, "torchtitan", 2) is block.ops
-    ops = runtime_ops(block, "megatron", 2)
+    ops = _megatron_rope(block.ops, 2)  # the RoPE step of runtime_ops (its fused linears: test_dense_outliers)
     attn = next(i for i, o in enumerate(ops) if o.kind == "attention")
     assert ops[attn - 1].name == "fused_rope" and ops[attn - 2].kind == "gemm"
     assert ops[attn - 1].bytes_rw == fused_rope_bytes(4096, 32 * 128, 4 * 128, 2) == 2 * 2 * 4096 * 4608

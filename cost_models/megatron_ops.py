@@ -1,0 +1,68 @@
+"""The GEMMs and kernels Megatron-Core runs for a captured block's ops (``--runtime megatron``).
+
+A captured Hugging Face block projects q, k and v with three linears and a gated MLP's gate and up
+halves with two, with the activation and the product as two elementwise ops between them. Megatron-Core
+builds one column-parallel linear for each group (``linear_qkv``: q, k and v interleaved per query
+group; ``linear_fc1``: [gate; up], 2 x ffn wide, for a gated linear unit) and runs the gated activation
+as one fused kernel (``--bias-swiglu-fusion``, on by default: ``bias_swiglu_impl``; its MoE experts'
+``TEGroupedMLP`` the same on the grouped ``fc1``). Megatron-LM ``megatron/core/transformer/attention.py``
+(``SelfAttention.get_query_key_value_tensors``) and ``mlp.py`` (``MLP.forward``). One GEMM instead of
+two or three reads the shared input once (under fp8: one cast of it, ``compute.fp8_cast_bytes``) and
+runs as one larger kernel; the fused activation reads gate and up and writes their product once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from autopar.cost_models.layer_model import OpTerm
+
+
+def _column(op: OpTerm) -> bool:
+    return op.kind == "gemm" and op.gemm is not None and op.tp_dim == "n" and not op.batched
+
+
+def _same_input(a: OpTerm, b: OpTerm) -> bool:
+    """Two column linears over the same input: same rows, same reduction, same sharding and calls."""
+    return _column(a) and _column(b) and a.shard == b.shard and a.calls == b.calls \
+        and a.gemm[0] == b.gemm[0] and a.gemm[2] == b.gemm[2]
+
+
+def merged_linear(parts: list[OpTerm]) -> OpTerm:
+    """One column-parallel GEMM computing ``parts`` side by side: the output widths add up, and so do
+    the FLOPs and the weight bytes (the input is read once)."""
+    first = parts[0]
+    m, _, k = first.gemm
+    n = sum(p.gemm[1] for p in parts)
+    per_element = first.bytes_rw / (m * k + k * first.gemm[1] + m * first.gemm[1])
+    return replace(first, name="+".join(p.name for p in parts), gemm=(m, n, k), sig=None,
+                   fwd_flops=sum(p.fwd_flops for p in parts), bwd_flops=sum(p.bwd_flops for p in parts),
+                   bytes_rw=per_element * (m * k + k * n + m * n), op_kept=all(p.op_kept for p in parts))
+
+
+def megatron_linears(ops: list[OpTerm]) -> list[OpTerm]:
+    """``ops`` with Megatron-Core's fused linears: the q, k, v projections (three column linears over the
+    same input in a row) as ``linear_qkv``, and a gated MLP's gate and up projections (two equal column
+    linears over the same input, adjacent or with the gate's activation between them) as ``linear_fc1``,
+    the activation folded into the elementwise product that follows (one fused kernel moving the
+    product's bytes: gate and up read, their product written)."""
+    out: list[OpTerm] = []
+    i = 0
+    while i < len(ops):
+        op = ops[i]
+        nxt = ops[i + 1:i + 4]
+        if len(nxt) >= 2 and _same_input(op, nxt[0]) and _same_input(op, nxt[1]) and op.shard == "tp" \
+                and nxt[0].gemm[1] == nxt[1].gemm[1]:  # q, k, v (k and v equally wide)
+            out.append(merged_linear([op, nxt[0], nxt[1]]))
+            i += 3
+        elif nxt and _same_input(op, nxt[0]) and op.gemm == nxt[0].gemm:  # gate, up adjacent
+            out.append(merged_linear([op, nxt[0]]))
+            i += 2
+        elif len(nxt) >= 3 and nxt[0].kind == "membound" and op.gemm == nxt[1].gemm and _same_input(op, nxt[1]) \
+                and nxt[2].kind == "membound":  # gate, act(gate), up, act * up
+            out += [merged_linear([op, nxt[1]]), nxt[2]]
+            i += 4
+        else:
+            out.append(op)
+            i += 1
+    return out
