@@ -16,7 +16,8 @@ from autopar.cli.app import app
 def emit_command(
     plan: Path = typer.Argument(..., help="plan.json written by `autopar plan`"),
     out: Path = typer.Option(..., "--out", "-o", help="folder to write train.py and the launch scripts into"),
-    device: str = typer.Option("cuda", "--device", help="cuda (NCCL) or cpu (gloo: try any plan on a laptop)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda (NCCL) or cpu (gloo: try any plan on a "
+                                         "laptop); default: the device the plan was priced for"),
     account: Optional[str] = typer.Option(None, "--account", help="SLURM --account"),
     partition: Optional[str] = typer.Option(None, "--partition", help="SLURM --partition"),
     time_limit: str = typer.Option("01:00:00", "--time", help="SLURM --time ([D-]HH:MM:SS)"),

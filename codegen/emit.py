@@ -58,10 +58,25 @@ def has_sample(vocab: int) -> bool:
     return vocab >= len(ALPHABET)
 
 
-def emit(plan: Plan, out_dir: str | os.PathLike, device: str = "cuda",
+def plan_device(plan: Plan) -> str:
+    """The device the plan was priced for: ``cpu`` when its profile describes CPU ranks (``cores``
+    set, e.g. ``--gpu cpu``), else ``cuda``. A profile that cannot be read here (a file on another
+    machine) counts as a GPU."""
+    from autopar.profiles.hw import load_gpu_profile
+
+    try:
+        return "cpu" if load_gpu_profile(plan.cluster.gpu).cores else "cuda"
+    except (InputError, OSError):
+        return "cuda"
+
+
+def emit(plan: Plan, out_dir: str | os.PathLike, device: str | None = None,
          launch: LaunchOptions | None = None) -> list[Path]:
     """Write the training program for ``plan`` into ``out_dir``; returns the files written.
-    ``launch``: account, partition, image, ... of the launch scripts (``emit_launch``)."""
+    ``device``: default the one the plan was priced for (``plan_device``), so a plan made with
+    ``--gpu cpu`` runs on gloo without a flag. ``launch``: account, partition, image, ... of the
+    launch scripts (``emit_launch``)."""
+    device = device or plan_device(plan)
     if device not in ("cuda", "cpu"):
         raise InputError(f"device: '{device}' is not cuda or cpu")
     layout = check_plan(plan, device)

@@ -196,3 +196,18 @@ def test_run_directory_alone_runs_with_only_torch(torch_only_python, tmp_path):
                           cwd=alone, timeout=300).stdout.split()
     assert "autopar_rt" in mods and "torch" in mods
     assert not {"autopar", "pydantic", "yaml", "scipy", "networkx", "typer", "rich"} & set(mods)
+
+
+def test_emit_defaults_to_the_device_the_plan_was_priced_for(tmp_path):
+    """A plan priced on CPU ranks (`plan --gpu cpu`) emits a gloo program without `--device`
+    (it used to default to cuda and fail at `torch.cuda.set_device` on a CPU-only machine)."""
+    from autopar.codegen.emit import plan_device
+
+    assert plan_device(make_plan("gpt-tiny", 2, "dp=2")) == "cpu"
+    assert plan_device(llama70b_4x8()) == "cuda"
+    emit(make_plan("gpt-tiny", 2, "dp=2"), tmp_path / "cpu")
+    emit(llama70b_4x8(), tmp_path / "gpu")
+    assert 'DEVICE = "cpu"' in (tmp_path / "cpu" / "train.py").read_text()
+    assert 'DEVICE = "cuda"' in (tmp_path / "gpu" / "train.py").read_text()
+    emit(make_plan("gpt-tiny", 2, "dp=2"), tmp_path / "forced", "cuda")   # an explicit --device wins
+    assert 'DEVICE = "cuda"' in (tmp_path / "forced" / "train.py").read_text()
