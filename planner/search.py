@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from dataclasses import replace
 
 from autopar import techniques
 from autopar.core.strategy import Strategy
@@ -144,11 +145,7 @@ def _partitioned(sp: Space, sh: Sharding, k: Knobs, upper: float) -> Candidate |
     except InputError as exc:  # a rule the enumeration does not test (none known): keep the reason
         sp.rule_error = sp.rule_error or exc.message
         return None
-    modes = sp.cons.modes
-    if s.schedule in pipeline.ZERO_BUBBLE:  # per-layer choices obey the emit rules on recompute too
-        modes = tuple(m for m in modes if m in pipeline.ZB_RECOMPUTE) or modes
-    if s.offload_optimizer:
-        modes = tuple(m for m in modes if m in offload.OFFLOAD_RECOMPUTE) or modes
+    modes = allowed_modes(sp.cons.modes, s.schedule, s.offload_optimizer)
     if s.schedule in pipeline.V_SHAPED:
         return _v_shaped(cm, s, modes, upper)
     # the pricing of the sharding's key (``pricing_key``: the same prices for every dp): one
@@ -160,6 +157,32 @@ def _partitioned(sp: Space, sh: Sharding, k: Knobs, upper: float) -> Candidate |
     if res is None:
         return None
     return Candidate(_label(s, res.layer_recompute), res.stages, res.layer_recompute, res.step_time_s)
+
+
+def allowed_modes(modes: tuple[str, ...], schedule: str, offloaded: bool) -> tuple[str, ...]:
+    """The recompute modes a configuration's layers may use: per-layer choices obey the emit rules
+    on recompute too (zero-bubble schedules and optimizer offload allow fewer)."""
+    if schedule in pipeline.ZERO_BUBBLE:
+        modes = tuple(m for m in modes if m in pipeline.ZB_RECOMPUTE) or modes
+    if offloaded:
+        modes = tuple(m for m in modes if m in offload.OFFLOAD_RECOMPUTE) or modes
+    return modes
+
+
+def _floor_for(sp: Space, sh: Sharding, modes: tuple[str, ...]) -> Floor:
+    """``sp.floor(sh)`` for configurations allowed only ``modes`` (``allowed_modes``, a subset of the
+    constraints' modes holding their first): the least activations and the recompute offers of those
+    modes alone, a tighter floor of the same configurations (states do not depend on the modes: the
+    memo is shared)."""
+    floor = sp.floor(sh)
+    if modes == sp.cons.modes:
+        return floor
+    key = ("floor", sh.tp, sh.cp, sh.ep, sh.etp, sh.sp, sh.mbs, modes)
+    if key not in sp.memo:
+        saves = tuple((n, {m: b for m, b in by.items() if m in modes}) for n, by in floor.saves)
+        act = floor.act_base - sum(n * max([0.0, *by.values()]) for n, by in saves)
+        sp.memo[key] = replace(floor, act=act, saves=saves)
+    return sp.memo[key]
 
 
 def _v_shaped(cm: CostModel, s: Strategy, modes: tuple[str, ...], upper: float) -> Candidate | None:
@@ -271,7 +294,6 @@ def _expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
     m = sp.gb // (sh.dp * sh.mbs)
     pr = sp.priced(sh)
     p2p = sp.p2p(sh)
-    floor = sp.floor(sh)
     host_usable = cm.gpu.host_mem_bytes * cm.gpu.host_usable_fraction if cm.gpu.host_mem_bytes else None
     rests: dict[tuple, tuple] = {}
     for ks in sp.knobs(knobs).groups:
@@ -281,12 +303,14 @@ def _expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
         warm = grads_freed(sp, sh, k0.schedule, k0.vpp)
         terms = []
         for k in ks:
-            if (k.zero, k.offload, in_flight, warm) not in rests:
+            modes = allowed_modes(sp.cons.modes, k.schedule, k.offload)
+            if (k.zero, k.offload, in_flight, warm, modes) not in rests:
+                floor = _floor_for(sp, sh, modes)
                 fits = floor.bytes(cm, sh, k.zero, k.offload, in_flight, warm) <= sp.usable and not (
                     k.offload and host_usable is not None and floor.host_bytes(cm, sh) > host_usable)
                 extra = floor.recompute_time(cm, sh, k, in_flight, sp.usable, pr.rc, warm) if fits else 0.0
-                rests[k.zero, k.offload, in_flight, warm] = (fits, extra, _optimizer_floor(sp, sh, k, pr))
-            fits, extra, opt = rests[k.zero, k.offload, in_flight, warm]
+                rests[k.zero, k.offload, in_flight, warm, modes] = (fits, extra, _optimizer_floor(sp, sh, k, pr))
+            fits, extra, opt = rests[k.zero, k.offload, in_flight, warm, modes]
             if fits:
                 terms.append((k, extra, opt))
         stats.pruned_memory += len(ks) - len(terms)
