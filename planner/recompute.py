@@ -21,24 +21,23 @@ Problem, for one rank whose layers fall into groups ``g`` of identical layers (s
 
 Exact solution (no ILP needed; the groups are few and their layers identical):
 enumerate ``W`` over the distinct ``work`` values (it only restricts which modes each
-group may use); for each group list every count vector ``x[g, .]`` and keep its Pareto
-frontier of (saved bytes, extra time); add the groups' frontiers (Minkowski sum, Pareto
-filtered again); the answer is the cheapest frontier point whose bytes fit. When nothing
-fits the rank is infeasible: fewer layers on it, more sharding (tp, cp, pp, ZeRO) or a
-smaller micro-batch are what relax it, and the stage partition above decides that.
+group may use); for each group the Pareto frontier of its count vectors ``x[g, .]`` in
+(saved bytes, extra time) (``planner.frontier``: built incrementally in ``n_g``, exact);
+add the groups' frontiers (Minkowski sum, Pareto filtered again); the answer is the
+cheapest frontier point whose bytes fit. When nothing fits the rank is infeasible: fewer
+layers on it, more sharding (tp, cp, pp, ZeRO) or a smaller micro-batch are what relax it,
+and the stage partition above decides that.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
-from functools import lru_cache
-
-import numpy as np
 
 from autopar.cost_models.layer_cost import RECOMPUTE_MODES, LayerCost
+from autopar.planner import frontier
 
-Frontier = list[tuple[float, float, tuple]]  # (act bytes, extra time, counts per group and mode), act ascending
+Frontier = frontier.Frontier  # (act bytes, extra time, counts per group and mode), act ascending
 
 
 @dataclass(frozen=True)
@@ -140,47 +139,8 @@ def _group_frontier(c: LayerCost, n: int, allowed: tuple[str, ...], cache: dict)
     key = ("group", id(c), n, allowed)
     if key not in cache:
         acts, dts = tuple(c.act_bytes[k] for k in allowed), tuple(extra_time(c, k) for k in allowed)
-        cache[key] = (_frontier_by_value(n, acts, dts), c)
+        cache[key] = (frontier.group_frontier(n, acts, dts), c)   # built incrementally in n, by value
     return cache[key][0]
-
-
-_BY_VALUE: dict[tuple, Frontier] = {}   # across searches (an awkward plan runs three): a pure function of values
-
-
-def _frontier_by_value(n: int, acts: tuple[float, ...], dts: tuple[float, ...]) -> Frontier:
-    """``_group_frontier`` of ``n`` layers whose allowed modes save ``acts`` bytes and add ``dts`` seconds."""
-    key = (n, acts, dts)
-    if key not in _BY_VALUE:
-        if len(_BY_VALUE) >= 4096:
-            _BY_VALUE.clear()
-        cnt = _count_vectors(n, len(acts))                        # [points, modes]
-        act = cnt @ np.array(acts)
-        dt = cnt @ np.array(dts)
-        order = np.lexsort((dt, act))
-        act, dt, cnt = act[order], dt[order], cnt[order]
-        best_before = np.concatenate(([np.inf], np.minimum.accumulate(dt)[:-1]))
-        keep = dt < best_before
-        _BY_VALUE[key] = [(float(a), float(t), tuple(int(x) for x in row))
-                          for a, t, row in zip(act[keep], dt[keep], cnt[keep])]
-    return _BY_VALUE[key]
-
-
-@lru_cache(maxsize=512)  # read-only: callers index and multiply, never write
-def _count_vectors(n: int, k: int) -> np.ndarray:
-    """Every way to split ``n`` layers among ``k`` modes, one row each."""
-    if k == 1:
-        return np.array([[n]])
-    if k > 3:  # the count of the first mode, then every split of the rest
-        return np.vstack([np.column_stack([np.full(len(rest), first), rest])
-                          for first in range(n + 1) for rest in [_count_vectors(n - first, k - 1)]])
-    a, b = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
-    a, b = a.ravel(), b.ravel()
-    if k == 2:
-        keep = a + b == n
-        return np.column_stack([a[keep], b[keep]])
-    keep = a + b <= n
-    a, b = a[keep], b[keep]
-    return np.column_stack([n - a - b, a, b])
 
 
 def _pareto(points: Frontier) -> Frontier:
