@@ -25,7 +25,9 @@ Order of work (nothing a bound rules out is expanded further):
    over pipeline ranks); the micro-batch loop stops at the first mbs that fails;
 2. one pricing per (tp, cp, ep, etp, sp) at the largest micro-batch bounds every row: with
    non-decreasing efficiency curves the price per sequence never rises with mbs;
-3. a work queue ordered by lower bound: a *row* entry (bounded from that pricing, scaled, plus
+3. a work queue ordered by lower bound: a *coarse row* entry (``m`` times that pricing's total, scaled,
+   over ``pp``: under every schedule's bound) gets its row bound when it comes out; a *row* entry
+   (bounded from that pricing, scaled, plus
    the stage sends, the optimizer floor and a context-parallel ring floor) is priced at its own
    micro-batch when it comes out and queued again under that bound; the second time it queues one
    *group* per (schedule, vpp) under the least of its configurations' bounds (``bounds``: the
@@ -106,7 +108,9 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
         if lb >= upper:
             stats.pruned_time += sum(_size(k, p) for _, _, k, p in sp.queue) + _size(kind, payload)
             break
-        if kind == "row":   # its micro-batch priced: the same bound, now exact in the layers' times
+        if kind == "coarse row":   # the row's bound of every schedule, worked out only for rows that get here
+            sp.push(_row_bound(sp, *payload, *sp.memo["probe", payload[0]]), "row", *payload)
+        elif kind == "row":   # its micro-batch priced: the same bound, now exact in the layers' times
             pr = sp.priced(payload[0])
             sp.push(_row_bound(sp, *payload, pr, payload[0].mbs, pr.total - pr.total_no_cp), "priced row", *payload)
         elif kind == "priced row":
@@ -242,7 +246,19 @@ def _fill(sp: Space) -> None:
     for sh, knobs in rows:
         key = (sh.tp, sh.cp, sh.ep, sh.etp, sh.sp)
         cp = cp_exposure_floor(sp, sh, *lows[key]) if key in lows else 0.0
-        sp.push(_row_bound(sp, sh, knobs, *probes[key], cp), "row", sh, knobs)
+        sp.memo["probe", sh] = (*probes[key], cp)   # what its _row_bound reads
+        sp.push(_coarse_bound(sp, sh, knobs, *probes[key], cp), "coarse row", sh, knobs)
+
+
+def _coarse_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: int, cp: float) -> float:
+    """A bound under ``_row_bound`` that needs no schedule: every schedule's ``pipeline_bound`` is at
+    least ``m * total / pp`` (1F1B: ``(m - 1) max P + sum P >= (m - 1 + pp) total / pp``; interleaved,
+    zero-bubble and pp = 1: ``m max P``), before the recompute, bubble and send terms; most rows
+    never reach the k-th best even so, and their schedules are never bounded one by one."""
+    m = sp.gb // (sh.dp * sh.mbs)
+    total = pr.total_no_cp * (sh.mbs / b) + cp
+    lb = m * total / sh.pp + sp.cm.stack.step_overhead_s + _row_optimizer(sp, sh, sp.knobs(knobs), pr)
+    return lb * (1 - 1e-12)   # rounding: never above the bound it stands for
 
 
 def _row_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: int, cp: float) -> float:
@@ -257,14 +273,19 @@ def _row_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: int, 
     best = Knobs(ks.zero, ks.offload, "1f1b", 1)
     extra = sp.floor(sh).recompute_time(sp.cm, sh, best, 1.0, sp.usable, pr.rc, sp.warm(sh, ks), scale)
     p2p, block = sp.p2p(sh), pr.min_block_no_cp * scale
+    opt = _row_optimizer(sp, sh, ks, pr)
+    # zero and offload add nothing here: one Knobs per schedule
+    return min(pipeline_bound(sp, sh, k, total + extra, p2p, held_layers(sp, sh, k) * block)
+               for k in ks.schedules) + opt
+
+
+def _row_optimizer(sp: Space, sh: Sharding, ks, pr: Priced) -> float:
+    """The least ``_optimizer_floor`` over a row's (ZeRO, offload) pairs."""
     m = sp.gb // (sh.dp * sh.mbs)
     key = ("opt_min", pr.params, sh.dp * sh.cp, sh.edp, sh.pp, m, ks.states)   # what _optimizer_floor reads
     if key not in sp.memo:
         sp.memo[key] = min(_optimizer_floor(sp, sh, k, pr) for k in ks.states)
-    opt = sp.memo[key]
-    # zero and offload add nothing here: one Knobs per schedule
-    return min(pipeline_bound(sp, sh, k, total + extra, p2p, held_layers(sp, sh, k) * block)
-               for k in ks.schedules) + opt
+    return sp.memo[key]
 
 
 def _optimizer_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
