@@ -32,7 +32,9 @@ Row conventions (each stated once, here):
   "force-balance tokens" and "token-drop, capacity factor C" set ``--moe-capacity-factor`` (1, C);
   the MoE Parallel Folding rows (Megatron-Core of early 2025) run without the all-to-all overlap
   (``--no-a2a-overlap``), interleaved with the smallest even V (``_folding_vpp``), and all of them
-  token-drop at capacity 1 (the paper's Table 3 setup, which its other tables reuse).
+  token-drop at capacity 1 (the paper's Table 3 setup, which its other tables reuse). Megatron rows
+  with a pipeline but no virtual stages, or with full recompute, run without the overlap too:
+  Megatron-Core refuses it there (``published_moe_rows.a2a_overlap_of``).
 - 2021 Megatron-LM / MT-NLG rows predate sequence parallelism: sp = 0.
 """
 
@@ -45,6 +47,7 @@ from pathlib import Path
 
 import yaml
 from mcore_readme_rows import README, megatron_model_flops, readme_v
+from published_moe_rows import a2a_overlap_of, capacity_factor_of
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "validation"
 MODERN_YAML = SHARED / "published_modern.yaml"
@@ -96,9 +99,6 @@ ARCHS: dict[str, dict] = {
 LEGACY_MEGATRON = ("narayanan21", "mt-nlg")  # 2021 Megatron-LM / DeepSpeed GPT runs: unfused attention
 UNSUPPORTED = {"Nemotron_3_Nano": "a hybrid Mamba-2 / attention MoE (no dims in the row; autopar builds "
                                   "no Mamba layer)"}
-
-
-FOLDING_CAPACITY_FACTOR = 1.0  # MoE Parallel Folding's training setup (its Table 3 rows: token-drop, capacity 1)
 
 
 class RowSkip(Exception):
@@ -408,10 +408,13 @@ def case_for(run: dict) -> Case:
     world = hw["num_gpus"]
     source = source_key(run)
     config = megatron2021_config(run) if source in LEGACY_MEGATRON else model_config(run)
+    strategy = strategy_of(run, stack)
+    knobs = dict(kv.split("=") for kv in strategy.split(","))
     return Case(id=run["id"], source=source, stack=stack, runtime=runtime, gpu=gpu, cluster=cluster,
                 nodes=max(1, world // gpn), gpus_per_node=min(gpn, world), seq_len=int(run["model"]["seq_len"]),
-                dtype=dtype_of(run), config=config, strategy=strategy_of(run, stack), run=run,
-                moe_capacity_factor=capacity_factor_of(run), a2a_overlap=source != "moe-folding",
+                dtype=dtype_of(run), config=config, strategy=strategy, run=run,
+                moe_capacity_factor=capacity_factor_of(run, source),
+                a2a_overlap=a2a_overlap_of(source, int(knobs["pp"]), int(knobs.get("vpp", 1)), knobs["recompute"]),
                 compile=compile_of(run) if runtime == "torchtitan" else "none")
 
 
@@ -420,25 +423,6 @@ def compile_of(run: dict) -> str:
     from validate_memory import compile_mode  # imports this module: loaded on first use only
 
     return compile_mode(run)
-
-
-def capacity_factor_of(run: dict) -> float | None:
-    """The expert capacity the row's routing ran with: Megatron-Bridge's MoE benchmarks force-balance
-    tokens across experts (``--moe-router-force-load-balancing``: every expert gets its mean share,
-    capacity 1); "token-drop ..., capacity factor C" caps each expert at C x its share; unstated:
-    dropless (None). MoE Parallel Folding (Liu et al. 2025) states its training setup once, with the
-    optimal mappings of Table 3 (token-drop, capacity factor 1); its strong- and context-scaling
-    tables (4, 5: "scaling runs reuse the Table 3 parallel configuration") and the fp8 Table 2 (the
-    Table 3 optimum) are runs of that setup: capacity 1 too. The published MFU of the same model and
-    mapping agrees across the tables (Llama3-8x70B MCore on 256 GPUs: 0.388 in Table 3, 0.401 in
-    Table 4 at four times the batch), so the two cannot be priced with different routing."""
-    text = " ".join(str(x or "") for x in (run.get("notes"), run["parallel"].get("note"))).lower()
-    if "force-balance" in text or "force balance" in text:
-        return 1.0
-    match = re.search(r"token-drop[^.]*capacity factor (\d+(?:\.\d+)?)", text)
-    if match:
-        return float(match.group(1))
-    return FOLDING_CAPACITY_FACTOR if source_key(run) == "moe-folding" else None
 
 
 def build(case: Case, workdir: Path):

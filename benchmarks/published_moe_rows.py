@@ -1,0 +1,47 @@
+"""MoE routing and dispatch of a published row, as its text and its software state them (for
+``published_rows.case_for``; kept apart so that module stays short).
+
+- ``capacity_factor_of``: the expert capacity the row's router ran with.
+- ``a2a_overlap_of``: whether the row's Megatron-Core could overlap its all-to-alls at all.
+"""
+
+from __future__ import annotations
+
+import re
+
+FOLDING = "moe-folding"  # published_rows.source_key of the MoE Parallel Folding rows
+FOLDING_CAPACITY_FACTOR = 1.0  # MoE Parallel Folding's training setup (its Table 3 rows: token-drop, capacity 1)
+
+
+def capacity_factor_of(run: dict, source: str) -> float | None:
+    """The expert capacity the row's routing ran with: Megatron-Bridge's MoE benchmarks force-balance
+    tokens across experts (``--moe-router-force-load-balancing``: every expert gets its mean share,
+    capacity 1); "token-drop ..., capacity factor C" caps each expert at C x its share; unstated:
+    dropless (None). MoE Parallel Folding (Liu et al. 2025) states its training setup once, with the
+    optimal mappings of Table 3 (token-drop, capacity factor 1); its strong- and context-scaling
+    tables (4, 5: "scaling runs reuse the Table 3 parallel configuration") and the fp8 Table 2 (the
+    Table 3 optimum) are runs of that setup: capacity 1 too. The published MFU of the same model and
+    mapping agrees across the tables (Llama3-8x70B MCore on 256 GPUs: 0.388 in Table 3, 0.401 in
+    Table 4 at four times the batch), so the two cannot be priced with different routing."""
+    text = " ".join(str(x or "") for x in (run.get("notes"), run["parallel"].get("note"))).lower()
+    if "force-balance" in text or "force balance" in text:
+        return 1.0
+    match = re.search(r"token-drop[^.]*capacity factor (\d+(?:\.\d+)?)", text)
+    if match:
+        return float(match.group(1))
+    return FOLDING_CAPACITY_FACTOR if source == FOLDING else None
+
+
+def a2a_overlap_of(source: str, pp: int, vpp: int, recompute: str) -> bool:
+    """Whether the row's all-to-alls could run beside other work (``--no-a2a-overlap`` when not).
+    The MoE Parallel Folding paper's Megatron-Core (early 2025) predates
+    ``--overlap-moe-expert-parallel-comm``. Where it exists, Megatron-Core refuses it in two cases
+    (``TransformerConfig.__post_init__``, megatron/core/transformer/transformer_config.py, v0.16:
+    "If enabling EP A2A overlap, virtual_pipeline_model_parallel_size must be specified when
+    pipeline_model_parallel_size > 1" and "disable full recomputation when enabling
+    overlap_moe_expert_parallel_comm"): the overlap pairs one micro-batch's forward with another's
+    backward of the same model chunk, which a plain 1F1B pipeline stage never runs side by side. So a
+    row with a pipeline but no virtual stages, or with full recompute, ran every all-to-all exposed."""
+    if source == FOLDING:
+        return False
+    return not (pp > 1 and vpp <= 1) and recompute != "full"
