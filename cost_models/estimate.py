@@ -50,17 +50,16 @@ from autopar.cost_models.memory import (
 )
 from autopar.cost_models.moe_load import LoadFn
 from autopar.cost_models.overlap import contention_time, exposed_behind, inter_node_factor, rate_capped, zero3_edges
-from autopar.cost_models.pipeline import in_flight_microbatches, step_time, weight_grad_fraction
+from autopar.cost_models.pipeline import in_flight_microbatches, shared_makespan, step_time, weight_grad_fraction
 from autopar.cost_models.runtime_memory import torchtitan_memory, torchtitan_stages
 from autopar.errors import InputError
+from autopar.memo import MISS, IdentityMemo
 from autopar.techniques import offload
 from autopar.techniques.pipeline import ZERO_BUBBLE, rank_stages
 
 DDP_BUCKET_BYTES = 25 * 2**20   # PyTorch DDP bucket_cap_mb default (torch.nn.parallel.DistributedDataParallel)
 OPTIMIZER_BYTES_PER_PARAM = 36  # Adam step traffic: read fp32 p, m, v (12) + 16-bit grad (2), its fp32 upcast
 #                                written and read back (8), write fp32 p, m, v (12) + the 16-bit copy (2)
-
-
 
 
 class CostModel:
@@ -86,6 +85,7 @@ class CostModel:
             sliding_layers=frozenset(i for i in self.blocks if spec.is_sliding_layer(i)))
         self.moe_load = moe_load
         self._cache: dict[tuple, dict] = {}
+        self._z3 = IdentityMemo(4096)   # _zero3_layer by what it reads (most layers share one price)
 
     @property
     def num_layers(self) -> int:
@@ -364,6 +364,11 @@ class CostModel:
 
     def _zero3_layer(self, s: Strategy, c: LayerCost, grad_bytes: int) -> tuple[float, float, float]:
         """(forward all-gather, backward all-gather, reduce-scatter) seconds of one layer's parameters."""
+        objs, size = (self.cluster, self.ctx.fits, self.stack), c.params_dense + c.params_expert
+        key, hit = self._z3.lookup((s.dp * s.cp, s.tp, s.zero_stage >= 3, size, grad_bytes, self.dtype), objs)
+        return hit if hit is not MISS else self._z3.put(key, objs, self._zero3_priced(s, c, grad_bytes))
+
+    def _zero3_priced(self, s: Strategy, c: LayerCost, grad_bytes: int) -> tuple[float, float, float]:
         n, pbytes = s.dp * s.cp, bytes_per_param(self.dtype)[0]
         full = (c.params_dense + c.params_expert) * pbytes
         scale, grads = self._dp_scale(n, s.tp), full / pbytes * grad_bytes
@@ -453,18 +458,6 @@ def offload_step_time(params: float, dtype: str, gpu: GpuProfile, gathers: int =
 def strategy_violations(spec: ModelSpec, seq_len: int, s: Strategy) -> list[str]:
     """Every technique rule the strategy breaks, as fix-naming messages (``autopar.techniques``)."""
     return techniques.violations(s, spec, s.world, seq_len)
-
-
-def shared_makespan(work: list[float], cores: int, threads: int = 1) -> float:
-    """Time for jobs of ``work`` CPU-seconds each, started together, to finish on ``cores`` cores
-    shared fairly (processor sharing: every unfinished job runs at min(threads, cores / jobs))."""
-    left, t = sorted(w for w in work if w > 0), 0.0
-    while left:
-        rate = min(threads, cores / len(left))
-        dt = left[0] / rate
-        t += dt
-        left = [w - rate * dt for w in left[1:] if w - rate * dt > 1e-15]
-    return t
 
 
 def even_stages(layers: int, n: int) -> list[tuple[int, int]]:

@@ -310,3 +310,15 @@ def _simulate_zb(f, b, w, m, schedule, v, p2p) -> PipelineTime:
     total = max(st.free)
     busy = m * max(fi + bi for fi, bi in zip(f, b))
     return PipelineTime(total, busy, max(total - busy, 0.0), 0.0, st.events)
+
+
+def shared_makespan(work: list[float], cores: int, threads: int = 1) -> float:
+    """Time for jobs of ``work`` CPU-seconds each, started together, to finish on ``cores`` cores
+    shared fairly (processor sharing: every unfinished job runs at min(threads, cores / jobs))."""
+    left, t = sorted(w for w in work if w > 0), 0.0
+    while left:
+        rate = min(threads, cores / len(left))
+        dt = left[0] / rate
+        t += dt
+        left = [w - rate * dt for w in left[1:] if w - rate * dt > 1e-15]
+    return t
