@@ -13,8 +13,9 @@ Communication per technique and what hides behind compute (stated once, here):
   one chunk of attention compute, so only the excess is exposed.
 - EP (GShard / Megatron-Core MoE): two all-to-alls per MoE layer in forward (dispatch,
   combine) and two in backward, each moving the local routed tokens ``k·b·s·h``; not
-  overlapped. Expert tensor parallel ``etp > 1`` adds an all-reduce of the expert
-  output over the etp group per direction.
+  overlapped. Expert tensor parallel ``etp > 1`` adds, per direction, an all-gather of the
+  received tokens over the etp group and a reduce-scatter of the expert outputs
+  (``moe_cost.etp_gathered_bytes``).
 - DP, ZeRO and PP are priced per step in ``estimate``.
 """
 
@@ -30,7 +31,14 @@ from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_cont
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
 from autopar.cost_models.megatron_ops import megatron_linears
 from autopar.cost_models.memory import busiest_rank_expert_excess
-from autopar.cost_models.moe_cost import capped_load, ep_exposed, grouped_expert_time, local_sort_bytes, ring_exposed
+from autopar.cost_models.moe_cost import (
+    capped_load,
+    ep_exposed,
+    etp_gathered_bytes,
+    grouped_expert_time,
+    local_sort_bytes,
+    ring_exposed,
+)
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
 
@@ -364,9 +372,10 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
         overlap = ctx.timer.stack.ep_overlap if ctx.a2a_overlap else 0.0
         a2a = ep_exposed(4 * a2a * expert_load(ctx), compute_s, overlap)
         out["ep"] = a2a + 5 * sync  # + the token-count exchange (uneven splits)
-    if layer.is_moe and s.etp > 1:
-        routed = act * ctx.topk / s.tp
-        out["etp"] = 2 * collective_time("all_reduce", routed, s.etp, 1, ctx.cluster, fits=ctx.fits).time_s
+    if layer.is_moe and s.etp > 1:  # all-gather the received tokens over etp, reduce-scatter the outputs
+        gathered = etp_gathered_bytes(act * ctx.topk / s.tp, s.etp)
+        out["etp"] = 2 * sum(collective_time(kind, gathered, s.etp, 1, ctx.cluster, fits=ctx.fits).time_s
+                             for kind in ("all_gather", "reduce_scatter"))
     return out
 
 

@@ -16,6 +16,9 @@ their constants are per GPU type and software stack (``core.gpu.StackConstants``
   all-to-all overlap; DeepSeek-V3 technical report, Liu et al. 2024, Sec. 3.2.1, DualPipe);
   a share ``overlap`` can hide, and only as long as the compute window lasts
   (``overlap.exposed_behind``).
+- ``etp_gathered_bytes``: expert tensor parallel gathers the tokens each rank received over the
+  ``etp`` group before the expert GEMMs and reduce-scatters the outputs after them, so both
+  collectives move ``etp`` times the rank's own received tokens.
 - ``local_sort_bytes``: a Megatron-Core expert-parallel rank holding several experts re-sorts the
   tokens the dispatch all-to-all delivered (grouped by source rank) into expert order, and back
   before the combine: one more read and write of every received token each way.
@@ -74,6 +77,19 @@ def local_sort_bytes(received_rows: float, hidden: float, dtype_bytes: float, lo
     if local_experts <= 1:
         return 0.0
     return 2 * 2.0 * received_rows * hidden * dtype_bytes
+
+
+def etp_gathered_bytes(received_bytes: float, etp: int) -> float:
+    """Bytes of the gathered buffer of one expert-tensor-parallel all-gather (its output) and of the
+    matching reduce-scatter (its input), per direction of one MoE layer: each of the ``etp`` ranks
+    of a group received ``received_bytes`` of routed tokens from the dispatch all-to-all, and every
+    rank's ffn shard needs all of them. Megatron-Core ``MoEAlltoAllTokenDispatcher``
+    (megatron/core/transformer/moe/token_dispatcher.py, v0.11): "permute -> A2A(EP) -> AG(TP) ->
+    sort_chunk" and "sort_chunk -> RS(TP) -> A2A(EP) -> unpermute", the TP group being the expert
+    tensor-parallel one (plain Megatron-Core before MoE Parallel Folding: etp = tp; Liu et al.
+    2025, Sec. 3); autopar's own ``codegen/runtime_moe.py`` gathers and reduce-scatters the same
+    rows over etp. Backward runs the pair reversed on the gradients (the same bytes)."""
+    return received_bytes * etp if etp > 1 else 0.0
 
 
 def ep_exposed(a2a_s: float, compute_s: float, overlap: float) -> float:

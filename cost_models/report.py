@@ -69,7 +69,7 @@ def term_sources(cm: CostModel, e: Estimate) -> dict:
             counts[k] = counts.get(k, 0) + v
     out: dict = {"compute": counts, "optimizer": cm.timer.source}
     groups = {"tp_comm": ("all_gather" if s.sequence_parallel else "all_reduce", s.tp, 1),
-              "etp_comm": ("all_reduce", s.etp, 1), "cp_comm": ("p2p", s.cp, s.tp),
+              "etp_comm": ("all_gather", s.etp, 1), "cp_comm": ("p2p", s.cp, s.tp),
               "ep_comm": ("all_to_all", s.ep, s.etp), "pp_comm": ("p2p", s.pp, s.world // s.pp),
               "dp_comm": ("reduce_scatter" if s.zero_stage else "all_reduce", s.dp * s.cp, s.tp)}
     for term, (kind, size, stride) in groups.items():

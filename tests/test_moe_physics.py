@@ -308,3 +308,46 @@ def test_qwen3_rows_build_qwen3_blocks():
     for rid in ("megatron_bridge_26.04_h100_Qwen3_30B_a3B_16gpu_FP8_12",
                 "megatron_bridge_26.04_h100_Qwen3_235B_a22B_256gpu_FP8_13"):
         assert pr.case_for(runs[rid]).config["model_type"] == "qwen3_moe"
+
+
+def test_expert_tp_gathers_every_received_token_of_the_group():
+    """Megatron-Core's all-to-all dispatcher (v0.11: "permute -> A2A(EP) -> AG(TP) -> sort_chunk", then
+    "sort_chunk -> RS(TP) -> A2A(EP)") and autopar's runtime_moe gather a rank's received tokens over
+    the etp group before the experts and reduce-scatter the outputs after: both collectives move etp
+    times the rank's own received bytes (the old all-reduce of one rank's share priced 1/etp of it)."""
+    from autopar.cost_models.comm import collective_time
+    from autopar.cost_models.moe_cost import etp_gathered_bytes
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    assert etp_gathered_bytes(100.0, 2) == 200.0 and etp_gathered_bytes(100.0, 4) == 400.0
+    assert etp_gathered_bytes(100.0, 1) == 0.0
+    cm = _qwen_moe_cost_model(Inputs, build_cost_model, 4096)
+    cost = _moe_layer_cost(StackConstants(), "tp=2,pp=1,dp=8,ep=4,etp=2,mbs=1,sp=1")
+    # a rank's 2048 tokens (sequence-parallel share) x top-8 x 2048 hidden x 2 bytes reach its experts;
+    # the pair of experts' shards needs both ranks' tokens: 2 x that gathered, then reduce-scattered
+    gathered = 2 * 2048 * 8 * 2048 * 2
+    one_way = sum(collective_time(k, gathered, 2, 1, cm.cluster, fits=cm.ctx.fits).time_s
+                  for k in ("all_gather", "reduce_scatter"))
+    assert cost.comm_s["etp"] == pytest.approx(2 * one_way)
+    assert one_way > collective_time("all_reduce", gathered / 2, 2, 1, cm.cluster, fits=cm.ctx.fits).time_s
+
+
+def test_megatron_refuses_the_all_to_all_overlap_on_a_plain_pipeline_or_full_recompute():
+    """Megatron-Core (v0.16 TransformerConfig) asserts virtual pipeline stages for
+    --overlap-moe-expert-parallel-comm when pp > 1, and refuses it under full recompute: GPT-OSS-120B
+    (pp 4, no VP) ran its all-to-alls exposed; Qwen3-235B (pp 8, VP 4) and Qwen3-30B (pp 1) could hide them."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from published_moe_rows import a2a_overlap_of
+
+    assert a2a_overlap_of("megatron-bridge", 1, 1, "none") and a2a_overlap_of("megatron-bridge", 8, 4, "none")
+    assert not a2a_overlap_of("megatron-bridge", 4, 1, "none")
+    assert not a2a_overlap_of("megatron-bridge", 1, 1, "full")
+    assert not a2a_overlap_of("moe-folding", 1, 1, "none")   # the paper's MCore predates the overlap
+    pr, runs = _published_rows()
+    assert not pr.case_for(runs["megatron_bridge_26.02_h100_GPT_OSS_120B_64gpu_BF16_22"]).a2a_overlap
+    for rid in ("megatron_bridge_26.04_h100_Qwen3_235B_a22B_256gpu_FP8_13",
+                "megatron_bridge_26.02_h100_Qwen3_30B_a3B_16gpu_FP8_23"):
+        assert pr.case_for(runs[rid]).a2a_overlap
