@@ -25,3 +25,15 @@ def llama3_v(run: dict, source: str, pp: int) -> int:
     if isinstance(stated, int) and not isinstance(stated, bool) and stated > 0:
         return stated
     return max(1, int(run["model"]["layers"]) // pp)
+
+
+# Stacks whose tensor parallelism runs sequence parallel (sp = 1 for tp > 1 in ``published_rows.strategy_of``):
+# Megatron-Core / NeMo by default, torchtitan always (``SequenceParallel`` norms), and Meta's Llama 3 stack:
+# the paper's tensor parallelism cites Shoeybi et al. 2019 and Korthikanti et al. 2023, the sequence-parallel
+# scheme (norms, dropout and residual adds sharded over the sequence; all-reduce as all-gather +
+# reduce-scatter), as torchtitan, Meta's open version of the same FSDP + TP + PP + CP recipe, runs it; without
+# it a layer keeps s·b·h·(10 + 24/t) activation bytes against 34·s·b·h/t (Korthikanti et al. Table 2), 3x
+# more at t = 8. Priced (``benchmarks/llama3_table4.py``, V = 7, tree e1bcecc): sp = 0 put Table 4's three
+# configurations at -15.5 / -15.5 / -17.9%, sp = 1 at -4.0 / -3.3 / -14.0% (elementwise ops on 1/8 of the
+# tokens; tensor-parallel collectives 1.86 -> 1.39 s of the 8,192-GPU step).
+SEQUENCE_PARALLEL_STACKS = ("megatron", "torchtitan", "meta")

@@ -19,7 +19,8 @@ Row conventions (each stated once, here):
   stage: 1 for Megatron-family stacks (distributed optimizer), 3 for FSDP stacks (the row says so);
   ``vpp`` > 1 selects the interleaved schedule (an unstated V: ``published_dense_rows.llama3_v`` for
   Llama 3, ``readme_v``, ``_folding_vpp``, else 2); Megatron-family rows with tp > 1 run sequence
-  parallel (Megatron-Core / NeMo defaults); recompute text maps to none | selective | full, and
+  parallel (Megatron-Core / NeMo defaults; torchtitan and Meta's Llama 3 stack: ``SEQUENCE_PARALLEL_STACKS``);
+  recompute text maps to none | selective | full, and
   torchtitan's per-op selective activation checkpointing ("per-op SAC", "selective op") to ``op``.
 - torchtitan rows run as ``--runtime torchtitan`` (its own fitted constants: async TP, its FSDP2
   prefetch); its tensor parallel always shards norms and the residual stream over the sequence
@@ -48,7 +49,7 @@ from pathlib import Path
 
 import yaml
 from mcore_readme_rows import README, megatron_model_flops, readme_v
-from published_dense_rows import llama3_v
+from published_dense_rows import SEQUENCE_PARALLEL_STACKS, llama3_v
 from published_moe_rows import a2a_overlap_of, capacity_factor_of
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "validation"
@@ -307,9 +308,9 @@ def strategy_of(run: dict, stack: str) -> str:
     zero = _zero_stage(par, stack)
     vpp = _folding_vpp(run, pp) if source_key(run) == "moe-folding" else \
         readme_v(run, source_key(run), pp) or llama3_v(run, source_key(run), pp) or _vpp(par)
-    # torchtitan: SequenceParallel norms; 2021 Megatron-LM / Megatron-DeepSpeed predate sequence
+    # SEQUENCE_PARALLEL_STACKS (published_dense_rows); 2021 Megatron-LM / Megatron-DeepSpeed predate sequence
     # parallelism (Korthikanti et al. 2022), as the calibration rows of the same paper map it
-    sp = int(stack in ("megatron", "torchtitan") and tp > 1 and source_key(run) not in LEGACY_MEGATRON)
+    sp = int(stack in SEQUENCE_PARALLEL_STACKS and tp > 1 and source_key(run) not in LEGACY_MEGATRON)
     parts = [f"tp={tp}", f"pp={pp}", f"dp={dp}", f"cp={cp}", f"ep={ep}", f"etp={etp}", f"mbs={mbs}", f"gbs={gbs}",
              f"zero={zero}", f"recompute={recompute_of(run)}", f"sp={sp}"]
     if pp > 1 and vpp > 1:

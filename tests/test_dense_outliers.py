@@ -185,6 +185,7 @@ def test_llama3_rows_run_about_one_layer_per_virtual_stage():
         pytest.skip("shared/validation is absent")
     row = runs["llama3_405b_16384gpu_seq131072"]
     assert llama3_v(row, "llama3", 16) == 7 and "vpp=7,schedule=interleaved" in pr.case_for(row).strategy
+    assert "tp=8," in pr.case_for(row).strategy and ",sp=1," in pr.case_for(row).strategy  # TP after Korthikanti
     stated = dict(row, parallel=dict(row["parallel"], vpp=4))
     assert llama3_v(stated, "llama3", 16) == 4
     assert llama3_v(row, "megatron-bridge", 16) == 0 and llama3_v(row, "llama3", 1) == 0
