@@ -30,7 +30,8 @@ Order of work (nothing a bound rules out is expanded further):
    (bounded from that pricing, scaled, plus
    the stage sends, the optimizer floor and a context-parallel ring floor) is priced at its own
    micro-batch when it comes out and queued again under that bound; the second time it queues one
-   *group* per (schedule, vpp) under the least of its configurations' bounds (``bounds``: the
+   *coarse group* per (schedule, vpp) under that schedule's term of the bound, which comes out as a
+   *group* under the least of its configurations' bounds (``bounds``: the
    slowest rank at least the rank holding the embedding or the output layer, the zero-bubble
    schedules' exact bubble share, the gradient synchronisation the last backward cannot hide, the
    optimizer floor, the stack's step overhead); a group that comes out queues its configurations
@@ -114,6 +115,8 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
             pr = sp.priced(payload[0])
             sp.push(_row_bound(sp, *payload, pr, payload[0].mbs, pr.total - pr.total_no_cp), "priced row", *payload)
         elif kind == "priced row":
+            _queue_groups(sp, *payload)
+        elif kind == "coarse group":   # its ZeRO, offload, memory and bubble terms, worked out when it gets here
             _expand_row(sp, *payload)
         elif kind == "group":
             _expand_group(sp, *payload)
@@ -137,7 +140,9 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
 
 def _size(kind: str, payload: tuple) -> int:
     """Configurations a queue entry stands for."""
-    return len(payload[1][0]) if kind == "group" else len(payload[1]) if kind.endswith("row") else 1
+    if kind == "group":
+        return len(payload[1][0])
+    return len(payload[1]) if kind.endswith("row") or kind == "coarse group" else 1
 
 
 def _partitioned(sp: Space, sh: Sharding, k: Knobs, upper: float) -> Candidate | None:
@@ -262,6 +267,11 @@ def _coarse_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: in
 
 
 def _row_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: int, cp: float) -> float:
+    """The least of the row's ``_schedule_bounds``."""
+    return min(_schedule_bounds(sp, sh, knobs, pr, b, cp).values())
+
+
+def _schedule_bounds(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: int, cp: float) -> dict:
     """A bound of every configuration of the row without pricing its micro-batch: the pricing at
     micro-batch ``b >= sh.mbs`` scaled by ``sh.mbs / b`` (context-parallel exposure left out, ``cp``
     bounds it) stays under this micro-batch's price, so its total and fastest block bound the sum
@@ -274,9 +284,19 @@ def _row_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: int, 
     extra = sp.floor(sh).recompute_time(sp.cm, sh, best, 1.0, sp.usable, pr.rc, sp.warm(sh, ks), scale)
     p2p, block = sp.p2p(sh), pr.min_block_no_cp * scale
     opt = _row_optimizer(sp, sh, ks, pr)
-    # zero and offload add nothing here: one Knobs per schedule
-    return min(pipeline_bound(sp, sh, k, total + extra, p2p, held_layers(sp, sh, k) * block)
-               for k in ks.schedules) + opt
+    # zero and offload add nothing here: one Knobs per schedule, each term a bound of its schedule's configurations
+    return {(k.schedule, k.vpp): pipeline_bound(sp, sh, k, total + extra, p2p, held_layers(sp, sh, k) * block) + opt
+            for k in ks.schedules}
+
+
+def _queue_groups(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
+    """A priced row's turn: one *coarse group* per (schedule, vpp) under its schedule's term of the
+    row bound (``_schedule_bounds``); ``_expand_row`` bounds a group's configurations only when it comes
+    out, and most never do."""
+    pr = sp.priced(sh)
+    terms = _schedule_bounds(sp, sh, knobs, pr, sh.mbs, pr.total - pr.total_no_cp)
+    for group in sp.knobs(knobs).groups:
+        sp.push(terms[group[0].schedule, group[0].vpp], "coarse group", sh, group)
 
 
 def _row_optimizer(sp: Space, sh: Sharding, ks, pr: Priced) -> float:
