@@ -46,13 +46,49 @@ Frontier = list[tuple[float, float, tuple]]  # (act bytes, extra time, counts pe
 
 CAP = 1024                # the incremental path serves n <= CAP (the margin is sized for it)
 _EXACT = float(2 ** 53)   # whole-number byte sums below this are exact in floating point
-_BY_VALUE: dict[tuple, Frontier] = {}     # frontiers by (n, bytes, seconds): shared by every search
+_BY_VALUE: dict[tuple, Points] = {}       # frontiers by (n, bytes, seconds): shared by every search
 _LEVELS: dict[tuple, _Levels] = {}        # incremental supersets by (bytes, seconds)
 
 
 def group_frontier(n: int, acts: tuple[float, ...], dts: tuple[float, ...]) -> Frontier:
     """The frontier of ``n`` layers whose modes save ``acts`` bytes and add ``dts`` seconds
-    (module docstring), cached by value: a pure function of its arguments."""
+    (module docstring) as a list of points, cached by value: a pure function of its arguments."""
+    return points(n, acts, dts).as_list()
+
+
+class Points:
+    """A frontier as parallel columns (bytes ascending, for bisection); ``merged[i]`` is point ``i``
+    as a one-group merged frontier lists it, ``(bytes, seconds, (counts,))``, built on demand."""
+
+    __slots__ = ("acts", "dts", "counts", "listed", "merged")
+
+    def __init__(self, acts: list[float], dts: list[float], counts: np.ndarray):
+        self.acts, self.dts, self.counts = acts, dts, counts
+        self.listed: Frontier | None = None
+        self.merged = _OneGroup(self)
+
+    def as_list(self) -> Frontier:
+        if self.listed is None:
+            self.listed = list(zip(self.acts, self.dts, map(tuple, self.counts.tolist())))
+        return self.listed
+
+
+class _OneGroup:
+    __slots__ = ("pts",)
+
+    def __init__(self, pts: Points):
+        self.pts = pts
+
+    def __getitem__(self, i: int) -> tuple[float, float, tuple]:
+        # 0.0 + x: the sums a merge from the empty frontier adds (``recompute._merged_frontier``)
+        return 0.0 + self.pts.acts[i], 0.0 + self.pts.dts[i], (tuple(self.pts.counts[i].tolist()),)
+
+    def __len__(self) -> int:
+        return len(self.pts.acts)
+
+
+def points(n: int, acts: tuple[float, ...], dts: tuple[float, ...]) -> Points:
+    """``group_frontier`` as columns, cached by value."""
     key = (n, acts, dts)
     hit = _BY_VALUE.get(key)
     if hit is None:
@@ -66,7 +102,7 @@ def group_frontier(n: int, acts: tuple[float, ...], dts: tuple[float, ...]) -> F
                 levels = _LEVELS[acts, dts] = _Levels(acts, dts)
             hit = levels.frontier(n)
         else:
-            hit = enumerated(n, acts, dts)
+            hit = _enumerated_points(n, acts, dts)
         _BY_VALUE[key] = hit
     return hit
 
@@ -114,20 +150,24 @@ def _keep_first(a: np.ndarray, t: np.ndarray, rank_cols: list[np.ndarray]) -> np
     return order[ts < best_before]
 
 
-def _as_frontier(a: np.ndarray, t: np.ndarray, x: np.ndarray, idx: np.ndarray) -> Frontier:
-    return list(zip(a[idx].tolist(), t[idx].tolist(), map(tuple, x[idx].tolist())))   # Python floats and ints
+def _as_points(a: np.ndarray, t: np.ndarray, x: np.ndarray, idx: np.ndarray) -> Points:
+    return Points(a[idx].tolist(), t[idx].tolist(), x[idx])   # Python floats, bisectable
 
 
 # ----- the reference: every split -----------------------------------------------------------------
 def enumerated(n: int, acts: tuple[float, ...], dts: tuple[float, ...]) -> Frontier:
     """The frontier by its definition, over every split (O(n^(k-1)) points): the path for byte
     values the incremental one does not take, and the reference the tests check it against."""
+    return _enumerated_points(n, acts, dts).as_list()
+
+
+def _enumerated_points(n: int, acts: tuple[float, ...], dts: tuple[float, ...]) -> Points:
     x = enumerate_splits(n, len(acts))
     groups = classes(acts, dts)
     y = np.column_stack([x[:, g].sum(axis=1) for g in groups])
     a, t = _values(y, np.array([acts[g[0]] for g in groups]), np.array([dts[g[0]] for g in groups]))
     rank = np.arange(len(x))       # the enumeration order itself
-    return _as_frontier(a, t, x, _keep_first(a, t, [rank]))
+    return _as_points(a, t, x, _keep_first(a, t, [rank]))
 
 
 @lru_cache(maxsize=512)  # read-only: callers index and multiply, never write
@@ -175,7 +215,7 @@ class _Levels:
         late = {j: (key.index(j) if j in key else len(key)) for j in range(self.k)}
         return [max(g, key=lambda j: late[j]) for g in self.groups]
 
-    def frontier(self, n: int) -> Frontier:
+    def frontier(self, n: int) -> Points:
         while len(self.levels) <= n:
             self.levels.append(self._grow(self.levels[-1]))
         y = self.levels[n]
@@ -184,7 +224,7 @@ class _Levels:
         for c, j in enumerate(self.last):
             x[:, j] = y[:, c]
         rank_cols = [x[:, j] for j in key_modes(self.k)]
-        return _as_frontier(a, t, x, _keep_first(a, t, rank_cols))
+        return _as_points(a, t, x, _keep_first(a, t, rank_cols))
 
     def _grow(self, prev: np.ndarray) -> np.ndarray:
         """``S(n)`` from ``S(n - 1)``: every extension by one layer, deduplicated, less the points

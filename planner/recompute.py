@@ -121,6 +121,10 @@ def _merged_frontier(groups: list[tuple[LayerCost, int]], allowed: tuple[tuple[s
                      cache: dict) -> tuple[Frontier, list[float]]:
     """The groups' merged frontier and its bytes (ascending, for bisection)."""
     key = (tuple((id(c), n) for c, n in groups), allowed)
+    if key not in cache and len(groups) == 1:   # one group: its frontier, indexed as a merged one
+        (c, n), ok = groups[0], allowed[0]
+        pts = _group_points(c, n, ok, cache)
+        cache[key] = (pts.merged, c, [0.0 + a for a in pts.acts])
     if key not in cache:
         front: Frontier = [(0.0, 0.0, ())]
         for (c, n), ok in zip(groups, allowed):
@@ -136,10 +140,14 @@ def _merged_frontier(groups: list[tuple[LayerCost, int]], allowed: tuple[tuple[s
 
 def _group_frontier(c: LayerCost, n: int, allowed: tuple[str, ...], cache: dict) -> Frontier:
     """Pareto frontier over every split of ``n`` identical layers among the allowed modes."""
+    return _group_points(c, n, allowed, cache).as_list()
+
+
+def _group_points(c: LayerCost, n: int, allowed: tuple[str, ...], cache: dict) -> frontier.Points:
     key = ("group", id(c), n, allowed)
     if key not in cache:
         acts, dts = tuple(c.act_bytes[k] for k in allowed), tuple(extra_time(c, k) for k in allowed)
-        cache[key] = (frontier.group_frontier(n, acts, dts), c)   # built incrementally in n, by value
+        cache[key] = (frontier.points(n, acts, dts), c)   # built incrementally in n, by value
     return cache[key][0]
 
 

@@ -13,7 +13,7 @@ from autopar.planner import frontier as fr
 def _fresh(n, acts, dts):
     """The incremental path with no cached levels (the by-value caches are module-wide)."""
     assert fr._incremental_ok(n, acts, dts)
-    return fr._Levels(acts, dts).frontier(n)
+    return fr._Levels(acts, dts).frontier(n).as_list()
 
 
 def _cases(seed: int, count: int):
@@ -41,7 +41,7 @@ def test_every_level_of_one_build_equals_enumerated():
                                                                          0.09307864491193396)
     levels = fr._Levels(acts, dts)
     for n in range(0, 41):
-        assert levels.frontier(n) == fr.enumerated(n, acts, dts), n
+        assert levels.frontier(n).as_list() == fr.enumerated(n, acts, dts), n
 
 
 def test_the_530b_modes_at_105_layers():
