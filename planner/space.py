@@ -151,7 +151,13 @@ def strategy_defaults() -> dict:
 
 def shape(**degrees) -> Strategy:
     """An unvalidated strategy with these fields (the rest default) for the rules to read."""
-    return Strategy.model_construct(**{**strategy_defaults(), **degrees})
+    return _default_shape().model_copy(update=degrees)   # a copy of the defaults: a third of model_construct's time
+
+
+@lru_cache(maxsize=1)
+def _default_shape() -> Strategy:
+    """The default Strategy, unvalidated (read-only: ``shape`` copies it)."""
+    return Strategy.model_construct(**strategy_defaults())
 
 
 def tp_ok(cm: CostModel, tp: int) -> bool:
