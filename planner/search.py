@@ -46,6 +46,7 @@ from __future__ import annotations
 import heapq
 import time
 from dataclasses import replace
+from functools import lru_cache
 
 from autopar import techniques
 from autopar.core.strategy import Strategy
@@ -168,6 +169,7 @@ def _partitioned(sp: Space, sh: Sharding, k: Knobs, upper: float) -> Candidate |
     return Candidate(_label(s, res.layer_recompute), res.stages, res.layer_recompute, res.step_time_s)
 
 
+@lru_cache(maxsize=256)
 def allowed_modes(modes: tuple[str, ...], schedule: str, offloaded: bool) -> tuple[str, ...]:
     """The recompute modes a configuration's layers may use: per-layer choices obey the emit rules
     on recompute too (zero-bubble schedules and optimizer offload allow fewer)."""
