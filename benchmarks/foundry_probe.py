@@ -12,9 +12,8 @@ docs/validation.md "Outlier rows, by mechanism". Prices nothing new: it prints t
    micro-batch casts each layer's gathered weights to bf16 (and back for the gradients) where
    autopar's own program (FSDP2 bf16 ``MixedPrecisionPolicy``, the A100-40GB table's ``PURE``) does
    not. It prints every row's error with that traffic added to the priced step.
-4. The rows that run FSDP ``SHARD_GRAD_OP`` (ZeRO-2) priced as they are (one reduce-scatter + all-gather
-   per step, behind the last backward: ``CostModel.dp_time`` below ZeRO-3) and, as an upper bound of
-   FSDP's per-unit gathers in the forward, priced as ZeRO-3 (which also re-gathers in the backward).
+4. The rows that run FSDP ``SHARD_GRAD_OP`` (ZeRO-2) as priced (per unit and micro-batch:
+   ``cost_models.fsdp.gathers_per_unit``) and priced as ZeRO-3 (which also re-gathers in the backward).
 """
 
 from __future__ import annotations
@@ -108,7 +107,7 @@ def hypothesis(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
 def zero2_as_fsdp(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
     from autopar.core.strategy import Strategy
 
-    print("\n4. FSDP SHARD_GRAD_OP rows: priced as ZeRO-2 now, and as ZeRO-3 (upper bound of per-unit gathers)")
+    print("\n4. FSDP SHARD_GRAD_OP rows: priced as ZeRO-2 (per-unit gathers), and as ZeRO-3 (+ backward re-gathers)")
     for b, p in rows:
         if "zero=2" in b.case.strategy:
             s3 = Strategy.parse(b.case.strategy.replace("zero=2", "zero=3")).resolve(b.strategy.world)

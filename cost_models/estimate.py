@@ -29,7 +29,7 @@ from autopar.core.cluster import ClusterSpec
 from autopar.core.gpu import GpuProfile
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
-from autopar.cost_models import overlap
+from autopar.cost_models import fsdp, overlap
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer
 from autopar.cost_models.estimate_types import Estimate, RankMemory, RankReport  # noqa: F401
@@ -322,7 +322,7 @@ class CostModel:
         dense = sum(costs[i].params_dense for i in r.layers) * grad_bytes
         expert = sum(costs[i].params_expert for i in r.layers) * grad_bytes
         n_dense, n_exp = s.dp * s.cp, s.edp
-        if s.zero_stage >= 3:
+        if fsdp.per_unit(self, s):  # FSDP: ZeRO-3, and ZeRO-2 under the FSDP runtimes
             return self._zero3_exposed(s, r, costs, m)
         t = self.grad_sync_time(dense, n_dense, s.tp, s) + self.grad_sync_time(expert, n_exp, s.ep * s.etp, s)
         hide = bool(m) and not self._cores_saturated  # r.bwd_s / r.fwd_s: one micro-batch's backward / forward
@@ -356,14 +356,14 @@ class CostModel:
     def dp_comm_total(self, s: Strategy, r: RankReport, costs, m: int) -> float:
         """All data-parallel collective seconds of one rank per step, hidden or not."""
         grad_bytes = bytes_per_param(self.dtype)[1]
-        if s.zero_stage >= 3:
+        if fsdp.per_unit(self, s):
             return sum(sum(self._zero3_layer(s, costs[i], grad_bytes)) for i in r.layers) * m
         dense = sum(costs[i].params_dense for i in r.layers) * grad_bytes
         expert = sum(costs[i].params_expert for i in r.layers) * grad_bytes
         return self.grad_sync_time(dense, s.dp * s.cp, s.tp, s) + self.grad_sync_time(expert, s.edp, s.ep * s.etp, s)
 
     def _zero3_layer(self, s: Strategy, c: LayerCost, grad_bytes: int) -> tuple[float, float, float]:
-        """(forward all-gather, backward all-gather, reduce-scatter) seconds of one layer's parameters."""
+        """(forward all-gather, backward all-gather (ZeRO-3 only), reduce-scatter) seconds of one layer."""
         objs, size = (self.cluster, self.ctx.fits, self.stack), c.params_dense + c.params_expert
         key, hit = self._z3.lookup((s.dp * s.cp, s.tp, s.zero_stage >= 3, size, grad_bytes, self.dtype), objs)
         return hit if hit is not MISS else self._z3.put(key, objs, self._zero3_priced(s, c, grad_bytes))
@@ -377,7 +377,7 @@ class CostModel:
         if n * s.tp > self.cluster.gpus_per_node:  # across nodes the stack may not reach the ring's rate
             rate, share = self.stack.zero3_gather_gbps, (n - 1) / n  # each GPU receives / sends (n-1)/n
             ag, rs = rate_capped(ag, full * share, rate), rate_capped(rs, grads * share, rate)
-        return ag, ag, rs
+        return ag, ag if s.zero_stage >= 3 else 0.0, rs
 
     def _zero3_exposed(self, s: Strategy, r: RankReport, costs, m: int) -> float:
         """FSDP: per layer and micro-batch, all-gather (fwd), all-gather + reduce-scatter (bwd),
@@ -393,7 +393,7 @@ class CostModel:
         where the compute is longer (``overlap.exposed_behind``). Saturated CPU cores hide nothing."""
         ag, ag_b, rs = self._zero3_layer(s, c, bytes_per_param(self.dtype)[1])
         if self._cores_saturated:
-            return 2 * ag + rs + 3 * shared_core_sync(self.ctx)
+            return ag + ag_b + rs + (3 if s.zero_stage >= 3 else 2) * shared_core_sync(self.ctx)
         ov = self.stack.zero3_overlap
         return exposed_behind(ag, c.fwd_s, ov) + exposed_behind(ag_b + rs, c.bwd_s, ov)
 

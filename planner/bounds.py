@@ -24,6 +24,7 @@ from autopar.cost_models.estimate import (
     even_stages,
     offload_step_time,
 )
+from autopar.cost_models.fsdp import gathers_per_unit
 from autopar.cost_models.layer_cost import shards_for
 from autopar.cost_models.layer_model import saved_bytes
 from autopar.cost_models.memory import bytes_per_param, grads_freed_before_activation_peak, model_state_bytes
@@ -409,7 +410,7 @@ def grad_sync_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> tuple[floa
     gradient synchronisation of the rank holding the most layers). Every rank holds at least the
     smallest block and collective times grow with the size."""
     n = sh.dp * sh.cp
-    if k.zero >= 3 or n <= 1 or pr.min_dense <= 0:
+    if gathers_per_unit(sp.cm.ctx.runtime, k.zero) or n <= 1 or pr.min_dense <= 0:  # FSDP: no step-end sync
         return 0.0, 0.0
     gbytes = bytes_per_param(sp.cm.dtype)[1]
     sizes = (min(DDP_BUCKET_BYTES, pr.min_dense * gbytes), held_layers(sp, sh, k) * pr.min_dense * gbytes)

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autopar.core.strategy import Strategy
-from autopar.cost_models import overlap
+from autopar.cost_models import fsdp, overlap
 from autopar.cost_models.estimate import DDP_BUCKET_BYTES, CostModel, RankReport
 from autopar.cost_models.layer_cost import RECOMPUTE_MODES, LayerCost
 from autopar.cost_models.memory import bytes_per_param, warmup_gradient_bytes
@@ -190,7 +190,7 @@ class RankPricer:
             return RankEval(INF, fwd, INF, INF, INF, None, ids)
         P = sum(g.time("none") * n for g, n in groups) + sum(e.time("none") for e in extra) + choice.extra_s
         report = RankReport(r, layers, fwd, P - fwd, choice.extra_s, {}, {}, in_flight)
-        D = self.zero3_time(cnt, layers) if s.zero_stage >= 3 else self.dp_time(groups, P - fwd, fwd)
+        D = self.zero3_time(cnt, layers) if fsdp.per_unit(self.cm, s) else self.dp_time(groups, P - fwd, fwd)
         O = self._optimizer(report, cnt)
         return RankEval(P, fwd, D, O, mem, choice, ids)
 

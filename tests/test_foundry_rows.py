@@ -84,3 +84,49 @@ def test_autocast_cast_bytes_counts_each_pass_over_the_weights():
     assert fp.autocast_cast_bytes(1e6, recompute_full=True) == pytest.approx(24e6)
     pure = SimpleNamespace(case=SimpleNamespace(run={"parallel": {"mp_mode": "PURE"}}))
     assert fp.cast_seconds(pure) == 0.0  # bf16 parameters (FSDP PURE, autopar's own program): nothing to cast
+
+
+def test_fsdp_zero2_gathers_per_unit_only_under_fsdp_runtimes():
+    """ZeRO-2 is FSDP's (per-unit gathers each micro-batch) under the FSDP runtimes, a step-end
+    bucketed sync under Megatron-Core and DeepSpeed; ZeRO-3 gathers per unit everywhere."""
+    from autopar.cost_models.fsdp import gathers_per_unit
+
+    assert all(gathers_per_unit(rt, 3) for rt in ("torch", "torchtitan", "megatron", "deepspeed"))
+    assert gathers_per_unit("torch", 2) and gathers_per_unit("torchtitan", 2)
+    assert not gathers_per_unit("megatron", 2) and not gathers_per_unit("deepspeed", 2)
+    assert not any(gathers_per_unit("torch", z) for z in (0, 1))
+
+
+def _zero2_dp(tmp_path: Path, runtime: str, micro_batches: int) -> tuple[float, float, float]:
+    """(all data-parallel seconds, exposed seconds, one layer's forward gather + reduce-scatter) of a
+    tiny GPT on 8 H100s, ZeRO-2, ``micro_batches`` micro-batches of one sequence."""
+    import json
+
+    from autopar.core.strategy import Strategy
+    from autopar.cost_models.memory import bytes_per_param
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    cfg = tmp_path / "gpt.json"
+    cfg.write_text(json.dumps(dict(model_type="gpt2", n_embd=1024, n_layer=4, n_head=8, vocab_size=1024,
+                                   n_positions=512)))
+    cm, _, cluster, _ = build_cost_model(Inputs(model=str(cfg), gpu="h100-sxm", seq_len=512, runtime=runtime))
+    s = Strategy.parse(f"dp=8,zero=2,mbs=1,gbs={8 * micro_batches}").resolve(cluster.world)
+    e = cm.estimate(s)
+    costs = cm.layer_costs(s)
+    ag, ag_b, rs = cm._zero3_layer(s, costs[e.ranks[0].layers[0]], bytes_per_param(cm.dtype)[1])
+    assert ag_b == 0.0  # ZeRO-2 keeps the forward's gathered parameters for the backward
+    return cm.dp_comm_total(s, e.ranks[0], costs, micro_batches), e.time["dp_comm"], ag + rs
+
+
+def test_fsdp_zero2_moves_its_traffic_every_micro_batch(tmp_path):
+    """autopar's zero-2 program (``fully_shard(reshard_after_forward=False)``, reduce-scatter every
+    micro-batch: codegen.runtime._grad_sync) and FSDP SHARD_GRAD_OP gather each unit in every
+    micro-batch's forward: the priced traffic is per layer and micro-batch (it was one sync per step),
+    while Megatron-Core's distributed optimizer still syncs once per step whatever the micro-batches."""
+    one, _, unit = _zero2_dp(tmp_path, "torch", 1)
+    four, _, _ = _zero2_dp(tmp_path, "torch", 4)
+    assert four == pytest.approx(4 * one, rel=1e-9)
+    assert one == pytest.approx(4 * unit, rel=1e-9)  # four layers, each gathered once and reduce-scattered once
+    mega_one, _, _ = _zero2_dp(tmp_path, "megatron", 1)
+    mega_four, _, _ = _zero2_dp(tmp_path, "megatron", 4)
+    assert mega_four == pytest.approx(mega_one, rel=1e-9)
