@@ -17,7 +17,8 @@ Run: .venv/bin/python benchmarks/search_speed.py [--repeat N]
 llama3-70b on 128 nodes; llama3-405b on 64; mixtral-8x7b on 8; deepseek-v3 on 256), the least CPU of
 ``--repeat`` searches each; ``--dump DIR`` writes each job's top plans (strategy, stages, per-layer
 recompute, step time and peak memory as exact reprs) and search statistics to DIR/JOB.json, and
-``--compare DIR`` checks them against such a dump. A before/after pair on one tree state:
+``--compare DIR`` checks them against such a dump (the plans must be equal; changed statistics, such as
+fewer configurations partitioned, are listed). A before/after pair on one tree state:
 
     git worktree add /tmp/base <commit>; mkdir -p /tmp/basepkg; ln -s /tmp/base /tmp/basepkg/autopar
     PYTHONPATH=/tmp/basepkg .venv/bin/python benchmarks/search_speed.py --plans --dump /tmp/before
@@ -94,6 +95,17 @@ def plan_record(res) -> dict:
     return dict(global_batch=res.global_batch, plans=rows, stats=stats)
 
 
+def _verdict(before: dict, after: dict) -> str:
+    """The plans must be the same; the statistics change where the search partitions fewer configurations."""
+    if {k: v for k, v in before.items() if k != "stats"} != {k: v for k, v in after.items() if k != "stats"}:
+        return " | plans DIFFER from before"
+    if before["stats"] == after["stats"]:
+        return " | same as before"
+    moved = ", ".join(f"{k} {before['stats'].get(k)} -> {v}" for k, v in after["stats"].items()
+                      if before["stats"].get(k) != v)
+    return f" | same plans as before (statistics: {moved})"
+
+
 def run_plans(repeat: int, only: str, dump: str, compare: str) -> None:
     import json
     from pathlib import Path
@@ -112,8 +124,7 @@ def run_plans(repeat: int, only: str, dump: str, compare: str) -> None:
         rec, name = json.loads(json.dumps(plan_record(res))), label.replace(" ", "_")   # tuples as JSON lists
         verdict = ""
         if compare:
-            verdict = " | same as before" if json.loads((Path(compare) / f"{name}.json").read_text()) == rec \
-                else " | DIFFERS from before"
+            verdict = _verdict(json.loads((Path(compare) / f"{name}.json").read_text()), rec)
         if dump:
             Path(dump).mkdir(parents=True, exist_ok=True)
             (Path(dump) / f"{name}.json").write_text(json.dumps(rec, indent=1))
