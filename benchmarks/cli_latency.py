@@ -5,8 +5,15 @@ torch and captures the graph. Warm: the same command again on the now filled cac
 is the children's user + system time (``resource.getrusage(RUSAGE_CHILDREN)``): on a shared,
 loaded machine it is the steadier figure; wall time is what a user waits for.
 
+Bytecode: the children run with the caller's environment. Where it sets ``PYTHONDONTWRITEBYTECODE``
+(as this project's development shells do) every command compiles each autopar module it imports
+again (62 modules for a warm ``plan``; docs/benchmarks.md has the cost); ``--bytecode`` unsets it for the children, as a
+default Python runs: the cold run writes ``__pycache__`` and the warm runs read it. The header line
+says which.
+
     python benchmarks/cli_latency.py            # all commands, one cold and REPEAT warm runs each
     python benchmarks/cli_latency.py --repeat 3
+    python benchmarks/cli_latency.py --bytecode
 """
 
 from __future__ import annotations
@@ -49,13 +56,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=2, help="warm runs per command (the best is reported)")
     ap.add_argument("--only", default="", help="run the commands whose label contains this text")
+    ap.add_argument("--bytecode", action="store_true", help="let the children write and read __pycache__ "
+                    "(unset PYTHONDONTWRITEBYTECODE), as a default Python does")
     args = ap.parse_args()
-    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    base = dict(os.environ)
+    if args.bytecode:
+        base.pop("PYTHONDONTWRITEBYTECODE", None)
+    pyc = "off (PYTHONDONTWRITEBYTECODE set)" if base.get("PYTHONDONTWRITEBYTECODE") else "on"
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, bytecode cache {pyc}")
     print(f"{'command':42s} {'exit':>4s} {'cold wall':>10s} {'cold CPU':>9s} {'warm wall':>10s} {'warm CPU':>9s}")
     for label, cmd in COMMANDS.items():
         if args.only and args.only not in label:
             continue
-        env = dict(os.environ, AUTOPAR_CACHE_DIR=tempfile.mkdtemp(prefix="autopar-latency-"))  # cold: empty
+        env = dict(base, AUTOPAR_CACHE_DIR=tempfile.mkdtemp(prefix="autopar-latency-"))  # cold: empty
         env.pop("AUTOPAR_NO_CACHE", None)
         cw, cc, code = run(cmd, env)
         warm = [run(cmd, env) for _ in range(args.repeat)]
