@@ -423,11 +423,12 @@ def grad_sync_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> tuple[floa
     return out[0], out[1]
 
 
-def zero3_floor(sp: Space, sh: Sharding) -> float:
-    """ZeRO-3 exposed time is a sum over layers (``CostModel.zero3_layer_exposed`` per micro-batch)
-    plus the step's edges once per rank; the slowest rank carries at least the mean of the sum."""
+def zero3_floor(sp: Space, sh: Sharding, zero: int = 3) -> float:
+    """ZeRO-3 (and FSDP ZeRO-2, ``zero`` 2: ``fsdp.gathers_per_unit``) exposed time is a sum over layers
+    (``CostModel.zero3_layer_exposed`` per micro-batch) plus the step's edges once per rank; the
+    slowest rank carries at least the mean of the sum."""
     costs = sp.priced(sh).costs
-    s = probe(sh, sp.gb, zero_stage=3)
+    s = probe(sh, sp.gb, zero_stage=zero)
     if s.dp * s.cp <= 1:
         return 0.0
     seen: dict[int, float] = {}

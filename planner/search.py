@@ -51,6 +51,7 @@ from functools import lru_cache
 from autopar import techniques
 from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate import CostModel, even_stages, offload_step_time
+from autopar.cost_models.fsdp import gathers_per_unit
 from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches
 from autopar.errors import InputError
 from autopar.planner import partition as part
@@ -121,8 +122,8 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
             _expand_row(sp, *payload)
         elif kind == "group":
             _expand_group(sp, *payload)
-        elif kind == "config" and payload[1].zero == 3:
-            sp.push(lb + zero3_floor(sp, payload[0]), "config3", *payload)
+        elif kind == "config" and gathers_per_unit(cm.ctx.runtime, payload[1].zero):  # FSDP's per-unit traffic
+            sp.push(lb + zero3_floor(sp, payload[0], payload[1].zero), "config3", *payload)
         else:
             stats.priced += 1
             cand = _partitioned(sp, *payload, upper)
