@@ -240,7 +240,8 @@ def knob_options(cm: CostModel, cons: Constraints, sh: Sharding, gb: int, cache:
     zeros = [z for z in data_parallel.ZERO_STAGES if cons.ok("zero_stage", z)] if reduced \
         else [cons.fixed.get("zero_stage", 0)]
     offs = [x for x in (offload.VALUES if offload.priced_on(cm.gpu) else (False,)) if cons.ok("offload_optimizer", x)]
-    out = [Knobs(z, o, s, v) for z in zeros for o in offs for s, v in schedule_options(cm, cons, sh.pp, m)
+    scheds = schedule_options(cm, cons, sh.pp, m)   # once, not once per (zero, offload) pair
+    out = [Knobs(z, o, s, v) for z in zeros for o in offs for s, v in scheds
            if s not in pipeline.ZERO_BUBBLE or allowed_shape(cm, pipeline.TECHNIQUE, pp=sh.pp, dp=sh.dp,
                                                              micro_batch=sh.mbs, global_batch=gb, zero_stage=z,
                                                              schedule=s, vpp=v)]
