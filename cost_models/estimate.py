@@ -40,10 +40,12 @@ from autopar.cost_models.memory import (
     expert_shard_group,
     grads_freed_before_activation_peak,
     host_grads_at_device_peak,
+    megatron_pipeline_buffer_bytes,
     model_state_bytes,
     offload_grad_shard_bytes,
     pooled_peak_bytes,
     runs_sharded_adamw,
+    sdpa_kv_bytes_per_token,
     warmup_gradient_bytes,
     warmup_only_activations,
     zero1_reduce_bytes,
@@ -81,6 +83,7 @@ class CostModel:
         self.ctx = PricingContext(
             cluster=cluster, timer=self.timer, dtype_bytes=dbytes, hidden=spec.hidden or 1, seq_len=seq_len,
             topk=spec.topk, num_experts=spec.num_experts, kv_bytes_per_token=_kv_bytes(spec, dbytes),
+            sdpa_kv_bytes_per_token=_sdpa_kv_bytes(spec, dbytes),
             fits=comm_fits, runtime=runtime, sliding_window=spec.sliding_window,
             sliding_layers=frozenset(i for i in self.blocks if spec.is_sliding_layer(i)))
         self.moe_load = moe_load
@@ -287,14 +290,15 @@ class CostModel:
         outputs = in_flight * s.vpp * hidden
         if last and self.output is not None:
             outputs += in_flight * (self.output.temp_bytes * s.micro_batch / s.cp - hidden)
-        if self.ctx.runtime == "megatron":  # Megatron-LM allocates receive buffers per in-flight step only
-            return links * hidden + outputs
+        if self.ctx.runtime == "megatron":  # receive buffers per step only; outputs freed once sent
+            return megatron_pipeline_buffer_bytes(hidden, links, s.tp, s.sequence_parallel)
         return s.num_micro_batches * links * hidden + outputs
 
     def _replicated_embedding_grad(self, s: Strategy) -> float:
         """The vocab-parallel embedding's gradient comes back replicated (full vocabulary) on every
-        tensor-parallel rank (DTensor's embedding backward), (tp-1)/tp of it beyond the shard."""
-        if s.tp == 1 or self.embedding is None:
+        tensor-parallel rank (DTensor's embedding backward), (tp-1)/tp of it beyond the shard. Megatron-Core's
+        ``VocabParallelEmbedding`` looks up the rank's own vocabulary rows: its weight gradient is the shard."""
+        if s.tp == 1 or self.embedding is None or self.ctx.runtime == "megatron":
             return 0.0
         return self.embedding.params_vocab * (1 - 1 / s.tp) * bytes_per_param(self.dtype)[1]
 
@@ -475,6 +479,11 @@ def _kv_bytes(spec: ModelSpec, dbytes: int) -> float:
     if spec.family == "deepseek_v3":
         return spec.heads * (spec.qk_nope_head_dim + spec.qk_rope_head_dim + spec.v_head_dim) * dbytes
     return 2 * spec.kv_heads * spec.head_dim * dbytes
+
+
+def _sdpa_kv_bytes(spec: ModelSpec, dbytes: int) -> float:
+    qk = spec.qk_nope_head_dim + spec.qk_rope_head_dim if spec.family == "deepseek_v3" else 0
+    return sdpa_kv_bytes_per_token(spec.heads, spec.head_dim, qk, spec.v_head_dim, dbytes)
 
 
 def _time_breakdown(ranks: list[RankReport], pipe, dp_exposed: float, opt: float, m: int) -> dict[str, float]:

@@ -30,7 +30,7 @@ from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_contention, layer_dtype
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
 from autopar.cost_models.megatron_ops import megatron_linears
-from autopar.cost_models.memory import busiest_rank_expert_excess
+from autopar.cost_models.memory import busiest_rank_expert_excess, cp_gathered_kv_bytes
 from autopar.cost_models.moe_cost import (
     capped_load,
     ep_exposed,
@@ -83,6 +83,7 @@ class PricingContext:
     topk: int = 0
     num_experts: int = 0
     kv_bytes_per_token: float = 0.0      # K+V bytes per token for CP ring exchange
+    sdpa_kv_bytes_per_token: float = 0.0  # K+V bytes per token as attention receives them (GQA repeated)
     expert_load_ratio: float = 1.0       # straggler load over mean (routing trace / placement)
     ep_cross_fraction: float | None = None  # measured share of routed tokens leaving the rank
     moe_capacity_factor: float | None = None  # token-drop capacity (1: forced balance); None: dropless
@@ -143,8 +144,10 @@ def expert_load(ctx: PricingContext) -> float:
 
 
 def shards_for(s: Strategy) -> Shards:
+    # tokens is already the rank's share of the sequence (mbs / cp): expert terms divide it further
+    # only by tp (the folded mapping splits a tp group's tokens before dispatch), not by cp again
     return Shards(tokens=s.micro_batch / s.cp, tp=s.tp, sp=s.sequence_parallel,
-                  expert_div=s.cp if _experts_replicated(s) else s.tp * s.cp)
+                  expert_div=1 if _experts_replicated(s) else s.tp)
 
 
 def _experts_replicated(s: Strategy) -> bool:
@@ -181,6 +184,7 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     host = _dtensor_overhead(layer, s, ctx) + len(ops) * ctx.timer.gpu.op_overhead_s * ctx.timer.contention
     fwd, bwd = fwd + host / 3, bwd + 2 * host / 3  # backward dispatches about twice the forward's ops
     rerun = sum(not o.op_kept for o in ops) / max(len(ops), 1)
+    cp_kv = _cp_kv_bytes(layer, s, ctx)
     return LayerCost(
         fwd_s=fwd, bwd_s=bwd,
         recompute_s={"none": 0.0, "selective": attn_fwd, "op": op_rerun + rerun * host / 3, "full": fwd},
@@ -190,8 +194,10 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         # time, are re-run); plain tp all-reduces and ep all-to-alls are re-run as under full
         recompute_comm_op_s=comm.get("tp", 0.0) / (4 if s.sequence_parallel else 2) + comm.get("ep", 0.0) / 2,
         act_bytes={m: saved_bytes(layer, sh, m, ctx.compile != "none") + _gathered_loss_bytes(layer, s, sh, ctx)
-                   + _expert_load_excess(layer, s, sh, ctx, m) for m in RECOMPUTE_MODES},
-        work_bytes={m: working_bytes(layer, sh, m) + _expert_grad_transient(layer, s, ctx) for m in RECOMPUTE_MODES},
+                   + _expert_load_excess(layer, s, sh, ctx, m) + (0.0 if m == "full" else cp_kv)
+                   for m in RECOMPUTE_MODES},
+        work_bytes={m: working_bytes(layer, sh, m) + _expert_grad_transient(layer, s, ctx)
+                    + (cp_kv if m == "full" else 0.0) for m in RECOMPUTE_MODES},
         params_dense=(layer.params_tp + layer.params_vocab) / s.tp + layer.params_rep,
         params_expert=layer.params_expert / (s.ep * s.etp),
         temp_bytes=_logits_bytes(layer, s, sh, ctx),
@@ -419,6 +425,15 @@ def _vocab_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float
         return collective_time("all_gather", logits, s.tp, 1, ctx.cluster, fits=ctx.fits).time_s
     act = s.micro_batch * ctx.seq_len / s.cp * ctx.hidden * ctx.dtype_bytes
     return _tp_collective(act, s, ctx)
+
+
+def _cp_kv_bytes(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:
+    """The gathered K/V a block keeps under autopar's context parallelism (``memory.cp_gathered_kv_bytes``;
+    kept by every mode but full recompute, which rebuilds them in its backward workspace). Other
+    runtimes' ring attention exchanges K/V chunks without keeping the whole sequence (not priced here)."""
+    if layer.kind != "block" or ctx.runtime != "torch":
+        return 0.0
+    return cp_gathered_kv_bytes(s.micro_batch * ctx.seq_len / s.cp, s.cp, s.tp, ctx.sdpa_kv_bytes_per_token)
 
 
 def _expert_grad_transient(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:

@@ -86,7 +86,7 @@ class Shards:
     tokens: float      # mbs / cp
     tp: int
     sp: bool
-    expert_div: float  # tp * cp (expert work spread over the stage's ranks)
+    expert_div: float  # tp (a tp group's tokens split before expert dispatch), 1 when experts are replicated
 
     def of(self, shard: Shard) -> float:
         if shard == "tp" or shard == "vocab":

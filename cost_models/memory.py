@@ -166,6 +166,19 @@ def korthikanti_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp:
     return s * b * h * (10 + 24 / t + attn / t)
 
 
+def megatron_pipeline_buffer_bytes(hidden_bytes: float, links: int, tp: int, sp: bool) -> float:
+    """Pipeline bytes of a Megatron-Core rank beyond its layers' saved activations: one receive buffer per
+    local stage link (activations from the previous stage, gradients from the next, allocated per step).
+    The stage outputs are not kept: Megatron-LM runs with ``deallocate_pipeline_outputs=True``
+    (``core_transformer_config_from_args``), and ``schedules.deallocate_output_tensor`` frees each
+    output's data once sent, keeping only its ``grad_fn``; a received input is the first layer's saved
+    input (already in the activations); the last stage computes the loss inside its forward step, so no
+    logits wait for a backward beyond the output layer's own saved tensors. Under sequence parallelism the
+    tensors exchanged are ``[s/(cp·tp), b, h]`` (``schedules.get_tensor_shapes``). ``hidden_bytes``: one
+    micro-batch's ``[s/cp, b, h]`` in the training dtype."""
+    return links * hidden_bytes / (tp if sp and tp > 1 else 1)
+
+
 def in_flight_activation_bytes(per_microbatch_bytes: float, in_flight: float) -> float:
     """Activations a pipeline rank holds at its peak: one micro-batch's saved tensors
     times the micro-batches in flight (``pipeline.in_flight_microbatches``)."""
@@ -205,3 +218,27 @@ def pooled_peak_bytes(device: dict[str, float], host: float, grad_shards: float,
     at_device_peak = sum(device.values()) + host - (0.0 if grads_at_peak else grad_shards)
     at_host_peak = host + device.get("parameters", 0.0) + device.get("comm_buffers", 0.0)
     return max(at_device_peak, at_host_peak)
+
+
+def sdpa_kv_bytes_per_token(heads: int, head_dim: int, mla_qk_dim: int, mla_v_dim: int, dtype_bytes: int) -> float:
+    """K + V bytes per token as the attention kernel receives them in autopar's models: grouped-query
+    K/V are repeated to every query head first (``profiles.models.layers.causal_attention``), so
+    ``2 * heads * head_dim``; multi-head latent attention rebuilds per-head keys of ``mla_qk_dim``
+    (nope + rope) and values of ``mla_v_dim``."""
+    if mla_qk_dim:
+        return heads * (mla_qk_dim + mla_v_dim) * dtype_bytes
+    return 2 * heads * head_dim * dtype_bytes
+
+
+def cp_gathered_kv_bytes(seq_tokens: float, cp: int, tp: int, kv_bytes_per_token: float) -> float:
+    """Extra bytes one block keeps for backward under the emitted context parallelism
+    (``codegen.runtime_cp``: all-gather K/V attention, Llama 3 Sec. 3.3.2). SDPA saves the gathered
+    ``[mbs, heads/tp, s, d]`` K and V of the whole sequence, while the rank's own K/V, which the
+    captured graph (cp = 1) counts as saved, are freed (the all-gather keeps no input for its
+    reduce-scatter backward): ``(cp - 1)`` more copies of the local K/V. ``seq_tokens``: the rank's
+    tokens per micro-batch, ``mbs * s / cp``. Measured: moe-tiny cp2 mbs16 seq 128, the tracker's
+    peak breakdown (``AUTOPAR_MEM_PEAK_DUMP``) holds 8 ``cat`` outputs [16, 4, 128, 16] = 4.2 MB and
+    no local repeat_interleave copies."""
+    if cp <= 1:
+        return 0.0
+    return (cp - 1) * seq_tokens * kv_bytes_per_token / tp
