@@ -38,19 +38,22 @@ from autopar.planner.build import plan_from_strategy
 
 # Diverse strategies for n ranks (h = n / 2): pure data parallel, ZeRO-1 and ZeRO-3, tensor
 # (+ sequence) parallel, pipelines (1F1B, GPipe, interleaved), their mixes, FSDP + TP, full and
-# per-op recompute (also under tp + sp) and a larger micro-batch. Entries the model or the rank
-# count does not allow are dropped (see ``select``).
+# per-op recompute (also under tp + sp), a larger micro-batch and context parallel (alone and with
+# dp, at a larger micro-batch: its gathered K/V grow with it). Entries the model or the rank count
+# does not allow are dropped (see ``select``).
 DENSE = (
     "dp={n},mbs=1", "dp={n},mbs=1,zero=1", "dp={n},mbs=1,zero=3", "tp={n},dp=1,mbs=1", "tp=2,dp={h},mbs=1",
     "tp=2,dp={h},mbs=1,sp=1", "tp=2,dp={h},mbs=1,zero=3", "pp={n},dp=1,mbs=1", "pp=2,dp={h},mbs=1",
     "pp=2,tp={h},dp=1,mbs=1", "pp={n},dp=1,mbs=1,schedule=interleaved,vpp=2", "pp={n},dp=1,mbs=1,schedule=gpipe",
     "dp={n},mbs=1,recompute=full", "dp={n},mbs=1,recompute=op", "tp=2,dp={h},mbs=1,sp=1,recompute=op", "dp={n},mbs=4",
+    "cp={n},dp=1,mbs=1", "cp=2,dp={h},mbs=4",
 )
-# MoE: expert parallel over the data-parallel ranks (where the emitted programs place it).
+# MoE: expert parallel over the data-parallel ranks (where the emitted programs place it); context
+# parallel (experts run on each rank's sequence share).
 MOE = (
     "dp={n},mbs=1", "dp={n},ep=2,mbs=1", "dp={n},ep={n},mbs=1", "dp={n},ep={n},mbs=1,zero=3",
     "dp={n},ep=2,mbs=1,zero=1", "pp=2,dp={h},ep=2,mbs=1", "tp=2,dp={h},mbs=1", "tp={n},dp=1,mbs=1",
-    "pp={n},dp=1,mbs=1", "pp=2,dp={h},mbs=1", "dp={n},ep={n},mbs=4",
+    "pp={n},dp=1,mbs=1", "pp=2,dp={h},mbs=1", "dp={n},ep={n},mbs=4", "cp={n},dp=1,mbs=1", "cp=2,dp={h},mbs=4",
 )
 
 

@@ -280,23 +280,8 @@ class Space:
         if key not in self.prices:
             costs = self.cm.layer_costs(probe(key, self.gb))
             self.stats.layer_pricings += 1
-            blocks = [costs[i] for i in range(self.cm.num_layers)]
-            edges = [c for c in (costs["embedding"], costs["output"]) if c]
-            base = self.cons.modes[0]   # the fastest recompute allowed: every block pays at least it
-            total = sum(c.time(base) for c in blocks) + sum(c.time("none") for c in edges)
-            no_cp = total - sum(c.comm_s.get("cp", 0.0) for c in blocks + edges)
-            rc = [{m: costs[t.indices[0]].time(m) - costs[t.indices[0]].time(base) for m in self.cons.modes}
-                  for t in self.cm.templates if t.kind == "block"]
             wfrac = [self.wfrac[id(self.cm.blocks[i])] for i in range(self.cm.num_layers)]
-            fbw = (sum(c.fwd_s for c in blocks), sum(c.bwd_s for c in blocks),
-                   sum(c.bwd_s * f for c, f in zip(blocks, wfrac)))
-            times = [c.time(base) for c in blocks]
-            edges = tuple(c.time("none") if c else 0.0 for c in (costs["embedding"], costs["output"]))
-            self.prices[key] = Priced(costs, total, no_cp, min(times),
-                                      (sum(c.params_dense for c in blocks), sum(c.params_expert for c in blocks)), rc,
-                                      fbw, min(c.params_dense for c in blocks), max(times), edges, times,
-                                      min(t - c.comm_s.get("cp", 0.0) for t, c in zip(times, blocks)),
-                                      tuple(Counter(c.fwd_s for c in blocks).items()))
+            self.prices[key] = priced_terms(self.cm, costs, self.cons.modes, wfrac)
         return self.prices[key]
 
     def p2p(self, sh: Sharding) -> float:
@@ -308,6 +293,31 @@ class Space:
             self.p2ps[key] = self.cm.p2p_time(probe(sh, self.gb))
         return self.p2ps[key]
 
+
+
+def priced_terms(cm: CostModel, costs: dict, modes: tuple[str, ...], wfrac: list[float]) -> Priced:
+    """The sums ``Priced`` holds, of one ``layer_costs`` pricing; ``wfrac``: each block's weight-gradient
+    share. Each distinct LayerCost's times are read once (identical layers share one): the sums run
+    over the same values in the same order, so they are the same floats."""
+    blocks = [costs[i] for i in range(cm.num_layers)]
+    base = modes[0]   # the fastest recompute allowed: every block pays at least it
+    at_base: dict[int, float] = {}
+    for c in blocks:
+        if id(c) not in at_base:
+            at_base[id(c)] = c.time(base)
+    times = [at_base[id(c)] for c in blocks]
+    edge_costs = [c for c in (costs["embedding"], costs["output"]) if c]
+    total = sum(times) + sum(c.time("none") for c in edge_costs)
+    no_cp = total - sum(c.comm_s.get("cp", 0.0) for c in blocks + edge_costs)
+    rc = [{m: costs[t.indices[0]].time(m) - costs[t.indices[0]].time(base) for m in modes}
+          for t in cm.templates if t.kind == "block"]
+    fbw = (sum(c.fwd_s for c in blocks), sum(c.bwd_s for c in blocks), sum(c.bwd_s * f for c, f in zip(blocks, wfrac)))
+    edges = tuple(c.time("none") if c else 0.0 for c in (costs["embedding"], costs["output"]))
+    return Priced(costs, total, no_cp, min(times),
+                  (sum(c.params_dense for c in blocks), sum(c.params_expert for c in blocks)), rc,
+                  fbw, min(c.params_dense for c in blocks), max(times), edges, times,
+                  min(t - c.comm_s.get("cp", 0.0) for t, c in zip(times, blocks)),
+                  tuple(Counter(c.fwd_s for c in blocks).items()))
 
 
 def cp_exposure_floor(sp: Space, sh: Sharding, lo: Priced, b_lo: int) -> float:

@@ -38,6 +38,8 @@ from autopar.cost_models.layer_cost import RECOMPUTE_MODES, LayerCost
 from autopar.cost_models.memory import bytes_per_param, warmup_gradient_bytes
 from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches, weight_grad_fraction
 from autopar.planner import recompute as rc
+from autopar.planner import stage_dp
+from autopar.planner.recompute import cannot_fit
 from autopar.techniques.pipeline import ZERO_BUBBLE
 
 INF = float("inf")
@@ -83,6 +85,7 @@ class RankPricer:
         self.L, self.p, self.v = cm.num_layers, s.pp, s.vpp
         self.C = self.L // self.v
         self.m = s.num_micro_batches
+        self.per_unit = fsdp.per_unit(cm, s)   # FSDP's per-layer traffic: D is zero3_time, whatever the recompute
         # the layout of the layer kinds, shared by every strategy priced with these costs and modes
         key = ("layout", id(self.costs), self.modes)
         lay = shared.get(key)
@@ -98,6 +101,9 @@ class RankPricer:
         self._budgets: dict[tuple, tuple] = {}
         self._by_pos: dict[tuple, RankEval] = {}
         self._by_sig: dict[tuple, RankEval] = {}
+        self._fixed_D: dict[tuple, float] = {}          # by (o, c)
+        self._fixed_D_by_set: dict[tuple, float] = {}   # by (counts, first and last layer costs)
+        self._z3_edges: dict[tuple, float] = {}
 
     # ----- layer sets --------------------------------------------------------------------
     def layers(self, o: int, c: int) -> list[int]:
@@ -125,6 +131,28 @@ class RankPricer:
             out = self._base_times[o, c] = sum(n * t for n, t in zip(self.counts(o, c), self.base))
         return out
 
+    def edge_time(self, r: int) -> float:
+        """Forward + backward of the embedding / output layer the rank holds, without recompute."""
+        return sum(e.time("none") for e in self.extras(r))
+
+    def fixed_D(self, o: int, c: int) -> float:
+        """``D`` of a rank holding ``[o, o + c)`` where it does not depend on the rank's recompute
+        (FSDP's per-unit gathers and scatters, ``zero3_time``, as ``_price`` prices it), else 0 (a floor)."""
+        out = self._fixed_D.get((o, c))
+        if out is None:
+            out = self._fixed_D[o, c] = self._fixed_D_of(o, c)
+        return out
+
+    def _fixed_D_of(self, o: int, c: int) -> float:
+        if not self.per_unit:
+            return 0.0
+        cnt, last = self.counts(o, c), (self.v - 1) * self.C + o + c - 1
+        key = (cnt, id(self.costs[o]), id(self.costs[last]))     # all zero3_time reads of the layers
+        out = self._fixed_D_by_set.get(key)
+        if out is None:
+            out = self._fixed_D_by_set[key] = self.zero3_time(cnt, self.layers(o, c))
+        return out
+
     def coefficients(self) -> tuple[float, float, float]:
         """``coefficients(cm, s)``, worked out once per strategy (the zero-bubble sums once per pricing)."""
         if self._coef is None:
@@ -141,6 +169,15 @@ class RankPricer:
                 self._by_sig[sig] = self._price(r, self.layers(o, c), cnt)
             self._by_pos[key] = self._by_sig[sig]
         return self._by_pos[key]
+
+    def priced_at(self, r: int, o: int, c: int) -> RankEval | None:
+        """``evaluate(r, o, c)`` where this rank's layer set is priced already, else None."""
+        hit = self._by_pos.get((r, o, c))
+        if hit is None:
+            hit = self._by_sig.get((r, self.counts(o, c)))
+            if hit is not None:
+                self._by_pos[r, o, c] = hit
+        return hit
 
     def _budget(self, r: int, parts: list[LayerCost], cnt: tuple[int, ...] | None = None) -> tuple[dict, float, float]:
         """(the rank's memory without recompute by kind, what its layers' activations may take,
@@ -177,7 +214,6 @@ class RankPricer:
                               lambda w: cm.workspace_excess(s, parts, w, temps), self._frontiers)
 
     def _price(self, r: int, layers: list[int], cnt: tuple[int, ...]) -> RankEval:
-        s = self.s
         extra = self.extras(r)
         parts = [self.costs[i] for i in layers]
         plain, budget, in_flight = self._budget(r, parts, cnt)
@@ -190,7 +226,7 @@ class RankPricer:
             return RankEval(INF, fwd, INF, INF, INF, None, ids)
         P = sum(g.time("none") * n for g, n in groups) + sum(e.time("none") for e in extra) + choice.extra_s
         report = RankReport(r, layers, fwd, P - fwd, choice.extra_s, {}, {}, in_flight)
-        D = self.zero3_time(cnt, layers) if fsdp.per_unit(self.cm, s) else self.dp_time(groups, P - fwd, fwd)
+        D = self.zero3_time(cnt, layers) if self.per_unit else self.dp_time(groups, P - fwd, fwd)
         O = self._optimizer(report, cnt)
         return RankEval(P, fwd, D, O, mem, choice, ids)
 
@@ -255,7 +291,11 @@ class RankPricer:
             return 0.0
         if self._z3 is None:
             self._z3 = [cm.zero3_layer_exposed(s, self.costs[i]) for i in self.first]
-        edges = cm.zero3_edge_time(s, self.costs[layers[0]], self.costs[layers[-1]])
+        ends = (self.costs[layers[0]], self.costs[layers[-1]])
+        key = (id(ends[0]), id(ends[1]))    # the two layers' costs (alive in self.costs): what the edges read
+        edges = self._z3_edges.get(key)
+        if edges is None:
+            edges = self._z3_edges[key] = cm.zero3_edge_time(s, *ends)
         return sum(n * d for n, d in zip(cnt, self._z3)) * self.m + edges
 
     def assignment(self, r: int, o: int, c: int) -> dict[int, str]:
@@ -268,38 +308,6 @@ class RankPricer:
 def _all_none(choice: rc.RecomputeChoice) -> bool:
     """Every layer of the choice runs without recompute."""
     return all(n == 0 for counts in choice.counts for k, n in zip(choice.modes, counts) if k != "none")
-
-
-def cannot_fit(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...], in_flight: float, budget: float,
-               workspace, cache: dict | None = None) -> bool:
-    """True only where ``recompute.choose`` returns None: no plain fit, and for every cap on the
-    largest working set even the least activations the allowed modes leave, plus that cap's
-    workspace, exceed ``budget``. A rank that cannot fit is then refused without building the
-    recompute frontiers (every split of n layers over four modes: O(n^3) points). ``cache``: keeps
-    the sums, which depend on the groups and modes only, across calls."""
-    plain, least = _fit_sums(groups, modes) if cache is None else _cached_fit_sums(groups, modes, cache)
-    if plain is not None and in_flight * plain <= budget:
-        return False
-    return all(in_flight * acts + workspace(cap) > budget for cap, acts in least)
-
-
-def _fit_sums(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...]) -> tuple[float | None, list]:
-    """(activations without recompute, or None when ``none`` is not allowed; for each work cap under
-    which every group keeps a mode, ascending: (cap, the least activations those modes leave))."""
-    plain = sum(c.act_bytes["none"] * n for c, n in groups) if "none" in modes else None
-    least = []
-    for cap in sorted({c.work_bytes[k] for c, n in groups if n for k in modes}):
-        allowed = [[k for k in modes if c.work_bytes[k] <= cap] for c, _ in groups]
-        if all(allowed):
-            least.append((cap, sum(n * min(c.act_bytes[k] for k in ok) for (c, n), ok in zip(groups, allowed))))
-    return plain, least
-
-
-def _cached_fit_sums(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...], cache: dict):
-    key = ("fit_sums", tuple((id(c), n) for c, n in groups), modes)
-    if key not in cache:
-        cache[key] = (_fit_sums(groups, modes), list(groups))   # the groups kept alive: the key holds their ids
-    return cache[key][0]
 
 
 # ----- the step-time objective -----------------------------------------------------------
@@ -393,7 +401,7 @@ def partition(cm: CostModel, s: Strategy, modes: tuple[str, ...] = RECOMPUTE_MOD
         bound = upper
         if upper == INF:  # a first feasible layout bounds the DP; otherwise the caller's bound does
             bound, _ = evaluate_counts(pr, balanced_counts(pr.C, pr.p))
-        counts = _dp(pr, bound) if bound < INF else None
+        counts = stage_dp.dp(pr, bound) if bound < INF else None
         if counts is None:
             return None
     t, evs = evaluate_counts(pr, counts)
@@ -430,70 +438,3 @@ class _Layout:
         self.first = [next(i for i in range(L) if gid[id(costs[i])] == g) for g in range(len(self.groups))]
         self.counts: dict[int, dict] = {}       # by vpp: (o, c) -> layers of each group
         self.base_times: dict[int, dict] = {}   # by vpp: (o, c) -> base time
-
-
-# ----- the DP ---------------------------------------------------------------------------------
-@dataclass
-class _Label:
-    maxP: float
-    sumP: float
-    maxD: float
-    maxO: float
-    prev: "_Label | None"
-    c: int
-
-    def dominates(self, o: "_Label") -> bool:
-        return self.maxP <= o.maxP and self.sumP <= o.sumP and self.maxD <= o.maxD and self.maxO <= o.maxO
-
-
-def _dp(pr: RankPricer, upper: float) -> list[int] | None:
-    """Pareto DP over ranks (see the module docstring); returns layers per period per rank."""
-    A, B, K = pr.coefficients()
-    p, C = pr.p, pr.C
-    out_time = pr.costs["output"].time("none") if pr.costs["output"] else 0.0
-    rest = [pr.base_time(o, C - o) for o in range(C + 1)]   # base time of positions >= o
-    total = rest[0] + sum(e.time("none") for e in pr.extras(0)) + (out_time if p > 1 else 0.0)
-    p_max = (upper - K - B * total) / A if A > 0 else INF
-    slack = upper * 1e-12
-    labels: dict[int, list[_Label]] = {0: [_Label(0.0, 0.0, 0.0, 0.0, None, 0)]}
-    for r in range(p):
-        nxt: dict[int, list[_Label]] = {}
-        left = p - r - 1
-        for o, labs in labels.items():
-            hi = C - o - left
-            lo = hi if left == 0 else 1
-            for c in range(lo, hi + 1):
-                if pr.base_time(o, c) > p_max + slack:
-                    break
-                ev = pr.evaluate(r, o, c)
-                if not ev.feasible:
-                    break  # more layers on this rank only need more memory
-                if ev.P > p_max + slack:
-                    continue
-                o2 = o + c
-                rest_t = rest[o2] + (out_time if left else 0.0)
-                spread = rest_t / left if left else 0.0
-                for lab in labs:   # a label is built only when its bound passes
-                    maxP, sumP = max(lab.maxP, ev.P), lab.sumP + ev.P
-                    maxD, maxO = max(lab.maxD, ev.D), max(lab.maxO, ev.O)
-                    if A * max(maxP, spread) + B * (sumP + rest_t) + K + maxD + maxO > upper + slack:
-                        continue
-                    _insert(nxt.setdefault(o2, []), _Label(maxP, sumP, maxD, maxO, lab, c))
-        labels = nxt
-    final = labels.get(C, [])
-    if not final:
-        return None
-    best = min(final, key=lambda x: A * x.maxP + B * x.sumP + x.maxD + x.maxO)
-    counts = []
-    while best.prev is not None:
-        counts.append(best.c)
-        best = best.prev
-    return counts[::-1]
-
-
-def _insert(labs: list[_Label], new: _Label) -> None:
-    for lab in labs:
-        if lab.dominates(new):
-            return
-    labs[:] = [lab for lab in labs if not new.dominates(lab)]
-    labs.append(new)

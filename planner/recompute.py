@@ -171,3 +171,35 @@ def assign(layers_by_group: list[list[int]], choice: RecomputeChoice) -> dict[in
             for _ in range(counts[k]):
                 out[next(it)] = choice.modes[k]
     return out
+
+
+def cannot_fit(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...], in_flight: float, budget: float,
+               workspace, cache: dict | None = None) -> bool:
+    """True only where ``recompute.choose`` returns None: no plain fit, and for every cap on the
+    largest working set even the least activations the allowed modes leave, plus that cap's
+    workspace, exceed ``budget``. A rank that cannot fit is then refused without building the
+    recompute frontiers (every split of n layers over four modes: O(n^3) points). ``cache``: keeps
+    the sums, which depend on the groups and modes only, across calls."""
+    plain, least = _fit_sums(groups, modes) if cache is None else _cached_fit_sums(groups, modes, cache)
+    if plain is not None and in_flight * plain <= budget:
+        return False
+    return all(in_flight * acts + workspace(cap) > budget for cap, acts in least)
+
+
+def _fit_sums(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...]) -> tuple[float | None, list]:
+    """(activations without recompute, or None when ``none`` is not allowed; for each work cap under
+    which every group keeps a mode, ascending: (cap, the least activations those modes leave))."""
+    plain = sum(c.act_bytes["none"] * n for c, n in groups) if "none" in modes else None
+    least = []
+    for cap in sorted({c.work_bytes[k] for c, n in groups if n for k in modes}):
+        allowed = [[k for k in modes if c.work_bytes[k] <= cap] for c, _ in groups]
+        if all(allowed):
+            least.append((cap, sum(n * min(c.act_bytes[k] for k in ok) for (c, n), ok in zip(groups, allowed))))
+    return plain, least
+
+
+def _cached_fit_sums(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...], cache: dict):
+    key = ("fit_sums", tuple((id(c), n) for c, n in groups), modes)
+    if key not in cache:
+        cache[key] = (_fit_sums(groups, modes), list(groups))   # the groups kept alive: the key holds their ids
+    return cache[key][0]

@@ -157,6 +157,9 @@ def test_auto_selects_at_least_eight_for_four_ranks():
         names = [r.strategy for r, _ in chosen]
         assert len(names) >= 8 and len(set(names)) == len(names)
         assert all(r.prediction is not None for r, _ in chosen)
+        # context parallel is in the closed loop, alone and beside dp (dense and MoE)
+        cps = {(s.split("cp=")[1].split(",")[0], s.split("dp=")[1].split(",")[0]) for s in names}
+        assert {("4", "1"), ("2", "2")} <= cps, names
 
 
 def test_cli_bad_input_is_one_line(run_cli, tmp_path):
