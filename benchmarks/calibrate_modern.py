@@ -58,6 +58,14 @@ MIN_STACK_ROWS = 2   # one row cannot tell a stack's choices from that row's own
 OVERRIDE_GAIN = 0.01  # objective points a stack's rows must gain to override a hardware-level constant
 LAYER_FIELDS = ("matmul_scale", "fp8_matmul_scale", "attention_scale", "tp_overlap", "moe_imbalance",
                 "expert_grouped_gemm", "ep_overlap")
+SCALE_FIELDS = ("matmul_scale", "fp8_matmul_scale", "attention_scale")
+
+
+def cap_scales(cap: float = 1.0) -> None:
+    """``--cap-scales``: no kernel scale above ``cap``, i.e. the profile's GEMM / attention curves as
+    ceilings (for comparison: what bounding the fit to the profiles' stated peaks costs)."""
+    for name in SCALE_FIELDS:
+        GRIDS[name] = [v for v in GRIDS[name] if v <= cap]
 
 
 @dataclass
@@ -402,14 +410,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overhead-forms", action="store_true", help="compare what the per-step host cost scales "
                                                                   "with (one constant per GPU type)")
     ap.add_argument("--objective", choices=("max", "hinge"), default=OBJECTIVE, help="the fit's tail term")
+    ap.add_argument("--cap-scales", action="store_true", help="GEMM and attention scales at most 1 (not with --write)")
     args = ap.parse_args(argv)
     globals()["OBJECTIVE"] = args.objective
+    if args.cap_scales:
+        cap_scales()
     built, skipped = load_or_build([pr.MODERN_YAML, pr.CALIBRATION_YAML], args.cache)
     fitted = fit(built, one_level=args.one_level)
     report(built, fitted)
     if args.overhead_forms:
         overhead_forms(built, fitted)
-    if args.write and not args.one_level:
+    if args.write and not args.one_level and not args.cap_scales:
         for path in write_profiles(fitted, "python benchmarks/calibrate_modern.py --write"):
             print(f"wrote {path}")
     return 0

@@ -183,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
                                                              "scheme before the two levels, for comparison)")
     ap.add_argument("--zero3-excess", action="store_true", help="DeepSpeed ZeRO-3 rows: the time the ring model "
                                                                 "leaves unexplained against the ring's hop latency")
+    ap.add_argument("--cap-scales", action="store_true", help="--loso refits with GEMM and attention scales at "
+                                                             "most 1 (calibrate_modern.cap_scales)")
     args = ap.parse_args(argv)
     cal.SWEEPS = args.sweeps
+    if args.cap_scales:
+        cal.cap_scales()
     path = args.file or args.yaml or DEFAULT_YAML
     built, skipped = cal.load_or_build([path], args.cache)
     priced = _shipped(built)

@@ -265,3 +265,17 @@ def test_megatron_core_readme_schedule_and_flops():
     q, kv, mlp, logit = 2 * h * h, 2 * 2 * h * h * 8 / 96, 3 * 2 * h * 28672, 2 * h * v / layers
     per_token = 3 * layers * (q + kv + 2 * h * h + 2 * 2 * s * h + mlp + logit)  # fwd + 2x bwd
     assert mc.megatron_model_flops(gqa, b * s) == pytest.approx(per_token * b * s, rel=1e-12)
+
+
+def test_cap_scales_bounds_the_kernel_scales_only(monkeypatch):
+    sys.path.insert(0, str(BENCH))
+    import calibrate_modern as cal
+
+    monkeypatch.setattr(cal, "GRIDS", {k: list(v) for k, v in cal.GRIDS.items()})
+    before = {k: list(v) for k, v in cal.GRIDS.items()}
+    cal.cap_scales()
+    for name, grid in cal.GRIDS.items():
+        if name in cal.SCALE_FIELDS:
+            assert max(grid) == 1.0 and grid == [v for v in before[name] if v <= 1.0]
+        else:
+            assert grid == before[name]
