@@ -290,8 +290,11 @@ def _schedule_bounds(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b:
     extra = sp.floor(sh).recompute_time(sp.cm, sh, best, 1.0, sp.usable, pr.rc, sp.warm(sh, ks), scale)
     p2p, block = sp.p2p(sh), pr.min_block_no_cp * scale
     opt = _row_optimizer(sp, sh, ks, pr)
+    # the zero-bubble share (as _expand_row's) where ``pr`` prices this micro-batch itself; 0 otherwise
+    fbw = pr.fbw if b == sh.mbs else None
     # zero and offload add nothing here: one Knobs per schedule, each term a bound of its schedule's configurations
-    return {(k.schedule, k.vpp): pipeline_bound(sp, sh, k, total + extra, p2p, held_layers(sp, sh, k) * block) + opt
+    return {(k.schedule, k.vpp): pipeline_bound(sp, sh, k, total + extra, p2p, held_layers(sp, sh, k) * block,
+                                                bubble_share(k.schedule, *fbw) if fbw else 0.0) + opt
             for k in ks.schedules}
 
 
