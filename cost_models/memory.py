@@ -17,8 +17,9 @@ SP and selective, and ``2·s·b·h`` (the layer input) with full recompute.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
 from autopar.techniques.pipeline import ZERO_BUBBLE
 
@@ -179,6 +180,48 @@ def megatron_pipeline_buffer_bytes(hidden_bytes: float, links: int, tp: int, sp:
     return links * hidden_bytes / (tp if sp and tp > 1 else 1)
 
 
+def fused_block_activation_bytes(tokens: float, hidden: int, q_dim: int, kv_dim: int, ffn: int, gated: bool,
+                                 dropout: bool, tp: int, sp: bool) -> float:
+    """Bytes one dense pre-norm block saves per micro-batch under fused kernels (Megatron-Core with
+    Transformer Engine: ``LayerNormLinear`` keeps the norm's input and its output, the linear's input;
+    flash attention keeps q, k, v (grouped K/V as they are, not repeated per head), its output (the
+    projection's input, one tensor) and a per-row logsumexp; the fused bias-SwiGLU/GeLU keeps the fc1
+    output; fc2 keeps the activation's output; 1-byte dropout masks after attention and MLP when the
+    model has dropout), 16-bit. Korthikanti et al. 2022 §4.1 / Table 2 count the same tensors: with
+    ``q = kv = h``, ``ffn = 4h``, GeLU and dropout this is their ``34·s·b·h`` (no s² terms: flash
+    attention) and Megatron-LM's own estimate ``s·b·h·(18 + 4·ffn/h)``
+    (``megatron/training/theoretical_memory_usage.compute_activation_memory``). Under tp the norms'
+    inputs and outputs and the masks (``10·s·b·h``) stay whole unless sequence parallel shards them."""
+    rep = 2 * hidden * 4 + (2 * hidden if dropout else 0)   # two norms' input + output, two masks
+    split = 2 * q_dim + 4 * kv_dim + 2 * hidden + 2 * ffn * (2 if gated else 1) + 2 * ffn
+    return tokens * (rep / (tp if sp else 1) + split / tp)
+
+
+def megatron_block_bytes(spec: ModelSpec, s: Strategy, seq_len: int, runtime: str) -> float | None:
+    """``fused_block_activation_bytes`` for a dense block of ``spec`` under Megatron-Core (``runtime``
+    megatron), or None where the captured graph's saved tensors stand: another runtime (autopar's
+    own programs and torchtitan save what the captured eager graph saves), eager attention (s² scores),
+    multi-head latent attention and custom modules (no closed form here)."""
+    if runtime != "megatron" or spec.family in ("deepseek_v3", "custom") or spec.attention != "sdpa":
+        return None
+    head = spec.head_dim or spec.hidden // max(spec.heads, 1)
+    return fused_block_activation_bytes(
+        s.micro_batch * seq_len / s.cp, spec.hidden, spec.heads * head, (spec.kv_heads or spec.heads) * head,
+        spec.ffn_hidden, spec.resolved_mlp in ("swiglu", "geglu"), spec.dropout > 0, s.tp, s.sequence_parallel)
+
+
+def fused_saved(cost, template, s: Strategy, cm):
+    """``cost`` (a ``LayerCost`` of ``template``) with a dense block's saved bytes without recompute
+    (``act_bytes["none"]``) replaced by ``megatron_block_bytes`` under Megatron-Core (``cm``: the
+    ``CostModel``, its spec and pricing context), so that the estimate, the recompute choice and the
+    stage partition all see them; other layers, other runtimes and the recompute modes keep the
+    captured graph's bytes."""
+    block = megatron_block_bytes(cm.spec, s, cm.ctx.seq_len, cm.ctx.runtime)
+    if block is None or template.kind != "block" or template.is_moe:
+        return cost
+    return replace(cost, act_bytes={**cost.act_bytes, "none": block})
+
+
 def in_flight_activation_bytes(per_microbatch_bytes: float, in_flight: float) -> float:
     """Activations a pipeline rank holds at its peak: one micro-batch's saved tensors
     times the micro-batches in flight (``pipeline.in_flight_microbatches``)."""
@@ -230,15 +273,18 @@ def sdpa_kv_bytes_per_token(heads: int, head_dim: int, mla_qk_dim: int, mla_v_di
     return 2 * heads * head_dim * dtype_bytes
 
 
-def cp_gathered_kv_bytes(seq_tokens: float, cp: int, tp: int, kv_bytes_per_token: float) -> float:
+def cp_gathered_kv_bytes(mbs: float, seq_len: int, cp: int, tp: int, kv_bytes_per_token: float,
+                         dtype_bytes: int) -> float:
     """Extra bytes one block keeps for backward under the emitted context parallelism
     (``codegen.runtime_cp``: all-gather K/V attention, Llama 3 Sec. 3.3.2). SDPA saves the gathered
     ``[mbs, heads/tp, s, d]`` K and V of the whole sequence, while the rank's own K/V, which the
     captured graph (cp = 1) counts as saved, are freed (the all-gather keeps no input for its
-    reduce-scatter backward): ``(cp - 1)`` more copies of the local K/V. ``seq_tokens``: the rank's
-    tokens per micro-batch, ``mbs * s / cp``. Measured: moe-tiny cp2 mbs16 seq 128, the tracker's
-    peak breakdown (``AUTOPAR_MEM_PEAK_DUMP``) holds 8 ``cat`` outputs [16, 4, 128, 16] = 4.2 MB and
-    no local repeat_interleave copies."""
+    reduce-scatter backward): ``(cp - 1)`` more copies of the local K/V. The boolean position mask
+    ``[s/cp, s]`` reaches SDPA, which keeps it converted to the activation dtype (one per block,
+    whatever the batch). Measured (tests/test_cp_memory.py, saved-tensor hooks; moe-tiny cp2 mbs16
+    seq 128 on gloo, ``AUTOPAR_MEM_PEAK_DUMP``: 8 ``cat`` outputs [16, 4, 128, 16], no local
+    repeat_interleave copies)."""
     if cp <= 1:
         return 0.0
-    return (cp - 1) * seq_tokens * kv_bytes_per_token / tp
+    local = seq_len / cp
+    return (cp - 1) * mbs * local * kv_bytes_per_token / tp + local * seq_len * dtype_bytes
