@@ -38,6 +38,7 @@ from autopar.cost_models.layer_model import LayerTemplate
 from autopar.cost_models.memory import (
     bytes_per_param,
     expert_shard_group,
+    fused_saved,
     grads_freed_before_activation_peak,
     host_grads_at_device_peak,
     megatron_pipeline_buffer_bytes,
@@ -112,7 +113,7 @@ class CostModel:
             if self.moe_load is not None and self.spec.is_moe:
                 ratio, cross = self.moe_load(s.ep)
                 self.ctx.expert_load_ratio, self.ctx.ep_cross_fraction = ratio, (cross if s.ep > 1 else None)
-            by_template = {id(t): price_layer(t, s, self.ctx) for t in self.templates}
+            by_template = {id(t): fused_saved(price_layer(t, s, self.ctx), t, s, self) for t in self.templates}
             costs = {i: by_template[id(t)] for i, t in self.blocks.items()}
             costs["embedding"] = by_template[id(self.embedding)] if self.embedding else None
             costs["output"] = by_template[id(self.output)] if self.output else None
@@ -295,9 +296,8 @@ class CostModel:
         return s.num_micro_batches * links * hidden + outputs
 
     def _replicated_embedding_grad(self, s: Strategy) -> float:
-        """The vocab-parallel embedding's gradient comes back replicated (full vocabulary) on every
-        tensor-parallel rank (DTensor's embedding backward), (tp-1)/tp of it beyond the shard. Megatron-Core's
-        ``VocabParallelEmbedding`` looks up the rank's own vocabulary rows: its weight gradient is the shard."""
+        """DTensor's vocab-parallel embedding backward gives every tp rank the full-vocabulary gradient
+        ((tp-1)/tp of it beyond the shard); Megatron's VocabParallelEmbedding keeps the shard."""
         if s.tp == 1 or self.embedding is None or self.ctx.runtime == "megatron":
             return 0.0
         return self.embedding.params_vocab * (1 - 1 / s.tp) * bytes_per_param(self.dtype)[1]
