@@ -102,6 +102,7 @@ class RankPricer:
         self._by_pos: dict[tuple, RankEval] = {}
         self._by_sig: dict[tuple, RankEval] = {}
         self._fixed_D: dict[tuple, float] = {}          # by (o, c)
+        self.dp_memo: dict = {}                         # the stage DP's arrays (stage_dp._by_count)
         self._fixed_D_by_set: dict[tuple, float] = {}   # by (counts, first and last layer costs)
         self._z3_edges: dict[tuple, float] = {}
 

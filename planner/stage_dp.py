@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from autopar.planner.partition import RankPricer
 
@@ -59,12 +61,13 @@ def _rank_labels(pr: RankPricer, r: int, labels: dict[int, list[_Label]], rest: 
     the rank may hold, kept when its bound stays within ``cap`` (``p_cap``: the most ``P`` may be)."""
     A, B, K = pr.coefficients()
     C, left, edge = pr.C, pr.p - r - 1, pr.edge_time(r)
+    hcap = cap + abs(cap) * 1e-9   # a floor must pass cap by more than the rounding of the sums it stands under
     nxt: dict[int, list[_Label]] = {}
     for o, labs in labels.items():
         hi = C - o - left
         lo = hi if left == 0 else 1
         low = _Label(*(min(getattr(lab, f) for lab in labs) for f in ("maxP", "sumP", "maxD", "maxO")), None, 0)
-        for c in range(lo, hi + 1):
+        for c in _counts_to_try(pr, r, o, lo, hi, low, rest, out_time, p_cap, hcap):
             base = pr.base_time(o, c)
             if base > p_cap:
                 break
@@ -73,7 +76,7 @@ def _rank_labels(pr: RankPricer, r: int, labels: dict[int, list[_Label]], rest: 
             spread = rest_t / left if left else 0.0
             ev = pr.priced_at(r, o, c)
             if ev is None:
-                if _hopeless(pr, r, o, c, base + edge, labs, low, rest_t, spread, cap):
+                if _hopeless(pr, r, o, c, base + edge, labs, low, rest_t, spread, hcap):
                     continue   # not priced: no label of it could pass
                 ev = pr.evaluate(r, o, c)
             if not ev.feasible:
@@ -87,6 +90,42 @@ def _rank_labels(pr: RankPricer, r: int, labels: dict[int, list[_Label]], rest: 
                     continue
                 _insert(nxt.setdefault(o2, []), _Label(maxP, sumP, maxD, maxO, lab, c))
     return nxt
+
+
+def _counts_to_try(pr: RankPricer, r: int, o: int, lo: int, hi: int, low: _Label, rest: list[float],
+                   out_time: float, p_cap: float, hcap: float):
+    """The counts ``c`` in ``[lo, hi]`` the loop tries, in order: with one kind of layer (a rank's
+    base time and ``fixed_D`` then depend on its count only, ``_by_count``), those that ``_hopeless``
+    with ``low`` alone (a floor of every label) does not rule out, worked out for every count at once,
+    and none from the first whose base time passes ``p_cap`` (the loop stops there)."""
+    if len(pr.groups) != 1:
+        return range(lo, hi + 1)
+    A, B, K = pr.coefficients()
+    base_c, fixed_c, rest_o = _by_count(pr, rest)
+    c = np.arange(lo, hi + 1)
+    base = base_c[c]
+    over = np.flatnonzero(base > p_cap)
+    if len(over):
+        c, base = c[:over[0]], base[:over[0]]
+    left = pr.p - r - 1
+    rest_t = rest_o[o + c] + (out_time if left else 0.0)
+    spread = rest_t / left if left else 0.0
+    P = base + pr.edge_time(r)
+    D = fixed_c[c] if r != pr.p - 2 else np.maximum(fixed_c[c], fixed_c[pr.C - o - c])
+    bound = (A * np.maximum(np.maximum(low.maxP, P), spread) + B * (low.sumP + P + rest_t) + K
+             + np.maximum(low.maxD, D) + low.maxO)
+    return c[~(bound > hcap)].tolist()
+
+
+def _by_count(pr: RankPricer, rest: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One kind of layer: ``base_time`` and ``fixed_D`` of a rank holding ``c`` positions (any offset),
+    by ``c``, and ``rest`` as an array; the values of the scalar calls themselves."""
+    hit = pr.dp_memo.get("by_count")
+    if hit is None:
+        base = np.array([pr.base_time(0, c) for c in range(pr.C + 1)])
+        fixed = np.array([0.0] + [pr.fixed_D(0, c) for c in range(1, pr.C + 1)])
+        hit = pr.dp_memo["by_count"] = (base, fixed, np.array(rest))
+    return hit
 
 
 def _hopeless(pr: RankPricer, r: int, o: int, c: int, P: float, labs: list[_Label], low: _Label, rest_t: float,
