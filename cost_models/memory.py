@@ -193,7 +193,7 @@ def fused_block_activation_bytes(tokens: float, hidden: int, q_dim: int, kv_dim:
     (``megatron/training/theoretical_memory_usage.compute_activation_memory``). Under tp the norms'
     inputs and outputs and the masks (``10·s·b·h``) stay whole unless sequence parallel shards them."""
     rep = 2 * hidden * 4 + (2 * hidden if dropout else 0)   # two norms' input + output, two masks
-    split = 2 * q_dim + 4 * kv_dim + 2 * hidden + 2 * ffn * (2 if gated else 1) + 2 * ffn
+    split = 4 * q_dim + 4 * kv_dim + 2 * ffn * (2 if gated else 1) + 2 * ffn  # q and the attention output: q wide
     return tokens * (rep / (tp if sp else 1) + split / tp)
 
 

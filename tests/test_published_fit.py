@@ -40,6 +40,8 @@ def test_fused_block_keeps_grouped_kv_and_the_gated_fc1_output():
     h, kv, f, tok = 8192, 1024, 28672, 8192
     want = tok * (8 * h + 2 * h + 4 * kv + 2 * h + 4 * f + 2 * f) / 4
     assert fused_block_activation_bytes(tok, h, h, kv, f, True, False, 4, True) == pytest.approx(want)
+    # q and the attention output are heads x head_dim wide (Qwen3: 4096 against h 2048), not h
+    assert fused_block_activation_bytes(1, 2048, 4096, 512, 0, True, False, 1, False) == 8 * 2048 + 4 * 4096 + 4 * 512
 
 
 def test_megatron_pipeline_keeps_receive_buffers_only():
