@@ -213,7 +213,8 @@ def _v_shaped(cm: CostModel, s: Strategy, modes: tuple[str, ...], upper: float) 
     if best is None:
         return None
     layer_recompute = [best[0]] * cm.num_layers
-    return Candidate(_label(s, layer_recompute), stages, layer_recompute, best[1].step_time_s)
+    label = _label(s, layer_recompute)   # the estimate reads the per-layer modes, not the label: reuse it
+    return Candidate(label, stages, layer_recompute, best[1].step_time_s, replace(best[1], strategy=label))
 
 
 def _label(s: Strategy, layer_recompute: list[str]) -> Strategy:
