@@ -96,7 +96,10 @@ class _GatheredAttention(TorchFunctionMode):
     def attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, **kw):
         k = fc.all_gather_single_autograd(k.contiguous(), 2, self.group)  # [b, n, S, d]
         v = fc.all_gather_single_autograd(v.contiguous(), 2, self.group)
-        if self._mask is None or self._mask.device != q.device:
-            # query at position i sees keys at positions <= i, wherever they were gathered from
-            self._mask = self.mine.to(q.device)[:, None] >= self.every.to(q.device)[None, :]
+        if self._mask is None or self._mask.device != q.device or self._mask.dtype != q.dtype:
+            # query at position i sees keys at positions <= i, wherever they were gathered from. An
+            # additive mask in q's dtype, built once: SDPA would convert a boolean one to this in every
+            # layer and keep each copy for backward ([s/cp, s] per block); this one is shared by all
+            seen = self.mine.to(q.device)[:, None] >= self.every.to(q.device)[None, :]
+            self._mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask, dropout_p=dropout_p, **kw)

@@ -37,6 +37,7 @@ from autopar.cost_models.layer_cost import LayerCost, PricingContext, price_laye
 from autopar.cost_models.layer_model import LayerTemplate
 from autopar.cost_models.memory import (
     bytes_per_param,
+    cp_mask_bytes,
     expert_shard_group,
     fused_saved,
     grads_freed_before_activation_peak,
@@ -227,6 +228,8 @@ class CostModel:
             mem["activations"] = warmup_only_activations(mem["activations"], grads, in_flight, s.num_micro_batches)
         if self.ctx.runtime == "torchtitan":  # its pipeline keeps stages gathered (runtime_memory.py)
             mem = torchtitan_memory(self, s, parts, modes, extra, in_flight, first, last, mem)
+        elif self.ctx.runtime == "torch" and parts:  # the emitted cp attention's shared position mask
+            mem["activations"] += cp_mask_bytes(self.seq_len, s.cp, self.ctx.dtype_bytes, s.vpp)
         at_peak = host_grads_at_device_peak(s, self.ctx.runtime)
         return RankMemory(mem, host, pooled_peak_bytes(mem, host, shards, at_peak))
 

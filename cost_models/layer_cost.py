@@ -433,7 +433,7 @@ def _cp_kv_bytes(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> floa
     runtimes' ring attention exchanges K/V chunks without keeping the whole sequence (not priced here)."""
     if layer.kind != "block" or ctx.runtime != "torch":
         return 0.0
-    return cp_gathered_kv_bytes(s.micro_batch, ctx.seq_len, s.cp, s.tp, ctx.sdpa_kv_bytes_per_token, ctx.dtype_bytes)
+    return cp_gathered_kv_bytes(s.micro_batch, ctx.seq_len, s.cp, s.tp, ctx.sdpa_kv_bytes_per_token)
 
 
 def _expert_grad_transient(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:

@@ -181,7 +181,7 @@ def megatron_pipeline_buffer_bytes(hidden_bytes: float, links: int, tp: int, sp:
 
 
 def fused_block_activation_bytes(tokens: float, hidden: int, q_dim: int, kv_dim: int, ffn: int, gated: bool,
-                                 dropout: bool, tp: int, sp: bool) -> float:
+                                 dropout: bool, tp: int, sp: bool, qk_norm: bool = False) -> float:
     """Bytes one dense pre-norm block saves per micro-batch under fused kernels (Megatron-Core with
     Transformer Engine: ``LayerNormLinear`` keeps the norm's input and its output, the linear's input;
     flash attention keeps q, k, v (grouped K/V as they are, not repeated per head), its output (the
@@ -191,34 +191,48 @@ def fused_block_activation_bytes(tokens: float, hidden: int, q_dim: int, kv_dim:
     ``q = kv = h``, ``ffn = 4h``, GeLU and dropout this is their ``34·s·b·h`` (no s² terms: flash
     attention) and Megatron-LM's own estimate ``s·b·h·(18 + 4·ffn/h)``
     (``megatron/training/theoretical_memory_usage.compute_activation_memory``). Under tp the norms'
-    inputs and outputs and the masks (``10·s·b·h``) stay whole unless sequence parallel shards them."""
+    inputs and outputs and the masks (``10·s·b·h``) stay whole unless sequence parallel shards them.
+    ``qk_norm``: a fused norm of q and k keeps their inputs too (its outputs are the q and k above);
+    ``ffn`` 0: the attention half of an MoE block (its experts priced apart)."""
     rep = 2 * hidden * 4 + (2 * hidden if dropout else 0)   # two norms' input + output, two masks
     split = 4 * q_dim + 4 * kv_dim + 2 * ffn * (2 if gated else 1) + 2 * ffn  # q and the attention output: q wide
+    split += (2 * q_dim + 2 * kv_dim) if qk_norm else 0
     return tokens * (rep / (tp if sp else 1) + split / tp)
 
 
-def megatron_block_bytes(spec: ModelSpec, s: Strategy, seq_len: int, runtime: str) -> float | None:
-    """``fused_block_activation_bytes`` for a dense block of ``spec`` under Megatron-Core (``runtime``
-    megatron), or None where the captured graph's saved tensors stand: another runtime (autopar's
-    own programs and torchtitan save what the captured eager graph saves), eager attention (s² scores),
-    multi-head latent attention and custom modules (no closed form here)."""
-    if runtime != "megatron" or spec.family in ("deepseek_v3", "custom") or spec.attention != "sdpa":
+def megatron_block_bytes(spec: ModelSpec, s: Strategy, seq_len: int, runtime: str, moe: bool = False) -> float | None:
+    """``fused_block_activation_bytes`` for a block of ``spec`` under Megatron-Core (``runtime``
+    megatron; ``moe``: its attention half only), or None where the captured graph's saved tensors stand:
+    another runtime (autopar's own programs and torchtitan save what the captured eager graph saves),
+    eager attention (s² scores), multi-head latent attention, custom modules, shared experts (no closed
+    form here)."""
+    if runtime != "megatron" or spec.family in ("deepseek_v3", "custom") or spec.attention != "sdpa" \
+            or (moe and (spec.shared_experts or spec.shared_ffn_hidden)):
         return None
     head = spec.head_dim or spec.hidden // max(spec.heads, 1)
     return fused_block_activation_bytes(
         s.micro_batch * seq_len / s.cp, spec.hidden, spec.heads * head, (spec.kv_heads or spec.heads) * head,
-        spec.ffn_hidden, spec.resolved_mlp in ("swiglu", "geglu"), spec.dropout > 0, s.tp, s.sequence_parallel)
+        0 if moe else spec.ffn_hidden, spec.resolved_mlp in ("swiglu", "geglu"), spec.dropout > 0, s.tp,
+        s.sequence_parallel, spec.qk_norm != "none")
 
 
 def fused_saved(cost, template, s: Strategy, cm):
-    """``cost`` (a ``LayerCost`` of ``template``) with a dense block's saved bytes without recompute
-    (``act_bytes["none"]``) replaced by ``megatron_block_bytes`` under Megatron-Core (``cm``: the
+    """``cost`` (a ``LayerCost`` of ``template``) with a block's saved bytes without recompute
+    (``act_bytes["none"]``) counted by ``megatron_block_bytes`` under Megatron-Core (``cm``: the
     ``CostModel``, its spec and pricing context), so that the estimate, the recompute choice and the
-    stage partition all see them; other layers, other runtimes and the recompute modes keep the
-    captured graph's bytes."""
-    block = megatron_block_bytes(cm.spec, s, cm.ctx.seq_len, cm.ctx.runtime)
-    if block is None or template.kind != "block" or template.is_moe:
+    stage partition all see them. An MoE block keeps its captured expert and router tensors (dispatched
+    tokens, grouped fc1 / activation outputs, routing probabilities) and swaps only the rest, its norms
+    and attention. Other layers, other runtimes and the recompute modes keep the captured bytes."""
+    if template.kind != "block":
         return cost
+    block = megatron_block_bytes(cm.spec, s, cm.ctx.seq_len, cm.ctx.runtime, template.is_moe)
+    if block is None:
+        return cost
+    if template.is_moe:  # the captured norm and attention terms (replicated or tp-split), as saved_bytes counts them
+        tok, tp = s.micro_batch / s.cp, s.tp
+        dense = sum(t.bytes * tok / (tp if t.shard == "tp" or s.sequence_parallel else 1)
+                    for t in template.saved if t.shard in ("rep", "tp") and not t.const)
+        block += cost.act_bytes["none"] - dense
     return replace(cost, act_bytes={**cost.act_bytes, "none": block})
 
 
@@ -273,18 +287,23 @@ def sdpa_kv_bytes_per_token(heads: int, head_dim: int, mla_qk_dim: int, mla_v_di
     return 2 * heads * head_dim * dtype_bytes
 
 
-def cp_gathered_kv_bytes(mbs: float, seq_len: int, cp: int, tp: int, kv_bytes_per_token: float,
-                         dtype_bytes: int) -> float:
+def cp_gathered_kv_bytes(mbs: float, seq_len: int, cp: int, tp: int, kv_bytes_per_token: float) -> float:
     """Extra bytes one block keeps for backward under the emitted context parallelism
     (``codegen.runtime_cp``: all-gather K/V attention, Llama 3 Sec. 3.3.2). SDPA saves the gathered
     ``[mbs, heads/tp, s, d]`` K and V of the whole sequence, while the rank's own K/V, which the
     captured graph (cp = 1) counts as saved, are freed (the all-gather keeps no input for its
-    reduce-scatter backward): ``(cp - 1)`` more copies of the local K/V. The boolean position mask
-    ``[s/cp, s]`` reaches SDPA, which keeps it converted to the activation dtype (one per block,
-    whatever the batch). Measured (tests/test_cp_memory.py, saved-tensor hooks; moe-tiny cp2 mbs16
-    seq 128 on gloo, ``AUTOPAR_MEM_PEAK_DUMP``: 8 ``cat`` outputs [16, 4, 128, 16], no local
-    repeat_interleave copies)."""
+    reduce-scatter backward): ``(cp - 1)`` more copies of the local K/V. Measured
+    (tests/test_cp_memory.py, saved-tensor hooks; moe-tiny cp2 mbs16 seq 128 on gloo,
+    ``AUTOPAR_MEM_PEAK_DUMP``: 8 ``cat`` outputs [16, 4, 128, 16], no local repeat_interleave copies)."""
     if cp <= 1:
         return 0.0
-    local = seq_len / cp
-    return (cp - 1) * mbs * local * kv_bytes_per_token / tp + local * seq_len * dtype_bytes
+    return (cp - 1) * mbs * seq_len / cp * kv_bytes_per_token / tp
+
+
+def cp_mask_bytes(seq_len: int, cp: int, dtype_bytes: int, chunks: int = 1) -> float:
+    """The additive position mask ``[s/cp, s]`` in the activation dtype that the emitted cp attention
+    builds once per model chunk and every block's SDPA shares (and keeps for backward) for the
+    whole run: ``chunks`` (= vpp) copies per rank, whatever the batch."""
+    if cp <= 1:
+        return 0.0
+    return chunks * seq_len / cp * seq_len * dtype_bytes

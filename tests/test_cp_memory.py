@@ -18,7 +18,7 @@ from helpers_plans import tiny_spec
 from autopar.codegen import runtime as rt
 from autopar.core.strategy import Strategy
 from autopar.cost_models.layer_cost import price_layer
-from autopar.cost_models.memory import cp_gathered_kv_bytes
+from autopar.cost_models.memory import cp_gathered_kv_bytes, cp_mask_bytes
 from autopar.cost_models.session import Inputs, build_cost_model
 
 SEQ, MBS = 64, 4
@@ -63,12 +63,12 @@ def _cm(model_name: str, seq: int):
 @pytest.mark.parametrize("model_name", ["llama-tiny", "moe-tiny"])
 def test_cp_keeps_the_gathered_kv_the_price_adds(fake_world, model_name):
     """cp=2 over S keeps (cp - 1) more copies of the local K/V per block than cp=1 over S/2 (SDPA
-    saves the all-gathered [mbs, heads, S, d]; the local ones are freed) and the position mask:
-    the price's term, to 1% (the rest: RoPE tables, which the cp=1 model slices as views)."""
+    saves the all-gathered [mbs, heads, S, d]; the local ones are freed) and one position mask that
+    every block shares: the price's terms, to 1% (the rest: RoPE tables, sliced as views at cp=1)."""
     extra = _saved_bytes(model_name, 2) - _saved_bytes(model_name, 1)
     cm = _cm(model_name, SEQ)
     layers = cm.spec.layers
-    priced = layers * cp_gathered_kv_bytes(MBS, SEQ, 2, 1, cm.ctx.sdpa_kv_bytes_per_token, 4)
+    priced = layers * cp_gathered_kv_bytes(MBS, SEQ, 2, 1, cm.ctx.sdpa_kv_bytes_per_token) + cp_mask_bytes(SEQ, 2, 4)
     assert priced > 0 and extra == pytest.approx(priced, rel=0.01), (extra, priced)
 
 
@@ -79,7 +79,7 @@ def test_expert_activations_are_divided_by_cp_once():
     block = next(t for t in cm.templates if t.is_moe)
     at_cp2 = price_layer(block, Strategy(dp=1, cp=2, micro_batch=2 * MBS, global_batch=2 * MBS), cm.ctx)
     at_cp1 = price_layer(block, Strategy(dp=2, micro_batch=MBS, global_batch=2 * MBS), cm.ctx)
-    kv = cp_gathered_kv_bytes(2 * MBS, SEQ, 2, 1, cm.ctx.sdpa_kv_bytes_per_token, 4)
+    kv = cp_gathered_kv_bytes(2 * MBS, SEQ, 2, 1, cm.ctx.sdpa_kv_bytes_per_token)
     assert at_cp2.act_bytes["none"] - kv == pytest.approx(at_cp1.act_bytes["none"])
     assert at_cp2.act_bytes["full"] == pytest.approx(at_cp1.act_bytes["full"])  # full recompute keeps the input
     assert at_cp2.work_bytes["full"] - kv == pytest.approx(at_cp1.work_bytes["full"])  # ... and rebuilds them
@@ -87,7 +87,7 @@ def test_expert_activations_are_divided_by_cp_once():
 
 def test_other_runtimes_and_no_cp_unchanged():
     """The gathered K/V are autopar's all-gather attention: none without cp, none for Megatron's ring."""
-    assert cp_gathered_kv_bytes(4, 1024, 1, 1, 512.0, 2) == 0.0
+    assert cp_gathered_kv_bytes(4, 1024, 1, 1, 512.0) == cp_mask_bytes(1024, 1, 2) == 0.0
     cm = build_cost_model(Inputs(model="moe-tiny", gpu="h100-sxm", seq_len=SEQ, runtime="megatron"))[0]
     block = next(t for t in cm.templates if t.is_moe)
     s = Strategy(dp=1, cp=2, micro_batch=2 * MBS, global_batch=2 * MBS)
