@@ -355,13 +355,17 @@ def _expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
         terms = []
         for k in ks:
             modes = allowed_modes(sp.cons.modes, k.schedule, k.offload)
-            if (k.zero, k.offload, in_flight, warm, modes) not in rests:
+            key = (k.zero, k.offload, in_flight, warm, modes, k.schedule in pipeline.V_SHAPED)
+            if key not in rests:
                 floor = _floor_for(sp, sh, modes)
                 fits = floor.bytes(cm, sh, k.zero, k.offload, in_flight, warm) <= sp.usable and not (
                     k.offload and host_usable is not None and floor.host_bytes(cm, sh) > host_usable)
                 extra = floor.recompute_time(cm, sh, k, in_flight, sp.usable, pr.rc, warm) if fits else 0.0
-                rests[k.zero, k.offload, in_flight, warm, modes] = (fits, extra, _optimizer_floor(sp, sh, k, pr))
-            fits, extra, opt = rests[k.zero, k.offload, in_flight, warm, modes]
+                if fits and key[-1]:   # V-shaped: one recompute mode on every layer (_v_shaped)
+                    uniform = _uniform_extra(sp, sh, k, floor, modes, in_flight, warm, pr.rc)
+                    fits, extra = uniform is not None, max(extra, uniform or 0.0)
+                rests[key] = (fits, extra, _optimizer_floor(sp, sh, k, pr))
+            fits, extra, opt = rests[key]
             if fits:
                 terms.append((k, extra, opt))
         stats.pruned_memory += len(ks) - len(terms)
@@ -371,6 +375,22 @@ def _expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
                                 min(x[1] for x in syncs))
             sp.push(lb + min(t[2] for t in terms) + min(x[0] for x in syncs), "group", sh,
                     (terms, pr.total, p2p, peak, share))
+
+
+def _uniform_extra(sp: Space, sh: Sharding, k: Knobs, floor: Floor, modes: tuple[str, ...], in_flight: float,
+                   warm: bool, rc: list[dict]) -> float | None:
+    """V-shaped schedules run one recompute mode on every layer (``_v_shaped``): the least extra time per
+    micro-batch (all ranks, ``rc`` per block template) of an allowed mode whose activations on every layer
+    fit the mean rank's floor (``Floor.bytes``); None when none does (the configuration cannot fit)."""
+    best = None
+    for m in modes:
+        saved = sum(n * by.get(m, 0.0) for n, by in floor.saves)   # below the fastest mode's activations
+        if replace(floor, act=floor.act_base - saved).bytes(sp.cm, sh, k.zero, k.offload, in_flight, warm) \
+                > sp.usable:
+            continue
+        t = sum(n * times[m] for (n, _), times in zip(floor.saves, rc))
+        best = t if best is None else min(best, t)
+    return best
 
 
 def _expand_group(sp: Space, sh: Sharding, group: tuple) -> None:
