@@ -90,3 +90,28 @@ def test_megatron_llama3_70b_row_fits_its_h100(tmp_path):
     fit = pf.fit_of(pr.Priced(case, e.step_time_s, pr.published_step_s(run, e), e))
     assert fit.memory["pipeline_buffers"] < 1 * 2**30
     assert fit.live_bytes < 1.05 * fit.usable_bytes
+
+
+def test_megatron_moe_block_swaps_only_its_norms_and_attention(tmp_path):
+    """An MoE block under Megatron keeps its captured expert and router tensors and counts its norms and
+    attention the fused way; with shared experts (no closed form here) it keeps every captured tensor."""
+    import json
+
+    from autopar.cost_models.memory import megatron_block_bytes
+    cfg = dict(model_type="mixtral", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=96, num_local_experts=8, num_experts_per_tok=2, vocab_size=512,
+               max_position_embeddings=128)
+    path = tmp_path / "moe.json"
+    path.write_text(json.dumps(cfg))
+    costs = {}
+    for rt in ("torch", "megatron"):
+        cm, _, cluster, _ = build_cost_model(Inputs(model=str(path), gpu="h100-sxm", seq_len=128, runtime=rt,
+                                                    gpus_per_node=8))
+        s = Strategy.parse("tp=2,sp=1,ep=4,dp=4,mbs=2,gbs=8").resolve(cluster.world)
+        costs[rt] = cm.layer_costs(s)[0]
+    t = next(t for t in cm.templates if t.kind == "block")
+    attn = sum(x.bytes * s.micro_batch / s.tp for x in t.saved if x.shard in ("rep", "tp") and not x.const)
+    fused = megatron_block_bytes(cm.spec, s, 128, "megatron", moe=True)
+    assert costs["megatron"].act_bytes["none"] == pytest.approx(costs["torch"].act_bytes["none"] - attn + fused)
+    assert fused < attn
+    assert megatron_block_bytes(cm.spec.model_copy(update={"shared_experts": 1}), s, 128, "megatron", moe=True) is None
