@@ -29,7 +29,7 @@ from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_contention, layer_dtype
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
-from autopar.cost_models.megatron_ops import megatron_linears
+from autopar.cost_models.megatron_ops import megatron_linears, megatron_tp_reductions
 from autopar.cost_models.memory import busiest_rank_expert_excess, cp_gathered_kv_bytes
 from autopar.cost_models.moe_cost import (
     capped_load,
@@ -383,25 +383,6 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
         out["etp"] = 2 * sum(collective_time(kind, gathered, s.etp, 1, ctx.cluster, fits=ctx.fits).time_s
                              for kind in ("all_gather", "reduce_scatter"))
     return out
-
-
-def megatron_tp_reductions(layer: LayerTemplate, rows: int) -> int:
-    """Tensor-parallel reductions of one block per pass (each an all-reduce, or a reduce-scatter with
-    its all-gather under sequence parallel) in Megatron-style tensor parallelism: one per row-parallel
-    linear (Shoeybi et al. 2019: attention and MLP); a parallel block (``parallel_block``) sums its
-    attention and MLP outputs before the one reduction and gathers its single norm's output once
-    (MegaScale, Jiang et al. NSDI 2024, Sec. 3.1, parallel transformer block; GPT-NeoX's parallel
-    residual all-reduces ``attention + mlp`` together, Black et al. 2022). The emitted torch programs
-    (one DTensor collective per module) keep their per-module count."""
-    return min(rows, 1) if parallel_block(layer) else rows
-
-
-def parallel_block(layer: LayerTemplate) -> bool:
-    """The block runs attention and MLP on one norm's output (``Block`` layout "parallel": the
-    captured block has its attention norm and no MLP norm)."""
-    names = [o.name for o in layer.ops]
-    return layer.kind == "block" and any("attention_norm" in n for n in names) \
-        and not any("ffn_norm" in n for n in names)
 
 
 def _tp_collective(size: float, s: Strategy, ctx: PricingContext) -> float:

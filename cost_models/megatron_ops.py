@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from autopar.cost_models.layer_model import OpTerm
+from autopar.cost_models.layer_model import LayerTemplate, OpTerm
 
 
 def _column(op: OpTerm) -> bool:
@@ -66,3 +66,22 @@ def megatron_linears(ops: list[OpTerm]) -> list[OpTerm]:
             out.append(op)
             i += 1
     return out
+
+
+def megatron_tp_reductions(layer: LayerTemplate, rows: int) -> int:
+    """Tensor-parallel reductions of one block per pass (each an all-reduce, or a reduce-scatter with
+    its all-gather under sequence parallel) in Megatron-style tensor parallelism: one per row-parallel
+    linear (Shoeybi et al. 2019: attention and MLP); a parallel block (``parallel_block``) sums its
+    attention and MLP outputs before the one reduction and gathers its single norm's output once
+    (MegaScale, Jiang et al. NSDI 2024, Sec. 3.1, parallel transformer block; GPT-NeoX's parallel
+    residual all-reduces ``attention + mlp`` together, Black et al. 2022). The emitted torch programs
+    (one DTensor collective per module) keep their per-module count."""
+    return min(rows, 1) if parallel_block(layer) else rows
+
+
+def parallel_block(layer: LayerTemplate) -> bool:
+    """The block runs attention and MLP on one norm's output (``Block`` layout "parallel": the
+    captured block has its attention norm and no MLP norm)."""
+    names = [o.name for o in layer.ops]
+    return layer.kind == "block" and any("attention_norm" in n for n in names) \
+        and not any("ffn_norm" in n for n in names)

@@ -42,7 +42,7 @@ def test_parallel_block_reduces_once_per_pass_under_megatron_tp(tmp_path):
     before one reduce-scatter and gathers its one norm's output once: half the sequential block's
     tensor-parallel traffic under Megatron-style TP. autopar's emitted programs (DTensor, one
     collective per module) keep theirs."""
-    from autopar.cost_models.layer_cost import parallel_block
+    from autopar.cost_models.megatron_ops import parallel_block
 
     seq, par = _gpt_like(tmp_path, False), _gpt_like(tmp_path, True)
     assert _block_tp_comm(par, "megatron") == pytest.approx(_block_tp_comm(seq, "megatron") / 2, rel=1e-9)
