@@ -14,6 +14,7 @@ import heapq
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
+from operator import attrgetter, mul, sub
 
 from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import collective_time
@@ -301,23 +302,23 @@ def priced_terms(cm: CostModel, costs: dict, modes: tuple[str, ...], wfrac: list
     over the same values in the same order, so they are the same floats."""
     blocks = [costs[i] for i in range(cm.num_layers)]
     base = modes[0]   # the fastest recompute allowed: every block pays at least it
-    at_base: dict[int, float] = {}
+    at_base: dict[int, tuple[float, float]] = {}   # id -> (time at base, cp exposure)
     for c in blocks:
         if id(c) not in at_base:
-            at_base[id(c)] = c.time(base)
-    times = [at_base[id(c)] for c in blocks]
+            at_base[id(c)] = (c.time(base), c.comm_s.get("cp", 0.0))
+    times = [at_base[id(c)][0] for c in blocks]
+    cps = [at_base[id(c)][1] for c in blocks]
     edge_costs = [c for c in (costs["embedding"], costs["output"]) if c]
     total = sum(times) + sum(c.time("none") for c in edge_costs)
-    no_cp = total - sum(c.comm_s.get("cp", 0.0) for c in blocks + edge_costs)
+    no_cp = total - sum(cps + [c.comm_s.get("cp", 0.0) for c in edge_costs])
     rc = [{m: costs[t.indices[0]].time(m) - costs[t.indices[0]].time(base) for m in modes}
           for t in cm.templates if t.kind == "block"]
-    fbw = (sum(c.fwd_s for c in blocks), sum(c.bwd_s for c in blocks), sum(c.bwd_s * f for c, f in zip(blocks, wfrac)))
+    fwds, bwds = list(map(attrgetter("fwd_s"), blocks)), list(map(attrgetter("bwd_s"), blocks))
+    fbw = (sum(fwds), sum(bwds), sum(map(mul, bwds, wfrac)))
+    dense = list(map(attrgetter("params_dense"), blocks))
     edges = tuple(c.time("none") if c else 0.0 for c in (costs["embedding"], costs["output"]))
-    return Priced(costs, total, no_cp, min(times),
-                  (sum(c.params_dense for c in blocks), sum(c.params_expert for c in blocks)), rc,
-                  fbw, min(c.params_dense for c in blocks), max(times), edges, times,
-                  min(t - c.comm_s.get("cp", 0.0) for t, c in zip(times, blocks)),
-                  tuple(Counter(c.fwd_s for c in blocks).items()))
+    return Priced(costs, total, no_cp, min(times), (sum(dense), sum(map(attrgetter("params_expert"), blocks))), rc,
+                  fbw, min(dense), max(times), edges, times, min(map(sub, times, cps)), tuple(Counter(fwds).items()))
 
 
 def cp_exposure_floor(sp: Space, sh: Sharding, lo: Priced, b_lo: int) -> float:
