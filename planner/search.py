@@ -355,12 +355,12 @@ def _expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
         terms = []
         for k in ks:
             modes = allowed_modes(sp.cons.modes, k.schedule, k.offload)
-            key = (k.zero, k.offload, in_flight, warm, modes, k.schedule in pipeline.V_SHAPED)
+            key = (k.zero, k.offload, k.schedule, k.vpp, in_flight, warm, modes, k.schedule in pipeline.V_SHAPED)
             if key not in rests:
                 floor = _floor_for(sp, sh, modes)
                 fits = floor.bytes(cm, sh, k.zero, k.offload, in_flight, warm) <= sp.usable and not (
                     k.offload and host_usable is not None and floor.host_bytes(cm, sh) > host_usable)
-                extra = floor.recompute_time(cm, sh, k, in_flight, sp.usable, pr.rc, warm) if fits else 0.0
+                extra = _recompute_floor(sp, sh, k, floor, in_flight, warm, pr.rc) if fits else 0.0
                 if fits and key[-1]:   # V-shaped: one recompute mode on every layer (_v_shaped)
                     uniform = _uniform_extra(sp, sh, k, floor, modes, in_flight, warm, pr.rc)
                     fits, extra = uniform is not None, max(extra, uniform or 0.0)
@@ -375,6 +375,26 @@ def _expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
                                 min(x[1] for x in syncs))
             sp.push(lb + min(t[2] for t in terms) + min(x[0] for x in syncs), "group", sh,
                     (terms, pr.total, p2p, peak, share))
+
+
+def _recompute_floor(sp: Space, sh: Sharding, k: Knobs, floor: Floor, in_flight: float, warm: bool,
+                     rc: list[dict]) -> float:
+    """``Floor.recompute_time`` at the fewest micro-batches in flight, or with each rank's own count where
+    that is tighter: rank ``r`` holds ``f_r`` micro-batches and its pipeline buffers ``b_r``
+    (``CostModel._pipeline_buffer_bytes``, as ``rank_memory``; torchtitan's own accounting left out), so
+    its activations stay under ``(usable - b_r - its states and temporaries) / f_r`` and all ranks' under
+    ``sum((usable - b_r) / f_r) - (states + temporaries) / max f_r`` (the states may sit on the rank holding
+    the most); Floor.recompute_time gives that room with ``in_flight = max f_r`` and ``usable = max f_r *
+    sum((usable - b_r) / f_r) / pp``."""
+    cm, m = sp.cm, sp.gb // (sh.dp * sh.mbs)
+    base = floor.recompute_time(cm, sh, k, in_flight, sp.usable, rc, warm)
+    f = [in_flight_microbatches(r, sh.pp, m, k.schedule, k.vpp) for r in range(sh.pp)]
+    s = probe(sh, sp.gb, k)
+    ends = [(0 in st, sh.pp * k.vpp - 1 in st) for st in (pipeline.rank_stages(r, sh.pp, k.vpp, k.schedule)
+                                                          for r in range(sh.pp))]   # V-shaped: both on rank 0
+    bufs = [cm._pipeline_buffer_bytes(s, *e, x) if cm.ctx.runtime != "torchtitan" else 0.0 for e, x in zip(ends, f)]
+    usable = max(f) * sum((sp.usable - b) / x for b, x in zip(bufs, f)) / sh.pp
+    return max(base, floor.recompute_time(cm, sh, k, max(f), usable, rc, warm))
 
 
 def _uniform_extra(sp: Space, sh: Sharding, k: Knobs, floor: Floor, modes: tuple[str, ...], in_flight: float,

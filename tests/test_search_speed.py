@@ -86,3 +86,33 @@ def test_restricted_mode_floors_never_prune_a_configuration_that_fits(seed, usab
             fits += 1
             restricted += S.allowed_modes(sp.cons.modes, k.schedule, k.offload) != sp.cons.modes
     assert fits > 5 and restricted > 2
+
+
+def test_pipeline_buffer_recompute_floor_stays_under_real_pipeline_prices():
+    # llama3-8b on 8 GPUs, memory-tight at seq 8192: the recompute floor with each rank's in-flight count and
+    # pipeline receive buffers (search._recompute_floor) stays under the partition price of every pipelined
+    # configuration it bounds, and is tighter than the fewest-in-flight floor somewhere
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    cm, _, _, _ = build_cost_model(Inputs(model="llama3-8b", nodes=1, seq_len=8192))
+    cons = S.Constraints(fixed={"offload_optimizer": False, "micro_batch": 1, "cp": 1, "tp": 1})
+    sp = bounds.Space(cm, cons, 32)
+    checked = tighter = 0
+    for sh, knobs in _configs(cm, sp, 32):
+        if sh.pp == 1:
+            continue
+        for k in knobs:
+            pushed = []
+            sp.push = lambda lb, kind, *payload: pushed.append(lb)   # noqa: B023
+            S._expand_row(sp, sh, [k])
+            cand = S._partitioned(sp, sh, k, part.INF)
+            if cand is None or not pushed:
+                continue
+            assert pushed[0] <= cand.step_time_s * EPS, (sh, k)
+            pr, floor = sp.priced(sh), S._floor_for(sp, sh, S.allowed_modes(sp.cons.modes, k.schedule, k.offload))
+            in_flight = bounds.min_in_flight(sh.pp, 32 // (sh.dp * sh.mbs), k.schedule, k.vpp)
+            warm = bounds.grads_freed(sp, sh, k.schedule, k.vpp)
+            tighter += S._recompute_floor(sp, sh, k, floor, in_flight, warm, pr.rc) > \
+                floor.recompute_time(cm, sh, k, in_flight, sp.usable, pr.rc, warm)
+            checked += 1
+    assert checked > 10 and tighter > 0
