@@ -85,7 +85,7 @@ class CostModel:
         self.ctx = PricingContext(
             cluster=cluster, timer=self.timer, dtype_bytes=dbytes, hidden=spec.hidden or 1, seq_len=seq_len,
             topk=spec.topk, num_experts=spec.num_experts, kv_bytes_per_token=_kv_bytes(spec, dbytes),
-            sdpa_kv_bytes_per_token=_sdpa_kv_bytes(spec, dbytes),
+            sdpa_kv_bytes_per_token=sdpa_kv_bytes_per_token(spec, dbytes),
             fits=comm_fits, runtime=runtime, sliding_window=spec.sliding_window,
             sliding_layers=frozenset(i for i in self.blocks if spec.is_sliding_layer(i)))
         self.moe_load = moe_load
@@ -482,11 +482,6 @@ def _kv_bytes(spec: ModelSpec, dbytes: int) -> float:
     if spec.family == "deepseek_v3":
         return spec.heads * (spec.qk_nope_head_dim + spec.qk_rope_head_dim + spec.v_head_dim) * dbytes
     return 2 * spec.kv_heads * spec.head_dim * dbytes
-
-
-def _sdpa_kv_bytes(spec: ModelSpec, dbytes: int) -> float:
-    qk = spec.qk_nope_head_dim + spec.qk_rope_head_dim if spec.family == "deepseek_v3" else 0
-    return sdpa_kv_bytes_per_token(spec.heads, spec.head_dim, qk, spec.v_head_dim, dbytes)
 
 
 def _time_breakdown(ranks: list[RankReport], pipe, dp_exposed: float, opt: float, m: int) -> dict[str, float]:

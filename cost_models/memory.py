@@ -277,14 +277,14 @@ def pooled_peak_bytes(device: dict[str, float], host: float, grad_shards: float,
     return max(at_device_peak, at_host_peak)
 
 
-def sdpa_kv_bytes_per_token(heads: int, head_dim: int, mla_qk_dim: int, mla_v_dim: int, dtype_bytes: int) -> float:
+def sdpa_kv_bytes_per_token(spec: ModelSpec, dtype_bytes: int) -> float:
     """K + V bytes per token as the attention kernel receives them in autopar's models: grouped-query
     K/V are repeated to every query head first (``profiles.models.layers.causal_attention``), so
-    ``2 * heads * head_dim``; multi-head latent attention rebuilds per-head keys of ``mla_qk_dim``
-    (nope + rope) and values of ``mla_v_dim``."""
-    if mla_qk_dim:
-        return heads * (mla_qk_dim + mla_v_dim) * dtype_bytes
-    return 2 * heads * head_dim * dtype_bytes
+    ``2 * heads * head_dim``; multi-head latent attention rebuilds per-head keys of nope + rope width
+    and values of ``v_head_dim``."""
+    if spec.family == "deepseek_v3":
+        return spec.heads * (spec.qk_nope_head_dim + spec.qk_rope_head_dim + spec.v_head_dim) * dtype_bytes
+    return 2 * spec.heads * (spec.head_dim or spec.hidden // max(spec.heads, 1)) * dtype_bytes
 
 
 def cp_gathered_kv_bytes(mbs: float, seq_len: int, cp: int, tp: int, kv_bytes_per_token: float) -> float:
