@@ -199,3 +199,43 @@ def test_layouts_cover_every_contiguous_partition_without_interleaving():
     # v = 2: both chunks of a rank are equally long.
     for st in layouts(8, 2, 2):
         assert st[0][1] - st[0][0] == st[2][1] - st[2][0]
+
+
+def _partition_counting(monkeypatch, cm, s, upper, screen: bool):
+    """``partition`` with the stage DP's pre-pricing floor on or off, and the rank pricings it made."""
+    from autopar.planner import stage_dp
+    calls = []
+    price = part.RankPricer._price
+    with monkeypatch.context() as m:
+        m.setattr(part.RankPricer, "_price", lambda self, *a: calls.append(a[0]) or price(self, *a))
+        if not screen:
+            m.setattr(stage_dp, "_hopeless", lambda *a: False)
+            m.setattr(stage_dp, "_counts_to_try", lambda pr, r, o, lo, hi, *a: range(lo, hi + 1))
+        return part.partition(cm, s, upper=upper), len(calls)
+
+
+@pytest.mark.parametrize("text,kinds", [("dp=1,tp=1,pp=4,mbs=1,gbs=8", 1), ("dp=2,tp=1,pp=2,mbs=1,gbs=8,zero=3", 1),
+                                        ("dp=1,tp=1,pp=4,mbs=1,gbs=2", 2), ("dp=2,tp=1,pp=2,mbs=2,gbs=4,zero=3", 2),
+                                        ("dp=1,tp=1,pp=4,vpp=2,schedule=interleaved,mbs=1,gbs=8", 1)])
+def test_ranks_skipped_by_the_floor_change_nothing(monkeypatch, text, kinds):
+    """The DP prices a rank only when some label could pass the bound with it (stage_dp._hopeless,
+    _counts_to_try): the layout, recompute and price are those of the DP that prices every rank,
+    under no bound and under a bound near the optimum, and it prices no more ranks."""
+    for seed, usable in ((21, 300), (22, 600)):
+        cm = tiny_cost_model(seed, layers=16, usable_mib=usable, kinds=kinds)
+        s = Strategy.parse(text).resolve(cm.cluster.world)
+        best, _ = _partition_counting(monkeypatch, cm, s, part.INF, screen=False)
+        for upper in (part.INF, best.step_time_s * 1.02 if best else part.INF):
+            (a, n_all), (b, n_screened) = (_partition_counting(monkeypatch, cm, s, upper, x) for x in (False, True))
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert (a.counts, a.layer_recompute, a.step_time_s) == (b.counts, b.layer_recompute, b.step_time_s)
+            assert n_screened <= n_all
+
+
+def test_the_floor_skips_ranks():
+    cm = tiny_cost_model(21, layers=16, usable_mib=600, kinds=1)
+    s = Strategy.parse("dp=2,tp=1,pp=2,mbs=1,gbs=8,zero=3").resolve(cm.cluster.world)
+    with pytest.MonkeyPatch.context() as mp:
+        (a, n_all), (b, n_screened) = (_partition_counting(mp, cm, s, part.INF, x) for x in (False, True))
+    assert a.counts == b.counts and n_screened < n_all
