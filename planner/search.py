@@ -386,15 +386,19 @@ def _recompute_floor(sp: Space, sh: Sharding, k: Knobs, floor: Floor, in_flight:
     ``sum((usable - b_r) / f_r) - (states + temporaries) / max f_r`` (the states may sit on the rank holding
     the most); Floor.recompute_time gives that room with ``in_flight = max f_r`` and ``usable = max f_r *
     sum((usable - b_r) / f_r) / pp``."""
-    cm, m = sp.cm, sp.gb // (sh.dp * sh.mbs)
-    base = floor.recompute_time(cm, sh, k, in_flight, sp.usable, rc, warm)
-    f = [in_flight_microbatches(r, sh.pp, m, k.schedule, k.vpp) for r in range(sh.pp)]
-    s = probe(sh, sp.gb, k)
-    ends = [(0 in st, sh.pp * k.vpp - 1 in st) for st in (pipeline.rank_stages(r, sh.pp, k.vpp, k.schedule)
-                                                          for r in range(sh.pp))]   # V-shaped: both on rank 0
-    bufs = [cm._pipeline_buffer_bytes(s, *e, x) if cm.ctx.runtime != "torchtitan" else 0.0 for e, x in zip(ends, f)]
-    usable = max(f) * sum((sp.usable - b) / x for b, x in zip(bufs, f)) / sh.pp
-    return max(base, floor.recompute_time(cm, sh, k, max(f), usable, rc, warm))
+    m = sp.gb // (sh.dp * sh.mbs)
+    key = ("ranks_room", sh.pp, sh.mbs, sh.cp, sh.tp, sh.sp, m, k.schedule, k.vpp)   # what the buffers read
+    if key not in sp.memo:
+        f = [in_flight_microbatches(r, sh.pp, m, k.schedule, k.vpp) for r in range(sh.pp)]
+        s = probe(sh, sp.gb, k)
+        ends = [(0 in st, sh.pp * k.vpp - 1 in st) for st in (pipeline.rank_stages(r, sh.pp, k.vpp, k.schedule)
+                                                              for r in range(sh.pp))]   # V-shaped: both on rank 0
+        bufs = [sp.cm._pipeline_buffer_bytes(s, *e, x) if sp.cm.ctx.runtime != "torchtitan" else 0.0
+                for e, x in zip(ends, f)]
+        sp.memo[key] = (max(f), max(f) * sum((sp.usable - b) / x for b, x in zip(bufs, f)) / sh.pp)
+    f_max, usable = sp.memo[key]
+    return max(floor.recompute_time(sp.cm, sh, k, in_flight, sp.usable, rc, warm),
+               floor.recompute_time(sp.cm, sh, k, f_max, usable, rc, warm))
 
 
 def _uniform_extra(sp: Space, sh: Sharding, k: Knobs, floor: Floor, modes: tuple[str, ...], in_flight: float,
