@@ -391,8 +391,8 @@ def _recompute_floor(sp: Space, sh: Sharding, k: Knobs, floor: Floor, in_flight:
     if key not in sp.memo:
         f = [in_flight_microbatches(r, sh.pp, m, k.schedule, k.vpp) for r in range(sh.pp)]
         s = probe(sh, sp.gb, k)
-        ends = [(0 in st, sh.pp * k.vpp - 1 in st) for st in (pipeline.rank_stages(r, sh.pp, k.vpp, k.schedule)
-                                                              for r in range(sh.pp))]   # V-shaped: both on rank 0
+        last = pipeline.stage_rank(sh.pp * k.vpp - 1, sh.pp, k.schedule)   # V-shaped: rank 0 holds both ends
+        ends = [(r == 0, r == last) for r in range(sh.pp)]
         bufs = [sp.cm._pipeline_buffer_bytes(s, *e, x) if sp.cm.ctx.runtime != "torchtitan" else 0.0
                 for e, x in zip(ends, f)]
         sp.memo[key] = (max(f), max(f) * sum((sp.usable - b) / x for b, x in zip(bufs, f)) / sh.pp)
