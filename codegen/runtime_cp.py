@@ -3,8 +3,9 @@
 Implementation: all-gather K/V attention (the variant Llama 3 uses for context parallel,
 Llama 3 paper Sec. 3.3.2), not torch's experimental ring attention, which dispatches only
 the CUDA SDPA kernels. Each rank keeps its queries, all-gathers keys and values over the
-``cp`` group (backward: reduce-scatter of their gradients) and masks by global position,
-so the result equals full causal attention up to summation order.
+``cp`` group (backward: reduce-scatter of their gradients; grouped-query K/V once per K/V head,
+repeated after the gather) and masks by global position, so the result equals full causal
+attention up to summation order.
 
 Load balance: the sequence is cut into ``2*cp`` chunks and rank ``c`` holds chunks ``c`` and
 ``2*cp-1-c``, so every rank gets the same share of the causal triangle.
@@ -44,13 +45,20 @@ def apply_cp(model: nn.Module, mesh: ParallelMesh, seq_len: int) -> nn.Module:
     group = mesh.group("cp")
     mine = cp_positions(seq_len, cp, mesh.rank("cp"))
     every = torch.cat([cp_positions(seq_len, cp, r) for r in range(cp)])  # gathered K/V order
-    mode = _GatheredAttention(group, mine, every)
-    for mod in model.modules():
-        if hasattr(mod, "wo") and hasattr(mod, "eager"):  # Attention / MLAttention
-            mod.eager = False
-            _run_under(mod, mode)
+    attns = [m for m in model.modules() if hasattr(m, "wo") and hasattr(m, "eager")]  # Attention / MLAttention
+    mode = _GatheredAttention(group, mine, every, _kv_repeat(attns))
+    for mod in attns:
+        mod.eager = False
+        _run_under(mod, mode)
     _shard_position_buffers(model, mine)
     return model
+
+
+def _kv_repeat(attns: list[nn.Module]) -> int:
+    """Query heads per K/V head (grouped-query attention repeats each K/V head this many times
+    before SDPA); 1 for multi-head and latent attention (no ``wk``)."""
+    a = next((m for m in attns if hasattr(m, "wk") and hasattr(m, "wq")), None)
+    return a.wq.out_features // a.wk.out_features if a is not None else 1
 
 
 def _run_under(module: nn.Module, mode: TorchFunctionMode) -> None:
@@ -81,9 +89,9 @@ def _shard_position_buffers(model: nn.Module, positions: torch.Tensor) -> None:
 
 
 class _GatheredAttention(TorchFunctionMode):
-    def __init__(self, group, mine: torch.Tensor, every: torch.Tensor):
+    def __init__(self, group, mine: torch.Tensor, every: torch.Tensor, rep: int = 1):
         super().__init__()
-        self.group = group
+        self.group, self.rep = group, rep
         self.mine, self.every = mine, every
         self._mask: torch.Tensor | None = None
 
@@ -94,8 +102,7 @@ class _GatheredAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, **kw):
-        k = fc.all_gather_single_autograd(k.contiguous(), 2, self.group)  # [b, n, S, d]
-        v = fc.all_gather_single_autograd(v.contiguous(), 2, self.group)
+        k, v = self._gather(k), self._gather(v)  # [b, n, S, d]
         if self._mask is None or self._mask.device != q.device or self._mask.dtype != q.dtype:
             # query at position i sees keys at positions <= i, wherever they were gathered from. An
             # additive mask in q's dtype, built once: SDPA would convert a boolean one to this in every
@@ -103,3 +110,13 @@ class _GatheredAttention(TorchFunctionMode):
             seen = self.mine.to(q.device)[:, None] >= self.every.to(q.device)[None, :]
             self._mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask, dropout_p=dropout_p, **kw)
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """All-gather one of K/V over the cp group along the sequence. Grouped-query K/V arrive
+        repeated per query head (``repeat_interleave``: head ``j * rep + i`` is K/V head ``j``), so
+        one copy of each K/V head is gathered and repeated after: ``rep`` times less traffic, the
+        same tensors (their gradients sum over the copies either way)."""
+        if self.rep == 1:
+            return fc.all_gather_single_autograd(t.contiguous(), 2, self.group)
+        one = fc.all_gather_single_autograd(t[:, ::self.rep].contiguous(), 2, self.group)
+        return one.repeat_interleave(self.rep, dim=1)
