@@ -28,6 +28,7 @@ from autopar.core.cluster import ClusterSpec
 from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_contention, layer_dtype
+from autopar.cost_models.cp_cost import cp_exposed, cp_gather
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
 from autopar.cost_models.megatron_ops import megatron_linears, megatron_tp_reductions
 from autopar.cost_models.memory import busiest_rank_expert_excess, cp_gathered_kv_bytes
@@ -37,7 +38,6 @@ from autopar.cost_models.moe_cost import (
     etp_gathered_bytes,
     grouped_expert_time,
     local_sort_bytes,
-    ring_exposed,
 )
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
@@ -189,7 +189,7 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         fwd_s=fwd, bwd_s=bwd,
         recompute_s={"none": 0.0, "selective": attn_fwd, "op": op_rerun + rerun * host / 3, "full": fwd},
         comm_s=comm,
-        recompute_comm_s=comm.get("tp", 0.0) / 2 + comm.get("ep", 0.0) / 2,
+        recompute_comm_s=comm.get("tp", 0.0) / 2 + comm.get("ep", 0.0) / 2 + _cp_rerun(layer, s, ctx),
         # op keeps reduce-scatter outputs (sequence parallel: the all-gathers, a quarter of the tp
         # time, are re-run); plain tp all-reduces and ep all-to-alls are re-run as under full
         recompute_comm_op_s=comm.get("tp", 0.0) / (4 if s.sequence_parallel else 2) + comm.get("ep", 0.0) / 2,
@@ -367,9 +367,7 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
             out["tp"] = (2 * rows * one if s.sequence_parallel else n * one) + n * sync
         out["tp"] *= 1.0 - ctx.timer.stack.tp_overlap  # hidden behind GEMMs (--tp-comm-overlap, async TP)
     if s.cp > 1:
-        kv = s.micro_batch * ctx.seq_len / s.cp * ctx.kv_bytes_per_token / s.tp
-        step = collective_time("p2p", kv, s.cp, s.tp, ctx.cluster, fits=ctx.fits).time_s
-        out["cp"] = ring_exposed(s.cp, step, attn_fwd)
+        out["cp"] = cp_exposed(s, ctx, attn_fwd, sync)
     if layer.is_moe and s.ep > 1:
         routed = act * ctx.topk / s.tp  # tokens are split over tp before dispatch
         a2a = collective_time("all_to_all", routed, s.ep, s.etp, ctx.cluster, fits=ctx.fits).time_s
@@ -383,6 +381,13 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
         out["etp"] = 2 * sum(collective_time(kind, gathered, s.etp, 1, ctx.cluster, fits=ctx.fits).time_s
                              for kind in ("all_gather", "reduce_scatter"))
     return out
+
+
+def _cp_rerun(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:
+    """The forward K/V gather a full recompute repeats (autopar's gathered cp only)."""
+    if layer.kind != "block" or s.cp <= 1 or ctx.runtime != "torch":
+        return 0.0
+    return cp_gather(s.micro_batch, s.cp, s.tp, ctx)[0] + shared_core_sync(ctx)
 
 
 def _tp_collective(size: float, s: Strategy, ctx: PricingContext) -> float:

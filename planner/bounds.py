@@ -18,6 +18,7 @@ from operator import attrgetter, mul, sub
 
 from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import collective_time
+from autopar.cost_models.cp_cost import cp_gather
 from autopar.cost_models.estimate import (
     DDP_BUCKET_BYTES,
     OPTIMIZER_BYTES_PER_PARAM,
@@ -26,7 +27,7 @@ from autopar.cost_models.estimate import (
     offload_step_time,
 )
 from autopar.cost_models.fsdp import gathers_per_unit
-from autopar.cost_models.layer_cost import shards_for
+from autopar.cost_models.layer_cost import shards_for, shared_core_sync
 from autopar.cost_models.layer_model import saved_bytes
 from autopar.cost_models.memory import bytes_per_param, grads_freed_before_activation_peak, model_state_bytes
 from autopar.cost_models.moe_cost import ring_exposed
@@ -329,6 +330,12 @@ def cp_exposure_floor(sp: Space, sh: Sharding, lo: Priced, b_lo: int) -> float:
     (``moe_cost.ring_exposed``) only falls as that window grows."""
     if sh.cp <= 1:
         return 0.0
+    if sp.cm.ctx.runtime == "torch":   # autopar's gathered K/V: blocking, no window (cost_models.cp_cost)
+        key = ("cp-gather", sh.mbs, sh.cp, sh.tp, sum(n for _, n in lo.fwds))
+        if key not in sp.memo:
+            gather = sum(cp_gather(sh.mbs, sh.cp, sh.tp, sp.cm.ctx)) + 2 * shared_core_sync(sp.cm.ctx)
+            sp.memo[key] = key[-1] * gather
+        return sp.memo[key]
     key = ("cp", sh.mbs, sh.cp, sh.tp, lo.fwds, b_lo)   # what it reads (lo: its blocks' forwards)
     if key not in sp.memo:
         cm, scale = sp.cm, sh.mbs / b_lo
