@@ -9,12 +9,12 @@ the rank read without pricing it), so a configuration far from the incumbent pri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from autopar.planner.partition import RankPricer
+# ``pr`` below is a ``planner.partition.RankPricer`` (not imported: partition imports this module,
+# and the layering test forbids import cycles, type-only ones included)
+RankPricer = "planner.partition.RankPricer"
 
 INF = float("inf")
 
