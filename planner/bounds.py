@@ -428,7 +428,7 @@ def grad_sync_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> tuple[floa
     gradient synchronisation of the rank holding the most layers). Every rank holds at least the
     smallest block and collective times grow with the size."""
     n = sh.dp * sh.cp
-    if gathers_per_unit(sp.cm.ctx.runtime, k.zero) or n <= 1 or pr.min_dense <= 0:  # FSDP: no step-end sync
+    if gathers_per_unit(sp.cm.ctx.runtime, k.zero, k.offload) or n <= 1 or pr.min_dense <= 0:  # FSDP: no step-end sync
         return 0.0, 0.0
     gbytes = bytes_per_param(sp.cm.dtype)[1]
     sizes = (min(DDP_BUCKET_BYTES, pr.min_dense * gbytes), held_layers(sp, sh, k) * pr.min_dense * gbytes)

@@ -122,7 +122,7 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
             _expand_row(sp, *payload)
         elif kind == "group":
             _expand_group(sp, *payload)
-        elif kind == "config" and gathers_per_unit(cm.ctx.runtime, payload[1].zero):  # FSDP's per-unit traffic
+        elif kind == "config" and gathers_per_unit(cm.ctx.runtime, payload[1].zero, payload[1].offload):  # FSDP
             sp.push(lb + zero3_floor(sp, payload[0], payload[1].zero), "config3", *payload)
         else:
             stats.priced += 1

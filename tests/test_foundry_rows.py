@@ -95,9 +95,12 @@ def test_fsdp_zero2_gathers_per_unit_only_under_fsdp_runtimes():
     assert gathers_per_unit("torch", 2) and gathers_per_unit("torchtitan", 2)
     assert not gathers_per_unit("megatron", 2) and not gathers_per_unit("deepspeed", 2)
     assert not any(gathers_per_unit("torch", z) for z in (0, 1))
+    # offload runs FSDP2 CPUOffloadPolicy at every stage (codegen.runtime_parallel.dp_mode): per unit
+    assert all(gathers_per_unit("torch", z, offload=True) for z in (0, 1, 2))
+    assert not gathers_per_unit("megatron", 1, offload=True)
 
 
-def _zero2_dp(tmp_path: Path, runtime: str, micro_batches: int) -> tuple[float, float, float]:
+def _zero2_dp(tmp_path: Path, runtime: str, micro_batches: int, knobs: str = "zero=2") -> tuple[float, float, float]:
     """(all data-parallel seconds, exposed seconds, one layer's forward gather + reduce-scatter) of a
     tiny GPT on 8 H100s, ZeRO-2, ``micro_batches`` micro-batches of one sequence."""
     import json
@@ -110,7 +113,7 @@ def _zero2_dp(tmp_path: Path, runtime: str, micro_batches: int) -> tuple[float, 
     cfg.write_text(json.dumps(dict(model_type="gpt2", n_embd=1024, n_layer=4, n_head=8, vocab_size=1024,
                                    n_positions=512)))
     cm, _, cluster, _ = build_cost_model(Inputs(model=str(cfg), gpu="h100-sxm", seq_len=512, runtime=runtime))
-    s = Strategy.parse(f"dp=8,zero=2,mbs=1,gbs={8 * micro_batches}").resolve(cluster.world)
+    s = Strategy.parse(f"dp=8,{knobs},mbs=1,gbs={8 * micro_batches}").resolve(cluster.world)
     e = cm.estimate(s)
     costs = cm.layer_costs(s)
     ag, ag_b, rs = cm._zero3_layer(s, costs[e.ranks[0].layers[0]], bytes_per_param(cm.dtype)[1])
@@ -130,3 +133,14 @@ def test_fsdp_zero2_moves_its_traffic_every_micro_batch(tmp_path):
     mega_one, _, _ = _zero2_dp(tmp_path, "megatron", 1)
     mega_four, _, _ = _zero2_dp(tmp_path, "megatron", 4)
     assert mega_four == pytest.approx(mega_one, rel=1e-9)
+
+
+def test_offload_below_zero3_is_priced_as_the_fsdp_program_it_runs(tmp_path):
+    """Optimizer offload at ZeRO 0 or 1 emits FSDP2 with CPUOffloadPolicy and no resharding after
+    forward, the ZeRO-2 program (test_emit_as_priced: test_offload_without_zero3_still_shards_to_host):
+    its data-parallel traffic is ZeRO-2's, per layer and micro-batch, not one all-reduce per step."""
+    zero2 = _zero2_dp(tmp_path, "torch", 4, "zero=2,offload=1")
+    for knobs in ("zero=0,offload=1", "zero=1,offload=1"):
+        assert _zero2_dp(tmp_path, "torch", 4, knobs)[0] == pytest.approx(zero2[0], rel=1e-9)
+    plain = _zero2_dp(tmp_path, "torch", 4, "zero=0")[0]
+    assert zero2[0] > 2 * plain   # four micro-batches of per-layer traffic against one all-reduce
