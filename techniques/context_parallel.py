@@ -1,6 +1,6 @@
-"""Context parallel: the sequence split over ``cp`` ranks in load-balanced chunk pairs, ring
-attention over key/value shards (``codegen.runtime_cp.apply_cp``); priced per layer
-(``layer_cost.price_layer``: the key/value exchange exposed beyond attention)."""
+"""Context parallel: the sequence split over ``cp`` ranks in load-balanced chunk pairs, attention
+over all-gathered key/value shards (``codegen.runtime_cp.apply_cp``); priced per layer
+(``layer_cost.price_layer``, ``cp_cost.cp_exposed``: the gather and its gradients' reduce-scatter)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,23 @@ def chunk_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | N
     return []
 
 
+def window_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    """The emitted cp attention (``codegen.runtime_cp``) intercepts causal SDPA calls only; a
+    sliding-window layer calls SDPA with its window mask, which would attend within the rank's
+    local chunk alone: wrong attention, so not emitted (nor searched)."""
+    if s.cp == 1 or spec is None or not spec.sliding_window:
+        return []
+    if not any(spec.is_sliding_layer(i) for i in range(spec.layers)):
+        return []
+    return [f"cp={s.cp}: {spec.name} has sliding-window attention layers (window {spec.sliding_window}), which "
+            "the emitted context parallel does not run; use cp=1"]
+
+
 TECHNIQUE = Technique(
     name="context_parallel",
     fields=("cp",),
     rules=(chunk_rule,),
+    emit_rules=(window_rule,),
     search={"cp": "divisors of world / tp with seq_len divisible by 2*cp"},
     cost_terms=("layer_cost:price_layer",),
     apply="autopar.codegen.runtime_cp.apply_cp",

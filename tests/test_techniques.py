@@ -143,3 +143,20 @@ def test_planned_candidates_build_plans_emit_accepts():
         assert [st.rank for st in plan.stages] == [pipeline.stage_rank(i, 2, c.strategy.schedule)
                                                    for i in range(len(plan.stages))]
         check_plan(plan, "cpu")
+
+
+def test_context_parallel_is_not_emitted_for_sliding_window_models():
+    """The emitted cp attention intercepts causal SDPA only; a sliding-window layer would attend
+    within its rank's chunk: priced (rules) but refused by emit and never searched (emit rules)."""
+    from autopar.techniques import context_parallel
+
+    spec = _cm("llama-tiny", 2).spec
+    kinds = ["sliding", "full"] * (spec.layers // 2)
+    windowed = spec.model_copy(update={"sliding_window": 16, "layer_attention": kinds})
+    cp2 = Strategy.parse("cp=2").resolve(2, 2)
+    assert not context_parallel.TECHNIQUE.violations(cp2, spec, 2, 64, emitted=True)
+    assert not context_parallel.TECHNIQUE.violations(cp2, windowed, 2, 64)
+    msgs = context_parallel.TECHNIQUE.violations(cp2, windowed, 2, 64, emitted=True)
+    assert msgs and "sliding-window" in msgs[0] and "use cp=1" in msgs[0]
+    full_only = windowed.model_copy(update={"layer_attention": ["full"] * spec.layers})
+    assert not context_parallel.TECHNIQUE.violations(cp2, full_only, 2, 64, emitted=True)
