@@ -402,7 +402,8 @@ def partition(cm: CostModel, s: Strategy, modes: tuple[str, ...] = RECOMPUTE_MOD
         bound = upper
         if upper == INF:  # a first feasible layout bounds the DP; otherwise the caller's bound does
             bound, _ = evaluate_counts(pr, balanced_counts(pr.C, pr.p))
-        counts = stage_dp.dp(pr, bound) if bound < INF else None
+        # INF when the balanced layout does not fit either: an unbalanced one still may (the DP unbounded)
+        counts = stage_dp.dp(pr, bound)
         if counts is None:
             return None
     t, evs = evaluate_counts(pr, counts)
