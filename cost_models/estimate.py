@@ -42,6 +42,7 @@ from autopar.cost_models.memory import (
     fused_saved,
     grads_freed_before_activation_peak,
     host_grads_at_device_peak,
+    kv_bytes_per_token,
     megatron_pipeline_buffer_bytes,
     model_state_bytes,
     offload_grad_shard_bytes,
@@ -84,7 +85,7 @@ class CostModel:
         dbytes = 4 if dtype == "fp32" else 2
         self.ctx = PricingContext(
             cluster=cluster, timer=self.timer, dtype_bytes=dbytes, hidden=spec.hidden or 1, seq_len=seq_len,
-            topk=spec.topk, num_experts=spec.num_experts, kv_bytes_per_token=_kv_bytes(spec, dbytes),
+            topk=spec.topk, num_experts=spec.num_experts, kv_bytes_per_token=kv_bytes_per_token(spec, dbytes),
             sdpa_kv_bytes_per_token=sdpa_kv_bytes_per_token(spec, dbytes),
             fits=comm_fits, runtime=runtime, sliding_window=spec.sliding_window,
             sliding_layers=frozenset(i for i in self.blocks if spec.is_sliding_layer(i)))
@@ -476,12 +477,6 @@ def even_stages(layers: int, n: int) -> list[tuple[int, int]]:
         out.append((start, end))
         start = end
     return out
-
-
-def _kv_bytes(spec: ModelSpec, dbytes: int) -> float:
-    if spec.family == "deepseek_v3":
-        return spec.heads * (spec.qk_nope_head_dim + spec.qk_rope_head_dim + spec.v_head_dim) * dbytes
-    return 2 * spec.kv_heads * spec.head_dim * dbytes
 
 
 def _time_breakdown(ranks: list[RankReport], pipe, dp_exposed: float, opt: float, m: int) -> dict[str, float]:

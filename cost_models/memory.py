@@ -277,13 +277,20 @@ def pooled_peak_bytes(device: dict[str, float], host: float, grad_shards: float,
     return max(at_device_peak, at_host_peak)
 
 
+def kv_bytes_per_token(spec: ModelSpec, dtype_bytes: int) -> float:
+    """K + V bytes per token a block produces (and context parallel moves): ``2 * kv_heads * head_dim``;
+    multi-head latent attention rebuilds per-head keys of nope + rope width and values of ``v_head_dim``."""
+    if spec.family == "deepseek_v3":
+        return spec.heads * (spec.qk_nope_head_dim + spec.qk_rope_head_dim + spec.v_head_dim) * dtype_bytes
+    return 2 * spec.kv_heads * spec.head_dim * dtype_bytes
+
+
 def sdpa_kv_bytes_per_token(spec: ModelSpec, dtype_bytes: int) -> float:
     """K + V bytes per token as the attention kernel receives them in autopar's models: grouped-query
     K/V are repeated to every query head first (``profiles.models.layers.causal_attention``), so
-    ``2 * heads * head_dim``; multi-head latent attention rebuilds per-head keys of nope + rope width
-    and values of ``v_head_dim``."""
+    ``2 * heads * head_dim``; latent attention as ``kv_bytes_per_token`` (already per head)."""
     if spec.family == "deepseek_v3":
-        return spec.heads * (spec.qk_nope_head_dim + spec.qk_rope_head_dim + spec.v_head_dim) * dtype_bytes
+        return kv_bytes_per_token(spec, dtype_bytes)
     return 2 * spec.heads * (spec.head_dim or spec.hidden // max(spec.heads, 1)) * dtype_bytes
 
 
