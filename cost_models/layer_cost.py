@@ -8,9 +8,9 @@ Communication per technique and what hides behind compute (stated once, here):
   each all-reduce becomes an all-gather plus a reduce-scatter of the same total volume
   (Korthikanti et al. 2022, Sec. 4.2.2). Not overlapped (Megatron 2022 semantics).
   Full recompute repeats the forward collectives in backward.
-- CP (ring attention, Liu et al. 2023; Megatron-Core CP): ``cp - 1`` ring steps pass the
-  local K and V chunk in forward and K, V, dK, dV in backward; each step overlaps with
-  one chunk of attention compute, so only the excess is exposed.
+- CP (``cp_cost.cp_exposed``): autopar's programs all-gather K/V and reduce-scatter their
+  gradients, blocking; the other runtimes run the ring (Liu et al. 2023; Megatron-Core CP),
+  ``cp - 1`` steps each overlapping one chunk of attention, only the excess exposed.
 - EP (GShard / Megatron-Core MoE): two all-to-alls per MoE layer in forward (dispatch,
   combine) and two in backward, each moving the local routed tokens ``k·b·s·h``; not
   overlapped. Expert tensor parallel ``etp > 1`` adds, per direction, an all-gather of the
@@ -82,7 +82,7 @@ class PricingContext:
     seq_len: int
     topk: int = 0
     num_experts: int = 0
-    kv_bytes_per_token: float = 0.0      # K+V bytes per token for CP ring exchange
+    kv_bytes_per_token: float = 0.0      # K+V bytes per token context parallel moves (cp_cost)
     sdpa_kv_bytes_per_token: float = 0.0  # K+V bytes per token as attention receives them (GQA repeated)
     expert_load_ratio: float = 1.0       # straggler load over mean (routing trace / placement)
     ep_cross_fraction: float | None = None  # measured share of routed tokens leaving the rank
