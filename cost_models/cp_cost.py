@@ -20,10 +20,15 @@ def cp_exposed(s, ctx, attn_fwd_s: float, sync_s: float) -> float:
     ``PricingContext``; ``attn_fwd_s``: its attention kernels' forward, the ring's window;
     ``sync_s``: the per-collective cost of ranks sharing cores)."""
     if ctx.runtime == "torch":
-        return sum(cp_gather(s.micro_batch, s.cp, s.tp, ctx)) + 2 * sync_s
+        return gathered_exposed(s.micro_batch, s.cp, s.tp, ctx, sync_s)
     kv = s.micro_batch * ctx.seq_len / s.cp * ctx.kv_bytes_per_token / s.tp
     step = collective_time("p2p", kv, s.cp, s.tp, ctx.cluster, fits=ctx.fits).time_s
     return ring_exposed(s.cp, step, attn_fwd_s)
+
+
+def gathered_exposed(mbs: int, cp: int, tp: int, ctx, sync_s: float) -> float:
+    """autopar's gathered cp of one block per micro-batch: both collectives, nothing hidden."""
+    return sum(cp_gather(mbs, cp, tp, ctx)) + 2 * sync_s
 
 
 def cp_gather(mbs: int, cp: int, tp: int, ctx) -> tuple[float, float]:

@@ -18,7 +18,7 @@ from operator import attrgetter, mul, sub
 
 from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import collective_time
-from autopar.cost_models.cp_cost import cp_gather
+from autopar.cost_models.cp_cost import gathered_exposed
 from autopar.cost_models.estimate import (
     DDP_BUCKET_BYTES,
     OPTIMIZER_BYTES_PER_PARAM,
@@ -333,8 +333,7 @@ def cp_exposure_floor(sp: Space, sh: Sharding, lo: Priced, b_lo: int) -> float:
     if sp.cm.ctx.runtime == "torch":   # autopar's gathered K/V: blocking, no window (cost_models.cp_cost)
         key = ("cp-gather", sh.mbs, sh.cp, sh.tp, sum(n for _, n in lo.fwds))
         if key not in sp.memo:
-            gather = sum(cp_gather(sh.mbs, sh.cp, sh.tp, sp.cm.ctx)) + 2 * shared_core_sync(sp.cm.ctx)
-            sp.memo[key] = key[-1] * gather
+            sp.memo[key] = key[-1] * gathered_exposed(sh.mbs, sh.cp, sh.tp, sp.cm.ctx, shared_core_sync(sp.cm.ctx))
         return sp.memo[key]
     key = ("cp", sh.mbs, sh.cp, sh.tp, lo.fwds, b_lo)   # what it reads (lo: its blocks' forwards)
     if key not in sp.memo:
