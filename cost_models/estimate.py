@@ -426,9 +426,8 @@ class CostModel:
         edp = expert_shard_group(s, self.ctx.runtime)  # the group the memory prices the expert shards over
         local = dense / (s.dp * s.cp if s.zero_stage >= 1 else 1) + expert / (edp if s.zero_stage >= 1 else 1)
         if s.offload_optimizer:  # CPUOffloadPolicy shards at any zero stage; ZeRO-3 gathers twice per micro-batch
-            m = s.num_micro_batches
             return offload_step_time(dense / (s.dp * s.cp) + expert / edp, self.dtype, self.gpu,
-                                     gathers=m * (2 if s.zero_stage >= 3 else 1), reductions=m)
+                                     *offload_copies(s.zero_stage, s.num_micro_batches))
         return self.timer.membound(local * OPTIMIZER_BYTES_PER_PARAM)
 
     def _report(self, s: Strategy, total: float, time: dict, ranks: list[RankReport], recompute) -> Estimate:
@@ -447,6 +446,12 @@ class CostModel:
             allocator_reserve_fraction=self.gpu.allocator_reserve_fraction,
             host_usable_bytes=self.gpu.host_mem_bytes * self.gpu.host_usable_fraction if self.gpu.host_mem_bytes
             else None)
+
+
+def offload_copies(zero_stage: int, micro_batches: int) -> tuple[int, int]:
+    """(gathers, reductions) of the host-held shard per step under ``CPUOffloadPolicy``: one
+    all-gather per micro-batch (two under ZeRO-3: forward and backward) and one reduce-scatter."""
+    return micro_batches * (2 if zero_stage >= 3 else 1), micro_batches
 
 
 def offload_step_time(params: float, dtype: str, gpu: GpuProfile, gathers: int = 1, reductions: int = 1) -> float:

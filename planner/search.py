@@ -50,7 +50,7 @@ from functools import lru_cache
 
 from autopar import techniques
 from autopar.core.strategy import Strategy
-from autopar.cost_models.estimate import CostModel, even_stages, offload_step_time
+from autopar.cost_models.estimate import CostModel, even_stages, offload_copies, offload_step_time
 from autopar.cost_models.fsdp import gathers_per_unit
 from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches
 from autopar.errors import InputError
@@ -331,7 +331,7 @@ def _optimizer_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
         dense, expert = pr.params
         local = (dense / (sh.dp * sh.cp) + expert / sh.edp) / sh.pp
         sp.memo[key] = max(optimizer_floor(sp, sh, k, pr), offload_step_time(
-            local, sp.cm.dtype, sp.cm.gpu, gathers=m * (2 if k.zero >= 3 else 1), reductions=m))
+            local, sp.cm.dtype, sp.cm.gpu, *offload_copies(k.zero, m)))
     return sp.memo[key]
 
 
