@@ -1,10 +1,12 @@
 """Data parallel, ZeRO 0-3 and FSDP (and the micro-batching that feeds them).
 
 Fields ``dp`` (the rest of ``world / (tp*cp*pp)``), ``zero_stage``, ``micro_batch``,
-``global_batch``. ZeRO-0 / 1 run as DDP (+ ZeroRedundancyOptimizer) or FSDP2 ``replicate``,
-ZeRO-2 as FSDP2 without resharding after forward, ZeRO-3 as FSDP2 ``fully_shard``
-(``codegen.runtime_parallel.apply_dp``); priced by the gradient synchronisation, ZeRO-3's
-per-layer gathers and the optimizer step of the rank's shard.
+``global_batch``. ZeRO-0 / 1 run as DDP (+ ZeroRedundancyOptimizer) or FSDP2 ``replicate``
+(ZeRO-1 with DTensor, expert or pipelined parameters, or 16-bit: ``runtime_zero1.ShardedAdamW``),
+ZeRO-2 and optimizer offload below ZeRO-3 as FSDP2 without resharding after forward, ZeRO-3 as
+FSDP2 ``fully_shard`` (``codegen.runtime_parallel.dp_mode``); priced by the gradient
+synchronisation (per layer and micro-batch where the program is FSDP's: ``cost_models.fsdp``),
+ZeRO-3's per-layer gathers and the optimizer step of the rank's shard.
 """
 
 from __future__ import annotations
