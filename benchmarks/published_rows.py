@@ -15,7 +15,8 @@ Row conventions (each stated once, here):
   converted with the source's ``flops_basis``: llm-foundry's ``6N + 12·L·d·s`` per token, Narayanan
   et al. eq. 3 (recomputed forward included) as autopar's ``hardware_flops``, and "model TFLOP/s"
   (or no basis) as autopar's ``model_flops`` (graph FLOPs without recompute).
-- Missing micro-batch: 1; missing global batch: from grad_accum x micro-batch x dp; missing zero
+- Missing micro-batch: 1 (MT-NLG: 2, from its paper's three step times, ``published_dense_rows.mt_nlg_microbatch``);
+  missing global batch: from grad_accum x micro-batch x dp; missing zero
   stage: 1 for Megatron-family stacks (distributed optimizer), 3 for FSDP stacks (the row says so);
   ``vpp`` > 1 selects the interleaved schedule (an unstated V: ``published_dense_rows.llama3_v`` for
   Llama 3, ``readme_v``, ``_folding_vpp``, else 2); Megatron-family rows with tp > 1 run sequence
@@ -49,7 +50,7 @@ from pathlib import Path
 
 import yaml
 from mcore_readme_rows import README, megatron_model_flops, readme_v
-from published_dense_rows import SEQUENCE_PARALLEL_STACKS, llama3_v
+from published_dense_rows import SEQUENCE_PARALLEL_STACKS, llama3_v, mt_nlg_microbatch
 from published_moe_rows import a2a_overlap_of, capacity_factor_of
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "validation"
@@ -297,7 +298,7 @@ def strategy_of(run: dict, stack: str) -> str:
     tp, pp = tp or 1, pp or 1
     cp, ep, etp = _int(par.get("cp"), 1), _int(par.get("ep"), 1), _int(par.get("etp"), _etp_default(par, tp))
     dp = world // (tp * pp * cp)
-    mbs = _int(par.get("microbatch"), 1)
+    mbs = _int(par.get("microbatch")) or mt_nlg_microbatch(source_key(run)) or 1
     gbs = _int(par.get("global_batch")) or _global_batch(par, dp, mbs)
     if stack == "torchtitan":
         gbs = gbs or mbs * dp  # torchtitan's default: no gradient accumulation, local batch x dp
