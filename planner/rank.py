@@ -54,4 +54,18 @@ def feasible_ranked(cm: CostModel, found: list[Candidate], top_k: int) -> tuple[
             dropped += 1
             continue
         kept.append(c)
-    return order(kept)[:top_k], dropped
+    return listed(kept, top_k), dropped
+
+
+def listed(cands: list[Candidate], top_k: int, tie: float = TIE) -> list[Candidate]:
+    """``order(cands)`` cut to ``top_k``, the fastest plan always among them. The tie rule moves each
+    simpler plan within ``tie`` of the fastest left ahead of it; where a step time is mostly a constant
+    (the stack's per-step overhead on a small model puts every plan within 1%), that chain can push the
+    fastest past ``top_k``: it then takes the last place listed (still a subsequence of the order)."""
+    ranked = order(cands, tie)
+    top = ranked[:top_k]
+    if top:
+        fastest = min(cands, key=lambda c: c.estimate.step_time_s)
+        if not any(c is fastest for c in top):
+            top[-1] = fastest
+    return top

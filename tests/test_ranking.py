@@ -37,6 +37,18 @@ def test_outside_the_tie_the_faster_wins():
     assert rank.order([ddp, z3])[0] is z3
 
 
+def test_the_fastest_plan_is_always_listed():
+    # every plan within 1% of the fastest (a step time that is mostly a constant): the tie rule lists
+    # the simpler ones first, and the fastest (the most dimensions) must not fall past top_k
+    fast = _cand("dp=2,tp=2,pp=2", 1.000)
+    simpler = [_cand("dp=8", 1.004), _cand("dp=8,zero=1", 1.003), _cand("dp=4,tp=2", 1.002),
+               _cand("dp=4,pp=2", 1.001)]
+    got = rank.listed([fast, *simpler], 3)
+    assert [c.strategy.short() for c in got] == [simpler[0].strategy.short(), simpler[1].strategy.short(),
+                                                 fast.strategy.short()]
+    assert rank.listed([fast, *simpler], 5) == rank.order([fast, *simpler])
+
+
 def test_simplicity_order():
     keys = [rank.simplicity(Strategy.parse(t).resolve(8, 8)) for t in
             ("dp=8", "dp=8,zero=1", "dp=8,zero=3", "dp=8,zero=3,offload=1", "dp=4,tp=2", "dp=2,tp=2,pp=2")]
