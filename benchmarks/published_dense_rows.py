@@ -66,7 +66,8 @@ def mt_nlg_microbatch(source: str) -> int:
     on 280 / 420 nodes (240 / 160 sequences per pipeline) give k = 1.95, i.e. 2 sequences (120 / 96 / 80
     micro-batches); with one sequence per micro-batch the 420-node step would be 194 / 274 of the 280-node
     one (42.6 s, published 44.4). Priced with the row's mapping on 280 / 350 / 420 nodes
-    (shipped constants, tree bebd060): mbs 1 -> +24.5 / +25.9 / +29.5%, mbs 2 -> +12.0 / +10.8 / +11.7%:
+    (``benchmarks/mt_nlg_scaling.py``, shipped constants, tree 4740079): mbs 1 -> +24.5 / +25.9 / +29.4%,
+    mbs 2 -> +12.0 / +10.8 / +11.7%:
     only mbs 2 reproduces the scaling; what is left is a per-micro-batch rate (the 2021 DeepSpeed pipeline
     engine against Megatron-LM's at the same shape, Narayanan et al. Table 1 530B, priced -2.4%)."""
     if source != MT_NLG:
