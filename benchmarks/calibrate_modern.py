@@ -148,7 +148,7 @@ def _build_key(case: pr.Case) -> tuple:
     """What a built CostModel depends on (the strategy is re-derived from the row)."""
     return case.gpu, case.cluster, case.nodes, case.gpus_per_node, case.seq_len, case.dtype, case.runtime, \
         repr(sorted(case.config.items())), getattr(case, "moe_capacity_factor", None), \
-        getattr(case, "a2a_overlap", True), getattr(case, "compile", "none")
+        getattr(case, "a2a_overlap", True), getattr(case, "compile", "none"), getattr(case, "cross_entropy", "te")
 
 
 def _fuses(case: pr.Case) -> bool:

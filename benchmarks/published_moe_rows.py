@@ -3,6 +3,7 @@
 
 - ``capacity_factor_of``: the expert capacity the row's router ran with.
 - ``a2a_overlap_of``: whether the row's Megatron-Core could overlap its all-to-alls at all.
+- ``cross_entropy_of``: which fused cross-entropy the row's Megatron-Bridge recipe names.
 """
 
 from __future__ import annotations
@@ -45,3 +46,19 @@ def a2a_overlap_of(source: str, pp: int, vpp: int, recompute: str) -> bool:
     if source == FOLDING:
         return False
     return not (pp > 1 and vpp <= 1) and recompute != "full"
+
+
+# Megatron-Bridge pretrain recipes that set ``cross_entropy_fusion_impl = "native"`` (megatron-bridge 0.3.1
+# wheel, megatron/bridge/recipes/: gpt_oss/gpt_oss.py "GPT-OSS uses native", llama/llama2.py, gpt/gpt3_175b.py,
+# qwen/qwen2.py, nemotronh/); its Llama 3, Qwen3-MoE and DeepSeek recipes set "te".
+NATIVE_CE_RECIPES = ("GPT-OSS", "GPT_OSS", "LLAMA2", "Llama-2", "GPT3", "Qwen2", "Nemotron")
+
+
+def cross_entropy_of(run: dict) -> str:
+    """The fused cross-entropy the row ran (``--cross-entropy``): Megatron-Bridge's recipe for the model
+    where the row is a Megatron-Bridge benchmark, else Transformer Engine's (the default)."""
+    where = str((run.get("source") or {}).get("where") or "")
+    name = str((run.get("model") or {}).get("name") or "")
+    if "Megatron-Bridge" in where and name.startswith(NATIVE_CE_RECIPES):
+        return "native"
+    return "te"

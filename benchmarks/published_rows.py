@@ -51,7 +51,7 @@ from pathlib import Path
 import yaml
 from mcore_readme_rows import README, megatron_model_flops, readme_v
 from published_dense_rows import SEQUENCE_PARALLEL_STACKS, llama3_v, mt_nlg_microbatch
-from published_moe_rows import a2a_overlap_of, capacity_factor_of
+from published_moe_rows import a2a_overlap_of, capacity_factor_of, cross_entropy_of
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "validation"
 MODERN_YAML = SHARED / "published_modern.yaml"
@@ -127,6 +127,7 @@ class Case:
     moe_capacity_factor: float | None = None  # token-drop capacity / forced balance the row states (1.0)
     a2a_overlap: bool = True  # False: the row's Megatron-Core predates the MoE all-to-all overlap
     compile: str = "none"     # torchtitan rows that name torch.compile (validate_memory.compile_mode)
+    cross_entropy: str = "te"  # Megatron-Core's fused loss kernel the row's recipe names (cross_entropy_of)
 
 
 @dataclass
@@ -420,7 +421,7 @@ def case_for(run: dict) -> Case:
                 dtype=dtype_of(run), config=config, strategy=strategy, run=run,
                 moe_capacity_factor=capacity_factor_of(run, source),
                 a2a_overlap=a2a_overlap_of(source, int(knobs["pp"]), int(knobs.get("vpp", 1)), knobs["recompute"]),
-                compile=compile_of(run) if runtime == "torchtitan" else "none")
+                compile=compile_of(run) if runtime == "torchtitan" else "none", cross_entropy=cross_entropy_of(run))
 
 
 def compile_of(run: dict) -> str:
@@ -440,7 +441,7 @@ def build(case: Case, workdir: Path):
     cm, _spec, cluster, _seq = build_cost_model(Inputs(
         model=str(cfg), gpu=case.gpu, cluster=case.cluster, nodes=case.nodes, gpus_per_node=case.gpus_per_node,
         seq_len=case.seq_len, dtype=case.dtype, runtime=case.runtime, moe_capacity_factor=case.moe_capacity_factor,
-        a2a_overlap=case.a2a_overlap, compile=case.compile))
+        a2a_overlap=case.a2a_overlap, compile=case.compile, cross_entropy=case.cross_entropy))
     s = Strategy.parse(case.strategy).resolve(cluster.world)
     cm.check(s)
     return cm, s

@@ -30,7 +30,7 @@ from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_contention, layer_dtype
 from autopar.cost_models.cp_cost import cp_exposed, cp_gather
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
-from autopar.cost_models.megatron_ops import megatron_linears, megatron_tp_reductions
+from autopar.cost_models.megatron_ops import megatron_linears, megatron_loss, megatron_tp_reductions
 from autopar.cost_models.memory import busiest_rank_expert_excess, cp_gathered_kv_bytes
 from autopar.cost_models.moe_cost import (
     capped_load,
@@ -94,6 +94,7 @@ class PricingContext:
     loss_parallel: bool = False          # torch runtime: cross-entropy on vocabulary-sharded logits (torchtitan)
     sliding_window: int = 0              # tokens a sliding-window layer attends back (ModelSpec.sliding_window)
     sliding_layers: frozenset[int] = frozenset()  # block indices that attend within the window
+    cross_entropy: str = "te"            # megatron: the fused loss kernel (megatron_ops.CROSS_ENTROPY_IMPLS)
 
     def __post_init__(self):
         """A measured hardware profile brings its own collective fits and, for CPU ranks that
@@ -109,7 +110,7 @@ class PricingContext:
 
 # What the priced program runs beyond the strategy (CLI options; recorded in the Plan): a cost model
 # for another cluster or node group of the same job must price the same program.
-PROGRAM_OPTIONS = ("compile", "loss_parallel", "moe_capacity_factor", "a2a_overlap")
+PROGRAM_OPTIONS = ("compile", "loss_parallel", "moe_capacity_factor", "a2a_overlap", "cross_entropy")
 
 
 def same_program(dst: PricingContext, src: PricingContext) -> None:
@@ -166,7 +167,7 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     fwd = bwd = attn_fwd = kernel_fwd = op_rerun = 0.0
     flops = 0.0
     performed = _attention_performed(layer, s, ctx)
-    ops = runtime_ops(layer, ctx.runtime, ctx.dtype_bytes)
+    ops = runtime_ops(layer, ctx.runtime, ctx.dtype_bytes, ctx.cross_entropy)
     for op in ops:
         f, b = _op_time(op, s, sh, ctx, performed)
         load = expert_load(ctx) if op.shard == "expert" else 1.0
@@ -207,16 +208,21 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     )
 
 
-def runtime_ops(layer: LayerTemplate, runtime: str, dtype_bytes: int) -> list[OpTerm]:
+def runtime_ops(layer: LayerTemplate, runtime: str, dtype_bytes: int, cross_entropy: str = "te") -> list[OpTerm]:
     """The ops the runtime runs for the captured ones. Megatron-Core rotates q and k with one fused
     kernel each in the activations' dtype (``--apply-rope-fusion``: Transformer Engine's
     ``fused_apply_rotary_pos_emb``) and its FlashAttention takes GQA's fewer K/V heads as they are
     (Dao 2023, FlashAttention-2 ``num_heads_k``), where the captured graph runs RoPE in fp32 with its
     casts and expands K/V: the elementwise ops between the last projection and the attention kernel
     become one op moving ``fused_rope_bytes``; its linears are Megatron's fused ones
-    (``megatron_ops.megatron_linears``: ``linear_qkv``, ``linear_fc1`` with the fused SwiGLU). Other
-    runtimes run the graph's ops."""
-    return megatron_linears(_megatron_rope(layer.ops, dtype_bytes)) if runtime == "megatron" else layer.ops
+    (``megatron_ops.megatron_linears``: ``linear_qkv``, ``linear_fc1`` with the fused SwiGLU) and its
+    loss the fused cross-entropy ``cross_entropy`` (``megatron_ops.megatron_loss``). Other runtimes run
+    the graph's ops."""
+    if runtime != "megatron":
+        return layer.ops
+    if layer.kind == "output":
+        return megatron_loss(layer.ops, cross_entropy)
+    return megatron_linears(_megatron_rope(layer.ops, dtype_bytes))
 
 
 def _megatron_rope(ops: list[OpTerm], dtype_bytes: int) -> list[OpTerm]:

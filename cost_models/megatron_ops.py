@@ -17,6 +17,11 @@ from dataclasses import replace
 
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm
 
+# Bytes per logit element the runtime's fused cross-entropy moves, forward and backward (bf16 logits in,
+# bf16 logit gradient out; ``cross_entropy_bytes``). Choices of Megatron-Core's
+# ``--cross-entropy-fusion-impl`` (``TransformerConfig.cross_entropy_fusion_impl``).
+CROSS_ENTROPY_IMPLS = ("te", "native")
+
 
 def _column(op: OpTerm) -> bool:
     return op.kind == "gemm" and op.gemm is not None and op.tp_dim == "n" and not op.batched
@@ -85,3 +90,37 @@ def parallel_block(layer: LayerTemplate) -> bool:
     names = [o.name for o in layer.ops]
     return layer.kind == "block" and any("attention_norm" in n for n in names) \
         and not any("ffn_norm" in n for n in names)
+
+
+def cross_entropy_bytes(impl: str) -> tuple[int, int]:
+    """(forward, backward) bytes per logit element of Megatron-Core's fused vocab-parallel cross-entropy.
+
+    ``te`` (Transformer Engine ``parallel_cross_entropy``, transformer_engine/pytorch/triton/cross_entropy.py):
+    one Triton pass reads the bf16 logits for the row max and sum (2), a second reads them again and
+    writes the gradient in place (2 + 2); backward scales that gradient by the per-token loss gradient
+    (``element_mul_kernel``: read and write, 4). ``native`` (megatron/core/fusions/fused_cross_entropy.py,
+    megatron-core 0.16; each step a ``jit_fuser`` = torch.compile region): ``calculate_logits_max`` casts
+    the logits to fp32 (read 2, write 4, the max fused), ``calculate_predicted_logits`` subtracts the max
+    and exponentiates in place with the sum fused (read 4, write 4), ``calculate_cross_entropy_loss``
+    divides in place (read 4, write 4): 22; backward ``calculate_gradients`` updates the saved fp32
+    softmax in place, scales it and casts to bf16 (read 4, write 4 + 2): 10."""
+    if impl not in CROSS_ENTROPY_IMPLS:
+        raise ValueError(f"cross_entropy={impl!r} is not one of {', '.join(CROSS_ENTROPY_IMPLS)}")
+    return (6, 4) if impl == "te" else (22, 10)
+
+
+def megatron_loss(ops: list[OpTerm], impl: str) -> list[OpTerm]:
+    """An output layer's ops with its loss (the elementwise op after the logits GEMM) as Megatron-Core's
+    fused cross-entropy ``impl`` runs it: one op over the [tokens, vocab] logits (vocab-parallel: split
+    by tp like the logits) moving ``cross_entropy_bytes``. Elementwise backward is priced at twice its
+    forward (``layer_cost._op_time``), so the op carries a third of the forward + backward bytes. The
+    elementwise ops after the GEMM (the captured upcast and loss) are the ones it replaces."""
+    head = next((i for i, o in enumerate(ops) if o.kind == "gemm" and o.gemm is not None), None)
+    tail = ops[head + 1:] if head is not None else []
+    if not tail or any(o.kind != "membound" for o in tail):
+        return ops
+    m, n, _ = ops[head].gemm
+    fwd, bwd = cross_entropy_bytes(impl)
+    loss = replace(tail[0], name=f"{impl}_cross_entropy", sig=None, fwd_flops=sum(o.fwd_flops for o in tail),
+                   bwd_flops=sum(o.bwd_flops for o in tail), bytes_rw=m * n * (fwd + bwd) / 3)
+    return ops[:head + 1] + [loss]

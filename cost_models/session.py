@@ -43,6 +43,7 @@ class Inputs:
     loss_parallel: bool = False  # the loss on vocabulary-sharded logits (DTensor loss_parallel)
     moe_capacity_factor: float | None = None  # token-drop expert capacity (1: forced balance); None: dropless
     a2a_overlap: bool = True     # False: the run blocks on its MoE all-to-alls (the stack's ep_overlap unused)
+    cross_entropy: str = "te"    # megatron: the fused loss kernel, te | native (megatron_ops.CROSS_ENTROPY_IMPLS)
 
 
 def resolve_cluster(inp: Inputs) -> ClusterSpec:
@@ -78,6 +79,7 @@ def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, in
     moe_load = _moe_load(inp, spec)
     if inp.runtime not in RUNTIMES:
         raise InputError(f"--runtime={inp.runtime} is not one of {', '.join(RUNTIMES)}")
+    cross_entropy = _cross_entropy(inp)
     # fp8 runs keep bf16 activations and weights outside the GEMMs (Transformer Engine, torchao
     # float8): capture in bf16, the timer prices the GEMMs at the fp8 peak (compute.OpTimer)
     compile_mode, loss_parallel = program_options(inp)
@@ -86,7 +88,17 @@ def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, in
                    moe_load=moe_load, runtime=inp.runtime)
     cm.ctx.compile, cm.ctx.loss_parallel = compile_mode, loss_parallel
     cm.ctx.moe_capacity_factor, cm.ctx.a2a_overlap = _capacity_factor(inp, spec), inp.a2a_overlap
+    cm.ctx.cross_entropy = cross_entropy
     return cm, spec, cluster, seq
+
+
+def _cross_entropy(inp: Inputs) -> str:
+    """The fused cross-entropy the megatron runtime runs (``megatron_ops.cross_entropy_bytes``)."""
+    from autopar.cost_models.megatron_ops import CROSS_ENTROPY_IMPLS
+
+    if inp.cross_entropy not in CROSS_ENTROPY_IMPLS:
+        raise InputError(f"--cross-entropy={inp.cross_entropy} is not one of {', '.join(CROSS_ENTROPY_IMPLS)}")
+    return inp.cross_entropy
 
 
 def program_templates(spec: ModelSpec, seq: int, dtype: str, gpu, runtime: str,

@@ -351,3 +351,67 @@ def test_megatron_refuses_the_all_to_all_overlap_on_a_plain_pipeline_or_full_rec
     for rid in ("megatron_bridge_26.04_h100_Qwen3_235B_a22B_256gpu_FP8_13",
                 "megatron_bridge_26.02_h100_Qwen3_30B_a3B_16gpu_FP8_23"):
         assert pr.case_for(runs[rid]).a2a_overlap
+
+
+def test_megatron_loss_moves_the_fused_cross_entropy_bytes_of_its_kernel():
+    """Megatron-Core's fused vocab-parallel cross-entropy per logit element: Transformer Engine's
+    Triton kernel 6 B forward (two bf16 reads, the gradient written in place) + 4 B backward; the
+    native fp32 one 22 + 10 (megatron_ops.cross_entropy_bytes). One elementwise op replaces the
+    captured upcast and loss, carrying a third of the total (its backward is priced at twice its
+    forward); the torch runtimes run the captured loss."""
+    from autopar.cost_models.layer_cost import runtime_ops
+    from autopar.cost_models.megatron_ops import cross_entropy_bytes
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    assert cross_entropy_bytes("te") == (6, 4) and cross_entropy_bytes("native") == (22, 10)
+    with pytest.raises(ValueError, match="cross_entropy"):
+        cross_entropy_bytes("liger")
+    cm = _qwen_moe_cost_model(Inputs, build_cost_model, 4096)
+    out = next(t for t in cm.templates if t.kind == "output")
+    assert runtime_ops(out, "torch", 2) is out.ops
+    m, n, _ = next(o for o in out.ops if o.kind == "gemm").gemm
+    assert (m, n) == (4096, 1024)
+    for impl, per_element in (("te", 10), ("native", 32)):
+        ops = runtime_ops(out, "megatron", 2, impl)
+        assert ops[-1].name == f"{impl}_cross_entropy" and ops[-1].kind == "membound"
+        assert ops[-1].bytes_rw == pytest.approx(m * n * per_element / 3)
+        assert ops[:-1] == out.ops[:len(ops) - 1] and ops[-2].kind == "gemm"
+
+
+def test_cross_entropy_option_prices_the_megatron_loss_only():
+    """--cross-entropy native costs the output layer more than te under --runtime megatron, by the
+    kernels' byte difference at the memory-bound rate; blocks do not move; bad input names the field."""
+    from autopar.core.strategy import Strategy
+    from autopar.cost_models.layer_cost import price_layer
+    from autopar.cost_models.session import Inputs, build_cost_model
+    from autopar.errors import InputError
+
+    cm = _qwen_moe_cost_model(Inputs, build_cost_model, 4096)
+    s = Strategy.parse("tp=1,pp=1,dp=16,ep=16,mbs=1").resolve(16)
+    out = next(t for t in cm.templates if t.kind == "output")
+    block = next(t for t in cm.templates if t.is_moe)
+    priced = {}
+    try:
+        for impl in ("te", "native"):
+            cm.ctx.cross_entropy = impl
+            priced[impl] = (price_layer(out, s, cm.ctx), price_layer(block, s, cm.ctx))
+    finally:
+        cm.ctx.cross_entropy = "te"
+    (te_out, te_block), (nat_out, nat_block) = priced["te"], priced["native"]
+    assert nat_block.fwd_s == te_block.fwd_s and nat_block.bwd_s == te_block.bwd_s
+    extra = cm.timer.membound(4096 * 1024 * 32 / 3) - cm.timer.membound(4096 * 1024 * 10 / 3)
+    assert nat_out.fwd_s - te_out.fwd_s == pytest.approx(extra)
+    assert nat_out.bwd_s - te_out.bwd_s == pytest.approx(2 * extra)
+    with pytest.raises(InputError, match="--cross-entropy=liger"):
+        build_cost_model(Inputs(model="gpt-tiny", gpu="h100-sxm", runtime="megatron", cross_entropy="liger"))
+
+
+def test_megatron_bridge_rows_run_the_cross_entropy_their_recipe_names():
+    """Megatron-Bridge's GPT-OSS recipe sets cross_entropy_fusion_impl "native", its Llama 3, Qwen3-MoE
+    and DeepSeek recipes "te" (megatron-bridge 0.3.1 recipes/); rows of other sources keep te."""
+    pr, runs = _published_rows()
+    assert pr.case_for(runs["megatron_bridge_26.02_h100_GPT_OSS_120B_64gpu_BF16_22"]).cross_entropy == "native"
+    for rid in ("megatron_bridge_26.04_h100_Qwen3_235B_a22B_256gpu_FP8_13",
+                "megatron_bridge_25.09_h100_LLAMA3_8B_8gpu_FP8_31", "nemo_24.07_h100_fp8_LLAMA2-7B_8gpu",
+                "moe_folding_table3_Llama3-8x70B_mcore"):
+        assert pr.case_for(runs[rid]).cross_entropy == "te"
