@@ -64,3 +64,12 @@ def test_mt_nlg_row_maps_to_the_micro_batch(dense):
     assert (knobs["mbs"], knobs["gbs"], knobs["dp"], knobs["pp"]) == ("2", "1920", "10", "35")
     stated = dict(row, parallel=dict(row["parallel"], microbatch=1))
     assert "mbs=1," in pr.case_for(stated).strategy
+
+
+def test_megascale_probe_line_splits_per_micro_batch_and_per_step():
+    """``megascale_probe.line`` recovers a·m + c from steps built that way (the probe's two-term reading)."""
+    sys.path.insert(0, str(BENCH))
+    from megascale_probe import line
+
+    a, c = line([192, 64, 48], [0.1946 * m + 2.65 for m in (192, 64, 48)])
+    assert (a, c) == (pytest.approx(0.1946), pytest.approx(2.65))
