@@ -39,6 +39,8 @@ MoeCapacityFactor = typer.Option(None, "--moe-capacity-factor", help="token-drop
                                  "Megatron-Core --moe-router-force-load-balancing); default: dropless")
 NoA2aOverlap = typer.Option(False, "--no-a2a-overlap", help="the run blocks on its MoE all-to-alls (Megatron-Core "
                             "without --overlap-moe-expert-parallel-comm): the stack's fitted overlap is not applied")
+CrossEntropy = typer.Option("te", "--cross-entropy", help="--runtime megatron: Megatron-Core's fused loss kernel, "
+                            "te (Transformer Engine's) | native (Megatron-Core's fp32 kernels)")
 Profile = typer.Option(None, "--profile", help="measured profile JSON from `autopar profile`")
 Placement = typer.Option(None, "--placement", help="expert placement JSON from `autopar experts`")
 Trace = typer.Option(None, "--trace", help="routing trace JSON from `autopar trace-routing`")
@@ -62,7 +64,8 @@ def inputs(model: str, gpu: Optional[str], nodes: Optional[int], gpus_per_node: 
            placement: Optional[str] = None, trace: Optional[str] = None,
            input_shape: Optional[str] = None, runtime: str = "torch", input_dtype: str = "int64",
            hf: bool = False, compile: str = "none", loss_parallel: bool = False,
-           moe_capacity_factor: Optional[float] = None, no_a2a_overlap: bool = False) -> Inputs:
+           moe_capacity_factor: Optional[float] = None, no_a2a_overlap: bool = False,
+           cross_entropy: str = "te") -> Inputs:
     shape = _shape(input_shape)
     model = hf_model(model, hf)
     precheck(model, gpu, nodes, gpus_per_node, cluster, shape, input_dtype)
@@ -72,7 +75,7 @@ def inputs(model: str, gpu: Optional[str], nodes: Optional[int], gpus_per_node: 
                   seq_len=seq_len, dtype=dtype, profile=profile, placement=placement, trace=trace,
                   input_shape=shape, runtime=runtime, input_dtype=input_dtype, compile=compile,
                   loss_parallel=loss_parallel, moe_capacity_factor=moe_capacity_factor,
-                  a2a_overlap=not no_a2a_overlap)
+                  a2a_overlap=not no_a2a_overlap, cross_entropy=cross_entropy)
 
 
 INPUT_DTYPES = ("int64", "float32", "bfloat16", "float16")

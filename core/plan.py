@@ -71,6 +71,8 @@ class Plan(BaseModel):
                                               "routes with (--moe-capacity-factor); None: dropless")
     a2a_overlap: bool = Field(True, description="False: the priced stack blocks on its MoE all-to-alls "
                               "(--no-a2a-overlap)")
+    cross_entropy: Literal["te", "native"] = Field("te", description="the fused loss kernel the priced Megatron-Core "
+                                                   "runs (--cross-entropy; megatron_ops.cross_entropy_bytes)")
     strategy: Strategy
     layer_recompute: list[Recompute] = Field(default_factory=list,
                                              description="per-layer recompute override (empty = strategy.recompute)")
