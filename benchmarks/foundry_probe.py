@@ -11,7 +11,9 @@ docs/validation.md "Outlier rows, by mechanism". Prices nothing new: it prints t
    H100 tables' ``mp_mode``) keeps parameters in fp32 and runs under ``torch.autocast``, so every
    micro-batch casts each layer's gathered weights to bf16 (and back for the gradients) where
    autopar's own program (FSDP2 bf16 ``MixedPrecisionPolicy``, the A100-40GB table's ``PURE``) does
-   not. It prints every row's error with that traffic added to the priced step.
+   not. It prints every row's error with that traffic added to the priced step. Refuted since: mosaicml
+   0.14-0.16 (what llm-foundry 0.1 / 0.2 pin) map DEFAULT to bf16 ``param_dtype`` with ``reduce_dtype``
+   None (= ``param_dtype`` in FSDP); only mosaicml 0.13 kept fp32 parameters (docs/validation.md).
 4. The rows that run FSDP ``SHARD_GRAD_OP`` (ZeRO-2) as priced (per unit and micro-batch:
    ``cost_models.fsdp.gathers_per_unit``) and priced as ZeRO-3 (which also re-gathers in the backward).
 """
@@ -33,7 +35,8 @@ CAST_BYTES_PER_PARAM = 6.0  # read fp32 (4) + write bf16 (2), or read bf16 (2) +
 def autocast_cast_bytes(layer_params: float, recompute_full: bool) -> float:
     """HBM bytes one micro-batch moves to cast one layer's weights and gradients when FSDP keeps the
     parameters in fp32 under ``torch.autocast`` (Composer ``get_mixed_precision``: DEFAULT =
-    ``MixedPrecision(param_dtype=float32, reduce_dtype=bf16, buffer_dtype=float32)``): the forward's
+    ``MixedPrecision(param_dtype=float32, reduce_dtype=bf16, buffer_dtype=float32)`` in mosaicml 0.13 only;
+    0.14 on, which llm-foundry runs, gathers bf16 parameters): the forward's
     autocast cast of each weight (fp32 -> bf16; autocast caches casts of leaf tensors only, and
     FSDP1's unsharded parameters are views of its flat parameter), the cast's backward (bf16 -> fp32
     gradient), FSDP's cast of the unsharded gradient to ``reduce_dtype`` before the reduce-scatter,
