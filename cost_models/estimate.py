@@ -363,17 +363,17 @@ class CostModel:
 
     def dp_comm_total(self, s: Strategy, r: RankReport, costs, m: int) -> float:
         """All data-parallel collective seconds of one rank per step, hidden or not."""
-        grad_bytes = bytes_per_param(self.dtype)[1]
+        gb = bytes_per_param(self.dtype)[1]
         if fsdp.per_unit(self, s):
-            return sum(sum(self._zero3_layer(s, costs[i], grad_bytes)) for i in r.layers) * m
-        dense = sum(costs[i].params_dense for i in r.layers) * grad_bytes
-        expert = sum(costs[i].params_expert for i in r.layers) * grad_bytes
+            return sum(sum(self._zero3_layer(s, costs[i], gb)) for i in r.layers) * fsdp.unit_syncs_per_step(self, s)
+        dense = sum(costs[i].params_dense for i in r.layers) * gb
+        expert = sum(costs[i].params_expert for i in r.layers) * gb
         return self.grad_sync_time(dense, s.dp * s.cp, s.tp, s) + self.grad_sync_time(expert, s.edp, s.ep * s.etp, s)
 
     def _zero3_layer(self, s: Strategy, c: LayerCost, grad_bytes: int) -> tuple[float, float, float]:
-        """(forward all-gather, backward all-gather (ZeRO-3 only), reduce-scatter) seconds of one layer."""
+        """(forward all-gather, backward all-gather (``fsdp.regathers``), reduce-scatter) seconds of one layer."""
         objs, size = (self.cluster, self.ctx.fits, self.stack), c.params_dense + c.params_expert
-        key, hit = self._z3.lookup((s.dp * s.cp, s.tp, s.zero_stage >= 3, size, grad_bytes, self.dtype), objs)
+        key, hit = self._z3.lookup((s.dp * s.cp, s.tp, fsdp.regathers(self, s), size, grad_bytes, self.dtype), objs)
         return hit if hit is not MISS else self._z3.put(key, objs, self._zero3_priced(s, c, grad_bytes))
 
     def _zero3_priced(self, s: Strategy, c: LayerCost, grad_bytes: int) -> tuple[float, float, float]:
@@ -385,7 +385,7 @@ class CostModel:
         if n * s.tp > self.cluster.gpus_per_node:  # across nodes the stack may not reach the ring's rate
             rate, share = self.stack.zero3_gather_gbps, (n - 1) / n  # each GPU receives / sends (n-1)/n
             ag, rs = rate_capped(ag, full * share, rate), rate_capped(rs, grads * share, rate)
-        return ag, ag if s.zero_stage >= 3 else 0.0, rs
+        return ag, ag if fsdp.regathers(self, s) else 0.0, rs
 
     def _zero3_exposed(self, s: Strategy, r: RankReport, costs, m: int) -> float:
         """FSDP: per layer and micro-batch, all-gather (fwd), all-gather + reduce-scatter (bwd),
@@ -393,25 +393,27 @@ class CostModel:
         reduce-scatter of the step stay exposed once per rank (``zero3_edge_time``)."""
         if s.dp * s.cp <= 1 or not r.layers:
             return 0.0
-        exposed = sum(self.zero3_layer_exposed(s, costs[i]) for i in r.layers)
-        return exposed * m + self.zero3_edge_time(s, costs[r.layers[0]], costs[r.layers[-1]])
+        exposed = sum(self.zero3_layer_exposed(s, costs[i]) for i in r.layers) * fsdp.unit_syncs_per_step(self, s)
+        return exposed + self.zero3_edge_time(s, costs[r.layers[0]], costs[r.layers[-1]])
 
     def zero3_layer_exposed(self, s: Strategy, c: LayerCost) -> float:
-        """One layer's exposed FSDP traffic per micro-batch: the stack's ``zero3_overlap`` share hides
-        where the compute is longer (``overlap.exposed_behind``). Saturated CPU cores hide nothing."""
+        """One layer's exposed FSDP seconds per micro-batch (per step: ``fsdp.syncs_once_per_step``): the stack's
+        ``zero3_overlap`` share hides where the compute is longer. Saturated CPU cores hide nothing."""
         ag, ag_b, rs = self._zero3_layer(s, c, bytes_per_param(self.dtype)[1])
+        once, ov = fsdp.syncs_once_per_step(self.ctx.runtime, s.pp), self.stack.zero3_overlap
         if self._cores_saturated:
-            return ag + ag_b + rs + (3 if s.zero_stage >= 3 else 2) * shared_core_sync(self.ctx)
-        ov = self.stack.zero3_overlap
+            return ag + ag_b + rs + (3 if fsdp.regathers(self, s) else 2) * shared_core_sync(self.ctx)
+        if once:
+            return overlap.once_per_step_exposed(ag, rs, c.fwd_s, ov)
         return exposed_behind(ag, c.fwd_s, ov) + exposed_behind(ag_b + rs, c.bwd_s, ov)
 
     def zero3_edge_time(self, s: Strategy, first: LayerCost, last: LayerCost) -> float:
-        """The step's first all-gather (of ``first``) and last reduce-scatter (of ``last``), exposed
-        (``overlap.zero3_edges``); unfitted profiles (measured CPU) and saturated cores: per-layer terms only."""
+        """The step's first all-gather and last reduce-scatter, exposed (``overlap.zero3_edges``; a stage syncing
+        once per step has all its reduce-scatters in ``zero3_layer_exposed``); unfitted profile, saturated cores: 0."""
         if self._cores_saturated or not self.gpu.fitted:
             return 0.0
-        grad_bytes = bytes_per_param(self.dtype)[1]
-        return zero3_edges(self._zero3_layer(s, first, grad_bytes)[0], self._zero3_layer(s, last, grad_bytes)[2])
+        g, once = bytes_per_param(self.dtype)[1], fsdp.syncs_once_per_step(self.ctx.runtime, s.pp)
+        return zero3_edges(self._zero3_layer(s, first, g)[0], 0.0 if once else self._zero3_layer(s, last, g)[2])
 
     @property
     def _cores_saturated(self) -> bool:

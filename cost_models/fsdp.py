@@ -31,3 +31,40 @@ def gathers_per_unit(runtime: str, zero_stage: int, offload: bool = False) -> bo
 def per_unit(cm, s) -> bool:
     """``gathers_per_unit`` of a ``CostModel``'s runtime for strategy ``s``."""
     return gathers_per_unit(cm.ctx.runtime, s.zero_stage, s.offload_optimizer)
+
+
+# Runtimes whose FSDP runs under torch.distributed.pipelining as torch ships it: torchtitan's pipeline
+# (``parallelize_llama.apply_fsdp``: ``reshard_after_forward=False`` when pp is enabled).
+DEFERRED_RUNTIMES = ("torchtitan",)
+
+
+def syncs_once_per_step(runtime: str, pp: int) -> bool:
+    """Whether a pipelined FSDP stage gathers its parameters once per step and reduce-scatters its
+    gradients once per step, at its last micro-batch, instead of once per micro-batch.
+
+    torch.distributed.pipelining (torch 2.13 ``pipelining/stage.py``, ``backward_maybe_with_nosync``
+    lines 843-847) runs every micro-batch's backward of an ``FSDPModule`` stage with
+    ``set_requires_gradient_sync(False)`` and ``set_reshard_after_backward(False)``; the schedule's
+    ``REDUCE_GRAD`` action after the stage's last backward (``perform_reduce_grad``, lines 1174-1191;
+    torch 2.4-2.6: the same calls inside ``backward_maybe_with_nosync`` on ``last_backward``) turns
+    both back on and runs FSDP's ``post_backward`` for every parameter group: one reduce-scatter
+    per unit per step, from the unsharded gradients accumulated in ``reduce_dtype``. torchtitan
+    shards with ``reshard_after_forward=False`` under a pipeline, so the parameters gathered in a
+    stage's first forward stay gathered to its last backward: one all-gather per unit per step.
+    autopar's own program (``--runtime torch``) undoes the stage's setters for full-backward
+    schedules (``codegen.runtime_parallel._keep_per_microbatch_sharding``) and reduce-scatters
+    every micro-batch, as ``gathers_per_unit`` prices it; Megatron and DeepSpeed do not run FSDP."""
+    return runtime in DEFERRED_RUNTIMES and pp > 1
+
+
+def unit_syncs_per_step(cm, s) -> int:
+    """How many times per step each FSDP unit's traffic runs for a ``CostModel``'s runtime and
+    strategy ``s``: once under ``syncs_once_per_step``, else once per micro-batch."""
+    return 1 if syncs_once_per_step(cm.ctx.runtime, s.pp) else s.num_micro_batches
+
+
+def regathers(cm, s) -> bool:
+    """Whether each unit's parameters are all-gathered again in the backward: ZeRO-3 resharded after
+    forward, except in a stage that syncs once per step (``syncs_once_per_step``: torchtitan's
+    pipeline keeps them gathered to the stage's last backward)."""
+    return s.zero_stage >= 3 and not syncs_once_per_step(cm.ctx.runtime, s.pp)

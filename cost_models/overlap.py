@@ -86,3 +86,14 @@ def gathers_ahead(runtime: str, zero_stage: int) -> bool:
     (``grad_sync_exposed``): Megatron-Core's distributed optimizer (ZeRO-1/2) with
     ``--overlap-param-gather``; DDP and autopar's emitted programs gather nothing ahead."""
     return runtime == "megatron" and zero_stage in (1, 2)
+
+
+def once_per_step_exposed(gather_s: float, reduce_scatter_s: float, first_fwd_s: float, overlap: float) -> float:
+    """One FSDP unit's exposed seconds per step when a pipeline stage syncs once per step
+    (``fsdp.syncs_once_per_step``): its all-gather is prefetched beside the stage's first forward
+    (``exposed_behind``), its reduce-scatter runs after the stage's last backward with nothing to
+    hide behind: ``perform_reduce_grad`` issues every unit's ``post_backward`` back to back, each
+    waiting on the previous unit's reduce-scatter (torch 2.13 ``fsdp/_fully_shard/_fsdp_param_group.py``
+    ``post_backward``, "post_backward_rs_wait") and the stage's ``_root_post_backward_final_callback``
+    makes the compute stream wait on the last one, so the stage's whole reduce-scatter is exposed."""
+    return exposed_behind(gather_s, first_fwd_s, overlap) + max(0.0, reduce_scatter_s)

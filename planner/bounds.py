@@ -26,7 +26,7 @@ from autopar.cost_models.estimate import (
     even_stages,
     offload_step_time,
 )
-from autopar.cost_models.fsdp import gathers_per_unit
+from autopar.cost_models.fsdp import gathers_per_unit, unit_syncs_per_step
 from autopar.cost_models.layer_cost import shards_for, shared_core_sync
 from autopar.cost_models.layer_model import saved_bytes
 from autopar.cost_models.memory import bytes_per_param, grads_freed_before_activation_peak, model_state_bytes
@@ -452,4 +452,4 @@ def zero3_floor(sp: Space, sh: Sharding, zero: int = 3) -> float:
     for i in range(sp.cm.num_layers):
         if id(costs[i]) not in seen:
             seen[id(costs[i])] = sp.cm.zero3_layer_exposed(s, costs[i])
-    return sum(seen[id(costs[i])] for i in range(sp.cm.num_layers)) * s.num_micro_batches / sh.pp
+    return sum(seen[id(costs[i])] for i in range(sp.cm.num_layers)) * unit_syncs_per_step(sp.cm, s) / sh.pp

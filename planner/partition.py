@@ -297,7 +297,7 @@ class RankPricer:
         edges = self._z3_edges.get(key)
         if edges is None:
             edges = self._z3_edges[key] = cm.zero3_edge_time(s, *ends)
-        return sum(n * d for n, d in zip(cnt, self._z3)) * self.m + edges
+        return sum(n * d for n, d in zip(cnt, self._z3)) * fsdp.unit_syncs_per_step(cm, s) + edges
 
     def assignment(self, r: int, o: int, c: int) -> dict[int, str]:
         ev = self.evaluate(r, o, c)

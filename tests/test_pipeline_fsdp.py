@@ -1,0 +1,103 @@
+"""FSDP under torch.distributed.pipelining as torchtitan runs it (``cost_models.fsdp.syncs_once_per_step``):
+a pipelined stage gathers its parameters once per step and reduce-scatters its gradients once per step,
+after its last micro-batch (torch ``pipelining/stage.py`` ``backward_maybe_with_nosync`` /
+``perform_reduce_grad``); autopar's own program (``--runtime torch``) reduce-scatters every micro-batch."""
+
+from __future__ import annotations
+
+import pytest
+
+from autopar.core.strategy import Strategy
+from autopar.cost_models import fsdp, overlap
+from autopar.cost_models.memory import bytes_per_param
+from autopar.cost_models.session import Inputs, build_cost_model
+
+PIPELINED = "pp=2,dp=4,mbs=1,gbs=16,zero=3"   # 4 micro-batches per step
+
+
+def _cm(runtime: str):
+    cm, _spec, _cluster, _ = build_cost_model(Inputs(model="llama-tiny", gpu="h100-96g", nodes=1, gpus_per_node=8,
+                                                     seq_len=256, dtype="bf16", runtime=runtime))
+    return cm
+
+
+def _dp(cm, text: str) -> tuple[list[float], object]:
+    """Each rank's exposed data-parallel seconds as ``CostModel.estimate`` adds them, and the strategy."""
+    s = Strategy.parse(text).resolve(8)
+    est = cm.estimate(s)
+    costs = cm.layer_costs(s)
+    return [cm.dp_time(s, r, costs, s.num_micro_batches) for r in est.ranks], s
+
+
+@pytest.fixture
+def no_deferral(monkeypatch):
+    """The rule undone: every runtime prices FSDP per micro-batch."""
+    monkeypatch.setattr(fsdp, "DEFERRED_RUNTIMES", ())
+
+
+def test_the_rule_per_runtime_and_pipeline_depth():
+    assert fsdp.syncs_once_per_step("torchtitan", 2) and fsdp.syncs_once_per_step("torchtitan", 16)
+    assert not fsdp.syncs_once_per_step("torchtitan", 1)      # no pipeline: FSDP's own per-micro-batch hooks
+    for runtime in ("torch", "megatron", "deepspeed"):
+        assert not fsdp.syncs_once_per_step(runtime, 8)
+    cm_titan, cm_torch = _cm("torchtitan"), _cm("torch")
+    piped, flat = Strategy.parse(PIPELINED).resolve(8), Strategy.parse("dp=8,mbs=1,gbs=16,zero=3").resolve(8)
+    assert piped.num_micro_batches == 4
+    assert fsdp.unit_syncs_per_step(cm_titan, piped) == 1 and fsdp.unit_syncs_per_step(cm_torch, piped) == 4
+    assert fsdp.unit_syncs_per_step(cm_titan, flat) == flat.num_micro_batches
+    # ZeRO-3 re-gathers in the backward, but not in a stage that keeps its parameters to its last backward
+    assert fsdp.regathers(cm_torch, piped) and fsdp.regathers(cm_titan, flat) and not fsdp.regathers(cm_titan, piped)
+
+
+def test_once_per_step_exposure_formula():
+    """The gather hides behind the first forward as a prefetch does; the reduce-scatter is all exposed."""
+    assert overlap.once_per_step_exposed(1.0, 0.5, 10.0, 0.8) == pytest.approx(0.2 + 0.5)
+    assert overlap.once_per_step_exposed(1.0, 0.5, 0.1, 0.8) == pytest.approx(0.2 + 0.7 + 0.5)
+    assert overlap.once_per_step_exposed(0.0, 0.0, 1.0, 0.8) == 0.0
+
+
+def test_torchtitan_pipeline_prices_one_gather_and_one_reduce_scatter_per_step():
+    cm = _cm("torchtitan")
+    dp, s = _dp(cm, PIPELINED)
+    costs, gb, ov = cm.layer_costs(s), bytes_per_param(cm.dtype)[1], cm.stack.zero3_overlap
+    for r, got in zip(cm.estimate(s).ranks, dp):
+        per_step = 0.0
+        for i in r.layers:
+            ag, ag_b, rs = cm._zero3_layer(s, costs[i], gb)
+            assert ag > 0 and rs > 0 and ag_b == 0.0    # the parameters stay gathered to the last backward
+            per_step += overlap.exposed_behind(ag, costs[i].fwd_s, ov) + rs
+        first_gather = cm._zero3_layer(s, costs[r.layers[0]], gb)[0]
+        assert got == pytest.approx(per_step + first_gather)   # once per step, whatever the micro-batch count
+
+
+def test_undoing_the_rule_changes_the_torchtitan_price(no_deferral):
+    """Per micro-batch (the rule undone) the same plan pays every gather, re-gather and reduce-scatter 4 times."""
+    dp_undone, s = _dp(_cm("torchtitan"), PIPELINED)
+    step_undone = _cm("torchtitan").estimate(s).step_time_s
+    fsdp.DEFERRED_RUNTIMES = ("torchtitan",)   # the rule back (monkeypatch restores the attribute afterwards)
+    dp_rule, _ = _dp(_cm("torchtitan"), PIPELINED)
+    assert all(a > 1.5 * b > 0 for a, b in zip(dp_undone, dp_rule))
+    assert _cm("torchtitan").estimate(s).step_time_s < step_undone
+
+
+def test_torch_runtime_prices_unchanged(monkeypatch):
+    """autopar's own program reduce-scatters every micro-batch (codegen.runtime_parallel
+    ._keep_per_microbatch_sharding): its prices do not depend on the rule, and the price is the
+    per-micro-batch sum with the backward re-gather."""
+    texts = (PIPELINED, "pp=2,dp=4,mbs=1,gbs=16,zero=2", "pp=2,dp=2,tp=2,mbs=2,gbs=16,zero=3,sp=1")
+    with_rule = [(_cm("torch").estimate(Strategy.parse(t).resolve(8)).step_time_s, _dp(_cm("torch"), t)[0])
+                 for t in texts]
+    monkeypatch.setattr(fsdp, "DEFERRED_RUNTIMES", ("torchtitan", "torch"))   # the rule wrongly on torch
+    moved = [_cm("torch").estimate(Strategy.parse(t).resolve(8)).step_time_s for t in texts]
+    monkeypatch.setattr(fsdp, "DEFERRED_RUNTIMES", ())
+    without = [(_cm("torch").estimate(Strategy.parse(t).resolve(8)).step_time_s, _dp(_cm("torch"), t)[0])
+               for t in texts]
+    assert with_rule == without
+    assert any(m != w[0] for m, w in zip(moved, with_rule))   # the check above can fail
+    cm = _cm("torch")
+    dp, s = _dp(cm, PIPELINED)
+    costs, gb = cm.layer_costs(s), bytes_per_param(cm.dtype)[1]
+    r0 = cm.estimate(s).ranks[0]
+    assert all(cm._zero3_layer(s, costs[i], gb)[1] > 0 for i in r0.layers)   # ZeRO-3 re-gathers
+    per_mb = sum(cm.zero3_layer_exposed(s, costs[i]) for i in r0.layers)
+    assert dp[0] == pytest.approx(per_mb * 4 + cm.zero3_edge_time(s, costs[r0.layers[0]], costs[r0.layers[-1]]))
