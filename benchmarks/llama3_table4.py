@@ -7,7 +7,8 @@ stage), to tell what the 131k row's error comes from: attention at long context,
 The two 8k-token configurations are not rows of the shared file; their TFLOP/s per GPU are Table 4's
 (8,192 GPUs: TP 8, CP 1, PP 16, DP 64, 32 sequences per DP rank, 430; 16,384 GPUs: DP 128, 16 per DP
 rank, 400), taken from the paper as the 131k row's own figure (380) is. Each configuration keeps every
-other field of the 131k row (the model, ZeRO-2-like FSDP, the interleaved schedule, the runtime).
+other field of the 131k row (the model, Meta's FSDP as autopar's ZeRO-1 program, which moves the same bytes
+under a pipeline: ``published_dense_rows.llama3_zero``; the interleaved schedule, the runtime).
 """
 
 from __future__ import annotations

@@ -39,6 +39,32 @@ def llama3_v(run: dict, source: str, pp: int) -> int:
 SEQUENCE_PARALLEL_STACKS = ("megatron", "torchtitan", "meta")
 
 
+def llama3_zero(source: str, pp: int) -> int | None:
+    """The autopar ZeRO stage whose program moves what Meta's FSDP moves in the Llama 3 405B pipeline;
+    None for other rows (their ``zero_stage`` field decides).
+
+    The paper (Llama Team 2024, arXiv:2407.21783, Sec. 3.3.2): FSDP "shards optimizer states and
+    gradients, but for model shards we do not reshard after forward computation"; "we use FP32 gradient
+    accumulation during backward computation over multiple micro-batches and also reduce-scatter
+    gradients in FP32 across data parallel workers in FSDP"; DP is outermost "because it can tolerate
+    longer network latency by asynchronously prefetching sharded model weights and reducing gradients".
+    Gradients accumulated whole across the micro-batches and then reduce-scattered are one
+    reduce-scatter per step, as torch.distributed.pipelining runs FSDP (the stage keeps its parameters
+    gathered and its gradients unsharded to its last backward: ``cost_models.fsdp.syncs_once_per_step``),
+    not the per-micro-batch reduce-scatter of autopar's ZeRO-2 program. autopar's ZeRO-1 program moves
+    the same bytes: whole parameters and gradients through the step, one gradient reduce-scatter and
+    one parameter all-gather per step overlapped with the last backward (``overlap.grad_sync_exposed``,
+    the paper's "asynchronously ... reducing gradients"), optimizer states sharded. It keeps the rest
+    of Meta's recipe that ``--runtime torch`` prices and torchtitan's runtime would not: the all-gather
+    context parallelism (``cp_cost``), tensor parallelism without async overlap. Its gradients are 16-bit
+    (Meta's accumulators fp32: 2 bytes per parameter fewer; the rows state no memory). Priced
+    (``benchmarks/llama3_table4.py``, 377d54e + this): ZeRO-2 per micro-batch -21.1 / -20.7 / -21.4%,
+    this -4.0 / -3.3 / -15.8%."""
+    if source != LLAMA3 or pp <= 1:
+        return None
+    return 1
+
+
 MT_NLG = "mt-nlg"  # published_rows.source_key of the MT-NLG row
 # Smith et al. 2022 (MT-NLG 530B, arXiv:2201.11990), Sec. 2.4: global batch 1,920 sequences of 2,048 tokens,
 # 8-way tensor x 35-way pipeline per replica (280 GPUs = 35 DGX A100 nodes), on 280 / 350 / 420 nodes:

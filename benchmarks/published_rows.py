@@ -17,7 +17,8 @@ Row conventions (each stated once, here):
   (or no basis) as autopar's ``model_flops`` (graph FLOPs without recompute).
 - Missing micro-batch: 1 (MT-NLG: 2, from its paper's three step times, ``published_dense_rows.mt_nlg_microbatch``);
   missing global batch: from grad_accum x micro-batch x dp; missing zero
-  stage: 1 for Megatron-family stacks (distributed optimizer), 3 for FSDP stacks (the row says so);
+  stage: 1 for Megatron-family stacks (distributed optimizer), 3 for FSDP stacks (the row says so; Llama 3's
+  FSDP under its pipeline: ZeRO-1, ``published_dense_rows.llama3_zero``);
   ``vpp`` > 1 selects the interleaved schedule (an unstated V: ``published_dense_rows.llama3_v`` for
   Llama 3, ``readme_v``, ``_folding_vpp``, else 2); Megatron-family rows with tp > 1 run sequence
   parallel (Megatron-Core / NeMo defaults; torchtitan and Meta's Llama 3 stack: ``SEQUENCE_PARALLEL_STACKS``);
@@ -50,7 +51,7 @@ from pathlib import Path
 
 import yaml
 from mcore_readme_rows import README, megatron_model_flops, readme_v
-from published_dense_rows import SEQUENCE_PARALLEL_STACKS, llama3_v, mt_nlg_microbatch
+from published_dense_rows import SEQUENCE_PARALLEL_STACKS, llama3_v, llama3_zero, mt_nlg_microbatch
 from published_moe_rows import a2a_overlap_of, capacity_factor_of, cross_entropy_of
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "validation"
@@ -307,7 +308,7 @@ def strategy_of(run: dict, stack: str) -> str:
             mbs = _torchtitan_pp_microbatch(run, mbs, pp, _vpp(par))
     if gbs is None:
         raise RowSkip("parallel.global_batch is null and grad_accum x microbatch does not give it")
-    zero = _zero_stage(par, stack)
+    zero = llama3_zero(source_key(run), pp) or _zero_stage(par, stack)  # Meta's FSDP under its pipeline
     vpp = _folding_vpp(run, pp) if source_key(run) == "moe-folding" else \
         readme_v(run, source_key(run), pp) or llama3_v(run, source_key(run), pp) or _vpp(par)
     # SEQUENCE_PARALLEL_STACKS (published_dense_rows); 2021 Megatron-LM / Megatron-DeepSpeed predate sequence

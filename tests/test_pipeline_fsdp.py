@@ -101,3 +101,23 @@ def test_torch_runtime_prices_unchanged(monkeypatch):
     assert all(cm._zero3_layer(s, costs[i], gb)[1] > 0 for i in r0.layers)   # ZeRO-3 re-gathers
     per_mb = sum(cm.zero3_layer_exposed(s, costs[i]) for i in r0.layers)
     assert dp[0] == pytest.approx(per_mb * 4 + cm.zero3_edge_time(s, costs[r0.layers[0]], costs[r0.layers[-1]]))
+
+
+def test_llama3_rows_map_meta_fsdp_to_one_sync_per_step():
+    """Llama 3 405B (Sec. 3.3.2: gradients accumulated in fp32 over the micro-batches, then reduce-scattered):
+    autopar's ZeRO-1 program, one gradient reduce-scatter and one parameter gather per step
+    (``published_dense_rows.llama3_zero``); other rows keep their own zero stage."""
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    if not (Path(__file__).resolve().parents[2] / "shared" / "validation" / "published_modern.yaml").is_file():
+        pytest.skip("shared/validation is absent")
+    sys.path.insert(0, str(bench))
+    import published_rows as pr
+    from published_dense_rows import llama3_zero
+
+    assert llama3_zero("llama3", 16) == 1 and llama3_zero("llama3", 1) is None and llama3_zero("torchtitan", 8) is None
+    runs = {r["id"]: r for r in pr.load_runs(pr.MODERN_YAML)}
+    assert "zero=1" in pr.case_for(runs["llama3_405b_16384gpu_seq131072"]).strategy
+    assert "zero=3" in pr.case_for(runs["torchtitan_h100_t5_Llama-3.1-405B_512gpu_13"]).strategy
