@@ -148,9 +148,10 @@ def torchtitan_memory(cm, s: Strategy, parts: list[LayerCost], modes: list[str],
                       extra: list[LayerCost], in_flight: float, first: bool, last: bool,
                       mem: dict[str, float]) -> dict[str, float]:
     """``mem`` (``CostModel.rank_memory``'s components) as torchtitan runs the strategy (module
-    docstring); unchanged without a pipeline or without FSDP (ZeRO-3). ``cm``: the ``CostModel``
-    (not imported: estimate.py imports this module)."""
-    if s.pp == 1 or s.zero_stage < 3 or not parts:
+    docstring); unchanged without a pipeline or without FSDP (ZeRO-2/3: under a pipeline torchtitan runs both
+    as one program, ``reshard_after_forward=False``; ``fsdp.syncs_once_per_step`` prices its time). ``cm``:
+    the ``CostModel`` (not imported: estimate.py imports this module)."""
+    if s.pp == 1 or s.zero_stage < 2 or not parts:
         return mem
     pbytes = cm.ctx.dtype_bytes
     dense = sum(c.params_dense for c in parts + extra)
@@ -170,10 +171,12 @@ def torchtitan_memory(cm, s: Strategy, parts: list[LayerCost], modes: list[str],
     # the ZeRO-3 gradient shards are None during the step (zero_grad(set_to_none=True)) until the
     # last micro-batch's reduce-scatter: the unsharded fp32 accumulators stand in their place
     # (torchtitan shards expert weights over its expert-data-parallel mesh when ep > 1)
-    shards = (model_state_bytes(dense, cm.dtype, 3, s.dp * s.cp).grads
-              + model_state_bytes(expert, cm.dtype, 3, s.edp if s.ep > 1 else s.dp * s.cp).grads)
+    dense3, expert3 = model_state_bytes(dense, cm.dtype, 3, s.dp * s.cp), \
+        model_state_bytes(expert, cm.dtype, 3, s.edp if s.ep > 1 else s.dp * s.cp)
+    shards = dense3.grads + expert3.grads
+    at_rest = mem["parameters"] if s.zero_stage >= 3 else dense3.params + expert3.params  # ZeRO-2 as ZeRO-3
     return {**mem,
-            "parameters": mem["parameters"] + gathered_param_bytes(dense + expert, pbytes),
+            "parameters": at_rest + gathered_param_bytes(dense + expert, pbytes),
             "gradients": mem["gradients"] - shards + grads,
             "activations": _activations(s, modes, acts, boundary, in_flight, first, grads) + loss_acts,
             "recompute_workspace": max(0.0, work - mem["logits_and_temporaries"]),

@@ -121,3 +121,15 @@ def test_llama3_rows_map_meta_fsdp_to_one_sync_per_step():
     runs = {r["id"]: r for r in pr.load_runs(pr.MODERN_YAML)}
     assert "zero=1" in pr.case_for(runs["llama3_405b_16384gpu_seq131072"]).strategy
     assert "zero=3" in pr.case_for(runs["torchtitan_h100_t5_Llama-3.1-405B_512gpu_13"]).strategy
+
+
+def test_torchtitan_pipeline_runs_zero2_as_zero3():
+    """Under a pipeline torchtitan shards with ``reshard_after_forward=False`` whatever the stage: ZeRO-2 and
+    ZeRO-3 are one program, priced the same in time and memory (``runtime_memory.torchtitan_memory``)."""
+    cm = _cm("torchtitan")
+    two, three = (cm.estimate(Strategy.parse(f"pp=2,dp=4,mbs=1,gbs=16,zero={z}").resolve(8)) for z in (2, 3))
+    assert two.step_time_s == pytest.approx(three.step_time_s)
+    assert [r.memory for r in two.ranks] == [pytest.approx(r.memory) for r in three.ranks]
+    assert two.peak_bytes == pytest.approx(three.peak_bytes)
+    flat = [cm.estimate(Strategy.parse(f"dp=8,mbs=1,gbs=16,zero={z}").resolve(8)).peak_bytes for z in (2, 3)]
+    assert flat[0] > flat[1]   # without a pipeline ZeRO-2 keeps whole parameters, ZeRO-3 shards them
