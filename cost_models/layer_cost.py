@@ -30,7 +30,7 @@ from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_contention, layer_dtype
 from autopar.cost_models.cp_cost import cp_exposed, cp_gather
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
-from autopar.cost_models.megatron_ops import megatron_linears, megatron_loss, megatron_tp_reductions
+from autopar.cost_models.megatron_ops import expert_bias_bytes, megatron_linears, megatron_loss, megatron_tp_reductions
 from autopar.cost_models.memory import busiest_rank_expert_excess, cp_gathered_kv_bytes
 from autopar.cost_models.moe_cost import (
     capped_load,
@@ -95,6 +95,7 @@ class PricingContext:
     sliding_window: int = 0              # tokens a sliding-window layer attends back (ModelSpec.sliding_window)
     sliding_layers: frozenset[int] = frozenset()  # block indices that attend within the window
     cross_entropy: str = "te"            # megatron: the fused loss kernel (megatron_ops.CROSS_ENTROPY_IMPLS)
+    expert_bias: bool = False            # the model's experts have biases (ModelSpec.mlp_bias of an MoE)
 
     def __post_init__(self):
         """A measured hardware profile brings its own collective fits and, for CPU ranks that
@@ -180,7 +181,8 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         if not op.op_kept:  # per-op checkpointing re-runs it in backward
             op_rerun += f * load
     sort = _expert_sort_s(layer, s, sh, ctx) * expert_load(ctx)
-    fwd, bwd = fwd + sort, bwd + sort
+    bias_f, bias_b = (t * expert_load(ctx) for t in _expert_bias_s(layer, s, sh, ctx))
+    fwd, bwd = fwd + sort + bias_f, bwd + sort + bias_b
     comm = _layer_comm(layer, s, ctx, kernel_fwd, fwd + bwd)
     host = _dtensor_overhead(layer, s, ctx) + len(ops) * ctx.timer.gpu.op_overhead_s * ctx.timer.contention
     fwd, bwd = fwd + host / 3, bwd + 2 * host / 3  # backward dispatches about twice the forward's ops
@@ -292,12 +294,28 @@ def _expert_sort_s(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingCo
     local experts' GEMM rows. Autopar's emitted programs index each expert's rows instead (none)."""
     if ctx.runtime != "megatron" or not layer.is_moe or s.ep <= 1:
         return 0.0
-    w1 = next((o for o in layer.ops if o.shard == "expert" and o.kind == "gemm" and o.gemm and o.tp_dim == "n"), None)
+    w1 = _expert_fc1(layer)
     if w1 is None:
         return 0.0
     rows, _, hidden = _local_gemm(w1, s, sh)
     local = w1.calls / s.ep
     return ctx.timer.membound(local_sort_bytes(rows * local, hidden, ctx.dtype_bytes, local))
+
+
+def _expert_fc1(layer: LayerTemplate) -> OpTerm | None:
+    return next((o for o in layer.ops if o.shard == "expert" and o.kind == "gemm" and o.gemm and o.tp_dim == "n"), None)
+
+
+def _expert_bias_s(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext) -> tuple[float, float]:
+    """(forward, backward) seconds of Megatron-Core adding its experts' output biases apart from the grouped
+    GEMM (``megatron_ops.expert_bias_bytes``) on the rank's received rows; the emitted programs' experts
+    have no biases."""
+    w1 = _expert_fc1(layer) if ctx.runtime == "megatron" and ctx.expert_bias and layer.is_moe else None
+    if w1 is None:
+        return 0.0, 0.0
+    rows, _, hidden = _local_gemm(w1, s, sh)
+    fwd, bwd = expert_bias_bytes(rows * w1.calls / s.ep, hidden, ctx.dtype_bytes)
+    return ctx.timer.membound(fwd), ctx.timer.membound(bwd)
 
 
 def _local_gemm(op: OpTerm, s: Strategy, sh: Shards) -> tuple[float, float, float]:

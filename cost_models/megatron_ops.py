@@ -124,3 +124,16 @@ def megatron_loss(ops: list[OpTerm], impl: str) -> list[OpTerm]:
     loss = replace(tail[0], name=f"{impl}_cross_entropy", sig=None, fwd_flops=sum(o.fwd_flops for o in tail),
                    bwd_flops=sum(o.bwd_flops for o in tail), bytes_rw=m * n * (fwd + bwd) / 3)
     return ops[:head + 1] + [loss]
+
+
+def expert_bias_bytes(rows: float, hidden: float, dtype_bytes: int) -> tuple[float, float]:
+    """(forward, backward) bytes of Megatron-Core adding the experts' fc2 biases after the grouped GEMM
+    (megatron-core 0.16 ``TEGroupedMLP._apply_bias``, ``linear_fc2`` built with ``skip_bias_add``): per
+    local expert ``t + b * p`` on its rows of the [rows, hidden] output (p the routing probability, in the
+    activations' dtype without ``--moe-router-dtype``), then ``torch.cat`` of the experts' pieces. Forward:
+    b * p written, t and it read and the sum written, the concatenation read and written: 6 element passes.
+    Backward: the sum's and the concatenation's gradients pass through; the product's reduce
+    (g * p).sum over rows for b and (g * b).sum over hidden for p, each writing and reading the product and
+    reading g: 6 passes."""
+    elements = rows * hidden
+    return 6.0 * dtype_bytes * elements, 6.0 * dtype_bytes * elements

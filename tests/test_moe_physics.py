@@ -415,3 +415,47 @@ def test_megatron_bridge_rows_run_the_cross_entropy_their_recipe_names():
                 "megatron_bridge_25.09_h100_LLAMA3_8B_8gpu_FP8_31", "nemo_24.07_h100_fp8_LLAMA2-7B_8gpu",
                 "moe_folding_table3_Llama3-8x70B_mcore"):
         assert pr.case_for(runs[rid]).cross_entropy == "te"
+
+
+def test_megatron_adds_expert_biases_apart_from_the_grouped_gemm():
+    """Megatron-Core (0.16 TEGroupedMLP._apply_bias) adds each expert's fc2 bias, weighted by the routing
+    probability, after the grouped GEMM and concatenates the pieces: 6 passes over the rank's received
+    [rows, hidden] output each way (megatron_ops.expert_bias_bytes). Only an MoE whose config states
+    MLP biases (GPT-OSS) pays it, only under --runtime megatron."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from autopar.core.strategy import Strategy
+    from autopar.cost_models.layer_cost import _expert_bias_s, expert_load, price_layer, shards_for
+    from autopar.cost_models.megatron_ops import expert_bias_bytes
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    assert expert_bias_bytes(1024, 2880, 2) == (6 * 2 * 1024 * 2880, 6 * 2 * 1024 * 2880)
+    cm = _qwen_moe_cost_model(Inputs, build_cost_model, 4096)
+    assert cm.ctx.expert_bias is False
+    s = Strategy.parse("tp=1,pp=1,dp=16,ep=16,mbs=1").resolve(16)
+    block = next(t for t in cm.templates if t.is_moe)
+    base = price_layer(block, s, cm.ctx)
+    cm.ctx.expert_bias = True
+    try:
+        biased = price_layer(block, s, cm.ctx)
+    finally:
+        cm.ctx.expert_bias = False
+    rows = 16 * 4096 * 8 / 128 * 8   # 16 ranks' tokens x top-8 over 128 experts, 8 of them on this rank
+    f, b = expert_bias_bytes(rows, 2048, 2)
+    load = expert_load(cm.ctx)
+    assert biased.fwd_s - base.fwd_s == pytest.approx(cm.timer.membound(f) * load)
+    assert biased.bwd_s - base.bwd_s == pytest.approx(cm.timer.membound(b) * load)
+    cfg = dict(model_type="mixtral", hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=256, vocab_size=512, num_local_experts=8,
+               num_experts_per_tok=2, mlp_bias=True, max_position_embeddings=512)
+    path = Path(tempfile.mkdtemp()) / "biased_moe.json"
+    path.write_text(json.dumps(cfg))
+    for runtime in ("megatron", "torch"):
+        cm2 = build_cost_model(Inputs(model=str(path), gpu="h100-sxm", nodes=1, gpus_per_node=8, seq_len=512,
+                                      runtime=runtime))[0]
+        assert cm2.ctx.expert_bias is True
+        s2 = Strategy.parse("tp=1,pp=1,dp=8,ep=8,mbs=1").resolve(8)
+        moe = next(t for t in cm2.templates if t.is_moe)
+        assert (_expert_bias_s(moe, s2, shards_for(s2), cm2.ctx)[0] > 0) == (runtime == "megatron")
