@@ -68,3 +68,10 @@ def regathers(cm, s) -> bool:
     forward, except in a stage that syncs once per step (``syncs_once_per_step``: torchtitan's
     pipeline keeps them gathered to the stage's last backward)."""
     return s.zero_stage >= 3 and not syncs_once_per_step(cm.ctx.runtime, s.pp)
+
+
+def reduce_bytes(runtime: str, grad_bytes: int) -> int:
+    """Bytes per gradient element of FSDP's reduce-scatter. torchtitan reduces in fp32
+    (``training.mixed_precision_reduce = "float32"``, its ``MixedPrecisionPolicy(reduce_dtype=...)``);
+    autopar's programs in the gradient dtype (``codegen.runtime_parallel.mp_policy``: bf16)."""
+    return 4 if runtime == "torchtitan" and grad_bytes < 4 else grad_bytes

@@ -30,14 +30,13 @@ from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_contention, layer_dtype
 from autopar.cost_models.cp_cost import cp_exposed, cp_gather
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
-from autopar.cost_models.megatron_ops import expert_bias_bytes, megatron_linears, megatron_loss, megatron_tp_reductions
+from autopar.cost_models.megatron_ops import expert_passes_s, megatron_linears, megatron_loss, megatron_tp_reductions
 from autopar.cost_models.memory import busiest_rank_expert_excess, cp_gathered_kv_bytes
 from autopar.cost_models.moe_cost import (
     capped_load,
     ep_exposed,
     etp_gathered_bytes,
     grouped_expert_time,
-    local_sort_bytes,
 )
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
@@ -180,9 +179,8 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
             kernel_fwd += f
         if not op.op_kept:  # per-op checkpointing re-runs it in backward
             op_rerun += f * load
-    sort = _expert_sort_s(layer, s, sh, ctx) * expert_load(ctx)
-    bias_f, bias_b = (t * expert_load(ctx) for t in _expert_bias_s(layer, s, sh, ctx))
-    fwd, bwd = fwd + sort + bias_f, bwd + sort + bias_b
+    extra_f, extra_b = _megatron_expert_passes(layer, s, sh, ctx)
+    fwd, bwd = fwd + extra_f * expert_load(ctx), bwd + extra_b * expert_load(ctx)
     comm = _layer_comm(layer, s, ctx, kernel_fwd, fwd + bwd)
     host = _dtensor_overhead(layer, s, ctx) + len(ops) * ctx.timer.gpu.op_overhead_s * ctx.timer.contention
     fwd, bwd = fwd + host / 3, bwd + 2 * host / 3  # backward dispatches about twice the forward's ops
@@ -288,34 +286,18 @@ def _grouped_experts(t: OpTimer, m: float, n: float, k: float, calls: float, rat
     return grouped_expert_time(one_f, calls, all_f, m), grouped_expert_time(one_b, calls, all_b, m)
 
 
-def _expert_sort_s(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext) -> float:
-    """Seconds per direction (forward or backward) of Megatron-Core's token re-sort on an expert-parallel
-    rank holding several experts (``moe_cost.local_sort_bytes``); the rank's received tokens are its
-    local experts' GEMM rows. Autopar's emitted programs index each expert's rows instead (none)."""
-    if ctx.runtime != "megatron" or not layer.is_moe or s.ep <= 1:
-        return 0.0
-    w1 = _expert_fc1(layer)
-    if w1 is None:
-        return 0.0
-    rows, _, hidden = _local_gemm(w1, s, sh)
-    local = w1.calls / s.ep
-    return ctx.timer.membound(local_sort_bytes(rows * local, hidden, ctx.dtype_bytes, local))
-
-
-def _expert_fc1(layer: LayerTemplate) -> OpTerm | None:
-    return next((o for o in layer.ops if o.shard == "expert" and o.kind == "gemm" and o.gemm and o.tp_dim == "n"), None)
-
-
-def _expert_bias_s(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext) -> tuple[float, float]:
-    """(forward, backward) seconds of Megatron-Core adding its experts' output biases apart from the grouped
-    GEMM (``megatron_ops.expert_bias_bytes``) on the rank's received rows; the emitted programs' experts
-    have no biases."""
-    w1 = _expert_fc1(layer) if ctx.runtime == "megatron" and ctx.expert_bias and layer.is_moe else None
-    if w1 is None:
+def _megatron_expert_passes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext) -> tuple[float, float]:
+    """(forward, backward) seconds of what Megatron-Core runs on an expert-parallel rank's received tokens
+    beside the expert GEMMs (``megatron_ops.expert_passes_s``: the re-sort of several local experts' rows,
+    the experts' output biases); the rank's received tokens are its local experts' GEMM rows. Autopar's
+    emitted programs index each expert's rows and have no expert biases (none)."""
+    w1 = next((o for o in layer.ops if o.shard == "expert" and o.kind == "gemm" and o.gemm and o.tp_dim == "n"), None)
+    if ctx.runtime != "megatron" or not layer.is_moe or w1 is None or (s.ep <= 1 and not ctx.expert_bias):
         return 0.0, 0.0
     rows, _, hidden = _local_gemm(w1, s, sh)
-    fwd, bwd = expert_bias_bytes(rows * w1.calls / s.ep, hidden, ctx.dtype_bytes)
-    return ctx.timer.membound(fwd), ctx.timer.membound(bwd)
+    local = w1.calls / s.ep
+    sorted_by = local if s.ep > 1 else 1  # without ep the dispatcher's permutation is the only sort
+    return expert_passes_s(ctx.timer, rows * local, sorted_by, hidden, ctx.dtype_bytes, ctx.expert_bias)
 
 
 def _local_gemm(op: OpTerm, s: Strategy, sh: Shards) -> tuple[float, float, float]:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from autopar.cost_models.compute import OpTimer
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm
+from autopar.cost_models.moe_cost import local_sort_bytes
 
 # Bytes per logit element the runtime's fused cross-entropy moves, forward and backward (bf16 logits in,
 # bf16 logit gradient out; ``cross_entropy_bytes``). Choices of Megatron-Core's
@@ -137,3 +139,16 @@ def expert_bias_bytes(rows: float, hidden: float, dtype_bytes: int) -> tuple[flo
     reading g: 6 passes."""
     elements = rows * hidden
     return 6.0 * dtype_bytes * elements, 6.0 * dtype_bytes * elements
+
+
+def expert_passes_s(timer: OpTimer, rows: float, local: float, hidden: float, dtype_bytes: int,
+                    expert_bias: bool) -> tuple[float, float]:
+    """(forward, backward) seconds of the memory passes Megatron-Core runs on an expert-parallel rank's
+    ``rows`` received tokens beside its ``local`` experts' GEMMs: the expert-major re-sort and back
+    (``moe_cost.local_sort_bytes``, each direction) and, for a model with expert biases, their addition
+    (``expert_bias_bytes``)."""
+    sort = timer.membound(local_sort_bytes(rows, hidden, dtype_bytes, local))
+    if not expert_bias:
+        return sort, sort
+    fwd, bwd = expert_bias_bytes(rows, hidden, dtype_bytes)
+    return sort + timer.membound(fwd), sort + timer.membound(bwd)

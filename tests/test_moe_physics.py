@@ -272,7 +272,7 @@ def test_megatron_ranks_with_several_experts_resort_their_tokens():
     (``sort_chunks_by_idxs``) and back before the combine when the rank holds more than one expert:
     two more reads and writes of every received token copy per direction; one local expert: none."""
     from autopar.core.strategy import Strategy
-    from autopar.cost_models.layer_cost import _expert_sort_s, shards_for
+    from autopar.cost_models.layer_cost import _megatron_expert_passes, shards_for
     from autopar.cost_models.moe_cost import local_sort_bytes
     from autopar.cost_models.session import Inputs, build_cost_model
 
@@ -283,10 +283,10 @@ def test_megatron_ranks_with_several_experts_resort_their_tokens():
     s = Strategy.parse("tp=1,pp=1,dp=16,ep=16,mbs=1").resolve(16)
     # 16 ranks x 4096 tokens x top-8 over 128 experts: 4096 rows per expert, 8 experts per rank
     want = cm.ctx.timer.membound(local_sort_bytes(8 * 4096, 2048, 2, 8))
-    assert want > 0 and _expert_sort_s(block, s, shards_for(s), cm.ctx) == pytest.approx(want)
+    assert want > 0 and _megatron_expert_passes(block, s, shards_for(s), cm.ctx) == pytest.approx((want, want))
     cm.ctx.runtime = "torch"   # autopar's emitted programs index each expert's rows: no re-sort
     try:
-        assert _expert_sort_s(block, s, shards_for(s), cm.ctx) == 0.0
+        assert _megatron_expert_passes(block, s, shards_for(s), cm.ctx) == (0.0, 0.0)
     finally:
         cm.ctx.runtime = "megatron"
 
@@ -427,8 +427,9 @@ def test_megatron_adds_expert_biases_apart_from_the_grouped_gemm():
     from pathlib import Path
 
     from autopar.core.strategy import Strategy
-    from autopar.cost_models.layer_cost import _expert_bias_s, expert_load, price_layer, shards_for
+    from autopar.cost_models.layer_cost import _megatron_expert_passes, expert_load, price_layer, shards_for
     from autopar.cost_models.megatron_ops import expert_bias_bytes
+    from autopar.cost_models.moe_cost import local_sort_bytes
     from autopar.cost_models.session import Inputs, build_cost_model
 
     assert expert_bias_bytes(1024, 2880, 2) == (6 * 2 * 1024 * 2880, 6 * 2 * 1024 * 2880)
@@ -458,4 +459,5 @@ def test_megatron_adds_expert_biases_apart_from_the_grouped_gemm():
         assert cm2.ctx.expert_bias is True
         s2 = Strategy.parse("tp=1,pp=1,dp=8,ep=8,mbs=1").resolve(8)
         moe = next(t for t in cm2.templates if t.is_moe)
-        assert (_expert_bias_s(moe, s2, shards_for(s2), cm2.ctx)[0] > 0) == (runtime == "megatron")
+        sort = cm2.timer.membound(local_sort_bytes(8 * 512 * 2 / 8, 256, 2, 1)) if runtime == "megatron" else 0.0
+        assert (_megatron_expert_passes(moe, s2, shards_for(s2), cm2.ctx)[0] > sort) == (runtime == "megatron")

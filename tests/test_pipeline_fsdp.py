@@ -133,3 +133,13 @@ def test_torchtitan_pipeline_runs_zero2_as_zero3():
     assert two.peak_bytes == pytest.approx(three.peak_bytes)
     flat = [cm.estimate(Strategy.parse(f"dp=8,mbs=1,gbs=16,zero={z}").resolve(8)).peak_bytes for z in (2, 3)]
     assert flat[0] > flat[1]   # without a pipeline ZeRO-2 keeps whole parameters, ZeRO-3 shards them
+
+
+def test_torchtitan_reduce_scatters_in_fp32():
+    """torchtitan's FSDP2 reduces in fp32 (``mixed_precision_reduce``), autopar's programs in bf16 (``mp_policy``)."""
+    assert fsdp.reduce_bytes("torchtitan", 2) == 4 and fsdp.reduce_bytes("torch", 2) == 2
+    assert fsdp.reduce_bytes("megatron", 2) == 2 and fsdp.reduce_bytes("torchtitan", 4) == 4
+    s = Strategy.parse("dp=8,mbs=1,gbs=16,zero=3").resolve(8)
+    layer = {rt: _cm(rt)._zero3_layer(s, _cm(rt).layer_costs(s)[0], 2) for rt in ("torch", "torchtitan")}
+    assert layer["torchtitan"][0] == pytest.approx(layer["torch"][0])   # the bf16 all-gather is the same
+    assert layer["torchtitan"][2] > layer["torch"][2]                    # twice the reduce-scatter bytes
