@@ -29,7 +29,7 @@ from autopar.core.cluster import ClusterSpec
 from autopar.core.gpu import GpuProfile
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
-from autopar.cost_models import fp8_cost, fsdp, overlap
+from autopar.cost_models import fsdp, overlap
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer
 from autopar.cost_models.estimate_types import Estimate, RankMemory, RankReport  # noqa: F401
@@ -88,8 +88,7 @@ class CostModel:
             topk=spec.topk, num_experts=spec.num_experts, kv_bytes_per_token=kv_bytes_per_token(spec, dbytes),
             sdpa_kv_bytes_per_token=sdpa_kv_bytes_per_token(spec, dbytes),
             fits=comm_fits, runtime=runtime, sliding_window=spec.sliding_window,
-            sliding_layers=frozenset(i for i in self.blocks if spec.is_sliding_layer(i)),
-            expert_bias=bool(spec.num_experts and spec.mlp_bias))
+            sliding_layers=frozenset(i for i in self.blocks if spec.is_sliding_layer(i)))
         self.moe_load = moe_load
         self._cache: dict[tuple, dict] = {}
         self._z3 = IdentityMemo(4096)   # _zero3_layer by what it reads (most layers share one price)
@@ -423,7 +422,7 @@ class CostModel:
         return self.timer.contention > 1
 
     def optimizer_time(self, s: Strategy, r: RankReport, costs) -> float:
-        """Optimizer step of one rank's local parameters (GPU or ZeRO-Offload's host step) + fp8 weight casts."""
+        """Optimizer step of one rank's local parameters (on the GPU, or ZeRO-Offload's host step)."""
         dense = sum(costs[i].params_dense for i in r.layers)
         expert = sum(costs[i].params_expert for i in r.layers)
         edp = expert_shard_group(s, self.ctx.runtime)  # the group the memory prices the expert shards over
@@ -431,7 +430,7 @@ class CostModel:
         if s.offload_optimizer:  # CPUOffloadPolicy shards at any zero stage; ZeRO-3 gathers twice per micro-batch
             return offload_step_time(dense / (s.dp * s.cp) + expert / edp, self.dtype, self.gpu,
                                      *offload_copies(s.zero_stage, s.num_micro_batches))
-        return self.timer.membound(local * OPTIMIZER_BYTES_PER_PARAM + fp8_cost.step_cast_bytes(self, r.layers, costs))
+        return self.timer.membound(local * OPTIMIZER_BYTES_PER_PARAM)
 
     def _report(self, s: Strategy, total: float, time: dict, ranks: list[RankReport], recompute) -> Estimate:
         fwd = sum(f for t in self.templates for f in [sum(o.fwd_flops for o in t.ops) * len(t.indices or [0])])
