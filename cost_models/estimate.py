@@ -88,7 +88,8 @@ class CostModel:
             topk=spec.topk, num_experts=spec.num_experts, kv_bytes_per_token=kv_bytes_per_token(spec, dbytes),
             sdpa_kv_bytes_per_token=sdpa_kv_bytes_per_token(spec, dbytes),
             fits=comm_fits, runtime=runtime, sliding_window=spec.sliding_window,
-            sliding_layers=frozenset(i for i in self.blocks if spec.is_sliding_layer(i)))
+            sliding_layers=frozenset(i for i in self.blocks if spec.is_sliding_layer(i)),
+            expert_bias=bool(spec.num_experts and spec.mlp_bias))
         self.moe_load = moe_load
         self._cache: dict[tuple, dict] = {}
         self._z3 = IdentityMemo(4096)   # _zero3_layer by what it reads (most layers share one price)

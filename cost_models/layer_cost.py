@@ -296,8 +296,7 @@ def _megatron_expert_passes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: 
         return 0.0, 0.0
     rows, _, hidden = _local_gemm(w1, s, sh)
     local = w1.calls / s.ep
-    sorted_by = local if s.ep > 1 else 1  # without ep the dispatcher's permutation is the only sort
-    return expert_passes_s(ctx.timer, rows * local, sorted_by, hidden, ctx.dtype_bytes, ctx.expert_bias)
+    return expert_passes_s(ctx.timer, rows * local, local if s.ep > 1 else 1, hidden, ctx.dtype_bytes, ctx.expert_bias)
 
 
 def _local_gemm(op: OpTerm, s: Strategy, sh: Shards) -> tuple[float, float, float]:
