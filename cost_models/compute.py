@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from autopar.core.gpu import GpuProfile, StackConstants
 from autopar.core.op_signature import op_signature, signature  # noqa: F401  (re-exported)
+from autopar.cost_models.fp8_cost import Fp8Cast
+from autopar.cost_models.fp8_cost import dynamic_cast_bytes as fp8_cast_bytes  # noqa: F401  (re-exported)
 
 PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8", "fp32": "fp32"}
 
@@ -114,9 +116,11 @@ class OpTimer:
         """Forward time of ``calls`` GEMMs of [m,k] x [k,n] (2mnk FLOPs each)."""
         return self.gemm_fb(m, n, k, calls, 0.0)[0]
 
-    def gemm_fb(self, m: float, n: float, k: float, calls: float, bwd_ratio: float) -> tuple[float, float]:
+    def gemm_fb(self, m: float, n: float, k: float, calls: float, bwd_ratio: float,
+                cast: Fp8Cast | None = None) -> tuple[float, float]:
         """(forward, backward) of ``calls`` GEMMs: a measured call gives both; the curves give
-        the forward and backward = forward x ``bwd_ratio`` (the FLOP ratio)."""
+        the forward and backward = forward x ``bwd_ratio`` (the FLOP ratio). Under fp8, ``cast``
+        says how the runtime's library quantizes the operands (``fp8_cost``; None: torchao's)."""
         flops = 2.0 * m * n * k
         if flops <= 0:
             return 0.0, 0.0
@@ -124,30 +128,32 @@ class OpTimer:
         if hit is not None:
             return hit[0] * calls * self.contention, hit[1] * calls * self.contention
         self.hits[self.source] += 1
-        eff = stack_matmul_eff(self.gpu.eff("matmul_eff", flops), self.stack, self.dtype)
+        eff = stack_matmul_eff(self.gpu.eff("matmul_eff", self._curve_flops(flops)), self.stack, self.dtype)
         byts = self._dsize() * (m * k + k * n + m * n)
         t = calls * roofline_time(flops, byts, self.gemm_peak, eff, self.bw, self.gpu.eff("membound_eff", byts))
         if self.dtype != "fp8":
             return t * self.contention, t * self.contention * bwd_ratio
-        cast_f, cast_b = fp8_cast_bytes(m, n, k)
+        cast_f, cast_b = (cast or Fp8Cast()).bytes(m, n, k)
         fwd = t + calls * self.membound(cast_f) / self.contention
         bwd = t * bwd_ratio + calls * self.membound(cast_b) / self.contention
         return fwd * self.contention, bwd * self.contention
 
-    def grouped_gemm_fb(self, m: float, n: float, k: float, calls: float, bwd_ratio: float) -> tuple[float, float]:
+    def grouped_gemm_fb(self, m: float, n: float, k: float, calls: float, bwd_ratio: float,
+                        cast: Fp8Cast | None = None) -> tuple[float, float]:
         """(forward, backward) of ``calls`` [m,k] x [k,n] GEMMs run as one grouped kernel (MoE experts,
         ``moe_cost.grouped_expert_time``): one efficiency read at the group's FLOPs, every expert's
-        operands in the memory term, the fp8 casts as one pass over all of them."""
+        operands in the memory term, the fp8 casts as one pass over all of them (TE's
+        ``GroupedLinear`` runs one multi-tensor cast_transpose)."""
         flops = 2.0 * m * n * k * calls
         if flops <= 0:
             return 0.0, 0.0
         self.hits[self.source] += 1
-        eff = stack_matmul_eff(self.gpu.eff("matmul_eff", flops), self.stack, self.dtype)
+        eff = stack_matmul_eff(self.gpu.eff("matmul_eff", self._curve_flops(flops)), self.stack, self.dtype)
         byts = self._dsize() * (m * k + k * n + m * n) * calls
         t = roofline_time(flops, byts, self.gemm_peak, eff, self.bw, self.gpu.eff("membound_eff", byts))
         if self.dtype != "fp8":
             return t * self.contention, t * self.contention * bwd_ratio
-        cast_f, cast_b = fp8_cast_bytes(m, n, k)
+        cast_f, cast_b = (cast or Fp8Cast()).bytes(m, n, k)
         fwd = t + self.membound(cast_f * calls) / self.contention
         bwd = t * bwd_ratio + self.membound(cast_b * calls) / self.contention
         return fwd * self.contention, bwd * self.contention
@@ -173,6 +179,14 @@ class OpTimer:
         self.hits[self.source] += 1
         eff = self.gpu.eff("membound_eff", bytes_rw)
         return roofline_time(flops, bytes_rw, self.peak, 1.0, self.bw, eff) * self.contention
+
+    def _curve_flops(self, flops: float) -> float:
+        """Where a GEMM of ``flops`` reads the profile's ``matmul_eff`` curve. The curve is
+        eff = 1/(1/e_max + P*t0/x) with P the 16-bit peak (``self.peak``): its knee is a latency t0 in
+        seconds (launch, tile waves), which does not shrink because an fp8 tensor core is faster. At
+        the fp8 peak P8 the same t0 is reached at P8/P times the FLOPs, so an fp8 GEMM reads the curve
+        at flops * P/P8 (the identity for every other dtype)."""
+        return flops * self.peak / self.gemm_peak
 
     def _dsize(self) -> int:
         return 4 if self.dtype == "fp32" else 2
@@ -203,19 +217,6 @@ def stack_matmul_eff(eff: float, stack: StackConstants, dtype: str) -> float:
     Constants: ``GpuProfile.stacks``, fitted by ``benchmarks/calibrate_modern.py``."""
     scale = stack.fp8_matmul_scale if dtype == "fp8" else stack.matmul_scale
     return min(1.0, eff * scale)
-
-
-def fp8_cast_bytes(m: float, n: float, k: float) -> tuple[float, float]:
-    """HBM bytes of the fp8 scaling kernels around one [m,k]x[k,n] GEMM (forward, backward).
-
-    Transformer Engine / torchao float8 with per-tensor (current or delayed) scaling: forward
-    reads the bf16 input and weight for their amax and writes fp8 copies (2 + 2 + 1 bytes per
-    element, the amax pass fused into the cast); backward does the same for the output gradient
-    and writes fp8 transposes of the saved input and weight (read 1, write 1). Memory-bound
-    (Micikevicius et al. 2022, "FP8 formats for deep learning"; TE ``cast_transpose`` kernels)."""
-    fwd = 5 * (m * k + k * n)
-    bwd = 5 * m * n + 2 * (m * k + k * n)
-    return fwd, bwd
 
 
 def cpu_contention(gpu: GpuProfile, ranks_per_node: int) -> float:

@@ -29,7 +29,7 @@ from autopar.core.cluster import ClusterSpec
 from autopar.core.gpu import GpuProfile
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
-from autopar.cost_models import fsdp, overlap
+from autopar.cost_models import fp8_cost, fsdp, overlap
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer
 from autopar.cost_models.estimate_types import Estimate, RankMemory, RankReport  # noqa: F401
@@ -423,7 +423,7 @@ class CostModel:
         return self.timer.contention > 1
 
     def optimizer_time(self, s: Strategy, r: RankReport, costs) -> float:
-        """Optimizer step of one rank's local parameters (on the GPU, or ZeRO-Offload's host step)."""
+        """Optimizer step of one rank's local parameters (GPU or ZeRO-Offload's host step) + fp8 weight casts."""
         dense = sum(costs[i].params_dense for i in r.layers)
         expert = sum(costs[i].params_expert for i in r.layers)
         edp = expert_shard_group(s, self.ctx.runtime)  # the group the memory prices the expert shards over
@@ -431,7 +431,7 @@ class CostModel:
         if s.offload_optimizer:  # CPUOffloadPolicy shards at any zero stage; ZeRO-3 gathers twice per micro-batch
             return offload_step_time(dense / (s.dp * s.cp) + expert / edp, self.dtype, self.gpu,
                                      *offload_copies(s.zero_stage, s.num_micro_batches))
-        return self.timer.membound(local * OPTIMIZER_BYTES_PER_PARAM)
+        return self.timer.membound(local * OPTIMIZER_BYTES_PER_PARAM + fp8_cost.step_cast_bytes(self, r.layers, costs))
 
     def _report(self, s: Strategy, total: float, time: dict, ranks: list[RankReport], recompute) -> Estimate:
         fwd = sum(f for t in self.templates for f in [sum(o.fwd_flops for o in t.ops) * len(t.indices or [0])])

@@ -29,6 +29,7 @@ from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_contention, layer_dtype
 from autopar.cost_models.cp_cost import cp_exposed, cp_gather
+from autopar.cost_models.fp8_cost import Fp8Cast, fp8_casts
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
 from autopar.cost_models.megatron_ops import expert_passes_s, megatron_linears, megatron_loss, megatron_tp_reductions
 from autopar.cost_models.memory import busiest_rank_expert_excess, cp_gathered_kv_bytes
@@ -168,8 +169,9 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     flops = 0.0
     performed = _attention_performed(layer, s, ctx)
     ops = runtime_ops(layer, ctx.runtime, ctx.dtype_bytes, ctx.cross_entropy)
+    casts = fp8_casts(ops, ctx.runtime) if ctx.timer.dtype == "fp8" else {}  # how each linear is quantized
     for op in ops:
-        f, b = _op_time(op, s, sh, ctx, performed)
+        f, b = _op_time(op, s, sh, ctx, performed, casts.get(op.name))
         load = expert_load(ctx) if op.shard == "expert" else 1.0
         fwd, bwd = fwd + f * load, bwd + b * load
         flops += op.fwd_flops * sh.tokens / sh.of(op.shard)
@@ -253,7 +255,8 @@ def _attention_performed(layer: LayerTemplate, s: Strategy, ctx: PricingContext)
     return causal_block_fraction(ctx.seq_len, s.cp, window, kernel_skips_window=ctx.runtime != "torch")
 
 
-def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext, performed: float = 1.0) -> tuple[float, float]:
+def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext, performed: float = 1.0,
+             cast: Fp8Cast | None = None) -> tuple[float, float]:
     """Forward and backward time of one op on one rank: the measured op when the strategy
     leaves its captured shape unchanged, else the curves."""
     t = ctx.timer
@@ -265,8 +268,8 @@ def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext, performed
         hit = t.exact(op.sig) if (m, n, k) == op.gemm and calls == op.calls else None
         ratio = op.bwd_flops / op.fwd_flops if op.fwd_flops else 2.0
         if hit is None and op.shard == "expert" and t.stack.expert_grouped_gemm and calls > 1:
-            return _grouped_experts(t, m, n, k, calls, ratio)
-        return hit or t.gemm_fb(m, n, k, calls, ratio)
+            return _grouped_experts(t, m, n, k, calls, ratio, cast)
+        return hit or t.gemm_fb(m, n, k, calls, ratio, cast)
     scale = sh.tokens / sh.of(op.shard)
     hit = t.exact(op.sig) if scale == 1 else None
     if hit is not None:
@@ -278,11 +281,12 @@ def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext, performed
     return f, 2.0 * f  # backward of an elementwise op reads the output grad and the saved input
 
 
-def _grouped_experts(t: OpTimer, m: float, n: float, k: float, calls: float, ratio: float) -> tuple[float, float]:
+def _grouped_experts(t: OpTimer, m: float, n: float, k: float, calls: float, ratio: float,
+                     cast: Fp8Cast | None = None) -> tuple[float, float]:
     """(forward, backward) of one layer's local expert GEMMs as one grouped GEMM
     (``moe_cost.grouped_expert_time``; the stack runs ``--moe-grouped-gemm``)."""
-    one_f, one_b = t.gemm_fb(m, n, k, 1.0, ratio)
-    all_f, all_b = t.grouped_gemm_fb(m, n, k, calls, ratio)
+    one_f, one_b = t.gemm_fb(m, n, k, 1.0, ratio, cast)
+    all_f, all_b = t.grouped_gemm_fb(m, n, k, calls, ratio, cast)
     return grouped_expert_time(one_f, calls, all_f, m), grouped_expert_time(one_b, calls, all_b, m)
 
 
