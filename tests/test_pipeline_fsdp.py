@@ -143,3 +143,22 @@ def test_torchtitan_reduce_scatters_in_fp32():
     layer = {rt: _cm(rt)._zero3_layer(s, _cm(rt).layer_costs(s)[0], 2) for rt in ("torch", "torchtitan")}
     assert layer["torchtitan"][0] == pytest.approx(layer["torch"][0])   # the bf16 all-gather is the same
     assert layer["torchtitan"][2] > layer["torch"][2]                    # twice the reduce-scatter bytes
+
+
+def test_planner_prices_the_same_count():
+    """The search's rank pricer (``planner.partition.RankPricer``) and ``CostModel`` agree on a pipelined
+    torchtitan stage's FSDP seconds, and differ from the per-micro-batch price."""
+    from types import SimpleNamespace
+
+    from autopar.planner.partition import RankPricer
+
+    cm = _cm("torchtitan")
+    s = Strategy.parse(PIPELINED).resolve(8)
+    pricer = RankPricer(cm, s)
+    half = cm.num_layers // 2
+    for r, (o, c) in enumerate(((0, half), (half, cm.num_layers - half))):
+        layers = pricer.layers(o, c)
+        expected = cm.dp_time(s, SimpleNamespace(layers=layers), cm.layer_costs(s), s.num_micro_batches)
+        assert pricer.evaluate(r, o, c).D == pytest.approx(expected)
+        assert expected < cm.zero3_edge_time(s, cm.layer_costs(s)[layers[0]], cm.layer_costs(s)[layers[-1]]) + \
+            sum(cm.zero3_layer_exposed(s, cm.layer_costs(s)[i]) for i in layers) * s.num_micro_batches
