@@ -287,16 +287,31 @@ def _schedule_bounds(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b:
     scale = sh.mbs / b
     total = pr.total_no_cp * scale + cp
     ks = sp.knobs(knobs)
-    best = Knobs(ks.zero, ks.offload, "1f1b", 1)
-    extra = sp.floor(sh).recompute_time(sp.cm, sh, best, 1.0, sp.usable, pr.rc, sp.warm(sh, ks), scale)
     p2p, block = sp.p2p(sh), pr.min_block_no_cp * scale
     opt = _row_optimizer(sp, sh, ks, pr)
-    # the zero-bubble share (as _expand_row's) where ``pr`` prices this micro-batch itself; 0 otherwise
-    fbw = pr.fbw if b == sh.mbs else None
-    # zero and offload add nothing here: one Knobs per schedule, each term a bound of its schedule's configurations
-    return {(k.schedule, k.vpp): pipeline_bound(sp, sh, k, total + extra, p2p, held_layers(sp, sh, k) * block,
-                                                bubble_share(k.schedule, *fbw) if fbw else 0.0) + opt
-            for k in ks.schedules}
+    # the zero-bubble share and the slowest rank's floor (as _expand_row's) where ``pr`` prices this
+    # micro-batch itself; 0 and the fastest blocks otherwise
+    own = b == sh.mbs
+    out = {}
+    for k in ks.schedules:   # zero and offload add nothing here: each term a bound of its schedule's configurations
+        extra = _schedule_recompute(sp, sh, ks, k, pr, scale)
+        peak = peak_floor(sp, sh, k, pr) if own else held_layers(sp, sh, k) * block
+        term = pipeline_bound(sp, sh, k, total + extra, p2p, peak, bubble_share(k.schedule, *pr.fbw) if own else 0.0)
+        out[k.schedule, k.vpp] = (term + opt) * (1 - 1e-12)   # rounding: never above _expand_row's group bounds
+    return out
+
+
+def _schedule_recompute(sp: Space, sh: Sharding, ks, k: Knobs, pr: Priced, scale: float) -> float:
+    """``Floor.recompute_time`` of a row's schedule under every one of its configurations' own: the
+    fewest micro-batches in flight the schedule holds, the least states of the row's (ZeRO, offload)
+    pairs (``_schedule_bounds``: the highest ZeRO stage, offload if offered), every recompute mode (a
+    configuration allowed fewer only needs more) and its gradients freed where the schedule frees them;
+    recompute time grows with each of these."""
+    m = sp.gb // (sh.dp * sh.mbs)
+    in_flight = min_in_flight(sh.pp, m, k.schedule, k.vpp)
+    best = Knobs(ks.zero, ks.offload, k.schedule, k.vpp)
+    return sp.floor(sh).recompute_time(sp.cm, sh, best, in_flight, sp.usable, pr.rc,
+                                       grads_freed(sp, sh, k.schedule, k.vpp), scale)
 
 
 def _queue_groups(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:

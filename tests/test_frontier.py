@@ -36,6 +36,27 @@ def test_incremental_equals_enumerated(seed):
         assert _fresh(n, acts, dts) == fr.enumerated(n, acts, dts), (n, acts, dts)
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_grown_levels_equal_every_split(seed, monkeypatch):
+    # frontier() takes every split of the classes up to fr.DIRECT of them, else grows S(n): both paths
+    # give the enumerated frontier (at these sizes the default takes the first; here the second)
+    monkeypatch.setattr(fr, "DIRECT", 0)
+    for n, acts, dts in _cases(seed + 10, 40):
+        assert _fresh(n, acts, dts) == fr.enumerated(n, acts, dts), (n, acts, dts)
+
+
+def test_both_paths_at_80_layers():
+    # three classes at 80 layers (3,321 splits: taken whole); the same levels grown one by one
+    acts, dts = (1427144704.0, 1427144704.0, 839909376.0, 83886080.0), (0.0, 0.0, 0.04630859294634476,
+                                                                         0.09307864491193396)
+    levels = fr._Levels(acts, dts)
+    whole = [levels.frontier(n).as_list() for n in (80, 41)]
+    grown = fr._Levels(acts, dts)
+    for _ in range(80):   # frontier(n) then reads the grown levels
+        grown.levels.append(grown._grow(grown.levels[-1]))
+    assert whole == [grown.frontier(n).as_list() for n in (80, 41)]
+
+
 def test_every_level_of_one_build_equals_enumerated():
     acts, dts = (1427144704.0, 1427144704.0, 839909376.0, 83886080.0), (0.0, 0.0, 0.04630859294634476,
                                                                          0.09307864491193396)
