@@ -1,5 +1,7 @@
 """Which data-parallel programs gather parameters unit by unit inside every micro-batch (FSDP), as
-opposed to synchronising whole gradients once per step (DDP, ZeRO-1/2 optimizers)."""
+opposed to synchronising whole gradients once per step (DDP, ZeRO-1/2 optimizers); how often a
+unit's traffic runs per step (once per micro-batch, or once per step in a stage of torch's
+pipelining: ``syncs_once_per_step``); and in which dtype it reduces (``reduce_bytes``)."""
 
 from __future__ import annotations
 
