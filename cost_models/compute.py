@@ -185,8 +185,8 @@ class OpTimer:
         eff = 1/(1/e_max + P*t0/x) with P the 16-bit peak (``self.peak``): its knee is a latency t0 in
         seconds (launch, tile waves), which does not shrink because an fp8 tensor core is faster. At
         the fp8 peak P8 the same t0 is reached at P8/P times the FLOPs, so an fp8 GEMM reads the curve
-        at flops * P/P8 (the identity for every other dtype)."""
-        return flops * self.peak / self.gemm_peak
+        at flops * P/P8 (every other dtype: the flops as they are, bit for bit)."""
+        return flops if self.gemm_peak == self.peak else flops * self.peak / self.gemm_peak
 
     def _dsize(self) -> int:
         return 4 if self.dtype == "fp32" else 2
