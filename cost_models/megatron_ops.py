@@ -9,6 +9,10 @@ as one fused kernel (``--bias-swiglu-fusion``, on by default: ``bias_swiglu_impl
 (``SelfAttention.get_query_key_value_tensors``) and ``mlp.py`` (``MLP.forward``). One GEMM instead of
 two or three reads the shared input once (under fp8: one cast of it, ``compute.fp8_cast_bytes``) and
 runs as one larger kernel; the fused activation reads gate and up and writes their product once.
+
+Beside the blocks: the loss as the fused cross-entropy kernel the run names (``megatron_loss``,
+``--cross-entropy``), and on an expert-parallel rank the memory passes Megatron-Core runs around the
+expert GEMMs (``expert_passes_s``: the expert-major re-sort, the experts' output biases).
 """
 
 from __future__ import annotations
