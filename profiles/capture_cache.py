@@ -41,7 +41,8 @@ T = TypeVar("T")
 CAPTURE_SOURCES = ("profiles/graph.py", "profiles/graph_ops.py", "profiles/layer_stats.py", "profiles/models/*.py",
                    "profiles/depth.py", "profiles/dynamo_shim.py",
                    "profiles/hf_*", "cost_models/templates.py", "cost_models/template_cache.py",
-                   "cost_models/layer_model.py", "cost_models/compute.py", "core/op_signature.py")
+                   "cost_models/layer_model.py", "cost_models/compute.py", "cost_models/fp8_cost.py",
+                   "core/op_signature.py")
 _ROOT = Path(__file__).resolve().parents[1]
 _enabled = True
 

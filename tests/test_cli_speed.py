@@ -53,3 +53,28 @@ def test_each_command_is_found_without_importing_the_others():
     for name in ("plan", "estimate", "memory", "emit", "inspect", "profile", "validate", "experts"):
         assert name in mods, name
     assert mods["memory"] == mods["estimate"] == "autopar.cli.estimate_cmd"
+
+
+@pytest.mark.parametrize("args,code", [(["plan", "no-such-model", "--json"], 2), (["--help"], 0)])
+def test_the_process_entry_flushes_its_output_and_keeps_the_exit_code(args, code):
+    """``python -m autopar`` leaves through ``os._exit`` (no interpreter teardown): what it printed
+    must still reach the pipe, and the exit code must be the command's."""
+    proc = subprocess.run([sys.executable, "-m", "autopar", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code
+    if code:
+        assert json.loads(proc.stdout)["exit_code"] == code
+        assert proc.stderr.startswith("error: model:") and proc.stderr.count("\n") == 1
+    else:
+        assert proc.stdout.startswith("Usage:") and "plan" in proc.stdout
+
+
+def test_the_process_entry_raises_the_gc_threshold_only_for_itself():
+    """Tests and scripts call ``main(argv)``: they keep their interpreter and its GC settings."""
+    import gc
+
+    from autopar.cli.main import main
+
+    before = gc.get_threshold()
+    with pytest.raises(SystemExit):
+        main(["plan", "no-such-model"])
+    assert gc.get_threshold() == before
