@@ -375,6 +375,13 @@ def peak_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
     ``n`` layers, ``v | n``; it is at least ``edge + n * fastest block`` and the other ranks'
     mean is at least ``(total - edge - n * slowest block) / (pp - 1)``; the minimum over ``n``
     of the larger of the two bounds ``max P``."""
+    key = ("peak", id(pr), sh.pp, k.schedule, k.vpp)   # all it reads (``pr`` lives in ``sp.prices``)
+    if key not in sp.memo:
+        sp.memo[key] = _peak_floor(sp, sh, k, pr)
+    return sp.memo[key]
+
+
+def _peak_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
     p, v = sh.pp, k.vpp
     held = held_layers(sp, sh, k) * pr.min_block
     if p == 1:
@@ -444,6 +451,13 @@ def zero3_floor(sp: Space, sh: Sharding, zero: int = 3) -> float:
     """ZeRO-3 (and FSDP ZeRO-2, ``zero`` 2: ``fsdp.gathers_per_unit``) exposed time is a sum over layers
     (``CostModel.zero3_layer_exposed`` per micro-batch) plus the step's edges once per rank; the
     slowest rank carries at least the mean of the sum."""
+    key = ("zero3", sh, zero)   # all it reads: the sharding's pricing and the probe of this sharding and stage
+    if key not in sp.memo:
+        sp.memo[key] = _zero3_floor(sp, sh, zero)
+    return sp.memo[key]
+
+
+def _zero3_floor(sp: Space, sh: Sharding, zero: int) -> float:
     costs = sp.priced(sh).costs
     s = probe(sh, sp.gb, zero_stage=zero)
     if s.dp * s.cp <= 1:

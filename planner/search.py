@@ -114,8 +114,7 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
         if kind == "coarse row":   # the row's bound of every schedule, worked out only for rows that get here
             sp.push(_row_bound(sp, *payload, *sp.memo["probe", payload[0]]), "row", *payload)
         elif kind == "row":   # its micro-batch priced: the same bound, now exact in the layers' times
-            pr = sp.priced(payload[0])
-            sp.push(_row_bound(sp, *payload, pr, payload[0].mbs, pr.total - pr.total_no_cp), "priced row", *payload)
+            sp.push(min(_own_bounds(sp, *payload).values()), "priced row", *payload)
         elif kind == "priced row":
             _queue_groups(sp, *payload)
         elif kind == "coarse group":   # its ZeRO, offload, memory and bubble terms, worked out when it gets here
@@ -278,6 +277,16 @@ def _row_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: int, 
     return min(_schedule_bounds(sp, sh, knobs, pr, b, cp).values())
 
 
+def _own_bounds(sp: Space, sh: Sharding, knobs: list[Knobs]) -> dict:
+    """``_schedule_bounds`` at the row's own micro-batch, worked out once (its ``row`` entry and its
+    ``_queue_groups`` read the same)."""
+    key = ("own", sh, id(knobs))   # knobs: a list ``sp.knob_cache`` keeps alive
+    if key not in sp.memo:
+        pr = sp.priced(sh)
+        sp.memo[key] = _schedule_bounds(sp, sh, knobs, pr, sh.mbs, pr.total - pr.total_no_cp)
+    return sp.memo[key]
+
+
 def _schedule_bounds(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: int, cp: float) -> dict:
     """A bound of every configuration of the row without pricing its micro-batch: the pricing at
     micro-batch ``b >= sh.mbs`` scaled by ``sh.mbs / b`` (context-parallel exposure left out, ``cp``
@@ -318,8 +327,7 @@ def _queue_groups(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
     """A priced row's turn: one *coarse group* per (schedule, vpp) under its schedule's term of the
     row bound (``_schedule_bounds``); ``_expand_row`` bounds a group's configurations only when it comes
     out, and most never do."""
-    pr = sp.priced(sh)
-    terms = _schedule_bounds(sp, sh, knobs, pr, sh.mbs, pr.total - pr.total_no_cp)
+    terms = _own_bounds(sp, sh, knobs)
     for group in sp.knobs(knobs).groups:
         sp.push(terms[group[0].schedule, group[0].vpp], "coarse group", sh, group)
 
