@@ -7,7 +7,7 @@ group; ``linear_fc1``: [gate; up], 2 x ffn wide, for a gated linear unit) and ru
 as one fused kernel (``--bias-swiglu-fusion``, on by default: ``bias_swiglu_impl``; its MoE experts'
 ``TEGroupedMLP`` the same on the grouped ``fc1``). Megatron-LM ``megatron/core/transformer/attention.py``
 (``SelfAttention.get_query_key_value_tensors``) and ``mlp.py`` (``MLP.forward``). One GEMM instead of
-two or three reads the shared input once (under fp8: one cast of it, ``compute.fp8_cast_bytes``) and
+two or three reads the shared input once (under fp8: one cast of it, ``fp8_cost.Fp8Cast``) and
 runs as one larger kernel; the fused activation reads gate and up and writes their product once.
 
 Beside the blocks: the loss as the fused cross-entropy kernel the run names (``megatron_loss``,
