@@ -317,10 +317,14 @@ def _schedule_recompute(sp: Space, sh: Sharding, ks, k: Knobs, pr: Priced, scale
     configuration allowed fewer only needs more) and its gradients freed where the schedule frees them;
     recompute time grows with each of these."""
     m = sp.gb // (sh.dp * sh.mbs)
-    in_flight = min_in_flight(sh.pp, m, k.schedule, k.vpp)
-    best = Knobs(ks.zero, ks.offload, k.schedule, k.vpp)
-    return sp.floor(sh).recompute_time(sp.cm, sh, best, in_flight, sp.usable, pr.rc,
-                                       grads_freed(sp, sh, k.schedule, k.vpp), scale)
+    in_flight, warm = min_in_flight(sh.pp, m, k.schedule, k.vpp), grads_freed(sp, sh, k.schedule, k.vpp)
+    # what it reads: the floor's sharding, the states' groups, the pair, in flight, rc's pricing, the scale
+    key = ("sched_rc", sh.tp, sh.cp, sh.ep, sh.etp, sh.sp, sh.mbs, sh.pp, sh.dp * sh.cp, sh.edp, ks.zero, ks.offload,
+           in_flight, warm, id(pr), scale)
+    if key not in sp.memo:
+        best = Knobs(ks.zero, ks.offload, k.schedule, k.vpp)
+        sp.memo[key] = sp.floor(sh).recompute_time(sp.cm, sh, best, in_flight, sp.usable, pr.rc, warm, scale)
+    return sp.memo[key]
 
 
 def _queue_groups(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:

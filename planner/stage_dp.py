@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 # ``pr`` below is a ``planner.partition.RankPricer`` (not imported: partition imports this module,
 # and the layering test forbids import cycles, type-only ones included)
 RankPricer = "planner.partition.RankPricer"
@@ -96,35 +94,36 @@ def _counts_to_try(pr: RankPricer, r: int, o: int, lo: int, hi: int, low: _Label
                    out_time: float, p_cap: float, hcap: float):
     """The counts ``c`` in ``[lo, hi]`` the loop tries, in order: with one kind of layer (a rank's
     base time and ``fixed_D`` then depend on its count only, ``_by_count``), those that ``_hopeless``
-    with ``low`` alone (a floor of every label) does not rule out, worked out for every count at once,
+    with ``low`` alone (a floor of every label) does not rule out,
     and none from the first whose base time passes ``p_cap`` (the loop stops there)."""
     if len(pr.groups) != 1:
         return range(lo, hi + 1)
     A, B, K = pr.coefficients()
-    base_c, fixed_c, rest_o = _by_count(pr, rest)
-    c = np.arange(lo, hi + 1)
-    base = base_c[c]
-    over = np.flatnonzero(base > p_cap)
-    if len(over):
-        c, base = c[:over[0]], base[:over[0]]
-    left = pr.p - r - 1
-    rest_t = rest_o[o + c] + (out_time if left else 0.0)
-    spread = rest_t / left if left else 0.0
-    P = base + pr.edge_time(r)
-    D = fixed_c[c] if r != pr.p - 2 else np.maximum(fixed_c[c], fixed_c[pr.C - o - c])
-    bound = (A * np.maximum(np.maximum(low.maxP, P), spread) + B * (low.sumP + P + rest_t) + K
-             + np.maximum(low.maxD, D) + low.maxO)
-    return c[~(bound > hcap)].tolist()
+    base_c, fixed_c = _by_count(pr)
+    left, edge, last = pr.p - r - 1, pr.edge_time(r), r == pr.p - 2
+    tail = out_time if left else 0.0
+    out = []
+    for c in range(lo, hi + 1):   # plain floats: a loop of a few dozen counts, no array set-up
+        base = base_c[c]
+        if base > p_cap:
+            break
+        rest_t = rest[o + c] + tail
+        spread = rest_t / left if left else 0.0
+        P = base + edge
+        D = max(fixed_c[c], fixed_c[pr.C - o - c]) if last else fixed_c[c]
+        if not A * max(low.maxP, P, spread) + B * (low.sumP + P + rest_t) + K + max(low.maxD, D) + low.maxO > hcap:
+            out.append(c)
+    return out
 
 
-def _by_count(pr: RankPricer, rest: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _by_count(pr: RankPricer) -> tuple[list[float], list[float]]:
     """One kind of layer: ``base_time`` and ``fixed_D`` of a rank holding ``c`` positions (any offset),
-    by ``c``, and ``rest`` as an array; the values of the scalar calls themselves."""
+    by ``c``; the values of the scalar calls themselves."""
     hit = pr.dp_memo.get("by_count")
     if hit is None:
-        base = np.array([pr.base_time(0, c) for c in range(pr.C + 1)])
-        fixed = np.array([0.0] + [pr.fixed_D(0, c) for c in range(1, pr.C + 1)])
-        hit = pr.dp_memo["by_count"] = (base, fixed, np.array(rest))
+        base = [pr.base_time(0, c) for c in range(pr.C + 1)]
+        fixed = [0.0] + [pr.fixed_D(0, c) for c in range(1, pr.C + 1)]
+        hit = pr.dp_memo["by_count"] = (base, fixed)
     return hit
 
 
