@@ -71,8 +71,9 @@ def _exit(code: int | str | None) -> None:
     """Exit without tearing the interpreter down: after a ``plan`` the teardown (freeing every
     module and the search's objects one by one) took 0.15-0.25 s, a fifth of what a warm plan
     spends outside its search (docs/benchmarks.md). The ``atexit`` functions (temporary
-    folders, torch's) still run and the output is flushed; with a thread still running, the
-    normal exit waits for it."""
+    folders, torch's) still run and the output is flushed; with a non-daemon thread still running,
+    the normal exit waits for it (daemon threads, such as the tqdm monitor that a capture's imports
+    start, a normal exit does not wait for either)."""
     import atexit
     import os
     import threading
@@ -81,7 +82,7 @@ def _exit(code: int | str | None) -> None:
         if code is not None:
             print(code, file=sys.stderr)
         code = 0 if code is None else 1
-    if threading.active_count() > 1:
+    if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
