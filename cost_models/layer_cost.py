@@ -32,7 +32,7 @@ from autopar.cost_models.cp_cost import cp_exposed, cp_gather
 from autopar.cost_models.fp8_cost import Fp8Cast, fp8_casts
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
 from autopar.cost_models.megatron_ops import expert_passes_s, megatron_linears, megatron_loss, megatron_tp_reductions
-from autopar.cost_models.memory import busiest_rank_expert_excess, cp_gathered_kv_bytes
+from autopar.cost_models.memory import busiest_rank_expert_excess, cp_kept_kv_bytes
 from autopar.cost_models.moe_cost import (
     capped_load,
     ep_exposed,
@@ -187,20 +187,21 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     host = _dtensor_overhead(layer, s, ctx) + len(ops) * ctx.timer.gpu.op_overhead_s * ctx.timer.contention
     fwd, bwd = fwd + host / 3, bwd + 2 * host / 3  # backward dispatches about twice the forward's ops
     rerun = sum(not o.op_kept for o in ops) / max(len(ops), 1)
-    cp_kv = _cp_kv_bytes(layer, s, ctx)
+    cp_kv, cp_rerun = _cp_kv_bytes(layer, s, ctx), _cp_rerun(layer, s, ctx)
     return LayerCost(
         fwd_s=fwd, bwd_s=bwd,
         recompute_s={"none": 0.0, "selective": attn_fwd, "op": op_rerun + rerun * host / 3, "full": fwd},
         comm_s=comm,
-        recompute_comm_s=comm.get("tp", 0.0) / 2 + comm.get("ep", 0.0) / 2 + _cp_rerun(layer, s, ctx),
+        recompute_comm_s=comm.get("tp", 0.0) / 2 + comm.get("ep", 0.0) / 2 + cp_rerun,
         # op keeps reduce-scatter outputs (sequence parallel: the all-gathers, a quarter of the tp
-        # time, are re-run); plain tp all-reduces and ep all-to-alls are re-run as under full
-        recompute_comm_op_s=comm.get("tp", 0.0) / (4 if s.sequence_parallel else 2) + comm.get("ep", 0.0) / 2,
+        # time, are re-run); plain tp all-reduces, ep all-to-alls and the cp K/V gather are re-run as under full
+        recompute_comm_op_s=comm.get("tp", 0.0) / (4 if s.sequence_parallel else 2) + comm.get("ep", 0.0) / 2
+        + cp_rerun,
         act_bytes={m: saved_bytes(layer, sh, m, ctx.compile != "none") + _gathered_loss_bytes(layer, s, sh, ctx)
-                   + _expert_load_excess(layer, s, sh, ctx, m) + (0.0 if m == "full" else cp_kv)
+                   + _expert_load_excess(layer, s, sh, ctx, m) + _cp_kv_bytes(layer, s, ctx, m)
                    for m in RECOMPUTE_MODES},
         work_bytes={m: working_bytes(layer, sh, m) + _expert_grad_transient(layer, s, ctx)
-                    + (cp_kv if m == "full" else 0.0) for m in RECOMPUTE_MODES},
+                    + (cp_kv if m in ("op", "full") else 0.0) for m in RECOMPUTE_MODES},
         params_dense=(layer.params_tp + layer.params_vocab) / s.tp + layer.params_rep,
         params_expert=layer.params_expert / (s.ep * s.etp),
         temp_bytes=_logits_bytes(layer, s, sh, ctx),
@@ -393,7 +394,8 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
 
 
 def _cp_rerun(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:
-    """The forward K/V gather a full recompute repeats (autopar's gathered cp only)."""
+    """The forward K/V gather full and per-op recompute repeat in backward (autopar's gathered cp only;
+    selective's policy saves the all-gather's output: tests/test_cp_recompute.py counts them)."""
     if layer.kind != "block" or s.cp <= 1 or ctx.runtime != "torch":
         return 0.0
     return cp_gather(s.micro_batch, s.cp, s.tp, ctx)[0] + shared_core_sync(ctx)
@@ -422,13 +424,15 @@ def _vocab_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float
     return _tp_collective(act, s, ctx)
 
 
-def _cp_kv_bytes(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:
-    """The gathered K/V a block keeps under autopar's context parallelism (``memory.cp_gathered_kv_bytes``;
-    kept by every mode but full recompute, which rebuilds them in its backward workspace). Other
+def _cp_kv_bytes(layer: LayerTemplate, s: Strategy, ctx: PricingContext, recompute: str = "none") -> float:
+    """The gathered K/V a block keeps under autopar's context parallelism with ``recompute``
+    (``memory.cp_kept_kv_bytes``: SDPA's repeated K/V without recompute, the all-gather's output under
+    selective, none under op and full, which re-gather them into their backward workspace). Other
     runtimes' ring attention exchanges K/V chunks without keeping the whole sequence (not priced here)."""
     if layer.kind != "block" or ctx.runtime != "torch":
         return 0.0
-    return cp_gathered_kv_bytes(s.micro_batch, ctx.seq_len, s.cp, s.tp, ctx.sdpa_kv_bytes_per_token)
+    return cp_kept_kv_bytes(recompute, s.micro_batch, ctx.seq_len, s.cp, s.tp, ctx.kv_bytes_per_token,
+                            ctx.sdpa_kv_bytes_per_token)
 
 
 def _expert_grad_transient(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:

@@ -307,6 +307,22 @@ def cp_gathered_kv_bytes(mbs: float, seq_len: int, cp: int, tp: int, kv_bytes_pe
     return (cp - 1) * mbs * seq_len / cp * kv_bytes_per_token / tp
 
 
+def cp_kept_kv_bytes(recompute: str, mbs: float, seq_len: int, cp: int, tp: int, kv_bytes: float,
+                     sdpa_kv_bytes: float) -> float:
+    """Extra bytes one block keeps for backward under the emitted context parallelism, per recompute mode
+    (``codegen.runtime_ac``): ``none``, SDPA's gathered K/V (``cp_gathered_kv_bytes``, at the repeated
+    ``sdpa_kv_bytes`` per token); ``selective``, the all-gather's own output (its policy saves
+    collectives; SDPA and the GQA repeat are recomputed): the whole sequence's K/V at ``kv_bytes`` per
+    token; ``op`` and ``full``, none (the all-gather is recomputed in backward; the per-op policy does not
+    save it). Measured with saved-tensor hooks plus the checkpoint policy's cache (tests/test_cp_recompute.py,
+    llama-tiny / moe-tiny at cp 2 and 4 against cp 1 over the same local tokens)."""
+    if cp <= 1 or recompute in ("op", "full"):
+        return 0.0
+    if recompute == "selective":
+        return mbs * seq_len * kv_bytes / tp
+    return cp_gathered_kv_bytes(mbs, seq_len, cp, tp, sdpa_kv_bytes)
+
+
 def cp_mask_bytes(seq_len: int, cp: int, dtype_bytes: int, chunks: int = 1) -> float:
     """The additive position mask ``[s/cp, s]`` in the activation dtype that the emitted cp attention
     builds once per model chunk and every block's SDPA shares (and keeps for backward) for the
