@@ -322,16 +322,17 @@ def priced_terms(cm: CostModel, costs: dict, modes: tuple[str, ...], wfrac: list
                   fbw, min(dense), max(times), edges, times, min(map(sub, times, cps)), tuple(Counter(fwds).items()))
 
 
-def cp_exposure_floor(sp: Space, sh: Sharding, lo: Priced, b_lo: int) -> float:
+def cp_exposure_floor(sp: Space, sh: Sharding, lo: Priced | None, b_lo: int) -> float:
     """Context-parallel ring exposure of every block per micro-batch at ``sh.mbs >= b_lo``, without
     pricing that micro-batch: each ring step moves ``mbs * s / cp`` tokens' K and V
     (``layer_cost._layer_comm``) and hides behind at most the block's whole forward, which per
     sequence takes no longer than at ``b_lo`` (non-decreasing efficiency curves); the exposure
-    (``moe_cost.ring_exposed``) only falls as that window grows."""
+    (``moe_cost.ring_exposed``) only falls as that window grows. ``lo`` is not read (None) under
+    ``--runtime torch``: its gathered K/V have no window."""
     if sh.cp <= 1:
         return 0.0
     if sp.cm.ctx.runtime == "torch":   # autopar's gathered K/V: blocking, no window (cost_models.cp_cost)
-        key = ("cp-gather", sh.mbs, sh.cp, sh.tp, sum(n for _, n in lo.fwds))
+        key = ("cp-gather", sh.mbs, sh.cp, sh.tp, sp.cm.num_layers)   # every block gathers
         if key not in sp.memo:
             sp.memo[key] = key[-1] * gathered_exposed(sh.mbs, sh.cp, sh.tp, sp.cm.ctx, shared_core_sync(sp.cm.ctx))
         return sp.memo[key]

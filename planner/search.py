@@ -253,7 +253,8 @@ def _fill(sp: Space) -> None:
         if sh.cp > 1 and (key not in smallest or sh.mbs < smallest[key].mbs):
             smallest[key] = sh
     probes = {key: (sp.priced(sh), sh.mbs) for key, sh in biggest.items()}
-    lows = {key: (sp.priced(sh), sh.mbs) for key, sh in smallest.items()}
+    ring = sp.cm.ctx.runtime != "torch"   # --runtime torch gathers K/V: its floor reads no forward window
+    lows = {key: (sp.priced(sh) if ring else None, sh.mbs) for key, sh in smallest.items()}
     for sh, knobs in rows:
         key = (sh.tp, sh.cp, sh.ep, sh.etp, sh.sp)
         cp = cp_exposure_floor(sp, sh, *lows[key]) if key in lows else 0.0
