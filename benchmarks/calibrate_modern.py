@@ -12,8 +12,9 @@ fitted jointly on all its rows, whatever the stack; the stack level (one GPU typ
 torch, torchtitan, megatron, deepspeed) on that stack's rows. A stack overrides a hardware-level
 constant only where its own rows' objective improves by ``OVERRIDE_GAIN``; a stack with fewer than
 ``MIN_STACK_ROWS`` rows keeps neutral stack choices. Global constants, never one per row. The
-objective is the rows' mean |error| plus a fifth of the largest |error| (the acceptance bounds
-both). ``--write`` stores the result in the ``gpu_constants:`` and ``stacks:`` sections of each
+objective is the rows' mean |error| plus their mean excess over 15% (``OBJECTIVE``; the acceptance
+bounds both); the kernel scales stay inside physical ``BOUNDS`` (``--no-bounds``: without).
+``--write`` stores the result in the ``gpu_constants:`` and ``stacks:`` sections of each
 profile YAML, naming this command as the source.
 """
 
