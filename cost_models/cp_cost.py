@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from autopar.cost_models.comm import collective_time
+from autopar.cost_models.memory import cp_kept_kv_bytes
 from autopar.cost_models.moe_cost import ring_exposed
 
 
@@ -38,3 +39,22 @@ def cp_gather(mbs: int, cp: int, tp: int, ctx) -> tuple[float, float]:
     ag = collective_time("all_gather", full, cp, tp, ctx.cluster, fits=ctx.fits).time_s
     rs = collective_time("reduce_scatter", full, cp, tp, ctx.cluster, fits=ctx.fits).time_s
     return ag, rs
+
+
+def cp_rerun_s(layer, s, ctx, sync_s: float) -> float:
+    """The forward K/V gather full and per-op recompute repeat in backward (autopar's gathered cp only;
+    selective's policy saves the all-gather's output: tests/test_cp_recompute.py counts them)."""
+    if layer.kind != "block" or s.cp <= 1 or ctx.runtime != "torch":
+        return 0.0
+    return cp_gather(s.micro_batch, s.cp, s.tp, ctx)[0] + sync_s
+
+
+def cp_kept_bytes(layer, s, ctx, recompute: str = "none") -> float:
+    """The gathered K/V a block keeps under autopar's context parallelism with ``recompute``
+    (``memory.cp_kept_kv_bytes``: SDPA's repeated K/V without recompute, the all-gather's output under
+    selective, none under op and full, which re-gather them into their backward workspace). Other
+    runtimes' ring attention exchanges K/V chunks without keeping the whole sequence (not priced here)."""
+    if layer.kind != "block" or ctx.runtime != "torch":
+        return 0.0
+    return cp_kept_kv_bytes(recompute, s.micro_batch, ctx.seq_len, s.cp, s.tp, ctx.kv_bytes_per_token,
+                            ctx.sdpa_kv_bytes_per_token)

@@ -28,17 +28,18 @@ from autopar.core.cluster import ClusterSpec
 from autopar.core.strategy import Strategy
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_contention, layer_dtype
-from autopar.cost_models.cp_cost import cp_exposed, cp_gather
+from autopar.cost_models.cp_cost import cp_exposed, cp_kept_bytes, cp_rerun_s
 from autopar.cost_models.fp8_cost import Fp8Cast, fp8_casts
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
 from autopar.cost_models.megatron_ops import expert_passes_s, megatron_linears, megatron_loss, megatron_tp_reductions
-from autopar.cost_models.memory import busiest_rank_expert_excess, cp_kept_kv_bytes
+from autopar.cost_models.memory import busiest_rank_expert_excess
 from autopar.cost_models.moe_cost import (
     capped_load,
     ep_exposed,
     etp_gathered_bytes,
     grouped_expert_time,
 )
+from autopar.cost_models.recompute_cost import early_stop_tail, recompute_times, tp_rerun
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
 
@@ -165,8 +166,8 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         ctx.timer = ctx.timer.in_dtype(layer_dtype(layer.kind, ctx.timer.dtype))
     sh = shards_for(s)
     before = dict(ctx.timer.hits)
-    fwd = bwd = attn_fwd = kernel_fwd = op_rerun = 0.0
-    flops = 0.0
+    fwd = bwd = kernel_fwd = 0.0
+    flops, fwds = 0.0, []
     performed = _attention_performed(layer, s, ctx)
     ops = runtime_ops(layer, ctx.runtime, ctx.dtype_bytes, ctx.cross_entropy)
     casts = fp8_casts(ops, ctx.runtime) if ctx.timer.dtype == "fp8" else {}  # how each linear is quantized
@@ -174,31 +175,28 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         f, b = _op_time(op, s, sh, ctx, performed, casts.get(op.name))
         load = expert_load(ctx) if op.shard == "expert" else 1.0
         fwd, bwd = fwd + f * load, bwd + b * load
+        fwds.append(f * load)
         flops += op.fwd_flops * sh.tokens / sh.of(op.shard)
-        if op.attn_core:
-            attn_fwd += f
         if op.attn_core or op.kind == "attention":  # the kernels a context-parallel ring step hides behind
             kernel_fwd += f
-        if not op.op_kept:  # per-op checkpointing re-runs it in backward
-            op_rerun += f * load
     extra_f, extra_b = _megatron_expert_passes(layer, s, sh, ctx)
     fwd, bwd = fwd + extra_f * expert_load(ctx), bwd + extra_b * expert_load(ctx)
     comm = _layer_comm(layer, s, ctx, kernel_fwd, fwd + bwd)
     host = _dtensor_overhead(layer, s, ctx) + len(ops) * ctx.timer.gpu.op_overhead_s * ctx.timer.contention
     fwd, bwd = fwd + host / 3, bwd + 2 * host / 3  # backward dispatches about twice the forward's ops
-    rerun = sum(not o.op_kept for o in ops) / max(len(ops), 1)
-    cp_kv, cp_rerun = _cp_kv_bytes(layer, s, ctx), _cp_rerun(layer, s, ctx)
+    cp_kv, cp_rerun = cp_kept_bytes(layer, s, ctx), cp_rerun_s(layer, s, ctx, shared_core_sync(ctx))
+    tail = early_stop_tail(layer, ops) if ctx.runtime == "torch" else []
+    tp_full, tp_op = tp_rerun(layer, s, ctx.runtime, comm.get("tp", 0.0), _tp_modules(layer, s.sequence_parallel),
+                              [ops[i] for i in tail])
     return LayerCost(
         fwd_s=fwd, bwd_s=bwd,
-        recompute_s={"none": 0.0, "selective": attn_fwd, "op": op_rerun + rerun * host / 3, "full": fwd},
+        recompute_s=recompute_times(ops, fwds, ctx.runtime, fwd, host, tail),
         comm_s=comm,
-        recompute_comm_s=comm.get("tp", 0.0) / 2 + comm.get("ep", 0.0) / 2 + cp_rerun,
-        # op keeps reduce-scatter outputs (sequence parallel: the all-gathers, a quarter of the tp
-        # time, are re-run); plain tp all-reduces, ep all-to-alls and the cp K/V gather are re-run as under full
-        recompute_comm_op_s=comm.get("tp", 0.0) / (4 if s.sequence_parallel else 2) + comm.get("ep", 0.0) / 2
-        + cp_rerun,
+        # ep all-to-alls (forward half) and the cp K/V gather are re-run by full and op alike
+        recompute_comm_s=tp_full + comm.get("ep", 0.0) / 2 + cp_rerun,
+        recompute_comm_op_s=tp_op + comm.get("ep", 0.0) / 2 + cp_rerun,
         act_bytes={m: saved_bytes(layer, sh, m, ctx.compile != "none") + _gathered_loss_bytes(layer, s, sh, ctx)
-                   + _expert_load_excess(layer, s, sh, ctx, m) + _cp_kv_bytes(layer, s, ctx, m)
+                   + _expert_load_excess(layer, s, sh, ctx, m) + cp_kept_bytes(layer, s, ctx, m)
                    for m in RECOMPUTE_MODES},
         work_bytes={m: working_bytes(layer, sh, m) + _expert_grad_transient(layer, s, ctx)
                     + (cp_kv if m in ("op", "full") else 0.0) for m in RECOMPUTE_MODES},
@@ -393,14 +391,6 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
     return out
 
 
-def _cp_rerun(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:
-    """The forward K/V gather full and per-op recompute repeat in backward (autopar's gathered cp only;
-    selective's policy saves the all-gather's output: tests/test_cp_recompute.py counts them)."""
-    if layer.kind != "block" or s.cp <= 1 or ctx.runtime != "torch":
-        return 0.0
-    return cp_gather(s.micro_batch, s.cp, s.tp, ctx)[0] + shared_core_sync(ctx)
-
-
 def _tp_collective(size: float, s: Strategy, ctx: PricingContext) -> float:
     if s.sequence_parallel:
         ag = collective_time("all_gather", size, s.tp, 1, ctx.cluster, fits=ctx.fits).time_s
@@ -422,17 +412,6 @@ def _vocab_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float
         return collective_time("all_gather", logits, s.tp, 1, ctx.cluster, fits=ctx.fits).time_s
     act = s.micro_batch * ctx.seq_len / s.cp * ctx.hidden * ctx.dtype_bytes
     return _tp_collective(act, s, ctx)
-
-
-def _cp_kv_bytes(layer: LayerTemplate, s: Strategy, ctx: PricingContext, recompute: str = "none") -> float:
-    """The gathered K/V a block keeps under autopar's context parallelism with ``recompute``
-    (``memory.cp_kept_kv_bytes``: SDPA's repeated K/V without recompute, the all-gather's output under
-    selective, none under op and full, which re-gather them into their backward workspace). Other
-    runtimes' ring attention exchanges K/V chunks without keeping the whole sequence (not priced here)."""
-    if layer.kind != "block" or ctx.runtime != "torch":
-        return 0.0
-    return cp_kept_kv_bytes(recompute, s.micro_batch, ctx.seq_len, s.cp, s.tp, ctx.kv_bytes_per_token,
-                            ctx.sdpa_kv_bytes_per_token)
 
 
 def _expert_grad_transient(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:

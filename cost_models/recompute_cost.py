@@ -1,0 +1,76 @@
+"""What each recompute mode re-runs in backward, as the program of each runtime runs it (per layer,
+per micro-batch). ``layer_cost.price_layer`` reads these; the modes are ``codegen.runtime_ac``'s.
+
+Under ``--runtime torch`` the emitted programs checkpoint with torch's non-reentrant checkpoint and its
+selective-checkpoint policies; what they re-run was counted in backward with a dispatch-mode counter
+(tests/test_cp_recompute.py: GEMM FLOPs, SDPA calls and collectives of llama-tiny on a fake group).
+Other runtimes keep the textbook terms (Korthikanti et al. 2022): selective re-runs the attention
+core, full the whole forward with its forward collectives.
+"""
+
+from __future__ import annotations
+
+from autopar.cost_models.layer_model import LayerTemplate, OpTerm
+
+
+def recompute_times(ops: list[OpTerm], fwds: list[float], runtime: str, fwd: float, host: float,
+                    tail: list[int]) -> dict[str, float]:
+    """Extra backward seconds of one layer per recompute mode (``fwds``: each op's forward, ``host``: the
+    layer's dispatch, a third of it the forward's, shared by its ops; ``tail``: ``early_stop_tail``):
+
+    - ``selective``: the attention core (Korthikanti et al. 2022, Sec. 5). Under ``--runtime torch`` the
+      emitted policy saves the attention module's projections and collectives and re-runs every other op
+      of it, RoPE, the GQA repeat and SDPA included, up to ``wo`` (``attention_region``).
+    - ``op``: the ops whose outputs the per-op policy does not keep.
+    - ``full``: the forward but the ops of the early-stop ``tail``."""
+    per_op = host / 3 / max(len(ops), 1)
+    region = attention_region(ops) if runtime == "torch" else None
+    core = region if region is not None else [i for i, o in enumerate(ops) if o.attn_core]
+    selective = sum(fwds[i] for i in core) + (len(core) * per_op if region is not None else 0.0)
+    rerun = [f for o, f in zip(ops, fwds) if not o.op_kept]
+    op = sum(rerun) + len(rerun) / max(len(ops), 1) * host / 3
+    return {"none": 0.0, "selective": selective, "op": op, "full": fwd - sum(fwds[i] + per_op for i in tail)}
+
+
+def attention_region(ops: list[OpTerm]) -> list[int] | None:
+    """Indices of the ops selective recompute re-runs in the emitted programs: those of the attention
+    module (after ``attention_norm``, before ``attention_wo``: the catalog's names) but its projections,
+    whose outputs the policy saves (``runtime_ac._selective_context``); ``wo``'s input is the last tensor
+    it rebuilds. None for a graph without those names."""
+    start = next((i for i, o in enumerate(ops) if o.name.endswith("attention_norm")), None)
+    end = next((i for i, o in enumerate(ops) if o.name.endswith("attention_wo")), None)
+    if start is None or end is None or end < start:
+        return None
+    return [i for i in range(start + 1, end) if ops[i].kind != "gemm" or ops[i].batched]
+
+
+def early_stop_tail(layer: LayerTemplate, ops: list[OpTerm]) -> list[int]:
+    """Indices of a block's ops full recompute does not re-run in the emitted programs: torch's
+    non-reentrant checkpoint stops recomputing once every tensor the backward keeps is rebuilt
+    (``torch.utils.checkpoint``, ``early_stop``, on by default), so the ops after the last one whose
+    output is saved never run again: for a dense block the last linear, its tp collective and the
+    residual add."""
+    if layer.kind != "block":
+        return []
+    saved = {t.name.split(":")[0] for t in layer.saved}
+    kept = [i for i, o in enumerate(ops) if o.name in saved or o.name.split(".")[0] in saved]
+    return list(range(kept[-1] + 1, len(ops))) if kept else []
+
+
+def tp_rerun(layer: LayerTemplate, s, runtime: str, tp_s: float, modules: tuple[int, int, int],
+             tail: list[OpTerm]) -> tuple[float, float]:
+    """(full, op) seconds of the tensor-parallel collectives recompute re-runs, of the layer's exposed
+    ``tp_s`` (``modules``: ``layer_cost._tp_modules``, row- and column-parallel linears). Megatron-LM and
+    the runtimes not counted: the forward's, half; op keeps sequence parallel's reduce-scatters (a
+    quarter re-run). The emitted programs (``--runtime torch``): without sp ``rows`` of the
+    ``rows + cols`` all-reduces are the forward's (row-parallel outputs; the backward all-reduces each
+    column-parallel input gradient), with sp an all-gather before and a reduce-scatter after each
+    sub-layer of the ``4 rows`` collectives; op re-runs the all-reduces and all-gathers; neither
+    re-runs the collective of a row-parallel linear in the early-stop ``tail``."""
+    if runtime != "torch" or layer.kind != "block" or s.tp == 1:
+        return tp_s / 2, tp_s / (4 if s.sequence_parallel else 2)
+    rows, cols, _ = modules
+    skip = int(any(o.kind == "gemm" and o.shard == "tp" and o.tp_dim == "k" for o in tail))
+    if s.sequence_parallel:
+        return tp_s * (2 * rows - skip) / (4 * rows), tp_s / 4
+    return (tp_s * (rows - skip) / (rows + cols),) * 2
