@@ -11,6 +11,11 @@ again (62 modules for a warm ``plan``; docs/benchmarks.md has the cost); ``--byt
 default Python runs: the cold run writes ``__pycache__`` and the warm runs read it. The header line
 says which.
 
+The ``search`` column is the search time the best warm run printed (``searched ... in X s``; for the
+awkward 530B command ``all searches X s wall``, which also counts its alternative searches), and
+``outside`` is that run's wall time less it: interpreter start, imports, reading the capture cache,
+building the inputs, printing and exit.
+
     python benchmarks/cli_latency.py            # all commands, one cold and REPEAT warm runs each
     python benchmarks/cli_latency.py --repeat 3
     python benchmarks/cli_latency.py --bytecode
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -40,16 +46,20 @@ COMMANDS = {
 }
 
 
-def run(args: list[str], env: dict) -> tuple[float, float, int]:
-    """(wall s, CPU s, exit code) of one ``python -m autopar ARGS`` process."""
+SEARCH_RE = re.compile(r"(?:all searches|configurations in) ([0-9.]+) s")
+
+
+def run(args: list[str], env: dict) -> tuple[float, float, int, float | None]:
+    """(wall s, CPU s, exit code, printed search s or None) of one ``python -m autopar ARGS`` process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "autopar", *args], env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, "-m", "autopar", *args], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, proc.returncode
+    found = SEARCH_RE.search(proc.stdout)  # the awkward table's "all searches" line comes first
+    return wall, cpu, proc.returncode, float(found.group(1)) if found else None
 
 
 def main() -> None:
@@ -64,16 +74,18 @@ def main() -> None:
         base.pop("PYTHONDONTWRITEBYTECODE", None)
     pyc = "off (PYTHONDONTWRITEBYTECODE set)" if base.get("PYTHONDONTWRITEBYTECODE") else "on"
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, bytecode cache {pyc}")
-    print(f"{'command':42s} {'exit':>4s} {'cold wall':>10s} {'cold CPU':>9s} {'warm wall':>10s} {'warm CPU':>9s}")
+    print(f"{'command':42s} {'exit':>4s} {'cold wall':>10s} {'cold CPU':>9s} {'warm wall':>10s} {'warm CPU':>9s} "
+          f"{'search':>7s} {'outside':>8s}")
     for label, cmd in COMMANDS.items():
         if args.only and args.only not in label:
             continue
         env = dict(base, AUTOPAR_CACHE_DIR=tempfile.mkdtemp(prefix="autopar-latency-"))  # cold: empty
         env.pop("AUTOPAR_NO_CACHE", None)
-        cw, cc, code = run(cmd, env)
+        cw, cc, code, _ = run(cmd, env)
         warm = [run(cmd, env) for _ in range(args.repeat)]
-        ww, wc, _ = min(warm)
-        print(f"{label:42s} {code:4d} {cw:9.2f}s {cc:8.2f}s {ww:9.2f}s {wc:8.2f}s", flush=True)
+        ww, wc, _, search = min(warm)
+        split = f" {search:6.2f}s {ww - search:7.2f}s" if search is not None else ""
+        print(f"{label:42s} {code:4d} {cw:9.2f}s {cc:8.2f}s {ww:9.2f}s {wc:8.2f}s{split}", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 

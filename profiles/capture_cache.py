@@ -17,6 +17,8 @@ the user cache directory (``$AUTOPAR_CACHE_DIR``, else ``$XDG_CACHE_HOME/autopar
   place (``fileio.write_atomic``); two runs racing on one key both write the same bytes.
 - A corrupted entry (unreadable JSON, wrong shape) is rebuilt with a one-line warning.
 - ``--no-cache`` (or ``AUTOPAR_NO_CACHE=1``) bypasses reads and writes.
+- ``lookup`` / ``store`` serve other data that is slower to rebuild than to read as JSON: the
+  parsed hardware-profile YAML (``profiles.hw``, namespace ``yaml-v1``, keyed by the file's text).
 
 This module is generic (JSON in, JSON out) so that ``profiles`` stays below ``cost_models``.
 """
@@ -103,28 +105,42 @@ def load_or_build(namespace: str, key: dict, build: Callable[[], T], dump: Calla
     return value
 
 
-def _read(path: Path, load: Callable[[object], T]) -> tuple[T] | None:
+def lookup(namespace: str, key: dict, redo: str) -> tuple[object] | None:
+    """The JSON of the entry for ``key`` as a 1-tuple, or None: a miss, the cache off, or a
+    corrupted entry (one warning that ends with ``redo``, what the caller does instead)."""
+    return _read(entry_path(namespace, key), lambda obj: obj, redo) if enabled() else None
+
+
+def store(namespace: str, key: dict, obj: object) -> None:
+    """Store ``obj`` (JSON-serialisable) for ``key``, silently: for data that is cheap to rebuild,
+    where a read-only cache directory is not worth a warning on every run."""
+    if enabled():
+        _write(path=entry_path(namespace, key), obj=obj, warn=False)
+
+
+def _read(path: Path, load: Callable[[object], T], redo: str = "capturing again") -> tuple[T] | None:
     """The entry as a 1-tuple, or None on a miss; a corrupted entry warns once and misses."""
     try:
         text = path.read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a miss (a file where a folder should be: the write says so)
         return None
     except OSError as exc:
-        _warn(f"capture cache entry {path} unreadable ({exc.strerror}); capturing again")
+        _warn(f"capture cache entry {path} unreadable ({exc.strerror}); {redo}")
         return None
     try:
         return (load(json.loads(text)),)
     except Exception as exc:  # any malformed content: rebuild rather than fail the command
-        _warn(f"capture cache entry {path} is corrupted ({type(exc).__name__}); capturing again")
+        _warn(f"capture cache entry {path} is corrupted ({type(exc).__name__}); {redo}")
         return None
 
 
-def _write(path: Path, obj: object) -> None:
+def _write(path: Path, obj: object, warn: bool = True) -> None:
     """Store an entry; a read-only or full cache directory only costs the next run a capture."""
     try:
         write_atomic(path, json.dumps(obj, separators=(",", ":")))
     except OSError as exc:
-        _warn(f"capture cache not written to {path.parent} ({exc.strerror}); use --no-cache to skip it")
+        if warn:
+            _warn(f"capture cache not written to {path.parent} ({exc.strerror}); use --no-cache to skip it")
 
 
 def _warn(msg: str) -> None:

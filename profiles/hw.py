@@ -16,11 +16,11 @@ Efficiency curves are data, never constants in code: an ``EffCurve`` is a list o
 
 from __future__ import annotations
 
+import hashlib
 import json
 from importlib import resources
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from autopar.core.cluster import ClusterSpec
@@ -33,9 +33,7 @@ GPU_TO_CLUSTER = (("a100", "dgx-a100"), ("h100", "dgx-h100"), ("h200", "dgx-h200
                   ("h800", "h800"), ("cpu", "cpu"))
 
 
-# libyaml's parser where PyYAML was built with it: the same safe constructors, about 10x faster (a warm
-# `plan` parses six profile files, 0.1-0.2 s of CPU with the pure-Python parser)
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+YAML_NAMESPACE = "yaml-v1"   # the capture cache's JSON copies of parsed YAML files (_parse_yaml)
 
 
 # ----- file helpers -------------------------------------------------------------------
@@ -49,16 +47,46 @@ def _read_mapping(path: Path, what: str) -> dict:
         raise InputError(f"{what}: {path} does not exist")
     text = path.read_text()
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_YAML_LOADER)
+        data = json.loads(text) if path.suffix == ".json" else _parse_yaml(text, path, what)
     except json.JSONDecodeError as exc:
         raise InputError(f"{what}: {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{what}: {path} must hold a mapping of field: value")
+    return data
+
+
+def _parse_yaml(text: str, path: Path, what: str) -> object:
+    """YAML text -> data, read back from the capture cache's JSON copy of an earlier parse of the
+    same text (keyed by its SHA-256; ``profiles.capture_cache``): a warm ``plan`` reads six profile
+    files and then neither imports PyYAML (0.02 s) nor parses them (2 ms each). Data that JSON
+    would not give back equal (dates, non-string keys) is not copied: parsed every time."""
+    from autopar.profiles import capture_cache
+
+    key = {"sha256": hashlib.sha256(text.encode()).hexdigest()}
+    hit = capture_cache.lookup(YAML_NAMESPACE, key, redo="parsing the YAML again")
+    if hit is not None:
+        return hit[0]
+    data = _yaml_load(text, path, what)
+    try:
+        same = json.loads(json.dumps(data)) == data
+    except (TypeError, ValueError):  # a date, a set: no JSON form
+        same = False
+    if same:
+        capture_cache.store(YAML_NAMESPACE, key, data)
+    return data
+
+
+def _yaml_load(text: str, path: Path, what: str) -> object:
+    """libyaml's parser where PyYAML was built with it: the same safe constructors, about 10x faster
+    than the pure-Python one (0.1-0.2 s of CPU for the six files of a plan); one-line errors."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
         raise InputError(f"{what}: {path} is not valid YAML ({where}{getattr(exc, 'problem', exc)})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{what}: {path} must hold a mapping of field: value")
-    return data
 
 
 def _validation_error(what: str, path: Path | str, exc: ValidationError) -> InputError:

@@ -162,3 +162,68 @@ def test_two_concurrent_plans_share_one_cache(tmp_path):
     third = _plan(cache_dir, "--no-cache")
     out, err = third.communicate(timeout=300)
     assert third.returncode == 0 and json.loads(out)["best"]["strategy"] == best[0]
+
+
+# ----- JSON copies of the hardware-profile YAML (profiles.hw._parse_yaml) ------------------------
+def _hardware_yaml() -> list[Path]:
+    from autopar.profiles import hw
+
+    return sorted(hw._hardware_dir().glob("*.yaml"))
+
+
+def test_yaml_profiles_are_read_back_equal_from_their_json_copies(cache, monkeypatch):
+    import yaml
+
+    from autopar.profiles import hw
+
+    files = _hardware_yaml()
+    parsed = {p: hw._read_mapping(p, "gpu") for p in files}   # misses: parsed and copied
+    assert len(list((cache / hw.YAML_NAMESPACE).glob("*.json"))) == len({p.read_text() for p in files})
+    monkeypatch.setattr(hw, "_yaml_load", lambda *a: pytest.fail("a copied file was parsed again"))
+    for p in files:
+        again = hw._read_mapping(p, "gpu")
+        assert again == parsed[p] == yaml.safe_load(p.read_text())
+        again["mutated"] = 1                              # each read is a fresh object
+        assert "mutated" not in hw._read_mapping(p, "gpu")
+
+
+def test_yaml_copy_is_keyed_by_the_text_and_skipped_for_non_json_data(cache, tmp_path):
+    from autopar.profiles import hw
+
+    f = tmp_path / "g.yaml"
+    f.write_text("name: a\npeak: 1\n")
+    assert hw._read_mapping(f, "gpu") == {"name": "a", "peak": 1}
+    f.write_text("name: a\npeak: 2\n")                      # an edit is another key
+    assert hw._read_mapping(f, "gpu") == {"name": "a", "peak": 2}
+    f.write_text("name: a\nmeasured: 2026-11-26\n1: x\n")  # a date and an int key: no JSON copy
+    first = hw._read_mapping(f, "gpu")
+    assert hw._read_mapping(f, "gpu") == first and 1 in first
+    assert len(list((cache / hw.YAML_NAMESPACE).glob("*.json"))) == 2
+
+
+def test_corrupted_yaml_copy_is_parsed_again_with_one_warning(cache, capsys):
+    from autopar.profiles import hw
+
+    path = _hardware_yaml()[0]
+    first = hw._read_mapping(path, "gpu")
+    (entry,) = (cache / hw.YAML_NAMESPACE).glob("*.json")
+    entry.write_text('{"truncated": ')
+    capsys.readouterr()
+    assert hw._read_mapping(path, "gpu") == first
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "corrupted" in err[0] and err[0].endswith("parsing the YAML again")
+    assert json.loads(entry.read_text()) == first           # rewritten whole
+
+
+def test_yaml_copies_obey_no_cache_and_a_read_only_cache_dir_stays_silent(cache, tmp_path, monkeypatch, capsys):
+    from autopar.profiles import hw
+
+    monkeypatch.setenv("AUTOPAR_NO_CACHE", "1")
+    hw._read_mapping(_hardware_yaml()[0], "gpu")
+    assert not cache.exists()
+    monkeypatch.delenv("AUTOPAR_NO_CACHE")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("AUTOPAR_CACHE_DIR", str(blocker / "sub"))
+    assert hw._read_mapping(_hardware_yaml()[0], "gpu")
+    assert capsys.readouterr().err == ""

@@ -6,6 +6,7 @@ which modules a command imports before it answers."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -78,3 +79,16 @@ def test_the_process_entry_raises_the_gc_threshold_only_for_itself():
     with pytest.raises(SystemExit):
         main(["plan", "no-such-model"])
     assert gc.get_threshold() == before
+
+
+def test_a_warm_plan_reads_the_profiles_without_a_yaml_parser(tmp_path):
+    """The hardware profiles' YAML is read back from the capture cache's JSON copies (profiles.hw)."""
+    code = "HEAVY = ('yaml', 'torch')\n" + PROBE
+    env = dict(os.environ, AUTOPAR_CACHE_DIR=str(tmp_path))
+    args = ["plan", "llama-tiny", "--gpu", "cpu", "--nodes", "2", "--json"]
+    runs = [subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                           env=env) for _ in range(2)]
+    cold, warm = (json.loads(r.stderr.strip().splitlines()[-1]) for r in runs)
+    assert cold["code"] in (0, None) and warm["code"] in (0, None)
+    assert "yaml" in cold["heavy"] and warm["heavy"] == []
+    assert json.loads(runs[0].stdout)["best"] == json.loads(runs[1].stdout)["best"]
