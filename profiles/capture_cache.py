@@ -83,8 +83,11 @@ def code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def entry_path(namespace: str, key: dict) -> Path:
-    text = json.dumps({"key": key, "version": __version__, "code": code_digest()}, sort_keys=True)
+def entry_path(namespace: str, key: dict, capture: bool = True) -> Path:
+    """The entry's file: a digest of ``key``, autopar's version and (``capture``: results of the
+    capture code) the code digest."""
+    code = code_digest() if capture else ""
+    text = json.dumps({"key": key, "version": __version__, "code": code}, sort_keys=True)
     return cache_dir() / namespace / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
 
 
@@ -107,15 +110,16 @@ def load_or_build(namespace: str, key: dict, build: Callable[[], T], dump: Calla
 
 def lookup(namespace: str, key: dict, redo: str) -> tuple[object] | None:
     """The JSON of the entry for ``key`` as a 1-tuple, or None: a miss, the cache off, or a
-    corrupted entry (one warning that ends with ``redo``, what the caller does instead)."""
-    return _read(entry_path(namespace, key), lambda obj: obj, redo) if enabled() else None
+    corrupted entry (one warning that ends with ``redo``, what the caller does instead). For data
+    the capture code does not make: the key leaves the code digest out."""
+    return _read(entry_path(namespace, key, capture=False), lambda obj: obj, redo) if enabled() else None
 
 
 def store(namespace: str, key: dict, obj: object) -> None:
-    """Store ``obj`` (JSON-serialisable) for ``key``, silently: for data that is cheap to rebuild,
-    where a read-only cache directory is not worth a warning on every run."""
+    """Store ``obj`` (JSON-serialisable) for ``key`` (as ``lookup`` finds it), silently: for data
+    that is cheap to rebuild, where a read-only cache directory is not worth a warning on every run."""
     if enabled():
-        _write(path=entry_path(namespace, key), obj=obj, warn=False)
+        _write(path=entry_path(namespace, key, capture=False), obj=obj, warn=False)
 
 
 def _read(path: Path, load: Callable[[object], T], redo: str = "capturing again") -> tuple[T] | None:
