@@ -212,7 +212,7 @@ class RankPricer:
         plain, budget, in_flight = self._budget(r, parts, self.counts(0, c))
         temps = plain.get("logits_and_temporaries", 0.0)
         return not cannot_fit([(self.groups[0], len(parts))], self.modes, in_flight, budget,
-                              lambda w: cm.workspace_excess(s, parts, w, temps), self._frontiers)
+                              _per_work(cm, s, parts, temps), self._frontiers)
 
     def _price(self, r: int, layers: list[int], cnt: tuple[int, ...]) -> RankEval:
         extra = self.extras(r)
@@ -240,7 +240,7 @@ class RankPricer:
         cm, s = self.cm, self.s
         parts = [self.costs[i] for i in layers]
         usable = cm.gpu.usable_mem_bytes + cm.gpu.framework_overhead_bytes
-        workspace = lambda w: cm.workspace_excess(s, parts, w, temps)  # noqa: E731
+        workspace = _per_work(cm, s, parts, temps)
         for _ in range(4):
             if cannot_fit(groups, self.modes, in_flight, budget, workspace, self._frontiers):
                 return None, INF
@@ -304,6 +304,19 @@ class RankPricer:
         layers = self.layers(o, c)
         by_group = [[i for i in layers if id(self.costs[i]) == g] for g in ev.group_ids]
         return rc.assign(by_group, ev.choice)
+
+
+def _per_work(cm: CostModel, s: Strategy, parts: list[LayerCost], temps: float):
+    """``CostModel.workspace_excess`` of one rank's layers as a function of the largest working set,
+    each value worked out once: ``cannot_fit`` and ``choose`` ask it for the same few caps, and each
+    call reads every layer of the rank (a ZeRO-3 rank's largest block)."""
+    seen: dict[float, float] = {}
+
+    def workspace(work: float) -> float:
+        if work not in seen:
+            seen[work] = cm.workspace_excess(s, parts, work, temps)
+        return seen[work]
+    return workspace
 
 
 def _all_none(choice: rc.RecomputeChoice) -> bool:

@@ -193,3 +193,26 @@ def _allowed_modes(s: Strategy) -> tuple[str, ...]:
     if s.offload_optimizer:
         modes = tuple(m for m in modes if m in offload.OFFLOAD_RECOMPUTE) or modes
     return modes
+
+
+@pytest.mark.parametrize("seed,usable", [(0, 420), (1, 340)])
+def test_schedule_terms_stay_under_prices_where_memory_binds(seed, usable):
+    # each schedule's term of a row bound carries that schedule's recompute floor (its fewest micro-batches
+    # in flight, its gradients freed) and, priced at the row's own micro-batch, the slowest rank's floor:
+    # both the term scaled from the largest micro-batch and the own one stay under the partition price of
+    # every configuration of the schedule, here where memory makes plans recompute
+    cm = tiny_cost_model(seed, layers=8, nodes=2, gpus_per_node=4, usable_mib=usable, kinds=1)
+    gb = 16
+    sp = bounds.Space(cm, S.Constraints(), gb)
+    rows = []
+    sp.push = lambda lb, kind, *payload: rows.append(payload)
+    S._fill(sp)
+    checked = recomputed = 0
+    for sh, knobs in rows:
+        terms = (S._schedule_bounds(sp, sh, knobs, *sp.memo["probe", sh]), S._own_bounds(sp, sh, knobs))
+        for k in knobs:
+            cand = S._partitioned(sp, sh, k, part.INF)
+            if cand is not None:
+                assert all(t[k.schedule, k.vpp] <= cand.step_time_s * (1 + 1e-9) for t in terms), (sh, k)
+                checked, recomputed = checked + 1, recomputed + any(m != "none" for m in cand.layer_recompute)
+    assert checked > 30 and recomputed > 5, (checked, recomputed)
