@@ -39,7 +39,7 @@ from autopar.cost_models.moe_cost import (
     etp_gathered_bytes,
     grouped_expert_time,
 )
-from autopar.cost_models.recompute_cost import early_stop_tail, recompute_times, tp_rerun
+from autopar.cost_models.recompute_cost import early_stop_tail, recompute_times, selective_bytes, tp_rerun
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
 
@@ -188,6 +188,7 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     tail = early_stop_tail(layer, ops) if ctx.runtime == "torch" else []
     tp_full, tp_op = tp_rerun(layer, s, ctx.runtime, comm.get("tp", 0.0), _tp_modules(layer, s.sequence_parallel),
                               [ops[i] for i in tail])
+    sel = {"selective": selective_bytes(layer, ops, sh, ctx.dtype_bytes)} if ctx.runtime == "torch" else {}
     return LayerCost(
         fwd_s=fwd, bwd_s=bwd,
         recompute_s=recompute_times(ops, fwds, ctx.runtime, fwd, host, tail),
@@ -197,9 +198,9 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         recompute_comm_op_s=tp_op + comm.get("ep", 0.0) / 2 + cp_rerun,
         act_bytes={m: saved_bytes(layer, sh, m, ctx.compile != "none") + _gathered_loss_bytes(layer, s, sh, ctx)
                    + _expert_load_excess(layer, s, sh, ctx, m) + cp_kept_bytes(layer, s, ctx, m)
-                   for m in RECOMPUTE_MODES},
+                   + sel.get(m, (0.0, 0.0))[0] for m in RECOMPUTE_MODES},
         work_bytes={m: working_bytes(layer, sh, m) + _expert_grad_transient(layer, s, ctx)
-                    + (cp_kv if m in ("op", "full") else 0.0) for m in RECOMPUTE_MODES},
+                    + (cp_kv if m in ("op", "full") else 0.0) + sel.get(m, (0.0, 0.0))[1] for m in RECOMPUTE_MODES},
         params_dense=(layer.params_tp + layer.params_vocab) / s.tp + layer.params_rep,
         params_expert=layer.params_expert / (s.ep * s.etp),
         temp_bytes=_logits_bytes(layer, s, sh, ctx),

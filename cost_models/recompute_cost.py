@@ -37,11 +37,15 @@ def attention_region(ops: list[OpTerm]) -> list[int] | None:
     module (after ``attention_norm``, before ``attention_wo``: the catalog's names) but its projections,
     whose outputs the policy saves (``runtime_ac._selective_context``); ``wo``'s input is the last tensor
     it rebuilds. None for a graph without those names."""
+    bounds = _attention_bounds(ops)
+    return None if bounds is None else [i for i in range(*bounds) if ops[i].kind != "gemm" or ops[i].batched]
+
+
+def _attention_bounds(ops: list[OpTerm]) -> tuple[int, int] | None:
+    """(first op, ``wo``) indices of the attention module: after ``attention_norm``, up to ``attention_wo``."""
     start = next((i for i, o in enumerate(ops) if o.name.endswith("attention_norm")), None)
     end = next((i for i, o in enumerate(ops) if o.name.endswith("attention_wo")), None)
-    if start is None or end is None or end < start:
-        return None
-    return [i for i in range(start + 1, end) if ops[i].kind != "gemm" or ops[i].batched]
+    return None if start is None or end is None or end < start else (start + 1, end)
 
 
 def early_stop_tail(layer: LayerTemplate, ops: list[OpTerm]) -> list[int]:
@@ -74,3 +78,30 @@ def tp_rerun(layer: LayerTemplate, s, runtime: str, tp_s: float, modules: tuple[
     if s.sequence_parallel:
         return tp_s * (2 * rows - skip) / (4 * rows), tp_s / 4
     return (tp_s * (rows - skip) / (rows + cols),) * 2
+
+
+def selective_bytes(layer: LayerTemplate, ops: list[OpTerm], sh, dtype_bytes: int) -> tuple[float, float]:
+    """(kept, rebuilt) change of one block's saved bytes under the emitted programs' selective recompute
+    against the ``none`` set (``--runtime torch``; ``sh``: ``layer_model.Shards``): the tensors the attention
+    module's re-run ops saved are dropped (``attention_region``: the RoPE'd q, the repeated K/V, SDPA's
+    output and log-sum-exp) and rebuilt in backward, and the policy keeps the projections' outputs
+    (q, k, v, ``wo``'s partial sums) and its collectives' (``wo``'s reduction; with sequence parallelism
+    the gathered input). Measured: tests/test_cp_recompute.py (the policy's cache, saved-tensor hooks)."""
+    region = attention_region(ops) if layer.kind == "block" else None
+    if region is None:
+        return 0.0, 0.0
+    names = {ops[i].name for i in region}
+    dropped = sum(t.bytes if t.const else t.bytes * sh.tokens / sh.of(t.shard)
+                  for t in layer.saved if t.name.split(":")[0] in names and not t.attn_core)
+    start, end = _attention_bounds(ops)
+    kept, already = 0.0, {t.name.split(":")[0] for t in layer.saved}
+    for o in ops[start:end + 1]:
+        if o.kind != "gemm" or o.batched or o.gemm is None or o.name in already:  # already saved (SDPA's q, k, v)
+            continue
+        rows, cols = o.gemm[0] * sh.tokens, o.gemm[1]
+        split = sh.tp if o.shard == "tp" and o.tp_dim == "n" else 1
+        kept += rows * cols / split * dtype_bytes
+        if o.name.endswith("attention_wo") and sh.tp > 1:  # its all-reduce / reduce-scatter output [, the
+            hidden = rows * cols * dtype_bytes                 # all-gathered attention input under sp]
+            kept += hidden / sh.tp + hidden if sh.sp else hidden
+    return kept - dropped, dropped

@@ -233,3 +233,19 @@ def test_tp_collectives_recompute_re_runs(fake_world, sp):
         for m in ("op", "full"):
             assert rerun[m] == {"all_reduce": rows - 1, "all_gather_into_tensor": 0, "reduce_scatter_tensor": 0}
             assert c.recompute_comm(m) == pytest.approx(c.comm_s["tp"] * (rows - 1) / (rows + cols))
+
+
+@pytest.mark.parametrize("model_name", ["llama-tiny", "gpt-tiny"])
+def test_selective_keeps_what_the_price_counts(fake_world, model_name):
+    """Selective (no cp, no tp) against no recompute, whole model: the attention module's re-run ops
+    save nothing, the policy keeps the projections' outputs (``recompute_cost.selective_bytes``; it was
+    priced as keeping all of none's). The price's none set also counts ``reshape``, a view of SDPA's output
+    (one storage in the program): the measured gap is the priced one plus that term per block."""
+    spec, cm = tiny_spec(model_name, SEQ), _cm(model_name)
+    block = _block(cm)
+    torch.manual_seed(0)
+    measured = _kept_bytes(model_name, 1, "selective", SEQ) - _kept_bytes(model_name, 1, "none", SEQ)
+    c = price_layer(block, Strategy(dp=4, micro_batch=MBS, global_batch=4 * MBS), cm.ctx)
+    alias = sum(t.bytes * MBS for t in block.saved if t.name == "reshape")
+    assert alias > 0 and c.act_bytes["selective"] < c.act_bytes["none"]
+    assert measured == pytest.approx(spec.layers * (c.act_bytes["selective"] - c.act_bytes["none"] + alias))
