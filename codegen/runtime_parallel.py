@@ -225,8 +225,8 @@ def apply_dp(model: nn.Module, mesh: ParallelMesh, zero_stage: int = 0, tp: int 
     # ZeRO-3 reshards after forward also under a pipeline (priced so: params / dp per rank,
     # re-gathered in each micro-batch's backward); ZeRO-2 and offload-without-ZeRO-3 keep them.
     # Zero-bubble schedules split backward into input- and weight-gradient passes: resharding
-    # between them gave wrong losses in the contract sweep, so there ZeRO-3 keeps parameters
-    # gathered (torch's deferred reduce; not yet what the cost model prices: docs/codegen.md).
+    # between them gave wrong losses in the contract sweep, so there parameters stay gathered and
+    # torch's deferred reduce runs once per step (priced so: cost_models.fsdp.syncs_once_per_step).
     full_backward = pipeline is True or pipeline is False or pipeline in FULL_BACKWARD
     kw = dict(reshard_after_forward=zero_stage >= 3 and full_backward, mp_policy=mp_policy(dtype),
               offload_policy=offload_policy(offload, mesh.dp_cp.device_type))

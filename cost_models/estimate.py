@@ -56,7 +56,12 @@ from autopar.cost_models.memory import (
 from autopar.cost_models.moe_load import LoadFn
 from autopar.cost_models.overlap import contention_time, exposed_behind, inter_node_factor, rate_capped, zero3_edges
 from autopar.cost_models.pipeline import in_flight_microbatches, shared_makespan, step_time, weight_grad_fraction
-from autopar.cost_models.runtime_memory import torchtitan_memory, torchtitan_stages
+from autopar.cost_models.runtime_memory import (
+    deferred_fsdp_memory,
+    replicated_embedding_grad,
+    torchtitan_memory,
+    torchtitan_stages,
+)
 from autopar.errors import InputError
 from autopar.memo import MISS, IdentityMemo
 from autopar.techniques import offload
@@ -210,7 +215,7 @@ class CostModel:
         first = first and self.embedding is not None
         mem = {
             "parameters": ds.params + es.params,
-            "gradients": ds.grads + es.grads + (self._replicated_embedding_grad(s) if first else 0.0),
+            "gradients": ds.grads + es.grads + (replicated_embedding_grad(self, s) if first else 0.0),
             "optimizer_states": ds.optimizer + es.optimizer,
             "activations": acts * in_flight,
             "recompute_workspace": self.workspace_excess(s, parts, work, temps),
@@ -232,6 +237,7 @@ class CostModel:
             mem = torchtitan_memory(self, s, parts, modes, extra, in_flight, first, last, mem)
         elif self.ctx.runtime == "torch" and parts:  # the emitted cp attention's shared position mask
             mem["activations"] += cp_mask_bytes(self.seq_len, s.cp, self.ctx.dtype_bytes, s.vpp)
+            mem = deferred_fsdp_memory(self, s, parts, extra, last, mem)  # zero-bubble FSDP2: grads whole to the end
         at_peak = host_grads_at_device_peak(s, self.ctx.runtime)
         return RankMemory(mem, host, pooled_peak_bytes(mem, host, shards, at_peak))
 
@@ -299,13 +305,6 @@ class CostModel:
         if self.ctx.runtime == "megatron":  # receive buffers per step only; outputs freed once sent
             return megatron_pipeline_buffer_bytes(hidden, links, s.tp, s.sequence_parallel)
         return s.num_micro_batches * links * hidden + outputs
-
-    def _replicated_embedding_grad(self, s: Strategy) -> float:
-        """DTensor's vocab-parallel embedding backward gives every tp rank the full-vocabulary gradient
-        ((tp-1)/tp of it beyond the shard); Megatron's VocabParallelEmbedding keeps the shard."""
-        if s.tp == 1 or self.embedding is None or self.ctx.runtime == "megatron":
-            return 0.0
-        return self.embedding.params_vocab * (1 - 1 / s.tp) * bytes_per_param(self.dtype)[1]
 
     # ----- per-step terms ------------------------------------------------------------
     def weight_grad_time(self, s: Strategy, r: RankReport) -> float:
@@ -401,7 +400,7 @@ class CostModel:
         """One layer's exposed FSDP seconds per micro-batch (per step: ``fsdp.syncs_once_per_step``): the stack's
         ``zero3_overlap`` share hides where the compute is longer. Saturated CPU cores hide nothing."""
         ag, ag_b, rs = self._zero3_layer(s, c, bytes_per_param(self.dtype)[1])
-        once, ov = fsdp.syncs_once_per_step(self.ctx.runtime, s.pp), self.stack.zero3_overlap
+        once, ov = fsdp.deferred(self, s), self.stack.zero3_overlap
         if self._cores_saturated:
             return ag + ag_b + rs + (3 if fsdp.regathers(self, s) else 2) * shared_core_sync(self.ctx)
         if once:
@@ -413,7 +412,7 @@ class CostModel:
         once per step has all its reduce-scatters in ``zero3_layer_exposed``); unfitted profile, saturated cores: 0."""
         if self._cores_saturated or not self.gpu.fitted:
             return 0.0
-        g, once = bytes_per_param(self.dtype)[1], fsdp.syncs_once_per_step(self.ctx.runtime, s.pp)
+        g, once = bytes_per_param(self.dtype)[1], fsdp.deferred(self, s)
         return zero3_edges(self._zero3_layer(s, first, g)[0], 0.0 if once else self._zero3_layer(s, last, g)[2])
 
     @property
@@ -430,7 +429,7 @@ class CostModel:
         local = dense / (s.dp * s.cp if s.zero_stage >= 1 else 1) + expert / (edp if s.zero_stage >= 1 else 1)
         if s.offload_optimizer:  # CPUOffloadPolicy shards at any zero stage; ZeRO-3 gathers twice per micro-batch
             return offload_step_time(dense / (s.dp * s.cp) + expert / edp, self.dtype, self.gpu,
-                                     *offload_copies(s.zero_stage, s.num_micro_batches))
+                                     *offload_copies(s.zero_stage, fsdp.unit_syncs_per_step(self, s)))
         return self.timer.membound(local * OPTIMIZER_BYTES_PER_PARAM + fp8_cost.step_cast_bytes(self, r.layers, costs))
 
     def _report(self, s: Strategy, total: float, time: dict, ranks: list[RankReport], recompute) -> Estimate:
@@ -452,8 +451,9 @@ class CostModel:
 
 
 def offload_copies(zero_stage: int, micro_batches: int) -> tuple[int, int]:
-    """(gathers, reductions) of the host-held shard per step under ``CPUOffloadPolicy``: one
-    all-gather per micro-batch (two under ZeRO-3: forward and backward) and one reduce-scatter."""
+    """(gathers, reductions) of the host-held shard per step under ``CPUOffloadPolicy``: one all-gather per
+    ``micro_batches`` (two under ZeRO-3: forward and backward) and one reduce-scatter (``micro_batches``:
+    ``fsdp.unit_syncs_per_step``, 1 where a pipeline defers FSDP's traffic to the stage's last backward)."""
     return micro_batches * (2 if zero_stage >= 3 else 1), micro_batches
 
 

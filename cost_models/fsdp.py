@@ -5,6 +5,8 @@ pipelining: ``syncs_once_per_step``); and in which dtype it reduces (``reduce_by
 
 from __future__ import annotations
 
+from autopar.techniques.pipeline import ZERO_BUBBLE
+
 FSDP_RUNTIMES = ("torch", "torchtitan")  # data parallel by FSDP2 (autopar's programs, torchtitan)
 
 
@@ -40,7 +42,7 @@ def per_unit(cm, s) -> bool:
 DEFERRED_RUNTIMES = ("torchtitan",)
 
 
-def syncs_once_per_step(runtime: str, pp: int) -> bool:
+def syncs_once_per_step(runtime: str, pp: int, schedule: str = "1f1b") -> bool:
     """Whether a pipelined FSDP stage gathers its parameters once per step and reduce-scatters its
     gradients once per step, at its last micro-batch, instead of once per micro-batch.
 
@@ -53,23 +55,37 @@ def syncs_once_per_step(runtime: str, pp: int) -> bool:
     per unit per step, from the unsharded gradients accumulated in ``reduce_dtype``. torchtitan
     shards with ``reshard_after_forward=False`` under a pipeline, so the parameters gathered in a
     stage's first forward stay gathered to its last backward: one all-gather per unit per step.
+
     autopar's own program (``--runtime torch``) undoes the stage's setters for full-backward
     schedules (``codegen.runtime_parallel._keep_per_microbatch_sharding``) and reduce-scatters
-    every micro-batch, as ``gathers_per_unit`` prices it; Megatron and DeepSpeed do not run FSDP."""
-    return runtime in DEFERRED_RUNTIMES and pp > 1
+    every micro-batch, as ``gathers_per_unit`` prices it. Under the zero-bubble schedules
+    (``techniques.pipeline.ZERO_BUBBLE``, not ``codegen.runtime_parallel.FULL_BACKWARD``) it keeps
+    torch's deferral and shards with ``reshard_after_forward=False`` (resharding between a micro-batch's
+    input- and weight-gradient passes gave wrong losses): once per step, as torchtitan, for a rank's
+    first 3 stages (torch's lowering re-gathers the others: ``techniques.pipeline.torch_rule`` refuses
+    more). Counted per unit and step on gloo (tests/test_zero_bubble_fsdp.py). Megatron and DeepSpeed
+    do not run FSDP."""
+    if pp <= 1:
+        return False
+    return runtime in DEFERRED_RUNTIMES or (runtime == "torch" and schedule in ZERO_BUBBLE)
+
+
+def deferred(cm, s) -> bool:
+    """``syncs_once_per_step`` of a ``CostModel``'s runtime for strategy ``s``."""
+    return syncs_once_per_step(cm.ctx.runtime, s.pp, s.schedule)
 
 
 def unit_syncs_per_step(cm, s) -> int:
     """How many times per step each FSDP unit's traffic runs for a ``CostModel``'s runtime and
     strategy ``s``: once under ``syncs_once_per_step``, else once per micro-batch."""
-    return 1 if syncs_once_per_step(cm.ctx.runtime, s.pp) else s.num_micro_batches
+    return 1 if deferred(cm, s) else s.num_micro_batches
 
 
 def regathers(cm, s) -> bool:
     """Whether each unit's parameters are all-gathered again in the backward: ZeRO-3 resharded after
     forward, except in a stage that syncs once per step (``syncs_once_per_step``: torchtitan's
     pipeline keeps them gathered to the stage's last backward)."""
-    return s.zero_stage >= 3 and not syncs_once_per_step(cm.ctx.runtime, s.pp)
+    return s.zero_stage >= 3 and not deferred(cm, s)
 
 
 def reduce_bytes(runtime: str, grad_bytes: int) -> int:

@@ -37,8 +37,9 @@ Not modelled: FSDP float8 all-gather (``enable_fsdp_float8_all_gather``, fp8 gat
 from __future__ import annotations
 
 from autopar.core.strategy import Strategy
+from autopar.cost_models import fsdp
 from autopar.cost_models.layer_cost import LayerCost
-from autopar.cost_models.memory import model_state_bytes
+from autopar.cost_models.memory import bytes_per_param, expert_shard_group, model_state_bytes
 
 FP32_BYTES = 4  # torchtitan's mixed_precision_reduce default
 
@@ -65,11 +66,12 @@ def gathered_param_bytes(stage_params: float, param_bytes: int) -> float:
     return stage_params * param_bytes
 
 
-def nosync_grad_bytes(stage_params: float, block_params: float, grad_bytes: int) -> float:
-    """Unsharded gradients accumulated across micro-batches without sync: fp32 (``reduce_dtype``)
-    copies of every stage parameter (torch ``FSDPParam.to_accumulated_grad_if_needed`` /
+def nosync_grad_bytes(stage_params: float, block_params: float, grad_bytes: int,
+                      accum_bytes: int = FP32_BYTES) -> float:
+    """Unsharded gradients accumulated across micro-batches without sync: ``reduce_dtype`` copies
+    (torchtitan: fp32) of every stage parameter (torch ``FSDPParam.to_accumulated_grad_if_needed`` /
     ``accumulate_unsharded_grad_if_needed``) plus one block's 16-bit gradients before they are added."""
-    return stage_params * FP32_BYTES + block_params * grad_bytes
+    return stage_params * accum_bytes + block_params * grad_bytes
 
 
 def activations_beside_grads(per_microbatch: float, in_flight: float, microbatches: int, grads: float) -> float:
@@ -198,3 +200,42 @@ def _activations(s: Strategy, modes: list[str], chunk: float, boundary: float, i
     recv = boundary if all(mo == "full" for mo in modes) else 0.0
     per_stage = [chunk - (0.0 if first and j == 0 else recv) for j in range(v)]
     return peak_beside_grads(order, per_stage, grads)
+
+
+def deferred_fsdp_memory(cm, s: Strategy, parts: list[LayerCost], extra: list[LayerCost], last: bool,
+                         mem: dict[str, float]) -> dict[str, float]:
+    """``mem`` (``CostModel.rank_memory``'s components) as autopar's program runs FSDP2 under a
+    zero-bubble schedule (``fsdp.deferred``: torch's deferral kept, one gather and one reduce-scatter
+    per unit per step). ZeRO-2 and optimizer offload shard with ``reshard_after_forward=False``, so
+    the stage's parameters are gathered for the whole step as priced already; what changes is the
+    gradients: every micro-batch's backward accumulates into the unsharded gradients of every stage
+    parameter (``nosync_grad_bytes`` without the cast: autopar's ``MixedPrecisionPolicy`` reduces in
+    the compute dtype, so autograd accumulates in place, ``FSDPParam.to_accumulated_grad_if_needed``
+    returns early), held to the stage's ``REDUCE_GRAD``; the sharded gradients are ``None`` until then
+    (``zero_grad(set_to_none=True)``), and the one block's unsharded gradients ``_comm_buffer_bytes``
+    counts are among them. ZeRO-3 under these schedules is an emit-rule refusal (``techniques.pipeline``).
+    Unchanged for other runtimes, schedules, and programs without FSDP2 (``codegen.runtime_parallel.dp_mode``)."""
+    n = s.dp * s.cp
+    fsdp2 = s.zero_stage < 3 and (s.offload_optimizer or (s.zero_stage == 2 and (n > 1 or cm.dtype != "fp32")))
+    if cm.ctx.runtime != "torch" or not parts or not fsdp2 or not fsdp.deferred(cm, s):
+        return mem
+    gbytes = bytes_per_param(cm.dtype)[1]
+    dense = sum(c.params_dense for c in parts + extra)
+    if last and cm.output is not None:
+        dense += cm.output.params_tied / s.tp  # a tied output weight is a second copy on the last stage
+    expert = sum(c.params_expert for c in parts)
+    block = max(c.params_dense + c.params_expert for c in parts)
+    edp = expert_shard_group(s, "torch")
+    shards = 0.0 if s.offload_optimizer else (model_state_bytes(dense, cm.dtype, 2, n).grads
+                                              + model_state_bytes(expert, cm.dtype, 2, edp).grads)
+    return {**mem,
+            "gradients": mem["gradients"] - shards + nosync_grad_bytes(dense + expert, 0.0, gbytes, gbytes),
+            "comm_buffers": max(0.0, mem["comm_buffers"] - block * gbytes)}
+
+
+def replicated_embedding_grad(cm, s: Strategy) -> float:
+    """DTensor's vocab-parallel embedding backward gives every tp rank the full-vocabulary gradient
+    ((tp-1)/tp of it beyond the shard); Megatron's VocabParallelEmbedding keeps the shard."""
+    if s.tp == 1 or cm.embedding is None or cm.ctx.runtime == "megatron":
+        return 0.0
+    return cm.embedding.params_vocab * (1 - 1 / s.tp) * bytes_per_param(cm.dtype)[1]

@@ -26,7 +26,7 @@ from autopar.cost_models.estimate import (
     even_stages,
     offload_step_time,
 )
-from autopar.cost_models.fsdp import gathers_per_unit, unit_syncs_per_step
+from autopar.cost_models.fsdp import gathers_per_unit, syncs_once_per_step, unit_syncs_per_step
 from autopar.cost_models.layer_cost import shards_for, shared_core_sync
 from autopar.cost_models.layer_model import saved_bytes
 from autopar.cost_models.memory import bytes_per_param, grads_freed_before_activation_peak, model_state_bytes
@@ -448,19 +448,21 @@ def grad_sync_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> tuple[floa
     return out[0], out[1]
 
 
-def zero3_floor(sp: Space, sh: Sharding, zero: int = 3) -> float:
+def zero3_floor(sp: Space, sh: Sharding, zero: int = 3, schedule: str = "1f1b") -> float:
     """ZeRO-3 (and FSDP ZeRO-2, ``zero`` 2: ``fsdp.gathers_per_unit``) exposed time is a sum over layers
     (``CostModel.zero3_layer_exposed`` per micro-batch) plus the step's edges once per rank; the
-    slowest rank carries at least the mean of the sum."""
-    key = ("zero3", sh, zero)   # all it reads: the sharding's pricing and the probe of this sharding and stage
+    slowest rank carries at least the mean of the sum; once per step where the ``schedule`` defers FSDP's
+    traffic to the stage's last backward (``fsdp.syncs_once_per_step``)."""
+    # all it reads: the sharding's pricing and the probe of this sharding, stage and deferral
+    key = ("zero3", sh, zero, syncs_once_per_step(sp.cm.ctx.runtime, sh.pp, schedule))
     if key not in sp.memo:
-        sp.memo[key] = _zero3_floor(sp, sh, zero)
+        sp.memo[key] = _zero3_floor(sp, sh, zero, schedule)
     return sp.memo[key]
 
 
-def _zero3_floor(sp: Space, sh: Sharding, zero: int) -> float:
+def _zero3_floor(sp: Space, sh: Sharding, zero: int, schedule: str) -> float:
     costs = sp.priced(sh).costs
-    s = probe(sh, sp.gb, zero_stage=zero)
+    s = probe(sh, sp.gb, zero_stage=zero, schedule=schedule)
     if s.dp * s.cp <= 1:
         return 0.0
     seen: dict[int, float] = {}

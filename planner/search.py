@@ -51,7 +51,7 @@ from functools import lru_cache
 from autopar import techniques
 from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate import CostModel, even_stages, offload_copies, offload_step_time
-from autopar.cost_models.fsdp import gathers_per_unit
+from autopar.cost_models.fsdp import gathers_per_unit, syncs_once_per_step
 from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches
 from autopar.errors import InputError
 from autopar.planner import partition as part
@@ -122,7 +122,7 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
         elif kind == "group":
             _expand_group(sp, *payload)
         elif kind == "config" and gathers_per_unit(cm.ctx.runtime, payload[1].zero, payload[1].offload):  # FSDP
-            sp.push(lb + zero3_floor(sp, payload[0], payload[1].zero), "config3", *payload)
+            sp.push(lb + zero3_floor(sp, payload[0], payload[1].zero, payload[1].schedule), "config3", *payload)
         else:
             stats.priced += 1
             cand = _partitioned(sp, *payload, upper)
@@ -353,7 +353,7 @@ def _optimizer_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
     most loaded one (the expert shard over ``edp``, the largest group the estimate may use)."""
     if not k.offload:
         return optimizer_floor(sp, sh, k, pr)
-    m = sp.gb // (sh.dp * sh.mbs)
+    m = 1 if syncs_once_per_step(sp.cm.ctx.runtime, sh.pp, k.schedule) else sp.gb // (sh.dp * sh.mbs)  # as estimate
     key = ("opt_offload", pr.params, sh.dp * sh.cp, sh.edp, sh.pp, k.zero >= 3, m)
     if key not in sp.memo:
         dense, expert = pr.params

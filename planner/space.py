@@ -244,7 +244,7 @@ def knob_options(cm: CostModel, cons: Constraints, sh: Sharding, gb: int, cache:
     out = [Knobs(z, o, s, v) for z in zeros for o in offs for s, v in scheds
            if s not in pipeline.ZERO_BUBBLE or allowed_shape(cm, pipeline.TECHNIQUE, pp=sh.pp, dp=sh.dp,
                                                              micro_batch=sh.mbs, global_batch=gb, zero_stage=z,
-                                                             schedule=s, vpp=v)]
+                                                             offload_optimizer=o, schedule=s, vpp=v)]
     if cache is not None:
         cache[key] = out
     return out

@@ -92,6 +92,11 @@ def torch_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | N
     if s.schedule in ZERO_BUBBLE and s.zero_stage == 3:
         return [f"{s.schedule} keeps ZeRO-3 parameters gathered between its split backward passes, which is not "
                 "what zero=3 prices; use zero<=2 or schedule=1f1b/interleaved"]
+    if s.schedule in ZERO_BUBBLE and s.vpp > 3 and (s.zero_stage >= 2 or s.offload_optimizer):
+        # torch's lowering keeps at most 3 stages of a rank gathered (schedules._add_unshard_reshard,
+        # max_active_stages=3) and re-gathers the others mid-step: not the once-per-step FSDP it prices
+        return [f"{s.schedule} with vpp={s.vpp} re-gathers FSDP stages beyond the 3 torch keeps gathered, which "
+                "is not what zero=2 / offload price (once per step, cost_models.fsdp); use vpp<=3 or zero<=1"]
     if s.schedule in V_SHAPED and m < 2 * s.pp:
         return [f"{s.schedule} needs at least 2*pp = {2 * s.pp} microbatches per data-parallel rank, the plan has "
                 f"{m}; lower mbs or raise the global batch"]
