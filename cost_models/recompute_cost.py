@@ -85,10 +85,10 @@ def selective_bytes(layer: LayerTemplate, ops: list[OpTerm], sh, dtype_bytes: in
     against the ``none`` set (``--runtime torch``; ``sh``: ``layer_model.Shards``): the tensors the attention
     module's re-run ops saved are dropped (``attention_region``: the RoPE'd q, the repeated K/V, SDPA's
     output and log-sum-exp) and rebuilt in backward, and the policy keeps the projections' outputs
-    (q, k, v, ``wo``'s partial sums) and its collectives' (``wo``'s reduction; with sequence parallelism
-    the gathered input). Measured: tests/test_cp_recompute.py (the policy's cache, saved-tensor hooks)."""
-    region = attention_region(ops) if layer.kind == "block" else None
-    if region is None:
+    (q, k, v, ``wo``'s). Measured without tp (tests/test_cp_recompute.py: the policy's cache, saved-tensor
+    hooks); under tp, where the policy also caches the collectives' outputs, none's set is kept (unmeasured)."""
+    region = attention_region(ops) if layer.kind == "block" and sh.tp == 1 else None
+    if region is None:  # under tp the policy also caches collectives' outputs (unmeasured): none's set
         return 0.0, 0.0
     names = {ops[i].name for i in region}
     dropped = sum(t.bytes if t.const else t.bytes * sh.tokens / sh.of(t.shard)
@@ -101,7 +101,4 @@ def selective_bytes(layer: LayerTemplate, ops: list[OpTerm], sh, dtype_bytes: in
         rows, cols = o.gemm[0] * sh.tokens, o.gemm[1]
         split = sh.tp if o.shard == "tp" and o.tp_dim == "n" else 1
         kept += rows * cols / split * dtype_bytes
-        if o.name.endswith("attention_wo") and sh.tp > 1:  # its all-reduce / reduce-scatter output [, the
-            hidden = rows * cols * dtype_bytes                 # all-gathered attention input under sp]
-            kept += hidden / sh.tp + hidden if sh.sp else hidden
     return kept - dropped, dropped

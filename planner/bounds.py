@@ -32,6 +32,7 @@ from autopar.cost_models.layer_model import saved_bytes
 from autopar.cost_models.memory import bytes_per_param, grads_freed_before_activation_peak, model_state_bytes
 from autopar.cost_models.moe_cost import ring_exposed
 from autopar.cost_models.pipeline import in_flight_microbatches, weight_grad_fraction
+from autopar.cost_models.recompute_cost import selective_bytes
 from autopar.planner import partition as part
 from autopar.planner.space import Constraints, Knobs, SearchStats, Sharding, strategy_defaults
 from autopar.techniques import pipeline
@@ -164,7 +165,9 @@ def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...]) -> Floor:
         dense += n * ((t.params_tp + t.params_vocab) / sh.tp + t.params_rep)
         expert += n * t.params_expert / (sh.ep * sh.etp)
         if t.kind == "block":
-            by_mode = {k: saved_bytes(t, shards, k) for k in modes}
+            # the emitted programs' selective keeps less than the none set (recompute_cost.selective_bytes)
+            sel = selective_bytes(t, t.ops, shards, cm.ctx.dtype_bytes)[0] if cm.ctx.runtime == "torch" else 0.0
+            by_mode = {k: saved_bytes(t, shards, k) + (sel if k == "selective" else 0.0) for k in modes}
             act += n * min(by_mode.values())
             act_base += n * by_mode[modes[0]]
             saves.append((n, {k: by_mode[modes[0]] - b for k, b in by_mode.items() if k != modes[0]}))
