@@ -193,9 +193,10 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         fwd_s=fwd, bwd_s=bwd,
         recompute_s=recompute_times(ops, fwds, ctx.runtime, fwd, host, tail),
         comm_s=comm,
-        # ep all-to-alls (forward half) and the cp K/V gather are re-run by full and op alike
-        recompute_comm_s=tp_full + comm.get("ep", 0.0) / 2 + cp_rerun,
-        recompute_comm_op_s=tp_op + comm.get("ep", 0.0) / 2 + cp_rerun,
+        # the forward's ep all-to-alls and etp gathers (half of each) and the cp K/V gather are re-run by
+        # full and op alike (the per-op policy keeps none of them)
+        recompute_comm_s=tp_full + (comm.get("ep", 0.0) + comm.get("etp", 0.0)) / 2 + cp_rerun,
+        recompute_comm_op_s=tp_op + (comm.get("ep", 0.0) + comm.get("etp", 0.0)) / 2 + cp_rerun,
         act_bytes={m: saved_bytes(layer, sh, m, ctx.compile != "none") + _gathered_loss_bytes(layer, s, sh, ctx)
                    + _expert_load_excess(layer, s, sh, ctx, m) + cp_kept_bytes(layer, s, ctx, m)
                    + sel.get(m, (0.0, 0.0))[0] for m in RECOMPUTE_MODES},

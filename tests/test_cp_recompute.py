@@ -58,14 +58,16 @@ class _Collectives(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _model(spec, cp: int, mode: str, contexts: list, tp: int = 1, sp: bool = False):
+def _model(spec, cp: int, mode: str, contexts: list, tp: int = 1, sp: bool = False, etp: int = 1):
     """The emitted program's model on this rank: tp, cp over the 4 ranks' mesh (in build()'s order),
     ``mode`` on every block; the checkpoint policies' forward modes are appended to ``contexts``."""
-    mesh = rt.build_mesh("cpu", dp=4 // (cp * tp), cp=cp, tp=tp)
+    mesh = rt.build_mesh("cpu", dp=4 // (cp * tp), cp=cp, tp=tp, etp=etp)
     model = rt.build_meta_model(spec)
     if tp > 1:
         rt.apply_tp(model, mesh, sequence_parallel=sp)
     rt.apply_cp(model, mesh, seq_len=SEQ)
+    if etp > 1:
+        rt.apply_ep(model, mesh, None)
     originals = {n: getattr(runtime_ac, n) for n in ("_selective_context", "op_context")}
 
     def recording(fn):
@@ -87,10 +89,10 @@ def _model(spec, cp: int, mode: str, contexts: list, tp: int = 1, sp: bool = Fal
     return model
 
 
-def _run(model_name: str, mode: str, cp: int = 1, tp: int = 1, sp: bool = False) -> collections.Counter:
+def _run(model_name: str, mode: str, cp: int = 1, tp: int = 1, sp: bool = False, etp: int = 1) -> collections.Counter:
     """What one forward and backward of the program runs, by phase (``_Collectives``)."""
     spec = tiny_spec(model_name, SEQ)
-    model = _model(spec, cp, mode, [], tp, sp)
+    model = _model(spec, cp, mode, [], tp, sp, etp)
     tokens = torch.randint(0, spec.vocab, (MBS, SEQ // cp))
     count = _Collectives()
     with count:
@@ -249,3 +251,25 @@ def test_selective_keeps_what_the_price_counts(fake_world, model_name):
     alias = sum(t.bytes * MBS for t in block.saved if t.name == "reshape")
     assert alias > 0 and c.act_bytes["selective"] < c.act_bytes["none"]
     assert measured == pytest.approx(spec.layers * (c.act_bytes["selective"] - c.act_bytes["none"] + alias))
+
+
+def test_etp_collectives_are_re_run_by_full_and_op(fake_world):
+    """moe-tiny, tp 2 and etp 2 (fake group): full and op re-run every forward collective of the expert
+    tensor parallelism (the gathers of the received tokens and their reduction, ``dist`` calls the per-op
+    policy does not save); the price adds the forward half of the etp time (it added none)."""
+    from autopar.cost_models.layer_cost import _tp_modules
+    from autopar.cost_models.recompute_cost import early_stop_tail, tp_rerun
+
+    runs = {m: _run("moe-tiny", m, tp=2, etp=2) for m in ("none", "op", "full")}
+    for m in ("op", "full"):
+        for name in ("allgather_", "allreduce_"):
+            assert runs[m]["backward", name] - runs["none"]["backward", name] == runs["none"]["forward", name] > 0
+    cm = _cm("moe-tiny")
+    block = next(t for t in cm.templates if t.is_moe)
+    s = Strategy(dp=2, tp=2, etp=2, micro_batch=MBS, global_batch=2 * MBS)
+    c = price_layer(block, s, cm.ctx)
+    tail = [block.ops[i] for i in early_stop_tail(block, block.ops)]
+    tp_full, tp_op = tp_rerun(block, s, "torch", c.comm_s["tp"], _tp_modules(block, False), tail)
+    assert c.comm_s["etp"] > 0
+    assert c.recompute_comm("full") == pytest.approx(tp_full + c.comm_s["etp"] / 2)
+    assert c.recompute_comm("op") == pytest.approx(tp_op + c.comm_s["etp"] / 2)
