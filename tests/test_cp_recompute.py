@@ -118,6 +118,7 @@ def _kept_bytes(model_name: str, cp: int, mode: str, local: int) -> int:
     seen: dict[int, int] = {}
 
     def keep(t):
+        t = getattr(t, "_local_tensor", t)  # a DTensor the policy cached: its shard is what the rank holds
         if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel():
             seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
 
