@@ -70,15 +70,16 @@ def test_the_process_entry_flushes_its_output_and_keeps_the_exit_code(args, code
 
 
 def test_the_process_entry_raises_the_gc_threshold_only_for_itself():
-    """Tests and scripts call ``main(argv)``: they keep their interpreter and its GC settings."""
+    """Tests and scripts call ``main(argv)``: they keep their interpreter, its GC settings and its
+    environment (the process entry also caps OpenBLAS at one thread for plan/estimate/memory)."""
     import gc
 
     from autopar.cli.main import main
 
-    before = gc.get_threshold()
+    before, env = gc.get_threshold(), dict(os.environ)
     with pytest.raises(SystemExit):
         main(["plan", "no-such-model"])
-    assert gc.get_threshold() == before
+    assert gc.get_threshold() == before and dict(os.environ) == env
 
 
 def test_a_warm_plan_reads_the_profiles_without_a_yaml_parser(tmp_path):
