@@ -70,6 +70,17 @@ def syncs_once_per_step(runtime: str, pp: int, schedule: str = "1f1b") -> bool:
     return runtime in DEFERRED_RUNTIMES or (runtime == "torch" and schedule in ZERO_BUBBLE)
 
 
+def holds_stage_grads(runtime: str, pp: int, schedule: str, zero_stage: int, offload: bool, dp_cp: int,
+                      dtype: str) -> bool:
+    """Whether autopar's program accumulates a stage's whole unsharded gradients to its last backward:
+    FSDP2 below ZeRO-3 (ZeRO-2 over several ranks or in 16 bits, or optimizer offload:
+    ``codegen.runtime_parallel.dp_mode``) under torch's deferral (``syncs_once_per_step``). ZeRO-3 is
+    refused there (``techniques.pipeline.torch_rule``). Read by ``runtime_memory.deferred_fsdp_memory``
+    and the search's memory floor."""
+    fsdp2 = zero_stage < 3 and (offload or (zero_stage == 2 and (dp_cp > 1 or dtype != "fp32")))
+    return runtime == "torch" and fsdp2 and syncs_once_per_step(runtime, pp, schedule)
+
+
 def deferred(cm, s) -> bool:
     """``syncs_once_per_step`` of a ``CostModel``'s runtime for strategy ``s``."""
     return syncs_once_per_step(cm.ctx.runtime, s.pp, s.schedule)

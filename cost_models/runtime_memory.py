@@ -216,8 +216,8 @@ def deferred_fsdp_memory(cm, s: Strategy, parts: list[LayerCost], extra: list[La
     counts are among them. ZeRO-3 under these schedules is an emit-rule refusal (``techniques.pipeline``).
     Unchanged for other runtimes, schedules, and programs without FSDP2 (``codegen.runtime_parallel.dp_mode``)."""
     n = s.dp * s.cp
-    fsdp2 = s.zero_stage < 3 and (s.offload_optimizer or (s.zero_stage == 2 and (n > 1 or cm.dtype != "fp32")))
-    if cm.ctx.runtime != "torch" or not parts or not fsdp2 or not fsdp.deferred(cm, s):
+    if not parts or not fsdp.holds_stage_grads(cm.ctx.runtime, s.pp, s.schedule, s.zero_stage, s.offload_optimizer,
+                                               n, cm.dtype):
         return mem
     gbytes = bytes_per_param(cm.dtype)[1]
     dense = sum(c.params_dense for c in parts + extra)

@@ -51,7 +51,8 @@ from functools import lru_cache
 from autopar import techniques
 from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate import CostModel, even_stages, offload_copies, offload_step_time
-from autopar.cost_models.fsdp import gathers_per_unit, syncs_once_per_step
+from autopar.cost_models.fsdp import gathers_per_unit, holds_stage_grads, syncs_once_per_step
+from autopar.cost_models.memory import bytes_per_param
 from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches
 from autopar.errors import InputError
 from autopar.planner import partition as part
@@ -363,6 +364,17 @@ def _optimizer_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
     return sp.memo[key]
 
 
+def with_deferred_grads(cm: CostModel, sh: Sharding, k: Knobs, floor):
+    """``floor`` (``bounds.Floor``) with the unsharded gradients a zero-bubble FSDP2 stage holds to its last
+    backward (``fsdp.holds_stage_grads``, ``runtime_memory.deferred_fsdp_memory``) beyond the sharded ones
+    it counts: every layer's gradient, whole, resident beside the activations (in ``temps``, which the memory
+    floor and the recompute floor both read)."""
+    if not holds_stage_grads(cm.ctx.runtime, sh.pp, k.schedule, k.zero, k.offload, sh.dp * sh.cp, cm.dtype):
+        return floor
+    whole = (floor.dense + floor.expert) * bytes_per_param(cm.dtype)[1]
+    return replace(floor, temps=floor.temps + whole - floor.grads(cm, sh, k.zero, k.offload))
+
+
 def _expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
     """Price one sharding and queue its configurations by schedule: a group holds the knobs of one
     (schedule, vpp) above the memory floor, under the least of their bounds (the ZeRO- and
@@ -385,7 +397,7 @@ def _expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
             modes = allowed_modes(sp.cons.modes, k.schedule, k.offload)
             key = (k.zero, k.offload, k.schedule, k.vpp, in_flight, warm, modes, k.schedule in pipeline.V_SHAPED)
             if key not in rests:
-                floor = _floor_for(sp, sh, modes)
+                floor = with_deferred_grads(cm, sh, k, _floor_for(sp, sh, modes))
                 fits = floor.bytes(cm, sh, k.zero, k.offload, in_flight, warm) <= sp.usable and not (
                     k.offload and host_usable is not None and floor.host_bytes(cm, sh) > host_usable)
                 extra = _recompute_floor(sp, sh, k, floor, in_flight, warm, pr.rc) if fits else 0.0

@@ -178,3 +178,18 @@ def test_emitted_programs_sync_as_priced(tmp_path):
     lines = (tmp_path / "zbv.metrics.jsonl").read_text().splitlines()
     measured = json.loads(lines[-1])["peak_mem_bytes"]
     assert pred == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.parametrize("fixed", [{"zero_stage": 2, "offload_optimizer": False}, {"offload_optimizer": True}])
+def test_bounded_search_keeps_the_exhaustive_zero_bubble_fsdp_plans(fixed):
+    """The search's floors read the same rule (ZeRO-3/FSDP time and offload copies once per step, the held
+    gradients in the memory floor: ``search.with_deferred_grads``): still under every price they bound."""
+    from autopar.planner import search as S
+
+    cm = build_cost_model(Inputs(model="llama3-8b", nodes=1, seq_len=2048))[0]
+    cons = dict(fixed={**fixed, "micro_batch": 1}, schedules=("zbv", "zb_interleaved"), max_cp=2)
+    bounded = S.search(cm, 64, S.Constraints(**cons))
+    every = S.search(cm, 64, S.Constraints(**cons), exhaustive=True)
+    plans = [[(c.strategy.short(), c.stages, c.estimate.step_time_s) for c in r.candidates] for r in (bounded, every)]
+    assert plans[0] and plans[0] == plans[1]
+    assert all(c.strategy.schedule in ZERO_BUBBLE for c in bounded.candidates)
