@@ -36,7 +36,8 @@ one comes first. A class with ``t = 0`` and more bytes than another ``t = 0`` cl
 plus the rare splits within ``3 tau`` (~1e-13 relative) of it: a few hundred points, not O(n^3).
 The same argument holds for any set between ``F(n)`` and all splits, so where the classes' splits
 number at most ``DIRECT`` (three classes up to n = 89) ``frontier`` takes them all, in one pass,
-instead of growing ``n`` levels (the search's pp = 1 configurations built 80 levels per frontier).
+instead of growing ``n`` levels (the search's pp = 1 configurations built 80 levels per frontier); and
+the first large ``n`` a build is asked takes the sum of two halves' supersets, pruned (``_halves``).
 """
 
 from __future__ import annotations
@@ -211,6 +212,7 @@ class _Levels:
         self.cut = 6 * err     # 3 tau (tau = 2 E): T(y) < fl(T(x) - cut) still implies t(y) < t(x) - tau
         self.radix = (CAP + 1) ** np.arange(len(self.groups), dtype=np.int64)
         self.levels = [np.zeros((1, len(self.groups)), dtype=np.int64)]
+        self.halves: dict[int, np.ndarray] = {}   # supersets of R(n) built from two halves (_halves)
         self.last = self._split_class()
 
     def _split_class(self) -> list[int]:
@@ -225,6 +227,8 @@ class _Levels:
             y = self.levels[n]
         elif comb(n + len(self.groups) - 1, len(self.groups) - 1) <= DIRECT:
             y = enumerate_splits(n, len(self.groups))   # every split of the classes: a superset of S(n)
+        elif len(self.levels) == 1 and not self.halves:   # the first large n asked (a rank holding every layer)
+            y = self._halves(n)
         else:
             while len(self.levels) <= n:
                 self.levels.append(self._grow(self.levels[-1]))
@@ -236,11 +240,29 @@ class _Levels:
         rank_cols = [x[:, j] for j in key_modes(self.k)]
         return _as_points(a, t, x, _keep_first(a, t, rank_cols))
 
+    def _halves(self, n: int) -> np.ndarray:
+        """A superset of ``R(n)`` from two halves: a split of ``n`` none beats by the margin splits into
+        two such splits of any sizes ``h`` and ``n - h`` (were a part beaten, the whole would be, ``A``
+        and ``t`` being additive), so ``R(n) <= R(h) + R(n - h)``; the sums are pruned as ``_grow``
+        prunes. Each half is every split where they are few, else halves again (log n sums, not n levels);
+        later asks grow the levels (one sum of two halves costs some dozen levels)."""
+        if n not in self.halves:
+            cls = len(self.groups)
+            if n <= 1 or comb(n + cls - 1, cls - 1) <= DIRECT:
+                self.halves[n] = self._pruned(enumerate_splits(n, cls))
+            else:
+                lo, hi = self._halves(n // 2), self._halves(n - n // 2)
+                self.halves[n] = self._pruned((lo[:, None, :] + hi[None, :, :]).reshape(-1, cls))
+        return self.halves[n]
+
     def _grow(self, prev: np.ndarray) -> np.ndarray:
         """``S(n)`` from ``S(n - 1)``: every extension by one layer, deduplicated, less the points
         another extension beats by the margin (``A`` at most, ``T`` below by more than ``cut``)."""
         cls = len(self.groups)
-        y = np.vstack([prev + np.eye(cls, dtype=np.int64)[c] for c in range(cls)])
+        return self._pruned(np.vstack([prev + np.eye(cls, dtype=np.int64)[c] for c in range(cls)]))
+
+    def _pruned(self, y: np.ndarray) -> np.ndarray:
+        """The candidate splits ``y``, deduplicated, less those another candidate beats by the margin."""
         _, first = np.unique(y @ self.radix, return_index=True)
         y = y[first]
         a, t = _values(y, self.ca, self.ct)

@@ -38,11 +38,15 @@ def test_incremental_equals_enumerated(seed):
 
 @pytest.mark.parametrize("seed", range(2))
 def test_grown_levels_equal_every_split(seed, monkeypatch):
-    # frontier() takes every split of the classes up to fr.DIRECT of them, else grows S(n): both paths
-    # give the enumerated frontier (at these sizes the default takes the first; here the second)
+    # frontier() takes every split of the classes up to fr.DIRECT of them, else (first ask) two halves,
+    # else grows S(n): each path gives the enumerated frontier (at these sizes the default takes the first;
+    # here, after a first ask, the last)
     monkeypatch.setattr(fr, "DIRECT", 0)
     for n, acts, dts in _cases(seed + 10, 40):
-        assert _fresh(n, acts, dts) == fr.enumerated(n, acts, dts), (n, acts, dts)
+        levels = fr._Levels(acts, dts)
+        levels.frontier(1)
+        assert levels.frontier(n).as_list() == fr.enumerated(n, acts, dts), (n, acts, dts)
+        assert len(levels.levels) > n or n <= 1
 
 
 def test_both_paths_at_80_layers():
@@ -55,6 +59,18 @@ def test_both_paths_at_80_layers():
     for _ in range(80):   # frontier(n) then reads the grown levels
         grown.levels.append(grown._grow(grown.levels[-1]))
     assert whole == [grown.frontier(n).as_list() for n in (80, 41)]
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_halves_equal_every_split(seed):
+    # the first large n of a build comes from two halves (frontier._Levels._halves), later ones from grown levels
+    for n, acts, dts in _cases(seed + 20, 30):
+        n += 30   # past fr.DIRECT splits for three and four classes
+        if not fr._incremental_ok(n, acts, dts):
+            continue
+        levels = fr._Levels(acts, dts)
+        assert levels.frontier(n).as_list() == fr.enumerated(n, acts, dts), (n, acts, dts)
+        assert levels.frontier(n - 1).as_list() == fr.enumerated(n - 1, acts, dts), (n - 1, acts, dts)
 
 
 def test_every_level_of_one_build_equals_enumerated():
