@@ -274,3 +274,19 @@ def test_etp_collectives_are_re_run_by_full_and_op(fake_world):
     assert c.comm_s["etp"] > 0
     assert c.recompute_comm("full") == pytest.approx(tp_full + c.comm_s["etp"] / 2)
     assert c.recompute_comm("op") == pytest.approx(tp_op + c.comm_s["etp"] / 2)
+
+
+def test_the_search_floor_keeps_no_more_than_selective_keeps():
+    """planner.bounds.floor_terms: the activation floor of a fixed selective recompute is no more than the
+    price's blocks keep (it read none's set, above the emitted selective's: an inadmissible floor)."""
+    from autopar.planner.bounds import floor_terms
+    from autopar.planner.space import Sharding
+
+    cm = _cm("llama-tiny")
+    sh = Sharding(tp=1, cp=1, pp=1, dp=4, ep=1, etp=1, sp=False, mbs=MBS)
+    floor = floor_terms(cm, sh, ("selective",))
+    s = Strategy(dp=4, micro_batch=MBS, global_batch=4 * MBS)
+    blocks = [t for t in cm.templates if t.kind == "block"]
+    priced = sum(len(t.indices) * price_layer(t, s, cm.ctx).act_bytes["selective"] for t in blocks)
+    edges = sum(price_layer(t, s, cm.ctx).act_bytes["none"] for t in cm.templates if t.kind != "block")
+    assert floor.act_base <= priced + edges
