@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _exit(code: int | str | None) -> None:
-    """Exit without tearing the interpreter down: after a ``plan`` the teardown (freeing every
-    module and the search's objects one by one) took 0.15-0.25 s, a fifth of what a warm plan
-    spends outside its search (docs/benchmarks.md). The ``atexit`` functions (temporary
+    """Exit without tearing the interpreter down: the teardown (freeing every module and the
+    search's objects one by one) took 0.15-0.25 s of CPU after a warm ``plan`` (a fifth of what it
+    spent outside its search) and about 0.8 s after a cold one, with torch loaded (docs/benchmarks.md,
+    the seventh round of the cli_latency section). The ``atexit`` functions (temporary
     folders, torch's) still run and the output is flushed; with a non-daemon thread still running,
     the normal exit waits for it (daemon threads, such as the tqdm monitor that a capture's imports
     start, a normal exit does not wait for either)."""
