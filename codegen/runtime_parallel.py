@@ -99,9 +99,13 @@ def _block_plan(block: nn.Module, sp: bool) -> dict:
     out = seq if sp else rep
     plan = {}
     if sp:
+        # the gathered input stays a Replicate DTensor into q/k/v (torchtitan's plan): autograd sums their
+        # Partial input gradients and the gather's backward reduce-scatters once (a local tensor made each
+        # column-parallel linear all-reduce its own). MLA feeds replicated wq_a / wkv_a: a local tensor.
+        mla = hasattr(block.attention, "wkv_a")
         plan["attention_norm"] = SequenceParallel()
         plan["attention"] = PrepareModuleInput(input_layouts=(seq, None, None), desired_input_layouts=(rep, None, None),
-                                               use_local_output=True)
+                                               use_local_output=mla)
         plan["ffn_norm"] = SequenceParallel()
     for name in _COLWISE:
         if getattr(block.attention, name, None) is not None:
@@ -114,11 +118,14 @@ def _block_plan(block: nn.Module, sp: bool) -> dict:
                 input_layouts=(seq,), desired_input_layouts=(rep,), input_kwarg_layouts=None,
                 output_layouts=(rep,), desired_output_layouts=(seq,), use_local_input=True, use_local_output=True)
         if ff.shared_experts is not None:
+            if sp:  # a DTensor into w1 / w3: one all-reduce of their summed input gradients, not one each
+                plan["feed_forward.shared_experts"] = PrepareModuleInput(
+                    input_layouts=(rep,), desired_input_layouts=(rep,), use_local_output=False)
             plan.update(_mlp_plan("feed_forward.shared_experts", ff.shared_experts, rep))
         return plan
     if sp:
         plan["feed_forward"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(rep,),
-                                                  use_local_output=True)
+                                                  use_local_output=False)  # as attention: one reduce-scatter
     plan.update(_mlp_plan("feed_forward", ff, out))
     return plan
 
