@@ -92,12 +92,18 @@ def _sequence_parallel_layer(layer: nn.Module, tp_mesh, sharded: set[int], first
     """Norms on ``Shard(1)``; the sub-modules holding linears (attention, MLP) gather the sequence
     first; a replicated one (routed experts, or no linear in the plan) splits its output again
     (the row-parallel linear's reduce-scatter does it elsewhere). The first layer takes the
-    embedding's full sequence and keeps its share."""
+    embedding's full sequence and keeps its share. A sub-module whose linears are all split takes
+    the gathered sequence as a Replicate DTensor (torchtitan's plan): autograd sums the column-parallel
+    linears' Partial input gradients and the gather's backward reduce-scatters once (a local tensor
+    made each of them all-reduce its own); one with a replicated linear or experts takes a local tensor."""
     for sub in layer.children():
         if _is_norm(sub):
             parallelize_module(sub, tp_mesh, SequenceParallel(use_local_output=True))
         elif any(isinstance(m, nn.Linear) or is_experts(m) for m in sub.modules()):
-            sub.register_forward_pre_hook(_relayout_input(tp_mesh, Shard(1), Replicate()), with_kwargs=True)
+            split = all(id(m) in sharded for m in sub.modules() if isinstance(m, nn.Linear)) and \
+                not any(is_experts(m) for m in sub.modules())
+            sub.register_forward_pre_hook(_relayout_input(tp_mesh, Shard(1), Replicate(), local=not split),
+                                          with_kwargs=True)
             if any(is_experts(m) for m in sub.children()) or not any(id(m) in sharded for m in sub.modules()):
                 sub.register_forward_hook(_relayout_output(tp_mesh, Replicate(), Shard(1)))
     if first:
@@ -108,19 +114,20 @@ def _is_norm(m: nn.Module) -> bool:
     return isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or type(m).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
-def _relayout(x, tp_mesh, src, dst):
+def _relayout(x, tp_mesh, src, dst, local: bool = True):
     if not isinstance(x, DTensor):
         x = DTensor.from_local(x, tp_mesh, [src], run_check=False)
-    return x.redistribute(tp_mesh, [dst]).to_local()
+    x = x.redistribute(tp_mesh, [dst])
+    return x.to_local() if local else x
 
 
-def _relayout_input(tp_mesh, src, dst):
+def _relayout_input(tp_mesh, src, dst, local: bool = True):
     """The sub-module's hidden states (first positional argument, or ``hidden_states=``) from
-    ``src`` to ``dst`` placement over tp, as a local tensor."""
+    ``src`` to ``dst`` placement over tp, as a local tensor (``local``) or a DTensor."""
     def hook(module, args, kwargs):
         if args:
-            return (_relayout(args[0], tp_mesh, src, dst), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": _relayout(kwargs["hidden_states"], tp_mesh, src, dst)}
+            return (_relayout(args[0], tp_mesh, src, dst, local), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": _relayout(kwargs["hidden_states"], tp_mesh, src, dst, local)}
     return hook
 
 
