@@ -279,3 +279,32 @@ def test_cap_scales_bounds_the_kernel_scales_only(monkeypatch):
             assert max(grid) == 1.0 and grid == [v for v in before[name] if v <= 1.0]
         else:
             assert grid == before[name]
+
+
+def test_fit_stays_inside_the_physical_bounds(monkeypatch):
+    """The fit never leaves ``calibrate_modern.BOUNDS`` (GEMMs above the chip's best cuBLAS rate, Hopper
+    attention below FlashAttention-2's), even where the rows would pull it out, and every constant the
+    fitted profiles ship is inside them (and at its ``HELD`` value)."""
+    sys.path.insert(0, str(BENCH))
+    import calibrate_modern as cal
+
+    # rows that want every scale as low as the grid goes: the bound, not the grid, stops the fit
+    monkeypatch.setattr(cal, "errors", lambda rows, fitted: fitted.stacks[("hopper", "megatron")].attention_scale
+                        + fitted.stacks[("ampere", "megatron")].attention_scale)
+    monkeypatch.setattr(cal, "objective", lambda errs: errs)
+    fitted = cal.Fitted({}, {("hopper", "megatron"): StackConstants(attention_scale=0.3),
+                             ("ampere", "megatron"): StackConstants()})
+    for key in fitted.stacks:
+        cal._descend([], fitted, fitted.stacks, key, ["attention_scale"])
+    assert fitted.stacks[("hopper", "megatron")].attention_scale == 1.0  # started below: moved inside
+    assert fitted.stacks[("ampere", "megatron")].attention_scale == min(cal.GRIDS["attention_scale"])
+    assert not cal.in_bounds("hopper", "fp8_matmul_scale", 1.1)
+    assert cal.in_bounds(("hopper", "torch"), "matmul_scale", 1.05)
+    for gtype, names in cal.PROFILES.items():
+        for name in names:
+            gpu = load_gpu_profile(name)
+            for runtime in (*gpu.stacks, "torch"):
+                c = gpu.stack(runtime)
+                bad = [f for (g, f) in (*cal.BOUNDS, *cal.HELD)
+                       if g == gtype and not cal.in_bounds(gtype, f, getattr(c, f))]
+                assert not bad, (name, runtime, bad)
