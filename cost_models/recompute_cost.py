@@ -71,9 +71,11 @@ def tp_rerun(layer: LayerTemplate, s, runtime: str, tp_s: float, modules: tuple[
     column-parallel input gradient), with sp an all-gather before and a reduce-scatter after each
     sub-layer of the ``4 rows`` collectives; op re-runs the all-reduces and all-gathers; neither
     re-runs the collective of a row-parallel linear in the early-stop ``tail``."""
-    if runtime != "torch" or layer.kind != "block" or s.tp == 1:
-        return tp_s / 2, tp_s / (4 if s.sequence_parallel else 2)
     rows, cols, _ = modules
+    # rows == 0: a layer whose split linears are not counted by name (a Hugging Face model priced from its
+    # own tp plan): the runtimes' halves
+    if runtime != "torch" or layer.kind != "block" or s.tp == 1 or rows == 0:
+        return tp_s / 2, tp_s / (4 if s.sequence_parallel else 2)
     skip = int(any(o.kind == "gemm" and o.shard == "tp" and o.tp_dim == "k" for o in tail))
     if s.sequence_parallel:
         return tp_s * (2 * rows - skip) / (4 * rows), tp_s / 4
