@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import collections
 
+import helpers_collectives
 import pytest
 import torch
-import torch.distributed as dist
 from helpers_plans import tiny_spec
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from autopar.codegen import runtime as rt
 from autopar.codegen import runtime_ac
@@ -32,30 +31,19 @@ MODES = ("none", "selective", "op", "full")
 
 @pytest.fixture(scope="module")
 def fake_world():
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
-    yield
-    dist.destroy_process_group()
+    with helpers_collectives.fake_world(4):
+        yield
 
 
-class _Collectives(TorchDispatchMode):
+class _Collectives(helpers_collectives.Collectives):
     """Counts (phase, collective) of the ops that run, SDPA calls and GEMM FLOPs (``mm`` / ``addmm``);
     ``phase`` is set by the caller."""
 
-    def __init__(self):
-        super().__init__()
-        self.phase, self.seen = "forward", collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if func.namespace in ("_c10d_functional", "c10d") and "wait" not in name:
-            self.seen[(self.phase, name)] += 1
-        elif name.startswith("_scaled_dot_product") and not name.endswith("_backward"):  # the forward kernel
+    def other(self, name: str, args: tuple) -> None:
+        if name.startswith("_scaled_dot_product") and not name.endswith("_backward"):  # the forward kernel
             self.seen[(self.phase, "sdpa")] += 1
         elif name in ("mm", "addmm"):
             self.seen[(self.phase, "gemm_flops")] += 2 * args[-2].numel() * args[-1].shape[-1]
-        return func(*args, **(kwargs or {}))
 
 
 def _model(spec, cp: int, mode: str, contexts: list, tp: int = 1, sp: bool = False, etp: int = 1):

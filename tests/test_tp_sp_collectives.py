@@ -20,11 +20,10 @@ import json
 import tempfile
 from pathlib import Path
 
+import helpers_collectives
 import pytest
 import torch
-import torch.distributed as dist
 from helpers_plans import tiny_spec
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from autopar.codegen import runtime as rt
 from autopar.cost_models.layer_cost import _tp_modules
@@ -36,25 +35,15 @@ NAMES = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather", "re
 
 @pytest.fixture(scope="module")
 def fake_world():
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    yield
-    dist.destroy_process_group()
+    with helpers_collectives.fake_world(2):
+        yield
 
 
-class _Collectives(TorchDispatchMode):
-    """Counts (phase, collective) of the functional / c10d collectives that run; ``phase`` set by the caller."""
+class _Collectives(helpers_collectives.Collectives):
+    """Counts (phase, collective) of the all-reduces, all-gathers and reduce-scatters that run."""
 
-    def __init__(self):
-        super().__init__()
-        self.phase, self.seen = "forward", collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if func.namespace in ("_c10d_functional", "c10d") and name in NAMES:
-            self.seen[(self.phase, NAMES[name])] += 1
-        return func(*args, **(kwargs or {}))
+    def collective(self, name: str) -> str | None:
+        return NAMES.get(name)
 
 
 def _hf_spec(layers: int):
