@@ -38,6 +38,16 @@ class Collectives(TorchDispatchMode):
     def other(self, name: str, args: tuple) -> None:
         pass
 
+    def step(self, model, tokens) -> collections.Counter:
+        """What one forward, loss and backward of ``model`` on ``tokens`` runs, by phase."""
+        from autopar.codegen import runtime as rt
+
+        with self:
+            loss = rt.lm_loss(model(tokens), tokens)
+            self.phase = "backward"
+            loss.backward()
+        return self.seen
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
         if func.namespace in ("_c10d_functional", "c10d"):

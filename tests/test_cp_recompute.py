@@ -82,12 +82,7 @@ def _run(model_name: str, mode: str, cp: int = 1, tp: int = 1, sp: bool = False,
     spec = tiny_spec(model_name, SEQ)
     model = _model(spec, cp, mode, [], tp, sp, etp)
     tokens = torch.randint(0, spec.vocab, (MBS, SEQ // cp))
-    count = _Collectives()
-    with count:
-        loss = rt.lm_loss(model(tokens), tokens)
-        count.phase = "backward"
-        loss.backward()
-    return count.seen
+    return _Collectives().step(model, tokens)
 
 
 def _gathers_in_backward(model_name: str, mode: str) -> int:

@@ -67,12 +67,7 @@ def _run(model_name: str, layers: int, sp: bool) -> collections.Counter:
     (rt.apply_hf_tp if hf else rt.apply_tp)(model, mesh, sequence_parallel=sp)
     rt.materialize([model], spec, 0, torch.device("cpu"))
     tokens = torch.randint(0, spec.vocab, (MBS, SEQ))
-    count = _Collectives()
-    with count:
-        loss = rt.lm_loss(model(tokens), tokens)
-        count.phase = "backward"
-        loss.backward()
-    return count.seen
+    return _Collectives().step(model, tokens)
 
 
 def _per_block(model_name: str, sp: bool) -> dict[str, dict[str, int]]:
