@@ -57,10 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.runtime:
                 case = dataclasses.replace(case, runtime=args.runtime)
             p = pr.price(case, Path(tmp))
-            t = p.estimate.time
-            print(f"{r['id']:34s} {case.runtime:10s} {case.strategy}\n    pred {p.pred_step_s:6.2f} s  published "
-                  f"{p.pub_step_s:6.2f} s  error {100 * p.error:+6.1f}%  compute {t['compute']:.2f} bubble "
-                  f"{t['bubble']:.2f} tp {t['tp_comm']:.2f} pp {t['pp_comm']:.2f} dp {t['dp_comm']:.2f}")
+            print(f"{r['id']:34s} {case.runtime:10s} {case.strategy}\n    {p.breakdown()}")
     return 0
 
 

@@ -49,10 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             for nodes, step_s in sorted(dense.MT_NLG_STEP_S.items()):
                 case = pr.case_for(configuration(run, nodes, step_s, mbs or None))
                 p = pr.price(case, Path(tmp))
-                t = p.estimate.time
-                print(f"{case.id:22s} {case.strategy}\n    pred {p.pred_step_s:6.2f} s  published {p.pub_step_s:6.2f} s"
-                      f"  error {100 * p.error:+6.1f}%  compute {t['compute']:.2f} recompute {t['recompute']:.2f} "
-                      f"bubble {t['bubble']:.2f} tp {t['tp_comm']:.2f} pp {t['pp_comm']:.2f} dp {t['dp_comm']:.2f}")
+                print(f"{case.id:22s} {case.strategy}\n    {p.breakdown()}")
     return 0
 
 

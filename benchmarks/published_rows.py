@@ -143,6 +143,13 @@ class Priced:
     def error(self) -> float:
         return self.pub_step_s / self.pred_step_s - 1.0
 
+    def breakdown(self) -> str:
+        """Predicted and published step, the error and the priced step's main terms (the probes' line)."""
+        t = self.estimate.time
+        return (f"pred {self.pred_step_s:6.2f} s  published {self.pub_step_s:6.2f} s  error {100 * self.error:+6.1f}%"
+                "  " + " ".join(f"{k} {t[k]:.2f}" for k in ("compute", "recompute", "bubble", "tp_comm", "pp_comm",
+                                                               "dp_comm")))
+
 
 def load_runs(path: str | Path) -> list[dict]:
     return yaml.safe_load(Path(path).read_text())["runs"]
