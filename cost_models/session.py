@@ -98,6 +98,9 @@ def _cross_entropy(inp: Inputs) -> str:
 
     if inp.cross_entropy not in CROSS_ENTROPY_IMPLS:
         raise InputError(f"--cross-entropy={inp.cross_entropy} is not one of {', '.join(CROSS_ENTROPY_IMPLS)}")
+    if inp.cross_entropy != "te" and inp.runtime != "megatron":  # other runtimes' loss is the captured graph's
+        raise InputError(f"--cross-entropy={inp.cross_entropy}: a Megatron-Core loss kernel, priced under --runtime "
+                         f"megatron only; drop it or add --runtime megatron")
     return inp.cross_entropy
 
 

@@ -30,6 +30,11 @@ def test_torch_runtime_refuses_token_dropping(run_cli):
     assert code == 2 and "--moe-capacity-factor=1.0" in err and "dropless" in err and "Traceback" not in err
 
 
+def test_other_runtimes_refuse_megatrons_loss_kernel(run_cli):
+    code, out, err = run_cli("estimate", "moe-tiny", "--strategy", "dp=8", "--cross-entropy", "native")
+    assert code == 2 and "--cross-entropy=native" in err and "--runtime megatron" in err and "Traceback" not in err
+
+
 def test_other_clusters_of_the_job_price_the_same_program():
     cm, *_ = build_cost_model(Inputs(model="moe-tiny", runtime="megatron", moe_capacity_factor=1.25,
                                      a2a_overlap=False, cross_entropy="native"))
