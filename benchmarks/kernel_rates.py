@@ -1,0 +1,107 @@
+"""Kernel rates on one CUDA GPU: the numbers behind the Hopper kernel-scale bounds of issue 12.
+
+    python benchmarks/kernel_rates.py --out rates.json      # about 30 s on an H100
+
+Measures, each as the median of timed repeats after warm-ups (CUDA events):
+
+- dense GEMM TFLOP/s in bf16 and fp8 (``torch._scaled_mm``, per-tensor scales, e4m3) at the
+  square sizes 4096 and 8192 and a Llama-70B-like 16384x8192x28672 shape;
+- causal attention TFLOP/s, forward and forward+backward, per SDPA backend (flash, cuDNN,
+  efficient) at head dim 128, 32 heads, sequence 4096 / 8192 / 16384, batch 1 (FLOPs counted as
+  Megatron does for the causal half: 2 * 2 * b * h * s^2 * d / 2 forward, x3.5 with backward).
+
+The bounds in ``benchmarks/calibrate_modern.py`` cite these: the GEMM scale stays at or below the
+best bf16 / fp8 GEMM rate measured here, and the attention scale between the flash and the best
+backend. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+
+def timed_ms(fn, warmup: int = 3, reps: int = 10) -> float:
+    """Median milliseconds of ``fn()`` on the current stream."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def gemm_rates() -> list[dict]:
+    """bf16 and fp8 matmul TFLOP/s at a few shapes (m, k, n)."""
+    rows = []
+    for m, k, n in ((4096, 4096, 4096), (8192, 8192, 8192), (16384, 8192, 28672)):
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        flops = 2.0 * m * k * n
+        rows.append({"kind": "gemm", "dtype": "bf16", "shape": [m, k, n],
+                     "tflops": flops / timed_ms(lambda: a @ b.t()) / 1e9})
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+        one = torch.ones((), device="cuda", dtype=torch.float32)
+        try:
+            ms = timed_ms(lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+            rows.append({"kind": "gemm", "dtype": "fp8", "shape": [m, k, n], "tflops": flops / ms / 1e9})
+        except RuntimeError as exc:  # an fp8-less build or GPU: say so instead of failing the probe
+            rows.append({"kind": "gemm", "dtype": "fp8", "shape": [m, k, n], "error": str(exc)[:200]})
+        del a, b, a8, b8
+    return rows
+
+
+def attention_rates() -> list[dict]:
+    """Causal SDPA TFLOP/s per backend, forward and forward+backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    rows = []
+    for s in (4096, 8192, 16384):
+        q, k, v = (torch.randn(1, 32, s, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        fwd_flops = 2 * 2 * 32 * s * s * 128 / 2
+        for name, backend in backends.items():
+            row = {"kind": "attention", "backend": name, "seq_len": s}
+            try:
+                with sdpa_kernel(backend):
+                    fwd = timed_ms(lambda: sdpa(q, k, v, is_causal=True))
+                    both = timed_ms(lambda: sdpa(q, k, v, is_causal=True).sum().backward())
+                row.update(fwd_tflops=fwd_flops / fwd / 1e9, fwd_bwd_tflops=3.5 * fwd_flops / both / 1e9)
+            except RuntimeError as exc:  # backend not built or not eligible for these shapes
+                row["error"] = str(exc).splitlines()[0][:200]
+            rows.append(row)
+        del q, k, v
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("kernel_rates.json"))
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("kernel_rates: no CUDA device visible to torch")
+        return 2
+    rows = gemm_rates() + attention_rates()
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version()}
+    a.out.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+    print(json.dumps(env))
+    for r in rows:
+        print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
