@@ -225,3 +225,14 @@ def cpu_contention(gpu: GpuProfile, ranks_per_node: int) -> float:
     if not gpu.cores:
         return 1.0
     return max(1.0, ranks_per_node * gpu.threads_per_rank / gpu.cores)
+
+
+def mfu_peak(gpu: GpuProfile, timer: OpTimer) -> float:
+    """The MFU denominator: the GPU type's dense datasheet peak of the dtype (bf16 under fp8, as
+    ``OpTimer.peak``), also when ``timer`` prices from a measured profile (``--profile``): a measured
+    peak is a fit constant, not the MFU convention (Megatron / PaLM: datasheet dense peak). A CPU,
+    or a cluster whose device is itself a measured profile, has no datasheet: its own peak."""
+    prec = "bf16" if PRECISION.get(timer.dtype, "bf16") == "fp8" else PRECISION.get(timer.dtype, "bf16")
+    if timer.gpu is gpu or gpu.cores is not None or gpu.meta.get("measured") or prec not in gpu.peak_tflops:
+        return timer.peak
+    return gpu.peak_flops(prec)

@@ -31,7 +31,7 @@ from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
 from autopar.cost_models import fp8_cost, fsdp, overlap
 from autopar.cost_models.comm import CommFit, collective_time
-from autopar.cost_models.compute import OpTimer
+from autopar.cost_models.compute import OpTimer, mfu_peak
 from autopar.cost_models.estimate_types import Estimate, RankMemory, RankReport  # noqa: F401
 from autopar.cost_models.layer_cost import LayerCost, PricingContext, price_layer, shared_core_sync
 from autopar.cost_models.layer_model import LayerTemplate
@@ -442,7 +442,7 @@ class CostModel:
             strategy=s, step_time_s=total, time=time, ranks=ranks, peak_bytes=worst.mem_bytes,
             capacity_bytes=float(self.gpu.mem_capacity_bytes), usable_bytes=float(self.gpu.usable_mem_bytes),
             model_flops=model, hardware_flops=model + full_rc * s.global_batch, world=s.world,
-            peak_flops=self.timer.peak, tokens=s.global_batch * self.seq_len,
+            peak_flops=mfu_peak(self.gpu, self.timer), tokens=s.global_batch * self.seq_len,
             sources={"compute": self.timer.source,
                      "communication": "measurement" if self.ctx.fits else "datasheet"},
             allocator_reserve_fraction=self.gpu.allocator_reserve_fraction,
