@@ -112,7 +112,10 @@ def profile_command(
 
 def _merge_previous(prof: dict, out: Path, alias: list[str], extend: bool) -> dict:
     """Carry over from the file being replaced: its aliases and collective fits (they describe
-    the interconnect, not the ops), and with ``extend`` its measured ops."""
+    the interconnect, not the ops), and with ``extend`` its measured ops and timed points (the
+    peaks and curves are refitted over both runs' points: ``profiler.refit``)."""
+    from autopar.profiles.profiler import refit
+
     old = {}
     if out.is_file():
         try:
@@ -124,6 +127,7 @@ def _merge_previous(prof: dict, out: Path, alias: list[str], extend: bool) -> di
         prof["comm_fits"] = old["comm_fits"]
         prof["meta"]["comm"] = old.get("meta", {}).get("comm", {})
     if extend and old.get("measured_ops"):
+        prof = refit(prof, old)  # the best peak of both runs; curves through both models' points
         prof["measured_ops"] = {**old["measured_ops"], **prof["measured_ops"]}
         models = old.get("meta", {}).get("models", [old.get("meta", {}).get("model")])
         prof["meta"]["models"] = sorted({m for m in models if m} | {prof["meta"]["model"]})

@@ -7,8 +7,12 @@ measured op table (``measured_ops``: op signature -> [forward s, backward s, spr
 
 1. capture the model (identical blocks form one group: repeated layers are timed once) and
    time every distinct op signature forward and backward (``profiler_ops``, ``profiler_timing``);
-2. sweep GEMM, memory-bound and attention shapes (``profiler_sweep``);
-3. fit the curves from the sweep points plus the model's own ops.
+2. sweep GEMM, memory-bound and attention shapes (``profiler_sweep``; sized for the device);
+3. fit the peaks and curves from the sweep points plus the model's own ops.
+
+Every timed point is kept in ``meta.points``: ``autopar profile --extend`` refits the peaks and
+curves over the union of both runs' points (``refit``), so a second model never lowers the peak
+the first one measured.
 
 The budget is wall-clock seconds for steps 1-2 together: ops get up to ``OPS_SHARE`` of it,
 the sweeps the rest (and whatever the ops left).
@@ -29,7 +33,16 @@ from autopar.core.model_spec import ModelSpec
 from autopar.errors import InputError
 from autopar.profiles.graph import DTYPES
 from autopar.profiles.profiler_ops import ModelOps, OpSample, model_ops
-from autopar.profiles.profiler_sweep import Point, fit_curve, peak_bandwidth, peak_flops, run_sweep
+from autopar.profiles.profiler_sweep import (
+    BWD_RATIO,
+    Point,
+    SweepLimits,
+    fit_curve,
+    peak_bandwidth,
+    peak_flops,
+    run_sweep,
+    sweep_limits,
+)
 from autopar.profiles.profiler_timing import Clock, engine_overhead, grad_runner, time_fwd_bwd
 
 OPS_SHARE = 0.45
@@ -74,11 +87,16 @@ def profile_device(spec: ModelSpec, seq_len: int, micro_batch: int, dtype: str, 
     mops = model_ops(spec, seq_len, micro_batch, dtype, device)
     _log_groups(mops, log, run)
     points = _time_ops(mops, clock, budget_s * OPS_SHARE, engine, log, run)
+    lim = sweep_limits(device, DTYPES[dtype], clock)
+    if lim.big:
+        log(f"sweep sizes: GEMMs up to {lim.gemm_flops:.3g} FLOP, attention {lim.attention_flops:.3g}, "
+            f"elementwise 2^{lim.membound_log2} elements")
     left = budget_s - (time.perf_counter() - t0)
     for curve, share in SWEEP_SHARES.items():
-        points += run_sweep(curve, DTYPES[dtype], device, clock, max(left * share, 1.0), engine, log)
+        points += run_sweep(curve, DTYPES[dtype], device, clock, max(left * share, 1.0), engine, log, lim)
     run.profile = _assemble(points, mops, dtype, device, threads, name, command, overhead, clock, engine,
                             seq_len, micro_batch, spec)
+    run.profile["meta"]["sweep_limits"] = _limits_meta(lim)
     run.wall_s = time.perf_counter() - t0
     run.profile["meta"]["profile_wall_s"] = round(run.wall_s, 1)
     return run
@@ -154,13 +172,10 @@ def _r(x: float) -> float:
 
 def _assemble(points, mops, dtype, device, threads, name, command, overhead, clock, engine,
               seq_len, micro_batch, spec) -> dict:
-    if not any(p.curve == "matmul" for p in points) or not any(p.curve == "membound" for p in points):
+    if not any(p.curve == "matmul" for p in points) or not any(p.curve == "membound" and not p.from_model
+                                                                for p in points):
         raise InputError("--budget-s: too small to time any GEMM or memory-bound sweep point; raise it")
-    peak, bw = peak_flops(points), peak_bandwidth(points)
-    curves = {c: fit_curve([p for p in points if p.curve == c], peak, bw, 4 if c == "matmul" else 2,
-                           monotone=c != "membound") for c in ("matmul", "membound", "attention")}
-    if not curves["attention"]:
-        curves["attention"] = curves["matmul"]
+    peak, bw, curves = fit_all(points)
     info = device_info(device, threads)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     how = f"measured by `{command}` on {info['device']}, {date}"
@@ -169,9 +184,9 @@ def _assemble(points, mops, dtype, device, threads, name, command, overhead, clo
         "name": name,
         "description": f"measured: {info['device']}, {info['threads']} thread(s) per rank, torch {info['torch']}, "
                        f"{dtype}",
-        "peak_tflops": {dtype: round(peak / 1e12, 5)},
+        "peak_tflops": {dtype: _peak_tflops(peak)},
         "mem_capacity_bytes": info["mem_bytes"],
-        "mem_bw_gbps": round(bw / 1e9, 3),
+        "mem_bw_gbps": _bw_gbps(bw),
         "framework_overhead_bytes": overhead,
         "usable_mem_fraction": 0.9,
         "fused_elementwise": False,  # ops were timed one by one, as eager PyTorch runs them
@@ -186,8 +201,32 @@ def _assemble(points, mops, dtype, device, threads, name, command, overhead, clo
                  "threads": threads if device == "cpu" else None, "date": date, "command": command,
                  "clock": clock.kind, "autograd_startup_s": _r(engine), "model": spec.name,
                  "seq_len": seq_len, "micro_batch": micro_batch, "sweep_points": counts,
-                 "python": platform.python_version()},
+                 "python": platform.python_version(), "points": points_meta(points)},
     }
+
+
+def fit_all(points: list[Point], floor: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float, dict]:
+    """(GEMM peak FLOP/s, bandwidth bytes/s, the three curves) of a set of timed points; ``floor``:
+    peaks measured before whose points are gone (a profile written before ``meta.points``)."""
+    peak, bw = max(peak_flops(points), floor[0]), max(peak_bandwidth(points), floor[1])
+    curves = {c: fit_curve([p for p in points if p.curve == c], peak, bw, 4 if c == "matmul" else 2,
+                           monotone=c != "membound") for c in ("matmul", "membound", "attention")}
+    if not curves["attention"]:
+        curves["attention"] = curves["matmul"]
+    return peak, bw, curves
+
+
+def _peak_tflops(peak: float) -> float:
+    return round(peak / 1e12, 5)
+
+
+def _bw_gbps(bw: float) -> float:
+    return round(bw / 1e9, 3)
+
+
+def _limits_meta(lim: SweepLimits) -> dict:
+    return {"gemm_flops": _r(lim.gemm_flops), "attention_flops": _r(lim.attention_flops),
+            "membound_elements": 2**lim.membound_log2}
 
 
 def _sources(how: str, counts: dict, info: dict, device: str) -> dict[str, str]:
@@ -247,3 +286,49 @@ def _resident_bytes(device: str) -> int:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
         return 512 * 2**20
+
+
+POINT_FIELDS = ("curve", "x", "flops", "bytes_rw", "fwd_s", "bwd_s", "bwd_flops", "from_model")
+
+
+def points_meta(points: list[Point]) -> list[list]:
+    """Every timed point as ``POINT_FIELDS`` (4 significant digits): what ``refit`` reads back."""
+    return [[p.curve, _r(p.x), _r(p.flops), _r(p.bytes_rw), _r(p.fwd_s), _r(p.bwd_s), _r(p.bwd_flops),
+             int(p.from_model)] for p in points if p.total_s > 0]
+
+
+def stored_points(prof: dict) -> list[Point]:
+    """The timed points of a measured profile: ``meta.points``, or for a profile written before they
+    were kept, one point per curve point that reproduces it (``curve_point``)."""
+    rows = prof.get("meta", {}).get("points")
+    if rows:
+        return [Point(r[0], "stored", *map(float, r[1:7]), from_model=bool(r[7])) for r in rows]
+    peak, bw = next(iter(prof["peak_tflops"].values())) * 1e12, prof["mem_bw_gbps"] * 1e9
+    return [curve_point(c, x, eff, peak, bw) for c in ("matmul", "membound", "attention")
+            for x, eff in prof.get(f"{c}_eff") or []]
+
+
+def curve_point(curve: str, x: float, eff: float, peak: float, bw: float) -> Point:
+    """A point whose ``efficiency`` at (``peak``, ``bw``) is ``eff`` (backward = BWD_RATIO x forward)."""
+    ratio = BWD_RATIO[curve]
+    total = (1 + ratio) * x / (eff * (bw if curve == "membound" else peak))
+    fwd = total / (1 + ratio)
+    if curve == "membound":
+        return Point(curve, "curve", x, 0.0, x, fwd, total - fwd)
+    return Point(curve, "curve", x, x, 0.0, fwd, total - fwd, ratio * x)
+
+
+def refit(prof: dict, old: dict) -> dict:
+    """``prof`` with peaks and curves refitted over its points and ``old``'s (``--extend``): the
+    best peak of both runs, curves through both models' shapes. A profile of another dtype is left."""
+    if set(prof["peak_tflops"]) != set(old.get("peak_tflops", {})):
+        return prof
+    points = stored_points(prof) + stored_points(old)
+    floor = (next(iter(old["peak_tflops"].values())) * 1e12, old["mem_bw_gbps"] * 1e9)
+    peak, bw, curves = fit_all(points, floor)
+    dtype = next(iter(prof["peak_tflops"]))
+    prof.update(peak_tflops={dtype: _peak_tflops(peak)}, mem_bw_gbps=_bw_gbps(bw), matmul_eff=curves["matmul"],
+                membound_eff=curves["membound"], attention_eff=curves["attention"])
+    prof["meta"]["points"] = points_meta(points)
+    prof["meta"]["sweep_points"] = {c: sum(p.curve == c for p in points) for c in curves}
+    return prof

@@ -16,9 +16,17 @@ Per curve, points are bucketed by quarter (matmul) or half decades of x and the 
 efficiency of each bucket kept (at the bucket's median x). GEMM and attention curves are made
 non-decreasing (isotonic fit: their dips are noise); the memory-bound curve is kept as measured,
 because on CPU it really falls past ~32 MB (fresh buffers come from mmap and page-fault).
-Peaks are the best rates of the sweep cases (GEMM FLOP/s, elementwise bytes/s); the model's
-own ops join the curves unless they beat those peaks (a copy the capture counted that ran as a
-view on this device).
+The GEMM peak is the best FLOP/s of the sweep cases *and* the model's own linears (on a GPU the
+model's 4096^3 GEMM runs at 739 TFLOP/s where a CPU-sized sweep never left the launch-bound
+regime: 106); the bandwidth peak is the best elementwise bytes/s of the sweep cases (a model op
+can be a copy the capture counted that ran as a view, so model ops join the memory-bound curve
+only below that peak). Past the largest timed point a curve stays flat (``EffCurve.at`` clamps):
+time grows with the work, never faster.
+
+Sizes (``sweep_limits``): on CPU the largest GEMM / attention case is 2.2 GFLOP and elementwise
+2^23 elements; on a GPU a first timing of a 4096^3 GEMM sets the GEMM limit (the FLOPs it runs in
+``GPU_GEMM_TARGET_S``, up to 8192^3-class GEMMs), attention reaches seq 16k at d=128 and
+elementwise 2^27 elements (past the 50 MB L2), within the budget.
 """
 
 from __future__ import annotations
@@ -32,10 +40,26 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from autopar.profiles.profiler_timing import Clock, grad_runner, time_fwd_bwd
+from autopar.profiles.profiler_timing import Clock, grad_runner, measure, time_fwd_bwd
 
 BWD_RATIO = {"matmul": 2.0, "membound": 2.0, "attention": 2.5}   # what OpTimer assumes per curve
-MAX_GEMM_FLOPS = 2.2e9   # efficiencies have flattened out well before (CPU: ~1e8)
+MAX_GEMM_FLOPS = 2.2e9   # CPU: efficiencies have flattened out well before (~1e8)
+GPU_MAX_GEMM_FLOPS = 1.2e12   # 2 * 8192^3 = 1.1e12: H100 cuBLAS is flat from there (764 TFLOP/s at 8192^3)
+GPU_GEMM_TARGET_S = 2e-3   # the largest GEMM: about this long forward at the first timing's rate
+
+
+@dataclass(frozen=True)
+class SweepLimits:
+    """The largest case of each sweep: GEMM and attention FLOPs, elementwise log2(elements)."""
+
+    gemm_flops: float = MAX_GEMM_FLOPS
+    attention_flops: float = MAX_GEMM_FLOPS
+    membound_log2: int = 23
+
+    @property
+    def big(self) -> bool:
+        """Beyond the CPU sizes: the sweeps add the large shapes (CPU lists stay as they were)."""
+        return self.gemm_flops > MAX_GEMM_FLOPS
 
 
 @dataclass
@@ -58,20 +82,38 @@ class Point:
 
 
 # ----- the sweeps -----------------------------------------------------------------------
-def gemm_shapes() -> list[tuple[int, int, int]]:
+def sweep_limits(device: str, dtype: torch.dtype, clock: Clock) -> SweepLimits:
+    """CPU: the fixed CPU sizes. GPU: sized from a first timing of a 4096^3 GEMM (``gpu_limits``)."""
+    if not device.startswith("cuda"):
+        return SweepLimits()
+    a = torch.randn(4096, 4096, dtype=dtype, device=device)
+    t = measure(lambda: a @ a, clock, 0.2, min_samples=3).median_s
+    return gpu_limits(2.0 * 4096**3 / t)
+
+
+def gpu_limits(gemm_flops_per_s: float) -> SweepLimits:
+    """The largest GEMM runs ~``GPU_GEMM_TARGET_S`` forward at the measured rate (at least the CPU
+    size, at most ``GPU_MAX_GEMM_FLOPS``); causal attention 4x that (seq 16k x 32 heads x d 128 at
+    the cap), elementwise up to 2^27 elements."""
+    gemm = min(GPU_MAX_GEMM_FLOPS, max(MAX_GEMM_FLOPS, gemm_flops_per_s * GPU_GEMM_TARGET_S))
+    return SweepLimits(gemm, 4 * gemm, 27) if gemm > MAX_GEMM_FLOPS else SweepLimits()
+
+
+def gemm_shapes(lim: SweepLimits = SweepLimits()) -> list[tuple[int, int, int]]:
     """Transformer-like linears: m tokens x (n, k) in {(h, h), (4h, h), (h, 4h)}, powers of two,
     ordered round-robin over quarter-decade FLOP buckets so a cut budget still spans sizes."""
-    shapes = {(m, n, k) for m in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-              for h in (32, 64, 128, 256, 512, 1024, 2048) for n, k in ((h, h), (4 * h, h), (h, 4 * h))
-              if 2 * m * n * k <= MAX_GEMM_FLOPS}
+    ms = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096) + ((8192, 16384) if lim.big else ())
+    hs = (32, 64, 128, 256, 512, 1024, 2048) + ((4096, 8192) if lim.big else ())
+    shapes = {(m, n, k) for m in ms for h in hs for n, k in ((h, h), (4 * h, h), (h, 4 * h))
+              if 2 * m * n * k <= lim.gemm_flops}
     return _round_robin(sorted(shapes), lambda s: 2.0 * s[0] * s[1] * s[2])
 
 
-def membound_cases() -> list[tuple[str, int, int]]:
-    """(op, rows, width): widths of hidden sizes, 2^8 .. 2^23 elements."""
+def membound_cases(lim: SweepLimits = SweepLimits()) -> list[tuple[str, int, int]]:
+    """(op, rows, width): widths of hidden sizes, 2^8 .. 2^23 elements (2^27 on a GPU)."""
     ops = ("add", "mul", "gelu", "silu", "softmax", "layer_norm", "copy")
     cases = []
-    for i, e in enumerate(range(8, 24)):
+    for i, e in enumerate(range(8, lim.membound_log2 + 1)):
         for j, op in enumerate(ops):
             width = (64, 256, 768, 1024)[(i + j) % 4]
             numel = 2**e
@@ -79,10 +121,12 @@ def membound_cases() -> list[tuple[str, int, int]]:
     return _round_robin(cases, lambda c: c[1] * c[2])
 
 
-def attention_shapes() -> list[tuple[int, int, int]]:
-    """(b*h, s, d) of causal SDPA."""
-    shapes = [(bh, s, d) for bh in (4, 12, 32) for s in (32, 64, 128, 256, 512, 1024) for d in (16, 32, 64)
-              if 4 * bh * s * s * d <= MAX_GEMM_FLOPS]
+def attention_shapes(lim: SweepLimits = SweepLimits()) -> list[tuple[int, int, int]]:
+    """(b*h, s, d) of causal SDPA (on a GPU up to seq 16384 and d 128)."""
+    seqs = (32, 64, 128, 256, 512, 1024) + ((2048, 4096, 8192, 16384) if lim.big else ())
+    dims = (16, 32, 64) + ((128,) if lim.big else ())
+    shapes = [(bh, s, d) for bh in (4, 12, 32) for s in seqs for d in dims
+              if 4 * bh * s * s * d <= lim.attention_flops]
     return _round_robin(shapes, lambda c: 4.0 * c[0] * c[1] ** 2 * c[2])
 
 
@@ -98,9 +142,9 @@ def _round_robin(items: list, size: Callable) -> list:
 
 
 def run_sweep(curve: str, dtype: torch.dtype, device: str, clock: Clock, budget_s: float, engine_s: float,
-              progress: Callable[[str], None] | None = None) -> list[Point]:
+              progress: Callable[[str], None] | None = None, lim: SweepLimits = SweepLimits()) -> list[Point]:
     """Time as many sweep points of ``curve`` as fit in ``budget_s`` (wall clock)."""
-    cases = {"matmul": gemm_shapes, "membound": membound_cases, "attention": attention_shapes}[curve]()
+    cases = {"matmul": gemm_shapes, "membound": membound_cases, "attention": attention_shapes}[curve](lim)
     make = {"matmul": _gemm_case, "membound": _membound_case, "attention": _attention_case}[curve]
     deadline = time.perf_counter() + budget_s
     points: list[Point] = []
@@ -166,8 +210,9 @@ def _attention_case(shape, dtype, device):
 
 # ----- from points to curves ----------------------------------------------------------------
 def peak_flops(points: list[Point]) -> float:
-    """Best GEMM FLOP/s measured, forward alone or forward + backward."""
-    rates = [r for p in points if p.curve == "matmul" and p.fwd_s > 0 and not p.from_model
+    """Best GEMM FLOP/s measured (sweep cases and the model's own linears), forward alone or
+    forward + backward."""
+    rates = [r for p in points if p.curve == "matmul" and p.fwd_s > 0
              for r in (p.flops / p.fwd_s, (p.flops + p.bwd_flops) / p.total_s)]
     return max(rates)
 
@@ -193,7 +238,7 @@ def fit_curve(points: list[Point], peak: float, bw: float, per_decade: int = 4,
     makes it non-decreasing (pool adjacent violators) where a dip can only be noise."""
     buckets: dict[int, list[Point]] = {}
     for p in points:
-        if p.from_model and efficiency(p, peak, bw) > 1:
+        if p.from_model and p.curve == "membound" and efficiency(p, peak, bw) > 1:
             continue  # faster than any sweep case: a copy the capture counted that ran as a view
         if p.total_s > 0 and p.x > 0:
             buckets.setdefault(round(per_decade * math.log10(p.x)), []).append(p)
