@@ -82,6 +82,9 @@ def _keep_experts(experts: GroupedExperts, layer: list[list[int]], mesh: Paralle
         setattr(experts, pname, nn.Parameter(mine))
     experts.local_expert_ids = ids  # materialize takes these rows of each full initial tensor
     experts.expert_owner = owner
+    local = torch.full((len(owner),), -1, dtype=torch.long)  # global expert id -> index among this rank's
+    local[ids] = torch.arange(len(ids))
+    experts.local_index = local
     experts.ep_group, experts.ep_size = mesh.group("ep"), len(layer)
     experts.etp_group = mesh.group("etp") if mesh.size("etp") > 1 else None
     experts.tp_group = mesh.group("tp") if mesh.size("tp") > 1 else None
@@ -164,7 +167,7 @@ class ExpertParallelGroupedExperts(GroupedExperts):
 
     def _dispatch(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         T, k = idx.shape
-        dest = self.expert_owner.to(idx.device)[idx.reshape(-1)]            # [T*k] rank per assignment
+        dest = _on_device(self, "expert_owner", idx.device)[idx.reshape(-1)]  # [T*k] rank per assignment
         order = torch.argsort(dest * len(self.expert_owner) + idx.reshape(-1), stable=True)
         token, slot = order // k, order % k
         send = torch.bincount(dest, minlength=self.ep_size)
@@ -188,22 +191,30 @@ class ExpertParallelGroupedExperts(GroupedExperts):
         all_eids = _all_gather_rows(eids, self.etp_group, sizes)
         return _SliceRows.apply(self._run_local(all_rows, all_eids), self.etp_group, sizes, True)
 
-    def expert_forward(self, local: int, x: torch.Tensor) -> torch.Tensor:
-        """One expert on this rank's ffn shard (under etp the local tensors of the DTensors)."""
+    def expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(w1, w3, w2) of each local expert on this rank's ffn shard (under etp the DTensors' local tensors)."""
         w1, w3, w2 = _local(self.w1), _local(self.w3), _local(self.w2)
-        h = torch.nn.functional.silu(x @ w1[local]) * (x @ w3[local])
-        return h @ w2[local]
+        return list(zip(w1.unbind(0), w3.unbind(0), w2.unbind(0)))
 
     def _run_local(self, rows: torch.Tensor, eids: torch.Tensor) -> torch.Tensor:
-        """Each received row through its expert (rows of one expert are batched). An expert
-        with no rows still runs on an empty batch: its gradient is then zeros, not None, so
+        """Each received row through its expert: the rows sorted by local expert once, their counts read
+        with one host sync (``GroupedExperts.run_sorted``), the outputs put back in the received order.
+        An expert with no rows still runs on an empty batch: its gradient is then zeros, not None, so
         every rank of an FSDP group reduces the same set of gradients."""
-        outs, where = [], []
-        for local, gid in enumerate(self.local_expert_ids):
-            sel = torch.nonzero(eids == gid).squeeze(-1)
-            outs.append(self.expert_forward(local, rows[sel]))
-            where.append(sel)
-        if not outs:  # this rank holds no expert of the layer
+        if not self.local_expert_ids:  # this rank holds no expert of the layer
             return rows * 0
-        perm = torch.cat(where)
-        return torch.zeros_like(rows).index_copy(0, perm, torch.cat(outs))
+        local = _on_device(self, "local_index", eids.device)[eids]
+        order = torch.argsort(local, stable=True)
+        counts = torch.bincount(local, minlength=len(self.local_expert_ids)).tolist()
+        out = self.run_sorted(rows.index_select(0, order), counts)
+        return torch.zeros_like(out).index_copy(0, order, out)
+
+
+def _on_device(experts: nn.Module, name: str, device: torch.device) -> torch.Tensor:
+    """A host-side index table of ``experts`` on ``device``, copied once (a host-to-device copy of
+    pageable memory blocks the host until the stream is idle)."""
+    cache = experts.__dict__.setdefault("_device_tables", {})
+    key = (name, str(device))
+    if key not in cache:
+        cache[key] = getattr(experts, name).to(device)
+    return cache[key]

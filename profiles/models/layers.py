@@ -269,6 +269,13 @@ class GroupedExperts(nn.Module):
     ``expert_ids`` lists the global expert ids held here (all of them until expert
     parallelism keeps a subset on each rank); ``forward`` runs the tokens assigned to
     each held expert, weighted by the router's gate values.
+
+    One host sync per call: the token copies are sorted by expert once and the per-expert
+    row counts read with one ``.tolist()`` (a per-expert ``nonzero`` would block the host
+    once per expert). The experts read their weights through ``unbind``, whose backward
+    stacks the E weight gradients once; indexing ``w1[e]`` instead makes every expert's
+    backward write a zero-filled gradient of the whole stack and add it into the others
+    (E x the stack's bytes per weight and layer).
     """
 
     def __init__(self, hidden: int, ffn: int, num_experts: int):
@@ -278,19 +285,24 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn, hidden))
         self.register_buffer("expert_ids", torch.arange(num_experts), persistent=False)
 
-    def expert_forward(self, local: int, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(x @ self.w1[local]) * (x @ self.w3[local])
-        return h @ self.w2[local]
+    def expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(w1, w3, w2) of each held expert, as views of the stacked weights."""
+        return list(zip(self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)))
+
+    def run_sorted(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Rows sorted by held expert, ``counts[e]`` of them for expert ``e``, each through its
+        expert. Every expert runs, an empty one on no rows, so each weight gets a gradient."""
+        outs = [(F.silu(r @ w1) * (r @ w3)) @ w2 for r, (w1, w3, w2) in zip(rows.split(counts), self.expert_weights())]
+        return torch.cat(outs)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        for local, gid in enumerate(self.expert_ids.tolist()):
-            tok, slot = torch.where(idx == gid)
-            if tok.numel() == 0:
-                continue
-            y = self.expert_forward(local, x[tok]) * weight[tok, slot].unsqueeze(-1)
-            out = out.index_add(0, tok, y)
-        return out
+        k = idx.shape[1]
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # token copies grouped by expert, token order within
+        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()  # the layer's one host sync
+        token = order // k
+        y = self.run_sorted(x.index_select(0, token), counts) * weight.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add(0, token, y)
 
 
 class MoE(nn.Module):
