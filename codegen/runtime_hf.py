@@ -68,6 +68,8 @@ def apply_hf_tp(model: nn.Module, mesh: ParallelMesh, sequence_parallel: bool = 
         _local_heads(layer, tp_mesh.size(), sharded)
         if sp:
             _sequence_parallel_layer(layer, tp_mesh, sharded, first=name == "0" and dec.embed_tokens is not None)
+        else:
+            _replicated_input_layer(layer, tp_mesh, sharded)
     if sp:
         model.seq_shards = tp_mesh.size()
     return model
@@ -100,14 +102,28 @@ def _sequence_parallel_layer(layer: nn.Module, tp_mesh, sharded: set[int], first
         if _is_norm(sub):
             parallelize_module(sub, tp_mesh, SequenceParallel(use_local_output=True))
         elif any(isinstance(m, nn.Linear) or is_experts(m) for m in sub.modules()):
-            split = all(id(m) in sharded for m in sub.modules() if isinstance(m, nn.Linear)) and \
-                not any(is_experts(m) for m in sub.modules())
-            sub.register_forward_pre_hook(_relayout_input(tp_mesh, Shard(1), Replicate(), local=not split),
-                                          with_kwargs=True)
+            gather = _relayout_input(tp_mesh, Shard(1), Replicate(), local=not _split(sub, sharded))
+            sub.register_forward_pre_hook(gather, with_kwargs=True)
             if any(is_experts(m) for m in sub.children()) or not any(id(m) in sharded for m in sub.modules()):
                 sub.register_forward_hook(_relayout_output(tp_mesh, Replicate(), Shard(1)))
     if first:
         layer.register_forward_pre_hook(_relayout_input(tp_mesh, Replicate(), Shard(1)), with_kwargs=True)
+
+
+def _replicated_input_layer(layer: nn.Module, tp_mesh, sharded: set[int]) -> None:
+    """Without sequence parallel: a sub-module whose linears are all split takes its input as a Replicate
+    DTensor, so its column-parallel linears' Partial input gradients are summed by autograd and all-reduced
+    once (from_local's backward), not once per linear (q, k, v; gate, up)."""
+    for sub in layer.children():
+        if not _is_norm(sub) and _split(sub, sharded):
+            sub.register_forward_pre_hook(_relayout_input(tp_mesh, Replicate(), Replicate(), local=False),
+                                          with_kwargs=True)
+
+
+def _split(sub: nn.Module, sharded: set[int]) -> bool:
+    """Every linear of ``sub`` is split by the plan (and it has some, and no experts)."""
+    linears = [m for m in sub.modules() if isinstance(m, nn.Linear)]
+    return bool(linears) and all(id(m) in sharded for m in linears) and not any(is_experts(m) for m in sub.modules())
 
 
 def _is_norm(m: nn.Module) -> bool:

@@ -12,7 +12,7 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -61,6 +61,8 @@ def apply_tp(model: nn.Module, mesh: ParallelMesh, sequence_parallel: bool = Fal
         parallelize_module(block, tp_mesh, _block_plan(block, sequence_parallel))
         if hasattr(block.attention, "wkv_a"):
             _sum_rope_key_grad(block.attention, tp_mesh.get_group())
+        if hasattr(block.feed_forward, "router") and block.feed_forward.shared_experts is not None:
+            _moe_hooks(block.feed_forward, tp_mesh, sequence_parallel)
     return model
 
 
@@ -68,7 +70,8 @@ def _sum_rope_key_grad(attn: nn.Module, group) -> None:
     """MLA's decoupled RoPE key comes from the replicated ``wkv_a`` and is shared by all heads;
     each tp rank back-propagates only its heads' share, so its gradient is summed over tp
     (Megatron's "f" operator on that slice; the latent part reaches ``wkv_b``, which already
-    does this)."""
+    does this). The sums stay above ``q_norm`` / ``kv_norm`` (at wq_b's / wkv_b's input): summed
+    below them, the norms' replicated weights would get Partial gradients."""
     start = attn.kv_lora_rank
 
     def hook(module, args, out):
@@ -94,39 +97,95 @@ class _SumGradColumns(torch.autograd.Function):
         return grad, None, None
 
 
+def _partial_grad_input(tp_mesh):
+    """Forward pre-hook: the module's (replicated) input as a Replicate DTensor whose gradient comes back
+    Partial (each rank's share; the caller sums it once)."""
+    def hook(module, args):
+        x = DTensor.from_local(args[0], tp_mesh, [Replicate()], run_check=False, grad_placements=[Partial()])
+        return (x, *args[1:])
+    return hook
+
+
+class _OnFirstRank(torch.autograd.Function):
+    """A tensor every tp rank holds whole (routed experts' output, or the input gradient of a replicated
+    module) as a Partial share: forward keeps it on the group's first rank, zeros elsewhere (the sum over
+    ranks is the tensor); backward passes the gradient through (every rank's replica of the routed path
+    receives the whole gradient, as a replicated module must). ``backward=True``: the other way round."""
+
+    @staticmethod
+    def forward(ctx, x, first, backward):
+        ctx.first, ctx.backward = first, backward
+        return x.view_as(x) if backward or first else torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad if not ctx.backward or ctx.first else torch.zeros_like(grad)), None, None
+
+
+def _moe_hooks(ff: nn.Module, tp_mesh, sp: bool) -> None:
+    """MoE with shared experts under tp: one reduce-scatter (sp) or all-reduce each way, not an all-reduce
+    per shared linear. The router and routed experts run replicated on the whole (gathered) sequence; the
+    shared experts column-/row-parallel. Forward: the routed output, kept on the first tp rank
+    (``_OnFirstRank``), plus the shared experts' Partial output is reduce-scattered (sp) or all-reduced
+    once. Backward: the routed path's input gradient, kept on the first rank, plus the shared experts'
+    Partial input gradient is reduced once by the input gather's backward. Qwen2-MoE's gate scales the
+    shared output by a replicated linear of the input, whose weight gradient needs the whole shared
+    output: there the shared experts all-reduce it in forward and the routed output is not split."""
+    src, first = (Shard(1) if sp else Replicate()), tp_mesh.get_local_rank() == 0
+    gated = ff.shared_gate is not None
+
+    def gather(module, args):  # the sub-layer input, whole; its gradient is reduced from Partial shares
+        x = args[0] if isinstance(args[0], DTensor) else DTensor.from_local(args[0], tp_mesh, [src], run_check=False)
+        return (x.redistribute(tp_mesh, [Replicate()]).to_local(grad_placements=[Partial()]),)
+
+    def scatter(module, args, out):  # Partial shares (gated: whole) -> this rank's part
+        x = DTensor.from_local(out, tp_mesh, [Replicate() if gated else Partial()], run_check=False)
+        return x.redistribute(tp_mesh, [src]).to_local()
+
+    def grad_on_first(module, args):
+        return (_OnFirstRank.apply(args[0], first, True), *args[1:])
+
+    ff.register_forward_pre_hook(gather)
+    ff.register_forward_hook(scatter)
+    for mod in (ff.router, ff.experts, ff.shared_gate):
+        if mod is not None:
+            mod.register_forward_pre_hook(grad_on_first)
+    if not gated:
+        ff.experts.register_forward_hook(lambda m, a, out: _OnFirstRank.apply(out, first, False))
+    ff.shared_experts.register_forward_pre_hook(_partial_grad_input(tp_mesh))
+
+
 def _block_plan(block: nn.Module, sp: bool) -> dict:
+    """One block's parallelize plan. The sub-layer input enters the column-parallel linears as a Replicate
+    DTensor (torchtitan's plan): autograd sums their Partial input gradients and one collective reduces
+    them (sp: the gather's reduce-scatter; else from_local's all-reduce), not one per linear (q, k, v;
+    w1, w3). MLA: replicated wq_a / wkv_a take a local tensor (``_sum_rope_key_grad``); MoE with shared
+    experts: ``_moe_hooks``."""
     seq, rep = Shard(1), Replicate()
-    out = seq if sp else rep
+    src = seq if sp else rep
+    mla = hasattr(block.attention, "wkv_a")
     plan = {}
     if sp:
-        # the gathered input stays a Replicate DTensor into q/k/v (torchtitan's plan): autograd sums their
-        # Partial input gradients and the gather's backward reduce-scatters once (a local tensor made each
-        # column-parallel linear all-reduce its own). MLA feeds replicated wq_a / wkv_a: a local tensor.
-        mla = hasattr(block.attention, "wkv_a")
         plan["attention_norm"] = SequenceParallel()
-        plan["attention"] = PrepareModuleInput(input_layouts=(seq, None, None), desired_input_layouts=(rep, None, None),
-                                               use_local_output=mla)
         plan["ffn_norm"] = SequenceParallel()
+    plan["attention"] = PrepareModuleInput(input_layouts=(src, None, None), desired_input_layouts=(rep, None, None),
+                                           use_local_output=mla)
     for name in _COLWISE:
         if getattr(block.attention, name, None) is not None:
             plan[f"attention.{name}"] = ColwiseParallel()
-    plan["attention.wo"] = RowwiseParallel(output_layouts=out)
+    plan["attention.wo"] = RowwiseParallel(output_layouts=src)
     ff = block.feed_forward
-    if hasattr(ff, "router"):  # MoE: only the shared experts are split; the rest is replicated
-        if sp:  # the whole sequence enters the router, the output is split again
-            plan["feed_forward"] = PrepareModuleInputOutput(
-                input_layouts=(seq,), desired_input_layouts=(rep,), input_kwarg_layouts=None,
-                output_layouts=(rep,), desired_output_layouts=(seq,), use_local_input=True, use_local_output=True)
-        if ff.shared_experts is not None:
-            if sp:  # a DTensor into w1 / w3: one all-reduce of their summed input gradients, not one each
-                plan["feed_forward.shared_experts"] = PrepareModuleInput(
-                    input_layouts=(rep,), desired_input_layouts=(rep,), use_local_output=False)
-            plan.update(_mlp_plan("feed_forward.shared_experts", ff.shared_experts, rep))
-        return plan
-    if sp:
-        plan["feed_forward"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(rep,),
-                                                  use_local_output=False)  # as attention: one reduce-scatter
-    plan.update(_mlp_plan("feed_forward", ff, out))
+    if not hasattr(ff, "router"):
+        plan["feed_forward"] = PrepareModuleInput(input_layouts=(src,), desired_input_layouts=(rep,),
+                                                  use_local_output=False)
+        plan.update(_mlp_plan("feed_forward", ff, src))
+    elif ff.shared_experts is not None:  # the rest of the MoE is replicated (every tp rank routes the same tokens)
+        gated = ff.shared_gate is not None
+        plan.update(_mlp_plan("feed_forward.shared_experts", ff.shared_experts, rep if gated else Partial()))
+    elif sp:  # routed experts only: the whole sequence enters the router, the output is split again
+        plan["feed_forward"] = PrepareModuleInputOutput(
+            input_layouts=(seq,), desired_input_layouts=(rep,), input_kwarg_layouts=None,
+            output_layouts=(rep,), desired_output_layouts=(seq,), use_local_input=True, use_local_output=True)
     return plan
 
 

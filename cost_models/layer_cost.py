@@ -22,6 +22,7 @@ Communication per technique and what hides behind compute (stated once, here):
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
 
 from autopar.core.cluster import ClusterSpec
@@ -40,6 +41,7 @@ from autopar.cost_models.moe_cost import (
     grouped_expert_time,
 )
 from autopar.cost_models.recompute_cost import early_stop_tail, recompute_times, selective_bytes, tp_rerun
+from autopar.cost_models.tp_collectives import TpCollectives, block_tp_collectives
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
 
@@ -367,14 +369,12 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
     if s.tp > 1:
         rows, cols, _ = _tp_modules(layer, s.sequence_parallel)
         one = _tp_collective(act, s, ctx)
-        # sequence parallel: an all-gather + reduce-scatter per sub-layer each way (Megatron); plain
-        # torch TP: each row-parallel linear all-reduces its output in forward, each column-parallel
-        # one its input gradient in backward (unfused q, k, v: three)
-        n = 4 * rows if s.sequence_parallel else rows + cols
         if ctx.runtime == "megatron":  # fused QKV: one all-reduce per sub-layer each way (Shoeybi et al. 2019)
             out["tp"] = 2 * megatron_tp_reductions(layer, rows) * one
-        else:
-            out["tp"] = (2 * rows * one if s.sequence_parallel else n * one) + n * sync
+        elif rows:  # the emitted program's collectives (cost_models.tp_collectives)
+            out["tp"] = _program_tp_time(block_tp_collectives(layer, s.sequence_parallel), act, s, ctx, sync)
+        else:  # split linears not counted by name: one all-reduce per column-parallel one (none with sp)
+            out["tp"] = 0.0 if s.sequence_parallel else cols * (one + sync)
         out["tp"] *= 1.0 - ctx.timer.stack.tp_overlap  # hidden behind GEMMs (--tp-comm-overlap, async TP)
     if s.cp > 1:
         out["cp"] = cp_exposed(s, ctx, attn_fwd, sync)
@@ -391,6 +391,14 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
         out["etp"] = 2 * sum(collective_time(kind, gathered, s.etp, 1, ctx.cluster, fits=ctx.fits).time_s
                              for kind in ("all_gather", "reduce_scatter"))
     return out
+
+
+def _program_tp_time(colls: TpCollectives, act: float, s: Strategy, ctx: PricingContext, sync: float) -> float:
+    """Seconds of a block's tp collectives (``act``: the sub-layer input's bytes; each collective a
+    fraction of it) plus the shared-core wait of each."""
+    counts = Counter(colls.all())
+    return sum(n * collective_time(kind, act * w, s.tp, 1, ctx.cluster, fits=ctx.fits).time_s
+               for (kind, w), n in counts.items()) + sum(counts.values()) * sync
 
 
 def _tp_collective(size: float, s: Strategy, ctx: PricingContext) -> float:

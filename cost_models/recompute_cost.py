@@ -11,6 +11,7 @@ core, full the whole forward with its forward collectives.
 from __future__ import annotations
 
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm
+from autopar.cost_models.tp_collectives import block_tp_collectives
 
 
 def recompute_times(ops: list[OpTerm], fwds: list[float], runtime: str, fwd: float, host: float,
@@ -67,19 +68,19 @@ def tp_rerun(layer: LayerTemplate, s, runtime: str, tp_s: float, modules: tuple[
     ``tp_s`` (``modules``: ``layer_cost._tp_modules``, row- and column-parallel linears). Megatron-LM and
     the runtimes not counted: the forward's, half; op keeps sequence parallel's reduce-scatters (a
     quarter re-run). The emitted programs (``--runtime torch``): without sp ``rows`` of the
-    ``rows + cols`` all-reduces are the forward's (row-parallel outputs; the backward all-reduces each
-    column-parallel input gradient), with sp an all-gather before and a reduce-scatter after each
-    sub-layer of the ``4 rows`` collectives; op re-runs the all-reduces and all-gathers; neither
-    re-runs the collective of a row-parallel linear in the early-stop ``tail``."""
-    rows, cols, _ = modules
+    ``2 rows`` all-reduces are the forward's (row-parallel outputs; the backward all-reduces each
+    sub-layer's input gradient once), with sp an all-gather before and a reduce-scatter after each
+    sub-layer of the ``4 rows`` collectives (MLA, MoE: ``tp_collectives``, shares by bytes); op re-runs
+    the all-reduces and all-gathers; neither re-runs the collective of a row-parallel linear in the
+    early-stop ``tail``."""
+    rows = modules[0]
     # rows == 0: a layer whose split linears are not counted by name (a Hugging Face model priced from its
     # own tp plan): the runtimes' halves
     if runtime != "torch" or layer.kind != "block" or s.tp == 1 or rows == 0:
         return tp_s / 2, tp_s / (4 if s.sequence_parallel else 2)
-    skip = int(any(o.kind == "gemm" and o.shard == "tp" and o.tp_dim == "k" for o in tail))
-    if s.sequence_parallel:
-        return tp_s * (2 * rows - skip) / (4 * rows), tp_s / 4
-    return (tp_s * (rows - skip) / (rows + cols),) * 2
+    skip = any(o.kind == "gemm" and o.shard == "tp" and o.tp_dim == "k" for o in tail)
+    full, op = block_tp_collectives(layer, s.sequence_parallel).rerun_shares(skip)
+    return tp_s * full, tp_s * op
 
 
 def selective_bytes(layer: LayerTemplate, ops: list[OpTerm], sh, dtype_bytes: int) -> tuple[float, float]:

@@ -198,7 +198,7 @@ def test_full_and_selective_re_run_what_the_price_counts(fake_world):
 def test_tp_collectives_recompute_re_runs(fake_world, sp):
     """tp 2 (fake group): per block, full and op re-run the forward's collectives but the last
     sub-layer's output one (early stop); op keeps reduce-scatters. Without sp the forward holds ``rows``
-    of the ``rows + cols`` all-reduces (priced half before); with sp 2 all-gathers + 1 reduce-scatter of 4·rows."""
+    of the ``2 rows`` all-reduces (priced half before); with sp 2 all-gathers + 1 reduce-scatter of 4·rows."""
     from autopar.cost_models.layer_cost import _tp_modules
 
     layers = tiny_spec("llama-tiny").layers
@@ -218,7 +218,7 @@ def test_tp_collectives_recompute_re_runs(fake_world, sp):
     else:
         for m in ("op", "full"):
             assert rerun[m] == {"all_reduce": rows - 1, "all_gather_into_tensor": 0, "reduce_scatter_tensor": 0}
-            assert c.recompute_comm(m) == pytest.approx(c.comm_s["tp"] * (rows - 1) / (rows + cols))
+            assert c.recompute_comm(m) == pytest.approx(c.comm_s["tp"] * (rows - 1) / (2 * rows))
 
 
 @pytest.mark.parametrize("model_name", ["llama-tiny", "gpt-tiny"])

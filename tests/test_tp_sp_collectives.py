@@ -1,16 +1,18 @@
 """Tensor (+ sequence) parallel: the collectives one block of the emitted program runs in forward and in
-backward are the ones its price counts (``cost_models.layer_cost._layer_comm``).
+backward are the ones its price counts (``cost_models.tp_collectives``, read by ``layer_cost._layer_comm``).
 
-With sequence parallel the price counts, per block and per direction, one all-gather and one reduce-scatter
-per row-parallel linear (Korthikanti et al. 2022). The program keeps the gathered input a Replicate DTensor
-into the column-parallel linears (torchtitan's plan), so autograd sums their Partial input gradients and the
-gather's backward reduce-scatters once; with a local tensor there, every column-parallel linear all-reduced
-its own input gradient (5 all-reduces per llama block where 2 reduce-scatters were priced). Without sequence
-parallel the price counts plain torch TP: an all-reduce per row-parallel linear in forward, one per
-column-parallel linear in backward (q, k, v unfused).
+Each sub-layer (attention; MLP or MoE) takes its input as a Replicate DTensor into its column-parallel linears
+(torchtitan's plan), so autograd sums their Partial input gradients and one collective reduces them: with
+sequence parallel an all-gather and a reduce-scatter per sub-layer each way (Korthikanti et al. 2022); without,
+one all-reduce per sub-layer each way (a local tensor there made every column-parallel linear all-reduce its own
+input gradient: 5 per llama block). MoE with shared experts: the routed output, kept on the first tp rank, and the
+shared experts' Partial output are reduced by one reduce-scatter (it was an all-reduce plus a local split). MLA:
+one all-reduce per latent (q, kv) and the RoPE key's in backward, no reduce-scatter (the replicated down-projections
+need the latents' whole gradients).
 
-Counted by a ``TorchDispatchMode`` (tests/test_cp_recompute.py) on a fake process group of 2 ranks; the
-per-block figure is the difference between the model at 4 and at 2 layers (embedding and head cancel).
+Counted by a ``TorchDispatchMode`` (tests/helpers_collectives.py) on a fake process group of 2 ranks; the
+per-block figure is the difference between the model at 4 and at 2 layers (embedding and head cancel). The gloo
+test at the end checks every gradient against one process.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ import helpers_collectives
 import pytest
 import torch
 from helpers_plans import tiny_spec
+from torch.distributed.tensor import DTensor
 
 from autopar.codegen import runtime as rt
-from autopar.cost_models.layer_cost import _tp_modules
 from autopar.cost_models.session import Inputs, build_cost_model
+from autopar.cost_models.tp_collectives import block_tp_collectives
 
 SEQ, MBS = 64, 2
-NAMES = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter"}
+NAMES = {"all_reduce": "all_reduce", "allreduce_": "all_reduce",  # allreduce_: dist.all_reduce (MLA's RoPE key)
+         "all_gather_into_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter"}
 
 
 @pytest.fixture(scope="module")
@@ -81,25 +85,24 @@ def _per_block(model_name: str, sp: bool) -> dict[str, dict[str, int]]:
 
 
 def _priced(model_name: str, sp: bool) -> dict[str, dict[str, int]]:
-    """What the price counts per direction for the block (the rule of ``layer_cost._layer_comm``)."""
+    """What the price counts per direction for the block (``tp_collectives.block_tp_collectives``)."""
     cm = build_cost_model(Inputs(model=model_name, gpu="cpu", gpus_per_node=2, seq_len=SEQ, dtype="fp32"))[0]
     block = [t for t in cm.templates if t.kind == "block"][-1]
-    rows, cols, _ = _tp_modules(block, sp)
-    if sp:
-        return {phase: {"all_gather": rows, "reduce_scatter": rows} for phase in ("forward", "backward")}
-    return {"forward": {"all_reduce": rows}, "backward": {"all_reduce": cols}}
+    colls = block_tp_collectives(block, sp)
+    return {phase: dict(collections.Counter(kind for kind, _ in getattr(colls, phase)))
+            for phase in ("forward", "backward")}
 
 
 @pytest.mark.parametrize("sp", [True, False])
 def test_dense_block_runs_the_priced_collectives(fake_world, sp):
     """llama-tiny, tp 2: sp 2 all-gathers + 2 reduce-scatters each way (no all-reduce); no sp 2 all-reduces
-    in forward, 5 in backward (q, k, v, w1, w3). Fails on the plan that handed q/k/v a local tensor."""
+    each way (it ran 5 in backward: q, k, v, w1, w3). Fails on a plan that hands q/k/v or w1/w3 a local tensor."""
     measured = _per_block("llama-tiny", sp)
     assert measured == _priced("llama-tiny", sp)
     if sp:
         assert measured["backward"] == {"all_gather": 2, "reduce_scatter": 2}
     else:
-        assert measured == {"forward": {"all_reduce": 2}, "backward": {"all_reduce": 5}}
+        assert measured == {"forward": {"all_reduce": 2}, "backward": {"all_reduce": 2}}
 
 
 @pytest.mark.parametrize("sp", [True, False])
@@ -110,19 +113,85 @@ def test_hf_block_runs_the_dense_block_collectives(fake_world, sp):
     assert _per_block("hf-llama", sp) == _priced("llama-tiny", sp)
 
 
-_MOE_SP_GAP = ("MoE under sp: the router needs the whole sequence, so the MoE sub-layer gathers its input "
-               "and splits its output locally; the shared experts' row-parallel w2 all-reduces in forward and "
-               "their input gradient is all-reduced in backward: per direction 2 all-gathers + 1 reduce-scatter "
-               "+ 1 all-reduce where the price counts 2 + 2 (and MLA's replicated wq_a / wkv_a take a local "
-               "tensor: wq / wkv_b all-reduce)")
+MOE_COUNTS = {  # per block (the last one: MoE with shared experts), forward / backward
+    ("moe-tiny", True): ({"all_gather": 2, "reduce_scatter": 2}, {"all_gather": 2, "reduce_scatter": 2}),
+    ("moe-tiny", False): ({"all_reduce": 2}, {"all_reduce": 2}),
+    # MLA: the q latent, kv latent and RoPE key all-reduces replace attention's reduce-scatter in backward
+    ("deepseek-tiny", True): ({"all_gather": 2, "reduce_scatter": 2},
+                              {"all_gather": 2, "reduce_scatter": 1, "all_reduce": 3}),
+    ("deepseek-tiny", False): ({"all_reduce": 2}, {"all_reduce": 4}),
+}
 
 
-@pytest.mark.parametrize("model_name,sp", [
-    ("moe-tiny", False), ("deepseek-tiny", False),
-    pytest.param("moe-tiny", True, marks=pytest.mark.xfail(strict=True, reason=_MOE_SP_GAP)),
-    pytest.param("deepseek-tiny", True, marks=pytest.mark.xfail(strict=True, reason=_MOE_SP_GAP)),
-])
+@pytest.mark.parametrize("model_name,sp", list(MOE_COUNTS))
 def test_moe_block_runs_the_priced_collectives(fake_world, model_name, sp):
-    """An MoE block (shared experts; deepseek-tiny with MLA): without sp the program runs the priced
-    all-reduces; with sp the MoE sub-layer still differs from the price (``_MOE_SP_GAP``)."""
-    assert _per_block(model_name, sp) == _priced(model_name, sp)
+    """An MoE block with shared experts (deepseek-tiny with MLA): the program runs what the price counts. MoE
+    under sp ran 2 all-gathers + 1 reduce-scatter + 1 all-reduce each way (the shared experts' all-reduce
+    and a local split); without sp 5 all-reduces in backward."""
+    measured = _per_block(model_name, sp)
+    fwd, bwd = MOE_COUNTS[model_name, sp]
+    assert measured == {"forward": fwd, "backward": bwd}
+    assert measured == _priced(model_name, sp)
+
+
+# ----- numerics on real gloo ranks: every gradient equals the single process's ----------------------------
+GLOO_CASES = [("llama-tiny", False), ("moe-tiny", True), ("moe-tiny", False), ("deepseek-tiny", True),
+              ("deepseek-tiny", False), ("moe-tiny-gated", True)]
+
+
+def _gloo_spec(name: str):
+    if name == "moe-tiny-gated":  # Qwen2-MoE's sigmoid gate on the shared experts
+        return tiny_spec("moe-tiny", SEQ, {"shared_expert_gate": True})
+    return tiny_spec(name, SEQ)
+
+
+def _tokens(spec) -> torch.Tensor:
+    return torch.randint(0, spec.vocab, (MBS, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def _grads(model, tokens) -> tuple[float, dict[str, torch.Tensor]]:
+    loss = rt.lm_loss(model(tokens), tokens)
+    loss.backward()
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        out[name] = g.detach().clone()
+    return loss.item(), out
+
+
+def _gloo_worker(rank: int, init: str, result: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    mesh = rt.build_mesh("cpu", tp=2)
+    found = {}
+    for name, sp in GLOO_CASES:
+        spec = _gloo_spec(name)
+        model = rt.build_meta_model(spec)
+        rt.apply_tp(model, mesh, sequence_parallel=sp)
+        rt.materialize([model], spec, 0, torch.device("cpu"))
+        found[name, sp] = _grads(model, _tokens(spec))
+    if rank == 0:
+        torch.save(found, result)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_tp_plans_match_one_process(tmp_path):
+    """tp 2 on gloo ranks, one launch for every case: loss and every parameter gradient (whole) equal the single
+    process's: the dense non-sp plan (one all-reduce per sub-layer each way), the MoE reduce-scatters with the
+    routed output kept on the first rank (sp and not; gated shared experts), MLA's two latent all-reduces."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path / "out.pt")), nprocs=2)
+    found = torch.load(tmp_path / "out.pt")
+    for name, sp in GLOO_CASES:
+        spec = _gloo_spec(name)
+        model = rt.build_meta_model(spec)
+        rt.materialize([model], spec, 0, torch.device("cpu"))
+        loss, grads = _grads(model, _tokens(spec))
+        got_loss, got = found[name, sp]
+        assert got_loss == pytest.approx(loss, rel=1e-5), (name, sp)
+        for key, g in grads.items():
+            assert torch.allclose(got[key], g, rtol=1e-4, atol=1e-5), f"{name} sp={sp} {key}: {got[key]} vs {g}"

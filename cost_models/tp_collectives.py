@@ -1,0 +1,106 @@
+"""The tensor-parallel collectives one block of the emitted program runs (``--runtime torch``), per
+micro-batch, forward and backward: what ``layer_cost._layer_comm`` prices and ``recompute_cost.tp_rerun``
+re-runs. Counted on the program in tests/test_tp_sp_collectives.py.
+
+A block is split into sub-layers at its row-parallel linears (``wo``; the MLP's or shared experts' ``w2``).
+Each sub-layer takes its input whole: with sequence parallel (Korthikanti et al. 2022) an all-gather before
+it and a reduce-scatter of its Partial output after it; without, the row-parallel output is all-reduced.
+In backward the output gradient is gathered again (sp) and the column-parallel linears' Partial input
+gradients, summed by autograd, are reduced once (sp: reduce-scatter; else all-reduce): torchtitan's plan,
+``codegen.runtime_parallel._block_plan``. Exceptions, each what the program must run:
+
+- MLA (DeepSeek, arXiv:2405.04434): the column-parallel ``wq_b`` / ``wkv_b`` read latents of the replicated
+  ``wq_a`` / ``wkv_a``, whose weights need the latents' whole gradients: one all-reduce per latent (its
+  width) and one of the decoupled RoPE key (the rest of ``wkv_a``'s output), after which the input
+  gradient is whole (no reduce-scatter); a column-parallel linear reading the input itself (``wq``, no
+  q_lora) all-reduces its input gradient.
+- MoE with a gate on the shared experts (Qwen2-MoE): the gate's replicated weight needs the whole shared
+  output, so the forward all-reduces it (the reduce-scatter's place).
+- MoE without shared experts (Mixtral): no split linear; under sp its input is gathered (forward) and its
+  output gradient gathered (backward), the output split locally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from autopar.cost_models.layer_model import LayerTemplate, OpTerm
+
+Kind = Literal["all_gather", "reduce_scatter", "all_reduce"]
+Collective = tuple[Kind, float]   # (kind, width as a fraction of the hidden size)
+
+
+@dataclass(frozen=True)
+class TpCollectives:
+    forward: tuple[Collective, ...]
+    backward: tuple[Collective, ...]
+    last_closing: int | None = None   # index in ``forward`` of the last row-parallel linear's collective
+
+    def all(self) -> tuple[Collective, ...]:
+        return self.forward + self.backward
+
+    def rerun_shares(self, skip_last: bool) -> tuple[float, float]:
+        """(full, op) shares of the block's tp time that recompute re-runs, by bytes on the wire (an
+        all-reduce moves twice a reduce-scatter's or all-gather's: ring all-reduce = reduce-scatter +
+        all-gather, Thakur et al. 2005). Both re-run the forward's collectives but the last row-parallel
+        linear's when it sits in the early-stop tail (``skip_last``); op keeps reduce-scatter outputs."""
+        total = sum(map(_weight, self.all()))
+        if not total:
+            return 0.0, 0.0
+        rerun = [c for i, c in enumerate(self.forward) if not (skip_last and i == self.last_closing)]
+        full = sum(map(_weight, rerun))
+        op = sum(_weight(c) for c in rerun if c[0] != "reduce_scatter")
+        return full / total, op / total
+
+
+def _weight(c: Collective) -> float:
+    return c[1] * (2.0 if c[0] == "all_reduce" else 1.0)
+
+
+def _is_row(o: OpTerm) -> bool:
+    return o.kind == "gemm" and o.shard == "tp" and o.tp_dim == "k"
+
+
+def block_tp_collectives(layer: LayerTemplate, sp: bool) -> TpCollectives:
+    """The collectives of one block under tp (module docstring); none for a block without a row-parallel
+    linear counted by name (a Hugging Face model priced from its own tp plan)."""
+    rows = [i for i, o in enumerate(layer.ops) if _is_row(o)]
+    if layer.kind != "block" or not rows:
+        return TpCollectives((), ())
+    hidden = layer.ops[rows[0]].gemm[1]   # wo's output width
+    fwd: list[Collective] = []
+    bwd: list[Collective] = []
+    start, last = 0, None
+    gated = any(o.kind == "gemm" and o.shard == "rep" for o in layer.ops[rows[-1] + 1:])
+    for end in rows:
+        seg = layer.ops[start:end + 1]
+        moe = any(o.shard in ("router", "expert") for o in seg)
+        f, b = _sub_layer(seg, hidden, sp, gated and moe)
+        fwd += f
+        last = len(fwd) - 1
+        bwd += b
+        start = end + 1
+    if sp and any(o.shard in ("router", "expert") for o in layer.ops[start:]):  # routed experts only
+        fwd.append(("all_gather", 1.0))
+        bwd.append(("all_gather", 1.0))
+    return TpCollectives(tuple(fwd), tuple(bwd), last)
+
+
+def _sub_layer(seg: list[OpTerm], hidden: float, sp: bool, gated: bool) -> tuple[list, list]:
+    """(forward, backward) collectives of the sub-layer ``seg`` (ending with its row-parallel linear)."""
+    cols = [o for o in seg if o.kind == "gemm" and o.shard == "tp" and o.tp_dim == "n"]
+    latents = [o.gemm[2] / hidden for o in cols if o.gemm[2] != hidden]   # MLA: wq_b's, wkv_b's input width
+    direct = any(o.gemm[2] == hidden for o in cols)
+    closing: Kind = "all_reduce" if gated or not sp else "reduce_scatter"
+    fwd: list[Collective] = [("all_gather", 1.0)] if sp else []
+    fwd.append((closing, 1.0))
+    bwd: list[Collective] = [("all_gather", 1.0)] if sp else []
+    if latents:
+        rope = sum(o.gemm[1] for o in seg if o.kind == "gemm" and o.shard == "rep") / hidden - sum(latents)
+        bwd += [("all_reduce", w) for w in latents + ([rope] if rope > 0 else [])]
+        if direct:
+            bwd.append(("all_reduce", 1.0))
+    elif direct:
+        bwd.append(("reduce_scatter" if sp else "all_reduce", 1.0))
+    return fwd, bwd
