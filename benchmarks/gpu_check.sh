@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # GPU truth in one command: profile, closed-loop validate and one emitted program on this device.
 #
-#   benchmarks/gpu_check.sh [--out DIR] [--wheels DIR] [--dry-run] [--budget-s S] [--steps N]
+#   benchmarks/gpu_check.sh [--out DIR] [--wheels DIR] [--dry-run] [--quick] [--budget-s S] [--steps N]
+#                           [--deadline-s S] [--ckpt-max-gb GB]
 #
-# On a machine with one CUDA GPU and a fresh checkout; about 8 minutes. Writes env.json,
-# profile-<gpu>-measured.json, summary.json, summary.md and log.txt into --out (see
-# benchmarks/gpu_check.py for the steps). --dry-run runs the same steps on CPU with tiny
-# sizes (CI runs it through tests/test_gpu_check.py).
+# On a machine with one CUDA GPU and a fresh checkout; about 8 minutes (--quick: about 3,
+# ending by --deadline-s, default 180 s). Writes env.json, profile-<gpu>-measured.json,
+# summary.json, summary.md and log.txt into --out, the summaries after every step (see
+# benchmarks/gpu_check.py). --dry-run runs the same steps on CPU with tiny sizes (CI runs
+# it through tests/test_gpu_check.py).
 #
 # Python: $PYTHON if set; else the repository's .venv for --dry-run; else python3. Where that
 # python has no CUDA build of torch, a venv .venv-gpu gets the pinned $TORCH_SPEC
