@@ -18,6 +18,7 @@ test at the end checks every gradient against one process.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -49,6 +50,12 @@ class _Collectives(helpers_collectives.Collectives):
     def collective(self, name: str) -> str | None:
         return NAMES.get(name)
 
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if NAMES.get(func.__name__.split(".")[0]) == "all_reduce":  # and the elements it reduces
+            t = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
+            self.seen[(self.phase, "all_reduce_elems")] += t.numel()
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
 
 def _hf_spec(layers: int):
     """A transformers Llama of ``layers`` decoder layers (config as tests/test_hf_emit.py's)."""
@@ -62,8 +69,10 @@ def _hf_spec(layers: int):
     return resolve_model(f"hf:{folder}").model_copy(update={"input_shape": [1, SEQ]})
 
 
+@functools.cache
 def _run(model_name: str, layers: int, sp: bool) -> collections.Counter:
-    """One forward + backward of the program's model on tp 2 (``apply_tp`` / ``apply_hf_tp`` as emitted)."""
+    """One forward + backward of the program's model on tp 2 (``apply_tp`` / ``apply_hf_tp`` as emitted; cached:
+    several tests read one run)."""
     hf = model_name == "hf-llama"
     spec = _hf_spec(layers) if hf else tiny_spec(model_name, SEQ, {"layers": layers})
     mesh = rt.build_mesh("cpu", tp=2)
@@ -132,6 +141,19 @@ def test_moe_block_runs_the_priced_collectives(fake_world, model_name, sp):
     fwd, bwd = MOE_COUNTS[model_name, sp]
     assert measured == {"forward": fwd, "backward": bwd}
     assert measured == _priced(model_name, sp)
+
+
+def test_mla_all_reduces_move_the_priced_widths(fake_world):
+    """deepseek-tiny (q_lora 32, kv_lora 16, RoPE key 8 of hidden 64), sp: the backward all-reduces of an MLA
+    block reduce the latents' and the RoPE key's elements, the widths the price gives them (of the sub-layer
+    input's ``mbs * seq * hidden``); the MoE sub-layer all-reduces nothing."""
+    four, two = _run("deepseek-tiny", 4, True), _run("deepseek-tiny", 2, True)
+    measured = (four["backward", "all_reduce_elems"] - two["backward", "all_reduce_elems"]) / 2
+    cm = build_cost_model(Inputs(model="deepseek-tiny", gpu="cpu", gpus_per_node=2, seq_len=SEQ, dtype="fp32"))[0]
+    block = [t for t in cm.templates if t.kind == "block"][-1]
+    widths = [w for kind, w in block_tp_collectives(block, True).backward if kind == "all_reduce"]
+    assert sorted(widths) == [8 / 64, 16 / 64, 32 / 64]
+    assert measured == MBS * SEQ * 64 * sum(widths)
 
 
 # ----- numerics on real gloo ranks: every gradient equals the single process's ----------------------------
