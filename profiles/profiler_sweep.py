@@ -106,7 +106,7 @@ def gemm_shapes(lim: SweepLimits = SweepLimits()) -> list[tuple[int, int, int]]:
     hs = (32, 64, 128, 256, 512, 1024, 2048) + ((4096, 8192) if lim.big else ())
     shapes = {(m, n, k) for m in ms for h in hs for n, k in ((h, h), (4 * h, h), (h, 4 * h))
               if 2 * m * n * k <= lim.gemm_flops}
-    return _round_robin(sorted(shapes), lambda s: 2.0 * s[0] * s[1] * s[2])
+    return _round_robin(sorted(shapes), CASE_SIZE["matmul"])
 
 
 def membound_cases(lim: SweepLimits = SweepLimits()) -> list[tuple[str, int, int]]:
@@ -118,7 +118,7 @@ def membound_cases(lim: SweepLimits = SweepLimits()) -> list[tuple[str, int, int
             width = (64, 256, 768, 1024)[(i + j) % 4]
             numel = 2**e
             cases.append((op, max(1, numel // width), min(width, numel)))
-    return _round_robin(cases, lambda c: c[1] * c[2])
+    return _round_robin(cases, CASE_SIZE["membound"])
 
 
 def attention_shapes(lim: SweepLimits = SweepLimits()) -> list[tuple[int, int, int]]:
@@ -127,7 +127,12 @@ def attention_shapes(lim: SweepLimits = SweepLimits()) -> list[tuple[int, int, i
     dims = (16, 32, 64) + ((128,) if lim.big else ())
     shapes = [(bh, s, d) for bh in (4, 12, 32) for s in seqs for d in dims
               if 4 * bh * s * s * d <= lim.attention_flops]
-    return _round_robin(shapes, lambda c: 4.0 * c[0] * c[1] ** 2 * c[2])
+    return _round_robin(shapes, CASE_SIZE["attention"])
+
+
+# the size each list is ordered by (GEMM / attention FLOPs, elementwise elements)
+CASE_SIZE: dict[str, Callable] = {"matmul": lambda s: 2.0 * s[0] * s[1] * s[2], "membound": lambda c: c[1] * c[2],
+                                  "attention": lambda c: 4.0 * c[0] * c[1] ** 2 * c[2]}
 
 
 def _round_robin(items: list, size: Callable) -> list:
@@ -148,16 +153,18 @@ def run_sweep(curve: str, dtype: torch.dtype, device: str, clock: Clock, budget_
     make = {"matmul": _gemm_case, "membound": _membound_case, "attention": _attention_case}[curve]
     deadline = time.perf_counter() + budget_s
     points: list[Point] = []
-    biggest = (0.0, 0.0)  # (x, wall seconds) of the largest point so far: skip cases that cannot finish
+    biggest = (0.0, 0.0)  # (size, wall seconds) of the largest case so far: skip cases that cannot finish
     for i, case in enumerate(cases):
+        left, size = deadline - time.perf_counter(), CASE_SIZE[curve](case)
+        if left <= 0:
+            break
+        if size > biggest[0] > 0 and biggest[1] * size / biggest[0] > left:
+            continue  # decided before its tensors exist: a GPU list's largest cases hold GBs
         point, call, wrt = make(case, dtype, device)
-        left = deadline - time.perf_counter()
-        if left <= 0 or (point.x > biggest[0] > 0 and biggest[1] * point.x / biggest[0] > left):
-            continue
         t0 = time.perf_counter()
         _time_case(point, call, wrt, clock, min(left, max(0.3, budget_s / 15)), engine_s)
-        if point.x >= biggest[0]:
-            biggest = (point.x, time.perf_counter() - t0)
+        if size >= biggest[0]:
+            biggest = (size, time.perf_counter() - t0)
         points.append(point)
         if progress:
             progress(f"{curve} sweep {i + 1}/{len(cases)}: {point.label}")

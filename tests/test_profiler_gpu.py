@@ -151,3 +151,18 @@ def test_extend_of_a_profile_without_points_reads_its_curves():
     new = {"peak_tflops": {"bf16": 50.0}, "mem_bw_gbps": 1000.0, "meta": {"points": points_meta(_sweep_points(40e12))}}
     merged = refit(new, old)
     assert merged["peak_tflops"]["bf16"] >= 100.0 and merged["mem_bw_gbps"] >= 3000.0
+
+
+def test_sweep_builds_tensors_only_for_cases_it_times(monkeypatch):
+    """A GPU-sized list on a slow device: cases that cannot finish are skipped before their (GB) tensors
+    exist, and the loop stops at the budget."""
+    import torch
+
+    from autopar.profiles import profiler_sweep as sw
+    from autopar.profiles.profiler_timing import Clock
+
+    made = []
+    real = sw._gemm_case
+    monkeypatch.setattr(sw, "_gemm_case", lambda *a: made.append(a[0]) or real(*a))
+    pts = sw.run_sweep("matmul", torch.float32, "cpu", Clock("cpu", 1), 0.5, 0.0, None, gpu_limits(700e12))
+    assert 0 < len(pts) == len(made) and max(2.0 * m * n * k for m, n, k in made) < 1e11
