@@ -75,6 +75,7 @@ from autopar.planner.bounds import (  # noqa: F401  (re-exported: tests and expl
     probe,
     zero3_floor,
 )
+from autopar.planner.rank_floor import slowest_rank_floor
 from autopar.planner.space import (  # noqa: F401  (re-exported: the planner's public names)
     STRATEGY_FIELDS,
     Candidate,
@@ -124,9 +125,11 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
             _expand_group(sp, *payload)
         elif kind == "config" and gathers_per_unit(cm.ctx.runtime, payload[1].zero, payload[1].offload):  # FSDP
             sp.push(lb + zero3_floor(sp, payload[0], payload[1].zero, payload[1].schedule), "config3", *payload)
+        elif kind in ("config", "config3"):   # the slowest rank's own recompute, worked out when it gets here
+            _rank_bound(sp, lb, *payload)
         else:
             stats.priced += 1
-            cand = _partitioned(sp, *payload, upper)
+            cand = _partitioned(sp, *payload[:2], upper)
             if cand is not None and cand.estimate is None:
                 cand.estimate = cm.estimate(cand.strategy, cand.stages, cand.layer_recompute)
             if cand is None or not cand.estimate.feasible:
@@ -138,6 +141,22 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
     stats.infeasible += dropped
     stats.search_time_s = time.perf_counter() - t0
     return SearchResult(ranked, stats, sp.gb, rule_error=sp.rule_error)
+
+
+def _rank_bound(sp: Space, lb: float, sh: Sharding, k: Knobs, group: tuple) -> None:
+    """Queue a configuration again with its slowest rank at least ``rank_floor.slowest_rank_floor`` (each rank's
+    own memory and recompute over every layout, where the group's ``peak`` floored it without recompute);
+    dropped where no layout fits (the partition would find none either)."""
+    total, p2p, peak, share, sync = group
+    x = slowest_rank_floor(sp, sh, k, allowed_modes(sp.cons.modes, k.schedule, k.offload))
+    if x == part.INF:
+        sp.stats.pruned_memory += 1
+        return
+    grow = 0.0
+    if x > peak:   # pipeline_bound grows with its peak (``pipeline_bound``'s docstring)
+        grow = max(0.0, pipeline_bound(sp, sh, k, total, p2p, x, share, sync)
+                   - pipeline_bound(sp, sh, k, total, p2p, peak, share, sync))
+    sp.push(lb + grow, "partition", sh, k, group)
 
 
 def _size(kind: str, payload: tuple) -> int:
@@ -465,4 +484,4 @@ def _expand_group(sp: Space, sh: Sharding, group: tuple) -> None:
         sp.stats.enumerated += 1
         last_bucket, sync = grad_sync_floor(sp, sh, k, pr)
         lb = pipeline_bound(sp, sh, k, total + extra, p2p, peak, share, sync)
-        sp.push(lb + opt + last_bucket, "config", sh, k)
+        sp.push(lb + opt + last_bucket, "config", sh, k, (total + extra, p2p, peak, share, sync))

@@ -13,6 +13,7 @@ from autopar.planner import bounds
 from autopar.planner import partition as part
 from autopar.planner import recompute as rc
 from autopar.planner import search as S
+from autopar.planner.rank_floor import slowest_rank_floor
 
 CASES = [  # (seed, layers, nodes, gpus per node, moe, usable MiB, global batch, fixed knobs)
     (1, 4, 1, 4, False, 450, 8, {}),
@@ -216,3 +217,41 @@ def test_schedule_terms_stay_under_prices_where_memory_binds(seed, usable):
                 assert all(t[k.schedule, k.vpp] <= cand.step_time_s * (1 + 1e-9) for t in terms), (sh, k)
                 checked, recomputed = checked + 1, recomputed + any(m != "none" for m in cand.layer_recompute)
     assert checked > 30 and recomputed > 5, (checked, recomputed)
+
+
+@pytest.mark.parametrize("seed,usable", [(0, 420), (1, 340)])
+def test_the_slowest_rank_floor_stays_under_the_partitions_slowest_rank(seed, usable):
+    # planner/rank_floor.py: each rank's own memory (its micro-batches in flight, pipeline buffers, logits) forces
+    # recompute the mean-rank floors do not see; the floor of the slowest rank over every layout stays under the
+    # partition's slowest rank, is inf only where nothing fits, and the bound the search queues a configuration
+    # under with it stays under the configuration's price
+    cm = tiny_cost_model(seed, layers=8, nodes=2, gpus_per_node=4, usable_mib=usable, kinds=1)
+    gb = 16
+    sp = bounds.Space(cm, S.Constraints(), gb)
+    rows = []
+    sp.push = lambda lb, kind, *payload: rows.append(payload)
+    S._fill(sp)
+    checked = above = refused = 0
+    for sh, knobs in rows:
+        for k in knobs:
+            s = Strategy(**bounds.probe(sh, gb, k).model_dump()).resolve(cm.cluster.world)
+            modes = S.allowed_modes(sp.cons.modes, k.schedule, k.offload)
+            x = slowest_rank_floor(sp, sh, k, modes)
+            res = part.partition(cm, s, modes, part.INF, sp.priced(sh).costs) if x > 0 else None
+            refused += x == part.INF
+            if x == part.INF or res is None:
+                assert x == part.INF or x == 0 or res is None
+                continue
+            slowest = max(r.P for r in res.ranks)
+            assert x <= slowest * (1 + 1e-12), (s.short(), x, slowest)
+            above += x > bounds.peak_floor(sp, sh, k, sp.priced(sh)) * (1 + 1e-6)
+            pushed = []
+            sp.push = lambda lb, kind, *payload: pushed.append((lb, payload))   # noqa: B023
+            S._expand_row(sp, sh, [k])           # its group, then the group's configuration, then its rank bound
+            S._expand_group(sp, *pushed.pop()[1])
+            lb, payload = pushed.pop()
+            S._rank_bound(sp, lb, *payload)
+            cand = S._partitioned(sp, sh, k, part.INF)
+            assert pushed[-1][0] <= cand.step_time_s * (1 + 1e-9), (s.short(), pushed[-1][0], cand.step_time_s)
+            checked += 1
+    assert checked > 30 and above > 5, (checked, above, refused)

@@ -1,0 +1,122 @@
+"""A floor of the slowest pipeline rank's time over every stage layout, recompute included.
+
+The search's other bounds see the ranks' recompute only summed (``Floor.recompute_time``: the mean rank);
+most configurations the partition DP then rejects are over their bound because one rank (the first, which
+holds the most micro-batches in flight, or the last, with the logits) must recompute more than the mean.
+This floor reads each rank's own memory, without pricing a rank.
+
+For a model of one kind of layer, rank ``r`` holding ``c`` positions of each of the ``v`` periods
+(``n = v c`` layers, ``partition``'s layout) takes at least
+
+``P_r(n) = e_r + n t + rate * max(0, n a - room_r(n) / f_r)``
+
+(``RankPricer._price``: the layers' time without recompute, its edge layers' ``e_r``, plus the recompute the
+rank's budget forces): ``t`` and ``a`` one layer's time and saved bytes without recompute, ``f_r`` its
+micro-batches in flight, ``rate`` the cheapest seconds per byte saved of any allowed mode (a fractional
+relaxation of ``recompute.choose``, looser than any real choice) and ``room_r(n)`` what
+``RankPricer._budget`` leaves the layers' activations, at least: usable memory less the rank's parameters
+and optimizer states (``CostModel.rank_memory``'s formulas), its loss temporaries, its pipeline buffers and
+its edge layers' activations. Gradients and communication buffers are left out (the warm-up reuse
+``memory.warmup_gradient_bytes`` gives back at most them), and so are the workspace, the context-parallel
+mask and every term that only adds memory: each leaves ``room`` larger, so ``P_r`` lower. No rank can hold
+``n`` layers where even saving every saveable byte leaves too little room (``P_r = inf``).
+
+``P_r`` grows with ``n``, so the least ``max_r P_r(c_r)`` over the layouts (``sum c_r = C``, ``c_r >= 1``)
+is the larger of ``max_r P_r(1)`` and the ``C``-th smallest of all the ranks' values ``P_r(1..C-p+1)``
+taken together: at any ``X`` a rank holds at most the ``c`` with ``P_r(c) <= X``.
+(``tests/test_search_bounds.py`` checks it stays under the partition's slowest rank.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from autopar.cost_models.memory import bytes_per_param, expert_shard_group, model_state_bytes
+from autopar.cost_models.pipeline import in_flight_microbatches
+from autopar.planner.bounds import probe
+from autopar.techniques import pipeline
+
+INF = float("inf")
+MARGIN = 1e-9   # relative: the floor's float sums run in another order than the DP's
+
+
+def slowest_rank_floor(sp, sh, k, modes: tuple[str, ...]) -> float:
+    """The floor of ``max P`` of the module docstring for configuration (``sh``, ``k``) whose layers may use
+    ``modes``; 0 where it does not apply (several kinds of layer, a V-shaped schedule, torchtitan's own
+    pipeline memory, no ``none`` mode); inf where no layout fits. ``sp``: the search's ``Space``."""
+    key = ("rank_floor", sh, k, modes)   # all it reads: the sharding's pricing, the knobs, the modes
+    if key not in sp.memo:
+        sp.memo[key] = _floor(sp, sh, k, modes)
+    return sp.memo[key]
+
+
+def _floor(sp, sh, k, modes: tuple[str, ...]) -> float:
+    cm, costs = sp.cm, sp.priced(sh).costs
+    blk = costs[0]
+    if k.schedule in pipeline.V_SHAPED or cm.ctx.runtime == "torchtitan" or "none" not in modes or \
+            any(costs[i] is not blk for i in range(cm.num_layers)):
+        return 0.0
+    p, v = sh.pp, k.vpp
+    C = cm.num_layers // v
+    if C < p or cm.num_layers % v:
+        return 0.0   # the partition refuses it
+    rate, cap = _offer(blk, modes)
+    if rate < 0:
+        return 0.0   # a mode faster than none: the relaxation would not bound it
+    s = probe(sh, sp.gb, k)
+    rows = [_rank_terms(sp, sh, k, s, blk, r) for r in range(p)]
+    e, f, room0, slope = (np.array(x) for x in zip(*rows))
+    n = np.arange(1, C - p + 2, dtype=float) * v          # layers held, c = 1 .. C - p + 1
+    t, a = blk.time("none"), blk.act_bytes["none"]
+    # need(n) = n (a + per-layer states / f) - (room at no layers) / f: bytes per micro-batch to save
+    need = n[None, :] * (a + slope[:, None] / f[:, None]) - (room0 / f)[:, None]
+    P = e[:, None] + n[None, :] * t + rate * np.maximum(need, 0.0)
+    P[need > n[None, :] * cap * (1 + MARGIN) + 1.0] = INF   # cannot save enough even recomputing every byte
+    first = P[:, 0].max()
+    if first == INF:
+        return INF
+    flat = P.ravel()
+    kth = np.partition(flat, C - 1)[C - 1]
+    return float(max(first, kth)) * (1 - MARGIN)
+
+
+def _offer(blk, modes: tuple[str, ...]) -> tuple[float, float]:
+    """(the cheapest seconds per byte saved of any allowed mode, the most bytes a mode saves) of one layer;
+    (0, 0) where no mode saves anything; a negative rate where some mode is faster than none."""
+    a, t = blk.act_bytes["none"], blk.time("none")
+    useful = [((blk.time(m) - t) / (a - blk.act_bytes[m]), a - blk.act_bytes[m]) for m in modes
+              if m != "none" and a - blk.act_bytes[m] > 0]
+    if any(blk.time(m) < t for m in modes):
+        return -1.0, 0.0
+    if not useful:
+        return 0.0, 0.0   # nothing to save: a rank over its room is refused by the byte check alone
+    return min(r for r, _ in useful), max(b for _, b in useful)
+
+
+def _rank_terms(sp, sh, k, s, blk, r: int) -> tuple[float, float, float, float]:
+    """Rank ``r``'s (edge layers' time, micro-batches in flight, room for its layers' activations when it
+    holds no layer, the room one more layer's states take), as ``RankPricer._budget`` and
+    ``CostModel.rank_memory`` count them (the terms that only add memory left out); ``s``: the probe."""
+    cm, p = sp.cm, sh.pp
+    m = sp.gb // (sh.dp * sh.mbs)
+    costs = sp.priced(sh).costs
+    first, last = r == 0, r == p - 1
+    extra = [c for c, on in ((costs["embedding"], first), (costs["output"], last)) if on and c]
+    f = in_flight_microbatches(r, p, m, k.schedule, k.vpp)
+    edge_dense = sum(c.params_dense for c in extra)
+    if p > 1 and last and cm.output is not None:
+        edge_dense += cm.output.params_tied / sh.tp   # the tied output weight's second copy
+    per_layer, edge = _states(cm, s, blk.params_dense, blk.params_expert, k), _states(cm, s, edge_dense, 0.0, k)
+    bufs = cm._pipeline_buffer_bytes(s, first and cm.embedding is not None, last, f)
+    fixed = edge + sum(c.temp_bytes for c in extra) + bufs + f * sum(c.act_bytes["none"] for c in extra)
+    room0 = sp.usable * (1 + MARGIN) - fixed
+    return sum(c.time("none") for c in extra), f, room0, per_layer
+
+
+def _states(cm, s, dense: float, expert: float, k) -> float:
+    """Parameters and optimizer states on the device (``CostModel.rank_memory``; gradients left out)."""
+    if k.offload:   # CPUOffloadPolicy: the device holds gathered parameters only, below ZeRO-3
+        return 0.0 if k.zero >= 3 else (dense + expert) * bytes_per_param(cm.dtype)[0]
+    ds = model_state_bytes(dense, cm.dtype, k.zero, s.dp * s.cp)
+    es = model_state_bytes(expert, cm.dtype, k.zero, expert_shard_group(s, cm.ctx.runtime))
+    return ds.params + ds.optimizer + es.params + es.optimizer
