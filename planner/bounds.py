@@ -391,9 +391,7 @@ def _peak_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
     if p == 1:
         return held
     if k.schedule in pipeline.V_SHAPED:
-        stages = even_stages(sp.cm.num_layers, p * v)
-        per = [sum(pr.base[i] for j in pipeline.rank_stages(r, p, v, k.schedule) for i in range(*stages[j]))
-               for r in range(p)]
+        per = [sum(pr.base[i] for i in layers) for layers in v_rank_layers(sp.cm.num_layers, p, v, k.schedule)]
         per[pipeline.stage_rank(0, p, k.schedule)] += pr.edges[0]
         per[pipeline.stage_rank(p * v - 1, p, k.schedule)] += pr.edges[1]
         return max(max(per), held)
@@ -403,6 +401,13 @@ def _peak_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
         out = max(out, edge_rank_floor(edge, base_total - edge, pr.min_block, pr.max_block, p, v,
                                         sp.cm.num_layers // v))
     return out
+
+
+@lru_cache(maxsize=256)
+def v_rank_layers(L: int, p: int, v: int, schedule: str) -> tuple[tuple[int, ...], ...]:
+    """Each rank's layers, in model order, under the even split of a V-shaped schedule (``search._v_shaped``)."""
+    stages = even_stages(L, p * v)
+    return tuple(tuple(i for j in pipeline.rank_stages(r, p, v, schedule) for i in range(*stages[j])) for r in range(p))
 
 
 def edge_rank_floor(edge: float, rest: float, lo: float, hi: float, p: int, v: int, C: int) -> float:

@@ -33,7 +33,7 @@ import numpy as np
 
 from autopar.cost_models.memory import bytes_per_param, expert_shard_group, model_state_bytes
 from autopar.cost_models.pipeline import in_flight_microbatches
-from autopar.planner.bounds import probe
+from autopar.planner.bounds import probe, v_rank_layers
 from autopar.techniques import pipeline
 
 INF = float("inf")
@@ -53,9 +53,10 @@ def slowest_rank_floor(sp, sh, k, modes: tuple[str, ...]) -> float:
 def _floor(sp, sh, k, modes: tuple[str, ...]) -> float:
     cm, costs = sp.cm, sp.priced(sh).costs
     blk = costs[0]
-    if k.schedule in pipeline.V_SHAPED or cm.ctx.runtime == "torchtitan" or "none" not in modes or \
-            any(costs[i] is not blk for i in range(cm.num_layers)):
+    if cm.ctx.runtime == "torchtitan" or "none" not in modes or any(costs[i] is not blk for i in range(cm.num_layers)):
         return 0.0
+    if k.schedule in pipeline.V_SHAPED:
+        return _v_floor(sp, sh, k, modes, blk)
     p, v = sh.pp, k.vpp
     C = cm.num_layers // v
     if C < p or cm.num_layers % v:
@@ -64,7 +65,7 @@ def _floor(sp, sh, k, modes: tuple[str, ...]) -> float:
     if rate < 0:
         return 0.0   # a mode faster than none: the relaxation would not bound it
     s = probe(sh, sp.gb, k)
-    rows = [_rank_terms(sp, sh, k, s, blk, r) for r in range(p)]
+    rows = [_rank_terms(sp, sh, k, s, blk, r, r == 0, r == p - 1) for r in range(p)]
     e, f, room0, slope = (np.array(x) for x in zip(*rows))
     n = np.arange(1, C - p + 2, dtype=float) * v          # layers held, c = 1 .. C - p + 1
     t, a = blk.time("none"), blk.act_bytes["none"]
@@ -80,6 +81,24 @@ def _floor(sp, sh, k, modes: tuple[str, ...]) -> float:
     return float(max(first, kth)) * (1 - MARGIN)
 
 
+def _v_floor(sp, sh, k, modes: tuple[str, ...], blk) -> float:
+    """V-shaped schedules run the even split with one mode on every layer (``search._v_shaped``): each rank's
+    layers are known, so the floor is the least over the modes that fit every rank's room of the slowest
+    rank's time in that mode; inf where no mode fits."""
+    p, v = sh.pp, k.vpp
+    ends = pipeline.stage_rank(0, p, k.schedule), pipeline.stage_rank(p * v - 1, p, k.schedule)
+    s, rows = probe(sh, sp.gb, k), []
+    for r, layers in enumerate(v_rank_layers(sp.cm.num_layers, p, v, k.schedule)):
+        n = len(layers)
+        e, f, room0, per_layer = _rank_terms(sp, sh, k, s, blk, r, r == ends[0], r == ends[1])
+        rows.append((n, e, f, room0 - n * per_layer))
+    best = INF
+    for m in modes:
+        if all(f * n * blk.act_bytes[m] <= room for n, _, f, room in rows):
+            best = min(best, max(e + n * blk.time(m) for n, e, _, _ in rows))
+    return best * (1 - MARGIN)
+
+
 def _offer(blk, modes: tuple[str, ...]) -> tuple[float, float]:
     """(the cheapest seconds per byte saved of any allowed mode, the most bytes a mode saves) of one layer;
     (0, 0) where no mode saves anything; a negative rate where some mode is faster than none."""
@@ -93,14 +112,14 @@ def _offer(blk, modes: tuple[str, ...]) -> tuple[float, float]:
     return min(r for r, _ in useful), max(b for _, b in useful)
 
 
-def _rank_terms(sp, sh, k, s, blk, r: int) -> tuple[float, float, float, float]:
+def _rank_terms(sp, sh, k, s, blk, r: int, first: bool, last: bool) -> tuple[float, float, float, float]:
     """Rank ``r``'s (edge layers' time, micro-batches in flight, room for its layers' activations when it
     holds no layer, the room one more layer's states take), as ``RankPricer._budget`` and
-    ``CostModel.rank_memory`` count them (the terms that only add memory left out); ``s``: the probe."""
+    ``CostModel.rank_memory`` count them (the terms that only add memory left out); ``s``: the probe; ``first``,
+    ``last``: it holds the first / last stage."""
     cm, p = sp.cm, sh.pp
     m = sp.gb // (sh.dp * sh.mbs)
     costs = sp.priced(sh).costs
-    first, last = r == 0, r == p - 1
     extra = [c for c, on in ((costs["embedding"], first), (costs["output"], last)) if on and c]
     f = in_flight_microbatches(r, p, m, k.schedule, k.vpp)
     edge_dense = sum(c.params_dense for c in extra)
