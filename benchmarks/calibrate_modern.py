@@ -66,15 +66,16 @@ SCALE_FIELDS = ("matmul_scale", "fp8_matmul_scale", "attention_scale")
 # library measures on that chip, or attention slower than the slowest kernel these stacks call.
 # (GPU type, field) -> (lowest, highest); ``--bounds none`` fits without them (for comparison).
 BOUNDS = {
-    # best-shape cuBLAS bf16 GEMM 795 TFLOP/s = 0.80 of H100's 989 and 271 = 0.87 of A100's 312 (S. Bekman,
-    # ml-engineering, Maximum Achievable Matmul FLOPS), over the profiles' matmul_eff e_max 0.75
-    ("hopper", "matmul_scale"): (0.0, 0.80 / 0.75), ("ampere", "matmul_scale"): (0.0, 0.87 / 0.75),
-    # an fp8 GEMM reaches no larger share of its (twice as high) peak than bf16 under the same 700 W cap
-    ("hopper", "fp8_matmul_scale"): (0.0, 0.80 / 0.75),
-    # FlashAttention-2 reaches 35% of H100's peak (Shah et al. 2024) on the ~half of a causal s^2 it
-    # computes, 0.7 in the full-count FLOPs the profile's attention_eff counts (e_max 0.40): a scale
-    # below 1 prices attention below 0.40 full-count, slower than FA2, the slowest fused kernel these
-    # stacks call (SDPA, flash-attn, TE's cuDNN / FA3)
+    # bf16 GEMM: the best cuBLAS rate measured on the chip over the profiles' matmul_eff e_max 0.75. H100:
+    # 764.2 TFLOP/s at 8192^3 = 0.772 of 989.4 (`python benchmarks/kernel_rates.py`, docs/validation.md
+    # "Kernel rates measured on an H100"); A100: 271 = 0.87 of 312 (S. Bekman, ml-engineering, Maximum
+    # Achievable Matmul FLOPS)
+    ("hopper", "matmul_scale"): (0.0, 764.2 / 989.4 / 0.75), ("ampere", "matmul_scale"): (0.0, 0.87 / 0.75),
+    # fp8 GEMM: the best torch._scaled_mm rate measured on the H100, 1382.5 TFLOP/s at 8192^3 = 0.699 of
+    # 1978.9 (kernel_rates.py); the profiles' fp8_gemm_speedup bounds each size by its measured fp8 / bf16 rate
+    ("hopper", "fp8_matmul_scale"): (0.0, 1382.5 / 1978.9 / 0.75),
+    # Hopper attention: only for a stack without a measured kernel (every Hopper stack has one now:
+    # h100-sxm.yaml attention_kernels): at least FlashAttention-2 (0.40 full-count, the curve), at most 2x
     ("hopper", "attention_scale"): (1.0, 2.0),
 }
 
@@ -187,6 +188,7 @@ def _refresh(b: Built) -> None:
     b.cm.gpu = b.cm.timer.gpu = gpu
     b.cm.timer.__post_init__()
     b.cm.stack = b.cm.timer.stack = gpu.stack(b.case.runtime)
+    b.cm.fsdp_impl = pr.fsdp_impl(b.case)  # a row pickled before the attribute existed
     b.cm._cache.clear()
 
 
@@ -267,7 +269,11 @@ def fields_for(rows: list[Built], runtime: str) -> list[str]:
     if runtime == "deepspeed":
         return list(DEEPSPEED_FIELDS)
     strategies = [b.strategy for b in rows]
-    out = ["attention_scale"]
+    # a stack whose attention kernel is measured on the GPU (``GpuProfile.attention_kernels``) prices it as
+    # measured: no scale to fit; A100 rows, a kernel not measured and context-parallel rings
+    # (``OpTimer.attention_fb``) keep the fitted scale
+    measured = all(b.cm.gpu.attention_kernel(runtime) and b.strategy.cp == 1 for b in rows)
+    out = [] if measured else ["attention_scale"]
     if any(b.cm.spec.is_moe for b in rows):
         out.append("moe_imbalance")
         if runtime != "torch":  # autopar's own programs loop over experts and do not overlap the all-to-alls

@@ -52,6 +52,56 @@ class EffCurve(RootModel[list[tuple[float, float]]]):
 Runtime = Literal["torch", "torchtitan", "megatron", "deepspeed"]
 
 
+def _interp_log(pts: list[tuple[float, float]], x: float) -> float:
+    """Piecewise-linear in log10(x) through ``pts``, clamped outside the first / last point."""
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+        if x <= x1:
+            return y0 + (math.log10(x) - math.log10(x0)) / (math.log10(x1) - math.log10(x0)) * (y1 - y0)
+    return pts[-1][1]
+
+
+class SpeedupCurve(RootModel[list[tuple[float, float]]]):
+    """``[[gemm FLOPs, fp8 / bf16 rate], ...]`` as measured (x increasing, ratio >= 1)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SpeedupCurve:
+        pts = self.root
+        if not pts or any(b[0] <= a[0] for a, b in itertools.pairwise(pts)) or any(x <= 0 or r < 1 for x, r in pts):
+            raise ValueError("fp8_gemm_speedup: [[flops, ratio >= 1], ...] with flops positive and increasing")
+        return self
+
+    def at(self, flops: float) -> float:
+        return _interp_log(self.root, flops)
+
+
+class AttentionKernel(BaseModel):
+    """One fused causal attention kernel as measured on this GPU (``benchmarks/kernel_rates.py``):
+    TFLOP/s forward and forward+backward per sequence length at head dim ``head_dim`` and ``heads``
+    heads, batch 1, FLOPs counted as Megatron counts the causal half (forward 2·b·h·s²·d, forward +
+    backward 3.5x that); priced from the forward+backward rate (``cost_models.compute.measured_attention_eff``).
+    ``stacks``: the runtimes that call it on this GPU type."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stacks: list[Runtime] = Field(..., min_length=1, description="runtimes whose attention is this kernel")
+    heads: int = Field(32, ge=1)
+    head_dim: int = Field(128, ge=1)
+    measured: list[tuple[int, float, float]] = Field(
+        ..., min_length=2, description="[[seq_len, forward TFLOP/s, forward+backward TFLOP/s], ...], causal half")
+    source: str = Field(..., min_length=1, description="the command and run that measured it")
+
+    @model_validator(mode="after")
+    def _check(self) -> AttentionKernel:
+        seqs = [s for s, _, _ in self.measured]
+        if seqs != sorted(set(seqs)) or any(f <= 0 or fb <= 0 for _, f, fb in self.measured):
+            raise ValueError("attention_kernels.measured: sequence lengths increasing, rates positive")
+        if any(3.5 / fb <= 1 / f for _, f, fb in self.measured):
+            raise ValueError("attention_kernels.measured: forward+backward must take longer than forward")
+        return self
+
+
 # Constants that are physics of the GPU type, its host and NCCL, the same for every stack that does
 # the thing (docs/validation.md, "Two levels of constants"): cuBLAS GEMM efficiency (bf16, fp8),
 # compute slowed by communication kernels beside it (SM and HBM contention), bus bandwidth lost
@@ -176,6 +226,12 @@ class GpuProfile(BaseModel):
     stacks: dict[Runtime, StackConstants] = Field(
         default_factory=dict, description="per software stack (--runtime): its fitted choices, and the "
                                           "hardware-level fields it overrides")
+    attention_kernels: dict[str, AttentionKernel] = Field(
+        default_factory=dict, description="measured fused attention kernels, each with the stacks that call it; "
+                                          "a stack without one prices attention from attention_eff x its scale")
+    fp8_gemm_speedup: SpeedupCurve | None = Field(
+        None, description="measured fp8 / bf16 GEMM rate by FLOPs: an fp8 GEMM is priced no faster than the "
+                          "bf16 one times this (cost_models.compute.OpTimer)")
 
     @model_validator(mode="after")
     def _check_sources(self) -> GpuProfile:
@@ -184,6 +240,9 @@ class GpuProfile(BaseModel):
             raise ValueError(f"sources must name where each number comes from; missing: {', '.join(missing)}")
         if not self.peak_tflops or any(v <= 0 for v in self.peak_tflops.values()):
             raise ValueError("peak_tflops needs at least one positive entry")
+        called = [rt for k in self.attention_kernels.values() for rt in k.stacks]
+        if len(called) != len(set(called)):
+            raise ValueError("attention_kernels: each runtime may call one kernel; fix the stacks lists")
         stack_only = sorted(set(self.gpu_constants.model_fields_set) - set(GPU_LEVEL_FIELDS) - {"sources"})
         if stack_only:
             raise ValueError(f"gpu_constants may set only hardware-level fields ({', '.join(GPU_LEVEL_FIELDS)}); "
@@ -209,6 +268,10 @@ class GpuProfile(BaseModel):
         """The constants ``runtime`` prices with on this GPU: the hardware level, overridden by the
         fields the stack sets; neutral defaults where nothing was fitted."""
         return resolve_stack(self.gpu_constants, self.stacks.get(runtime))
+
+    def attention_kernel(self, runtime: str) -> AttentionKernel | None:
+        """The measured attention kernel ``runtime`` calls on this GPU (None: not measured)."""
+        return next((k for k in self.attention_kernels.values() if runtime in k.stacks), None)
 
     def peak_flops(self, precision: str = "bf16") -> float:
         """Dense peak in FLOP/s for ``precision``."""

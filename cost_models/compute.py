@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from autopar.core.gpu import GpuProfile, StackConstants
+from autopar.core.gpu import AttentionKernel, GpuProfile, StackConstants
 from autopar.core.op_signature import op_signature, signature  # noqa: F401  (re-exported)
 from autopar.cost_models.fp8_cost import Fp8Cast
 from autopar.cost_models.fp8_cost import dynamic_cast_bytes as fp8_cast_bytes  # noqa: F401  (re-exported)
@@ -63,6 +63,30 @@ def causal_block_fraction(seq: int, cp: int = 1, window: int = 0, block: int = 1
     nc = -(-seq // (2 * cp * block))  # blocks per chunk
     diag = _triangle_blocks(nc) / nc ** 2
     return (2 * cp - 1 + 2 * diag) / (4 * cp)
+
+
+def measured_attention_eff(kernel: AttentionKernel, peak_tflops: float) -> list[tuple[int, float]]:
+    """[(seq, efficiency)] of a measured kernel's forward + backward (``benchmarks/kernel_rates.py``) in the
+    FLOPs it performs (``causal_block_fraction``: the diagonal's blocks computed whole) against
+    ``peak_tflops``. The measurement counts the causal half, F = 2bhs^2d forward and 3.5F forward +
+    backward (FlashAttention-2, Dao 2023: backward 2.5x the forward FLOPs), and the kernel performs 2·f·F
+    of it (f the block fraction). The training step's pair is priced from the pair's rate: the
+    forward-only figures (kept in the profile) vary more from point to point (flash at 4k runs its
+    forward slower than its backward), and the step runs both."""
+    return [(seq, 2 * causal_block_fraction(seq) * r_both / peak_tflops) for seq, _, r_both in kernel.measured]
+
+
+def seq_eff(points: list[tuple[int, float]], seq: float) -> float:
+    """Attention efficiency at a kernel call's sequence length from measured points: 1/eff linear in
+    1/seq (each query tile pays a fixed prologue / epilogue and its masked diagonal block beside work
+    that grows with the keys it reads: FlashAttention-2, Dao 2023, Sec. 3.2), between the points and
+    below the first along the first segment; the last point's value above it (the kernel saturates)."""
+    if seq >= points[-1][0]:
+        return points[-1][1]
+    i = next((j for j in range(1, len(points)) if seq <= points[j][0]), len(points) - 1)
+    (s0, e0), (s1, e1) = points[i - 1], points[i]
+    slope = max(0.0, (1 / e0 - 1 / e1) / (1 / s0 - 1 / s1))
+    return min(1.0, 1.0 / (1 / e1 + slope * (1 / seq - 1 / s1)))
 
 
 @dataclass
@@ -133,6 +157,7 @@ class OpTimer:
         t = calls * roofline_time(flops, byts, self.gemm_peak, eff, self.bw, self.gpu.eff("membound_eff", byts))
         if self.dtype != "fp8":
             return t * self.contention, t * self.contention * bwd_ratio
+        t = max(t, calls * self._fp8_floor(flops, byts))
         cast_f, cast_b = (cast or Fp8Cast()).bytes(m, n, k)
         fwd = t + calls * self.membound(cast_f) / self.contention
         bwd = t * bwd_ratio + calls * self.membound(cast_b) / self.contention
@@ -153,6 +178,7 @@ class OpTimer:
         t = roofline_time(flops, byts, self.gemm_peak, eff, self.bw, self.gpu.eff("membound_eff", byts))
         if self.dtype != "fp8":
             return t * self.contention, t * self.contention * bwd_ratio
+        t = max(t, self._fp8_floor(flops, byts))
         cast_f, cast_b = (cast or Fp8Cast()).bytes(m, n, k)
         fwd = t + self.membound(cast_f * calls) / self.contention
         bwd = t * bwd_ratio + self.membound(cast_b * calls) / self.contention
@@ -172,6 +198,27 @@ class OpTimer:
         t = roofline_time(flops, bytes_rw, self.peak, eff, self.bw, self.gpu.eff("membound_eff", max(bytes_rw, 1)))
         return t * self.contention
 
+    def attention_fb(self, flops: float, bytes_rw: float, performed: float, bwd_ratio: float,
+                     runtime: str = "", seq: float = 0.0, cp: int = 1) -> tuple[float, float]:
+        """(forward, backward) of one fused attention call of ``flops`` (full 4bhs^2d) at sequence length
+        ``seq``: the runtime's kernel as measured on this GPU (``GpuProfile.attention_kernel``;
+        ``measured_attention_eff``, ``seq_eff``) on the blocks it performs; otherwise ``attention`` x
+        ``bwd_ratio`` (the profile's curve and the stack's fitted scale). Context parallel (``cp`` > 1) keeps
+        the fitted path: the ring runs the kernel per step on chunk pairs (Transformer Engine
+        ``AttnFuncWithCPAndKVP2P``: one causal diagonal call, then half-chunk non-causal calls, each output
+        corrected by its log-sum-exp), which the single-call measurement does not cover."""
+        kernel = self.gpu.attention_kernel(runtime) if runtime and seq > 0 and cp == 1 else None
+        if kernel is None:
+            f = self.attention(flops, bytes_rw, performed)
+            return f, f * bwd_ratio
+        if flops <= 0:
+            return 0.0, 0.0
+        self.hits[self.source] += 1
+        eff = seq_eff(measured_attention_eff(kernel, self.peak / 1e12), seq)
+        work, mem_eff = flops * performed, self.gpu.eff("membound_eff", max(bytes_rw, 1))
+        fwd = roofline_time(work, bytes_rw, self.peak, eff, self.bw, mem_eff) * self.contention
+        return fwd, fwd * bwd_ratio
+
     def membound(self, bytes_rw: float, flops: float = 0.0) -> float:
         """Elementwise / reduction op bounded by memory bandwidth."""
         if bytes_rw <= 0:
@@ -179,6 +226,18 @@ class OpTimer:
         self.hits[self.source] += 1
         eff = self.gpu.eff("membound_eff", bytes_rw)
         return roofline_time(flops, bytes_rw, self.peak, 1.0, self.bw, eff) * self.contention
+
+    def _fp8_floor(self, flops: float, byts: float) -> float:
+        """The least time an fp8 GEMM of ``flops`` takes: the same GEMM in bf16 on the profile's cuBLAS curve
+        (``matmul_eff``, no stack factor: e_max 0.75 of 989.4 = 742 TFLOP/s against 739-764 measured at the
+        large shapes) over the fp8 / bf16 rate measured on the GPU at that size (``GpuProfile.fp8_gemm_speedup``,
+        ``benchmarks/kernel_rates.py``: cuBLASLt ``torch._scaled_mm`` vs bf16 matmul, the kernels torchao
+        float8 and Transformer Engine call); 0 where not measured."""
+        if self.gpu.fp8_gemm_speedup is None:
+            return 0.0
+        eff = self.gpu.eff("matmul_eff", flops)
+        bf16 = roofline_time(flops, byts, self.peak, eff, self.bw, self.gpu.eff("membound_eff", byts))
+        return bf16 / self.gpu.fp8_gemm_speedup.at(flops)
 
     def _curve_flops(self, flops: float) -> float:
         """Where a GEMM of ``flops`` reads the profile's ``matmul_eff`` curve. The curve is

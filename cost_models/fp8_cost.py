@@ -68,6 +68,24 @@ def te_weight_cast_bytes(weights: float) -> float:
     return CAST_TRANSPOSE_BYTES * weights
 
 
+# rows of each expert's fp8 GEMM input are padded to a multiple of this (TE ``Fp8Padding`` align size for
+# per-tensor fp8: cuBLASLt fp8 GEMMs need leading dimensions divisible by 16)
+FP8_ROW_ALIGN = 16
+
+
+def te_expert_padding_bytes(rows: float, hidden: float, local: float, dtype_bytes: int) -> tuple[float, float]:
+    """HBM bytes (forward, backward) of the fp8 row padding Megatron-Core runs around a rank's expert GEMMs under
+    Transformer Engine fp8 (megatron-core ``TEGroupedMLP``: ``Fp8Padding(num_local_experts)`` before
+    ``linear_fc1`` and ``Fp8Unpadding`` after ``linear_fc2``; TE ``fused_multi_row_padding`` /
+    ``fused_multi_row_unpadding``): each local expert's rows of the ``rows`` received [rows, hidden] tokens
+    are copied into a buffer padded to ``FP8_ROW_ALIGN`` rows, and the experts' output copied back, read and
+    written once each, forward; backward the gradients take the same two copies the other way. The padded
+    rows (at most 15 per expert) add GEMM work far below these copies and are not priced."""
+    padded = rows + local * (FP8_ROW_ALIGN - 1) / 2  # half an alignment per expert on average
+    one_way = dtype_bytes * hidden * (rows + padded)  # read the rows, write the padded buffer (or back)
+    return 2 * one_way, 2 * one_way
+
+
 @dataclass(frozen=True)
 class Fp8Cast:
     """How one fp8 linear's operands are quantized: the runtime's library and whether a norm writes its

@@ -278,8 +278,9 @@ def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext, performed
     if hit is not None:
         return hit
     if op.kind == "attention":
-        f = t.attention(op.fwd_flops * scale, op.bytes_rw * scale, performed)
-        return f, f * (op.bwd_flops / op.fwd_flops if op.fwd_flops else 2.5)
+        ratio = op.bwd_flops / op.fwd_flops if op.fwd_flops else 2.5
+        return t.attention_fb(op.fwd_flops * scale, op.bytes_rw * scale, performed, ratio, ctx.runtime,
+                              ctx.seq_len, s.cp)
     f = t.membound(op.bytes_rw * scale, op.fwd_flops * scale)
     return f, 2.0 * f  # backward of an elementwise op reads the output grad and the saved input
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from autopar.cost_models.compute import OpTimer
+from autopar.cost_models.fp8_cost import te_expert_padding_bytes
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm
 from autopar.cost_models.moe_cost import local_sort_bytes
 
@@ -149,10 +150,10 @@ def expert_passes_s(timer: OpTimer, rows: float, local: float, hidden: float, dt
                     expert_bias: bool) -> tuple[float, float]:
     """(forward, backward) seconds of the memory passes Megatron-Core runs on an expert-parallel rank's
     ``rows`` received tokens beside its ``local`` experts' GEMMs: the expert-major re-sort and back
-    (``moe_cost.local_sort_bytes``, each direction) and, for a model with expert biases, their addition
+    (``moe_cost.local_sort_bytes``, each direction), under fp8 the rows' padding for the fp8 GEMMs
+    (``fp8_cost.te_expert_padding_bytes``) and, for a model with expert biases, their addition
     (``expert_bias_bytes``)."""
     sort = timer.membound(local_sort_bytes(rows, hidden, dtype_bytes, local))
-    if not expert_bias:
-        return sort, sort
-    fwd, bwd = expert_bias_bytes(rows, hidden, dtype_bytes)
-    return sort + timer.membound(fwd), sort + timer.membound(bwd)
+    pad_f, pad_b = te_expert_padding_bytes(rows, hidden, local, dtype_bytes) if timer.dtype == "fp8" else (0.0, 0.0)
+    fwd, bwd = expert_bias_bytes(rows, hidden, dtype_bytes) if expert_bias else (0.0, 0.0)
+    return sort + timer.membound(pad_f + fwd), sort + timer.membound(pad_b + bwd)
