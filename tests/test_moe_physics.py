@@ -128,8 +128,8 @@ def test_torch_programs_get_neither_grouped_gemm_nor_all_to_all_overlap():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import calibrate_modern as cal
 
-    row = NS(strategy=NS(tp=1, ep=8, zero_stage=1, world=16), case=NS(dtype="bf16"),
-             cm=NS(spec=NS(is_moe=True), cluster=NS(gpus_per_node=8)))
+    row = NS(strategy=NS(tp=1, ep=8, zero_stage=1, world=16, cp=1), case=NS(dtype="bf16"),
+             cm=NS(spec=NS(is_moe=True), cluster=NS(gpus_per_node=8), gpu=load_gpu_profile("h100-sxm")))
     assert not {"expert_grouped_gemm", "ep_overlap"} & set(cal.fields_for([row], "torch"))
     assert {"expert_grouped_gemm", "ep_overlap"} <= set(cal.fields_for([row], "megatron"))
     assert {"expert_grouped_gemm", "ep_overlap"} <= set(cal.LAYER_FIELDS)  # per-layer prices are re-derived
