@@ -15,10 +15,11 @@ rank's budget forces): ``t`` and ``a`` one layer's time and saved bytes without 
 micro-batches in flight, ``rate`` the cheapest seconds per byte saved of any allowed mode (a fractional
 relaxation of ``recompute.choose``, looser than any real choice) and ``room_r(n)`` what
 ``RankPricer._budget`` leaves the layers' activations, at least: usable memory less the rank's parameters
-and optimizer states (``CostModel.rank_memory``'s formulas), its loss temporaries, its pipeline buffers and
-its edge layers' activations. Gradients and communication buffers are left out (the warm-up reuse
-``memory.warmup_gradient_bytes`` gives back at most them), and so are the workspace, the context-parallel
-mask and every term that only adds memory: each leaves ``room`` larger, so ``P_r`` lower. No rank can hold
+and optimizer states (``CostModel.rank_memory``'s formulas), its ZeRO-sharded gradients (not on a rank whose
+warm-up reuses them, ``memory.warmup_gradient_bytes``, which gives back at most them and the communication
+buffers), its loss temporaries, its pipeline buffers and its edge layers' activations. The communication
+buffers, the workspace, the context-parallel mask and every term that only adds memory are left out: each
+leaves ``room`` larger, so ``P_r`` lower. No rank can hold
 ``n`` layers where even saving every saveable byte leaves too little room (``P_r = inf``).
 
 ``P_r`` grows with ``n``, so the least ``max_r P_r(c_r)`` over the layouts (``sum c_r = C``, ``c_r >= 1``)
@@ -31,7 +32,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from autopar.cost_models.memory import bytes_per_param, expert_shard_group, model_state_bytes
+from autopar.cost_models.memory import (
+    bytes_per_param,
+    expert_shard_group,
+    grads_freed_before_activation_peak,
+    model_state_bytes,
+)
 from autopar.cost_models.pipeline import in_flight_microbatches
 from autopar.planner.bounds import probe, v_rank_layers
 from autopar.techniques import pipeline
@@ -125,17 +131,21 @@ def _rank_terms(sp, sh, k, s, blk, r: int, first: bool, last: bool) -> tuple[flo
     edge_dense = sum(c.params_dense for c in extra)
     if p > 1 and last and cm.output is not None:
         edge_dense += cm.output.params_tied / sh.tp   # the tied output weight's second copy
-    per_layer, edge = _states(cm, s, blk.params_dense, blk.params_expert, k), _states(cm, s, edge_dense, 0.0, k)
+    # a rank that warms up every micro-batch before its gradients exist reuses their bytes (warmup_gradient_bytes)
+    grads = not (f >= m and grads_freed_before_activation_peak(s, cm.ctx.runtime))
+    per_layer = _states(cm, s, blk.params_dense, blk.params_expert, k, grads)
+    edge = _states(cm, s, edge_dense, 0.0, k, grads)
     bufs = cm._pipeline_buffer_bytes(s, first and cm.embedding is not None, last, f)
     fixed = edge + sum(c.temp_bytes for c in extra) + bufs + f * sum(c.act_bytes["none"] for c in extra)
     room0 = sp.usable * (1 + MARGIN) - fixed
     return sum(c.time("none") for c in extra), f, room0, per_layer
 
 
-def _states(cm, s, dense: float, expert: float, k) -> float:
-    """Parameters and optimizer states on the device (``CostModel.rank_memory``; gradients left out)."""
+def _states(cm, s, dense: float, expert: float, k, grads: bool) -> float:
+    """Parameters and optimizer states on the device (``CostModel.rank_memory``), and the ZeRO-sharded gradients
+    where ``grads`` (zero-bubble FSDP2 holds them whole, ``runtime_memory.deferred_fsdp_memory``: more)."""
     if k.offload:   # CPUOffloadPolicy: the device holds gathered parameters only, below ZeRO-3
         return 0.0 if k.zero >= 3 else (dense + expert) * bytes_per_param(cm.dtype)[0]
     ds = model_state_bytes(dense, cm.dtype, k.zero, s.dp * s.cp)
     es = model_state_bytes(expert, cm.dtype, k.zero, expert_shard_group(s, cm.ctx.runtime))
-    return ds.params + ds.optimizer + es.params + es.optimizer
+    return ds.params + ds.optimizer + es.params + es.optimizer + ((ds.grads + es.grads) if grads else 0.0)
