@@ -178,6 +178,7 @@ def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...]) -> Floor:
     return Floor(dense, expert, act, act_base, temps, tuple(saves))
 
 
+@lru_cache(maxsize=4096)
 def min_in_flight(pp: int, m: int, schedule: str, v: int) -> float:
     """Fewest micro-batches any rank holds (the count falls or stays flat with the rank)."""
     return min(in_flight_microbatches(r, pp, m, schedule, v) for r in (0, pp - 1))

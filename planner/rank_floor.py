@@ -57,9 +57,9 @@ def slowest_rank_floor(sp, sh, k, modes: tuple[str, ...]) -> float:
 
 
 def _floor(sp, sh, k, modes: tuple[str, ...]) -> float:
-    cm, costs = sp.cm, sp.priced(sh).costs
-    blk = costs[0]
-    if cm.ctx.runtime == "torchtitan" or "none" not in modes or any(costs[i] is not blk for i in range(cm.num_layers)):
+    cm = sp.cm
+    blk = _one_kind(sp, sh)
+    if blk is None or cm.ctx.runtime == "torchtitan" or "none" not in modes:
         return 0.0
     if k.schedule in pipeline.V_SHAPED:
         return _v_floor(sp, sh, k, modes, blk)
@@ -70,9 +70,7 @@ def _floor(sp, sh, k, modes: tuple[str, ...]) -> float:
     rate, cap = _offer(blk, modes)
     if rate < 0:
         return 0.0   # a mode faster than none: the relaxation would not bound it
-    s = probe(sh, sp.gb, k)
-    rows = [_rank_terms(sp, sh, k, s, blk, r, r == 0, r == p - 1) for r in range(p)]
-    e, f, room0, slope = (np.array(x) for x in zip(*rows))
+    e, f, room0, slope = (np.array(x) for x in zip(*_rank_rows(sp, sh, k, blk)))
     n = np.arange(1, C - p + 2, dtype=float) * v          # layers held, c = 1 .. C - p + 1
     t, a = blk.time("none"), blk.act_bytes["none"]
     # need(n) = n (a + per-layer states / f) - (room at no layers) / f: bytes per micro-batch to save
@@ -82,22 +80,25 @@ def _floor(sp, sh, k, modes: tuple[str, ...]) -> float:
     first = P[:, 0].max()
     if first == INF:
         return INF
-    flat = P.ravel()
-    kth = np.partition(flat, C - 1)[C - 1]
+    kth = np.partition(P.ravel(), C - 1)[C - 1]
     return float(max(first, kth)) * (1 - MARGIN)
+
+
+def _one_kind(sp, sh):
+    """The one LayerCost every block of the sharding's pricing shares, or None."""
+    key = ("one_kind", id(sp.priced(sh)))   # the pricing lives in ``sp.prices``
+    if key not in sp.memo:
+        costs = sp.priced(sh).costs
+        sp.memo[key] = costs[0] if all(costs[i] is costs[0] for i in range(sp.cm.num_layers)) else None
+    return sp.memo[key]
 
 
 def _v_floor(sp, sh, k, modes: tuple[str, ...], blk) -> float:
     """V-shaped schedules run the even split with one mode on every layer (``search._v_shaped``): each rank's
     layers are known, so the floor is the least over the modes that fit every rank's room of the slowest
     rank's time in that mode; inf where no mode fits."""
-    p, v = sh.pp, k.vpp
-    ends = pipeline.stage_rank(0, p, k.schedule), pipeline.stage_rank(p * v - 1, p, k.schedule)
-    s, rows = probe(sh, sp.gb, k), []
-    for r, layers in enumerate(v_rank_layers(sp.cm.num_layers, p, v, k.schedule)):
-        n = len(layers)
-        e, f, room0, per_layer = _rank_terms(sp, sh, k, s, blk, r, r == ends[0], r == ends[1])
-        rows.append((n, e, f, room0 - n * per_layer))
+    rows = [(len(layers), e, f, room0 - len(layers) * per_layer) for layers, (e, f, room0, per_layer)
+            in zip(v_rank_layers(sp.cm.num_layers, sh.pp, k.vpp, k.schedule), _rank_rows(sp, sh, k, blk))]
     best = INF
     for m in modes:
         if all(f * n * blk.act_bytes[m] <= room for n, _, f, room in rows):
@@ -118,27 +119,47 @@ def _offer(blk, modes: tuple[str, ...]) -> tuple[float, float]:
     return min(r for r, _ in useful), max(b for _, b in useful)
 
 
-def _rank_terms(sp, sh, k, s, blk, r: int, first: bool, last: bool) -> tuple[float, float, float, float]:
-    """Rank ``r``'s (edge layers' time, micro-batches in flight, room for its layers' activations when it
+def _rank_rows(sp, sh, k, blk) -> list[tuple[float, float, float, float]]:
+    """Each rank's (edge layers' time, micro-batches in flight, room for its layers' activations when it
     holds no layer, the room one more layer's states take), as ``RankPricer._budget`` and
-    ``CostModel.rank_memory`` count them (the terms that only add memory left out); ``s``: the probe; ``first``,
-    ``last``: it holds the first / last stage."""
+    ``CostModel.rank_memory`` count them (the terms that only add memory left out)."""
+    io = _rank_io(sp, sh, k.schedule, k.vpp)
+    s, out, per = io[0], [], {}
+    for e, f, fixed, edge_dense, grads in io[1]:
+        if grads not in per:
+            per[grads] = _states(sp.cm, s, blk.params_dense, blk.params_expert, k, grads)
+        out.append((e, f, sp.usable * (1 + MARGIN) - fixed - _states(sp.cm, s, edge_dense, 0.0, k, grads), per[grads]))
+    return out
+
+
+def _rank_io(sp, sh, schedule: str, vpp: int) -> tuple:
+    """(the probe, per rank: edge time, in flight, its memory that does not depend on ZeRO or offload, its edge
+    layers' parameters, whether its gradients count), once per sharding and schedule."""
+    key = ("rank_io", sh, schedule, vpp)
+    if key in sp.memo:
+        return sp.memo[key]
     cm, p = sp.cm, sh.pp
     m = sp.gb // (sh.dp * sh.mbs)
     costs = sp.priced(sh).costs
-    extra = [c for c, on in ((costs["embedding"], first), (costs["output"], last)) if on and c]
-    f = in_flight_microbatches(r, p, m, k.schedule, k.vpp)
-    edge_dense = sum(c.params_dense for c in extra)
-    if p > 1 and last and cm.output is not None:
-        edge_dense += cm.output.params_tied / sh.tp   # the tied output weight's second copy
+    s = probe(sh, sp.gb, schedule=schedule, vpp=vpp)
+    ends = (0, p - 1)
+    if schedule in pipeline.V_SHAPED:
+        ends = pipeline.stage_rank(0, p, schedule), pipeline.stage_rank(p * vpp - 1, p, schedule)
     # a rank that warms up every micro-batch before its gradients exist reuses their bytes (warmup_gradient_bytes)
-    grads = not (f >= m and grads_freed_before_activation_peak(s, cm.ctx.runtime))
-    per_layer = _states(cm, s, blk.params_dense, blk.params_expert, k, grads)
-    edge = _states(cm, s, edge_dense, 0.0, k, grads)
-    bufs = cm._pipeline_buffer_bytes(s, first and cm.embedding is not None, last, f)
-    fixed = edge + sum(c.temp_bytes for c in extra) + bufs + f * sum(c.act_bytes["none"] for c in extra)
-    room0 = sp.usable * (1 + MARGIN) - fixed
-    return sum(c.time("none") for c in extra), f, room0, per_layer
+    freed = grads_freed_before_activation_peak(s, cm.ctx.runtime)
+    rows = []
+    for r in range(p):
+        first, last = r == ends[0], r == ends[1]
+        extra = [c for c, on in ((costs["embedding"], first), (costs["output"], last)) if on and c]
+        f = in_flight_microbatches(r, p, m, schedule, vpp)
+        edge_dense = sum(c.params_dense for c in extra)
+        if p > 1 and last and cm.output is not None:
+            edge_dense += cm.output.params_tied / sh.tp   # the tied output weight's second copy
+        bufs = cm._pipeline_buffer_bytes(s, first and cm.embedding is not None, last, f)
+        fixed = sum(c.temp_bytes for c in extra) + bufs + f * sum(c.act_bytes["none"] for c in extra)
+        rows.append((sum(c.time("none") for c in extra), f, fixed, edge_dense, not (f >= m and freed)))
+    sp.memo[key] = (s, rows)
+    return sp.memo[key]
 
 
 def _states(cm, s, dense: float, expert: float, k, grads: bool) -> float:
