@@ -19,9 +19,9 @@ Steps (each bounded by its own time budget so the whole check fits in about 8 mi
    rewritten after every step: a check cut short by a timeout keeps what it finished
    (``summary.json`` "done" lists the steps, "complete" is false until the end).
 
-``--quick`` fits a short device session (~190 s on an H100): profile budget 15 s per model,
+``--quick`` fits a short device session (<= 170 s plus the shell set-up): profile budget 15 s per model,
 llama bf16 mbs 1 and 2 in one validate call, the emitted program for 8 steps, then the MoE mbs 1
-if the deadline (``--deadline-s``, default 180 s in quick mode) leaves time; no fp32. A step that
+if the deadline (``--deadline-s``, default 170 s in quick mode) leaves time; no fp32. A step that
 would run past the deadline is skipped and says so in the summary; a running one is stopped at it.
 ``--dry-run`` runs the same steps on CPU (gloo) with tiny sizes: that is how CI tests it.
 """
@@ -250,6 +250,7 @@ def run_emitted(work: Path, steps: int, clock: Clock, ckpt_max_gb: float) -> dic
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*")) if (run_dir / "checkpoints").is_dir() else []
     return {"status": "ok" if code == 0 else "failed", "exit_code": code, "wall_s": round(time.time() - t0, 1),
             "steps": steps, "checkpoint_gb": round(ckpt_gb, 2), "checkpoints": ckpts,
+            "last_step": next((ln for ln in reversed(text.splitlines()) if ln.startswith("step=")), ""),
             "checkpoint_note": "" if every else f"skipped: ~{ckpt_gb:.1f} GB > --ckpt-max-gb {ckpt_max_gb:g}",
             "log_tail": text[-1500:]}
 
@@ -315,11 +316,13 @@ def markdown(env: dict, rows: list[dict], summary: dict, emitted: dict) -> str:
         measured, datasheet = summary.get(key + "_measured_pct"), summary.get(key + "_datasheet_pct")
         lines.append(f"| {label} | {_mm(measured)} | {_mm(datasheet)} |")
     emit = (f"Emitted program ({emitted.get('status')}): {emitted.get('steps')} steps in {emitted.get('wall_s')} s, "
-            f"checkpoints {emitted.get('checkpoints')} {emitted.get('checkpoint_note') or ''}")
+            f"checkpoints {emitted.get('checkpoints')} {emitted.get('checkpoint_note') or ''}" if "steps" in emitted
+            else f"Emitted program ({emitted.get('status')}) {emitted.get('error') or ''}")
     state = (f"{'Complete' if summary.get('complete') else 'PARTIAL (still running or cut short)'}: "
              f"{summary.get('wall_s')} s, mode {summary.get('mode')}; done: {'; '.join(summary.get('done', []))}"
              + (f"; skipped: {'; '.join(summary['skipped'])}" if summary.get("skipped") else ""))
-    lines += ["", emit.rstrip(), "", state, ""]
+    last = f"\n\nLast step: `{emitted['last_step']}`" if emitted.get("last_step") else ""
+    lines += ["", emit.rstrip() + last, "", state, ""]
     return "\n".join(lines)
 
 
@@ -349,12 +352,12 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("gpu-check-out"), help="folder for every result")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: the same steps in a few minutes")
-    ap.add_argument("--quick", action="store_true", help="a short device session: ~190 s on an H100 (module doc)")
+    ap.add_argument("--quick", action="store_true", help="a short device session (module doc)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="profile budget per model (default 60, quick 15, dry 6)")
     ap.add_argument("--steps", type=int, default=None, help="validate steps per strategy (default 8, quick 6, dry 4)")
     ap.add_argument("--deadline-s", type=float, default=None,
-                    help="skip the steps that would end later than this (default: none, quick 180)")
+                    help="skip the steps that would end later than this (default: none, quick 170)")
     ap.add_argument("--ckpt-max-gb", type=float, default=3.0,
                     help="the emitted program writes its one checkpoint only below this size")
     return ap.parse_args()
@@ -406,7 +409,7 @@ def main() -> int:
     device = "cpu" if a.dry_run else "cuda"
     budget = a.budget_s or (6.0 if a.dry_run else 15.0 if a.quick else 60.0)
     steps = a.steps or (4 if a.dry_run else 6 if a.quick else 8)
-    clock = Clock(a.deadline_s if a.deadline_s is not None else 180.0 if a.quick and not a.dry_run else None)
+    clock = Clock(a.deadline_s if a.deadline_s is not None else 170.0 if a.quick and not a.dry_run else None)
     env = environment(device)
     if device == "cuda" and env["gpu"] == "cpu":
         print("gpu_check: no CUDA device visible to torch; use --dry-run on a CPU machine", file=sys.stderr)
@@ -433,7 +436,7 @@ def main() -> int:
     for case, dtype in todo:
         if case is None:
             run_emitted_step(check, prep, work, 6 if a.dry_run else 8 if a.quick else 20, log, a.ckpt_max_gb)
-        elif check.step(f"validate {case.name} {dtype}", 35 + 32 * len(case.strategies[dtype])):
+        elif check.step(f"validate {case.name} {dtype}", 30 + 30 * len(case.strategies[dtype])):
             check.rows += validate_case(case, dtype, device, check.baseline, measured, work, steps, log, clock)
             ran = sum(r.get("status") == "ok" for r in check.rows)
             check.finish(f"validate {case.name} {dtype}: {ran}/{len(check.rows)} ran so far")

@@ -5,7 +5,7 @@
 #                           [--deadline-s S] [--ckpt-max-gb GB]
 #
 # On a machine with one CUDA GPU and a fresh checkout; about 8 minutes (--quick: about 3,
-# ending by --deadline-s, default 180 s). Writes env.json, profile-<gpu>-measured.json,
+# ending by --deadline-s, default 170 s). Writes env.json, profile-<gpu>-measured.json,
 # summary.json, summary.md and log.txt into --out, the summaries after every step (see
 # benchmarks/gpu_check.py). --dry-run runs the same steps on CPU with tiny sizes (CI runs
 # it through tests/test_gpu_check.py).
