@@ -257,6 +257,7 @@ class Space:
         self.freed: dict[tuple, bool] = {}    # grads_freed by (pp, micro-batches, schedule, vpp)
         self.memo: dict[tuple, float] = {}    # bound terms by the values they read (optimizer, cp ring)
         self.knob_sets: dict[int, KnobSet] = {}   # knob_options lists (shared by rows) summarised once
+        self.by_sh: dict[tuple, object] = {}      # floor and pricing by the sharding itself (the same objects)
 
     def knobs(self, knobs: list) -> KnobSet:
         ks = self.knob_sets.get(id(knobs))
@@ -276,12 +277,21 @@ class Space:
         heapq.heappush(self.queue, (lb, self.pushes, kind, payload))
 
     def floor(self, sh: Sharding) -> Floor:
-        key = (sh.tp, sh.cp, sh.ep, sh.etp, sh.sp, sh.mbs)
-        if key not in self.floors:
-            self.floors[key] = floor_terms(self.cm, sh, self.cons.modes)
-        return self.floors[key]
+        hit = self.by_sh.get(("floor", sh))   # by the sharding itself first: most calls ask again for one
+        if hit is None:
+            key = (sh.tp, sh.cp, sh.ep, sh.etp, sh.sp, sh.mbs)
+            if key not in self.floors:
+                self.floors[key] = floor_terms(self.cm, sh, self.cons.modes)
+            hit = self.by_sh["floor", sh] = self.floors[key]
+        return hit
 
     def priced(self, sh: Sharding) -> Priced:
+        hit = self.by_sh.get(("priced", sh))
+        if hit is None:
+            hit = self.by_sh["priced", sh] = self._priced(sh)
+        return hit
+
+    def _priced(self, sh: Sharding) -> Priced:
         key = pricing_key(sh)
         if key not in self.prices:
             costs = self.cm.layer_costs(probe(key, self.gb))
