@@ -58,11 +58,13 @@ def slowest_rank_floor(sp, sh, k, modes: tuple[str, ...]) -> float:
 
 def _floor(sp, sh, k, modes: tuple[str, ...]) -> float:
     cm = sp.cm
-    blk = _one_kind(sp, sh)
-    if blk is None or cm.ctx.runtime == "torchtitan" or "none" not in modes:
+    if cm.ctx.runtime == "torchtitan":
         return 0.0
     if k.schedule in pipeline.V_SHAPED:
-        return _v_floor(sp, sh, k, modes, blk)
+        return _v_floor(sp, sh, k, modes)
+    blk = _one_kind(sp, sh)
+    if blk is None or "none" not in modes:
+        return 0.0
     p, v = sh.pp, k.vpp
     C = cm.num_layers // v
     if C < p or cm.num_layers % v:
@@ -93,17 +95,35 @@ def _one_kind(sp, sh):
     return sp.memo[key]
 
 
-def _v_floor(sp, sh, k, modes: tuple[str, ...], blk) -> float:
+def _v_floor(sp, sh, k, modes: tuple[str, ...]) -> float:
     """V-shaped schedules run the even split with one mode on every layer (``search._v_shaped``): each rank's
-    layers are known, so the floor is the least over the modes that fit every rank's room of the slowest
-    rank's time in that mode; inf where no mode fits."""
-    rows = [(len(layers), e, f, room0 - len(layers) * per_layer) for layers, (e, f, room0, per_layer)
-            in zip(v_rank_layers(sp.cm.num_layers, sh.pp, k.vpp, k.schedule), _rank_rows(sp, sh, k, blk))]
+    layers are known (any kinds of layer), so the floor is the least over the modes that fit every rank's room
+    of the slowest rank's time in that mode; inf where no mode fits."""
+    io, sums = _rank_io(sp, sh, k.schedule, k.vpp), _v_sums(sp, sh, k.vpp, k.schedule)
+    rows = []
+    for (e, f, fixed, edge_dense, grads), (dense, expert, by_mode) in zip(io[1], sums):
+        room = sp.usable * (1 + MARGIN) - fixed - _states(sp.cm, io[0], dense + edge_dense, expert, k, grads)
+        rows.append((e, f, room, by_mode))
     best = INF
     for m in modes:
-        if all(f * n * blk.act_bytes[m] <= room for n, _, f, room in rows):
-            best = min(best, max(e + n * blk.time(m) for n, e, _, _ in rows))
+        if all(f * by_mode[m][1] <= room for _, f, room, by_mode in rows):
+            best = min(best, max(e + by_mode[m][0] for e, _, _, by_mode in rows))
     return best * (1 - MARGIN)
+
+
+def _v_sums(sp, sh, v: int, schedule: str) -> list[tuple]:
+    """Per rank of a V-shaped split: its layers' dense and expert parameters and, by mode, their time and saved
+    bytes (``CostModel.rank_memory``'s sums), once per pricing and split."""
+    key = ("v_sums", id(sp.priced(sh)), sh.pp, v, schedule)   # the pricing lives in ``sp.prices``
+    if key not in sp.memo:
+        costs, out = sp.priced(sh).costs, []
+        for layers in v_rank_layers(sp.cm.num_layers, sh.pp, v, schedule):
+            parts = [costs[i] for i in layers]
+            by_mode = {m: (sum(c.time(m) for c in parts), sum(c.act_bytes[m] for c in parts))
+                       for m in costs[0].act_bytes}
+            out.append((sum(c.params_dense for c in parts), sum(c.params_expert for c in parts), by_mode))
+        sp.memo[key] = out
+    return sp.memo[key]
 
 
 def _offer(blk, modes: tuple[str, ...]) -> tuple[float, float]:
