@@ -35,8 +35,9 @@ Order of work (nothing a bound rules out is expanded further):
    slowest rank at least the rank holding the embedding or the output layer, the zero-bubble
    schedules' exact bubble share, the gradient synchronisation the last backward cannot hide, the
    optimizer floor, the stack's step overhead); a group that comes out queues its configurations
-   under their own bounds; a ZeRO-3 configuration gets its gather/scatter floor added once; a
-   configuration that comes out runs the partition DP and is estimated; the loop ends when the
+   under their own bounds; a ZeRO-3 configuration gets its gather/scatter floor added once; then
+   its slowest rank's floor over every layout from each rank's own memory and recompute
+   (``rank_floor``); a configuration that comes out runs the partition DP and is estimated; the loop ends when the
    smallest bound reaches the k-th best estimate plus the tie rule's 1% band, so the answer is
    that of ``search(..., exhaustive=True)`` (``tests/test_search_bounds.py``).
 """
