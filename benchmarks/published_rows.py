@@ -451,9 +451,19 @@ def build(case: Case, workdir: Path):
         model=str(cfg), gpu=case.gpu, cluster=case.cluster, nodes=case.nodes, gpus_per_node=case.gpus_per_node,
         seq_len=case.seq_len, dtype=case.dtype, runtime=case.runtime, moe_capacity_factor=case.moe_capacity_factor,
         a2a_overlap=case.a2a_overlap, compile=case.compile, cross_entropy=case.cross_entropy))
+    cm.fsdp_impl = fsdp_impl(case)
     s = Strategy.parse(case.strategy).resolve(cluster.world)
     cm.check(s)
     return cm, s
+
+
+def fsdp_impl(case: Case) -> str:
+    """Which FSDP the row ran (``cost_models.fsdp_copy.FsdpImpl``): llm-foundry's rows PyTorch FSDP1 ("PyTorch
+    FSDP", 2023, before FSDP2) with Composer's mixed precision ``mp_mode``: PURE (bf16 parameters) or DEFAULT
+    (fp32 parameters under autocast); every other torch-runtime row FSDP2 as autopar's program."""
+    if case.stack != "llm-foundry":
+        return "fsdp2"
+    return "fsdp1_pure" if case.run.get("parallel", {}).get("mp_mode") == "PURE" else "fsdp1_fp32_params"
 
 
 def price(case: Case, workdir: Path) -> Priced:

@@ -29,10 +29,11 @@ from autopar.core.cluster import ClusterSpec
 from autopar.core.gpu import GpuProfile
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
-from autopar.cost_models import fp8_cost, fsdp, overlap
+from autopar.cost_models import fp8_cost, fsdp, fsdp_copy, overlap
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, mfu_peak
 from autopar.cost_models.estimate_types import Estimate, RankMemory, RankReport  # noqa: F401
+from autopar.cost_models.fsdp_copy import offload_copies, offload_step_time  # noqa: F401 (planner, tests)
 from autopar.cost_models.layer_cost import LayerCost, PricingContext, price_layer, shared_core_sync
 from autopar.cost_models.layer_model import LayerTemplate
 from autopar.cost_models.memory import (
@@ -98,6 +99,7 @@ class CostModel:
         self.moe_load = moe_load
         self._cache: dict[tuple, dict] = {}
         self._z3 = IdentityMemo(4096)   # _zero3_layer by what it reads (most layers share one price)
+        self.fsdp_impl = "fsdp2"  # which FSDP a torch-runtime plan runs (fsdp_copy.FsdpImpl; published rows: FSDP1)
 
     @property
     def num_layers(self) -> int:
@@ -144,11 +146,13 @@ class CostModel:
         pipe = self._shared_cores(pipe, ranks, m)
         dp = [self.dp_time(s, r, costs, m) for r in ranks]
         dp_exposed = max(dp)
-        opt = max(self.optimizer_time(s, r, costs) for r in ranks)
+        worst = max(ranks, key=lambda r: self.optimizer_time(s, r, costs))
+        opt = self.optimizer_time(s, worst, costs)  # with FSDP2's copies
+        copies = fsdp_copy.copy_time(self, s, worst, costs)
         slowed = max(self.overlap_contention(s, r, costs, m, e) for r, e in zip(ranks, dp))
         total = pipe.step_time_s + dp_exposed + opt + slowed + self.stack.step_overhead_s
-        time = _time_breakdown(ranks, pipe, dp_exposed, opt, m)
-        time.update({"comm_contention": slowed, "step_overhead": self.stack.step_overhead_s})
+        time = _time_breakdown(ranks, pipe, dp_exposed, opt - copies, m)
+        time.update({"comm_contention": slowed, "fsdp_copy": copies, "step_overhead": self.stack.step_overhead_s})
         return self._report(s, total, time, ranks, recompute)
 
     def _shared_cores(self, pipe, ranks: list[RankReport], m: int):
@@ -422,6 +426,11 @@ class CostModel:
         return self.timer.contention > 1
 
     def optimizer_time(self, s: Strategy, r: RankReport, costs) -> float:
+        """A rank's per-step work outside the schedule (read by the planner too): its optimizer step and
+        FSDP2's casts and copies of its units (``fsdp_copy.copy_time``)."""
+        return self.optimizer_step_time(s, r, costs) + fsdp_copy.copy_time(self, s, r, costs)
+
+    def optimizer_step_time(self, s: Strategy, r: RankReport, costs) -> float:
         """Optimizer step of one rank's local parameters (GPU or ZeRO-Offload's host step) + fp8 weight casts."""
         dense = sum(costs[i].params_dense for i in r.layers)
         expert = sum(costs[i].params_expert for i in r.layers)
@@ -448,27 +457,6 @@ class CostModel:
             allocator_reserve_fraction=self.gpu.allocator_reserve_fraction,
             host_usable_bytes=self.gpu.host_mem_bytes * self.gpu.host_usable_fraction if self.gpu.host_mem_bytes
             else None)
-
-
-def offload_copies(zero_stage: int, micro_batches: int) -> tuple[int, int]:
-    """(gathers, reductions) of the host-held shard per step under ``CPUOffloadPolicy``: one all-gather per
-    ``micro_batches`` (two under ZeRO-3: forward and backward) and one reduce-scatter (``micro_batches``:
-    ``fsdp.unit_syncs_per_step``, 1 where a pipeline defers FSDP's traffic to the stage's last backward)."""
-    return micro_batches * (2 if zero_stage >= 3 else 1), micro_batches
-
-
-def offload_step_time(params: float, dtype: str, gpu: GpuProfile, gathers: int = 1, reductions: int = 1) -> float:
-    """Optimizer offload as emitted: FSDP2 ``CPUOffloadPolicy`` (torch.distributed.fsdp). The
-    rank's parameter shard ``params`` is copied host -> device in fp32 (4 bytes, the master
-    copy) at each of ``gathers`` all-gathers per step (each micro-batch's forward, and its
-    backward again under ZeRO-3), its reduced gradient shard device -> host after each of
-    ``reductions`` reduce-scatters (one per micro-batch), and AdamW runs on the CPU over the
-    fp32 states (memory bound on the GPU's share of host bandwidth; ZeRO-Offload, Ren et al.
-    2021, Sec. 4). Not overlapped with compute."""
-    p, g, o = bytes_per_param(dtype)
-    copies = params * (gathers * 4 + reductions * g) / (gpu.host_link_gbps * 1e9)
-    adam = params * (2 * o + g + p) / (gpu.host_optimizer_gbps * 1e9)
-    return copies + adam
 
 
 def strategy_violations(spec: ModelSpec, seq_len: int, s: Strategy) -> list[str]:
