@@ -220,13 +220,14 @@ def test_schedule_terms_stay_under_prices_where_memory_binds(seed, usable):
     assert checked > 30 and recomputed > 5, (checked, recomputed)
 
 
-@pytest.mark.parametrize("seed,usable,kinds", [(0, 420, 1), (1, 340, 1), (1, 340, 2)])
-def test_the_slowest_rank_floor_stays_under_the_partitions_slowest_rank(seed, usable, kinds):
+@pytest.mark.parametrize("seed,usable,kinds,moe", [(0, 420, 1, False), (1, 340, 2, False), (3, 700, 1, True)])
+def test_the_slowest_rank_floor_stays_under_the_partitions_slowest_rank(seed, usable, kinds, moe):
     # planner/rank_floor.py: each rank's own memory (its micro-batches in flight, pipeline buffers, logits) forces
     # recompute the mean-rank floors do not see; the floor of the slowest rank over every layout stays under the
     # partition's slowest rank, is inf only where nothing fits, and the bound the search queues a configuration
     # under with it stays under the configuration's price
-    cm = tiny_cost_model(seed, layers=8, nodes=2, gpus_per_node=4, usable_mib=usable, kinds=kinds)
+    cm = tiny_cost_model(seed, layers=8, nodes=1 if moe else 2, gpus_per_node=4, usable_mib=usable, kinds=kinds,
+                         moe=moe)   # MoE: ep and etp multiply the space, 4 GPUs keep the test short
     gb = 16
     sp = bounds.Space(cm, S.Constraints(), gb)
     rows = []
