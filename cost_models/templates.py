@@ -133,7 +133,9 @@ def _op(o: OpCost, section: str, kept: bool = False) -> OpTerm:
     if o.gemm_mnk is not None:
         leaf = o.name.rsplit(".", 1)[-1] if shard == "expert" else o.module.rsplit(".", 1)[-1]
         batched = o.kind == "matmul" and shard != "expert"  # expert GEMMs: one call per local expert
-        tp_dim = "calls" if batched else ("k" if leaf in ROW_PARALLEL else "n")
+        # row-parallel: by name (built models) or by the capture's tag (a transformers model's own tp plan)
+        row = leaf in ROW_PARALLEL or "row_parallel" in o.tags
+        tp_dim = "calls" if batched else ("k" if row else "n")
         return OpTerm(name=o.name, kind="gemm", shard=shard, fwd_flops=float(o.fwd_flops),
                       bwd_flops=float(o.bwd_flops), bytes_rw=float(o.bytes_rw),
                       gemm=tuple(float(x) for x in o.gemm_mnk), calls=float(o.gemm_batch), attn_core=attn_core,

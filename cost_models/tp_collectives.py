@@ -71,17 +71,19 @@ def block_tp_collectives(layer: LayerTemplate, sp: bool) -> TpCollectives:
     hidden = layer.ops[rows[0]].gemm[1]   # wo's output width
     fwd: list[Collective] = []
     bwd: list[Collective] = []
-    start, last = 0, None
+    start, last, moe_split = 0, None, False
     gated = any(o.kind == "gemm" and o.shard == "rep" for o in layer.ops[rows[-1] + 1:])
     for end in rows:
         seg = layer.ops[start:end + 1]
         moe = any(o.shard in ("router", "expert") for o in seg)
+        moe_split |= moe
         f, b = _sub_layer(seg, hidden, sp, gated and moe)
         fwd += f
         last = len(fwd) - 1
         bwd += b
         start = end + 1
-    if sp and any(o.shard in ("router", "expert") for o in layer.ops[start:]):  # routed experts only
+    # a sub-layer of replicated linears only (MoE without shared experts: routed experts, their router)
+    if sp and not moe_split and any(o.kind == "gemm" for o in layer.ops[start:]):
         fwd.append(("all_gather", 1.0))
         bwd.append(("all_gather", 1.0))
     return TpCollectives(tuple(fwd), tuple(bwd), last)

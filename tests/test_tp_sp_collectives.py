@@ -57,24 +57,34 @@ class _Collectives(helpers_collectives.Collectives):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
-def _hf_spec(layers: int):
-    """A transformers Llama of ``layers`` decoder layers (config as tests/test_hf_emit.py's)."""
-    from autopar.profiles.intake import resolve_model
+HF_CONFIGS = {  # tests/test_hf_emit.py's configs
+    "hf-llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], intermediate_size=64),
+    "hf-mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], intermediate_size=48,
+                       num_local_experts=4, num_experts_per_tok=2),
+}
 
-    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=32, intermediate_size=64,
-               num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, vocab_size=256,
-               max_position_embeddings=SEQ)
+
+def _hf_folder(name: str, layers: int) -> str:
+    """A transformers config.json folder of ``layers`` decoder layers, as ``hf:<folder>``."""
+    cfg = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, vocab_size=256,
+               max_position_embeddings=SEQ, **HF_CONFIGS[name])
     folder = Path(tempfile.mkdtemp(prefix="tp_sp_hf_"))
     (folder / "config.json").write_text(json.dumps(cfg))
-    return resolve_model(f"hf:{folder}").model_copy(update={"input_shape": [1, SEQ]})
+    return f"hf:{folder}"
+
+
+def _hf_spec(name: str, layers: int):
+    from autopar.profiles.intake import resolve_model
+
+    return resolve_model(_hf_folder(name, layers)).model_copy(update={"input_shape": [1, SEQ]})
 
 
 @functools.cache
 def _run(model_name: str, layers: int, sp: bool) -> collections.Counter:
     """One forward + backward of the program's model on tp 2 (``apply_tp`` / ``apply_hf_tp`` as emitted; cached:
     several tests read one run)."""
-    hf = model_name == "hf-llama"
-    spec = _hf_spec(layers) if hf else tiny_spec(model_name, SEQ, {"layers": layers})
+    hf = model_name in HF_CONFIGS
+    spec = _hf_spec(model_name, layers) if hf else tiny_spec(model_name, SEQ, {"layers": layers})
     mesh = rt.build_mesh("cpu", tp=2)
     model = rt.build_meta_model(spec)
     (rt.apply_hf_tp if hf else rt.apply_tp)(model, mesh, sequence_parallel=sp)
@@ -95,7 +105,8 @@ def _per_block(model_name: str, sp: bool) -> dict[str, dict[str, int]]:
 
 def _priced(model_name: str, sp: bool) -> dict[str, dict[str, int]]:
     """What the price counts per direction for the block (``tp_collectives.block_tp_collectives``)."""
-    cm = build_cost_model(Inputs(model=model_name, gpu="cpu", gpus_per_node=2, seq_len=SEQ, dtype="fp32"))[0]
+    model = _hf_folder(model_name, 2) if model_name in HF_CONFIGS else model_name
+    cm = build_cost_model(Inputs(model=model, gpu="cpu", gpus_per_node=2, seq_len=SEQ, dtype="fp32"))[0]
     block = [t for t in cm.templates if t.kind == "block"][-1]
     colls = block_tp_collectives(block, sp)
     return {phase: dict(collections.Counter(kind for kind, _ in getattr(colls, phase)))
@@ -114,12 +125,18 @@ def test_dense_block_runs_the_priced_collectives(fake_world, sp):
         assert measured == {"forward": {"all_reduce": 2}, "backward": {"all_reduce": 2}}
 
 
-@pytest.mark.parametrize("sp", [True, False])
-def test_hf_block_runs_the_dense_block_collectives(fake_world, sp):
-    """The transformers path (``apply_hf_tp``): a Llama decoder layer runs what llama-tiny's block runs
-    (its attention and MLP take the gathered sequence as a DTensor; they all-reduced 5 times with sp)."""
+@pytest.mark.parametrize("name,sp", [("hf-llama", True), ("hf-llama", False), ("hf-mixtral", True),
+                                     ("hf-mixtral", False)])
+def test_hf_block_runs_its_priced_collectives(fake_world, name, sp):
+    """The transformers path (``apply_hf_tp``) against the transformers model's own price: a Llama decoder layer
+    runs what llama-tiny's block runs (its attention and MLP take their input as a DTensor; they all-reduced 5
+    times); a Mixtral layer's routed experts add an all-gather each way under sp. The price read its row-parallel
+    linears (``o_proj``, ``down_proj``) as column-parallel: none of the sp collectives were counted."""
     pytest.importorskip("transformers")
-    assert _per_block("hf-llama", sp) == _priced("llama-tiny", sp)
+    measured = _per_block(name, sp)
+    assert measured == _priced(name, sp)
+    if name == "hf-llama":
+        assert measured == _priced("llama-tiny", sp)
 
 
 MOE_COUNTS = {  # per block (the last one: MoE with shared experts), forward / backward
