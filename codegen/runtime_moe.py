@@ -38,7 +38,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from autopar.codegen.runtime_mesh import ParallelMesh
-from autopar.profiles.models.layers import GroupedExperts
+from autopar.profiles.models.layers import GroupedExperts, expert_counts
 
 
 def contiguous_placement(num_experts: int, ep: int) -> list[list[int]]:
@@ -170,7 +170,7 @@ class ExpertParallelGroupedExperts(GroupedExperts):
         dest = _on_device(self, "expert_owner", idx.device)[idx.reshape(-1)]  # [T*k] rank per assignment
         order = torch.argsort(dest * len(self.expert_owner) + idx.reshape(-1), stable=True)
         token, slot = order // k, order % k
-        send = torch.bincount(dest, minlength=self.ep_size)
+        send = expert_counts(dest, self.ep_size)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.ep_group)
         send_l, recv_l = send.tolist(), recv.tolist()
@@ -205,7 +205,7 @@ class ExpertParallelGroupedExperts(GroupedExperts):
             return rows * 0
         local = _on_device(self, "local_index", eids.device)[eids]
         order = torch.argsort(local, stable=True)
-        counts = torch.bincount(local, minlength=len(self.local_expert_ids)).tolist()
+        counts = expert_counts(local, len(self.local_expert_ids)).tolist()
         out = self.run_sorted(rows.index_select(0, order), counts)
         return torch.zeros_like(out).index_copy(0, order, out)
 

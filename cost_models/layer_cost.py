@@ -38,6 +38,8 @@ from autopar.cost_models.moe_cost import (
     capped_load,
     ep_exposed,
     etp_gathered_bytes,
+    expert_grad_stack_bytes,
+    expert_loop_bytes,
     grouped_expert_time,
 )
 from autopar.cost_models.recompute_cost import early_stop_tail, recompute_times, selective_bytes, tp_rerun
@@ -181,8 +183,8 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         flops += op.fwd_flops * sh.tokens / sh.of(op.shard)
         if op.attn_core or op.kind == "attention":  # the kernels a context-parallel ring step hides behind
             kernel_fwd += f
-    extra_f, extra_b = _megatron_expert_passes(layer, s, sh, ctx)
-    fwd, bwd = fwd + extra_f * expert_load(ctx), bwd + extra_b * expert_load(ctx)
+    extra_f, extra_b = _expert_passes(layer, s, sh, ctx)
+    fwd, bwd = fwd + extra_f, bwd + extra_b
     comm = _layer_comm(layer, s, ctx, kernel_fwd, fwd + bwd)
     host = _dtensor_overhead(layer, s, ctx) + len(ops) * ctx.timer.gpu.op_overhead_s * ctx.timer.contention
     fwd, bwd = fwd + host / 3, bwd + 2 * host / 3  # backward dispatches about twice the forward's ops
@@ -294,17 +296,19 @@ def _grouped_experts(t: OpTimer, m: float, n: float, k: float, calls: float, rat
     return grouped_expert_time(one_f, calls, all_f, m), grouped_expert_time(one_b, calls, all_b, m)
 
 
-def _megatron_expert_passes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext) -> tuple[float, float]:
-    """(forward, backward) seconds of what Megatron-Core runs on an expert-parallel rank's received tokens
-    beside the expert GEMMs (``megatron_ops.expert_passes_s``: the re-sort of several local experts' rows,
-    the experts' output biases); the rank's received tokens are its local experts' GEMM rows. Autopar's
-    emitted programs index each expert's rows and have no expert biases (none)."""
+def _expert_passes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext) -> tuple[float, float]:
+    """(forward, backward) seconds the runtime runs beside the expert GEMMs on a rank's received tokens (its local
+    experts' GEMM rows): Megatron-Core's re-sort and expert biases (``megatron_ops.expert_passes_s``), the torch
+    programs' per-expert loop (``moe_cost.expert_loop_bytes``; its weight-gradient stack moves weights: no load)."""
     w1 = next((o for o in layer.ops if o.shard == "expert" and o.kind == "gemm" and o.gemm and o.tp_dim == "n"), None)
-    if ctx.runtime != "megatron" or not layer.is_moe or w1 is None or (s.ep <= 1 and not ctx.expert_bias):
+    if not layer.is_moe or w1 is None or ctx.runtime not in ("megatron", "torch"):
         return 0.0, 0.0
-    rows, _, hidden = _local_gemm(w1, s, sh)
-    local = w1.calls / s.ep
-    return expert_passes_s(ctx.timer, rows * local, local if s.ep > 1 else 1, hidden, ctx.dtype_bytes, ctx.expert_bias)
+    (rows, _, hidden), local, load = _local_gemm(w1, s, sh), w1.calls / s.ep, expert_load(ctx)
+    if ctx.runtime == "torch":
+        cat, stack = expert_loop_bytes(rows * local, hidden, layer.params_expert / (s.ep * s.etp), ctx.dtype_bytes)
+        return ctx.timer.membound(cat) * load, ctx.timer.membound(stack)
+    f, b = expert_passes_s(ctx.timer, rows * local, local if s.ep > 1 else 1, hidden, ctx.dtype_bytes, ctx.expert_bias)
+    return f * load, b * load
 
 
 def _local_gemm(op: OpTerm, s: Strategy, sh: Shards) -> tuple[float, float, float]:
@@ -426,10 +430,11 @@ def _vocab_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float
 
 
 def _expert_grad_transient(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:
-    """Grouped experts index their stacked weights per expert (``w1[e]``); in backward each
-    index materializes a gradient of the whole local stack before it is accumulated, so an
-    MoE layer's backward briefly holds about one more copy of its local expert weights."""
-    return layer.params_expert / (s.ep * s.etp) * ctx.dtype_bytes if layer.is_moe else 0.0
+    """Bytes an MoE layer's backward briefly holds beside its local expert weights' gradients: the torch
+    programs' gradient stack (``moe_cost.expert_grad_stack_bytes``); other runtimes about one more copy
+    of the local expert weights (what indexing ``w1[e]`` per expert materialized; not refitted)."""
+    local = layer.params_expert / (s.ep * s.etp) * ctx.dtype_bytes if layer.is_moe else 0.0
+    return expert_grad_stack_bytes(local) if ctx.runtime == "torch" else local
 
 
 def _expert_load_excess(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext, recompute: str) -> float:

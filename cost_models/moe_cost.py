@@ -22,6 +22,9 @@ their constants are per GPU type and software stack (``core.gpu.StackConstants``
 - ``local_sort_bytes``: a Megatron-Core expert-parallel rank holding several experts re-sorts the
   tokens the dispatch all-to-all delivered (grouped by source rank) into expert order, and back
   before the combine: one more read and write of every received token each way.
+- ``expert_loop_bytes``: autopar's torch programs run a layer's local experts as a loop of per-expert
+  GEMMs on views of the stacked weights (``profiles/models/layers.py`` ``GroupedExperts.run_sorted``):
+  the forward concatenates the experts' outputs, the backward stacks their weight gradients.
 - ``ring_exposed``: context parallelism as a ring (Liu et al. 2023, Ring Attention; Megatron-Core /
   Transformer Engine ``AttnFuncWithCPAndKVP2P``): ``cp - 1`` steps each pass a K,V chunk while the
   attention kernel works on the previous one; backward passes K, V, dK, dV (twice the bytes)
@@ -109,3 +112,25 @@ def ring_exposed(cp: int, step_s: float, attn_fwd_s: float) -> float:
     per_step = attn_fwd_s / cp
     return (cp - 1) * (max(0.0, step_s - per_step) + max(0.0, 2 * step_s - 2.5 * per_step))
 
+
+def expert_loop_bytes(rows: float, hidden: float, local_params: float, dtype_bytes: float) -> tuple[float, float]:
+    """(forward, backward) bytes one MoE layer's per-expert loop moves in autopar's torch programs beyond
+    the captured dispatch, GEMMs, SwiGLU and combine (``GroupedExperts.run_sorted``): the forward's
+    ``torch.cat`` of the experts' outputs reads and writes the ``rows`` received token copies of ``hidden``
+    values once; the experts read their weights through ``unbind``, whose backward is one ``torch.stack``
+    of the per-expert weight gradients (PyTorch tools/autograd/derivatives.yaml, ``unbind``:
+    ``unbind_backward`` -> ``at::stack``): every local expert weight's gradient read and written once,
+    ``local_params`` values. A grouped GEMM (Megatron-Core, ``moe_cost.grouped_expert_time``) writes the
+    weight gradients in place and concatenates nothing."""
+    return 2.0 * rows * hidden * dtype_bytes, 2.0 * local_params * dtype_bytes
+
+
+def expert_grad_stack_bytes(local_expert_bytes: float, weights: int = 3) -> float:
+    """Transient bytes of the torch programs' weight-gradient stack (``expert_loop_bytes``) beyond the
+    gradients themselves: every local expert's per-expert gradient piece is live when the stacks run
+    (together one copy of the ``local_expert_bytes``: the gradient, counted as such), and each of the
+    ``weights`` stacked weights (w1, w3, w2) is written while its own pieces are still live, one at a
+    time. Measured on one process (``LiveTensorBytes``, 8 experts h256 f512, 512 tokens): the backward's
+    peak over its start fell by 1.0x the expert weights from the per-expert ``w1[e]`` indexing, which
+    held about one more full copy."""
+    return local_expert_bytes / weights

@@ -272,8 +272,8 @@ def test_megatron_ranks_with_several_experts_resort_their_tokens():
     (``sort_chunks_by_idxs``) and back before the combine when the rank holds more than one expert:
     two more reads and writes of every received token copy per direction; one local expert: none."""
     from autopar.core.strategy import Strategy
-    from autopar.cost_models.layer_cost import _megatron_expert_passes, shards_for
-    from autopar.cost_models.moe_cost import local_sort_bytes
+    from autopar.cost_models.layer_cost import _expert_passes, expert_load, shards_for
+    from autopar.cost_models.moe_cost import expert_loop_bytes, local_sort_bytes
     from autopar.cost_models.session import Inputs, build_cost_model
 
     assert local_sort_bytes(8192, 6144, 2, 8) == 2 * 2 * 8192 * 6144 * 2
@@ -283,10 +283,11 @@ def test_megatron_ranks_with_several_experts_resort_their_tokens():
     s = Strategy.parse("tp=1,pp=1,dp=16,ep=16,mbs=1").resolve(16)
     # 16 ranks x 4096 tokens x top-8 over 128 experts: 4096 rows per expert, 8 experts per rank
     want = cm.ctx.timer.membound(local_sort_bytes(8 * 4096, 2048, 2, 8))
-    assert want > 0 and _megatron_expert_passes(block, s, shards_for(s), cm.ctx) == pytest.approx((want, want))
-    cm.ctx.runtime = "torch"   # autopar's emitted programs index each expert's rows: no re-sort
+    assert want > 0 and _expert_passes(block, s, shards_for(s), cm.ctx) == pytest.approx((want, want))
+    cm.ctx.runtime = "torch"   # autopar's programs sort each layer's rows once: no re-sort, their expert loop's terms
     try:
-        assert _megatron_expert_passes(block, s, shards_for(s), cm.ctx) == (0.0, 0.0)
+        cat, stack = (cm.ctx.timer.membound(b) for b in expert_loop_bytes(8 * 4096, 2048, block.params_expert / 16, 2))
+        assert _expert_passes(block, s, shards_for(s), cm.ctx) == pytest.approx((cat * expert_load(cm.ctx), stack))
     finally:
         cm.ctx.runtime = "megatron"
 
@@ -427,9 +428,9 @@ def test_megatron_adds_expert_biases_apart_from_the_grouped_gemm():
     from pathlib import Path
 
     from autopar.core.strategy import Strategy
-    from autopar.cost_models.layer_cost import _megatron_expert_passes, expert_load, price_layer, shards_for
+    from autopar.cost_models.layer_cost import _expert_passes, expert_load, price_layer, shards_for
     from autopar.cost_models.megatron_ops import expert_bias_bytes
-    from autopar.cost_models.moe_cost import local_sort_bytes
+    from autopar.cost_models.moe_cost import expert_loop_bytes, local_sort_bytes
     from autopar.cost_models.session import Inputs, build_cost_model
 
     assert expert_bias_bytes(1024, 2880, 2) == (6 * 2 * 1024 * 2880, 6 * 2 * 1024 * 2880)
@@ -459,5 +460,9 @@ def test_megatron_adds_expert_biases_apart_from_the_grouped_gemm():
         assert cm2.ctx.expert_bias is True
         s2 = Strategy.parse("tp=1,pp=1,dp=8,ep=8,mbs=1").resolve(8)
         moe = next(t for t in cm2.templates if t.is_moe)
-        sort = cm2.timer.membound(local_sort_bytes(8 * 512 * 2 / 8, 256, 2, 1)) if runtime == "megatron" else 0.0
-        assert (_megatron_expert_passes(moe, s2, shards_for(s2), cm2.ctx)[0] > sort) == (runtime == "megatron")
+        got = _expert_passes(moe, s2, shards_for(s2), cm2.ctx)[0]
+        if runtime == "megatron":
+            assert got > cm2.timer.membound(local_sort_bytes(8 * 512 * 2 / 8, 256, 2, 1))
+        else:  # autopar's programs have no expert biases: the expert loop's output concatenation alone
+            cat = expert_loop_bytes(8 * 512 * 2 / 8, 256, 0, 2)[0]
+            assert got == pytest.approx(cm2.timer.membound(cat) * expert_load(cm2.ctx))

@@ -263,6 +263,12 @@ class TopKRouter(nn.Module):
         return idx, weight.type_as(x)
 
 
+def expert_counts(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Occurrences of each of ``0..n-1`` in ``ids``, on their device without a host sync
+    (``torch.bincount`` on CUDA first reads the largest id to the host to size its output)."""
+    return torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights w1/w3 [E, h, f], w2 [E, f, h].
 
@@ -291,17 +297,20 @@ class GroupedExperts(nn.Module):
 
     def run_sorted(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Rows sorted by held expert, ``counts[e]`` of them for expert ``e``, each through its
-        expert. Every expert runs, an empty one on no rows, so each weight gets a gradient."""
-        outs = [(F.silu(r @ w1) * (r @ w3)) @ w2 for r, (w1, w3, w2) in zip(rows.split(counts), self.expert_weights())]
+        expert. Experts with no rows are skipped (``unbind``'s backward gives them zero gradients);
+        with no rows at all the first runs on the empty batch, so the weights still get gradients."""
+        run = [e for e, c in enumerate(counts) if c] or [0]
+        parts, weights = rows.split(counts), self.expert_weights()
+        outs = [(F.silu(parts[e] @ weights[e][0]) * (parts[e] @ weights[e][1])) @ weights[e][2] for e in run]
         return torch.cat(outs)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         k = idx.shape[1]
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)  # token copies grouped by expert, token order within
-        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()  # the layer's one host sync
+        counts = expert_counts(flat, self.w1.shape[0]).tolist()  # the layer's one host sync
         token = order // k
-        y = self.run_sorted(x.index_select(0, token), counts) * weight.reshape(-1)[order].unsqueeze(-1)
+        y = self.run_sorted(x.index_select(0, token), counts) * weight.reshape(-1).index_select(0, order).unsqueeze(-1)
         return torch.zeros_like(x).index_add(0, token, y)
 
 
