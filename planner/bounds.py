@@ -34,7 +34,7 @@ from autopar.cost_models.moe_cost import ring_exposed
 from autopar.cost_models.pipeline import in_flight_microbatches, weight_grad_fraction
 from autopar.cost_models.recompute_cost import selective_bytes
 from autopar.planner import partition as part
-from autopar.planner.space import Constraints, Knobs, SearchStats, Sharding, strategy_defaults
+from autopar.planner.space import Constraints, Knobs, KnobSet, SearchStats, Sharding, knob_set, strategy_defaults
 from autopar.techniques import pipeline
 
 
@@ -154,16 +154,30 @@ def grads_freed(sp: "Space", sh: Sharding, schedule: str, vpp: int) -> bool:
     return sp.freed[key]
 
 
-def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...]) -> Floor:
+def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...], cache: dict | None = None) -> Floor:
     """Same formulas as ``layer_cost.price_layer`` for parameters and ``layer_model.saved_bytes``.
-    ``modes[0]`` is the fastest allowed recompute (none unless the user fixed another)."""
+    ``modes[0]`` is the fastest allowed recompute (none unless the user fixed another). ``cache``: the
+    activation terms by the ``Shards`` they read (shardings differing in ep / etp alone share them)."""
     shards = shards_for(probe(sh, 0))
-    dense = expert = act = act_base = temps = 0.0
-    saves = []
+    acts = None if cache is None else cache.get((shards, modes))
+    if acts is None:
+        acts = _floor_acts(cm, shards, modes)
+        if cache is not None:
+            cache[shards, modes] = acts
+    dense = expert = 0.0
     for t in cm.templates:
         n = len(t.indices) if t.kind == "block" else 1
         dense += n * ((t.params_tp + t.params_vocab) / sh.tp + t.params_rep)
         expert += n * t.params_expert / (sh.ep * sh.etp)
+    return Floor(dense, expert, *acts)
+
+
+def _floor_acts(cm: CostModel, shards, modes: tuple[str, ...]) -> tuple:
+    """``floor_terms``' (act, act_base, temps, saves)."""
+    act = act_base = temps = 0.0
+    saves = []
+    for t in cm.templates:
+        n = len(t.indices) if t.kind == "block" else 1
         if t.kind == "block":
             # the emitted programs' selective keeps less than the none set (recompute_cost.selective_bytes)
             sel = selective_bytes(t, t.ops, shards, cm.ctx.dtype_bytes)[0] if cm.ctx.runtime == "torch" else 0.0
@@ -174,8 +188,8 @@ def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...]) -> Floor:
         else:
             act += saved_bytes(t, shards, "none")
             act_base += saved_bytes(t, shards, "none")
-            temps += t.temp_bytes * shards.tokens / (sh.tp if t.kind == "output" else 1)
-    return Floor(dense, expert, act, act_base, temps, tuple(saves))
+            temps += t.temp_bytes * shards.tokens / (shards.tp if t.kind == "output" else 1)
+    return act, act_base, temps, tuple(saves)
 
 
 @lru_cache(maxsize=4096)
@@ -191,30 +205,6 @@ def curves_monotone(cm: CostModel) -> bool:
     g = cm.timer.gpu
     curves = (g.matmul_eff.root, g.membound_eff.root, g.attention_eff.root)
     return not cm.timer.measured and all(b[1] >= a[1] for c in curves for a, b in zip(c, c[1:]))
-
-
-@dataclass(frozen=True)
-class KnobSet:
-    """What the row bounds read of a row's ``knob_options`` list, worked out once per list (rows of
-    one pipeline depth and micro-batch count share it)."""
-
-    knobs: list          # the list itself (keeps its id valid while the summary lives)
-    zero: int            # the highest ZeRO stage
-    offload: bool        # offload among the options
-    schedules: tuple     # one Knobs per (schedule, vpp), in first-seen order
-    pairs: tuple         # the distinct (schedule, vpp)
-    states: tuple        # one Knobs per (zero, offload), in first-seen order
-    groups: tuple        # the knobs of each (schedule, vpp), in first-seen order
-
-
-def knob_set(knobs: list) -> KnobSet:
-    groups: dict[tuple, list[Knobs]] = {}
-    for k in knobs:
-        groups.setdefault((k.schedule, k.vpp), []).append(k)
-    return KnobSet(knobs, max(k.zero for k in knobs), any(k.offload for k in knobs),
-                   tuple({(k.schedule, k.vpp): k for k in knobs}.values()),
-                   tuple({(k.schedule, k.vpp) for k in knobs}),
-                   tuple({(k.zero, k.offload): k for k in knobs}.values()), tuple(groups.values()))
 
 
 @dataclass
@@ -258,6 +248,7 @@ class Space:
         self.memo: dict[tuple, float] = {}    # bound terms by the values they read (optimizer, cp ring)
         self.knob_sets: dict[int, KnobSet] = {}   # knob_options lists (shared by rows) summarised once
         self.by_sh: dict[tuple, object] = {}      # floor and pricing by the sharding itself (the same objects)
+        self.floor_acts: dict[tuple, tuple] = {}  # floor_terms' activation terms by Shards
 
     def knobs(self, knobs: list) -> KnobSet:
         ks = self.knob_sets.get(id(knobs))
@@ -281,7 +272,7 @@ class Space:
         if hit is None:
             key = (sh.tp, sh.cp, sh.ep, sh.etp, sh.sp, sh.mbs)
             if key not in self.floors:
-                self.floors[key] = floor_terms(self.cm, sh, self.cons.modes)
+                self.floors[key] = floor_terms(self.cm, sh, self.cons.modes, self.floor_acts)
             hit = self.by_sh["floor", sh] = self.floors[key]
         return hit
 

@@ -248,3 +248,27 @@ def knob_options(cm: CostModel, cons: Constraints, sh: Sharding, gb: int, cache:
     if cache is not None:
         cache[key] = out
     return out
+
+
+@dataclass(frozen=True)
+class KnobSet:
+    """What the row bounds read of a row's ``knob_options`` list, worked out once per list (rows of
+    one pipeline depth and micro-batch count share it)."""
+
+    knobs: list          # the list itself (keeps its id valid while the summary lives)
+    zero: int            # the highest ZeRO stage
+    offload: bool        # offload among the options
+    schedules: tuple     # one Knobs per (schedule, vpp), in first-seen order
+    pairs: tuple         # the distinct (schedule, vpp)
+    states: tuple        # one Knobs per (zero, offload), in first-seen order
+    groups: tuple        # the knobs of each (schedule, vpp), in first-seen order
+
+
+def knob_set(knobs: list) -> KnobSet:
+    groups: dict[tuple, list[Knobs]] = {}
+    for k in knobs:
+        groups.setdefault((k.schedule, k.vpp), []).append(k)
+    return KnobSet(knobs, max(k.zero for k in knobs), any(k.offload for k in knobs),
+                   tuple({(k.schedule, k.vpp): k for k in knobs}.values()),
+                   tuple({(k.schedule, k.vpp) for k in knobs}),
+                   tuple({(k.zero, k.offload): k for k in knobs}.values()), tuple(groups.values()))
