@@ -5,13 +5,14 @@ most configurations the partition DP then rejects are over their bound because o
 holds the most micro-batches in flight, or the last, with the logits) must recompute more than the mean.
 This floor reads each rank's own memory, without pricing a rank.
 
-For a model of one kind of layer, rank ``r`` holding ``c`` positions of each of the ``v`` periods
-(``n = v c`` layers, ``partition``'s layout) takes at least
+Rank ``r`` holding ``c`` positions of each of the ``v`` periods (``n = v c`` layers, ``partition``'s
+layout) takes at least
 
 ``P_r(n) = e_r + n t + rate * max(0, n a - room_r(n) / f_r)``
 
 (``RankPricer._price``: the layers' time without recompute, its edge layers' ``e_r``, plus the recompute the
-rank's budget forces): ``t`` and ``a`` one layer's time and saved bytes without recompute, ``f_r`` its
+rank's budget forces): ``t`` and ``a`` one layer's time and saved bytes without recompute (the least over the
+kinds of block where there are several, ``_least_layer``; exact for one kind), ``f_r`` its
 micro-batches in flight, ``rate`` the cheapest seconds per byte saved of any allowed mode (a fractional
 relaxation of ``recompute.choose``, looser than any real choice) and ``room_r(n)`` what
 ``RankPricer._budget`` leaves the layers' activations, at least: usable memory less the rank's parameters
@@ -62,19 +63,16 @@ def _floor(sp, sh, k, modes: tuple[str, ...]) -> float:
         return 0.0
     if k.schedule in pipeline.V_SHAPED:
         return _v_floor(sp, sh, k, modes)
-    blk = _one_kind(sp, sh)
-    if blk is None or "none" not in modes:
-        return 0.0
     p, v = sh.pp, k.vpp
     C = cm.num_layers // v
-    if C < p or cm.num_layers % v:
-        return 0.0   # the partition refuses it
-    rate, cap = _offer(blk, modes)
-    if rate < 0:
+    if "none" not in modes or C < p or cm.num_layers % v:
+        return 0.0   # (C < p or v not dividing the layers: the partition refuses it)
+    blk = _least_layer(sp, sh, modes)
+    if blk is None:
         return 0.0   # a mode faster than none: the relaxation would not bound it
+    t, a, _, _, rate, cap = blk
     e, f, room0, slope = (np.array(x) for x in zip(*_rank_rows(sp, sh, k, blk)))
     n = np.arange(1, C - p + 2, dtype=float) * v          # layers held, c = 1 .. C - p + 1
-    t, a = blk.time("none"), blk.act_bytes["none"]
     # need(n) = n (a + per-layer states / f) - (room at no layers) / f: bytes per micro-batch to save
     need = n[None, :] * (a + slope[:, None] / f[:, None]) - (room0 / f)[:, None]
     P = e[:, None] + n[None, :] * t + rate * np.maximum(need, 0.0)
@@ -86,12 +84,22 @@ def _floor(sp, sh, k, modes: tuple[str, ...]) -> float:
     return float(max(first, kth)) * (1 - MARGIN)
 
 
-def _one_kind(sp, sh):
-    """The one LayerCost every block of the sharding's pricing shares, or None."""
-    key = ("one_kind", id(sp.priced(sh)))   # the pricing lives in ``sp.prices``
+def _least_layer(sp, sh, modes: tuple[str, ...]) -> tuple | None:
+    """A layer no block of the sharding's pricing beats: (its time and saved bytes without recompute, its
+    dense and expert parameters, the cheapest seconds per byte saved and the most bytes saved by any allowed
+    mode), each the least (the most bytes saved: the largest) over the kinds of block, so every rank's floor
+    stays under each of its layer sets'; exact for a model of one kind of layer. None where some mode is
+    faster than none."""
+    key = ("least_layer", id(sp.priced(sh)), modes)   # the pricing lives in ``sp.prices``
     if key not in sp.memo:
         costs = sp.priced(sh).costs
-        sp.memo[key] = costs[0] if all(costs[i] is costs[0] for i in range(sp.cm.num_layers)) else None
+        kinds = list({id(costs[i]): costs[i] for i in range(sp.cm.num_layers)}.values())
+        offers = [_offer(c, modes) for c in kinds]
+        saving = [o for o in offers if o[1] > 0] or [(0.0, 0.0)]
+        sp.memo[key] = None if any(o[0] < 0 for o in offers) else (
+            min(c.time("none") for c in kinds), min(c.act_bytes["none"] for c in kinds),
+            min(c.params_dense for c in kinds), min(c.params_expert for c in kinds),
+            min(o[0] for o in saving), max(o[1] for o in saving))
     return sp.memo[key]
 
 
@@ -139,7 +147,7 @@ def _offer(blk, modes: tuple[str, ...]) -> tuple[float, float]:
     return min(r for r, _ in useful), max(b for _, b in useful)
 
 
-def _rank_rows(sp, sh, k, blk) -> list[tuple[float, float, float, float]]:
+def _rank_rows(sp, sh, k, blk: tuple) -> list[tuple[float, float, float, float]]:
     """Each rank's (edge layers' time, micro-batches in flight, room for its layers' activations when it
     holds no layer, the room one more layer's states take), as ``RankPricer._budget`` and
     ``CostModel.rank_memory`` count them (the terms that only add memory left out)."""
@@ -147,7 +155,7 @@ def _rank_rows(sp, sh, k, blk) -> list[tuple[float, float, float, float]]:
     s, out, per = io[0], [], {}
     for e, f, fixed, edge_dense, grads in io[1]:
         if grads not in per:
-            per[grads] = _states(sp.cm, s, blk.params_dense, blk.params_expert, k, grads)
+            per[grads] = _states(sp.cm, s, blk[2], blk[3], k, grads)
         out.append((e, f, sp.usable * (1 + MARGIN) - fixed - _states(sp.cm, s, edge_dense, 0.0, k, grads), per[grads]))
     return out
 
