@@ -38,7 +38,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from autopar.codegen.runtime_mesh import ParallelMesh
-from autopar.profiles.models.layers import GroupedExperts, expert_counts
+from autopar.profiles.models.layers import GroupedExperts, expert_counts, padded_layout, scatter_rows
 
 
 def contiguous_placement(num_experts: int, ep: int) -> list[list[int]]:
@@ -205,8 +205,15 @@ class ExpertParallelGroupedExperts(GroupedExperts):
             return rows * 0
         local = _on_device(self, "local_index", eids.device)[eids]
         order = torch.argsort(local, stable=True)
-        counts = expert_counts(local, len(self.local_expert_ids)).tolist()
-        out = self.run_sorted(rows.index_select(0, order), counts)
+        dev_counts = expert_counts(local, len(self.local_expert_ids))
+        counts = dev_counts.tolist()
+        bucket = self.row_bucket.get(rows.device.type, 1)
+        if bucket == 1:
+            out = self.run_sorted(rows.index_select(0, order), counts)
+        else:  # each expert's rows padded (GroupedExperts.row_bucket); the pad rows' outputs dropped
+            pos, padded = padded_layout(local.index_select(0, order), dev_counts, counts, bucket)
+            out = self.run_sorted(rows.index_select(0, scatter_rows(pos, order, sum(padded))), padded)
+            out = out.index_select(0, pos)
         return torch.zeros_like(out).index_copy(0, order, out)
 
 

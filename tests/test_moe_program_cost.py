@@ -182,3 +182,31 @@ def test_backward_peak_within_the_priced_gradient_stack():
     expert_bytes = sum(p.numel() * p.element_size() for p in m.experts.parameters())
     allowed = expert_bytes + expert_grad_stack_bytes(expert_bytes) + x.numel() * x.element_size()
     assert tracker.peak - before <= allowed, (tracker.peak - before) / expert_bytes
+
+
+def test_padded_expert_rows_change_nothing_but_the_gemm_shapes(monkeypatch):
+    """On CUDA each expert's rows are padded to a multiple of ``row_bucket`` (cuBLAS then sees a few GEMM
+    shapes, whose kernels stay chosen); forced on CPU here: the GEMM row counts are multiples of the bucket
+    and the layer still equals the per-token reference, in the single-process and expert-parallel paths."""
+    from autopar.codegen.runtime_moe import ExpertParallelGroupedExperts
+
+    m = _moe()
+    idx, weight = _skewed_idx()
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(2))
+    want = _reference(m, x, idx, weight)
+    rows_seen = []
+    run_sorted = type(m.experts).run_sorted
+    monkeypatch.setattr(type(m.experts), "run_sorted", lambda self, r, c: rows_seen.append(c) or run_sorted(self, r, c))
+    monkeypatch.setattr(type(m.experts), "row_bucket", {"cpu": 16})
+    torch.testing.assert_close(m.experts(x, idx, weight), want, rtol=1e-5, atol=1e-6)
+    counts = torch.bincount(idx.reshape(-1), minlength=E).tolist()
+    assert rows_seen[-1] == [-(-c // 16) * 16 for c in counts] and sum(rows_seen[-1]) > T * K
+    # expert parallel: this rank holds experts 3, 0, 6 (in that order) and received rows for 0 and 3
+    ep = _moe().experts
+    ep.local_expert_ids, ep.local_index = [3, 0, 6], torch.tensor([1, -1, -1, 0, -1, -1, 2, -1])
+    ep.__class__ = ExpertParallelGroupedExperts
+    rows, eids = torch.randn(10, H), torch.tensor([0, 3, 3, 0, 0, 3, 0, 0, 3, 0])
+    got = ep._run_local(rows, eids)
+    monkeypatch.setattr(type(m.experts), "row_bucket", {})
+    torch.testing.assert_close(got, ep._run_local(rows, eids), rtol=1e-5, atol=1e-6)
+    assert rows_seen[-2] == [16, 16, 0] and rows_seen[-1] == [4, 6, 0]

@@ -269,6 +269,22 @@ def expert_counts(ids: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
+def padded_layout(sorted_ids: torch.Tensor, dev_counts: torch.Tensor, counts: list[int],
+                  bucket: int) -> tuple[torch.Tensor, list[int]]:
+    """Rows sorted by expert (``sorted_ids``), each expert's rows rounded up to a multiple of ``bucket``:
+    (the padded position of every row, the padded counts). Device ops only (``counts`` is the host copy
+    of ``dev_counts``), so padding adds no host sync."""
+    pads = (dev_counts + bucket - 1) // bucket * bucket - dev_counts
+    pads_before = torch.cumsum(pads, 0) - pads
+    pos = torch.arange(sorted_ids.numel(), device=sorted_ids.device) + pads_before.index_select(0, sorted_ids)
+    return pos, [-(-c // bucket) * bucket for c in counts]
+
+
+def scatter_rows(pos: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    """``values`` placed at rows ``pos`` of ``size`` zero rows (differentiable)."""
+    return values.new_zeros((size,) + tuple(values.shape[1:])).index_copy(0, pos, values)
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights w1/w3 [E, h, f], w2 [E, f, h].
 
@@ -282,7 +298,16 @@ class GroupedExperts(nn.Module):
     stacks the E weight gradients once; indexing ``w1[e]`` instead makes every expert's
     backward write a zero-filled gradient of the whole stack and add it into the others
     (E x the stack's bytes per weight and layer).
+
+    On CUDA each expert's rows are padded to a multiple of ``row_bucket`` (pad rows carry a zero
+    gate weight): the expert GEMMs' row counts follow the routing, and cuBLAS chooses a kernel for
+    every new GEMM shape on the host, 0.2-5 ms each (``benchmarks/gpu_trace.py`` on an H100, moe-gpu
+    mbs 1: 163 such calls, 91 ms of the profiled step, all on shapes that step saw first; repeated
+    shapes ran at 37 us median). Rounded up, a layer's row counts take at most
+    ``tokens*k/row_bucket + 1`` values, whose kernels stay chosen from step to step.
     """
+
+    row_bucket: dict[str, int] = {"cuda": 128}  # device type -> rows per expert rounded up to (128: a GEMM tile)
 
     def __init__(self, hidden: int, ffn: int, num_experts: int):
         super().__init__()
@@ -305,12 +330,16 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        k = idx.shape[1]
-        flat = idx.reshape(-1)
+        k, flat = idx.shape[1], idx.reshape(-1)
         order = torch.argsort(flat, stable=True)  # token copies grouped by expert, token order within
-        counts = expert_counts(flat, self.w1.shape[0]).tolist()  # the layer's one host sync
-        token = order // k
-        y = self.run_sorted(x.index_select(0, token), counts) * weight.reshape(-1).index_select(0, order).unsqueeze(-1)
+        dev_counts = expert_counts(flat, self.w1.shape[0])
+        counts = dev_counts.tolist()  # the layer's one host sync
+        token, gate = order // k, weight.reshape(-1).index_select(0, order)
+        bucket = self.row_bucket.get(x.device.type, 1)
+        if bucket > 1:  # pad rows: token 0 with a zero gate weight, so they add exact zeros
+            pos, counts = padded_layout(flat.index_select(0, order), dev_counts, counts, bucket)
+            token, gate = scatter_rows(pos, token, sum(counts)), scatter_rows(pos, gate, sum(counts))
+        y = self.run_sorted(x.index_select(0, token), counts) * gate.unsqueeze(-1)
         return torch.zeros_like(x).index_add(0, token, y)
 
 
