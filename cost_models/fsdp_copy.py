@@ -18,8 +18,9 @@ Counted from torch 2.13's source (``torch/distributed/fsdp/_fully_shard/``; the 
 Copy-out and the reduce copy-in run on the compute stream; the copy-in and the post-reduce cast and
 accumulation on FSDP's side streams. All are memory bound beside compute-bound GEMMs and attention, which
 leave them no idle SMs to run in, so every byte is priced on the critical path: the GPU check
-(docs/validation.md, "FSDP2 copies") measured zero=3 on one H100 41 ms slower per step than ``replicate``,
-and the bytes below that differ between them time to 44 ms (``benchmarks/fsdp_copy_probe.py``).
+(docs/validation.md, "FSDP2 copies and casts, priced") measured zero=3 on one H100 41 ms slower per step than
+``replicate``; the bytes below that differ between them, 133.9 GB, take that at 3.27 TB/s, near the HBM peak
+(``benchmarks/fsdp_copy_probe.py``).
 At dp > 1 these copies sit beside the collectives (``CostModel.dp_time``), which overlap compute on their
 own streams; the copies do not hide there either, so they add to the step at every dp size.
 
