@@ -48,15 +48,15 @@ def gemm_rates() -> list[dict]:
         b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         flops = 2.0 * m * k * n
         rows.append({"kind": "gemm", "dtype": "bf16", "shape": [m, k, n],
-                     "tflops": flops / timed_ms(lambda: a @ b.t()) / 1e9})
+                     "tflops": flops / timed_ms(lambda a=a, b=b: a @ b.t()) / 1e9})
         a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
         one = torch.ones((), device="cuda", dtype=torch.float32)
         try:
-            ms = timed_ms(lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+            ms = timed_ms(lambda a8=a8, b8=b8, one=one: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one,
+                                                                   out_dtype=torch.bfloat16))
             rows.append({"kind": "gemm", "dtype": "fp8", "shape": [m, k, n], "tflops": flops / ms / 1e9})
         except RuntimeError as exc:  # an fp8-less build or GPU: say so instead of failing the probe
             rows.append({"kind": "gemm", "dtype": "fp8", "shape": [m, k, n], "error": str(exc)[:200]})
-        del a, b, a8, b8
     return rows
 
 
@@ -76,13 +76,12 @@ def attention_rates() -> list[dict]:
             row = {"kind": "attention", "backend": name, "seq_len": s}
             try:
                 with sdpa_kernel(backend):
-                    fwd = timed_ms(lambda: sdpa(q, k, v, is_causal=True))
-                    both = timed_ms(lambda: sdpa(q, k, v, is_causal=True).sum().backward())
+                    fwd = timed_ms(lambda q=q, k=k, v=v: sdpa(q, k, v, is_causal=True))
+                    both = timed_ms(lambda q=q, k=k, v=v: sdpa(q, k, v, is_causal=True).sum().backward())
                 row.update(fwd_tflops=fwd_flops / fwd / 1e9, fwd_bwd_tflops=3.5 * fwd_flops / both / 1e9)
             except RuntimeError as exc:  # backend not built or not eligible for these shapes
                 row["error"] = str(exc).splitlines()[0][:200]
             rows.append(row)
-        del q, k, v
     return rows
 
 
