@@ -61,10 +61,16 @@ def gpt2_result():
     return cm, S.search(cm, 512, top_k=5)
 
 
-def test_gpt2_on_8_gpus_ranks_ddp_first(gpt2_result):
+def test_gpt2_on_8_gpus_ranks_plain_data_parallel_first(gpt2_result):
+    # a 124M model on one node: plain data parallelism, at the simplest ZeRO stage within the tie rule's 1% of the
+    # fastest (DDP itself until FSDP2's copies were priced, 02de733: replicate's casts and the unsharded optimizer
+    # step now leave it 1.1% behind ZeRO-1)
     _, res = gpt2_result
     best = res.candidates[0].strategy
-    assert (best.dp, best.tp, best.pp, best.zero_stage, best.offload_optimizer) == (8, 1, 1, 0, False), best.short()
+    assert (best.dp, best.tp, best.pp, best.offload_optimizer) == (8, 1, 1, False), best.short()
+    fastest = min(c.estimate.step_time_s for c in res.candidates)
+    tied = [c.strategy for c in res.candidates if c.estimate.step_time_s <= fastest * (1 + rank.TIE)]
+    assert rank.simplicity(best) == min(map(rank.simplicity, tied)), [s.short() for s in tied]
 
 
 def test_printed_order_is_step_time_order_up_to_the_tie(gpt2_result):
