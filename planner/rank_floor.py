@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from autopar.cost_models import fsdp
+from autopar.cost_models.estimate import RankReport
 from autopar.cost_models.memory import (
     bytes_per_param,
     expert_shard_group,
@@ -198,3 +200,21 @@ def _states(cm, s, dense: float, expert: float, k, grads: bool) -> float:
     ds = model_state_bytes(dense, cm.dtype, k.zero, s.dp * s.cp)
     es = model_state_bytes(expert, cm.dtype, k.zero, expert_shard_group(s, cm.ctx.runtime))
     return ds.params + ds.optimizer + es.params + es.optimizer + ((ds.grads + es.grads) if grads else 0.0)
+
+
+def contention_floor(sp, sh, k) -> float:
+    """A floor of the estimate's FSDP communication terms, ``max_r e_r + max_r slowdown * (c_r - e_r)``
+    (``CostModel.estimate``: the exposed per-unit gathers and scatters ``e_r`` plus the compute the hidden rest
+    slows, ``overlap_contention``), which the partition's price leaves out: for the rank with the most
+    traffic ``c_r`` both together are at least ``min(1, slowdown) c_r``, and ``c_r`` at least the mean over the
+    ranks (``dp_comm_total`` sums over layers). 0 where the traffic is not per unit or nothing slows."""
+    key = ("contention", sh, k)
+    if key not in sp.memo:
+        cm, s = sp.cm, probe(sh, sp.gb, k)
+        out = 0.0
+        if cm.stack.overlap_slowdown and not cm._cores_saturated and fsdp.per_unit(cm, s):
+            every = RankReport(0, list(range(cm.num_layers)), 0.0, 0.0, 0.0, {}, {}, 1.0)
+            total = cm.dp_comm_total(s, every, sp.priced(sh).costs, s.num_micro_batches)
+            out = min(1.0, cm.stack.overlap_slowdown) * total / sh.pp * (1 - MARGIN)
+        sp.memo[key] = out
+    return sp.memo[key]

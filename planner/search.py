@@ -76,7 +76,7 @@ from autopar.planner.bounds import (  # noqa: F401  (re-exported: tests and expl
     probe,
     zero3_floor,
 )
-from autopar.planner.rank_floor import slowest_rank_floor
+from autopar.planner.rank_floor import contention_floor, slowest_rank_floor
 from autopar.planner.space import (  # noqa: F401  (re-exported: the planner's public names)
     STRATEGY_FIELDS,
     Candidate,
@@ -157,7 +157,9 @@ def _rank_bound(sp: Space, lb: float, sh: Sharding, k: Knobs, group: tuple) -> N
     if x > peak:   # pipeline_bound grows with its peak (``pipeline_bound``'s docstring)
         grow = max(0.0, pipeline_bound(sp, sh, k, total, p2p, x, share, sync)
                    - pipeline_bound(sp, sh, k, total, p2p, peak, share, sync))
-    sp.push(lb + grow, "partition", sh, k, group)
+    # FSDP: the exposed traffic and the contention of the hidden rest, where the lb holds the exposed floor
+    held = zero3_floor(sp, sh, k.zero, k.schedule) if gathers_per_unit(sp.cm.ctx.runtime, k.zero, k.offload) else 0.0
+    sp.push(lb + grow + max(0.0, contention_floor(sp, sh, k) - held), "partition", sh, k, group)
 
 
 def _size(kind: str, payload: tuple) -> int:
