@@ -262,3 +262,26 @@ def test_the_slowest_rank_floor_stays_under_the_partitions_slowest_rank(seed, us
             checked += 1
     # several kinds of layer: V-shaped schedules only (their layers per rank are known without a layout)
     assert checked > 30 and v_shaped > 5 and (above > 5 or kinds > 1), (checked, above, refused, v_shaped)
+
+
+def test_the_fsdp_contention_floor_stays_under_the_estimates_fsdp_terms():
+    # rank_floor.contention_floor: FSDP's exposed per-unit traffic plus the compute its hidden rest slows (the
+    # Hopper stack's overlap_slowdown) is at least min(1, slowdown) x the mean rank's traffic: under the
+    # estimate's dp_comm + comm_contention of every ZeRO-3 plan, and above 0 for them
+    from autopar.planner.rank_floor import contention_floor
+
+    cm, _, _, seq = build_cost_model(Inputs(model="llama3-8b", nodes=1, seq_len=2048))
+    gb = 64
+    sp = bounds.Space(cm, S.Constraints(fixed={"zero_stage": 3, "offload_optimizer": False}, max_cp=2), gb)
+    checked = 0
+    for row in S.shardings(cm, sp.cons, gb):
+        for sh in row[:1]:
+            for k in S.knob_options(cm, sp.cons, sh, gb)[:2]:
+                cand = S._partitioned(sp, sh, k, part.INF)
+                if cand is None:
+                    continue
+                e = cand.estimate or cm.estimate(cand.strategy, cand.stages, cand.layer_recompute)
+                floor = contention_floor(sp, sh, k)
+                assert floor <= e.time["dp_comm"] + e.time["comm_contention"], (cand.strategy.short(), floor)
+                checked += floor > 0
+    assert checked > 5, checked
