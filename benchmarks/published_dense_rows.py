@@ -3,6 +3,8 @@ what the source's own figures imply, filled once here for ``published_rows``."""
 
 from __future__ import annotations
 
+import re
+
 LLAMA3 = "llama3"  # published_rows.source_key of the Llama 3 row
 
 
@@ -99,3 +101,23 @@ def mt_nlg_microbatch(source: str) -> int:
     if source != MT_NLG:
         return 0
     return round(one_f_one_b_microbatch(MT_NLG_STEP_S, MT_NLG_GLOBAL_BATCH, MT_NLG_PP, MT_NLG_REPLICA_NODES))
+
+
+def parallel_block(run: dict) -> bool:
+    """The row's own system runs GPT with the parallel transformer block (PTB): attention and MLP
+    read one LayerNorm's output and their outputs join the residual together, y = x + Attn(LN(x)) +
+    MLP(LN(x)) (MegaScale, Jiang et al. NSDI 2024, Sec. 3.1; GPT-J; PaLM, Chowdhery et al. 2022,
+    Sec. 2). The MegaScale rows' notes name it ("PTB"); the Megatron-LM baseline rows beside them
+    (whose arch text only says MegaScale uses it) run the sequential block."""
+    return "ptb" in re.findall(r"[a-z]+", str(run.get("notes") or "").lower())
+
+
+def parallel_block_config(m: dict) -> dict:
+    """GPT (LayerNorm with biases, GeLU MLP 4h, multi-head attention, fused QKV) in the one-norm
+    parallel layout: the Falcon configuration with ``parallel_attn`` and a single LayerNorm
+    (``profiles.hf_families.falcon``: ``block_layout="parallel"``)."""
+    return dict(model_type="falcon", hidden_size=m["hidden"], num_hidden_layers=m["layers"],
+                num_attention_heads=m["heads"], multi_query=False, new_decoder_architecture=False,
+                parallel_attn=True, num_ln_in_parallel_attn=1, bias=True, alibi=False,
+                ffn_hidden_size=m.get("ffn_hidden") or 4 * m["hidden"], vocab_size=m["vocab"],
+                tie_word_embeddings=True)

@@ -62,3 +62,13 @@ def cross_entropy_of(run: dict) -> str:
     if "Megatron-Bridge" in where and name.startswith(NATIVE_CE_RECIPES):
         return "native"
     return "te"
+
+
+def moe_config(m: dict) -> dict:
+    """Llama-style MoE from the row's dims (Llama3-8x70B upcycled: dense FFN width per expert;
+    top-k 2 where the row states none, as in Mixtral and the upcycling recipes)."""
+    hd = m["hidden"] // m["heads"] if m["hidden"] % m["heads"] == 0 else 64
+    return dict(model_type="mixtral", hidden_size=m["hidden"], num_hidden_layers=m["layers"],
+                num_attention_heads=m["heads"], num_key_value_heads=m.get("kv_heads") or m["heads"], head_dim=hd,
+                intermediate_size=m.get("expert_ffn_hidden") or m["ffn_hidden"], vocab_size=m["vocab"],
+                num_local_experts=m["num_experts"], num_experts_per_tok=m.get("topk") or 2)

@@ -51,8 +51,15 @@ from pathlib import Path
 
 import yaml
 from mcore_readme_rows import README, megatron_model_flops, readme_v
-from published_dense_rows import SEQUENCE_PARALLEL_STACKS, llama3_v, llama3_zero, mt_nlg_microbatch
-from published_moe_rows import a2a_overlap_of, capacity_factor_of, cross_entropy_of
+from published_dense_rows import (
+    SEQUENCE_PARALLEL_STACKS,
+    llama3_v,
+    llama3_zero,
+    mt_nlg_microbatch,
+    parallel_block,
+    parallel_block_config,
+)
+from published_moe_rows import a2a_overlap_of, capacity_factor_of, cross_entropy_of, moe_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "validation"
 MODERN_YAML = SHARED / "published_modern.yaml"
@@ -223,14 +230,14 @@ def model_config(run: dict) -> dict:
     elif m.get("layers") is None:
         raise RowSkip(f"model.layers/hidden are null and {name!r} has no public configuration in ARCHS")
     elif m.get("num_experts"):
-        cfg = _moe_config(m)
+        cfg = moe_config(m)
     elif "gqa" in str(m.get("arch") or "").lower() or m.get("kv_heads") not in (None, m.get("heads")) \
             or "llama" in name.lower():
         cfg = dict(model_type="llama", hidden_size=m["hidden"], num_hidden_layers=m["layers"],
                    num_attention_heads=m["heads"], num_key_value_heads=m.get("kv_heads") or m["heads"],
                    intermediate_size=m["ffn_hidden"], vocab_size=m["vocab"])
     elif parallel_block(run):
-        cfg = _parallel_block_config(m)
+        cfg = parallel_block_config(m)
     else:
         cfg = dict(model_type="gpt2", n_embd=m["hidden"], n_layer=m["layers"], n_head=m["heads"],
                    n_inner=m.get("ffn_hidden") or 4 * m["hidden"], vocab_size=m["vocab"] or 51200,
@@ -238,36 +245,6 @@ def model_config(run: dict) -> dict:
     key = "n_positions" if cfg["model_type"] == "gpt2" else "max_position_embeddings"
     cfg[key] = seq
     return cfg
-
-
-def parallel_block(run: dict) -> bool:
-    """The row's own system runs GPT with the parallel transformer block (PTB): attention and MLP
-    read one LayerNorm's output and their outputs join the residual together, y = x + Attn(LN(x)) +
-    MLP(LN(x)) (MegaScale, Jiang et al. NSDI 2024, Sec. 3.1; GPT-J; PaLM, Chowdhery et al. 2022,
-    Sec. 2). The MegaScale rows' notes name it ("PTB"); the Megatron-LM baseline rows beside them
-    (whose arch text only says MegaScale uses it) run the sequential block."""
-    return "ptb" in re.findall(r"[a-z]+", str(run.get("notes") or "").lower())
-
-
-def _parallel_block_config(m: dict) -> dict:
-    """GPT (LayerNorm with biases, GeLU MLP 4h, multi-head attention, fused QKV) in the one-norm
-    parallel layout: the Falcon configuration with ``parallel_attn`` and a single LayerNorm
-    (``profiles.hf_families.falcon``: ``block_layout="parallel"``)."""
-    return dict(model_type="falcon", hidden_size=m["hidden"], num_hidden_layers=m["layers"],
-                num_attention_heads=m["heads"], multi_query=False, new_decoder_architecture=False,
-                parallel_attn=True, num_ln_in_parallel_attn=1, bias=True, alibi=False,
-                ffn_hidden_size=m.get("ffn_hidden") or 4 * m["hidden"], vocab_size=m["vocab"],
-                tie_word_embeddings=True)
-
-
-def _moe_config(m: dict) -> dict:
-    """Llama-style MoE from the row's dims (Llama3-8x70B upcycled: dense FFN width per expert;
-    top-k 2 where the row states none, as in Mixtral and the upcycling recipes)."""
-    hd = m["hidden"] // m["heads"] if m["hidden"] % m["heads"] == 0 else 64
-    return dict(model_type="mixtral", hidden_size=m["hidden"], num_hidden_layers=m["layers"],
-                num_attention_heads=m["heads"], num_key_value_heads=m.get("kv_heads") or m["heads"], head_dim=hd,
-                intermediate_size=m.get("expert_ffn_hidden") or m["ffn_hidden"], vocab_size=m["vocab"],
-                num_local_experts=m["num_experts"], num_experts_per_tok=m.get("topk") or 2)
 
 
 def _int(v, default=None):
