@@ -27,6 +27,7 @@ MODULES = {
     "models/transformer.py": "profiles/models/transformer.py",
     "models/hf.py": "profiles/models/hf.py",  # transformers modules (their plans only)
     "errors.py": "errors.py",
+    "dp_program.py": "techniques/dp_program.py",  # dp_mode: one rule for the program and its price
 }
 # applied in order to every copied module
 RENAMES = (
@@ -34,6 +35,7 @@ RENAMES = (
     ("autopar.codegen.runtime", f"{PACKAGE}.runtime"),
     ("autopar.profiles.models", f"{PACKAGE}.models"),
     ("autopar.errors", f"{PACKAGE}.errors"),
+    ("autopar.techniques.dp_program", f"{PACKAGE}.dp_program"),
 )
 
 

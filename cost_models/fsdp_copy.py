@@ -36,6 +36,7 @@ from typing import Literal
 from autopar.core.gpu import GpuProfile
 from autopar.cost_models import fsdp
 from autopar.cost_models.memory import bytes_per_param
+from autopar.techniques.dp_program import dp_mode
 
 MASTER_BYTES = 4  # FSDP2's sharded parameters and gradients stay fp32 (``mp_policy``: only compute is 16-bit)
 ACCUMULATE_BYTES = 12  # sharded_grad += new: read both fp32 tensors, write one
@@ -100,25 +101,17 @@ def fsdp1_step_bytes(params: float, n: int, gathers: int, reduces: int, fp32_par
 
 
 def program(runtime: str, zero_stage: int, dp_cp: int, dtype: str, offload: bool, dtensor: bool,
-            pipeline: bool) -> FsdpProgram:
+            pipeline: bool, has_ep: bool = False) -> FsdpProgram:
     """Which FSDP2 API runs a plan's data parallel: torchtitan shards with ``fully_shard`` at every
-    ZeRO stage it is priced with (2 and 3); autopar's program (``--runtime torch``) as
-    ``codegen.runtime_parallel.dp_mode`` picks it (mirrored here: cost_models must not import codegen):
-    ``fully_shard`` for offload and ZeRO-2/3 over several ranks or in 16 bits, ``replicate`` for
-    16-bit, tensor-parallel or pipelined ZeRO-0 (and ZeRO-1 that is neither ``ShardedAdamW`` nor
-    ``none``/DDP). Megatron and DeepSpeed run no FSDP2."""
-    half = dtype != "fp32"
+    ZeRO stage it is priced with (2 and 3); autopar's program (``--runtime torch``) as the emitted program
+    picks it (``techniques.dp_program.dp_mode``: ``fsdp2`` and ``replicate`` are FSDP2; ``zero1``
+    (ShardedAdamW), ``ddp`` and ``none`` run no FSDP2). Megatron and DeepSpeed run no FSDP2."""
     if runtime == "torchtitan":
         return "fsdp2" if zero_stage >= 2 or offload else "none"
     if runtime != "torch":
         return "none"
-    if offload or (zero_stage >= 2 and (dp_cp > 1 or half)):
-        return "fsdp2"
-    if zero_stage == 1 and (half or (dp_cp > 1 and (dtensor or pipeline))):
-        return "none"  # ShardedAdamW (runtime_zero1): whole parameters, no FSDP2
-    if (dp_cp == 1 and not half) or not (half or dtensor or pipeline):
-        return "none"  # the module as built, or DDP
-    return "replicate"
+    mode = dp_mode(zero_stage, dp_cp, dtensor, has_ep, pipeline, offload, dtype)
+    return mode if mode in ("fsdp2", "replicate") else "none"
 
 
 def rank_params(r, costs) -> tuple[float, float]:
@@ -131,7 +124,8 @@ def rank_params(r, costs) -> tuple[float, float]:
 def copy_time(cm, s, r, costs) -> float:
     """Seconds per step of FSDP2's copies on rank ``r`` (memory bound, on the critical path)."""
     dtensor = s.tp > 1 or s.etp > 1
-    kind = program(cm.ctx.runtime, s.zero_stage, s.dp * s.cp, cm.dtype, s.offload_optimizer, dtensor, s.pp > 1)
+    kind = program(cm.ctx.runtime, s.zero_stage, s.dp * s.cp, cm.dtype, s.offload_optimizer, dtensor, s.pp > 1,
+                   s.ep > 1)
     if kind == "none" or not r.layers:
         return 0.0
     c = 4 if cm.dtype == "fp32" else 2  # fp16 / fp8 plans run bf16 weights (codegen.runtime_parallel.mp_policy)

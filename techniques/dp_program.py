@@ -1,0 +1,40 @@
+"""Which torch API runs a plan's data parallel (``dp_mode``): the one rule the emitted program applies
+(``codegen.runtime_parallel.apply_dp``) and the cost model prices (``cost_models.fsdp_copy.program``).
+Pure Python, no autopar import: ``autopar emit`` copies it into the run directory (``codegen.emit_vendor``)."""
+
+from __future__ import annotations
+
+
+def dp_mode(zero_stage: int, dp_cp: int, has_dtensor: bool, has_ep: bool, pipeline: bool = False,
+            offload: bool = False, dtype: str = "fp32") -> str:
+    """Which torch API implements the data-parallel part of a plan (and its precision).
+
+    - ``none``: dp*cp = 1, fp32, no offload: the module as built.
+    - ``ddp``: fp32 zero 0/1 on plain parameters without a pipeline: ``DistributedDataParallel``
+      (ZeRO-1 adds ``ZeroRedundancyOptimizer``, params/grads whole, states partitioned).
+      Wraps a *materialized* module.
+    - ``replicate``: zero 0 with tensor parallel (DTensor parameters, which DDP cannot hold),
+      with a pipeline (DDP's bucket rebuild breaks when schedules interleave microbatch
+      backwards), or in 16-bit: FSDP2's ``replicate``, an all-reduce per block, no sharding,
+      its ``MixedPrecisionPolicy`` giving 16-bit compute weights and collectives.
+    - ``zero1``: zero 1 with DTensor, expert or pipelined parameters, or 16-bit: no wrapper,
+      ``runtime_zero1.ShardedAdamW`` (whole params and grads, sharded fp32 master + moments,
+      reduce-scatter + all-gather at the step): ZeRO-1 as priced.
+    - ``fsdp2``: ZeRO-2 = ``fully_shard(reshard_after_forward=False)`` (parameters stay
+      gathered from forward to backward, gradients and optimizer states sharded);
+      ZeRO-3 = ``fully_shard`` (parameters re-gathered in backward, also under a pipeline);
+      optimizer offload = either with ``CPUOffloadPolicy`` (any zero stage: the policy needs
+      FSDP2's sharded parameters, which then live on the host with their gradients and states).
+    """
+    if offload:
+        return "fsdp2"
+    half = dtype != "fp32"
+    if zero_stage >= 2 and (dp_cp > 1 or half):
+        return "fsdp2"
+    if zero_stage == 1 and (half or (dp_cp > 1 and (has_dtensor or has_ep or pipeline))):
+        return "zero1"
+    if dp_cp == 1 and not half:
+        return "none"
+    if half or has_dtensor or pipeline:
+        return "replicate"
+    return "ddp"
