@@ -49,7 +49,7 @@ def test_fsdp1_has_no_copy_in_or_out():
 @pytest.mark.parametrize("zero,dp,dtype,offload,tp,pp", list(itertools.product(
     (0, 1, 2, 3), (1, 4), ("fp32", "bf16"), (False, True), (1, 2), (1, 2))))
 def test_program_mirrors_the_emitted_dp_mode(zero, dp, dtype, offload, tp, pp):
-    """fsdp_copy.program reads the emitted program's own rule (techniques.dp_program.dp_mode): FSDP2 where it runs FSDP2."""
+    """fsdp_copy.program reads the emitted program's own rule (techniques.dp_program.dp_mode)."""
     emitted = dp_mode(zero, dp, tp > 1, False, pp > 1, offload, dtype)
     want = {"fsdp2": "fsdp2", "replicate": "replicate"}.get(emitted, "none")
     assert fc.program("torch", zero, dp, dtype, offload, tp > 1, pp > 1) == want
