@@ -62,8 +62,19 @@ def estimate_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Option
     console.print(f"[bold]{cm.spec.short()}[/] on {cl.short()}, seq {cm.seq_len}, "
                   f"global batch {s.global_batch}, {cm.dtype}")
     console.print(f"strategy: {s.compact()}")
+    for msg in _emit_notes(cm, s):  # priced as written; emit names the strategy that runs it
+        console.print(f"[yellow]emit: {msg}[/]")
     print_time(console, e)
     print_memory(console, e)
+
+
+def _emit_notes(cm, s: Strategy) -> list[str]:
+    """What ``emit`` refuses of a strategy ``estimate`` prices (the techniques' emit rules), e.g. optimizer
+    offload below ZeRO-2, which runs ZeRO-2's program (``techniques.offload.stage_rule``)."""
+    from autopar import techniques
+
+    spec = cm.spec.model_copy(update={"layers": cm.spec.layers or cm.num_layers})
+    return techniques.violations(s, spec, s.world, cm.seq_len, emitted=True)
 
 
 @app.command("memory")

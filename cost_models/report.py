@@ -7,6 +7,7 @@ from autopar.core.strategy import COMPACT_KEYS, Strategy
 from autopar.cost_models.comm import collective_time
 from autopar.cost_models.estimate import CostModel, Estimate
 from autopar.errors import InputError
+from autopar.techniques import offload
 
 GiB = 1024**3
 
@@ -115,8 +116,10 @@ def _single_changes(cm: CostModel, s: Strategy) -> list[tuple[str, Strategy, Est
     tries: list[dict] = []
     if s.zero_stage < 3 and s.dp * s.cp > 1:
         tries += [{"zero_stage": z} for z in range(s.zero_stage + 1, 4)]
-    if not s.offload_optimizer and cm.gpu.host_link_gbps:
-        tries.append({"offload_optimizer": True})
+    if not s.offload_optimizer and cm.gpu.host_link_gbps:  # below ZeRO-3 offload runs (and is emitted) as zero=2
+        on = s.model_copy(update={"offload_optimizer": True})
+        tries.append({"zero_stage": 2, "offload_optimizer": True} if offload.stage_rule(on, None, s.world, None)
+                     else {"offload_optimizer": True})
     if s.recompute == "none":
         tries += [{"recompute": "selective"}, {"recompute": "full"}]
     elif s.recompute == "selective":

@@ -151,9 +151,10 @@ def torchtitan_memory(cm, s: Strategy, parts: list[LayerCost], modes: list[str],
                       mem: dict[str, float]) -> dict[str, float]:
     """``mem`` (``CostModel.rank_memory``'s components) as torchtitan runs the strategy (module
     docstring); unchanged without a pipeline or without FSDP (ZeRO-2/3: under a pipeline torchtitan runs both
-    as one program, ``reshard_after_forward=False``; ``fsdp.syncs_once_per_step`` prices its time). ``cm``:
+    as one program, ``reshard_after_forward=False``; ``fsdp.syncs_once_per_step`` prices its time; optimizer
+    offload is that program at any stage, ``fsdp_copy.program``, its shards on the host). ``cm``:
     the ``CostModel`` (not imported: estimate.py imports this module)."""
-    if s.pp == 1 or s.zero_stage < 2 or not parts:
+    if s.pp == 1 or (s.zero_stage < 2 and not s.offload_optimizer) or not parts:
         return mem
     pbytes = cm.ctx.dtype_bytes
     dense = sum(c.params_dense for c in parts + extra)
@@ -175,8 +176,9 @@ def torchtitan_memory(cm, s: Strategy, parts: list[LayerCost], modes: list[str],
     # (torchtitan shards expert weights over its expert-data-parallel mesh when ep > 1)
     dense3, expert3 = model_state_bytes(dense, cm.dtype, 3, s.dp * s.cp), \
         model_state_bytes(expert, cm.dtype, 3, s.edp if s.ep > 1 else s.dp * s.cp)
-    shards = dense3.grads + expert3.grads
+    shards = 0.0 if s.offload_optimizer else dense3.grads + expert3.grads  # CPUOffloadPolicy: on the host
     at_rest = mem["parameters"] if s.zero_stage >= 3 else dense3.params + expert3.params  # ZeRO-2 as ZeRO-3
+    at_rest = 0.0 if s.offload_optimizer else at_rest
     return {**mem,
             "parameters": at_rest + gathered_param_bytes(dense + expert, pbytes),
             "gradients": mem["gradients"] - shards + grads,

@@ -241,7 +241,10 @@ def knob_options(cm: CostModel, cons: Constraints, sh: Sharding, gb: int, cache:
         else [cons.fixed.get("zero_stage", 0)]
     offs = [x for x in (offload.VALUES if offload.priced_on(cm.gpu) else (False,)) if cons.ok("offload_optimizer", x)]
     scheds = schedule_options(cm, cons, sh.pp, m)   # once, not once per (zero, offload) pair
-    out = [Knobs(z, o, s, v) for z in zeros for o in offs for s, v in scheds
+    # offload below ZeRO-3 runs ZeRO-2's program: offered once, as zero=2 (techniques.offload.stage_rule)
+    pairs = [(z, o) for z in zeros for o in offs if not o or allowed_shape(
+        cm, offload.TECHNIQUE, dp=sh.dp, cp=sh.cp, tp=sh.tp, ep=sh.ep, etp=sh.etp, zero_stage=z, offload_optimizer=o)]
+    out = [Knobs(z, o, s, v) for z, o in pairs for s, v in scheds
            if s not in pipeline.ZERO_BUBBLE or allowed_shape(cm, pipeline.TECHNIQUE, pp=sh.pp, dp=sh.dp,
                                                              micro_batch=sh.mbs, global_batch=gb, zero_stage=z,
                                                              offload_optimizer=o, schedule=s, vpp=v)]

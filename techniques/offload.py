@@ -34,11 +34,24 @@ def emitted_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int |
     return []
 
 
+def stage_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    """Below ZeRO-3, optimizer offload is one program whatever the stage: ``dp_program.dp_mode`` runs
+    FSDP2 with ``CPUOffloadPolicy`` and no resharding after forward (the policy needs sharded parameters),
+    so parameters, gradients and AdamW states are sharded (on the host) at zero 0 and 1 too: ZeRO-2's
+    program, priced the same at every stage (tests/test_offload_stage.py). It is searched and emitted
+    as zero=2 so that the plan names what runs. Without a reduced gradient (dp*cp = edp = 1) every stage
+    is the same configuration and the search keeps the default stage."""
+    if not s.offload_optimizer or s.zero_stage >= 2 or (s.dp * s.cp == 1 and s.edp == 1):
+        return []
+    return [f"offload=1 with zero={s.zero_stage} runs the zero=2 program (FSDP2 CPUOffloadPolicy shards parameters, "
+            "gradients and AdamW states at every ZeRO stage); use zero=2,offload=1"]
+
+
 TECHNIQUE = Technique(
     name="offload",
     fields=("offload_optimizer",),
     rules=(),
-    emit_rules=(emitted_rule,),
+    emit_rules=(emitted_rule, stage_rule),
     search={"offload_optimizer": VALUES},
     cost_terms=("estimate:offload_step_time", "estimate:CostModel.rank_memory"),
     apply="autopar.codegen.runtime_parallel.apply_dp",
