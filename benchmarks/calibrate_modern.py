@@ -203,6 +203,7 @@ def _fuses(case: pr.Case) -> bool:
     """Whether the row's templates are built with elementwise chains fused (its runtime's choice)."""
     from autopar.cost_models.session import runtime_fuses_elementwise
 
+    b.cm.ctx.tp_comm_overlap = getattr(b.case, "tp_comm_overlap", False)  # a program option; no rebuild
     return runtime_fuses_elementwise(case.runtime, case.compile)
 
 

@@ -121,3 +121,12 @@ def parallel_block_config(m: dict) -> dict:
                 parallel_attn=True, num_ln_in_parallel_attn=1, bias=True, alibi=False,
                 ffn_hidden_size=m.get("ffn_hidden") or 4 * m["hidden"], vocab_size=m["vocab"],
                 tie_word_embeddings=True)
+
+
+def tp_comm_overlap_of(run: dict) -> bool:
+    """Whether the row's Megatron-Core run states ``--tp-comm-overlap`` (Transformer Engine userbuffers:
+    ``overlap.userbuffers_tp_exposed``), in its parallel note or notes: the Megatron-Core README's H100
+    weak-scaling rows ("overlap flags: --overlap-grad-reduce --overlap-param-gather --tp-comm-overlap").
+    A row that does not state it prices the stack's fitted ``tp_overlap``."""
+    text = f"{run.get('parallel', {}).get('note') or ''} {run.get('notes') or ''}".lower()
+    return "--tp-comm-overlap" in text or "tp_comm_overlap=true" in text.replace(" ", "")

@@ -58,6 +58,7 @@ from published_dense_rows import (
     mt_nlg_microbatch,
     parallel_block,
     parallel_block_config,
+    tp_comm_overlap_of,
 )
 from published_moe_rows import a2a_overlap_of, capacity_factor_of, cross_entropy_of, moe_config
 
@@ -139,6 +140,7 @@ class Case:
     cross_entropy: str = "te"  # Megatron-Core's fused loss kernel the row's recipe names (cross_entropy_of)
 
 
+    tp_comm_overlap: bool = False  # the row states Megatron-Core's --tp-comm-overlap (tp_comm_overlap_of)
 @dataclass
 class Priced:
     case: Case
@@ -407,7 +409,8 @@ def case_for(run: dict) -> Case:
                 dtype=dtype_of(run), config=config, strategy=strategy, run=run,
                 moe_capacity_factor=capacity_factor_of(run, source),
                 a2a_overlap=a2a_overlap_of(source, int(knobs["pp"]), int(knobs.get("vpp", 1)), knobs["recompute"]),
-                compile=compile_of(run) if runtime == "torchtitan" else "none", cross_entropy=cross_entropy_of(run))
+                compile=compile_of(run) if runtime == "torchtitan" else "none", cross_entropy=cross_entropy_of(run),
+                tp_comm_overlap=runtime == "megatron" and tp_comm_overlap_of(run))
 
 
 def compile_of(run: dict) -> str:
@@ -427,7 +430,8 @@ def build(case: Case, workdir: Path):
     cm, _spec, cluster, _seq = build_cost_model(Inputs(
         model=str(cfg), gpu=case.gpu, cluster=case.cluster, nodes=case.nodes, gpus_per_node=case.gpus_per_node,
         seq_len=case.seq_len, dtype=case.dtype, runtime=case.runtime, moe_capacity_factor=case.moe_capacity_factor,
-        a2a_overlap=case.a2a_overlap, compile=case.compile, cross_entropy=case.cross_entropy))
+        a2a_overlap=case.a2a_overlap, compile=case.compile, cross_entropy=case.cross_entropy,
+        tp_comm_overlap=case.tp_comm_overlap))
     cm.fsdp_impl = fsdp_impl(case)
     s = Strategy.parse(case.strategy).resolve(cluster.world)
     cm.check(s)

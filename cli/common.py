@@ -41,6 +41,8 @@ NoA2aOverlap = typer.Option(False, "--no-a2a-overlap", help="the run blocks on i
                             "without --overlap-moe-expert-parallel-comm): the stack's fitted overlap is not applied")
 CrossEntropy = typer.Option("te", "--cross-entropy", help="--runtime megatron: Megatron-Core's fused loss kernel, "
                             "te (Transformer Engine's) | native (Megatron-Core's fp32 kernels)")
+TpCommOverlap = typer.Option(False, "--tp-comm-overlap", help="--runtime megatron: the run hides its sequence-parallel "
+                             "tp collectives with Transformer Engine userbuffers (Megatron-Core --tp-comm-overlap)")
 Profile = typer.Option(None, "--profile", help="measured profile JSON from `autopar profile`")
 Placement = typer.Option(None, "--placement", help="expert placement JSON from `autopar experts`")
 Trace = typer.Option(None, "--trace", help="routing trace JSON from `autopar trace-routing`")
@@ -65,7 +67,7 @@ def inputs(model: str, gpu: Optional[str], nodes: Optional[int], gpus_per_node: 
            input_shape: Optional[str] = None, runtime: str = "torch", input_dtype: str = "int64",
            hf: bool = False, compile: str = "none", loss_parallel: bool = False,
            moe_capacity_factor: Optional[float] = None, no_a2a_overlap: bool = False,
-           cross_entropy: str = "te") -> Inputs:
+           cross_entropy: str = "te", tp_comm_overlap: bool = False) -> Inputs:
     shape = _shape(input_shape)
     model = hf_model(model, hf)
     precheck(model, gpu, nodes, gpus_per_node, cluster, shape, input_dtype)
@@ -75,7 +77,7 @@ def inputs(model: str, gpu: Optional[str], nodes: Optional[int], gpus_per_node: 
                   seq_len=seq_len, dtype=dtype, profile=profile, placement=placement, trace=trace,
                   input_shape=shape, runtime=runtime, input_dtype=input_dtype, compile=compile,
                   loss_parallel=loss_parallel, moe_capacity_factor=moe_capacity_factor,
-                  a2a_overlap=not no_a2a_overlap, cross_entropy=cross_entropy)
+                  a2a_overlap=not no_a2a_overlap, cross_entropy=cross_entropy, tp_comm_overlap=tp_comm_overlap)
 
 
 INPUT_DTYPES = ("int64", "float32", "bfloat16", "float16")

@@ -31,7 +31,7 @@ def _inputs_of(plan, **override):
     kw.update(gpu=plan.cluster.gpu, seq_len=plan.seq_len, dtype=plan.dtype, gpus_per_node=plan.cluster.gpus_per_node,
               nodes=plan.cluster.nodes, runtime=plan.runtime, compile=plan.compile, loss_parallel=plan.loss_parallel,
               moe_capacity_factor=plan.moe_capacity_factor, a2a_overlap=plan.a2a_overlap,
-              cross_entropy=plan.cross_entropy)
+              cross_entropy=plan.cross_entropy, tp_comm_overlap=plan.tp_comm_overlap)
     kw.update({k: v for k, v in override.items() if v is not None})
     return Inputs(**kw)
 

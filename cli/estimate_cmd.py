@@ -48,13 +48,14 @@ def estimate_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Option
                  runtime: str = c.Runtime, input_dtype: str = c.InputDtype, hf: bool = c.Hf,
                  compile: str = c.Compile, loss_parallel: bool = c.LossParallel,
                  moe_capacity_factor: Optional[float] = c.MoeCapacityFactor, no_a2a_overlap: bool = c.NoA2aOverlap,
-                 cross_entropy: str = c.CrossEntropy):
+                 cross_entropy: str = c.CrossEntropy, tp_comm_overlap: bool = c.TpCommOverlap):
     """Predict step time, throughput, MFU and per-GPU memory of one strategy."""
     from autopar.cost_models.report import estimate_dict
 
     cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
                           profile, placement, trace, input_shape, runtime, input_dtype, hf,
-                          (compile, loss_parallel, moe_capacity_factor, no_a2a_overlap, cross_entropy))
+                          (compile, loss_parallel, moe_capacity_factor, no_a2a_overlap, cross_entropy,
+                           tp_comm_overlap))
     if json_out:
         c.print_json(estimate_dict(e, cm))
         return
@@ -88,13 +89,14 @@ def memory_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Optional
                runtime: str = c.Runtime, input_dtype: str = c.InputDtype, hf: bool = c.Hf,
                compile: str = c.Compile, loss_parallel: bool = c.LossParallel,
                moe_capacity_factor: Optional[float] = c.MoeCapacityFactor, no_a2a_overlap: bool = c.NoA2aOverlap,
-               cross_entropy: str = c.CrossEntropy):
+               cross_entropy: str = c.CrossEntropy, tp_comm_overlap: bool = c.TpCommOverlap):
     """Say whether a strategy fits, per GPU and component; exit 3 with priced fixes when not."""
     from autopar.cost_models.report import candidate_fixes, estimate_dict, host_overflow_message, overflow_bytes
 
     cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
                           profile, placement, trace, input_shape, runtime, input_dtype, hf,
-                          (compile, loss_parallel, moe_capacity_factor, no_a2a_overlap, cross_entropy))
+                          (compile, loss_parallel, moe_capacity_factor, no_a2a_overlap, cross_entropy,
+                           tp_comm_overlap))
     fixes = [] if e.feasible else candidate_fixes(cm, s, e)
     if json_out:
         out = estimate_dict(e, cm)

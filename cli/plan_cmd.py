@@ -59,7 +59,7 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
              json_out: bool = c.Json, no_cache: bool = c.NoCache, runtime: str = c.Runtime,
              compile: str = c.Compile, loss_parallel: bool = c.LossParallel,
              moe_capacity_factor: Opt[float] = c.MoeCapacityFactor, no_a2a_overlap: bool = c.NoA2aOverlap,
-             cross_entropy: str = c.CrossEntropy,
+             cross_entropy: str = c.CrossEntropy, tp_comm_overlap: bool = c.TpCommOverlap,
              out: Opt[Path] = typer.Option(None, "--out", help="write the winning Plan (JSON) for `autopar emit`"),
              plot: Opt[Path] = typer.Option(None, "--plot", help="folder for timeline.png and memory.png"),
              from_plan: Opt[Path] = typer.Option(None, "--from", help="elastic re-plan of this plan.json for "
@@ -88,7 +88,7 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
                          "or --runtime megatron to plan for Transformer Engine fp8 under Megatron-Core")
     inp = c.inputs(model, gpu, nodes, gpus_per_node, cluster, seq_len, dtype, profile, placement, trace, input_shape,
                    runtime, input_dtype, hf, compile, loss_parallel, moe_capacity_factor, no_a2a_overlap,
-                   cross_entropy)
+                   cross_entropy, tp_comm_overlap)
     from autopar.cost_models.session import build_cost_model
     from autopar.planner.search import Constraints, search
 
@@ -252,6 +252,7 @@ def _program_args(ctx) -> list[str]:
     args += ["--loss-parallel"] if ctx.loss_parallel else []
     args += ["--moe-capacity-factor", str(ctx.moe_capacity_factor)] if ctx.moe_capacity_factor is not None else []
     args += ["--cross-entropy", ctx.cross_entropy] if ctx.cross_entropy != "te" else []
+    args += ["--tp-comm-overlap"] if ctx.tp_comm_overlap else []
     return args + ([] if ctx.a2a_overlap else ["--no-a2a-overlap"])
 
 

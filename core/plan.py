@@ -73,6 +73,8 @@ class Plan(BaseModel):
                               "(--no-a2a-overlap)")
     cross_entropy: Literal["te", "native"] = Field("te", description="the fused loss kernel the priced Megatron-Core "
                                                    "runs (--cross-entropy; megatron_ops.cross_entropy_bytes)")
+    tp_comm_overlap: bool = Field(False, description="the priced Megatron-Core run hides its tp collectives with "
+                                  "Transformer Engine userbuffers (--tp-comm-overlap; overlap.userbuffers_tp_exposed)")
     strategy: Strategy
     layer_recompute: list[Recompute] = Field(default_factory=list,
                                              description="per-layer recompute override (empty = strategy.recompute)")

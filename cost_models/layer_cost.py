@@ -32,7 +32,7 @@ from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_cont
 from autopar.cost_models.cp_cost import cp_exposed, cp_kept_bytes, cp_rerun_s
 from autopar.cost_models.fp8_cost import Fp8Cast, fp8_casts
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
-from autopar.cost_models.megatron_ops import expert_passes_s, megatron_linears, megatron_loss, megatron_tp_reductions
+from autopar.cost_models.megatron_ops import expert_passes_s, megatron_block_tp, megatron_linears, megatron_loss
 from autopar.cost_models.memory import busiest_rank_expert_excess
 from autopar.cost_models.moe_cost import (
     capped_load,
@@ -102,6 +102,7 @@ class PricingContext:
     cross_entropy: str = "te"            # megatron: the fused loss kernel (megatron_ops.CROSS_ENTROPY_IMPLS)
     expert_bias: bool = False            # the model's experts have biases (ModelSpec.mlp_bias of an MoE)
 
+    tp_comm_overlap: bool = False        # megatron: TE userbuffers tp overlap (--tp-comm-overlap; megatron_ops)
     def __post_init__(self):
         """A measured hardware profile brings its own collective fits and, for CPU ranks that
         share cores, the contention factor (the timer is the CostModel's: its optimizer step
@@ -114,9 +115,9 @@ class PricingContext:
             self.fits = busy_node_fits(self.fits, self.cluster.gpus_per_node)
 
 
-# What the priced program runs beyond the strategy (CLI options; recorded in the Plan): a cost model
-# for another cluster or node group of the same job must price the same program.
-PROGRAM_OPTIONS = ("compile", "loss_parallel", "moe_capacity_factor", "a2a_overlap", "cross_entropy")
+# What the priced program runs beyond the strategy (CLI options, in the Plan): every cost model of one job prices it.
+PROGRAM_OPTIONS = ("compile", "loss_parallel", "moe_capacity_factor", "a2a_overlap", "cross_entropy",
+                   "tp_comm_overlap")
 
 
 def same_program(dst: PricingContext, src: PricingContext) -> None:
@@ -363,9 +364,8 @@ def _dtensor_overhead(layer: LayerTemplate, s: Strategy, ctx: PricingContext) ->
 
 def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd: float,
                 compute_s: float = 0.0) -> dict[str, float]:
-    """Exposed TP / CP / EP time of one layer per micro-batch, forward + backward (``attn_fwd``: its
-    attention kernels' forward seconds, the ring's window; ``compute_s``: its compute, the window
-    of the all-to-all overlap)."""
+    """Exposed TP / CP / EP time of one layer per micro-batch, forward + backward (``attn_fwd``: its attention
+    kernels' forward seconds, the ring's window; ``compute_s``: its compute, the all-to-all's and userbuffers')."""
     if layer.kind != "block":
         return {"tp": _vocab_comm(layer, s, ctx) + (shared_core_sync(ctx) if s.tp > 1 else 0.0)}
     act = s.micro_batch * ctx.seq_len / s.cp * ctx.hidden * ctx.dtype_bytes
@@ -374,13 +374,13 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
     if s.tp > 1:
         rows, cols, _ = _tp_modules(layer, s.sequence_parallel)
         one = _tp_collective(act, s, ctx)
-        if ctx.runtime == "megatron":  # fused QKV: one all-reduce per sub-layer each way (Shoeybi et al. 2019)
-            out["tp"] = 2 * megatron_tp_reductions(layer, rows) * one
+        if ctx.runtime == "megatron":  # exposed: fused QKV, its own overlap (megatron_ops.megatron_block_tp)
+            out["tp"] = megatron_block_tp(layer, rows, one, act, s, ctx, compute_s)
         elif rows:  # the emitted program's collectives (cost_models.tp_collectives)
             out["tp"] = _program_tp_time(block_tp_collectives(layer, s.sequence_parallel), act, s, ctx, sync)
         else:  # split linears not counted by name: one all-reduce per column-parallel one (none with sp)
             out["tp"] = 0.0 if s.sequence_parallel else cols * (one + sync)
-        out["tp"] *= 1.0 - ctx.timer.stack.tp_overlap  # hidden behind GEMMs (--tp-comm-overlap, async TP)
+        out["tp"] *= 1.0 if ctx.runtime == "megatron" else 1.0 - ctx.timer.stack.tp_overlap  # async TP: a share
     if s.cp > 1:
         out["cp"] = cp_exposed(s, ctx, attn_fwd, sync)
     if layer.is_moe and s.ep > 1:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from autopar.cost_models.comm import collective_time
 from autopar.cost_models.compute import OpTimer
 from autopar.cost_models.fp8_cost import te_expert_padding_bytes
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm
 from autopar.cost_models.moe_cost import local_sort_bytes
+from autopar.cost_models.overlap import userbuffers_tp_exposed
 
 # Bytes per logit element the runtime's fused cross-entropy moves, forward and backward (bf16 logits in,
 # bf16 logit gradient out; ``cross_entropy_bytes``). Choices of Megatron-Core's
@@ -89,6 +91,23 @@ def megatron_tp_reductions(layer: LayerTemplate, rows: int) -> int:
     residual all-reduces ``attention + mlp`` together, Black et al. 2022). The emitted torch programs
     (one DTensor collective per module) keep their per-module count."""
     return min(rows, 1) if parallel_block(layer) else rows
+
+
+def megatron_block_tp(layer: LayerTemplate, rows: int, one_s: float, act_bytes: float, s, ctx,
+                      window_s: float) -> float:
+    """Exposed tensor-parallel seconds of one block per micro-batch, forward + backward, under Megatron-Core
+    (``s`` the Strategy, ``ctx`` the layer_cost.PricingContext): ``megatron_tp_reductions`` each way, each
+    ``one_s`` (an all-reduce, or an all-gather and a reduce-scatter of ``act_bytes`` under sequence
+    parallel). With ``--tp-comm-overlap`` (``ctx.tp_comm_overlap``; Megatron-Core requires sequence
+    parallelism for it) Transformer Engine's userbuffers hide them as ``overlap.userbuffers_tp_exposed``
+    says, beside the block's compute ``window_s``; a run that states no overlap hides the stack's fitted
+    share ``tp_overlap``."""
+    n = megatron_tp_reductions(layer, rows)
+    if not (ctx.tp_comm_overlap and s.sequence_parallel):
+        return 2 * n * one_s * (1.0 - ctx.timer.stack.tp_overlap)
+    ag, rs = (collective_time(kind, act_bytes, s.tp, 1, ctx.cluster, fits=ctx.fits).time_s
+              for kind in ("all_gather", "reduce_scatter"))
+    return userbuffers_tp_exposed(ag, rs, n, window_s)
 
 
 def parallel_block(layer: LayerTemplate) -> bool:

@@ -81,6 +81,33 @@ def grad_sync_exposed(sync_s: float, last_bwd_s: float, first_fwd_s: float, gath
     return max(0.0, sync_s / 2 - last_bwd_s) + max(0.0, sync_s / 2 - first_fwd_s)
 
 
+# Transformer Engine's userbuffers default for the row-parallel forward GEMMs (proj_fprop, fc2_fprop: the
+# "pipeline" method): the GEMM and its output's reduce-scatter in 4 pieces (TE 2.x
+# ``transformer_engine/pytorch/module/base.py`` ``initialize_ub.get_default_config``: ``num_splits`` 4, tp
+# for "ring_exchange").
+UB_PIPELINE_SPLITS = 4
+
+
+def userbuffers_tp_exposed(ag_s: float, rs_s: float, reductions: int, window_s: float,
+                           splits: int = UB_PIPELINE_SPLITS) -> float:
+    """Exposed seconds of one block's sequence-parallel tensor-parallel collectives per micro-batch under
+    Megatron-Core's ``--tp-comm-overlap`` (Transformer Engine userbuffers; Megatron-Core requires sequence
+    parallelism for it). The block runs ``reductions`` all-gathers (``ag_s`` each) and reduce-scatters
+    (``rs_s`` each) per pass, forward and backward. TE's defaults (``initialize_ub``): the column-parallel
+    forward GEMMs (qkv, fc1) and the row-parallel dgrads (proj, fc2) receive their gathered input chunk by
+    chunk around the tp ring ("ring_exchange": each chunk's transfer beside the previous chunk's GEMM);
+    the row-parallel forward GEMMs (proj, fc2) reduce-scatter their output in ``splits`` pieces
+    ("pipeline": each piece beside the next piece's GEMM, the last after the GEMM has finished); the
+    column-parallel backward runs "bulk": the input all-gather for wgrad beside the dgrad GEMM, the dgrad's
+    reduce-scatter beside the wgrad GEMM. What shows: the last piece of each forward reduce-scatter, plus
+    whatever of the rest outlasts the block's compute ``window_s`` (forward + backward) it runs beside."""
+    if reductions <= 0:
+        return 0.0
+    tail = reductions * rs_s / splits
+    rest = 2 * reductions * (ag_s + rs_s) - tail
+    return tail + max(0.0, rest - window_s)
+
+
 def gathers_ahead(runtime: str, zero_stage: int) -> bool:
     """Whether the step's parameter all-gather runs beside the next step's first forward
     (``grad_sync_exposed``): Megatron-Core's distributed optimizer (ZeRO-1/2) with

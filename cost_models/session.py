@@ -44,6 +44,7 @@ class Inputs:
     moe_capacity_factor: float | None = None  # token-drop expert capacity (1: forced balance); None: dropless
     a2a_overlap: bool = True     # False: the run blocks on its MoE all-to-alls (the stack's ep_overlap unused)
     cross_entropy: str = "te"    # megatron: the fused loss kernel, te | native (megatron_ops.CROSS_ENTROPY_IMPLS)
+    tp_comm_overlap: bool = False  # megatron: Transformer Engine userbuffers tp overlap (--tp-comm-overlap)
 
 
 def resolve_cluster(inp: Inputs) -> ClusterSpec:
@@ -89,7 +90,17 @@ def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, in
     cm.ctx.compile, cm.ctx.loss_parallel = compile_mode, loss_parallel
     cm.ctx.moe_capacity_factor, cm.ctx.a2a_overlap = _capacity_factor(inp, spec), inp.a2a_overlap
     cm.ctx.cross_entropy = cross_entropy
+    cm.ctx.tp_comm_overlap = _tp_comm_overlap(inp)
     return cm, spec, cluster, seq
+
+
+def _tp_comm_overlap(inp: Inputs) -> bool:
+    """Megatron-Core's ``--tp-comm-overlap`` (``overlap.userbuffers_tp_exposed``): a Megatron-Core flag;
+    autopar's own programs and the other runtimes hide tensor-parallel collectives their own way."""
+    if inp.tp_comm_overlap and inp.runtime != "megatron":
+        raise InputError("--tp-comm-overlap: Megatron-Core's userbuffers overlap, priced under --runtime megatron "
+                         "only; drop it or add --runtime megatron")
+    return inp.tp_comm_overlap
 
 
 def _cross_entropy(inp: Inputs) -> str:

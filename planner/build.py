@@ -24,7 +24,7 @@ def plan_from_candidate(cm: CostModel, cand: Candidate, provenance: Provenance |
     return Plan(model=cm.spec, cluster=cm.cluster, seq_len=cm.seq_len, dtype=cm.dtype, runtime=cm.ctx.runtime,
                 compile=cm.ctx.compile, loss_parallel=cm.ctx.loss_parallel,
                 moe_capacity_factor=cm.ctx.moe_capacity_factor, a2a_overlap=cm.ctx.a2a_overlap,
-                cross_entropy=cm.ctx.cross_entropy,
+                cross_entropy=cm.ctx.cross_entropy, tp_comm_overlap=cm.ctx.tp_comm_overlap,
                 strategy=s, layer_recompute=list(cand.layer_recompute), stages=_stage_specs(cm, cand, e),
                 expert_placement=expert_placement, predictions=estimate_dict(e, cm),
                 provenance=provenance or Provenance())
