@@ -4,6 +4,7 @@
 - ``capacity_factor_of``: the expert capacity the row's router ran with.
 - ``a2a_overlap_of``: whether the row's Megatron-Core could overlap its all-to-alls at all.
 - ``cross_entropy_of``: which fused cross-entropy the row's Megatron-Bridge recipe names.
+- ``mcore_flops``: the FLOPs behind a MoE Parallel Folding row's published TFLOP/s and MFU.
 """
 
 from __future__ import annotations
@@ -62,6 +63,25 @@ def cross_entropy_of(run: dict) -> str:
     if "Megatron-Bridge" in where and name.startswith(NATIVE_CE_RECIPES):
         return "native"
     return "te"
+
+
+def mcore_flops(cfg: dict, run: dict, tokens: float) -> float:
+    """Training FLOPs of ``tokens`` tokens of the row's MoE ``cfg`` (an HF-style config) as Megatron-LM counts them for
+    the TFLOP/s per GPU its training loop logs (``num_floating_point_operations``, megatron/training/training.py,
+    2024-25): GEMMs and full (non-causal) attention scores, forward and backward, no router, norms, activations
+    or softmax: 12·B·s·L·h²·((1 + g/a + s/h)·q/h + (f·k + f_shared)/h·3/2 + V/(2·L·h)) with f the expert width,
+    k the experts routed to, q = a·d the query width and V the vocabulary padded to 128·tp
+    (``make_vocab_size_divisible_by``). MoE Parallel Folding (Liu et al. 2025) is Megatron-Core's own MoE
+    benchmark, run with that training loop: its "model TFLOPS" (Table 2) and MFU (Tables 3-5, over 989.5) are
+    these FLOPs, as the Megatron-Core README's are (``mcore_readme_rows.megatron_model_flops``, the dense form)."""
+    seq, tp = int(run["model"]["seq_len"]), int(run["parallel"].get("tp") or 1)
+    h, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    groups, d = cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or h // heads
+    expert = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    routed = expert * (cfg.get("num_experts_per_tok") or 1) + (cfg.get("shared_expert_intermediate_size") or 0)
+    vocab = -(-cfg["vocab_size"] // (128 * tp)) * 128 * tp
+    attention = (1 + groups / heads + seq / h) * heads * d / h
+    return 12 * tokens * layers * h * h * (attention + routed / h * 1.5 + vocab / (2 * layers * h))
 
 
 def moe_config(m: dict) -> dict:

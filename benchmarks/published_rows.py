@@ -60,7 +60,7 @@ from published_dense_rows import (
     parallel_block_config,
     tp_comm_overlap_of,
 )
-from published_moe_rows import a2a_overlap_of, capacity_factor_of, cross_entropy_of, moe_config
+from published_moe_rows import FOLDING, a2a_overlap_of, capacity_factor_of, cross_entropy_of, mcore_flops, moe_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "validation"
 MODERN_YAML = SHARED / "published_modern.yaml"
@@ -472,6 +472,8 @@ def published_step_s(run: dict, e) -> float:
         flops = e.hardware_flops
     else:
         flops = megatron_model_flops(run, tokens) if source_key(run) == README else e.model_flops
+        if source_key(run) == FOLDING:  # Megatron-LM's logged count, as README's (published_moe_rows.mcore_flops)
+            flops = mcore_flops(model_config(run), run, tokens)
     return flops / (tflops * 1e12 * world)
 
 
