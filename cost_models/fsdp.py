@@ -5,6 +5,7 @@ pipelining: ``syncs_once_per_step``); and in which dtype it reduces (``reduce_by
 
 from __future__ import annotations
 
+from autopar.techniques.dp_program import dp_mode
 from autopar.techniques.pipeline import ZERO_BUBBLE
 
 FSDP_RUNTIMES = ("torch", "torchtitan")  # data parallel by FSDP2 (autopar's programs, torchtitan)
@@ -73,12 +74,13 @@ def syncs_once_per_step(runtime: str, pp: int, schedule: str = "1f1b") -> bool:
 def holds_stage_grads(runtime: str, pp: int, schedule: str, zero_stage: int, offload: bool, dp_cp: int,
                       dtype: str) -> bool:
     """Whether autopar's program accumulates a stage's whole unsharded gradients to its last backward:
-    FSDP2 below ZeRO-3 (ZeRO-2 over several ranks or in 16 bits, or optimizer offload:
-    ``codegen.runtime_parallel.dp_mode``) under torch's deferral (``syncs_once_per_step``). ZeRO-3 is
-    refused there (``techniques.pipeline.torch_rule``). Read by ``runtime_memory.deferred_fsdp_memory``
-    and the search's memory floor."""
-    fsdp2 = zero_stage < 3 and (offload or (zero_stage == 2 and (dp_cp > 1 or dtype != "fp32")))
-    return runtime == "torch" and fsdp2 and syncs_once_per_step(runtime, pp, schedule)
+    FSDP2 below ZeRO-3 (``techniques.dp_program.dp_mode``, the program's own rule: ZeRO-2 over several
+    ranks or in 16 bits, or optimizer offload; tensor and expert parallel do not change that choice) under
+    torch's deferral (``syncs_once_per_step``). ZeRO-3 is refused there (``techniques.pipeline.torch_rule``).
+    Read by ``runtime_memory.deferred_fsdp_memory`` and the search's memory floor."""
+    if runtime != "torch" or zero_stage >= 3 or not syncs_once_per_step(runtime, pp, schedule):
+        return False
+    return dp_mode(zero_stage, dp_cp, False, False, pp > 1, offload, dtype) == "fsdp2"
 
 
 def deferred(cm, s) -> bool:
