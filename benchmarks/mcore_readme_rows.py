@@ -51,3 +51,57 @@ def megatron_model_flops(run: dict, tokens: float) -> float:
     gated = 1.5 if "swiglu" in str(m.get("arch") or "").lower() else 1.0
     attention = 1 + groups / heads + s / h
     return 12 * tokens * layers * h * h * (attention + ffn / h * gated + vocab / (2 * layers * h))
+
+
+def _priced(b, tp_comm_overlap: bool, mbs: int = 0):
+    """``b`` (a calibrate_modern.Built row) priced with the option as given and, if ``mbs``, that micro-batch."""
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    import calibrate_modern as cal
+    import published_rows as pr
+
+    case = dataclasses.replace(b.case, tp_comm_overlap=tp_comm_overlap)
+    if not mbs:
+        b.cm.ctx.tp_comm_overlap = tp_comm_overlap
+        b.cm._cache.clear()
+        return cal.price(b)
+    case = dataclasses.replace(case, strategy=case.strategy.replace("mbs=1,", f"mbs={mbs},"))
+    with tempfile.TemporaryDirectory() as tmp:
+        return pr.price(case, Path(tmp))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the README rows as ``validate_published.py`` prices them (shipped constants), with and without
+    ``--tp-comm-overlap``, and the weak 32B row at the micro-batches its table leaves open.
+
+        python benchmarks/mcore_readme_rows.py [--cache PICKLE]
+    """
+    import argparse
+    from pathlib import Path
+
+    import calibrate_modern as cal
+    import published_rows as pr
+
+    ap = argparse.ArgumentParser(description="Megatron-Core README rows: --tp-comm-overlap and the 32B micro-batch")
+    ap.add_argument("--cache", type=Path, help="pickle of the built rows (validate_published.py --cache)")
+    args = ap.parse_args(argv)
+    built, _ = cal.load_or_build([pr.MODERN_YAML], args.cache)
+    for b in sorted((b for b in built if b.case.source == README), key=lambda b: b.case.id):
+        stated = b.case.tp_comm_overlap
+        off, on = _priced(b, False), _priced(b, stated)
+        t = on.estimate.time
+        print(f"{b.case.id:42s} pub {on.pub_step_s:7.3f} s  states --tp-comm-overlap: {str(stated):5s}  "
+              f"without {100 * off.error:+5.1f}%  as mapped {100 * on.error:+5.1f}%  (compute {t['compute']:.3f}, "
+              f"tp {t['tp_comm']:.3f}, dp {t['dp_comm']:.3f}, contention {t['comm_contention']:.3f} s)")
+        if "weak_32B" in b.case.id:
+            errs = ", ".join(f"mbs {k} {100 * _priced(b, stated, k).error:+.1f}%" for k in (2, 4))
+            print(f"  {'':40s} micro-batch unstated (4 sequences per replica): {errs}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -8,6 +8,8 @@ At a fixed global batch (768 sequences on 256 / 768 / 1,024 GPUs, tp 8 x pp 8) a
 per-micro-batch time x the micro-batches per pipeline (m = 768 / dp, one sequence each) plus what does not
 shrink with m (the bubble, the data-parallel sync, the optimizer): step = a·m + c. A least-squares line
 through the published steps and one through the priced steps tell which of the two terms the error is in.
+Then the Megatron-LM baseline rows (Table 2 and Fig. 9's 530B) with their whole data-parallel sync exposed
+(``baseline_dp_exposed``).
 """
 
 from __future__ import annotations
@@ -53,7 +55,28 @@ def main(argv: list[str] | None = None) -> int:
             line(ms, [p.pred_step_s for p in priced])
         print(f"  {system}: published {a_pub:.4f} s per micro-batch + {c_pub:.2f} s per step; "
               f"priced {a_pred:.4f} + {c_pred:.2f}\n")
+    baseline_dp_exposed([b for b in built if b.case.source == "megascale" and "_Megatron-LM_" in b.case.id])
     return 0
+
+
+def baseline_dp_exposed(rows: list) -> None:
+    """The Megatron-LM baseline rows priced as mapped and with their whole data-parallel sync exposed, as a
+    Megatron-LM without ``--overlap-grad-reduce`` / ``--overlap-param-gather`` runs it (the reduce-scatter and
+    all-gather after the last backward): ``overlap.grad_sync_exposed`` replaced by the sync itself."""
+    import autopar.cost_models.overlap as ov
+
+    mapped = {b.case.id: cal.price(b) for b in rows}
+    keep, ov.grad_sync_exposed = ov.grad_sync_exposed, lambda sync_s, *_: sync_s
+    try:
+        for b in rows:
+            b.cm._cache.clear()
+            p, q = mapped[b.case.id], cal.price(b)
+            print(f"{b.case.id:44s} pub {p.pub_step_s:6.2f} s  as mapped {p.pred_step_s:6.2f} s "
+                  f"{100 * p.error:+5.1f}%  whole dp sync exposed {q.pred_step_s:6.2f} s {100 * q.error:+5.1f}%")
+    finally:
+        ov.grad_sync_exposed = keep
+        for b in rows:
+            b.cm._cache.clear()
 
 
 if __name__ == "__main__":
