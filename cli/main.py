@@ -67,12 +67,44 @@ def main(argv: list[str] | None = None) -> None:
         # numpy's OpenBLAS starts a thread per core as it loads (0.04 s of CPU of a warm plan on 2 cores, more
         # on bigger hosts); these commands call no BLAS routine (integer matmuls and elementwise numpy only)
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    sys.stdout, sys.stderr = PipeGuard(sys.stdout), PipeGuard(sys.stderr)
     try:
         run(sys.argv[1:])
         code = 0
     except SystemExit as exc:
         code = exc.code
     _exit(code)
+
+
+class PipeGuard:
+    """A standard stream whose reader may leave first (``autopar plan ... | head -3``). Python raises
+    BrokenPipeError on the next write, and click, around every command, turns it into a silent exit 1.
+    Here the stream's descriptor is pointed at /dev/null instead: the rest of the output is dropped, the
+    command ends as it would have, exit 0 (as ``git log | head`` does). Everything else is the stream's."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # what is still buffered then flushes there, quietly
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _exit(code: int | str | None) -> None:
