@@ -147,10 +147,12 @@ def _fewer(cm: CostModel, cons: Constraints, gb: int, top_k: int, why_all: str) 
 
 
 def _other_batch(cm: CostModel, cons: Constraints, gb: int, top_k: int) -> Option | None:
+    """The nearest batch with a plan, searched for its best plan only (``search(best_only=True)``): the
+    table shows an option by its best plan, and ``alternatives`` searches again in full if it is recommended."""
     for b in nearest_batches(cm.cluster.world, gb):
         if not _meshable(cm, cons, b):
             continue
-        res = search(cm, b, cons, top_k=top_k)
+        res = search(cm, b, cons, top_k=top_k, best_only=True)
         if res.candidates:
             sign = "+" if b > gb else "-"
             return Option("other_batch", cm.cluster.world, 0, b, res, cm,
@@ -205,4 +207,7 @@ def alternatives(cm: CostModel, gb: int, cons: Constraints, res_all: SearchResul
     options = [o for o in options if o is not None]
     chosen, reason = recommend(options, gb)
     spent = sum(o.result.stats.search_time_s for o in options if o.kind != "all")
+    if chosen is not None and chosen.kind == "other_batch":   # the plan command lists its top_k: search in full
+        chosen.result = search(chosen.cm, chosen.global_batch, cons, top_k=top_k)
+        spent += chosen.result.stats.search_time_s
     return Alternatives(options, chosen, reason, res_all.stats.search_time_s + spent)

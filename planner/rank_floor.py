@@ -213,8 +213,22 @@ def contention_floor(sp, sh, k) -> float:
         cm, s = sp.cm, probe(sh, sp.gb, k)
         out = 0.0
         if cm.stack.overlap_slowdown and not cm._cores_saturated and fsdp.per_unit(cm, s):
-            every = RankReport(0, list(range(cm.num_layers)), 0.0, 0.0, 0.0, {}, {}, 1.0)
-            total = cm.dp_comm_total(s, every, sp.priced(sh).costs, s.num_micro_batches)
+            # every layer's traffic: each distinct layer's once, times its count (the same sum in another
+            # order, which MARGIN covers; one call per layer was a tenth of the 70B search)
+            costs, m = sp.priced(sh).costs, s.num_micro_batches
+            total = sum(n * cm.dp_comm_total(s, RankReport(0, [i], 0.0, 0.0, 0.0, {}, {}, 1.0), costs, m)
+                        for i, n in _distinct_layers(sp, costs))
             out = min(1.0, cm.stack.overlap_slowdown) * total / sh.pp * (1 - MARGIN)
         sp.memo[key] = out
+    return sp.memo[key]
+
+
+def _distinct_layers(sp, costs: dict) -> list[tuple[int, int]]:
+    """(first layer, count) of each distinct ``LayerCost`` of a pricing (identical blocks share one)."""
+    key = ("distinct", id(costs))   # costs: kept alive by the Priced that holds them
+    if key not in sp.memo:
+        first: dict[int, list[int]] = {}
+        for i in range(sp.cm.num_layers):
+            first.setdefault(id(costs[i]), [i, 0])[1] += 1
+        sp.memo[key] = [tuple(x) for x in first.values()]
     return sp.memo[key]

@@ -94,21 +94,26 @@ from autopar.techniques import offload, pipeline
 
 
 def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, top_k: int = 5,
-           exhaustive: bool = False) -> SearchResult:
+           exhaustive: bool = False, best_only: bool = False) -> SearchResult:
     """The ``top_k`` fastest configurations that fit, each with its stage partition and recompute.
     ``exhaustive``: partition every configuration above the memory floor, no time bound (the
-    reference the bounded search is tested against; it returns the same plans)."""
+    reference the bounded search is tested against; it returns the same plans). ``best_only``: only
+    the first plan listed is asked for (``planner.awkward`` shows an alternative by its best plan):
+    the loop stops at the best estimate plus the tie band instead of the ``top_k``-th best's, which
+    still finds every plan within the band of the optimum, so the first plan listed is the one the
+    full search lists first (the tie rule picks it from that band); the plans after it may differ."""
     t0 = time.perf_counter()
     cons = cons or Constraints()
     sp = Space(cm, cons, int(cons.fixed.get("global_batch") or global_batch))
     stats = sp.stats
     _fill(sp)
     found: list[Candidate] = []
+    need = 1 if best_only else top_k
     while sp.queue:
         # the k-th best by the estimate the plans are ranked by (never below the partition's price,
         # which every bound stays under), widened by the tie rule's band (rank.order may list a
         # simpler plan from it): the answer does not depend on the queue order
-        upper = found[top_k - 1].estimate.step_time_s * (1 + rank.TIE) if len(found) >= top_k else part.INF
+        upper = found[need - 1].estimate.step_time_s * (1 + rank.TIE) if len(found) >= need else part.INF
         upper = part.INF if exhaustive else upper
         lb, _, kind, payload = heapq.heappop(sp.queue)
         if lb >= upper:
