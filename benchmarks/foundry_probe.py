@@ -16,6 +16,13 @@ docs/validation.md "Outlier rows, by mechanism". Prices nothing new: it prints t
    None (= ``param_dtype`` in FSDP); only mosaicml 0.13 kept fp32 parameters (docs/validation.md).
 4. The rows that run FSDP ``SHARD_GRAD_OP`` (ZeRO-2) as priced (per unit and micro-batch:
    ``cost_models.fsdp.gathers_per_unit``) and priced as ZeRO-3 (which also re-gathers in the backward).
+5. The attention kernel each table ran (``attn_impl``: MPT's Triton kernel or FlashAttention; the tables do
+   not say): each row's priced attention seconds (the step at the stack's ``attention_scale`` and at twice it)
+   and the factor on them that would close the row. Rows where attention is at least 40% of the step pin
+   one table's kernel rate; a table- or model-wide kernel choice moves every row of the table or model.
+6. ``--f3``: every published row (all sources) as priced now and with issue 12's two llm-foundry mappings
+   undone (``published_foundry_rows``: MPT-30B's 64 heads back to the row's 56; Composer DEFAULT's
+   reduce-scatter back to bf16), same tree, shipped constants.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import calibrate_modern as cal  # noqa: E402
+import published_foundry_rows as pfr  # noqa: E402
 import published_rows as pr  # noqa: E402
 
 CAST_BYTES_PER_PARAM = 6.0  # read fp32 (4) + write bf16 (2), or read bf16 (2) + write fp32 (4)
@@ -118,16 +126,77 @@ def zero2_as_fsdp(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
             print(f"  {b.case.id[15:56]:41s} {100 * p.error:+6.1f}% -> {100 * as_zero3:+6.1f}%")
 
 
+def attention_factors(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
+    print("\n5. Factor on the priced attention seconds that closes each row (attention's share of the priced step)")
+    for table in ("a100_40gb", "a100_80gb", "h100_80gb_amp_bf16", "h100_80gb_amp_fp8"):
+        sel = [(b, p, *implied_attention(b, p)) for b, p in rows if table in b.case.id]
+        long = [f for _, _, share, f in sel if share >= 0.4]
+        print(f" {table}: the {len(long)} rows with attention >= 40% of the step: x{min(long):.2f}..x{max(long):.2f}")
+        for b, p, share, f in sel:
+            if abs(p.error) > 0.15:
+                print(f"  {b.case.id[15:60]:45s} {100 * p.error:+6.1f}%  x{f:5.2f} ({100 * share:.0f}%)")
+
+
+def implied_attention(b: cal.Built, p: pr.Priced) -> tuple[float, float]:
+    """(priced attention share of the step, factor on it that makes the priced step the published one):
+    attention seconds = 2 x (step at ``attention_scale`` - step at twice it), attention time being
+    inverse in the scale."""
+    c0 = b.cm.stack
+    doubled = cal.price(b, c0.model_copy(update={"attention_scale": 2 * c0.attention_scale}))
+    cal.price(b, c0)
+    attn = 2 * (p.pred_step_s - doubled.pred_step_s)
+    return attn / p.pred_step_s, 1 + (p.pub_step_s - p.pred_step_s) / attn
+
+
+def f3_before_after(built: list[cal.Built]) -> None:
+    """Section 6: the rows each F3 mapping moves, priced with it undone and as shipped."""
+    import tempfile
+
+    from autopar.cost_models import fsdp
+
+    real = fsdp.reduce_bytes
+    now = {b.case.id: cal.price(b).error for b in built}
+    fsdp.reduce_bytes = lambda runtime, grad_bytes, impl="fsdp2": real(runtime, grad_bytes)
+    pr.foundry_heads = lambda m: m["heads"]
+    try:
+        before = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for b in built:
+                b.cm._cache.clear()
+                b.cm._z3 = type(b.cm._z3)(4096)
+                moved = b.case.run["model"].get("name") in pfr.MPT_HEADS
+                before[b.case.id] = pr.price(pr.case_for(b.case.run), Path(tmp)).error if moved else cal.price(b).error
+    finally:
+        fsdp.reduce_bytes, pr.foundry_heads = real, pfr.foundry_heads
+    print("\n6. Rows the F3 mappings move (undone -> as shipped)")
+    for rid in sorted(now):
+        if abs(now[rid] - before[rid]) >= 0.0005:
+            print(f"  {rid[:62]:62s} {100 * before[rid]:+6.1f}% -> {100 * now[rid]:+6.1f}%")
+    for prefix in ("mpt_llmfoundry_a100_40", "mpt_llmfoundry_a100_80", "mpt_llmfoundry_h100", "mpt_", ""):
+        print(f"  {prefix or 'all rows':24s} {_summary(before, prefix)} -> {_summary(now, prefix)}")
+
+
+def _summary(errors: dict[str, float], prefix: str) -> str:
+    e = [v for k, v in errors.items() if k.startswith(prefix)]
+    return (f"{len(e)} rows mean {100 * statistics.mean(map(abs, e)):.2f}% bias {100 * statistics.mean(e):+.2f}% "
+            f"over 15%: {sum(abs(v) > 0.15 for v in e)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, help="pickle of the built rows (validate_published.py --cache)")
+    ap.add_argument("--f3", action="store_true", help="section 6 only: every row with the F3 mappings undone")
     args = ap.parse_args()
     built, _skipped = cal.load_or_build([pr.MODERN_YAML], args.cache)
+    if args.f3:
+        f3_before_after(built)
+        return
     rows = [(b, cal.price(b)) for b in built if b.case.source == "llm-foundry"]
     same_work(rows)
     pairs(rows)
     hypothesis(rows)
     zero2_as_fsdp(rows)
+    attention_factors(rows)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ from published_dense_rows import (
     parallel_block_config,
     tp_comm_overlap_of,
 )
+from published_foundry_rows import foundry_heads, fsdp_impl
 from published_moe_rows import FOLDING, a2a_overlap_of, capacity_factor_of, cross_entropy_of, mcore_flops, moe_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "validation"
@@ -241,7 +242,7 @@ def model_config(run: dict) -> dict:
     elif parallel_block(run):
         cfg = parallel_block_config(m)
     else:
-        cfg = dict(model_type="gpt2", n_embd=m["hidden"], n_layer=m["layers"], n_head=m["heads"],
+        cfg = dict(model_type="gpt2", n_embd=m["hidden"], n_layer=m["layers"], n_head=foundry_heads(m),
                    n_inner=m.get("ffn_hidden") or 4 * m["hidden"], vocab_size=m["vocab"] or 51200,
                    tie_word_embeddings=True)
     key = "n_positions" if cfg["model_type"] == "gpt2" else "max_position_embeddings"
@@ -436,15 +437,6 @@ def build(case: Case, workdir: Path):
     s = Strategy.parse(case.strategy).resolve(cluster.world)
     cm.check(s)
     return cm, s
-
-
-def fsdp_impl(case: Case) -> str:
-    """Which FSDP the row ran (``cost_models.fsdp_copy.FsdpImpl``): llm-foundry's rows PyTorch FSDP1 ("PyTorch
-    FSDP", 2023, before FSDP2) with Composer's mixed precision ``mp_mode``: PURE (bf16 parameters) or DEFAULT
-    (fp32 parameters under autocast); every other torch-runtime row FSDP2 as autopar's program."""
-    if case.stack != "llm-foundry":
-        return "fsdp2"
-    return "fsdp1_pure" if case.run.get("parallel", {}).get("mp_mode") == "PURE" else "fsdp1_fp32_params"
 
 
 def price(case: Case, workdir: Path) -> Priced:

@@ -377,13 +377,15 @@ class CostModel:
     def _zero3_layer(self, s: Strategy, c: LayerCost, grad_bytes: int) -> tuple[float, float, float]:
         """(forward all-gather, backward all-gather (``fsdp.regathers``), reduce-scatter) seconds of one layer."""
         objs, size = (self.cluster, self.ctx.fits, self.stack), c.params_dense + c.params_expert
-        key, hit = self._z3.lookup((s.dp * s.cp, s.tp, fsdp.regathers(self, s), size, grad_bytes, self.dtype), objs)
+        key, hit = self._z3.lookup((s.dp * s.cp, s.tp, fsdp.regathers(self, s), size, grad_bytes, self.dtype,
+                                    self.fsdp_impl), objs)
         return hit if hit is not MISS else self._z3.put(key, objs, self._zero3_priced(s, c, grad_bytes))
 
     def _zero3_priced(self, s: Strategy, c: LayerCost, grad_bytes: int) -> tuple[float, float, float]:
         n, pbytes = s.dp * s.cp, bytes_per_param(self.dtype)[0]
         full = (c.params_dense + c.params_expert) * pbytes
-        scale, grads = self._dp_scale(n, s.tp), full / pbytes * fsdp.reduce_bytes(self.ctx.runtime, grad_bytes)
+        rbytes = fsdp.reduce_bytes(self.ctx.runtime, grad_bytes, self.fsdp_impl)
+        scale, grads = self._dp_scale(n, s.tp), full / pbytes * rbytes
         ag = collective_time("all_gather", full, n, s.tp, self.cluster, fits=self.ctx.fits).time_s * scale
         rs = collective_time("reduce_scatter", grads, n, s.tp, self.cluster, fits=self.ctx.fits).time_s * scale
         if n * s.tp > self.cluster.gpus_per_node:  # across nodes the stack may not reach the ring's rate

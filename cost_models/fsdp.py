@@ -101,8 +101,12 @@ def regathers(cm, s) -> bool:
     return s.zero_stage >= 3 and not deferred(cm, s)
 
 
-def reduce_bytes(runtime: str, grad_bytes: int) -> int:
+def reduce_bytes(runtime: str, grad_bytes: int, impl: str = "fsdp2") -> int:
     """Bytes per gradient element of FSDP's reduce-scatter. torchtitan reduces in fp32
-    (``training.mixed_precision_reduce = "float32"``, its ``MixedPrecisionPolicy(reduce_dtype=...)``);
-    autopar's programs in the gradient dtype (``codegen.runtime_parallel.mp_policy``: bf16)."""
-    return 4 if runtime == "torchtitan" and grad_bytes < 4 else grad_bytes
+    (``training.mixed_precision_reduce = "float32"``, its ``MixedPrecisionPolicy(reduce_dtype=...)``), and so
+    does llm-foundry's FSDP1 under Composer's ``mixed_precision: DEFAULT`` (``impl`` ``fsdp1_fp32_params``:
+    mosaicml 0.17 ``mosaic_fsdp_utils.get_mixed_precision`` sets ``reduce_dtype=torch.float32``;
+    ``benchmarks/published_foundry_rows.py``); autopar's programs in the gradient dtype
+    (``codegen.runtime_parallel.mp_policy``: bf16)."""
+    fp32 = runtime == "torchtitan" or impl == "fsdp1_fp32_params"
+    return 4 if fp32 and grad_bytes < 4 else grad_bytes

@@ -43,7 +43,8 @@ ACCUMULATE_BYTES = 12  # sharded_grad += new: read both fp32 tensors, write one
 FsdpProgram = Literal["fsdp2", "replicate", "none"]
 # Which FSDP a --runtime torch plan runs: autopar's program is FSDP2; llm-foundry's published rows ran
 # PyTorch FSDP1 (flat parameters) with Composer's mixed precision: PURE (bf16 parameters and reduce) or
-# DEFAULT (fp32 parameters, autocast compute, bf16 reduce). Set by benchmarks/published_rows.fsdp_impl.
+# DEFAULT (bf16 parameters, fp32 reduce: the full-size gradient cast ``fsdp1_step_bytes`` counts and
+# ``fsdp.reduce_bytes``; the name is historical). Set by benchmarks/published_foundry_rows.fsdp_impl.
 FsdpImpl = Literal["fsdp2", "fsdp1_pure", "fsdp1_fp32_params"]
 
 
