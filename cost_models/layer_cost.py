@@ -43,7 +43,7 @@ from autopar.cost_models.moe_cost import (
     grouped_expert_time,
 )
 from autopar.cost_models.recompute_cost import early_stop_tail, recompute_times, selective_bytes, tp_rerun
-from autopar.cost_models.tp_collectives import TpCollectives, block_tp_collectives
+from autopar.cost_models.tp_collectives import block_tp_collectives
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
 
@@ -192,7 +192,7 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     cp_kv, cp_rerun = cp_kept_bytes(layer, s, ctx), cp_rerun_s(layer, s, ctx, shared_core_sync(ctx))
     tail = early_stop_tail(layer, ops) if ctx.runtime == "torch" else []
     tp_full, tp_op = tp_rerun(layer, s, ctx.runtime, comm.get("tp", 0.0), _tp_modules(layer, s.sequence_parallel),
-                              [ops[i] for i in tail])
+                              [ops[i] for i in tail], ctx.topk)
     sel = {"selective": selective_bytes(layer, ops, sh, ctx.dtype_bytes)} if ctx.runtime == "torch" else {}
     return LayerCost(
         fwd_s=fwd, bwd_s=bwd,
@@ -377,7 +377,7 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
         if ctx.runtime == "megatron":  # exposed: fused QKV, its own overlap (megatron_ops.megatron_block_tp)
             out["tp"] = megatron_block_tp(layer, rows, one, act, s, ctx, compute_s)
         elif rows:  # the emitted program's collectives (cost_models.tp_collectives)
-            out["tp"] = _program_tp_time(block_tp_collectives(layer, s.sequence_parallel), act, s, ctx, sync)
+            out["tp"] = _program_tp_time(layer, act, s, ctx, sync)
         else:  # split linears not counted by name: one all-reduce per column-parallel one (none with sp)
             out["tp"] = 0.0 if s.sequence_parallel else cols * (one + sync)
         out["tp"] *= 1.0 if ctx.runtime == "megatron" else 1.0 - ctx.timer.stack.tp_overlap  # async TP: a share
@@ -398,10 +398,10 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
     return out
 
 
-def _program_tp_time(colls: TpCollectives, act: float, s: Strategy, ctx: PricingContext, sync: float) -> float:
+def _program_tp_time(layer: LayerTemplate, act: float, s: Strategy, ctx: PricingContext, sync: float) -> float:
     """Seconds of a block's tp collectives (``act``: the sub-layer input's bytes; each collective a
     fraction of it) plus the shared-core wait of each."""
-    counts = Counter(colls.all())
+    counts = Counter(block_tp_collectives(layer, s.sequence_parallel, s.ep, ctx.topk).all())
     return sum(n * collective_time(kind, act * w, s.tp, 1, ctx.cluster, fits=ctx.fits).time_s
                for (kind, w), n in counts.items()) + sum(counts.values()) * sync
 

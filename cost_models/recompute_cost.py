@@ -63,7 +63,7 @@ def early_stop_tail(layer: LayerTemplate, ops: list[OpTerm]) -> list[int]:
 
 
 def tp_rerun(layer: LayerTemplate, s, runtime: str, tp_s: float, modules: tuple[int, int, int],
-             tail: list[OpTerm]) -> tuple[float, float]:
+             tail: list[OpTerm], topk: int = 0) -> tuple[float, float]:
     """(full, op) seconds of the tensor-parallel collectives recompute re-runs, of the layer's exposed
     ``tp_s`` (``modules``: ``layer_cost._tp_modules``, row- and column-parallel linears). Megatron-LM and
     the runtimes not counted: the forward's, half; op keeps sequence parallel's reduce-scatters (a
@@ -79,7 +79,7 @@ def tp_rerun(layer: LayerTemplate, s, runtime: str, tp_s: float, modules: tuple[
     if runtime != "torch" or layer.kind != "block" or s.tp == 1 or rows == 0:
         return tp_s / 2, tp_s / (4 if s.sequence_parallel else 2)
     skip = any(o.kind == "gemm" and o.shard == "tp" and o.tp_dim == "k" for o in tail)
-    full, op = block_tp_collectives(layer, s.sequence_parallel).rerun_shares(skip)
+    full, op = block_tp_collectives(layer, s.sequence_parallel, s.ep, topk).rerun_shares(skip)
     return tp_s * full, tp_s * op
 
 

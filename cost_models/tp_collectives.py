@@ -18,6 +18,10 @@ gradients, summed by autograd, are reduced once (sp: reduce-scatter; else all-re
   output, so the forward all-reduces it (the reduce-scatter's place).
 - MoE without shared experts (Mixtral): no split linear; under sp its input is gathered (forward) and its
   output gradient gathered (backward), the output split locally.
+- MoE under expert parallel (``ep`` > 1): every tp rank holds the layer's tokens whole and dispatches 1/tp of
+  them (``codegen.runtime_moe.ExpertParallelGroupedExperts.forward``: ``_SliceRows``), gathering the expert
+  outputs back (``_GatherRows``): one all-gather forward; backward one of the input rows' gradients and one of
+  the gate weights' (``topk`` wide). Megatron-Core dispatches its sequence-parallel shard instead (none).
 """
 
 from __future__ import annotations
@@ -62,9 +66,10 @@ def _is_row(o: OpTerm) -> bool:
     return o.kind == "gemm" and o.shard == "tp" and o.tp_dim == "k"
 
 
-def block_tp_collectives(layer: LayerTemplate, sp: bool) -> TpCollectives:
+def block_tp_collectives(layer: LayerTemplate, sp: bool, ep: int = 1, topk: int = 0) -> TpCollectives:
     """The collectives of one block under tp (module docstring); none for a block without a row-parallel
-    linear counted by name (a Hugging Face model priced from its own tp plan)."""
+    linear counted by name (a Hugging Face model priced from its own tp plan). ``ep``, ``topk``: expert parallel
+    and the experts per token, for an MoE block's dispatch."""
     rows = [i for i, o in enumerate(layer.ops) if _is_row(o)]
     if layer.kind != "block" or not rows:
         return TpCollectives((), ())
@@ -86,6 +91,9 @@ def block_tp_collectives(layer: LayerTemplate, sp: bool) -> TpCollectives:
     if sp and not moe_split and any(o.kind == "gemm" for o in layer.ops[start:]):
         fwd.append(("all_gather", 1.0))
         bwd.append(("all_gather", 1.0))
+    if ep > 1 and layer.is_moe:  # the expert-parallel dispatch's tp split and gather
+        fwd.append(("all_gather", 1.0))
+        bwd += [("all_gather", 1.0), ("all_gather", topk / hidden)]
     return TpCollectives(tuple(fwd), tuple(bwd), last)
 
 
