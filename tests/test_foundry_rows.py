@@ -73,6 +73,35 @@ def test_760m_rows_of_one_table_do_the_same_work_per_step(pr, foundry):
     assert published[512] < published[1024] < published[2048]  # shorter sequences ran slower
 
 
+def test_parameters_grow_with_the_sequence_no_alibi(foundry):
+    """Every MPT size's parameter count grows by d_model per token of sequence across its rows: learned
+    position embeddings (MPT's ``alibi: false``), so no row ran the ALiBi bias in its attention kernel."""
+    by_model: dict[str, list[tuple[int, int, int]]] = {}
+    for r in foundry:
+        m = r["model"]
+        by_model.setdefault(m["name"], []).append((m["seq_len"], m["params"], m["hidden"]))
+    assert len(by_model) == 9
+    for name, rows in by_model.items():
+        rows.sort()
+        s0, p0, hidden = rows[0]
+        assert all(p - p0 == hidden * (s - s0) for s, p, _ in rows), name
+
+
+def test_30b_h100_4k_and_8k_share_their_step_structure(foundry):
+    """The H100 MPT-30B rows at 4k and 8k tokens both run 21 micro-batches of one sequence on 8 GPUs with
+    full recompute, so per-step and per-micro-batch costs are the same count in both; the 8k row ran
+    23% fewer tokens per second (1,802 -> 1,384) where its FLOPs per token grow 8.6%."""
+    rows = {r["model"]["seq_len"]: r for r in foundry if r["model"]["name"] == "MPT-30b"
+            and r["hardware"]["gpu"].startswith("H100") and r["hardware"]["num_gpus"] == 8}
+    shape = {(r["parallel"]["microbatch"], r["parallel"]["grad_accum"], r["parallel"]["recompute"])
+             for s, r in rows.items() if s in (4096, 8192)}
+    assert shape == {(1, 21, "full")}
+    m = rows[8192]["model"]
+    flops = {s: 6 * m["params"] + 12 * m["layers"] * m["hidden"] * s for s in (4096, 8192)}
+    assert flops[8192] / flops[4096] == pytest.approx(1.086, abs=0.001)
+    assert [rows[s]["measured"]["tokens_per_sec_per_gpu"] for s in (4096, 8192)] == [1802, 1384]
+
+
 def test_autocast_cast_bytes_counts_each_pass_over_the_weights():
     """The probe's hypothesis (fp32 parameters under autocast, Composer FSDP ``DEFAULT``): 6 bytes per
     parameter per cast, three casts per micro-batch (forward, its backward, reduce dtype), a fourth
