@@ -151,7 +151,20 @@ def strategy_defaults() -> dict:
 
 def shape(**degrees) -> Strategy:
     """An unvalidated strategy with these fields (the rest default) for the rules to read."""
-    return _default_shape().model_copy(update=degrees)   # a copy of the defaults: a third of model_construct's time
+    return strategy_with(_default_shape(), degrees)
+
+
+def strategy_with(base: Strategy, update: dict) -> Strategy:
+    """``base.model_copy(update=update)``, unvalidated, without pydantic's generic copy (``copy.copy`` of
+    three attributes: 8.5 us against 3.9 us; the search builds thousands of probes and rule shapes): the
+    same fields and fields-set, no extra fields (Strategy forbids them) and no private attributes (it has
+    none). ``tests/test_search_best_only.py`` checks it against ``model_copy``."""
+    out = Strategy.__new__(Strategy)
+    object.__setattr__(out, "__dict__", {**base.__dict__, **update})
+    object.__setattr__(out, "__pydantic_extra__", None)
+    object.__setattr__(out, "__pydantic_fields_set__", base.__pydantic_fields_set__ | update.keys())
+    object.__setattr__(out, "__pydantic_private__", None)
+    return out
 
 
 @lru_cache(maxsize=1)

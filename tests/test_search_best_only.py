@@ -48,3 +48,19 @@ def test_a_recommended_nearest_batch_is_searched_in_full(monkeypatch):
 
 def _first_of(c) -> tuple:
     return c.strategy.short(), c.stages, c.layer_recompute, c.estimate.step_time_s
+
+
+def test_strategy_with_is_model_copy():
+    # space.strategy_with: the probes and rule shapes the search builds, as model_copy(update=...) builds them
+    from autopar.core.strategy import Strategy
+    from autopar.planner.space import strategy_with
+
+    base = Strategy.model_construct(**Strategy().model_dump())
+    for update in ({}, {"dp": 4, "tp": 2, "micro_batch": 2, "schedule": "interleaved", "vpp": 2},
+                   {"zero_stage": 3, "offload_optimizer": True, "sequence_parallel": True}):
+        fast, slow = strategy_with(base, update), base.model_copy(update=update)
+        assert fast == slow and fast.__dict__ == slow.__dict__ and fast.model_dump() == slow.model_dump()
+        world = fast.dp * fast.tp
+        assert fast.model_fields_set == slow.model_fields_set and fast.resolve(world) == slow.resolve(world)
+        assert fast.__pydantic_extra__ is None and fast.__pydantic_private__ is None
+    assert base.dp == Strategy().dp   # the base is left as it was
