@@ -76,6 +76,18 @@ class SpeedupCurve(RootModel[list[tuple[float, float]]]):
         return _interp_log(self.root, flops)
 
 
+class HeadDimRate(BaseModel):
+    """How a fused attention kernel's rate moves with head dim (``cost_models.attention_rate.head_dim_factor``):
+    ``d64_ratio`` its forward + backward rate at head dim 64 over the rate at 128, and ``round_to`` the head-dim
+    tile it computes in (a head dim is padded up to a multiple of it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    d64_ratio: float = Field(..., gt=0.5, le=1.0, description="forward + backward rate at head dim 64 / at 128")
+    round_to: int = Field(8, ge=1, description="the kernel computes ceil(d / round_to) * round_to columns")
+    source: str = Field(..., min_length=1, description="the published figure or arithmetic it comes from")
+
+
 class AttentionKernel(BaseModel):
     """One fused causal attention kernel as measured on this GPU (``benchmarks/kernel_rates.py``):
     TFLOP/s forward and forward+backward per sequence length at head dim ``head_dim`` and ``heads``
@@ -91,6 +103,7 @@ class AttentionKernel(BaseModel):
     measured: list[tuple[int, float, float]] = Field(
         ..., min_length=2, description="[[seq_len, forward TFLOP/s, forward+backward TFLOP/s], ...], causal half")
     source: str = Field(..., min_length=1, description="the command and run that measured it")
+    head_dim_rate: HeadDimRate | None = Field(None, description="its rate at other head dims (None: as measured)")
 
     @model_validator(mode="after")
     def _check(self) -> AttentionKernel:
@@ -229,6 +242,8 @@ class GpuProfile(BaseModel):
     attention_kernels: dict[str, AttentionKernel] = Field(
         default_factory=dict, description="measured fused attention kernels, each with the stacks that call it; "
                                           "a stack without one prices attention from attention_eff x its scale")
+    attention_head_dim_rate: HeadDimRate | None = Field(
+        None, description="attention_eff's kernel at other head dims than 128 (None: no correction)")
     fp8_gemm_speedup: SpeedupCurve | None = Field(
         None, description="measured fp8 / bf16 GEMM rate by FLOPs: an fp8 GEMM is priced no faster than the "
                           "bf16 one times this (cost_models.compute.OpTimer)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from autopar.core.gpu import AttentionKernel, GpuProfile, StackConstants
 from autopar.core.op_signature import op_signature, signature  # noqa: F401  (re-exported)
+from autopar.cost_models.attention_rate import head_dim_factor, keys_per_query_tile, knee_eff
 from autopar.cost_models.fp8_cost import Fp8Cast
 from autopar.cost_models.fp8_cost import dynamic_cast_bytes as fp8_cast_bytes  # noqa: F401  (re-exported)
 
@@ -76,17 +77,11 @@ def measured_attention_eff(kernel: AttentionKernel, peak_tflops: float) -> list[
     return [(seq, 2 * causal_block_fraction(seq) * r_both / peak_tflops) for seq, _, r_both in kernel.measured]
 
 
-def seq_eff(points: list[tuple[int, float]], seq: float) -> float:
-    """Attention efficiency at a kernel call's sequence length from measured points: 1/eff linear in
-    1/seq (each query tile pays a fixed prologue / epilogue and its masked diagonal block beside work
-    that grows with the keys it reads: FlashAttention-2, Dao 2023, Sec. 3.2), between the points and
-    below the first along the first segment; the last point's value above it (the kernel saturates)."""
-    if seq >= points[-1][0]:
-        return points[-1][1]
-    i = next((j for j in range(1, len(points)) if seq <= points[j][0]), len(points) - 1)
-    (s0, e0), (s1, e1) = points[i - 1], points[i]
-    slope = max(0.0, (1 / e0 - 1 / e1) / (1 / s0 - 1 / s1))
-    return min(1.0, 1.0 / (1 / e1 + slope * (1 / seq - 1 / s1)))
+def measured_kernel_points(kernel: AttentionKernel, peak_tflops: float) -> list[tuple[float, float]]:
+    """[(keys a query tile reads, efficiency)] of a measured kernel (``measured_attention_eff``, its
+    full-causal sequence lengths as ``attention_rate.keys_per_query_tile``): the points the knee is fitted to."""
+    return [(keys_per_query_tile(seq, causal_block_fraction(seq)), e)
+            for seq, e in measured_attention_eff(kernel, peak_tflops)]
 
 
 @dataclass
@@ -184,37 +179,44 @@ class OpTimer:
         bwd = t * bwd_ratio + self.membound(cast_b * calls) / self.contention
         return fwd * self.contention, bwd * self.contention
 
-    def attention(self, flops: float, bytes_rw: float, performed: float = 1.0) -> float:
+    def attention(self, flops: float, bytes_rw: float, performed: float = 1.0, head_dim: int = 0) -> float:
         """Fused attention kernel time (FlashAttention-style), one call of ``flops`` (full 4bhs^2d).
         ``performed``: the share of score blocks the kernel computes (``causal_block_fraction``);
         it applies where the profile quotes ``attention_eff`` in performed FLOPs, for the curve's
-        x as for the work, so a measured ("full") profile prices as it was measured."""
+        x as for the work, so a measured ("full") profile prices as it was measured. ``head_dim``: the
+        curve is quoted at 128; other head dims move by the profile's ``attention_head_dim_rate``
+        (``attention_rate.head_dim_factor``; 0: none)."""
         if flops <= 0:
             return 0.0
         self.hits[self.source] += 1
         if self.gpu.attention_eff_counts == "performed":
             flops = flops * performed
         eff = min(1.0, self.gpu.eff("attention_eff", flops) * self.stack.attention_scale)
+        eff *= head_dim_factor(head_dim, 128, self.gpu.attention_head_dim_rate)
         t = roofline_time(flops, bytes_rw, self.peak, eff, self.bw, self.gpu.eff("membound_eff", max(bytes_rw, 1)))
         return t * self.contention
 
     def attention_fb(self, flops: float, bytes_rw: float, performed: float, bwd_ratio: float,
-                     runtime: str = "", seq: float = 0.0, cp: int = 1) -> tuple[float, float]:
+                     runtime: str = "", seq: float = 0.0, cp: int = 1, head_dim: int = 0) -> tuple[float, float]:
         """(forward, backward) of one fused attention call of ``flops`` (full 4bhs^2d) at sequence length
-        ``seq``: the runtime's kernel as measured on this GPU (``GpuProfile.attention_kernel``;
-        ``measured_attention_eff``, ``seq_eff``) on the blocks it performs; otherwise ``attention`` x
+        ``seq``: the runtime's kernel as measured on this GPU (``GpuProfile.attention_kernel``) on the blocks
+        it performs, at the rate its measured points give for the keys a query tile reads
+        (``attention_rate.knee_eff`` of ``measured_kernel_points``: a sliding-window layer's tiles read a
+        few blocks, a full causal one about half the sequence) and for the model's ``head_dim``
+        (``attention_rate.head_dim_factor``); otherwise ``attention`` x
         ``bwd_ratio`` (the profile's curve and the stack's fitted scale). Context parallel (``cp`` > 1) keeps
         the fitted path: the ring runs the kernel per step on chunk pairs (Transformer Engine
         ``AttnFuncWithCPAndKVP2P``: one causal diagonal call, then half-chunk non-causal calls, each output
         corrected by its log-sum-exp), which the single-call measurement does not cover."""
         kernel = self.gpu.attention_kernel(runtime) if runtime and seq > 0 and cp == 1 else None
         if kernel is None:
-            f = self.attention(flops, bytes_rw, performed)
+            f = self.attention(flops, bytes_rw, performed, head_dim)
             return f, f * bwd_ratio
         if flops <= 0:
             return 0.0, 0.0
         self.hits[self.source] += 1
-        eff = seq_eff(measured_attention_eff(kernel, self.peak / 1e12), seq)
+        eff = knee_eff(measured_kernel_points(kernel, self.peak / 1e12), keys_per_query_tile(seq, performed))
+        eff *= head_dim_factor(head_dim, kernel.head_dim, kernel.head_dim_rate)
         work, mem_eff = flops * performed, self.gpu.eff("membound_eff", max(bytes_rw, 1))
         fwd = roofline_time(work, bytes_rw, self.peak, eff, self.bw, mem_eff) * self.contention
         return fwd, fwd * bwd_ratio

@@ -95,6 +95,7 @@ class CostModel:
             sdpa_kv_bytes_per_token=sdpa_kv_bytes_per_token(spec, dbytes),
             fits=comm_fits, runtime=runtime, sliding_window=spec.sliding_window,
             sliding_layers=frozenset(i for i in self.blocks if spec.is_sliding_layer(i)),
+            attn_head_dim=(spec.qk_nope_head_dim + spec.qk_rope_head_dim) or spec.head_dim,
             expert_bias=bool(spec.num_experts and spec.mlp_bias))
         self.moe_load = moe_load
         self._cache: dict[tuple, dict] = {}

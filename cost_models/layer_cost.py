@@ -99,6 +99,7 @@ class PricingContext:
     loss_parallel: bool = False          # torch runtime: cross-entropy on vocabulary-sharded logits (torchtitan)
     sliding_window: int = 0              # tokens a sliding-window layer attends back (ModelSpec.sliding_window)
     sliding_layers: frozenset[int] = frozenset()  # block indices that attend within the window
+    attn_head_dim: int = 0               # the attention kernel's head dim (q.k width); 0: the one it was measured at
     cross_entropy: str = "te"            # megatron: the fused loss kernel (megatron_ops.CROSS_ENTROPY_IMPLS)
     expert_bias: bool = False            # the model's experts have biases (ModelSpec.mlp_bias of an MoE)
 
@@ -254,9 +255,8 @@ def fused_rope_bytes(tokens: float, q_cols: float, k_cols: float, dtype_bytes: i
 
 
 def _attention_performed(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:
-    """Share of the score blocks the layer's attention kernel computes: causal, per CP rank; a
-    sliding-window layer's band where the runtime's kernel skips masked blocks (Megatron/TE,
-    torchtitan flex, FA2 window_size), all of them under the emitted programs' SDPA with a boolean mask."""
+    """Share of the score blocks the attention kernel computes: causal, per CP rank; a sliding-window layer's band
+    where the kernel skips masked blocks (Megatron/TE, flex, FA2 window_size), all under the programs' masked SDPA."""
     window = ctx.sliding_window if layer.indices and layer.indices[0] in ctx.sliding_layers else 0
     return causal_block_fraction(ctx.seq_len, s.cp, window, kernel_skips_window=ctx.runtime != "torch")
 
@@ -283,7 +283,7 @@ def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext, performed
     if op.kind == "attention":
         ratio = op.bwd_flops / op.fwd_flops if op.fwd_flops else 2.5
         return t.attention_fb(op.fwd_flops * scale, op.bytes_rw * scale, performed, ratio, ctx.runtime,
-                              ctx.seq_len, s.cp)
+                              ctx.seq_len, s.cp, ctx.attn_head_dim)
     f = t.membound(op.bytes_rw * scale, op.fwd_flops * scale)
     return f, 2.0 * f  # backward of an elementwise op reads the output grad and the saved input
 

@@ -317,11 +317,11 @@ def test_fit_stays_inside_the_physical_bounds(monkeypatch):
 
 def test_measured_attention_kernels_price_as_measured():
     """Where the profile names the stack's measured kernel (h100-sxm ``attention_kernels``), attention at the
-    measured shape prices at the measured forward+backward rate (kernel_rates' causal-half FLOPs), falls below
-    the shortest measured sequence along 1/eff linear in 1/seq, and holds its last value above the longest;
-    a stack without one keeps ``attention_eff`` x its scale; a runtime may call one kernel only."""
+    measured shape prices within 5% of the measured forward+backward rate (kernel_rates' causal-half FLOPs: the
+    knee in keys per query tile fitted through the points, tests/test_attention_rate.py); a stack without one
+    keeps ``attention_eff`` x its scale; a runtime may call one kernel only."""
     from autopar.core.gpu import GpuProfile
-    from autopar.cost_models.compute import causal_block_fraction, seq_eff
+    from autopar.cost_models.compute import causal_block_fraction
 
     gpu = load_gpu_profile("h100-sxm")
     for runtime, kernel in (("megatron", "cudnn"), ("torchtitan", "flash2")):
@@ -329,14 +329,9 @@ def test_measured_attention_kernels_price_as_measured():
         for seq, _, rate in gpu.attention_kernels[kernel].measured:
             full = 4.0 * 32 * seq * seq * 128
             f, b = OpTimer(gpu, "bf16", stack=gpu.stack(runtime)).attention_fb(
-                full, 1.0, causal_block_fraction(seq), 2.5, runtime, seq)
-            assert 3.5 * full / 2 / (f + b) / 1e12 == pytest.approx(rate, rel=1e-9)
+                full, 1.0, causal_block_fraction(seq), 2.5, runtime, seq, 1, 128)
+            assert 3.5 * full / 2 / (f + b) / 1e12 == pytest.approx(rate, rel=0.05)
             assert b == pytest.approx(2.5 * f)
-    pts = [(4096, 0.4), (8192, 0.5)]
-    slope = (1 / 0.4 - 1 / 0.5) / (1 / 4096 - 1 / 8192)  # 1/eff linear in 1/seq, and on below the first point
-    assert seq_eff(pts, 6000) == pytest.approx(1 / (2 + slope * (1 / 6000 - 1 / 8192)))
-    assert seq_eff(pts, 2048) == pytest.approx(1 / (2 + slope * (1 / 2048 - 1 / 8192))) and seq_eff(pts, 2048) < 0.4
-    assert seq_eff(pts, 32768) == 0.5
     assert gpu.attention_kernel("torch") is None  # llm-foundry's rows: the fitted curve (docs/validation.md)
     t = OpTimer(gpu, "bf16", stack=gpu.stack("torch"))
     assert t.attention_fb(1e12, 1e6, 0.5, 2.5, "torch", 4096) == pytest.approx((t.attention(1e12, 1e6, 0.5),
