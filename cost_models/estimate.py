@@ -102,6 +102,12 @@ class CostModel:
         self._z3 = IdentityMemo(4096)   # _zero3_layer by what it reads (most layers share one price)
         self.fsdp_impl = "fsdp2"  # which FSDP a torch-runtime plan runs (fsdp_copy.FsdpImpl; published rows: FSDP1)
 
+    def __setstate__(self, state: dict) -> None:
+        """A model pickled before ``PricingContext.attn_head_dim`` (benchmarks' row caches) gets its head dim."""
+        self.__dict__.update(state)
+        if "attn_head_dim" not in self.ctx.__dict__:
+            self.ctx.attn_head_dim = (self.spec.qk_nope_head_dim + self.spec.qk_rope_head_dim) or self.spec.head_dim
+
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
