@@ -10,6 +10,13 @@ Measures, each as the median of timed repeats after warm-ups (CUDA events):
   efficient) at head dim 128, 32 heads, sequence 4096 / 8192 / 16384, batch 1 (FLOPs counted as
   Megatron does for the causal half: 2 * 2 * b * h * s^2 * d / 2 forward, x3.5 with backward).
 
+- with ``--shapes``, attention by head dim and by the keys a query tile reads (issue 12,
+  ``cost_models/attention_rate.py``): flash / cuDNN at head dim 64 (64 heads, the same q width) and at
+  short sequences 1024 / 2048 (batch 16 / 4: the same 16k tokens as seq 4096 x 4), and FlexAttention
+  (torch.compile'd) causal and with a 128-token sliding window at 4096 tokens, d 64 and d 128: the
+  window / causal rate of one kernel tests the knee below the measured 4k point. Their rows are
+  ``kind: attention_shape`` with milliseconds and the FLOPs each rate counts (``flops_basis``).
+
 The bounds in ``benchmarks/calibrate_modern.py`` cite these: the GEMM scale stays at or below the
 best bf16 / fp8 GEMM rate measured here, and the attention scale between the flash and the best
 backend. Prints a table and writes JSON.
@@ -85,14 +92,61 @@ def attention_rates() -> list[dict]:
     return rows
 
 
+def _pairs(s: int, window: int) -> int:
+    """Query-key pairs a causal (window 0) or sliding-window mask lets through: sum_i min(i + 1, w)."""
+    w = window or s
+    return w * (w + 1) // 2 + (s - w) * w
+
+
+def _shape_row(name: str, fn, b: int, h: int, s: int, d: int, window: int = 0) -> dict:
+    """One attention_shape row: ms forward and forward + backward of ``fn(q, k, v)``, TFLOP/s on the
+    pairs the mask lets through (4bhd per pair forward, x3.5 with backward: the causal-half convention)."""
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    row = {"kind": "attention_shape", "backend": name, "batch": b, "heads": h, "head_dim": d, "seq_len": s,
+           "window": window, "flops_basis": "4*b*h*d per unmasked query-key pair forward, x3.5 with backward"}
+    try:
+        fwd = timed_ms(lambda: fn(q, k, v))
+        both = timed_ms(lambda: fn(q, k, v).sum().backward())
+    except Exception as exc:  # noqa: BLE001  (a backend or compiler missing here: say so, keep the probe going)
+        return {**row, "error": str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}
+    flops = 4.0 * b * h * d * _pairs(s, window)
+    return {**row, "fwd_ms": fwd, "fwd_bwd_ms": both, "fwd_tflops": flops / fwd / 1e9,
+            "fwd_bwd_tflops": 3.5 * flops / both / 1e9}
+
+
+def attention_shape_rates() -> list[dict]:
+    """Attention by head dim, short sequences and a sliding window (``--shapes``)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    rows = []
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def causal(q, k, v, backend=backend):
+            with sdpa_kernel(backend):
+                return sdpa(q, k, v, is_causal=True)
+        rows += [_shape_row(name, causal, 1, 64, s, 64) for s in (4096, 8192, 16384)]
+        rows += [_shape_row(name, causal, b, 32, s, 128) for b, s in ((16, 1024), (4, 2048))]
+    flex = torch.compile(flex_attention)
+    for window in (0, 128):
+        def keep(b, h, qi, ki, window=window):
+            return (qi >= ki) & (qi - ki < window) if window else qi >= ki
+        mask = create_block_mask(keep, None, None, 4096, 4096)
+        for d, h in ((64, 64), (128, 32)):
+            rows.append(_shape_row("flex", lambda q, k, v, mask=mask: flex(q, k, v, block_mask=mask), 1, h, 4096, d,
+                                   window))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("kernel_rates.json"))
+    ap.add_argument("--shapes", action="store_true", help="also attention by head dim, short sequences, windows")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("kernel_rates: no CUDA device visible to torch")
         return 2
-    rows = gemm_rates() + attention_rates()
+    rows = gemm_rates() + attention_rates() + (attention_shape_rates() if a.shapes else [])
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version()}
     a.out.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
