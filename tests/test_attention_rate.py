@@ -69,9 +69,10 @@ def test_rate_rises_with_keys_per_tile():
     assert rates == sorted(rates)
 
 
-@pytest.mark.parametrize("name", HOPPER + ("a100-80g", "a100-40g"))
+@pytest.mark.parametrize("name", HOPPER)
 def test_head_dim_64_slower_than_128(name):
-    """Every kernel family of every GPU profile: head dim 64 slower per FLOP than 128, by the profile's ratio."""
+    """Every kernel family of every Hopper profile: head dim 64 slower per FLOP than 128, by the profile's ratio
+    (the A100 profiles carry none: their published rows show no d64 penalty, docs/validation.md)."""
     gpu = load_gpu_profile(name)
     rates = [gpu.attention_head_dim_rate] + [k.head_dim_rate for k in gpu.attention_kernels.values()]
     assert all(r is not None and r.source for r in rates)
