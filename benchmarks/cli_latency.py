@@ -11,6 +11,10 @@ again (62 modules for a warm ``plan``; docs/benchmarks.md has the cost); ``--byt
 default Python runs: the cold run writes ``__pycache__`` and the warm runs read it. The header line
 says which.
 
+The ``queued`` column is the time the command's threads were ready to run but waited for a CPU (the
+second field of Linux's ``/proc/PID/task/TID/schedstat``, read every 5 ms while it runs): on a 2-core
+machine shared with other jobs, wall time is about CPU time plus this; blank where ``/proc`` lacks it.
+
 The ``search`` column is the search time the best warm run printed (``searched ... in X s``; for the
 awkward 530B command ``all searches X s wall``, which also counts its alternative searches), and
 ``outside`` is that run's wall time less it: interpreter start, imports, reading the capture cache,
@@ -24,6 +28,7 @@ building the inputs, printing and exit.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import re
 import resource
@@ -49,17 +54,37 @@ COMMANDS = {
 SEARCH_RE = re.compile(r"(?:all searches|configurations in) ([0-9.]+) s")
 
 
-def run(args: list[str], env: dict) -> tuple[float, float, int, float | None]:
-    """(wall s, CPU s, exit code, printed search s or None) of one ``python -m autopar ARGS`` process."""
+def run(args: list[str], env: dict) -> tuple[float, float, int, float | None, float | None]:
+    """(wall s, CPU s, exit code, printed search s or None, queued s or None) of one ``python -m autopar ARGS``
+    process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "autopar", *args], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True)
-    wall = time.perf_counter() - t0
+    with tempfile.TemporaryFile("w+") as out:   # a file, not a pipe: the poll loop below does not drain it
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "autopar", *args], env=env, stdout=out,
+                                stderr=subprocess.DEVNULL, text=True)
+        waits: dict[str, int] = {}   # thread -> ns waited on a run queue, as last read
+        while proc.poll() is None:
+            _read_waits(proc.pid, waits)
+            time.sleep(0.005)
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        stdout = out.read()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    found = SEARCH_RE.search(proc.stdout)  # the awkward table's "all searches" line comes first
-    return wall, cpu, proc.returncode, float(found.group(1)) if found else None
+    found = SEARCH_RE.search(stdout)  # the awkward table's "all searches" line comes first
+    queued = sum(waits.values()) / 1e9 if waits else None
+    return wall, cpu, proc.returncode, float(found.group(1)) if found else None, queued
+
+
+def _read_waits(pid: int, waits: dict[str, int]) -> None:
+    """Each thread's run-queue wait (``schedstat``'s second field, ns) into ``waits``; threads that have
+    ended keep their last reading."""
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(path) as fh:
+                waits[path] = int(fh.read().split()[1])
+        except (OSError, IndexError, ValueError):   # the thread or the process ended meanwhile
+            pass
 
 
 def main() -> None:
@@ -74,19 +99,24 @@ def main() -> None:
         base.pop("PYTHONDONTWRITEBYTECODE", None)
     pyc = "off (PYTHONDONTWRITEBYTECODE set)" if base.get("PYTHONDONTWRITEBYTECODE") else "on"
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, bytecode cache {pyc}")
-    print(f"{'command':42s} {'exit':>4s} {'cold wall':>10s} {'cold CPU':>9s} {'warm wall':>10s} {'warm CPU':>9s} "
-          f"{'search':>7s} {'outside':>8s}")
+    print(f"{'command':42s} {'exit':>4s} {'cold wall':>10s} {'cold CPU':>9s} {'queued':>7s} {'warm wall':>10s} "
+          f"{'warm CPU':>9s} {'queued':>7s} {'search':>7s} {'outside':>8s}")
     for label, cmd in COMMANDS.items():
         if args.only and args.only not in label:
             continue
         env = dict(base, AUTOPAR_CACHE_DIR=tempfile.mkdtemp(prefix="autopar-latency-"))  # cold: empty
         env.pop("AUTOPAR_NO_CACHE", None)
-        cw, cc, code, _ = run(cmd, env)
+        cw, cc, code, _, cq = run(cmd, env)
         warm = [run(cmd, env) for _ in range(args.repeat)]
-        ww, wc, _, search = min(warm)
+        ww, wc, _, search, wq = min(warm, key=lambda r: r[0])
         split = f" {search:6.2f}s {ww - search:7.2f}s" if search is not None else ""
-        print(f"{label:42s} {code:4d} {cw:9.2f}s {cc:8.2f}s {ww:9.2f}s {wc:8.2f}s{split}", flush=True)
+        print(f"{label:42s} {code:4d} {cw:9.2f}s {cc:8.2f}s {_secs(cq)} {ww:9.2f}s {wc:8.2f}s {_secs(wq)}{split}",
+              flush=True)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
+def _secs(x: float | None) -> str:
+    return f"{x:6.2f}s" if x is not None else " " * 7
 
 
 if __name__ == "__main__":
