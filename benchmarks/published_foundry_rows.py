@@ -29,7 +29,7 @@ def foundry_heads(model: dict) -> int:
 
 
 def fsdp_impl(case) -> str:
-    """Which FSDP the row ran (``cost_models.fsdp_copy.FsdpImpl``): llm-foundry's rows PyTorch FSDP1 ("PyTorch
+    """Which FSDP the row ran (``cost_models.fsdp.FsdpImpl``): llm-foundry's rows PyTorch FSDP1 ("PyTorch
     FSDP", 2023, before FSDP2), ``PURE`` as ``fsdp1_pure`` and ``DEFAULT`` with its full-precision gradient
     reduction as ``fsdp1_fp32_params`` (module docstring); every other torch-runtime row FSDP2 as autopar's
     program."""

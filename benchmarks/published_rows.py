@@ -434,8 +434,7 @@ def build(case: Case, workdir: Path):
         model=str(cfg), gpu=case.gpu, cluster=case.cluster, nodes=case.nodes, gpus_per_node=case.gpus_per_node,
         seq_len=case.seq_len, dtype=case.dtype, runtime=case.runtime, moe_capacity_factor=case.moe_capacity_factor,
         a2a_overlap=case.a2a_overlap, compile=case.compile, cross_entropy=case.cross_entropy,
-        tp_comm_overlap=case.tp_comm_overlap))
-    cm.fsdp_impl = fsdp_impl(case)
+        tp_comm_overlap=case.tp_comm_overlap, fsdp_impl=fsdp_impl(case)))
     s = Strategy.parse(case.strategy).resolve(cluster.world)
     cm.check(s)
     return cm, s

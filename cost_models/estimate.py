@@ -79,7 +79,7 @@ class CostModel:
     def __init__(self, spec: ModelSpec, cluster: ClusterSpec, seq_len: int, templates: list[LayerTemplate],
                  gpu: GpuProfile, dtype: str = "bf16", timer: OpTimer | None = None,
                  comm_fits: list[CommFit] | None = None, moe_load: LoadFn | None = None,
-                 runtime: str = "torch"):
+                 runtime: str = "torch", fsdp_impl: fsdp.FsdpImpl = "fsdp2"):
         self.spec, self.cluster, self.seq_len, self.dtype, self.gpu = spec, cluster, seq_len, dtype, gpu
         self.templates = templates
         self.blocks = {i: t for t in templates if t.kind == "block" for i in t.indices}
@@ -96,11 +96,10 @@ class CostModel:
             fits=comm_fits, runtime=runtime, sliding_window=spec.sliding_window,
             sliding_layers=frozenset(i for i in self.blocks if spec.is_sliding_layer(i)),
             attn_head_dim=(spec.qk_nope_head_dim + spec.qk_rope_head_dim) or spec.head_dim,
-            expert_bias=bool(spec.num_experts and spec.mlp_bias))
+            expert_bias=bool(spec.num_experts and spec.mlp_bias), fsdp_impl=fsdp_impl)
         self.moe_load = moe_load
         self._cache: dict[tuple, dict] = {}
         self._z3 = IdentityMemo(4096)   # _zero3_layer by what it reads (most layers share one price)
-        self.fsdp_impl = "fsdp2"  # which FSDP a torch-runtime plan runs (fsdp_copy.FsdpImpl; published rows: FSDP1)
 
     def __setstate__(self, state: dict) -> None:
         """A model pickled before ``PricingContext.attn_head_dim`` (benchmarks' row caches) gets its head dim."""
@@ -385,13 +384,13 @@ class CostModel:
         """(forward all-gather, backward all-gather (``fsdp.regathers``), reduce-scatter) seconds of one layer."""
         objs, size = (self.cluster, self.ctx.fits, self.stack), c.params_dense + c.params_expert
         key, hit = self._z3.lookup((s.dp * s.cp, s.tp, fsdp.regathers(self, s), size, grad_bytes, self.dtype,
-                                    self.fsdp_impl), objs)
+                                    self.ctx.fsdp_impl), objs)
         return hit if hit is not MISS else self._z3.put(key, objs, self._zero3_priced(s, c, grad_bytes))
 
     def _zero3_priced(self, s: Strategy, c: LayerCost, grad_bytes: int) -> tuple[float, float, float]:
         n, pbytes = s.dp * s.cp, bytes_per_param(self.dtype)[0]
         full = (c.params_dense + c.params_expert) * pbytes
-        rbytes = fsdp.reduce_bytes(self.ctx.runtime, grad_bytes, self.fsdp_impl)
+        rbytes = fsdp.reduce_bytes(self.ctx.runtime, grad_bytes, self.ctx.fsdp_impl)
         scale, grads = self._dp_scale(n, s.tp), full / pbytes * rbytes
         ag = collective_time("all_gather", full, n, s.tp, self.cluster, fits=self.ctx.fits).time_s * scale
         rs = collective_time("reduce_scatter", grads, n, s.tp, self.cluster, fits=self.ctx.fits).time_s * scale

@@ -5,10 +5,18 @@ pipelining: ``syncs_once_per_step``); and in which dtype it reduces (``reduce_by
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from autopar.techniques.dp_program import dp_mode
 from autopar.techniques.pipeline import ZERO_BUBBLE
 
 FSDP_RUNTIMES = ("torch", "torchtitan")  # data parallel by FSDP2 (autopar's programs, torchtitan)
+# Which FSDP a --runtime torch plan runs (``PricingContext.fsdp_impl``): autopar's program is FSDP2; llm-foundry's
+# published rows ran PyTorch FSDP1 (flat parameters) with Composer's mixed precision PURE (bf16 parameters and
+# reduce) or DEFAULT (fp32 reduce: ``reduce_bytes``, ``fsdp_copy.fsdp1_step_bytes``), set by
+# benchmarks/published_foundry_rows.fsdp_impl through ``session.Inputs``.
+FsdpImpl = Literal["fsdp2", "fsdp1_pure", "fsdp1_fp32_params"]
+FSDP_IMPLS: tuple[str, ...] = get_args(FsdpImpl)
 
 
 def gathers_per_unit(runtime: str, zero_stage: int, offload: bool = False) -> bool:

@@ -41,11 +41,8 @@ from autopar.techniques.dp_program import dp_mode
 MASTER_BYTES = 4  # FSDP2's sharded parameters and gradients stay fp32 (``mp_policy``: only compute is 16-bit)
 ACCUMULATE_BYTES = 12  # sharded_grad += new: read both fp32 tensors, write one
 FsdpProgram = Literal["fsdp2", "replicate", "none"]
-# Which FSDP a --runtime torch plan runs: autopar's program is FSDP2; llm-foundry's published rows ran
-# PyTorch FSDP1 (flat parameters) with Composer's mixed precision: PURE (bf16 parameters and reduce) or
-# DEFAULT (bf16 parameters, fp32 reduce: the full-size gradient cast ``fsdp1_step_bytes`` counts and
-# ``fsdp.reduce_bytes``; the name is historical). Set by benchmarks/published_foundry_rows.fsdp_impl.
-FsdpImpl = Literal["fsdp2", "fsdp1_pure", "fsdp1_fp32_params"]
+# ``fsdp.FsdpImpl`` (the pricing context's ``fsdp_impl``): DEFAULT is bf16 parameters with an fp32 reduce (the
+# full-size gradient cast ``fsdp1_step_bytes`` counts and ``fsdp.reduce_bytes``; "fp32_params" is historical).
 
 
 def gather_copy_bytes(n: int, compute_bytes: int) -> float:
@@ -132,7 +129,7 @@ def copy_time(cm, s, r, costs) -> float:
     c = 4 if cm.dtype == "fp32" else 2  # fp16 / fp8 plans run bf16 weights (codegen.runtime_parallel.mp_policy)
     red = fsdp.reduce_bytes(cm.ctx.runtime, bytes_per_param(cm.dtype)[1]) if c < 4 else 4
     dense, expert = rank_params(r, costs)
-    impl = getattr(cm, "fsdp_impl", "fsdp2")
+    impl = cm.ctx.fsdp_impl
     if impl != "fsdp2":  # FSDP1 (llm-foundry): shards every stage it runs, flat parameters
         if not fsdp.per_unit(cm, s):
             return 0.0

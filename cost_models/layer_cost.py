@@ -22,7 +22,6 @@ Communication per technique and what hides behind compute (stated once, here):
 from __future__ import annotations
 
 import copy
-from collections import Counter
 from dataclasses import dataclass, field
 
 from autopar.core.cluster import ClusterSpec
@@ -31,6 +30,7 @@ from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_contention, layer_dtype
 from autopar.cost_models.cp_cost import cp_exposed, cp_kept_bytes, cp_rerun_s
 from autopar.cost_models.fp8_cost import Fp8Cast, fp8_casts
+from autopar.cost_models.fsdp import FsdpImpl
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
 from autopar.cost_models.megatron_ops import expert_passes_s, megatron_block_tp, megatron_linears, megatron_loss
 from autopar.cost_models.memory import busiest_rank_expert_excess
@@ -43,7 +43,7 @@ from autopar.cost_models.moe_cost import (
     grouped_expert_time,
 )
 from autopar.cost_models.recompute_cost import early_stop_tail, recompute_times, selective_bytes, tp_rerun
-from autopar.cost_models.tp_collectives import block_tp_collectives
+from autopar.cost_models.tp_collectives import program_tp_time
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
 
@@ -104,6 +104,7 @@ class PricingContext:
     expert_bias: bool = False            # the model's experts have biases (ModelSpec.mlp_bias of an MoE)
 
     tp_comm_overlap: bool = False        # megatron: TE userbuffers tp overlap (--tp-comm-overlap; megatron_ops)
+    fsdp_impl: FsdpImpl = "fsdp2"        # torch runtime: which FSDP runs (llm-foundry's rows: FSDP1; fsdp.FsdpImpl)
     def __post_init__(self):
         """A measured hardware profile brings its own collective fits and, for CPU ranks that
         share cores, the contention factor (the timer is the CostModel's: its optimizer step
@@ -377,7 +378,7 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
         if ctx.runtime == "megatron":  # exposed: fused QKV, its own overlap (megatron_ops.megatron_block_tp)
             out["tp"] = megatron_block_tp(layer, rows, one, act, s, ctx, compute_s)
         elif rows:  # the emitted program's collectives (cost_models.tp_collectives)
-            out["tp"] = _program_tp_time(layer, act, s, ctx, sync)
+            out["tp"] = program_tp_time(layer, act, s, ctx, sync)
         else:  # split linears not counted by name: one all-reduce per column-parallel one (none with sp)
             out["tp"] = 0.0 if s.sequence_parallel else cols * (one + sync)
         out["tp"] *= 1.0 if ctx.runtime == "megatron" else 1.0 - ctx.timer.stack.tp_overlap  # async TP: a share
@@ -396,14 +397,6 @@ def _layer_comm(layer: LayerTemplate, s: Strategy, ctx: PricingContext, attn_fwd
         out["etp"] = 2 * sum(collective_time(kind, gathered, s.etp, 1, ctx.cluster, fits=ctx.fits).time_s
                              for kind in ("all_gather", "reduce_scatter"))
     return out
-
-
-def _program_tp_time(layer: LayerTemplate, act: float, s: Strategy, ctx: PricingContext, sync: float) -> float:
-    """Seconds of a block's tp collectives (``act``: the sub-layer input's bytes; each collective a
-    fraction of it) plus the shared-core wait of each."""
-    counts = Counter(block_tp_collectives(layer, s.sequence_parallel, s.ep, ctx.topk).all())
-    return sum(n * collective_time(kind, act * w, s.tp, 1, ctx.cluster, fits=ctx.fits).time_s
-               for (kind, w), n in counts.items()) + sum(counts.values()) * sync
 
 
 def _tp_collective(size: float, s: Strategy, ctx: PricingContext) -> float:

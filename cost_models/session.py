@@ -9,6 +9,7 @@ from pathlib import Path
 from autopar.core.cluster import ClusterSpec
 from autopar.core.model_spec import ModelSpec
 from autopar.cost_models.estimate import CostModel
+from autopar.cost_models.fsdp import FSDP_IMPLS, FsdpImpl
 from autopar.cost_models.layer_cost import same_program
 from autopar.cost_models.templates import build_templates
 from autopar.errors import InputError
@@ -45,6 +46,7 @@ class Inputs:
     a2a_overlap: bool = True     # False: the run blocks on its MoE all-to-alls (the stack's ep_overlap unused)
     cross_entropy: str = "te"    # megatron: the fused loss kernel, te | native (megatron_ops.CROSS_ENTROPY_IMPLS)
     tp_comm_overlap: bool = False  # megatron: Transformer Engine userbuffers tp overlap (--tp-comm-overlap)
+    fsdp_impl: str = "fsdp2"       # torch: which FSDP runs the plan (fsdp.FSDP_IMPLS; llm-foundry's rows: FSDP1)
 
 
 def resolve_cluster(inp: Inputs) -> ClusterSpec:
@@ -86,12 +88,23 @@ def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, in
     compile_mode, loss_parallel = program_options(inp)
     templates = program_templates(spec, seq, inp.dtype, gpu, inp.runtime, compile_mode)
     cm = CostModel(spec, cluster, seq, templates, gpu, inp.dtype, timer=timer, comm_fits=fits,
-                   moe_load=moe_load, runtime=inp.runtime)
+                   moe_load=moe_load, runtime=inp.runtime, fsdp_impl=_fsdp_impl(inp))
     cm.ctx.compile, cm.ctx.loss_parallel = compile_mode, loss_parallel
     cm.ctx.moe_capacity_factor, cm.ctx.a2a_overlap = _capacity_factor(inp, spec), inp.a2a_overlap
     cm.ctx.cross_entropy = cross_entropy
     cm.ctx.tp_comm_overlap = _tp_comm_overlap(inp)
     return cm, spec, cluster, seq
+
+
+def _fsdp_impl(inp: Inputs) -> FsdpImpl:
+    """Which FSDP a torch-runtime plan runs (``fsdp.FsdpImpl``): autopar's program is FSDP2; the FSDP1 variants
+    price llm-foundry's published rows (benchmarks/published_foundry_rows.fsdp_impl)."""
+    if inp.fsdp_impl not in FSDP_IMPLS:
+        raise InputError(f"fsdp_impl={inp.fsdp_impl} is not one of {', '.join(FSDP_IMPLS)}")
+    if inp.fsdp_impl != "fsdp2" and inp.runtime != "torch":
+        raise InputError(f"fsdp_impl={inp.fsdp_impl}: PyTorch FSDP1 is priced under --runtime torch only "
+                         "(llm-foundry); fix: leave it fsdp2 or use --runtime torch")
+    return inp.fsdp_impl
 
 
 def _tp_comm_overlap(inp: Inputs) -> bool:
@@ -130,7 +143,7 @@ def same_job(cm: CostModel, cluster: ClusterSpec | None = None, seq_len: int | N
     templates = cm.templates if seq == cm.seq_len else program_templates(
         cm.spec, seq, cm.dtype, cm.gpu, cm.ctx.runtime, cm.ctx.compile)
     out = CostModel(cm.spec, cluster or cm.cluster, seq, templates, cm.gpu, cm.dtype, timer=cm.timer,
-                    comm_fits=cm.ctx.fits, moe_load=cm.moe_load, runtime=cm.ctx.runtime)
+                    comm_fits=cm.ctx.fits, moe_load=cm.moe_load, runtime=cm.ctx.runtime, fsdp_impl=cm.ctx.fsdp_impl)
     same_program(out.ctx, cm.ctx)
     return out
 

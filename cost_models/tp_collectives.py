@@ -26,9 +26,11 @@ gradients, summed by autograd, are reduced once (sp: reduce-scatter; else all-re
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
+from autopar.cost_models.comm import collective_time
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm
 
 Kind = Literal["all_gather", "reduce_scatter", "all_reduce"]
@@ -95,6 +97,15 @@ def block_tp_collectives(layer: LayerTemplate, sp: bool, ep: int = 1, topk: int 
         fwd.append(("all_gather", 1.0))
         bwd += [("all_gather", 1.0), ("all_gather", topk / hidden)]
     return TpCollectives(tuple(fwd), tuple(bwd), last)
+
+
+def program_tp_time(layer: LayerTemplate, act: float, s, ctx, sync: float) -> float:
+    """Seconds of a block's tp collectives under strategy ``s`` (``act``: the sub-layer input's bytes; each
+    collective a fraction of it) plus the shared-core wait ``sync`` of each. ``ctx``: the pricing context
+    (``layer_cost.PricingContext``, not imported: layer_cost imports this module)."""
+    counts = Counter(block_tp_collectives(layer, s.sequence_parallel, s.ep, ctx.topk).all())
+    return sum(n * collective_time(kind, act * w, s.tp, 1, ctx.cluster, fits=ctx.fits).time_s
+               for (kind, w), n in counts.items()) + sum(counts.values()) * sync
 
 
 def _sub_layer(seg: list[OpTerm], hidden: float, sp: bool, gated: bool) -> tuple[list, list]:

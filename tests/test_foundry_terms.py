@@ -45,9 +45,8 @@ def _zero3_layer(tmp_path: Path, impl: str | None) -> tuple[float, float, float]
     cfg = tmp_path / "gpt.json"
     cfg.write_text(json.dumps(dict(model_type="gpt2", n_embd=2048, n_layer=4, n_head=16, vocab_size=1024,
                                    n_positions=1024)))
-    cm, _, cluster, _ = build_cost_model(Inputs(model=str(cfg), gpu="a100-80g", seq_len=1024, runtime="torch"))
-    if impl is not None:
-        cm.fsdp_impl = impl
+    cm, _, cluster, _ = build_cost_model(Inputs(model=str(cfg), gpu="a100-80g", seq_len=1024, runtime="torch",
+                                                **({} if impl is None else {"fsdp_impl": impl})))
     s = Strategy.parse("dp=8,zero=3,mbs=1,gbs=16").resolve(cluster.world)
     costs = cm.layer_costs(s)
     return cm._zero3_layer(s, costs[cm.estimate(s).ranks[0].layers[0]], bytes_per_param(cm.dtype)[1])

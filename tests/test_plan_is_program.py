@@ -27,3 +27,30 @@ def test_holds_stage_grads_reads_dp_mode_with_the_same_answers():
             assert zero < 3 and all(dp_mode(zero, n, dt, ep, pp > 1, off, dtype) == "fsdp2"
                                     for dt, ep in itertools.product((False, True), repeat=2))
     assert held > 0
+
+
+def test_fsdp_impl_is_a_typed_field_of_the_pricing_context_given_at_construction():
+    """Which FSDP runs (FSDP1 for llm-foundry's rows) is passed in through ``Inputs`` and carried by every cost
+    model of the job; it was an attribute a benchmark set on the CostModel afterwards."""
+    import dataclasses
+    import typing
+
+    import pytest
+
+    from autopar.cost_models.fsdp import FSDP_IMPLS
+    from autopar.cost_models.layer_cost import PricingContext
+    from autopar.cost_models.session import Inputs, build_cost_model, same_job
+    from autopar.errors import InputError
+
+    field = {f.name: f for f in dataclasses.fields(PricingContext)}["fsdp_impl"]
+    hints = typing.get_type_hints(PricingContext)
+    assert field.default == "fsdp2" and typing.get_args(hints["fsdp_impl"]) == FSDP_IMPLS
+    cm = build_cost_model(Inputs(model="gpt-tiny", gpu="a100-80g", seq_len=64, fsdp_impl="fsdp1_pure"))[0]
+    assert cm.ctx.fsdp_impl == "fsdp1_pure" and not hasattr(cm, "fsdp_impl")
+    assert same_job(cm, seq_len=32).ctx.fsdp_impl == "fsdp1_pure"
+    assert build_cost_model(Inputs(model="gpt-tiny", gpu="a100-80g", seq_len=64))[0].ctx.fsdp_impl == "fsdp2"
+    with pytest.raises(InputError, match="fsdp_impl=fsdp3"):
+        build_cost_model(Inputs(model="gpt-tiny", gpu="a100-80g", seq_len=64, fsdp_impl="fsdp3"))
+    with pytest.raises(InputError, match="--runtime torch only"):
+        build_cost_model(Inputs(model="gpt-tiny", gpu="a100-80g", seq_len=64, fsdp_impl="fsdp1_pure",
+                                runtime="megatron"))
