@@ -102,8 +102,11 @@ class CostModel:
         self._z3 = IdentityMemo(4096)   # _zero3_layer by what it reads (most layers share one price)
 
     def __setstate__(self, state: dict) -> None:
-        """A model pickled before ``PricingContext.attn_head_dim`` (benchmarks' row caches) gets its head dim."""
+        """A model pickled before ``PricingContext.attn_head_dim`` (benchmarks' row caches) gets its head dim, and
+        one pickled with the ``fsdp_impl`` attribute (before ``PricingContext.fsdp_impl``) keeps its FSDP."""
         self.__dict__.update(state)
+        if "fsdp_impl" in self.__dict__:
+            self.ctx.fsdp_impl = self.__dict__.pop("fsdp_impl")
         if "attn_head_dim" not in self.ctx.__dict__:
             self.ctx.attn_head_dim = (self.spec.qk_nope_head_dim + self.spec.qk_rope_head_dim) or self.spec.head_dim
 
