@@ -102,3 +102,22 @@ def test_torch_runtime_keeps_every_block_but_slows_at_head_dim_64():
     d64 = t.attention_fb(1e12, 1e6, 1.0, 2.5, "torch", 4096, 1, 64)
     assert d64[0] == pytest.approx(d128[0] / gpu.attention_head_dim_rate.d64_ratio)
     assert t.attention_fb(1e12, 1e6, 1.0, 2.5, "torch", 4096) == d128  # no head dim: as quoted (128)
+
+
+def test_gpt_oss_row_maps_its_window_on_alternate_layers(tmp_path):
+    """GPT-OSS-120B (Megatron-Bridge GPTOSSProvider window_size (128, 0), window_attn_skip_freq 2): the published
+    rows' mapping builds 18 sliding layers of 128 tokens, the even ones, at head dim 64."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from autopar.profiles.intake import from_hf_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import published_rows as pr
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(pr.ARCHS["GPT-OSS-120B"]))
+    spec = from_hf_config(cfg)
+    assert spec.sliding_window == 128 and spec.head_dim == 64
+    assert [i for i in range(spec.layers) if spec.is_sliding_layer(i)] == list(range(0, 36, 2))
