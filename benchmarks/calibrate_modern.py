@@ -277,7 +277,8 @@ def objective(errs: list[tuple[float, bool]]) -> float:
         return 0.0
     a = [min(abs(e), TRIM) if OBJECTIVE == "trim" else abs(e) for e, _ in errs]
     calib = [abs(e) for e, c in errs if c]
-    penalty = 5 * (max(0.0, statistics.mean(calib) - 0.05) + max(0.0, max(calib) - 0.10)) if calib else 0.0
+    # 100: the band is the acceptance's (at 5, --fine 2 on 7e4ea8a bought other rows with a calibration max of 10.02%)
+    penalty = 100 * (max(0.0, statistics.mean(calib) - 0.05) + max(0.0, max(calib) - 0.10)) if calib else 0.0
     tail = 0.2 * max(a) if OBJECTIVE == "max" else HINGE_WEIGHT * statistics.mean(max(0.0, e - HINGE_AT) for e in a)
     return statistics.mean(a) + tail + penalty + OVER_WEIGHT * statistics.mean(e > 0.15 for e in a)
 
@@ -448,7 +449,7 @@ def report(built: list[Built], fitted: Fitted) -> None:
     for name, a in (("modern rows", modern), ("calibration rows", calib)):
         if a:
             print(f"  {name:22s} rows {len(a):3d}  mean |err| {100 * statistics.mean(a):5.1f}%  "
-                  f"max {100 * max(a):5.1f}%  over 15%: {sum(e > 0.15 for e in a)}")
+                  f"max {100 * max(a):5.2f}%  over 15%: {sum(e > 0.15 for e in a)}")
 
 
 def fit_flags(ap: argparse.ArgumentParser) -> None:

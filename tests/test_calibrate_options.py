@@ -27,6 +27,9 @@ def test_default_objective_is_mean_plus_excess_over_15(cal):
     errs = [(0.10, False), (-0.20, False), (0.152, False), (0.02, True)]
     a = [0.10, 0.20, 0.152, 0.02]
     assert cal.objective(errs) == pytest.approx(sum(a) / 4 + (0.05 + 0.002) / 4)
+    # a calibration row just outside its 10% band costs more than any other row could gain (the acceptance's band)
+    out = [*errs[:3], (0.1002, True)]
+    assert cal.objective(out) - cal.objective(errs) > 0.0002 / 4 + 100 * 0.0002 - 1e-9
 
 
 def test_hinge_knee_weight_and_count_of_rows_over_15(cal):
