@@ -34,6 +34,9 @@ def _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, str
         raise InputError(f"--global-batch={global_batch} disagrees with the strategy's gbs={s.global_batch}")
     s = s.resolve(cl.world, gb)
     cm.check(s)
+    if cm.ctx.tp_comm_overlap and s.tp > 1 and not s.sequence_parallel:  # Megatron-Core asserts it
+        raise InputError("--tp-comm-overlap: Megatron-Core overlaps tp communication only under sequence parallel; "
+                         "add sp=1 to --strategy or drop --tp-comm-overlap")
     return cm, cl, s, cm.estimate(s)
 
 

@@ -211,7 +211,8 @@ def shardings(cm: CostModel, cons: Constraints, gb: int):
     """Rows of shardings that differ only in the micro-batch, mbs ascending."""
     for tp, cp, pp, dp in meshes(cm, cons, gb):
         sps = [x for x in tensor_parallel.SP_VALUES if cons.ok("sequence_parallel", x)
-               and allowed_shape(cm, tensor_parallel.TECHNIQUE, tp=tp, cp=cp, dp=dp, sequence_parallel=x)]
+               and allowed_shape(cm, tensor_parallel.TECHNIQUE, tp=tp, cp=cp, dp=dp, sequence_parallel=x)
+               and not (cm.ctx.tp_comm_overlap and tp > 1 and not x)]  # Megatron-Core's overlap needs sp
         mbs = [b for b in divisors(gb // dp) if cons.ok("micro_batch", b)]
         for ep, etp in expert_maps(cm, cons, tp, cp, pp, dp):
             for sp in sps:

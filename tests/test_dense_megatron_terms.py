@@ -73,6 +73,23 @@ def test_the_cli_prices_and_records_the_flag(run_cli, tmp_path):
     assert plan.tp_comm_overlap and "--tp-comm-overlap" in plan.provenance.command
 
 
+def test_the_flag_without_sequence_parallel_is_refused_and_never_searched(run_cli):
+    """Megatron-Core asserts sequence parallel under --tp-comm-overlap: estimate refuses tp > 1 without it in one
+    line, and plan searches sp=1 only wherever tp > 1."""
+    import json
+
+    code, _, err = run_cli("estimate", "gpt-tiny", "--runtime", "megatron", "--tp-comm-overlap",
+                           "--strategy", "tp=2,dp=-1,mbs=1,sp=0,gbs=64")
+    assert code == 2 and "sp=1" in err and "Traceback" not in err
+    sps = {}
+    for flag in ([], ["--tp-comm-overlap"]):
+        code, out, err = run_cli("plan", "gpt-tiny", "--runtime", "megatron", *flag, "--tp", "2", "--top", "200",
+                                 "--json")
+        assert code == 0, err
+        sps[bool(flag)] = {p["strategy"]["sp"] for p in json.loads(out)["candidates"]}
+    assert sps == {False: {0, 1}, True: {1}}
+
+
 @pytest.mark.skipif(not MODERN.is_file(), reason="shared/validation is absent")
 def test_only_rows_that_state_the_flag_get_it():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
