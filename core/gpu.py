@@ -227,6 +227,10 @@ class GpuProfile(BaseModel):
     shared_core_sync_s: float = Field(
         0.0, ge=0, description="wall time a blocking collective or send/receive costs when the node's ranks "
                                "share cores (its members wait to be scheduled together); 0 for GPUs")
+    host_launch_s: float | None = Field(
+        None, gt=0, description="host seconds per kernel launch of an eager training step (Python, dispatch, "
+                                "cudaLaunchKernel): a step takes at least its launches x this "
+                                "(cost_models/host_bound.py); None: host_bound.DEFAULT_HOST_LAUNCH_S; unused on CPUs")
     dtensor_call_overhead_s: float = Field(
         0.0, ge=0, description="host CPU time DTensor adds to one tensor-parallel module call, forward + "
                                "backward (sharding propagation, redistribution in Python); 0 where the host "
