@@ -17,6 +17,13 @@ Measures, each as the median of timed repeats after warm-ups (CUDA events):
   window / causal rate of one kernel tests the knee below the measured 4k point. Their rows are
   ``kind: attention_shape`` with milliseconds and the FLOPs each rate counts (``flops_basis``).
 
+- with ``--launch``, host seconds per kernel launch (``cost_models/host_bound.py``): a loop of tiny adds with one
+  sync at the end, and a chain of tiny multiplies through autograd (forward + backward); ``kind: launch`` rows.
+- with ``--membound``, GB/s of copy, add and fp32 -> bf16 cast over 1 MB .. 4 GB (``--max-mb``): the membound
+  curve autopar otherwise carries over from the A100; ``kind: membound`` rows with bytes moved and seconds.
+  ``benchmarks/fit_kernel_rates.py`` fits ``membound_eff`` and ``host_launch_s`` from them.
+- ``--device cpu`` runs the same probes on the CPU (the smoke test's tiny sizes; no GEMM / attention rows).
+
 The bounds in ``benchmarks/calibrate_modern.py`` cite these: the GEMM scale stays at or below the
 best bf16 / fp8 GEMM rate measured here, and the attention scale between the flash and the best
 backend. Prints a table and writes JSON.
@@ -27,13 +34,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 
 import torch
 
 
 def timed_ms(fn, warmup: int = 3, reps: int = 10) -> float:
-    """Median milliseconds of ``fn()`` on the current stream."""
+    """Median milliseconds of ``fn()`` on the current stream (wall clock off CUDA)."""
+    if not torch.cuda.is_available():
+        return wall_ms(fn, warmup, reps)
     for _ in range(warmup):
         fn()
     times = []
@@ -45,6 +55,69 @@ def timed_ms(fn, warmup: int = 3, reps: int = 10) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def wall_ms(fn, warmup: int = 3, reps: int = 10, sync=lambda: None) -> float:
+    """Median wall milliseconds of ``fn()`` followed by ``sync()`` (the host's view: launches included)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _sync(device: str):
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def launch_rates(device: str, n: int = 2000) -> list[dict]:
+    """Host seconds per launch: ``n`` tiny adds and one sync (each add one kernel), and a chain of ``n`` tiny
+    multiplies with its backward (``n`` forward + ``n`` backward kernels, one sync). On a GPU the tiny kernels run
+    in ~2 us, so the loop's wall time is the host's: Python, dispatch, autograd and cudaLaunchKernel."""
+    x = torch.zeros(256, device=device)
+
+    def adds(x=x):
+        for _ in range(n):
+            x = x + 1.0
+
+    def chain(x=x):
+        y = x.clone().requires_grad_(True)
+        z = y
+        for _ in range(n):
+            z = z * 1.0001
+        z.sum().backward()
+
+    rows = []
+    for name, fn, launches in (("eager", adds, n), ("autograd", chain, 2 * n + 3)):
+        ms = wall_ms(fn, warmup=2, reps=5, sync=_sync(device))
+        rows.append({"kind": "launch", "mode": name, "launches": launches, "time_s": ms / 1e3,
+                     "host_launch_s": ms / 1e3 / launches})
+    return rows
+
+
+def membound_rates(device: str, max_mb: float = 4096) -> list[dict]:
+    """GB/s of copy (read + write), add (2 reads + write) and fp32 -> bf16 cast over 1 MB .. ``max_mb`` MB tensors
+    (size = one operand's bytes; ``bytes`` = all bytes moved)."""
+    rows, mb = [], 1.0
+    while mb <= max_mb:
+        n = int(mb * 2**20 // 4)   # fp32 elements
+        a, b = torch.randn(n, device=device), torch.randn(n, device=device)
+        out, half = torch.empty_like(a), torch.empty(n, device=device, dtype=torch.bfloat16)
+        ops = (("copy", lambda a=a, out=out: out.copy_(a), 8 * n),
+               ("add", lambda a=a, b=b, out=out: torch.add(a, b, out=out), 12 * n),
+               ("cast_bf16", lambda a=a, half=half: half.copy_(a), 6 * n))
+        for op, fn, moved in ops:
+            s = timed_ms(fn) / 1e3
+            rows.append({"kind": "membound", "op": op, "size_mb": mb, "bytes": moved, "time_s": s,
+                         "gbps": moved / s / 1e9})
+        del a, b, out, half
+        mb *= 4
+    return rows
 
 
 def gemm_rates() -> list[dict]:
@@ -138,21 +211,33 @@ def attention_shape_rates() -> list[dict]:
     return rows
 
 
-def main() -> int:
+def _short(v):
+    """A float as printed: one decimal from 1 up (TFLOP/s, GB/s), three significant digits below (seconds)."""
+    return (round(v, 1) if abs(v) >= 1 else float(f"{v:.3g}")) if isinstance(v, float) else v
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("kernel_rates.json"))
     ap.add_argument("--shapes", action="store_true", help="also attention by head dim, short sequences, windows")
-    a = ap.parse_args()
-    if not torch.cuda.is_available():
+    ap.add_argument("--launch", action="store_true", help="also host seconds per kernel launch (eager, autograd)")
+    ap.add_argument("--membound", action="store_true", help="also copy / add / bf16-cast GB/s, 1 MB .. --max-mb")
+    ap.add_argument("--max-mb", type=float, default=4096, help="largest --membound operand, MB (default 4096)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: only --launch / --membound (the smoke test)")
+    a = ap.parse_args(argv)
+    cuda = a.device == "cuda"
+    if cuda and not torch.cuda.is_available():
         print("kernel_rates: no CUDA device visible to torch")
         return 2
-    rows = gemm_rates() + attention_rates() + (attention_shape_rates() if a.shapes else [])
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cudnn": torch.backends.cudnn.version()}
+    rows = (gemm_rates() + attention_rates() + (attention_shape_rates() if a.shapes else [])) if cuda else []
+    rows += (launch_rates(a.device) if a.launch else []) + (membound_rates(a.device, a.max_mb) if a.membound else [])
+    env = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None}
     a.out.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
     print(json.dumps(env))
     for r in rows:
-        print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}))
+        print(json.dumps({k: _short(v) for k, v in r.items()}))
     return 0
 
 
