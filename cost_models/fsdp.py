@@ -91,6 +91,20 @@ def holds_stage_grads(runtime: str, pp: int, schedule: str, zero_stage: int, off
     return dp_mode(zero_stage, dp_cp, False, False, pp > 1, offload, dtype) == "fsdp2"
 
 
+def syncs_after_backward(runtime: str, pp: int, zero_stage: int, offload: bool) -> bool:
+    """Whether autopar's program runs a pipeline rank's data-parallel all-reduce after each stage's last
+    backward with nothing beside it, instead of bucket by bucket during the last micro-batch's backward
+    (``overlap.grad_sync_exposed``). ZeRO-0 under a pipeline is FSDP2's ``replicate`` (``dp_mode``: DDP's
+    bucket rebuild breaks under interleaved schedules); torch.distributed.pipelining runs every micro-batch's
+    backward of such a stage with ``set_requires_gradient_sync(False)`` and the schedule's ``REDUCE_GRAD``
+    (``perform_reduce_grad``) issues every unit's all-reduce after the stage's last backward, the compute
+    stream waiting on the last one (``_root_post_backward_final_callback``): the whole sync is exposed.
+    Counted on gloo: every all-reduce inside REDUCE_GRAD (tests/test_pipeline_dp_sync.py)."""
+    if runtime != "torch" or pp <= 1:
+        return False
+    return dp_mode(zero_stage, 2, False, False, True, offload) == "replicate"
+
+
 def deferred(cm, s) -> bool:
     """``syncs_once_per_step`` of a ``CostModel``'s runtime for strategy ``s``."""
     return syncs_once_per_step(cm.ctx.runtime, s.pp, s.schedule)
