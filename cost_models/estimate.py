@@ -29,7 +29,7 @@ from autopar.core.cluster import ClusterSpec
 from autopar.core.gpu import GpuProfile
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
-from autopar.cost_models import fp8_cost, fsdp, fsdp_copy, host_bound, overlap
+from autopar.cost_models import fp8_cost, fsdp, fsdp_copy, overlap
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, mfu_peak
 from autopar.cost_models.estimate_types import Estimate, RankMemory, RankReport  # noqa: F401
@@ -162,7 +162,7 @@ class CostModel:
         total = pipe.step_time_s + dp_exposed + opt + slowed + self.stack.step_overhead_s
         time = _time_breakdown(ranks, pipe, dp_exposed, opt - copies, m)
         time.update({"comm_contention": slowed, "fsdp_copy": copies, "step_overhead": self.stack.step_overhead_s})
-        return self._report(s, host_bound.waited(self, s, stages, recompute, total, time), time, ranks, recompute)
+        return self._report(s, total, time, ranks, recompute)
 
     def _shared_cores(self, pipe, ranks: list[RankReport], m: int):
         """Ranks sharing CPU cores (contention k > 1, every op priced k x slower): the scheduler

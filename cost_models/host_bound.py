@@ -3,7 +3,10 @@
 On a GPU the host runs ahead of the device (CUDA's asynchronous queue), so a step costs the GPU's time
 as long as the host issues kernels faster than the GPU runs them. When the kernels are small (a
 micro-batch of one, many small experts looped one by one, narrow layers) the queue drains and the
-GPU waits for the host: the step takes at least ``launches x host_launch_s`` (``step_floor``).
+GPU waits for the host. Each layer's forward and backward (per micro-batch, as the program runs them) takes at
+least its kernel launches x ``host_launch_s`` (``layer_floor``): the emitted MoE program syncs once per layer (its
+token counts), so the host cannot run further ahead than a layer there, and a layer is the unit the planner's
+partition and bounds price (``LayerCost``), so estimate and search read the same floor.
 
 Measured (docs/validation.md "On a GPU", /work/briefs6/trace/summary.md, ``benchmarks/gpu_trace.py`` on one
 H100): autopar's emitted MoE program (h2048, 8 experts top-2, 4 layers, seq 4096, mbs 1, 4 micro-batches) kept
@@ -13,9 +16,10 @@ the GPU busy 200.8 ms of a 360 ms step in 5,497 kernel launches (host-bound); th
 Only the eager torch-native stacks (``--runtime torch`` / ``torchtitan`` / ``deepspeed``: one kernel or a few per
 captured op, Python modules and hooks around each) have this floor. Megatron-Core launches fused Transformer
 Engine kernels and grouped expert GEMMs from a lean host loop: its published rows are not host-bound at the eager
-rate (with the floor, Narayanan et al. 2021's PTD-P 174.6B rows would price -73..-75% and the MoE Parallel Folding
-Qwen2-57B rows -28..-41%, against within 6.4% without: ``benchmarks/validate_published.py`` on published_modern.yaml,
-2026-11-27), so ``EAGER_RUNTIMES`` leaves it out.
+rate (with a step-level version of this floor, commit 91c2b56, Narayanan et al. 2021's PTD-P 174.6B rows priced
+-73..-75% and the MoE Parallel Folding Qwen2-57B rows -28..-41%, against within 6.4% without:
+``benchmarks/validate_published.py`` on published_modern.yaml, 2026-11-27), so ``EAGER_RUNTIMES`` leaves it out.
+With it no published row moves (they are large, GPU-bound runs).
 
 A CPU device runs every op synchronously: its host time is already in each op's price (``op_overhead_s``,
 ``dtensor_call_overhead_s`` of a measured CPU profile), so no floor applies there.
@@ -26,7 +30,6 @@ from __future__ import annotations
 from autopar.core.gpu import GpuProfile
 from autopar.core.strategy import Strategy
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm
-from autopar.techniques.pipeline import rank_stages
 
 # Kernel launches per captured op call and pass (forward; backward counts 2 passes). The captured graph's
 # ops are modules and aten nodes (an RMSNorm is one op but ~6 kernels; a cast or an add is one), and the
@@ -35,9 +38,12 @@ from autopar.techniques.pipeline import rank_stages
 # = 1.89 on the dense one (/work/briefs6/trace/summary.md; op calls: tests/test_host_bound.py prints them).
 KERNELS_PER_OP_CALL = 1.9
 BACKWARD_PASSES = 2.0   # a backward launches about twice the forward's kernels (grad input + grad weight)
-# A GPU profile without its own measurement: the H100's (h100-sxm.yaml sources.host_launch_s); the host's
-# cost per launch belongs to the CPU and the eager framework more than to the GPU.
-DEFAULT_HOST_LAUNCH_S = 6.55e-5
+# A GPU profile without its own measurement: the H100's (h100-sxm.yaml sources.host_launch_s: 56.1 us, the traced
+# MoE step less its optimizer and FSDP copies over its launches); the host's cost per launch belongs to the CPU and
+# the eager framework more than to the GPU. For scale: a bare eager op on this repo's CPU container costs 8.4 us,
+# 13.4 us through autograd (`kernel_rates.py --device cpu --launch`, no cudaLaunchKernel); the program's modules
+# and FSDP2 hooks add the rest. `kernel_rates.py --launch` on the next lent GPU measures the floor there.
+DEFAULT_HOST_LAUNCH_S = 5.61e-5
 EAGER_RUNTIMES = ("torch", "torchtitan", "deepspeed")   # stacks the floor applies to (module docstring)
 
 
@@ -73,39 +79,27 @@ def layer_launches(t: LayerTemplate, s: Strategy, mode: str = "none", grouped: b
 
 def rank_launches(cm, s: Strategy, layers: list[int], recompute: list[str], first: bool, last: bool) -> float:
     """Kernel launches of one pipeline rank per step: its layers (and the embedding / output it holds) for every
-    micro-batch. Identical layers are counted once (the planner asks for every layout it prices)."""
-    grouped, seen = bool(cm.stack.expert_grouped_gemm), {}
-    per_mb = 0.0
-    for i in layers:
-        key = (id(cm.blocks[i]), recompute[i])
-        if key not in seen:
-            seen[key] = layer_launches(cm.blocks[i], s, recompute[i], grouped)
-        per_mb += seen[key]
+    micro-batch (what a trace's kernel count compares with; tests/test_host_bound.py)."""
+    grouped = bool(cm.stack.expert_grouped_gemm)
+    per_mb = sum(layer_launches(cm.blocks[i], s, recompute[i], grouped) for i in layers)
     per_mb += sum(layer_launches(t, s) for t, held in ((cm.embedding, first), (cm.output, last)) if t and held)
     return per_mb * s.num_micro_batches
 
 
-def step_floor(cm, s: Strategy, stages: list[tuple[int, int]], recompute: list[str]) -> float:
-    """Seconds the slowest rank's host needs to issue its step's kernels: ``launches x host_launch_s``
-    (a step costs ``max(GPU time, this)``: the host runs ahead of the GPU until its queue drains). ``stages``:
-    the virtual stages in model order, placed on ranks as ``techniques.pipeline.rank_stages`` places them."""
-    h = host_launch_s(cm.gpu, cm.ctx.runtime)
+def layer_floor(ops: list[OpTerm], s: Strategy, ctx, fwd_s: float, bwd_s: float) -> tuple[float, float, dict]:
+    """(forward, backward, {recompute mode: its re-run's floor}) of one layer per micro-batch: each at least its
+    kernel launches x ``host_launch_s``; ``ops``: the layer's ops as the runtime runs them. 0 floors (nothing
+    changes) on a CPU device and outside ``EAGER_RUNTIMES``."""
+    h = host_launch_s(ctx.timer.gpu, ctx.runtime)
     if not h:
-        return 0.0
-    worst = 0.0
-    for r in range(s.pp):
-        mine = rank_stages(r, s.pp, len(stages) // s.pp, s.schedule)
-        layers = [i for j in mine for i in range(*stages[j])]
-        worst = max(worst, rank_launches(cm, s, layers, recompute, 0 in mine, len(stages) - 1 in mine))
-    return h * worst
+        return fwd_s, bwd_s, {}
+    grouped = bool(ctx.timer.stack and ctx.timer.stack.expert_grouped_gemm)
+    one = KERNELS_PER_OP_CALL * h   # host seconds per captured op call and pass
+    fwd_floor = one * sum(op_calls(o, s, grouped) for o in ops)
+    reruns = {m: one * sum(op_calls(o, s, grouped) for o in ops if rerun(o, m)) for m in ("selective", "op", "full")}
+    return max(fwd_s, fwd_floor), max(bwd_s, BACKWARD_PASSES * fwd_floor), reruns
 
 
-def host_wait(cm, s: Strategy, stages: list[tuple[int, int]], recompute: list[str], gpu_s: float) -> float:
-    """Seconds a step waits on its host beyond the GPU's ``gpu_s`` (0 while the GPU is the bottleneck)."""
-    return max(0.0, step_floor(cm, s, stages, recompute) - gpu_s)
-
-
-def waited(cm, s: Strategy, stages: list[tuple[int, int]], recompute: list[str], gpu_s: float, time: dict) -> float:
-    """``CostModel.estimate``'s step: ``gpu_s`` + its ``host_wait``, recorded in the ``time`` breakdown."""
-    time["host_wait"] = host_wait(cm, s, stages, recompute, gpu_s)
-    return gpu_s + time["host_wait"]
+def rerun_floor(recompute_s: dict[str, float], floors: dict[str, float]) -> dict[str, float]:
+    """Each recompute mode's extra backward time, at least the host time of the forward ops it re-runs."""
+    return {m: max(t, floors.get(m, 0.0)) for m, t in recompute_s.items()}

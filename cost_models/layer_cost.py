@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from autopar.core.cluster import ClusterSpec
 from autopar.core.strategy import Strategy
+from autopar.cost_models import host_bound
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_contention, layer_dtype
 from autopar.cost_models.cp_cost import cp_exposed, cp_kept_bytes, cp_rerun_s
@@ -191,6 +192,7 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     comm = _layer_comm(layer, s, ctx, kernel_fwd, fwd + bwd)
     host = _dtensor_overhead(layer, s, ctx) + len(ops) * ctx.timer.gpu.op_overhead_s * ctx.timer.contention
     fwd, bwd = fwd + host / 3, bwd + 2 * host / 3  # backward dispatches about twice the forward's ops
+    fwd, bwd, floors = host_bound.layer_floor(ops, s, ctx, fwd, bwd)   # an eager host issuing small kernels
     cp_kv, cp_rerun = cp_kept_bytes(layer, s, ctx), cp_rerun_s(layer, s, ctx, shared_core_sync(ctx))
     tail = early_stop_tail(layer, ops) if ctx.runtime == "torch" else []
     tp_full, tp_op = tp_rerun(layer, s, ctx.runtime, comm.get("tp", 0.0), _tp_modules(layer, s.sequence_parallel),
@@ -198,7 +200,7 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     sel = {"selective": selective_bytes(layer, ops, sh, ctx.dtype_bytes)} if ctx.runtime == "torch" else {}
     return LayerCost(
         fwd_s=fwd, bwd_s=bwd,
-        recompute_s=recompute_times(ops, fwds, ctx.runtime, fwd, host, tail),
+        recompute_s=host_bound.rerun_floor(recompute_times(ops, fwds, ctx.runtime, fwd, host, tail), floors),
         comm_s=comm,
         # the forward's ep all-to-alls and etp gathers (half of each) and the cp K/V gather are re-run by
         # full and op alike (the per-op policy keeps none of them)

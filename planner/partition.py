@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autopar.core.strategy import Strategy
-from autopar.cost_models import fsdp, host_bound, overlap
+from autopar.cost_models import fsdp, overlap
 from autopar.cost_models.estimate import DDP_BUCKET_BYTES, CostModel, RankReport
 from autopar.cost_models.layer_cost import RECOMPUTE_MODES, LayerCost
 from autopar.cost_models.memory import bytes_per_param, warmup_gradient_bytes
@@ -433,9 +433,7 @@ def _result(pr: RankPricer, counts: list[int], t: float, evs: list[RankEval]) ->
     modes: dict[int, str] = {}
     for r in range(pr.p):
         modes.update(pr.assignment(r, offs[r], counts[r]))
-    layer_modes = [modes[i] for i in range(pr.L)]   # the step waits for its host where it launches more (estimate)
-    t += host_bound.host_wait(pr.cm, pr.s, stages, layer_modes, t)
-    return PartitionResult(t, list(counts), stages, layer_modes, evs)
+    return PartitionResult(t, list(counts), stages, [modes[i] for i in range(pr.L)], evs)
 
 
 class _Layout:
