@@ -82,6 +82,7 @@ def test_deep_interleaved_fsdp_is_refused():
     assert rule(Strategy.parse(base + ",vpp=4,zero=1,offload=1").resolve(8), None, 8, None)
     assert not rule(Strategy.parse(base + ",vpp=3,zero=2").resolve(8), None, 8, None)
     assert not rule(Strategy.parse(base + ",vpp=4,zero=1").resolve(8), None, 8, None)
+    assert not rule(Strategy.parse(base + ",vpp=4,zero=3").resolve(8), None, 8, None)   # counted as priced
 
 
 PLANS = {   # name: (strategy, layers); 4 micro-batches per step on every program
@@ -89,6 +90,7 @@ PLANS = {   # name: (strategy, layers); 4 micro-batches per step on every progra
     "z0_il": ("pp=2,dp=2,vpp=2,schedule=interleaved,mbs=1,zero=0", 4),
     "z2_1f1b": ("pp=2,dp=2,schedule=1f1b,mbs=1,zero=2", 8),
     "z2_il4": ("pp=2,dp=2,vpp=4,schedule=interleaved,mbs=1,zero=2", 8),
+    "z3_il4": ("pp=2,dp=2,vpp=4,schedule=interleaved,mbs=1,zero=3", 8),
 }
 
 
@@ -96,7 +98,8 @@ PLANS = {   # name: (strategy, layers); 4 micro-batches per step on every progra
 def test_emitted_programs_sync_as_counted(tmp_path, monkeypatch):
     """One launch on 4 gloo ranks (pp=2 x dp=2): replicate's all-reduces run once per unit and step, every
     one inside REDUCE_GRAD (after the stage's last backward); ZeRO-2 under 1F1B gathers each unit once per
-    micro-batch as priced, under interleaved vpp=4 (emitted past the refusal) more often."""
+    micro-batch as priced, under interleaved vpp=4 (emitted past the refusal) more often; ZeRO-3 under
+    interleaved vpp=4 twice per micro-batch, as priced (not refused)."""
     sys.path.insert(0, str(HERE))
     from helpers_plans import make_plan
 
@@ -124,3 +127,5 @@ def test_emitted_programs_sync_as_counted(tmp_path, monkeypatch):
         assert set(c["all_gather"].values()) == {4} and set(c["reduce"].values()) == {4}
     gathers = [v for c in step2["z2_il4"] for v in c["all_gather"].values()]
     assert min(gathers) >= 4 and max(gathers) > 4   # re-gathered beyond once per micro-batch
+    for c in step2["z3_il4"]:
+        assert set(c["all_gather"].values()) == {8} and set(c["reduce"].values()) == {4}
