@@ -8,7 +8,7 @@ least its kernel launches x ``host_launch_s`` (``layer_floor``): the emitted MoE
 token counts), so the host cannot run further ahead than a layer there, and a layer is the unit the planner's
 partition and bounds price (``LayerCost``), so estimate and search read the same floor.
 
-Measured (docs/validation.md "On a GPU", /work/briefs6/trace/summary.md, ``benchmarks/gpu_trace.py`` on one
+Measured (docs/validation.md "On a GPU: the first run on an H100", ``benchmarks/gpu_trace.py`` on one
 H100): autopar's emitted MoE program (h2048, 8 experts top-2, 4 layers, seq 4096, mbs 1, 4 micro-batches) kept
 the GPU busy 200.8 ms of a 360 ms step in 5,497 kernel launches (host-bound); the dense llama-gpu program
 (h4096) kept it busy 279.1 ms of 297 ms in 3,286 launches (GPU-bound).
@@ -35,7 +35,7 @@ from autopar.cost_models.layer_model import LayerTemplate, OpTerm
 # ops are modules and aten nodes (an RMSNorm is one op but ~6 kernels; a cast or an add is one), and the
 # step also launches the optimizer's foreach kernels and FSDP2's copies: per step, kernels / (micro-batches
 # x 3 passes x captured op calls) = 5,497 / (4 x 3 x 237) = 1.93 on the MoE program and 3,286 / (4 x 3 x 145)
-# = 1.89 on the dense one (/work/briefs6/trace/summary.md; op calls: tests/test_host_bound.py prints them).
+# = 1.89 on the dense one (the traces: docs/validation.md "On a GPU"; tests/test_host_bound.py checks the count).
 KERNELS_PER_OP_CALL = 1.9
 BACKWARD_PASSES = 2.0   # a backward launches about twice the forward's kernels (grad input + grad weight)
 # A GPU profile without its own measurement: the H100's (h100-sxm.yaml sources.host_launch_s: 56.1 us, the traced

@@ -54,7 +54,7 @@ def test_the_floor_binds_only_where_launches_exceed_the_gpu_time(moe):
 
 
 def test_launch_counts_match_the_h100_traces(moe, llama):
-    # /work/briefs6/trace/summary.md: 5,497 kernel launches a step (moe-gpu), 3,286 (llama-gpu); mbs 1, 4 micro-batches
+    # docs/validation.md "On a GPU": 5,497 kernel launches a step (moe-gpu), 3,286 (llama-gpu); mbs 1, 4 micro-batches
     for cm, traced in ((moe, 5497), (llama, 3286)):
         s = _strategy(cm, micro_batch=1)
         launches = host_bound.rank_launches(cm, s, list(range(cm.num_layers)), ["none"] * cm.num_layers, True, True)

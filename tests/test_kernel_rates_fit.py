@@ -17,7 +17,7 @@ import kernel_rates  # noqa: E402
 
 from autopar.profiles.hw import load_gpu_profile  # noqa: E402
 
-TRACE = {"step_time_s": 0.36, "kernel_launches": 5497, "kernel_busy_ms": 200.8}   # /work/briefs6/trace moe-mbs1
+TRACE = {"step_time_s": 0.36, "kernel_launches": 5497, "kernel_busy_ms": 200.8}   # traced moe-mbs1 (docs/validation.md)
 
 
 def test_the_membound_fit_recovers_the_physics_curve():
