@@ -268,9 +268,22 @@ def apply_dp(model: nn.Module, mesh: ParallelMesh, zero_stage: int = 0, tp: int 
     for block in blocks(model):  # one all-gather / reduce-scatter group per block
         fully_shard(block, mesh=mesh.dp_cp, **kw)
     fully_shard(model, mesh=mesh.dp_cp, **kw)
+    if pipeline:
+        _prefetch_within_the_microbatch(model)
     if pipeline is True or pipeline in FULL_BACKWARD:  # the schedule's name, or True
         _keep_per_microbatch_sharding(model)
     return model
+
+
+def _prefetch_within_the_microbatch(model: nn.Module) -> None:
+    """Each block's backward prefetches the block before it (the first block: the stage's root). FSDP2's
+    default prefetches the group before it in the order of post-forwards, which runs across micro-batches:
+    a pipeline stage forwards several before a backward, so a block whose predecessor there is the previous
+    micro-batch's last block re-gathers that block just resharded by its own backward (counted on gloo:
+    1.5x the priced gathers of a stage's last block, tests/test_pipeline_dp_sync.py)."""
+    shards = blocks(model)
+    for prev, block in zip([model, *shards], shards):
+        block.set_modules_to_backward_prefetch([prev])
 
 
 # Schedules whose backward is one autograd pass per micro-batch: FSDP's hooks may reduce after
