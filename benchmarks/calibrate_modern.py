@@ -13,7 +13,8 @@ torch, torchtitan, megatron, deepspeed) on that stack's rows. A stack overrides 
 constant only where its own rows' objective improves by ``OVERRIDE_GAIN``; a stack with fewer than
 ``MIN_STACK_ROWS`` rows keeps neutral stack choices. Global constants, never one per row. The
 objective is the rows' mean |error| plus their mean excess over 15% (``OBJECTIVE``; the acceptance
-bounds both); the kernel scales stay inside physical ``BOUNDS`` (``--no-bounds``: without).
+bounds both; ``--hinge-at``, ``--hinge-weight``, ``--over-weight``, ``--fine``: see ``fit_flags``; the profiles name
+the flags they were fitted with); the kernel scales stay inside physical ``BOUNDS`` (``--no-bounds``: without).
 ``--write`` stores the result in the ``gpu_constants:`` and ``stacks:`` sections of each
 profile YAML, naming this command as the source.
 """
