@@ -141,9 +141,9 @@ class Case:
     a2a_overlap: bool = True  # False: the row's Megatron-Core predates the MoE all-to-all overlap
     compile: str = "none"     # torchtitan rows that name torch.compile (validate_memory.compile_mode)
     cross_entropy: str = "te"  # Megatron-Core's fused loss kernel the row's recipe names (cross_entropy_of)
-
-
     tp_comm_overlap: bool = False  # the row states Megatron-Core's --tp-comm-overlap (tp_comm_overlap_of)
+
+
 @dataclass
 class Priced:
     case: Case

@@ -165,6 +165,11 @@ class ModelSpec(BaseModel):
         return not self.layer_attention or self.layer_attention[index] == "sliding"
 
     @property
+    def attention_head_dim(self) -> int:
+        """The width of q.k per head an attention kernel runs: MLA's nope + rope parts, else ``head_dim``."""
+        return (self.qk_nope_head_dim + self.qk_rope_head_dim) or self.head_dim
+
+    @property
     def resolved_norm(self) -> str:
         if self.norm_kind != "auto":
             return self.norm_kind

@@ -95,20 +95,19 @@ class CostModel:
             sdpa_kv_bytes_per_token=sdpa_kv_bytes_per_token(spec, dbytes),
             fits=comm_fits, runtime=runtime, sliding_window=spec.sliding_window,
             sliding_layers=frozenset(i for i in self.blocks if spec.is_sliding_layer(i)),
-            attn_head_dim=(spec.qk_nope_head_dim + spec.qk_rope_head_dim) or spec.head_dim,
-            expert_bias=bool(spec.num_experts and spec.mlp_bias), fsdp_impl=fsdp_impl)
+            attn_head_dim=spec.attention_head_dim, expert_bias=bool(spec.num_experts and spec.mlp_bias),
+            fsdp_impl=fsdp_impl)
         self.moe_load = moe_load
         self._cache: dict[tuple, dict] = {}
         self._z3 = IdentityMemo(4096)   # _zero3_layer by what it reads (most layers share one price)
 
     def __setstate__(self, state: dict) -> None:
-        """A model pickled before ``PricingContext.attn_head_dim`` (benchmarks' row caches) gets its head dim, and
-        one pickled with the ``fsdp_impl`` attribute (before ``PricingContext.fsdp_impl``) keeps its FSDP."""
+        """Row caches pickled before ``ctx.attn_head_dim`` / ``ctx.fsdp_impl`` get the head dim and keep their FSDP."""
         self.__dict__.update(state)
         if "fsdp_impl" in self.__dict__:
             self.ctx.fsdp_impl = self.__dict__.pop("fsdp_impl")
         if "attn_head_dim" not in self.ctx.__dict__:
-            self.ctx.attn_head_dim = (self.spec.qk_nope_head_dim + self.spec.qk_rope_head_dim) or self.spec.head_dim
+            self.ctx.attn_head_dim = self.spec.attention_head_dim
 
     @property
     def num_layers(self) -> int:

@@ -103,9 +103,9 @@ class PricingContext:
     attn_head_dim: int = 0               # the attention kernel's head dim (q.k width); 0: the one it was measured at
     cross_entropy: str = "te"            # megatron: the fused loss kernel (megatron_ops.CROSS_ENTROPY_IMPLS)
     expert_bias: bool = False            # the model's experts have biases (ModelSpec.mlp_bias of an MoE)
-
     tp_comm_overlap: bool = False        # megatron: TE userbuffers tp overlap (--tp-comm-overlap; megatron_ops)
     fsdp_impl: FsdpImpl = "fsdp2"        # torch runtime: which FSDP runs (llm-foundry's rows: FSDP1; fsdp.FsdpImpl)
+
     def __post_init__(self):
         """A measured hardware profile brings its own collective fits and, for CPU ranks that
         share cores, the contention factor (the timer is the CostModel's: its optimizer step
