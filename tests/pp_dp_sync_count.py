@@ -8,25 +8,21 @@ micro-batch backwards the rank ran after its first reduction (``backwards_after_
 
 from __future__ import annotations
 
-import json
-import os
-import runpy
 import sys
 from collections import Counter
 from pathlib import Path
 
-import torch.distributed as dist
 import torch.distributed.fsdp._fully_shard._fsdp_param_group as fsdp_group
 from torch.distributed.pipelining import stage as pp_stage
 
 out_dir, n_steps, programs = Path(sys.argv[1]), sys.argv[2], [Path(p) for p in sys.argv[3:]]
 sys.path.insert(0, str(programs[0]))
 from autopar_rt import runtime as rt  # noqa: E402  (the emitted programs' runtime: the same files in each)
+from count_programs import run_programs  # noqa: E402  (tests/, this script's folder)
 
 gathers: Counter = Counter()
 reduces: Counter = Counter()
 state = {"in_reduce_grad": False, "in_backward": 0, "reduced": False, "after": 0}
-steps: list[dict] = []
 
 
 def _gather(fn):
@@ -65,26 +61,15 @@ base = pp_stage._PipelineStageBase
 base.perform_reduce_grad = _marked(base.perform_reduce_grad, "in_reduce_grad")
 base.backward_one_chunk = _marked(base.backward_one_chunk, "backward")
 base.backward_weight_one_chunk = _marked(base.backward_weight_one_chunk, "backward")
-pp_step = rt.pp_step
 
 
-def _step(*args, **kwargs):
-    """The step's counts: what ran from the previous step's end to this step's end (one step's sync)."""
-    loss = pp_step(*args, **kwargs)
-    steps.append({"all_gather": dict(gathers), "reduce": dict(reduces), "reduce_in_backward": state["in_backward"],
-                  "backwards_after_reduce": state["after"]})
+def _record() -> dict:
+    step = {"all_gather": dict(gathers), "reduce": dict(reduces), "reduce_in_backward": state["in_backward"],
+            "backwards_after_reduce": state["after"]}
     gathers.clear()
     reduces.clear()
     state.update(in_backward=0, reduced=False, after=0)
-    return loss
+    return step
 
 
-rt.pp_step = _step
-dist.init_process_group("gloo")   # one group for every program (runtime_mesh.init_distributed finds it)
-for program in programs:
-    steps.clear()
-    metrics = out_dir / f"{program.name}.metrics.jsonl"
-    sys.argv = [str(program / "train.py"), "--steps", n_steps, "--metrics-file", str(metrics)]
-    runpy.run_path(str(program / "train.py"), run_name="__main__")
-    (out_dir / f"{program.name}.rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(steps))
-dist.destroy_process_group()
+run_programs(rt, programs, out_dir, n_steps, _record)

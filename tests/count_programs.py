@@ -1,0 +1,34 @@
+"""The loop both collective-counting torchrun entries share (tests/zb_fsdp_count.py, tests/pp_dp_sync_count.py): run
+each emitted ``train.py`` in turn in the same processes, recording per step what ``record()`` returns after each
+``pp_step``, and write ``OUT_DIR/<program>.rank<r>.json`` (and the program's own ``<program>.metrics.jsonl``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+
+def run_programs(rt, programs: list[Path], out_dir: Path, n_steps: str, record) -> None:
+    """``record()`` reads and resets the counters of the step that just ended (one step's sync)."""
+    steps: list[dict] = []
+    pp_step = rt.pp_step
+
+    def _step(*args, **kwargs):
+        loss = pp_step(*args, **kwargs)
+        steps.append(record())
+        return loss
+
+    rt.pp_step = _step
+    dist.init_process_group("gloo")   # one group for every program (runtime_mesh.init_distributed finds it)
+    for program in programs:
+        steps.clear()
+        metrics = out_dir / f"{program.name}.metrics.jsonl"
+        sys.argv = [str(program / "train.py"), "--steps", n_steps, "--metrics-file", str(metrics)]
+        runpy.run_path(str(program / "train.py"), run_name="__main__")
+        (out_dir / f"{program.name}.rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(steps))
+    dist.destroy_process_group()
