@@ -9,13 +9,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from autopar.cli import paths
 from autopar.cli.app import app
 
 
 @app.command("emit")
 def emit_command(
     plan: Path = typer.Argument(..., help="plan.json written by `autopar plan`"),
-    out: Path = typer.Option(..., "--out", "-o", help="folder to write train.py and the launch scripts into"),
+    out: Path = typer.Option(..., "--out", "-o", callback=paths.out_folder,
+                              help="folder to write train.py and the launch scripts into"),
     device: Optional[str] = typer.Option(None, "--device", help="cuda (NCCL) or cpu (gloo: try any plan on a "
                                          "laptop); default: the device the plan was priced for"),
     account: Optional[str] = typer.Option(None, "--account", help="SLURM --account"),

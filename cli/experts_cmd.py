@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from autopar.cli import paths
 from autopar.cli.app import app
 from autopar.errors import InputError
 from autopar.fileio import write_atomic
@@ -51,7 +52,7 @@ def trace_routing(
     seq_len: int = typer.Option(128, "--seq-len", min=1, help="model: sequence length of random tokens / .txt rows "
                                 "/ --data windows (the plan's)"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="model: sequences per forward pass"),
-    out: Path = typer.Option(..., "--out", help="trace file to write (JSON)"),
+    out: Path = typer.Option(..., "--out", callback=paths.out_file, help="trace file to write (JSON)"),
     json_out: bool = typer.Option(False, "--json", help="print a JSON summary"),
 ) -> None:
     """Record per-layer expert loads and layer-to-layer transitions of a MoE model."""
@@ -216,8 +217,9 @@ def experts_cmd(
     gap: float = typer.Option(0.0, "--gap", min=0.0,
                               help="search: stop once the proven gap is at most this (0.02 = 2%)"),
     seed: int = typer.Option(0, "--seed", help="seed of the search restarts and the random baseline"),
-    out: Path | None = typer.Option(None, "--out", help="placement file to write (JSON)"),
-    plot: Path | None = typer.Option(None, "--plot", help="heat map PNG of load per rank per layer"),
+    out: Path | None = typer.Option(None, "--out", callback=paths.out_file, help="placement file to write (JSON)"),
+    plot: Path | None = typer.Option(None, "--plot", callback=paths.out_file,
+                                     help="heat map PNG of load per rank per layer"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Assign each MoE layer's experts to EP ranks: balanced load, few cross-rank tokens."""

@@ -152,6 +152,10 @@ def run(args: list[str]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # a file the command reads or writes (disk full, permissions): one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}; fix: check that path and its permissions", file=sys.stderr)
+        sys.exit(2)
     except Exception as exc:  # click (vendored by typer) usage errors and exits
         code = getattr(exc, "exit_code", None)
         if code is None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from autopar.cli import awkward_view
+from autopar.cli import awkward_view, paths
 from autopar.cli import common as c
 from autopar.cli.app import app
 from autopar.core.strategy import COMPACT_KEYS, Strategy
@@ -60,8 +60,10 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
              compile: str = c.Compile, loss_parallel: bool = c.LossParallel,
              moe_capacity_factor: Opt[float] = c.MoeCapacityFactor, no_a2a_overlap: bool = c.NoA2aOverlap,
              cross_entropy: str = c.CrossEntropy, tp_comm_overlap: bool = c.TpCommOverlap,
-             out: Opt[Path] = typer.Option(None, "--out", help="write the winning Plan (JSON) for `autopar emit`"),
-             plot: Opt[Path] = typer.Option(None, "--plot", help="folder for timeline.png and memory.png"),
+             out: Opt[Path] = typer.Option(None, "--out", callback=paths.out_file,
+                                          help="write the winning Plan (JSON) for `autopar emit`"),
+             plot: Opt[Path] = typer.Option(None, "--plot", callback=paths.out_folder,
+                                           help="folder for timeline.png and memory.png"),
              from_plan: Opt[Path] = typer.Option(None, "--from", help="elastic re-plan of this plan.json for "
                                                  "--gpus N (or --nodes N), the global batch kept (docs/elastic.md)"),
              gpus: Opt[int] = typer.Option(None, "--gpus", min=1, help="with --from: the GPUs left"),

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from autopar.cli import common as c
+from autopar.cli import paths
 from autopar.cli.app import app
 from autopar.core.gpu import GpuProfile
 from autopar.errors import InputError
@@ -77,7 +78,8 @@ def profile_command(
     threads: int = typer.Option(1, "--threads", min=1,
                                 help="torch threads (CPU); generated CPU programs use 1 per rank"),
     budget_s: float = typer.Option(75.0, "--budget-s", min=0.001, help="wall-clock seconds for timing ops and sweeps"),
-    out: Optional[Path] = typer.Option(None, "--out", help="profile JSON to write (default profile-<name>.json)"),
+    out: Optional[Path] = typer.Option(None, "--out", callback=paths.out_file,
+                                         help="profile JSON to write (default profile-<name>.json)"),
     name: Optional[str] = typer.Option(None, "--name", help="profile name (default: the --out file stem)"),
     alias: list[str] = typer.Option([], "--alias", help="extra name load_gpu_profile accepts (repeatable)"),
     extend: bool = typer.Option(False, "--extend", help="keep the measured ops already in --out (other models)"),
@@ -157,7 +159,8 @@ def profile_comm_command(
     budget_s: float = typer.Option(60.0, "--budget-s", min=0.001,
                                    help="seconds of measurement (start-up not included)"),
     max_mib: float = typer.Option(256.0, "--max-mib", min=0.001, help="largest message in MiB"),
-    out: Path = typer.Option(Path("cluster-local.yaml"), "--out", help="cluster YAML to write (link classes)"),
+    out: Path = typer.Option(Path("cluster-local.yaml"), "--out", callback=paths.out_file,
+                                   help="cluster YAML to write (link classes)"),
     name: Optional[str] = typer.Option(None, "--name", help="cluster name (default: --out stem without "
                                                              "'cluster-')"),
     gpu: str = typer.Option("cpu", "--gpu", help="hardware profile the cluster file names"),

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from autopar.cli import common as c
+from autopar.cli import paths
 from autopar.cli.app import app
 from autopar.errors import InputError
 
@@ -35,7 +36,8 @@ def validate_cmd(model: str = c.Model,
                  dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16"),
                  timeout: float = typer.Option(300.0, "--timeout", min=0.001,
                                                help="seconds per run before it is killed"),
-                 out: Path = typer.Option(Path("validate-out"), "--out", help="folder for the runs and reports"),
+                 out: Path = typer.Option(Path("validate-out"), "--out", callback=paths.out_folder,
+                                                help="folder for the runs and reports"),
                  json_out: bool = c.Json,
                  runtime: str = typer.Option("torch", "--runtime", help="torch: validate runs autopar's own "
                                              "emitted programs, so only their runtime can be compared"),
