@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from autopar.cli import common as c
+from autopar.cli import paths
 from autopar.cli.app import app
 from autopar.errors import DoesNotFitError, InputError
 
@@ -199,12 +200,32 @@ def _complete(path: Path) -> Path:
     from autopar.codegen import runtime_ckpt as rc
 
     if rc.is_complete(path):
-        return path
+        return _readable(path)
     newest = rc.latest_checkpoint(path) if path.is_dir() and rc.step_of(path) is None else None
     if newest is None:
         raise InputError(f"checkpoint: {path} is not a complete step-N checkpoint (no {rc.MARKER} marker) nor a "
                          "folder holding one; fix: pass a folder train.py --ckpt-dir wrote")
-    return newest
+    return _readable(newest)
+
+
+def _readable(step: Path) -> Path:
+    """``step`` once its ``meta.json`` (a JSON object) and the tensors' index (``.metadata``) are there: a folder
+    with the marker but either of them missing or corrupt was copied or edited by hand, not written by train.py."""
+    from autopar.codegen import runtime_ckpt as rc
+
+    try:
+        meta = json.loads((step / rc.META).read_text())
+        problem = None if isinstance(meta, dict) else f"{rc.META} holds no JSON object"
+    except FileNotFoundError:
+        problem = f"{rc.META} is missing"
+    except json.JSONDecodeError as exc:
+        problem = f"{rc.META} is not valid JSON (line {exc.lineno}: {exc.msg})"
+    if problem is None and not (step / ".metadata").is_file():
+        problem = ".metadata (the tensors' index) is missing"
+    if problem:
+        raise InputError(f"checkpoint: {step}: {problem}; fix: pass a checkpoint train.py wrote (copy the whole "
+                         "step-N folder)")
+    return step
 
 
 def checkpoint_info(path: Path) -> dict:
@@ -295,8 +316,8 @@ def target_identity(plan) -> tuple[dict, list[str]]:
 @app.command("reshard")
 def reshard_cmd(ckpt: Path = typer.Argument(..., help="a step-N checkpoint folder (or the --ckpt-dir holding it)"),
                 to: Path = typer.Option(..., "--to", help="the plan (plan.json) the checkpoint will continue under"),
-                out: Path = typer.Option(..., "--out", help="checkpoint folder to write step-N into (use it as "
-                                         "train.py --ckpt-dir)")):
+                out: Path = typer.Option(..., "--out", callback=paths.out_folder,
+                                         help="checkpoint folder to write step-N into (train.py --ckpt-dir)")):
     """Convert a checkpoint offline for another plan: refuse another model or vocabulary (exit 2),
     check every tensor the target program loads is there, and write it again (one writer,
     plan-independent keys) recording the target plan."""
