@@ -171,7 +171,7 @@ def profile_comm_command(
     """Measure all_reduce, all_gather, reduce_scatter, all_to_all and send/recv between local ranks; fit alpha-beta."""
     from autopar.profiles.comm_profiler import profile_comm
 
-    _check_comm_args(nproc, backend, budget_s, max_mib, profile)
+    _check_comm_args(nproc, backend, budget_s, max_mib, profile, gpu)
     console = _console()
     with Progress(console) as log:
         try:
@@ -191,7 +191,8 @@ def profile_comm_command(
                   f" in {run.wall_s:.1f} s", highlight=False)
 
 
-def _check_comm_args(nproc: int, backend: str, budget_s: float, max_mib: float, profile: Optional[Path]) -> None:
+def _check_comm_args(nproc: int, backend: str, budget_s: float, max_mib: float, profile: Optional[Path],
+                     gpu: str) -> None:
     if nproc < 2:
         raise InputError(f"--nproc={nproc}: collectives need at least 2 ranks")
     if backend not in ("gloo", "nccl"):
@@ -206,6 +207,9 @@ def _check_comm_args(nproc: int, backend: str, budget_s: float, max_mib: float, 
                              f"--nproc={nproc}; use fewer ranks or --backend gloo")
     if profile is not None and not profile.is_file():
         raise InputError(f"--profile: {profile} does not exist; write it first with `autopar profile MODEL`")
+    from autopar.profiles.hw import load_gpu_profile
+
+    load_gpu_profile(gpu)  # the cluster file names it: an unknown name would fail only where the file is read
 
 
 def _cluster_yaml(run, name: str, gpu: str, how: str) -> str:
