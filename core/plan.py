@@ -103,6 +103,12 @@ class Plan(BaseModel):
             data = json.loads(p.read_text())
         except json.JSONDecodeError as exc:
             raise InputError(f"plan: {p} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"plan: {p} holds no JSON object; fix: pass the plan.json `autopar plan --out` wrote")
+        version = data.get("format_version", 1)
+        if version != 1:  # another autopar's plan: its fields may mean something else, so none is read
+            raise InputError(f"plan: {p} has format_version {version}; this autopar reads version 1; fix: re-plan "
+                             "with this autopar (`autopar plan ... --out`) or use the autopar that wrote it")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
