@@ -32,3 +32,12 @@ class DoesNotFitError(AutoparError):
     """A plan or strategy that cannot fit in device memory."""
 
     exit_code = 3
+
+
+def first_error(exc) -> str:
+    """The first error of a pydantic ``ValidationError`` as ``field 'a.b': message`` (without pydantic's
+    "Value error, " prefix; the bare message when a whole-model validator raised it, which has no field)."""
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"field '{loc}': {msg}" if loc else msg

@@ -23,7 +23,7 @@ from autopar.core.cluster import ClusterSpec
 from autopar.core.gpu import Runtime
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Recompute, Strategy
-from autopar.errors import InputError
+from autopar.errors import InputError, first_error
 from autopar.fileio import write_atomic
 
 
@@ -112,6 +112,4 @@ class Plan(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            raise InputError(f"plan: {p}: field '{loc}': {err['msg']}") from None
+            raise InputError(f"plan: {p}: {first_error(exc)}") from None

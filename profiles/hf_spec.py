@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from autopar.core.model_spec import ModelSpec
-from autopar.errors import InputError
+from autopar.errors import InputError, first_error
 
 _ALIASES = {"hidden": ("hidden_size", "d_model", "n_embd", "dim"),
             "layers": ("num_hidden_layers", "num_layers", "n_layer", "n_layers"),
@@ -70,8 +70,7 @@ def hf_spec(cfg: dict, path: Path, name: str, input_shape: list[int] | None, inp
         return ModelSpec(family="custom", name=name, hf_config=cfg, input_shape=input_shape, input_dtype=input_dtype,
                          sample_tokens=sample_tokens, sample_unit=unit, source=f"hf:{path}", **fields)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise InputError(f"model: {path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise InputError(f"model: {path}: {first_error(exc)}") from None
 
 
 def _split_fields(cfg: dict, text: dict) -> dict:

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from autopar.core.cluster import ClusterSpec
 from autopar.core.gpu import GpuProfile
-from autopar.errors import InputError
+from autopar.errors import InputError, first_error
 
 CLUSTER_PREFIX = "cluster-"
 # GPU profile name prefix -> cluster preset used by default_cluster_for_gpu (first match wins).
@@ -90,10 +90,7 @@ def _yaml_load(text: str, path: Path, what: str) -> object:
 
 
 def _validation_error(what: str, path: Path | str, exc: ValidationError) -> InputError:
-    err = exc.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    return InputError(f"{what}: {path}: field '{loc}': {msg}" if loc else f"{what}: {path}: {msg}")
+    return InputError(f"{what}: {path}: {first_error(exc)}")
 
 
 def _looks_like_path(name: str) -> bool:

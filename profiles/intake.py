@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from autopar.core.model_spec import ModelSpec
-from autopar.errors import InputError
+from autopar.errors import InputError, first_error
 from autopar.profiles.hf_families import READERS, HFReader, text_config
 
 _GPT3 = dict(family="gpt", vocab=51200, max_seq_len=2048, tie_embeddings=True, dropout=0.1, attention="eager")
@@ -102,7 +102,7 @@ def resolve_model(name: str, input_shape: list[int] | None = None, input_dtype: 
                              input_dtype=input_dtype, source=f"factory:{name}", sample_tokens=int(per_sample),
                              sample_unit="samples" if per_sample else "tokens")
         except ValidationError as exc:
-            raise InputError(f"model: {exc.errors()[0]['msg']}") from None
+            raise InputError(f"model: {first_error(exc)}") from None
     return preset(name)
 
 
@@ -139,5 +139,4 @@ def from_hf_config(path: str | Path, force_hf: bool = False, input_shape: list[i
     try:
         return ModelSpec(**fields)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise InputError(f"model: {path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise InputError(f"model: {path}: {first_error(exc)}") from None

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from autopar.errors import InputError
+from autopar.errors import InputError, first_error
 from autopar.fileio import write_atomic
 
 FORMAT_VERSION = 1
@@ -98,14 +98,7 @@ class RoutingTrace(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise InputError(f"trace: {p}: {_first_error(exc)}") from None
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"])
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    return f"field '{loc}': {msg}" if loc else msg
+            raise InputError(f"trace: {p}: {first_error(exc)}") from None
 
 
 def _as_3d(transitions: list, num_experts: int) -> np.ndarray:
