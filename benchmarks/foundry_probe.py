@@ -23,6 +23,9 @@ docs/validation.md "Outlier rows, by mechanism". Prices nothing new: it prints t
 6. ``--f3``: every published row (all sources) as priced now and with issue 12's two llm-foundry mappings
    undone (``published_foundry_rows``: MPT-30B's 64 heads back to the row's 56; Composer DEFAULT's
    reduce-scatter back to bf16), same tree, shipped constants.
+7. Per table and model (three rows or more): the published steps as g x the priced step without attention +
+   a x the priced attention (``two_factor_fit``). One model's rows that need a far from 1 (MPT-30B on H100:
+   g 0.89, a 1.95) say its attention or its step structure is priced wrong for that model alone, not the stack.
 """
 
 from __future__ import annotations
@@ -148,6 +151,37 @@ def implied_attention(b: cal.Built, p: pr.Priced) -> tuple[float, float]:
     return attn / p.pred_step_s, 1 + (p.pub_step_s - p.pred_step_s) / attn
 
 
+def two_factor_fit(points: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """(g, a) minimising the relative error of ``published ~ g * rest + a * attention`` over
+    [(rest_s, attention_s, published_s)] (least squares of (g r + a t) / p - 1: closed-form 2x2 normal
+    equations). Needs two points whose rest / attention ratios differ."""
+    rows = [(r / p, t / p) for r, t, p in points]
+    s11, s12, s22 = sum(x * x for x, _ in rows), sum(x * y for x, y in rows), sum(y * y for _, y in rows)
+    t1, t2 = sum(x for x, _ in rows), sum(y for _, y in rows)
+    det = s11 * s22 - s12 * s12
+    if det <= 1e-9 * s11 * s22:
+        raise ValueError("two_factor_fit: the rows share one attention share; g and a cannot be told apart")
+    return (t1 * s22 - t2 * s12) / det, (s11 * t2 - s12 * t1) / det
+
+
+def two_factors(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
+    print("\n7. Per table and model: published step = g x priced step without attention + a x priced attention")
+    groups: dict[tuple[str, str], list] = {}
+    for b, p in rows:
+        share, _ = implied_attention(b, p)
+        table = b.case.id[15:b.case.id.index("_bf16_" if "_bf16_" in b.case.id else "_fp8_")]
+        groups.setdefault((table, b.case.run["model"]["name"]), []).append((b, p, share * p.pred_step_s))
+    for (table, model), sel in sorted(groups.items()):
+        pts = [(p.pred_step_s - att, att, p.pub_step_s) for _, p, att in sel]
+        if len(sel) < 3 or len({b.case.seq_len for b, _, _ in sel}) < 2:
+            continue  # one sequence length (MPT-70b): attention's share hardly moves, g and a are not separable
+        g, a = two_factor_fit(pts)
+        now = [100 * p.error for _, p, _ in sel]
+        fitted = [100 * (pub / (g * r + a * t) - 1) for r, t, pub in pts]
+        print(f"  {table:18s} {model:9s} {len(sel)} rows  g {g:5.2f}  a {a:5.2f}  |error| max "
+              f"{max(map(abs, now)):5.1f}% now -> {max(map(abs, fitted)):5.1f}% with (g, a)")
+
+
 def f3_before_after(built: list[cal.Built]) -> None:
     """Section 6: the rows each F3 mapping moves, priced with it undone and as shipped."""
     import tempfile
@@ -197,6 +231,7 @@ def main() -> None:
     hypothesis(rows)
     zero2_as_fsdp(rows)
     attention_factors(rows)
+    two_factors(rows)
 
 
 if __name__ == "__main__":

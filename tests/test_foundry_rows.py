@@ -115,6 +115,20 @@ def test_autocast_cast_bytes_counts_each_pass_over_the_weights():
     assert fp.cast_seconds(pure) == 0.0  # bf16 parameters (FSDP PURE, autopar's own program): nothing to cast
 
 
+def test_two_factor_fit_recovers_the_factors_and_needs_two_shapes():
+    """Probe section 7: published = g x (priced step without attention) + a x (priced attention), least
+    squares of the relative error; exact data give back (g, a), and noise-free rows of one mix cannot
+    tell g from a (singular normal equations)."""
+    sys.path.insert(0, str(BENCH))
+    import foundry_probe as fp
+
+    g, a = 0.89, 1.95
+    pts = [(r, t, g * r + a * t) for r, t in ((60.0, 2.5), (45.0, 6.5), (80.0, 25.0))]
+    assert fp.two_factor_fit(pts) == pytest.approx((g, a))
+    with pytest.raises(ValueError, match="attention share"):
+        fp.two_factor_fit([(10.0, 1.0, 12.0), (20.0, 2.0, 23.0)])
+
+
 def test_fsdp_zero2_gathers_per_unit_only_under_fsdp_runtimes():
     """ZeRO-2 is FSDP's (per-unit gathers each micro-batch) under the FSDP runtimes, a step-end
     bucketed sync under Megatron-Core and DeepSpeed; ZeRO-3 gathers per unit everywhere."""
