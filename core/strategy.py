@@ -80,8 +80,9 @@ class Strategy(BaseModel):
             return cls(**values)
         except ValidationError as exc:
             err = exc.errors()[0]
-            field = ".".join(str(x) for x in err["loc"]) or "strategy"
-            raise InputError(f"strategy: {field}: {err['msg']}") from None
+            field = ".".join(str(x) for x in err["loc"])
+            named = f"{COMPACT_KEYS.get(field, field)}={values[field]}" if field in values else field  # as typed
+            raise InputError(f"strategy: {named or 'strategy'}: {err['msg']}") from None
 
     def compact(self) -> str:
         """The compact string; round-trips through ``parse``."""
