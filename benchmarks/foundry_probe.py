@@ -26,6 +26,8 @@ docs/validation.md "Outlier rows, by mechanism". Prices nothing new: it prints t
 7. Per table and model (three rows or more): the published steps as g x the priced step without attention +
    a x the priced attention (``two_factor_fit``). One model's rows that need a far from 1 (MPT-30B on H100:
    g 0.89, a 1.95) say its attention or its step structure is priced wrong for that model alone, not the stack.
+8. A candidate, not shipped: MPT-30B's attention (head dim 112, below the Triton kernel's power-of-two tile)
+   x k per GPU type, g left at 1: its rows and the source's mean / max / rows over 15% (``D112_FACTORS``).
 """
 
 from __future__ import annotations
@@ -182,6 +184,20 @@ def two_factors(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
               f"{max(map(abs, now)):5.1f}% now -> {max(map(abs, fitted)):5.1f}% with (g, a)")
 
 
+D112_FACTORS = ((1.0, 1.0), (1.3, 1.0), (1.3, 2.0), (1.6, 2.5))  # (Hopper, Ampere) k on d-112 attention
+
+
+def d112_candidate(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
+    print("\n8. Candidate (not shipped): MPT-30B attention x k (Hopper, Ampere); 30B rows, then all llm-foundry rows")
+    att = {b.case.id: implied_attention(b, p)[0] * p.pred_step_s if "_30b_" in b.case.id else 0.0 for b, p in rows}
+    for kh, ka in D112_FACTORS:
+        errs = {b.case.id: p.pub_step_s / (p.pred_step_s + ((kh if "h100" in b.case.id else ka) - 1)
+                                           * att[b.case.id]) - 1 for b, p in rows}
+        thirty = " ".join(f"{100 * e:+.1f}" for rid, e in sorted(errs.items()) if "_30b_" in rid)
+        print(f"  k {kh:.1f} / {ka:.1f}: {thirty}\n    all: {_summary(errs, '')}, max "
+              f"{100 * max(map(abs, errs.values())):.1f}%")
+
+
 def f3_before_after(built: list[cal.Built]) -> None:
     """Section 6: the rows each F3 mapping moves, priced with it undone and as shipped."""
     import tempfile
@@ -232,6 +248,7 @@ def main() -> None:
     zero2_as_fsdp(rows)
     attention_factors(rows)
     two_factors(rows)
+    d112_candidate(rows)
 
 
 if __name__ == "__main__":
