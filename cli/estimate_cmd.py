@@ -23,7 +23,7 @@ def _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, str
            placement, trace, input_shape, runtime="torch", input_dtype="int64", hf=False, program=("none", False)):
     from autopar.cost_models.session import build_cost_model, default_global_batch
 
-    if not strategy:
+    if not strategy.replace(",", "").strip():  # ",," names no key either
         raise InputError("--strategy is required, e.g. --strategy tp=8,pp=1,dp=-1,mbs=1")
     inp = c.inputs(model, gpu, nodes, gpus_per_node, cluster, seq_len, dtype, profile, placement, trace, input_shape,
                    runtime, input_dtype, hf, *program)
