@@ -28,6 +28,7 @@ docs/validation.md "Outlier rows, by mechanism". Prices nothing new: it prints t
    g 0.89, a 1.95) say its attention or its step structure is priced wrong for that model alone, not the stack.
 8. A candidate, not shipped: MPT-30B's attention (head dim 112, below the Triton kernel's power-of-two tile)
    x k per GPU type, g left at 1: its rows and the source's mean / max / rows over 15% (``D112_FACTORS``).
+9. The same model and sequence length on 8 H100 and 8 A100-80GB: published and priced H100 / A100 ratios.
 """
 
 from __future__ import annotations
@@ -198,6 +199,24 @@ def d112_candidate(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
               f"{100 * max(map(abs, errs.values())):.1f}%")
 
 
+def h100_twins(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
+    print("\n9. Same model and sequence length on 8 GPUs: H100 / A100-80GB tokens/s per GPU, published and priced")
+    a80 = {(b.case.run["model"]["name"], b.case.seq_len): (b, p) for b, p in rows
+           if "a100_80gb" in b.case.id and b.case.run["hardware"]["num_gpus"] == 8}
+    for b, p in rows:
+        other = a80.get((b.case.run["model"]["name"], b.case.seq_len))
+        if "h100_80gb_amp_bf16" in b.case.id and b.case.run["hardware"]["num_gpus"] == 8 and other:
+            ob, op = other
+            pub = b.case.run["measured"]["tokens_per_sec_per_gpu"] / ob.case.run["measured"]["tokens_per_sec_per_gpu"]
+            print(f"  {b.case.run['model']['name']:9s} {b.case.seq_len:6d}  published {pub:.2f}  priced "
+                  f"{pub * (1 + p.error) / (1 + op.error):.2f}  (mbs {_mbs(ob)} / {_mbs(b)}; errors A100 "
+                  f"{100 * op.error:+.1f}%, H100 {100 * p.error:+.1f}%)")
+
+
+def _mbs(b: cal.Built) -> str:
+    return dict(kv.split("=") for kv in b.case.strategy.split(","))["mbs"]
+
+
 def f3_before_after(built: list[cal.Built]) -> None:
     """Section 6: the rows each F3 mapping moves, priced with it undone and as shipped."""
     import tempfile
@@ -249,6 +268,7 @@ def main() -> None:
     attention_factors(rows)
     two_factors(rows)
     d112_candidate(rows)
+    h100_twins(rows)
 
 
 if __name__ == "__main__":
