@@ -89,18 +89,24 @@ def same_work(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
                   f"published {tps:6d} tok/s/GPU, error {100 * p.error:+.1f}%")
 
 
+def eight_gpu_twins(rows: list[tuple[cal.Built, pr.Priced]], base: str, other: str):
+    """(row of table ``base``, row of table ``other``) of the same model and sequence length, both on 8 GPUs."""
+    index = {(b.case.run["model"]["name"], b.case.seq_len): (b, p) for b, p in rows
+             if base in b.case.id and b.case.run["hardware"]["num_gpus"] == 8}
+    for b, p in rows:
+        twin = index.get((b.case.run["model"]["name"], b.case.seq_len))
+        if other in b.case.id and b.case.run["hardware"]["num_gpus"] == 8 and twin:
+            yield twin, (b, p)
+
+
 def pairs(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
     print("\n2. The same model and sequence length on A100-40GB (PURE) and A100-80GB (DEFAULT), 8 GPUs")
-    a40 = {(b.case.run["model"]["name"], b.case.seq_len): (b, p) for b, p in rows
-           if "a100_40gb" in b.case.id and b.case.run["hardware"]["num_gpus"] == 8}
-    for b, p in rows:
-        other = a40.get((b.case.run["model"]["name"], b.case.seq_len))
-        if "a100_80gb" in b.case.id and other:
-            for bb, pp in (other, (b, p)):
-                d = dict(kv.split("=") for kv in bb.case.strategy.split(","))
-                print(f"  {bb.case.id[15:50]:35s} mbs {d['mbs']:>3s} x {micro_batches(bb.case.strategy):2d} "
-                      f"rc {d['recompute']:4s} published {bb.case.run['measured']['tokens_per_sec_per_gpu']:6d} "
-                      f"tok/s/GPU, error {100 * pp.error:+.1f}%")
+    for twin in eight_gpu_twins(rows, "a100_40gb", "a100_80gb"):
+        for bb, pp in twin:
+            d = dict(kv.split("=") for kv in bb.case.strategy.split(","))
+            print(f"  {bb.case.id[15:50]:35s} mbs {d['mbs']:>3s} x {micro_batches(bb.case.strategy):2d} "
+                  f"rc {d['recompute']:4s} published {bb.case.run['measured']['tokens_per_sec_per_gpu']:6d} "
+                  f"tok/s/GPU, error {100 * pp.error:+.1f}%")
 
 
 def hypothesis(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
@@ -201,20 +207,12 @@ def d112_candidate(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
 
 def h100_twins(rows: list[tuple[cal.Built, pr.Priced]]) -> None:
     print("\n9. Same model and sequence length on 8 GPUs: H100 / A100-80GB tokens/s per GPU, published and priced")
-    a80 = {(b.case.run["model"]["name"], b.case.seq_len): (b, p) for b, p in rows
-           if "a100_80gb" in b.case.id and b.case.run["hardware"]["num_gpus"] == 8}
-    for b, p in rows:
-        other = a80.get((b.case.run["model"]["name"], b.case.seq_len))
-        if "h100_80gb_amp_bf16" in b.case.id and b.case.run["hardware"]["num_gpus"] == 8 and other:
-            ob, op = other
-            pub = b.case.run["measured"]["tokens_per_sec_per_gpu"] / ob.case.run["measured"]["tokens_per_sec_per_gpu"]
-            print(f"  {b.case.run['model']['name']:9s} {b.case.seq_len:6d}  published {pub:.2f}  priced "
-                  f"{pub * (1 + p.error) / (1 + op.error):.2f}  (mbs {_mbs(ob)} / {_mbs(b)}; errors A100 "
-                  f"{100 * op.error:+.1f}%, H100 {100 * p.error:+.1f}%)")
-
-
-def _mbs(b: cal.Built) -> str:
-    return dict(kv.split("=") for kv in b.case.strategy.split(","))["mbs"]
+    for (ob, op), (b, p) in eight_gpu_twins(rows, "a100_80gb", "h100_80gb_amp_bf16"):
+        pub = b.case.run["measured"]["tokens_per_sec_per_gpu"] / ob.case.run["measured"]["tokens_per_sec_per_gpu"]
+        mbs = [dict(kv.split("=") for kv in x.case.strategy.split(","))["mbs"] for x in (ob, b)]
+        print(f"  {b.case.run['model']['name']:9s} {b.case.seq_len:6d}  published {pub:.2f}  priced "
+              f"{pub * (1 + p.error) / (1 + op.error):.2f}  (mbs {' / '.join(mbs)}; errors A100 "
+              f"{100 * op.error:+.1f}%, H100 {100 * p.error:+.1f}%)")
 
 
 def f3_before_after(built: list[cal.Built]) -> None:
