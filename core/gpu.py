@@ -231,6 +231,14 @@ class GpuProfile(BaseModel):
         None, gt=0, description="host seconds per kernel launch of an eager training step (Python, dispatch, "
                                 "cudaLaunchKernel): a step takes at least its launches x this "
                                 "(cost_models/host_bound.py); None: host_bound.DEFAULT_HOST_LAUNCH_S; unused on CPUs")
+    kernels_per_op_call: float = Field(
+        1.9, gt=0, description="CUDA kernels an eager step launches per captured op call and forward pass (an "
+                               "RMSNorm ~6, a cast 1), the optimizer's and FSDP2's copies included "
+                               "(cost_models/host_bound.py); default: the H100 traces' (h100-sxm.yaml sources); "
+                               "fitted by fit_kernel_rates.py --trace")
+    backward_launch_ratio: float = Field(
+        2.0, gt=0, description="kernels a backward launches per forward kernel (grad input + grad weight; "
+                               "cost_models/host_bound.py); default: h100-sxm.yaml's, an estimate")
     dtensor_call_overhead_s: float = Field(
         0.0, ge=0, description="host CPU time DTensor adds to one tensor-parallel module call, forward + "
                                "backward (sharding propagation, redistribution in Python); 0 where the host "

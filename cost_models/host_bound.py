@@ -3,10 +3,12 @@
 On a GPU the host runs ahead of the device (CUDA's asynchronous queue), so a step costs the GPU's time
 as long as the host issues kernels faster than the GPU runs them. When the kernels are small (a
 micro-batch of one, many small experts looped one by one, narrow layers) the queue drains and the
-GPU waits for the host. Each layer's forward and backward (per micro-batch, as the program runs them) takes at
-least its kernel launches x ``host_launch_s`` (``layer_floor``): the emitted MoE program syncs once per layer (its
-token counts), so the host cannot run further ahead than a layer there, and a layer is the unit the planner's
-partition and bounds price (``LayerCost``), so estimate and search read the same floor.
+GPU waits for the host. Each layer per micro-batch, as the program runs it (forward, backward and what its
+recompute mode re-runs), takes at least its kernel launches x ``host_launch_s`` (``layer_floor``): the floor is on
+the layer's total, not on each piece, since within a layer the host queue runs ahead across pieces (a backward whose
+kernels outlast their launches hides a light forward's host time), and the emitted MoE program syncs once per
+layer (its token counts), so the host cannot run further ahead than a layer there; a layer is also the unit the
+planner's partition and bounds price (``LayerCost``), so estimate and search read the same floor.
 
 Measured (docs/validation.md "On a GPU: the first run on an H100", ``benchmarks/gpu_trace.py`` on one
 H100): autopar's emitted MoE program (h2048, 8 experts top-2, 4 layers, seq 4096, mbs 1, 4 micro-batches) kept
@@ -30,14 +32,8 @@ from __future__ import annotations
 from autopar.core.gpu import GpuProfile
 from autopar.core.strategy import Strategy
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm
+from autopar.cost_models.recompute_cost import rerun_ops
 
-# Kernel launches per captured op call and pass (forward; backward counts 2 passes). The captured graph's
-# ops are modules and aten nodes (an RMSNorm is one op but ~6 kernels; a cast or an add is one), and the
-# step also launches the optimizer's foreach kernels and FSDP2's copies: per step, kernels / (micro-batches
-# x 3 passes x captured op calls) = 5,497 / (4 x 3 x 237) = 1.93 on the MoE program and 3,286 / (4 x 3 x 145)
-# = 1.89 on the dense one (the traces: docs/validation.md "On a GPU"; tests/test_host_bound.py checks the count).
-KERNELS_PER_OP_CALL = 1.9
-BACKWARD_PASSES = 2.0   # a backward launches about twice the forward's kernels (grad input + grad weight)
 # A GPU profile without its own measurement: the H100's (h100-sxm.yaml sources.host_launch_s: 56.1 us, the traced
 # MoE step less its optimizer and FSDP copies over its launches); the host's cost per launch belongs to the CPU and
 # the eager framework more than to the GPU. For scale: a bare eager op on this repo's CPU container costs 8.4 us,
@@ -56,6 +52,15 @@ def host_launch_s(gpu: GpuProfile, runtime: str = "torch") -> float:
     return own if own is not None else DEFAULT_HOST_LAUNCH_S
 
 
+def launch_rates(gpu: GpuProfile) -> tuple[float, float]:
+    """(kernels per captured op call and forward pass, backward kernels per forward kernel) of the profile
+    (``GpuProfile.kernels_per_op_call`` / ``backward_launch_ratio``; their defaults where a profile pickled before
+    the fields lacks them)."""
+    fields = GpuProfile.model_fields
+    return (getattr(gpu, "kernels_per_op_call", fields["kernels_per_op_call"].default),
+            getattr(gpu, "backward_launch_ratio", fields["backward_launch_ratio"].default))
+
+
 def op_calls(op: OpTerm, s: Strategy, grouped: bool = False) -> float:
     """Launching calls of one captured op per micro-batch on one rank: an expert op loops over the rank's
     ``experts / ep`` local experts (the emitted program's per-expert loop, techniques/experts), one call where the
@@ -65,41 +70,61 @@ def op_calls(op: OpTerm, s: Strategy, grouped: bool = False) -> float:
     return op.calls
 
 
-def rerun(op: OpTerm, mode: str) -> bool:
-    """Does recompute mode ``mode`` re-run this op's forward in backward (``layer_model`` module docstring)?"""
-    return mode == "full" or (mode == "selective" and op.attn_core) or (mode == "op" and not op.op_kept)
-
-
-def layer_launches(t: LayerTemplate, s: Strategy, mode: str = "none", grouped: bool = False) -> float:
-    """Kernel launches of one layer per micro-batch: forward + backward (``BACKWARD_PASSES``) + the forward ops
-    its recompute mode re-runs, each captured op call ``KERNELS_PER_OP_CALL`` kernels."""
-    calls = sum(op_calls(o, s, grouped) * (1.0 + BACKWARD_PASSES + rerun(o, mode)) for o in t.ops)
-    return calls * KERNELS_PER_OP_CALL
+def layer_launches(t: LayerTemplate, s: Strategy, gpu: GpuProfile, mode: str = "none", grouped: bool = False,
+                   runtime: str = "torch") -> float:
+    """Kernel launches of one layer per micro-batch: forward, backward (x ``backward_launch_ratio``) and the
+    forward ops its recompute mode re-runs (``recompute_cost.rerun_ops``), each captured op call
+    ``kernels_per_op_call`` kernels a pass."""
+    k, ratio = launch_rates(gpu)
+    calls = [op_calls(o, s, grouped) for o in t.ops]
+    again = sum(calls[i] for i in rerun_ops(t, t.ops, mode, runtime))
+    return k * (sum(calls) * (1.0 + ratio) + again)
 
 
 def rank_launches(cm, s: Strategy, layers: list[int], recompute: list[str], first: bool, last: bool) -> float:
     """Kernel launches of one pipeline rank per step: its layers (and the embedding / output it holds) for every
     micro-batch (what a trace's kernel count compares with; tests/test_host_bound.py)."""
-    grouped = bool(cm.stack.expert_grouped_gemm)
-    per_mb = sum(layer_launches(cm.blocks[i], s, recompute[i], grouped) for i in layers)
-    per_mb += sum(layer_launches(t, s) for t, held in ((cm.embedding, first), (cm.output, last)) if t and held)
+    grouped, rt = bool(cm.stack.expert_grouped_gemm), cm.ctx.runtime
+    per_mb = sum(layer_launches(cm.blocks[i], s, cm.gpu, recompute[i], grouped, rt) for i in layers)
+    per_mb += sum(layer_launches(t, s, cm.gpu, runtime=rt)
+                  for t, held in ((cm.embedding, first), (cm.output, last)) if t and held)
     return per_mb * s.num_micro_batches
 
 
-def layer_floor(ops: list[OpTerm], s: Strategy, ctx, fwd_s: float, bwd_s: float) -> tuple[float, float, dict]:
-    """(forward, backward, {recompute mode: its re-run's floor}) of one layer per micro-batch: each at least its
-    kernel launches x ``host_launch_s``; ``ops``: the layer's ops as the runtime runs them. 0 floors (nothing
-    changes) on a CPU device and outside ``EAGER_RUNTIMES``."""
+def layer_floor(layer: LayerTemplate, ops: list[OpTerm], s: Strategy, ctx, fwd_s: float, bwd_s: float,
+                recompute_s: dict[str, float]) -> tuple[float, float, dict[str, float]]:
+    """(forward, backward, {recompute mode: its extra backward}) of one layer per micro-batch, the GPU's times
+    ``fwd_s`` / ``bwd_s`` / ``recompute_s`` floored on their total: forward + backward + each mode's re-run takes
+    max(the GPU's total, the host's: its launches x ``host_launch_s``). ``ops``: the layer's ops as the runtime
+    runs them. Unchanged on a CPU device, outside ``EAGER_RUNTIMES`` and where no piece is host-bound."""
     h = host_launch_s(ctx.timer.gpu, ctx.runtime)
     if not h:
-        return fwd_s, bwd_s, {}
+        return fwd_s, bwd_s, recompute_s
+    k, ratio = launch_rates(ctx.timer.gpu)
     grouped = bool(ctx.timer.stack and ctx.timer.stack.expert_grouped_gemm)
-    one = KERNELS_PER_OP_CALL * h   # host seconds per captured op call and pass
-    fwd_floor = one * sum(op_calls(o, s, grouped) for o in ops)
-    reruns = {m: one * sum(op_calls(o, s, grouped) for o in ops if rerun(o, m)) for m in ("selective", "op", "full")}
-    return max(fwd_s, fwd_floor), max(bwd_s, BACKWARD_PASSES * fwd_floor), reruns
+    calls = [op_calls(o, s, grouped) for o in ops]
+    host_f = k * h * sum(calls)   # each captured op call and pass: k kernels, h host seconds each
+    host_b = ratio * host_f
+    fwd, bwd = split_total(fwd_s, bwd_s, host_f, host_b)
+    dev, host, base = fwd_s + bwd_s, host_f + host_b, fwd + bwd
+    again = {m: k * h * sum(calls[i] for i in rerun_ops(layer, ops, m, ctx.runtime)) for m in recompute_s}
+    return fwd, bwd, {m: _extra(dev + t, host + again[m], base, t) for m, t in recompute_s.items()}
 
 
-def rerun_floor(recompute_s: dict[str, float], floors: dict[str, float]) -> dict[str, float]:
-    """Each recompute mode's extra backward time, at least the host time of the forward ops it re-runs."""
-    return {m: max(t, floors.get(m, 0.0)) for m, t in recompute_s.items()}
+def _extra(dev_total: float, host_total: float, base: float, dev_extra: float) -> float:
+    """A recompute mode's extra backward over ``base`` (the floored forward + backward): its floored total less
+    ``base``; its GPU time ``dev_extra`` as it is where the GPU bounds both (no rounding moves a GPU-bound price)."""
+    total = max(dev_total, host_total)
+    return dev_extra if total == dev_total and dev_total - dev_extra == base else total - base
+
+
+def split_total(fwd_s: float, bwd_s: float, host_f: float, host_b: float) -> tuple[float, float]:
+    """(forward, backward) summing to max(GPU total, host total), split in proportion to each piece's own bound
+    (the host's where its launches outlast its kernels): a fully host-bound layer keeps the host's split, a
+    GPU-bound one its own times (returned as they are where no piece is host-bound)."""
+    wf, wb = max(fwd_s, host_f), max(bwd_s, host_b)
+    if wf == fwd_s and wb == bwd_s:
+        return fwd_s, bwd_s
+    total = max(fwd_s + bwd_s, host_f + host_b)
+    fwd = total * wf / (wf + wb)
+    return fwd, total - fwd

@@ -43,7 +43,7 @@ from autopar.cost_models.moe_cost import (
     expert_loop_bytes,
     grouped_expert_time,
 )
-from autopar.cost_models.recompute_cost import early_stop_tail, recompute_times, selective_bytes, tp_rerun
+from autopar.cost_models.recompute_cost import recompute_times, rerun_tail, selective_bytes, tp_rerun
 from autopar.cost_models.tp_collectives import program_tp_time
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
@@ -192,15 +192,16 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     comm = _layer_comm(layer, s, ctx, kernel_fwd, fwd + bwd)
     host = _dtensor_overhead(layer, s, ctx) + len(ops) * ctx.timer.gpu.op_overhead_s * ctx.timer.contention
     fwd, bwd = fwd + host / 3, bwd + 2 * host / 3  # backward dispatches about twice the forward's ops
-    fwd, bwd, floors = host_bound.layer_floor(ops, s, ctx, fwd, bwd)   # an eager host issuing small kernels
+    rerun = recompute_times(layer, ops, fwds, ctx.runtime, fwd, host)
+    fwd, bwd, rerun = host_bound.layer_floor(layer, ops, s, ctx, fwd, bwd, rerun)   # an eager host, small kernels
     cp_kv, cp_rerun = cp_kept_bytes(layer, s, ctx), cp_rerun_s(layer, s, ctx, shared_core_sync(ctx))
-    tail = early_stop_tail(layer, ops) if ctx.runtime == "torch" else []
+    tail = rerun_tail(layer, ops, ctx.runtime)
     tp_full, tp_op = tp_rerun(layer, s, ctx.runtime, comm.get("tp", 0.0), _tp_modules(layer, s.sequence_parallel),
                               [ops[i] for i in tail], ctx.topk)
     sel = {"selective": selective_bytes(layer, ops, sh, ctx.dtype_bytes)} if ctx.runtime == "torch" else {}
     return LayerCost(
         fwd_s=fwd, bwd_s=bwd,
-        recompute_s=host_bound.rerun_floor(recompute_times(ops, fwds, ctx.runtime, fwd, host, tail), floors),
+        recompute_s=rerun,
         comm_s=comm,
         # the forward's ep all-to-alls and etp gathers (half of each) and the cp K/V gather are re-run by
         # full and op alike (the per-op policy keeps none of them)

@@ -14,23 +14,43 @@ from autopar.cost_models.layer_model import LayerTemplate, OpTerm
 from autopar.cost_models.tp_collectives import block_tp_collectives
 
 
-def recompute_times(ops: list[OpTerm], fwds: list[float], runtime: str, fwd: float, host: float,
-                    tail: list[int]) -> dict[str, float]:
-    """Extra backward seconds of one layer per recompute mode (``fwds``: each op's forward, ``host``: the
-    layer's dispatch, a third of it the forward's, shared by its ops; ``tail``: ``early_stop_tail``):
+def rerun_ops(layer: LayerTemplate, ops: list[OpTerm], mode: str, runtime: str) -> list[int]:
+    """Indices of the ops recompute ``mode`` re-runs in backward, as ``runtime``'s program runs them: the one
+    rule both its seconds (``recompute_times``) and its kernel launches (``host_bound.layer_floor``) read.
 
     - ``selective``: the attention core (Korthikanti et al. 2022, Sec. 5). Under ``--runtime torch`` the
       emitted policy saves the attention module's projections and collectives and re-runs every other op
       of it, RoPE, the GQA repeat and SDPA included, up to ``wo`` (``attention_region``).
     - ``op``: the ops whose outputs the per-op policy does not keep.
-    - ``full``: the forward but the ops of the early-stop ``tail``."""
+    - ``full``: the forward but the ops of the early-stop tail (``rerun_tail``)."""
+    if mode == "selective":
+        region = attention_region(ops) if runtime == "torch" else None
+        return region if region is not None else [i for i, o in enumerate(ops) if o.attn_core]
+    if mode == "op":
+        return [i for i, o in enumerate(ops) if not o.op_kept]
+    if mode == "full":
+        tail = set(rerun_tail(layer, ops, runtime))
+        return [i for i in range(len(ops)) if i not in tail]
+    return []
+
+
+def rerun_tail(layer: LayerTemplate, ops: list[OpTerm], runtime: str) -> list[int]:
+    """Indices of the forward ops full recompute does not re-run: the early-stop tail of torch's checkpoint in
+    the emitted programs (``early_stop_tail``); none for the other runtimes (the textbook full re-run)."""
+    return early_stop_tail(layer, ops) if runtime == "torch" else []
+
+
+def recompute_times(layer: LayerTemplate, ops: list[OpTerm], fwds: list[float], runtime: str, fwd: float,
+                    host: float) -> dict[str, float]:
+    """Extra backward seconds of one layer per recompute mode (``fwds``: each op's forward, ``fwd``: the
+    layer's, ``host``: its dispatch, a third of it the forward's, shared by its ops): the forward of the ops
+    ``rerun_ops`` names, each with its share of the dispatch; ``full`` is the forward less its tail's ops (the
+    layer's terms outside its ops, the expert passes, re-run with it)."""
     per_op = host / 3 / max(len(ops), 1)
-    region = attention_region(ops) if runtime == "torch" else None
-    core = region if region is not None else [i for i, o in enumerate(ops) if o.attn_core]
-    selective = sum(fwds[i] for i in core) + (len(core) * per_op if region is not None else 0.0)
-    rerun = [f for o, f in zip(ops, fwds) if not o.op_kept]
-    op = sum(rerun) + len(rerun) / max(len(ops), 1) * host / 3
-    return {"none": 0.0, "selective": selective, "op": op, "full": fwd - sum(fwds[i] + per_op for i in tail)}
+    again = {m: rerun_ops(layer, ops, m, runtime) for m in ("selective", "op")}
+    times = {m: sum(fwds[i] + per_op for i in idx) for m, idx in again.items()}
+    full = fwd - sum(fwds[i] + per_op for i in rerun_tail(layer, ops, runtime))
+    return {"none": 0.0, **times, "full": full}
 
 
 def attention_region(ops: list[OpTerm]) -> list[int] | None:

@@ -42,15 +42,66 @@ def _unbound(monkeypatch, cm):
     return cm
 
 
+def _host(cm, s, mode="none"):
+    """Host seconds of one block per micro-batch: forward, backward, ``mode``'s re-run."""
+    k, ratio = host_bound.launch_rates(cm.gpu)
+    fwd = host_bound.layer_launches(cm.blocks[0], s, cm.gpu) / (1 + ratio) * host_bound.host_launch_s(cm.gpu)
+    again = host_bound.layer_launches(cm.blocks[0], s, cm.gpu, mode) * host_bound.host_launch_s(cm.gpu)
+    return fwd, ratio * fwd, again - (1 + ratio) * fwd
+
+
+def _floor(cm, s, f, b, rerun):
+    block = cm.blocks[0]
+    return host_bound.layer_floor(block, block.ops, s, cm.ctx, f, b, rerun)
+
+
 def test_the_floor_binds_only_where_launches_exceed_the_gpu_time(moe):
-    s, ops = _strategy(moe, micro_batch=1), moe.blocks[0].ops
-    f, b, reruns = host_bound.layer_floor(ops, s, moe.ctx, 1.0, 2.0)   # slow kernels: the GPU's time stands
-    assert (f, b) == (1.0, 2.0)
-    f, b, reruns = host_bound.layer_floor(ops, s, moe.ctx, 0.0, 0.0)
-    launches = host_bound.layer_launches(moe.blocks[0], s) / 3   # forward kernels of one micro-batch
-    assert f == pytest.approx(launches * host_bound.host_launch_s(moe.gpu)) and b == pytest.approx(2 * f)
-    assert reruns["full"] == pytest.approx(f) and 0 <= reruns["selective"] < f
-    assert host_bound.rerun_floor({"none": 0.0, "full": 2 * f}, reruns) == {"none": 0.0, "full": 2 * f}
+    s = _strategy(moe, micro_batch=1)
+    modes = {"none": 0.0, "full": 0.5}
+    assert _floor(moe, s, 1.0, 2.0, modes) == (1.0, 2.0, modes)   # slow kernels: the GPU's times stand
+    hf, hb, hr = _host(moe, s, "full")
+    f, b, rerun = _floor(moe, s, 0.0, 0.0, {"none": 0.0, "full": 0.0})
+    assert (f, b) == pytest.approx((hf, hb)) and b == pytest.approx(2 * f)   # all host: the host's split
+    assert rerun == pytest.approx({"none": 0.0, "full": hr}) and 0 < hr <= f
+
+
+def test_a_heavy_backward_hides_a_light_forwards_host_time(moe):
+    s = _strategy(moe, micro_batch=1)
+    hf, hb, _ = _host(moe, s)
+    f, b, _ = _floor(moe, s, 0.2 * hf, 3 * hb, {"none": 0.0})   # host-bound forward, GPU-bound backward
+    assert f + b == pytest.approx(0.2 * hf + 3 * hb)   # the layer's total is the GPU's: nothing added
+    assert f > 0.2 * hf   # split as each piece's bound: the forward waits for its host, the backward's queue
+    f, b, _ = _floor(moe, s, 0.2 * hf, 1.1 * hb, {"none": 0.0})   # the backward hides only part of it
+    assert f + b == pytest.approx(hf + hb)
+
+
+def test_the_floor_is_on_the_layers_total_with_its_rerun(moe):
+    s = _strategy(moe, micro_batch=1)
+    hf, hb, hr = _host(moe, s, "full")
+    dev = (1.5 * hf, 1.5 * hb)   # GPU-bound forward and backward
+    f, b, rerun = _floor(moe, s, *dev, {"none": 0.0, "full": 0.1 * hr})   # a launch-heavy re-run of small kernels
+    assert (f, b) == dev and rerun["full"] == pytest.approx(0.1 * hr)   # hidden behind the GPU-bound pieces
+    slow = (1.01 * hf, 1.01 * hb)
+    f, b, rerun = _floor(moe, s, *slow, {"none": 0.0, "full": 0.1 * hr})
+    assert f + b + rerun["full"] == pytest.approx(hf + hb + hr)   # the total at the host's
+
+
+def test_one_rerun_rule_for_seconds_and_launches(moe, llama):
+    """recompute_cost.rerun_ops names the re-run ops; the re-run's seconds and launches count the same ops."""
+    from autopar.cost_models.recompute_cost import recompute_times, rerun_ops
+    for cm, runtime in ((llama, "torch"), (moe, "torch"), (llama, "torchtitan")):
+        block, s = cm.blocks[0], _strategy(cm, micro_batch=1)
+        weights = [2.0 ** i for i in range(len(block.ops))]   # each op's forward a distinct bit
+        secs = recompute_times(block, block.ops, weights, runtime, sum(weights), 0.0)
+        k, ratio = host_bound.launch_rates(cm.gpu)
+        base = host_bound.layer_launches(block, s, cm.gpu, runtime=runtime)
+        for mode in ("selective", "op", "full"):
+            idx = rerun_ops(block, block.ops, mode, runtime)
+            assert secs[mode] == sum(weights[i] for i in idx)
+            launches = host_bound.layer_launches(block, s, cm.gpu, mode, runtime=runtime) - base
+            assert launches == pytest.approx(k * sum(host_bound.op_calls(block.ops[i], s) for i in idx))
+    sel = [rerun_ops(llama.blocks[0], llama.blocks[0].ops, "selective", rt) for rt in ("torch", "torchtitan")]
+    assert len(sel[0]) > len(sel[1])   # the emitted policy re-runs RoPE and the GQA repeat beside SDPA
 
 
 def test_launch_counts_match_the_h100_traces(moe, llama):
@@ -66,8 +117,7 @@ def test_the_launch_heavy_moe_step_is_host_bound(moe, monkeypatch):
     e = moe.estimate(s)
     assert 0.32 < e.step_time_s < 0.40   # measured on an H100: 325-360 ms (GPU busy 201 ms)
     c = moe.layer_costs(s)[0]
-    floor = host_bound.layer_floor(moe.blocks[0].ops, s, moe.ctx, 0.0, 0.0)
-    assert (c.fwd_s, c.bwd_s) == pytest.approx(floor[:2])   # every block waits for its host
+    assert (c.fwd_s, c.bwd_s) == pytest.approx(_host(moe, s)[:2])   # every block waits for its host
     assert _unbound(monkeypatch, moe).estimate(s).step_time_s < 0.7 * e.step_time_s
     moe._cache.clear()
 
@@ -92,15 +142,14 @@ def test_no_floor_on_a_cpu_device_or_under_megatron():
     assert host_bound.host_launch_s(load_gpu_profile("h100-sxm"), "torch") == pytest.approx(5.61e-5)
     mcore = _cm("moe-gpu", runtime="megatron")
     s = _strategy(mcore, micro_batch=1)
-    f, b, reruns = host_bound.layer_floor(mcore.blocks[0].ops, s, mcore.ctx, 0.0, 0.0)
-    assert (f, b, reruns) == (0.0, 0.0, {})
+    assert _floor(mcore, s, 0.0, 0.0, {"none": 0.0}) == (0.0, 0.0, {"none": 0.0})
 
 
 def test_grouped_experts_launch_once_and_ep_divides_the_loop(moe):
     block = moe.blocks[0]
     s1, s2 = _strategy(moe, micro_batch=1), _strategy(moe, micro_batch=1).model_copy(update={"ep": 2})
-    loop, split = host_bound.layer_launches(block, s1), host_bound.layer_launches(block, s2)
-    grouped = host_bound.layer_launches(block, s1, grouped=True)
+    loop, split = host_bound.layer_launches(block, s1, moe.gpu), host_bound.layer_launches(block, s2, moe.gpu)
+    grouped = host_bound.layer_launches(block, s1, moe.gpu, grouped=True)
     assert grouped < split < loop
 
 
