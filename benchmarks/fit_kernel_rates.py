@@ -1,7 +1,10 @@
-"""Fit a GPU profile's ``membound_eff`` curve and ``host_launch_s`` from ``benchmarks/kernel_rates.py`` output.
+"""Fit a GPU profile's ``membound_eff`` curve and its eager-launch constants from ``kernel_rates.py`` output and
+``gpu_trace.py`` summaries.
 
     python benchmarks/kernel_rates.py --launch --membound --out rates.json      # on the GPU
-    python benchmarks/fit_kernel_rates.py rates.json --gpu h100-sxm [--trace summary-moe-mbs1.json] [--write]
+    python benchmarks/gpu_trace.py --out DIR                                    # on the GPU: summary-<case>.json
+    python benchmarks/fit_kernel_rates.py rates.json --gpu h100-sxm [--trace DIR/summary-moe-mbs1.json]
+        [--count-trace DIR/summary-llama-mbs1.json --count-trace DIR/summary-llama-mbs1-full.json] [--write]
 
 ``membound_eff``: the physics curve every profile uses, ``eff(x) = 1 / (1/e_max + BW * t0 / x)`` for ``x`` bytes
 moved (a kernel takes ``x / (e_max BW) + t0``), fitted to the copy / add / bf16-cast rows (``kind: membound``) by
@@ -13,7 +16,13 @@ it is the step's seconds over its kernel launches: the program's own Python, hoo
 it, the autograd loop of tiny multiplies (``kind: launch``, mode ``autograd``): the framework's floor only, which an
 emitted program's modules and FSDP hooks exceed (the H100's trace: 65.5 us per launch where the floor is ~10 us).
 
-``--write`` replaces the two entries and their ``sources`` lines in ``profiles/hardware/<gpu>.yaml`` (other lines
+``kernels_per_op_call`` and ``backward_launch_ratio`` (``cost_models/host_bound.py``): each traced step's kernel
+launches against the captured op calls the cost model counts for its case (``gpu_trace.CASES``, named by the
+``summary-<case>.json`` file; ``host_bound.rank_calls``): launches = k (forward calls x (1 + ratio) + re-run calls),
+least squares on the relative error over ``--trace`` and every ``--count-trace``. The ratio is fitted only where a
+recompute case (``llama-mbs1-full``) separates it from k; otherwise the profile's ratio stays and k alone is fitted.
+
+``--write`` replaces the fitted entries and their ``sources`` lines in ``profiles/hardware/<gpu>.yaml`` (other lines
 untouched; written atomically). Bad input: one line naming the field and the fix, exit 2.
 """
 
@@ -25,6 +34,11 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from gpu_trace import CASES, MODELS
+
+from autopar.core.strategy import Strategy
+from autopar.cost_models import host_bound
+from autopar.cost_models.session import Inputs, build_cost_model
 from autopar.errors import InputError
 from autopar.fileio import write_atomic
 from autopar.profiles.hw import load_gpu_profile
@@ -72,6 +86,53 @@ def host_launch(rows: list[dict], trace: dict | None) -> tuple[float, str]:
     return auto[0]["host_launch_s"], "kernel_rates.py --launch autograd loop (the framework's floor)"
 
 
+def traced_calls(summary: Path, profile: Path) -> tuple[float, float]:
+    """(forward op calls, re-run op calls) per step the cost model counts for the ``gpu_trace.py`` case a
+    ``summary-<case>.json`` names (its model, strategy, seq 4096, global batch 4, bf16, one GPU)."""
+    case = summary.stem.removeprefix("summary-")
+    if case not in CASES:
+        raise InputError(f"--trace: {summary.name} names no gpu_trace.py case; fix: pass the summary-<case>.json it "
+                         f"wrote (cases: {', '.join(CASES)})")
+    config, strategy = CASES[case]
+    cm = build_cost_model(Inputs(model=str(MODELS / config), gpu=str(profile), gpus_per_node=1, seq_len=4096,
+                                 dtype="bf16"))[0]
+    s = Strategy.parse(strategy, global_batch=4).resolve(cm.cluster.world)
+    n = cm.num_layers
+    return host_bound.rank_calls(cm, s, list(range(n)), [s.recompute] * n, True, True)
+
+
+def fit_launch_counts(rows: list[tuple[float, float, float]], ratio: float) -> tuple[float, float | None]:
+    """(kernels per op call and pass, backward kernels per forward kernel; None: not separable, ``ratio`` kept)
+    from (forward calls, re-run calls, traced launches) rows: weighted least squares of launches = u (F + R) + v F
+    (u = k, v = k ratio) on the relative error; k alone at the given ratio where every row has the same R / F."""
+    a = [(f + r) / n for f, r, n in rows]
+    b = [f / n for f, _, n in rows]
+    saa, sab, sbb = sum(x * x for x in a), sum(x * y for x, y in zip(a, b)), sum(y * y for y in b)
+    det = saa * sbb - sab * sab
+    if len(rows) > 1 and det > 1e-6 * saa * sbb:
+        u = (sum(a) * sbb - sum(b) * sab) / det
+        v = (saa * sum(b) - sab * sum(a)) / det
+        if u > 0 and v > 0:
+            return u, v / u
+    c = [(f * (1.0 + ratio) + r) / n for f, r, n in rows]
+    return sum(c) / sum(x * x for x in c), None
+
+
+def launch_counts(summaries: list[Path], gpu_path: Path, ratio: float) -> tuple[float, float | None, str]:
+    """(k, fitted ratio or None, how) over the traced cases' kernel launches."""
+    rows, named = [], []
+    for path in summaries:
+        launches = json.loads(path.read_text()).get("kernel_launches")
+        if not launches:
+            raise InputError(f"--count-trace: {path.name} has no kernel_launches; fix: pass a gpu_trace.py summary")
+        rows.append((*traced_calls(path, gpu_path), float(launches)))
+        named.append(f"{path.stem.removeprefix('summary-')} {launches} kernels / {rows[-1][0]:.0f} op calls"
+                     + (f" + {rows[-1][1]:.0f} re-run" if rows[-1][1] else ""))
+    k, fitted = fit_launch_counts(rows, ratio)
+    held = f"backward_launch_ratio {fitted:.3g} fitted" if fitted else f"backward_launch_ratio {ratio:g} held"
+    return k, fitted, f"gpu_trace.py kernel counts ({'; '.join(named)}), {held}"
+
+
 def _replace(lines: list[str], prefix: str, new: str, after: str | None = None) -> list[str]:
     """``lines`` with the one starting ``prefix`` replaced by ``new`` (inserted after ``after``'s line if none)."""
     hits = [i for i, ln in enumerate(lines) if ln.startswith(prefix)]
@@ -83,13 +144,13 @@ def _replace(lines: list[str], prefix: str, new: str, after: str | None = None) 
     return lines[:at + 1] + [new] + lines[at + 1:]
 
 
-def write_profile(path: Path, pts: list[list[float]], mem_source: str, launch_s: float, launch_source: str) -> None:
-    """Replace ``membound_eff`` / ``host_launch_s`` and their sources in the profile YAML, other lines untouched."""
+def write_profile(path: Path, entries: dict[str, tuple[str, str]]) -> None:
+    """Replace each ``field: (YAML value, source)`` entry and its ``sources`` line in the profile YAML (a missing
+    one inserted after ``membound_eff`` / under ``sources``), other lines untouched."""
     lines = path.read_text().splitlines()
-    lines = _replace(lines, "membound_eff:", "membound_eff: " + json.dumps(pts).replace('"', ""))
-    lines = _replace(lines, "host_launch_s:", f"host_launch_s: {launch_s:.3g}", after="membound_eff:")
-    lines = _replace(lines, "  membound_eff:", "  membound_eff: " + json.dumps(mem_source), after="sources:")
-    lines = _replace(lines, "  host_launch_s:", "  host_launch_s: " + json.dumps(launch_source), after="sources:")
+    for field, (value, source) in entries.items():
+        lines = _replace(lines, f"{field}:", f"{field}: {value}", after="membound_eff:")
+        lines = _replace(lines, f"  {field}:", f"  {field}: " + json.dumps(source), after="sources:")
     text = "\n".join(lines) + "\n"
     load_check = path.with_name(path.stem + ".fitcheck.yaml")
     write_atomic(load_check, text)
@@ -116,17 +177,27 @@ def run(a: argparse.Namespace) -> dict:
     trace = json.loads(Path(a.trace).read_text()) if a.trace else None
     launch_s, how = host_launch(rows, trace)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    counted = [Path(p) for p in ([a.trace] if a.trace else []) + (a.count_trace or [])]
     cmd = f"`python benchmarks/fit_kernel_rates.py {Path(a.file).name} --gpu {a.gpu}" + \
-          (f" --trace {Path(a.trace).name}" if a.trace else "") + " --write`"
+          (f" --trace {Path(a.trace).name}" if a.trace else "") + \
+          "".join(f" --count-trace {Path(p).name}" for p in a.count_trace or []) + " --write`"
     on = f"on {env.get('gpu', '?')}, torch {env.get('torch', '?')}, {when}"
     mem_source = (f"physics model fitted to kernel_rates.py --membound (copy / add / fp32->bf16 cast, "
                   f"{len([r for r in rows if r.get('kind') == 'membound'])} rows) by {cmd} {on}: e_max {e_max:.3f} "
                   f"of {gpu.mem_bw_gbps:g} GB/s, t0 {t0 * 1e6:.2f} us")
-    launch_source = f"{how} = {launch_s * 1e6:.1f} us, by {cmd} {on}"
-    out = {"membound_eff": curve(e_max, t0, gpu.mem_bw_gbps), "e_max": e_max, "t0_s": t0,
-           "host_launch_s": launch_s, "sources": {"membound_eff": mem_source, "host_launch_s": launch_source}}
+    out = {"membound_eff": curve(e_max, t0, gpu.mem_bw_gbps), "e_max": e_max, "t0_s": t0, "host_launch_s": launch_s}
+    entries = {"membound_eff": (json.dumps(out["membound_eff"]).replace('"', ""), mem_source),
+               "host_launch_s": (f"{launch_s:.3g}", f"{how} = {launch_s * 1e6:.1f} us, by {cmd} {on}")}
+    if counted:
+        k, ratio, how_k = launch_counts(counted, path, host_bound.launch_rates(gpu)[1])
+        out["kernels_per_op_call"] = k
+        entries["kernels_per_op_call"] = (f"{k:.3g}", f"{how_k}: {k:.3g} kernels per op call and pass, by {cmd} {on}")
+        if ratio is not None:
+            out["backward_launch_ratio"] = ratio
+            entries["backward_launch_ratio"] = (f"{ratio:.3g}", f"{how_k}, by {cmd} {on}")
+    out["sources"] = {f: src for f, (_, src) in entries.items()}
     if a.write:
-        write_profile(path, out["membound_eff"], mem_source, launch_s, launch_source)
+        write_profile(path, entries)
     return out
 
 
@@ -135,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("file", help="kernel_rates.py JSON with membound and launch rows")
     ap.add_argument("--gpu", required=True, help="profile name (profiles/hardware/<gpu>.yaml) or a YAML path")
     ap.add_argument("--trace", help="gpu_trace.py summary-*.json of a host-bound program (host_launch_s from it)")
+    ap.add_argument("--count-trace", action="append", help="another gpu_trace.py summary-<case>.json whose kernel "
+                    "count joins the kernels_per_op_call fit (repeatable; a recompute case fits the backward ratio)")
     ap.add_argument("--write", action="store_true", help="write the fit into the profile YAML")
     a = ap.parse_args(argv)
     try:
@@ -143,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     print(f"membound_eff: e_max {out['e_max']:.3f}, t0 {out['t0_s'] * 1e6:.2f} us; "
-          f"host_launch_s {out['host_launch_s'] * 1e6:.1f} us" + (" (written)" if a.write else ""))
+          f"host_launch_s {out['host_launch_s'] * 1e6:.1f} us"
+          + "".join(f"; {f} {out[f]:.3g}" for f in ("kernels_per_op_call", "backward_launch_ratio") if f in out)
+          + (" (written)" if a.write else ""))
     print(json.dumps(out["membound_eff"]))
     return 0
 

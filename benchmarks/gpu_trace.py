@@ -25,8 +25,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 MODELS = HERE / "gpu_check_models"
 # name -> (config, strategy); the GPU-check models at seq 4096, global batch 4
+# (llama-mbs1-full: its re-run separates host_bound's backward ratio from kernels per op call: fit_kernel_rates)
 CASES = {"moe-mbs1": ("moe-gpu.json", "dp=1,mbs=1"), "llama-mbs1": ("llama-gpu.json", "dp=1,mbs=1"),
-         "llama-mbs1-z3": ("llama-gpu.json", "dp=1,mbs=1,zero=3")}
+         "llama-mbs1-z3": ("llama-gpu.json", "dp=1,mbs=1,zero=3"),
+         "llama-mbs1-full": ("llama-gpu.json", "dp=1,mbs=1,recompute=full")}
 BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 

@@ -238,7 +238,8 @@ class GpuProfile(BaseModel):
                                "fitted by fit_kernel_rates.py --trace")
     backward_launch_ratio: float = Field(
         2.0, gt=0, description="kernels a backward launches per forward kernel (grad input + grad weight; "
-                               "cost_models/host_bound.py); default: h100-sxm.yaml's, an estimate")
+                               "cost_models/host_bound.py); default: h100-sxm.yaml's, an estimate; fitted by "
+                               "fit_kernel_rates.py with a recompute case's trace")
     dtensor_call_overhead_s: float = Field(
         0.0, ge=0, description="host CPU time DTensor adds to one tensor-parallel module call, forward + "
                                "backward (sharding propagation, redistribution in Python); 0 where the host "

@@ -70,25 +70,41 @@ def op_calls(op: OpTerm, s: Strategy, grouped: bool = False) -> float:
     return op.calls
 
 
+def layer_calls(t: LayerTemplate, s: Strategy, mode: str = "none", grouped: bool = False,
+                runtime: str = "torch") -> tuple[float, float]:
+    """(captured op calls of one forward pass, of the forward ops recompute ``mode`` re-runs) of one layer per
+    micro-batch (``recompute_cost.rerun_ops``)."""
+    calls = [op_calls(o, s, grouped) for o in t.ops]
+    return sum(calls), sum(calls[i] for i in rerun_ops(t, t.ops, mode, runtime))
+
+
+def launches(gpu: GpuProfile, fwd_calls: float, rerun_calls: float) -> float:
+    """Kernel launches of ``fwd_calls`` op calls run forward and backward (x ``backward_launch_ratio``) and
+    ``rerun_calls`` re-run, each call ``kernels_per_op_call`` kernels a pass."""
+    k, ratio = launch_rates(gpu)
+    return k * (fwd_calls * (1.0 + ratio) + rerun_calls)
+
+
 def layer_launches(t: LayerTemplate, s: Strategy, gpu: GpuProfile, mode: str = "none", grouped: bool = False,
                    runtime: str = "torch") -> float:
-    """Kernel launches of one layer per micro-batch: forward, backward (x ``backward_launch_ratio``) and the
-    forward ops its recompute mode re-runs (``recompute_cost.rerun_ops``), each captured op call
-    ``kernels_per_op_call`` kernels a pass."""
-    k, ratio = launch_rates(gpu)
-    calls = [op_calls(o, s, grouped) for o in t.ops]
-    again = sum(calls[i] for i in rerun_ops(t, t.ops, mode, runtime))
-    return k * (sum(calls) * (1.0 + ratio) + again)
+    """Kernel launches of one layer per micro-batch: forward, backward and its recompute mode's re-run."""
+    return launches(gpu, *layer_calls(t, s, mode, grouped, runtime))
+
+
+def rank_calls(cm, s: Strategy, layers: list[int], recompute: list[str], first: bool, last: bool
+               ) -> tuple[float, float]:
+    """(forward op calls, re-run op calls) of one pipeline rank per step: its layers (and the embedding / output
+    it holds) for every micro-batch."""
+    grouped, rt = bool(cm.stack.expert_grouped_gemm), cm.ctx.runtime
+    per_mb = [layer_calls(cm.blocks[i], s, recompute[i], grouped, rt) for i in layers]
+    per_mb += [layer_calls(t, s, runtime=rt) for t, held in ((cm.embedding, first), (cm.output, last)) if t and held]
+    return tuple(sum(c[j] for c in per_mb) * s.num_micro_batches for j in (0, 1))
 
 
 def rank_launches(cm, s: Strategy, layers: list[int], recompute: list[str], first: bool, last: bool) -> float:
-    """Kernel launches of one pipeline rank per step: its layers (and the embedding / output it holds) for every
-    micro-batch (what a trace's kernel count compares with; tests/test_host_bound.py)."""
-    grouped, rt = bool(cm.stack.expert_grouped_gemm), cm.ctx.runtime
-    per_mb = sum(layer_launches(cm.blocks[i], s, cm.gpu, recompute[i], grouped, rt) for i in layers)
-    per_mb += sum(layer_launches(t, s, cm.gpu, runtime=rt)
-                  for t, held in ((cm.embedding, first), (cm.output, last)) if t and held)
-    return per_mb * s.num_micro_batches
+    """Kernel launches of one pipeline rank per step (what a trace's kernel count compares with;
+    tests/test_host_bound.py, ``benchmarks/fit_kernel_rates.py``)."""
+    return launches(cm.gpu, *rank_calls(cm, s, layers, recompute, first, last))
 
 
 def layer_floor(layer: LayerTemplate, ops: list[OpTerm], s: Strategy, ctx, fwd_s: float, bwd_s: float,

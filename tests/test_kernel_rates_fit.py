@@ -47,14 +47,16 @@ def test_cpu_smoke_run_then_fit_and_write_a_profile_copy(tmp_path, capsys):
     prof = tmp_path / "h100-sxm.yaml"
     shutil.copy(ROOT / "profiles" / "hardware" / "h100-sxm.yaml", prof)
     before = prof.read_text().splitlines()
-    trace = tmp_path / "summary.json"
+    trace = tmp_path / "summary-moe-mbs1.json"   # gpu_trace.py's name: the case whose op calls the count divides
     trace.write_text(json.dumps(TRACE))
     assert fit.main([str(out), "--gpu", str(prof), "--trace", str(trace), "--write"]) == 0
     after = prof.read_text().splitlines()
     changed = [b for a, b in zip(before, after) if a != b]
-    assert len(before) == len(after) and len(changed) == 4   # the two entries and their sources
+    assert len(before) == len(after) and len(changed) == 6   # membound, host launch, kernels per call; their sources
     gpu = load_gpu_profile(prof)
     assert gpu.host_launch_s == pytest.approx(0.36 / 5497, rel=1e-2)
+    assert gpu.kernels_per_op_call == pytest.approx(5497 / (3 * 948), rel=1e-2)   # 237 op calls x 4 micro-batches
+    assert gpu.backward_launch_ratio == 2.0 and "held" in gpu.sources["kernels_per_op_call"]
     assert "fit_kernel_rates.py" in gpu.sources["membound_eff"] and "5497" in gpu.sources["host_launch_s"]
     assert not list(tmp_path.glob("*.fitcheck.yaml"))
 
@@ -66,3 +68,36 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--membound" in err
     assert fit.main([str(empty), "--gpu", "no-such-gpu"]) == 2
+
+
+def _summaries(tmp_path, counts: dict[str, int]) -> list[Path]:
+    paths = []
+    for case, n in counts.items():
+        paths.append(tmp_path / f"summary-{case}.json")
+        paths[-1].write_text(json.dumps({"kernel_launches": n}))
+    return paths
+
+
+def test_kernel_counts_fit_k_and_the_backward_ratio_where_a_recompute_case_separates_them(tmp_path):
+    prof = ROOT / "profiles" / "hardware" / "h100-sxm.yaml"
+    none = fit.traced_calls(_summaries(tmp_path, {"llama-mbs1": 1})[0], prof)
+    full = fit.traced_calls(_summaries(tmp_path, {"llama-mbs1-full": 1})[0], prof)
+    assert none[1] == 0 and 0 < full[1] < full[0] and full[0] == none[0]   # full re-runs the forward less its tail
+    k, ratio = 2.1, 1.7   # counts a program with these constants would launch
+    counts = {c: round(k * (f * (1 + ratio) + r)) for c, (f, r) in (("llama-mbs1", none), ("llama-mbs1-full", full))}
+    got_k, got_ratio, how = fit.launch_counts(_summaries(tmp_path, counts), prof, 2.0)
+    assert got_k == pytest.approx(k, rel=1e-3) and got_ratio == pytest.approx(ratio, rel=1e-2) and "fitted" in how
+    got_k, got_ratio, _ = fit.launch_counts(_summaries(tmp_path, {"llama-mbs1": counts["llama-mbs1"]}), prof, 2.0)
+    assert got_ratio is None and got_k == pytest.approx(k * (1 + ratio) / 3, rel=1e-3)   # one case: k at ratio 2
+
+
+def test_a_trace_not_named_for_a_case_is_one_line(tmp_path, capsys):
+    rates = tmp_path / "rates.json"
+    rates.write_text(json.dumps({"rows": [{"kind": "membound", "bytes": 2**20 * m, "time_s": 1e-6 * m}
+                                          for m in (1, 4, 16)]
+                                + [{"kind": "launch", "mode": "autograd", "host_launch_s": 1e-5}]}))
+    odd = tmp_path / "moe.json"
+    odd.write_text(json.dumps({"kernel_launches": 10}))
+    assert fit.main([str(rates), "--gpu", "h100-sxm", "--count-trace", str(odd)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "summary-<case>.json" in err
