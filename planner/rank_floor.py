@@ -15,18 +15,19 @@ rank's budget forces): ``t`` and ``a`` one layer's time and saved bytes without 
 kinds of block where there are several, ``_least_layer``; exact for one kind), ``f_r`` its
 micro-batches in flight, ``rate`` the cheapest seconds per byte saved of any allowed mode (a fractional
 relaxation of ``recompute.choose``, looser than any real choice) and ``room_r(n)`` what
-``RankPricer._budget`` leaves the layers' activations, at least: usable memory less the rank's parameters
-and optimizer states (``CostModel.rank_memory``'s formulas), its ZeRO-sharded gradients (not on a rank whose
-warm-up reuses them, ``memory.warmup_gradient_bytes``, which gives back at most them and the communication
-buffers), its loss temporaries, its pipeline buffers and its edge layers' activations. The communication
-buffers, the workspace, the context-parallel mask and every term that only adds memory are left out: each
-leaves ``room`` larger, so ``P_r`` lower. No rank can hold
+``RankPricer._budget`` leaves the layers' activations, at least: usable memory less the rank's parameters and
+optimizer states (``CostModel.rank_memory``'s formulas), its ZeRO-sharded gradients (not on a rank whose warm-up
+reuses them, ``memory.warmup_gradient_bytes``, which gives back at most them and the communication buffers; whole
+where a zero-bubble FSDP2 stage holds them to its last backward), its loss temporaries, its pipeline buffers and its
+edge layers' activations. The communication buffers, the workspace, the context-parallel mask and every term that
+only adds memory are left out: each leaves ``room`` larger, so ``P_r`` lower. No rank can hold
 ``n`` layers where even saving every saveable byte leaves too little room (``P_r = inf``).
 
 ``P_r`` grows with ``n``, so the least ``max_r P_r(c_r)`` over the layouts (``sum c_r = C``, ``c_r >= 1``)
 is the larger of ``max_r P_r(1)`` and the ``C``-th smallest of all the ranks' values ``P_r(1..C-p+1)``
 taken together: at any ``X`` a rank holds at most the ``c`` with ``P_r(c) <= X``.
-(``tests/test_search_bounds.py`` checks it stays under the partition's slowest rank.)
+(``tests/test_search_bounds.py`` and ``tests/test_search_floors.py`` check it stays under the partition's
+slowest rank.)
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def _v_floor(sp, sh, k, modes: tuple[str, ...]) -> float:
     io, sums = _rank_io(sp, sh, k.schedule, k.vpp), _v_sums(sp, sh, k.vpp, k.schedule)
     rows = []
     for (e, f, fixed, edge_dense, grads), (dense, expert, by_mode) in zip(io[1], sums):
-        room = sp.usable * (1 + MARGIN) - fixed - _states(sp.cm, io[0], dense + edge_dense, expert, k, grads)
+        room = sp.usable * (1 + MARGIN) - fixed + (_deferred_block(sp, sh, k, io[0]) if grads else 0.0) \
+            - _states(sp.cm, io[0], dense + edge_dense, expert, k, grads)
         rows.append((e, f, room, by_mode))
     best = INF
     for m in modes:
@@ -158,7 +160,8 @@ def _rank_rows(sp, sh, k, blk: tuple) -> list[tuple[float, float, float, float]]
     for e, f, fixed, edge_dense, grads in io[1]:
         if grads not in per:
             per[grads] = _states(sp.cm, s, blk[2], blk[3], k, grads)
-        out.append((e, f, sp.usable * (1 + MARGIN) - fixed - _states(sp.cm, s, edge_dense, 0.0, k, grads), per[grads]))
+        room = sp.usable * (1 + MARGIN) - fixed + (_deferred_block(sp, sh, k, s) if grads else 0.0)
+        out.append((e, f, room - _states(sp.cm, s, edge_dense, 0.0, k, grads), per[grads]))
     return out
 
 
@@ -193,13 +196,36 @@ def _rank_io(sp, sh, schedule: str, vpp: int) -> tuple:
 
 
 def _states(cm, s, dense: float, expert: float, k, grads: bool) -> float:
-    """Parameters and optimizer states on the device (``CostModel.rank_memory``), and the ZeRO-sharded gradients
-    where ``grads`` (zero-bubble FSDP2 holds them whole, ``runtime_memory.deferred_fsdp_memory``: more)."""
+    """Parameters and optimizer states on the device (``CostModel.rank_memory``), and the gradients where
+    ``grads``: ZeRO-sharded, or whole where a zero-bubble FSDP2 stage holds them to its last backward
+    (``runtime_memory.deferred_fsdp_memory``; the one block it then takes off the communication buffers,
+    which this floor leaves out, is given back by ``_deferred_block``)."""
+    whole = grads and _holds_grads(cm, s, k)
+    held = (dense + expert) * bytes_per_param(cm.dtype)[1] if whole else 0.0
     if k.offload:   # CPUOffloadPolicy: the device holds gathered parameters only, below ZeRO-3
-        return 0.0 if k.zero >= 3 else (dense + expert) * bytes_per_param(cm.dtype)[0]
+        return held + (0.0 if k.zero >= 3 else (dense + expert) * bytes_per_param(cm.dtype)[0])
     ds = model_state_bytes(dense, cm.dtype, k.zero, s.dp * s.cp)
     es = model_state_bytes(expert, cm.dtype, k.zero, expert_shard_group(s, cm.ctx.runtime))
-    return ds.params + ds.optimizer + es.params + es.optimizer + ((ds.grads + es.grads) if grads else 0.0)
+    sharded = ds.grads + es.grads if grads and not whole else 0.0
+    return ds.params + ds.optimizer + es.params + es.optimizer + sharded + held
+
+
+def _holds_grads(cm, s, k) -> bool:
+    """``fsdp.holds_stage_grads`` of the configuration (probe ``s``, knobs ``k``)."""
+    return fsdp.holds_stage_grads(cm.ctx.runtime, s.pp, k.schedule, k.zero, k.offload, s.dp * s.cp, cm.dtype)
+
+
+def _deferred_block(sp, sh, k, s) -> float:
+    """Bytes ``deferred_fsdp_memory`` takes off a rank's communication buffers where the stage holds its whole
+    gradients (its largest block's, at most; 0 otherwise): room this floor, which leaves those buffers out, gives
+    back so that it stays under the rank's memory."""
+    if not _holds_grads(sp.cm, s, k):
+        return 0.0
+    key = ("largest_block", id(sp.priced(sh)))   # the pricing lives in ``sp.prices``
+    if key not in sp.memo:
+        costs = sp.priced(sh).costs
+        sp.memo[key] = max(costs[i].params_dense + costs[i].params_expert for i in range(sp.cm.num_layers))
+    return sp.memo[key] * bytes_per_param(sp.cm.dtype)[1]
 
 
 def contention_floor(sp, sh, k) -> float:
