@@ -55,8 +55,9 @@ def llama3_zero(source: str, pp: int) -> int | None:
     gathered and its gradients unsharded to its last backward: ``cost_models.fsdp.syncs_once_per_step``),
     not the per-micro-batch reduce-scatter of autopar's ZeRO-2 program. autopar's ZeRO-1 program moves
     the same bytes: whole parameters and gradients through the step, one gradient reduce-scatter and
-    one parameter all-gather per step overlapped with the last backward (``overlap.grad_sync_exposed``,
-    the paper's "asynchronously ... reducing gradients"), optimizer states sharded. It keeps the rest
+    one parameter all-gather per step, optimizer states sharded; Meta's overlap them with the last backward
+    (the paper's "asynchronously ... reducing gradients"; ``overlap.grad_sync_exposed``), autopar's does not:
+    the row runs ``fsdp_impl`` "meta" (``cost_models.fsdp.syncs_after_backward``). It keeps the rest
     of Meta's recipe that ``--runtime torch`` prices and torchtitan's runtime would not: the all-gather
     context parallelism (``cp_cost``), tensor parallelism without async overlap. Its gradients are 16-bit
     (Meta's accumulators fp32: 2 bytes per parameter fewer; the rows state no memory). Priced

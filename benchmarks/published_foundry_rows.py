@@ -31,8 +31,11 @@ def foundry_heads(model: dict) -> int:
 def fsdp_impl(case) -> str:
     """Which FSDP the row ran (``cost_models.fsdp.FsdpImpl``): llm-foundry's rows PyTorch FSDP1 ("PyTorch
     FSDP", 2023, before FSDP2), ``PURE`` as ``fsdp1_pure`` and ``DEFAULT`` with its full-precision gradient
-    reduction as ``fsdp1_fp32_params`` (module docstring); every other torch-runtime row FSDP2 as autopar's
-    program."""
+    reduction as ``fsdp1_fp32_params`` (module docstring); Meta's Llama 3 row its own (``meta``: its gradient
+    sync overlapped, ``cost_models.fsdp.syncs_after_backward``); every other torch-runtime row FSDP2 as
+    autopar's program."""
+    if case.stack == "meta":
+        return "meta"
     if case.stack != "llm-foundry":
         return "fsdp2"
     return "fsdp1_pure" if case.run.get("parallel", {}).get("mp_mode") == "PURE" else "fsdp1_fp32_params"

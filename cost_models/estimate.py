@@ -345,8 +345,8 @@ class CostModel:
         if fsdp.per_unit(self, s):  # FSDP: ZeRO-3, and ZeRO-2 under the FSDP runtimes
             return self._zero3_exposed(s, r, costs, m)
         t = self.grad_sync_time(dense, n_dense, s.tp, s) + self.grad_sync_time(expert, n_exp, s.ep * s.etp, s)
-        if fsdp.syncs_after_backward(self.ctx.runtime, s.pp, s.zero_stage, s.offload_optimizer):
-            return t   # replicate under a pipeline: every all-reduce after the stage's last backward
+        if fsdp.exposed_sync(self, s):
+            return t   # replicate under a pipeline, or ShardedAdamW: the whole sync after the last backward
         hide = bool(m) and not self._cores_saturated  # r.bwd_s / r.fwd_s: one micro-batch's backward / forward
         last_bucket = self.grad_sync_time(min(DDP_BUCKET_BYTES, dense), n_dense, s.tp, s)
         ahead = overlap.gathers_ahead(self.ctx.runtime, s.zero_stage)  # Megatron-Core --overlap-param-gather

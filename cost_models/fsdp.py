@@ -14,9 +14,11 @@ FSDP_RUNTIMES = ("torch", "torchtitan")  # data parallel by FSDP2 (autopar's pro
 # Which FSDP a --runtime torch plan runs (``PricingContext.fsdp_impl``): autopar's program is FSDP2; llm-foundry's
 # published rows ran PyTorch FSDP1 (flat parameters) with Composer's mixed precision PURE (bf16 parameters and
 # reduce) or DEFAULT (fp32 reduce: ``reduce_bytes``, ``fsdp_copy.fsdp1_step_bytes``), set by
-# benchmarks/published_foundry_rows.fsdp_impl through ``session.Inputs``.
-FsdpImpl = Literal["fsdp2", "fsdp1_pure", "fsdp1_fp32_params"]
+# benchmarks/published_foundry_rows.fsdp_impl through ``session.Inputs``. Meta's Llama 3 row ran Meta's own FSDP
+# ("meta": ``syncs_after_backward``), priced as autopar's programs are except where that rule names it.
+FsdpImpl = Literal["fsdp2", "fsdp1_pure", "fsdp1_fp32_params", "meta"]
 FSDP_IMPLS: tuple[str, ...] = get_args(FsdpImpl)
+FSDP1_IMPLS = ("fsdp1_pure", "fsdp1_fp32_params")
 
 
 def gathers_per_unit(runtime: str, zero_stage: int, offload: bool = False) -> bool:
@@ -91,18 +93,39 @@ def holds_stage_grads(runtime: str, pp: int, schedule: str, zero_stage: int, off
     return dp_mode(zero_stage, dp_cp, False, False, pp > 1, offload, dtype) == "fsdp2"
 
 
-def syncs_after_backward(runtime: str, pp: int, zero_stage: int, offload: bool) -> bool:
-    """Whether autopar's program runs a pipeline rank's data-parallel all-reduce after each stage's last
-    backward with nothing beside it, instead of bucket by bucket during the last micro-batch's backward
-    (``overlap.grad_sync_exposed``). ZeRO-0 under a pipeline is FSDP2's ``replicate`` (``dp_mode``: DDP's
-    bucket rebuild breaks under interleaved schedules); torch.distributed.pipelining runs every micro-batch's
-    backward of such a stage with ``set_requires_gradient_sync(False)`` and the schedule's ``REDUCE_GRAD``
-    (``perform_reduce_grad``) issues every unit's all-reduce after the stage's last backward, the compute
-    stream waiting on the last one (``_root_post_backward_final_callback``): the whole sync is exposed.
-    Counted on gloo: every all-reduce inside REDUCE_GRAD (tests/test_pipeline_dp_sync.py)."""
-    if runtime != "torch" or pp <= 1:
+def syncs_after_backward(runtime: str, s, dtype: str, impl: str) -> bool:
+    """Whether autopar's program runs a rank's whole data-parallel gradient sync after its last backward with
+    nothing beside it, instead of bucket by bucket during the last micro-batch's backward
+    (``overlap.grad_sync_exposed``), for strategy ``s`` trained in ``dtype`` by FSDP ``impl`` (``FsdpImpl``);
+    the program is ``techniques.dp_program.dp_mode``'s, read from the plan as ``codegen.emit_checks`` reads it.
+
+    - ZeRO-0 under a pipeline is FSDP2's ``replicate`` (DDP's bucket rebuild breaks under interleaved
+      schedules); torch.distributed.pipelining runs every micro-batch's backward of such a stage with
+      ``set_requires_gradient_sync(False)`` and the schedule's ``REDUCE_GRAD`` (``perform_reduce_grad``)
+      issues every unit's all-reduce after the stage's last backward, the compute stream waiting on the last
+      one (``_root_post_backward_final_callback``). Counted on gloo: every all-reduce inside REDUCE_GRAD
+      (tests/test_pipeline_dp_sync.py).
+    - ZeRO-1 as ``zero1`` (tensor, expert or pipeline parallel, or 16-bit): ``runtime_zero1.ShardedAdamW``
+      accumulates whole gradients over the micro-batches, then ``sync_grads`` reduce-scatters one flat
+      bucket per reduction group and the step all-gathers the updated slices, each after the other and after
+      the last backward (tests/test_zero1_sync.py). Megatron-Core's distributed optimizer overlaps the same
+      traffic (``--overlap-grad-reduce`` / ``--overlap-param-gather``); autopar's program does not. Nor
+      does Meta's Llama 3 stack (``impl`` "meta"), which the published row prices as ZeRO-1 under its
+      pipeline (``benchmarks/published_dense_rows.llama3_zero``) and which reduces and gathers
+      asynchronously (Llama Team 2024, Sec. 3.3.2): its sync hides behind the last backward.
+
+    Either way the whole sync is exposed: ``CostModel.dp_time``, ``partition.RankPricer.dp_time`` and
+    ``bounds.grad_sync_floor`` read this rule."""
+    if runtime != "torch" or impl == "meta":
         return False
-    return dp_mode(zero_stage, 2, False, False, True, offload) == "replicate"
+    split = s.tp > 1 or s.etp > 1   # DTensor weights; expert weights on their own group (emit_checks)
+    mode = dp_mode(s.zero_stage, s.dp * s.cp, split, s.ep > 1 or s.etp > 1, s.pp > 1, s.offload_optimizer, dtype)
+    return mode == "zero1" or (mode == "replicate" and s.pp > 1)
+
+
+def exposed_sync(cm, s) -> bool:
+    """``syncs_after_backward`` of a ``CostModel``'s runtime, dtype and FSDP for strategy ``s``."""
+    return syncs_after_backward(cm.ctx.runtime, s, cm.dtype, cm.ctx.fsdp_impl)
 
 
 def deferred(cm, s) -> bool:

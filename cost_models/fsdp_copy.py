@@ -130,7 +130,7 @@ def copy_time(cm, s, r, costs) -> float:
     red = fsdp.reduce_bytes(cm.ctx.runtime, bytes_per_param(cm.dtype)[1]) if c < 4 else 4
     dense, expert = rank_params(r, costs)
     impl = cm.ctx.fsdp_impl
-    if impl != "fsdp2":  # FSDP1 (llm-foundry): shards every stage it runs, flat parameters
+    if impl in fsdp.FSDP1_IMPLS:  # FSDP1 (llm-foundry): shards every stage it runs, flat parameters
         if not fsdp.per_unit(cm, s):
             return 0.0
         syncs = fsdp.unit_syncs_per_step(cm, s)

@@ -26,7 +26,7 @@ from autopar.cost_models.estimate import (
     even_stages,
     offload_step_time,
 )
-from autopar.cost_models.fsdp import gathers_per_unit, syncs_after_backward, syncs_once_per_step, unit_syncs_per_step
+from autopar.cost_models.fsdp import exposed_sync, gathers_per_unit, syncs_once_per_step, unit_syncs_per_step
 from autopar.cost_models.layer_cost import shards_for, shared_core_sync
 from autopar.cost_models.layer_model import saved_bytes
 from autopar.cost_models.memory import bytes_per_param, grads_freed_before_activation_peak, model_state_bytes
@@ -465,8 +465,8 @@ def grad_sync_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> tuple[floa
         if key not in sp.syncs:
             sp.syncs[key] = sp.cm.grad_sync_time(size, n, sh.tp, probe(sh, sp.gb, k))
         out.append(sp.syncs[key])
-    if syncs_after_backward(sp.cm.ctx.runtime, sh.pp, k.zero, k.offload):   # replicate under a pipeline:
-        return out[1], 0.0   # the whole sync after the last backward, none of it behind compute
+    if exposed_sync(sp.cm, probe(sh, sp.gb, k)):   # replicate under a pipeline,
+        return out[1], 0.0   # ShardedAdamW: the whole sync after the last backward, none of it behind compute
     return out[0], out[1]
 
 

@@ -274,8 +274,8 @@ class RankPricer:
         dense = sum(g.params_dense * n for g, n in groups) * gbytes
         expert = sum(g.params_expert * n for g, n in groups) * gbytes
         t = self._sync(dense, s.dp * s.cp, s.tp) + self._sync(expert, s.edp, s.ep * s.etp)
-        if fsdp.syncs_after_backward(self.cm.ctx.runtime, s.pp, s.zero_stage, s.offload_optimizer):
-            return t   # as CostModel.dp_time: replicate's all-reduces after the stage's last backward
+        if fsdp.exposed_sync(self.cm, s):
+            return t   # as CostModel.dp_time: the whole sync after the stage's last backward
         hide = bool(self.m)
         last_bucket = self._sync(min(DDP_BUCKET_BYTES, dense), s.dp * s.cp, s.tp)
         ahead = overlap.gathers_ahead(self.cm.ctx.runtime, s.zero_stage)

@@ -1,6 +1,7 @@
-"""The loop both collective-counting torchrun entries share (tests/zb_fsdp_count.py, tests/pp_dp_sync_count.py): run
-each emitted ``train.py`` in turn in the same processes, recording per step what ``record()`` returns after each
-``pp_step``, and write ``OUT_DIR/<program>.rank<r>.json`` (and the program's own ``<program>.metrics.jsonl``)."""
+"""The loop the collective-counting torchrun entries share (tests/zb_fsdp_count.py, tests/pp_dp_sync_count.py,
+tests/zero1_sync_count.py): run each emitted ``train.py`` in turn in the same processes, recording per step what
+``record()`` returns after each ``pp_step`` (or the runtime function ``at`` names), and write
+``OUT_DIR/<program>.rank<r>.json`` (and the program's own ``<program>.metrics.jsonl``)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,17 @@ from pathlib import Path
 import torch.distributed as dist
 
 
-def run_programs(rt, programs: list[Path], out_dir: Path, n_steps: str, record) -> None:
+def run_programs(rt, programs: list[Path], out_dir: Path, n_steps: str, record, at: str = "pp_step") -> None:
     """``record()`` reads and resets the counters of the step that just ended (one step's sync)."""
     steps: list[dict] = []
-    pp_step = rt.pp_step
+    step_fn = getattr(rt, at)
 
     def _step(*args, **kwargs):
-        loss = pp_step(*args, **kwargs)
+        out = step_fn(*args, **kwargs)
         steps.append(record())
-        return loss
+        return out
 
-    rt.pp_step = _step
+    setattr(rt, at, _step)
     dist.init_process_group("gloo")   # one group for every program (runtime_mesh.init_distributed finds it)
     for program in programs:
         steps.clear()

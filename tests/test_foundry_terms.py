@@ -78,7 +78,7 @@ def test_fsdp_impl_by_mixed_precision(pfr):
     assert pfr.fsdp_impl(case("llm-foundry", "PURE")) == "fsdp1_pure"
     assert pfr.fsdp_impl(case("llm-foundry", "DEFAULT")) == "fsdp1_fp32_params"
     assert pfr.fsdp_impl(case("torchtitan", None)) == "fsdp2"
-    assert pfr.fsdp_impl(case("meta", None)) == "fsdp2"
+    assert pfr.fsdp_impl(case("meta", None)) == "meta"
 
 
 @pytest.mark.skipif(not MODERN.is_file(), reason="shared/validation/published_modern.yaml absent")

@@ -3,7 +3,8 @@
 ZeRO-0 under a pipeline is FSDP2's ``replicate`` (``dp_mode``); torch's schedules defer its all-reduces to
 the stage's REDUCE_GRAD after its last backward, so the whole sync is priced exposed
 (``cost_models.fsdp.syncs_after_backward``), by the estimate, the partition's rank prices and the search's
-floors alike. Interleaved schedules with vpp >= 4 re-gather FSDP units beyond what ZeRO-2 prices (torch's
+floors alike; so is ZeRO-1 as ``ShardedAdamW`` (with or without a pipeline: tests/test_zero1_sync.py).
+Interleaved schedules with vpp >= 4 re-gather FSDP units beyond what ZeRO-2 prices (torch's
 lowering keeps 3 stages of a rank gathered): ``techniques.pipeline.torch_rule`` refuses them. Counted on 4
 gloo ranks (``pp_dp_sync_count.py``)."""
 
@@ -32,12 +33,22 @@ def _cm(model: str = "llama-tiny", gpus: int = 8, seq_len: int = 256, runtime: s
                                    dtype="bf16", runtime=runtime))[0]
 
 
-def test_the_rule_is_replicate_under_a_pipeline():
-    assert fsdp.syncs_after_backward("torch", 2, 0, False)
-    assert not fsdp.syncs_after_backward("torch", 1, 0, False)          # no pipeline: DDP / replicate hooks
-    assert not any(fsdp.syncs_after_backward("torch", 4, z, False) for z in (1, 2, 3))
-    assert not fsdp.syncs_after_backward("torch", 4, 0, True)           # offload: FSDP2 CPUOffloadPolicy
-    assert not any(fsdp.syncs_after_backward(rt, 4, 0, False) for rt in ("megatron", "deepspeed", "torchtitan"))
+def _rule(text: str, runtime: str = "torch", dtype: str = "bf16", impl: str = "fsdp2") -> bool:
+    return fsdp.syncs_after_backward(runtime, Strategy.parse(text).resolve(8), dtype, impl)
+
+
+def test_the_rule_is_replicate_under_a_pipeline_and_sharded_adamw():
+    assert _rule("pp=2,dp=4,zero=0")
+    assert not _rule("dp=8,zero=0")                                     # no pipeline: DDP / replicate hooks
+    assert not any(_rule(f"pp=4,dp=2,zero={z}") for z in (2, 3))
+    assert not _rule("pp=4,dp=2,zero=0,offload=1")                      # offload: FSDP2 CPUOffloadPolicy
+    assert not any(_rule(t, rt) for t in ("pp=4,dp=2,zero=0", "dp=8,zero=1")
+                   for rt in ("megatron", "deepspeed", "torchtitan"))
+    # ZeRO-1 as ShardedAdamW (dp_mode "zero1"): bf16, or fp32 beside tp / ep / pp; not fp32 DDP + ZeRO optimizer
+    assert all(_rule(t) for t in ("dp=8,zero=1", "dp=4,cp=2,zero=1", "pp=4,dp=2,zero=1"))
+    assert all(_rule(t, dtype="fp32") for t in ("dp=4,tp=2,zero=1", "pp=2,dp=4,zero=1", "dp=4,tp=2,etp=2,zero=1"))
+    assert not _rule("dp=8,zero=1", dtype="fp32")
+    assert not _rule("pp=2,dp=4,zero=1", impl="meta")   # Meta's Llama 3 stack overlaps its own (published row)
 
 
 @pytest.mark.parametrize("text", ["pp=2,dp=4,mbs=1,gbs=32,zero=0",
@@ -54,24 +65,27 @@ def test_zero0_pipeline_prices_the_whole_all_reduce_exposed(text):
             min(DDP_BUCKET_BYTES, dense), s.dp * s.cp, s.tp, s)
         got = cm.dp_time(s, r, costs, s.num_micro_batches)
         assert t > 0 and got == pytest.approx(t) and got != pytest.approx(overlapped)
-    one = Strategy.parse(text.replace("zero=0", "zero=1")).resolve(8)   # ZeRO-1 (ShardedAdamW) unchanged
-    r = cm.estimate(one).ranks[0]
-    assert cm.dp_time(one, r, cm.layer_costs(one), 8) < cm.grad_sync_time(1e12, 4, 1, one)
+    one = Strategy.parse(text.replace("zero=0", "zero=1")).resolve(8)   # ZeRO-1 (ShardedAdamW): exposed too
+    r, costs = cm.estimate(one).ranks[0], cm.layer_costs(one)
+    dense = sum(costs[i].params_dense for i in r.layers) * gb
+    assert cm.dp_time(one, r, costs, 8) == pytest.approx(cm.grad_sync_time(dense, 4, 1, one))
 
 
-def test_search_prices_zero0_pipelines_as_the_estimate_and_its_floors_hold():
+@pytest.mark.parametrize("zero", [0, 1])
+def test_search_prices_exposed_syncs_as_the_estimate_and_its_floors_hold(zero):
     """The partition's rank prices (``RankPricer.dp_time``) are the estimate's; the search's floors
-    (``bounds.grad_sync_floor``) stay under them: the bounded search keeps the exhaustive plans."""
+    (``bounds.grad_sync_floor``) stay under them: the bounded search keeps the exhaustive plans (ZeRO-0:
+    pipelined plans; ZeRO-1 in bf16: every plan runs ShardedAdamW)."""
     from autopar.planner import search as S
 
     cm = build_cost_model(Inputs(model="llama3-8b", nodes=1, seq_len=2048))[0]
-    cons = S.Constraints(fixed={"zero_stage": 0, "micro_batch": 1}, schedules=("1f1b", "interleaved"), max_cp=1)
+    cons = S.Constraints(fixed={"zero_stage": zero, "micro_batch": 1}, schedules=("1f1b", "interleaved"), max_cp=1)
     bounded, every = S.search(cm, 64, cons), S.search(cm, 64, cons, exhaustive=True)
     plans = [[(c.strategy.short(), c.stages, c.estimate.step_time_s) for c in r.candidates] for r in (bounded, every)]
     assert plans[0] and plans[0] == plans[1]
-    piped = [c for c in bounded.candidates if c.strategy.pp > 1 and c.strategy.dp > 1]
-    assert piped
-    for c in piped:   # the partition's own price (Candidate.step_time_s) against the estimate's
+    synced = [c for c in bounded.candidates if (c.strategy.pp > 1 or zero == 1) and c.strategy.dp > 1]
+    assert synced and all(fsdp.exposed_sync(cm, c.strategy) for c in synced)
+    for c in synced:   # the partition's own price (Candidate.step_time_s) against the estimate's
         assert c.step_time_s == pytest.approx(c.estimate.step_time_s)
 
 

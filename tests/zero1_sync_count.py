@@ -1,0 +1,54 @@
+"""Run emitted ZeRO-1 (``ShardedAdamW``) ``train.py`` programs with their step's events in order (a torchrun entry
+for tests/test_zero1_sync.py): ``torchrun ... zero1_sync_count.py OUT_DIR STEPS PROGRAM_DIR...``, the programs one
+after another in the same processes. Writes ``OUT_DIR/<program>.rank<r>.json``: per step (recorded after
+``optimizer_step``) the events of the step in order: ``bwd`` (a backward pass returned: a micro-batch's, or a
+pipeline stage's), ``rs`` / ``ag`` (a reduce-scatter / all-gather was issued), ``rs_in_bwd`` / ``ag_in_bwd`` (issued
+while autograd ran a backward)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+out_dir, n_steps, programs = Path(sys.argv[1]), sys.argv[2], [Path(p) for p in sys.argv[3:]]
+sys.path.insert(0, str(programs[0]))
+from autopar_rt import runtime as rt  # noqa: E402  (the emitted programs' runtime: the same files in each)
+from count_programs import run_programs  # noqa: E402  (tests/, this script's folder)
+
+events: list[str] = []
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def _collective(fn, name: str):
+    def wrapper(*args, **kwargs):
+        events.append(f"{name}_in_bwd" if _in_backward() else name)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def _backward(fn):
+    def wrapper(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        events.append("bwd")
+        return out
+    return wrapper
+
+
+dist.reduce_scatter_tensor = _collective(dist.reduce_scatter_tensor, "rs")
+dist.all_gather_into_tensor = _collective(dist.all_gather_into_tensor, "ag")
+torch.autograd.backward = _backward(torch.autograd.backward)
+
+
+def _record() -> dict:
+    step = {"events": list(events)}
+    events.clear()
+    return step
+
+
+run_programs(rt, programs, out_dir, n_steps, _record, at="optimizer_step")
