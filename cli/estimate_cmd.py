@@ -53,7 +53,7 @@ def estimate_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Option
                  moe_capacity_factor: Optional[float] = c.MoeCapacityFactor, no_a2a_overlap: bool = c.NoA2aOverlap,
                  cross_entropy: str = c.CrossEntropy, tp_comm_overlap: bool = c.TpCommOverlap):
     """Predict step time, throughput, MFU and per-GPU memory of one strategy."""
-    from autopar.cost_models.report import estimate_dict
+    from autopar.cost_models.report import estimate_dict, host_bound_note
 
     cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
                           profile, placement, trace, input_shape, runtime, input_dtype, hf,
@@ -69,6 +69,8 @@ def estimate_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Option
     for msg in _emit_notes(cm, s):  # priced as written; emit names the strategy that runs it
         console.print(f"[yellow]emit: {msg}[/]")
     print_time(console, e)
+    for note in filter(None, [host_bound_note(e, cm)]):  # only when the host adds a material share
+        console.print(note, highlight=False, soft_wrap=True)
     print_memory(console, e)
 
 

@@ -263,7 +263,7 @@ def plan_json(cm, res: SearchResult, top: int) -> dict:
 
     cands = [_cand_json(cm, x) for x in res.candidates[:top]]
     return {"best": cands[0], "candidates": cands, "global_batch": res.global_batch,
-            "why": explain.why(res.candidates), "stats": res.stats.as_dict()}
+            "why": explain.why(res.candidates, cm), "stats": res.stats.as_dict()}
 
 
 def _cand_json(cm, cand: Candidate) -> dict:
@@ -314,7 +314,7 @@ def _print(cm, res: SearchResult, out: Path | None, pngs: list[Path]) -> None:
                   f"{res.global_batch / e.step_time_s:,.1f}",
                   f"{e.tflops_per_gpu:.1f}", f"{100 * e.mfu:.1f}%", c.gib(e.peak_bytes))
     console.print(t)
-    for line in explain.why(res.candidates):
+    for line in explain.why(res.candidates, cm):
         console.print(line)
     st = res.stats
     console.print(f"searched {st.space:,} configurations in {st.search_time_s:.2f} s: {st.pruned_memory:,} ruled "

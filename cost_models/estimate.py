@@ -168,8 +168,7 @@ class CostModel:
         shares the cores fairly among the ranks that have work, so a light pipeline stage that
         waits gives its share to the heavy ones. Per micro-batch the stages' work is done in the
         processor-sharing makespan of the node's ranks (``shared_makespan``), at most the
-        contended time of the slowest stage; the schedule (bubble included) shrinks by that
-        ratio."""
+        contended time of the slowest stage; the schedule (bubble included) shrinks by that ratio."""
         k, cores = self.timer.contention, self.gpu.cores
         if k <= 1 or len(ranks) == 1 or not cores:
             return pipe
@@ -199,7 +198,8 @@ class CostModel:
         bwd = sum(c.bwd_s for c in parts + extra) + rc + sum(comm.values())
         in_flight = in_flight_microbatches(rank, s.pp, m, s.schedule, s.vpp)
         memory, host, pooled = self.rank_memory(s, parts, modes, extra, in_flight, first, last)
-        return RankReport(rank, layers, fwd, bwd, rc, comm, memory, in_flight, host, pooled)
+        floor = sum(c.host_floor_s.get(mo, 0.0) for c, mo in zip(parts + extra, modes + ["none"] * len(extra)))
+        return RankReport(rank, layers, fwd, bwd, rc, comm, memory, in_flight, host, pooled, floor)
 
     def rank_memory(self, s: Strategy, parts: list[LayerCost], modes, extra, in_flight, first,
                     last) -> RankMemory:

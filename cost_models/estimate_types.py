@@ -30,6 +30,7 @@ class RankReport:
     in_flight: float
     host_bytes: float = 0.0   # optimizer states offloaded to host memory (ZeRO-Offload)
     pooled_bytes: float = 0.0  # device + host at their joint peak (memory.pooled_peak_bytes)
+    host_floor_s: float = 0.0  # per micro-batch: what the eager host floor adds to fwd_s + bwd_s (host_bound)
 
     @property
     def mem_bytes(self) -> float:
@@ -89,6 +90,14 @@ class Estimate:
     @property
     def worst_rank(self) -> RankReport:
         return max(self.ranks, key=lambda r: r.mem_bytes)
+
+    @property
+    def host_floor_s(self) -> float:
+        """Seconds of the step the eager host-bound floor adds (``host_bound.layer_floor``, summed from
+        ``LayerCost.host_floor_s``): the rank the time breakdown reads (the most work per micro-batch), its
+        addition times the micro-batches; at least what the step gains, the pipeline bubble grows with it."""
+        slow = max(self.ranks, key=lambda r: r.fwd_s + r.bwd_s)
+        return slow.host_floor_s * self.strategy.num_micro_batches
 
     @property
     def tokens_per_s(self) -> float:

@@ -68,6 +68,7 @@ class LayerCost:
     source_counts: dict[str, int] = field(default_factory=dict)  # ops priced per source (measurement/fit/...)
 
     recompute_comm_op_s: float = 0.0     # forward collectives per-op checkpointing repeats (not saved)
+    host_floor_s: dict[str, float] = field(default_factory=dict)  # per recompute mode: what layer_floor adds
 
     def recompute_comm(self, recompute: str) -> float:
         """Forward collectives re-run in backward: all of them under full recompute; under ``op``
@@ -193,6 +194,7 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     host = _dtensor_overhead(layer, s, ctx) + len(ops) * ctx.timer.gpu.op_overhead_s * ctx.timer.contention
     fwd, bwd = fwd + host / 3, bwd + 2 * host / 3  # backward dispatches about twice the forward's ops
     rerun = recompute_times(layer, ops, fwds, ctx.runtime, fwd, host)
+    gpu_s = {m: fwd + bwd + t for m, t in rerun.items()}   # the GPU's own, for host_floor_s
     fwd, bwd, rerun = host_bound.layer_floor(layer, ops, s, ctx, fwd, bwd, rerun)   # an eager host, small kernels
     cp_kv, cp_rerun = cp_kept_bytes(layer, s, ctx), cp_rerun_s(layer, s, ctx, shared_core_sync(ctx))
     tail = rerun_tail(layer, ops, ctx.runtime)
@@ -202,6 +204,7 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     return LayerCost(
         fwd_s=fwd, bwd_s=bwd,
         recompute_s=rerun,
+        host_floor_s={m: fwd + bwd + rerun[m] - t for m, t in gpu_s.items()},
         comm_s=comm,
         # the forward's ep all-to-alls and etp gathers (half of each) and the cp K/V gather are re-run by
         # full and op alike (the per-op policy keeps none of them)

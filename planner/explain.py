@@ -7,7 +7,7 @@ from collections import Counter
 
 from autopar.core.strategy import COMPACT_KEYS, FIELDS, Strategy
 from autopar.cost_models.estimate import CostModel, Estimate
-from autopar.cost_models.report import host_overflow_message, overflow_bytes
+from autopar.cost_models.report import MATERIAL_HOST, host_bound_note, host_overflow_message, overflow_bytes, seconds
 from autopar.cost_models.session import same_job
 from autopar.errors import InputError
 from autopar.planner.search import (
@@ -32,11 +32,14 @@ TERM_NAMES = {"bubble": "pipeline bubble", "tp_comm": "tensor-parallel communica
               "optimizer": "optimizer step", "compute": "compute"}
 
 
-def why(cands: list[Candidate]) -> list[str]:
-    """Two or three sentences: the winner's limits, then the runner-up's loss."""
+def why(cands: list[Candidate], cm: CostModel | None = None) -> list[str]:
+    """Two to four sentences: the winner's limits, what its eager host's launches add when that is material
+    (``report.host_bound_note``; ``cm`` prices its fix), then the runner-up's loss."""
     if not cands or cands[0].estimate is None:
         return []
     out = [_limits(cands[0])]
+    host = host_bound_note(cands[0].estimate, cm)
+    out += [host] if host else []
     if len(cands) > 1 and cands[1].estimate is not None:
         out.append(_runner_up(cands[0], cands[1]))
     return out
@@ -57,7 +60,9 @@ def _limits(c: Candidate) -> str:
         mem += f"; recomputes {sum(redo.values())} of {len(c.layer_recompute)} layers (" + \
                ", ".join(f"{v} {k}" for k, v in sorted(redo.items())) + ")"
     top_term = max(over, key=over.get) if over else None
-    if top_term is None or over[top_term] < MINOR * e.step_time_s:
+    if e.host_floor_s >= max(MATERIAL_HOST * e.step_time_s, over.get(top_term, 0.0)):
+        limit = "host-bound"   # its compute is the GPU waiting for kernel launches (the next sentence)
+    elif top_term is None or over[top_term] < MINOR * e.step_time_s:
         limit = "compute-bound"
     else:
         limit = f"limited by {TERM_NAMES.get(top_term, top_term)}"
@@ -73,7 +78,7 @@ def _runner_up(a: Candidate, b: Candidate) -> str:
     delta = {k: eb.time.get(k, 0.0) - ea.time.get(k, 0.0) for k in keys}
     worst = max(delta, key=delta.get)
     diff = _differences(a, b)
-    loss = f"{TERM_NAMES.get(worst, worst)} +{_seconds(delta[worst])}" if delta[worst] > 0 else "the total"
+    loss = f"{TERM_NAMES.get(worst, worst)} +{seconds(delta[worst])}" if delta[worst] > 0 else "the total"
     if slower < 0:   # listed second by the tie rule (planner/rank.py)
         return (f"Runner-up ({b.strategy.short()}) is {100 * -slower:.1f}% faster" + (f" ({diff})" if diff else "")
                 + ", within the 1% tie, so the simpler plan is listed first.")
@@ -97,12 +102,6 @@ def _v(x) -> str:
 
 def _share(x: float, e: Estimate) -> str:
     return f"{100 * x / e.step_time_s:.0f}%"
-
-
-def _seconds(x: float) -> str:
-    if x >= 1:
-        return f"{x:.2f} s"
-    return f"{x * 1e3:.1f} ms" if x >= 1e-3 else f"{x * 1e6:.0f} us"
 
 
 # ----- nothing fits -------------------------------------------------------------------------------

@@ -287,7 +287,7 @@ def test_cap_scales_bounds_the_kernel_scales_only(monkeypatch):
 
 def test_fit_stays_inside_the_physical_bounds(monkeypatch):
     """The fit never leaves ``calibrate_modern.BOUNDS`` (GEMMs above the chip's best cuBLAS rate, Hopper
-    attention below the slowest 2023 flash kernel's), even where the rows would pull it out, and every constant the
+    attention below its hold), even where the rows would pull it out, and every constant the
     fitted profiles ship is inside them (and at its ``HELD`` value)."""
     sys.path.insert(0, str(BENCH))
     import calibrate_modern as cal
@@ -302,7 +302,7 @@ def test_fit_stays_inside_the_physical_bounds(monkeypatch):
         cal._descend([], fitted, fitted.stacks, key, ["attention_scale"])
     inside = [v for v in cal.GRIDS["attention_scale"] if cal.in_bounds("hopper", "attention_scale", v)]
     assert fitted.stacks[("hopper", "megatron")].attention_scale == min(inside) > 0.3  # started below: moved inside
-    assert not cal.in_bounds("hopper", "attention_scale", 0.5)  # below FlashAttention-2 / 3 (the FA2 paper)
+    assert not cal.in_bounds("hopper", "attention_scale", 0.5)  # below the hold (calibrate_modern.BOUNDS)
     assert fitted.stacks[("ampere", "megatron")].attention_scale == min(cal.GRIDS["attention_scale"])
     assert not cal.in_bounds("hopper", "fp8_matmul_scale", 1.1)
     assert cal.in_bounds(("hopper", "torch"), "matmul_scale", 1.0)
