@@ -62,6 +62,9 @@ def fit_membound(rows: list[dict], bw_gbps: float) -> tuple[float, float]:
     a, c = (bx * s11 - b1 * sx1) / det, (sxx * b1 - sx1 * bx) / det
     if c < 0:   # a negative intercept is noise on the large sizes: refit through the origin
         a, c = bx / sxx, 0.0
+    if a <= 0:   # e.g. a CPU's few small rows, the cast slower than the copy
+        raise InputError("FILE: membound times do not grow with bytes moved; fix: run kernel_rates.py --membound "
+                         "with a larger --max-mb")
     return min(1.0, 1.0 / (a * bw_gbps * 1e9)), c
 
 
