@@ -124,14 +124,15 @@ def layer_floor(layer: LayerTemplate, ops: list[OpTerm], s: Strategy, ctx, fwd_s
     fwd, bwd = split_total(fwd_s, bwd_s, host_f, host_b)
     dev, host, base = fwd_s + bwd_s, host_f + host_b, fwd + bwd
     again = {m: k * h * sum(calls[i] for i in rerun_ops(layer, ops, m, ctx.runtime)) for m in recompute_s}
-    return fwd, bwd, {m: _extra(dev + t, host + again[m], base, t) for m, t in recompute_s.items()}
+    return fwd, bwd, {m: _extra(dev, host, base, t, again[m]) for m, t in recompute_s.items()}
 
 
-def _extra(dev_total: float, host_total: float, base: float, dev_extra: float) -> float:
-    """A recompute mode's extra backward over ``base`` (the floored forward + backward): its floored total less
-    ``base``; its GPU time ``dev_extra`` as it is where the GPU bounds both (no rounding moves a GPU-bound price)."""
-    total = max(dev_total, host_total)
-    return dev_extra if total == dev_total and dev_total - dev_extra == base else total - base
+def _extra(dev: float, host: float, base: float, dev_extra: float, host_extra: float) -> float:
+    """A recompute mode's extra backward: max(GPU total, host total) with the re-run's GPU / host seconds, less
+    ``base`` (the floored forward + backward); ``dev_extra`` as it is where the GPU bounds all (so no rounding moves a
+    GPU-bound price)."""
+    total = max(dev + dev_extra, host + host_extra)
+    return dev_extra if base == dev and total == dev + dev_extra else max(0.0, total - base)
 
 
 def split_total(fwd_s: float, bwd_s: float, host_f: float, host_b: float) -> tuple[float, float]:
