@@ -17,9 +17,10 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from autopar.cli.app import app
-from autopar.errors import AutoparError
+from autopar.errors import AutoparError, InputError
 
 NO_BLAS_COMMANDS = ("plan", "estimate", "memory")
 _CMD_RE = re.compile(r"""@app\.command\(\s*["']([\w-]+)["']""")
@@ -143,10 +144,7 @@ def run(args: list[str]) -> None:
                 print("error: interrupted", file=sys.stderr)
             sys.exit(code)
     except AutoparError as exc:
-        if "--json" in args:  # a script reading stdout gets an object too, with the reasons and fixes
-            print(json.dumps(error_json(exc), indent=2))
-        print(f"error: {exc.message}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _fail(exc, args)
     except SystemExit:
         raise
     except KeyboardInterrupt:
@@ -154,8 +152,7 @@ def run(args: list[str]) -> None:
         sys.exit(130)
     except OSError as exc:  # a file the command reads or writes (disk full, permissions): one line, not a traceback
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}; fix: check that path and its permissions", file=sys.stderr)
-        sys.exit(2)
+        _fail(InputError(f"{where}{exc.strerror or exc}; fix: check that path and its permissions"), args)
     except Exception as exc:  # click (vendored by typer) usage errors and exits
         code = getattr(exc, "exit_code", None)
         if code is None:
@@ -163,8 +160,17 @@ def run(args: list[str]) -> None:
         if hasattr(exc, "format_message"):  # a usage error (bad option value, unknown option): one line
             ctx = getattr(exc, "ctx", None)
             where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
-            print(f"error: {exc.format_message()}{where}", file=sys.stderr)
+            _fail(InputError(f"{exc.format_message()}{where}", code), args)
         sys.exit(code)
+
+
+def _fail(exc: AutoparError, args: list[str]) -> NoReturn:
+    """``error: <message>`` on stderr and the error's exit code; with ``--json`` a script reading stdout gets an
+    object too (``error_json``: the reasons and fixes), for a usage error (click's) as for the commands' own."""
+    if "--json" in args:
+        print(json.dumps(error_json(exc), indent=2))
+    print(f"error: {exc.message}", file=sys.stderr)
+    sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

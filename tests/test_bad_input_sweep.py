@@ -205,3 +205,15 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(folder, capsys, argv, 
     assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
     assert field in err, err
     assert _listing(folder) == before   # no output, no temporary file left behind
+
+
+@pytest.mark.parametrize("argv", [("plan", "gpt-tiny", "--out", "{d}/file.txt/plan.json", "--json"),   # click's
+                                  ("plan", "gpt-tiny", "--max-tp", "0", "--json"),
+                                  ("estimate", "no-such-model", "--strategy", "dp=-1", "--json")])   # the command's
+def test_with_json_stdout_holds_the_error_object_too(folder, capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main([a.format(d=folder) for a in argv])
+    out, err = capsys.readouterr()
+    obj = json.loads(out)
+    assert exc.value.code == obj["exit_code"] == 2 and obj["error"] == "input"
+    assert err == f"error: {obj['message']}\n" and obj["reasons"]
