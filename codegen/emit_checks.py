@@ -93,7 +93,8 @@ def check_plan(plan: Plan, device: str) -> Layout:
 def _stages(plan: Plan) -> list[tuple[int, int]]:
     s, m = plan.strategy, plan.model
     n = s.pp * s.vpp
-    if (m.family == "custom" and m.hf_config is None) or s.pp == 1:  # transformers decoders split their layers
+    one = s.pp == 1 and (m.family == "custom" or not plan.stages)   # stages a pp=1 plan lists must cover it too
+    if (m.family == "custom" and m.hf_config is None) or one:  # transformers decoders split their layers
         return [(0, m.layers)] if m.family != "custom" else [(0, 0)]
     if not plan.stages:
         return even_stages(m.layers, n)

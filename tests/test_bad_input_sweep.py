@@ -66,6 +66,8 @@ def folder(tmp_path_factory) -> Path:
     (d / "plan_extra.json").write_text(json.dumps({**data, "extra_thing": 1}))
     (d / "plan_lr.json").write_text(json.dumps({**data, "layer_recompute": ["none"]}))
     (d / "plan_world.json").write_text(json.dumps({**data, "strategy": {**data["strategy"], "tp": 3}}))
+    half = [{"index": 0, "rank": 0, "layer_start": 0, "layer_end": 2, "has_embedding": True, "has_output": True}]
+    (d / "plan_stages.json").write_text(json.dumps({**data, "stages": half}))   # pp=1, 2 of gpt-tiny's 4 layers
     try:
         main(["trace-routing", "--synthetic", "--experts", "8", "--layers", "2", "--out", str(d / "trace.json")])
     except SystemExit as exc:
@@ -154,6 +156,7 @@ CASES = [  # (id, argv with {d} for the fixture folder, what the one line must n
     ("emit-version", ("emit", "{d}/plan_v2.json", "--out", "{d}/run"), "format_version"),
     ("emit-extra-key", ("emit", "{d}/plan_extra.json", "--out", "{d}/run"), "extra_thing"),
     ("emit-recompute", ("emit", "{d}/plan_lr.json", "--out", "{d}/run"), "layer_recompute"),
+    ("emit-stages", ("emit", "{d}/plan_stages.json", "--out", "{d}/run"), "stages"),
     ("emit-world", ("emit", "{d}/plan_world.json", "--out", "{d}/run"), "strategy"),
     ("emit-device", ("emit", "{d}/plan.json", "--out", "{d}/run", "--device", "tpu"), "device"),
     ("emit-time", ("emit", "{d}/plan.json", "--out", "{d}/run", "--time", "forever"), "time"),
