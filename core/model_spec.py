@@ -56,6 +56,8 @@ class ModelSpec(BaseModel):
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_attention_factor: float = Field(1.0, gt=0.0, description="YaRN's attention factor on RoPE's cos / sin "
+                                                                  "(1: plain RoPE); Megatron-Core fuses RoPE only at 1")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     qkv_bias: bool = Field(False, description="biases on q/k/v projections (Qwen2); gpt always has biases")
     attention: Literal["eager", "sdpa"] = Field(

@@ -96,7 +96,7 @@ class CostModel:
             fits=comm_fits, runtime=runtime, sliding_window=spec.sliding_window,
             sliding_layers=frozenset(i for i in self.blocks if spec.is_sliding_layer(i)),
             attn_head_dim=spec.attention_head_dim, expert_bias=bool(spec.num_experts and spec.mlp_bias),
-            fsdp_impl=fsdp_impl)
+            fsdp_impl=fsdp_impl, rope_attention_factor=spec.rope_attention_factor)
         self.moe_load = moe_load
         self._cache: dict[tuple, dict] = {}
         self._z3 = IdentityMemo(4096)   # _zero3_layer by what it reads (most layers share one price)

@@ -33,7 +33,13 @@ from autopar.cost_models.cp_cost import cp_exposed, cp_kept_bytes, cp_rerun_s
 from autopar.cost_models.fp8_cost import Fp8Cast, fp8_casts
 from autopar.cost_models.fsdp import FsdpImpl
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
-from autopar.cost_models.megatron_ops import expert_passes_s, megatron_block_tp, megatron_linears, megatron_loss
+from autopar.cost_models.megatron_ops import (
+    expert_passes_s,
+    megatron_block_tp,
+    megatron_linears,
+    megatron_loss,
+    megatron_rope,
+)
 from autopar.cost_models.memory import busiest_rank_expert_excess
 from autopar.cost_models.moe_cost import (
     capped_load,
@@ -102,6 +108,7 @@ class PricingContext:
     sliding_window: int = 0              # tokens a sliding-window layer attends back (ModelSpec.sliding_window)
     sliding_layers: frozenset[int] = frozenset()  # block indices that attend within the window
     attn_head_dim: int = 0               # the attention kernel's head dim (q.k width); 0: the one it was measured at
+    rope_attention_factor: float = 1.0   # YaRN's factor on cos / sin (ModelSpec; megatron: not 1 runs RoPE unfused)
     cross_entropy: str = "te"            # megatron: the fused loss kernel (megatron_ops.CROSS_ENTROPY_IMPLS)
     expert_bias: bool = False            # the model's experts have biases (ModelSpec.mlp_bias of an MoE)
     tp_comm_overlap: bool = False        # megatron: TE userbuffers tp overlap (--tp-comm-overlap; megatron_ops)
@@ -178,7 +185,7 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     fwd = bwd = kernel_fwd = 0.0
     flops, fwds = 0.0, []
     performed = _attention_performed(layer, s, ctx)
-    ops = runtime_ops(layer, ctx.runtime, ctx.dtype_bytes, ctx.cross_entropy)
+    ops = runtime_ops(layer, ctx.runtime, ctx.dtype_bytes, ctx.cross_entropy, ctx.rope_attention_factor)
     casts = fp8_casts(ops, ctx.runtime) if ctx.timer.dtype == "fp8" else {}  # how each linear is quantized
     for op in ops:
         f, b = _op_time(op, s, sh, ctx, performed, casts.get(op.name))
@@ -224,13 +231,15 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     )
 
 
-def runtime_ops(layer: LayerTemplate, runtime: str, dtype_bytes: int, cross_entropy: str = "te") -> list[OpTerm]:
+def runtime_ops(layer: LayerTemplate, runtime: str, dtype_bytes: int, cross_entropy: str = "te",
+                rope_attention_factor: float = 1.0) -> list[OpTerm]:
     """The ops the runtime runs for the captured ones. Megatron-Core rotates q and k with one fused
     kernel each in the activations' dtype (``--apply-rope-fusion``: Transformer Engine's
     ``fused_apply_rotary_pos_emb``) and its FlashAttention takes GQA's fewer K/V heads as they are
     (Dao 2023, FlashAttention-2 ``num_heads_k``), where the captured graph runs RoPE in fp32 with its
     casts and expands K/V: the elementwise ops between the last projection and the attention kernel
-    become one op moving ``fused_rope_bytes``; its linears are Megatron's fused ones
+    become one op (``megatron_ops.megatron_rope``; unfused under YaRN's ``rope_attention_factor``); its linears
+    are Megatron's fused ones
     (``megatron_ops.megatron_linears``: ``linear_qkv``, ``linear_fc1`` with the fused SwiGLU) and its
     loss the fused cross-entropy ``cross_entropy`` (``megatron_ops.megatron_loss``). Other runtimes run
     the graph's ops."""
@@ -238,27 +247,7 @@ def runtime_ops(layer: LayerTemplate, runtime: str, dtype_bytes: int, cross_entr
         return layer.ops
     if layer.kind == "output":
         return megatron_loss(layer.ops, cross_entropy)
-    return megatron_linears(_megatron_rope(layer.ops, dtype_bytes))
-
-
-def _megatron_rope(ops: list[OpTerm], dtype_bytes: int) -> list[OpTerm]:
-    attn = next((i for i, o in enumerate(ops) if o.kind == "attention" or o.attn_core), None)
-    if attn is None:
-        return ops
-    last = max((i for i in range(attn) if ops[i].kind == "gemm"), default=-1)
-    proj = [o for o in ops[:attn] if o.kind == "gemm" and o.shard == "tp" and o.gemm is not None][-3:]
-    if len(proj) < 2 or not any(o.kind == "membound" for o in ops[last + 1:attn]):
-        return ops  # no rotary region (fused QKV GPT, learned positions)
-    q, k = proj[0], proj[1]  # (q, k, v) or MLA's (q, kv) projections
-    rope = OpTerm(name="fused_rope", kind="membound", shard="tp", fwd_flops=0.0, bwd_flops=0.0,
-                  bytes_rw=fused_rope_bytes(q.gemm[0], q.gemm[1], k.gemm[1], dtype_bytes))
-    return ops[:last + 1] + [o for o in ops[last + 1:attn] if o.kind != "membound"] + [rope] + ops[attn:]
-
-
-def fused_rope_bytes(tokens: float, q_cols: float, k_cols: float, dtype_bytes: int) -> float:
-    """Bytes of a fused RoPE kernel over q and k: each read and written once in the activations'
-    dtype (Transformer Engine ``fused_apply_rotary_pos_emb``; Su et al. 2021 rotary embeddings)."""
-    return 2.0 * dtype_bytes * tokens * (q_cols + k_cols)
+    return megatron_linears(megatron_rope(layer.ops, dtype_bytes, rope_attention_factor))
 
 
 def _attention_performed(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> float:

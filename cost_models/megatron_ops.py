@@ -10,6 +10,9 @@ as one fused kernel (``--bias-swiglu-fusion``, on by default: ``bias_swiglu_impl
 two or three reads the shared input once (under fp8: one cast of it, ``fp8_cost.Fp8Cast``) and
 runs as one larger kernel; the fused activation reads gate and up and writes their product once.
 
+Before the attention: RoPE on q and k as Transformer Engine's fused kernel, or as Megatron-Core's unfused
+one where the model's YaRN scaling multiplies cos and sin (``megatron_rope``).
+
 Beside the blocks: the loss as the fused cross-entropy kernel the run names (``megatron_loss``,
 ``--cross-entropy``), and on an expert-parallel rank the memory passes Megatron-Core runs around the
 expert GEMMs (``expert_passes_s``: the expert-major re-sort, the experts' output biases).
@@ -30,6 +33,13 @@ from autopar.cost_models.overlap import userbuffers_tp_exposed
 # bf16 logit gradient out; ``cross_entropy_bytes``). Choices of Megatron-Core's
 # ``--cross-entropy-fusion-impl`` (``TransformerConfig.cross_entropy_fusion_impl``).
 CROSS_ENTROPY_IMPLS = ("te", "native")
+# Element passes over q and k of one RoPE application, forward + backward, as the op prices them (an elementwise
+# op's backward at twice its forward, ``layer_cost._op_time``: the op carries a third of them). Fused (Transformer
+# Engine ``fused_apply_rotary_pos_emb``): read and write once forward, priced 2 + 4. Unfused (megatron-core 0.16
+# ``rope_utils._apply_rotary_pos_emb_bshd``): forward t * cos (2), ``_rotate_half``'s negation (1) and cat (2),
+# * sin (2), the sum (3), the cat with the empty pass-through part (2) = 12; backward the two products' gradients
+# (2 + 2), the negation's (1), ``chunk``'s gradient cat (2) and the two paths' sum (3) = 10.
+ROPE_PASSES = {"fused": 6, "unfused": 22}
 
 
 def _column(op: OpTerm) -> bool:
@@ -116,6 +126,39 @@ def parallel_block(layer: LayerTemplate) -> bool:
     names = [o.name for o in layer.ops]
     return layer.kind == "block" and any("attention_norm" in n for n in names) \
         and not any("ffn_norm" in n for n in names)
+
+
+def rope_kernel(attention_factor: float) -> str:
+    """Which RoPE Megatron-Core runs (``--apply-rope-fusion``): TE's fused kernel, unless YaRN's attention factor
+    (``ModelSpec.rope_attention_factor``, the concentration factor on cos and sin) is not 1, where megatron-core
+    0.16 ``rope_utils.apply_rotary_pos_emb`` warns "mscale=... is not supported by TE's fused RoPE. Using unfused
+    implementation." and runs ``_apply_rotary_pos_emb_bshd`` (GPT-OSS: YaRN factor 32, 0.1 ln 32 + 1 = 1.35)."""
+    return "fused" if attention_factor == 1.0 else "unfused"
+
+
+def fused_rope_bytes(tokens: float, q_cols: float, k_cols: float, dtype_bytes: int, attention_factor: float = 1.0) \
+        -> float:
+    """Bytes of the op standing for Megatron-Core's RoPE over q and k: ``ROPE_PASSES`` of the kernel
+    ``rope_kernel`` picks, a third of them (the op's forward), in the activations' dtype. Fused: each read and
+    written once forward (Transformer Engine ``fused_apply_rotary_pos_emb``; Su et al. 2021 rotary embeddings)."""
+    return ROPE_PASSES[rope_kernel(attention_factor)] / 3 * dtype_bytes * tokens * (q_cols + k_cols)
+
+
+def megatron_rope(ops: list[OpTerm], dtype_bytes: int, attention_factor: float = 1.0) -> list[OpTerm]:
+    """``ops`` with the elementwise ops between the last projection and the attention kernel (the captured fp32
+    RoPE, its casts, the K/V expansion) as one op moving ``fused_rope_bytes`` (``layer_cost.runtime_ops``)."""
+    attn = next((i for i, o in enumerate(ops) if o.kind == "attention" or o.attn_core), None)
+    if attn is None:
+        return ops
+    last = max((i for i in range(attn) if ops[i].kind == "gemm"), default=-1)
+    proj = [o for o in ops[:attn] if o.kind == "gemm" and o.shard == "tp" and o.gemm is not None][-3:]
+    if len(proj) < 2 or not any(o.kind == "membound" for o in ops[last + 1:attn]):
+        return ops  # no rotary region (fused QKV GPT, learned positions)
+    q, k = proj[0], proj[1]  # (q, k, v) or MLA's (q, kv) projections
+    rope = OpTerm(name=f"{rope_kernel(attention_factor)}_rope", kind="membound", shard="tp", fwd_flops=0.0,
+                  bwd_flops=0.0, bytes_rw=fused_rope_bytes(q.gemm[0], q.gemm[1], k.gemm[1], dtype_bytes,
+                                                           attention_factor))
+    return ops[:last + 1] + [o for o in ops[last + 1:attn] if o.kind != "membound"] + [rope] + ops[attn:]
 
 
 def cross_entropy_bytes(impl: str) -> tuple[int, int]:

@@ -52,13 +52,32 @@ def _llama_fields(r: HFReader) -> dict:
         head_dim=r.opt("head_dim", 0), ffn_hidden=r.opt("intermediate_size", 0), vocab=r.req("vocab_size"),
         max_seq_len=r.opt("max_position_embeddings", 4096), tie_embeddings=r.flag("tie_word_embeddings", False),
         norm_eps=r.opt("rms_norm_eps", 1e-5), rope_theta=_rope_theta(r), qkv_bias=bias, attn_out_bias=bias,
-        mlp_bias=r.flag("mlp_bias", False),
+        mlp_bias=r.flag("mlp_bias", False), rope_attention_factor=_rope_attention_factor(r),
     )
 
 
 def _rope_theta(r: HFReader) -> float:
     params = r.cfg.get("rope_parameters") or {}
     return float(r.opt("rope_theta", params.get("rope_theta", 10000.0)) if isinstance(params, dict) else 10000.0)
+
+
+def _rope_attention_factor(r: HFReader) -> float:
+    """YaRN's attention factor on cos and sin (transformers ``_compute_yarn_parameters``, megatron-core
+    ``_yarn_get_concentration_factor``): the config's ``attention_factor``, else mscale(factor, mscale) /
+    mscale(factor, mscale_all_dim) where both are given, else 0.1 ln(factor) + 1; 1 for any other RoPE."""
+    params = r.cfg.get("rope_parameters") or r.cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict) or (params.get("rope_type") or params.get("type")) != "yarn":
+        return 1.0
+    factor = float(params.get("factor") or 1.0)
+    if params.get("attention_factor"):
+        return float(params["attention_factor"])
+
+    def mscale(m: float) -> float:
+        return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    if params.get("mscale") and params.get("mscale_all_dim"):
+        return mscale(float(params["mscale"])) / mscale(float(params["mscale_all_dim"]))
+    return mscale(1.0)
 
 
 def _layer_kinds(r: HFReader, layers: int, sliding: Callable[[int], bool]) -> list[str]:

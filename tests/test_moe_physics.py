@@ -3,6 +3,9 @@ and the stack switches (grouped GEMM, all-to-all overlap) through the layer pric
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 
 from autopar.core.gpu import StackConstants
@@ -231,13 +234,14 @@ def test_megatron_runs_rope_fused_and_gqa_unexpanded():
     """Megatron-Core: one fused RoPE kernel per q and k in bf16 (TE fused_apply_rotary_pos_emb) and no
     K/V expansion (FlashAttention takes GQA heads as they are): the captured fp32 RoPE, its casts and
     repeat_interleave become one op reading and writing q and k once."""
-    from autopar.cost_models.layer_cost import _megatron_rope, fused_rope_bytes, runtime_ops
+    from autopar.cost_models.layer_cost import runtime_ops
+    from autopar.cost_models.megatron_ops import fused_rope_bytes, megatron_rope
     from autopar.cost_models.session import Inputs, build_cost_model
 
     cm = _qwen_moe_cost_model(Inputs, build_cost_model, 4096)
     block = next(t for t in cm.templates if t.is_moe)
     assert runtime_ops(block, "torch", 2) is block.ops and runtime_ops(block, "torchtitan", 2) is block.ops
-    ops = _megatron_rope(block.ops, 2)  # the RoPE step of runtime_ops (its fused linears: test_dense_outliers)
+    ops = megatron_rope(block.ops, 2)  # the RoPE step of runtime_ops (its fused linears: test_dense_outliers)
     attn = next(i for i, o in enumerate(ops) if o.kind == "attention")
     assert ops[attn - 1].name == "fused_rope" and ops[attn - 2].kind == "gemm"
     assert ops[attn - 1].bytes_rw == fused_rope_bytes(4096, 32 * 128, 4 * 128, 2) == 2 * 2 * 4096 * 4608
@@ -245,6 +249,26 @@ def test_megatron_runs_rope_fused_and_gqa_unexpanded():
     assert dropped and all(o.kind == "membound" for o in dropped)
     assert sum(o.bytes_rw for o in dropped) > 3 * ops[attn - 1].bytes_rw   # fp32 round trips, K/V copies
     assert ops[attn:] == block.ops[block.ops.index(ops[attn]):]             # the rest as captured
+    # YaRN's attention factor on cos / sin: Megatron-Core's unfused RoPE, 22 element passes of q and k forward +
+    # backward where the fused kernel's op is priced 6 (megatron_ops.ROPE_PASSES); the rest of the block as before
+    yarn = megatron_rope(block.ops, 2, 1.35)
+    assert yarn[attn - 1].name == "unfused_rope" and yarn[attn - 1].bytes_rw == pytest.approx(
+        ops[attn - 1].bytes_rw * 22 / 6)
+    assert [o.name for o in yarn if "rope" not in o.name] == [o.name for o in ops if "rope" not in o.name]
+
+
+def test_yarn_attention_factor_from_the_hf_config():
+    """transformers / megatron-core YaRN: attention_factor as given, else mscale / mscale_all_dim, else
+    0.1 ln(factor) + 1 (GPT-OSS: factor 32 -> 1.347); plain RoPE and other scalings 1."""
+    from autopar.profiles.hf_families import HFReader, _rope_attention_factor
+
+    def factor(**cfg) -> float:
+        return _rope_attention_factor(HFReader(cfg, Path("config.json")))
+
+    assert factor(rope_scaling={"rope_type": "yarn", "factor": 32.0}) == pytest.approx(0.1 * math.log(32) + 1)
+    assert factor(rope_parameters={"rope_type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 1.0}) == 1.0
+    assert factor(rope_scaling={"type": "yarn", "factor": 4.0, "attention_factor": 1.2}) == 1.2
+    assert factor() == factor(rope_scaling={"rope_type": "linear", "factor": 8.0}) == 1.0
 
 
 def test_a2a_overlap_off_exposes_every_all_to_all_and_folding_rows_run_without_it():
