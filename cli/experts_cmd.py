@@ -212,7 +212,7 @@ def experts_cmd(
     method: str = typer.Option("auto", "--method", help="auto, exact (pulp ILP) or search (scales)"),
     a2a_cost: float = typer.Option(1.0, "--a2a-cost", min=0.0, help="time to move one token copy over the time to "
                                    "compute it on one expert"),
-    bytes_per_token: float | None = typer.Option(None, "--bytes-per-token",
+    bytes_per_token: float | None = typer.Option(None, "--bytes-per-token", min=0.0,
                                                  help="default: 2 * hidden (bf16), 8192 if unknown"),
     gap: float = typer.Option(0.0, "--gap", min=0.0,
                               help="search: stop once the proven gap is at most this (0.02 = 2%)"),

@@ -93,6 +93,8 @@ def profile_command(
 
     if budget_s <= 0 or threads < 1 or micro_batch < 1:
         raise InputError("--budget-s, --threads and --micro-batch must be positive")
+    if not all(a.strip() for a in alias):
+        raise InputError("--alias: an empty name; fix: a name --gpu will accept, e.g. --alias my-gpu")
     dtype = dtype or ("fp32" if device == "cpu" else "bf16")
     name = name or (out.stem if out else ("cpu" if device == "cpu" else "cuda"))
     out = out or Path(f"profile-{name}.json")

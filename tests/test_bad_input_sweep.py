@@ -170,6 +170,7 @@ CASES = [  # (id, argv with {d} for the fixture folder, what the one line must n
     ("experts-ep", ("experts", "{d}/trace.json", "--ep", "3"), "ep"),
     ("experts-ep-too-many", ("experts", "{d}/trace.json", "--ep", "16"), "ep"),
     ("experts-solver", ("experts", "{d}/trace.json", "--ep", "2", "--solver", "gurobi"), "solver"),
+    ("experts-bytes", ("experts", "{d}/trace.json", "--ep", "2", "--bytes-per-token", "-5"), "--bytes-per-token"),
     ("experts-method", ("experts", "{d}/trace.json", "--ep", "2", "--method", "magic"), "method"),
     ("trace-topk", ("trace-routing", "--synthetic", "--experts", "8", "--topk", "9", "--out", "{d}/t.json"), "topk"),
     # checkpoints: missing, corrupt, of another model
@@ -182,6 +183,7 @@ CASES = [  # (id, argv with {d} for the fixture folder, what the one line must n
     ("reshard-mismatch", ("reshard", "{d}/ck_vocab", "--to", "{d}/plan.json", "--out", "{d}/o"), "vocabulary"),
     # profile, profile-comm, validate
     ("profile-device", ("profile", "gpt-tiny", "--device", "tpu", "--out", "{d}/p.json"), "--device"),
+    ("profile-alias", ("profile", "gpt-tiny", "--alias", "", "--out", "{d}/p.json"), "--alias"),
     ("profile-dtype", ("profile", "gpt-tiny", "--dtype", "fp7", "--out", "{d}/p.json"), "--dtype"),
     ("comm-backend", ("profile-comm", "--nproc", "2", "--backend", "mpi", "--out", "{d}/c.yaml"), "--backend"),
     ("comm-gpu", ("profile-comm", "--nproc", "2", "--gpu", "z9000", "--out", "{d}/c.yaml"), "gpu"),
