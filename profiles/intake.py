@@ -103,7 +103,17 @@ def resolve_model(name: str, input_shape: list[int] | None = None, input_dtype: 
                              sample_unit="samples" if per_sample else "tokens")
         except ValidationError as exc:
             raise InputError(f"model: {first_error(exc)}") from None
-    return preset(name)
+    return _token_model(preset(name), input_shape, input_dtype)
+
+
+def _token_model(spec: ModelSpec, input_shape: list[int] | None, input_dtype: str) -> ModelSpec:
+    """``spec`` of a catalog architecture (a preset, a config.json autopar reads): it takes token ids shaped by the
+    micro-batch and --seq-len, so an example input given for it would be silently ignored: refused instead."""
+    if input_shape or input_dtype != "int64":
+        flag = "--input-shape" if input_shape else "--input-dtype"
+        raise InputError(f"{flag}: {spec.name} takes token ids (micro-batch x --seq-len); fix: leave it out (it "
+                         "describes a factory's or --hf transformers module's example input)")
+    return spec
 
 
 # ----- Hugging Face config.json ------------------------------------------------------
@@ -137,6 +147,7 @@ def from_hf_config(path: str | Path, force_hf: bool = False, input_shape: list[i
     if impl:
         fields["attention"] = "eager" if impl == "eager" else "sdpa"
     try:
-        return ModelSpec(**fields)
+        spec = ModelSpec(**fields)
     except ValidationError as exc:
         raise InputError(f"model: {path}: {first_error(exc)}") from None
+    return _token_model(spec, input_shape, input_dtype)

@@ -37,6 +37,7 @@ def _fixture_texts() -> dict[str, str]:
         "cl_extra.yaml": _yaml({**CLUSTER, "colour": "blue"}), "cl_neg.yaml": _yaml(neg_link),
         "cl_gpu.yaml": _yaml({**CLUSTER, "gpu": "z9000"}), "cl_syntax.yaml": "name: [unclosed\n",
         "cl_list.yaml": "- 1\n- 2\n",
+        "cfg_ok.json": json.dumps(LLAMA),
         "cfg_syntax.json": "{not json", "cfg_list.json": "[1, 2]", "cfg_missing.json": '{"model_type": "llama"}',
         "cfg_type.json": json.dumps({**LLAMA, "hidden_size": "big"}),
         "cfg_neg.json": json.dumps({**LLAMA, "hidden_size": -64}),
@@ -117,6 +118,8 @@ CASES = [  # (id, argv with {d} for the fixture folder, what the one line must n
     ("compile", (*GOOD, "--compile", "always"), "--compile"),
     ("profile-missing", (*GOOD, "--profile", "{d}/nope.json"), "--profile"),
     ("profile-corrupt", (*GOOD, "--profile", "{d}/cfg_syntax.json"), "--profile"),
+    ("preset-input-shape", ("plan", "gpt-tiny", "--input-shape", "2,128"), "--input-shape"),
+    ("config-input-dtype", ("inspect", "{d}/cfg_ok.json", "--input-dtype", "float32"), "--input-dtype"),
     ("memory-strategy", ("memory", "gpt-tiny", "--strategy", "zero=9", "--json"), "zero=9"),
     # --cluster YAML
     ("cluster-missing-field", ("estimate", "gpt-tiny", "--cluster", "{d}/cl_missing.yaml", "--strategy", "dp=-1"),
