@@ -43,11 +43,14 @@ def order(cands: list[Candidate], tie: float = TIE) -> list[Candidate]:
 
 def feasible_ranked(cm: CostModel, found: list[Candidate], top_k: int) -> tuple[list[Candidate], int]:
     """Estimate the found candidates (fastest by the search's price first) until ``top_k`` fit,
-    plus any within ``TIE`` of those; drop the ones whose estimate does not fit. Returns the
-    ranked candidates and how many were dropped."""
+    plus any within ``TIE`` of the ``top_k``-th fastest estimate (none further can be listed: each of the
+    first ``top_k`` picks of ``order`` lies within ``TIE`` of a plan at least that fast; the search's price
+    never exceeds the estimate); drop the ones whose estimate does not fit. Returns the ranked candidates
+    and how many were dropped. The cut reads estimates, not the order found: the plans listed do not
+    depend on which slower plans the search happened to partition (tests/test_ranking.py)."""
     kept, dropped = [], 0
     for c in sorted(found, key=lambda c: c.step_time_s):
-        if len(kept) >= top_k and c.step_time_s > kept[top_k - 1].estimate.step_time_s * (1 + TIE):
+        if len(kept) >= top_k and c.step_time_s > _kth(kept, top_k) * (1 + TIE):
             break
         c.estimate = c.estimate or cm.estimate(c.strategy, c.stages, c.layer_recompute)
         if not c.estimate.feasible:
@@ -55,6 +58,11 @@ def feasible_ranked(cm: CostModel, found: list[Candidate], top_k: int) -> tuple[
             continue
         kept.append(c)
     return listed(kept, top_k), dropped
+
+
+def _kth(cands: list[Candidate], k: int) -> float:
+    """The ``k``-th fastest estimate of ``cands``."""
+    return sorted(c.estimate.step_time_s for c in cands)[k - 1]
 
 
 def listed(cands: list[Candidate], top_k: int, tie: float = TIE) -> list[Candidate]:

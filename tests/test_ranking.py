@@ -49,6 +49,23 @@ def test_the_fastest_plan_is_always_listed():
     assert rank.listed([fast, *simpler], 5) == rank.order([fast, *simpler])
 
 
+def test_the_cut_reads_the_kth_estimate_not_the_order_found():
+    # feasible_ranked walks the found plans by the search's price (at most the estimate); plans past the
+    # top_k-th *estimate* plus the tie band cannot be listed, so it stops there: the list equals the one of
+    # every plan (as an exhaustive search finds them), whichever slower plans a search also partitioned.
+    # Mixtral-8x7b on 8 nodes: the 5th fastest (cp2, z2) is within 1% of a simpler zbv z1 plan, whose
+    # price came after the 5th plan kept in price order (the old cut: 3.4743 > 3.4373 x 1.01)
+    c = [_cand("dp=8,pp=1", 3.376), _cand("dp=4,pp=1,cp=2", 3.389), _cand("dp=4,pp=2", 3.432),
+         _cand("dp=2,pp=2,cp=2,zero=2", 3.445), _cand("dp=4,pp=2,zero=1", 3.437), _cand("dp=2,pp=2,cp=2", 3.451),
+         _cand("dp=8,zero=1", 3.4743), _cand("dp=2,pp=2,cp=2,zero=1", 3.488)]
+    prices = [3.376, 3.389, 3.4218, 3.4345, 3.4373, 3.4508, 3.4743, 3.4878]   # each at most its estimate
+    for x, p in zip(c, prices):
+        x.step_time_s = p
+    got, dropped = rank.feasible_ranked(None, c, 5)
+    assert dropped == 0 and [x.strategy.short() for x in got] == [x.strategy.short() for x in rank.listed(c, 5)]
+    assert any(x is c[6] for x in got)
+
+
 def test_simplicity_order():
     keys = [rank.simplicity(Strategy.parse(t).resolve(8, 8)) for t in
             ("dp=8", "dp=8,zero=1", "dp=8,zero=3", "dp=8,zero=3,offload=1", "dp=4,tp=2", "dp=2,tp=2,pp=2")]
