@@ -23,7 +23,11 @@ Gpu = typer.Option(None, "--gpu", help="GPU profile (h100-sxm, a100-80g, h200, h
 Nodes = typer.Option(None, "--nodes", min=1, help="number of nodes (default 1)")
 GpusPerNode = typer.Option(None, "--gpus-per-node", min=1, help="GPUs per node (default 8; 1 for cpu)")
 Cluster = typer.Option(None, "--cluster", help="cluster preset (dgx-a100, dgx-h100, ...) or YAML file")
-SeqLen = typer.Option(None, "--seq-len", min=1, help="sequence length (default: the model's, capped at 4096/8192)")
+# 2^24 tokens: 128x the longest trained context we know of (Llama 3's 128k) and far below where the capture's
+# s x s attention scores overflow a tensor's size (about 3e9 tokens for 32 heads: a traceback, not an answer)
+MAX_SEQ_LEN = 1 << 24
+SeqLen = typer.Option(None, "--seq-len", min=1, max=MAX_SEQ_LEN,
+                      help="sequence length (default: the model's, capped at 4096/8192)")
 GlobalBatch = typer.Option(None, "--global-batch", min=1, help="sequences per optimizer step")
 Dtype = typer.Option("auto", "--dtype",
                      help="bf16 | fp16 | fp32 | fp8 (auto: bf16, fp32 where the profile has no bf16)")

@@ -88,6 +88,7 @@ CASES = [  # (id, argv with {d} for the fixture folder, what the one line must n
     ("trace-dense", ("trace-routing", "gpt-tiny", "--out", "{d}/t.json"), "MoE"),
     ("trace-none", ("trace-routing", "--out", "{d}/t.json"), "--synthetic"),
     ("validate-model", ("validate", "no-such-model", "--nproc", "1", "--out", "{d}/v"), "model"),
+    ("plan-seq-len-huge", ("plan", "llama3-8b", "--seq-len", "1000000000"), "--seq-len"),  # was a capture traceback
     # --strategy keys and values
     ("tp-negative", (*EST, "--strategy", "tp=-2"), "tp=-2"),
     ("tp-zero", (*EST, "--strategy", "tp=0"), "tp=0"),
