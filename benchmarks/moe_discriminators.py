@@ -116,22 +116,8 @@ def layer_rows(rows: list) -> None:
                       f"{6 * m * n * k * local / (f + bw) / 1e12:.0f} TFLOP/s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=["layers", "percall", "scan"])
-    ap.add_argument("c_s", nargs="?", type=float, default=20e-6, help="seconds per expert GEMM call (percall)")
-    ap.add_argument("--cache", type=Path, help="pickle of the built rows (validate_published.py --cache)")
-    args = ap.parse_args(argv)
-    built, _ = cal.load_or_build([MODERN], args.cache)
-    rows = megatron_moe(built)
-    if args.mode == "layers":
-        layer_rows(rows)
-        return 0
-    base = errors(rows)
-    if args.mode == "percall":
-        with per_call_cost(args.c_s):
-            compare(base, errors(rows), floor=0.005)
-        return 0
+def scan(built: list) -> None:
+    """``summary`` lines of the Hopper Megatron rows over per-call cost x ``matmul_scale`` x ``ep_overlap``."""
     hopper = [b for b in built if b.case.runtime == "megatron" and b.cm.gpu.name.startswith("h100")]
     summary("shipped", errors(hopper))
     for c_s in (0.0, 10e-6, 20e-6, 40e-6):
@@ -140,6 +126,24 @@ def main(argv: list[str] | None = None) -> int:
                 for overlap in (0.4, 0.7):
                     summary(f"C {1e6 * c_s:.0f} us ms {scale} epo {overlap}",
                             errors(hopper, matmul_scale=scale, ep_overlap=overlap))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", choices=["layers", "percall", "scan"])
+    ap.add_argument("c_s", nargs="?", type=float, default=20e-6, help="seconds per expert GEMM call (percall)")
+    ap.add_argument("--cache", type=Path, help="pickle of the built rows (validate_published.py --cache)")
+    args = ap.parse_args(argv)
+    built, _ = cal.load_or_build([MODERN], args.cache)
+    rows = megatron_moe(built)
+    if args.mode == "scan":
+        scan(built)
+    elif args.mode == "layers":
+        layer_rows(rows)
+    else:
+        base = errors(rows)
+        with per_call_cost(args.c_s):
+            compare(base, errors(rows), floor=0.005)
     return 0
 
 
