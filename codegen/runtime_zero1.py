@@ -11,10 +11,11 @@ an all-gather of the updated slices, cast to the training dtype, rewrites every 
 This is what the cost model prices for zero=1: parameters ``P``, gradients ``G`` whole,
 ``K / n`` optimizer bytes (fp32 master + moments; K = 12 for 16-bit, 8 for fp32 where the
 parameters are the master), one gradient-sized bucket in flight, reduce-scatter +
-all-gather traffic. It works on DTensor (tensor-parallel) parameters - each rank shards its
-local tensor - and on expert shards that differ across ranks (their own group), which
-``ZeroRedundancyOptimizer`` cannot. Imports only torch (the emitted programs run without
-autopar's planner dependencies).
+all-gather traffic with nothing beside it (``sync_grads`` reduces after the last backward, the
+step gathers: ``cost_models.fsdp.syncs_after_backward`` prices the whole sync exposed). It works
+on DTensor (tensor-parallel) parameters - each rank shards its local tensor - and on expert
+shards that differ across ranks (their own group), which ``ZeroRedundancyOptimizer`` cannot.
+Imports only torch (the emitted programs run without autopar's planner dependencies).
 """
 
 from __future__ import annotations

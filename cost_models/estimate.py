@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from functools import partial
 
 from autopar import techniques
 from autopar.core.cluster import ClusterSpec
@@ -68,7 +69,7 @@ from autopar.memo import MISS, IdentityMemo
 from autopar.techniques import offload
 from autopar.techniques.pipeline import ZERO_BUBBLE, rank_stages
 
-DDP_BUCKET_BYTES = 25 * 2**20   # PyTorch DDP bucket_cap_mb default (torch.nn.parallel.DistributedDataParallel)
+DDP_BUCKET_BYTES = fsdp.DDP_BUCKET_BYTES   # planner.partition, planner.bounds, tests read it here
 OPTIMIZER_BYTES_PER_PARAM = 36  # Adam step traffic: read fp32 p, m, v (12) + 16-bit grad (2), its fp32 upcast
 #                                written and read back (8), write fp32 p, m, v (12) + the 16-bit copy (2)
 
@@ -341,16 +342,11 @@ class CostModel:
         grad_bytes = bytes_per_param(self.dtype)[1]
         dense = sum(costs[i].params_dense for i in r.layers) * grad_bytes
         expert = sum(costs[i].params_expert for i in r.layers) * grad_bytes
-        n_dense, n_exp = s.dp * s.cp, s.edp
         if fsdp.per_unit(self, s):  # FSDP: ZeRO-3, and ZeRO-2 under the FSDP runtimes
             return self._zero3_exposed(s, r, costs, m)
-        t = self.grad_sync_time(dense, n_dense, s.tp, s) + self.grad_sync_time(expert, n_exp, s.ep * s.etp, s)
-        if fsdp.exposed_sync(self, s):
-            return t   # replicate under a pipeline, or ShardedAdamW: the whole sync after the last backward
         hide = bool(m) and not self._cores_saturated  # r.bwd_s / r.fwd_s: one micro-batch's backward / forward
-        last_bucket = self.grad_sync_time(min(DDP_BUCKET_BYTES, dense), n_dense, s.tp, s)
-        ahead = overlap.gathers_ahead(self.ctx.runtime, s.zero_stage)  # Megatron-Core --overlap-param-gather
-        return overlap.grad_sync_exposed(t, r.bwd_s * hide, r.fwd_s * hide, ahead) + last_bucket if t > 0 else 0.0
+        sync = partial(self.grad_sync_time, s=s)
+        return fsdp.step_sync_exposed(self, s, sync, dense, expert, r.bwd_s * hide, r.fwd_s * hide)
 
     def grad_sync_time(self, size: float, n: int, stride: int, s: Strategy) -> float:
         """One gradient synchronisation of ``size`` bytes over ``n`` ranks (all-reduce, or
@@ -382,7 +378,8 @@ class CostModel:
             return sum(sum(self._zero3_layer(s, costs[i], gb)) for i in r.layers) * fsdp.unit_syncs_per_step(self, s)
         dense = sum(costs[i].params_dense for i in r.layers) * gb
         expert = sum(costs[i].params_expert for i in r.layers) * gb
-        return self.grad_sync_time(dense, s.dp * s.cp, s.tp, s) + self.grad_sync_time(expert, s.edp, s.ep * s.etp, s)
+        return (self.grad_sync_time(dense, s.dp * s.cp, s.tp, s) + self.grad_sync_time(expert, s.edp, s.ep * s.etp, s)
+                + fsdp.step_broadcast_s(self, s, dense + expert))
 
     def _zero3_layer(self, s: Strategy, c: LayerCost, grad_bytes: int) -> tuple[float, float, float]:
         """(forward all-gather, backward all-gather (``fsdp.regathers``), reduce-scatter) seconds of one layer."""

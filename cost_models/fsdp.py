@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+from autopar.cost_models import overlap
+from autopar.cost_models.comm import collective_time
 from autopar.techniques.dp_program import dp_mode
 from autopar.techniques.pipeline import ZERO_BUBBLE
+
+DDP_BUCKET_BYTES = 25 * 2**20   # PyTorch DDP bucket_cap_mb default (torch.nn.parallel.DistributedDataParallel)
 
 FSDP_RUNTIMES = ("torch", "torchtitan")  # data parallel by FSDP2 (autopar's programs, torchtitan)
 # Which FSDP a --runtime torch plan runs (``PricingContext.fsdp_impl``): autopar's program is FSDP2; llm-foundry's
@@ -126,6 +130,45 @@ def syncs_after_backward(runtime: str, s, dtype: str, impl: str) -> bool:
 def exposed_sync(cm, s) -> bool:
     """``syncs_after_backward`` of a ``CostModel``'s runtime, dtype and FSDP for strategy ``s``."""
     return syncs_after_backward(cm.ctx.runtime, s, cm.dtype, cm.ctx.fsdp_impl)
+
+
+def broadcasts_after_step(runtime: str, s, dtype: str, impl: str) -> bool:
+    """Whether autopar's program sends every rank's updated parameters to the others after the optimizer
+    step, with nothing beside it: fp32 ZeRO-1 on plain parameters without a pipeline is DDP + torch's
+    ``ZeroRedundancyOptimizer`` (``techniques.dp_program.dp_mode`` "ddp"; ``codegen.runtime.make_optimizer``),
+    whose ``step`` ends in ``_sync_params``: each rank broadcasts the parameters it updated and waits on all of
+    them (torch 2.13 ``distributed/optim/zero_redundancy_optimizer.py``, ``_broadcast_params_from_rank``).
+    DDP's all-reduce runs bucket by bucket in the last micro-batch's backward (``overlap.grad_sync_exposed``);
+    the broadcasts, an all-gather's bytes, are exposed."""
+    if runtime != "torch" or impl == "meta" or s.zero_stage != 1:
+        return False
+    return dp_mode(1, s.dp * s.cp, s.tp > 1 or s.etp > 1, s.ep > 1 or s.etp > 1, s.pp > 1, s.offload_optimizer,
+                   dtype) == "ddp"
+
+
+def step_broadcast_s(cm, s, size: float) -> float:
+    """Seconds of ``broadcasts_after_step``'s parameter broadcast of ``size`` bytes (as one all-gather over
+    dp*cp), 0 where the program runs none."""
+    n = s.dp * s.cp
+    if n <= 1 or size <= 0 or not broadcasts_after_step(cm.ctx.runtime, s, cm.dtype, cm.ctx.fsdp_impl):
+        return 0.0
+    return collective_time("all_gather", size, n, s.tp, cm.cluster, fits=cm.ctx.fits).time_s * cm._dp_scale(n, s.tp)
+
+
+def step_sync_exposed(cm, s, sync, dense: float, expert: float, bwd_s: float, fwd_s: float) -> float:
+    """Exposed seconds per step of a rank's data-parallel traffic below FSDP (``CostModel.dp_time``;
+    ``partition.RankPricer.dp_time`` with its memo): ``sync(bytes, n, stride)`` prices one gradient sync
+    (``CostModel.grad_sync_time``) of the rank's ``dense`` (over dp*cp) and ``expert`` (over edp) gradient
+    bytes; ``bwd_s`` / ``fwd_s``: one micro-batch's backward / forward it may hide behind (0: nothing hides).
+    Whole under ``syncs_after_backward``; else what outlasts the last backward (``overlap.grad_sync_exposed``)
+    and the last bucket, reduced after it; plus ``ZeroRedundancyOptimizer``'s broadcast (``step_broadcast_s``)."""
+    n = s.dp * s.cp
+    t = sync(dense, n, s.tp) + sync(expert, s.edp, s.ep * s.etp)
+    if t <= 0 or exposed_sync(cm, s):
+        return t
+    last_bucket = sync(min(DDP_BUCKET_BYTES, dense), n, s.tp)
+    ahead = overlap.gathers_ahead(cm.ctx.runtime, s.zero_stage)  # Megatron-Core --overlap-param-gather
+    return overlap.grad_sync_exposed(t, bwd_s, fwd_s, ahead) + last_bucket + step_broadcast_s(cm, s, dense + expert)
 
 
 def deferred(cm, s) -> bool:

@@ -32,8 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autopar.core.strategy import Strategy
-from autopar.cost_models import fsdp, overlap
-from autopar.cost_models.estimate import DDP_BUCKET_BYTES, CostModel, RankReport
+from autopar.cost_models import fsdp
+from autopar.cost_models.estimate import CostModel, RankReport
 from autopar.cost_models.layer_cost import RECOMPUTE_MODES, LayerCost
 from autopar.cost_models.memory import bytes_per_param, warmup_gradient_bytes
 from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches, weight_grad_fraction
@@ -273,13 +273,8 @@ class RankPricer:
         s, gbytes = self.s, bytes_per_param(self.cm.dtype)[1]
         dense = sum(g.params_dense * n for g, n in groups) * gbytes
         expert = sum(g.params_expert * n for g, n in groups) * gbytes
-        t = self._sync(dense, s.dp * s.cp, s.tp) + self._sync(expert, s.edp, s.ep * s.etp)
-        if fsdp.exposed_sync(self.cm, s):
-            return t   # as CostModel.dp_time: the whole sync after the stage's last backward
         hide = bool(self.m)
-        last_bucket = self._sync(min(DDP_BUCKET_BYTES, dense), s.dp * s.cp, s.tp)
-        ahead = overlap.gathers_ahead(self.cm.ctx.runtime, s.zero_stage)
-        return overlap.grad_sync_exposed(t, bwd * hide, fwd * hide, ahead) + last_bucket if t > 0 else 0.0
+        return fsdp.step_sync_exposed(self.cm, s, self._sync, dense, expert, bwd * hide, fwd * hide)
 
     def _sync(self, size: float, n: int, stride: int) -> float:
         key = (size, n, stride, self.s.zero_stage in (1, 2))

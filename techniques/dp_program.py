@@ -11,7 +11,8 @@ def dp_mode(zero_stage: int, dp_cp: int, has_dtensor: bool, has_ep: bool, pipeli
 
     - ``none``: dp*cp = 1, fp32, no offload: the module as built.
     - ``ddp``: fp32 zero 0/1 on plain parameters without a pipeline: ``DistributedDataParallel``
-      (ZeRO-1 adds ``ZeroRedundancyOptimizer``, params/grads whole, states partitioned).
+      (ZeRO-1 adds ``ZeroRedundancyOptimizer``, params/grads whole, states partitioned, its parameter
+      broadcasts after the step exposed: ``cost_models.fsdp.broadcasts_after_step``).
       Wraps a *materialized* module.
     - ``replicate``: zero 0 with tensor parallel (DTensor parameters, which DDP cannot hold),
       with a pipeline (DDP's bucket rebuild breaks when schedules interleave microbatch
@@ -19,7 +20,8 @@ def dp_mode(zero_stage: int, dp_cp: int, has_dtensor: bool, has_ep: bool, pipeli
       its ``MixedPrecisionPolicy`` giving 16-bit compute weights and collectives.
     - ``zero1``: zero 1 with DTensor, expert or pipelined parameters, or 16-bit: no wrapper,
       ``runtime_zero1.ShardedAdamW`` (whole params and grads, sharded fp32 master + moments,
-      reduce-scatter + all-gather at the step): ZeRO-1 as priced.
+      reduce-scatter + all-gather after the last backward, nothing beside them): ZeRO-1 as priced
+      (``cost_models.fsdp.syncs_after_backward``: exposed).
     - ``fsdp2``: ZeRO-2 = ``fully_shard(reshard_after_forward=False)`` (parameters stay
       gathered from forward to backward, gradients and optimizer states sharded);
       ZeRO-3 = ``fully_shard`` (parameters re-gathered in backward, also under a pipeline);

@@ -10,9 +10,6 @@ gloo ranks (``pp_dp_sync_count.py``)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -117,6 +114,7 @@ def test_emitted_programs_sync_as_counted(tmp_path, monkeypatch):
     crosses micro-batches, re-gathered a stage's last block: 6 of 4), under interleaved vpp=4 (emitted past
     the refusal) more often; ZeRO-3 under interleaved vpp=4 twice per micro-batch, as priced (not refused)."""
     sys.path.insert(0, str(HERE))
+    from count_programs import launch
     from helpers_plans import make_plan
 
     from autopar import techniques
@@ -129,12 +127,8 @@ def test_emitted_programs_sync_as_counted(tmp_path, monkeypatch):
             if name == "z2_il4":   # the configuration torch_rule refuses: emitted only to count it
                 m.setattr(techniques, "violations", lambda *a, **k: [])
             emit(plan, tmp_path / name, "cpu")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-           str(HERE / "pp_dp_sync_count.py"), str(tmp_path), "2", *(str(tmp_path / n) for n in PLANS)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    step2 = {n: [json.loads((tmp_path / f"{n}.rank{r}.json").read_text())[1] for r in range(4)] for n in PLANS}
+    step2 = {n: [steps[1] for steps in runs] for n, runs in launch(HERE / "pp_dp_sync_count.py", tmp_path,
+                                                                     list(PLANS)).items()}
     for name in ("z0_1f1b", "z0_il"):
         for c in step2[name]:
             assert not c["all_gather"] and len(c["reduce"]) >= 2 and set(c["reduce"].values()) == {1}

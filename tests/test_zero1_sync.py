@@ -1,50 +1,93 @@
-"""ZeRO-1 as autopar's program runs it (``dp_mode`` "zero1": ``runtime_zero1.ShardedAdamW``), counted on 4 gloo
-ranks: gradients accumulate whole over the step's micro-batches, then one reduce-scatter per reduction group after
-the last backward and one all-gather of the updated slices, with no backward left to hide them. Priced so:
-``cost_models.fsdp.syncs_after_backward`` (the whole sync exposed; tests/test_pipeline_dp_sync.py)."""
+"""ZeRO-1 as autopar's programs run it, counted on 4 gloo ranks and priced so.
+
+``dp_mode`` "zero1" (``runtime_zero1.ShardedAdamW``): gradients accumulate whole over the step's micro-batches, then
+one reduce-scatter per reduction group after the last backward and one all-gather of the updated slices, with no
+backward left to hide them: ``cost_models.fsdp.syncs_after_backward``, the whole sync exposed (and
+tests/test_pipeline_dp_sync.py). fp32 on plain parameters (``dp_mode`` "ddp"): DDP's all-reduce in the last
+backward, then ``ZeroRedundancyOptimizer``'s per-parameter broadcasts after the step: ``fsdp.broadcasts_after_step``,
+an all-gather's bytes exposed beside the hidden all-reduce."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from autopar.core.strategy import Strategy
+from autopar.cost_models import fsdp, overlap
+from autopar.cost_models.comm import collective_time
+from autopar.cost_models.memory import bytes_per_param
+from autopar.cost_models.session import Inputs, build_cost_model
+
 HERE = Path(__file__).resolve().parent
 
-PLANS = {   # name: (strategy, backward passes per step on every rank); 4 micro-batches per step
-    "z1_dp": ("dp=4,mbs=1,gbs=16,zero=1", 4),
-    "z1_pp": ("pp=2,dp=2,schedule=1f1b,mbs=1,gbs=8,zero=1", 4),
+PLANS = {   # name: (strategy, dtype, backward passes per step on every rank); 4 micro-batches per step
+    "z1_dp": ("dp=4,mbs=1,gbs=16,zero=1", "bf16", 4),
+    "z1_pp": ("pp=2,dp=2,schedule=1f1b,mbs=1,gbs=8,zero=1", "bf16", 4),
+    "z1_ddp": ("dp=4,mbs=1,gbs=16,zero=1", "fp32", 4),
 }
+
+
+def _rules(text: str | Strategy, dtype: str, impl: str = "fsdp2") -> tuple[bool, bool]:
+    s = Strategy.parse(text).resolve(8) if isinstance(text, str) else text
+    return (fsdp.syncs_after_backward("torch", s, dtype, impl), fsdp.broadcasts_after_step("torch", s, dtype, impl))
+
+
+def test_which_zero1_program_runs_and_what_is_exposed():
+    assert _rules("dp=8,zero=1", "bf16") == (True, False)             # ShardedAdamW
+    assert _rules("dp=8,zero=1", "fp32") == (False, True)             # DDP + ZeroRedundancyOptimizer
+    assert _rules("dp=4,tp=2,zero=1", "fp32") == (True, False)        # DTensor weights: ShardedAdamW
+    assert _rules("pp=2,dp=4,zero=1", "fp32") == (True, False)
+    assert _rules("dp=8,zero=0", "fp32") == (False, False)            # plain DDP
+    assert _rules("dp=8,zero=2", "fp32") == (False, False)            # FSDP2
+    assert _rules("dp=8,zero=1", "fp32", "meta") == (False, False)
+    s = Strategy.parse("dp=8,zero=1").resolve(8)
+    assert not any(fsdp.broadcasts_after_step(rt, s, "fp32", "fsdp2") for rt in ("megatron", "deepspeed", "torchtitan"))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_zero1_prices_its_program(dtype):
+    """bf16 (ShardedAdamW): the whole reduce-scatter + all-gather; fp32 (DDP + ZeroRedundancyOptimizer): what
+    outlasts the last backward and the last bucket, plus the broadcast as one all-gather of the rank's weights."""
+    cm = build_cost_model(Inputs(model="llama3-8b", nodes=1, seq_len=2048, dtype=dtype))[0]
+    s = Strategy.parse("dp=8,mbs=1,gbs=64,zero=1").resolve(8)
+    r, costs = cm.estimate(s).ranks[0], cm.layer_costs(s)
+    size = sum(costs[i].params_dense for i in r.layers) * bytes_per_param(cm.dtype)[1]
+    t = cm.grad_sync_time(size, 8, 1, s)
+    got = cm.dp_time(s, r, costs, s.num_micro_batches)
+    if dtype == "bf16":
+        assert got == pytest.approx(t)
+        return
+    ag = collective_time("all_gather", size, 8, 1, cm.cluster, fits=cm.ctx.fits).time_s
+    hidden = overlap.grad_sync_exposed(t, r.bwd_s, r.fwd_s, False) + cm.grad_sync_time(
+        min(fsdp.DDP_BUCKET_BYTES, size), 8, 1, s)
+    assert ag > 0 and got == pytest.approx(hidden + ag)
+    assert cm.dp_comm_total(s, r, costs, s.num_micro_batches) == pytest.approx(t + ag)
 
 
 @pytest.mark.slow
 def test_sharded_adamw_syncs_after_the_last_backward(tmp_path):
     sys.path.insert(0, str(HERE))
+    from count_programs import launch
     from helpers_plans import make_plan
 
     from autopar.codegen.emit import emit
-    from autopar.cost_models import fsdp
 
-    for name, (text, _) in PLANS.items():
-        plan = make_plan("gpt-tiny", 4, text, global_batch=16 if "pp" not in text else 8, dtype="bf16")
+    for name, (text, dtype, _) in PLANS.items():
+        plan = make_plan("gpt-tiny", 4, text, global_batch=16 if "pp" not in text else 8, dtype=dtype)
         assert plan.strategy.num_micro_batches == 4
-        assert fsdp.syncs_after_backward("torch", plan.strategy, plan.dtype, "fsdp2")   # priced exposed
+        assert _rules(plan.strategy, dtype) == ((True, False) if dtype == "bf16" else (False, True))   # as priced
         emit(plan, tmp_path / name, "cpu")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-           str(HERE / "zero1_sync_count.py"), str(tmp_path), "2", *(str(tmp_path / n) for n in PLANS)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for name, (_, backwards) in PLANS.items():
-        for r in range(4):
-            steps = json.loads((tmp_path / f"{name}.rank{r}.json").read_text())
+    runs = launch(HERE / "zero1_sync_count.py", tmp_path, list(PLANS))
+    for name, (_, dtype, backwards) in PLANS.items():
+        for r, steps in enumerate(runs[name]):
             assert len(steps) == 2
             for step in steps:
                 ev = step["events"]
                 assert ev.count("bwd") == backwards, (name, r, ev)
                 last = max(i for i, e in enumerate(ev) if e == "bwd")
-                assert ev[last + 1:] == ["rs", "ag"], (name, r, ev)   # one bucket: after every backward
+                if dtype == "bf16":
+                    assert ev[last + 1:] == ["rs", "ag"], (name, r, ev)   # one bucket: after every backward
+                else:   # ZeroRedundancyOptimizer: one broadcast per parameter, after every backward
+                    assert set(ev[last + 1:]) == {"bc"} and set(ev[:last]) == {"bwd"}, (name, r, ev)

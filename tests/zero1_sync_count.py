@@ -2,8 +2,8 @@
 for tests/test_zero1_sync.py): ``torchrun ... zero1_sync_count.py OUT_DIR STEPS PROGRAM_DIR...``, the programs one
 after another in the same processes. Writes ``OUT_DIR/<program>.rank<r>.json``: per step (recorded after
 ``optimizer_step``) the events of the step in order: ``bwd`` (a backward pass returned: a micro-batch's, or a
-pipeline stage's), ``rs`` / ``ag`` (a reduce-scatter / all-gather was issued), ``rs_in_bwd`` / ``ag_in_bwd`` (issued
-while autograd ran a backward)."""
+pipeline stage's), ``rs`` / ``ag`` / ``bc`` (a reduce-scatter / all-gather / broadcast was issued), ``rs_in_bwd`` /
+``ag_in_bwd`` / ``bc_in_bwd`` (issued while autograd ran a backward)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def _backward(fn):
 
 dist.reduce_scatter_tensor = _collective(dist.reduce_scatter_tensor, "rs")
 dist.all_gather_into_tensor = _collective(dist.all_gather_into_tensor, "ag")
+dist.broadcast = _collective(dist.broadcast, "bc")
 torch.autograd.backward = _backward(torch.autograd.backward)
 
 
