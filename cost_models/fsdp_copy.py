@@ -121,31 +121,36 @@ def rank_params(r, costs) -> tuple[float, float]:
 
 def copy_time(cm, s, r, costs) -> float:
     """Seconds per step of FSDP2's copies on rank ``r`` (memory bound, on the critical path)."""
+    if not r.layers:
+        return 0.0
+    return cm.timer.membound(copy_bytes(cm, s, *rank_params(r, costs)))
+
+
+def copy_bytes(cm, s, dense: float, expert: float) -> float:
+    """Device bytes of FSDP2's copies per step on a rank holding ``dense`` / ``expert`` block parameters (linear
+    in them: the search's ``step_floors.copy_floor`` reads the mean rank's)."""
     dtensor = s.tp > 1 or s.etp > 1
     kind = program(cm.ctx.runtime, s.zero_stage, s.dp * s.cp, cm.dtype, s.offload_optimizer, dtensor, s.pp > 1,
                    s.ep > 1)
-    if kind == "none" or not r.layers:
+    if kind == "none":
         return 0.0
     c = 4 if cm.dtype == "fp32" else 2  # fp16 / fp8 plans run bf16 weights (codegen.runtime_parallel.mp_policy)
     red = fsdp.reduce_bytes(cm.ctx.runtime, bytes_per_param(cm.dtype)[1]) if c < 4 else 4
-    dense, expert = rank_params(r, costs)
     impl = cm.ctx.fsdp_impl
     if impl in fsdp.FSDP1_IMPLS:  # FSDP1 (llm-foundry): shards every stage it runs, flat parameters
         if not fsdp.per_unit(cm, s):
             return 0.0
         syncs = fsdp.unit_syncs_per_step(cm, s)
         g = syncs * (2 if fsdp.regathers(cm, s) else 1)
-        return cm.timer.membound(fsdp1_step_bytes(dense + expert, s.dp * s.cp, g, syncs, impl == "fsdp1_fp32_params"))
+        return fsdp1_step_bytes(dense + expert, s.dp * s.cp, g, syncs, impl == "fsdp1_fp32_params")
     if kind == "replicate":  # gathered each micro-batch (once under a pipeline), reduced once per step
         g = 1 if s.pp > 1 else s.num_micro_batches
-        total = step_copy_bytes(dense + expert, 1, g, 1, c, red)
-    else:
-        syncs = fsdp.unit_syncs_per_step(cm, s)
-        g = syncs * (2 if fsdp.regathers(cm, s) else 1)
-        acc = not s.offload_optimizer
-        total = step_copy_bytes(dense, s.dp * s.cp, g, syncs, c, red, acc) + \
-            step_copy_bytes(expert, s.edp, g, syncs, c, red, acc)
-    return cm.timer.membound(total)
+        return step_copy_bytes(dense + expert, 1, g, 1, c, red)
+    syncs = fsdp.unit_syncs_per_step(cm, s)
+    g = syncs * (2 if fsdp.regathers(cm, s) else 1)
+    acc = not s.offload_optimizer
+    return step_copy_bytes(dense, s.dp * s.cp, g, syncs, c, red, acc) + \
+        step_copy_bytes(expert, s.edp, g, syncs, c, red, acc)
 
 
 def offload_copies(zero_stage: int, micro_batches: int) -> tuple[int, int]:

@@ -465,7 +465,10 @@ def grad_sync_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> tuple[floa
         if key not in sp.syncs:
             sp.syncs[key] = sp.cm.grad_sync_time(size, n, sh.tp, probe(sh, sp.gb, k))
         out.append(sp.syncs[key])
-    if exposed_sync(sp.cm, probe(sh, sp.gb, k)):   # replicate under a pipeline,
+    key = ("exposed", sh, k.zero, k.offload)   # all exposed_sync reads of the probe
+    if key not in sp.memo:
+        sp.memo[key] = exposed_sync(sp.cm, probe(sh, sp.gb, k))
+    if sp.memo[key]:   # replicate under a pipeline,
         return out[1], 0.0   # ShardedAdamW: the whole sync after the last backward, none of it behind compute
     return out[0], out[1]
 

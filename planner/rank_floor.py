@@ -111,10 +111,12 @@ def _v_floor(sp, sh, k, modes: tuple[str, ...]) -> float:
     layers are known (any kinds of layer), so the floor is the least over the modes that fit every rank's room
     of the slowest rank's time in that mode; inf where no mode fits."""
     io, sums = _rank_io(sp, sh, k.schedule, k.vpp), _v_sums(sp, sh, k.vpp, k.schedule)
+    holds = _holds_grads(sp.cm, io[0], k)
+    give = _deferred_block(sp, sh) if holds else 0.0
     rows = []
     for (e, f, fixed, edge_dense, grads), (dense, expert, by_mode) in zip(io[1], sums):
-        room = sp.usable * (1 + MARGIN) - fixed + (_deferred_block(sp, sh, k, io[0]) if grads else 0.0) \
-            - _states(sp.cm, io[0], dense + edge_dense, expert, k, grads)
+        room = sp.usable * (1 + MARGIN) - fixed + (give if grads else 0.0) \
+            - _states(sp.cm, io[0], dense + edge_dense, expert, k, grads, grads and holds)
         rows.append((e, f, room, by_mode))
     best = INF
     for m in modes:
@@ -157,11 +159,13 @@ def _rank_rows(sp, sh, k, blk: tuple) -> list[tuple[float, float, float, float]]
     ``CostModel.rank_memory`` count them (the terms that only add memory left out)."""
     io = _rank_io(sp, sh, k.schedule, k.vpp)
     s, out, per = io[0], [], {}
+    holds = _holds_grads(sp.cm, s, k)
+    give = _deferred_block(sp, sh) if holds else 0.0
     for e, f, fixed, edge_dense, grads in io[1]:
         if grads not in per:
-            per[grads] = _states(sp.cm, s, blk[2], blk[3], k, grads)
-        room = sp.usable * (1 + MARGIN) - fixed + (_deferred_block(sp, sh, k, s) if grads else 0.0)
-        out.append((e, f, room - _states(sp.cm, s, edge_dense, 0.0, k, grads), per[grads]))
+            per[grads] = _states(sp.cm, s, blk[2], blk[3], k, grads, grads and holds)
+        room = sp.usable * (1 + MARGIN) - fixed + (give if grads else 0.0)
+        out.append((e, f, room - _states(sp.cm, s, edge_dense, 0.0, k, grads, grads and holds), per[grads]))
     return out
 
 
@@ -195,12 +199,11 @@ def _rank_io(sp, sh, schedule: str, vpp: int) -> tuple:
     return sp.memo[key]
 
 
-def _states(cm, s, dense: float, expert: float, k, grads: bool) -> float:
+def _states(cm, s, dense: float, expert: float, k, grads: bool, whole: bool = False) -> float:
     """Parameters and optimizer states on the device (``CostModel.rank_memory``), and the gradients where
-    ``grads``: ZeRO-sharded, or whole where a zero-bubble FSDP2 stage holds them to its last backward
-    (``runtime_memory.deferred_fsdp_memory``; the one block it then takes off the communication buffers,
-    which this floor leaves out, is given back by ``_deferred_block``)."""
-    whole = grads and _holds_grads(cm, s, k)
+    ``grads``: ZeRO-sharded, or all of them where ``whole`` (a zero-bubble FSDP2 stage holds them to its last
+    backward, ``runtime_memory.deferred_fsdp_memory``: ``_holds_grads``; the one block it then takes off the
+    communication buffers, which this floor leaves out, is given back by ``_deferred_block``)."""
     held = (dense + expert) * bytes_per_param(cm.dtype)[1] if whole else 0.0
     if k.offload:   # CPUOffloadPolicy: the device holds gathered parameters only, below ZeRO-3
         return held + (0.0 if k.zero >= 3 else (dense + expert) * bytes_per_param(cm.dtype)[0])
@@ -215,12 +218,10 @@ def _holds_grads(cm, s, k) -> bool:
     return fsdp.holds_stage_grads(cm.ctx.runtime, s.pp, k.schedule, k.zero, k.offload, s.dp * s.cp, cm.dtype)
 
 
-def _deferred_block(sp, sh, k, s) -> float:
+def _deferred_block(sp, sh) -> float:
     """Bytes ``deferred_fsdp_memory`` takes off a rank's communication buffers where the stage holds its whole
-    gradients (its largest block's, at most; 0 otherwise): room this floor, which leaves those buffers out, gives
-    back so that it stays under the rank's memory."""
-    if not _holds_grads(sp.cm, s, k):
-        return 0.0
+    gradients (its largest block's, at most): room this floor, which leaves those buffers out, gives back so that it
+    stays under the rank's memory."""
     key = ("largest_block", id(sp.priced(sh)))   # the pricing lives in ``sp.prices``
     if key not in sp.memo:
         costs = sp.priced(sh).costs

@@ -25,21 +25,21 @@ Order of work (nothing a bound rules out is expanded further):
    over pipeline ranks); the micro-batch loop stops at the first mbs that fails;
 2. one pricing per (tp, cp, ep, etp, sp) at the largest micro-batch bounds every row: with
    non-decreasing efficiency curves the price per sequence never rises with mbs;
-3. a work queue ordered by lower bound: a *coarse row* entry (``m`` times that pricing's total, scaled,
-   over ``pp``: under every schedule's bound) gets its row bound when it comes out; a *row* entry
-   (bounded from that pricing, scaled, plus
-   the stage sends, the optimizer floor and a context-parallel ring floor) is priced at its own
-   micro-batch when it comes out and queued again under that bound; the second time it queues one
-   *coarse group* per (schedule, vpp) under that schedule's term of the bound, which comes out as a
-   *group* under the least of its configurations' bounds (``bounds``: the
-   slowest rank at least the rank holding the embedding or the output layer, the zero-bubble
-   schedules' exact bubble share, the gradient synchronisation the last backward cannot hide, the
-   optimizer floor, the stack's step overhead); a group that comes out queues its configurations
-   under their own bounds; a ZeRO-3 configuration gets its gather/scatter floor added once; then
-   its slowest rank's floor over every layout from each rank's own memory and recompute
-   (``rank_floor``); a configuration that comes out runs the partition DP and is estimated; the loop ends when the
-   smallest bound reaches the k-th best estimate plus the tie rule's 1% band, so the answer is
-   that of ``search(..., exhaustive=True)`` (``tests/test_search_bounds.py``).
+3. a work queue ordered by lower bound: a *coarse row* entry (``m`` times that pricing's total, scaled, each
+   layer at least its eager host launches (``step_floors.scaled_no_cp``), over ``pp``: under every schedule's
+   bound) gets its row bound when it comes out; a *row* entry (bounded from that pricing, scaled, plus the
+   stage sends, the optimizer floor and a context-parallel ring floor) is priced at its own micro-batch when it
+   comes out and queued again under that bound; the second time it queues one *coarse group* per (schedule,
+   vpp) under that schedule's term of the bound, which comes out as a *group* under the least of its
+   configurations' bounds (``groups.expand_row``, ``bounds``: the slowest rank at least the rank holding the
+   embedding or the output layer, the zero-bubble schedules' exact bubble share, the gradient synchronisation
+   the last backward cannot hide, the optimizer floor with FSDP2's copies (``step_floors.copy_floor``), the
+   stack's step overhead); a group that comes out queues its configurations under their own bounds; a ZeRO-3
+   configuration gets its gather/scatter floor added once; then its slowest rank's floor over every layout
+   from each rank's own memory and recompute (``rank_floor``); a configuration that comes out runs the
+   partition DP and is estimated; the loop ends when the smallest bound reaches the k-th best estimate plus
+   the tie rule's 1% band, so the answer is that of ``search(..., exhaustive=True)``
+   (``tests/test_search_bounds.py``, ``tests/test_search_floors.py``).
 """
 
 from __future__ import annotations
@@ -47,13 +47,11 @@ from __future__ import annotations
 import heapq
 import time
 from dataclasses import replace
-from functools import lru_cache
 
 from autopar import techniques
 from autopar.core.strategy import Strategy
-from autopar.cost_models.estimate import CostModel, even_stages, offload_copies, offload_step_time
-from autopar.cost_models.fsdp import gathers_per_unit, holds_stage_grads, syncs_once_per_step
-from autopar.cost_models.memory import bytes_per_param
+from autopar.cost_models.estimate import CostModel, even_stages
+from autopar.cost_models.fsdp import gathers_per_unit
 from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches
 from autopar.errors import InputError
 from autopar.planner import partition as part
@@ -76,6 +74,14 @@ from autopar.planner.bounds import (  # noqa: F401  (re-exported: tests and expl
     probe,
     zero3_floor,
 )
+from autopar.planner.groups import (  # noqa: F401  (re-exported: tests read them here)
+    allowed_modes,
+    expand_group,
+    expand_row,
+    recompute_floor,
+    step_optimizer_floor,
+    with_deferred_grads,
+)
 from autopar.planner.rank_floor import contention_floor, slowest_rank_floor
 from autopar.planner.space import (  # noqa: F401  (re-exported: the planner's public names)
     STRATEGY_FIELDS,
@@ -90,6 +96,7 @@ from autopar.planner.space import (  # noqa: F401  (re-exported: the planner's p
     schedule_options,
     shardings,
 )
+from autopar.planner.step_floors import scaled_no_cp
 from autopar.techniques import offload, pipeline
 
 
@@ -126,9 +133,9 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
         elif kind == "priced row":
             _queue_groups(sp, *payload)
         elif kind == "coarse group":   # its ZeRO, offload, memory and bubble terms, worked out when it gets here
-            _expand_row(sp, *payload)
+            expand_row(sp, *payload)
         elif kind == "group":
-            _expand_group(sp, *payload)
+            expand_group(sp, *payload)
         elif kind == "config" and gathers_per_unit(cm.ctx.runtime, payload[1].zero, payload[1].offload):  # FSDP
             sp.push(lb + zero3_floor(sp, payload[0], payload[1].zero, payload[1].schedule), "config3", *payload)
         elif kind in ("config", "config3"):   # the slowest rank's own recompute, worked out when it gets here
@@ -200,33 +207,6 @@ def _partitioned(sp: Space, sh: Sharding, k: Knobs, upper: float) -> Candidate |
     return Candidate(_label(s, res.layer_recompute), res.stages, res.layer_recompute, res.step_time_s)
 
 
-@lru_cache(maxsize=256)
-def allowed_modes(modes: tuple[str, ...], schedule: str, offloaded: bool) -> tuple[str, ...]:
-    """The recompute modes a configuration's layers may use: per-layer choices obey the emit rules
-    on recompute too (zero-bubble schedules and optimizer offload allow fewer)."""
-    if schedule in pipeline.ZERO_BUBBLE:
-        modes = tuple(m for m in modes if m in pipeline.ZB_RECOMPUTE) or modes
-    if offloaded:
-        modes = tuple(m for m in modes if m in offload.OFFLOAD_RECOMPUTE) or modes
-    return modes
-
-
-def _floor_for(sp: Space, sh: Sharding, modes: tuple[str, ...]) -> Floor:
-    """``sp.floor(sh)`` for configurations allowed only ``modes`` (``allowed_modes``, a subset of the
-    constraints' modes holding their first): the least activations and the recompute offers of those
-    modes alone, a tighter floor of the same configurations (states do not depend on the modes: the
-    memo is shared)."""
-    floor = sp.floor(sh)
-    if modes == sp.cons.modes:
-        return floor
-    key = ("floor", sh.tp, sh.cp, sh.ep, sh.etp, sh.sp, sh.mbs, modes)
-    if key not in sp.memo:
-        saves = tuple((n, {m: b for m, b in by.items() if m in modes}) for n, by in floor.saves)
-        act = floor.act_base - sum(n * max([0.0, *by.values()]) for n, by in saves)
-        sp.memo[key] = replace(floor, act=act, saves=saves)
-    return sp.memo[key]
-
-
 def _v_shaped(cm: CostModel, s: Strategy, modes: tuple[str, ...], upper: float) -> Candidate | None:
     """V-shaped schedules (two chunks per rank, the last next to the first) take the even split of
     the layers over the 2*pp stages (the partition DP assumes looped placement) and the fastest
@@ -270,7 +250,7 @@ def _fill(sp: Space) -> None:
             rows.append((sh, knobs))
     if not curves_monotone(sp.cm):
         for sh, knobs in rows:
-            _expand_row(sp, sh, knobs)
+            expand_row(sp, sh, knobs)
         return
     biggest: dict[tuple, Sharding] = {}
     smallest: dict[tuple, Sharding] = {}   # its blocks' forward bounds the ring's window (cp > 1)
@@ -296,7 +276,7 @@ def _coarse_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: in
     zero-bubble and pp = 1: ``m max P``), before the recompute, bubble and send terms; most rows
     never reach the k-th best even so, and their schedules are never bounded one by one."""
     m = sp.gb // (sh.dp * sh.mbs)
-    total = pr.total_no_cp * (sh.mbs / b) + cp
+    total = scaled_no_cp(sp, sh, pr, sh.mbs / b)[0] + cp
     lb = m * total / sh.pp + sp.cm.stack.step_overhead_s + _row_optimizer(sp, sh, sp.knobs(knobs), pr)
     return lb * (1 - 1e-12)   # rounding: never above the bound it stands for
 
@@ -323,11 +303,12 @@ def _schedule_bounds(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b:
     and the slowest rank (``held_layers`` blocks at least); the stage-to-stage sends and the
     optimizer step need no layer pricing (the parameters do not depend on the micro-batch)."""
     scale = sh.mbs / b
-    total = pr.total_no_cp * scale + cp
+    total, block = scaled_no_cp(sp, sh, pr, scale)
+    total += cp
     ks = sp.knobs(knobs)
-    p2p, block = sp.p2p(sh), pr.min_block_no_cp * scale
+    p2p = sp.p2p(sh)
     opt = _row_optimizer(sp, sh, ks, pr)
-    # the zero-bubble share and the slowest rank's floor (as _expand_row's) where ``pr`` prices this
+    # the zero-bubble share and the slowest rank's floor (as expand_row's) where ``pr`` prices this
     # micro-batch itself; 0 and the fastest blocks otherwise
     own = b == sh.mbs
     out = {}
@@ -335,7 +316,7 @@ def _schedule_bounds(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b:
         extra = _schedule_recompute(sp, sh, ks, k, pr, scale)
         peak = peak_floor(sp, sh, k, pr) if own else held_layers(sp, sh, k) * block
         term = pipeline_bound(sp, sh, k, total + extra, p2p, peak, bubble_share(k.schedule, *pr.fbw) if own else 0.0)
-        out[k.schedule, k.vpp] = (term + opt) * (1 - 1e-12)   # rounding: never above _expand_row's group bounds
+        out[k.schedule, k.vpp] = (term + opt) * (1 - 1e-12)   # rounding: never above expand_row's group bounds
     return out
 
 
@@ -348,8 +329,7 @@ def _schedule_recompute(sp: Space, sh: Sharding, ks, k: Knobs, pr: Priced, scale
     m = sp.gb // (sh.dp * sh.mbs)
     in_flight, warm = min_in_flight(sh.pp, m, k.schedule, k.vpp), grads_freed(sp, sh, k.schedule, k.vpp)
     # what it reads: the floor's sharding, the states' groups, the pair, in flight, rc's pricing, the scale
-    key = ("sched_rc", sh.tp, sh.cp, sh.ep, sh.etp, sh.sp, sh.mbs, sh.pp, sh.dp * sh.cp, sh.edp, ks.zero, ks.offload,
-           in_flight, warm, id(pr), scale)
+    key = ("sched_rc", sh, ks.zero, ks.offload, in_flight, warm, id(pr), scale)
     if key not in sp.memo:
         best = Knobs(ks.zero, ks.offload, k.schedule, k.vpp)
         sp.memo[key] = sp.floor(sh).recompute_time(sp.cm, sh, best, in_flight, sp.usable, pr.rc, warm, scale)
@@ -358,7 +338,7 @@ def _schedule_recompute(sp: Space, sh: Sharding, ks, k: Knobs, pr: Priced, scale
 
 def _queue_groups(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
     """A priced row's turn: one *coarse group* per (schedule, vpp) under its schedule's term of the
-    row bound (``_schedule_bounds``); ``_expand_row`` bounds a group's configurations only when it comes
+    row bound (``_schedule_bounds``); ``expand_row`` bounds a group's configurations only when it comes
     out, and most never do."""
     terms = _own_bounds(sp, sh, knobs)
     for group in sp.knobs(knobs).groups:
@@ -366,130 +346,11 @@ def _queue_groups(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
 
 
 def _row_optimizer(sp: Space, sh: Sharding, ks, pr: Priced) -> float:
-    """The least ``_optimizer_floor`` over a row's (ZeRO, offload) pairs."""
+    """The least ``groups.step_optimizer_floor`` over a row's (ZeRO, offload) pairs."""
     m = sp.gb // (sh.dp * sh.mbs)
-    key = ("opt_min", pr.params, sh.dp * sh.cp, sh.edp, sh.pp, m, ks.states)   # what _optimizer_floor reads
+    key = ("opt_min", pr.params, sh.dp * sh.cp, sh.edp, sh.pp, m, ks.states)   # what step_optimizer_floor reads
     if key not in sp.memo:
-        sp.memo[key] = min(_optimizer_floor(sp, sh, k, pr) for k in ks.states)
+        sp.memo[key] = min(step_optimizer_floor(sp, sh, k, pr) for k in ks.states)
     return sp.memo[key]
 
 
-def _optimizer_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
-    """``optimizer_floor`` with ZeRO-Offload's copies per micro-batch: ``CostModel.optimizer_time``
-    copies the rank's shard host <-> device at each of ``m`` gathers (``2m`` under ZeRO-3) and ``m``
-    reductions (``offload_step_time``), linear in the shard, so the mean rank's shard bounds the
-    most loaded one (the expert shard over ``edp``, the largest group the estimate may use)."""
-    if not k.offload:
-        return optimizer_floor(sp, sh, k, pr)
-    m = 1 if syncs_once_per_step(sp.cm.ctx.runtime, sh.pp, k.schedule) else sp.gb // (sh.dp * sh.mbs)  # as estimate
-    key = ("opt_offload", pr.params, sh.dp * sh.cp, sh.edp, sh.pp, k.zero >= 3, m)
-    if key not in sp.memo:
-        dense, expert = pr.params
-        local = (dense / (sh.dp * sh.cp) + expert / sh.edp) / sh.pp
-        sp.memo[key] = max(optimizer_floor(sp, sh, k, pr), offload_step_time(
-            local, sp.cm.dtype, sp.cm.gpu, *offload_copies(k.zero, m)))
-    return sp.memo[key]
-
-
-def with_deferred_grads(cm: CostModel, sh: Sharding, k: Knobs, floor):
-    """``floor`` (``bounds.Floor``) with the unsharded gradients a zero-bubble FSDP2 stage holds to its last
-    backward (``fsdp.holds_stage_grads``, ``runtime_memory.deferred_fsdp_memory``) beyond the sharded ones
-    it counts: every layer's gradient, whole, resident beside the activations (in ``temps``, which the memory
-    floor and the recompute floor both read)."""
-    if not holds_stage_grads(cm.ctx.runtime, sh.pp, k.schedule, k.zero, k.offload, sh.dp * sh.cp, cm.dtype):
-        return floor
-    whole = (floor.dense + floor.expert) * bytes_per_param(cm.dtype)[1]
-    return replace(floor, temps=floor.temps + whole - floor.grads(cm, sh, k.zero, k.offload))
-
-
-def _expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
-    """Price one sharding and queue its configurations by schedule: a group holds the knobs of one
-    (schedule, vpp) above the memory floor, under the least of their bounds (the ZeRO- and
-    offload-dependent terms at their smallest), so most configurations are never bounded one by one
-    (a group whose bound reaches the k-th best never leaves the queue). Each term is worked out once
-    per row: the schedule's, and the ZeRO stage's and offload's for each in-flight count."""
-    cm, stats = sp.cm, sp.stats
-    m = sp.gb // (sh.dp * sh.mbs)
-    pr = sp.priced(sh)
-    p2p = sp.p2p(sh)
-    host_usable = cm.gpu.host_mem_bytes * cm.gpu.host_usable_fraction if cm.gpu.host_mem_bytes else None
-    rests: dict[tuple, tuple] = {}
-    for ks in sp.knobs(knobs).groups:
-        k0 = ks[0]   # exact bubble share: the partition reads the same sums
-        in_flight = min_in_flight(sh.pp, m, k0.schedule, k0.vpp)
-        peak, share = peak_floor(sp, sh, k0, pr), bubble_share(k0.schedule, *pr.fbw)
-        warm = grads_freed(sp, sh, k0.schedule, k0.vpp)
-        terms = []
-        for k in ks:
-            modes = allowed_modes(sp.cons.modes, k.schedule, k.offload)
-            key = (k.zero, k.offload, k.schedule, k.vpp, in_flight, warm, modes, k.schedule in pipeline.V_SHAPED)
-            if key not in rests:
-                floor = with_deferred_grads(cm, sh, k, _floor_for(sp, sh, modes))
-                fits = floor.bytes(cm, sh, k.zero, k.offload, in_flight, warm) <= sp.usable and not (
-                    k.offload and host_usable is not None and floor.host_bytes(cm, sh) > host_usable)
-                extra = _recompute_floor(sp, sh, k, floor, in_flight, warm, pr.rc) if fits else 0.0
-                if fits and key[-1]:   # V-shaped: one recompute mode on every layer (_v_shaped)
-                    uniform = _uniform_extra(sp, sh, k, floor, modes, in_flight, warm, pr.rc)
-                    fits, extra = uniform is not None, max(extra, uniform or 0.0)
-                rests[key] = (fits, extra, _optimizer_floor(sp, sh, k, pr))
-            fits, extra, opt = rests[key]
-            if fits:
-                terms.append((k, extra, opt))
-        stats.pruned_memory += len(ks) - len(terms)
-        if terms:   # pipeline_bound grows with the per-micro-batch total and with the gradient sync
-            syncs = [grad_sync_floor(sp, sh, k, pr) for k in {t[0].zero: t[0] for t in terms}.values()]
-            lb = pipeline_bound(sp, sh, k0, pr.total + min(t[1] for t in terms), p2p, peak, share,
-                                min(x[1] for x in syncs))
-            sp.push(lb + min(t[2] for t in terms) + min(x[0] for x in syncs), "group", sh,
-                    (terms, pr.total, p2p, peak, share))
-
-
-def _recompute_floor(sp: Space, sh: Sharding, k: Knobs, floor: Floor, in_flight: float, warm: bool,
-                     rc: list[dict]) -> float:
-    """``Floor.recompute_time`` at the fewest micro-batches in flight, or with each rank's own count where
-    that is tighter: rank ``r`` holds ``f_r`` micro-batches and its pipeline buffers ``b_r``
-    (``CostModel._pipeline_buffer_bytes``, as ``rank_memory``; torchtitan's own accounting left out), so
-    its activations stay under ``(usable - b_r - its states and temporaries) / f_r`` and all ranks' under
-    ``sum((usable - b_r) / f_r) - (states + temporaries) / max f_r`` (the states may sit on the rank holding
-    the most); Floor.recompute_time gives that room with ``in_flight = max f_r`` and ``usable = max f_r *
-    sum((usable - b_r) / f_r) / pp``."""
-    m = sp.gb // (sh.dp * sh.mbs)
-    key = ("ranks_room", sh.pp, sh.mbs, sh.cp, sh.tp, sh.sp, m, k.schedule, k.vpp)   # what the buffers read
-    if key not in sp.memo:
-        f = [in_flight_microbatches(r, sh.pp, m, k.schedule, k.vpp) for r in range(sh.pp)]
-        s = probe(sh, sp.gb, k)
-        last = pipeline.stage_rank(sh.pp * k.vpp - 1, sh.pp, k.schedule)   # V-shaped: rank 0 holds both ends
-        ends = [(r == 0, r == last) for r in range(sh.pp)]
-        bufs = [sp.cm._pipeline_buffer_bytes(s, *e, x) if sp.cm.ctx.runtime != "torchtitan" else 0.0
-                for e, x in zip(ends, f)]
-        sp.memo[key] = (max(f), max(f) * sum((sp.usable - b) / x for b, x in zip(bufs, f)) / sh.pp)
-    f_max, usable = sp.memo[key]
-    return max(floor.recompute_time(sp.cm, sh, k, in_flight, sp.usable, rc, warm),
-               floor.recompute_time(sp.cm, sh, k, f_max, usable, rc, warm))
-
-
-def _uniform_extra(sp: Space, sh: Sharding, k: Knobs, floor: Floor, modes: tuple[str, ...], in_flight: float,
-                   warm: bool, rc: list[dict]) -> float | None:
-    """V-shaped schedules run one recompute mode on every layer (``_v_shaped``): the least extra time per
-    micro-batch (all ranks, ``rc`` per block template) of an allowed mode whose activations on every layer
-    fit the mean rank's floor (``Floor.bytes``); None when none does (the configuration cannot fit)."""
-    best = None
-    for m in modes:
-        saved = sum(n * by.get(m, 0.0) for n, by in floor.saves)   # below the fastest mode's activations
-        if replace(floor, act=floor.act_base - saved).bytes(sp.cm, sh, k.zero, k.offload, in_flight, warm) \
-                > sp.usable:
-            continue
-        t = sum(n * times[m] for (n, _), times in zip(floor.saves, rc))
-        best = t if best is None else min(best, t)
-    return best
-
-
-def _expand_group(sp: Space, sh: Sharding, group: tuple) -> None:
-    """Queue each configuration of a schedule group (``_expand_row``) under its own bound."""
-    terms, total, p2p, peak, share = group
-    pr = sp.priced(sh)
-    for k, extra, opt in terms:
-        sp.stats.enumerated += 1
-        last_bucket, sync = grad_sync_floor(sp, sh, k, pr)
-        lb = pipeline_bound(sp, sh, k, total + extra, p2p, peak, share, sync)
-        sp.push(lb + opt + last_bucket, "config", sh, k, (total + extra, p2p, peak, share, sync))

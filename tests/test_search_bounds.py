@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 from test_partition import tiny_cost_model
+from test_search_floors import filled
 
 from autopar.core.strategy import Strategy
 from autopar.cost_models.session import Inputs, build_cost_model
@@ -61,7 +62,7 @@ def test_each_configuration_bound_stays_under_its_partition_price(seed):
             for k in S.knob_options(cm, sp.cons, sh, gb):
                 pushed = []
                 sp.push = lambda lb, kind, *payload: pushed.append((lb, payload))   # noqa: B023
-                S._expand_row(sp, sh, [k])
+                S.expand_row(sp, sh, [k])
                 if not pushed:
                     continue
                 lb = pushed[0][0] + (bounds.zero3_floor(sp, sh) if k.zero == 3 else 0.0)
@@ -143,7 +144,7 @@ def test_the_memory_floor_never_prunes_a_configuration_that_fits(seed, usable, g
             for k in S.knob_options(cm, sp.cons, sh, gb):
                 pushed = []
                 sp.push = lambda lb, kind, *payload: pushed.append(lb)   # noqa: B023
-                S._expand_row(sp, sh, [k])
+                S.expand_row(sp, sh, [k])
                 cand = S._partitioned(sp, sh, k, part.INF)
                 if cand is not None:
                     assert pushed, (sh, k)
@@ -205,10 +206,7 @@ def test_schedule_terms_stay_under_prices_where_memory_binds(seed, usable):
     # every configuration of the schedule, here where memory makes plans recompute
     cm = tiny_cost_model(seed, layers=8, nodes=2, gpus_per_node=4, usable_mib=usable, kinds=1)
     gb = 16
-    sp = bounds.Space(cm, S.Constraints(), gb)
-    rows = []
-    sp.push = lambda lb, kind, *payload: rows.append(payload)
-    S._fill(sp)
+    sp, rows = filled(cm, gb)
     checked = recomputed = 0
     for sh, knobs in rows:
         terms = (S._schedule_bounds(sp, sh, knobs, *sp.memo["probe", sh]), S._own_bounds(sp, sh, knobs))
@@ -229,10 +227,7 @@ def test_the_slowest_rank_floor_stays_under_the_partitions_slowest_rank(seed, us
     cm = tiny_cost_model(seed, layers=8, nodes=1 if moe else 2, gpus_per_node=4, usable_mib=usable, kinds=kinds,
                          moe=moe)   # MoE: ep and etp multiply the space, 4 GPUs keep the test short
     gb = 16
-    sp = bounds.Space(cm, S.Constraints(), gb)
-    rows = []
-    sp.push = lambda lb, kind, *payload: rows.append(payload)
-    S._fill(sp)
+    sp, rows = filled(cm, gb)
     checked = above = refused = v_shaped = 0
     for sh, knobs in rows:
         for k in knobs:
@@ -253,8 +248,8 @@ def test_the_slowest_rank_floor_stays_under_the_partitions_slowest_rank(seed, us
             above += x > bounds.peak_floor(sp, sh, k, sp.priced(sh)) * (1 + 1e-6)
             pushed = []
             sp.push = lambda lb, kind, *payload: pushed.append((lb, payload))   # noqa: B023
-            S._expand_row(sp, sh, [k])           # its group, then the group's configuration, then its rank bound
-            S._expand_group(sp, *pushed.pop()[1])
+            S.expand_row(sp, sh, [k])           # its group, then the group's configuration, then its rank bound
+            S.expand_group(sp, *pushed.pop()[1])
             lb, payload = pushed.pop()
             S._rank_bound(sp, lb, *payload)   # with FSDP's contention floor: under the estimate the plans rank by
             est = cand.estimate or cm.estimate(cand.strategy, cand.stages, cand.layer_recompute)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from test_partition import tiny_cost_model
 
-from autopar.planner import bounds
+from autopar.planner import bounds, groups
 from autopar.planner import partition as part
 from autopar.planner import search as S
 from autopar.techniques import pipeline
@@ -60,7 +60,7 @@ def test_coarse_bounds_stay_under_the_bounds_and_prices_they_stand_for(seed):
             est = cm.estimate(cand.strategy, cand.stages, cand.layer_recompute)
             assert terms[k.schedule, k.vpp] <= cand.step_time_s * EPS, (sh, k)
             if k.offload:   # the floor counts the host copies of every micro-batch, as the estimate does
-                assert S._optimizer_floor(sp, sh, k, pr) <= est.time["optimizer"] * EPS, (sh, k)
+                assert S.step_optimizer_floor(sp, sh, k, pr) <= est.time["optimizer"] * EPS, (sh, k)
             checked, offloaded, zb = checked + 1, offloaded + k.offload, zb + (k.schedule in pipeline.ZERO_BUBBLE)
     assert checked > 50 and offloaded > 10 and zb > 5
 
@@ -78,7 +78,7 @@ def test_restricted_mode_floors_never_prune_a_configuration_that_fits(seed, usab
         for k in knobs:
             pushed = []
             sp.push = lambda lb, kind, *payload: pushed.append(lb)   # noqa: B023
-            S._expand_row(sp, sh, [k])
+            S.expand_row(sp, sh, [k])
             cand = S._partitioned(sp, sh, k, part.INF)
             if cand is None:
                 continue
@@ -90,7 +90,7 @@ def test_restricted_mode_floors_never_prune_a_configuration_that_fits(seed, usab
 
 def test_pipeline_buffer_recompute_floor_stays_under_real_pipeline_prices():
     # llama3-8b on 8 GPUs, memory-tight at seq 8192: the recompute floor with each rank's in-flight count and
-    # pipeline receive buffers (search._recompute_floor) stays under the partition price of every pipelined
+    # pipeline receive buffers (groups.recompute_floor) stays under the partition price of every pipelined
     # configuration it bounds, and is tighter than the fewest-in-flight floor somewhere
     from autopar.cost_models.session import Inputs, build_cost_model
 
@@ -104,15 +104,15 @@ def test_pipeline_buffer_recompute_floor_stays_under_real_pipeline_prices():
         for k in knobs:
             pushed = []
             sp.push = lambda lb, kind, *payload: pushed.append(lb)   # noqa: B023
-            S._expand_row(sp, sh, [k])
+            S.expand_row(sp, sh, [k])
             cand = S._partitioned(sp, sh, k, part.INF)
             if cand is None or not pushed:
                 continue
             assert pushed[0] <= cand.step_time_s * EPS, (sh, k)
-            pr, floor = sp.priced(sh), S._floor_for(sp, sh, S.allowed_modes(sp.cons.modes, k.schedule, k.offload))
+            pr, floor = sp.priced(sh), groups.floor_for(sp, sh, S.allowed_modes(sp.cons.modes, k.schedule, k.offload))
             in_flight = bounds.min_in_flight(sh.pp, 32 // (sh.dp * sh.mbs), k.schedule, k.vpp)
             warm = bounds.grads_freed(sp, sh, k.schedule, k.vpp)
-            tighter += S._recompute_floor(sp, sh, k, floor, in_flight, warm, pr.rc) > \
+            tighter += S.recompute_floor(sp, sh, k, floor, in_flight, warm, pr.rc) > \
                 floor.recompute_time(cm, sh, k, in_flight, sp.usable, pr.rc, warm)
             checked += 1
     assert checked > 10 and tighter > 0
