@@ -312,26 +312,27 @@ def _schedule_bounds(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b:
     # micro-batch itself; 0 and the fastest blocks otherwise
     own = b == sh.mbs
     out = {}
-    for k in ks.schedules:   # zero and offload add nothing here: each term a bound of its schedule's configurations
-        extra = _schedule_recompute(sp, sh, ks, k, pr, scale)
+    for k, least in zip(ks.schedules, ks.least):   # each term a bound of its schedule's configurations
+        extra = _schedule_recompute(sp, sh, least, k, pr, scale)
         peak = peak_floor(sp, sh, k, pr) if own else held_layers(sp, sh, k) * block
         term = pipeline_bound(sp, sh, k, total + extra, p2p, peak, bubble_share(k.schedule, *pr.fbw) if own else 0.0)
         out[k.schedule, k.vpp] = (term + opt) * (1 - 1e-12)   # rounding: never above expand_row's group bounds
     return out
 
 
-def _schedule_recompute(sp: Space, sh: Sharding, ks, k: Knobs, pr: Priced, scale: float) -> float:
+def _schedule_recompute(sp: Space, sh: Sharding, least: tuple[int, bool], k: Knobs, pr: Priced,
+                        scale: float) -> float:
     """``Floor.recompute_time`` of a row's schedule under every one of its configurations' own: the
-    fewest micro-batches in flight the schedule holds, the least states of the row's (ZeRO, offload)
-    pairs (``_schedule_bounds``: the highest ZeRO stage, offload if offered), every recompute mode (a
-    configuration allowed fewer only needs more) and its gradients freed where the schedule frees them;
-    recompute time grows with each of these."""
+    fewest micro-batches in flight the schedule holds, the least states of the schedule's (ZeRO, offload)
+    pairs (``least``, ``KnobSet.least``: its highest ZeRO stage, offload if offered; zero-bubble schedules run
+    no ZeRO-3), every recompute mode (a configuration allowed fewer only needs more) and its gradients freed
+    where the schedule frees them; recompute time grows with each of these."""
     m = sp.gb // (sh.dp * sh.mbs)
     in_flight, warm = min_in_flight(sh.pp, m, k.schedule, k.vpp), grads_freed(sp, sh, k.schedule, k.vpp)
     # what it reads: the floor's sharding, the states' groups, the pair, in flight, rc's pricing, the scale
-    key = ("sched_rc", sh, ks.zero, ks.offload, in_flight, warm, id(pr), scale)
+    key = ("sched_rc", sh, least, in_flight, warm, id(pr), scale)
     if key not in sp.memo:
-        best = Knobs(ks.zero, ks.offload, k.schedule, k.vpp)
+        best = Knobs(*least, k.schedule, k.vpp)
         sp.memo[key] = sp.floor(sh).recompute_time(sp.cm, sh, best, in_flight, sp.usable, pr.rc, warm, scale)
     return sp.memo[key]
 

@@ -279,6 +279,7 @@ class KnobSet:
     pairs: tuple         # the distinct (schedule, vpp)
     states: tuple        # one Knobs per (zero, offload), in first-seen order
     groups: tuple        # the knobs of each (schedule, vpp), in first-seen order
+    least: tuple         # each group's (highest ZeRO stage, offload among them): no state of the group is smaller
 
 
 def knob_set(knobs: list) -> KnobSet:
@@ -288,4 +289,5 @@ def knob_set(knobs: list) -> KnobSet:
     return KnobSet(knobs, max(k.zero for k in knobs), any(k.offload for k in knobs),
                    tuple({(k.schedule, k.vpp): k for k in knobs}.values()),
                    tuple({(k.schedule, k.vpp) for k in knobs}),
-                   tuple({(k.zero, k.offload): k for k in knobs}.values()), tuple(groups.values()))
+                   tuple({(k.zero, k.offload): k for k in knobs}.values()), tuple(groups.values()),
+                   tuple((max(k.zero for k in g), any(k.offload for k in g)) for g in groups.values()))
