@@ -19,6 +19,7 @@ the Llama layout; ``autopar.profiles.hf_families`` sets them from each family's 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -38,6 +39,62 @@ BlockLayout = Literal["pre_norm", "parallel", "parallel_two_norms", "sandwich", 
 QKNorm = Literal["none", "head", "per_head", "full"]
 # swiglu: w2(silu(w1 x) * w3 x); geglu: gelu-tanh gate (Gemma); gelu / relu: plain two-matrix MLP
 MLPKind = Literal["auto", "swiglu", "geglu", "gelu", "relu"]
+# RoPE frequency scalings built (transformers ``modeling_rope_utils.ROPE_INIT_FUNCTIONS``): default = plain RoPE;
+# dynamic (NTK) only rescales past max_position_embeddings, which training never reaches (seq_len <= max_seq_len),
+# so it trains as plain RoPE. longrope (frequencies chosen by each batch's length) is not built.
+RopeType = Literal["default", "linear", "dynamic", "llama3", "yarn"]
+
+
+class RopeScaling(BaseModel):
+    """A config's ``rope_scaling`` / ``rope_parameters`` with transformers' defaults filled in
+    (``modeling_rope_utils``); ``profiles.models.rope`` turns it into frequencies."""
+    model_config = ConfigDict(extra="forbid")
+
+    rope_type: RopeType = "default"
+    factor: float = Field(1.0, gt=0.0, description="context extension factor (linear, llama3, yarn)")
+    original_max_position_embeddings: int = Field(0, ge=0, description="pre-training context (llama3, yarn)")
+    low_freq_factor: float = Field(1.0, gt=0.0, description="llama3: wavelengths above orig/low are scaled")
+    high_freq_factor: float = Field(4.0, gt=0.0, description="llama3: wavelengths below orig/high are kept")
+    beta_fast: float = Field(32.0, description="yarn: rotations bounding the extrapolated dimensions")
+    beta_slow: float = Field(1.0, description="yarn: rotations bounding the interpolated dimensions")
+    mscale: float = Field(0.0, ge=0.0, description="yarn: numerator mscale of the attention factor (0 = unset)")
+    mscale_all_dim: float = Field(0.0, ge=0.0, description="yarn: denominator mscale (0 = unset)")
+    attention_factor: float | None = Field(None, gt=0.0, description="yarn: factor on cos / sin; None = derived")
+    truncate: bool = Field(True, description="yarn: round the correction range to whole dimensions")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RopeScaling":
+        if self.rope_type in ("llama3", "yarn") and not self.original_max_position_embeddings:
+            raise ValueError(f"rope_type={self.rope_type} needs original_max_position_embeddings")
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError("llama3 RoPE needs high_freq_factor > low_freq_factor")
+        return self
+
+    @property
+    def cos_sin_factor(self) -> float:
+        """The factor on cos and sin (transformers ``_compute_yarn_parameters``, megatron-core
+        ``_yarn_get_concentration_factor``): ``attention_factor``, else mscale(factor, mscale) /
+        mscale(factor, mscale_all_dim) where both are set, else mscale(factor, 1); 1 for other types."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor, 1.0)
+
+    @property
+    def mla_softmax_factor(self) -> float:
+        """DeepSeek-V2/V3 multiply the softmax scale by mscale(factor, mscale_all_dim)^2 under a
+        scaled RoPE (transformers ``deepseek_v3 yarn_apply_mscale``); 1 without ``mscale_all_dim``."""
+        if self.rope_type == "default" or not self.mscale_all_dim:
+            return 1.0
+        return yarn_mscale(self.factor, self.mscale_all_dim) ** 2
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's attention temperature 0.1 m ln(s) + 1 (Peng et al. 2023, Eq. 22); 1 where s <= 1."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
 class ModelSpec(BaseModel):
@@ -56,8 +113,7 @@ class ModelSpec(BaseModel):
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_attention_factor: float = Field(1.0, gt=0.0, description="YaRN's attention factor on RoPE's cos / sin "
-                                                                  "(1: plain RoPE); Megatron-Core fuses RoPE only at 1")
+    rope_scaling: RopeScaling = Field(default_factory=RopeScaling, description="RoPE frequency scaling (llama3, yarn)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     qkv_bias: bool = Field(False, description="biases on q/k/v projections (Qwen2); gpt always has biases")
     attention: Literal["eager", "sdpa"] = Field(
@@ -165,6 +221,11 @@ class ModelSpec(BaseModel):
         if not self.sliding_window:
             return False
         return not self.layer_attention or self.layer_attention[index] == "sliding"
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """YaRN's factor on RoPE's cos / sin (1: plain RoPE); Megatron-Core fuses RoPE only at 1."""
+        return self.rope_scaling.cos_sin_factor
 
     @property
     def attention_head_dim(self) -> int:

@@ -13,8 +13,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
-from autopar.errors import InputError
+from pydantic import ValidationError
+
+from autopar.core.model_spec import RopeScaling, RopeType
+from autopar.errors import InputError, first_error
 
 
 class HFReader:
@@ -52,32 +56,53 @@ def _llama_fields(r: HFReader) -> dict:
         head_dim=r.opt("head_dim", 0), ffn_hidden=r.opt("intermediate_size", 0), vocab=r.req("vocab_size"),
         max_seq_len=r.opt("max_position_embeddings", 4096), tie_embeddings=r.flag("tie_word_embeddings", False),
         norm_eps=r.opt("rms_norm_eps", 1e-5), rope_theta=_rope_theta(r), qkv_bias=bias, attn_out_bias=bias,
-        mlp_bias=r.flag("mlp_bias", False), rope_attention_factor=_rope_attention_factor(r),
+        mlp_bias=r.flag("mlp_bias", False), rope_scaling=rope_scaling(r),
     )
 
 
 def _rope_theta(r: HFReader) -> float:
-    params = r.cfg.get("rope_parameters") or {}
-    return float(r.opt("rope_theta", params.get("rope_theta", 10000.0)) if isinstance(params, dict) else 10000.0)
+    return float(r.opt("rope_theta", _rope_params(r)[1].get("rope_theta", 10000.0)))
 
 
-def _rope_attention_factor(r: HFReader) -> float:
-    """YaRN's attention factor on cos and sin (transformers ``_compute_yarn_parameters``, megatron-core
-    ``_yarn_get_concentration_factor``): the config's ``attention_factor``, else mscale(factor, mscale) /
-    mscale(factor, mscale_all_dim) where both are given, else 0.1 ln(factor) + 1; 1 for any other RoPE."""
-    params = r.cfg.get("rope_parameters") or r.cfg.get("rope_scaling") or {}
-    if not isinstance(params, dict) or (params.get("rope_type") or params.get("type")) != "yarn":
-        return 1.0
-    factor = float(params.get("factor") or 1.0)
-    if params.get("attention_factor"):
-        return float(params["attention_factor"])
+def _rope_params(r: HFReader) -> tuple[str, dict]:
+    """(config key, RoPE parameters): ``rope_parameters`` (transformers 5) or ``rope_scaling`` (4.x);
+    a per-layer-type nesting (``{"full_attention": {...}, ...}``) only where every layer type agrees."""
+    key = "rope_parameters" if isinstance(r.cfg.get("rope_parameters"), dict) else "rope_scaling"
+    params = r.cfg.get(key) or {}
+    if not isinstance(params, dict):
+        raise InputError(f"model: {r.path}: '{key}' must be an object; fix the config")
+    nested = [v for v in params.values() if isinstance(v, dict)]
+    if nested and any(v != nested[0] for v in nested):
+        raise InputError(f"model: {r.path}: {key} differs by layer type; per-layer RoPE is not built by autopar "
+                         "(fix: --hf to capture the transformers module itself)")
+    return key, nested[0] if nested else params
 
-    def mscale(m: float) -> float:
-        return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
 
-    if params.get("mscale") and params.get("mscale_all_dim"):
-        return mscale(float(params["mscale"])) / mscale(float(params["mscale_all_dim"]))
-    return mscale(1.0)
+_ROPE_FIELDS = ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor", "beta_fast",
+                "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
+_ROPE_TYPES = ", ".join(get_args(RopeType))
+
+
+def rope_scaling(r: HFReader) -> RopeScaling:
+    """The config's ``rope_parameters`` (transformers 5) or ``rope_scaling`` (4.x), read with
+    transformers' defaults (``modeling_rope_utils``: ``type`` for ``rope_type``; llama3 / yarn
+    ``original_max_position_embeddings`` = ``max_position_embeddings``; yarn ``factor`` = their
+    ratio, ``beta_fast`` / ``beta_slow`` 32 / 1 where unset or 0). A type not built here is an error."""
+    key, params = _rope_params(r)
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in get_args(RopeType):
+        raise InputError(f"model: {r.path}: {key}.rope_type={kind!r} is not built by autopar (supported: "
+                         f"{_ROPE_TYPES}); fix: --hf to capture the transformers module itself")
+    fields = {k: params[k] for k in _ROPE_FIELDS if params.get(k) is not None}
+    if kind in ("llama3", "yarn"):
+        fields.setdefault("original_max_position_embeddings", r.opt("max_position_embeddings", 4096))
+    if kind == "yarn":
+        fields.setdefault("factor", r.opt("max_position_embeddings", 4096) / fields["original_max_position_embeddings"])
+        fields.update(beta_fast=params.get("beta_fast") or 32.0, beta_slow=params.get("beta_slow") or 1.0)
+    try:
+        return RopeScaling(rope_type=kind, **fields)
+    except ValidationError as exc:
+        raise InputError(f"model: {r.path}: {key}: {first_error(exc)}") from None
 
 
 def _layer_kinds(r: HFReader, layers: int, sliding: Callable[[int], bool]) -> list[str]:
@@ -178,6 +203,9 @@ def gemma3(r: HFReader) -> dict:
     """Gemma 3 (text): sandwich norms, q/k norms, five local layers per global one."""
     f = gemma(r)
     pattern = r.opt("sliding_window_pattern", r.opt("_sliding_window_pattern", 6))
+    if f["rope_scaling"].rope_type != "default":
+        raise InputError(f"model: {r.path}: Gemma 3's rope_scaling applies to its global layers only (local ones: "
+                         "rope_local_base_freq); per-layer RoPE is not built by autopar (fix: --hf)")
     f.update(block_layout="sandwich", qk_norm="head", attn_softcap=r.opt("attn_logit_softcapping", 0.0) or 0.0,
              logit_softcap=r.opt("final_logit_softcapping", 0.0) or 0.0)
     return _window(f, r, lambda i: bool((i + 1) % pattern))
@@ -263,9 +291,9 @@ def falcon(r: HFReader) -> dict:
     return dict(family="llama", hidden=h, layers=r.req("num_hidden_layers", "n_layer"), heads=heads, kv_heads=kv,
                 ffn_hidden=r.opt("ffn_hidden_size", 4 * h), vocab=r.req("vocab_size"),
                 max_seq_len=r.opt("max_position_embeddings", 2048), tie_embeddings=r.flag("tie_word_embeddings", True),
-                norm_eps=r.opt("layer_norm_epsilon", 1e-5), rope_theta=_rope_theta(r), qkv_bias=bias,
-                attn_out_bias=bias, mlp_bias=bias, norm_kind="layernorm", mlp_kind="gelu", fused_qkv=True,
-                block_layout=layout)
+                norm_eps=r.opt("layer_norm_epsilon", 1e-5), rope_theta=_rope_theta(r), rope_scaling=rope_scaling(r),
+                qkv_bias=bias, attn_out_bias=bias, mlp_bias=bias, norm_kind="layernorm", mlp_kind="gelu",
+                fused_qkv=True, block_layout=layout)
 
 
 def gpt2(r: HFReader) -> dict:

@@ -18,6 +18,9 @@ from autopar.profiles.hf_families import READERS, HFReader, text_config
 
 _GPT3 = dict(family="gpt", vocab=51200, max_seq_len=2048, tie_embeddings=True, dropout=0.1, attention="eager")
 _LLAMA3 = dict(family="llama", kv_heads=8, vocab=128256, max_seq_len=8192, rope_theta=500000.0)
+# deepseek-ai/DeepSeek-V3 config.json rope_scaling
+_DEEPSEEK_YARN = dict(rope_type="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
+                      beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
 _MIXTRAL = dict(family="moe", kv_heads=8, num_experts=8, topk=2, rope_theta=1e6, max_seq_len=4096)
 
 # Published configurations. GPT-3 sizes: Brown et al. 2020 Table 2.1 (1.3B uses 16 heads of
@@ -34,7 +37,10 @@ PRESETS: dict[str, dict] = {
     "gpt3-175b": dict(_GPT3, hidden=12288, layers=96, heads=96, ffn_hidden=49152),
     "llama3-8b": dict(_LLAMA3, hidden=4096, layers=32, heads=32, ffn_hidden=14336),
     "llama3-70b": dict(_LLAMA3, hidden=8192, layers=80, heads=64, ffn_hidden=28672),
-    "llama3-405b": dict(_LLAMA3, hidden=16384, layers=126, heads=128, ffn_hidden=53248),
+    # 405B exists only as Llama 3.1: its RoPE scaling (meta-llama/Llama-3.1-405B config.json)
+    "llama3-405b": dict(_LLAMA3, hidden=16384, layers=126, heads=128, ffn_hidden=53248, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192)),
     "mixtral-8x7b": dict(_MIXTRAL, hidden=4096, layers=32, heads=32, moe_ffn_hidden=14336, vocab=32000),
     "mixtral-8x22b": dict(_MIXTRAL, hidden=6144, layers=56, heads=48, moe_ffn_hidden=16384, vocab=32768),
     "qwen2-57b-a14b": dict(family="moe", hidden=3584, layers=28, heads=28, kv_heads=4, vocab=151936,
@@ -43,7 +49,7 @@ PRESETS: dict[str, dict] = {
     "deepseek-v3": dict(family="deepseek_v3", hidden=7168, layers=61, heads=128, vocab=129280, ffn_hidden=18432,
                         num_experts=256, topk=8, moe_ffn_hidden=2048, shared_experts=1, first_dense_layers=3,
                         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                        v_head_dim=128, max_seq_len=4096, norm_eps=1e-6),
+                        v_head_dim=128, max_seq_len=4096, norm_eps=1e-6, rope_scaling=_DEEPSEEK_YARN),
     # Small configurations for CPU runs, tests and the closed-loop validation.
     "gpt-tiny": dict(family="gpt", hidden=64, layers=4, heads=4, ffn_hidden=256, vocab=512, max_seq_len=128),
     "gpt-small": dict(family="gpt", hidden=256, layers=8, heads=8, ffn_hidden=1024, vocab=4096, max_seq_len=256),

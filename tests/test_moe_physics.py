@@ -260,10 +260,10 @@ def test_megatron_runs_rope_fused_and_gqa_unexpanded():
 def test_yarn_attention_factor_from_the_hf_config():
     """transformers / megatron-core YaRN: attention_factor as given, else mscale / mscale_all_dim, else
     0.1 ln(factor) + 1 (GPT-OSS: factor 32 -> 1.347); plain RoPE and other scalings 1."""
-    from autopar.profiles.hf_families import HFReader, _rope_attention_factor
+    from autopar.profiles.hf_families import HFReader, rope_scaling
 
     def factor(**cfg) -> float:
-        return _rope_attention_factor(HFReader(cfg, Path("config.json")))
+        return rope_scaling(HFReader(cfg, Path("config.json"))).cos_sin_factor
 
     assert factor(rope_scaling={"rope_type": "yarn", "factor": 32.0}) == pytest.approx(0.1 * math.log(32) + 1)
     assert factor(rope_parameters={"rope_type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 1.0}) == 1.0

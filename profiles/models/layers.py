@@ -66,16 +66,9 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(x / cap) if cap else x
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [max_seq_len, head_dim // 2] of rotary embeddings (Su et al. 2021)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(t, inv)
-    return freqs.cos(), freqs.sin()
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x [b, s, n, d] by the position angle; with tables
+    """Rotate pairs (x[2i], x[2i+1]) of x [b, s, n, d] by the position angle (tables:
+    ``profiles.models.rope.rope_tables``); with tables
     narrower than d/2 only the first 2*width features rotate (partial rotary, GPT-NeoX)."""
     rot = 2 * cos.shape[-1]
     if rot < x.shape[-1]:
@@ -89,7 +82,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def causal_attention(q, k, v, dropout: float, training: bool, eager: bool, window: int = 0,
-                     cap: float = 0.0) -> torch.Tensor:
+                     cap: float = 0.0, scale: float | None = None) -> torch.Tensor:
     """Attention core on [b, n, s, d] tensors with a causal mask.
 
     eager: explicit QK^T, softmax, dropout, x V (what Megatron's memory analysis
@@ -97,29 +90,32 @@ def causal_attention(q, k, v, dropout: float, training: bool, eager: bool, windo
     efficient kernels save O(s) instead of O(s^2)). ``window``: each query sees the last
     ``window`` keys (sliding-window layers; SDPA takes it as a boolean mask and still computes
     all s^2 scores, so the FLOPs are those of full causal attention). ``cap``: score
-    soft-capping (Gemma 2), eager path only, as in transformers' sdpa path.
+    soft-capping (Gemma 2), eager path only, as in transformers' sdpa path. ``scale``: the score
+    scale, None = 1/sqrt(d) (DeepSeek's MLA under YaRN scales it further).
     """
     s = q.shape[2]
     if window and s > window:
-        return _windowed(q, k, v, dropout, training, eager, window, cap)
+        return _windowed(q, k, v, dropout, training, eager, window, cap, scale)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     if not eager:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if training else 0.0, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if training else 0.0, is_causal=True,
+                                              **_scale_kw(scale))
     mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-    return _eager(q, k, v, mask, dropout, training, cap)
+    return _eager(q, k, v, mask, dropout, training, cap, scale)
 
 
-def _eager(q, k, v, blocked, dropout: float, training: bool, cap: float) -> torch.Tensor:
-    scores = softcap(torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1])), cap)
+def _eager(q, k, v, blocked, dropout: float, training: bool, cap: float, scale: float | None = None) -> torch.Tensor:
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = softcap(torch.matmul(q, k.transpose(-2, -1)) * scale, cap)
     scores = scores.masked_fill(blocked, float("-inf"))
     probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=training)
     return torch.matmul(probs, v)
 
 
-def _windowed(q, k, v, dropout, training, eager, window: int, cap: float) -> torch.Tensor:
+def _windowed(q, k, v, dropout, training, eager, window: int, cap: float, scale: float | None) -> torch.Tensor:
     """Sliding-window causal attention: key j is visible to query i when i - window < j <= i."""
     s = q.shape[2]
     if k.shape[1] != q.shape[1]:
@@ -128,8 +124,14 @@ def _windowed(q, k, v, dropout, training, eager, window: int, cap: float) -> tor
     ones = torch.ones(s, s, dtype=torch.bool, device=q.device)
     blocked = ones.triu(1) | ones.tril(-window)
     if eager:
-        return _eager(q, k, v, blocked, dropout, training, cap)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=~blocked, dropout_p=dropout if training else 0.0)
+        return _eager(q, k, v, blocked, dropout, training, cap, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=~blocked, dropout_p=dropout if training else 0.0,
+                                          **_scale_kw(scale))
+
+
+def _scale_kw(scale: float | None) -> dict:
+    """SDPA's ``scale`` only where it is not the default, so the default call (and its capture) stays as it was."""
+    return {} if scale is None else {"scale": scale}
 
 
 class Attention(nn.Module):
@@ -180,11 +182,14 @@ class MLAttention(nn.Module):
     """
 
     def __init__(self, hidden: int, heads: int, q_lora_rank: int, kv_lora_rank: int,
-                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, eps: float, eager: bool):
+                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, eps: float, eager: bool,
+                 softmax_factor: float = 1.0):
         super().__init__()
         self.nope, self.rope_dim, self.v_dim, self.eager = qk_nope_head_dim, qk_rope_head_dim, v_head_dim, eager
         self.kv_lora_rank = kv_lora_rank
         qk_dim = qk_nope_head_dim + qk_rope_head_dim
+        # None keeps SDPA's own 1/sqrt(d); YaRN's mscale^2 (RopeScaling.mla_softmax_factor) multiplies it
+        self.scale = None if softmax_factor == 1.0 else softmax_factor / math.sqrt(qk_dim)
         if q_lora_rank:
             self.wq_a = nn.Linear(hidden, q_lora_rank, bias=False)
             self.q_norm = RMSNorm(q_lora_rank, eps)
@@ -209,7 +214,8 @@ class MLAttention(nn.Module):
         n = kv.shape[2]
         q = torch.cat([q_nope, apply_rope(q_pe, cos, sin)], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(b, s, n, self.rope_dim)], dim=-1)
-        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, self.training, self.eager)
+        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, self.training, self.eager,
+                               scale=self.scale)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 

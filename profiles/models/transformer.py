@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from autopar.core.model_spec import ModelSpec
-from autopar.profiles.models.layers import MLP, Attention, MLAttention, MoE, SwiGLU, make_norm, rope_tables, softcap
+from autopar.profiles.models.layers import MLP, Attention, MLAttention, MoE, SwiGLU, make_norm, softcap
+from autopar.profiles.models.rope import rope_tables
 
 
 class Block(nn.Module):
@@ -69,7 +70,7 @@ class Transformer(nn.Module):
         # parallelism can shard them along the sequence like the activations.
         self.register_buffer("pos_ids", torch.arange(spec.max_seq_len), persistent=False)
         if spec.family != "gpt":
-            cos, sin = rope_tables(_rope_dim(spec), spec.max_seq_len, spec.rope_theta)
+            cos, sin = rope_tables(_rope_dim(spec), spec.max_seq_len, spec.rope_theta, spec.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
@@ -126,7 +127,8 @@ class Transformer(nn.Module):
         device = self.pos_ids.device
         self.pos_ids = torch.arange(self.spec.max_seq_len, device=device)
         if self.rope_cos is not None:
-            cos, sin = rope_tables(_rope_dim(self.spec), self.spec.max_seq_len, self.spec.rope_theta, device)
+            spec = self.spec
+            cos, sin = rope_tables(_rope_dim(spec), spec.max_seq_len, spec.rope_theta, spec.rope_scaling, device)
             self.rope_cos, self.rope_sin = cos, sin
         for module in self.modules():
             # a module holding every expert gets 0..E-1 (after ``to_empty`` the buffer is garbage);
@@ -151,7 +153,8 @@ def _attention(spec: ModelSpec, index: int) -> nn.Module:
     eager = spec.attention == "eager"
     if spec.family == "deepseek_v3":
         return MLAttention(spec.hidden, spec.heads, spec.q_lora_rank, spec.kv_lora_rank, spec.qk_nope_head_dim,
-                           spec.qk_rope_head_dim, spec.v_head_dim, spec.norm_eps, eager)
+                           spec.qk_rope_head_dim, spec.v_head_dim, spec.norm_eps, eager,
+                           spec.rope_scaling.mla_softmax_factor)
     gpt = spec.family == "gpt"
     norm = "rmsnorm" if spec.qk_norm == "head" or spec.resolved_norm == "nonparametric" else spec.resolved_norm
     return Attention(spec.hidden, spec.heads, spec.kv_heads, spec.head_dim, bias=gpt or spec.qkv_bias,
