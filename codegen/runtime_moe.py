@@ -15,10 +15,16 @@ The functional all-to-all is differentiable (its backward is the reverse exchang
 gate weights are applied at the source, so router gradients stay local. Routing is the
 model's own ``TopKRouter`` on the same tokens, so it equals a single-process run.
 
-With tensor parallel (tp > 1) the tokens entering an MoE layer are the same on every tp rank:
-each tp rank dispatches its 1/tp share of them (``_SliceRows``; the backward gathers the
-input gradients) and the expert outputs are all-gathered over tp (``_GatherRows``; the
-backward keeps the rank's share), Megatron's scatter/gather pair. With expert tensor
+With tensor parallel (tp > 1) and no sequence parallel (or with shared experts, which need the
+gathered sequence) the tokens entering an MoE layer are the same on every tp rank: each tp rank
+dispatches its 1/tp share of them (``_SliceRows``; the backward gathers the input gradients) and
+the expert outputs are all-gathered over tp (``_GatherRows``; the backward keeps the rank's share),
+Megatron's scatter/gather pair. Under sequence parallel without shared experts
+(``techniques.expert_parallel.moe_tokens_local``) the layer takes the rank's sequence shard as it
+is: the router routes it, the shard is dispatched and its output returned on the shard (no
+gather, no slice; ``apply_tp`` marks the layer ``tokens_local``). The router's gate, replicated
+over tp, then sees only the shard: its weight gradient is summed over tp in backward
+(``_TpSummedLinear``), as Megatron-Core all-reduces the router's gradients over tp. With expert tensor
 parallel (etp > 1) the ``etp`` ranks of a group hold the same experts, their ffn dimension
 split (w1/w3 column-wise, w2 row-wise, DTensor ``Shard`` over the ``etp`` mesh): the rows a
 rank received are all-gathered over etp, each rank computes its partial outputs, and a
@@ -63,13 +69,46 @@ def apply_ep(model: nn.Module, mesh: ParallelMesh, placement: list[list[list[int
             continue
         num = experts.w1.shape[0]
         layer = placement[int(name) - first_moe_layer] if placement else contiguous_placement(num, ep)
-        _keep_experts(experts, layer, mesh)
+        _keep_experts(experts, layer, mesh, getattr(block.feed_forward, "tokens_local", False))
     return model
 
 
-def _keep_experts(experts: GroupedExperts, layer: list[list[int]], mesh: ParallelMesh) -> None:
+def route_local_tokens(moe: nn.Module, tp_group) -> None:
+    """The MoE layer takes this rank's sequence shard (module docstring): its router's gate weight
+    gradient is summed over ``tp_group``; ``apply_ep`` then dispatches the shard as it is."""
+    moe.tokens_local = True
+    moe.router.gate.tp_group = tp_group
+    moe.router.gate.__class__ = _TpSummedLinear
+
+
+class _SumGrad(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient over ``group``."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _TpSummedLinear(nn.Linear):
+    """A linear replicated over the tp ranks, each applying it to its own tokens: the weight's
+    gradient (each rank's share) is summed over tp once per backward, so every rank keeps the same
+    weight (Megatron-Core's router under sequence parallel: its gradient all-reduced over tp)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, _SumGrad.apply(self.weight, self.tp_group), self.bias)
+
+
+def _keep_experts(experts: GroupedExperts, layer: list[list[int]], mesh: ParallelMesh, own_tokens: bool) -> None:
     """Slice the stacked weights to this rank's experts (still on the meta device), split their
-    ffn dimension over etp, and swap in the dispatching forward."""
+    ffn dimension over etp, and swap in the dispatching forward (``own_tokens``: of the rank's shard,
+    no split over tp)."""
     owner = torch.empty(experts.w1.shape[0], dtype=torch.long)
     for r, ids in enumerate(layer):
         owner[ids] = r
@@ -87,7 +126,7 @@ def _keep_experts(experts: GroupedExperts, layer: list[list[int]], mesh: Paralle
     experts.local_index = local
     experts.ep_group, experts.ep_size = mesh.group("ep"), len(layer)
     experts.etp_group = mesh.group("etp") if mesh.size("etp") > 1 else None
-    experts.tp_group = mesh.group("tp") if mesh.size("tp") > 1 else None
+    experts.tp_group = mesh.group("tp") if mesh.size("tp") > 1 and not own_tokens else None
     experts.register_buffer("expert_ids", torch.tensor(ids, device=experts.w1.device), persistent=False)
     experts.__class__ = ExpertParallelGroupedExperts
 

@@ -23,7 +23,9 @@ from torch.distributed.tensor.parallel import (
 )
 
 from autopar.codegen.runtime_mesh import ParallelMesh
+from autopar.codegen.runtime_moe import route_local_tokens
 from autopar.techniques.dp_program import dp_mode  # noqa: F401  (the program reads the one rule; re-exported)
+from autopar.techniques.expert_parallel import moe_tokens_local
 
 # ----- tensor + sequence parallel ------------------------------------------------------
 _COLWISE = ("wq", "wk", "wv", "wq_b", "wkv_b")   # attention projections split by heads
@@ -34,9 +36,10 @@ def apply_tp(model: nn.Module, mesh: ParallelMesh, sequence_parallel: bool = Fal
 
     Attention: q/k/v (MLA: wq_b, wkv_b) column-wise (heads split), wo row-wise; dense MLP:
     w1/w3 column-wise, w2 row-wise; MoE: shared experts as a dense MLP, router and routed
-    experts replicated (every tp rank routes the same tokens). Token embedding vocab-parallel
-    (row-wise), output projection column-wise with the logits all-gathered (replicated), so
-    the loss is the plain cross-entropy. With ``sequence_parallel`` the residual stream
+    experts replicated (every tp rank routes the same tokens; under sp with expert parallel and no
+    shared experts each rank routes its own sequence shard: ``runtime_moe.route_local_tokens``).
+    Token embedding vocab-parallel (row-wise), output projection column-wise with the logits
+    all-gathered (replicated), so the loss is the plain cross-entropy. With ``sequence_parallel`` the residual stream
     between sub-layers is split along the sequence (Korthikanti et al. 2022): norms run on
     ``Shard(1)``, an all-gather precedes each attention/MLP and a reduce-scatter follows it.
     """
@@ -58,7 +61,11 @@ def apply_tp(model: nn.Module, mesh: ParallelMesh, sequence_parallel: bool = Fal
     parallelize_module(model, tp_mesh, top)
     if model.tok_embeddings is not None and model.output is not None and model.spec.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight  # both Shard(0) over the vocab: re-tie
+    local = moe_tokens_local(sequence_parallel, mesh.size("ep"), mesh.size("etp"), shared_experts=False)
     for block in model.layers.values():
+        ff = block.feed_forward
+        if local and hasattr(ff, "router") and ff.shared_experts is None:
+            route_local_tokens(ff, tp_mesh.get_group())
         parallelize_module(block, tp_mesh, _block_plan(block, sequence_parallel))
         if hasattr(block.attention, "wkv_a"):
             _sum_rope_key_grad(block.attention, tp_mesh.get_group())
@@ -183,7 +190,10 @@ def _block_plan(block: nn.Module, sp: bool) -> dict:
     elif ff.shared_experts is not None:  # the rest of the MoE is replicated (every tp rank routes the same tokens)
         gated = ff.shared_gate is not None
         plan.update(_mlp_plan("feed_forward.shared_experts", ff.shared_experts, rep if gated else Partial()))
-    elif sp:  # routed experts only: the whole sequence enters the router, the output is split again
+    elif getattr(ff, "tokens_local", False):  # routed experts only, dispatching the rank's shard
+        plan["feed_forward"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(seq,),
+                                                  use_local_output=True)
+    elif sp:  # routed experts only, replicated: the whole sequence enters the router, the output is split again
         plan["feed_forward"] = PrepareModuleInputOutput(
             input_layouts=(seq,), desired_input_layouts=(rep,), input_kwarg_layouts=None,
             output_layouts=(rep,), desired_output_layouts=(seq,), use_local_input=True, use_local_output=True)

@@ -22,7 +22,7 @@ Communication per technique and what hides behind compute (stated once, here):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from autopar.core.cluster import ClusterSpec
 from autopar.core.strategy import Strategy
@@ -50,7 +50,7 @@ from autopar.cost_models.moe_cost import (
     grouped_expert_time,
 )
 from autopar.cost_models.recompute_cost import recompute_times, rerun_tail, selective_bytes, tp_rerun
-from autopar.cost_models.tp_collectives import program_tp_time
+from autopar.cost_models.tp_collectives import program_tp_time, routes_local_tokens
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
 
@@ -181,6 +181,8 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         ctx = copy.copy(ctx)  # a shallow copy: the fits and contention are already set up
         ctx.timer = ctx.timer.in_dtype(layer_dtype(layer.kind, ctx.timer.dtype))
     sh = shards_for(s)
+    if routes_local_tokens(layer, s.sequence_parallel, s.ep, s.etp):
+        sh = replace(sh, router_div=s.tp)
     before = dict(ctx.timer.hits)
     fwd = bwd = kernel_fwd = 0.0
     flops, fwds = 0.0, []
@@ -319,6 +321,8 @@ def _local_gemm(op: OpTerm, s: Strategy, sh: Shards) -> tuple[float, float, floa
     elif op.batched:
         m = m / s.cp  # local queries against all keys (ring attention); batch handled by calls
         div = 1
+    elif op.shard == "router":  # the gate's whole width on this rank's tokens
+        m, div = m * sh.tokens / sh.router_div, 1
     else:
         m = m * sh.tokens
         div = sh.of(op.shard) if op.shard != "rep" else 1

@@ -87,6 +87,7 @@ class Shards:
     tp: int
     sp: bool
     expert_div: float  # tp (a tp group's tokens split before expert dispatch), 1 when experts are replicated
+    router_div: float = 1  # tp when each tp rank routes its own sequence shard (tp_collectives.routes_local_tokens)
 
     def of(self, shard: Shard) -> float:
         if shard == "tp" or shard == "vocab":
@@ -95,7 +96,9 @@ class Shards:
             return self.tp if self.sp else 1
         if shard == "expert":
             return self.expert_div
-        return 1  # router: replicated on every rank that holds the tokens; partial: full-size partial sums
+        if shard == "router":  # replicated on every rank that holds the tokens (all of them, or its shard)
+            return self.router_div
+        return 1  # partial: full-size partial sums
 
 
 def saved_bytes(layer: LayerTemplate, sh: Shards, recompute: str, compiled: bool = False) -> float:

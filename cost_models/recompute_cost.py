@@ -99,7 +99,7 @@ def tp_rerun(layer: LayerTemplate, s, runtime: str, tp_s: float, modules: tuple[
     if runtime != "torch" or layer.kind != "block" or s.tp == 1 or rows == 0:
         return tp_s / 2, tp_s / (4 if s.sequence_parallel else 2)
     skip = any(o.kind == "gemm" and o.shard == "tp" and o.tp_dim == "k" for o in tail)
-    full, op = block_tp_collectives(layer, s.sequence_parallel, s.ep, topk).rerun_shares(skip)
+    full, op = block_tp_collectives(layer, s.sequence_parallel, s.ep, topk, s.etp).rerun_shares(skip)
     return tp_s * full, tp_s * op
 
 

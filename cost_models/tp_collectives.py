@@ -16,12 +16,16 @@ gradients, summed by autograd, are reduced once (sp: reduce-scatter; else all-re
   q_lora) all-reduces its input gradient.
 - MoE with a gate on the shared experts (Qwen2-MoE): the gate's replicated weight needs the whole shared
   output, so the forward all-reduces it (the reduce-scatter's place).
-- MoE without shared experts (Mixtral): no split linear; under sp its input is gathered (forward) and its
-  output gradient gathered (backward), the output split locally.
-- MoE under expert parallel (``ep`` > 1): every tp rank holds the layer's tokens whole and dispatches 1/tp of
-  them (``codegen.runtime_moe.ExpertParallelGroupedExperts.forward``: ``_SliceRows``), gathering the expert
-  outputs back (``_GatherRows``): one all-gather forward; backward one of the input rows' gradients and one of
-  the gate weights' (``topk`` wide). Megatron-Core dispatches its sequence-parallel shard instead (none).
+- MoE without shared experts (Mixtral), experts replicated over tp (ep = etp = 1): no split linear; under sp
+  its input is gathered (forward) and its output gradient gathered (backward), the output split locally.
+- MoE under expert parallel (``ep`` > 1) without sp, or with shared experts: every tp rank holds the layer's
+  tokens whole and dispatches 1/tp of them (``codegen.runtime_moe.ExpertParallelGroupedExperts.forward``:
+  ``_SliceRows``), gathering the expert outputs back (``_GatherRows``): one all-gather forward; backward one of
+  the input rows' gradients and one of the gate weights' (``topk`` wide).
+- MoE without shared experts under sp and expert parallel (``ep * etp > 1``;
+  ``techniques.expert_parallel.moe_tokens_local``): each tp rank routes and dispatches its own sequence shard
+  (Megatron-Core's MoE layer under sp): no tp collective on the tokens; the router's replicated gate weight
+  gradient is all-reduced over tp once per backward (``weight_grad_elems``: its size, ``runtime_moe._SumGrad``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Literal
 
 from autopar.cost_models.comm import collective_time
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm
+from autopar.techniques.expert_parallel import moe_tokens_local
 
 Kind = Literal["all_gather", "reduce_scatter", "all_reduce"]
 Collective = tuple[Kind, float]   # (kind, width as a fraction of the hidden size)
@@ -42,6 +47,7 @@ class TpCollectives:
     forward: tuple[Collective, ...]
     backward: tuple[Collective, ...]
     last_closing: int | None = None   # index in ``forward`` of the last row-parallel linear's collective
+    weight_grad_elems: float = 0.0    # a replicated weight's gradient all-reduced per backward (elements)
 
     def all(self) -> tuple[Collective, ...]:
         return self.forward + self.backward
@@ -68,10 +74,20 @@ def _is_row(o: OpTerm) -> bool:
     return o.kind == "gemm" and o.shard == "tp" and o.tp_dim == "k"
 
 
-def block_tp_collectives(layer: LayerTemplate, sp: bool, ep: int = 1, topk: int = 0) -> TpCollectives:
+def routes_local_tokens(layer: LayerTemplate, sp: bool, ep: int, etp: int) -> bool:
+    """Whether the program's MoE layer in ``layer`` dispatches each tp rank's sequence shard
+    (``techniques.expert_parallel.moe_tokens_local``); shared experts: a tensor-parallel linear after the router."""
+    router = next((i for i, o in enumerate(layer.ops) if o.shard == "router"), None)
+    if not layer.is_moe or router is None:
+        return False
+    shared = any(_is_row(o) for o in layer.ops[router:])
+    return moe_tokens_local(sp, ep, etp, shared)
+
+
+def block_tp_collectives(layer: LayerTemplate, sp: bool, ep: int = 1, topk: int = 0, etp: int = 1) -> TpCollectives:
     """The collectives of one block under tp (module docstring); none for a block without a row-parallel
-    linear counted by name (a Hugging Face model priced from its own tp plan). ``ep``, ``topk``: expert parallel
-    and the experts per token, for an MoE block's dispatch."""
+    linear counted by name (a Hugging Face model priced from its own tp plan). ``ep``, ``topk``, ``etp``: expert
+    parallel, the experts per token and expert tensor parallel, for an MoE block's dispatch."""
     rows = [i for i, o in enumerate(layer.ops) if _is_row(o)]
     if layer.kind != "block" or not rows:
         return TpCollectives((), ())
@@ -89,6 +105,9 @@ def block_tp_collectives(layer: LayerTemplate, sp: bool, ep: int = 1, topk: int 
         last = len(fwd) - 1
         bwd += b
         start = end + 1
+    if routes_local_tokens(layer, sp, ep, etp):  # each rank's shard routed as it is: the gate's gradient summed
+        router = next(o for o in layer.ops if o.shard == "router")
+        return TpCollectives(tuple(fwd), tuple(bwd), last, router.gemm[1] * router.gemm[2])
     # a sub-layer of replicated linears only (MoE without shared experts: routed experts, their router)
     if sp and not moe_split and any(o.kind == "gemm" for o in layer.ops[start:]):
         fwd.append(("all_gather", 1.0))
@@ -103,7 +122,10 @@ def program_tp_time(layer: LayerTemplate, act: float, s, ctx, sync: float) -> fl
     """Seconds of a block's tp collectives under strategy ``s`` (``act``: the sub-layer input's bytes; each
     collective a fraction of it) plus the shared-core wait ``sync`` of each. ``ctx``: the pricing context
     (``layer_cost.PricingContext``, not imported: layer_cost imports this module)."""
-    counts = Counter(block_tp_collectives(layer, s.sequence_parallel, s.ep, ctx.topk).all())
+    colls = block_tp_collectives(layer, s.sequence_parallel, s.ep, ctx.topk, s.etp)
+    counts = Counter(colls.all())
+    if colls.weight_grad_elems:  # the gradient in the compute dtype (the weight's copy the forward read)
+        counts[("all_reduce", colls.weight_grad_elems * ctx.dtype_bytes / act)] += 1
     return sum(n * collective_time(kind, act * w, s.tp, 1, ctx.cluster, fits=ctx.fits).time_s
                for (kind, w), n in counts.items()) + sum(counts.values()) * sync
 

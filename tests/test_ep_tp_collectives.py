@@ -17,6 +17,7 @@ import helpers_collectives
 import pytest
 import torch
 from helpers_plans import tiny_spec
+from test_tp_sp_collectives import _grads, _tokens  # the same seq and micro-batch (64, 2)
 
 from autopar.codegen import runtime as rt
 from autopar.codegen import runtime_moe
@@ -24,8 +25,8 @@ from autopar.cost_models.templates import build_templates
 from autopar.cost_models.tp_collectives import block_tp_collectives
 
 SEQ, MBS, TP = 64, 2, 2
-KINDS = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather", "allgather_": "all_gather",
-         "reduce_scatter_tensor": "reduce_scatter"}
+KINDS = {"all_reduce": "all_reduce", "allreduce_": "all_reduce", "all_gather_into_tensor": "all_gather",
+         "allgather_": "all_gather", "reduce_scatter_tensor": "reduce_scatter"}
 
 
 class _Counted(helpers_collectives.Collectives):
@@ -41,6 +42,11 @@ class _Counted(helpers_collectives.Collectives):
             while isinstance(t, (list, tuple)):
                 t = t[0]
             self.seen[(self.phase, "gathered")] += t.numel()
+        if name == "allreduce_":  # c10d's in-place all-reduce: only the router gradient's (``runtime_moe._SumGrad``)
+            t = args[0]
+            while isinstance(t, (list, tuple)):
+                t = t[0]
+            self.seen[(self.phase, "reduced")] += t.numel()
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
@@ -87,6 +93,9 @@ def _priced(spec, sp: bool, ep: int) -> dict:
             out[(phase, kind)] += 1
             if kind == "all_gather":   # each rank contributes 1/tp of the gathered tensor
                 out[(phase, "gathered")] += width * MBS * SEQ * spec.hidden / TP
+    if colls.weight_grad_elems:        # the router gate's gradient, summed over tp
+        out[("backward", "all_reduce")] += 1
+        out[("backward", "reduced")] += colls.weight_grad_elems
     return dict(out)
 
 
@@ -102,5 +111,57 @@ def test_ep_block_runs_the_priced_tp_collectives(variant, sp, monkeypatch):
         assert measured == pytest.approx(_priced(spec, sp, 2))
         alone = _measured(spec, sp, 1, monkeypatch)
     assert alone == pytest.approx(_priced(spec, sp, 1))
-    extra = {k: measured.get(k, 0) - alone.get(k, 0) for k in measured}
-    assert extra[("forward", "all_gather")] == 1 and extra[("backward", "all_gather")] == 2
+    extra = {k: measured.get(k, 0) - alone.get(k, 0) for k in set(measured) | set(alone)}
+    if variant == "routed" and sp:  # each rank's shard dispatched: the replicated router's gathers are gone
+        assert extra[("forward", "all_gather")] == -1 and extra[("backward", "all_gather")] == -1
+        assert extra[("backward", "all_reduce")] == 1 and measured[("backward", "reduced")] == 8 * 64
+    else:
+        assert extra[("forward", "all_gather")] == 1 and extra[("backward", "all_gather")] == 2
+
+
+# ----- numerics on real gloo ranks: the shard-dispatching MoE equals one process ----------------------------
+ROUTED = {"shared_experts": 0}
+GLOO_CASES = [(2, 1, True), (1, 2, True), (2, 1, False), (1, 1, True)]   # (ep, etp, sp), tp = 2
+
+
+def _gloo_worker(rank: int, init: str, result: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=TP)
+    torch.set_num_threads(1)
+    spec, found = tiny_spec("moe-tiny", SEQ, ROUTED), {}
+    for ep, etp, sp in GLOO_CASES:
+        mesh = rt.build_mesh("cpu", tp=TP, ep=ep, etp=etp)
+        model = rt.build_meta_model(spec)
+        rt.apply_tp(model, mesh, sequence_parallel=sp)
+        runtime_moe.apply_ep(model, mesh, None)
+        rt.materialize([model], spec, 0, torch.device("cpu"))
+        ids = {n: m.local_expert_ids for n, m in model.named_modules() if hasattr(m, "local_expert_ids")}
+        local = {n: m.tokens_local for n, m in model.named_modules() if hasattr(m, "tokens_local")}
+        found[ep, etp, sp] = (*_grads(model, _tokens(spec)), ids, local)
+    torch.save(found, f"{result}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_shard_dispatch_matches_one_process(tmp_path):
+    """tp 2 on gloo ranks: with sp and ep*etp > 1 each rank routes and dispatches its own sequence shard (no
+    gather, slice or split around the MoE), its router gate's gradient summed over tp; loss and every gradient
+    (on both ranks: the router's included, so the replicas stay equal) equal the single process's. Without sp, or
+    with the experts replicated (ep = etp = 1), the whole-sequence program as before."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path / "out.pt")), nprocs=TP)
+    spec = tiny_spec("moe-tiny", SEQ, ROUTED)
+    model = rt.build_meta_model(spec)
+    rt.materialize([model], spec, 0, torch.device("cpu"))
+    loss, grads = _grads(model, _tokens(spec))
+    for rank in range(TP):
+        found = torch.load(f"{tmp_path / 'out.pt'}.{rank}")
+        for (ep, etp, sp), (got_loss, got, ids, local) in found.items():
+            assert bool(local) == (sp and ep * etp > 1), (ep, etp, sp)
+            assert got_loss == pytest.approx(loss, rel=1e-5), (ep, etp, sp)
+            for key, g in grads.items():
+                owner = key.rsplit(".", 1)[0]
+                want = g[ids[owner]] if owner in ids else g   # expert weights: this rank's experts
+                assert torch.allclose(got[key], want, rtol=1e-4, atol=1e-5), f"ep{ep} etp{etp} sp{sp} rank{rank} {key}"
