@@ -25,6 +25,8 @@ MODULES = {
     "models/__init__.py": "profiles/models/__init__.py",
     "models/layers.py": "profiles/models/layers.py",
     "models/transformer.py": "profiles/models/transformer.py",
+    "models/rope.py": "profiles/models/rope.py",
+    "rope_math.py": "core/rope_math.py",  # RoPE scaling factors: plain Python, read by models/rope.py
     "models/hf.py": "profiles/models/hf.py",  # transformers modules (their plans only)
     "errors.py": "errors.py",
     "dp_program.py": "techniques/dp_program.py",  # dp_mode: one rule for the program and its price
@@ -34,6 +36,7 @@ RENAMES = (
     ("from autopar.core.model_spec import ModelSpec", f"from {PACKAGE}.runtime_spec import RunSpec as ModelSpec"),
     ("autopar.codegen.runtime", f"{PACKAGE}.runtime"),
     ("autopar.profiles.models", f"{PACKAGE}.models"),
+    ("autopar.core.rope_math", f"{PACKAGE}.rope_math"),
     ("autopar.errors", f"{PACKAGE}.errors"),
     ("autopar.techniques.dp_program", f"{PACKAGE}.dp_program"),
 )

@@ -19,10 +19,11 @@ the Llama layout; ``autopar.profiles.hf_families`` sets them from each family's 
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from autopar.core.rope_math import cos_sin_factor, mla_softmax_factor
 
 Family = Literal["gpt", "llama", "moe", "deepseek_v3", "custom"]
 # auto: LayerNorm for gpt, RMSNorm otherwise; layernorm_nobias: weight only (Cohere);
@@ -72,29 +73,13 @@ class RopeScaling(BaseModel):
 
     @property
     def cos_sin_factor(self) -> float:
-        """The factor on cos and sin (transformers ``_compute_yarn_parameters``, megatron-core
-        ``_yarn_get_concentration_factor``): ``attention_factor``, else mscale(factor, mscale) /
-        mscale(factor, mscale_all_dim) where both are set, else mscale(factor, 1); 1 for other types."""
-        if self.rope_type != "yarn":
-            return 1.0
-        if self.attention_factor is not None:
-            return self.attention_factor
-        if self.mscale and self.mscale_all_dim:
-            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
-        return yarn_mscale(self.factor, 1.0)
+        """YaRN's factor on cos and sin (``core.rope_math.cos_sin_factor``); 1 for other types."""
+        return cos_sin_factor(self)
 
     @property
     def mla_softmax_factor(self) -> float:
-        """DeepSeek-V2/V3 multiply the softmax scale by mscale(factor, mscale_all_dim)^2 under a
-        scaled RoPE (transformers ``deepseek_v3 yarn_apply_mscale``); 1 without ``mscale_all_dim``."""
-        if self.rope_type == "default" or not self.mscale_all_dim:
-            return 1.0
-        return yarn_mscale(self.factor, self.mscale_all_dim) ** 2
-
-
-def yarn_mscale(factor: float, mscale: float) -> float:
-    """YaRN's attention temperature 0.1 m ln(s) + 1 (Peng et al. 2023, Eq. 22); 1 where s <= 1."""
-    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+        """DeepSeek MLA's extra softmax scale under YaRN (``core.rope_math.mla_softmax_factor``)."""
+        return mla_softmax_factor(self)
 
 
 class ModelSpec(BaseModel):
@@ -225,7 +210,7 @@ class ModelSpec(BaseModel):
     @property
     def rope_attention_factor(self) -> float:
         """YaRN's factor on RoPE's cos / sin (1: plain RoPE); Megatron-Core fuses RoPE only at 1."""
-        return self.rope_scaling.cos_sin_factor
+        return cos_sin_factor(self.rope_scaling)
 
     @property
     def attention_head_dim(self) -> int:

@@ -230,3 +230,33 @@ def test_mla_matches_deepseek_v3_attention_under_yarn():
     hf_cos_sin = ds.DeepseekV3RotaryEmbedding(config)(x, torch.arange(200)[None])
     with torch.no_grad():
         torch.testing.assert_close(ours(x, cos, sin), theirs(x, hf_cos_sin, None)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["llama-tiny", "deepseek-tiny"])
+def test_emitted_program_builds_the_scaling(tmp_path, model):
+    """Plan is program: the run directory (its plan.json read without pydantic, its vendored
+    autopar_rt) builds the tables and MLA softmax scale that autopar's model has."""
+    import subprocess
+    import sys
+
+    from helpers_plans import make_plan
+
+    from autopar.codegen.emit import emit
+    from autopar.profiles.models import build_model
+
+    scaling = RopeScaling(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, mscale=1.0,
+                          mscale_all_dim=0.8)
+    plan = make_plan(model, 1, "dp=1", spec_update={"rope_scaling": scaling})
+    emit(plan, tmp_path, "cpu")
+    code = ("import torch; from autopar_rt.runtime import load_spec; from autopar_rt.models import build_model; "
+            "m = build_model(load_spec('plan.json'), 'cpu'); "
+            "torch.save({'cos': m.rope_cos, 'sin': m.rope_sin, 'scale': [getattr(a, 'scale', None) "
+            "for a in m.modules() if hasattr(a, 'wo')]}, 'tables.pt')")
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, env={"PYTHONPATH": str(tmp_path)})
+    ran, ours = torch.load(tmp_path / "tables.pt"), build_model(plan.model, "cpu")
+    assert torch.equal(ran["cos"], ours.rope_cos) and torch.equal(ran["sin"], ours.rope_sin)
+    assert not torch.equal(ours.rope_cos, build_model(plan.model.model_copy(update={"rope_scaling": RopeScaling()}),
+                                                      "cpu").rope_cos)
+    assert ran["scale"] == [getattr(a, "scale", None) for a in ours.modules() if hasattr(a, "wo")]
+    if model == "deepseek-tiny":
+        assert ran["scale"][0] == pytest.approx(scaling.mla_softmax_factor / (16 + 8) ** 0.5)

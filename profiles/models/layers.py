@@ -188,7 +188,7 @@ class MLAttention(nn.Module):
         self.nope, self.rope_dim, self.v_dim, self.eager = qk_nope_head_dim, qk_rope_head_dim, v_head_dim, eager
         self.kv_lora_rank = kv_lora_rank
         qk_dim = qk_nope_head_dim + qk_rope_head_dim
-        # None keeps SDPA's own 1/sqrt(d); YaRN's mscale^2 (RopeScaling.mla_softmax_factor) multiplies it
+        # None keeps SDPA's own 1/sqrt(d); YaRN's mscale^2 (core.rope_math.mla_softmax_factor) multiplies it
         self.scale = None if softmax_factor == 1.0 else softmax_factor / math.sqrt(qk_dim)
         if q_lora_rank:
             self.wq_a = nn.Linear(hidden, q_lora_rank, bias=False)

@@ -3,7 +3,8 @@
 (``transformers.modeling_rope_utils``: ``_compute_linear_scaling_rope_parameters``,
 ``_compute_llama3_parameters``, ``_compute_yarn_parameters``), so a model built here rotates q and
 k by the angles of the checkpoint it was trained as. ``tests/test_rope_scaling.py`` compares each
-type with ``ROPE_INIT_FUNCTIONS``.
+type with ``ROPE_INIT_FUNCTIONS``. ``scaling`` is a ``RopeScaling`` or, in a run directory, its dict;
+None is plain RoPE.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 
 import torch
 
-from autopar.core.model_spec import RopeScaling
+from autopar.core.rope_math import cos_sin_factor, rope_fields
 
 
 def plain_inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
@@ -20,7 +21,7 @@ def plain_inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
 
 
-def llama3_inv_freq(inv: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+def llama3_inv_freq(inv: torch.Tensor, s) -> torch.Tensor:
     """Llama 3.1: wavelengths above orig/low_freq_factor divided by ``factor``, below
     orig/high_freq_factor kept, a smooth blend between (Meta's llama-models ``apply_scaling``)."""
     orig = s.original_max_position_embeddings
@@ -32,7 +33,7 @@ def llama3_inv_freq(inv: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def yarn_correction_range(s: RopeScaling, dim: int, theta: float) -> tuple[float, float]:
+def yarn_correction_range(s, dim: int, theta: float) -> tuple[float, float]:
     """The dimensions where YaRN's ramp goes from extrapolation (beta_fast rotations over the
     original context) to interpolation (beta_slow rotations) (Peng et al. 2023, Sec. 3.2)."""
     def dim_of(rotations: float) -> float:
@@ -44,7 +45,7 @@ def yarn_correction_range(s: RopeScaling, dim: int, theta: float) -> tuple[float
     return max(low, 0), min(high, dim - 1)
 
 
-def yarn_inv_freq(dim: int, theta: float, s: RopeScaling, device=None) -> torch.Tensor:
+def yarn_inv_freq(dim: int, theta: float, s, device=None) -> torch.Tensor:
     """YaRN: per dimension, a linear ramp between the plain frequency (fast dimensions) and the
     frequency divided by ``factor`` (slow dimensions)."""
     pos_freqs = theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
@@ -56,8 +57,11 @@ def yarn_inv_freq(dim: int, theta: float, s: RopeScaling, device=None) -> torch.
     return (1.0 / (s.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
 
-def inv_freq(dim: int, theta: float, scaling: RopeScaling, device=None) -> torch.Tensor:
+def inv_freq(dim: int, theta: float, scaling=None, device=None) -> torch.Tensor:
     """Frequencies of ``dim`` rotated features under ``scaling`` (default and dynamic: plain)."""
+    if scaling is None:
+        return plain_inv_freq(dim, theta, device)
+    scaling = rope_fields(scaling)
     kind = scaling.rope_type
     if kind == "yarn":
         return yarn_inv_freq(dim, theta, scaling, device)
@@ -69,13 +73,12 @@ def inv_freq(dim: int, theta: float, scaling: RopeScaling, device=None) -> torch
     return inv
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, scaling: RopeScaling | None = None,
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, scaling=None,
                 device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [max_seq_len, head_dim // 2], times the scaling's factor on cos and sin (YaRN)."""
-    scaling = scaling or RopeScaling()
     t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq(head_dim, theta, scaling, device))
-    factor = scaling.cos_sin_factor
+    factor = 1.0 if scaling is None else cos_sin_factor(scaling)
     if factor == 1.0:
         return freqs.cos(), freqs.sin()
     return freqs.cos() * factor, freqs.sin() * factor

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from autopar.core.model_spec import ModelSpec
+from autopar.core.rope_math import mla_softmax_factor
 from autopar.profiles.models.layers import MLP, Attention, MLAttention, MoE, SwiGLU, make_norm, softcap
 from autopar.profiles.models.rope import rope_tables
 
@@ -154,7 +155,7 @@ def _attention(spec: ModelSpec, index: int) -> nn.Module:
     if spec.family == "deepseek_v3":
         return MLAttention(spec.hidden, spec.heads, spec.q_lora_rank, spec.kv_lora_rank, spec.qk_nope_head_dim,
                            spec.qk_rope_head_dim, spec.v_head_dim, spec.norm_eps, eager,
-                           spec.rope_scaling.mla_softmax_factor)
+                           mla_softmax_factor(spec.rope_scaling))
     gpt = spec.family == "gpt"
     norm = "rmsnorm" if spec.qk_norm == "head" or spec.resolved_norm == "nonparametric" else spec.resolved_norm
     return Attention(spec.hidden, spec.heads, spec.kv_heads, spec.head_dim, bias=gpt or spec.qkv_bias,
