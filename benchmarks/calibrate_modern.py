@@ -13,8 +13,8 @@ torch, torchtitan, megatron, deepspeed) on that stack's rows. A stack overrides 
 constant only where its own rows' objective improves by ``OVERRIDE_GAIN``; a stack with fewer than
 ``MIN_STACK_ROWS`` rows keeps neutral stack choices. Global constants, never one per row. The
 objective is the rows' mean |error| plus their mean excess over 15% (``OBJECTIVE``; the acceptance
-bounds both; ``--hinge-at``, ``--hinge-weight``, ``--over-weight``, ``--fine``: see ``fit_flags``; the profiles name
-the flags they were fitted with); the kernel scales stay inside physical ``BOUNDS`` (``--no-bounds``: without).
+bounds both; ``--hinge-at``, ``--hinge-weight``, ``--over-weight``, ``--fine``: ``fit_flags``, defaults the shipped
+profiles' flags; a written profile names those that differ); the kernel scales stay inside physical ``BOUNDS``.
 ``--write`` stores the result in the ``gpu_constants:`` and ``stacks:`` sections of each
 profile YAML, naming this command as the source.
 """
@@ -52,6 +52,7 @@ GRIDS = {
     "expert_grouped_gemm": [False, True],
     "ep_overlap": [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9],
 }
+COARSE_GRIDS = {name: tuple(grid) for name, grid in GRIDS.items()}  # what --fine refines (each call afresh)
 # DeepSpeed has two published rows: its own ZeRO-3 prefetch overlap (overriding the hardware level:
 # DeepSpeed 2021 gathered parameter by parameter) and gather rate; the rest it inherits or keeps neutral
 DEEPSPEED_FIELDS = ("zero3_overlap", "zero3_gather_gbps")
@@ -100,28 +101,28 @@ def in_bounds(key: str | tuple[str, str], name: str, value: float | bool) -> boo
 
 
 def set_fit_options(objective: str, no_bounds: bool = False, capped: bool = False, hinge_at: float = 0.15,
-                    hinge_weight: float = 1.0, fine: int = 1, over_weight: float = 0.0) -> str:
-    """The fit's options (module globals, as both scripts' flags set them); returns the flags that
-    differ from the defaults, for the command a profile names as its source."""
+                    hinge_weight: float = 1.0, fine: int = 2, over_weight: float = 0.5) -> str:
+    """The fit's options (module globals, as both scripts' flags set them); returns the flags that differ from
+    the defaults (the shipped profiles' ``FINE``, ``OVER_WEIGHT``), for the command a profile names as its source."""
     globals().update(OBJECTIVE=objective, HINGE_AT=hinge_at, HINGE_WEIGHT=hinge_weight, OVER_WEIGHT=over_weight)
     if no_bounds:
         BOUNDS.clear()
+    refine_grids(fine)
     if capped:
         cap_scales()
-    refine_grids(fine)
     return ((f" --objective {objective}" if objective != "hinge" else "") + " --no-bounds" * no_bounds
             + (f" --hinge-at {hinge_at:g}" if hinge_at != 0.15 else "")
             + (f" --hinge-weight {hinge_weight:g}" if hinge_weight != 1.0 else "")
-            + (f" --fine {fine}" if fine > 1 else "") + (f" --over-weight {over_weight:g}" if over_weight else ""))
+            + (f" --fine {fine}" if fine != 2 else "") + (f" --over-weight {over_weight:g}" * (over_weight != 0.5)))
 
 
 def refine_grids(steps: int) -> None:
     """``--fine N``: N - 1 evenly spaced values between each two neighbours of every numeric grid, so the
-    descent can stop between the coarse steps (a row at 15.2% may sit one coarse step from 14.9%)."""
-    for name, grid in GRIDS.items():
-        if steps > 1 and not isinstance(grid[0], bool):
-            GRIDS[name] = sorted({round(a + (b - a) * i / steps, 6) for a, b in zip(grid, grid[1:])
-                                  for i in range(steps)} | {grid[-1]})
+    descent can stop between the coarse steps (a row at 15.2% may sit one coarse step from 14.9%). From the
+    coarse grids each time, so a second call (the default refines) does not refine twice."""
+    for name, grid in COARSE_GRIDS.items():
+        GRIDS[name] = list(grid) if steps <= 1 or isinstance(grid[0], bool) else sorted(
+            {round(a + (b - a) * i / steps, 6) for a, b in zip(grid, grid[1:]) for i in range(steps)} | {grid[-1]})
 
 
 def cap_scales(cap: float = 1.0) -> None:
@@ -266,10 +267,11 @@ def errors(rows: list[Built], fitted: Fitted) -> list[tuple[float, bool]]:
 # off is missing a mechanism, and the global constants should not bend to it (bounded influence)
 # ``HINGE_AT`` / ``HINGE_WEIGHT`` (--hinge-at, --hinge-weight): the knee of the tail term and its weight; a knee
 # below the acceptance's 15% also pulls the rows just under the bound, which a knee at 15% leaves at 15.2%;
-# ``OVER_WEIGHT`` (--over-weight): + that times the share of rows above 15%, the acceptance's own count
+# ``OVER_WEIGHT`` (--over-weight): + that times the share of rows above 15%, the acceptance's own count; ``FINE``
+# (--fine): the grids' refinement; 0.5 and 2 are the flags the shipped profiles were fitted with
 OBJECTIVE = "hinge"
 TRIM = 0.30
-HINGE_AT, HINGE_WEIGHT, OVER_WEIGHT = 0.15, 1.0, 0.0
+HINGE_AT, HINGE_WEIGHT, OVER_WEIGHT, FINE = 0.15, 1.0, 0.5, 2
 
 
 def objective(errs: list[tuple[float, bool]]) -> float:
@@ -458,7 +460,7 @@ def fit_flags(ap: argparse.ArgumentParser) -> None:
     """The hinge's knee / weight and the grid refinement (both scripts: --loso refits with them)."""
     ap.add_argument("--hinge-at", type=float, default=HINGE_AT, help="the hinge's knee (|error| counted twice above)")
     ap.add_argument("--hinge-weight", type=float, default=HINGE_WEIGHT, help="the weight of the excess over the knee")
-    ap.add_argument("--fine", type=int, default=1, help="N - 1 grid values between each two neighbours of every grid")
+    ap.add_argument("--fine", type=int, default=FINE, help="N - 1 values between grid neighbours (1: coarse)")
     ap.add_argument("--over-weight", type=float, default=OVER_WEIGHT, help="+ this x the share of rows above 15%%")
 
 
