@@ -22,7 +22,7 @@ Communication per technique and what hides behind compute (stated once, here):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from autopar.core.cluster import ClusterSpec
 from autopar.core.strategy import Strategy
@@ -162,11 +162,15 @@ def expert_load(ctx: PricingContext) -> float:
     return capped_load(ctx.expert_load_ratio * ctx.timer.stack.moe_imbalance, ctx.moe_capacity_factor)
 
 
-def shards_for(s: Strategy) -> Shards:
+def shards_for(s: Strategy, layer: LayerTemplate | None = None) -> Shards:
+    """The divisors of ``layer``'s terms under ``s``; without a layer the least any layer reads (a floor's:
+    the router on the rank's shard wherever some MoE layer could route it, ``routes_local_tokens``)."""
     # tokens is already the rank's share of the sequence (mbs / cp): expert terms divide it further
     # only by tp (the folded mapping splits a tp group's tokens before dispatch), not by cp again
+    local = s.sequence_parallel and s.ep * s.etp > 1 if layer is None else \
+        routes_local_tokens(layer, s.sequence_parallel, s.ep, s.etp)
     return Shards(tokens=s.micro_batch / s.cp, tp=s.tp, sp=s.sequence_parallel,
-                  expert_div=1 if _experts_replicated(s) else s.tp)
+                  expert_div=1 if _experts_replicated(s) else s.tp, router_div=s.tp if local else 1)
 
 
 def _experts_replicated(s: Strategy) -> bool:
@@ -180,9 +184,7 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     if layer_dtype(layer.kind, ctx.timer.dtype) != ctx.timer.dtype:  # fp8 runs the blocks' linears only
         ctx = copy.copy(ctx)  # a shallow copy: the fits and contention are already set up
         ctx.timer = ctx.timer.in_dtype(layer_dtype(layer.kind, ctx.timer.dtype))
-    sh = shards_for(s)
-    if routes_local_tokens(layer, s.sequence_parallel, s.ep, s.etp):
-        sh = replace(sh, router_div=s.tp)
+    sh = shards_for(s, layer)
     before = dict(ctx.timer.hits)
     fwd = bwd = kernel_fwd = 0.0
     flops, fwds = 0.0, []
