@@ -81,6 +81,9 @@ def _rope_params(r: HFReader) -> tuple[str, dict]:
 _ROPE_FIELDS = ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor", "beta_fast",
                 "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
 _ROPE_TYPES = ", ".join(get_args(RopeType))
+# keys transformers' RoPE init functions read without a default (``modeling_rope_utils``)
+_ROPE_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",),
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
 
 
 def rope_scaling(r: HFReader) -> RopeScaling:
@@ -94,6 +97,9 @@ def rope_scaling(r: HFReader) -> RopeScaling:
         raise InputError(f"model: {r.path}: {key}.rope_type={kind!r} is not built by autopar (supported: "
                          f"{_ROPE_TYPES}); fix: --hf to capture the transformers module itself")
     fields = {k: params[k] for k in _ROPE_FIELDS if params.get(k) is not None}
+    missing = [k for k in _ROPE_REQUIRED.get(kind, ()) if k not in fields]
+    if missing:
+        raise InputError(f"model: {r.path}: {key} of rope_type={kind} needs '{missing[0]}'; add it to the config")
     if kind in ("llama3", "yarn"):
         fields.setdefault("original_max_position_embeddings", r.opt("max_position_embeddings", 4096))
     if kind == "yarn":

@@ -126,6 +126,13 @@ def test_unbuilt_rope_types_are_refused_in_one_line(tmp_path, rope):
     assert "rope_scaling.rope_type" in msg and "llama3, yarn" in msg and "\n" not in msg
 
 
+def test_a_missing_scaling_field_is_named(tmp_path):
+    cfg = dict(model_type="llama", hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=128,
+               intermediate_size=128, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0))
+    with pytest.raises(InputError, match="rope_type=llama3 needs 'high_freq_factor'"):
+        from_hf_config(_write(tmp_path, cfg))
+
+
 def test_per_layer_rope_is_refused(tmp_path):
     """Different RoPE per layer type (transformers 5 nesting; Gemma 3's scaled global layers) is not built."""
     base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128, intermediate_size=128)
