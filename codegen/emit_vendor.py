@@ -30,6 +30,7 @@ MODULES = {
     "models/hf.py": "profiles/models/hf.py",  # transformers modules (their plans only)
     "errors.py": "errors.py",
     "dp_program.py": "techniques/dp_program.py",  # dp_mode: one rule for the program and its price
+    "moe_program.py": "techniques/moe_program.py",  # moe_tokens_local: the same for the MoE's tokens under sp
 }
 # applied in order to every copied module
 RENAMES = (
@@ -39,6 +40,7 @@ RENAMES = (
     ("autopar.core.rope_math", f"{PACKAGE}.rope_math"),
     ("autopar.errors", f"{PACKAGE}.errors"),
     ("autopar.techniques.dp_program", f"{PACKAGE}.dp_program"),
+    ("autopar.techniques.moe_program", f"{PACKAGE}.moe_program"),
 )
 
 

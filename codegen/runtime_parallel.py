@@ -25,7 +25,7 @@ from torch.distributed.tensor.parallel import (
 from autopar.codegen.runtime_mesh import ParallelMesh
 from autopar.codegen.runtime_moe import route_local_tokens
 from autopar.techniques.dp_program import dp_mode  # noqa: F401  (the program reads the one rule; re-exported)
-from autopar.techniques.expert_parallel import moe_tokens_local
+from autopar.techniques.moe_program import moe_tokens_local
 
 # ----- tensor + sequence parallel ------------------------------------------------------
 _COLWISE = ("wq", "wk", "wv", "wq_b", "wkv_b")   # attention projections split by heads

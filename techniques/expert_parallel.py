@@ -10,6 +10,7 @@ from __future__ import annotations
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
 from autopar.techniques.base import Technique, custom, custom_refusal
+from autopar.techniques.moe_program import moe_tokens_local  # noqa: F401  (the one rule; re-exported)
 
 
 def fold_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
@@ -18,17 +19,6 @@ def fold_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | No
     if g > per_stage or per_stage % g:
         return [f"ep*etp = {s.ep}*{s.etp} = {g} must divide dp*tp*cp = {per_stage} (GPUs per pipeline stage)"]
     return []
-
-
-def moe_tokens_local(sp: bool, ep: int, etp: int, shared_experts: bool) -> bool:
-    """Under tensor parallel (tp > 1), whether an MoE layer's program routes and dispatches the rank's own
-    sequence-parallel shard of tokens and returns its output on that shard: with sp, expert parallel
-    (``ep * etp > 1``) and no shared experts (Megatron-Core's MoE layer under sequence parallel, its
-    ``MoEAlltoAllTokenDispatcher`` taking the sequence-sharded hidden states: no all-gather before the layer,
-    no reduce-scatter after it). Shared experts are tensor-parallel and need the gathered sequence; experts
-    replicated over tp (ep = etp = 1) run the whole sequence on every tp rank. The program
-    (``codegen.runtime_parallel.apply_tp``) and the price (``cost_models.tp_collectives``) both read this."""
-    return sp and ep * etp > 1 and not shared_experts
 
 
 def model_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
