@@ -122,11 +122,12 @@ def precheck(model: str, gpu: Optional[str], nodes: Optional[int], gpus_per_node
 
 
 def console():
-    """A rich console that does not wrap tables at 80 columns when stdout is a pipe."""
+    """A rich console that does not wrap tables at 80 columns when stdout is a pipe. There it writes no
+    colours, so it skips the highlighter's regular expressions (what they find would only be coloured)."""
     from rich.console import Console
 
     con = Console()
-    return con if con.is_terminal else Console(width=140)
+    return con if con.is_terminal else Console(width=140, highlight=False)
 
 
 def print_json(obj) -> None:

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+import types
 from pathlib import Path
 from typing import NoReturn
 
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         # numpy's OpenBLAS starts a thread per core as it loads (0.04 s of CPU of a warm plan on 2 cores, more
         # on bigger hosts); these commands call no BLAS routine (integer matmuls and elementwise numpy only)
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    _without_pydantic_plugins()
     sys.stdout, sys.stderr = PipeGuard(sys.stdout), PipeGuard(sys.stderr)
     try:
         run(sys.argv[1:])
@@ -75,6 +77,21 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit as exc:
         code = exc.code
     _exit(code)
+
+
+def _without_pydantic_plugins() -> None:
+    """Run this process without pydantic plugins unless ``PYDANTIC_DISABLE_PLUGINS`` says which (pydantic's own
+    switch: then pydantic decides as usual). pydantic looks for plugins (entry points of the group "pydantic") as
+    it builds its first model class: its loader imports importlib.metadata (and with it email, zipfile, csv) and
+    scans every installed distribution, 0.02-0.03 s of a warm ``plan`` that autopar's commands, which use no
+    plugin, do not need (docs/benchmarks.md, issue 15's eleventh round). The loader is taken as the one pydantic
+    has when plugins are off: ``get_plugins()`` gives none (tests/test_cli_speed.py checks that pydantic still
+    imports only ``get_plugins`` from it)."""
+    if "PYDANTIC_DISABLE_PLUGINS" in os.environ or "pydantic.plugin._loader" in sys.modules:
+        return
+    loader = types.ModuleType("pydantic.plugin._loader", "autopar's stand-in: no pydantic plugins (cli/main.py)")
+    loader.get_plugins = lambda: ()
+    sys.modules[loader.__name__] = loader
 
 
 class PipeGuard:

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class LinkClass(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # defer_build: validated as parts of ClusterSpec (as core.gpu.EffCurve)
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     bw_gbps: float = Field(..., gt=0, description="bus bandwidth per GPU in GB/s (bytes, not bits)")
     latency_s: float = Field(..., ge=0, description="per-message latency (alpha) in seconds")
@@ -32,7 +33,7 @@ class NodeGroup(BaseModel):
     links they have when these differ from the cluster's (``nic_fraction``: the share of the
     inter-node NICs that work, e.g. 0.5 for 4 of 8)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     name: str = ""
     gpu: str = Field(..., description="hardware profile of these nodes' GPUs")

@@ -22,6 +22,10 @@ REQUIRED_SOURCES = ("peak_tflops", "mem_capacity_bytes", "mem_bw_gbps", "framewo
 class EffCurve(RootModel[list[tuple[float, float]]]):
     """``[[x, eff], ...]`` with x > 0 increasing and 0 < eff <= 1."""
 
+    # defer_build: the profile's curves and kernels are validated as parts of GpuProfile (whose schema holds
+    # theirs); their own validators, built only if something validates one alone, cost a warm plan's import 5 ms
+    model_config = ConfigDict(defer_build=True)
+
     @model_validator(mode="after")
     def _check(self) -> EffCurve:
         pts = self.root
@@ -65,6 +69,8 @@ def _interp_log(pts: list[tuple[float, float]], x: float) -> float:
 class SpeedupCurve(RootModel[list[tuple[float, float]]]):
     """``[[gemm FLOPs, fp8 / bf16 rate], ...]`` as measured (x increasing, ratio >= 1)."""
 
+    model_config = ConfigDict(defer_build=True)  # as EffCurve's
+
     @model_validator(mode="after")
     def _check(self) -> SpeedupCurve:
         pts = self.root
@@ -81,7 +87,7 @@ class HeadDimRate(BaseModel):
     ``d64_ratio`` its forward + backward rate at head dim 64 over the rate at 128, and ``round_to`` the head-dim
     tile it computes in (a head dim is padded up to a multiple of it)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)  # as EffCurve's
 
     d64_ratio: float = Field(..., gt=0.5, le=1.0, description="forward + backward rate at head dim 64 / at 128")
     round_to: int = Field(8, ge=1, description="the kernel computes ceil(d / round_to) * round_to columns")
@@ -95,7 +101,7 @@ class AttentionKernel(BaseModel):
     backward 3.5x that); priced from the forward+backward rate (``cost_models.compute.measured_attention_eff``).
     ``stacks``: the runtimes that call it on this GPU type."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)  # as EffCurve's
 
     stacks: list[Runtime] = Field(..., min_length=1, description="runtimes whose attention is this kernel")
     heads: int = Field(32, ge=1)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from importlib import resources
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -33,12 +32,15 @@ GPU_TO_CLUSTER = (("a100", "dgx-a100"), ("h100", "dgx-h100"), ("h200", "dgx-h200
                   ("h800", "h800"), ("cpu", "cpu"))
 
 
+_HARDWARE_DIR = Path(__file__).with_name("hardware")
 YAML_NAMESPACE = "yaml-v1"   # the capture cache's JSON copies of parsed YAML files (_parse_yaml)
 
 
 # ----- file helpers -------------------------------------------------------------------
 def _hardware_dir() -> Path:
-    return Path(str(resources.files("autopar.profiles.hardware")))
+    # the package's folder, as importlib.resources.files would give it for an installed (unzipped) autopar,
+    # without importing importlib.resources' readers (5 ms of a warm plan; intake reads hf_presets.json so too)
+    return _HARDWARE_DIR
 
 
 def _read_mapping(path: Path, what: str) -> dict:

@@ -93,3 +93,26 @@ def test_a_warm_plan_reads_the_profiles_without_a_yaml_parser(tmp_path):
     assert cold["code"] in (0, None) and warm["code"] in (0, None)
     assert "yaml" in cold["heavy"] and warm["heavy"] == []
     assert json.loads(runs[0].stdout)["best"] == json.loads(runs[1].stdout)["best"]
+
+
+def test_the_process_entry_skips_pydantic_plugin_discovery():
+    """``python -m autopar`` builds its pydantic models without looking for plugins (cli.main._without_pydantic_plugins:
+    no importlib.metadata, no scan of the installed distributions) unless PYDANTIC_DISABLE_PLUGINS says otherwise;
+    the stand-in gives pydantic what it imports from its loader (fails when a pydantic release imports more)."""
+    import re
+    from pathlib import Path
+
+    import pydantic.plugin._schema_validator as schema_validator
+
+    assert re.findall(r"_loader import ([\w, ]+)", Path(schema_validator.__file__).read_text()) == ["get_plugins"]
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('importlib.metadata' in sys.modules, file=sys.stderr))\n"
+            "sys.argv = ['autopar', 'plan', 'no-such-model']\n"
+            "from autopar.cli.main import main\n"
+            "main()\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
+    for extra, metadata in (({}, "False"), ({"PYDANTIC_DISABLE_PLUGINS": "some-plugin"}, "True")):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**env, **extra})
+        assert proc.returncode == 2 and proc.stderr.startswith("error: model:"), proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == metadata, extra
