@@ -18,10 +18,11 @@ gradients, summed by autograd, are reduced once (sp: reduce-scatter; else all-re
   output, so the forward all-reduces it (the reduce-scatter's place).
 - MoE without shared experts (Mixtral), experts replicated over tp (ep = etp = 1): no split linear; under sp
   its input is gathered (forward) and its output gradient gathered (backward), the output split locally.
-- MoE under expert parallel (``ep`` > 1) without sp, or with shared experts: every tp rank holds the layer's
-  tokens whole and dispatches 1/tp of them (``codegen.runtime_moe.ExpertParallelGroupedExperts.forward``:
-  ``_SliceRows``), gathering the expert outputs back (``_GatherRows``): one all-gather forward; backward one of
-  the input rows' gradients and one of the gate weights' (``topk`` wide).
+- MoE under expert parallel (``ep * etp`` > 1: ``apply_ep`` runs) without sp, or with shared experts: every
+  tp rank holds the layer's tokens whole and dispatches 1/tp of them
+  (``codegen.runtime_moe.ExpertParallelGroupedExperts.forward``: ``_SliceRows``), gathering the expert outputs
+  back (``_GatherRows``): one all-gather forward; backward one of the input rows' gradients and one of the gate
+  weights' (``topk`` wide). Counted with ``ep`` alone until 2026-11-27: ep = 1, etp > 1 ran them unpriced.
 - MoE without shared experts under sp and expert parallel (``ep * etp > 1``;
   ``techniques.expert_parallel.moe_tokens_local``): each tp rank routes and dispatches its own sequence shard
   (Megatron-Core's MoE layer under sp): no tp collective on the tokens; the router's replicated gate weight
@@ -112,7 +113,7 @@ def block_tp_collectives(layer: LayerTemplate, sp: bool, ep: int = 1, topk: int 
     if sp and not moe_split and any(o.kind == "gemm" for o in layer.ops[start:]):
         fwd.append(("all_gather", 1.0))
         bwd.append(("all_gather", 1.0))
-    if ep > 1 and layer.is_moe:  # the expert-parallel dispatch's tp split and gather
+    if ep * etp > 1 and layer.is_moe:  # the expert-parallel dispatch's tp split and gather
         fwd.append(("all_gather", 1.0))
         bwd += [("all_gather", 1.0), ("all_gather", topk / hidden)]
     return TpCollectives(tuple(fwd), tuple(bwd), last)

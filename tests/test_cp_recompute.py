@@ -253,7 +253,8 @@ def test_etp_collectives_are_re_run_by_full_and_op(fake_world):
     s = Strategy(dp=2, tp=2, etp=2, micro_batch=MBS, global_batch=2 * MBS)
     c = price_layer(block, s, cm.ctx)
     tail = [block.ops[i] for i in early_stop_tail(block, block.ops)]
-    tp_full, tp_op = tp_rerun(block, s, "torch", c.comm_s["tp"], _tp_modules(block, False), tail)
+    tp_full, tp_op = tp_rerun(block, s, "torch", c.comm_s["tp"], _tp_modules(block, False), tail,
+                             cm.ctx.topk)
     assert c.comm_s["etp"] > 0
     assert c.recompute_comm("full") == pytest.approx(tp_full + c.comm_s["etp"] / 2)
     assert c.recompute_comm("op") == pytest.approx(tp_op + c.comm_s["etp"] / 2)

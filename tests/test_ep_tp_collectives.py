@@ -67,26 +67,29 @@ class _LocalExchange:
         return out.clone()                  # fc.all_to_all_single(x, out_splits, in_splits, group): the rows
 
 
-def _run(spec, layers: int, sp: bool, ep: int, monkeypatch) -> collections.Counter:
+def _run(spec, layers: int, sp: bool, ep: int, monkeypatch, etp: int = 1) -> collections.Counter:
     spec = spec.model_copy(update={"layers": layers})
     monkeypatch.setattr(runtime_moe, "dist", _LocalExchange(runtime_moe.dist))
     monkeypatch.setattr(runtime_moe, "fc", _LocalExchange(runtime_moe.fc))
-    mesh = rt.build_mesh("cpu", tp=TP, ep=ep)
+    # the etp group's gather / reduce-scatter of the received rows are priced as etp, not tp (layer_cost._layer_comm)
+    monkeypatch.setattr(runtime_moe.ExpertParallelGroupedExperts, "_run_etp", lambda m, rows, eids: rows * 1)
+    mesh = rt.build_mesh("cpu", tp=TP, ep=ep, etp=etp)
     model = rt.build_meta_model(spec)
     rt.apply_tp(model, mesh, sequence_parallel=sp)
-    runtime_moe.apply_ep(model, mesh, [[list(range(spec.num_experts)), []]] * layers)
+    every = list(range(spec.num_experts))
+    runtime_moe.apply_ep(model, mesh, [[every, []] if ep > 1 else [every]] * layers)
     rt.materialize([model], spec, 0, torch.device("cpu"))
     return _Counted().step(model, torch.randint(0, spec.vocab, (MBS, SEQ)))
 
 
-def _measured(spec, sp: bool, ep: int, monkeypatch) -> dict:
-    four, two = _run(spec, 4, sp, ep, monkeypatch), _run(spec, 2, sp, ep, monkeypatch)
+def _measured(spec, sp: bool, ep: int, monkeypatch, etp: int = 1) -> dict:
+    four, two = _run(spec, 4, sp, ep, monkeypatch, etp), _run(spec, 2, sp, ep, monkeypatch, etp)
     return {k: (four[k] - two[k]) / 2 for k in set(four) | set(two) if four[k] != two[k]}
 
 
-def _priced(spec, sp: bool, ep: int) -> dict:
+def _priced(spec, sp: bool, ep: int, etp: int = 1) -> dict:
     block = [t for t in build_templates(spec.model_copy(update={"layers": 2}), SEQ, "fp32") if t.kind == "block"][-1]
-    colls = block_tp_collectives(block, sp, ep, spec.topk)
+    colls = block_tp_collectives(block, sp, ep, spec.topk, etp)
     out: collections.Counter = collections.Counter()
     for phase in ("forward", "backward"):
         for kind, width in getattr(colls, phase):
@@ -117,6 +120,16 @@ def test_ep_block_runs_the_priced_tp_collectives(variant, sp, monkeypatch):
         assert extra[("backward", "all_reduce")] == 1 and measured[("backward", "reduced")] == 8 * 64
     else:
         assert extra[("forward", "all_gather")] == 1 and extra[("backward", "all_gather")] == 2
+
+
+@pytest.mark.parametrize("variant", list(SPECS))
+@pytest.mark.parametrize("sp", [True, False])
+def test_etp_block_runs_the_priced_tp_collectives(variant, sp, monkeypatch):
+    """ep = 1, etp = 2 (the expert mesh folded over the tp ranks): the dispatch's tp split and gather, or under sp
+    without shared experts the shard dispatch, as with ep > 1."""
+    spec = tiny_spec("moe-tiny", SEQ, SPECS[variant])
+    with helpers_collectives.fake_world(TP):
+        assert _measured(spec, sp, 1, monkeypatch, etp=2) == pytest.approx(_priced(spec, sp, 1, etp=2))
 
 
 # ----- numerics on real gloo ranks: the shard-dispatching MoE equals one process ----------------------------
