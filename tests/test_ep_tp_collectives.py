@@ -178,3 +178,53 @@ def test_shard_dispatch_matches_one_process(tmp_path):
                 owner = key.rsplit(".", 1)[0]
                 want = g[ids[owner]] if owner in ids else g   # expert weights: this rank's experts
                 assert torch.allclose(got[key], want, rtol=1e-4, atol=1e-5), f"ep{ep} etp{etp} sp{sp} rank{rank} {key}"
+
+
+def _batch(spec) -> torch.Tensor:
+    return torch.randint(0, spec.vocab, (2 * MBS, SEQ), generator=torch.Generator().manual_seed(2))
+
+
+def _dp_worker(rank: int, init: str, result: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2 * TP)
+    torch.set_num_threads(1)
+    spec, found = tiny_spec("moe-tiny", SEQ, ROUTED), {}
+    for zero in (0, 3):   # DDP (experts kept out, summed over edp by sync_grads); FSDP2 (experts over edp)
+        mesh = rt.build_mesh("cpu", dp=2, tp=TP, ep=2)
+        model = rt.build_meta_model(spec)
+        rt.apply_tp(model, mesh, sequence_parallel=True)
+        runtime_moe.apply_ep(model, mesh, None)
+        rt.materialize([model], spec, 0, torch.device("cpu"))
+        model = rt.apply_dp(model, mesh, zero_stage=zero, tp=TP, dtype="fp32")
+        half = _batch(spec).chunk(2)[mesh.rank("dp")]
+        rt.lm_loss(model(half), half).backward()
+        rt.sync_grads([model], mesh)
+        inner = getattr(model, "module", model)
+        grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
+                 for n, p in inner.named_parameters()}
+        found[zero] = grads, {n: m.local_expert_ids for n, m in inner.named_modules() if hasattr(m, "local_expert_ids")}
+    torch.save(found, f"{result}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_shard_dispatch_under_data_parallel_matches_one_process(tmp_path):
+    """dp 2 x tp 2 with sp, ep 2 (edp 2) on 4 gloo ranks, DDP and FSDP2: every gradient after ``sync_grads``
+    (the router's summed over tp in backward, then averaged over dp like any replicated weight) equals one
+    process's on the whole batch."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dp_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path / "out.pt")), nprocs=2 * TP)
+    spec = tiny_spec("moe-tiny", SEQ, ROUTED)
+    model = rt.build_meta_model(spec)
+    rt.materialize([model], spec, 0, torch.device("cpu"))
+    _grads(model, _batch(spec))
+    want = {n: p.grad for n, p in model.named_parameters()}
+    for rank in range(2 * TP):
+        for zero, (got, ids) in torch.load(f"{tmp_path / 'out.pt'}.{rank}").items():
+            for key, g in want.items():
+                owner = key.rsplit(".", 1)[0]
+                w = g[ids[owner]] if owner in ids else g
+                assert torch.allclose(got[key], w, rtol=1e-4, atol=1e-5), f"zero{zero} rank{rank} {key}"
