@@ -45,7 +45,7 @@ CAPTURE_SOURCES = ("profiles/graph.py", "profiles/graph_ops.py", "profiles/layer
                    "profiles/hf_*", "cost_models/templates.py", "cost_models/template_cache.py",
                    "cost_models/layer_model.py", "cost_models/compute.py", "cost_models/fp8_cost.py",
                    "cost_models/attention_rate.py",
-                   "core/op_signature.py")
+                   "core/op_signature.py", "core/rope_math.py")
 _ROOT = Path(__file__).resolve().parents[1]
 _enabled = True
 
