@@ -91,7 +91,19 @@ def _without_pydantic_plugins() -> None:
         return
     loader = types.ModuleType("pydantic.plugin._loader", "autopar's stand-in: no pydantic plugins (cli/main.py)")
     loader.get_plugins = lambda: ()
+    loader.__getattr__ = _real_pydantic_loader  # a later pydantic asking for more gets the real loader's names
     sys.modules[loader.__name__] = loader
+
+
+def _real_pydantic_loader(name: str):
+    """Any name but ``get_plugins`` (a pydantic release newer than the test's): the stand-in steps aside and
+    pydantic's own loader answers, so the process still runs, only with the plugin scan."""
+    import importlib
+
+    if name.startswith("__"):   # the import system's own probes (__spec__, __path__, ...): a plain module's answer
+        raise AttributeError(name)
+    sys.modules.pop("pydantic.plugin._loader", None)
+    return getattr(importlib.import_module("pydantic.plugin._loader"), name)
 
 
 class PipeGuard:

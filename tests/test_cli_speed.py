@@ -116,3 +116,23 @@ def test_the_process_entry_skips_pydantic_plugin_discovery():
                               env={**env, **extra})
         assert proc.returncode == 2 and proc.stderr.startswith("error: model:"), proc.stderr
         assert proc.stderr.strip().splitlines()[-1] == metadata, extra
+
+
+def test_the_pydantic_loader_stand_in_steps_aside_for_any_other_name():
+    """A pydantic release that imports more than ``get_plugins`` from its loader still runs: the stand-in hands
+    such a name to the real loader (``cli.main._real_pydantic_loader``) instead of failing every command; the import
+    system's own probes (``__spec__``...) do not bring the real loader in."""
+    code = ("import sys\n"
+            "from autopar.cli.main import _without_pydantic_plugins\n"
+            "_without_pydantic_plugins()\n"
+            "stand_in = sys.modules['pydantic.plugin._loader']\n"
+            "import pydantic\n"
+            "class A(pydantic.BaseModel):\n"
+            "    x: int\n"
+            "A(x=1)\n"
+            "assert sys.modules['pydantic.plugin._loader'] is stand_in and 'importlib.metadata' not in sys.modules\n"
+            "from pydantic.plugin._loader import _plugins  # only the real loader has it\n"
+            "assert sys.modules['pydantic.plugin._loader'] is not stand_in\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
