@@ -314,6 +314,11 @@ def _print(cm, res: SearchResult, out: Path | None, pngs: list[Path]) -> None:
                   f"{res.global_batch / e.step_time_s:,.1f}",
                   f"{e.tflops_per_gpu:.1f}", f"{100 * e.mfu:.1f}%", c.gib(e.peak_bytes))
     console.print(t)
+    times = [x.estimate.step_time_s for x in res.candidates]
+    if times != sorted(times):  # the tie rule moved a simpler plan ahead: say why the column is not sorted
+        from autopar.planner.rank import RULE
+
+        console.print(f"(order: {RULE})")
     for line in explain.why(res.candidates, cm):
         console.print(line)
     st = res.stats
