@@ -20,7 +20,7 @@ gathered sequence) the tokens entering an MoE layer are the same on every tp ran
 dispatches its 1/tp share of them (``_SliceRows``; the backward gathers the input gradients) and
 the expert outputs are all-gathered over tp (``_GatherRows``; the backward keeps the rank's share),
 Megatron's scatter/gather pair. Under sequence parallel without shared experts
-(``techniques.expert_parallel.moe_tokens_local``) the layer takes the rank's sequence shard as it
+(``techniques.moe_program.moe_tokens_local``) the layer takes the rank's sequence shard as it
 is: the router routes it, the shard is dispatched and its output returned on the shard (no
 gather, no slice; ``apply_tp`` marks the layer ``tokens_local``). The router's gate, replicated
 over tp, then sees only the shard: its weight gradient is summed over tp in backward

@@ -61,10 +61,10 @@ def apply_tp(model: nn.Module, mesh: ParallelMesh, sequence_parallel: bool = Fal
     parallelize_module(model, tp_mesh, top)
     if model.tok_embeddings is not None and model.output is not None and model.spec.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight  # both Shard(0) over the vocab: re-tie
-    local = moe_tokens_local(sequence_parallel, mesh.size("ep"), mesh.size("etp"), shared_experts=False)
     for block in model.layers.values():
         ff = block.feed_forward
-        if local and hasattr(ff, "router") and ff.shared_experts is None:
+        if hasattr(ff, "router") and moe_tokens_local(sequence_parallel, mesh.size("ep"), mesh.size("etp"),
+                                                      shared_experts=ff.shared_experts is not None):
             route_local_tokens(ff, tp_mesh.get_group())
         parallelize_module(block, tp_mesh, _block_plan(block, sequence_parallel))
         if hasattr(block.attention, "wkv_a"):

@@ -51,6 +51,7 @@ from autopar.cost_models.moe_cost import (
 )
 from autopar.cost_models.recompute_cost import recompute_times, rerun_tail, selective_bytes, tp_rerun
 from autopar.cost_models.tp_collectives import program_tp_time, routes_local_tokens
+from autopar.techniques.moe_program import moe_tokens_local
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
 
@@ -167,7 +168,7 @@ def shards_for(s: Strategy, layer: LayerTemplate | None = None) -> Shards:
     the router on the rank's shard wherever some MoE layer could route it, ``routes_local_tokens``)."""
     # tokens is already the rank's share of the sequence (mbs / cp): expert terms divide it further
     # only by tp (the folded mapping splits a tp group's tokens before dispatch), not by cp again
-    local = s.sequence_parallel and s.ep * s.etp > 1 if layer is None else \
+    local = moe_tokens_local(s.sequence_parallel, s.ep, s.etp, shared_experts=False) if layer is None else \
         routes_local_tokens(layer, s.sequence_parallel, s.ep, s.etp)
     return Shards(tokens=s.micro_batch / s.cp, tp=s.tp, sp=s.sequence_parallel,
                   expert_div=1 if _experts_replicated(s) else s.tp, router_div=s.tp if local else 1)

@@ -24,7 +24,7 @@ gradients, summed by autograd, are reduced once (sp: reduce-scatter; else all-re
   back (``_GatherRows``): one all-gather forward; backward one of the input rows' gradients and one of the gate
   weights' (``topk`` wide). Counted with ``ep`` alone until 2026-11-27: ep = 1, etp > 1 ran them unpriced.
 - MoE without shared experts under sp and expert parallel (``ep * etp > 1``;
-  ``techniques.expert_parallel.moe_tokens_local``): each tp rank routes and dispatches its own sequence shard
+  ``techniques.moe_program.moe_tokens_local``): each tp rank routes and dispatches its own sequence shard
   (Megatron-Core's MoE layer under sp): no tp collective on the tokens; the router's replicated gate weight
   gradient is all-reduced over tp once per backward (``weight_grad_elems``: its size, ``runtime_moe._SumGrad``).
 """
@@ -37,7 +37,7 @@ from typing import Literal
 
 from autopar.cost_models.comm import collective_time
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm
-from autopar.techniques.expert_parallel import moe_tokens_local
+from autopar.techniques.moe_program import moe_tokens_local
 
 Kind = Literal["all_gather", "reduce_scatter", "all_reduce"]
 Collective = tuple[Kind, float]   # (kind, width as a fraction of the hidden size)
@@ -77,7 +77,7 @@ def _is_row(o: OpTerm) -> bool:
 
 def routes_local_tokens(layer: LayerTemplate, sp: bool, ep: int, etp: int) -> bool:
     """Whether the program's MoE layer in ``layer`` dispatches each tp rank's sequence shard
-    (``techniques.expert_parallel.moe_tokens_local``); shared experts: a tensor-parallel linear after the router."""
+    (``techniques.moe_program.moe_tokens_local``); shared experts: a tensor-parallel linear after the router."""
     router = next((i for i, o in enumerate(layer.ops) if o.shard == "router"), None)
     if not layer.is_moe or router is None:
         return False

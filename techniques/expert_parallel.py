@@ -10,7 +10,6 @@ from __future__ import annotations
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
 from autopar.techniques.base import Technique, custom, custom_refusal
-from autopar.techniques.moe_program import moe_tokens_local  # noqa: F401  (the one rule; re-exported)
 
 
 def fold_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
