@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from autopar.cli.app import disable_cache
+from autopar.core.units import seconds  # noqa: F401  (the commands print through c.seconds)
 from autopar.errors import InputError
 from autopar.profiles.intake import PRESETS
 
@@ -136,11 +137,3 @@ def print_json(obj) -> None:
 
 def gib(x: float) -> str:
     return f"{x / 2**30:.1f} GiB"
-
-
-def seconds(x: float) -> str:
-    if x >= 1:
-        return f"{x:.2f} s"
-    if x >= 1e-3:
-        return f"{x * 1e3:.1f} ms"
-    return f"{x * 1e6:.0f} us"

@@ -4,6 +4,7 @@ and find priced fixes for a strategy that does not fit."""
 from __future__ import annotations
 
 from autopar.core.strategy import COMPACT_KEYS, Strategy
+from autopar.core.units import seconds
 from autopar.cost_models.comm import collective_time
 from autopar.cost_models.estimate import CostModel, Estimate
 from autopar.errors import InputError
@@ -83,12 +84,6 @@ def host_bound_note(e: Estimate, cm: CostModel | None = None) -> str | None:
              if x.feasible and x.step_time_s < e.step_time_s]
     return (f"host-bound: kernel launches add {seconds(added)} ({100 * added / e.step_time_s:.0f}% of the step) to "
             "the GPU's own time; fix: " + ", ".join(fixes + ["CUDA graphs or torch.compile (not priced)"]))
-
-
-def seconds(x: float) -> str:
-    if x >= 1:
-        return f"{x:.2f} s"
-    return f"{x * 1e3:.1f} ms" if x >= 1e-3 else f"{x * 1e6:.0f} us"
 
 
 def term_sources(cm: CostModel, e: Estimate) -> dict:

@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from autopar.errors import InputError
+from autopar.errors import InputError, first_error
 from autopar.fileio import write_atomic
 from autopar.planner.experts_problem import (  # noqa: F401  (re-exported)
     Evaluation,
@@ -108,10 +108,7 @@ class ExpertPlacement(BaseModel):
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InputError(f"placement: {p} is not valid JSON ({exc})") from None
         except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            msg = str(err["msg"]).removeprefix("Value error, ")
-            raise InputError(f"placement: {p}: " + (f"field '{loc}': {msg}" if loc else msg)) from None
+            raise InputError(f"placement: {p}: {first_error(exc)}") from None
 
 
 def check_assignment(assignment, num_layers: int, ep: int, num_experts: int, replicas: int) -> None:
