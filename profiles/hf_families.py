@@ -78,8 +78,7 @@ def _rope_params(r: HFReader) -> tuple[str, dict]:
     return key, nested[0] if nested else params
 
 
-_ROPE_FIELDS = ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor", "beta_fast",
-                "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
+_ROPE_FIELDS = tuple(f for f in RopeScaling.model_fields if f != "rope_type")   # the config keys RopeScaling reads
 _ROPE_TYPES = ", ".join(get_args(RopeType))
 # keys transformers' RoPE init functions read without a default (``modeling_rope_utils``)
 _ROPE_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",),
@@ -104,7 +103,8 @@ def rope_scaling(r: HFReader) -> RopeScaling:
         fields.setdefault("original_max_position_embeddings", r.opt("max_position_embeddings", 4096))
     if kind == "yarn":
         fields.setdefault("factor", r.opt("max_position_embeddings", 4096) / fields["original_max_position_embeddings"])
-        fields.update(beta_fast=params.get("beta_fast") or 32.0, beta_slow=params.get("beta_slow") or 1.0)
+        # transformers' yarn treats 0 like unset: RopeScaling's defaults
+        fields.update({b: params.get(b) or RopeScaling.model_fields[b].default for b in ("beta_fast", "beta_slow")})
     try:
         return RopeScaling(rope_type=kind, **fields)
     except ValidationError as exc:

@@ -155,18 +155,5 @@ def from_hf_config(path: str | Path, force_hf: bool = False, input_shape: list[i
     try:
         spec = ModelSpec(**fields)
     except ValidationError as exc:
-        raise InputError(f"model: {path}: {first_error(exc)}{_config_key(exc, text)}") from None
+        raise InputError(f"model: {path}: {first_error(exc)}") from None
     return _token_model(spec, input_shape, input_dtype)
-
-
-# the spec's field -> the config.json keys the family readers take it from (hf_families), to name what the user wrote
-_CONFIG_KEYS = {"hidden": ("hidden_size", "n_embd", "d_model"), "layers": ("num_hidden_layers", "n_layer"),
-                "heads": ("num_attention_heads", "n_head"), "kv_heads": ("num_key_value_heads",),
-                "ffn_hidden": ("intermediate_size", "n_inner", "ffn_hidden_size"), "vocab": ("vocab_size",)}
-
-
-def _config_key(exc: ValidationError, text: dict) -> str:
-    """`` (config.json: KEY)`` where the first error's spec field came from a key the config holds, else ''."""
-    loc = exc.errors()[0]["loc"]
-    keys = [k for k in _CONFIG_KEYS.get(str(loc[0]) if loc else "", ()) if k in text]
-    return f" (config.json: {keys[0]})" if keys else ""

