@@ -71,11 +71,18 @@ def op_calls(op: OpTerm, s: Strategy, grouped: bool = False) -> float:
 
 
 def layer_calls(t: LayerTemplate, s: Strategy, mode: str = "none", grouped: bool = False,
-                runtime: str = "torch") -> tuple[float, float]:
+                runtime: str = "torch", ops: list[OpTerm] | None = None) -> tuple[float, float]:
     """(captured op calls of one forward pass, of the forward ops recompute ``mode`` re-runs) of one layer per
-    micro-batch (``recompute_cost.rerun_ops``)."""
-    calls = [op_calls(o, s, grouped) for o in t.ops]
-    return sum(calls), sum(calls[i] for i in rerun_ops(t, t.ops, mode, runtime))
+    micro-batch (``recompute_cost.rerun_ops``); ``ops``: the layer's ops as the runtime runs them (its captured ones
+    by default)."""
+    ops = t.ops if ops is None else ops
+    calls = [op_calls(o, s, grouped) for o in ops]
+    return sum(calls), sum(calls[i] for i in rerun_ops(t, ops, mode, runtime))
+
+
+def grouped_experts(stack) -> bool:
+    """Whether the stack runs a rank's experts as one grouped GEMM (``StackConstants.expert_grouped_gemm``)."""
+    return bool(stack and stack.expert_grouped_gemm)
 
 
 def launches(gpu: GpuProfile, fwd_calls: float, rerun_calls: float) -> float:
@@ -95,7 +102,7 @@ def rank_calls(cm, s: Strategy, layers: list[int], recompute: list[str], first: 
                ) -> tuple[float, float]:
     """(forward op calls, re-run op calls) of one pipeline rank per step: its layers (and the embedding / output
     it holds) for every micro-batch."""
-    grouped, rt = bool(cm.stack.expert_grouped_gemm), cm.ctx.runtime
+    grouped, rt = grouped_experts(cm.stack), cm.ctx.runtime
     per_mb = [layer_calls(cm.blocks[i], s, recompute[i], grouped, rt) for i in layers]
     per_mb += [layer_calls(t, s, runtime=rt) for t, held in ((cm.embedding, first), (cm.output, last)) if t and held]
     return tuple(sum(c[j] for c in per_mb) * s.num_micro_batches for j in (0, 1))
@@ -116,14 +123,12 @@ def layer_floor(layer: LayerTemplate, ops: list[OpTerm], s: Strategy, ctx, fwd_s
     h = host_launch_s(ctx.timer.gpu, ctx.runtime)
     if not h:
         return fwd_s, bwd_s, recompute_s
-    k, ratio = launch_rates(ctx.timer.gpu)
-    grouped = bool(ctx.timer.stack and ctx.timer.stack.expert_grouped_gemm)
-    calls = [op_calls(o, s, grouped) for o in ops]
-    host_f = k * h * sum(calls)   # each captured op call and pass: k kernels, h host seconds each
-    host_b = ratio * host_f
-    fwd, bwd = split_total(fwd_s, bwd_s, host_f, host_b)
-    dev, host, base = fwd_s + bwd_s, host_f + host_b, fwd + bwd
-    again = {m: k * h * sum(calls[i] for i in rerun_ops(layer, ops, m, ctx.runtime)) for m in recompute_s}
+    gpu, grouped, rt = ctx.timer.gpu, grouped_experts(ctx.timer.stack), ctx.runtime
+    host = h * launches(gpu, layer_calls(layer, s, "none", grouped, rt, ops)[0], 0.0)   # forward + backward
+    host_f = host / (1.0 + launch_rates(gpu)[1])
+    fwd, bwd = split_total(fwd_s, bwd_s, host_f, host - host_f)
+    dev, base = fwd_s + bwd_s, fwd + bwd
+    again = {m: h * launches(gpu, 0.0, layer_calls(layer, s, m, grouped, rt, ops)[1]) for m in recompute_s}
     return fwd, bwd, {m: _extra(dev, host, base, t, again[m]) for m, t in recompute_s.items()}
 
 
