@@ -14,11 +14,11 @@ from torch import nn
 
 from autopar import techniques
 from autopar.codegen.runtime_moe import contiguous_placement
-from autopar.codegen.runtime_parallel import dp_mode
 from autopar.codegen.runtime_pp import even_stages
 from autopar.core.plan import Plan
 from autopar.errors import InputError
 from autopar.techniques import recompute as recompute_technique
+from autopar.techniques.dp_program import plan_dp_mode
 from autopar.techniques.pipeline import stage_rank
 
 _DP_SUMMARY = {
@@ -73,8 +73,7 @@ def check_plan(plan: Plan, device: str) -> Layout:
     stages = _stages(plan)
     recompute = _recompute(plan)
     placement = _placement(plan) if s.ep > 1 else None
-    mode = dp_mode(s.zero_stage, s.dp * s.cp, s.tp > 1 or s.etp > 1, s.ep > 1 or s.etp > 1, s.pp > 1,
-                   s.offload_optimizer, plan.dtype)
+    mode = plan_dp_mode(s, plan.dtype)
     summary = _DP_SUMMARY[mode]
     if mode == "fsdp2":
         summary += " (ZeRO-3: reshard after forward)" if s.zero_stage >= 3 else \

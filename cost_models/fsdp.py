@@ -9,7 +9,7 @@ from typing import Literal, get_args
 
 from autopar.cost_models import overlap
 from autopar.cost_models.comm import collective_time
-from autopar.techniques.dp_program import dp_mode
+from autopar.techniques.dp_program import dp_mode, plan_dp_mode
 from autopar.techniques.pipeline import ZERO_BUBBLE
 
 DDP_BUCKET_BYTES = 25 * 2**20   # PyTorch DDP bucket_cap_mb default (torch.nn.parallel.DistributedDataParallel)
@@ -122,8 +122,7 @@ def syncs_after_backward(runtime: str, s, dtype: str, impl: str) -> bool:
     ``bounds.grad_sync_floor`` read this rule."""
     if runtime != "torch" or impl == "meta":
         return False
-    split = s.tp > 1 or s.etp > 1   # DTensor weights; expert weights on their own group (emit_checks)
-    mode = dp_mode(s.zero_stage, s.dp * s.cp, split, s.ep > 1 or s.etp > 1, s.pp > 1, s.offload_optimizer, dtype)
+    mode = plan_dp_mode(s, dtype)
     return mode == "zero1" or (mode == "replicate" and s.pp > 1)
 
 
@@ -142,8 +141,7 @@ def broadcasts_after_step(runtime: str, s, dtype: str, impl: str) -> bool:
     the broadcasts, an all-gather's bytes, are exposed."""
     if runtime != "torch" or impl == "meta" or s.zero_stage != 1:
         return False
-    return dp_mode(1, s.dp * s.cp, s.tp > 1 or s.etp > 1, s.ep > 1 or s.etp > 1, s.pp > 1, s.offload_optimizer,
-                   dtype) == "ddp"
+    return plan_dp_mode(s, dtype) == "ddp"
 
 
 def step_broadcast_s(cm, s, size: float) -> float:

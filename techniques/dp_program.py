@@ -40,3 +40,12 @@ def dp_mode(zero_stage: int, dp_cp: int, has_dtensor: bool, has_ep: bool, pipeli
     if half or has_dtensor or pipeline:
         return "replicate"
     return "ddp"
+
+
+def plan_dp_mode(s, dtype: str) -> str:
+    """``dp_mode`` of a plan's strategy ``s`` (a ``core.strategy.Strategy``: its zero stage, dp, cp, tp, etp, ep, pp
+    and offload) trained in ``dtype``: tensor or expert-tensor parallel weights are DTensors, expert (or
+    expert-tensor) parallel puts experts on their own group. What the emitted program runs
+    (``codegen.emit_checks``) and what the cost model prices (``cost_models.fsdp``) read it here."""
+    return dp_mode(s.zero_stage, s.dp * s.cp, s.tp > 1 or s.etp > 1, s.ep > 1 or s.etp > 1, s.pp > 1,
+                   s.offload_optimizer, dtype)
