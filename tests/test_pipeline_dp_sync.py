@@ -133,6 +133,8 @@ def test_emitted_programs_sync_as_counted(tmp_path, monkeypatch):
         for c in step2[name]:
             assert not c["all_gather"] and len(c["reduce"]) >= 2 and set(c["reduce"].values()) == {1}
             assert c["reduce_in_backward"] == 0      # none beside a backward: the whole sync exposed
+            if name == "z0_1f1b":   # and after the rank's last backward (interleaved: a chunk's REDUCE_GRAD runs
+                assert c["backwards_after_reduce"] == 0   # before the other chunk's last backwards)
     for name, gathers in (("z2_il2", 4), ("z3_il2", 8)):   # runtime_parallel._prefetch_within_the_microbatch
         for c in step2[name]:
             assert set(c["all_gather"].values()) == {gathers} and set(c["reduce"].values()) == {4}
