@@ -26,9 +26,8 @@ def _steps(monkeypatch, cm, strategies: list[Strategy]) -> list[tuple[float, flo
     """(step, host_floor_s) of each strategy, then the step with no host floor (the same model, prices forgotten)."""
     floored = [(e.step_time_s, e.host_floor_s) for e in map(cm.estimate, strategies)]
     monkeypatch.setattr(host_bound, "host_launch_s", lambda gpu, runtime="torch": 0.0)
-    cm._cache.clear()
+    monkeypatch.setattr(cm, "_cache", {})   # a fresh price cache; the floored one comes back at teardown
     bare = [cm.estimate(s) for s in strategies]
-    cm._cache.clear()
     assert all(e.host_floor_s == 0.0 for e in bare)
     return [(step - e.step_time_s, floor) for (step, floor), e in zip(floored, bare)]
 
