@@ -7,8 +7,6 @@ the whole stage's unsharded gradients held to then (``runtime_memory.deferred_fs
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -150,6 +148,7 @@ def test_emitted_programs_sync_as_priced(tmp_path):
     ``fsdp.unit_syncs_per_step`` prices them (step 2: the first step also runs the stages' shape
     inference); the zbv program's measured peak is the priced one within 5%."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from count_programs import launch
     from helpers_plans import make_plan
 
     from autopar.codegen.emit import emit
@@ -157,20 +156,15 @@ def test_emitted_programs_sync_as_priced(tmp_path):
     plans = {"zbv": "pp=2,dp=2,vpp=2,schedule=zbv,mbs=1,zero=2", "f1b": "pp=2,dp=2,schedule=1f1b,mbs=1,zero=2"}
     for name, text in plans.items():
         emit(make_plan("llama-tiny", 4, text), tmp_path / name, "cpu")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-           str(Path(__file__).resolve().parent / "zb_fsdp_count.py"), str(tmp_path), "2",
-           *(str(tmp_path / name) for name in plans)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    runs = launch(Path(__file__).resolve().parent / "zb_fsdp_count.py", tmp_path, list(plans), timeout_s=240)
     cm = _cm(gpu="cpu", gpus=4, seq_len=32, dtype="fp32")
     for name, text in plans.items():
         s = make_plan("llama-tiny", 4, text).strategy
         assert s.num_micro_batches == 4
         want = fsdp.unit_syncs_per_step(cm, s)
         assert want == (1 if name == "zbv" else 4)
-        for rank in range(4):
-            step2 = json.loads((tmp_path / f"{name}.rank{rank}.json").read_text())[1]
+        for steps in runs[name]:
+            step2 = steps[1]
             assert len(step2["all_gather"]) >= 2   # a root and block units on every rank
             assert set(step2["all_gather"].values()) == {want} and set(step2["reduce_scatter"].values()) == {want}
     est = cm.estimate(make_plan("llama-tiny", 4, plans["zbv"]).strategy)
@@ -183,7 +177,7 @@ def test_emitted_programs_sync_as_priced(tmp_path):
 @pytest.mark.parametrize("fixed", [{"zero_stage": 2, "offload_optimizer": False}, {"offload_optimizer": True}])
 def test_bounded_search_keeps_the_exhaustive_zero_bubble_fsdp_plans(fixed):
     """The search's floors read the same rule (ZeRO-3/FSDP time and offload copies once per step, the held
-    gradients in the memory floor: ``search.with_deferred_grads``): still under every price they bound."""
+    gradients in the memory floor: ``groups.with_deferred_grads``): still under every price they bound."""
     from autopar.planner import search as S
 
     cm = build_cost_model(Inputs(model="llama3-8b", nodes=1, seq_len=2048))[0]
