@@ -80,7 +80,6 @@ from autopar.planner.groups import (  # noqa: F401  (re-exported: tests read the
     expand_row,
     recompute_floor,
     step_optimizer_floor,
-    with_deferred_grads,
 )
 from autopar.planner.rank_floor import contention_floor, slowest_rank_floor
 from autopar.planner.space import (  # noqa: F401  (re-exported: the planner's public names)
