@@ -353,11 +353,13 @@ class CostModel:
         reduce-scatter + all-gather under ZeRO-1/2), in seconds."""
         if n <= 1 or size <= 0:
             return 0.0
-        if s.zero_stage in (1, 2):
-            rs = collective_time("reduce_scatter", size, n, stride, self.cluster, fits=self.ctx.fits).time_s
-            ag = collective_time("all_gather", size, n, stride, self.cluster, fits=self.ctx.fits).time_s
-            return (rs + ag) * self._dp_scale(n, stride)
-        t = collective_time("all_reduce", size, n, stride, self.cluster, fits=self.ctx.fits).time_s
+        kinds = ("reduce_scatter", "all_gather") if s.zero_stage in (1, 2) else ("all_reduce",)
+        return sum(self.dp_collective(k, size, n, stride) for k in kinds)
+
+    def dp_collective(self, kind: str, size: float, n: int, stride: int) -> float:
+        """Seconds of one data-parallel collective ``kind`` of ``size`` bytes over ``n`` ranks ``stride`` apart, at
+        the bus bandwidth the group keeps across nodes (``_dp_scale``)."""
+        t = collective_time(kind, size, n, stride, self.cluster, fits=self.ctx.fits).time_s
         return t * self._dp_scale(n, stride)
 
     def _dp_scale(self, n: int, stride: int) -> float:

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 from autopar.cost_models import overlap
-from autopar.cost_models.comm import collective_time
 from autopar.techniques.dp_program import dp_mode, plan_dp_mode
 from autopar.techniques.pipeline import ZERO_BUBBLE
 
@@ -150,7 +149,7 @@ def step_broadcast_s(cm, s, size: float) -> float:
     n = s.dp * s.cp
     if n <= 1 or size <= 0 or not broadcasts_after_step(cm.ctx.runtime, s, cm.dtype, cm.ctx.fsdp_impl):
         return 0.0
-    return collective_time("all_gather", size, n, s.tp, cm.cluster, fits=cm.ctx.fits).time_s * cm._dp_scale(n, s.tp)
+    return cm.dp_collective("all_gather", size, n, s.tp)
 
 
 def step_sync_exposed(cm, s, sync, dense: float, expert: float, bwd_s: float, fwd_s: float) -> float:
