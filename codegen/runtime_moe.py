@@ -81,19 +81,22 @@ def route_local_tokens(moe: nn.Module, tp_group) -> None:
     moe.router.gate.__class__ = _TpSummedLinear
 
 
-class _SumGrad(torch.autograd.Function):
-    """Identity forward; backward all-reduces the gradient over ``group``."""
+class SumGradColumns(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient of columns ``[start:]`` over ``group`` (0: all of it:
+    the MoE router's weight under shard dispatch; MLA's shared RoPE key columns, ``runtime_parallel``)."""
 
     @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        return t.view_as(t)
+    def forward(ctx, x, start, group):
+        ctx.start, ctx.group = start, group
+        return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        grad = grad.clone()
+        part = grad[..., ctx.start:].contiguous()
+        dist.all_reduce(part, group=ctx.group)
+        grad[..., ctx.start:] = part
+        return grad, None, None
 
 
 class _TpSummedLinear(nn.Linear):
@@ -102,7 +105,7 @@ class _TpSummedLinear(nn.Linear):
     weight (Megatron-Core's router under sequence parallel: its gradient all-reduced over tp)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, _SumGrad.apply(self.weight, self.tp_group), self.bias)
+        return nn.functional.linear(x, SumGradColumns.apply(self.weight, 0, self.tp_group), self.bias)
 
 
 def _keep_experts(experts: GroupedExperts, layer: list[list[int]], mesh: ParallelMesh, own_tokens: bool) -> None:

@@ -23,7 +23,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from autopar.codegen.runtime_mesh import ParallelMesh
-from autopar.codegen.runtime_moe import route_local_tokens
+from autopar.codegen.runtime_moe import SumGradColumns, route_local_tokens
 from autopar.techniques.dp_program import dp_mode  # noqa: F401  (the program reads the one rule; re-exported)
 from autopar.techniques.moe_program import moe_tokens_local
 
@@ -83,26 +83,9 @@ def _sum_rope_key_grad(attn: nn.Module, group) -> None:
     start = attn.kv_lora_rank
 
     def hook(module, args, out):
-        return _SumGradColumns.apply(out, start, group)
+        return SumGradColumns.apply(out, start, group)
 
     attn.wkv_a.register_forward_hook(hook)
-
-
-class _SumGradColumns(torch.autograd.Function):
-    """Identity forward; backward all-reduces the gradient of columns ``[start:]``."""
-
-    @staticmethod
-    def forward(ctx, x, start, group):
-        ctx.start, ctx.group = start, group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        part = grad[..., ctx.start:].contiguous()
-        dist.all_reduce(part, group=ctx.group)
-        grad[..., ctx.start:] = part
-        return grad, None, None
 
 
 def _partial_grad_input(tp_mesh):

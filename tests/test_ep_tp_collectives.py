@@ -42,7 +42,7 @@ class _Counted(helpers_collectives.Collectives):
             while isinstance(t, (list, tuple)):
                 t = t[0]
             self.seen[(self.phase, "gathered")] += t.numel()
-        if name == "allreduce_":  # c10d's in-place all-reduce: only the router gradient's (``runtime_moe._SumGrad``)
+        if name == "allreduce_":  # c10d in-place: the router gradient (runtime_moe.SumGradColumns)
             t = args[0]
             while isinstance(t, (list, tuple)):
                 t = t[0]
