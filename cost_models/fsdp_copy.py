@@ -36,7 +36,7 @@ from typing import Literal
 from autopar.core.gpu import GpuProfile
 from autopar.cost_models import fsdp
 from autopar.cost_models.memory import bytes_per_param
-from autopar.techniques.dp_program import dp_mode
+from autopar.techniques.dp_program import plan_dp_mode
 
 MASTER_BYTES = 4  # FSDP2's sharded parameters and gradients stay fp32 (``mp_policy``: only compute is 16-bit)
 ACCUMULATE_BYTES = 12  # sharded_grad += new: read both fp32 tensors, write one
@@ -98,17 +98,17 @@ def fsdp1_step_bytes(params: float, n: int, gathers: int, reduces: int, fp32_par
     return params * (per_param + max(reduces - 1, 0) * ACCUMULATE_BYTES / n)
 
 
-def program(runtime: str, zero_stage: int, dp_cp: int, dtype: str, offload: bool, dtensor: bool,
-            pipeline: bool, has_ep: bool = False) -> FsdpProgram:
-    """Which FSDP2 API runs a plan's data parallel: torchtitan shards with ``fully_shard`` at every
-    ZeRO stage it is priced with (2 and 3); autopar's program (``--runtime torch``) as the emitted program
-    picks it (``techniques.dp_program.dp_mode``: ``fsdp2`` and ``replicate`` are FSDP2; ``zero1``
-    (ShardedAdamW), ``ddp`` and ``none`` run no FSDP2). Megatron and DeepSpeed run no FSDP2."""
+def program(runtime: str, s, dtype: str) -> FsdpProgram:
+    """Which FSDP2 API runs the data parallel of strategy ``s`` (a ``core.strategy.Strategy``) trained in
+    ``dtype``: torchtitan shards with ``fully_shard`` at every ZeRO stage it is priced with (2 and 3); autopar's
+    program (``--runtime torch``) as the emitted program picks it (``techniques.dp_program.plan_dp_mode``:
+    ``fsdp2`` and ``replicate`` are FSDP2; ``zero1`` (ShardedAdamW), ``ddp`` and ``none`` run no FSDP2).
+    Megatron and DeepSpeed run no FSDP2."""
     if runtime == "torchtitan":
-        return "fsdp2" if zero_stage >= 2 or offload else "none"
+        return "fsdp2" if s.zero_stage >= 2 or s.offload_optimizer else "none"
     if runtime != "torch":
         return "none"
-    mode = dp_mode(zero_stage, dp_cp, dtensor, has_ep, pipeline, offload, dtype)
+    mode = plan_dp_mode(s, dtype)
     return mode if mode in ("fsdp2", "replicate") else "none"
 
 
@@ -129,9 +129,7 @@ def copy_time(cm, s, r, costs) -> float:
 def copy_bytes(cm, s, dense: float, expert: float) -> float:
     """Device bytes of FSDP2's copies per step on a rank holding ``dense`` / ``expert`` block parameters (linear
     in them: the search's ``step_floors.copy_floor`` reads the mean rank's)."""
-    dtensor = s.tp > 1 or s.etp > 1
-    kind = program(cm.ctx.runtime, s.zero_stage, s.dp * s.cp, cm.dtype, s.offload_optimizer, dtensor, s.pp > 1,
-                   s.ep > 1)
+    kind = program(cm.ctx.runtime, s, cm.dtype)
     if kind == "none":
         return 0.0
     c = 4 if cm.dtype == "fp32" else 2  # fp16 / fp8 plans run bf16 weights (codegen.runtime_parallel.mp_policy)

@@ -6,7 +6,7 @@ copies, which the estimate adds to its slowest rank's optimizer time. Each stays
 from __future__ import annotations
 
 from autopar.cost_models import host_bound
-from autopar.cost_models.fsdp_copy import copy_bytes, program
+from autopar.cost_models.fsdp_copy import copy_bytes
 from autopar.planner.bounds import Priced, Space, probe
 from autopar.planner.space import Knobs, Sharding
 
@@ -59,9 +59,5 @@ def copy_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
     key = ("copies", sh, k.zero, k.offload, k.schedule)   # what copy_bytes reads of the probe (pr: sh's pricing)
     if key not in sp.memo:
         dense, expert = pr.params
-        if program(sp.cm.ctx.runtime, k.zero, sh.dp * sh.cp, sp.cm.dtype, k.offload, sh.tp > 1 or sh.etp > 1,
-                   sh.pp > 1, sh.ep > 1) == "none":
-            sp.memo[key] = 0.0   # (as copy_bytes, without a probe: most configurations run no FSDP2)
-        else:
-            sp.memo[key] = copy_bytes(sp.cm, probe(sh, sp.gb, k), dense / sh.pp, expert / sh.pp) / sp.opt_bw
+        sp.memo[key] = copy_bytes(sp.cm, probe(sh, sp.gb, k), dense / sh.pp, expert / sh.pp) / sp.opt_bw
     return sp.memo[key]

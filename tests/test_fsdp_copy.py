@@ -46,19 +46,26 @@ def test_fsdp1_has_no_copy_in_or_out():
     assert fc.fsdp1_step_bytes(1.0, 8, 2, 2, fp32_params=True) == pytest.approx(2 * (6 + 6 / 8) + 12 / 8)
 
 
-@pytest.mark.parametrize("zero,dp,dtype,offload,tp,pp", list(itertools.product(
-    (0, 1, 2, 3), (1, 4), ("fp32", "bf16"), (False, True), (1, 2), (1, 2))))
-def test_program_mirrors_the_emitted_dp_mode(zero, dp, dtype, offload, tp, pp):
-    """fsdp_copy.program reads the emitted program's own rule (techniques.dp_program.dp_mode)."""
-    emitted = dp_mode(zero, dp, tp > 1, False, pp > 1, offload, dtype)
+def _strategy(**kw) -> Strategy:
+    return Strategy.model_construct(**kw)   # unvalidated: the program rule reads its fields only
+
+
+@pytest.mark.parametrize("zero,dp,dtype,offload,tp,pp,ep,etp", list(itertools.product(
+    (0, 1, 2, 3), (1, 4), ("fp32", "bf16"), (False, True), (1, 2), (1, 2), (1, 2), (1, 2))))
+def test_program_mirrors_the_emitted_dp_mode(zero, dp, dtype, offload, tp, pp, ep, etp):
+    """fsdp_copy.program reads the emitted program's own rule: ``runtime_parallel.apply_dp`` passes DTensor
+    weights under tp or etp and expert modules (``runtime_moe._keep_experts``: under ep or etp) to dp_mode."""
+    emitted = dp_mode(zero, dp, tp > 1 or etp > 1, ep * etp > 1, pp > 1, offload, dtype)
     want = {"fsdp2": "fsdp2", "replicate": "replicate"}.get(emitted, "none")
-    assert fc.program("torch", zero, dp, dtype, offload, tp > 1, pp > 1) == want
+    s = _strategy(zero_stage=zero, dp=dp, tp=tp, pp=pp, ep=ep, etp=etp, offload_optimizer=offload)
+    assert fc.program("torch", s, dtype) == want
 
 
 def test_megatron_and_deepspeed_run_no_fsdp2():
+    s = _strategy(zero_stage=3, dp=8)
     for runtime in ("megatron", "deepspeed"):
-        assert fc.program(runtime, 3, 8, "bf16", False, False, False) == "none"
-    assert fc.program("torchtitan", 3, 8, "bf16", False, False, False) == "fsdp2"
+        assert fc.program(runtime, s, "bf16") == "none"
+    assert fc.program("torchtitan", s, "bf16") == "fsdp2"
 
 
 @pytest.fixture(scope="module")
