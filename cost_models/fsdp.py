@@ -96,6 +96,13 @@ def holds_stage_grads(runtime: str, pp: int, schedule: str, zero_stage: int, off
     return dp_mode(zero_stage, dp_cp, False, False, pp > 1, offload, dtype) == "fsdp2"
 
 
+def plan_holds_stage_grads(cm, s) -> bool:
+    """``holds_stage_grads`` of strategy ``s`` (a ``core.strategy.Strategy`` or the search's probe) priced by
+    ``cm`` (its runtime and dtype): read by ``runtime_memory.deferred_fsdp_memory`` and the search's floors."""
+    return holds_stage_grads(cm.ctx.runtime, s.pp, s.schedule, s.zero_stage, s.offload_optimizer, s.dp * s.cp,
+                             cm.dtype)
+
+
 def syncs_after_backward(runtime: str, s, dtype: str, impl: str) -> bool:
     """Whether autopar's program runs a rank's whole data-parallel gradient sync after its last backward with
     nothing beside it, instead of bucket by bucket during the last micro-batch's backward

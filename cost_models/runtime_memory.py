@@ -218,8 +218,7 @@ def deferred_fsdp_memory(cm, s: Strategy, parts: list[LayerCost], extra: list[La
     counts are among them. ZeRO-3 under these schedules is an emit-rule refusal (``techniques.pipeline``).
     Unchanged for other runtimes, schedules, and programs without FSDP2 (``codegen.runtime_parallel.dp_mode``)."""
     n = s.dp * s.cp
-    if not parts or not fsdp.holds_stage_grads(cm.ctx.runtime, s.pp, s.schedule, s.zero_stage, s.offload_optimizer,
-                                               n, cm.dtype):
+    if not parts or not fsdp.plan_holds_stage_grads(cm, s):
         return mem
     gbytes = bytes_per_param(cm.dtype)[1]
     dense = sum(c.params_dense for c in parts + extra)

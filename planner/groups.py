@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import lru_cache
 
-from autopar.cost_models.estimate import CostModel, offload_copies, offload_step_time
-from autopar.cost_models.fsdp import holds_stage_grads, syncs_once_per_step
+from autopar.cost_models.estimate import offload_copies, offload_step_time
+from autopar.cost_models.fsdp import plan_holds_stage_grads, syncs_once_per_step
 from autopar.cost_models.memory import bytes_per_param
 from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches
 from autopar.planner.bounds import (
@@ -73,12 +73,13 @@ def step_optimizer_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float
     return sp.memo[key]
 
 
-def with_deferred_grads(cm: CostModel, sh: Sharding, k: Knobs, floor):
+def with_deferred_grads(sp: Space, sh: Sharding, k: Knobs, floor):
     """``floor`` (``bounds.Floor``) with the unsharded gradients a zero-bubble FSDP2 stage holds to its last
-    backward (``fsdp.holds_stage_grads``, ``runtime_memory.deferred_fsdp_memory``) beyond the sharded ones
+    backward (``fsdp.plan_holds_stage_grads``, ``runtime_memory.deferred_fsdp_memory``) beyond the sharded ones
     it counts: every layer's gradient, whole, resident beside the activations (in ``temps``, which the memory
     floor and the recompute floor both read)."""
-    if not holds_stage_grads(cm.ctx.runtime, sh.pp, k.schedule, k.zero, k.offload, sh.dp * sh.cp, cm.dtype):
+    cm = sp.cm
+    if not plan_holds_stage_grads(cm, probe(sh, sp.gb, k)):
         return floor
     whole = (floor.dense + floor.expert) * bytes_per_param(cm.dtype)[1]
     return replace(floor, temps=floor.temps + whole - floor.grads(cm, sh, k.zero, k.offload))
@@ -106,7 +107,7 @@ def expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
             modes = allowed_modes(sp.cons.modes, k.schedule, k.offload)
             key = (k.zero, k.offload, k.schedule, k.vpp, in_flight, warm, modes, k.schedule in pipeline.V_SHAPED)
             if key not in rests:
-                floor = with_deferred_grads(cm, sh, k, floor_for(sp, sh, modes))
+                floor = with_deferred_grads(sp, sh, k, floor_for(sp, sh, modes))
                 fits = floor.bytes(cm, sh, k.zero, k.offload, in_flight, warm) <= sp.usable and not (
                     k.offload and host_usable is not None and floor.host_bytes(cm, sh) > host_usable)
                 extra = recompute_floor(sp, sh, k, floor, in_flight, warm, pr.rc) if fits else 0.0

@@ -111,7 +111,7 @@ def _v_floor(sp, sh, k, modes: tuple[str, ...]) -> float:
     layers are known (any kinds of layer), so the floor is the least over the modes that fit every rank's room
     of the slowest rank's time in that mode; inf where no mode fits."""
     io, sums = _rank_io(sp, sh, k.schedule, k.vpp), _v_sums(sp, sh, k.vpp, k.schedule)
-    holds = _holds_grads(sp.cm, io[0], k)
+    holds = _holds_grads(sp, sh, k)
     give = _deferred_block(sp, sh) if holds else 0.0
     rows = []
     for (e, f, fixed, edge_dense, grads), (dense, expert, by_mode) in zip(io[1], sums):
@@ -159,7 +159,7 @@ def _rank_rows(sp, sh, k, blk: tuple) -> list[tuple[float, float, float, float]]
     ``CostModel.rank_memory`` count them (the terms that only add memory left out)."""
     io = _rank_io(sp, sh, k.schedule, k.vpp)
     s, out, per = io[0], [], {}
-    holds = _holds_grads(sp.cm, s, k)
+    holds = _holds_grads(sp, sh, k)
     give = _deferred_block(sp, sh) if holds else 0.0
     for e, f, fixed, edge_dense, grads in io[1]:
         if grads not in per:
@@ -213,9 +213,9 @@ def _states(cm, s, dense: float, expert: float, k, grads: bool, whole: bool = Fa
     return ds.params + ds.optimizer + es.params + es.optimizer + sharded + held
 
 
-def _holds_grads(cm, s, k) -> bool:
-    """``fsdp.holds_stage_grads`` of the configuration (probe ``s``, knobs ``k``)."""
-    return fsdp.holds_stage_grads(cm.ctx.runtime, s.pp, k.schedule, k.zero, k.offload, s.dp * s.cp, cm.dtype)
+def _holds_grads(sp, sh, k) -> bool:
+    """``fsdp.plan_holds_stage_grads`` of the configuration (sharding ``sh``, knobs ``k``)."""
+    return fsdp.plan_holds_stage_grads(sp.cm, probe(sh, sp.gb, k))
 
 
 def _deferred_block(sp, sh) -> float:

@@ -35,7 +35,7 @@ def test_the_slowest_rank_floor_counts_the_gradients_a_zero_bubble_stage_holds(m
     for sh, knobs in rows:
         for k in knobs:
             s = bounds.probe(sh, gb, k)
-            assert rf._holds_grads(cm, s, k), s
+            assert rf._holds_grads(sp, sh, k), s
             modes = S.allowed_modes(sp.cons.modes, k.schedule, k.offload)
             x = rf._floor(sp, sh, k, modes)
             with monkeypatch.context() as m:
