@@ -233,10 +233,12 @@ class GpuProfile(BaseModel):
     shared_core_sync_s: float = Field(
         0.0, ge=0, description="wall time a blocking collective or send/receive costs when the node's ranks "
                                "share cores (its members wait to be scheduled together); 0 for GPUs")
-    host_launch_s: float | None = Field(
-        None, gt=0, description="host seconds per kernel launch of an eager training step (Python, dispatch, "
-                                "cudaLaunchKernel): a step takes at least its launches x this "
-                                "(cost_models/host_bound.py); None: host_bound.DEFAULT_HOST_LAUNCH_S; unused on CPUs")
+    host_launch_s: float = Field(
+        5.61e-5, gt=0, description="host seconds per kernel launch of an eager training step (Python, dispatch, "
+                                   "cudaLaunchKernel): a step takes at least its launches x this "
+                                   "(cost_models/host_bound.py); unused on CPUs; default: the H100 trace's "
+                                   "(h100-sxm.yaml sources: it belongs to the host CPU and the eager framework "
+                                   "more than to the GPU); fitted by fit_kernel_rates.py --trace")
     kernels_per_op_call: float = Field(
         1.9, gt=0, description="CUDA kernels an eager step launches per captured op call and forward pass (an "
                                "RMSNorm ~6, a cast 1), the optimizer's and FSDP2's copies included "

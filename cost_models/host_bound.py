@@ -34,12 +34,11 @@ from autopar.core.strategy import Strategy
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm
 from autopar.cost_models.recompute_cost import rerun_ops
 
-# A GPU profile without its own measurement: the H100's (h100-sxm.yaml sources.host_launch_s: 56.1 us, the traced
-# MoE step less its optimizer and FSDP copies over its launches); the host's cost per launch belongs to the CPU and
-# the eager framework more than to the GPU. For scale: a bare eager op on this repo's CPU container costs 8.4 us,
-# 13.4 us through autograd (`kernel_rates.py --device cpu --launch`, no cudaLaunchKernel); the program's modules
-# and FSDP2 hooks add the rest. `kernel_rates.py --launch` on the next lent GPU measures the floor there.
-DEFAULT_HOST_LAUNCH_S = 5.61e-5
+# A GPU profile without its own host_launch_s takes the H100's (GpuProfile's default, h100-sxm.yaml
+# sources.host_launch_s: 56.1 us, the traced MoE step less its optimizer and FSDP copies over its launches). For
+# scale: a bare eager op on this repo's CPU container costs 8.4 us, 13.4 us through autograd (`kernel_rates.py
+# --device cpu --launch`, no cudaLaunchKernel); the program's modules and FSDP2 hooks add the rest.
+# `kernel_rates.py --launch` on the next lent GPU measures the floor there.
 EAGER_RUNTIMES = ("torch", "torchtitan", "deepspeed")   # stacks the floor applies to (module docstring)
 
 
@@ -48,8 +47,9 @@ def host_launch_s(gpu: GpuProfile, runtime: str = "torch") -> float:
     runtime outside ``EAGER_RUNTIMES``."""
     if gpu.cores or runtime not in EAGER_RUNTIMES:
         return 0.0
-    own = getattr(gpu, "host_launch_s", None)  # a profile pickled before the field (benchmarks' row caches)
-    return own if own is not None else DEFAULT_HOST_LAUNCH_S
+    # a profile pickled before the field, or with None from before it had a default (benchmarks' row caches)
+    own = getattr(gpu, "host_launch_s", None)
+    return own if own is not None else GpuProfile.model_fields["host_launch_s"].default
 
 
 def launch_rates(gpu: GpuProfile) -> tuple[float, float]:

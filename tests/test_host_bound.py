@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from autopar.core.gpu import GpuProfile
 from autopar.core.strategy import Strategy
 from autopar.cost_models import host_bound
 from autopar.cost_models.session import Inputs, build_cost_model
@@ -142,6 +143,16 @@ def test_no_floor_on_a_cpu_device_or_under_megatron():
     mcore = _cm("moe-gpu", runtime="megatron")
     s = _strategy(mcore, micro_batch=1)
     assert _floor(mcore, s, 0.0, 0.0, {"none": 0.0}) == (0.0, 0.0, {"none": 0.0})
+
+
+def test_a_profile_without_its_own_launch_cost_reads_the_schema_default():
+    """host_launch_s defaults in GpuProfile's schema, as its sibling launch-count fields do (one place): a GPU
+    profile that never measured it (the H200's) carries the default, which is the H100 trace's fitted value."""
+    h200 = load_gpu_profile("h200")
+    assert "host_launch_s" not in h200.model_fields_set
+    assert h200.host_launch_s == GpuProfile.model_fields["host_launch_s"].default
+    assert h200.host_launch_s == load_gpu_profile("h100-sxm").host_launch_s
+    assert host_bound.host_launch_s(h200) == h200.host_launch_s
 
 
 def test_grouped_experts_launch_once_and_ep_divides_the_loop(moe):
