@@ -19,6 +19,8 @@ kernel family its rate ratio at 64 over 128 (``GpuProfile`` ``HeadDimRate``, wit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from functools import lru_cache
 
 from autopar.core.gpu import HeadDimRate
@@ -78,3 +80,28 @@ def head_dim_factor(head_dim: int, ref_dim: int, rate: HeadDimRate | None) -> fl
         return x * (1.0 + beta) / (x + beta)
 
     return min(1.0, rel(padded) / rel(ref_dim)) * head_dim / padded
+
+
+def split_by_window(templates: list, sliding: frozenset[int]) -> list:
+    """``templates`` (``LayerTemplate``) with each block template whose layers mix sliding-window and full
+    attention split in two, the window layers' and the others': capture groups layers by their ops, which a
+    window does not change (the mask is an argument), but the kernel a window layer runs reads ~2 key blocks
+    per query tile where a full causal one reads them all (``keys_per_query_tile``), so each kind is priced
+    apart (``layer_cost._attention_performed`` reads a template's first layer). GPT-OSS alternates them
+    (its config's ``layer_types``; Megatron-Bridge ``window_attn_skip_freq`` 2). Idempotent."""
+    out = []
+    for t in templates:
+        window = [i for i in t.indices if i in sliding]
+        if t.kind != "block" or not window or len(window) == len(t.indices):
+            out.append(t)
+            continue
+        out += [replace(t, indices=window), replace(t, indices=[i for i in t.indices if i not in sliding])]
+    return out
+
+
+def window_blocks(templates: list, is_sliding: Callable[[int], bool]) -> tuple[list, dict, frozenset[int]]:
+    """(templates split by ``split_by_window``, {block index: its template}, the sliding block indices) for a
+    ``CostModel`` (``is_sliding``: ``ModelSpec.is_sliding_layer``, or membership of a pickled model's set)."""
+    sliding = frozenset(i for t in templates if t.kind == "block" for i in t.indices if is_sliding(i))
+    split = split_by_window(templates, sliding)
+    return split, {i: t for t in split if t.kind == "block" for i in t.indices}, sliding

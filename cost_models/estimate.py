@@ -31,6 +31,7 @@ from autopar.core.gpu import GpuProfile
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
 from autopar.cost_models import fp8_cost, fsdp, fsdp_copy, overlap
+from autopar.cost_models.attention_rate import window_blocks
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, mfu_peak
 from autopar.cost_models.estimate_types import Estimate, RankMemory, RankReport  # noqa: F401
@@ -82,8 +83,7 @@ class CostModel:
                  comm_fits: list[CommFit] | None = None, moe_load: LoadFn | None = None,
                  runtime: str = "torch", fsdp_impl: fsdp.FsdpImpl = "fsdp2"):
         self.spec, self.cluster, self.seq_len, self.dtype, self.gpu = spec, cluster, seq_len, dtype, gpu
-        self.templates = templates
-        self.blocks = {i: t for t in templates if t.kind == "block" for i in t.indices}
+        self.templates, self.blocks, sliding = window_blocks(templates, spec.is_sliding_layer)  # window / full apart
         self.embedding = next((t for t in templates if t.kind == "embedding"), None)
         self.output = next((t for t in templates if t.kind == "output"), None)
         self.timer = timer or OpTimer(gpu, dtype)
@@ -95,7 +95,7 @@ class CostModel:
             topk=spec.topk, num_experts=spec.num_experts, kv_bytes_per_token=kv_bytes_per_token(spec, dbytes),
             sdpa_kv_bytes_per_token=sdpa_kv_bytes_per_token(spec, dbytes),
             fits=comm_fits, runtime=runtime, sliding_window=spec.sliding_window,
-            sliding_layers=frozenset(i for i in self.blocks if spec.is_sliding_layer(i)),
+            sliding_layers=sliding,
             attn_head_dim=spec.attention_head_dim, expert_bias=bool(spec.num_experts and spec.mlp_bias),
             fsdp_impl=fsdp_impl, rope_attention_factor=spec.rope_attention_factor)
         self.moe_load = moe_load
@@ -105,6 +105,7 @@ class CostModel:
     def __setstate__(self, state: dict) -> None:
         """Row caches pickled before ``ctx.attn_head_dim`` / ``ctx.fsdp_impl`` get the head dim and keep their FSDP."""
         self.__dict__.update(state)
+        self.templates, self.blocks, _ = window_blocks(self.templates, self.ctx.sliding_layers.__contains__)
         if "fsdp_impl" in self.__dict__:
             self.ctx.fsdp_impl = self.__dict__.pop("fsdp_impl")
         if "attn_head_dim" not in self.ctx.__dict__:
