@@ -4,6 +4,7 @@ and `autopar reshard` (see docs/elastic.md). Heavy imports stay inside the funct
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -196,42 +197,27 @@ def _key(r) -> tuple[int, int]:
 
 # ----- checkpoints ---------------------------------------------------------------------------------
 def _complete(path: Path) -> Path:
-    """A complete ``step-N`` folder: ``path`` itself, or the newest in a ``--ckpt-dir``."""
+    """A complete, readable ``step-N`` folder: ``path`` itself, or the newest in a ``--ckpt-dir``
+    (``runtime_ckpt.find_checkpoint``, the reader train.py --resume uses)."""
     from autopar.codegen import runtime_ckpt as rc
 
-    if rc.is_complete(path):
-        return _readable(path)
-    newest = rc.latest_checkpoint(path) if path.is_dir() and rc.step_of(path) is None else None
-    if newest is None:
-        raise InputError(f"checkpoint: {path} is not a complete step-N checkpoint (no {rc.MARKER} marker) nor a "
-                         "folder holding one; fix: pass a folder train.py --ckpt-dir wrote")
-    return _readable(newest)
+    with _refused():
+        return rc.find_checkpoint(path)
 
 
-def _readable(step: Path) -> Path:
-    """``step`` once its ``meta.json`` (a JSON object) and the tensors' index (``.metadata``) are there: a folder
-    with the marker but either of them missing or corrupt was copied or edited by hand, not written by train.py."""
+@contextmanager
+def _refused():
+    """runtime_ckpt's one-line refusals of a checkpoint (``CheckpointMismatch``) as input errors (exit 2)."""
     from autopar.codegen import runtime_ckpt as rc
 
     try:
-        meta = json.loads((step / rc.META).read_text())
-        problem = None if isinstance(meta, dict) else f"{rc.META} holds no JSON object"
-    except FileNotFoundError:
-        problem = f"{rc.META} is missing"
-    except json.JSONDecodeError as exc:
-        problem = f"{rc.META} is not valid JSON (line {exc.lineno}: {exc.msg})"
-    if problem is None and not (step / ".metadata").is_file():
-        problem = ".metadata (the tensors' index) is missing"
-    if problem:
-        raise InputError(f"checkpoint: {step}: {problem}; fix: pass a checkpoint train.py wrote (copy the whole "
-                         "step-N folder)")
-    return step
+        yield
+    except rc.CheckpointMismatch as err:
+        raise InputError(str(err)) from None
 
 
 def checkpoint_info(path: Path) -> dict:
     """What a checkpoint holds: its metadata, tensor counts and bytes per section, train state."""
-    import torch
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from autopar.codegen import runtime_ckpt as rc
@@ -239,7 +225,9 @@ def checkpoint_info(path: Path) -> dict:
     meta = rc.read_meta(path)
     sections: dict = {}
     experts = set()
-    for key, md in FileSystemReader(str(path)).read_metadata().state_dict_metadata.items():
+    with _refused():
+        index, train = rc.read_index(path), rc.read_train_state(path)
+    for key, md in index.items():
         sec = sections.setdefault(key.split(".", 1)[0], {"tensors": 0, "values": 0, "bytes": 0, "objects": 0})
         if isinstance(md, TensorStorageMetadata):
             n = md.size.numel()
@@ -250,7 +238,6 @@ def checkpoint_info(path: Path) -> dict:
             sec["objects"] += 1
         if ".expert" in key:
             experts.add(key.rsplit(".expert", 1)[1])
-    train = torch.load(path / rc.TRAIN_STATE, weights_only=True)
     return {"path": str(path), "step": meta["step"], "world": meta["world"], "model": meta["model"],
             "plan": meta.get("plan", {}), "sections": sections, "experts": len(experts),
             "resharded_from": meta.get("resharded_from"),
@@ -327,10 +314,8 @@ def reshard_cmd(ckpt: Path = typer.Argument(..., help="a step-N checkpoint folde
     src = _complete(ckpt)
     target = Plan.load(to)
     identity, keys = target_identity(target)
-    try:
+    with _refused():
         rc.check_identity(rc.read_meta(src)["model"], identity)
-    except rc.CheckpointMismatch as err:
-        raise InputError(str(err)) from None
     final = _rewrite(src, out, target, keys)
     c.console().print(f"wrote {final} for {target.strategy.short()} on {target.cluster.world} ranks "
                       f"(step {rc.read_meta(final)['step']}); next: train.py --ckpt-dir {out} --resume auto")
@@ -341,7 +326,6 @@ def _rewrite(src: Path, out: Path, target, keys: list[str]) -> Path:
     import shutil
     import warnings
 
-    import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
@@ -349,7 +333,8 @@ def _rewrite(src: Path, out: Path, target, keys: list[str]) -> Path:
 
     from autopar.codegen import runtime_ckpt as rc
 
-    saved = set(FileSystemReader(str(src)).read_metadata().state_dict_metadata)
+    with _refused():   # both read before anything is written
+        saved, train = set(rc.read_index(src)), rc.read_train_state(src)
     missing = [k for k in keys if k not in saved]
     if missing:
         raise InputError(f"checkpoint: {src} lacks {missing[0]} ({len(missing)} tensors the target loads); "
@@ -365,4 +350,4 @@ def _rewrite(src: Path, out: Path, target, keys: list[str]) -> Path:
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
-    return rc.finalize(tmp, meta, torch.load(src / rc.TRAIN_STATE, weights_only=True))
+    return rc.finalize(tmp, meta, train)

@@ -60,7 +60,7 @@ def validate_cmd(model: str = c.Model,
         return _merged(v, rep, model, nproc, [Path(d) for d in merge.split(",") if d], out, json_out)
     c.precheck(model, None, None, None, None, c._shape(input_shape), input_dtype)
     if strategies != "auto":
-        _check_lines(v.read_strategies(strategies), strategies)
+        v.read_strategies(strategies)   # a typo exits 2 before the cost model is built
     inp = Inputs(model=model, gpu=gpu or ("cpu" if device == "cpu" else None), nodes=1, gpus_per_node=nproc,
                  seq_len=seq_len, dtype=dtype, profile=profile, input_shape=c._shape(input_shape),
                  input_dtype=input_dtype, trace=trace)  # a routing trace: the busiest expert rank's load
@@ -77,19 +77,6 @@ def validate_cmd(model: str = c.Model,
         c.print_json({**meta, **summary})
         return
     _print(summary, meta, files)
-
-
-def _check_lines(texts: list[str], path: str) -> None:
-    """A --strategies line that does not parse (not key=value, unknown key, a value of the wrong type) is a typo:
-    exit 2 before the runs. A well-formed strategy that breaks a rule on these ranks stays a failed row with its
-    reason (``validate.select``), and the others still run."""
-    from autopar.core.strategy import Strategy
-
-    for text in texts:
-        try:
-            Strategy.parse_partial(text)
-        except InputError as exc:
-            raise InputError(f"--strategies: {path}: {exc.message.removeprefix('strategy: ')}") from None
 
 
 def _merged(v, rep, model: str, nproc: int, dirs: list[Path], out: Path, json_out: bool) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -52,7 +53,8 @@ _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "module.", "_orig_mod.")
 
 
 class CheckpointMismatch(ValueError):
-    """A checkpoint that does not belong to this model (one line naming the field)."""
+    """A checkpoint this program cannot load: missing, half-written, corrupt, of another format or of another
+    model (one line naming the file or field, and the fix)."""
 
 
 @dataclass
@@ -104,6 +106,7 @@ def _state_dicts(parts: list[nn.Module], optimizers: list, for_load: bool = Fals
     models, optims = [], []
     for part, opt in zip(parts, optimizers):
         if z1.is_sharded_adamw(opt):
+            opt.wait_params()  # the step's weight all-gather lands before the weights are read (or loaded)
             m = get_model_state_dict(part, options=opts)
             if for_load:
                 weights, o = z1.placeholders(part, opt, clean_fqn)
@@ -228,12 +231,44 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The complete, readable ``step-N`` folder ``path`` names: itself, or the newest complete one in the
+    ``--ckpt-dir`` it is (``train.py --resume PATH``, ``autopar inspect-checkpoint`` / ``reshard``)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointMismatch(f"checkpoint: {p} does not exist; fix: pass a step-N folder train.py wrote or "
+                                 "the --ckpt-dir holding them")
+    step = p if is_complete(p) else latest_checkpoint(p) if p.is_dir() and step_of(p) is None else None
+    if step is None:
+        raise CheckpointMismatch(f"checkpoint: {p} is not a complete step-N checkpoint (no {MARKER} marker) nor a "
+                                 "folder holding one; fix: pass a folder train.py --ckpt-dir wrote")
+    read_meta(step)
+    return step
+
+
 def read_meta(path: str | os.PathLike) -> dict:
+    """``meta.json`` of a complete checkpoint whose files are all there: a folder with the marker but its
+    metadata, tensor index or train state missing or corrupt was copied or edited by hand, not written by
+    train.py (``finalize`` writes the marker last)."""
     p = Path(path)
     if not is_complete(p):
         raise CheckpointMismatch(f"checkpoint: {p} is not a complete checkpoint (no {MARKER} marker in a "
                                  "step-N folder); fix: pass a step-N folder written to the end")
-    return json.loads((p / META).read_text())
+    try:
+        meta = json.loads((p / META).read_text())
+        problem = None if isinstance(meta, dict) else f"{META} holds no JSON object"
+    except FileNotFoundError:
+        problem = f"{META} is missing"
+    except ValueError as exc:   # JSONDecodeError, UnicodeDecodeError
+        problem = f"{META} is not valid JSON ({exc})"
+    if problem is None and not (p / ".metadata").is_file():
+        problem = ".metadata (the tensors' index) is missing"
+    if problem is None and not (p / TRAIN_STATE).is_file():
+        problem = f"{TRAIN_STATE} (step, scheduler, sampler, RNG) is missing"
+    if problem:
+        raise CheckpointMismatch(f"checkpoint: {p}: {problem}; fix: pass a checkpoint train.py wrote (copy the "
+                                 "whole step-N folder)")
+    return meta
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -283,6 +318,7 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState, identity: dict |
     """Load a complete checkpoint written under any plan into this rank's parts (in place);
     returns its step. ``identity``: refuse another model's checkpoint before touching anything."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     meta = read_meta(path)
@@ -292,7 +328,11 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState, identity: dict |
     if identity is not None:
         check_identity(meta.get("model", {}), identity)
     flat, models, optims = dcp_state(state.parts, state.optimizers, for_load=True)
-    dcp.load(flat, checkpoint_id=str(path))  # fills the views above, resharding from the saved layout
+    try:
+        dcp.load(flat, checkpoint_id=str(path))  # fills the views above, resharding from the saved layout
+    except CheckpointException as exc:   # DCP raises it on every rank, whichever rank's read failed
+        raise CheckpointMismatch(f"checkpoint: {path}: its tensors do not load ({_first_line(exc)}); fix: pass a "
+                                 "checkpoint train.py wrote (copy the whole step-N folder)") from None
     _copy_objects(flat, models, optims)
     opts = StateDictOptions(flatten_optimizer_state_dict=True)
     for part, opt, m, o in zip(state.parts, state.optimizers, models, optims):
@@ -301,9 +341,36 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState, identity: dict |
             z1.load_optim_state(part, opt, o, m, clean_fqn)
         else:
             set_state_dict(part, getattr(opt, "optim", opt), model_state_dict=m, optim_state_dict=o, options=opts)
-    saved = torch.load(Path(path) / TRAIN_STATE, weights_only=True)
+    saved = read_train_state(path)
     _restore_train_state(saved, state)
     return int(saved["step"])
+
+
+def read_train_state(path: str | os.PathLike) -> dict:
+    """``train_state.pt`` of checkpoint ``path`` (step, scheduler, sampler, every rank's RNG)."""
+    return _read(Path(path) / TRAIN_STATE, lambda p: torch.load(p, weights_only=True))
+
+
+def read_index(path: str | os.PathLike) -> dict:
+    """DCP's index of checkpoint ``path`` (``.metadata``): each saved key's tensor or object metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return _read(Path(path) / ".metadata", lambda p: FileSystemReader(str(p.parent)).read_metadata()
+                 ).state_dict_metadata
+
+
+def _read(p: Path, load):
+    """``load(p)``, a truncated or foreign file refused in one line."""
+    try:
+        return load(p)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        raise CheckpointMismatch(f"checkpoint: {p} does not load ({_first_line(exc)}); fix: pass a checkpoint "
+                                 "train.py wrote (copy the whole step-N folder)") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class CheckpointManager:
@@ -333,18 +400,16 @@ class CheckpointManager:
             self._remove_partial()
         if resume == "never":
             return 0
-        path = latest_checkpoint(self.dir) if resume == "auto" else Path(resume)
-        if path is not None and not is_complete(path) and step_of(path) is None:
-            path = latest_checkpoint(path) or path  # a --ckpt-dir of another run: its newest complete one
-        if path is None:
-            return 0
-        try:
-            step = load_checkpoint(path, state, self.identity or None)
+        try:   # PATH: a step-N folder, or a --ckpt-dir of another run (its newest complete one)
+            path = latest_checkpoint(self.dir) if resume == "auto" else find_checkpoint(resume)
+            step = 0 if path is None else load_checkpoint(path, state, self.identity or None)
         except CheckpointMismatch as err:  # every rank reads the same files, so every rank is here
             if dist.get_rank() == 0:
                 print(f"error: {err}", file=sys.stderr, flush=True)
             dist.barrier()  # the line is out before any rank exits (torchrun then stops the others)
             raise SystemExit(2) from None
+        if path is None:
+            return 0
         if dist.get_rank() == 0:
             print(f"resumed from {path} (step {step}, plan {self._plan_of(path)})", flush=True)
         return step

@@ -138,7 +138,9 @@ class Row:
 
 # ----- strategy selection ---------------------------------------------------------------
 def read_strategies(path: str | os.PathLike) -> list[str]:
-    """One compact strategy per line (``tp=2,dp=-1,mbs=1``); ``#`` starts a comment."""
+    """One compact strategy per line (``tp=2,dp=-1,mbs=1``); ``#`` starts a comment. A line that does not parse
+    (not key=value, unknown key, a value of the wrong type) is a typo, refused in one line; a well-formed strategy
+    that breaks a rule on the ranks stays a failed row with its reason (``select``) and the others still run."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"--strategies: {p} does not exist; give 'auto' or a file with one strategy per line")
@@ -146,6 +148,11 @@ def read_strategies(path: str | os.PathLike) -> list[str]:
     out = [ln for ln in lines if ln]
     if not out:
         raise InputError(f"--strategies: {p} lists no strategy; write one per line, e.g. tp=2,dp=-1,mbs=1")
+    for text in out:
+        try:
+            Strategy.parse_partial(text)
+        except InputError as exc:
+            raise InputError(f"--strategies: {p}: {exc.message.removeprefix('strategy: ')}") from None
     return out
 
 

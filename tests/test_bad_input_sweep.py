@@ -2,7 +2,7 @@
 
 The guide's rule for user errors, swept over the inputs a user gets wrong: unknown model / preset, malformed
 ``--strategy`` keys and values, bad ``--cluster`` YAML, bad config.json, output paths that cannot be written,
-a corrupt or other-version plan.json for ``emit``, a bad routing trace for ``experts``, a corrupt or mismatched
+a corrupt or other-version plan.json for ``emit``, a bad routing trace for ``experts``, a missing, corrupt or mismatched
 checkpoint for ``inspect-checkpoint`` / ``reshard``. Each case runs in-process (``cli.main.main``) inside one
 folder of fixture files, and the folder's listing must be the same afterwards.
 """
@@ -48,6 +48,12 @@ def _fixture_texts() -> dict[str, str]:
         "ck_meta/step-00000003/COMPLETE": "", "ck_meta/step-00000003/meta.json": "{bad",
         "ck_index/step-00000003/COMPLETE": "", "ck_index/step-00000003/meta.json": '{"step": 3, "world": 1}',
         "ck_vocab/step-00000003/COMPLETE": "", "ck_vocab/step-00000003/.metadata": "",
+        "ck_vocab/step-00000003/train_state.pt": "",
+        "ck_train/step-00000003/COMPLETE": "", "ck_train/step-00000003/.metadata": "",
+        "ck_train/step-00000003/meta.json": '{"step": 3, "world": 1}',
+        "ck_index_bad/step-00000003/COMPLETE": "", "ck_index_bad/step-00000003/.metadata": "junk",
+        "ck_index_bad/step-00000003/meta.json": '{"step": 3, "world": 1}',
+        "ck_index_bad/step-00000003/train_state.pt": "",
         "ck_vocab/step-00000003/meta.json": json.dumps({"step": 3, "world": 1, "model": {"name": "gpt-tiny",
                                                                                          "vocab": 999}}),
     }
@@ -60,6 +66,7 @@ def folder(tmp_path_factory) -> Path:
         (d / name).parent.mkdir(parents=True, exist_ok=True)
         (d / name).write_text(text)
     (d / "a_folder").mkdir()
+    _checkpoint_with_corrupt_train_state(d / "ck_state_bad" / "step-00000003")
     plan = make_plan("gpt-tiny", 2, "dp=-1")
     plan.save(d / "plan.json")
     data = json.loads((d / "plan.json").read_text())
@@ -74,6 +81,21 @@ def folder(tmp_path_factory) -> Path:
     except SystemExit as exc:
         assert not exc.code, exc.code
     return d
+
+
+def _checkpoint_with_corrupt_train_state(step: Path) -> None:
+    """A step folder whose tensors' index loads (a one-tensor DCP save) but whose train_state.pt does not."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():   # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"x": torch.zeros(2)}, checkpoint_id=str(step), no_dist=True)
+    for name, text in (("meta.json", '{"step": 3, "world": 1}'), ("train_state.pt", "not a pickle"),
+                       ("COMPLETE", "")):
+        (step / name).write_text(text)
 
 
 EST = ("estimate", "gpt-tiny", "--gpu", "h100-sxm", "--seq-len", "64", "--global-batch", "8")
@@ -181,6 +203,10 @@ CASES = [  # (id, argv with {d} for the fixture folder, what the one line must n
     ("inspect-ckpt-missing", ("inspect-checkpoint", "{d}/nope"), "checkpoint"),
     ("inspect-ckpt-meta", ("inspect-checkpoint", "{d}/ck_meta"), "meta.json"),
     ("inspect-ckpt-index", ("inspect-checkpoint", "{d}/ck_index"), ".metadata"),
+    ("inspect-ckpt-train", ("inspect-checkpoint", "{d}/ck_train"), "train_state.pt"),
+    ("inspect-ckpt-index-corrupt", ("inspect-checkpoint", "{d}/ck_index_bad"), ".metadata does not load"),
+    ("inspect-ckpt-train-corrupt", ("inspect-checkpoint", "{d}/ck_state_bad"), "train_state.pt does not load"),
+    ("reshard-train", ("reshard", "{d}/ck_train", "--to", "{d}/plan.json", "--out", "{d}/o"), "train_state.pt"),
     ("reshard-missing", ("reshard", "{d}/nope", "--to", "{d}/plan.json", "--out", "{d}/o"), "checkpoint"),
     ("reshard-meta", ("reshard", "{d}/ck_meta", "--to", "{d}/plan.json", "--out", "{d}/o"), "meta.json"),
     ("reshard-plan", ("reshard", "{d}/ck_vocab", "--to", "{d}/plan_v2.json", "--out", "{d}/o"), "format_version"),
