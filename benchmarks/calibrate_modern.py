@@ -27,12 +27,13 @@ import statistics
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from math import inf
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import published_rows as pr  # noqa: E402
 
-from autopar.core.gpu import GPU_LEVEL_FIELDS, StackConstants, resolve_stack  # noqa: E402
+from autopar.core.gpu import GPU_LEVEL_FIELDS, StackConstants, program_of, resolve_stack  # noqa: E402
 from autopar.core.strategy import Strategy  # noqa: E402
 from autopar.fileio import write_atomic  # noqa: E402
 
@@ -66,7 +67,7 @@ SCALE_FIELDS = ("matmul_scale", "fp8_matmul_scale", "attention_scale")
 
 # Physical bounds on the kernel scales, per GPU type: a value outside prices a kernel faster than the
 # library measures on that chip, or attention slower than the slowest kernel these stacks call.
-# (GPU type, field) -> (lowest, highest); ``--bounds none`` fits without them (for comparison).
+# (GPU type, field) or (GPU type, stack, field) -> (lowest, highest); ``--no-bounds`` fits without them.
 BOUNDS = {
     # bf16 GEMM: the best cuBLAS rate measured on the chip over the profiles' matmul_eff e_max 0.75. H100:
     # 764.2 TFLOP/s at 8192^3 = 0.772 of 989.4 (`python benchmarks/kernel_rates.py`, docs/validation.md
@@ -76,10 +77,14 @@ BOUNDS = {
     # fp8 GEMM: the best torch._scaled_mm rate measured on the H100, 1382.5 TFLOP/s at 8192^3 = 0.699 of
     # 1978.9 (kernel_rates.py); the profiles' fp8_gemm_speedup bounds each size by its measured fp8 / bf16 rate
     ("hopper", "fp8_matmul_scale"): (0.0, 1382.5 / 1978.9 / 0.75),
-    # Hopper attention (only `torch` fits it, no measured kernel): a hold at the curve (199.4 TFLOP/s on the blocks
-    # computed at 16k; FA2 measured 318.0), not a kernel floor (FA2 / 3.0: 0.53): llm-foundry's rows fit 0.85, but
-    # Meta's Llama 3 row (also `torch`, cp 16) then prices -17.5% (docs/validation.md, L2); at most 2x
+    # Hopper attention of the stacks whose kernels measure above the curve (199.4 TFLOP/s on the blocks computed at
+    # 16k; FA2 318.0, cuDNN 542.7: Megatron's and torchtitan's context-parallel rows fit it): at least the curve
     ("hopper", "attention_scale"): (1.0, 2.0),
+    # llm-foundry 0.2's default kernel, flash-attn's Triton port (docs/validation.md, L2): FlashAttention-2 runs
+    # 1.3-2.5x "FlashAttention in Triton" (Dao 2023, FlashAttention-2, Sec. 4.1), so on the H100 FA2 / 2.5 to
+    # FA2 / 1.3 over the curve: 318.0 / 2.5 / 199.4 = 0.638 to 318.0 / 1.3 / 199.4 = 1.227 ((GPU type, stack, field)
+    # entries override the GPU type's for that stack)
+    ("hopper", "llm-foundry", "attention_scale"): (318.0 / 2.5 / 199.4, 318.0 / 1.3 / 199.4),
 }
 
 
@@ -96,24 +101,26 @@ def in_bounds(key: str | tuple[str, str], name: str, value: float | bool) -> boo
     gtype = key if isinstance(key, str) else key[0]
     if (gtype, name) in HELD:
         return value == HELD[gtype, name]
-    lo, hi = BOUNDS.get((gtype, name), (float("-inf"), float("inf")))
+    lo, hi = BOUNDS.get((*key, name) if isinstance(key, tuple) else (), BOUNDS.get((gtype, name), (-inf, inf)))
     return isinstance(value, bool) or lo - 1e-9 <= value <= hi + 1e-9
 
 
-def set_fit_options(objective: str, no_bounds: bool = False, capped: bool = False, hinge_at: float = 0.15,
-                    hinge_weight: float = 1.0, fine: int = 2, over_weight: float = 0.5) -> str:
-    """The fit's options (module globals, as both scripts' flags set them); returns the flags that differ from
-    the defaults (the shipped profiles' ``FINE``, ``OVER_WEIGHT``), for the command a profile names as its source."""
-    globals().update(OBJECTIVE=objective, HINGE_AT=hinge_at, HINGE_WEIGHT=hinge_weight, OVER_WEIGHT=over_weight)
+def set_fit_options(objective: str, no_bounds: bool = False, capped: bool = False, **options: float) -> str:
+    """The fit's options (module globals, as both scripts' flags set them; ``options``: hinge_at, hinge_weight, fine,
+    over_weight, ``FIT_DEFAULTS`` where not given); returns the flags that differ from ``FIT_DEFAULTS``, for the
+    command a profile names as its source."""
+    opts = {**FIT_DEFAULTS, **options, "objective": objective}
+    globals().update(OBJECTIVE=objective, HINGE_AT=opts["hinge_at"], HINGE_WEIGHT=opts["hinge_weight"],
+                     OVER_WEIGHT=opts["over_weight"])
     if no_bounds:
         BOUNDS.clear()
-    refine_grids(fine)
+    refine_grids(opts["fine"])
     if capped:
         cap_scales()
-    return ((f" --objective {objective}" if objective != "hinge" else "") + " --no-bounds" * no_bounds
-            + (f" --hinge-at {hinge_at:g}" if hinge_at != 0.15 else "")
-            + (f" --hinge-weight {hinge_weight:g}" if hinge_weight != 1.0 else "")
-            + (f" --fine {fine}" if fine != 2 else "") + (f" --over-weight {over_weight:g}" * (over_weight != 0.5)))
+    flags = [f" --{k.replace('_', '-')} {v if isinstance(v, str) else format(v, 'g')}"
+             for k, v in opts.items() if v != FIT_DEFAULTS[k]]
+    flags.insert(objective != FIT_DEFAULTS["objective"], " --no-bounds" * no_bounds)  # after --objective, as typed
+    return "".join(flags)
 
 
 def refine_grids(steps: int) -> None:
@@ -221,7 +228,7 @@ def _fuses(case: pr.Case) -> bool:
     """Whether the row's templates are built with elementwise chains fused (its runtime's choice)."""
     from autopar.cost_models.session import runtime_fuses_elementwise
 
-    return runtime_fuses_elementwise(case.runtime, case.compile)
+    return runtime_fuses_elementwise(program_of(case.runtime), case.compile)
 
 
 def price(b: Built, consts: StackConstants | None = None) -> pr.Priced:
@@ -267,11 +274,13 @@ def errors(rows: list[Built], fitted: Fitted) -> list[tuple[float, bool]]:
 # off is missing a mechanism, and the global constants should not bend to it (bounded influence)
 # ``HINGE_AT`` / ``HINGE_WEIGHT`` (--hinge-at, --hinge-weight): the knee of the tail term and its weight; a knee
 # below the acceptance's 15% also pulls the rows just under the bound, which a knee at 15% leaves at 15.2%;
-# ``OVER_WEIGHT`` (--over-weight): + that times the share of rows above 15%, the acceptance's own count; ``FINE``
-# (--fine): the grids' refinement; 0.5 and 2 are the flags the shipped profiles were fitted with
-OBJECTIVE = "hinge"
+# ``OVER_WEIGHT`` (--over-weight): + that times the share of rows above 15%, the acceptance's own count; --fine: the
+# grids' refinement. ``FIT_DEFAULTS``: the flags' defaults, the values the shipped profiles were fitted with (the
+# one place they are written; set_fit_options sets the globals from them)
 TRIM = 0.30
-HINGE_AT, HINGE_WEIGHT, OVER_WEIGHT, FINE = 0.15, 1.0, 0.5, 2
+FIT_DEFAULTS = {"objective": "hinge", "hinge_at": 0.15, "hinge_weight": 1.0, "fine": 2, "over_weight": 0.5}
+OBJECTIVE, HINGE_AT, HINGE_WEIGHT, OVER_WEIGHT = (FIT_DEFAULTS[k] for k in ("objective", "hinge_at", "hinge_weight",
+                                                                          "over_weight"))
 
 
 def objective(errs: list[tuple[float, bool]]) -> float:
@@ -298,12 +307,13 @@ def fields_for(rows: list[Built], runtime: str) -> list[str]:
     # (``OpTimer.attention_fb``) keep the fitted scale
     measured = all(b.cm.gpu.attention_kernel(runtime) and b.strategy.cp == 1 for b in rows)
     out = [] if measured else ["attention_scale"]
+    torch = program_of(runtime) == "torch"  # torch's programs loop over experts, overlap no all-to-all, no async TP
     if any(b.cm.spec.is_moe for b in rows):
         out.append("moe_imbalance")
-        if runtime != "torch":  # autopar's own programs loop over experts and do not overlap the all-to-alls
+        if not torch:
             out.append("expert_grouped_gemm")
             out += ["ep_overlap"] if any(s.ep > 1 for s in strategies) else []
-    if runtime != "torch" and any(s.tp > 1 for s in strategies):
+    if not torch and any(s.tp > 1 for s in strategies):
         out.append("tp_overlap")  # async TP / --tp-comm-overlap; autopar's own torch programs run none
     return out
 
@@ -456,12 +466,23 @@ def report(built: list[Built], fitted: Fitted) -> None:
                   f"max {100 * max(a):5.2f}%  over 15%: {sum(e > 0.15 for e in a)}")
 
 
+FLAG_HELP = {"hinge_at": (float, "the hinge's knee (|error| counted twice above)"),
+             "hinge_weight": (float, "the weight of the excess over the knee"),
+             "fine": (int, "N - 1 values between grid neighbours (1: coarse)"),
+             "over_weight": (float, "+ this x the share of rows above 15%%")}
+
+
 def fit_flags(ap: argparse.ArgumentParser) -> None:
-    """The hinge's knee / weight and the grid refinement (both scripts: --loso refits with them)."""
-    ap.add_argument("--hinge-at", type=float, default=HINGE_AT, help="the hinge's knee (|error| counted twice above)")
-    ap.add_argument("--hinge-weight", type=float, default=HINGE_WEIGHT, help="the weight of the excess over the knee")
-    ap.add_argument("--fine", type=int, default=FINE, help="N - 1 values between grid neighbours (1: coarse)")
-    ap.add_argument("--over-weight", type=float, default=OVER_WEIGHT, help="+ this x the share of rows above 15%%")
+    """The objective, the hinge's knee / weight and the grid refinement (both scripts: --loso refits with them)."""
+    ap.add_argument("--objective", choices=("max", "hinge", "trim"), default=FIT_DEFAULTS["objective"],
+                    help="the fit's tail term (calibrate_modern.objective)")
+    for name, (kind, text) in FLAG_HELP.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=kind, default=FIT_DEFAULTS[name], help=text)
+
+
+def fit_options(args: argparse.Namespace) -> dict:
+    """The ``fit_flags`` values of parsed ``args``, as ``set_fit_options`` takes them."""
+    return {k: getattr(args, k) for k in FLAG_HELP}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -472,13 +493,11 @@ def main(argv: list[str] | None = None) -> int:
                                                              "scheme, for comparison; not with --write)")
     ap.add_argument("--overhead-forms", action="store_true", help="compare what the per-step host cost scales "
                                                                   "with (one constant per GPU type)")
-    ap.add_argument("--objective", choices=("max", "hinge", "trim"), default=OBJECTIVE, help="the fit's tail term")
     ap.add_argument("--cap-scales", action="store_true", help="GEMM and attention scales at most 1 (not with --write)")
     ap.add_argument("--no-bounds", action="store_true", help="fit without the physical BOUNDS (for comparison)")
     fit_flags(ap)
     args = ap.parse_args(argv)
-    options = set_fit_options(args.objective, args.no_bounds, args.cap_scales, args.hinge_at, args.hinge_weight,
-                              args.fine, args.over_weight)
+    options = set_fit_options(args.objective, args.no_bounds, args.cap_scales, **fit_options(args))
     built, skipped = load_or_build([pr.MODERN_YAML, pr.CALIBRATION_YAML], args.cache)
     fitted = fit(built, one_level=args.one_level)
     report(built, fitted)

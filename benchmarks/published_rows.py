@@ -24,6 +24,9 @@ Row conventions (each stated once, here):
   parallel (Megatron-Core / NeMo defaults; torchtitan and Meta's Llama 3 stack: ``SEQUENCE_PARALLEL_STACKS``);
   recompute text maps to none | selective | full, and
   torchtitan's per-op selective activation checkpointing ("per-op SAC", "selective op") to ``op``.
+- llm-foundry rows run as ``--runtime llm-foundry`` (torch's program, its own fitted constants: its 2023
+  Triton flash attention and Composer FSDP1, ``published_foundry_rows``); Meta's Llama 3 row as ``--runtime
+  torch``.
 - torchtitan rows run as ``--runtime torchtitan`` (its own fitted constants: async TP, its FSDP2
   prefetch); its tensor parallel always shards norms and the residual stream over the sequence
   (``SequenceParallel``): ``sp=1``; without a global batch it runs one local batch per rank (no
@@ -182,14 +185,15 @@ def source_key(run: dict) -> str:
 
 
 def stack_of(run: dict) -> tuple[str, str]:
-    """(stack, runtime) from the row's ``software``: llm-foundry and Meta's FSDP stack run as autopar's
-    torch runtime, torchtitan as its own, Megatron-derived stacks (Megatron-LM/Core, NeMo, MegaScale,
+    """(stack, runtime) from the row's ``software``: llm-foundry and torchtitan as their own runtimes (llm-foundry
+    runs torch's program with its own constants: ``core.gpu.STACK_PROGRAM``), Meta's FSDP stack as autopar's torch
+    runtime (one row: no constants of its own), Megatron-derived stacks (Megatron-LM/Core, NeMo, MegaScale,
     Megatron-DeepSpeed) as megatron."""
     sw = (run.get("software") or "").lower()
     if "deepspeed zero" in sw:
         return "deepspeed", "deepspeed"
     if "llm-foundry" in sw:
-        return "llm-foundry", "torch"
+        return "llm-foundry", "llm-foundry"
     if "torchtitan" in sw:
         return "torchtitan", "torchtitan"
     if "meta" in sw and "fsdp" in sw:

@@ -185,14 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                 "leaves unexplained against the ring's hop latency")
     ap.add_argument("--cap-scales", action="store_true", help="--loso refits with GEMM and attention scales at "
                                                              "most 1 (calibrate_modern.cap_scales)")
-    ap.add_argument("--objective", choices=("max", "hinge", "trim"), default=cal.OBJECTIVE,
-                    help="--loso refits with this objective (calibrate_modern.objective)")
     ap.add_argument("--no-bounds", action="store_true", help="--loso refits without calibrate_modern.BOUNDS")
     cal.fit_flags(ap)
     args = ap.parse_args(argv)
     cal.SWEEPS = args.sweeps
-    cal.set_fit_options(args.objective, args.no_bounds, args.cap_scales, args.hinge_at, args.hinge_weight, args.fine,
-                        args.over_weight)
+    cal.set_fit_options(args.objective, args.no_bounds, args.cap_scales, **cal.fit_options(args))
     path = args.file or args.yaml or DEFAULT_YAML
     built, skipped = cal.load_or_build([path], args.cache)
     priced = _shipped(built)

@@ -33,8 +33,9 @@ GlobalBatch = typer.Option(None, "--global-batch", min=1, help="sequences per op
 Dtype = typer.Option("auto", "--dtype",
                      help="bf16 | fp16 | fp32 | fp8 (auto: bf16, fp32 where the profile has no bf16)")
 Runtime = typer.Option("torch", "--runtime",
-                       help="software that runs the plan: torch (autopar's emitted FSDP2/DTensor programs; "
-                            "also llm-foundry) | torchtitan | megatron (Megatron-LM/Core, NeMo) | deepspeed (ZeRO)")
+                       help="software that runs the plan: torch (autopar's emitted FSDP2/DTensor programs) | "
+                            "torchtitan | megatron (Megatron-LM/Core, NeMo) | deepspeed (ZeRO) | llm-foundry "
+                            "(MosaicML, Composer FSDP; torch's program with its own fitted constants)")
 Compile = typer.Option("none", "--compile", help="what the priced program compiles with torch.compile: none | "
                        "model (each block) | model+loss (and the loss); --runtime torchtitan only")
 LossParallel = typer.Option(False, "--loss-parallel", help="the loss runs on vocabulary-sharded logits (DTensor "

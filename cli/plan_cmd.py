@@ -244,12 +244,13 @@ def _command(cm, cand: Candidate, inputs: dict[str, str]) -> str:
             args += [flag, inputs[key]]
     if "constraints" in inputs:
         args += ["--strategy", inputs["constraints"]]
-    return " ".join(shlex.quote(a) for a in args + _program_args(cm.ctx))
+    return " ".join(shlex.quote(a) for a in args + _program_args(cm))
 
 
-def _program_args(ctx) -> list[str]:
+def _program_args(cm) -> list[str]:
     """The stack and program options the search priced (a re-run must price the same program)."""
-    args = ["--runtime", ctx.runtime] if ctx.runtime != "torch" else []
+    ctx = cm.ctx
+    args = ["--runtime", cm.stack_name] if cm.stack_name != "torch" else []
     args += ["--compile", ctx.compile] if ctx.compile != "none" else []
     args += ["--loss-parallel"] if ctx.loss_parallel else []
     args += ["--moe-capacity-factor", str(ctx.moe_capacity_factor)] if ctx.moe_capacity_factor is not None else []
@@ -327,8 +328,8 @@ def _print(cm, res: SearchResult, out: Path | None, pngs: list[Path]) -> None:
                   f"({st.layer_pricings:,} layer pricings)")
     console.print(f"best strategy: {res.candidates[0].strategy.compact()}")
     if out:
-        nxt = f"next: autopar emit {out}" if cm.ctx.runtime == "torch" else \
-            f"priced for {cm.ctx.runtime}'s programs: emit writes autopar's own, re-plan with --runtime torch"
+        nxt = f"next: autopar emit {out}" if cm.stack_name == "torch" else \
+            f"priced for {cm.stack_name}'s programs: emit writes autopar's own, re-plan with --runtime torch"
         console.print(f"plan written to {out} ({nxt})")
     for p in pngs:
         console.print(f"figure: {p}")

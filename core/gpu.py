@@ -52,8 +52,20 @@ class EffCurve(RootModel[list[tuple[float, float]]]):
         return pts[-1][1]  # unreachable: x < pts[-1][0] is inside some segment
 
 
-# the software stack that runs a plan (cost_models.session.RUNTIMES says what each one means)
-Runtime = Literal["torch", "torchtitan", "megatron", "deepspeed"]
+# the software stack that runs a plan (cost_models.session.RUNTIMES says what each one means): its own fitted
+# constants (``GpuProfile.stacks``) and attention kernel; the program it runs is ``STACK_PROGRAM``'s
+Runtime = Literal["torch", "torchtitan", "megatron", "deepspeed", "llm-foundry"]
+# Each stack -> the program family the cost model prices it as (``PricingContext.runtime``: which FSDP, context
+# parallel, recompute, loss and fusion rules apply). llm-foundry (Composer FSDP over eager PyTorch blocks) runs what
+# autopar's own torch program runs, with 2023 kernels of its own (Triton flash attention): torch's program rules,
+# its own constants. The one place a stack's program is declared.
+STACK_PROGRAM: dict[str, str] = {"torch": "torch", "torchtitan": "torchtitan", "megatron": "megatron",
+                                 "deepspeed": "deepspeed", "llm-foundry": "torch"}
+
+
+def program_of(runtime: str) -> str:
+    """The program family ``runtime`` (a ``Runtime``) is priced as (``STACK_PROGRAM``)."""
+    return STACK_PROGRAM[runtime]
 
 
 def _interp_log(pts: list[tuple[float, float]], x: float) -> float:

@@ -27,7 +27,7 @@ from functools import partial
 
 from autopar import techniques
 from autopar.core.cluster import ClusterSpec
-from autopar.core.gpu import GpuProfile
+from autopar.core.gpu import GpuProfile, program_of
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
 from autopar.cost_models import fp8_cost, fsdp, fsdp_copy, overlap
@@ -87,14 +87,16 @@ class CostModel:
         self.embedding = next((t for t in templates if t.kind == "embedding"), None)
         self.output = next((t for t in templates if t.kind == "output"), None)
         self.timer = timer or OpTimer(gpu, dtype)
-        self.stack = gpu.stack(runtime)  # fitted constants of the software stack (cost_models/overlap.py)
+        # ``runtime``: the software stack (core.gpu.Runtime, what the Plan records); its fitted constants
+        # (cost_models/overlap.py) are its own, its program rules its family's (ctx.runtime, core.gpu.STACK_PROGRAM)
+        self.stack = gpu.stack(runtime)
         self.timer.stack = self.stack
         dbytes = 4 if dtype == "fp32" else 2
         self.ctx = PricingContext(
             cluster=cluster, timer=self.timer, dtype_bytes=dbytes, hidden=spec.hidden or 1, seq_len=seq_len,
             topk=spec.topk, num_experts=spec.num_experts, kv_bytes_per_token=kv_bytes_per_token(spec, dbytes),
             sdpa_kv_bytes_per_token=sdpa_kv_bytes_per_token(spec, dbytes),
-            fits=comm_fits, runtime=runtime, sliding_window=spec.sliding_window,
+            fits=comm_fits, runtime=program_of(runtime), stack_name=runtime, sliding_window=spec.sliding_window,
             sliding_layers=sliding,
             attn_head_dim=spec.attention_head_dim, expert_bias=bool(spec.num_experts and spec.mlp_bias),
             fsdp_impl=fsdp_impl, rope_attention_factor=spec.rope_attention_factor)
@@ -103,13 +105,21 @@ class CostModel:
         self._z3 = IdentityMemo(4096)   # _zero3_layer by what it reads (most layers share one price)
 
     def __setstate__(self, state: dict) -> None:
-        """Row caches pickled before ``ctx.attn_head_dim`` / ``ctx.fsdp_impl`` get the head dim and keep their FSDP."""
+        """Row caches pickled before ``ctx.attn_head_dim`` / ``ctx.fsdp_impl`` / ``stack_name`` get the head dim, keep
+        their FSDP and name the stack their program's (a stack was its program then)."""
         self.__dict__.update(state)
         self.templates, self.blocks, _ = window_blocks(self.templates, self.ctx.sliding_layers.__contains__)
+        if "stack_name" not in self.ctx.__dict__:
+            self.ctx.stack_name = self.ctx.runtime
         if "fsdp_impl" in self.__dict__:
             self.ctx.fsdp_impl = self.__dict__.pop("fsdp_impl")
         if "attn_head_dim" not in self.ctx.__dict__:
             self.ctx.attn_head_dim = self.spec.attention_head_dim
+
+    @property
+    def stack_name(self) -> str:
+        """The software stack priced (``--runtime`` as given, what the Plan records; ``ctx.runtime`` its program)."""
+        return self.ctx.stack_name
 
     @property
     def num_layers(self) -> int:

@@ -52,7 +52,7 @@ def group_models(cm: CostModel) -> list[CostModel]:
         if dtype is None:
             raise InputError(f"cluster: node group {g.name or g.gpu} has no {cm.dtype} peak; plan with --dtype fp32")
         group = CostModel(cm.spec, group_cluster(cm.cluster, g), cm.seq_len, cm.templates, gpu, dtype,
-                          comm_fits=cm.ctx.fits, moe_load=cm.moe_load, runtime=cm.ctx.runtime)
+                          comm_fits=cm.ctx.fits, moe_load=cm.moe_load, runtime=cm.stack_name)
         same_program(group.ctx, cm.ctx)
         out.append(group)
     return out

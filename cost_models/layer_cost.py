@@ -104,7 +104,8 @@ class PricingContext:
     moe_capacity_factor: float | None = None  # token-drop capacity (1: forced balance); None: dropless
     a2a_overlap: bool = True             # False: the run blocks on its all-to-alls (stack's ep_overlap unused)
     fits: list[CommFit] | None = None
-    runtime: str = "torch"               # "torch": the emitted programs; "megatron": Megatron-LM kernels
+    runtime: str = "torch"               # the program family: "torch" the emitted programs, "megatron" Megatron-LM's...
+    stack_name: str = "torch"            # the software stack (core.gpu.Runtime; its program: runtime): its kernels
     compile: str = "none"                # torch.compile of the blocks ("model") and of the loss ("model+loss")
     loss_parallel: bool = False          # torch runtime: cross-entropy on vocabulary-sharded logits (torchtitan)
     sliding_window: int = 0              # tokens a sliding-window layer attends back (ModelSpec.sliding_window)
@@ -287,7 +288,7 @@ def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext, performed
         return hit
     if op.kind == "attention":
         ratio = op.bwd_flops / op.fwd_flops if op.fwd_flops else 2.5
-        return t.attention_fb(op.fwd_flops * scale, op.bytes_rw * scale, performed, ratio, ctx.runtime,
+        return t.attention_fb(op.fwd_flops * scale, op.bytes_rw * scale, performed, ratio, ctx.stack_name,
                               ctx.seq_len, s.cp, ctx.attn_head_dim)
     f = t.membound(op.bytes_rw * scale, op.fwd_flops * scale)
     return f, 2.0 * f  # backward of an elementwise op reads the output grad and the saved input

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autopar.core.cluster import ClusterSpec
+from autopar.core.gpu import STACK_PROGRAM, program_of
 from autopar.core.model_spec import ModelSpec
 from autopar.cost_models.estimate import CostModel
-from autopar.cost_models.fsdp import FSDP_IMPLS, FsdpImpl
+from autopar.cost_models.fsdp import FSDP1_IMPLS, FSDP_IMPLS, FsdpImpl
 from autopar.cost_models.layer_cost import same_program
 from autopar.cost_models.templates import build_templates
 from autopar.errors import InputError
@@ -18,11 +19,12 @@ from autopar.profiles.intake import resolve_model
 
 DEFAULT_GPU = "h100-sxm"
 DEFAULT_GPUS_PER_NODE = 8
-# torch: autopar's emitted torch-native programs (FSDP2, DTensor, torch pipelining; also what
-# llm-foundry runs); torchtitan: torchtitan's FSDP2 programs (async TP, per-op SAC, its pipeline
-# keeps stage parameters unsharded); megatron: Megatron-LM / Megatron-Core (NeMo, MegaScale);
-# deepspeed: DeepSpeed ZeRO (its ZeRO-3 prefetch and bucketing)
-RUNTIMES = ("torch", "torchtitan", "megatron", "deepspeed")
+# torch: autopar's emitted torch-native programs (FSDP2, DTensor, torch pipelining); torchtitan: torchtitan's
+# FSDP2 programs (async TP, per-op SAC, its pipeline keeps stage parameters unsharded); megatron: Megatron-LM /
+# Megatron-Core (NeMo, MegaScale); deepspeed: DeepSpeed ZeRO (its ZeRO-3 prefetch and bucketing); llm-foundry:
+# MosaicML llm-foundry (Composer FSDP1, its Triton flash attention), torch's program with its own constants.
+# Which program each stack runs: core.gpu.STACK_PROGRAM (``program_of``), read by every rule below.
+RUNTIMES = tuple(STACK_PROGRAM)
 
 
 @dataclass
@@ -82,11 +84,12 @@ def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, in
     moe_load = _moe_load(inp, spec)
     if inp.runtime not in RUNTIMES:
         raise InputError(f"--runtime={inp.runtime} is not one of {', '.join(RUNTIMES)}")
+    program = program_of(inp.runtime)
     cross_entropy = _cross_entropy(inp)
     # fp8 runs keep bf16 activations and weights outside the GEMMs (Transformer Engine, torchao
     # float8): capture in bf16, the timer prices the GEMMs at the fp8 peak (compute.OpTimer)
     compile_mode, loss_parallel = program_options(inp)
-    templates = program_templates(spec, seq, inp.dtype, gpu, inp.runtime, compile_mode)
+    templates = program_templates(spec, seq, inp.dtype, gpu, program, compile_mode)
     cm = CostModel(spec, cluster, seq, templates, gpu, inp.dtype, timer=timer, comm_fits=fits,
                    moe_load=moe_load, runtime=inp.runtime, fsdp_impl=_fsdp_impl(inp))
     cm.ctx.compile, cm.ctx.loss_parallel = compile_mode, loss_parallel
@@ -97,20 +100,23 @@ def build_cost_model(inp: Inputs) -> tuple[CostModel, ModelSpec, ClusterSpec, in
 
 
 def _fsdp_impl(inp: Inputs) -> FsdpImpl:
-    """Which FSDP a torch-runtime plan runs (``fsdp.FsdpImpl``): autopar's program is FSDP2; the FSDP1 variants
-    price llm-foundry's published rows (benchmarks/published_foundry_rows.fsdp_impl)."""
+    """Which FSDP a torch-program plan runs (``fsdp.FsdpImpl``): autopar's program is FSDP2; the FSDP1 variants
+    are llm-foundry's (benchmarks/published_foundry_rows.fsdp_impl), "meta" Meta's Llama 3 row under torch."""
     if inp.fsdp_impl not in FSDP_IMPLS:
         raise InputError(f"fsdp_impl={inp.fsdp_impl} is not one of {', '.join(FSDP_IMPLS)}")
-    if inp.fsdp_impl != "fsdp2" and inp.runtime != "torch":
-        raise InputError(f"fsdp_impl={inp.fsdp_impl}: PyTorch FSDP1 is priced under --runtime torch only "
-                         "(llm-foundry); fix: leave it fsdp2 or use --runtime torch")
+    if inp.fsdp_impl in FSDP1_IMPLS and inp.runtime != "llm-foundry":
+        raise InputError(f"fsdp_impl={inp.fsdp_impl}: PyTorch FSDP1 is llm-foundry's, priced under --runtime "
+                         "llm-foundry only; fix: leave it fsdp2 or use --runtime llm-foundry")
+    if inp.fsdp_impl == "meta" and inp.runtime != "torch":
+        raise InputError("fsdp_impl=meta: Meta's FSDP is priced under --runtime torch only; fix: leave it fsdp2 "
+                         "or use --runtime torch")
     return inp.fsdp_impl
 
 
 def _tp_comm_overlap(inp: Inputs) -> bool:
     """Megatron-Core's ``--tp-comm-overlap`` (``overlap.userbuffers_tp_exposed``): a Megatron-Core flag;
     autopar's own programs and the other runtimes hide tensor-parallel collectives their own way."""
-    if inp.tp_comm_overlap and inp.runtime != "megatron":
+    if inp.tp_comm_overlap and program_of(inp.runtime) != "megatron":
         raise InputError("--tp-comm-overlap: Megatron-Core's userbuffers overlap, priced under --runtime megatron "
                          "only; drop it or add --runtime megatron")
     return inp.tp_comm_overlap
@@ -122,7 +128,7 @@ def _cross_entropy(inp: Inputs) -> str:
 
     if inp.cross_entropy not in CROSS_ENTROPY_IMPLS:
         raise InputError(f"--cross-entropy={inp.cross_entropy} is not one of {', '.join(CROSS_ENTROPY_IMPLS)}")
-    if inp.cross_entropy != "te" and inp.runtime != "megatron":  # other runtimes' loss is the captured graph's
+    if inp.cross_entropy != "te" and program_of(inp.runtime) != "megatron":  # others: the captured graph's loss
         raise InputError(f"--cross-entropy={inp.cross_entropy}: a Megatron-Core loss kernel, priced under --runtime "
                          f"megatron only; drop it or add --runtime megatron")
     return inp.cross_entropy
@@ -143,7 +149,7 @@ def same_job(cm: CostModel, cluster: ClusterSpec | None = None, seq_len: int | N
     templates = cm.templates if seq == cm.seq_len else program_templates(
         cm.spec, seq, cm.dtype, cm.gpu, cm.ctx.runtime, cm.ctx.compile)
     out = CostModel(cm.spec, cluster or cm.cluster, seq, templates, cm.gpu, cm.dtype, timer=cm.timer,
-                    comm_fits=cm.ctx.fits, moe_load=cm.moe_load, runtime=cm.ctx.runtime, fsdp_impl=cm.ctx.fsdp_impl)
+                    comm_fits=cm.ctx.fits, moe_load=cm.moe_load, runtime=cm.stack_name, fsdp_impl=cm.ctx.fsdp_impl)
     same_program(out.ctx, cm.ctx)
     return out
 
@@ -173,7 +179,7 @@ def program_options(inp: Inputs) -> tuple[str, bool]:
     vocab-parallel and it does not compile."""
     if inp.compile not in COMPILE_MODES:
         raise InputError(f"--compile={inp.compile} is not one of {', '.join(COMPILE_MODES)}; fix: pick one of them")
-    if (inp.compile != "none" or inp.loss_parallel) and inp.runtime != "torchtitan":
+    if (inp.compile != "none" or inp.loss_parallel) and program_of(inp.runtime) != "torchtitan":
         given = " ".join(f for f, on in ((f"--compile {inp.compile}", inp.compile != "none"),
                                          ("--loss-parallel", inp.loss_parallel)) if on)
         raise InputError(f"{given}: --runtime {inp.runtime} programs do not run it; fix: leave it out, "

@@ -21,7 +21,7 @@ def plan_from_candidate(cm: CostModel, cand: Candidate, provenance: Provenance |
     with the rank each runs on, predictions of its estimate."""
     s = cand.strategy
     e = cand.estimate or cm.estimate(s, cand.stages, cand.layer_recompute)
-    return Plan(model=cm.spec, cluster=cm.cluster, seq_len=cm.seq_len, dtype=cm.dtype, runtime=cm.ctx.runtime,
+    return Plan(model=cm.spec, cluster=cm.cluster, seq_len=cm.seq_len, dtype=cm.dtype, runtime=cm.stack_name,
                 compile=cm.ctx.compile, loss_parallel=cm.ctx.loss_parallel,
                 moe_capacity_factor=cm.ctx.moe_capacity_factor, a2a_overlap=cm.ctx.a2a_overlap,
                 cross_entropy=cm.ctx.cross_entropy, tp_comm_overlap=cm.ctx.tp_comm_overlap,

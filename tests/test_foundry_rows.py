@@ -33,7 +33,7 @@ def _strategy(case) -> dict[str, str]:
 
 
 def test_rows_map_as_their_table_states(pr, foundry):
-    """Every llm-foundry row runs autopar's torch program with FSDP (full shard: zero 3; the three
+    """Every llm-foundry row runs as --runtime llm-foundry (torch's program) with FSDP (full shard: zero 3; the three
     SHARD_GRAD_OP rows: zero 2), no tensor or
     pipeline parallelism, the table's micro-batch, its global batch (= micro-batch x grad accum x GPUs:
     the table's own columns agree), and full recompute exactly where activation checkpointing is on."""
@@ -41,7 +41,7 @@ def test_rows_map_as_their_table_states(pr, foundry):
     for run in foundry:
         par, case = run["parallel"], pr.case_for(run)
         s = _strategy(case)
-        assert case.runtime == "torch" and case.stack == "llm-foundry", run["id"]
+        assert case.runtime == "llm-foundry" == case.stack, run["id"]
         zero = "2" if par["sharding"] == "SHARD_GRAD_OP" else "3"  # FSDP ZeRO-2 / full shard
         assert (s["tp"], s["pp"], s["zero"], s["dp"]) == ("1", "1", zero, str(run["hardware"]["num_gpus"])), run["id"]
         assert int(s["mbs"]) == par["microbatch"], run["id"]

@@ -39,13 +39,15 @@ def _zero3_layer(tmp_path: Path, impl: str | None) -> tuple[float, float, float]
     """(forward gather, backward gather, reduce-scatter) seconds of one layer of a small GPT on 8 A100-80GB,
     ZeRO-3, under FSDP implementation ``impl`` (None: the CostModel's default, autopar's program)."""
     from autopar.core.strategy import Strategy
+    from autopar.cost_models.fsdp import FSDP1_IMPLS
     from autopar.cost_models.memory import bytes_per_param
     from autopar.cost_models.session import Inputs, build_cost_model
 
     cfg = tmp_path / "gpt.json"
     cfg.write_text(json.dumps(dict(model_type="gpt2", n_embd=2048, n_layer=4, n_head=16, vocab_size=1024,
                                    n_positions=1024)))
-    cm, _, cluster, _ = build_cost_model(Inputs(model=str(cfg), gpu="a100-80g", seq_len=1024, runtime="torch",
+    cm, _, cluster, _ = build_cost_model(Inputs(model=str(cfg), gpu="a100-80g", seq_len=1024,
+                                                runtime="llm-foundry" if impl in FSDP1_IMPLS else "torch",
                                                 **({} if impl is None else {"fsdp_impl": impl})))
     s = Strategy.parse("dp=8,zero=3,mbs=1,gbs=16").resolve(cluster.world)
     costs = cm.layer_costs(s)

@@ -100,7 +100,7 @@ def test_row_mapping_synthetic():
     run["hardware"]["gpu"] = "H100 (96GB HBM2e, 500 W cap; Grand Teton)"
     assert (pr.case_for(run).gpu, pr.case_for(run).cluster) == ("h100-96g", "dgx-h100")
     run["software"] = "llm-foundry (Composer FSDP)"
-    assert pr.case_for(run).runtime == "torch" and "sp=0" in pr.case_for(run).strategy
+    assert pr.case_for(run).runtime == "llm-foundry" and "sp=0" in pr.case_for(run).strategy
     run["model"]["name"] = "Nemotron_3_Nano"
     with pytest.raises(pr.RowSkip, match="Mamba"):
         pr.case_for(run)
@@ -307,13 +307,17 @@ def test_fit_stays_inside_the_physical_bounds(monkeypatch):
     assert not cal.in_bounds("hopper", "fp8_matmul_scale", 1.1)
     assert cal.in_bounds(("hopper", "torch"), "matmul_scale", 1.0)
     assert not cal.in_bounds(("hopper", "torch"), "matmul_scale", 1.05)  # 0.7875 of peak: above the measured 0.772
+    # a (GPU type, stack, field) bound overrides the GPU type's for that stack only (llm-foundry's Triton kernel)
+    assert cal.in_bounds(("hopper", "llm-foundry"), "attention_scale", 0.7)
+    assert not cal.in_bounds(("hopper", "llm-foundry"), "attention_scale", 1.3)
+    assert not cal.in_bounds(("hopper", "megatron"), "attention_scale", 0.7)
     for gtype, names in cal.PROFILES.items():
         for name in names:
             gpu = load_gpu_profile(name)
             for runtime in (*gpu.stacks, "torch"):
                 c = gpu.stack(runtime)
-                bad = [f for (g, f) in (*cal.BOUNDS, *cal.HELD)
-                       if g == gtype and not cal.in_bounds(gtype, f, getattr(c, f))]
+                bad = [k[-1] for k in (*cal.BOUNDS, *cal.HELD) if k[0] == gtype and k[1:-1] in ((), (runtime,))
+                       and not cal.in_bounds((gtype, runtime), k[-1], getattr(c, k[-1]))]
                 assert not bad, (name, runtime, bad)
 
 
@@ -334,10 +338,11 @@ def test_measured_attention_kernels_price_as_measured():
                 full, 1.0, causal_block_fraction(seq), 2.5, runtime, seq, 1, 128)
             assert 3.5 * full / 2 / (f + b) / 1e12 == pytest.approx(rate, rel=0.05)
             assert b == pytest.approx(2.5 * f)
-    assert gpu.attention_kernel("torch") is None  # llm-foundry's rows: the fitted curve (docs/validation.md)
-    t = OpTimer(gpu, "bf16", stack=gpu.stack("torch"))
-    assert t.attention_fb(1e12, 1e6, 0.5, 2.5, "torch", 4096) == pytest.approx((t.attention(1e12, 1e6, 0.5),
-                                                                                 2.5 * t.attention(1e12, 1e6, 0.5)))
+    for rt in ("torch", "llm-foundry"):  # no kernel measured: the fitted curve (docs/validation.md)
+        assert gpu.attention_kernel(rt) is None
+        t = OpTimer(gpu, "bf16", stack=gpu.stack(rt))
+        assert t.attention_fb(1e12, 1e6, 0.5, 2.5, rt, 4096) == pytest.approx((t.attention(1e12, 1e6, 0.5),
+                                                                                2.5 * t.attention(1e12, 1e6, 0.5)))
     data = gpu.model_dump()
     data["attention_kernels"]["flash2"]["stacks"] = ["megatron"]
     with pytest.raises(ValueError, match="one kernel"):
