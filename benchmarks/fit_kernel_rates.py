@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gpu_trace import CASES, MODELS
+from relative_fit import two_factor_fit
 
 from autopar.core.strategy import Strategy
 from autopar.cost_models import host_bound
@@ -49,19 +50,17 @@ GRID = [1e3, 1e4, 1e5, 1e6, 1e7, 3e7, 1e8, 3e8, 1e9, 3e9, 1e10, 3e10, 1e11, 1e12
 
 def fit_membound(rows: list[dict], bw_gbps: float) -> tuple[float, float]:
     """(e_max, t0 seconds) of ``t = bytes / (e_max * BW) + t0`` minimising the relative error of each row's time
-    (weighted linear least squares in (1 / (e_max BW), t0))."""
+    (``relative_fit.two_factor_fit`` in (1 / (e_max BW), t0))."""
     pts = [(float(r["bytes"]), float(r["time_s"])) for r in rows if r.get("time_s", 0) > 0]
     if len(pts) < 2:
         raise InputError("FILE: fewer than 2 membound rows with a time; fix: run kernel_rates.py --membound")
-    # rows of the weighted system: [x/t, 1/t] . [a, c] = 1
-    sxx = sum((x / t) ** 2 for x, t in pts)
-    sx1 = sum(x / t / t for x, t in pts)
-    s11 = sum(1 / t / t for _, t in pts)
-    bx, b1 = sum(x / t for x, t in pts), sum(1 / t for _, t in pts)
-    det = sxx * s11 - sx1 * sx1
-    a, c = (bx * s11 - b1 * sx1) / det, (sxx * b1 - sx1 * bx) / det
+    try:
+        a, c = two_factor_fit([(x, 1.0, t) for x, t in pts])
+    except ValueError:
+        raise InputError("FILE: every membound row moves the same bytes; fix: run kernel_rates.py --membound "
+                         "with a larger --max-mb") from None
     if c < 0:   # a negative intercept is noise on the large sizes: refit through the origin
-        a, c = bx / sxx, 0.0
+        a, c = sum(x / t for x, t in pts) / sum((x / t) ** 2 for x, t in pts), 0.0
     if a <= 0:   # e.g. a CPU's few small rows, the cast slower than the copy
         raise InputError("FILE: membound times do not grow with bytes moved; fix: run kernel_rates.py --membound "
                          "with a larger --max-mb")
@@ -107,16 +106,14 @@ def traced_calls(summary: Path, profile: Path) -> tuple[float, float]:
 def fit_launch_counts(rows: list[tuple[float, float, float]], ratio: float) -> tuple[float, float | None]:
     """(kernels per op call and pass, backward kernels per forward kernel; None: not separable, ``ratio`` kept)
     from (forward calls, re-run calls, traced launches) rows: weighted least squares of launches = u (F + R) + v F
-    (u = k, v = k ratio) on the relative error; k alone at the given ratio where every row has the same R / F."""
-    a = [(f + r) / n for f, r, n in rows]
-    b = [f / n for f, _, n in rows]
-    saa, sab, sbb = sum(x * x for x in a), sum(x * y for x, y in zip(a, b)), sum(y * y for y in b)
-    det = saa * sbb - sab * sab
-    if len(rows) > 1 and det > 1e-6 * saa * sbb:
-        u = (sum(a) * sbb - sum(b) * sab) / det
-        v = (saa * sum(b) - sab * sum(a)) / det
-        if u > 0 and v > 0:
-            return u, v / u
+    (u = k, v = k ratio) on the relative error (``relative_fit.two_factor_fit``); k alone at the given ratio where
+    every row has the same R / F."""
+    try:
+        u, v = two_factor_fit([(f + r, f, n) for f, r, n in rows], tol=1e-6)
+    except ValueError:   # one row, or one R / F
+        u = v = 0.0
+    if u > 0 and v > 0:
+        return u, v / u
     c = [(f * (1.0 + ratio) + r) / n for f, r, n in rows]
     return sum(c) / sum(x * x for x in c), None
 

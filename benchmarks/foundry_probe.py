@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import calibrate_modern as cal  # noqa: E402
 import published_foundry_rows as pfr  # noqa: E402
 import published_rows as pr  # noqa: E402
+from relative_fit import two_factor_fit  # noqa: E402
 
 CAST_BYTES_PER_PARAM = 6.0  # read fp32 (4) + write bf16 (2), or read bf16 (2) + write fp32 (4)
 
@@ -158,19 +159,6 @@ def implied_attention(b: cal.Built, p: pr.Priced) -> tuple[float, float]:
     cal.price(b, c0)
     attn = 2 * (p.pred_step_s - doubled.pred_step_s)
     return attn / p.pred_step_s, 1 + (p.pub_step_s - p.pred_step_s) / attn
-
-
-def two_factor_fit(points: list[tuple[float, float, float]]) -> tuple[float, float]:
-    """(g, a) minimising the relative error of ``published ~ g * rest + a * attention`` over
-    [(rest_s, attention_s, published_s)] (least squares of (g r + a t) / p - 1: closed-form 2x2 normal
-    equations). Needs two points whose rest / attention ratios differ."""
-    rows = [(r / p, t / p) for r, t, p in points]
-    s11, s12, s22 = sum(x * x for x, _ in rows), sum(x * y for x, y in rows), sum(y * y for _, y in rows)
-    t1, t2 = sum(x for x, _ in rows), sum(y for _, y in rows)
-    det = s11 * s22 - s12 * s12
-    if det <= 1e-9 * s11 * s22:
-        raise ValueError("two_factor_fit: the rows share one attention share; g and a cannot be told apart")
-    return (t1 * s22 - t2 * s12) / det, (s11 * t2 - s12 * t1) / det
 
 
 def two_factors(rows: list[tuple[cal.Built, pr.Priced]]) -> None:

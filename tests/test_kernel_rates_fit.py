@@ -30,6 +30,8 @@ def test_the_membound_fit_recovers_the_physics_curve():
     with pytest.raises(fit.InputError, match="do not grow"):   # a CPU smoke run's noise: no curve written
         fit.fit_membound([{"bytes": 2e6, "time_s": 7e-5}, {"bytes": 3e6, "time_s": 8e-5},
                           {"bytes": 1.5e6, "time_s": 1e-4}], bw)
+    with pytest.raises(fit.InputError, match="same bytes"):   # one size: bandwidth and launch time not separable
+        fit.fit_membound([{"bytes": 2e6, "time_s": 7e-5}, {"bytes": 2e6, "time_s": 8e-5}], bw)
 
 
 def test_host_launch_from_a_host_bound_trace_or_the_launch_loop():
