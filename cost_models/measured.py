@@ -26,10 +26,7 @@ def load_measured_profile(path: str | Path, gpu: GpuProfile | None,
 
     ``gpu`` is the cluster's profile: a measured profile of another device kind is refused
     (a CPU profile cannot price an H100 cluster)."""
-    try:
-        prof = load_gpu_profile(Path(path))
-    except InputError as exc:  # the loader names the field 'gpu'; here the file came from --profile
-        raise InputError(f"--profile: {exc.message.removeprefix('gpu: ')}") from None
+    prof = load_gpu_profile(Path(path), field="--profile")
     if not prof.measured_ops and not prof.meta.get("measured"):
         raise InputError(f"--profile: {path} holds no measurements; write one with `autopar profile MODEL`")
     _check_kind(prof, gpu, path)

@@ -114,12 +114,12 @@ def list_gpu_profiles() -> list[str]:
     return list(_builtin_profile_files())
 
 
-def _profile_from_file(path: Path) -> GpuProfile:
-    data = _read_mapping(path, "gpu")
+def _profile_from_file(path: Path, field: str = "gpu") -> GpuProfile:
+    data = _read_mapping(path, field)
     try:
         return GpuProfile.model_validate(data)
     except ValidationError as exc:
-        raise _validation_error("gpu", path, exc) from None
+        raise _validation_error(field, path, exc) from None
 
 
 def _alias_index() -> dict[str, Path]:
@@ -132,19 +132,20 @@ def _alias_index() -> dict[str, Path]:
     return index
 
 
-def load_gpu_profile(name_or_path: str | Path) -> GpuProfile:
-    """A built-in profile name or alias (``a100-80g``, ``h100``, ``cpu``...) or a YAML/JSON file."""
+def load_gpu_profile(name_or_path: str | Path, field: str = "gpu") -> GpuProfile:
+    """A built-in profile name or alias (``a100-80g``, ``h100``, ``cpu``...) or a YAML/JSON file. ``field``: the
+    input that named it, which a one-line error names (``--profile`` for a measured profile)."""
     name = str(name_or_path)
     files = _builtin_profile_files()
     if name.lower() in files:
-        return _profile_from_file(files[name.lower()])
+        return _profile_from_file(files[name.lower()], field)
     if _looks_like_path(name):
-        return _profile_from_file(Path(name))
+        return _profile_from_file(Path(name), field)
     path = _alias_index().get(name.lower())
     if path is None:
-        raise InputError(f"gpu: unknown hardware profile '{name}'; known: {', '.join(files)} "
+        raise InputError(f"{field}: unknown hardware profile '{name}'; known: {', '.join(files)} "
                          "(or pass a path to a profile YAML/JSON)")
-    return _profile_from_file(path)
+    return _profile_from_file(path, field)
 
 
 # ----- clusters -----------------------------------------------------------------------

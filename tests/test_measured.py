@@ -69,6 +69,20 @@ def test_load_measured_profile_refuses_wrong_inputs(tmp_path):
         load_measured_profile(str(_datasheet_copy(tmp_path)), None, "bf16")
 
 
+
+@pytest.mark.parametrize("text,why", [("{not json", "is not valid JSON"), ('{"name": 3}', "name"),
+                                      (None, "does not exist")])
+def test_an_unreadable_profile_file_is_named_as_the_input_that_gave_it(tmp_path, text, why):
+    """The loader names the input it was given (``field``), whole: '--profile: PATH: ...', never 'gpu:'."""
+    path = tmp_path / "p.json"
+    if text is not None:
+        path.write_text(text)
+    for load in (lambda: load_measured_profile(path, None, "fp32"), lambda: load_gpu_profile(path, "--profile")):
+        with pytest.raises(InputError) as exc:
+            load()
+        assert exc.value.message.startswith(f"--profile: {path}") and why in exc.value.message, exc.value.message
+
+
 def _datasheet_copy(tmp_path):
     p = tmp_path / "h100.json"
     p.write_text(load_gpu_profile("h100-sxm").model_dump_json())
