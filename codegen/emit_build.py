@@ -24,7 +24,7 @@ def render_build(plan: Plan, lay: Layout) -> str:
     per_part = _per_part(plan, lay, hf)
     if per_part:
         out += ["    for part in parts:"] + per_part
-    dp_call = _dp_call(plan)
+    dp_call = _dp_call(plan, lay)
     if lay.dp_mode in ("fsdp2", "replicate"):
         what = "ZeRO-2/3 (FSDP2 fully_shard)" if lay.dp_mode == "fsdp2" else "replicated data parallel (FSDP2)"
         out += [f"    # @. Data parallel over dp*cp ranks: {what}, applied on the meta",
@@ -43,6 +43,8 @@ def render_build(plan: Plan, lay: Layout) -> str:
     if lay.dp_mode == "zero1":
         out += ["    # @. ZeRO-1 over dp*cp ranks: parameters and gradients stay whole; the optimizer",
                 "    #    (make_optimizer) keeps fp32 master slices and moments of 1/(dp*cp) of each weight.",
+                "    #    Gradients reduce-scatter in buckets during the last micro-batch's backward, updated",
+                "    #    weights all-gather after the step, each bucket waited by the next forward that reads it.",
                 dp_call]
     if s.pp > 1:
         out += ["    # @. Pipeline stages and the schedule (microbatches flow between pp ranks).",
@@ -86,13 +88,15 @@ def _number_steps(text: str) -> str:
     return parts[0] + "".join(f"# {n}. {rest}" for n, rest in enumerate(parts[1:], 1))
 
 
-def _dp_call(plan: Plan) -> str:
+def _dp_call(plan: Plan, lay: Layout) -> str:
     s = plan.strategy
     extra = ""
     if s.offload_optimizer:
         extra += ", offload=True"
     if plan.dtype != "fp32":
         extra += f', dtype="{plan.dtype}"'
+    if lay.dp_mode == "zero1":  # ZeRO-1 counts each part's backward passes to reduce during the last one
+        extra += ", micro_batches=N_MICRO"
     pipeline = "SCHEDULE" if s.pp > 1 else "False"  # the schedule decides how FSDP meets the pipeline
     return (f"    parts = [rt.apply_dp(part, mesh, zero_stage=ZERO_STAGE, tp=TP, pipeline={pipeline}{extra})"
             " for part in parts]")

@@ -47,6 +47,7 @@ from autopar.codegen.runtime_optim import clip_grad_norm_, current_lr, make_sche
 from autopar.codegen.runtime_parallel import apply_dp, apply_tp, buffers_to, dp_mode, sync_grads
 from autopar.codegen.runtime_pp import apply_pp, even_stages, lm_loss, pp_step, split_stages
 from autopar.codegen.runtime_spec import RunSpec, load_run_spec
+from autopar.codegen.runtime_zero1 import wait_params
 from autopar.profiles.models import build_model
 from autopar.profiles.models.layers import GroupedExperts
 
@@ -58,7 +59,7 @@ __all__ = [
     "build_mesh", "build_meta_model", "cp_positions", "dp_mode", "even_stages", "get_batch", "init_distributed",
     "initial_values", "lm_loss", "local_batch", "make_optimizer",
     "materialize", "peak_memory_bytes", "pp_step", "reset_peak_memory", "shutdown",
-    "split_stages", "sync_grads", "synthetic_batch", "train_step",
+    "split_stages", "sync_grads", "synthetic_batch", "train_step", "wait_params",
 ]
 
 if TYPE_CHECKING:  # the run directory's runtime reads plans without pydantic (RunSpec)

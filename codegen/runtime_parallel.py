@@ -227,9 +227,12 @@ def offload_policy(offload: bool, device_type: str):
 
 
 def apply_dp(model: nn.Module, mesh: ParallelMesh, zero_stage: int = 0, tp: int = 1,
-             pipeline: bool | str = False, offload: bool = False, dtype: str = "fp32") -> nn.Module:
+             pipeline: bool | str = False, offload: bool = False, dtype: str = "fp32",
+             micro_batches: int = 0) -> nn.Module:
     """Data parallel over the flattened ``dp_cp`` ranks (context-parallel ranks hold different
     tokens of the same sequences, so their gradients are averaged like data-parallel ones).
+    ``micro_batches``: backward passes per step of this part, which ZeRO-1 counts to reduce-scatter
+    during the last one (0: after the backward, in ``sync_grads``).
 
     Returns the module to train (DDP returns a wrapper). Expert parameters under expert
     parallel are replicated only over ``edp`` ranks: FSDP2 shards (or ``replicate`` copies)
@@ -242,7 +245,8 @@ def apply_dp(model: nn.Module, mesh: ParallelMesh, zero_stage: int = 0, tp: int 
     if mode == "ddp":
         return _apply_ddp(model, mesh, experts)
     if mode == "zero1":
-        return _apply_zero1(model, mesh, dtype)
+        overlap = pipeline is True or pipeline is False or pipeline in FULL_BACKWARD
+        return _apply_zero1(model, mesh, dtype, micro_batches if overlap else 0)
     if mode == "replicate":
         return _apply_replicate(model, mesh, experts, mp_policy(dtype))
     from torch.distributed.fsdp import fully_shard
@@ -326,21 +330,44 @@ def _apply_replicate(model: nn.Module, mesh: ParallelMesh, experts: list, mp) ->
     return replicate(model, mesh=mesh.dp_cp, mp_policy=mp, ignored_params=ignored or None)
 
 
-def _apply_zero1(model: nn.Module, mesh: ParallelMesh, dtype: str) -> nn.Module:
-    """No wrapper: gradients accumulate whole on each rank over the micro-batches; at the step
-    ``sync_grads`` reduce-scatters them per ``Bucket`` (dense weights over dp*cp, expert weights
-    over edp, both divided by dp*cp) and ``make_optimizer`` builds ``ShardedAdamW`` on them."""
+def _apply_zero1(model: nn.Module, mesh: ParallelMesh, dtype: str, backwards: int) -> nn.Module:
+    """No wrapper: gradients accumulate whole on each rank over the micro-batches; one ``Bucket`` per
+    reduction group (dense weights over dp*cp, expert weights over edp, both divided by dp*cp) and
+    ``make_optimizer`` builds ``ShardedAdamW`` on them. The buckets reduce-scatter during the last of
+    ``backwards`` backward passes (0: a zero-bubble schedule, whose weight gradients torch accumulates
+    outside autograd's hooks: in ``sync_grads``) and gather after the step, waited in the forward
+    pre-hook of each span's first module (Megatron-Core's overlapped distributed optimizer). A
+    pipeline's tied embedding reduces last, after ``sync_grads`` summed it over the stage pair."""
     from autopar.codegen.runtime_zero1 import Bucket
 
-    keep = _expert_params(model)
+    keep, late = _expert_params(model), [model.get_parameter(f) for f, _ in getattr(model, "tied_grad_groups", [])]
     n, edp = mesh.size("dp_cp"), mesh.size("edp")
-    model.zero1_buckets = [Bucket([p for p in model.parameters() if p not in keep],
-                                  mesh.group("dp_cp") if n > 1 else None, n)]
+    half = torch.float32 if dtype == "fp32" else torch.bfloat16
+    params = list(model.parameters())
+    model.zero1_buckets = [Bucket([p for p in params if p not in keep], mesh.group("dp_cp") if n > 1 else None, n,
+                                  half, late, backwards)]
     if keep:
-        model.zero1_buckets.append(Bucket([p for p in model.parameters() if p in keep],
-                                          mesh.group("edp") if edp > 1 else None, n))
-    model.zero1_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+        model.zero1_buckets.append(Bucket([p for p in params if p in keep], mesh.group("edp") if edp > 1 else None,
+                                          n, half, late, backwards))
+    homes = _forward_homes(model)
+    for bucket in model.zero1_buckets:
+        bucket.land_before(homes)
+    model.zero1_dtype = half
     return model
+
+
+def _forward_homes(model: nn.Module) -> dict[int, nn.Module]:
+    """id of each parameter -> the module whose forward pre-hook waits for its all-gather: its block, else
+    the root's child holding it (embeddings, final norm, output head), else the root."""
+    homes: dict[int, nn.Module] = {}
+    try:
+        units = blocks(model)
+    except RuntimeError:  # a user module without a block list
+        units = []
+    for top in [*units, *model.children(), model]:
+        for p in top.parameters():
+            homes.setdefault(id(p), top)
+    return homes
 
 
 def _expert_params(module: nn.Module) -> set:
@@ -389,8 +416,8 @@ def sync_grads(parts: list[nn.Module], mesh: ParallelMesh) -> None:
                 _average_expert_grads(mod, mesh)
         for fqn, group in getattr(inner, "tied_grad_groups", []):
             _sum_tied_grad(inner.get_parameter(fqn), group)
-        for bucket in getattr(inner, "zero1_buckets", []):  # ZeRO-1: reduce-scatter, after the tied sum
-            bucket.reduce(inner.zero1_dtype)
+        for bucket in getattr(inner, "zero1_buckets", []):  # ZeRO-1: the reduce-scatters left, after the tied sum
+            bucket.reduce()
 
 
 def _with_grad(module: nn.Module) -> list:

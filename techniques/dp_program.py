@@ -49,3 +49,10 @@ def plan_dp_mode(s, dtype: str) -> str:
     (``codegen.emit_checks``) and what the cost model prices (``cost_models.fsdp``) read it here."""
     return dp_mode(s.zero_stage, s.dp * s.cp, s.tp > 1 or s.etp > 1, s.ep > 1 or s.etp > 1, s.pp > 1,
                    s.offload_optimizer, dtype)
+
+
+# ZeRO-1's gradient bucket (``codegen.runtime_zero1``): the bytes of training-dtype gradient one reduce-scatter and
+# one all-gather move, PyTorch DDP's ``bucket_cap_mb`` default (25 MiB); Megatron-Core's distributed optimizer
+# buckets 40M elements or more (``DistributedDataParallelConfig.bucket_size``). Read by the program and its price
+# (``cost_models.fsdp.step_sync_exposed``: the last bucket's reduce-scatter and the first one's gather stay exposed).
+ZERO1_BUCKET_BYTES = 25 * 2**20

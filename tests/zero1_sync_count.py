@@ -3,7 +3,9 @@ for tests/test_zero1_sync.py): ``torchrun ... zero1_sync_count.py OUT_DIR STEPS 
 after another in the same processes. Writes ``OUT_DIR/<program>.rank<r>.json``: per step (recorded after
 ``optimizer_step``) the events of the step in order: ``bwd`` (a backward pass returned: a micro-batch's, or a
 pipeline stage's), ``rs`` / ``ag`` / ``bc`` (a reduce-scatter / all-gather / broadcast was issued), ``rs_in_bwd`` /
-``ag_in_bwd`` / ``bc_in_bwd`` (issued while autograd ran a backward)."""
+``ag_in_bwd`` / ``bc_in_bwd`` (issued while autograd ran a backward), ``blk`` (a transformer block's forward
+began), ``land`` (a ZeRO-1 span's all-gather was waited and copied into its parameters). ZeRO-1's buckets are cut
+at 16 KiB here, so the tiny models reduce and gather in several spans."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch.distributed as dist
 out_dir, n_steps, programs = Path(sys.argv[1]), sys.argv[2], [Path(p) for p in sys.argv[3:]]
 sys.path.insert(0, str(programs[0]))
 from autopar_rt import runtime as rt  # noqa: E402  (the emitted programs' runtime: the same files in each)
+from autopar_rt import runtime_zero1  # noqa: E402
 from count_programs import run_programs  # noqa: E402  (tests/, this script's folder)
 
 events: list[str] = []
@@ -40,6 +43,33 @@ def _backward(fn):
     return wrapper
 
 
+def _landing(fn):
+    def wrapper(self, spans):
+        spans = list(spans)
+        events.extend("land" for sp in spans if sp.gathering is not None)
+        return fn(self, spans)
+    return wrapper
+
+
+def _block(module, args) -> None:
+    if type(module).__name__ == "Block":
+        events.append("blk")
+
+
+def _unrecorded(fn):
+    """``rt.wait_params`` after the last step: its landings belong to no step (nor to the next program's first)."""
+    def wrapper(*args, **kwargs):
+        n = len(events)
+        out = fn(*args, **kwargs)
+        del events[n:]
+        return out
+    return wrapper
+
+
+runtime_zero1.ZERO1_BUCKET_BYTES = 16 * 2**10
+rt.wait_params = _unrecorded(rt.wait_params)
+runtime_zero1.Bucket._land_all = _landing(runtime_zero1.Bucket._land_all)
+torch.nn.modules.module.register_module_forward_pre_hook(_block)
 dist.reduce_scatter_tensor = _collective(dist.reduce_scatter_tensor, "rs")
 dist.all_gather_into_tensor = _collective(dist.all_gather_into_tensor, "ag")
 dist.broadcast = _collective(dist.broadcast, "bc")
