@@ -11,7 +11,9 @@ from autopar.cost_models import overlap
 from autopar.techniques.dp_program import dp_mode, plan_dp_mode
 from autopar.techniques.pipeline import ZERO_BUBBLE
 
-DDP_BUCKET_BYTES = 25 * 2**20   # PyTorch DDP bucket_cap_mb default (torch.nn.parallel.DistributedDataParallel)
+# PyTorch DDP bucket_cap_mb default (torch.nn.parallel.DistributedDataParallel); autopar's ZeRO-1 buckets as many
+# bytes (``techniques.dp_program.ZERO1_BUCKET_BYTES``, tests/test_zero1_sync.py): the last bucket either syncs alone
+DDP_BUCKET_BYTES = 25 * 2**20
 
 FSDP_RUNTIMES = ("torch", "torchtitan")  # data parallel by FSDP2 (autopar's programs, torchtitan)
 # Which FSDP a --runtime torch plan runs (``PricingContext.fsdp_impl``): autopar's program is FSDP2; llm-foundry's
@@ -115,21 +117,37 @@ def syncs_after_backward(runtime: str, s, dtype: str, impl: str) -> bool:
       issues every unit's all-reduce after the stage's last backward, the compute stream waiting on the last
       one (``_root_post_backward_final_callback``). Counted on gloo: every all-reduce inside REDUCE_GRAD
       (tests/test_pipeline_dp_sync.py).
-    - ZeRO-1 as ``zero1`` (tensor, expert or pipeline parallel, or 16-bit): ``runtime_zero1.ShardedAdamW``
-      accumulates whole gradients over the micro-batches, then ``sync_grads`` reduce-scatters one flat
-      bucket per reduction group and the step all-gathers the updated slices, each after the other and after
-      the last backward (tests/test_zero1_sync.py). Megatron-Core's distributed optimizer overlaps the same
-      traffic (``--overlap-grad-reduce`` / ``--overlap-param-gather``); autopar's program does not. Nor
-      does Meta's Llama 3 stack (``impl`` "meta"), which the published row prices as ZeRO-1 under its
-      pipeline (``benchmarks/published_dense_rows.llama3_zero``) and which reduces and gathers
-      asynchronously (Llama Team 2024, Sec. 3.3.2): its sync hides behind the last backward.
+    - ZeRO-1 as ``zero1`` under a zero-bubble schedule (``techniques.pipeline.ZERO_BUBBLE``): torch's
+      ``stage_backward_weight`` adds the weight gradients to ``param.grad`` itself, outside autograd's
+      post-accumulate-grad hooks that start ``runtime_zero1.Bucket``'s reduce-scatters, so ``sync_grads``
+      reduce-scatters every bucket after the last backward (``runtime_parallel.apply_dp``: no count). Every
+      other ``zero1`` program overlaps it (``gathers_next_forward``). Meta's Llama 3 stack (``impl`` "meta"),
+      which the published row prices as ZeRO-1 under its pipeline (``benchmarks/published_dense_rows.llama3_zero``),
+      reduces and gathers asynchronously (Llama Team 2024, Sec. 3.3.2): its sync hides behind the last backward.
 
-    Either way the whole sync is exposed: ``CostModel.dp_time``, ``partition.RankPricer.dp_time`` and
+    Where it does, the whole sync is priced exposed: ``CostModel.dp_time``, ``partition.RankPricer.dp_time`` and
     ``bounds.grad_sync_floor`` read this rule."""
-    if runtime != "torch" or impl == "meta":
+    if runtime != "torch" or impl == "meta" or s.pp <= 1:
         return False
     mode = plan_dp_mode(s, dtype)
-    return mode == "zero1" or (mode == "replicate" and s.pp > 1)
+    return mode == "replicate" or (mode == "zero1" and s.schedule in ZERO_BUBBLE)
+
+
+def gathers_next_forward(runtime: str, s, dtype: str, impl: str) -> bool:
+    """Whether autopar's program all-gathers the step's updated parameters beside the next step's first forward:
+    ZeRO-1 as ``zero1`` (``runtime_zero1``) outside the zero-bubble schedules. Megatron-Core's distributed optimizer
+    with ``--overlap-grad-reduce`` / ``--overlap-param-gather``, as autopar runs it: each bucket
+    (``ZERO1_BUCKET_BYTES``) reduce-scatters as the last micro-batch's backward completes its gradients, and its
+    all-gather, issued after the step, is waited in the forward pre-hook of the bucket's first module. So half the
+    sync (the reduce-scatter) hides behind the last backward, half (the gather) behind the first forward
+    (``overlap.grad_sync_exposed`` with ``gather_ahead``), and the last bucket's reduce-scatter and the first one's
+    gather run beside nothing (``step_sync_exposed``). Counted on gloo: tests/test_zero1_sync.py. Not priced: the
+    first stage's input embedding completes its gradient last and is read first, a span of its own (vocab x hidden,
+    1 GB in bf16 for Llama 3 8B), so its reduce-scatter and gather are the exposed tail there, not one 25 MiB
+    bucket; and ``CostModel.dp_time``'s bytes count the blocks only (not the embedding and output head)."""
+    if runtime != "torch" or impl == "meta":
+        return False
+    return plan_dp_mode(s, dtype) == "zero1" and not syncs_after_backward(runtime, s, dtype, impl)
 
 
 def exposed_sync(cm, s) -> bool:
@@ -164,14 +182,17 @@ def step_sync_exposed(cm, s, sync, dense: float, expert: float, bwd_s: float, fw
     ``partition.RankPricer.dp_time`` with its memo): ``sync(bytes, n, stride)`` prices one gradient sync
     (``CostModel.grad_sync_time``) of the rank's ``dense`` (over dp*cp) and ``expert`` (over edp) gradient
     bytes; ``bwd_s`` / ``fwd_s``: one micro-batch's backward / forward it may hide behind (0: nothing hides).
-    Whole under ``syncs_after_backward``; else what outlasts the last backward (``overlap.grad_sync_exposed``)
-    and the last bucket, reduced after it; plus ``ZeroRedundancyOptimizer``'s broadcast (``step_broadcast_s``)."""
+    Whole under ``syncs_after_backward``; else what outlasts the last backward (``overlap.grad_sync_exposed``;
+    and the next forward where the gather runs beside it: Megatron-Core's ``--overlap-param-gather``,
+    ``gathers_next_forward``) and the last bucket's sync, plus ``ZeroRedundancyOptimizer``'s broadcast
+    (``step_broadcast_s``)."""
     n = s.dp * s.cp
     t = sync(dense, n, s.tp) + sync(expert, s.edp, s.ep * s.etp)
     if t <= 0 or exposed_sync(cm, s):
         return t
     last_bucket = sync(min(DDP_BUCKET_BYTES, dense), n, s.tp)
-    ahead = overlap.gathers_ahead(cm.ctx.runtime, s.zero_stage)  # Megatron-Core --overlap-param-gather
+    ahead = overlap.gathers_ahead(cm.ctx.runtime, s.zero_stage) or gathers_next_forward(
+        cm.ctx.runtime, s, cm.dtype, cm.ctx.fsdp_impl)
     return overlap.grad_sync_exposed(t, bwd_s, fwd_s, ahead) + last_bucket + step_broadcast_s(cm, s, dense + expert)
 
 

@@ -75,7 +75,11 @@ def grad_sync_exposed(sync_s: float, last_bwd_s: float, first_fwd_s: float, gath
     distributed optimizer with ``--overlap-param-gather`` (the Megatron-Core README's H100 runs;
     NeMo 2 / Megatron-Bridge's default DDP config) all-gathers the updated parameters bucket by
     bucket beside the next step's first forward, so the reduce-scatter half hides behind the last
-    backward and the all-gather half behind that forward."""
+    backward and the all-gather half behind that forward. autopar's ZeRO-1 program runs the same
+    (``codegen.runtime_zero1``: reduce-scatters from post-accumulate-grad hooks in the last
+    backward, all-gathers waited in forward pre-hooks; ``fsdp.gathers_next_forward``). The last
+    bucket's reduce-scatter and the first one's gather hide behind nothing: the caller adds them
+    (``fsdp.step_sync_exposed``)."""
     if not gather_ahead:
         return max(0.0, sync_s - last_bwd_s)
     return max(0.0, sync_s / 2 - last_bwd_s) + max(0.0, sync_s / 2 - first_fwd_s)
@@ -111,7 +115,8 @@ def userbuffers_tp_exposed(ag_s: float, rs_s: float, reductions: int, window_s: 
 def gathers_ahead(runtime: str, zero_stage: int) -> bool:
     """Whether the step's parameter all-gather runs beside the next step's first forward
     (``grad_sync_exposed``): Megatron-Core's distributed optimizer (ZeRO-1/2) with
-    ``--overlap-param-gather``; DDP and autopar's emitted programs gather nothing ahead."""
+    ``--overlap-param-gather``. DDP gathers nothing; autopar's ZeRO-1 program does, by its own
+    rule (``fsdp.gathers_next_forward``: it depends on the dtype and parallelism, not the stage)."""
     return runtime == "megatron" and zero_stage in (1, 2)
 
 

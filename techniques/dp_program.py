@@ -19,9 +19,10 @@ def dp_mode(zero_stage: int, dp_cp: int, has_dtensor: bool, has_ep: bool, pipeli
       backwards), or in 16-bit: FSDP2's ``replicate``, an all-reduce per block, no sharding,
       its ``MixedPrecisionPolicy`` giving 16-bit compute weights and collectives.
     - ``zero1``: zero 1 with DTensor, expert or pipelined parameters, or 16-bit: no wrapper,
-      ``runtime_zero1.ShardedAdamW`` (whole params and grads, sharded fp32 master + moments,
-      reduce-scatter + all-gather after the last backward, nothing beside them): ZeRO-1 as priced
-      (``cost_models.fsdp.syncs_after_backward``: exposed).
+      ``runtime_zero1.ShardedAdamW`` (whole params and grads, sharded fp32 master + moments; bucketed
+      reduce-scatters during the last backward, all-gathers beside the next forward, as Megatron-Core's
+      overlapped distributed optimizer): ZeRO-1 as priced (``cost_models.fsdp.gathers_next_forward``;
+      under zero-bubble schedules ``syncs_after_backward``: exposed).
     - ``fsdp2``: ZeRO-2 = ``fully_shard(reshard_after_forward=False)`` (parameters stay
       gathered from forward to backward, gradients and optimizer states sharded);
       ZeRO-3 = ``fully_shard`` (parameters re-gathered in backward, also under a pipeline);

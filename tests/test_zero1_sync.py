@@ -2,8 +2,10 @@
 
 ``dp_mode`` "zero1" (``runtime_zero1.ShardedAdamW``): gradients accumulate whole over the step's micro-batches; during
 the last backward each bucket reduce-scatters as soon as its gradients are complete, and after the step each
-bucket's all-gather runs beside the next forward, waited by the first module that reads it (counted here; still
-priced exposed: ``cost_models.fsdp.syncs_after_backward``, tests/test_pipeline_dp_sync.py). fp32 on plain
+bucket's all-gather runs beside the next forward, waited by the first module that reads it (Megatron-Core's
+``--overlap-grad-reduce`` / ``--overlap-param-gather``): ``cost_models.fsdp.gathers_next_forward``, exposed what
+outlasts the last backward and the first forward plus the last bucket's reduce-scatter and the first one's gather
+(under zero-bubble schedules the whole sync after the backward: tests/test_pipeline_dp_sync.py). fp32 on plain
 parameters (``dp_mode`` "ddp"): DDP's all-reduce in the last backward, then ``ZeroRedundancyOptimizer``'s
 per-parameter broadcasts after the step: ``fsdp.broadcasts_after_step``, an all-gather's bytes exposed beside the
 hidden all-reduce."""
@@ -20,6 +22,7 @@ from autopar.cost_models import fsdp, overlap
 from autopar.cost_models.comm import collective_time
 from autopar.cost_models.memory import bytes_per_param
 from autopar.cost_models.session import Inputs, build_cost_model
+from autopar.techniques.dp_program import ZERO1_BUCKET_BYTES
 
 HERE = Path(__file__).resolve().parent
 
@@ -30,39 +33,44 @@ PLANS = {   # name: (strategy, dtype, backward passes per step on every rank); 4
 }
 
 
-def _rules(text: str | Strategy, dtype: str, impl: str = "fsdp2") -> tuple[bool, bool]:
+def _rules(text: str | Strategy, dtype: str, impl: str = "fsdp2") -> tuple[bool, bool, bool]:
     s = Strategy.parse(text).resolve(8) if isinstance(text, str) else text
-    return (fsdp.syncs_after_backward("torch", s, dtype, impl), fsdp.broadcasts_after_step("torch", s, dtype, impl))
+    return tuple(rule("torch", s, dtype, impl) for rule in (fsdp.syncs_after_backward, fsdp.gathers_next_forward,
+                                                            fsdp.broadcasts_after_step))
 
 
 def test_which_zero1_program_runs_and_what_is_exposed():
-    assert _rules("dp=8,zero=1", "bf16") == (True, False)             # ShardedAdamW
-    assert _rules("dp=8,zero=1", "fp32") == (False, True)             # DDP + ZeroRedundancyOptimizer
-    assert _rules("dp=4,tp=2,zero=1", "fp32") == (True, False)        # DTensor weights: ShardedAdamW
-    assert _rules("pp=2,dp=4,zero=1", "fp32") == (True, False)
-    assert _rules("dp=8,zero=0", "fp32") == (False, False)            # plain DDP
-    assert _rules("dp=8,zero=2", "fp32") == (False, False)            # FSDP2
-    assert _rules("dp=8,zero=1", "fp32", "meta") == (False, False)
+    assert _rules("dp=8,zero=1", "bf16") == (False, True, False)             # ShardedAdamW, overlapped
+    assert _rules("dp=8,zero=1", "fp32") == (False, False, True)             # DDP + ZeroRedundancyOptimizer
+    assert _rules("dp=4,tp=2,zero=1", "fp32") == (False, True, False)        # DTensor weights: ShardedAdamW
+    assert _rules("pp=2,dp=4,zero=1", "fp32") == (False, True, False)
+    assert _rules("pp=2,dp=4,vpp=2,schedule=zbv,zero=1", "bf16") == (True, False, False)   # no hook sees the grads
+    assert _rules("dp=8,zero=0", "fp32") == (False, False, False)            # plain DDP
+    assert _rules("dp=8,zero=2", "fp32") == (False, False, False)            # FSDP2
+    assert _rules("dp=8,zero=1", "fp32", "meta") == (False, False, False)
     s = Strategy.parse("dp=8,zero=1").resolve(8)
     assert not any(fsdp.broadcasts_after_step(rt, s, "fp32", "fsdp2") for rt in ("megatron", "deepspeed", "torchtitan"))
+    assert ZERO1_BUCKET_BYTES == fsdp.DDP_BUCKET_BYTES   # the price's (and the search floor's) last bucket
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_zero1_prices_its_program(dtype):
-    """bf16 (ShardedAdamW): the whole reduce-scatter + all-gather; fp32 (DDP + ZeroRedundancyOptimizer): what
-    outlasts the last backward and the last bucket, plus the broadcast as one all-gather of the rank's weights."""
+    """bf16 (ShardedAdamW): the reduce-scatter half beyond the last backward, the gather half beyond the first
+    forward, and the last bucket's sync; fp32 (DDP + ZeroRedundancyOptimizer): what outlasts the last backward
+    and the last bucket, plus the broadcast as one all-gather of the rank's weights."""
     cm = build_cost_model(Inputs(model="llama3-8b", nodes=1, seq_len=2048, dtype=dtype))[0]
     s = Strategy.parse("dp=8,mbs=1,gbs=64,zero=1").resolve(8)
     r, costs = cm.estimate(s).ranks[0], cm.layer_costs(s)
     size = sum(costs[i].params_dense for i in r.layers) * bytes_per_param(cm.dtype)[1]
     t = cm.grad_sync_time(size, 8, 1, s)
     got = cm.dp_time(s, r, costs, s.num_micro_batches)
+    last_bucket = cm.grad_sync_time(min(ZERO1_BUCKET_BYTES, size), 8, 1, s)
     if dtype == "bf16":
-        assert got == pytest.approx(t)
+        assert got == pytest.approx(overlap.grad_sync_exposed(t, r.bwd_s, r.fwd_s, True) + last_bucket)
+        assert last_bucket <= got < t
         return
     ag = collective_time("all_gather", size, 8, 1, cm.cluster, fits=cm.ctx.fits).time_s
-    hidden = overlap.grad_sync_exposed(t, r.bwd_s, r.fwd_s, False) + cm.grad_sync_time(
-        min(fsdp.DDP_BUCKET_BYTES, size), 8, 1, s)
+    hidden = overlap.grad_sync_exposed(t, r.bwd_s, r.fwd_s, False) + last_bucket
     assert ag > 0 and got == pytest.approx(hidden + ag)
     assert cm.dp_comm_total(s, r, costs, s.num_micro_batches) == pytest.approx(t + ag)
 
@@ -78,7 +86,7 @@ def test_sharded_adamw_syncs_after_the_last_backward(tmp_path):
     for name, (text, dtype, _) in PLANS.items():
         plan = make_plan("gpt-tiny", 4, text, global_batch=16 if "pp" not in text else 8, dtype=dtype)
         assert plan.strategy.num_micro_batches == 4
-        assert _rules(plan.strategy, dtype) == ((True, False) if dtype == "bf16" else (False, True))   # as priced
+        assert _rules(plan.strategy, dtype) == ((False, True, False) if dtype == "bf16" else (False, False, True))
         emit(plan, tmp_path / name, "cpu")
     runs = launch(HERE / "zero1_sync_count.py", tmp_path, list(PLANS))
     for name, (_, dtype, backwards) in PLANS.items():
