@@ -88,17 +88,20 @@ def runs_sharded_adamw(s: Strategy, dtype: str, runtime: str) -> bool:
 def zero1_reduce_bytes(dense: float, expert: float, s: Strategy, dtype: str, gloo: bool) -> float:
     """``runtime_zero1.Bucket.reduce`` after backward, beyond parameters, whole gradients and states,
     for the largest bucket (one per model chunk and group: ``dense`` parameters over dp*cp, ``expert``
-    ones over edp; reduced one after another): its flat copy of the gradients (training dtype),
-    allocated while they live; once they are freed, the flat copy, the reduce-scatter output (1/n),
-    its fp32 copy under 16-bit weights, and with ``gloo`` (CPU ranks) gloo's copy of the whole input
-    (``ProcessGroupGloo`` reduce-scatters a copy: the contract sweep's peak dumps show it)."""
+    ones over edp; reduced one after another): the reduce-scatter output (1/n), its fp32 copy under
+    16-bit weights, and with ``gloo`` (CPU ranks) gloo's copy of the whole input (``ProcessGroupGloo``
+    reduce-scatters a copy: the contract sweep's peak dumps showed it when one reduce-scatter took the
+    whole bucket; kept for the spans). The flat copies of the gradients replace them as the last backward
+    completes them (``Bucket._reduce_span``: spans of ``ZERO1_BUCKET_BYTES`` copied and freed one at a
+    time; a larger parameter is a span of its own, reduced in place when n divides its size), so the
+    backward holds at most one span beyond the whole gradients, beside its activations: left out."""
     gbytes = bytes_per_param(dtype)[1]
 
     def one(params: float, n: int) -> float:
         grads = params * gbytes / s.vpp
         out = grads / n if n > 1 else 0.0
         upcast = grads / n * 4 / gbytes if gbytes < 4 else 0.0
-        return max(grads, out + upcast + (grads if gloo and n > 1 else 0.0))
+        return out + upcast + (grads if gloo and n > 1 else 0.0)
 
     return max(one(dense, s.dp * s.cp), one(expert, s.edp))
 

@@ -117,3 +117,15 @@ def test_spans_cut_in_backward_order_with_the_tied_embedding_last(monkeypatch):
     assert [s.p for s in b.slots] == [params[4], params[3], params[2], params[1], params[0]]
     assert [(sp.lo, sp.hi, sp.late) for sp in b.spans] == [(0, 2, False), (2, 3, False), (3, 4, False), (4, 5, True)]
     assert [sp.col for sp in b.spans] == [0, 16, 36, 40] and b.width == 48
+
+
+def test_memory_prices_the_reduce_after_backward_only():
+    """The overlapped program's flat copies replace the gradients during the last backward: after it the bucket
+    adds its reduce-scatter output (1/n) and, under bf16, its fp32 copy; gloo (CPU) its copy of the input."""
+    from autopar.core.strategy import Strategy
+    from autopar.cost_models.memory import zero1_reduce_bytes
+
+    s, dense = Strategy.parse("dp=8,zero=1").resolve(8), 8e9
+    assert zero1_reduce_bytes(dense, 0.0, s, "bf16", False) == pytest.approx(dense * 2 / 8 + dense * 4 / 8)
+    assert zero1_reduce_bytes(dense, 0.0, s, "fp32", False) == pytest.approx(dense * 4 / 8)
+    assert zero1_reduce_bytes(dense, 0.0, s, "bf16", True) == pytest.approx(dense * 2 * (1 + 3 / 8))
