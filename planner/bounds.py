@@ -492,7 +492,7 @@ def grad_sync_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> tuple[floa
     if key not in sp.memo:
         sp.memo[key] = exposed_sync(sp.cm, probe(sh, sp.gb, k))
     if sp.memo[key]:   # replicate under a pipeline,
-        return out[1], 0.0   # ShardedAdamW: the whole sync after the last backward, none of it behind compute
+        return out[1], 0.0   # ShardedAdamW under zero-bubble schedules: the whole sync after the last backward
     return out[0], out[1]
 
 
