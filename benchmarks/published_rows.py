@@ -108,11 +108,12 @@ ARCHS: dict[str, dict] = {
     "GPT-OSS-120B": dict(model_type="mixtral", hidden_size=2880, num_hidden_layers=36, num_attention_heads=64,
                          num_key_value_heads=8, head_dim=64, intermediate_size=2880, vocab_size=201088,
                          num_local_experts=128, num_experts_per_tok=4, attention_bias=True, mlp_bias=True,
-                         sliding_window=128, layer_types=["sliding_attention", "full_attention"] * 18,
+                         sliding_window=128, layer_types=["sliding_attention", "full_attention"] * 18, swiglu_limit=7.0,
                          rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
                                            original_max_position_embeddings=4096)),
     # openai/gpt-oss-120b (head_dim 64; biases on q/k/v/o and the experts; a 128-token window on every other layer:
-    # Megatron-Bridge GPTOSSProvider window_size (128, 0), window_attn_skip_freq 2; the HF config's layer_types)
+    # Megatron-Bridge GPTOSSProvider window_size (128, 0), window_attn_skip_freq 2; the HF config's layer_types;
+    # its config's swiglu_limit 7: GPTOSSProvider activation_func_clamp_value 7.0)
     "DeepSeek-V3": dict(model_type="deepseek_v3", hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
                         intermediate_size=18432, vocab_size=129280, n_routed_experts=256, num_experts_per_tok=8,
                         moe_intermediate_size=2048, n_shared_experts=1, first_k_dense_replace=3, q_lora_rank=1536,

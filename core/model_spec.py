@@ -109,6 +109,8 @@ class ModelSpec(BaseModel):
     qk_norm: QKNorm = "none"
     mlp_kind: MLPKind = Field("auto", description="auto: gelu for gpt, swiglu otherwise")
     mlp_bias: bool = Field(False, description="biases on the MLP linears (gpt always has them)")
+    glu_clamp: float = Field(0.0, ge=0.0, description="gated MLP's input clamp (GPT-OSS swiglu_limit: gate <= c, "
+                             "up in [-c, c]); 0 = none. Priced under --runtime megatron; autopar's models do not clamp")
     attn_out_bias: bool = Field(False, description="bias on the attention output projection")
     fused_qkv: bool = Field(False, description="one q/k/v linear (GPT-NeoX, Falcon, Phi-3): same FLOPs and params")
     rotary_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of head_dim that RoPE rotates")

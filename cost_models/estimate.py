@@ -99,7 +99,7 @@ class CostModel:
             fits=comm_fits, runtime=program_of(runtime), stack_name=runtime, sliding_window=spec.sliding_window,
             sliding_layers=sliding,
             attn_head_dim=spec.attention_head_dim, expert_bias=bool(spec.num_experts and spec.mlp_bias),
-            fsdp_impl=fsdp_impl, rope_attention_factor=spec.rope_attention_factor)
+            fsdp_impl=fsdp_impl, rope_attention_factor=spec.rope_attention_factor, glu_clamp=spec.glu_clamp)
         self.moe_load = moe_load
         self._cache: dict[tuple, dict] = {}
         self._z3 = IdentityMemo(4096)   # _zero3_layer by what it reads (most layers share one price)

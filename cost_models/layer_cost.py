@@ -52,7 +52,6 @@ from autopar.cost_models.moe_cost import (
 )
 from autopar.cost_models.recompute_cost import recompute_times, rerun_tail, selective_bytes, tp_rerun
 from autopar.cost_models.tp_collectives import program_tp_time, routes_local_tokens
-from autopar.techniques.moe_program import moe_tokens_local
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
 
@@ -114,6 +113,7 @@ class PricingContext:
     rope_attention_factor: float = 1.0   # YaRN's factor on cos / sin (ModelSpec; megatron: not 1 runs RoPE unfused)
     cross_entropy: str = "te"            # megatron: the fused loss kernel (megatron_ops.CROSS_ENTROPY_IMPLS)
     expert_bias: bool = False            # the model's experts have biases (ModelSpec.mlp_bias of an MoE)
+    glu_clamp: float = 0.0               # the gated activation's input clamp (ModelSpec.glu_clamp; 0 none)
     tp_comm_overlap: bool = False        # megatron: TE userbuffers tp overlap (--tp-comm-overlap; megatron_ops)
     fsdp_impl: FsdpImpl = "fsdp2"        # torch runtime: which FSDP runs (llm-foundry's rows: FSDP1; fsdp.FsdpImpl)
 
@@ -171,10 +171,8 @@ def shards_for(s: Strategy, layer: LayerTemplate | None = None, runtime: str = "
     Megatron-Core routes the shard with shared experts too (``megatron_ops.megatron_routes_local``)."""
     # tokens is already the rank's share of the sequence (mbs / cp): expert terms divide it further
     # only by tp (the folded mapping splits a tp group's tokens before dispatch), not by cp again
-    local = moe_tokens_local(s.sequence_parallel, s.ep, s.etp, shared_experts=False) if layer is None else \
-        routes_local_tokens(layer, s.sequence_parallel, s.ep, s.etp)
-    if runtime == "megatron":
-        local = megatron_routes_local(s.sequence_parallel, s.ep, s.etp)
+    local = megatron_routes_local(s.sequence_parallel, s.ep, s.etp) if layer is None or runtime == "megatron" \
+        else routes_local_tokens(layer, s.sequence_parallel, s.ep, s.etp)   # (None: the rule without shared experts)
     return Shards(tokens=s.micro_batch / s.cp, tp=s.tp, sp=s.sequence_parallel,
                   expert_div=1 if _experts_replicated(s) else s.tp, router_div=s.tp if local else 1)
 
@@ -310,11 +308,12 @@ def _expert_passes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingCo
     w1 = next((o for o in layer.ops if o.shard == "expert" and o.kind == "gemm" and o.gemm and o.tp_dim == "n"), None)
     if not layer.is_moe or w1 is None or ctx.runtime not in ("megatron", "torch"):
         return 0.0, 0.0
-    (rows, _, hidden), local, load = _local_gemm(w1, s, sh), w1.calls / s.ep, expert_load(ctx)
+    (rows, width, hidden), local, load = _local_gemm(w1, s, sh), w1.calls / s.ep, expert_load(ctx)
     if ctx.runtime == "torch":
         cat, stack = expert_loop_bytes(rows * local, hidden, layer.params_expert / (s.ep * s.etp), ctx.dtype_bytes)
         return ctx.timer.membound(cat) * load, ctx.timer.membound(stack)
-    f, b = expert_passes_s(ctx.timer, rows * local, local if s.ep > 1 else 1, hidden, ctx.dtype_bytes, ctx.expert_bias)
+    f, b = expert_passes_s(ctx.timer, rows * local, local if s.ep > 1 else 1, hidden, ctx.dtype_bytes, ctx.expert_bias,
+                           width if ctx.glu_clamp else 0.0)   # w1's width: the gate half, split by etp
     return f * load, b * load
 
 

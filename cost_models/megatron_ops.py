@@ -222,14 +222,32 @@ def expert_bias_bytes(rows: float, hidden: float, dtype_bytes: int) -> tuple[flo
     return 6.0 * dtype_bytes * elements, 6.0 * dtype_bytes * elements
 
 
+def glu_clamp_bytes(rows: float, ffn: float, dtype_bytes: int) -> tuple[float, float]:
+    """(forward, backward) bytes of the eager clamp Megatron-Core runs before its fused gated activation when the
+    model clamps the activation's inputs (GPT-OSS ``swiglu_limit`` 7: Megatron-Bridge ``GPTOSSProvider``
+    ``activation_func_clamp_value`` 7.0 with ``bias_activation_fusion``). megatron-core 0.16
+    ``fused_bias_geglu.weighted_bias_quick_geglu_impl`` (called by ``TEGroupedMLP.forward``) does, outside the
+    fused kernel, ``x_glu, x_linear = input.chunk(2, -1)``, ``x_glu.clamp(max=c)``, ``x_linear.clamp(-c, c)`` and
+    ``torch.cat`` of the two on the [rows, 2 ffn] fc1 output, ``ffn`` the local expert width. Per rows x ffn
+    elements of ``dtype_bytes`` B: forward the two clamps read and write B each (4B) and the cat reads and writes
+    2 ffn (4B): 8B. Backward (PyTorch derivatives.yaml): ``clamp_max`` -> ``where(self <= max, grad, 0)``, its
+    mask written as bool (B + 1, then 1 + 2B); ``clamp`` -> ``where((self >= min).logical_and(self <= max), grad,
+    0)`` (2(B + 1), 3, 1 + 2B); ``chunk``'s gradient is one ``cat`` of the two (4B): 11B + 8. The cat's own
+    gradient is two views (no pass). The clamped copy the fused kernel saves is not priced in memory."""
+    elements = rows * ffn
+    return 8.0 * dtype_bytes * elements, (11.0 * dtype_bytes + 8.0) * elements
+
+
 def expert_passes_s(timer: OpTimer, rows: float, local: float, hidden: float, dtype_bytes: int,
-                    expert_bias: bool) -> tuple[float, float]:
+                    expert_bias: bool, clamp_ffn: float = 0.0) -> tuple[float, float]:
     """(forward, backward) seconds of the memory passes Megatron-Core runs on an expert-parallel rank's
     ``rows`` received tokens beside its ``local`` experts' GEMMs: the expert-major re-sort and back
     (``moe_cost.local_sort_bytes``, each direction), under fp8 the rows' padding for the fp8 GEMMs
-    (``fp8_cost.te_expert_padding_bytes``) and, for a model with expert biases, their addition
-    (``expert_bias_bytes``)."""
+    (``fp8_cost.te_expert_padding_bytes``), for a model with expert biases their addition
+    (``expert_bias_bytes``) and, for one that clamps its gated activation's inputs, the eager clamp over the
+    ``clamp_ffn``-wide halves (``glu_clamp_bytes``; 0: no clamp)."""
     sort = timer.membound(local_sort_bytes(rows, hidden, dtype_bytes, local))
     pad_f, pad_b = te_expert_padding_bytes(rows, hidden, local, dtype_bytes) if timer.dtype == "fp8" else (0.0, 0.0)
     fwd, bwd = expert_bias_bytes(rows, hidden, dtype_bytes) if expert_bias else (0.0, 0.0)
-    return sort + timer.membound(pad_f + fwd), sort + timer.membound(pad_b + bwd)
+    clamp_f, clamp_b = glu_clamp_bytes(rows, clamp_ffn, dtype_bytes)
+    return sort + timer.membound(pad_f + fwd + clamp_f), sort + timer.membound(pad_b + bwd + clamp_b)

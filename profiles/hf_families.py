@@ -185,7 +185,7 @@ def qwen2_moe(r: HFReader) -> dict:
 def mixtral(r: HFReader) -> dict:
     f = mistral(r)
     f.update(family="moe", num_experts=r.req("num_local_experts"), topk=r.req("num_experts_per_tok"),
-             moe_ffn_hidden=r.req("intermediate_size"), ffn_hidden=0)
+             moe_ffn_hidden=r.req("intermediate_size"), ffn_hidden=0, glu_clamp=float(r.opt("swiglu_limit", 0.0)))
     return f
 
 
