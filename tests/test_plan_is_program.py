@@ -45,12 +45,13 @@ def test_fsdp_impl_is_a_typed_field_of_the_pricing_context_given_at_construction
     field = {f.name: f for f in dataclasses.fields(PricingContext)}["fsdp_impl"]
     hints = typing.get_type_hints(PricingContext)
     assert field.default == "fsdp2" and typing.get_args(hints["fsdp_impl"]) == FSDP_IMPLS
-    cm = build_cost_model(Inputs(model="gpt-tiny", gpu="a100-80g", seq_len=64, fsdp_impl="fsdp1_pure"))[0]
+    cm = build_cost_model(Inputs(model="gpt-tiny", gpu="a100-80g", seq_len=64, fsdp_impl="fsdp1_pure",
+                                 runtime="llm-foundry"))[0]
     assert cm.ctx.fsdp_impl == "fsdp1_pure" and not hasattr(cm, "fsdp_impl")
     assert same_job(cm, seq_len=32).ctx.fsdp_impl == "fsdp1_pure"
     assert build_cost_model(Inputs(model="gpt-tiny", gpu="a100-80g", seq_len=64))[0].ctx.fsdp_impl == "fsdp2"
     with pytest.raises(InputError, match="fsdp_impl=fsdp3"):
         build_cost_model(Inputs(model="gpt-tiny", gpu="a100-80g", seq_len=64, fsdp_impl="fsdp3"))
-    with pytest.raises(InputError, match="--runtime torch only"):
+    with pytest.raises(InputError, match="--runtime llm-foundry only"):
         build_cost_model(Inputs(model="gpt-tiny", gpu="a100-80g", seq_len=64, fsdp_impl="fsdp1_pure",
                                 runtime="megatron"))
