@@ -92,10 +92,12 @@ class Floor:
     act_base: float  # saved activations per micro-batch with the fastest allowed recompute
     temps: float
     saves: tuple     # per block template: (layers, {mode: bytes one layer saves per micro-batch})
-    memo: dict = field(default_factory=dict, compare=False, repr=False)   # states by (groups, zero, offload)
+    # states by (parameters, groups, zero, offload): one dict for every floor of a search (``Space.floor``),
+    # which reads the parameters alone (shardings of one tp and ep*etp share them)
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def states(self, cm: CostModel, sh: Sharding, zero: int, offload: bool) -> float:
-        key = (sh.dp * sh.cp, sh.edp, zero, offload)
+        key = ("states", self.dense, self.expert, sh.dp * sh.cp, sh.edp, zero, offload)
         if key not in self.memo:
             self.memo[key] = self._states(cm, sh, zero, offload)
         return self.memo[key]
@@ -109,7 +111,7 @@ class Floor:
 
     def host_bytes(self, cm: CostModel, sh: Sharding) -> float:
         """Mean over pipeline ranks of what offload keeps in host memory (as ``CostModel.rank_memory``)."""
-        key = (sh.dp * sh.cp, sh.edp, sh.pp)
+        key = ("host", self.dense, self.expert, sh.dp * sh.cp, sh.edp, sh.pp)
         if key not in self.memo:
             self.memo[key] = self._host_bytes(cm, sh)
         return self.memo[key]
@@ -129,7 +131,12 @@ class Floor:
         """States that sit beside the activations at the peak: without the gradients where the step
         frees them before its activation peak (``warm``: ``memory.grads_freed_before_activation_peak``;
         the peak then holds the larger of the two, ``warmup_only_activations``)."""
-        return self.states(cm, sh, zero, offload) - (self.grads(cm, sh, zero, offload) if warm else 0.0)
+        key = ("resident", self.dense, self.expert, sh.dp * sh.cp, sh.edp, zero, offload, warm)
+        hit = self.memo.get(key)
+        if hit is None:
+            hit = self.memo[key] = self.states(cm, sh, zero, offload) - (
+                self.grads(cm, sh, zero, offload) if warm else 0.0)
+        return hit
 
     def bytes(self, cm: CostModel, sh: Sharding, zero: int, offload: bool, in_flight: float,
               warm: bool = False) -> float:
@@ -186,10 +193,12 @@ def grads_freed(sp: "Space", sh: Sharding, schedule: str, vpp: int) -> bool:
     return sp.freed[key]
 
 
-def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...], cache: dict | None = None) -> Floor:
+def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...], cache: dict | None = None,
+                memo: dict | None = None) -> Floor:
     """Same formulas as ``layer_cost.price_layer`` for parameters and ``layer_model.saved_bytes``.
     ``modes[0]`` is the fastest allowed recompute (none unless the user fixed another). ``cache``: the
-    activation terms by the ``Shards`` they read (shardings differing in ep / etp alone share them)."""
+    activation terms by the ``Shards`` they read (shardings differing in ep / etp alone share them);
+    ``memo``: the ``Floor.memo`` to share (a fresh one if None)."""
     shards = shards_for(probe(sh, 0))
     acts = None if cache is None else cache.get((shards, modes))
     if acts is None:
@@ -201,7 +210,7 @@ def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...], cache: dict
         n = len(t.indices) if t.kind == "block" else 1
         dense += n * ((t.params_tp + t.params_vocab) / sh.tp + t.params_rep)
         expert += n * t.params_expert / (sh.ep * sh.etp)
-    return Floor(dense, expert, *acts)
+    return Floor(dense, expert, *acts, memo={} if memo is None else memo)
 
 
 def _floor_acts(cm: CostModel, shards, modes: tuple[str, ...]) -> tuple:
@@ -281,6 +290,7 @@ class Space:
         self.knob_sets: dict[int, KnobSet] = {}   # knob_options lists (shared by rows) summarised once
         self.by_sh: dict[tuple, object] = {}      # floor and pricing by the sharding itself (the same objects)
         self.floor_acts: dict[tuple, tuple] = {}  # floor_terms' activation terms by Shards
+        self.floor_memo: dict[tuple, object] = {}  # every floor's Floor.memo (states by parameters and groups)
 
     def knobs(self, knobs: list) -> KnobSet:
         ks = self.knob_sets.get(id(knobs))
@@ -304,7 +314,7 @@ class Space:
         if hit is None:
             key = (sh.tp, sh.cp, sh.ep, sh.etp, sh.sp, sh.mbs)
             if key not in self.floors:
-                self.floors[key] = floor_terms(self.cm, sh, self.cons.modes, self.floor_acts)
+                self.floors[key] = floor_terms(self.cm, sh, self.cons.modes, self.floor_acts, self.floor_memo)
             hit = self.by_sh["floor", sh] = self.floors[key]
         return hit
 
@@ -413,7 +423,8 @@ def peak_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
     ``n`` layers, ``v | n``; it is at least ``edge + n * fastest block`` and the other ranks'
     mean is at least ``(total - edge - n * slowest block) / (pp - 1)``; the minimum over ``n``
     of the larger of the two bounds ``max P``."""
-    key = ("peak", id(pr), sh.pp, k.schedule, k.vpp)   # all it reads (``pr`` lives in ``sp.prices``)
+    # all it reads (``pr`` lives in ``sp.prices``): the schedule only where V-shaped (looped ones share a floor)
+    key = ("peak", id(pr), sh.pp, k.schedule if k.schedule in pipeline.V_SHAPED else "", k.vpp)
     if key not in sp.memo:
         sp.memo[key] = _peak_floor(sp, sh, k, pr)
     return sp.memo[key]

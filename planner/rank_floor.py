@@ -158,14 +158,16 @@ def _rank_rows(sp, sh, k, blk: tuple) -> list[tuple[float, float, float, float]]
     holds no layer, the room one more layer's states take), as ``RankPricer._budget`` and
     ``CostModel.rank_memory`` count them (the terms that only add memory left out)."""
     io = _rank_io(sp, sh, k.schedule, k.vpp)
-    s, out, per = io[0], [], {}
+    s, out, per, edges = io[0], [], {}, {}   # edges: most ranks hold no edge layer (edge_dense 0)
     holds = _holds_grads(sp, sh, k)
     give = _deferred_block(sp, sh) if holds else 0.0
     for e, f, fixed, edge_dense, grads in io[1]:
         if grads not in per:
             per[grads] = _states(sp.cm, s, blk[2], blk[3], k, grads, grads and holds)
+        if (edge_dense, grads) not in edges:
+            edges[edge_dense, grads] = _states(sp.cm, s, edge_dense, 0.0, k, grads, grads and holds)
         room = sp.usable * (1 + MARGIN) - fixed + (give if grads else 0.0)
-        out.append((e, f, room - _states(sp.cm, s, edge_dense, 0.0, k, grads, grads and holds), per[grads]))
+        out.append((e, f, room - edges[edge_dense, grads], per[grads]))
     return out
 
 
