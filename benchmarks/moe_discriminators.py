@@ -6,6 +6,8 @@ measured"). Nothing here is shipped.
     python benchmarks/moe_discriminators.py --cache FILE layers        # per layer and micro-batch: published vs priced
     python benchmarks/moe_discriminators.py --cache FILE percall [C]   # + C s per local expert GEMM call (bwd 2 calls)
     python benchmarks/moe_discriminators.py --cache FILE scan          # per-call C x ep_overlap x matmul_scale
+    python benchmarks/moe_discriminators.py --cache FILE a2a [F]       # inter-node all-to-all bandwidth x F (0.5)
+    python benchmarks/moe_discriminators.py --cache FILE stages        # per rank and micro-batch, output layer, p2p
 
 ``percall`` is the fixed cost of each GEMM Transformer Engine's ``GroupedLinear`` issues per local expert on
 Hopper (``general_grouped_gemm``: one cuBLAS call per expert over its compute streams; a knee in the GEMM
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import calibrate_modern as cal  # noqa: E402
 from moe_probe import MODERN, compare  # noqa: E402
 
+from autopar.cost_models import comm  # noqa: E402
 from autopar.cost_models import layer_cost as lc  # noqa: E402
 
 # Rows the summary lines show, by a unique part of their id.
@@ -116,6 +119,36 @@ def layer_rows(rows: list) -> None:
                       f"{6 * m * n * k * local / (f + bw) / 1e12:.0f} TFLOP/s")
 
 
+@contextmanager
+def a2a_bandwidth(factor: float):
+    """Every all-to-all whose group spans nodes runs its NIC share at ``factor`` x the cluster's inter-node
+    bandwidth (``comm.multinode_all_to_all_time``; NVLink share and latencies as priced)."""
+    shipped = comm.multinode_all_to_all_time
+
+    def slowed(size_bytes, n, g, intra, inter_bw_gbps, inter_latency_s):
+        return shipped(size_bytes, n, g, intra, inter_bw_gbps * factor, inter_latency_s)
+
+    comm.multinode_all_to_all_time, comm._MEMO = slowed, comm.IdentityMemo(200_000)
+    try:
+        yield
+    finally:
+        comm.multinode_all_to_all_time, comm._MEMO = shipped, comm.IdentityMemo(200_000)
+
+
+def stages(rows: list) -> None:
+    """Per row: the step priced and published, each pipeline rank's forward + backward per micro-batch, the output
+    layer's share of the last rank's, and one stage-to-stage send (``CostModel.p2p_time``) with the sends a
+    micro-batch makes each way (pp x vpp - 1 boundaries of the chain of virtual stages)."""
+    for b in rows:
+        s, p = b.strategy, cal.price(b)
+        e, out = p.estimate, b.cm.layer_costs(s)["output"]
+        ranks = " ".join(f"{1e3 * (r.fwd_s + r.bwd_s):.1f}" for r in e.ranks)
+        crossings = s.pp * max(s.vpp, 1) - 1
+        print(f"{b.case.id[:60]:60s} step {p.pred_step_s:6.2f} s (published {p.pub_step_s:6.2f}), "
+              f"{s.num_micro_batches} micro-batches; per micro-batch rank fwd+bwd {ranks} ms; output layer "
+              f"{1e3 * (out.fwd_s + out.bwd_s):.1f} ms; p2p {1e3 * b.cm.p2p_time(s):.2f} ms x {crossings} each way")
+
+
 def scan(built: list) -> None:
     """``summary`` lines of the Hopper Megatron rows over per-call cost x ``matmul_scale`` x ``ep_overlap``."""
     hopper = [b for b in built if b.case.runtime == "megatron" and b.cm.gpu.name.startswith("h100")]
@@ -130,8 +163,9 @@ def scan(built: list) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=["layers", "percall", "scan"])
-    ap.add_argument("c_s", nargs="?", type=float, default=20e-6, help="seconds per expert GEMM call (percall)")
+    ap.add_argument("mode", choices=["layers", "percall", "scan", "a2a", "stages"])
+    ap.add_argument("c_s", nargs="?", type=float, help="seconds per expert GEMM call (percall, default 20e-6) or "
+                    "the inter-node all-to-all bandwidth factor (a2a, default 0.5)")
     ap.add_argument("--cache", type=Path, help="pickle of the built rows (validate_published.py --cache)")
     args = ap.parse_args(argv)
     built, _ = cal.load_or_build([MODERN], args.cache)
@@ -140,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         scan(built)
     elif args.mode == "layers":
         layer_rows(rows)
+    elif args.mode == "stages":
+        stages(rows)
     else:
         base = errors(rows)
-        with per_call_cost(args.c_s):
+        with per_call_cost(args.c_s or 20e-6) if args.mode == "percall" else a2a_bandwidth(args.c_s or 0.5):
             compare(base, errors(rows), floor=0.005)
     return 0
 
