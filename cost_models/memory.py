@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
+from autopar.techniques.dp_program import ZERO1_BUCKET_BYTES
 from autopar.techniques.pipeline import ZERO_BUBBLE
 
 GiB = 1024**3
@@ -86,22 +87,22 @@ def runs_sharded_adamw(s: Strategy, dtype: str, runtime: str) -> bool:
 
 
 def zero1_reduce_bytes(dense: float, expert: float, s: Strategy, dtype: str, gloo: bool) -> float:
-    """``runtime_zero1.Bucket.reduce`` after backward, beyond parameters, whole gradients and states,
-    for the largest bucket (one per model chunk and group: ``dense`` parameters over dp*cp, ``expert``
-    ones over edp; reduced one after another): the reduce-scatter output (1/n), its fp32 copy under
-    16-bit weights, and with ``gloo`` (CPU ranks) gloo's copy of the whole input (``ProcessGroupGloo``
+    """``runtime_zero1.Bucket`` at the end of the last backward, beyond parameters, whole gradients and
+    states, for the largest bucket (one per model chunk and group: ``dense`` parameters over dp*cp,
+    ``expert`` ones over edp): the flat copy of its last span (``Bucket._pack``: allocated while that span's
+    gradients live, which it then frees; spans of ``ZERO1_BUCKET_BYTES``, a larger parameter alone and
+    reduced in place, so at most a bucket; the earlier spans' copies replaced their gradients during the
+    backward), or once the backward is done the reduce-scatter output (1/n), its fp32 copy under 16-bit
+    weights, and with ``gloo`` (CPU ranks) gloo's copy of the whole input (``ProcessGroupGloo``
     reduce-scatters a copy: the contract sweep's peak dumps showed it when one reduce-scatter took the
-    whole bucket; kept for the spans). The flat copies of the gradients replace them as the last backward
-    completes them (``Bucket._reduce_span``: spans of ``ZERO1_BUCKET_BYTES`` copied and freed one at a
-    time; a larger parameter is a span of its own, reduced in place when n divides its size), so the
-    backward holds at most one span beyond the whole gradients, beside its activations: left out."""
+    whole bucket; kept for the spans)."""
     gbytes = bytes_per_param(dtype)[1]
 
     def one(params: float, n: int) -> float:
         grads = params * gbytes / s.vpp
         out = grads / n if n > 1 else 0.0
         upcast = grads / n * 4 / gbytes if gbytes < 4 else 0.0
-        return out + upcast + (grads if gloo and n > 1 else 0.0)
+        return max(min(grads, ZERO1_BUCKET_BYTES), out + upcast + (grads if gloo and n > 1 else 0.0))
 
     return max(one(dense, s.dp * s.cp), one(expert, s.edp))
 

@@ -120,8 +120,9 @@ def test_spans_cut_in_backward_order_with_the_tied_embedding_last(monkeypatch):
 
 
 def test_memory_prices_the_reduce_after_backward_only():
-    """The overlapped program's flat copies replace the gradients during the last backward: after it the bucket
-    adds its reduce-scatter output (1/n) and, under bf16, its fp32 copy; gloo (CPU) its copy of the input."""
+    """The overlapped program's flat copies replace the gradients span by span during the last backward: beyond
+    them the last span's copy (at most a bucket), after it the reduce-scatter output (1/n) and, under bf16, its
+    fp32 copy; gloo (CPU) its copy of the input."""
     from autopar.core.strategy import Strategy
     from autopar.cost_models.memory import zero1_reduce_bytes
 
@@ -129,3 +130,4 @@ def test_memory_prices_the_reduce_after_backward_only():
     assert zero1_reduce_bytes(dense, 0.0, s, "bf16", False) == pytest.approx(dense * 2 / 8 + dense * 4 / 8)
     assert zero1_reduce_bytes(dense, 0.0, s, "fp32", False) == pytest.approx(dense * 4 / 8)
     assert zero1_reduce_bytes(dense, 0.0, s, "bf16", True) == pytest.approx(dense * 2 * (1 + 3 / 8))
+    assert zero1_reduce_bytes(1e6, 0.0, s, "bf16", False) == pytest.approx(2e6)   # one span: the whole bucket
