@@ -33,6 +33,7 @@ from autopar.core.gpu import GpuProfile
 from autopar.core.strategy import Strategy
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm
 from autopar.cost_models.recompute_cost import rerun_ops
+from autopar.memo import MISS, IdentityMemo
 
 # A GPU profile without its own host_launch_s takes the H100's (GpuProfile's default, h100-sxm.yaml
 # sources.host_launch_s: 56.1 us, the traced MoE step less its optimizer and FSDP copies over its launches). For
@@ -40,6 +41,8 @@ from autopar.cost_models.recompute_cost import rerun_ops
 # --device cpu --launch`, no cudaLaunchKernel); the program's modules and FSDP2 hooks add the rest.
 # `kernel_rates.py --launch` on the next lent GPU measures the floor there.
 EAGER_RUNTIMES = ("torch", "torchtitan", "deepspeed")   # stacks the floor applies to (module docstring)
+# layer_calls by (mode, grouped, runtime, ep) and the layer and its ops: every pricing of a layer floors its modes
+_CALLS = IdentityMemo(4096)
 
 
 def host_launch_s(gpu: GpuProfile, runtime: str = "torch") -> float:
@@ -76,8 +79,11 @@ def layer_calls(t: LayerTemplate, s: Strategy, mode: str = "none", grouped: bool
     micro-batch (``recompute_cost.rerun_ops``); ``ops``: the layer's ops as the runtime runs them (its captured ones
     by default)."""
     ops = t.ops if ops is None else ops
-    calls = [op_calls(o, s, grouped) for o in ops]
-    return sum(calls), sum(calls[i] for i in rerun_ops(t, ops, mode, runtime))
+    key, out = _CALLS.lookup((mode, grouped, runtime, s.ep), (t, ops))   # of ``s``, op_calls reads ep alone
+    if out is MISS:
+        calls = [op_calls(o, s, grouped) for o in ops]
+        out = _CALLS.put(key, (t, ops), (sum(calls), sum(calls[i] for i in rerun_ops(t, ops, mode, runtime))))
+    return out
 
 
 def grouped_experts(stack) -> bool:

@@ -12,6 +12,11 @@ from __future__ import annotations
 
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm
 from autopar.cost_models.tp_collectives import block_tp_collectives
+from autopar.memo import MISS, IdentityMemo
+
+# rerun_ops / rerun_tail by (mode, runtime) and the layer and its ops (kept beside the result): each pricing of a
+# layer asks them for every mode (recompute_times, host_bound.layer_floor), and the search prices ~150 shardings
+_RERUN = IdentityMemo(4096)
 
 
 def rerun_ops(layer: LayerTemplate, ops: list[OpTerm], mode: str, runtime: str) -> list[int]:
@@ -22,7 +27,14 @@ def rerun_ops(layer: LayerTemplate, ops: list[OpTerm], mode: str, runtime: str) 
       emitted policy saves the attention module's projections and collectives and re-runs every other op
       of it, RoPE, the GQA repeat and SDPA included, up to ``wo`` (``attention_region``).
     - ``op``: the ops whose outputs the per-op policy does not keep.
-    - ``full``: the forward but the ops of the early-stop tail (``rerun_tail``)."""
+    - ``full``: the forward but the ops of the early-stop tail (``rerun_tail``).
+
+    Memoized (read-only lists: callers index with them)."""
+    key, out = _RERUN.lookup((mode, runtime), (layer, ops))
+    return _RERUN.put(key, (layer, ops), _rerun_ops(layer, ops, mode, runtime)) if out is MISS else out
+
+
+def _rerun_ops(layer: LayerTemplate, ops: list[OpTerm], mode: str, runtime: str) -> list[int]:
     if mode == "selective":
         region = attention_region(ops) if runtime == "torch" else None
         return region if region is not None else [i for i, o in enumerate(ops) if o.attn_core]
@@ -36,8 +48,12 @@ def rerun_ops(layer: LayerTemplate, ops: list[OpTerm], mode: str, runtime: str) 
 
 def rerun_tail(layer: LayerTemplate, ops: list[OpTerm], runtime: str) -> list[int]:
     """Indices of the forward ops full recompute does not re-run: the early-stop tail of torch's checkpoint in
-    the emitted programs (``early_stop_tail``); none for the other runtimes (the textbook full re-run)."""
-    return early_stop_tail(layer, ops) if runtime == "torch" else []
+    the emitted programs (``early_stop_tail``); none for the other runtimes (the textbook full re-run).
+    Memoized as ``rerun_ops`` (read-only)."""
+    key, out = _RERUN.lookup(("tail", runtime), (layer, ops))
+    if out is MISS:
+        out = _RERUN.put(key, (layer, ops), early_stop_tail(layer, ops) if runtime == "torch" else [])
+    return out
 
 
 def recompute_times(layer: LayerTemplate, ops: list[OpTerm], fwds: list[float], runtime: str, fwd: float,

@@ -61,12 +61,33 @@ def _shared_probe(sh: Sharding, gb: int, k: Knobs | None) -> Strategy:
 
 
 def _new_probe(sh: Sharding, gb: int, k: Knobs | None, kw: dict) -> Strategy:
-    vals = dict(dp=sh.dp, tp=sh.tp, pp=sh.pp, cp=sh.cp, ep=sh.ep, etp=sh.etp, micro_batch=sh.mbs, global_batch=gb,
-                sequence_parallel=sh.sp)
+    if kw:
+        vals = dict(dp=sh.dp, tp=sh.tp, pp=sh.pp, cp=sh.cp, ep=sh.ep, etp=sh.etp, micro_batch=sh.mbs,
+                    global_batch=gb, sequence_parallel=sh.sp)
+        if k is not None:
+            vals.update(zero_stage=k.zero, offload_optimizer=k.offload, schedule=k.schedule, vpp=k.vpp)
+        vals.update(kw)
+        return strategy_with(_default_probe(), vals)   # a copy of the defaults: cheaper than model_construct
+    # ``strategy_with`` spelled out for the fields every probe sets (4.8 -> 3.1 us): the same dict, in the same order
+    d = _default_probe().__dict__.copy()
+    d["dp"], d["tp"], d["pp"], d["cp"], d["ep"], d["etp"] = sh.dp, sh.tp, sh.pp, sh.cp, sh.ep, sh.etp
+    d["micro_batch"], d["global_batch"], d["sequence_parallel"] = sh.mbs, gb, sh.sp
     if k is not None:
-        vals.update(zero_stage=k.zero, offload_optimizer=k.offload, schedule=k.schedule, vpp=k.vpp)
-    vals.update(kw)
-    return strategy_with(_default_probe(), vals)   # a copy of the defaults: cheaper than model_construct
+        d["zero_stage"], d["offload_optimizer"], d["schedule"], d["vpp"] = k.zero, k.offload, k.schedule, k.vpp
+    out = Strategy.__new__(Strategy)
+    object.__setattr__(out, "__dict__", d)
+    object.__setattr__(out, "__pydantic_extra__", None)
+    object.__setattr__(out, "__pydantic_fields_set__", set(_probe_fields(k is not None)))
+    object.__setattr__(out, "__pydantic_private__", None)
+    return out
+
+
+@lru_cache(maxsize=2)
+def _probe_fields(knobs: bool) -> frozenset:
+    """The fields a probe sets (``strategy_with``'s fields-set): the defaults' and the sharding's (and the knobs')."""
+    keys = {"dp", "tp", "pp", "cp", "ep", "etp", "micro_batch", "global_batch", "sequence_parallel"}
+    return frozenset(_default_probe().__pydantic_fields_set__ | keys | (
+        {"zero_stage", "offload_optimizer", "schedule", "vpp"} if knobs else set()))
 
 
 @lru_cache(maxsize=1)

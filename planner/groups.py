@@ -81,8 +81,13 @@ def with_deferred_grads(sp: Space, sh: Sharding, k: Knobs, floor):
     cm = sp.cm
     if not plan_holds_stage_grads(cm, probe(sh, sp.gb, k)):
         return floor
-    whole = (floor.dense + floor.expert) * bytes_per_param(cm.dtype)[1]
-    return replace(floor, temps=floor.temps + whole - floor.grads(cm, sh, k.zero, k.offload))
+    # one copy per floor and what its gradients read (the floor kept beside it: its id stays its own)
+    key = ("deferred", id(floor), sh.dp * sh.cp, sh.edp, k.zero, k.offload)
+    hit = sp.memo.get(key)
+    if hit is None or hit[0] is not floor:
+        whole = (floor.dense + floor.expert) * bytes_per_param(cm.dtype)[1]
+        hit = sp.memo[key] = (floor, replace(floor, temps=floor.temps + whole - floor.grads(cm, sh, k.zero, k.offload)))
+    return hit[1]
 
 
 def expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
