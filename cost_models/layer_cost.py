@@ -34,6 +34,7 @@ from autopar.cost_models.fp8_cost import Fp8Cast, fp8_casts
 from autopar.cost_models.fsdp import FsdpImpl
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
 from autopar.cost_models.megatron_ops import (
+    expert_gate_gemm,
     expert_passes_s,
     megatron_block_tp,
     megatron_linears,
@@ -305,7 +306,7 @@ def _expert_passes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingCo
     """(forward, backward) seconds the runtime runs beside the expert GEMMs on a rank's received tokens (its local
     experts' GEMM rows): Megatron-Core's re-sort and expert biases (``megatron_ops.expert_passes_s``), the torch
     programs' per-expert loop (``moe_cost.expert_loop_bytes``; its weight-gradient stack moves weights: no load)."""
-    w1 = next((o for o in layer.ops if o.shard == "expert" and o.kind == "gemm" and o.gemm and o.tp_dim == "n"), None)
+    w1 = expert_gate_gemm(layer)
     if not layer.is_moe or w1 is None or ctx.runtime not in ("megatron", "torch"):
         return 0.0, 0.0
     (rows, width, hidden), local, load = _local_gemm(w1, s, sh), w1.calls / s.ep, expert_load(ctx)

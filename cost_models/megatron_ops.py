@@ -233,9 +233,26 @@ def glu_clamp_bytes(rows: float, ffn: float, dtype_bytes: int) -> tuple[float, f
     2 ffn (4B): 8B. Backward (PyTorch derivatives.yaml): ``clamp_max`` -> ``where(self <= max, grad, 0)``, its
     mask written as bool (B + 1, then 1 + 2B); ``clamp`` -> ``where((self >= min).logical_and(self <= max), grad,
     0)`` (2(B + 1), 3, 1 + 2B); ``chunk``'s gradient is one ``cat`` of the two (4B): 11B + 8. The cat's own
-    gradient is two views (no pass). The clamped copy the fused kernel saves is not priced in memory."""
+    gradient is two views (no pass). The clamped copy the fused kernel saves: ``glu_clamp_saved_bytes``."""
     elements = rows * ffn
     return 8.0 * dtype_bytes * elements, (11.0 * dtype_bytes + 8.0) * elements
+
+
+def glu_clamp_saved_bytes(rows: float, ffn: float, dtype_bytes: int) -> float:
+    """Bytes one MoE layer saves per micro-batch beyond the unclamped program for the clamp ``glu_clamp_bytes``
+    prices: megatron-core 0.16 ``weighted_bias_quick_geglu_impl`` hands the fused kernel the concatenated clamped
+    copy, which ``WeightedBiasQuickGeGLUFunction.forward`` saves (``ctx.save_for_backward(input_for_backward,
+    ...)``), while ``clamp`` and ``clamp_max`` save their inputs for their masks (derivatives.yaml: ``self``),
+    views of the fc1 output the unclamped kernel would have saved alone. So one more [rows, 2 ffn] in the
+    activations' dtype (``ffn`` the gate half's local width; ``activation_func_fp8_input_store`` would store it in
+    1 byte: off by default and in Megatron-Bridge's GPT-OSS recipes)."""
+    return 2.0 * rows * ffn * dtype_bytes
+
+
+def expert_gate_gemm(layer: LayerTemplate) -> OpTerm | None:
+    """An MoE layer's expert GEMM split on its output width whose width is the gated activation's gate half (w1;
+    None without experts)."""
+    return next((o for o in layer.ops if o.shard == "expert" and o.kind == "gemm" and o.gemm and o.tp_dim == "n"), None)
 
 
 def expert_passes_s(timer: OpTimer, rows: float, local: float, hidden: float, dtype_bytes: int,

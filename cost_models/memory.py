@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
+from autopar.cost_models.megatron_ops import expert_gate_gemm, glu_clamp_saved_bytes
+from autopar.cost_models.moe_cost import capped_load
 from autopar.techniques.dp_program import ZERO1_BUCKET_BYTES
 from autopar.techniques.pipeline import ZERO_BUBBLE
 
@@ -86,25 +88,25 @@ def runs_sharded_adamw(s: Strategy, dtype: str, runtime: str) -> bool:
     return dtype != "fp32" or (s.dp * s.cp > 1 and (s.tp > 1 or s.ep * s.etp > 1 or s.pp > 1))
 
 
-def zero1_reduce_bytes(dense: float, expert: float, s: Strategy, dtype: str, gloo: bool) -> float:
-    """``runtime_zero1.Bucket`` at the end of the last backward, beyond parameters, whole gradients and
-    states, for the largest bucket (one per model chunk and group: ``dense`` parameters over dp*cp,
-    ``expert`` ones over edp): the flat copy of its last span (``Bucket._pack``: allocated while that span's
-    gradients live, which it then frees; spans of ``ZERO1_BUCKET_BYTES``, a larger parameter alone and
-    reduced in place, so at most a bucket; the earlier spans' copies replaced their gradients during the
-    backward), or once the backward is done the reduce-scatter output (1/n), its fp32 copy under 16-bit
-    weights, and with ``gloo`` (CPU ranks) gloo's copy of the whole input (``ProcessGroupGloo``
-    reduce-scatters a copy: the contract sweep's peak dumps showed it when one reduce-scatter took the
-    whole bucket; kept for the spans)."""
+def zero1_reduce_bytes(dense: float, expert: float, s: Strategy, dtype: str) -> float:
+    """``runtime_zero1.Bucket``s from the end of the last backward to the step, beyond parameters, whole
+    gradients and states, for the rank's ``dense`` parameters (reduced over dp*cp) and ``expert`` ones (over
+    edp), per model chunk. The flat copies replace the gradients span by span during the backward; the
+    dense bucket packs its last span at the end of it (``Bucket._pack``: allocated while that span's
+    gradients live; spans of ``ZERO1_BUCKET_BYTES``, a larger parameter alone and reduced in place), beside
+    the reduce-scatter outputs (1/n) of the spans issued before it; then ``sync_grads`` waits bucket after
+    bucket: the outputs and each bucket's fp32 gradient (under 16-bit weights; in fp32 the outputs are it).
+    No gloo copy of the input shows since the reduce-scatters went async (contract sweep s28's peak dump,
+    ``AUTOPAR_MEM_PEAK_DUMP``: the span's flat copy beside the gradients it packs)."""
     gbytes = bytes_per_param(dtype)[1]
-
-    def one(params: float, n: int) -> float:
-        grads = params * gbytes / s.vpp
-        out = grads / n if n > 1 else 0.0
-        upcast = grads / n * 4 / gbytes if gbytes < 4 else 0.0
-        return max(min(grads, ZERO1_BUCKET_BYTES), out + upcast + (grads if gloo and n > 1 else 0.0))
-
-    return max(one(dense, s.dp * s.cp), one(expert, s.edp))
+    grads = [dense * gbytes / s.vpp, expert * gbytes / s.vpp]
+    n = [s.dp * s.cp, s.edp]
+    out = [g / k if k > 1 else 0.0 for g, k in zip(grads, n)]
+    up = [g / k * 4 / gbytes if gbytes < 4 else 0.0 for g, k in zip(grads, n)]
+    last = min(grads[0], ZERO1_BUCKET_BYTES)   # fp32: the outputs are one buffer, allocated with the first span
+    issued = 0.0 if grads[0] <= last or n[0] <= 1 else out[0] - (last / n[0] if gbytes < 4 else 0.0)
+    packing = last + issued + out[1]
+    return max(packing, out[0] + out[1] + up[0], out[1] + up[0] + up[1])
 
 
 def warmup_only_activations(acts: float, grads: float, in_flight: float, micro_batches: int) -> float:
@@ -226,18 +228,42 @@ def fused_saved(cost, template, s: Strategy, cm):
     ``CostModel``, its spec and pricing context), so that the estimate, the recompute choice and the
     stage partition all see them. An MoE block keeps its captured expert and router tensors (dispatched
     tokens, grouped fc1 / activation outputs, routing probabilities) and swaps only the rest, its norms
-    and attention. Other layers, other runtimes and the recompute modes keep the captured bytes."""
+    and attention; a clamped gated activation adds its copy (``glu_clamp_copy_bytes``) in every mode that
+    keeps the experts' tensors. Other layers, other runtimes and the recompute modes keep the captured bytes."""
     if template.kind != "block":
         return cost
+    acts = dict(cost.act_bytes)
     block = megatron_block_bytes(cm.spec, s, cm.ctx.seq_len, cm.ctx.runtime, template.is_moe)
-    if block is None:
-        return cost
-    if template.is_moe:  # the captured norm and attention terms (replicated or tp-split), as saved_bytes counts them
+    if block is not None and template.is_moe:  # the captured norm and attention terms, as saved_bytes counts them
         tok, tp = s.micro_batch / s.cp, s.tp
         dense = sum(t.bytes * tok / (tp if t.shard == "tp" or s.sequence_parallel else 1)
                     for t in template.saved if t.shard in ("rep", "tp") and not t.const)
         block += cost.act_bytes["none"] - dense
-    return replace(cost, act_bytes={**cost.act_bytes, "none": block})
+    if block is not None:
+        acts["none"] = block
+    clamp = glu_clamp_copy_bytes(template, s, cm.ctx)
+    if block is None and not clamp:
+        return cost
+    return replace(cost, act_bytes={m: b + (clamp if m != "full" else 0.0) for m, b in acts.items()})
+
+
+def glu_clamp_copy_bytes(template, s: Strategy, ctx) -> float:
+    """The clamped copy of an MoE block's fc1 output Megatron-Core saves per micro-batch when the model clamps its
+    gated activation (``megatron_ops.glu_clamp_saved_bytes``; ``ctx.glu_clamp``, ``--runtime megatron`` only):
+    the gate GEMM's rows x width of every expert for one sequence, scaled to the rank's tokens as
+    ``layer_model.saved_bytes`` scales the captured expert terms (the same rows and local width
+    ``layer_cost._expert_passes`` prices the clamp on), plus the busiest expert rank's excess
+    (``busiest_rank_expert_excess``, as ``layer_cost._expert_load_excess``). 0 for anything else."""
+    from autopar.cost_models.layer_cost import shards_for  # layer_cost imports this module
+
+    w1 = expert_gate_gemm(template) if template.is_moe else None
+    if ctx.runtime != "megatron" or not ctx.glu_clamp or w1 is None:
+        return 0.0
+    m, n, _ = w1.gemm
+    sh = shards_for(s, template, ctx.runtime)
+    copy = glu_clamp_saved_bytes(m * w1.calls * sh.tokens / sh.of("expert"), n, ctx.dtype_bytes)
+    load = capped_load(ctx.expert_load_ratio, ctx.moe_capacity_factor) if s.ep > 1 else 1.0
+    return copy + busiest_rank_expert_excess(copy, load)
 
 
 def in_flight_activation_bytes(per_microbatch_bytes: float, in_flight: float) -> float:

@@ -80,3 +80,30 @@ def _bias(rows: float) -> float:
     from autopar.cost_models.megatron_ops import expert_bias_bytes
 
     return expert_bias_bytes(rows, 256, 2)[0]
+
+
+@pytest.mark.parametrize("strategy,rows,width", [("ep=8,etp=1", 1024, 384), ("ep=4,etp=2", 2048, 192),
+                                                 ("tp=2,sp=1,ep=4,etp=1", 512, 384)])
+def test_megatron_saves_the_clamped_copy_of_fc1(tmp_path, strategy, rows, width):
+    """Megatron-Core's fused activation saves the concatenated clamped copy beside the fc1 output the clamps keep
+    (``megatron_ops.glu_clamp_saved_bytes``): one more [rows, 2 x width] bf16 per MoE block and micro-batch on the
+    rank's received rows (dp 8 x 512 tokens x top-2 over 8 experts: 1024 rows per expert; ``tp 2``: the tp group's
+    tokens split before dispatch), at the busiest expert rank's load, in every recompute mode but full; neither the
+    output layer, nor the torch program, nor an unclamped model moves."""
+    from autopar.core.strategy import Strategy
+    from autopar.cost_models.megatron_ops import glu_clamp_saved_bytes
+    from autopar.cost_models.memory import busiest_rank_expert_excess
+    from autopar.cost_models.moe_cost import capped_load
+
+    assert glu_clamp_saved_bytes(1000, 64, 2) == 1000 * 2 * 64 * 2
+    s = Strategy.parse(f"dp=-1,{strategy},mbs=1,gbs=8").resolve(8)
+    for runtime in ("megatron", "torch"):
+        plain, clamped = _cost_model(tmp_path, runtime), _cost_model(tmp_path, runtime, swiglu_limit=7.0)
+        got, base = clamped.layer_costs(s), plain.layer_costs(s)
+        load = capped_load(clamped.ctx.expert_load_ratio, clamped.ctx.moe_capacity_factor)
+        copy = (rows * 2 * width * 2) * (1 + busiest_rank_expert_excess(1.0, load)) if runtime == "megatron" else 0.0
+        for i, t in clamped.blocks.items():
+            extra = copy if t.is_moe else 0.0
+            for mode, b in base[i].act_bytes.items():
+                assert got[i].act_bytes[mode] - b == pytest.approx(extra if mode != "full" else 0.0, abs=1e-3), mode
+        assert got["output"].act_bytes == base["output"].act_bytes
