@@ -7,7 +7,7 @@ import pytest
 from autopar.cost_models import host_bound
 from autopar.cost_models.recompute_cost import _rerun_ops, early_stop_tail, rerun_ops, rerun_tail
 from autopar.cost_models.session import Inputs, build_cost_model
-from autopar.planner import bounds
+from autopar.planner import bounds, probes
 from autopar.planner.space import Knobs, Sharding, strategy_with
 
 
@@ -22,7 +22,7 @@ def test_a_probe_is_the_defaults_with_its_fields_and_is_built_once(k):
     fields = dict(dp=2, tp=2, pp=4, cp=2, ep=1, etp=1, micro_batch=2, global_batch=64, sequence_parallel=True)
     if k is not None:
         fields.update(zero_stage=2, offload_optimizer=True, schedule="interleaved", vpp=2)
-    built, slow = bounds.probe(sh, 64, k), bounds._default_probe().model_copy(update=fields)
+    built, slow = bounds.probe(sh, 64, k), probes._default_probe().model_copy(update=fields)
     assert built.__dict__ == slow.__dict__ and list(built.__dict__) == list(slow.__dict__)
     assert built.model_fields_set == slow.model_fields_set and built.__pydantic_extra__ is None
     assert bounds.probe(sh, 64, k) is built   # shared: read-only
