@@ -251,7 +251,7 @@ class CostModel:
         if runs_sharded_adamw(s, self.dtype, self.ctx.runtime):  # its bucket lives after backward only
             folded = s.ep * s.etp > 1  # expert weights in their own bucket
             dense = sum(c.params_dense + (0.0 if folded else c.params_expert) for c in parts + extra)
-            reduce = zero1_reduce_bytes(dense, expert if folded else 0.0, s, self.dtype, bool(self.gpu.cores))
+            reduce = zero1_reduce_bytes(dense, expert if folded else 0.0, s, self.dtype)
             live = mem["activations"] + mem["recompute_workspace"] + temps
             mem["comm_buffers"] = max(0.0, reduce - live)
         if grads_freed_before_activation_peak(s, self.ctx.runtime):  # pp = 1: DDP's buckets persist
