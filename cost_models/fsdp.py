@@ -116,7 +116,8 @@ def syncs_after_backward(runtime: str, s, dtype: str, impl: str) -> bool:
       ``set_requires_gradient_sync(False)`` and the schedule's ``REDUCE_GRAD`` (``perform_reduce_grad``)
       issues every unit's all-reduce after the stage's last backward, the compute stream waiting on the last
       one (``_root_post_backward_final_callback``). Counted on gloo: every all-reduce inside REDUCE_GRAD
-      (tests/test_pipeline_dp_sync.py).
+      (tests/test_pipeline_dp_sync.py); interleaved, a chunk's runs before the other's last backwards, which wait on it
+      (tests/test_reduce_grad_order.py).
     - ZeRO-1 as ``zero1`` under a zero-bubble schedule (``techniques.pipeline.ZERO_BUBBLE``): torch's
       ``stage_backward_weight`` adds the weight gradients to ``param.grad`` itself, outside autograd's
       post-accumulate-grad hooks that start ``runtime_zero1.Bucket``'s reduce-scatters, so ``sync_grads``
