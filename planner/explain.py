@@ -48,7 +48,7 @@ def why(cands: list[Candidate], cm: CostModel | None = None) -> list[str]:
 def _limits(c: Candidate) -> str:
     e = c.estimate
     over = {k: v for k, v in e.time.items() if k != "compute" and v > 0}
-    parts = [f"compute is {_share(e.time.get('compute', 0.0), e)} of the step"]
+    parts = [_compute_share(e)]
     if over:
         top = sorted(over.items(), key=lambda kv: -kv[1])[:2]
         parts.append("then " + " and ".join(f"{TERM_NAMES.get(k, k)} {_share(v, e)}" for k, v in top))
@@ -69,6 +69,18 @@ def _limits(c: Candidate) -> str:
     if headroom < TIGHT_MEMORY:  # nearly full memory, which says nothing about where the time goes
         limit += f" and memory-tight ({100 * max(headroom, 0.0):.1f}% of usable memory left)"
     return f"Winner ({c.strategy.short()}) is {limit}: " + ", ".join(parts) + f"; {mem}."
+
+
+def _compute_share(e: Estimate) -> str:
+    """The compute share of the step, naming what the eager host's launch floor adds inside it when the host-bound
+    note does (``report.MATERIAL_HOST``): the floor lengthens the forward and backward (compute) and their re-runs
+    (recomputation), so its share is said of the two together when the plan recomputes."""
+    compute, redo = e.time.get("compute", 0.0), e.time.get("recompute", 0.0)
+    if e.host_floor_s < MATERIAL_HOST * e.step_time_s:
+        return f"compute is {_share(compute, e)} of the step"
+    what = "compute and recomputation are" if redo > 0 else "compute is"
+    return (f"{what} {_share(compute + redo, e)} of the step, of which the eager host's kernel launches add "
+            f"{seconds(e.host_floor_s)} ({_share(e.host_floor_s, e)})")
 
 
 def _runner_up(a: Candidate, b: Candidate) -> str:
