@@ -119,6 +119,7 @@ class Bucket:
         self.backwards, self.counts, self.next = backwards, [0] * len(self.slots), 0
         self.lazy = False  # True once ``land_before`` registered the forward pre-hooks
         self.grad: torch.Tensor | None = None
+        self._fp32: torch.Tensor | None = None   # fp32 training: ``grad`` while the reduce-scatters write into it
 
     # ----- gradients: reduce-scatter --------------------------------------------------------
     def arm(self) -> None:
@@ -157,10 +158,21 @@ class Bucket:
             flat = self._pack(sp)
         out, work = flat.view(-1), None
         if self.n > 1:
-            out = torch.empty(sp.width, dtype=self.dtype, device=flat.device)
+            out = self._output(sp, flat.device)
             work = dist.reduce_scatter_tensor(out, flat.view(-1), group=self.group, async_op=True)
+        elif self.dtype == torch.float32:   # one rank: the flat copy is this rank's fp32 gradient already
+            out, flat = self._output(sp, flat.device).copy_(flat.view(-1)), None
         sp.pending = (work, flat, out)
         self.next += 1
+
+    def _output(self, sp: _Span, device) -> torch.Tensor:
+        """Where the span's reduce-scatter lands: in fp32 its columns of ``grad`` itself (no second copy),
+        else a training-dtype buffer that ``reduce`` casts into ``grad``."""
+        if self.dtype != torch.float32:
+            return torch.empty(sp.width, dtype=self.dtype, device=device)
+        if self._fp32 is None:
+            self._fp32 = torch.empty(self.width, dtype=torch.float32, device=device)
+        return self._fp32[sp.col: sp.col + sp.width]
 
     def _pack(self, sp: _Span) -> torch.Tensor:
         """The span's gradients copied into a zero-padded flat [n, width] buffer, each freed once copied
@@ -190,13 +202,18 @@ class Bucket:
                                f"the {self.backwards} micro-batches apply_dp(micro_batches=...) was given")
         while self.next < len(self.spans):
             self._reduce_span(self.spans[self.next])
-        self.grad = torch.empty(self.width, dtype=torch.float32, device=local(self.slots[0].p).device)
+        grad = self._fp32 if self._fp32 is not None else torch.empty(
+            self.width, dtype=torch.float32, device=local(self.slots[0].p).device)
         for sp in self.spans:
             work, _, out = sp.pending
             if work is not None:
                 work.wait()
-            self.grad[sp.col: sp.col + sp.width].copy_(out).div_(self.divide)
+            mine = grad[sp.col: sp.col + sp.width]
+            if out.data_ptr() != mine.data_ptr():
+                mine.copy_(out)
+            mine.div_(self.divide)
             sp.pending = None
+        self.grad, self._fp32 = grad, None
         self.counts, self.next = [0] * len(self.slots), 0
 
     def shards(self):

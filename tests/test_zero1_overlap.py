@@ -119,15 +119,18 @@ def test_spans_cut_in_backward_order_with_the_tied_embedding_last(monkeypatch):
     assert [sp.col for sp in b.spans] == [0, 16, 36, 40] and b.width == 48
 
 
-def test_memory_prices_the_reduce_after_backward_only():
+def test_memory_prices_the_buckets_from_the_last_backward_to_the_step():
     """The overlapped program's flat copies replace the gradients span by span during the last backward: beyond
-    them the last span's copy (at most a bucket), after it the reduce-scatter output (1/n) and, under bf16, its
-    fp32 copy; gloo (CPU) its copy of the input."""
+    them the dense bucket's last span (at most a bucket) beside the outputs already issued, then the outputs and
+    the fp32 gradients (bf16; in fp32 the outputs are the gradients)."""
     from autopar.core.strategy import Strategy
     from autopar.cost_models.memory import zero1_reduce_bytes
+    from autopar.techniques.dp_program import ZERO1_BUCKET_BYTES as cap
 
     s, dense = Strategy.parse("dp=8,zero=1").resolve(8), 8e9
-    assert zero1_reduce_bytes(dense, 0.0, s, "bf16", False) == pytest.approx(dense * 2 / 8 + dense * 4 / 8)
-    assert zero1_reduce_bytes(dense, 0.0, s, "fp32", False) == pytest.approx(dense * 4 / 8)
-    assert zero1_reduce_bytes(dense, 0.0, s, "bf16", True) == pytest.approx(dense * 2 * (1 + 3 / 8))
-    assert zero1_reduce_bytes(1e6, 0.0, s, "bf16", False) == pytest.approx(2e6)   # one span: the whole bucket
+    g = dense * 2
+    assert zero1_reduce_bytes(dense, 0.0, s, "bf16") == pytest.approx(g / 8 + g / 8 * 2)
+    assert zero1_reduce_bytes(dense, 0.0, s, "fp32") == pytest.approx(cap + dense * 4 / 8)
+    assert zero1_reduce_bytes(1e6, 0.0, s, "bf16") == pytest.approx(2e6)   # one span: the whole bucket, nothing issued
+    ep = Strategy.parse("dp=8,ep=2,zero=1").resolve(8)   # experts over edp = 4
+    assert zero1_reduce_bytes(1e6, 2e6, ep, "fp32") == pytest.approx(4e6 + 8e6 / 4)   # their outputs beside it
