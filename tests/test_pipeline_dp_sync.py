@@ -89,9 +89,9 @@ def test_search_prices_exposed_syncs_as_the_estimate_and_its_floors_hold(zero):
     synced = [c for c in bounded.candidates if c.strategy.dp > 1 and (c.strategy.pp > 1 or zero == 1)]
     assert synced and all(fsdp.exposed_sync(cm, c.strategy) == (zero == 0) for c in synced)
     for c in synced:   # the partition's own price (Candidate.step_time_s) against the estimate's, which adds the
-        s, m = c.strategy, c.strategy.num_micro_batches   # contention of what ZeRO-1 hides (the partition leaves it out)
-        slowed = max(cm.overlap_contention(s, r, cm.layer_costs(s), m, cm.dp_time(s, r, cm.layer_costs(s), m))
-                     for r in c.estimate.ranks)
+        s, m = c.strategy, c.strategy.num_micro_batches   # contention of what ZeRO-1 hides (left out by the partition)
+        costs = cm.layer_costs(s)
+        slowed = max(cm.overlap_contention(s, r, costs, m, cm.dp_time(s, r, costs, m)) for r in c.estimate.ranks)
         assert (slowed > 0) == (zero == 1) and c.step_time_s + slowed == pytest.approx(c.estimate.step_time_s)
 
 
