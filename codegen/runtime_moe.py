@@ -15,16 +15,18 @@ The functional all-to-all is differentiable (its backward is the reverse exchang
 gate weights are applied at the source, so router gradients stay local. Routing is the
 model's own ``TopKRouter`` on the same tokens, so it equals a single-process run.
 
-With tensor parallel (tp > 1) and no sequence parallel (or with shared experts, which need the
-gathered sequence) the tokens entering an MoE layer are the same on every tp rank: each tp rank
-dispatches its 1/tp share of them (``_SliceRows``; the backward gathers the input gradients) and
-the expert outputs are all-gathered over tp (``_GatherRows``; the backward keeps the rank's share),
-Megatron's scatter/gather pair. Under sequence parallel without shared experts
-(``techniques.moe_program.moe_tokens_local``) the layer takes the rank's sequence shard as it
-is: the router routes it, the shard is dispatched and its output returned on the shard (no
-gather, no slice; ``apply_tp`` marks the layer ``tokens_local``). The router's gate, replicated
-over tp, then sees only the shard: its weight gradient is summed over tp in backward
-(``_TpSummedLinear``), as Megatron-Core all-reduces the router's gradients over tp. With expert tensor
+With tensor parallel (tp > 1) and no sequence parallel the tokens entering an MoE layer are the
+same on every tp rank: each tp rank dispatches its 1/tp share of them (``_SliceRows``; the backward
+gathers the input gradients) and the expert outputs are all-gathered over tp (``_GatherRows``; the
+backward keeps the rank's share), Megatron's scatter/gather pair. Under sequence parallel
+(``techniques.moe_program.moe_tokens_local``) the layer takes the rank's sequence shard as it is:
+the router routes it, the shard is dispatched and its output returned on the shard (no gather, no
+slice; ``apply_tp`` marks the layer ``tokens_local``). The router's gate, replicated over tp, then
+sees only the shard: its weight gradient is summed over tp in backward (``_TpSummedLinear``), as
+Megatron-Core all-reduces the router's gradients over tp. Shared experts run beside it as the dense
+MLP does under sp (their input all-gathered over tp, w1/w3 column-, w2 row-parallel, the output
+reduce-scattered back to the shard: Megatron-Core's ``SharedExpertMLP``); Qwen2-MoE's shared gate
+reads the shard, its weight gradient summed over tp like the router's. With expert tensor
 parallel (etp > 1) the ``etp`` ranks of a group hold the same experts, their ffn dimension
 split (w1/w3 column-wise, w2 row-wise, DTensor ``Shard`` over the ``etp`` mesh): the rows a
 rank received are all-gathered over etp, each rank computes its partial outputs, and a
@@ -75,10 +77,14 @@ def apply_ep(model: nn.Module, mesh: ParallelMesh, placement: list[list[list[int
 
 def route_local_tokens(moe: nn.Module, tp_group) -> None:
     """The MoE layer takes this rank's sequence shard (module docstring): its router's gate weight
-    gradient is summed over ``tp_group``; ``apply_ep`` then dispatches the shard as it is."""
+    gradient is summed over ``tp_group``, and Qwen2-MoE's shared-expert gate's (a replicated linear
+    on the shard too); ``apply_ep`` then dispatches the shard as it is. The shared experts themselves
+    are split by ``apply_tp``'s plan (a sequence-parallel MLP on the flattened shard)."""
     moe.tokens_local = True
-    moe.router.gate.tp_group = tp_group
-    moe.router.gate.__class__ = _TpSummedLinear
+    for gate in (moe.router.gate, getattr(moe, "shared_gate", None)):
+        if gate is not None:
+            gate.tp_group = tp_group
+            gate.__class__ = _TpSummedLinear
 
 
 class SumGradColumns(torch.autograd.Function):

@@ -36,8 +36,9 @@ def apply_tp(model: nn.Module, mesh: ParallelMesh, sequence_parallel: bool = Fal
 
     Attention: q/k/v (MLA: wq_b, wkv_b) column-wise (heads split), wo row-wise; dense MLP:
     w1/w3 column-wise, w2 row-wise; MoE: shared experts as a dense MLP, router and routed
-    experts replicated (every tp rank routes the same tokens; under sp with expert parallel and no
-    shared experts each rank routes its own sequence shard: ``runtime_moe.route_local_tokens``).
+    experts replicated (every tp rank routes the same tokens; under sp with expert parallel each
+    rank routes its own sequence shard, the shared experts gathering theirs:
+    ``runtime_moe.route_local_tokens``).
     Token embedding vocab-parallel (row-wise), output projection column-wise with the logits
     all-gathered (replicated), so the loss is the plain cross-entropy. With ``sequence_parallel`` the residual stream
     between sub-layers is split along the sequence (Korthikanti et al. 2022): norms run on
@@ -69,8 +70,8 @@ def apply_tp(model: nn.Module, mesh: ParallelMesh, sequence_parallel: bool = Fal
         parallelize_module(block, tp_mesh, _block_plan(block, sequence_parallel))
         if hasattr(block.attention, "wkv_a"):
             _sum_rope_key_grad(block.attention, tp_mesh.get_group())
-        if hasattr(block.feed_forward, "router") and block.feed_forward.shared_experts is not None:
-            _moe_hooks(block.feed_forward, tp_mesh, sequence_parallel)
+        if hasattr(ff, "router") and ff.shared_experts is not None and not getattr(ff, "tokens_local", False):
+            _moe_hooks(ff, tp_mesh, sequence_parallel)
     return model
 
 
@@ -114,7 +115,8 @@ class _OnFirstRank(torch.autograd.Function):
 
 
 def _moe_hooks(ff: nn.Module, tp_mesh, sp: bool) -> None:
-    """MoE with shared experts under tp: one reduce-scatter (sp) or all-reduce each way, not an all-reduce
+    """MoE with shared experts under tp on the whole sequence (no sp, or experts replicated over tp: else
+    ``runtime_moe.route_local_tokens``): one reduce-scatter (sp) or all-reduce each way, not an all-reduce
     per shared linear. The router and routed experts run replicated on the whole (gathered) sequence; the
     shared experts column-/row-parallel. Forward: the routed output, kept on the first tp rank
     (``_OnFirstRank``), plus the shared experts' Partial output is reduce-scattered (sp) or all-reduced
@@ -167,20 +169,27 @@ def _block_plan(block: nn.Module, sp: bool) -> dict:
     plan["attention.wo"] = RowwiseParallel(output_layouts=src)
     ff = block.feed_forward
     if not hasattr(ff, "router"):
-        plan["feed_forward"] = PrepareModuleInput(input_layouts=(src,), desired_input_layouts=(rep,),
-                                                  use_local_output=False)
-        plan.update(_mlp_plan("feed_forward", ff, src))
+        plan.update(_gathered_mlp_plan("feed_forward", ff, src))
+    elif getattr(ff, "tokens_local", False):  # routed experts dispatching the rank's shard
+        plan["feed_forward"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(seq,),
+                                                  use_local_output=True)
+        if ff.shared_experts is not None:  # the MoE flattens its shard to [tokens, hidden]: dim 0 is split
+            plan.update(_gathered_mlp_plan("feed_forward.shared_experts", ff.shared_experts, Shard(0)))
     elif ff.shared_experts is not None:  # the rest of the MoE is replicated (every tp rank routes the same tokens)
         gated = ff.shared_gate is not None
         plan.update(_mlp_plan("feed_forward.shared_experts", ff.shared_experts, rep if gated else Partial()))
-    elif getattr(ff, "tokens_local", False):  # routed experts only, dispatching the rank's shard
-        plan["feed_forward"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(seq,),
-                                                  use_local_output=True)
     elif sp:  # routed experts only, replicated: the whole sequence enters the router, the output is split again
         plan["feed_forward"] = PrepareModuleInputOutput(
             input_layouts=(seq,), desired_input_layouts=(rep,), input_kwarg_layouts=None,
             output_layouts=(rep,), desired_output_layouts=(seq,), use_local_input=True, use_local_output=True)
     return plan
+
+
+def _gathered_mlp_plan(prefix: str, mlp: nn.Module, src) -> dict:
+    """An MLP taking its input in layout ``src`` (sp: a sequence shard, all-gathered here) and returning it so
+    (sp: reduce-scattered), its input entering as a Replicate DTensor (``_block_plan``)."""
+    prepare = PrepareModuleInput(input_layouts=(src,), desired_input_layouts=(Replicate(),), use_local_output=False)
+    return {prefix: prepare, **_mlp_plan(prefix, mlp, src)}
 
 
 def _mlp_plan(prefix: str, mlp: nn.Module, out) -> dict:

@@ -14,19 +14,21 @@ gradients, summed by autograd, are reduced once (sp: reduce-scatter; else all-re
   width) and one of the decoupled RoPE key (the rest of ``wkv_a``'s output), after which the input
   gradient is whole (no reduce-scatter); a column-parallel linear reading the input itself (``wq``, no
   q_lora) all-reduces its input gradient.
-- MoE with a gate on the shared experts (Qwen2-MoE): the gate's replicated weight needs the whole shared
-  output, so the forward all-reduces it (the reduce-scatter's place).
+- MoE with a gate on the shared experts (Qwen2-MoE) on the whole sequence: the gate's replicated weight needs
+  the whole shared output, so the forward all-reduces it (the reduce-scatter's place).
 - MoE without shared experts (Mixtral), experts replicated over tp (ep = etp = 1): no split linear; under sp
   its input is gathered (forward) and its output gradient gathered (backward), the output split locally.
-- MoE under expert parallel (``ep * etp`` > 1: ``apply_ep`` runs) without sp, or with shared experts: every
+- MoE under expert parallel (``ep * etp`` > 1: ``apply_ep`` runs) without sp: every
   tp rank holds the layer's tokens whole and dispatches 1/tp of them
   (``codegen.runtime_moe.ExpertParallelGroupedExperts.forward``: ``_SliceRows``), gathering the expert outputs
   back (``_GatherRows``): one all-gather forward; backward one of the input rows' gradients and one of the gate
   weights' (``topk`` wide). Counted with ``ep`` alone until 2026-11-27: ep = 1, etp > 1 ran them unpriced.
-- MoE without shared experts under sp and expert parallel (``ep * etp > 1``;
-  ``techniques.moe_program.moe_tokens_local``): each tp rank routes and dispatches its own sequence shard
-  (Megatron-Core's MoE layer under sp): no tp collective on the tokens; the router's replicated gate weight
-  gradient is all-reduced over tp once per backward (``weight_grad_elems``: its size, ``runtime_moe._SumGrad``).
+- MoE under sp and expert parallel (``ep * etp > 1``; ``techniques.moe_program.moe_tokens_local``): each tp
+  rank routes and dispatches its own sequence shard (Megatron-Core's MoE layer under sp): no tp collective on
+  the routed tokens; shared experts are a sequence-parallel sub-layer like the dense MLP (gathered in,
+  reduce-scattered out; Qwen2's gate reads the shard after it, so no all-reduce); the router's replicated gate
+  weight gradient, and Qwen2's shared gate's, are all-reduced over tp once per backward (``weight_grads``:
+  their sizes, ``runtime_moe.SumGradColumns``).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class TpCollectives:
     forward: tuple[Collective, ...]
     backward: tuple[Collective, ...]
     last_closing: int | None = None   # index in ``forward`` of the last row-parallel linear's collective
-    weight_grad_elems: float = 0.0    # a replicated weight's gradient all-reduced per backward (elements)
+    weight_grads: tuple[float, ...] = ()   # replicated weights' gradients, each all-reduced per backward (elements)
 
     def all(self) -> tuple[Collective, ...]:
         return self.forward + self.backward
@@ -96,19 +98,20 @@ def block_tp_collectives(layer: LayerTemplate, sp: bool, ep: int = 1, topk: int 
     fwd: list[Collective] = []
     bwd: list[Collective] = []
     start, last, moe_split = 0, None, False
-    gated = any(o.kind == "gemm" and o.shard == "rep" for o in layer.ops[rows[-1] + 1:])
+    local = routes_local_tokens(layer, sp, ep, etp)
+    gate = [o for o in layer.ops[rows[-1] + 1:] if o.kind == "gemm" and o.shard == "rep"]   # Qwen2's shared gate
     for end in rows:
         seg = layer.ops[start:end + 1]
         moe = any(o.shard in ("router", "expert") for o in seg)
         moe_split |= moe
-        f, b = _sub_layer(seg, hidden, sp, gated and moe)
+        f, b = _sub_layer(seg, hidden, sp, bool(gate) and moe and not local)
         fwd += f
         last = len(fwd) - 1
         bwd += b
         start = end + 1
-    if routes_local_tokens(layer, sp, ep, etp):  # each rank's shard routed as it is: the gate's gradient summed
+    if local:  # each rank's shard routed as it is: the router's (and shared gate's) weight gradient summed
         router = next(o for o in layer.ops if o.shard == "router")
-        return TpCollectives(tuple(fwd), tuple(bwd), last, router.gemm[1] * router.gemm[2])
+        return TpCollectives(tuple(fwd), tuple(bwd), last, tuple(o.gemm[1] * o.gemm[2] for o in [router, *gate]))
     # a sub-layer of replicated linears only (MoE without shared experts: routed experts, their router)
     if sp and not moe_split and any(o.kind == "gemm" for o in layer.ops[start:]):
         fwd.append(("all_gather", 1.0))
@@ -125,8 +128,8 @@ def program_tp_time(layer: LayerTemplate, act: float, s, ctx, sync: float) -> fl
     (``layer_cost.PricingContext``, not imported: layer_cost imports this module)."""
     colls = block_tp_collectives(layer, s.sequence_parallel, s.ep, ctx.topk, s.etp)
     counts = Counter(colls.all())
-    if colls.weight_grad_elems:  # the gradient in the compute dtype (the weight's copy the forward read)
-        counts[("all_reduce", colls.weight_grad_elems * ctx.dtype_bytes / act)] += 1
+    for elems in colls.weight_grads:  # the gradient in the compute dtype (the weight's copy the forward read)
+        counts[("all_reduce", elems * ctx.dtype_bytes / act)] += 1
     return sum(n * collective_time(kind, act * w, s.tp, 1, ctx.cluster, fits=ctx.fits).time_s
                for (kind, w), n in counts.items()) + sum(counts.values()) * sync
 

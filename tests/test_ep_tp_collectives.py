@@ -2,7 +2,9 @@
 price counts (``tp_collectives.block_tp_collectives`` with ``ep``). Every tp rank holds the block's tokens whole and
 dispatches 1/tp of them (``runtime_moe.ExpertParallelGroupedExperts``: ``_SliceRows``), gathering the expert outputs
 back (``_GatherRows``): one all-gather forward, two backward (the input rows' and the gate weights' gradients). The
-price counted none of them (1 all-gather forward and 2 backward missing per MoE block).
+price counted none of them (1 all-gather forward and 2 backward missing per MoE block). Under sp each rank dispatches
+its own shard instead (``techniques.moe_program.moe_tokens_local``): no gather of the routed tokens, shared experts (and
+Qwen2's gated one) a sequence-parallel sub-layer, the router's and shared gate's weight gradients summed over tp.
 
 Counted as tests/test_tp_sp_collectives.py counts (a fake process group of 2 ranks, the block as the difference of 4
 and 2 layers), tp = ep = 2 (MoE Parallel Folding over the tp ranks). The fake group moves no data, so the token
@@ -96,13 +98,13 @@ def _priced(spec, sp: bool, ep: int, etp: int = 1) -> dict:
             out[(phase, kind)] += 1
             if kind == "all_gather":   # each rank contributes 1/tp of the gathered tensor
                 out[(phase, "gathered")] += width * MBS * SEQ * spec.hidden / TP
-    if colls.weight_grad_elems:        # the router gate's gradient, summed over tp
+    for elems in colls.weight_grads:   # the router gate's gradient (and a shared gate's), summed over tp
         out[("backward", "all_reduce")] += 1
-        out[("backward", "reduced")] += colls.weight_grad_elems
+        out[("backward", "reduced")] += elems
     return dict(out)
 
 
-SPECS = {"shared": {}, "routed": {"shared_experts": 0}}
+SPECS = {"shared": {}, "gated": {"shared_expert_gate": True}, "routed": {"shared_experts": 0}}
 
 
 @pytest.mark.parametrize("variant", list(SPECS))
@@ -118,6 +120,12 @@ def test_ep_block_runs_the_priced_tp_collectives(variant, sp, monkeypatch):
     if variant == "routed" and sp:  # each rank's shard dispatched: the replicated router's gathers are gone
         assert extra[("forward", "all_gather")] == -1 and extra[("backward", "all_gather")] == -1
         assert extra[("backward", "all_reduce")] == 1 and measured[("backward", "reduced")] == 8 * 64
+    elif sp:  # the shard dispatched beside the shared experts' own gather: the router's (and gate's) gradient sums
+        gates = 2 if variant == "gated" else 1
+        assert extra.get(("forward", "all_gather"), 0) == 0 and extra.get(("backward", "all_gather"), 0) == 0
+        assert measured[("backward", "all_reduce")] == gates
+        assert measured[("backward", "reduced")] == (8 + gates - 1) * 64   # router E x h, gate 1 x h
+        assert measured[("forward", "reduce_scatter")] == 2   # wo's and the shared w2's (gated: was an all-reduce)
     else:
         assert extra[("forward", "all_gather")] == 1 and extra[("backward", "all_gather")] == 2
 
@@ -126,7 +134,7 @@ def test_ep_block_runs_the_priced_tp_collectives(variant, sp, monkeypatch):
 @pytest.mark.parametrize("sp", [True, False])
 def test_etp_block_runs_the_priced_tp_collectives(variant, sp, monkeypatch):
     """ep = 1, etp = 2 (the expert mesh folded over the tp ranks): the dispatch's tp split and gather, or under sp
-    without shared experts the shard dispatch, as with ep > 1."""
+    the shard dispatch, as with ep > 1."""
     spec = tiny_spec("moe-tiny", SEQ, SPECS[variant])
     with helpers_collectives.fake_world(TP):
         assert _measured(spec, sp, 1, monkeypatch, etp=2) == pytest.approx(_priced(spec, sp, 1, etp=2))

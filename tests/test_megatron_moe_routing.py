@@ -1,6 +1,6 @@
 """Which tokens Megatron-Core's MoE router reads under sequence parallel (``megatron_ops.megatron_routes_local``):
-each tp rank's own shard, shared experts or not; autopar's torch program gathers the sequence for shared experts
-(``techniques.moe_program.moe_tokens_local``) and its price keeps doing so."""
+each tp rank's own shard, shared experts or not, as autopar's torch program does since 2026-11-27
+(``techniques.moe_program.moe_tokens_local``: its shared experts gather their own input)."""
 
 from __future__ import annotations
 
@@ -32,13 +32,15 @@ def test_rule_routes_the_shard_under_sp_with_expert_parallel_shared_experts_or_n
     assert megatron_routes_local(True, 2, 1) and megatron_routes_local(True, 1, 2)
     assert not megatron_routes_local(False, 4, 1)   # no sp: every tp rank holds the whole sequence
     assert not megatron_routes_local(True, 1, 1)    # experts replicated over tp: the whole sequence
-    assert not moe_tokens_local(True, 2, 1, shared_experts=True)   # the program gathers for shared experts
+    assert moe_tokens_local(True, 2, 1, shared_experts=True)   # the program's shared experts gather their own
 
 
 @pytest.mark.parametrize("sp", [True, False])
 def test_megatron_prices_a_shared_expert_router_on_the_shard(sp):
-    """A Qwen2-MoE block (shared expert) on tp 2, ep 2: under sp the Megatron price reads the router's GEMM and
-    its elementwise ops on half the tokens, the torch price on all of them; without sp both on all."""
+    """A Qwen2-MoE block (shared expert) on tp 2, ep 2: under sp the Megatron price (and the torch price: the same
+    rule) reads the router's GEMM and its elementwise ops on half the tokens; without sp both on all."""
+    import dataclasses
+
     from autopar.core.strategy import Strategy
     from autopar.cost_models.layer_cost import _local_gemm, _op_time, shards_for
 
@@ -47,8 +49,8 @@ def test_megatron_prices_a_shared_expert_router_on_the_shard(sp):
     router = [o for o in block.ops if o.shard == "router"]
     gate = next(o for o in router if o.kind == "gemm")
     mega, torch_sh = shards_for(s, block, "megatron"), shards_for(s, block, "torch")
-    assert torch_sh.router_div == 1
-    assert mega.router_div == (2 if sp else 1)
+    assert torch_sh.router_div == mega.router_div == (2 if sp else 1)
+    torch_sh = dataclasses.replace(mega, router_div=1)   # the router on the whole sequence
     whole = _local_gemm(gate, s, torch_sh)[0]
     assert _local_gemm(gate, s, mega)[0] == whole / mega.router_div
     assert whole == gate.gemm[0] * s.micro_batch
@@ -61,6 +63,7 @@ def test_megatron_prices_a_shared_expert_router_on_the_shard(sp):
 def test_megatron_shared_expert_layer_moves_by_its_router_alone():
     """Routing the shard moves the Megatron price of a shared-expert layer by the router's own ops and nothing
     else: the expert GEMMs, the shared expert and the collectives keep their price."""
+    import dataclasses
     from unittest import mock
 
     from autopar.core.strategy import Strategy
@@ -74,8 +77,9 @@ def test_megatron_shared_expert_layer_moves_by_its_router_alone():
         whole = price_layer(block, s, cm.ctx)
     assert local.comm_s == whole.comm_s
     router = [o for o in runtime_ops(block, "megatron", 2) if o.shard == "router"]
-    moved = [sum(_op_time(o, s, shards_for(s, block, rt), cm.ctx)[i] for o in router) for rt in ("torch", "megatron")
-             for i in (0, 1)]
+    local_sh = shards_for(s, block, "megatron")
+    moved = [sum(_op_time(o, s, sh, cm.ctx)[i] for o in router)
+             for sh in (dataclasses.replace(local_sh, router_div=1), local_sh) for i in (0, 1)]
     assert whole.fwd_s - local.fwd_s == pytest.approx(moved[0] - moved[2])
     assert whole.bwd_s - local.bwd_s == pytest.approx(moved[1] - moved[3])
     assert moved[2] != moved[0]
