@@ -245,7 +245,8 @@ def glu_clamp_saved_bytes(rows: float, ffn: float, dtype_bytes: int) -> float:
     ...)``), while ``clamp`` and ``clamp_max`` save their inputs for their masks (derivatives.yaml: ``self``),
     views of the fc1 output the unclamped kernel would have saved alone. So one more [rows, 2 ffn] in the
     activations' dtype (``ffn`` the gate half's local width; ``activation_func_fp8_input_store`` would store it in
-    1 byte: off by default and in Megatron-Bridge's GPT-OSS recipes)."""
+    1 byte: off by default and in Megatron-Bridge's GPT-OSS recipes). Run on megatron-core 0.16's own function
+    (``benchmarks/megatron_clamp_saved.py``, CPU bf16, 4096 rows x 384): 6,291,456 B more saved, this count."""
     return 2.0 * rows * ffn * dtype_bytes
 
 
