@@ -34,7 +34,7 @@ from autopar.cost_models import fp8_cost, fsdp, fsdp_copy, overlap
 from autopar.cost_models.attention_rate import window_blocks
 from autopar.cost_models.comm import CommFit, collective_time
 from autopar.cost_models.compute import OpTimer, mfu_peak
-from autopar.cost_models.estimate_types import Estimate, RankMemory, RankReport  # noqa: F401
+from autopar.cost_models.estimate_types import Estimate, RankMemory, RankReport, time_breakdown  # noqa: F401
 from autopar.cost_models.fsdp_copy import offload_copies, offload_step_time  # noqa: F401 (planner, tests)
 from autopar.cost_models.layer_cost import LayerCost, PricingContext, price_layer, shared_core_sync
 from autopar.cost_models.layer_model import LayerTemplate
@@ -171,7 +171,7 @@ class CostModel:
         copies = fsdp_copy.copy_time(self, s, worst, costs)
         slowed = max(self.overlap_contention(s, r, costs, m, e) for r, e in zip(ranks, dp))
         total = pipe.step_time_s + dp_exposed + opt + slowed + self.stack.step_overhead_s
-        time = _time_breakdown(ranks, pipe, dp_exposed, opt - copies, m)
+        time = time_breakdown(ranks, pipe, dp_exposed, opt - copies, m)
         time.update({"comm_contention": slowed, "fsdp_copy": copies, "step_overhead": self.stack.step_overhead_s})
         return self._report(s, total, time, ranks, recompute)
 
@@ -496,15 +496,3 @@ def even_stages(layers: int, n: int) -> list[tuple[int, int]]:
         start = end
     return out
 
-
-def _time_breakdown(ranks: list[RankReport], pipe, dp_exposed: float, opt: float, m: int) -> dict[str, float]:
-    slow = max(ranks, key=lambda r: r.fwd_s + r.bwd_s)
-    comm_total = sum(slow.comm_s.values())
-    # busy_s below the slowest rank's work: shared CPU cores absorbed part of it (_shared_cores)
-    absorbed = max(0.0, (slow.fwd_s + slow.bwd_s) * m - pipe.busy_s) if pipe.busy_s else 0.0
-    compute = (slow.fwd_s + slow.bwd_s - slow.recompute_s - comm_total) * m - absorbed
-    out = {"compute": compute, "recompute": slow.recompute_s * m}
-    for k, v in slow.comm_s.items():
-        out[f"{k}_comm"] = v * m
-    out.update({"pp_comm": pipe.p2p_s, "bubble": pipe.bubble_s, "dp_comm": dp_exposed, "optimizer": opt})
-    return out

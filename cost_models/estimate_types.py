@@ -110,3 +110,17 @@ class Estimate:
     @property
     def mfu(self) -> float:
         return self.model_flops / self.step_time_s / self.world / self.peak_flops
+
+
+def time_breakdown(ranks: list[RankReport], pipe, dp_exposed: float, opt: float, m: int) -> dict[str, float]:
+    """The step's time by component over ``m`` micro-batches, read from the slowest rank (``CostModel.estimate``)."""
+    slow = max(ranks, key=lambda r: r.fwd_s + r.bwd_s)
+    comm_total = sum(slow.comm_s.values())
+    # busy_s below the slowest rank's work: shared CPU cores absorbed part of it (_shared_cores)
+    absorbed = max(0.0, (slow.fwd_s + slow.bwd_s) * m - pipe.busy_s) if pipe.busy_s else 0.0
+    compute = (slow.fwd_s + slow.bwd_s - slow.recompute_s - comm_total) * m - absorbed
+    out = {"compute": compute, "recompute": slow.recompute_s * m}
+    for k, v in slow.comm_s.items():
+        out[f"{k}_comm"] = v * m
+    out.update({"pp_comm": pipe.p2p_s, "bubble": pipe.bubble_s, "dp_comm": dp_exposed, "optimizer": opt})
+    return out
