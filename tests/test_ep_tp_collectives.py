@@ -192,13 +192,18 @@ def _batch(spec) -> torch.Tensor:
     return torch.randint(0, spec.vocab, (2 * MBS, SEQ), generator=torch.Generator().manual_seed(2))
 
 
-def _dp_worker(rank: int, init: str, result: str) -> None:
+# MoE layers of each kind (tests/test_moe_shared_local_tokens.py: the shared ones on tp 2 alone)
+DP_MODELS = {"routed": ("moe-tiny", ROUTED), "qwen2-like": ("moe-tiny", {"shared_expert_gate": True}),
+             "deepseek-like": ("deepseek-tiny", {})}
+
+
+def _dp_worker(rank: int, init: str, result: str, variant: str) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2 * TP)
     torch.set_num_threads(1)
-    spec, found = tiny_spec("moe-tiny", SEQ, ROUTED), {}
+    spec, found = tiny_spec(DP_MODELS[variant][0], SEQ, DP_MODELS[variant][1]), {}
     for zero in (0, 3):   # DDP (experts kept out, summed over edp by sync_grads); FSDP2 (experts over edp)
         mesh = rt.build_mesh("cpu", dp=2, tp=TP, ep=2)
         model = rt.build_meta_model(spec)
@@ -218,14 +223,16 @@ def _dp_worker(rank: int, init: str, result: str) -> None:
 
 
 @pytest.mark.slow
-def test_shard_dispatch_under_data_parallel_matches_one_process(tmp_path):
+@pytest.mark.parametrize("variant", list(DP_MODELS))
+def test_shard_dispatch_under_data_parallel_matches_one_process(variant, tmp_path):
     """dp 2 x tp 2 with sp, ep 2 (edp 2) on 4 gloo ranks, DDP and FSDP2: every gradient after ``sync_grads``
-    (the router's summed over tp in backward, then averaged over dp like any replicated weight) equals one
-    process's on the whole batch."""
+    (the router's, and Qwen2's shared gate's, summed over tp in backward, then averaged over dp like any replicated
+    weight) equals one process's on the whole batch; routed experts alone, Qwen2-like gated shared experts and
+    DeepSeek-like shared experts with MLA."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_dp_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path / "out.pt")), nprocs=2 * TP)
-    spec = tiny_spec("moe-tiny", SEQ, ROUTED)
+    mp.spawn(_dp_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path / "out.pt"), variant), nprocs=2 * TP)
+    spec = tiny_spec(DP_MODELS[variant][0], SEQ, DP_MODELS[variant][1])
     model = rt.build_meta_model(spec)
     rt.materialize([model], spec, 0, torch.device("cpu"))
     _grads(model, _batch(spec))
@@ -235,4 +242,4 @@ def test_shard_dispatch_under_data_parallel_matches_one_process(tmp_path):
             for key, g in want.items():
                 owner = key.rsplit(".", 1)[0]
                 w = g[ids[owner]] if owner in ids else g
-                assert torch.allclose(got[key], w, rtol=1e-4, atol=1e-5), f"zero{zero} rank{rank} {key}"
+                assert torch.allclose(got[key], w, rtol=1e-4, atol=1e-5), f"{variant} zero{zero} rank{rank} {key}"

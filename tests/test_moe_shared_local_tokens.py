@@ -3,15 +3,15 @@ parallel and expert parallel: each tp rank routes and dispatches its own sequenc
 sequence-parallel tensor-parallel MLP (input all-gathered, output reduce-scattered back to the shard), the router's
 and Qwen2's shared gate's weight gradients summed over tp (``techniques.moe_program.moe_tokens_local``,
 ``codegen.runtime_moe.route_local_tokens``). On gloo ranks: the loss and every parameter's gradient, on every rank,
-equal one process's (and the logits, under full and per-op recompute too); on 4 ranks also under dp 2 (DDP and
-FSDP2) after ``sync_grads``."""
+equal one process's (and the logits, under full and per-op recompute too). On 4 ranks under dp 2 (DDP and FSDP2):
+tests/test_ep_tp_collectives.py ``test_shard_dispatch_under_data_parallel_matches_one_process``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from helpers_plans import tiny_spec
-from test_tp_sp_collectives import _grads, _tokens  # the same seq and micro-batch (64, 2)
+from test_tp_sp_collectives import _tokens  # the same seq and micro-batch (64, 2)
 from torch.distributed.tensor import DTensor
 
 from autopar.codegen import runtime as rt
@@ -96,45 +96,3 @@ def test_shared_expert_shard_dispatch_matches_one_process(variant, tmp_path):
             assert len(local) == (moe_layers if sp else 0) and all(local.values()), label
             assert torch.allclose(got_logits, logits, rtol=1e-4, atol=1e-5), label
             _assert_grads(got, grads, ids, label)
-
-
-def _batch(spec) -> torch.Tensor:
-    return torch.randint(0, spec.vocab, (4, SEQ), generator=torch.Generator().manual_seed(2))
-
-
-def _dp_worker(rank: int, init: str, result: str, variant: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2 * TP)
-    torch.set_num_threads(1)
-    spec, found = _spec(variant), {}
-    for zero in (0, 3):   # DDP (experts kept out, summed over edp by sync_grads); FSDP2 (experts over edp)
-        mesh = rt.build_mesh("cpu", dp=2, tp=TP, ep=2)
-        model = rt.apply_dp(_build(spec, mesh, True), mesh, zero_stage=zero, tp=TP, dtype="fp32")
-        half = _batch(spec).chunk(2)[mesh.rank("dp")]
-        rt.lm_loss(model(half), half).backward()
-        rt.sync_grads([model], mesh)
-        inner = getattr(model, "module", model)
-        grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
-                 for n, p in inner.named_parameters()}
-        found[zero] = grads, _ids(inner)
-    torch.save(found, f"{result}.{rank}")
-    dist.destroy_process_group()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("variant", list(MODELS))
-def test_shared_expert_shard_dispatch_under_data_parallel_matches_one_process(variant, tmp_path):
-    """dp 2 x tp 2 with sp, ep 2 (edp 2) on 4 gloo ranks, DDP and FSDP2: every gradient after ``sync_grads`` equals
-    one process's on the whole batch (the router's and the shared gate's summed over tp, then averaged over dp)."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_dp_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path / "out.pt"), variant), nprocs=2 * TP)
-    spec = _spec(variant)
-    model = rt.build_meta_model(spec)
-    rt.materialize([model], spec, 0, torch.device("cpu"))
-    _grads(model, _batch(spec))
-    want = {n: p.grad for n, p in model.named_parameters()}
-    for rank in range(2 * TP):
-        for zero, (got, ids) in torch.load(f"{tmp_path / 'out.pt'}.{rank}").items():
-            _assert_grads(got, want, ids, f"{variant} zero{zero} rank{rank}")
