@@ -169,11 +169,12 @@ def expert_load(ctx: PricingContext) -> float:
 def shards_for(s: Strategy, layer: LayerTemplate | None = None, runtime: str = "torch") -> Shards:
     """The divisors of ``layer``'s terms under ``s``; without a layer the least any layer reads (a floor's:
     the router on the rank's shard wherever some MoE layer could route it, ``routes_local_tokens``).
-    Megatron-Core routes the shard with shared experts too (``megatron_ops.megatron_routes_local``)."""
+    Megatron-Core routes the shard with shared experts too (``megatron_ops.megatron_routes_local``), as the torch
+    program does since 2026-11-27 (its shared experts gather their own input): the two rules agree."""
     # tokens is already the rank's share of the sequence (mbs / cp): expert terms divide it further
     # only by tp (the folded mapping splits a tp group's tokens before dispatch), not by cp again
     local = megatron_routes_local(s.sequence_parallel, s.ep, s.etp) if layer is None or runtime == "megatron" \
-        else routes_local_tokens(layer, s.sequence_parallel, s.ep, s.etp)   # (None: the rule without shared experts)
+        else routes_local_tokens(layer, s.sequence_parallel, s.ep, s.etp)   # the program's rule, read from the layer
     return Shards(tokens=s.micro_batch / s.cp, tp=s.tp, sp=s.sequence_parallel,
                   expert_div=1 if _experts_replicated(s) else s.tp, router_div=s.tp if local else 1)
 

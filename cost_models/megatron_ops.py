@@ -112,8 +112,8 @@ def megatron_routes_local(sp: bool, ep: int, etp: int) -> bool:
     ``finalize_model_grads``) and to the token dispatcher; the shared experts (``SharedExpertMLP``,
     moe/shared_experts.py) are a tensor-parallel MLP whose column-parallel ``linear_fc1`` gathers that
     sharded input itself and whose ``linear_fc2`` reduce-scatters back to it (its optional gate reads the
-    shard too). The same rule as autopar's program for MoE without shared experts
-    (``techniques.moe_program.moe_tokens_local``); the program gathers for shared experts, Megatron does not."""
+    shard too). The same rule as autopar's program (``techniques.moe_program.moe_tokens_local``), whose shared
+    experts gather their own input the same way since 2026-11-27."""
     return moe_tokens_local(sp, ep, etp, shared_experts=False)
 
 
