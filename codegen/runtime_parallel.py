@@ -64,8 +64,7 @@ def apply_tp(model: nn.Module, mesh: ParallelMesh, sequence_parallel: bool = Fal
         model.output.weight = model.tok_embeddings.weight  # both Shard(0) over the vocab: re-tie
     for block in model.layers.values():
         ff = block.feed_forward
-        if hasattr(ff, "router") and moe_tokens_local(sequence_parallel, mesh.size("ep"), mesh.size("etp"),
-                                                      shared_experts=ff.shared_experts is not None):
+        if hasattr(ff, "router") and moe_tokens_local(sequence_parallel, mesh.size("ep"), mesh.size("etp")):
             route_local_tokens(ff, tp_mesh.get_group())
         parallelize_module(block, tp_mesh, _block_plan(block, sequence_parallel))
         if hasattr(block.attention, "wkv_a"):

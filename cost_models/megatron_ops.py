@@ -114,7 +114,7 @@ def megatron_routes_local(sp: bool, ep: int, etp: int) -> bool:
     sharded input itself and whose ``linear_fc2`` reduce-scatters back to it (its optional gate reads the
     shard too). The same rule as autopar's program (``techniques.moe_program.moe_tokens_local``), whose shared
     experts gather their own input the same way since 2026-11-27."""
-    return moe_tokens_local(sp, ep, etp, shared_experts=False)
+    return moe_tokens_local(sp, ep, etp)
 
 
 def megatron_block_tp(layer: LayerTemplate, rows: int, one_s: float, act_bytes: float, s, ctx,

@@ -79,12 +79,10 @@ def _is_row(o: OpTerm) -> bool:
 
 def routes_local_tokens(layer: LayerTemplate, sp: bool, ep: int, etp: int) -> bool:
     """Whether the program's MoE layer in ``layer`` dispatches each tp rank's sequence shard
-    (``techniques.moe_program.moe_tokens_local``); shared experts: a tensor-parallel linear after the router."""
-    router = next((i for i, o in enumerate(layer.ops) if o.shard == "router"), None)
-    if not layer.is_moe or router is None:
+    (``techniques.moe_program.moe_tokens_local``), for a layer with a router."""
+    if not layer.is_moe or not any(o.shard == "router" for o in layer.ops):
         return False
-    shared = any(_is_row(o) for o in layer.ops[router:])
-    return moe_tokens_local(sp, ep, etp, shared)
+    return moe_tokens_local(sp, ep, etp)
 
 
 def block_tp_collectives(layer: LayerTemplate, sp: bool, ep: int = 1, topk: int = 0, etp: int = 1) -> TpCollectives:

@@ -5,14 +5,14 @@ Pure Python, no autopar import: ``autopar emit`` copies it into the run director
 from __future__ import annotations
 
 
-def moe_tokens_local(sp: bool, ep: int, etp: int, shared_experts: bool) -> bool:
+def moe_tokens_local(sp: bool, ep: int, etp: int) -> bool:
     """Under tensor parallel (tp > 1), whether an MoE layer's program routes and dispatches the rank's own
     sequence-parallel shard of tokens and returns its output on that shard: with sp and expert parallel
     (``ep * etp > 1``), Megatron-Core's MoE layer under sequence parallel (its ``MoEAlltoAllTokenDispatcher``
     takes the sequence-sharded hidden states: no all-gather before the layer, no reduce-scatter after it).
-    ``shared_experts`` no longer changes the answer (until 2026-11-27 they made the layer gather the whole
-    sequence): the shared experts run as a sequence-parallel tensor-parallel MLP that gathers its own input
-    and reduce-scatters its output back to the shard (Megatron-Core's ``SharedExpertMLP``), so the router and
+    Shared experts or not (until 2026-11-27 they made the layer gather the whole sequence): the shared
+    experts run as a sequence-parallel tensor-parallel MLP that gathers its own input and reduce-scatters
+    its output back to the shard (Megatron-Core's ``SharedExpertMLP``), so the router and
     dispatcher beside them can take the shard. Experts replicated over tp (ep = etp = 1) run the whole
     sequence on every tp rank. The program (``codegen.runtime_parallel.apply_tp``) and the price
     (``cost_models.tp_collectives``) both read this."""

@@ -32,7 +32,7 @@ def test_rule_routes_the_shard_under_sp_with_expert_parallel_shared_experts_or_n
     assert megatron_routes_local(True, 2, 1) and megatron_routes_local(True, 1, 2)
     assert not megatron_routes_local(False, 4, 1)   # no sp: every tp rank holds the whole sequence
     assert not megatron_routes_local(True, 1, 1)    # experts replicated over tp: the whole sequence
-    assert moe_tokens_local(True, 2, 1, shared_experts=True)   # the program's shared experts gather their own
+    assert moe_tokens_local(True, 2, 1)   # the program's shared experts gather their own
 
 
 @pytest.mark.parametrize("sp", [True, False])
