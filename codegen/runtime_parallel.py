@@ -24,7 +24,7 @@ from torch.distributed.tensor.parallel import (
 
 from autopar.codegen.runtime_mesh import ParallelMesh
 from autopar.codegen.runtime_moe import SumGradColumns, route_local_tokens
-from autopar.techniques.dp_program import dp_mode  # noqa: F401  (the program reads the one rule; re-exported)
+from autopar.techniques.dp_program import dp_mode, whole_backward  # noqa: F401  (the program reads the one rule; re-exported)
 from autopar.techniques.moe_program import moe_tokens_local
 
 # ----- tensor + sequence parallel ------------------------------------------------------
@@ -252,9 +252,9 @@ def apply_dp(model: nn.Module, mesh: ParallelMesh, zero_stage: int = 0, tp: int 
         return model
     if mode == "ddp":
         return _apply_ddp(model, mesh, experts)
+    full_backward = whole_backward(pipeline)
     if mode == "zero1":
-        overlap = pipeline is True or pipeline is False or pipeline in FULL_BACKWARD
-        return _apply_zero1(model, mesh, dtype, micro_batches if overlap else 0)
+        return _apply_zero1(model, mesh, dtype, micro_batches if full_backward else 0)
     if mode == "replicate":
         return _apply_replicate(model, mesh, experts, mp_policy(dtype))
     from torch.distributed.fsdp import fully_shard
@@ -264,7 +264,6 @@ def apply_dp(model: nn.Module, mesh: ParallelMesh, zero_stage: int = 0, tp: int 
     # Zero-bubble schedules split backward into input- and weight-gradient passes: resharding
     # between them gave wrong losses in the contract sweep, so there parameters stay gathered and
     # torch's deferred reduce runs once per step (priced so: cost_models.fsdp.syncs_once_per_step).
-    full_backward = pipeline is True or pipeline is False or pipeline in FULL_BACKWARD
     kw = dict(reshard_after_forward=zero_stage >= 3 and full_backward, mp_policy=mp_policy(dtype),
               offload_policy=offload_policy(offload, mesh.dp_cp.device_type))
     for ex in experts:  # FSDP averages over edp; sync_grads rescales to a dp*cp mean
@@ -275,7 +274,7 @@ def apply_dp(model: nn.Module, mesh: ParallelMesh, zero_stage: int = 0, tp: int 
     fully_shard(model, mesh=mesh.dp_cp, **kw)
     if pipeline:
         _prefetch_within_the_microbatch(model)
-    if pipeline is True or pipeline in FULL_BACKWARD:  # the schedule's name, or True
+    if pipeline and full_backward:  # the schedule's name, or True
         _keep_per_microbatch_sharding(model)
     return model
 
@@ -289,12 +288,6 @@ def _prefetch_within_the_microbatch(model: nn.Module) -> None:
     shards = blocks(model)
     for prev, block in zip([model, *shards], shards):
         block.set_modules_to_backward_prefetch([prev])
-
-
-# Schedules whose backward is one autograd pass per micro-batch: FSDP's hooks may reduce after
-# it. Zero-bubble schedules split it (input gradients, then weight gradients later): there
-# FSDP must wait for the stage's final post-backward, torch's default.
-FULL_BACKWARD = ("gpipe", "1f1b", "interleaved")
 
 
 def _keep_per_microbatch_sharding(model: nn.Module) -> None:

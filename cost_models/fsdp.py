@@ -8,8 +8,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 from autopar.cost_models import overlap
-from autopar.techniques.dp_program import dp_mode, plan_dp_mode
-from autopar.techniques.pipeline import ZERO_BUBBLE
+from autopar.techniques.dp_program import dp_mode, plan_dp_mode, whole_backward
 
 # PyTorch DDP bucket_cap_mb default (torch.nn.parallel.DistributedDataParallel); autopar's ZeRO-1 buckets as many
 # bytes (``techniques.dp_program.ZERO1_BUCKET_BYTES``, tests/test_zero1_sync.py): the last bucket either syncs alone
@@ -75,7 +74,7 @@ def syncs_once_per_step(runtime: str, pp: int, schedule: str = "1f1b") -> bool:
     autopar's own program (``--runtime torch``) undoes the stage's setters for full-backward
     schedules (``codegen.runtime_parallel._keep_per_microbatch_sharding``) and reduce-scatters
     every micro-batch, as ``gathers_per_unit`` prices it. Under the zero-bubble schedules
-    (``techniques.pipeline.ZERO_BUBBLE``, not ``codegen.runtime_parallel.FULL_BACKWARD``) it keeps
+    (not ``techniques.dp_program.whole_backward``) it keeps
     torch's deferral and shards with ``reshard_after_forward=False`` (resharding between a micro-batch's
     input- and weight-gradient passes gave wrong losses): once per step, as torchtitan, for a rank's
     first 3 stages (torch's lowering re-gathers the others: ``techniques.pipeline.torch_rule`` refuses
@@ -83,7 +82,7 @@ def syncs_once_per_step(runtime: str, pp: int, schedule: str = "1f1b") -> bool:
     do not run FSDP."""
     if pp <= 1:
         return False
-    return runtime in DEFERRED_RUNTIMES or (runtime == "torch" and schedule in ZERO_BUBBLE)
+    return runtime in DEFERRED_RUNTIMES or (runtime == "torch" and not whole_backward(schedule))
 
 
 def holds_stage_grads(runtime: str, pp: int, schedule: str, zero_stage: int, offload: bool, dp_cp: int,
@@ -118,7 +117,7 @@ def syncs_after_backward(runtime: str, s, dtype: str, impl: str) -> bool:
       one (``_root_post_backward_final_callback``). Counted on gloo: every all-reduce inside REDUCE_GRAD
       (tests/test_pipeline_dp_sync.py); interleaved, a chunk's runs before the other's last backwards, which wait on it
       (tests/test_reduce_grad_order.py).
-    - ZeRO-1 as ``zero1`` under a zero-bubble schedule (``techniques.pipeline.ZERO_BUBBLE``): torch's
+    - ZeRO-1 as ``zero1`` under a zero-bubble schedule (not ``techniques.dp_program.whole_backward``): torch's
       ``stage_backward_weight`` adds the weight gradients to ``param.grad`` itself, outside autograd's
       post-accumulate-grad hooks that start ``runtime_zero1.Bucket``'s reduce-scatters, so ``sync_grads``
       reduce-scatters every bucket after the last backward (``runtime_parallel.apply_dp``: no count). Every
@@ -131,7 +130,7 @@ def syncs_after_backward(runtime: str, s, dtype: str, impl: str) -> bool:
     if runtime != "torch" or impl == "meta" or s.pp <= 1:
         return False
     mode = plan_dp_mode(s, dtype)
-    return mode == "replicate" or (mode == "zero1" and s.schedule in ZERO_BUBBLE)
+    return mode == "replicate" or (mode == "zero1" and not whole_backward(s.schedule))
 
 
 def gathers_next_forward(runtime: str, s, dtype: str, impl: str) -> bool:

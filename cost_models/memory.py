@@ -260,7 +260,7 @@ def glu_clamp_copy_bytes(template, s: Strategy, ctx) -> float:
     if ctx.runtime != "megatron" or not ctx.glu_clamp or w1 is None:
         return 0.0
     m, n, _ = w1.gemm
-    sh = shards_for(s, template, ctx.runtime)
+    sh = shards_for(s, template)
     copy = glu_clamp_saved_bytes(m * w1.calls * sh.tokens / sh.of("expert"), n, ctx.dtype_bytes)
     load = capped_load(ctx.expert_load_ratio, ctx.moe_capacity_factor) if s.ep > 1 else 1.0
     return copy + busiest_rank_expert_excess(copy, load)
@@ -286,7 +286,7 @@ def host_grads_at_device_peak(s: Strategy, runtime: str) -> bool:
     the first blocks' backward, where every activation of the micro-batch is still live). They
     are written block by block as the backward reduce-scatters, so not yet with one micro-batch
     per step, nor under a zero-bubble pipeline of autopar's programs (FSDP2 reduces there after
-    the step's final backward only, ``codegen.runtime_parallel.FULL_BACKWARD``); with gradient
+    the step's final backward only, not ``techniques.dp_program.whole_backward``); with gradient
     accumulation the earlier micro-batches' shards are live (contract sweep traces,
     ``AUTOPAR_MEM_TRACE``: s02, s30, s11 peak at the loss without them, s06, s31 with them)."""
     if s.num_micro_batches <= 1:

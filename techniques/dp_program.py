@@ -52,6 +52,20 @@ def plan_dp_mode(s, dtype: str) -> str:
                    s.offload_optimizer, dtype)
 
 
+# Pipeline schedules that split each micro-batch's backward into an input-gradient pass and a later weight-gradient
+# pass (torch's ``stage_backward_weight``), the zero-bubble ones: ``techniques.pipeline.ZERO_BUBBLE`` reads it here.
+SPLIT_BACKWARD = ("zb_interleaved", "zbv", "dualpipev")
+
+
+def whole_backward(schedule: str | bool) -> bool:
+    """Whether a micro-batch's backward is one autograd pass, so gradient hooks see every weight gradient in it:
+    every pipeline ``schedule`` but ``SPLIT_BACKWARD``'s (``True`` / ``False``: a pipeline without a name / none).
+    The one rule for ZeRO-1's overlap and FSDP's per-micro-batch resharding: ``codegen.runtime_parallel.apply_dp``
+    reduce-scatters ZeRO-1 during the last backward only here, ``cost_models.fsdp.syncs_after_backward`` prices
+    it exposed elsewhere and ``planner.bounds.grad_sync_floor`` keys its floor on it."""
+    return schedule not in SPLIT_BACKWARD
+
+
 # ZeRO-1's gradient bucket (``codegen.runtime_zero1``): the bytes of training-dtype gradient one reduce-scatter and
 # one all-gather move, PyTorch DDP's ``bucket_cap_mb`` default (25 MiB); Megatron-Core's distributed optimizer
 # buckets 40M elements or more (``DistributedDataParallelConfig.bucket_size``). Read by the program and its price

@@ -21,11 +21,12 @@ from typing import get_args
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Schedule, Strategy
 from autopar.techniques.base import Technique, custom, custom_refusal
+from autopar.techniques.dp_program import SPLIT_BACKWARD
 
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 LOOPED = ("interleaved", "zb_interleaved")      # vpp chunks per rank, stage i on rank i % pp
 V_SHAPED = ("zbv", "dualpipev")                 # exactly two chunks per rank, V placement
-ZERO_BUBBLE = ("zb_interleaved", "zbv", "dualpipev")
+ZERO_BUBBLE = SPLIT_BACKWARD                  # dp_program: the programs' rule, pure Python
 SEARCHED = ("1f1b", "interleaved", "zb_interleaved", "zbv")
 # GPipe prices like 1F1B and holds every micro-batch; DualPipeV prices like ZBV (its gain, overlapping
 # expert all-to-all with compute, is not modelled): both are searched only when the user names them,

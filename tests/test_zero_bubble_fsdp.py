@@ -1,6 +1,6 @@
 """FSDP2 (ZeRO-2, optimizer offload) under autopar's zero-bubble pipeline programs, priced as they run
 (``cost_models.fsdp.syncs_once_per_step``): the emitted program keeps torch.distributed.pipelining's
-deferral there (``codegen.runtime_parallel.FULL_BACKWARD`` lists the schedules it overrides), so each
+deferral there (``techniques.dp_program.whole_backward`` names the schedules it overrides), so each
 unit is all-gathered once per step and reduce-scattered once, after the stage's last backward, with
 the whole stage's unsharded gradients held to then (``runtime_memory.deferred_fsdp_memory``)."""
 
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from autopar.codegen.runtime_parallel import FULL_BACKWARD
 from autopar.core.strategy import Strategy
 from autopar.cost_models import fsdp, overlap
 from autopar.cost_models.memory import bytes_per_param
 from autopar.cost_models.session import Inputs, build_cost_model
 from autopar.techniques import pipeline
+from autopar.techniques.dp_program import whole_backward
 from autopar.techniques.pipeline import SCHEDULES, ZERO_BUBBLE
 
 ZBV = "pp=2,dp=4,vpp=2,schedule=zbv,mbs=1,gbs=32"          # 8 micro-batches per step
@@ -30,13 +30,13 @@ def _cm(gpu: str = "h100-96g", gpus: int = 8, seq_len: int = 256, dtype: str = "
 
 
 def test_the_rule_is_the_programs_schedule_split():
-    """Once per step exactly where the emitted program leaves torch's deferral on (not FULL_BACKWARD)."""
-    assert set(FULL_BACKWARD) | set(ZERO_BUBBLE) == set(SCHEDULES) and not set(FULL_BACKWARD) & set(ZERO_BUBBLE)
+    """Once per step exactly where the emitted program leaves torch's deferral on (not ``whole_backward``)."""
+    assert [s for s in SCHEDULES if not whole_backward(s)] == list(ZERO_BUBBLE) and whole_backward(True)
     for sched in ZERO_BUBBLE:
         assert fsdp.syncs_once_per_step("torch", 2, sched)
         assert not fsdp.syncs_once_per_step("torch", 1, sched)
         assert not fsdp.syncs_once_per_step("megatron", 4, sched)
-    for sched in FULL_BACKWARD:
+    for sched in filter(whole_backward, SCHEDULES):
         assert not fsdp.syncs_once_per_step("torch", 4, sched) and fsdp.syncs_once_per_step("torchtitan", 4, sched)
     cm = _cm()
     zb, one = Strategy.parse(ZBV + ",zero=2").resolve(8), Strategy.parse(ONE_F_ONE_B + ",zero=2").resolve(8)
