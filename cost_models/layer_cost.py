@@ -40,7 +40,6 @@ from autopar.cost_models.megatron_ops import (
     megatron_linears,
     megatron_loss,
     megatron_rope,
-    megatron_routes_local,
 )
 from autopar.cost_models.memory import busiest_rank_expert_excess
 from autopar.cost_models.moe_cost import (
@@ -53,6 +52,7 @@ from autopar.cost_models.moe_cost import (
 )
 from autopar.cost_models.recompute_cost import recompute_times, rerun_tail, selective_bytes, tp_rerun
 from autopar.cost_models.tp_collectives import program_tp_time, routes_local_tokens
+from autopar.techniques.moe_program import moe_tokens_local
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
 
@@ -166,14 +166,13 @@ def expert_load(ctx: PricingContext) -> float:
     return capped_load(ctx.expert_load_ratio * ctx.timer.stack.moe_imbalance, ctx.moe_capacity_factor)
 
 
-def shards_for(s: Strategy, layer: LayerTemplate | None = None, runtime: str = "torch") -> Shards:
+def shards_for(s: Strategy, layer: LayerTemplate | None = None) -> Shards:
     """The divisors of ``layer``'s terms under ``s``; without a layer the least any layer reads (a floor's:
-    the router on the rank's shard wherever some MoE layer could route it, ``routes_local_tokens``).
-    Megatron-Core routes the shard with shared experts too (``megatron_ops.megatron_routes_local``), as the torch
-    program does since 2026-11-27 (its shared experts gather their own input): the two rules agree."""
+    the router on the rank's shard wherever some MoE layer could route it, ``moe_tokens_local``). One rule for
+    every runtime: Megatron-Core routes the shard as the torch program does (``moe_tokens_local``'s docstring)."""
     # tokens is already the rank's share of the sequence (mbs / cp): expert terms divide it further
     # only by tp (the folded mapping splits a tp group's tokens before dispatch), not by cp again
-    local = megatron_routes_local(s.sequence_parallel, s.ep, s.etp) if layer is None or runtime == "megatron" \
+    local = moe_tokens_local(s.sequence_parallel, s.ep, s.etp) if layer is None \
         else routes_local_tokens(layer, s.sequence_parallel, s.ep, s.etp)   # the program's rule, read from the layer
     return Shards(tokens=s.micro_batch / s.cp, tp=s.tp, sp=s.sequence_parallel,
                   expert_div=1 if _experts_replicated(s) else s.tp, router_div=s.tp if local else 1)
@@ -190,7 +189,7 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     if layer_dtype(layer.kind, ctx.timer.dtype) != ctx.timer.dtype:  # fp8 runs the blocks' linears only
         ctx = copy.copy(ctx)  # a shallow copy: the fits and contention are already set up
         ctx.timer = ctx.timer.in_dtype(layer_dtype(layer.kind, ctx.timer.dtype))
-    sh = shards_for(s, layer, ctx.runtime)
+    sh = shards_for(s, layer)
     before = dict(ctx.timer.hits)
     fwd = bwd = kernel_fwd = 0.0
     flops, fwds = 0.0, []

@@ -28,7 +28,6 @@ from autopar.cost_models.fp8_cost import te_expert_padding_bytes
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm
 from autopar.cost_models.moe_cost import local_sort_bytes
 from autopar.cost_models.overlap import userbuffers_tp_exposed
-from autopar.techniques.moe_program import moe_tokens_local
 
 # Bytes per logit element the runtime's fused cross-entropy moves, forward and backward (bf16 logits in,
 # bf16 logit gradient out; ``cross_entropy_bytes``). Choices of Megatron-Core's
@@ -102,19 +101,6 @@ def megatron_tp_reductions(layer: LayerTemplate, rows: int) -> int:
     residual all-reduces ``attention + mlp`` together, Black et al. 2022). The emitted torch programs
     (one DTensor collective per module) keep their per-module count."""
     return min(rows, 1) if parallel_block(layer) else rows
-
-
-def megatron_routes_local(sp: bool, ep: int, etp: int) -> bool:
-    """Whether Megatron-Core routes and dispatches each tp rank's own sequence shard of an MoE layer's tokens:
-    under sequence parallel with expert parallel (``ep * etp > 1``), shared experts or not. ``MoELayer.forward``
-    (megatron/core/transformer/moe/moe_layer.py) hands the sequence-sharded hidden states to the router
-    (``TopKRouter``: its gate weight is marked ``sequence_parallel``, its gradient summed over tp in
-    ``finalize_model_grads``) and to the token dispatcher; the shared experts (``SharedExpertMLP``,
-    moe/shared_experts.py) are a tensor-parallel MLP whose column-parallel ``linear_fc1`` gathers that
-    sharded input itself and whose ``linear_fc2`` reduce-scatters back to it (its optional gate reads the
-    shard too). The same rule as autopar's program (``techniques.moe_program.moe_tokens_local``), whose shared
-    experts gather their own input the same way since 2026-11-27."""
-    return moe_tokens_local(sp, ep, etp)
 
 
 def megatron_block_tp(layer: LayerTemplate, rows: int, one_s: float, act_bytes: float, s, ctx,

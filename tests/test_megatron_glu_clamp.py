@@ -62,8 +62,8 @@ def test_megatron_prices_the_clamp_on_the_ranks_received_rows(tmp_path, ep, etp,
     plain, clamped = _cost_model(tmp_path, "megatron"), _cost_model(tmp_path, "megatron", swiglu_limit=7.0)
     assert clamped.ctx.glu_clamp == 7.0 and plain.ctx.glu_clamp == 0.0
     moe = next(t for t in clamped.templates if t.is_moe)
-    got = [a - b for a, b in zip(_expert_passes(moe, s, shards_for(s, moe, "megatron"), clamped.ctx),
-                                 _expert_passes(moe, s, shards_for(s, moe, "megatron"), plain.ctx))]
+    got = [a - b for a, b in zip(_expert_passes(moe, s, shards_for(s, moe), clamped.ctx),
+                                 _expert_passes(moe, s, shards_for(s, moe), plain.ctx))]
     f, b = glu_clamp_bytes(rows, 384 / etp, 2)
     timer, load = clamped.ctx.timer, expert_load(clamped.ctx)
     # membound is not linear (its rate curve): compare against the passes priced together, as expert_passes_s does

@@ -1,6 +1,6 @@
-"""Which tokens Megatron-Core's MoE router reads under sequence parallel (``megatron_ops.megatron_routes_local``):
-each tp rank's own shard, shared experts or not, as autopar's torch program does since 2026-11-27
-(``techniques.moe_program.moe_tokens_local``: its shared experts gather their own input)."""
+"""Which tokens Megatron-Core's MoE router reads under sequence parallel: each tp rank's own shard, shared experts
+or not, as autopar's torch program does since 2026-11-27 -- one rule, ``techniques.moe_program.moe_tokens_local``
+(its docstring cites Megatron-Core), which ``layer_cost.shards_for`` reads for every runtime."""
 
 from __future__ import annotations
 
@@ -26,13 +26,11 @@ def _block(runtime: str):
 
 
 def test_rule_routes_the_shard_under_sp_with_expert_parallel_shared_experts_or_not():
-    from autopar.cost_models.megatron_ops import megatron_routes_local
     from autopar.techniques.moe_program import moe_tokens_local
 
-    assert megatron_routes_local(True, 2, 1) and megatron_routes_local(True, 1, 2)
-    assert not megatron_routes_local(False, 4, 1)   # no sp: every tp rank holds the whole sequence
-    assert not megatron_routes_local(True, 1, 1)    # experts replicated over tp: the whole sequence
-    assert moe_tokens_local(True, 2, 1)   # the program's shared experts gather their own
+    assert moe_tokens_local(True, 2, 1) and moe_tokens_local(True, 1, 2)
+    assert not moe_tokens_local(False, 4, 1)   # no sp: every tp rank holds the whole sequence
+    assert not moe_tokens_local(True, 1, 1)    # experts replicated over tp: the whole sequence
 
 
 @pytest.mark.parametrize("sp", [True, False])
@@ -48,7 +46,8 @@ def test_megatron_prices_a_shared_expert_router_on_the_shard(sp):
     cm, block = _block("megatron")
     router = [o for o in block.ops if o.shard == "router"]
     gate = next(o for o in router if o.kind == "gemm")
-    mega, torch_sh = shards_for(s, block, "megatron"), shards_for(s, block, "torch")
+    assert cm.ctx.runtime == "megatron"
+    mega, torch_sh = shards_for(s, block), shards_for(s, _block("torch")[1])
     assert torch_sh.router_div == mega.router_div == (2 if sp else 1)
     torch_sh = dataclasses.replace(mega, router_div=1)   # the router on the whole sequence
     whole = _local_gemm(gate, s, torch_sh)[0]
@@ -73,11 +72,11 @@ def test_megatron_shared_expert_layer_moves_by_its_router_alone():
     s = Strategy.parse("tp=2,sp=1,ep=2,dp=4,mbs=1,gbs=8").resolve(8)
     cm, block = _block("megatron")
     local = price_layer(block, s, cm.ctx)
-    with mock.patch.object(layer_cost, "megatron_routes_local", lambda *a: False):
+    with mock.patch.object(layer_cost, "routes_local_tokens", lambda *a: False):
         whole = price_layer(block, s, cm.ctx)
     assert local.comm_s == whole.comm_s
     router = [o for o in runtime_ops(block, "megatron", 2) if o.shard == "router"]
-    local_sh = shards_for(s, block, "megatron")
+    local_sh = shards_for(s, block)
     moved = [sum(_op_time(o, s, sh, cm.ctx)[i] for o in router)
              for sh in (dataclasses.replace(local_sh, router_div=1), local_sh) for i in (0, 1)]
     assert whole.fwd_s - local.fwd_s == pytest.approx(moved[0] - moved[2])
