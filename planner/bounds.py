@@ -43,6 +43,7 @@ from autopar.planner.space import (
     knob_set,
 )
 from autopar.techniques import pipeline
+from autopar.techniques.dp_program import whole_backward
 
 
 @dataclass(frozen=True)
@@ -462,7 +463,7 @@ def grad_sync_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> tuple[floa
         if key not in sp.syncs:
             sp.syncs[key] = sp.cm.grad_sync_time(size, n, sh.tp, probe(sh, sp.gb, k))
         out.append(sp.syncs[key])
-    key = ("exposed", sh, k.zero, k.offload)   # all exposed_sync reads of the probe
+    key = ("exposed", sh, k.zero, k.offload, whole_backward(k.schedule))   # all exposed_sync reads of the probe
     if key not in sp.memo:
         sp.memo[key] = exposed_sync(sp.cm, probe(sh, sp.gb, k))
     if sp.memo[key]:   # replicate under a pipeline,

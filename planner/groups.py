@@ -125,7 +125,7 @@ def expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
                 terms.append((k, extra, opt))
         stats.pruned_memory += len(ks) - len(terms)
         if terms:   # pipeline_bound grows with the per-micro-batch total and with the gradient sync
-            syncs = [grad_sync_floor(sp, sh, k, pr) for k in {t[0].zero: t[0] for t in terms}.values()]
+            syncs = [grad_sync_floor(sp, sh, t[0], pr) for t in terms]   # reads zero, offload, schedule, vpp
             lb = pipeline_bound(sp, sh, k0, pr.total + min(t[1] for t in terms), p2p, peak, share,
                                 min(x[1] for x in syncs))
             sp.push(lb + min(t[2] for t in terms) + min(x[0] for x in syncs), "group", sh,

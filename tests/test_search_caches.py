@@ -55,3 +55,22 @@ def test_layer_calls_memo_reads_ep(cm):
         for mode in ("none", "full"):
             want = (sum(calls), sum(calls[i] for i in rerun_ops(block, block.ops, mode, "torch")))
             assert host_bound.layer_calls(block, s, mode) == want
+
+
+def test_grad_sync_floor_memo_reads_the_schedule():
+    """ZeRO-1 syncs after the last backward (exposed) under zero-bubble schedules only
+    (``fsdp.syncs_after_backward``): the floor asked for either schedule, in either order, is the uncached one."""
+    from autopar.planner.search import Constraints
+
+    big = build_cost_model(Inputs(model="llama3-8b", nodes=1, seq_len=2048, dtype="bf16"))[0]
+    sh = Sharding(tp=1, cp=1, pp=2, dp=4, ep=1, etp=1, sp=False, mbs=1)
+    zbv, inter = Knobs(zero=1, offload=False, schedule="zbv", vpp=2), Knobs(1, False, "interleaved", 2)
+
+    def floors(*ks):
+        sp = bounds.Space(big, Constraints(), 64)
+        pr = sp.priced(sh)
+        return [bounds.grad_sync_floor(sp, sh, k, pr) for k in ks]
+
+    alone = floors(zbv)[0], floors(inter)[0]
+    assert alone[0] != alone[1]   # the rule tells them apart
+    assert floors(zbv, inter) == list(alone) and floors(inter, zbv) == list(alone[::-1])
