@@ -27,7 +27,7 @@ from functools import partial
 
 from autopar import techniques
 from autopar.core.cluster import ClusterSpec
-from autopar.core.gpu import GpuProfile, program_of
+from autopar.core.gpu import GpuProfile
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
 from autopar.cost_models import fp8_cost, fsdp, fsdp_copy, overlap
@@ -96,7 +96,7 @@ class CostModel:
             cluster=cluster, timer=self.timer, dtype_bytes=dbytes, hidden=spec.hidden or 1, seq_len=seq_len,
             topk=spec.topk, num_experts=spec.num_experts, kv_bytes_per_token=kv_bytes_per_token(spec, dbytes),
             sdpa_kv_bytes_per_token=sdpa_kv_bytes_per_token(spec, dbytes),
-            fits=comm_fits, runtime=program_of(runtime), stack_name=runtime, sliding_window=spec.sliding_window,
+            fits=comm_fits, stack_name=runtime, sliding_window=spec.sliding_window,
             sliding_layers=sliding,
             attn_head_dim=spec.attention_head_dim, expert_bias=bool(spec.num_experts and spec.mlp_bias),
             fsdp_impl=fsdp_impl, rope_attention_factor=spec.rope_attention_factor, glu_clamp=spec.glu_clamp)
@@ -109,8 +109,8 @@ class CostModel:
         their FSDP and name the stack their program's (a stack was its program then)."""
         self.__dict__.update(state)
         self.templates, self.blocks, _ = window_blocks(self.templates, self.ctx.sliding_layers.__contains__)
-        if "stack_name" not in self.ctx.__dict__:
-            self.ctx.stack_name = self.ctx.runtime
+        if "stack_name" not in self.ctx.__dict__:   # ctx.runtime is stack_name's program now: read the pickled one
+            self.ctx.stack_name = self.ctx.__dict__["runtime"]
         if "fsdp_impl" in self.__dict__:
             self.ctx.fsdp_impl = self.__dict__.pop("fsdp_impl")
         if "attn_head_dim" not in self.ctx.__dict__:

@@ -25,6 +25,7 @@ import copy
 from dataclasses import dataclass, field
 
 from autopar.core.cluster import ClusterSpec
+from autopar.core.gpu import program_of
 from autopar.core.strategy import Strategy
 from autopar.cost_models import host_bound
 from autopar.cost_models.comm import CommFit, collective_time
@@ -104,8 +105,8 @@ class PricingContext:
     moe_capacity_factor: float | None = None  # token-drop capacity (1: forced balance); None: dropless
     a2a_overlap: bool = True             # False: the run blocks on its all-to-alls (stack's ep_overlap unused)
     fits: list[CommFit] | None = None
-    runtime: str = "torch"               # the program family: "torch" the emitted programs, "megatron" Megatron-LM's...
-    stack_name: str = "torch"            # the software stack (core.gpu.Runtime; its program: runtime): its kernels
+    stack_name: str = "torch"            # the software stack (core.gpu.Runtime): its kernels; its program: runtime
+    runtime = property(lambda self: program_of(self.stack_name), doc="The program family (core.gpu.program_of).")
     compile: str = "none"                # torch.compile of the blocks ("model") and of the loss ("model+loss")
     loss_parallel: bool = False          # torch runtime: cross-entropy on vocabulary-sharded logits (torchtitan)
     sliding_window: int = 0              # tokens a sliding-window layer attends back (ModelSpec.sliding_window)
@@ -167,9 +168,8 @@ def expert_load(ctx: PricingContext) -> float:
 
 
 def shards_for(s: Strategy, layer: LayerTemplate | None = None) -> Shards:
-    """The divisors of ``layer``'s terms under ``s``; without a layer the least any layer reads (a floor's:
-    the router on the rank's shard wherever some MoE layer could route it, ``moe_tokens_local``). One rule for
-    every runtime: Megatron-Core routes the shard as the torch program does (``moe_tokens_local``'s docstring)."""
+    """The divisors of ``layer``'s terms under ``s``; without a layer the least any layer reads (a floor's: the
+    router on the shard wherever an MoE layer could route it; one rule for every runtime, ``moe_tokens_local``)."""
     # tokens is already the rank's share of the sequence (mbs / cp): expert terms divide it further
     # only by tp (the folded mapping splits a tp group's tokens before dispatch), not by cp again
     local = moe_tokens_local(s.sequence_parallel, s.ep, s.etp) if layer is None \

@@ -64,7 +64,7 @@ def test_cpu_profile_prices_unchanged():
 @pytest.mark.parametrize("runtime,expect", [("torch", 1.0), ("megatron", _hand_count(8192, 128, 8))])
 def test_sliding_layer_performed_share_follows_the_kernel(runtime, expect):
     ctx = PricingContext(load_cluster("cluster-dgx-h100"), OpTimer(gpu=load_gpu_profile("h100-sxm")), 2, 4096, 8192,
-                         runtime=runtime, sliding_window=1024, sliding_layers=frozenset({0}))
+                         stack_name=runtime, sliding_window=1024, sliding_layers=frozenset({0}))
     s = Strategy.parse("dp=1").resolve(1, 1)
     local, full = LayerTemplate("l", "block", [0]), LayerTemplate("g", "block", [1])
     assert _attention_performed(local, s, ctx) == pytest.approx(expect)

@@ -308,12 +308,12 @@ def test_megatron_ranks_with_several_experts_resort_their_tokens():
     # 16 ranks x 4096 tokens x top-8 over 128 experts: 4096 rows per expert, 8 experts per rank
     want = cm.ctx.timer.membound(local_sort_bytes(8 * 4096, 2048, 2, 8))
     assert want > 0 and _expert_passes(block, s, shards_for(s), cm.ctx) == pytest.approx((want, want))
-    cm.ctx.runtime = "torch"   # autopar's programs sort each layer's rows once: no re-sort, their expert loop's terms
+    cm.ctx.stack_name = "torch"   # autopar's programs sort each layer's rows once: no re-sort, its expert loop's terms
     try:
         cat, stack = (cm.ctx.timer.membound(b) for b in expert_loop_bytes(8 * 4096, 2048, block.params_expert / 16, 2))
         assert _expert_passes(block, s, shards_for(s), cm.ctx) == pytest.approx((cat * expert_load(cm.ctx), stack))
     finally:
-        cm.ctx.runtime = "megatron"
+        cm.ctx.stack_name = "megatron"
 
 
 def test_folding_scaling_rows_run_the_papers_token_drop_setup():
