@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 from autopar.cost_models import overlap
-from autopar.techniques.dp_program import dp_mode, plan_dp_mode, whole_backward
+from autopar.techniques.dp_program import ZERO1_BUCKET_BYTES, dp_mode, plan_dp_mode, whole_backward
 
-# PyTorch DDP bucket_cap_mb default (torch.nn.parallel.DistributedDataParallel); autopar's ZeRO-1 buckets as many
-# bytes (``techniques.dp_program.ZERO1_BUCKET_BYTES``, tests/test_zero1_sync.py): the last bucket either syncs alone
+# PyTorch DDP bucket_cap_mb default (torch.nn.parallel.DistributedDataParallel), also FSDP2 ``replicate``'s price;
+# autopar's ZeRO-1 program buckets ``techniques.dp_program.ZERO1_BUCKET_BYTES`` (``last_bucket_bytes``)
 DDP_BUCKET_BYTES = 25 * 2**20
 
 FSDP_RUNTIMES = ("torch", "torchtitan")  # data parallel by FSDP2 (autopar's programs, torchtitan)
@@ -190,10 +190,16 @@ def step_sync_exposed(cm, s, sync, dense: float, expert: float, bwd_s: float, fw
     t = sync(dense, n, s.tp) + sync(expert, s.edp, s.ep * s.etp)
     if t <= 0 or exposed_sync(cm, s):
         return t
-    last_bucket = sync(min(DDP_BUCKET_BYTES, dense), n, s.tp)
+    last_bucket = sync(min(last_bucket_bytes(s, cm.dtype), dense), n, s.tp)
     ahead = overlap.gathers_ahead(cm.ctx.runtime, s.zero_stage) or gathers_next_forward(
         cm.ctx.runtime, s, cm.dtype, cm.ctx.fsdp_impl)
     return overlap.grad_sync_exposed(t, bwd_s, fwd_s, ahead) + last_bucket + step_broadcast_s(cm, s, dense + expert)
+
+
+def last_bucket_bytes(s, dtype: str) -> int:
+    """Bytes of the gradient bucket a rank of strategy ``s`` syncs last, beside nothing, below FSDP: ZeRO-1's span
+    (``ZERO1_BUCKET_BYTES``, ``codegen.runtime_zero1``) where the program runs ``zero1``, else DDP's bucket."""
+    return ZERO1_BUCKET_BYTES if plan_dp_mode(s, dtype) == "zero1" else DDP_BUCKET_BYTES
 
 
 def deferred(cm, s) -> bool:

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from operator import attrgetter, mul, sub
 
+from autopar.cost_models import fsdp
 from autopar.cost_models.comm import collective_time
 from autopar.cost_models.cp_cost import gathered_exposed
 from autopar.cost_models.estimate import (
-    DDP_BUCKET_BYTES,
     OPTIMIZER_BYTES_PER_PARAM,
     CostModel,
     even_stages,
@@ -448,7 +448,7 @@ def _optimizer_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
 
 def grad_sync_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> tuple[float, float]:
     """Below ZeRO-3 (``partition.RankPricer.dp_time``): (the last bucket every rank synchronises
-    after its last backward, ``min(DDP_BUCKET_BYTES, its dense gradient bytes)``; the whole dense
+    after its last backward, ``min(fsdp.last_bucket_bytes, its dense gradient bytes)``; the whole dense
     gradient synchronisation of the rank holding the most layers). Every rank holds at least the
     smallest block and collective times grow with the size. Under ``fsdp.syncs_after_backward`` (nothing
     hides it): (that whole synchronisation, 0)."""
@@ -456,7 +456,8 @@ def grad_sync_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> tuple[floa
     if gathers_per_unit(sp.cm.ctx.runtime, k.zero, k.offload) or n <= 1 or pr.min_dense <= 0:  # FSDP: no step-end sync
         return 0.0, 0.0
     gbytes = bytes_per_param(sp.cm.dtype)[1]
-    sizes = (min(DDP_BUCKET_BYTES, pr.min_dense * gbytes), held_layers(sp, sh, k) * pr.min_dense * gbytes)
+    last = fsdp.last_bucket_bytes(probe(sh, sp.gb, k), sp.cm.dtype)
+    sizes = (min(last, pr.min_dense * gbytes), held_layers(sp, sh, k) * pr.min_dense * gbytes)
     out = []
     for size in sizes:
         key = (size, n, sh.tp, k.zero in (1, 2))

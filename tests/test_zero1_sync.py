@@ -50,7 +50,8 @@ def test_which_zero1_program_runs_and_what_is_exposed():
     assert _rules("dp=8,zero=1", "fp32", "meta") == (False, False, False)
     s = Strategy.parse("dp=8,zero=1").resolve(8)
     assert not any(fsdp.broadcasts_after_step(rt, s, "fp32", "fsdp2") for rt in ("megatron", "deepspeed", "torchtitan"))
-    assert ZERO1_BUCKET_BYTES == fsdp.DDP_BUCKET_BYTES   # the price's (and the search floor's) last bucket
+    assert fsdp.last_bucket_bytes(s, "bf16") == ZERO1_BUCKET_BYTES and fsdp.last_bucket_bytes(s, "fp32") == (
+        fsdp.DDP_BUCKET_BYTES)   # the price's (and the search floor's) last bucket: the program's
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
@@ -64,7 +65,8 @@ def test_zero1_prices_its_program(dtype):
     size = sum(costs[i].params_dense for i in r.layers) * bytes_per_param(cm.dtype)[1]
     t = cm.grad_sync_time(size, 8, 1, s)
     got = cm.dp_time(s, r, costs, s.num_micro_batches)
-    last_bucket = cm.grad_sync_time(min(ZERO1_BUCKET_BYTES, size), 8, 1, s)
+    cap = ZERO1_BUCKET_BYTES if dtype == "bf16" else fsdp.DDP_BUCKET_BYTES   # ShardedAdamW's span / DDP's bucket
+    last_bucket = cm.grad_sync_time(min(cap, size), 8, 1, s)
     if dtype == "bf16":
         assert got == pytest.approx(overlap.grad_sync_exposed(t, r.bwd_s, r.fwd_s, True) + last_bucket)
         assert last_bucket <= got < t
