@@ -150,8 +150,7 @@ def make_optimizer(parts: list[nn.Module], lr: float, weight_decay: float = 0.1,
     opts = []
     for part in parts:
         if getattr(part, "zero1_buckets", None) is not None:
-            opts.append(ShardedAdamW(part.zero1_buckets, lr=lr, betas=betas, weight_decay=weight_decay,
-                                     param_dtype=part.zero1_dtype))
+            opts.append(ShardedAdamW(part.zero1_buckets, lr=lr, betas=betas, weight_decay=weight_decay))
             continue
         params = [p for p in part.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},

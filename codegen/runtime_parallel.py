@@ -353,7 +353,6 @@ def _apply_zero1(model: nn.Module, mesh: ParallelMesh, dtype: str, backwards: in
     homes = _forward_homes(model)
     for bucket in model.zero1_buckets:
         bucket.land_before(homes)
-    model.zero1_dtype = half
     return model
 
 

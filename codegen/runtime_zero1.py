@@ -213,8 +213,18 @@ class Bucket:
                 mine.copy_(out)
             mine.div_(self.divide)
             sp.pending = None
-        self.grad, self._fp32 = grad, None
-        self.counts, self.next = [0] * len(self.slots), 0
+        self.reset()
+        self.grad = grad
+
+    def reset(self) -> None:
+        """Start a step: no gradient counted, no span issued (collectives in flight are waited, their buffers
+        dropped), no reduced gradient. ``reduce`` ends with it; ``ShardedAdamW.zero_grad`` calls it, so a step
+        whose gradients were dropped before ``reduce`` leaves nothing to the next."""
+        for sp in self.spans:
+            if sp.pending is not None and sp.pending[0] is not None:
+                sp.pending[0].wait()
+            sp.pending = None
+        self.counts, self.next, self.grad, self._fp32 = [0] * len(self.slots), 0, None, None
 
     def shards(self):
         """``(parameter, this rank's slice of its reduced gradient)`` for every parameter."""
@@ -227,14 +237,12 @@ class Bucket:
     # ----- parameters: all-gather ---------------------------------------------------------
     def land_before(self, homes: dict[int, nn.Module]) -> None:
         """Wait for a span's all-gather in the forward pre-hook of the first module ``homes`` (id of a
-        parameter -> the module whose forward reads it) gives its parameters; spans without one are
-        waited at once by ``gather``."""
+        parameter -> the module whose forward reads it, every parameter: ``runtime_parallel._forward_homes``)
+        gives its parameters; before this (``lazy`` False) ``gather`` waits at once."""
         by_module: dict[int, tuple[nn.Module, list[_Span]]] = {}
         for sp in self.spans:
             for s in self.slots[sp.lo: sp.hi]:
-                mod = homes.get(id(s.p))
-                if mod is None:
-                    return
+                mod = homes[id(s.p)]   # _forward_homes maps every parameter (the root at worst)
                 spans = by_module.setdefault(id(mod), (mod, []))[1]
                 if sp not in spans:
                     spans.append(sp)
@@ -291,12 +299,12 @@ class Bucket:
 class ShardedAdamW(torch.optim.AdamW):
     """AdamW over this rank's fp32 master slices (its moments follow them), matrices decayed.
 
-    ``buckets``: the ``Bucket``s ``apply_dp`` made; ``param_dtype``: the dtype the model trains
-    in (the parameters are cast to it after the fp32 masters are taken, then the buckets' hooks are
-    armed: ``Bucket.arm``). An ``AdamW`` so that learning-rate schedulers drive it like any optimizer."""
+    ``buckets``: the ``Bucket``s ``apply_dp`` made, whose ``dtype`` the model trains in (the parameters
+    are cast to it after the fp32 masters are taken, then the buckets' hooks are armed: ``Bucket.arm``).
+    An ``AdamW`` so that learning-rate schedulers drive it like any optimizer."""
 
-    def __init__(self, buckets: list[Bucket], lr: float, betas, weight_decay: float,
-                 param_dtype: torch.dtype = torch.float32):
+    def __init__(self, buckets: list[Bucket], lr: float, betas, weight_decay: float):
+        param_dtype = buckets[0].dtype   # apply_dp gives every bucket of a part the training dtype
         self.buckets, self.param_dtype = buckets, param_dtype
         self.masters = [[self._master(s, param_dtype) for s in b.slots] for b in buckets]
         pairs = [(s, m) for b, ms in zip(buckets, self.masters) for s, m in zip(b.slots, ms)]
@@ -339,7 +347,7 @@ class ShardedAdamW(torch.optim.AdamW):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for b in self.buckets:
-            b.grad = None
+            b.reset()
             for s in b.slots:
                 s.p.grad = None
 

@@ -108,15 +108,29 @@ def test_overlapped_zero1_trains_the_one_process_weights(tmp_path, world, tp):
                 assert cos > (0.9999 if dtype == "fp32" else 0.95), (dtype, rank, name, cos)
 
 
-def test_spans_cut_in_backward_order_with_the_tied_embedding_last(monkeypatch):
+def test_spans_cut_in_backward_order_with_the_tied_embedding_last():
     """Spans of at most the cap or one larger parameter alone, slots in reverse parameter order, late (tied)
     parameters in their own last span."""
-    monkeypatch.setattr(runtime_zero1, "ZERO1_BUCKET_BYTES", 64)
     params = [torch.nn.Parameter(torch.zeros(k)) for k in (8, 4, 20, 6, 10)]
-    b = runtime_zero1.Bucket(params, None, 1, torch.float32, late=[params[0]])
+    b = runtime_zero1.Bucket(params, None, 1, torch.float32, late=[params[0]], cap_bytes=64)
     assert [s.p for s in b.slots] == [params[4], params[3], params[2], params[1], params[0]]
     assert [(sp.lo, sp.hi, sp.late) for sp in b.spans] == [(0, 2, False), (2, 3, False), (3, 4, False), (4, 5, True)]
     assert [sp.col for sp in b.spans] == [0, 16, 36, 40] and b.width == 48
+
+
+def test_zero_grad_starts_a_fresh_step():
+    """Gradients dropped by ``zero_grad`` before ``reduce`` leave no count, issued span or gradient to the next
+    step (its reduce would see two accumulations and refuse)."""
+    params = [torch.nn.Parameter(torch.ones(k)) for k in (8, 4)]
+    b = runtime_zero1.Bucket(params, None, 1, torch.float32, backwards=1, cap_bytes=16)   # a span each
+    opt = runtime_zero1.ShardedAdamW([b], lr=0.1, betas=(0.9, 0.95), weight_decay=0.0)
+    sum(p.sum() for p in params).backward()
+    assert b.next == 2 and b.counts == [1, 1]
+    opt.zero_grad()
+    assert b.next == 0 and b.counts == [0, 0] and b.grad is None and all(sp.pending is None for sp in b.spans)
+    sum(2 * p.sum() for p in params).backward()
+    b.reduce()
+    assert torch.equal(b.grad, torch.full((12,), 2.0))
 
 
 def test_memory_prices_the_buckets_from_the_last_backward_to_the_step():
