@@ -42,7 +42,7 @@ from autopar.cost_models.megatron_ops import (
     megatron_loss,
     megatron_rope,
 )
-from autopar.cost_models.memory import busiest_rank_expert_excess
+from autopar.cost_models.memory import expert_rank_excess
 from autopar.cost_models.moe_cost import (
     capped_load,
     ep_exposed,
@@ -438,14 +438,12 @@ def _expert_grad_transient(layer: LayerTemplate, s: Strategy, ctx: PricingContex
 
 
 def _expert_load_excess(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext, recompute: str) -> float:
-    """The busiest expert-parallel rank's extra saved expert activations (``memory.busiest_rank_expert_excess``)
-    at the measured straggler ratio of a routing trace or placement (``ctx.expert_load_ratio``; 1 without
-    one). Without ep every rank runs all experts on its own tokens: no rank is busier."""
-    if s.ep == 1 or not layer.is_moe or recompute == "full":
+    """The busiest expert-parallel rank's extra saved expert activations (``memory.expert_rank_excess``)."""
+    if s.ep == 1 or not layer.is_moe or recompute == "full":   # ep 1: skip the sum
         return 0.0
     terms = layer.op_saved if recompute == "op" and layer.op_saved else layer.saved
     expert = sum(t.bytes * sh.tokens / sh.of(t.shard) for t in terms if t.shard == "expert" and not t.const)
-    return busiest_rank_expert_excess(expert, capped_load(ctx.expert_load_ratio, ctx.moe_capacity_factor))
+    return expert_rank_excess(expert, s, ctx)
 
 
 def _logits_bytes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext) -> float:

@@ -161,6 +161,16 @@ def busiest_rank_expert_excess(expert_saved: float, load: float) -> float:
     return expert_saved * (max(load, 1.0) - 1.0)
 
 
+def expert_rank_excess(expert_saved: float, s: Strategy, ctx) -> float:
+    """``busiest_rank_expert_excess`` of a mean rank's ``expert_saved`` bytes at the job's straggler ratio (a routing
+    trace's or placement's ``ctx.expert_load_ratio``, capped: ``moe_cost.capped_load``); 0 without expert
+    parallelism, where every rank runs all experts on its own tokens. Read by ``layer_cost._expert_load_excess``
+    and ``glu_clamp_copy_bytes``."""
+    if s.ep == 1:
+        return 0.0
+    return busiest_rank_expert_excess(expert_saved, capped_load(ctx.expert_load_ratio, ctx.moe_capacity_factor))
+
+
 def korthikanti_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
                                  recompute: str = "none") -> float:
     """Closed form of Korthikanti et al. 2022, Table 2 (16-bit activations, 1-byte
@@ -253,7 +263,7 @@ def glu_clamp_copy_bytes(template, s: Strategy, ctx) -> float:
     the gate GEMM's rows x width of every expert for one sequence, scaled to the rank's tokens as
     ``layer_model.saved_bytes`` scales the captured expert terms (the same rows and local width
     ``layer_cost._expert_passes`` prices the clamp on), plus the busiest expert rank's excess
-    (``busiest_rank_expert_excess``, as ``layer_cost._expert_load_excess``). 0 for anything else."""
+    (``expert_rank_excess``). 0 for anything else."""
     from autopar.cost_models.layer_cost import shards_for  # layer_cost imports this module
 
     w1 = expert_gate_gemm(template) if template.is_moe else None
@@ -262,8 +272,7 @@ def glu_clamp_copy_bytes(template, s: Strategy, ctx) -> float:
     m, n, _ = w1.gemm
     sh = shards_for(s, template)
     copy = glu_clamp_saved_bytes(m * w1.calls * sh.tokens / sh.of("expert"), n, ctx.dtype_bytes)
-    load = capped_load(ctx.expert_load_ratio, ctx.moe_capacity_factor) if s.ep > 1 else 1.0
-    return copy + busiest_rank_expert_excess(copy, load)
+    return copy + expert_rank_excess(copy, s, ctx)
 
 
 def in_flight_activation_bytes(per_microbatch_bytes: float, in_flight: float) -> float:
