@@ -8,34 +8,27 @@ from functools import lru_cache
 from autopar.core.strategy import Strategy
 from autopar.planner.space import Knobs, Sharding, strategy_defaults, strategy_with
 
+# The Strategy fields a probe sets from its sharding (and global batch), and from its knobs: the one list of them.
+SHARDING_FIELDS = ("dp", "tp", "pp", "cp", "ep", "etp", "micro_batch", "global_batch", "sequence_parallel")
+KNOB_FIELDS = ("zero_stage", "offload_optimizer", "schedule", "vpp")
+
 
 def probe(sh: Sharding, gb: int, k: Knobs | None = None, **kw) -> Strategy:
     """A Strategy with this sharding, unvalidated (for bounds and pricing); read-only: without ``kw`` the same
-    object comes back for the same arguments (``_shared_probe``)."""
-    return _new_probe(sh, gb, k, kw) if kw else _shared_probe(sh, gb, k)
+    object comes back for the same arguments (``_shared_probe``), with ``kw`` a copy of it that sets them."""
+    shared = _shared_probe(sh, gb, k)
+    return strategy_with(shared, kw) if kw else shared
 
 
 @lru_cache(maxsize=1 << 14)
 def _shared_probe(sh: Sharding, gb: int, k: Knobs | None) -> Strategy:
     """``probe`` without extra fields, built once: the search's floors ask for the same configuration's probe
-    from several terms (copies, gradient sync, recompute room, held gradients), 12 us a build against 1 us a hit."""
-    return _new_probe(sh, gb, k, {})
-
-
-def _new_probe(sh: Sharding, gb: int, k: Knobs | None, kw: dict) -> Strategy:
-    if kw:
-        vals = dict(dp=sh.dp, tp=sh.tp, pp=sh.pp, cp=sh.cp, ep=sh.ep, etp=sh.etp, micro_batch=sh.mbs,
-                    global_batch=gb, sequence_parallel=sh.sp)
-        if k is not None:
-            vals.update(zero_stage=k.zero, offload_optimizer=k.offload, schedule=k.schedule, vpp=k.vpp)
-        vals.update(kw)
-        return strategy_with(_default_probe(), vals)   # a copy of the defaults: cheaper than model_construct
-    # ``strategy_with`` spelled out for the fields every probe sets (4.8 -> 3.1 us): the same dict, in the same order
-    d = _default_probe().__dict__.copy()
-    d["dp"], d["tp"], d["pp"], d["cp"], d["ep"], d["etp"] = sh.dp, sh.tp, sh.pp, sh.cp, sh.ep, sh.etp
-    d["micro_batch"], d["global_batch"], d["sequence_parallel"] = sh.mbs, gb, sh.sp
+    from several terms (copies, gradient sync, recompute room, held gradients), 12 us a build against 1 us a hit.
+    ``strategy_with`` of the defaults spelled out (its fields-set once per knobs or not, ``_probe_fields``)."""
+    d = _default_probe().__dict__.copy()   # every field, in order: the updates keep it
+    d.update(zip(SHARDING_FIELDS, (sh.dp, sh.tp, sh.pp, sh.cp, sh.ep, sh.etp, sh.mbs, gb, sh.sp)))
     if k is not None:
-        d["zero_stage"], d["offload_optimizer"], d["schedule"], d["vpp"] = k.zero, k.offload, k.schedule, k.vpp
+        d.update(zip(KNOB_FIELDS, (k.zero, k.offload, k.schedule, k.vpp)))
     out = Strategy.__new__(Strategy)
     object.__setattr__(out, "__dict__", d)
     object.__setattr__(out, "__pydantic_extra__", None)
@@ -47,9 +40,7 @@ def _new_probe(sh: Sharding, gb: int, k: Knobs | None, kw: dict) -> Strategy:
 @lru_cache(maxsize=2)
 def _probe_fields(knobs: bool) -> frozenset:
     """The fields a probe sets (``strategy_with``'s fields-set): the defaults' and the sharding's (and the knobs')."""
-    keys = {"dp", "tp", "pp", "cp", "ep", "etp", "micro_batch", "global_batch", "sequence_parallel"}
-    return frozenset(_default_probe().__pydantic_fields_set__ | keys | (
-        {"zero_stage", "offload_optimizer", "schedule", "vpp"} if knobs else set()))
+    return frozenset(_default_probe().__pydantic_fields_set__.union(SHARDING_FIELDS, KNOB_FIELDS if knobs else ()))
 
 
 @lru_cache(maxsize=1)
