@@ -45,6 +45,7 @@ import autopar.codegen.runtime_ckpt_zero1 as z1
 MARKER = "COMPLETE"
 META = "meta.json"
 TRAIN_STATE = "train_state.pt"
+INDEX = ".metadata"   # DCP's index of the saved tensors and objects (torch.distributed.checkpoint's file name)
 FORMAT = 1  # bump when the on-disk layout changes
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # wrappers that insert a level into parameter names (activation checkpointing, DDP, compile);
@@ -233,7 +234,13 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """The complete, readable ``step-N`` folder ``path`` names: itself, or the newest complete one in the
-    ``--ckpt-dir`` it is (``train.py --resume PATH``, ``autopar inspect-checkpoint`` / ``reshard``)."""
+    ``--ckpt-dir`` it is (``autopar inspect-checkpoint`` / ``reshard``)."""
+    return checkpoint_and_meta(path)[0]
+
+
+def checkpoint_and_meta(path: str | os.PathLike) -> tuple[Path, dict]:
+    """``find_checkpoint``'s folder and its ``read_meta`` (``train.py --resume PATH`` passes it to
+    ``load_checkpoint``)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointMismatch(f"checkpoint: {p} does not exist; fix: pass a step-N folder train.py wrote or "
@@ -242,8 +249,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     if step is None:
         raise CheckpointMismatch(f"checkpoint: {p} is not a complete step-N checkpoint (no {MARKER} marker) nor a "
                                  "folder holding one; fix: pass a folder train.py --ckpt-dir wrote")
-    read_meta(step)
-    return step
+    return step, read_meta(step)
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -261,8 +267,8 @@ def read_meta(path: str | os.PathLike) -> dict:
         problem = f"{META} is missing"
     except ValueError as exc:   # JSONDecodeError, UnicodeDecodeError
         problem = f"{META} is not valid JSON ({exc})"
-    if problem is None and not (p / ".metadata").is_file():
-        problem = ".metadata (the tensors' index) is missing"
+    if problem is None and not (p / INDEX).is_file():
+        problem = f"{INDEX} (the tensors' index) is missing"
     if problem is None and not (p / TRAIN_STATE).is_file():
         problem = f"{TRAIN_STATE} (step, scheduler, sampler, RNG) is missing"
     if problem:
@@ -314,14 +320,16 @@ def _copy_objects(flat: dict, models: list, optims: list) -> None:
                     d[key] = flat[section][key]
 
 
-def load_checkpoint(path: str | os.PathLike, state: TrainState, identity: dict | None = None) -> int:
+def load_checkpoint(path: str | os.PathLike, state: TrainState, identity: dict | None = None,
+                    meta: dict | None = None) -> int:
     """Load a complete checkpoint written under any plan into this rank's parts (in place);
-    returns its step. ``identity``: refuse another model's checkpoint before touching anything."""
+    returns its step. ``identity``: refuse another model's checkpoint before touching anything;
+    ``meta``: its ``read_meta``, where the caller read it (``checkpoint_and_meta``)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
-    meta = read_meta(path)
+    meta = read_meta(path) if meta is None else meta
     if meta.get("format") != FORMAT:
         raise CheckpointMismatch(f"checkpoint: format {meta.get('format')!r} is not {FORMAT}; "
                                  "fix: convert it with `autopar reshard`")
@@ -355,7 +363,7 @@ def read_index(path: str | os.PathLike) -> dict:
     """DCP's index of checkpoint ``path`` (``.metadata``): each saved key's tensor or object metadata."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    return _read(Path(path) / ".metadata", lambda p: FileSystemReader(str(p.parent)).read_metadata()
+    return _read(Path(path) / INDEX, lambda p: FileSystemReader(str(p.parent)).read_metadata()
                  ).state_dict_metadata
 
 
@@ -401,8 +409,8 @@ class CheckpointManager:
         if resume == "never":
             return 0
         try:   # PATH: a step-N folder, or a --ckpt-dir of another run (its newest complete one)
-            path = latest_checkpoint(self.dir) if resume == "auto" else find_checkpoint(resume)
-            step = 0 if path is None else load_checkpoint(path, state, self.identity or None)
+            path, meta = (latest_checkpoint(self.dir), None) if resume == "auto" else checkpoint_and_meta(resume)
+            step = 0 if path is None else load_checkpoint(path, state, self.identity or None, meta)
         except CheckpointMismatch as err:  # every rank reads the same files, so every rank is here
             if dist.get_rank() == 0:
                 print(f"error: {err}", file=sys.stderr, flush=True)
