@@ -26,29 +26,20 @@ def scaled_no_cp(sp: Space, sh: Sharding, pr: Priced, scale: float) -> tuple[flo
     if key not in sp.memo:
         cm, base = sp.cm, sp.cons.modes[0]
         h = host_bound.host_launch_s(cm.gpu, cm.ctx.runtime)
-        s = probe(sh, sp.gb)
+        s, grouped = probe(sh, sp.gb), host_bound.grouped_experts(cm.stack)
         total, block = 0.0, INF
         for t in cm.templates:
             c, mode = pr.costs[t.indices[0] if t.kind == "block" else t.kind], base if t.kind == "block" else "none"
             if not c:
                 continue
             device = c.fwd_s + c.bwd_s + c.recompute_s[mode]   # what the host floor floors (layer_floor)
-            host = h * _launches(sp, t, s, mode) if h else 0.0
+            # the launches' op calls are memoized by template, mode and ep (host_bound._CALLS)
+            host = h * host_bound.layer_launches(t, s, cm.gpu, mode, grouped, cm.ctx.runtime) if h else 0.0
             one = max(host, scale * device) + scale * (c.time(mode) - device - c.comm_s.get("cp", 0.0))
             n = len(t.indices) if t.kind == "block" else 1
             total += n * one
             block = min(block, one) if t.kind == "block" else block
         sp.memo[key] = (total * (1 - 1e-12), block * (1 - 1e-12))   # rounding: under the unscaled sums' order
-    return sp.memo[key]
-
-
-def _launches(sp: Space, t, s, mode: str) -> float:
-    """``host_bound.layer_launches`` of template ``t`` under the probe ``s``, once per template, ep and mode."""
-    key = ("launches", id(t), s.ep, mode)   # all it reads of the probe; the templates live in ``sp.cm``
-    if key not in sp.memo:
-        cm = sp.cm
-        sp.memo[key] = host_bound.layer_launches(t, s, cm.gpu, mode, bool(cm.stack.expert_grouped_gemm),
-                                                 cm.ctx.runtime)
     return sp.memo[key]
 
 
