@@ -357,7 +357,8 @@ class CostModel:
             return self._zero3_exposed(s, r, costs, m)
         hide = bool(m) and not self._cores_saturated  # r.bwd_s / r.fwd_s: one micro-batch's backward / forward
         sync = partial(self.grad_sync_time, s=s)
-        return fsdp.step_sync_exposed(self, s, sync, dense, expert, r.bwd_s * hide, r.fwd_s * hide)
+        edge = costs["embedding"].params_dense * grad_bytes if r.rank == 0 and costs["embedding"] else 0.0
+        return fsdp.step_sync_exposed(self, s, sync, dense, expert, r.bwd_s * hide, r.fwd_s * hide, edge)
 
     def grad_sync_time(self, size: float, n: int, stride: int, s: Strategy) -> float:
         """One gradient synchronisation of ``size`` bytes over ``n`` ranks (all-reduce, or

@@ -141,10 +141,10 @@ def gathers_next_forward(runtime: str, s, dtype: str, impl: str) -> bool:
     all-gather, issued after the step, is waited in the forward pre-hook of the bucket's first module. So half the
     sync (the reduce-scatter) hides behind the last backward, half (the gather) behind the first forward
     (``overlap.grad_sync_exposed`` with ``gather_ahead``), and the last bucket's reduce-scatter and the first one's
-    gather run beside nothing (``step_sync_exposed``). Counted on gloo: tests/test_zero1_sync.py. Not priced: the
-    first stage's input embedding completes its gradient last and is read first, a span of its own (vocab x hidden,
-    1 GB in bf16 for Llama 3 8B), so its reduce-scatter and gather are the exposed tail there, not one 25 MiB
-    bucket; and ``CostModel.dp_time``'s bytes count the blocks only (not the embedding and output head)."""
+    gather run beside nothing (``step_sync_exposed``). Counted on gloo: tests/test_zero1_sync.py. On the first
+    pipeline rank that tail is the input embedding's: its gradient completes last and it is read first, a span of
+    its own (vocab x hidden, 1 GB in bf16 for Llama 3 8B), priced as ``step_sync_exposed``'s ``edge``. Not priced:
+    ``CostModel.dp_time``'s overlapped bytes count the blocks only (not the embedding and output head)."""
     if runtime != "torch" or impl == "meta":
         return False
     return plan_dp_mode(s, dtype) == "zero1" and not syncs_after_backward(runtime, s, dtype, impl)
@@ -177,7 +177,8 @@ def step_broadcast_s(cm, s, size: float) -> float:
     return cm.dp_collective("all_gather", size, n, s.tp)
 
 
-def step_sync_exposed(cm, s, sync, dense: float, expert: float, bwd_s: float, fwd_s: float) -> float:
+def step_sync_exposed(cm, s, sync, dense: float, expert: float, bwd_s: float, fwd_s: float,
+                      edge: float = 0.0) -> float:
     """Exposed seconds per step of a rank's data-parallel traffic below FSDP (``CostModel.dp_time``;
     ``partition.RankPricer.dp_time`` with its memo): ``sync(bytes, n, stride)`` prices one gradient sync
     (``CostModel.grad_sync_time``) of the rank's ``dense`` (over dp*cp) and ``expert`` (over edp) gradient
@@ -185,14 +186,15 @@ def step_sync_exposed(cm, s, sync, dense: float, expert: float, bwd_s: float, fw
     Whole under ``syncs_after_backward``; else what outlasts the last backward (``overlap.grad_sync_exposed``;
     and the next forward where the gather runs beside it: Megatron-Core's ``--overlap-param-gather``,
     ``gathers_next_forward``) and the last bucket's sync, plus ``ZeroRedundancyOptimizer``'s broadcast
-    (``step_broadcast_s``)."""
+    (``step_broadcast_s``). ``edge``: the input embedding's gradient bytes on the rank holding it, whose sync is
+    ZeRO-1's last (``gathers_next_forward``: ``max(one bucket, edge)``)."""
     n = s.dp * s.cp
     t = sync(dense, n, s.tp) + sync(expert, s.edp, s.ep * s.etp)
     if t <= 0 or exposed_sync(cm, s):
         return t
-    last_bucket = sync(min(last_bucket_bytes(s, cm.dtype), dense), n, s.tp)
-    ahead = overlap.gathers_ahead(cm.ctx.runtime, s.zero_stage) or gathers_next_forward(
-        cm.ctx.runtime, s, cm.dtype, cm.ctx.fsdp_impl)
+    zero1 = gathers_next_forward(cm.ctx.runtime, s, cm.dtype, cm.ctx.fsdp_impl)
+    last_bucket = sync(max(min(last_bucket_bytes(s, cm.dtype), dense), edge if zero1 else 0.0), n, s.tp)
+    ahead = overlap.gathers_ahead(cm.ctx.runtime, s.zero_stage) or zero1
     return overlap.grad_sync_exposed(t, bwd_s, fwd_s, ahead) + last_bucket + step_broadcast_s(cm, s, dense + expert)
 
 

@@ -227,7 +227,7 @@ class RankPricer:
             return RankEval(INF, fwd, INF, INF, INF, None, ids)
         P = sum(g.time("none") * n for g, n in groups) + sum(e.time("none") for e in extra) + choice.extra_s
         report = RankReport(r, layers, fwd, P - fwd, choice.extra_s, {}, {}, in_flight)
-        D = self.zero3_time(cnt, layers) if self.per_unit else self.dp_time(groups, P - fwd, fwd)
+        D = self.zero3_time(cnt, layers) if self.per_unit else self.dp_time(groups, P - fwd, fwd, r == 0)
         O = self._optimizer(report, cnt)
         return RankEval(P, fwd, D, O, mem, choice, ids)
 
@@ -266,15 +266,17 @@ class RankPricer:
             self._opt[cnt] = self.cm.optimizer_time(self.s, report, self.costs)
         return self._opt[cnt]
 
-    def dp_time(self, groups: list[tuple[LayerCost, int]], bwd: float, fwd: float = 0.0) -> float:
+    def dp_time(self, groups: list[tuple[LayerCost, int]], bwd: float, fwd: float = 0.0, first: bool = False) -> float:
         """``CostModel.dp_time`` below ZeRO-3, with each gradient collective priced once per
         size and group (ranks of other strategies often reduce the same bytes); ``bwd`` / ``fwd``:
-        one micro-batch's backward / forward on the rank (``overlap.grad_sync_exposed``)."""
+        one micro-batch's backward / forward on the rank (``overlap.grad_sync_exposed``); ``first``: rank 0,
+        holding the input embedding."""
         s, gbytes = self.s, bytes_per_param(self.cm.dtype)[1]
+        edge = self.costs["embedding"].params_dense * gbytes if first and self.costs["embedding"] else 0.0
         dense = sum(g.params_dense * n for g, n in groups) * gbytes
         expert = sum(g.params_expert * n for g, n in groups) * gbytes
         hide = bool(self.m)
-        return fsdp.step_sync_exposed(self.cm, s, self._sync, dense, expert, bwd * hide, fwd * hide)
+        return fsdp.step_sync_exposed(self.cm, s, self._sync, dense, expert, bwd * hide, fwd * hide, edge)
 
     def _sync(self, size: float, n: int, stride: int) -> float:
         key = (size, n, stride, self.s.zero_stage in (1, 2))

@@ -67,7 +67,10 @@ def test_zero1_prices_its_program(dtype):
     got = cm.dp_time(s, r, costs, s.num_micro_batches)
     cap = ZERO1_BUCKET_BYTES if dtype == "bf16" else fsdp.DDP_BUCKET_BYTES   # ShardedAdamW's span / DDP's bucket
     last_bucket = cm.grad_sync_time(min(cap, size), 8, 1, s)
-    if dtype == "bf16":
+    if dtype == "bf16":   # rank 0's last span is the input embedding's (1 GB), not one bucket
+        edge = costs["embedding"].params_dense * bytes_per_param(cm.dtype)[1]
+        assert edge > cap
+        last_bucket = cm.grad_sync_time(edge, 8, 1, s)
         assert got == pytest.approx(overlap.grad_sync_exposed(t, r.bwd_s, r.fwd_s, True) + last_bucket)
         assert last_bucket <= got < t
         return
@@ -75,6 +78,20 @@ def test_zero1_prices_its_program(dtype):
     hidden = overlap.grad_sync_exposed(t, r.bwd_s, r.fwd_s, False) + last_bucket
     assert ag > 0 and got == pytest.approx(hidden + ag)
     assert cm.dp_comm_total(s, r, costs, s.num_micro_batches) == pytest.approx(t + ag)
+
+
+def test_zero1_tail_is_the_embedding_on_the_first_pipeline_rank():
+    """The first stage's input embedding completes its gradient last and is gathered first: its sync is rank 0's
+    exposed tail; the other rank's is one bucket."""
+    cm = build_cost_model(Inputs(model="llama3-8b", nodes=1, seq_len=2048, dtype="bf16"))[0]
+    s = Strategy.parse("pp=2,dp=4,mbs=1,gbs=64,zero=1").resolve(8)
+    est, costs, gb = cm.estimate(s), cm.layer_costs(s), bytes_per_param(cm.dtype)[1]
+    edge = costs["embedding"].params_dense * gb
+    for r in est.ranks:
+        size = sum(costs[i].params_dense for i in r.layers) * gb
+        tail = cm.grad_sync_time(edge if r.rank == 0 else min(ZERO1_BUCKET_BYTES, size), 4, 1, s)
+        hidden = overlap.grad_sync_exposed(cm.grad_sync_time(size, 4, 1, s), r.bwd_s, r.fwd_s, True)
+        assert cm.dp_time(s, r, costs, s.num_micro_batches) == pytest.approx(hidden + tail)
 
 
 @pytest.mark.slow
