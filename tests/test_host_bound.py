@@ -174,3 +174,12 @@ def test_the_search_prices_what_estimate_prices(moe):
     best = res.candidates[0]   # the host-bound micro-batch of one is not the plan picked
     assert best.strategy.micro_batch > 1
     assert moe.estimate(_strategy(moe, micro_batch=1)).step_time_s > best.estimate.step_time_s
+
+
+def test_default_host_launch_is_the_h100_traces():
+    """``GpuProfile.host_launch_s``'s default restates the H100 trace's fit in h100-sxm.yaml (its description says
+    so): a refit (``fit_kernel_rates.py --trace --write``) that moves the file must move the default too."""
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "profiles" / "hardware" / "h100-sxm.yaml"
+    assert GpuProfile.model_fields["host_launch_s"].default == yaml.safe_load(path.read_text())["host_launch_s"]
