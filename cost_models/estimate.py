@@ -42,7 +42,6 @@ from autopar.cost_models.memory import (
     bytes_per_param,
     cp_mask_bytes,
     expert_shard_group,
-    fused_saved,
     grads_freed_before_activation_peak,
     host_grads_at_device_peak,
     kv_bytes_per_token,
@@ -61,6 +60,7 @@ from autopar.cost_models.overlap import contention_time, exposed_behind, inter_n
 from autopar.cost_models.pipeline import in_flight_microbatches, shared_makespan, step_time, weight_grad_fraction
 from autopar.cost_models.runtime_memory import (
     deferred_fsdp_memory,
+    fused_saved,
     replicated_embedding_grad,
     torchtitan_memory,
     torchtitan_stages,

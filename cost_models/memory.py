@@ -17,11 +17,10 @@ SP and selective, and ``2·s·b·h`` (the layer input) with full recompute.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
-from autopar.cost_models.megatron_ops import expert_gate_gemm, glu_clamp_saved_bytes
 from autopar.cost_models.moe_cost import capped_load
 from autopar.techniques.dp_program import ZERO1_BUCKET_BYTES
 from autopar.techniques.pipeline import ZERO_BUBBLE
@@ -165,7 +164,7 @@ def expert_rank_excess(expert_saved: float, s: Strategy, ctx) -> float:
     """``busiest_rank_expert_excess`` of a mean rank's ``expert_saved`` bytes at the job's straggler ratio (a routing
     trace's or placement's ``ctx.expert_load_ratio``, capped: ``moe_cost.capped_load``); 0 without expert
     parallelism, where every rank runs all experts on its own tokens. Read by ``layer_cost._expert_load_excess``
-    and ``glu_clamp_copy_bytes``."""
+    and ``runtime_memory.glu_clamp_copy_bytes``."""
     if s.ep == 1:
         return 0.0
     return busiest_rank_expert_excess(expert_saved, capped_load(ctx.expert_load_ratio, ctx.moe_capacity_factor))
@@ -230,49 +229,6 @@ def megatron_block_bytes(spec: ModelSpec, s: Strategy, seq_len: int, runtime: st
         s.micro_batch * seq_len / s.cp, spec.hidden, spec.heads * head, (spec.kv_heads or spec.heads) * head,
         0 if moe else spec.ffn_hidden, spec.resolved_mlp in ("swiglu", "geglu"), spec.dropout > 0, s.tp,
         s.sequence_parallel, spec.qk_norm != "none")
-
-
-def fused_saved(cost, template, s: Strategy, cm):
-    """``cost`` (a ``LayerCost`` of ``template``) with a block's saved bytes without recompute
-    (``act_bytes["none"]``) counted by ``megatron_block_bytes`` under Megatron-Core (``cm``: the
-    ``CostModel``, its spec and pricing context), so that the estimate, the recompute choice and the
-    stage partition all see them. An MoE block keeps its captured expert and router tensors (dispatched
-    tokens, grouped fc1 / activation outputs, routing probabilities) and swaps only the rest, its norms
-    and attention; a clamped gated activation adds its copy (``glu_clamp_copy_bytes``) in every mode that
-    keeps the experts' tensors. Other layers, other runtimes and the recompute modes keep the captured bytes."""
-    if template.kind != "block":
-        return cost
-    acts = dict(cost.act_bytes)
-    block = megatron_block_bytes(cm.spec, s, cm.ctx.seq_len, cm.ctx.runtime, template.is_moe)
-    if block is not None and template.is_moe:  # the captured norm and attention terms, as saved_bytes counts them
-        tok, tp = s.micro_batch / s.cp, s.tp
-        dense = sum(t.bytes * tok / (tp if t.shard == "tp" or s.sequence_parallel else 1)
-                    for t in template.saved if t.shard in ("rep", "tp") and not t.const)
-        block += cost.act_bytes["none"] - dense
-    if block is not None:
-        acts["none"] = block
-    clamp = glu_clamp_copy_bytes(template, s, cm.ctx)
-    if block is None and not clamp:
-        return cost
-    return replace(cost, act_bytes={m: b + (clamp if m != "full" else 0.0) for m, b in acts.items()})
-
-
-def glu_clamp_copy_bytes(template, s: Strategy, ctx) -> float:
-    """The clamped copy of an MoE block's fc1 output Megatron-Core saves per micro-batch when the model clamps its
-    gated activation (``megatron_ops.glu_clamp_saved_bytes``; ``ctx.glu_clamp``, ``--runtime megatron`` only):
-    the gate GEMM's rows x width of every expert for one sequence, scaled to the rank's tokens as
-    ``layer_model.saved_bytes`` scales the captured expert terms (the same rows and local width
-    ``layer_cost._expert_passes`` prices the clamp on), plus the busiest expert rank's excess
-    (``expert_rank_excess``). 0 for anything else."""
-    from autopar.cost_models.layer_cost import shards_for  # layer_cost imports this module
-
-    w1 = expert_gate_gemm(template) if template.is_moe else None
-    if ctx.runtime != "megatron" or not ctx.glu_clamp or w1 is None:
-        return 0.0
-    m, n, _ = w1.gemm
-    sh = shards_for(s, template)
-    copy = glu_clamp_saved_bytes(m * w1.calls * sh.tokens / sh.of("expert"), n, ctx.dtype_bytes)
-    return copy + expert_rank_excess(copy, s, ctx)
 
 
 def in_flight_activation_bytes(per_microbatch_bytes: float, in_flight: float) -> float:

@@ -1,4 +1,5 @@
-"""Per-GPU memory of the programs a runtime other than autopar's own runs (``--runtime torchtitan``).
+"""Per-GPU memory of the programs a runtime other than autopar's own runs (``--runtime torchtitan``; Megatron-Core's
+saved block bytes: ``fused_saved``).
 
 ``CostModel.rank_memory`` prices autopar's emitted programs; with ``PricingContext.runtime ==
 "torchtitan"`` it hands its per-rank components to ``torchtitan_memory``, which re-prices what
@@ -36,10 +37,19 @@ Not modelled: FSDP float8 all-gather (``enable_fsdp_float8_all_gather``, fp8 gat
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from autopar.core.strategy import Strategy
 from autopar.cost_models import fsdp
-from autopar.cost_models.layer_cost import LayerCost
-from autopar.cost_models.memory import bytes_per_param, expert_shard_group, model_state_bytes
+from autopar.cost_models.layer_cost import LayerCost, shards_for
+from autopar.cost_models.megatron_ops import expert_gate_gemm, glu_clamp_saved_bytes
+from autopar.cost_models.memory import (
+    bytes_per_param,
+    expert_rank_excess,
+    expert_shard_group,
+    megatron_block_bytes,
+    model_state_bytes,
+)
 
 FP32_BYTES = 4  # torchtitan's mixed_precision_reduce default
 
@@ -240,3 +250,44 @@ def replicated_embedding_grad(cm, s: Strategy) -> float:
     if s.tp == 1 or cm.embedding is None or cm.ctx.runtime == "megatron":
         return 0.0
     return cm.embedding.params_vocab * (1 - 1 / s.tp) * bytes_per_param(cm.dtype)[1]
+
+
+def fused_saved(cost, template, s: Strategy, cm):
+    """``cost`` (a ``LayerCost`` of ``template``) with a block's saved bytes without recompute
+    (``act_bytes["none"]``) counted by ``megatron_block_bytes`` under Megatron-Core (``cm``: the
+    ``CostModel``, its spec and pricing context), so that the estimate, the recompute choice and the
+    stage partition all see them. An MoE block keeps its captured expert and router tensors (dispatched
+    tokens, grouped fc1 / activation outputs, routing probabilities) and swaps only the rest, its norms
+    and attention; a clamped gated activation adds its copy (``glu_clamp_copy_bytes``) in every mode that
+    keeps the experts' tensors. Other layers, other runtimes and the recompute modes keep the captured bytes."""
+    if template.kind != "block":
+        return cost
+    acts = dict(cost.act_bytes)
+    block = megatron_block_bytes(cm.spec, s, cm.ctx.seq_len, cm.ctx.runtime, template.is_moe)
+    if block is not None and template.is_moe:  # the captured norm and attention terms, as saved_bytes counts them
+        tok, tp = s.micro_batch / s.cp, s.tp
+        dense = sum(t.bytes * tok / (tp if t.shard == "tp" or s.sequence_parallel else 1)
+                    for t in template.saved if t.shard in ("rep", "tp") and not t.const)
+        block += cost.act_bytes["none"] - dense
+    if block is not None:
+        acts["none"] = block
+    clamp = glu_clamp_copy_bytes(template, s, cm.ctx)
+    if block is None and not clamp:
+        return cost
+    return replace(cost, act_bytes={m: b + (clamp if m != "full" else 0.0) for m, b in acts.items()})
+
+
+def glu_clamp_copy_bytes(template, s: Strategy, ctx) -> float:
+    """The clamped copy of an MoE block's fc1 output Megatron-Core saves per micro-batch when the model clamps its
+    gated activation (``megatron_ops.glu_clamp_saved_bytes``; ``ctx.glu_clamp``, ``--runtime megatron`` only):
+    the gate GEMM's rows x width of every expert for one sequence, scaled to the rank's tokens as
+    ``layer_model.saved_bytes`` scales the captured expert terms (the same rows and local width
+    ``layer_cost._expert_passes`` prices the clamp on), plus the busiest expert rank's excess
+    (``expert_rank_excess``). 0 for anything else."""
+    w1 = expert_gate_gemm(template) if template.is_moe else None
+    if ctx.runtime != "megatron" or not ctx.glu_clamp or w1 is None:
+        return 0.0
+    m, n, _ = w1.gemm
+    sh = shards_for(s, template)
+    copy = glu_clamp_saved_bytes(m * w1.calls * sh.tokens / sh.of("expert"), n, ctx.dtype_bytes)
+    return copy + expert_rank_excess(copy, s, ctx)
