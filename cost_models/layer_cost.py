@@ -33,9 +33,8 @@ from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_cont
 from autopar.cost_models.cp_cost import cp_exposed, cp_kept_bytes, cp_rerun_s
 from autopar.cost_models.fp8_cost import Fp8Cast, fp8_casts
 from autopar.cost_models.fsdp import FsdpImpl
-from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, saved_bytes, working_bytes
+from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, expert_gate_gemm, saved_bytes, working_bytes
 from autopar.cost_models.megatron_ops import (
-    expert_gate_gemm,
     expert_passes_s,
     megatron_block_tp,
     megatron_linears,

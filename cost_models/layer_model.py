@@ -137,3 +137,9 @@ def _sum_terms(terms: list[SavedTerm], sh: Shards) -> float:
             continue
         total += t.bytes if t.const else t.bytes * sh.tokens / sh.of(t.shard)
     return total
+
+
+def expert_gate_gemm(layer: LayerTemplate) -> OpTerm | None:
+    """An MoE layer's expert GEMM split on its output width whose width is the gated activation's gate half (w1;
+    None without experts)."""
+    return next((o for o in layer.ops if o.shard == "expert" and o.kind == "gemm" and o.gemm and o.tp_dim == "n"), None)

@@ -236,12 +236,6 @@ def glu_clamp_saved_bytes(rows: float, ffn: float, dtype_bytes: int) -> float:
     return 2.0 * rows * ffn * dtype_bytes
 
 
-def expert_gate_gemm(layer: LayerTemplate) -> OpTerm | None:
-    """An MoE layer's expert GEMM split on its output width whose width is the gated activation's gate half (w1;
-    None without experts)."""
-    return next((o for o in layer.ops if o.shard == "expert" and o.kind == "gemm" and o.gemm and o.tp_dim == "n"), None)
-
-
 def expert_passes_s(timer: OpTimer, rows: float, local: float, hidden: float, dtype_bytes: int,
                     expert_bias: bool, clamp_ffn: float = 0.0) -> tuple[float, float]:
     """(forward, backward) seconds of the memory passes Megatron-Core runs on an expert-parallel rank's

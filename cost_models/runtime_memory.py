@@ -42,7 +42,8 @@ from dataclasses import replace
 from autopar.core.strategy import Strategy
 from autopar.cost_models import fsdp
 from autopar.cost_models.layer_cost import LayerCost, shards_for
-from autopar.cost_models.megatron_ops import expert_gate_gemm, glu_clamp_saved_bytes
+from autopar.cost_models.layer_model import expert_gate_gemm
+from autopar.cost_models.megatron_ops import glu_clamp_saved_bytes
 from autopar.cost_models.memory import (
     bytes_per_param,
     expert_rank_excess,
