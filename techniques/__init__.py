@@ -27,17 +27,32 @@ ALL: tuple[Technique, ...] = tuple(m.TECHNIQUE for m in (
 
 
 def violations(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None = None,
-               emitted: bool = False) -> list[str]:
+               emitted: bool = False, stack: str | None = None) -> list[str]:
     """Every rule of every technique the strategy breaks (model rules only when ``spec`` is given;
-    ``emitted``: also what the code generator cannot run)."""
-    return [msg for t in ALL for msg in t.violations(s, spec, world, seq_len, emitted)]
+    ``emitted``: also what the code generator cannot run; ``stack``: also what that software stack,
+    a ``core.gpu.Runtime``, does not run)."""
+    return [msg for t in ALL for msg in t.violations(s, spec, world, seq_len, emitted, stack)]
 
 
-def check(s: Strategy, spec: ModelSpec | None = None, seq_len: int | None = None, emitted: bool = False) -> Strategy:
+def check(s: Strategy, spec: ModelSpec | None = None, seq_len: int | None = None, emitted: bool = False,
+          stack: str | None = None) -> Strategy:
     """Raise the first violation as a one-line InputError; return the strategy."""
-    for msg in violations(s, spec, s.world, seq_len, emitted):
+    for msg in violations(s, spec, s.world, seq_len, emitted, stack):
         raise InputError(f"strategy: {msg}")
     return s
+
+
+def stack_refusals(stack: str, fields: dict) -> list[str]:
+    """What ``stack`` does not run of a partial strategy (field -> value, e.g. the knobs ``plan`` fixes),
+    by the techniques' value tables (``base.Runs.values``)."""
+    return [msg for t in ALL for msg in t.stacks[stack].refusals(stack, fields)]
+
+
+def stack_values(stack: str, name: str, default: tuple) -> tuple:
+    """The values of Strategy field ``name`` that ``stack`` runs, in ``default``'s order (``default``: every
+    value the search would try; a field the stack does not narrow keeps it)."""
+    allowed = next(t.stacks[stack].values.get(name) for t in ALL if name in t.fields)
+    return default if allowed is None else tuple(v for v in default if v in allowed)
 
 
 def resolve(s: Strategy, world: int, global_batch: int | None = None, spec: ModelSpec | None = None,

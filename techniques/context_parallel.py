@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
-from autopar.techniques.base import Technique, custom, custom_refusal
+from autopar.techniques.base import Runs, Technique, custom, custom_refusal
 
 
 def chunk_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
@@ -32,6 +32,24 @@ def window_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | 
             "the emitted context parallel does not run; use cp=1"]
 
 
+# What each stack runs of context parallel (the sequence split over cp ranks, attention over the other ranks'
+# key / value shards; ``cost_models.cp_cost.cp_exposed`` prices autopar's program's all-gather form, the
+# other stacks' ring):
+# - torch: autopar's all-gather form (``codegen.runtime_cp``).
+# - torchtitan: ``parallelism.context_parallel_degree`` (torch's ``context_parallel``, key / values passed
+#   round by ``context_parallel_rotate_method`` allgather | alltoall).
+# - megatron: ``--context-parallel-size`` with ``--cp-comm-type`` p2p (ring) | a2a | allgather | a2a+p2p
+#   (Transformer Engine attention).
+# - deepspeed: DeepSpeed-Ulysses splits heads by all-to-all, not the ring / all-gather cp priced here: left out.
+# - llm-foundry: no context parallel in its configs.
+STACKS = {
+    "torch": Runs("autopar's program: all-gather context parallel"),
+    "torchtitan": Runs("torchtitan parallelism.context_parallel_degree"),
+    "megatron": Runs("Megatron-LM --context-parallel-size, --cp-comm-type"),
+    "deepspeed": Runs("DeepSpeed-Ulysses is a head all-to-all, not the cp priced here", {"cp": (1,)}),
+    "llm-foundry": Runs("no context parallel in llm-foundry", {"cp": (1,)}),
+}
+
 TECHNIQUE = Technique(
     name="context_parallel",
     fields=("cp",),
@@ -40,4 +58,5 @@ TECHNIQUE = Technique(
     search={"cp": "divisors of world / tp with seq_len divisible by 2*cp"},
     cost_terms=("layer_cost:price_layer",),
     apply="autopar.codegen.runtime_cp.apply_cp",
+    stacks=STACKS,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
-from autopar.techniques.base import Technique, custom, custom_refusal
+from autopar.techniques.base import Runs, Technique, custom, custom_refusal
 
 
 def fold_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
@@ -35,6 +35,21 @@ def model_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | N
     return out
 
 
+# What each stack runs of expert parallel:
+# - torch: autopar's program (``codegen.runtime_moe``), ep and etp over the stage's (edp, ep, etp) mesh.
+# - torchtitan: ``parallelism.expert_parallel_degree`` (its MoE models); its
+#   ``expert_tensor_parallel_degree`` takes 1 or the tp degree only in the releases read: etp left out.
+# - megatron: ``--expert-model-parallel-size``, ``--expert-tensor-parallel-size`` (MoE Parallel Folding).
+# - deepspeed: DeepSpeed-MoE's ``ep_size`` is not declared (how it meets each ZeRO stage is unclear): left out.
+# - llm-foundry: its MoE runs through MegaBlocks (``moe_world_size``), not declared here: left out.
+STACKS = {
+    "torch": Runs("autopar's program: the (edp, ep, etp) mesh"),
+    "torchtitan": Runs("torchtitan parallelism.expert_parallel_degree", {"etp": (1,)}),
+    "megatron": Runs("Megatron-LM --expert-model-parallel-size, --expert-tensor-parallel-size"),
+    "deepspeed": Runs("DeepSpeed-MoE expert parallel is not declared", {"ep": (1,), "etp": (1,)}),
+    "llm-foundry": Runs("llm-foundry's MegaBlocks MoE is not declared", {"ep": (1,), "etp": (1,)}),
+}
+
 TECHNIQUE = Technique(
     name="expert_parallel",
     fields=("ep", "etp"),
@@ -43,4 +58,5 @@ TECHNIQUE = Technique(
             "ep*etp": "divides dp*tp*cp, inside a node unless --cross-node"},
     cost_terms=("layer_cost:price_layer", "moe_load:load_ratio_from_files"),
     apply="autopar.codegen.runtime_moe.apply_ep",
+    stacks=STACKS,
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 from autopar.core.gpu import GpuProfile
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
-from autopar.techniques.base import Technique
+from autopar.techniques.base import Runs, Technique
 
 VALUES = (False, True)
 # Recompute modes emitted beside offload: under CPUOffloadPolicy the per-op policy's recompute meets
@@ -47,6 +47,35 @@ def stage_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | N
             "gradients and AdamW states at every ZeRO stage); use zero=2,offload=1"]
 
 
+def sharded_offload_rule(stages: tuple[int, ...], stack: str, how: str):
+    """A rule: optimizer offload on ``stack`` runs at these ZeRO ``stages`` only (``how``: the config key)."""
+    def rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+        if s.offload_optimizer and s.zero_stage not in stages:
+            return [f"offload=1 with zero={s.zero_stage}: --runtime {stack} offloads the optimizer with {how}, at "
+                    f"zero {' | '.join(map(str, stages))}; use one of them"]
+        return []
+    return rule
+
+
+# What each stack runs of optimizer offload (fp32 master weights and AdamW states on the host, the step on the CPU):
+# - torch: autopar's program (FSDP2 ``CPUOffloadPolicy``; the emit rules above).
+# - torchtitan: ``training.enable_cpu_offload`` (FSDP2 ``CPUOffloadPolicy`` on its ``fully_shard``): zero 2, 3.
+# - megatron: ``--optimizer-cpu-offload`` (hybrid device optimizer) keeps parameters and gradients on the GPU
+#   and offloads a fraction of the states: not the program offload=1 prices; left out.
+# - deepspeed: ``zero_optimization.offload_optimizer.device = "cpu"`` (ZeRO-Offload, DeepSpeedCPUAdam), ZeRO
+#   stages 1-3.
+# - llm-foundry: Composer's FSDP ``fsdp_config`` declares no optimizer offload: left out.
+STACKS = {
+    "torch": Runs("autopar's program: FSDP2 CPUOffloadPolicy"),
+    "torchtitan": Runs("torchtitan training.enable_cpu_offload", {},
+                       (sharded_offload_rule((2, 3), "torchtitan", "FSDP2's CPUOffloadPolicy"),)),
+    "megatron": Runs("Megatron-LM --optimizer-cpu-offload keeps parameters on the GPU: not this offload",
+                     {"offload_optimizer": (False,)}),
+    "deepspeed": Runs("DeepSpeed zero_optimization.offload_optimizer", {},
+                      (sharded_offload_rule((1, 2, 3), "deepspeed", "zero_optimization.offload_optimizer"),)),
+    "llm-foundry": Runs("Composer fsdp_config declares no optimizer offload", {"offload_optimizer": (False,)}),
+}
+
 TECHNIQUE = Technique(
     name="offload",
     fields=("offload_optimizer",),
@@ -55,4 +84,5 @@ TECHNIQUE = Technique(
     search={"offload_optimizer": VALUES},
     cost_terms=("estimate:offload_step_time", "estimate:CostModel.rank_memory"),
     apply="autopar.codegen.runtime_parallel.apply_dp",
+    stacks=STACKS,
 )

@@ -20,7 +20,7 @@ from typing import get_args
 
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Schedule, Strategy
-from autopar.techniques.base import Technique, custom, custom_refusal
+from autopar.techniques.base import Runs, Technique, custom, custom_refusal
 from autopar.techniques.dp_program import SPLIT_BACKWARD
 
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
@@ -107,6 +107,25 @@ def torch_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | N
     return []
 
 
+# What each stack runs of pipeline parallel:
+# - torch: autopar's program (``codegen.runtime_pp``: torch.distributed.pipelining), every schedule above.
+# - torchtitan: ``parallelism.pipeline_parallel_degree`` and ``pipeline_parallel_schedule``, a name torch's
+#   ``get_schedule_class`` takes: GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble, ZBVZeroBubble,
+#   DualPipeV (torch's own schedules, the ones autopar emits).
+# - megatron: ``--pipeline-model-parallel-size`` runs 1F1B; ``--num-layers-per-virtual-pipeline-stage`` /
+#   ``--virtual-pipeline-model-parallel-size`` interleaved 1F1B (Megatron-Core ``get_forward_backward_func``).
+#   No GPipe, zero-bubble or DualPipe schedule ships in Megatron-Core.
+# - deepspeed: ``deepspeed.pipe.PipelineModule`` runs ``TrainSchedule`` (1F1B), one stage per rank.
+# - llm-foundry: no pipeline parallel (Composer FSDP).
+STACKS = {
+    "torch": Runs("autopar's program: torch.distributed.pipelining"),
+    "torchtitan": Runs("torchtitan parallelism.pipeline_parallel_schedule (torch's schedules)"),
+    "megatron": Runs("Megatron-LM --pipeline-model-parallel-size, --num-layers-per-virtual-pipeline-stage",
+                     {"schedule": ("1f1b", "interleaved")}),
+    "deepspeed": Runs("DeepSpeed PipelineModule: TrainSchedule (1F1B)", {"schedule": ("1f1b",), "vpp": (1,)}),
+    "llm-foundry": Runs("no pipeline parallel in llm-foundry", {"pp": (1,)}),
+}
+
 TECHNIQUE = Technique(
     name="pipeline",
     fields=("pp", "vpp", "schedule"),
@@ -118,4 +137,5 @@ TECHNIQUE = Technique(
     cost_terms=("pipeline:step_time", "pipeline:simulate", "pipeline:in_flight_microbatches",
                 "pipeline:weight_grad_fraction", "estimate:CostModel.p2p_time"),
     apply="autopar.codegen.runtime_pp.apply_pp",
+    stacks=STACKS,
 )

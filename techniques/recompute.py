@@ -9,7 +9,7 @@ from typing import get_args
 
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Recompute, Strategy
-from autopar.techniques.base import Technique, custom
+from autopar.techniques.base import Runs, Technique, custom
 
 MODES: tuple[str, ...] = get_args(Recompute)
 
@@ -27,6 +27,25 @@ def mode_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | No
     return [msg] if msg else []
 
 
+# What each stack runs of activation recomputation (per layer: the plan's ``layer_recompute`` mixes the modes):
+# - torch: autopar's program (``codegen.runtime_ac``), every mode.
+# - torchtitan: ``activation_checkpoint.mode`` none | full | selective; ``selective_ac_option = "op"`` is the
+#   per-op policy (``op``); an integer N (every N-th block checkpointed whole) is priced as ``selective`` by the
+#   published rows' mapping (``benchmarks/published_rows.recompute``), so ``selective`` stays declared.
+# - megatron: ``--recompute-granularity selective`` (core attention, Korthikanti et al. 2022) | ``full`` with
+#   ``--recompute-method uniform | block``; no per-op policy.
+# - deepspeed: ``deepspeed.checkpointing.checkpoint`` (``activation_checkpointing``): whole blocks.
+# - llm-foundry: ``fsdp_config.activation_checkpointing`` (whole blocks).
+STACKS = {
+    "torch": Runs("autopar's program: checkpoint / per-op policies"),
+    "torchtitan": Runs("torchtitan activation_checkpoint.mode, selective_ac_option"),
+    "megatron": Runs("Megatron-LM --recompute-granularity selective | full",
+                     {"recompute": ("none", "selective", "full")}),
+    "deepspeed": Runs("DeepSpeed activation_checkpointing: whole blocks", {"recompute": ("none", "full")}),
+    "llm-foundry": Runs("llm-foundry fsdp_config.activation_checkpointing: whole blocks",
+                        {"recompute": ("none", "full")}),
+}
+
 TECHNIQUE = Technique(
     name="recompute",
     fields=("recompute",),
@@ -34,4 +53,5 @@ TECHNIQUE = Technique(
     search={"recompute": "per layer, every mode the cost model prices (layer_cost.RECOMPUTE_MODES)"},
     cost_terms=("layer_model:saved_bytes", "layer_model:working_bytes", "layer_cost:price_layer"),
     apply="autopar.codegen.runtime_ac.apply_ac",
+    stacks=STACKS,
 )

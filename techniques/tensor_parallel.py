@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
-from autopar.techniques.base import Technique, custom, custom_refusal
+from autopar.techniques.base import Runs, Technique, custom, custom_refusal
 
 SP_VALUES = (False, True)
 
@@ -52,6 +52,34 @@ def sp_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None
     return []
 
 
+def torchtitan_sp_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    """torchtitan's tensor parallel plan shards the norms with ``SequenceParallel()`` whenever
+    ``parallelism.tensor_parallel_degree`` > 1 (``apply_tp`` in torchtitan/models/llama3/infra/parallelize.py):
+    no tp without sp."""
+    if s.tp > 1 and not s.sequence_parallel:
+        return [f"tp={s.tp} with sp=0: --runtime torchtitan runs tensor parallel with sequence parallel norms "
+                "always; use sp=1"]
+    return []
+
+
+# What each stack runs of tensor / sequence parallel:
+# - torch: autopar's DTensor plan (``codegen.runtime_parallel.apply_tp``), sp on or off.
+# - torchtitan: ``parallelism.tensor_parallel_degree``; sequence parallel always on (``torchtitan_sp_rule``).
+# - megatron: ``--tensor-model-parallel-size``, ``--sequence-parallel`` on or off.
+# - deepspeed: DeepSpeed ZeRO runs no tensor parallel of its own (Megatron-DeepSpeed's tp is Megatron's: its
+#   rows are priced under --runtime megatron); DeepSpeed's AutoTP training (2025) is left out: which layers it
+#   splits, and how it meets ZeRO stages, is unclear.
+# - llm-foundry: its ``tp_config`` (2024) is experimental and splits the FFN only: left out.
+STACKS = {
+    "torch": Runs("autopar's program: DTensor parallelize_module"),
+    "torchtitan": Runs("torchtitan parallelism.tensor_parallel_degree", {}, (torchtitan_sp_rule,)),
+    "megatron": Runs("Megatron-LM --tensor-model-parallel-size, --sequence-parallel"),
+    "deepspeed": Runs("DeepSpeed ZeRO runs no tensor parallel of its own",
+                      {"tp": (1,), "sequence_parallel": (False,)}),
+    "llm-foundry": Runs("llm-foundry runs FSDP only; its experimental tp_config is not declared",
+                        {"tp": (1,), "sequence_parallel": (False,)}),
+}
+
 TECHNIQUE = Technique(
     name="tensor_parallel",
     fields=("tp", "sequence_parallel"),
@@ -60,4 +88,5 @@ TECHNIQUE = Technique(
             "sequence_parallel": SP_VALUES},
     cost_terms=("layer_cost:price_layer", "layer_cost:shards_for"),
     apply="autopar.codegen.runtime_parallel.apply_tp",
+    stacks=STACKS,
 )
