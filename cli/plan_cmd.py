@@ -85,9 +85,11 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
         return replan_from(from_plan, gpus, nodes, global_batch, strategy, caps, top, json_out, out, lost_nodes)
     if model is None:
         raise InputError("MODEL: missing; fix: autopar plan MODEL ..., or autopar plan --from PLAN.json --gpus N")
-    if dtype == "fp8" and runtime == "torch":  # the emitted program runs bf16 autocast: nothing fp8 to search
-        raise InputError("--dtype fp8: autopar's emitted programs run bf16, not fp8 GEMMs; plan with --dtype bf16, "
-                         "or --runtime megatron to plan for Transformer Engine fp8 under Megatron-Core")
+    if dtype == "fp8":  # a stack whose program runs no fp8 GEMMs (techniques.precision): nothing fp8 to search
+        from autopar.techniques.precision import FP8, fp8_refusal
+
+        if runtime in FP8 and fp8_refusal(runtime):
+            raise InputError(fp8_refusal(runtime))
     inp = c.inputs(model, gpu, nodes, gpus_per_node, cluster, seq_len, dtype, profile, placement, trace, input_shape,
                    runtime, input_dtype, hf, compile, loss_parallel, moe_capacity_factor, no_a2a_overlap,
                    cross_entropy, tp_comm_overlap)
@@ -297,7 +299,7 @@ def _plots(cm, res: SearchResult, folder: Path) -> list[Path]:
 
 # ----- the table ---------------------------------------------------------------------------------
 def _print(cm, res: SearchResult, out: Path | None, pngs: list[Path]) -> None:
-    from autopar.planner import explain
+    from autopar.planner import explain, search_cache
 
     console = c.console()
     cl = cm.cluster
@@ -325,7 +327,7 @@ def _print(cm, res: SearchResult, out: Path | None, pngs: list[Path]) -> None:
     st = res.stats
     console.print(f"searched {st.space:,} configurations in {st.search_time_s:.2f} s: {st.pruned_memory:,} ruled "
                   f"out by memory, {st.pruned_time:,} by the time bound, {st.priced:,} partitioned "
-                  f"({st.layer_pricings:,} layer pricings)")
+                  f"({st.layer_pricings:,} layer pricings){search_cache.note(st)}")
     console.print(f"best strategy: {res.candidates[0].strategy.compact()}")
     if out:
         nxt = f"next: autopar emit {out}" if cm.stack_name == "torch" else \

@@ -55,7 +55,7 @@ from autopar.cost_models.fsdp import gathers_per_unit
 from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches
 from autopar.errors import InputError
 from autopar.planner import partition as part
-from autopar.planner import rank
+from autopar.planner import rank, search_cache
 from autopar.planner.bounds import (  # noqa: F401  (re-exported: tests and explain read them here)
     Floor,
     Priced,
@@ -110,6 +110,9 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
     full search lists first (the tie rule picks it from that band); the plans after it may differ."""
     t0 = time.perf_counter()
     cons = cons or Constraints()
+    key = search_cache.call_key(cm, global_batch, cons, top_k, exhaustive, best_only)  # None: not cached
+    if (hit := search_cache.load(key)) is not None:
+        return hit
     sp = Space(cm, cons, int(cons.fixed.get("global_batch") or global_batch))
     stats = sp.stats
     _fill(sp)
@@ -152,7 +155,9 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
     ranked, dropped = rank.feasible_ranked(cm, found, top_k)   # printed order = estimate order + tie rule
     stats.infeasible += dropped
     stats.search_time_s = time.perf_counter() - t0
-    return SearchResult(ranked, stats, sp.gb, rule_error=sp.rule_error)
+    res = SearchResult(ranked, stats, sp.gb, rule_error=sp.rule_error)
+    search_cache.store(key, res)
+    return res
 
 
 def _rank_bound(sp: Space, lb: float, sh: Sharding, k: Knobs, group: tuple) -> None:

@@ -72,6 +72,7 @@ class SearchStats:
     infeasible: int = 0       # partitioned, but no layout fits in memory or beats the k-th best
     layer_pricings: int = 0   # distinct intra-stage shardings priced (CostModel.layer_costs)
     search_time_s: float = 0.0
+    from_cache: str | None = None  # when the search that made this result ran (planner/search_cache.py); None: now
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

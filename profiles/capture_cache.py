@@ -18,7 +18,8 @@ the user cache directory (``$AUTOPAR_CACHE_DIR``, else ``$XDG_CACHE_HOME/autopar
 - A corrupted entry (unreadable JSON, wrong shape) is rebuilt with a one-line warning.
 - ``--no-cache`` (or ``AUTOPAR_NO_CACHE=1``) bypasses reads and writes.
 - ``lookup`` / ``store`` serve other data that is slower to rebuild than to read as JSON: the
-  parsed hardware-profile YAML (``profiles.hw``, namespace ``yaml-v1``, keyed by the file's text).
+  parsed hardware-profile YAML (``profiles.hw``, namespace ``yaml-v1``, keyed by the file's text) and the
+  planner's search results (``planner.search_cache``, namespace ``search-v1``, with its own key).
 
 This module is generic (JSON in, JSON out) so that ``profiles`` stays below ``cost_models``.
 """
@@ -109,43 +110,46 @@ def load_or_build(namespace: str, key: dict, build: Callable[[], T], dump: Calla
     return value
 
 
-def lookup(namespace: str, key: dict, redo: str) -> tuple[object] | None:
-    """The JSON of the entry for ``key`` as a 1-tuple, or None: a miss, the cache off, or a
-    corrupted entry (one warning that ends with ``redo``, what the caller does instead). For data
-    the capture code does not make: the key leaves the code digest out."""
-    return _read(entry_path(namespace, key, capture=False), lambda obj: obj, redo) if enabled() else None
+def lookup(namespace: str, key: dict, redo: str, load: Callable[[object], T] = lambda obj: obj,
+           what: str = "capture cache") -> tuple[T] | None:
+    """``load`` of the JSON of the entry for ``key`` as a 1-tuple, or None: a miss, the cache off, or a
+    corrupted entry (``load`` raised: one warning naming ``what`` that ends with ``redo``, what the caller
+    does instead). For data the capture code does not make: the key leaves the code digest out."""
+    return _read(entry_path(namespace, key, capture=False), load, redo, what) if enabled() else None
 
 
-def store(namespace: str, key: dict, obj: object) -> None:
-    """Store ``obj`` (JSON-serialisable) for ``key`` (as ``lookup`` finds it), silently: for data
-    that is cheap to rebuild, where a read-only cache directory is not worth a warning on every run."""
+def store(namespace: str, key: dict, obj: object, what: str | None = None) -> None:
+    """Store ``obj`` (JSON-serialisable) for ``key`` (as ``lookup`` finds it); a failed write warns naming
+    ``what`` (None: silently, for data that is cheap to rebuild, where a read-only cache directory is not
+    worth a warning on every run)."""
     if enabled():
-        _write(path=entry_path(namespace, key, capture=False), obj=obj, warn=False)
+        _write(entry_path(namespace, key, capture=False), obj, what)
 
 
-def _read(path: Path, load: Callable[[object], T], redo: str = "capturing again") -> tuple[T] | None:
+def _read(path: Path, load: Callable[[object], T], redo: str = "capturing again",
+          what: str = "capture cache") -> tuple[T] | None:
     """The entry as a 1-tuple, or None on a miss; a corrupted entry warns once and misses."""
     try:
         text = path.read_text()
     except (FileNotFoundError, NotADirectoryError):  # a miss (a file where a folder should be: the write says so)
         return None
     except OSError as exc:
-        _warn(f"capture cache entry {path} unreadable ({exc.strerror}); {redo}")
+        _warn(f"{what} entry {path} unreadable ({exc.strerror}); {redo}")
         return None
     try:
         return (load(json.loads(text)),)
     except Exception as exc:  # any malformed content: rebuild rather than fail the command
-        _warn(f"capture cache entry {path} is corrupted ({type(exc).__name__}); {redo}")
+        _warn(f"{what} entry {path} is corrupted ({type(exc).__name__}); {redo}")
         return None
 
 
-def _write(path: Path, obj: object, warn: bool = True) -> None:
+def _write(path: Path, obj: object, what: str | None = "capture cache") -> None:
     """Store an entry; a read-only or full cache directory only costs the next run a capture."""
     try:
         write_atomic(path, json.dumps(obj, separators=(",", ":")))
     except OSError as exc:
-        if warn:
-            _warn(f"capture cache not written to {path.parent} ({exc.strerror}); use --no-cache to skip it")
+        if what:
+            _warn(f"{what} not written to {path.parent} ({exc.strerror}); use --no-cache to skip it")
 
 
 def _warn(msg: str) -> None:
