@@ -68,6 +68,19 @@ def program_of(runtime: str) -> str:
     return STACK_PROGRAM[runtime]
 
 
+# The fp8 library a stack's linears run under ``--dtype fp8`` (``cost_models.fp8_cost`` prices each one's casts),
+# a property of the stack, not of the program it shares: llm-foundry runs torch's program, but Composer's
+# ``amp_fp8`` is Transformer Engine (mosaicml 0.17 ``composer/core/precision.py``: ``te.fp8_autocast`` with
+# ``DelayedScaling``), which quantizes only TE modules, and MPT's ``fc_type: te`` builds its four linears as plain
+# ``te.Linear`` (llm-foundry 0.4 ``models/layers/fc.py``, ``attention.py``, ``ffn.py``) called without
+# ``is_first_microbatch``: ``te-linear``. Megatron-Core runs TE's norm-fused ``LayerNormLinear`` and caches fp8
+# weights per step: ``te``. torchtitan runs torchao float8; autopar's own program (``torch``) runs none (``plan``
+# refuses fp8 there) and DeepSpeed's rows state none, so they keep torchao's casts as before.
+Fp8Library = Literal["torchao", "te", "te-linear", "none"]
+STACK_FP8_LIBRARY: dict[str, Fp8Library] = {"torch": "torchao", "torchtitan": "torchao", "megatron": "te",
+                                            "deepspeed": "torchao", "llm-foundry": "te-linear"}
+
+
 def _interp_log(pts: list[tuple[float, float]], x: float) -> float:
     """Piecewise-linear in log10(x) through ``pts``, clamped outside the first / last point."""
     if x <= pts[0][0]:

@@ -1,16 +1,15 @@
-"""What an fp8 linear moves besides its GEMM: the scaling (quantization) kernels around it, as the two
-fp8 libraries the runtimes use run them. Memory-bound passes, priced by ``OpTimer.membound``.
+"""What an fp8 linear moves besides its GEMM: the scaling (quantization) kernels around it, as the fp8
+libraries the stacks use run them. Memory-bound passes, priced by ``OpTimer.membound``.
 
 Hopper's fp8 tensor cores take only the TN layout, so each of the three GEMMs of a linear (forward
 ``x·W``, dgrad ``dy·W``, wgrad ``xᵀ·dy``) needs its own fp8 copy (or fp8 transpose) of two operands
 (Micikevicius et al. 2022, "FP8 formats for deep learning"; NVIDIA Transformer Engine user guide,
 "FP8 primer"). Per-tensor scaling (delayed or current) quantizes x, W and dy once each.
 
-Two libraries:
+Three libraries; which one a stack runs is ``core.gpu.STACK_FP8_LIBRARY`` (with its sources):
 
-- ``torchao`` (torchao float8, torchtitan's ``Float8LinearConverter``; the fallback for every runtime
-  but megatron): dynamic per-tensor scaling, an amax reduction pass over each bf16 operand then the scaled
-  cast, every micro-batch, weights included: ``dynamic_cast_bytes``.
+- ``torchao`` (torchao float8, torchtitan's ``Float8LinearConverter``): dynamic per-tensor scaling, an
+  amax reduction pass over each bf16 operand then the scaled cast, every micro-batch, weights included: ``dynamic_cast_bytes``.
 - ``te`` (Transformer Engine under Megatron-Core, ``--runtime megatron``): fused ``cast_transpose``
   kernels that read the bf16 tensor once and write the fp8 copy and its fp8 transpose, the amax taken in
   the same kernel (delayed scaling); the norms in front of ``linear_qkv`` and ``linear_fc1``
@@ -18,24 +17,28 @@ Two libraries:
   for wgrad; the fp8 weights and their transposes are cached across the micro-batches of a step
   (Megatron-Core ``MegatronModule.set_is_first_microbatch`` -> TE ``is_first_microbatch``), so the weight
   casts are a per-step cost (``te_weight_cast_bytes``), not one per micro-batch: ``te_cast_bytes``.
+- ``te-linear`` (Transformer Engine's plain ``te.Linear``, llm-foundry's ``fc_type: te`` under Composer's
+  ``amp_fp8``): the same fused ``cast_transpose`` kernels, but no norm writes fp8 (MPT's norms are torch
+  modules) and, called without ``is_first_microbatch``, every call casts its weight again: ``te_linear_cast_bytes``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-Fp8Library = Literal["torchao", "te", "none"]
+from autopar.core.gpu import STACK_FP8_LIBRARY, Fp8Library
+
 # bytes per element of a fused cast_transpose: read bf16 (2), write the fp8 copy (1) and its transpose (1)
 CAST_TRANSPOSE_BYTES = 4.0
 # bytes per element of an fp8 transpose: read fp8 (1), write fp8 (1)
 FP8_TRANSPOSE_BYTES = 2.0
 
 
-def fp8_library(runtime: str) -> Fp8Library:
-    """The fp8 library a runtime's linears run: Transformer Engine under Megatron-Core, torchao float8
-    otherwise (torchtitan; autopar's own programs run no fp8: ``plan`` refuses ``--dtype fp8`` there)."""
-    return "te" if runtime == "megatron" else "torchao"
+def fp8_library(stack: str) -> Fp8Library:
+    """The fp8 library a software stack's linears run (``core.gpu.STACK_FP8_LIBRARY``, its sources there):
+    Transformer Engine under Megatron-Core (``te``) and llm-foundry (``te-linear``), torchao float8 otherwise
+    (torchtitan; autopar's own programs run no fp8: ``plan`` refuses ``--dtype fp8`` there)."""
+    return STACK_FP8_LIBRARY[stack]
 
 
 def dynamic_cast_bytes(m: float, n: float, k: float) -> tuple[float, float]:
@@ -59,6 +62,15 @@ def te_cast_bytes(m: float, n: float, k: float, norm_fed: bool) -> tuple[float, 
     fwd = 0.0 if norm_fed else CAST_TRANSPOSE_BYTES * m * k
     bwd = CAST_TRANSPOSE_BYTES * m * n + (FP8_TRANSPOSE_BYTES * m * k if norm_fed else 0.0)
     return fwd, bwd
+
+
+def te_linear_cast_bytes(m: float, n: float, k: float) -> tuple[float, float]:
+    """HBM bytes (forward, backward) of one plain ``te.Linear`` [m,k]x[k,n] call per micro-batch when the caller
+    passes no ``is_first_microbatch`` (TE 1.x ``Linear.forward`` docstring: setting it "allows caching of the FP8
+    versions of the weights"; unset, each call casts its weight): forward the input's and the weight's
+    ``fp8_cast_transpose_fused`` (``CAST_TRANSPOSE_BYTES`` per element: the fp8 copies feed the forward GEMM,
+    the transposes dgrad and wgrad), backward the output gradient's. ``module/linear.py``."""
+    return CAST_TRANSPOSE_BYTES * (m * k + k * n), CAST_TRANSPOSE_BYTES * m * n
 
 
 def te_weight_cast_bytes(weights: float) -> float:
@@ -88,7 +100,7 @@ def te_expert_padding_bytes(rows: float, hidden: float, local: float, dtype_byte
 
 @dataclass(frozen=True)
 class Fp8Cast:
-    """How one fp8 linear's operands are quantized: the runtime's library and whether a norm writes its
+    """How one fp8 linear's operands are quantized: the stack's library and whether a norm writes its
     input in fp8 (Transformer Engine's ``LayerNormLinear``)."""
 
     library: Fp8Library = "torchao"
@@ -100,6 +112,8 @@ class Fp8Cast:
             return 0.0, 0.0
         if self.library == "te":
             return te_cast_bytes(m, n, k, self.norm_fed)
+        if self.library == "te-linear":
+            return te_linear_cast_bytes(m, n, k)
         return dynamic_cast_bytes(m, n, k)
 
 
@@ -109,13 +123,13 @@ def _is_norm(op) -> bool:
     return op.kind == "membound" and (last.endswith("norm") or last.endswith(("ln_1", "ln_2", "ln_f")))
 
 
-def fp8_casts(ops: list, runtime: str) -> dict[str, Fp8Cast]:
-    """GEMM name -> its ``Fp8Cast`` for a block's ops as the runtime runs them: under Transformer Engine
+def fp8_casts(ops: list, stack: str) -> dict[str, Fp8Cast]:
+    """GEMM name -> its ``Fp8Cast`` for a block's ops as the stack runs them (``fp8_library``): under Megatron's TE
     a dense column linear right after a norm reads the norm's fp8 output (Megatron-Core's
     ``linear_qkv`` and ``linear_fc1``); expert GEMMs (``TEGroupedLinear``, fed by the token permutation)
     are never norm-fed, and the router quantizes nothing (Megatron-Core's ``TopKRouter`` is a plain
-    ``torch.nn.functional.linear`` outside TE). Under torchao every GEMM keeps the dynamic casts."""
-    lib = fp8_library(runtime)
+    ``torch.nn.functional.linear`` outside TE). Under torchao and ``te-linear`` every GEMM keeps its library's casts."""
+    lib = fp8_library(stack)
     out: dict[str, Fp8Cast] = {}
     prev = None
     for op in ops:
@@ -131,9 +145,10 @@ def fp8_casts(ops: list, runtime: str) -> dict[str, Fp8Cast]:
 def step_cast_bytes(cm, layers: list, costs: dict) -> float:
     """HBM bytes of one rank's per-step fp8 weight casts (``te_weight_cast_bytes``) under ``--runtime
     megatron`` with ``--dtype fp8``: the rank's transformer blocks' weights as it holds them for its
-    GEMMs (tensor / expert shards, gathered under ZeRO-3); 0 otherwise (torchao casts per micro-batch,
-    inside the layer price). Priced with the optimizer step, the other once-per-step memory pass."""
-    if cm.dtype != "fp8" or fp8_library(cm.ctx.runtime) != "te":
+    GEMMs (tensor / expert shards, gathered under ZeRO-3); 0 otherwise (torchao and ``te-linear`` cast
+    weights per micro-batch, inside the layer price). Priced with the optimizer step, the other once-per-step
+    memory pass."""
+    if cm.dtype != "fp8" or fp8_library(cm.ctx.stack_name) != "te":
         return 0.0
     return te_weight_cast_bytes(sum(costs[i].params_dense + costs[i].params_expert for i in layers
                                     if isinstance(i, int)))

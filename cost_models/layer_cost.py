@@ -194,7 +194,7 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
     flops, fwds = 0.0, []
     performed = _attention_performed(layer, s, ctx)
     ops = runtime_ops(layer, ctx.runtime, ctx.dtype_bytes, ctx.cross_entropy, ctx.rope_attention_factor)
-    casts = fp8_casts(ops, ctx.runtime) if ctx.timer.dtype == "fp8" else {}  # how each linear is quantized
+    casts = fp8_casts(ops, ctx.stack_name) if ctx.timer.dtype == "fp8" else {}  # how each linear is quantized
     for op in ops:
         f, b = _op_time(op, s, sh, ctx, performed, casts.get(op.name))
         load = expert_load(ctx) if op.shard == "expert" else 1.0

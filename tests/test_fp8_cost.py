@@ -57,6 +57,28 @@ def test_which_linears_read_a_norms_fp8_output():
     ao = fp8_casts(ops, "torchtitan")
     assert set(ao.values()) == {Fp8Cast("torchao", False)}       # torchao: every linear, dynamic scaling
     assert fp8_casts(ops, "torch") == ao
+    lf = fp8_casts(ops, "llm-foundry")                           # Composer amp_fp8: plain te.Linear, no norm fusion
+    assert set(lf.values()) == {Fp8Cast("te-linear", False)}
+
+
+def test_te_linear_casts_its_weight_every_call():
+    """llm-foundry's te.Linear (no ``is_first_microbatch``): input and weight cast_transpose forward, the
+    output gradient's backward; fewer bytes than torchao's amax pass + cast, more than Megatron's cached TE."""
+    m, n, k = 8192, 6144, 4096
+    fwd, bwd = Fp8Cast("te-linear").bytes(m, n, k)
+    assert (fwd, bwd) == (4 * (m * k + k * n), 4 * m * n)
+    assert sum(te_cast_bytes(m, n, k, False)) < fwd + bwd < sum(dynamic_cast_bytes(m, n, k))
+
+
+def test_every_stack_declares_its_fp8_library():
+    from typing import get_args
+
+    from autopar.core.gpu import STACK_FP8_LIBRARY, STACK_PROGRAM
+
+    assert set(STACK_FP8_LIBRARY) == set(STACK_PROGRAM)
+    assert set(STACK_FP8_LIBRARY.values()) <= set(get_args(fp8_cost.Fp8Library))
+    # the library follows the stack, not the program it shares: llm-foundry runs torch's program with TE
+    assert fp8_cost.fp8_library("llm-foundry") == "te-linear" != fp8_cost.fp8_library("torch") == "torchao"
 
 
 def test_fp8_gemm_keeps_the_latency_knee_in_seconds():
@@ -80,10 +102,10 @@ def test_step_cast_bytes_only_for_te():
     costs = {0: SimpleNamespace(params_dense=100.0, params_expert=20.0),
              1: SimpleNamespace(params_dense=100.0, params_expert=0.0),
              "output": SimpleNamespace(params_dense=1e6, params_expert=0.0)}   # the head stays bf16
-    cm = SimpleNamespace(dtype="fp8", ctx=SimpleNamespace(runtime="megatron"))
+    cm = SimpleNamespace(dtype="fp8", ctx=SimpleNamespace(stack_name="megatron"))
     assert fp8_cost.step_cast_bytes(cm, [0, 1, "output"], costs) == 4 * 220.0
-    for dtype, runtime in (("bf16", "megatron"), ("fp8", "torchtitan"), ("fp8", "torch")):
-        cm = SimpleNamespace(dtype=dtype, ctx=SimpleNamespace(runtime=runtime))
+    for dtype, stack in (("bf16", "megatron"), ("fp8", "torchtitan"), ("fp8", "torch"), ("fp8", "llm-foundry")):
+        cm = SimpleNamespace(dtype=dtype, ctx=SimpleNamespace(stack_name=stack))
         assert fp8_cost.step_cast_bytes(cm, [0, 1], costs) == 0.0
 
 
