@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from autopar.core.gpu import AttentionKernel, GpuProfile, StackConstants
 from autopar.core.op_signature import op_signature, signature  # noqa: F401  (re-exported)
-from autopar.cost_models.attention_rate import head_dim_factor, keys_per_query_tile, knee_eff
+from autopar.cost_models.attention_rate import head_dim_factor, keys_per_query_tile, knee_eff, stack_tile_factor
 from autopar.cost_models.fp8_cost import Fp8Cast
 from autopar.cost_models.fp8_cost import dynamic_cast_bytes as fp8_cast_bytes  # noqa: F401  (re-exported)
 
@@ -179,13 +179,15 @@ class OpTimer:
         bwd = t * bwd_ratio + self.membound(cast_b * calls) / self.contention
         return fwd * self.contention, bwd * self.contention
 
-    def attention(self, flops: float, bytes_rw: float, performed: float = 1.0, head_dim: int = 0) -> float:
+    def attention(self, flops: float, bytes_rw: float, performed: float = 1.0, head_dim: int = 0,
+                  stack: str = "") -> float:
         """Fused attention kernel time (FlashAttention-style), one call of ``flops`` (full 4bhs^2d).
         ``performed``: the share of score blocks the kernel computes (``causal_block_fraction``);
         it applies where the profile quotes ``attention_eff`` in performed FLOPs, for the curve's
         x as for the work, so a measured ("full") profile prices as it was measured. ``head_dim``: the
         curve is quoted at 128; other head dims move by the profile's ``attention_head_dim_rate``
-        (``attention_rate.head_dim_factor``; 0: none)."""
+        (``attention_rate.head_dim_factor``; 0: none), and the ``stack``'s own tile padding beyond it
+        (``attention_rate.stack_tile_factor``)."""
         if flops <= 0:
             return 0.0
         self.hits[self.source] += 1
@@ -193,6 +195,7 @@ class OpTimer:
             flops = flops * performed
         eff = min(1.0, self.gpu.eff("attention_eff", flops) * self.stack.attention_scale)
         eff *= head_dim_factor(head_dim, 128, self.gpu.attention_head_dim_rate)
+        eff *= stack_tile_factor(head_dim, stack, self.gpu.attention_head_dim_rate)
         t = roofline_time(flops, bytes_rw, self.peak, eff, self.bw, self.gpu.eff("membound_eff", max(bytes_rw, 1)))
         return t * self.contention
 
@@ -210,7 +213,7 @@ class OpTimer:
         corrected by its log-sum-exp), which the single-call measurement does not cover."""
         kernel = self.gpu.attention_kernel(runtime) if runtime and seq > 0 and cp == 1 else None
         if kernel is None:
-            f = self.attention(flops, bytes_rw, performed, head_dim)
+            f = self.attention(flops, bytes_rw, performed, head_dim, runtime)
             return f, f * bwd_ratio
         if flops <= 0:
             return 0.0, 0.0

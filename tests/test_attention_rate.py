@@ -121,3 +121,20 @@ def test_gpt_oss_row_maps_its_window_on_alternate_layers(tmp_path):
     spec = from_hf_config(cfg)
     assert spec.sliding_window == 128 and spec.head_dim == 64
     assert [i for i in range(spec.layers) if spec.is_sliding_layer(i)] == list(range(0, 36, 2))
+
+
+def test_llm_foundry_triton_tile_pads_head_dim_112_on_every_gpu():
+    """llm-foundry's kernels compute head dim 112 (MPT-30B) in a 128 tile (``stack_tile_factor``): on the A100
+    profiles (no ``HeadDimRate``) the stack's own padding prices it, on Hopper the profile's round_to already
+    does (no double count); powers of two and other stacks pay nothing."""
+    from autopar.cost_models.attention_rate import stack_tile_factor
+
+    hopper = load_gpu_profile("h100-sxm").attention_head_dim_rate
+    assert stack_tile_factor(112, "llm-foundry", None) == pytest.approx(112 / 128)
+    assert stack_tile_factor(112, "llm-foundry", hopper) == 1.0          # round_to 32 priced 112 -> 128 already
+    assert stack_tile_factor(80, "llm-foundry", hopper) == pytest.approx(96 / 128)   # Triton: next power of two
+    assert stack_tile_factor(64, "llm-foundry", None) == stack_tile_factor(128, "llm-foundry", None) == 1.0
+    assert stack_tile_factor(112, "torch", None) == stack_tile_factor(112, "megatron", None) == 1.0
+    t = OpTimer(load_gpu_profile("a100-80g"), "bf16")
+    padded, plain = t.attention(1e13, 1e9, 0.5, 112, "llm-foundry"), t.attention(1e13, 1e9, 0.5, 112, "torch")
+    assert padded == pytest.approx(plain * 128 / 112)                  # compute-bound: time x tile / head dim
