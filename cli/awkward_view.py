@@ -32,7 +32,7 @@ def print_table(alts: Alternatives, gb: int) -> None:
 
     console = c.console()
     t = Table(title=f"awkward GPU count: all searches {alts.search_time_s:.2f} s wall "
-              f"(the alternatives {alts.search_cpu_s:.2f} s CPU)", show_edge=False)
+              f"(the alternatives {alts.search_cpu_s:.2f} s CPU){_cached(alts)}", show_edge=False)
     for col in ("", "option", "GPUs", "batch", "best strategy", "step", "s/sequence", "MFU", "note"):
         t.add_column(col, justify="left" if col in ("option", "best strategy", "note") else "right")
     for o in alts.options:
@@ -54,4 +54,12 @@ def as_json(alts: Alternatives) -> dict:
                 "time_per_sequence_s": o.time_per_sequence_s, "mfu": e.mfu, "note": o.note,
                 "recommended": o is alts.recommended}
 
-    return {"options": [one(o) for o in alts.options], "reason": alts.reason, "search_time_s": alts.search_time_s}
+    return {"options": [one(o) for o in alts.options], "reason": alts.reason, "search_time_s": alts.search_time_s,
+            "from_search_cache": bool(_cached(alts))}
+
+
+def _cached(alts: Alternatives) -> str:
+    """Says that options' searches were read from the search cache (``planner.search_cache``): their
+    search times are then those of the searches that made them, the wall time mostly reading."""
+    hits = [o for o in alts.options if o.result.stats.from_cache is not None]
+    return f", {len(hits)} of {len(alts.options)} options from the search cache" if hits else ""

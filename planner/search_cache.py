@@ -61,17 +61,22 @@ def enabled() -> bool:
 
 
 def source_files(root: Path | None = None) -> list[Path]:
-    """Every file of the package a search can read: its modules and the profiles' data."""
+    """Every file of the package a search can read: its modules and the profiles' data (folders that hold
+    neither, such as ``.venv`` or ``tests``, are not walked)."""
     root = root or _ROOT
-    out = [p for p in root.rglob("*.py") if _searchable(p.relative_to(root))]
-    out += [p for ext in ("yaml", "json") for p in (root / "profiles").rglob(f"*.{ext}")]
+    out = []
+    for folder, dirs, files in os.walk(root):
+        rel = Path(folder).relative_to(root)
+        dirs[:] = sorted(d for d in dirs if _searched(rel / d))
+        data = (".py", ".yaml", ".json") if rel.parts[:1] == ("profiles",) else (".py",)
+        out += [Path(folder) / f for f in files if f.endswith(data)]
     return sorted(out)
 
 
-def _searchable(rel: Path) -> bool:
-    top = rel.parts[0]
-    return top not in SKIPPED_DIRS and not top.startswith(".") and "__pycache__" not in rel.parts \
-        and not top.endswith(".egg-info")
+def _searched(rel: Path) -> bool:
+    name = rel.name
+    return not (len(rel.parts) == 1 and name in SKIPPED_DIRS) and not name.startswith(".") \
+        and name != "__pycache__" and not name.endswith(".egg-info")
 
 
 @functools.lru_cache(maxsize=1)
