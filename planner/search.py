@@ -90,6 +90,7 @@ from autopar.planner.space import (  # noqa: F401  (re-exported: the planner's p
     SearchResult,
     SearchStats,
     Sharding,
+    for_stack,
     knob_options,
     rule_spec,
     schedule_options,
@@ -109,7 +110,7 @@ def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, to
     still finds every plan within the band of the optimum, so the first plan listed is the one the
     full search lists first (the tie rule picks it from that band); the plans after it may differ."""
     t0 = time.perf_counter()
-    cons = cons or Constraints()
+    cons = for_stack(cm, cons or Constraints())   # the stack's space (techniques' stacks declarations)
     key = search_cache.call_key(cm, global_batch, cons, top_k, exhaustive, best_only)  # None: not cached
     if (hit := search_cache.load(key)) is not None:
         return hit

@@ -6,10 +6,11 @@ values, filtered by their rules *and* their emit rules, so every configuration i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import NamedTuple
 
+from autopar import techniques
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import FIELDS, Strategy
 from autopar.cost_models.estimate import CostModel, Estimate
@@ -34,6 +35,7 @@ class Constraints:
     max_mbs: int | None = None
     cross_node: bool = False     # lift "tp and ep*etp stay inside a node"
     schedules: tuple[str, ...] | None = None   # pipeline schedules allowed (None: every one)
+    recompute_modes: tuple[str, ...] | None = None  # per-layer modes the stack runs (None: every priced one)
 
     def __post_init__(self):
         bad = set(self.fixed) - set(STRATEGY_FIELDS)
@@ -50,7 +52,17 @@ class Constraints:
 
     @property
     def modes(self) -> tuple[str, ...]:
-        return (self.fixed["recompute"],) if "recompute" in self.fixed else RECOMPUTE_MODES
+        return (self.fixed["recompute"],) if "recompute" in self.fixed else self.recompute_modes or RECOMPUTE_MODES
+
+
+def for_stack(cm: CostModel, cons: Constraints) -> Constraints:
+    """``cons`` narrowed to what the cost model's software stack runs (``techniques``' ``stacks``
+    declarations): a fixed value the stack does not run is a one-line InputError; the per-layer
+    recompute modes are the stack's (the other fields are narrowed by ``allowed``)."""
+    for msg in techniques.stack_refusals(cm.stack_name, cons.fixed):
+        raise InputError(f"strategy: {msg}")
+    modes = techniques.stack_values(cm.stack_name, "recompute", RECOMPUTE_MODES)
+    return cons if modes == RECOMPUTE_MODES else replace(cons, recompute_modes=modes)
 
 
 @dataclass
@@ -124,8 +136,10 @@ def rule_spec(cm: CostModel) -> ModelSpec:
 
 
 def allowed(cm: CostModel, tech: Technique, s: Strategy) -> bool:
-    """``s`` passes the technique's rules and its emit rules."""
-    return not tech.violations(s, rule_spec(cm), cm.cluster.world, cm.seq_len, emitted=True)
+    """``s`` passes the technique's rules, its emit rules and what the cost model's stack runs (the search of
+    a stack other than torch keeps to the emit rules too: the configurations both autopar's program and the
+    stack run, a conservative narrowing that keeps the search's own checks, which read the emit rules, exact)."""
+    return not tech.violations(s, rule_spec(cm), cm.cluster.world, cm.seq_len, emitted=True, stack=cm.stack_name)
 
 
 def allowed_shape(cm: CostModel, tech: Technique, **degrees) -> bool:
@@ -175,7 +189,9 @@ def _default_shape() -> Strategy:
 
 
 def tp_ok(cm: CostModel, tp: int) -> bool:
-    return allowed_shape(cm, tensor_parallel.TECHNIQUE, tp=tp, dp=1)
+    """Some sequence-parallel setting runs ``tp`` (torchtitan runs tp with sp only)."""
+    return any(allowed_shape(cm, tensor_parallel.TECHNIQUE, tp=tp, dp=1, sequence_parallel=x)
+               for x in tensor_parallel.SP_VALUES)
 
 
 def meshes(cm: CostModel, cons: Constraints, gb: int):
@@ -252,7 +268,8 @@ def knob_options(cm: CostModel, cons: Constraints, sh: Sharding, gb: int, cache:
     if cache is not None and key in cache:
         return cache[key]
     # without a reduced gradient every ZeRO stage is the same configuration: keep one
-    zeros = [z for z in data_parallel.ZERO_STAGES if cons.ok("zero_stage", z)] if reduced \
+    zeros = [z for z in data_parallel.ZERO_STAGES if cons.ok("zero_stage", z)
+             and allowed_shape(cm, data_parallel.TECHNIQUE, zero_stage=z, pp=sh.pp)] if reduced \
         else [cons.fixed.get("zero_stage", 0)]
     offs = [x for x in (offload.VALUES if offload.priced_on(cm.gpu) else (False,)) if cons.ok("offload_optimizer", x)]
     scheds = schedule_options(cm, cons, sh.pp, m)   # once, not once per (zero, offload) pair
