@@ -154,7 +154,8 @@ class Bucket:
         if self._whole(sp, first) and first.dtype == self.dtype:
             flat = first.view(self.n, sp.width)
             self.slots[sp.lo].p.grad = None   # alive as the collective's input until ``reduce`` waits
-        else:
+        else:   # no reference here may keep a gradient alive beside its copy and the span's output
+            first = None
             flat = self._pack(sp)
         out, work = flat.view(-1), None
         if self.n > 1:
@@ -176,7 +177,8 @@ class Bucket:
 
     def _pack(self, sp: _Span) -> torch.Tensor:
         """The span's gradients copied into a zero-padded flat [n, width] buffer, each freed once copied
-        (priced: one span beyond the whole gradients, ``cost_models.memory.zero1_reduce_bytes``)."""
+        (priced: one span beyond the whole gradients, ``cost_models.memory.zero1_reduce_bytes``; a lone parameter
+        whose elements do not divide by ``n`` is copied whole, ``memory.packed_bytes``)."""
         flat = torch.zeros(self.n, sp.width, dtype=self.dtype, device=local(self.slots[sp.lo].p).device)
         col = 0
         for s in self.slots[sp.lo: sp.hi]:

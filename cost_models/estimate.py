@@ -53,7 +53,6 @@ from autopar.cost_models.memory import (
     sdpa_kv_bytes_per_token,
     warmup_gradient_bytes,
     warmup_only_activations,
-    zero1_reduce_bytes,
 )
 from autopar.cost_models.moe_load import LoadFn
 from autopar.cost_models.overlap import contention_time, exposed_behind, inter_node_factor, rate_capped, zero3_edges
@@ -64,6 +63,7 @@ from autopar.cost_models.runtime_memory import (
     replicated_embedding_grad,
     torchtitan_memory,
     torchtitan_stages,
+    zero1_bucket_bytes,
 )
 from autopar.errors import InputError
 from autopar.memo import MISS, IdentityMemo
@@ -251,7 +251,7 @@ class CostModel:
         if runs_sharded_adamw(s, self.dtype, self.ctx.runtime):  # its bucket lives after backward only
             folded = s.ep * s.etp > 1  # expert weights in their own bucket
             dense = sum(c.params_dense + (0.0 if folded else c.params_expert) for c in parts + extra)
-            reduce = zero1_reduce_bytes(dense, expert if folded else 0.0, s, self.dtype)
+            reduce = zero1_bucket_bytes(self, s, dense, expert if folded else 0.0, first, last)
             live = mem["activations"] + mem["recompute_workspace"] + temps
             mem["comm_buffers"] = max(0.0, reduce - live)
         if grads_freed_before_activation_peak(s, self.ctx.runtime):  # pp = 1: DDP's buckets persist

@@ -87,25 +87,43 @@ def runs_sharded_adamw(s: Strategy, dtype: str, runtime: str) -> bool:
     return dtype != "fp32" or (s.dp * s.cp > 1 and (s.tp > 1 or s.ep * s.etp > 1 or s.pp > 1))
 
 
-def zero1_reduce_bytes(dense: float, expert: float, s: Strategy, dtype: str) -> float:
+def zero1_reduce_bytes(dense: float, expert: float, s: Strategy, dtype: str, first_numel: float = 0.0,
+                       last_numel: float = 0.0) -> float:
     """``runtime_zero1.Bucket``s from the end of the last backward to the step, beyond parameters, whole
     gradients and states, for the rank's ``dense`` parameters (reduced over dp*cp) and ``expert`` ones (over
     edp), per model chunk. The flat copies replace the gradients span by span during the backward; the
     dense bucket packs its last span at the end of it (``Bucket._pack``: allocated while that span's
-    gradients live; spans of ``ZERO1_BUCKET_BYTES``, a larger parameter alone and reduced in place), beside
-    the reduce-scatter outputs (1/n) of the spans issued before it; then ``sync_grads`` waits bucket after
-    bucket: the outputs and each bucket's fp32 gradient (under 16-bit weights; in fp32 the outputs are it).
+    gradients live; spans of ``ZERO1_BUCKET_BYTES``), beside the reduce-scatter outputs (1/n) of the spans
+    issued before it; then ``sync_grads`` waits bucket after bucket: the outputs and each bucket's fp32
+    gradient (under 16-bit weights; in fp32 the outputs are it). ``first_numel`` / ``last_numel``: elements
+    of a parameter larger than a span that the dense bucket reduces first (an untied output head) / last
+    (the input embedding, or a pipeline's tied copy), 0 where none: alone in its span, copied whole where
+    its elements do not divide by dp*cp (``packed_bytes``), before anything is issued for the first.
     No gloo copy of the input shows since the reduce-scatters went async (contract sweep s28's peak dump,
-    ``AUTOPAR_MEM_PEAK_DUMP``: the span's flat copy beside the gradients it packs)."""
+    ``AUTOPAR_MEM_PEAK_DUMP``: the span's flat copy beside the gradients it packs); measured on CPU in
+    tests/test_zero1_memory.py."""
     gbytes = bytes_per_param(dtype)[1]
     grads = [dense * gbytes / s.vpp, expert * gbytes / s.vpp]
     n = [s.dp * s.cp, s.edp]
     out = [g / k if k > 1 else 0.0 for g, k in zip(grads, n)]
     up = [g / k * 4 / gbytes if gbytes < 4 else 0.0 for g, k in zip(grads, n)]
-    last = min(grads[0], ZERO1_BUCKET_BYTES)   # fp32: the outputs are one buffer, allocated with the first span
-    issued = 0.0 if grads[0] <= last or n[0] <= 1 else out[0] - (last / n[0] if gbytes < 4 else 0.0)
-    packing = last + issued + out[1]
+    span = min(grads[0], ZERO1_BUCKET_BYTES)   # fp32: the outputs are one buffer, allocated with the first span
+    lone = last_numel * gbytes > ZERO1_BUCKET_BYTES
+    last = packed_bytes(last_numel, n[0], gbytes) if lone else span
+    mine = (last_numel * gbytes if lone else last) / n[0]   # the last span's own output, allocated after it
+    issued = 0.0 if grads[0] <= max(span, mine * n[0]) or n[0] <= 1 else out[0] - (mine if gbytes < 4 else 0.0)
+    first = packed_bytes(first_numel, n[0], gbytes) if first_numel * gbytes > ZERO1_BUCKET_BYTES else 0.0
+    packing = max(first, last + issued) + out[1]
     return max(packing, out[0] + out[1] + up[0], out[1] + up[0] + up[1])
+
+
+def packed_bytes(numel: float, n: int, gbytes: int) -> float:
+    """Bytes of the flat [n, ceil(numel / n)] copy ``runtime_zero1.Bucket._pack`` makes of a parameter of
+    ``numel`` elements alone in its span, reduced over ``n`` ranks: none where ``numel`` divides by ``n``
+    (``Bucket._whole``: the gradient itself is the flat layout, reduced and gathered in place), else the
+    whole gradient, zero-padded to ``n`` rows, while the gradient it copies still lives."""
+    k = int(numel)
+    return 0.0 if n <= 1 or k % n == 0 else n * -(-k // n) * gbytes
 
 
 def warmup_only_activations(acts: float, grads: float, in_flight: float, micro_batches: int) -> float:

@@ -50,6 +50,7 @@ from autopar.cost_models.memory import (
     expert_shard_group,
     megatron_block_bytes,
     model_state_bytes,
+    zero1_reduce_bytes,
 )
 
 FP32_BYTES = 4  # torchtitan's mixed_precision_reduce default
@@ -251,6 +252,31 @@ def replicated_embedding_grad(cm, s: Strategy) -> float:
     if s.tp == 1 or cm.embedding is None or cm.ctx.runtime == "megatron":
         return 0.0
     return cm.embedding.params_vocab * (1 - 1 / s.tp) * bytes_per_param(cm.dtype)[1]
+
+
+def zero1_bucket_bytes(cm, s: Strategy, dense: float, expert: float, first: bool, last: bool) -> float:
+    """``memory.zero1_reduce_bytes`` of a rank holding the input embedding (``first``) and / or the output head
+    (``last``): the vocab-parallel tables the program's dense bucket reduces alone. The embedding (or a tied
+    table) comes first in ``model.parameters()``, so its span is the bucket's last; an untied head's gradient
+    completes first in the backward, its span the first; a pipeline's tied copy on the last stage is a late
+    span (``runtime_parallel._apply_zero1``), reduced last."""
+    head = cm.output is not None and last
+    untied = head and cm.output.params_vocab > 0
+    tied_copy = head and s.pp > 1 and cm.output.params_tied > 0
+    table = vocab_local_numel(cm, s) if cm.embedding is not None else 0.0
+    first_numel = table if untied else 0.0
+    last_numel = table if (first and cm.embedding is not None) or tied_copy else 0.0
+    dense += cm.output.params_tied / s.tp if tied_copy else 0.0   # its gradient is in the bucket too
+    return zero1_reduce_bytes(dense, expert, s, cm.dtype, first_numel, last_numel)
+
+
+def vocab_local_numel(cm, s: Strategy) -> float:
+    """Elements of a rank's shard of a vocab-parallel table (``cm.embedding.params_vocab``: vocab x hidden):
+    DTensor's ``Shard(0)`` over tp gives the first ranks ``ceil(vocab / tp)`` rows."""
+    total, spec = cm.embedding.params_vocab, cm.spec
+    if spec.vocab and spec.hidden and spec.vocab * spec.hidden == total:
+        return float(-(-spec.vocab // s.tp) * spec.hidden)
+    return total / s.tp
 
 
 def fused_saved(cost, template, s: Strategy, cm):
