@@ -306,6 +306,8 @@ def _print(cm, res: SearchResult, out: Path | None, pngs: list[Path]) -> None:
     unit = "" if cm.spec.sample_unit == "tokens" else f" {cm.spec.sample_unit}"
     console.print(f"[bold]{cm.spec.short()}[/] on {cl.short()}, seq {cm.seq_len}{unit}, global batch "
                   f"{res.global_batch}, {cm.dtype}")
+    if cm.stack_name != "torch":  # the search kept to the stack's declarations (techniques/*.py ``stacks``)
+        console.print(f"space searched: what {cm.stack_name} runs (docs/planner.md, \"What each stack runs\")")
     from rich.table import Table  # rich's table and the Plan model load only for output (fast input errors)
 
     t = Table(show_edge=False)

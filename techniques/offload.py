@@ -54,6 +54,7 @@ def sharded_offload_rule(stages: tuple[int, ...], stack: str, how: str):
             return [f"offload=1 with zero={s.zero_stage}: --runtime {stack} offloads the optimizer with {how}, at "
                     f"zero {' | '.join(map(str, stages))}; use one of them"]
         return []
+    rule.__doc__ = f"{stack} offloads the optimizer ({how}) at zero {' | '.join(map(str, stages))} only."
     return rule
 
 

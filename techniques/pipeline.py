@@ -123,7 +123,7 @@ STACKS = {
     "megatron": Runs("Megatron-LM --pipeline-model-parallel-size, --num-layers-per-virtual-pipeline-stage",
                      {"schedule": ("1f1b", "interleaved")}),
     "deepspeed": Runs("DeepSpeed PipelineModule: TrainSchedule (1F1B)", {"schedule": ("1f1b",), "vpp": (1,)}),
-    "llm-foundry": Runs("no pipeline parallel in llm-foundry", {"pp": (1,)}),
+    "llm-foundry": Runs("no pipeline parallel in llm-foundry", {"pp": (1,), "vpp": (1,), "schedule": ("1f1b",)}),
 }
 
 TECHNIQUE = Technique(
