@@ -127,9 +127,9 @@ class CostModel:
 
     # ----- rules that need the model ---------------------------------------------------
     def check(self, s: Strategy) -> None:
-        """Raise a one-line InputError naming the rule a resolved strategy breaks."""
+        """Raise a one-line InputError naming the rule a resolved strategy breaks, or what the stack does not run."""
         for msg in strategy_violations(self.spec.model_copy(update={"layers": self.spec.layers or self.num_layers}),
-                                       self.seq_len, s):  # custom specs carry layers=0: count the blocks
+                                       self.seq_len, s, self.stack_name):  # custom specs: layers=0, count blocks
             raise InputError(f"strategy: {msg}")
         for msg in offload.gpu_violations(s, self.gpu):
             raise InputError(f"strategy: {msg}")
@@ -482,9 +482,9 @@ class CostModel:
             else None)
 
 
-def strategy_violations(spec: ModelSpec, seq_len: int, s: Strategy) -> list[str]:
-    """Every technique rule the strategy breaks, as fix-naming messages (``autopar.techniques``)."""
-    return techniques.violations(s, spec, s.world, seq_len)
+def strategy_violations(spec: ModelSpec, seq_len: int, s: Strategy, stack: str | None = None) -> list[str]:
+    """Every technique rule the strategy breaks and what ``stack`` does not run, as fix-naming messages."""
+    return techniques.violations(s, spec, s.world, seq_len, stack=stack)
 
 
 def even_stages(layers: int, n: int) -> list[tuple[int, int]]:
