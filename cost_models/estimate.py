@@ -350,14 +350,11 @@ class CostModel:
 
     def dp_time(self, s: Strategy, r: RankReport, costs, m: int) -> float:
         """Exposed data-parallel gradient/parameter traffic of one rank per step (seconds)."""
-        grad_bytes = bytes_per_param(self.dtype)[1]
-        dense = sum(costs[i].params_dense for i in r.layers) * grad_bytes
-        expert = sum(costs[i].params_expert for i in r.layers) * grad_bytes
         if fsdp.per_unit(self, s):  # FSDP: ZeRO-3, and ZeRO-2 under the FSDP runtimes
             return self._zero3_exposed(s, r, costs, m)
+        dense, expert, edge = fsdp.rank_sync_bytes(self, s, r, costs, bytes_per_param(self.dtype)[1])
         hide = bool(m) and not self._cores_saturated  # r.bwd_s / r.fwd_s: one micro-batch's backward / forward
         sync = partial(self.grad_sync_time, s=s)
-        edge = costs["embedding"].params_dense * grad_bytes if r.rank == 0 and costs["embedding"] else 0.0
         return fsdp.step_sync_exposed(self, s, sync, dense, expert, r.bwd_s * hide, r.fwd_s * hide, edge)
 
     def grad_sync_time(self, size: float, n: int, stride: int, s: Strategy) -> float:
@@ -390,10 +387,9 @@ class CostModel:
         gb = bytes_per_param(self.dtype)[1]
         if fsdp.per_unit(self, s):
             return sum(sum(self._zero3_layer(s, costs[i], gb)) for i in r.layers) * fsdp.unit_syncs_per_step(self, s)
-        dense = sum(costs[i].params_dense for i in r.layers) * gb
-        expert = sum(costs[i].params_expert for i in r.layers) * gb
-        return (self.grad_sync_time(dense, s.dp * s.cp, s.tp, s) + self.grad_sync_time(expert, s.edp, s.ep * s.etp, s)
-                + fsdp.step_broadcast_s(self, s, dense + expert))
+        dense, expert, edge = fsdp.rank_sync_bytes(self, s, r, costs, gb)   # the edge's sync is one of them
+        return (self.grad_sync_time(dense + edge, s.dp * s.cp, s.tp, s)
+                + self.grad_sync_time(expert, s.edp, s.ep * s.etp, s) + fsdp.step_broadcast_s(self, s, dense + expert))
 
     def _zero3_layer(self, s: Strategy, c: LayerCost, grad_bytes: int) -> tuple[float, float, float]:
         """(forward all-gather, backward all-gather (``fsdp.regathers``), reduce-scatter) seconds of one layer."""

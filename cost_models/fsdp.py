@@ -143,8 +143,8 @@ def gathers_next_forward(runtime: str, s, dtype: str, impl: str) -> bool:
     (``overlap.grad_sync_exposed`` with ``gather_ahead``), and the last bucket's reduce-scatter and the first one's
     gather run beside nothing (``step_sync_exposed``). Counted on gloo: tests/test_zero1_sync.py. On the first
     pipeline rank that tail is the input embedding's: its gradient completes last and it is read first, a span of
-    its own (vocab x hidden, 1 GB in bf16 for Llama 3 8B), priced as ``step_sync_exposed``'s ``edge``. Not priced:
-    ``CostModel.dp_time``'s overlapped bytes count the blocks only (not the embedding and output head)."""
+    its own (vocab x hidden, 1 GB in bf16 for Llama 3 8B), priced as ``step_sync_exposed``'s ``edge``; the output
+    layer's sync runs beside the blocks' (``end_sync_bytes``)."""
     if runtime != "torch" or impl == "meta":
         return False
     return plan_dp_mode(s, dtype) == "zero1" and not syncs_after_backward(runtime, s, dtype, impl)
@@ -186,8 +186,9 @@ def step_sync_exposed(cm, s, sync, dense: float, expert: float, bwd_s: float, fw
     Whole under ``syncs_after_backward``; else what outlasts the last backward (``overlap.grad_sync_exposed``;
     and the next forward where the gather runs beside it: Megatron-Core's ``--overlap-param-gather``,
     ``gathers_next_forward``) and the last bucket's sync, plus ``ZeroRedundancyOptimizer``'s broadcast
-    (``step_broadcast_s``). ``edge``: the input embedding's gradient bytes on the rank holding it, whose sync is
-    ZeRO-1's last (``gathers_next_forward``: ``max(one bucket, edge)``)."""
+    (``step_broadcast_s``). ``edge``: the bytes of the rank's last ZeRO-1 span (``end_sync_bytes``: the input
+    embedding, or a pipeline's tied copy on the last stage), exposed (``gathers_next_forward``: ``max(one bucket,
+    edge)``)."""
     n = s.dp * s.cp
     t = sync(dense, n, s.tp) + sync(expert, s.edp, s.ep * s.etp)
     if t <= 0 or exposed_sync(cm, s):
@@ -196,6 +197,42 @@ def step_sync_exposed(cm, s, sync, dense: float, expert: float, bwd_s: float, fw
     last_bucket = sync(max(min(last_bucket_bytes(s, cm.dtype), dense), edge if zero1 else 0.0), n, s.tp)
     ahead = overlap.gathers_ahead(cm.ctx.runtime, s.zero_stage) or zero1
     return overlap.grad_sync_exposed(t, bwd_s, fwd_s, ahead) + last_bucket + step_broadcast_s(cm, s, dense + expert)
+
+
+def rank_sync_bytes(cm, s, r, costs, gbytes: int) -> tuple[float, float, float]:
+    """``(dense, expert, edge)`` gradient bytes of rank ``r`` (a ``RankReport``: its blocks ``r.layers``; rank 0 holds
+    the input embedding, the rank holding the last block the output layer) that ``step_sync_exposed`` prices for
+    strategy ``s``: its blocks' plus ``end_sync_bytes``' (``costs``: ``CostModel.layer_costs``). Read by
+    ``CostModel.dp_time`` and ``dp_comm_total``."""
+    dense = sum(costs[i].params_dense for i in r.layers) * gbytes
+    expert = sum(costs[i].params_expert for i in r.layers) * gbytes
+    holds_output = bool(r.layers) and cm.num_layers - 1 in r.layers
+    ends, edge = end_sync_bytes(cm, s, costs["embedding"] if r.rank == 0 else None,
+                                costs["output"] if holds_output else None, gbytes)
+    return dense + ends, expert, edge
+
+
+def end_sync_bytes(cm, s, embedding, output, gbytes: int) -> tuple[float, float]:
+    """``(with_blocks, edge)``: gradient bytes of a rank's input ``embedding`` and ``output`` layer (their
+    ``LayerCost``s where the rank holds them, else None) synced by autopar's ZeRO-1 program (``runtime_zero1``: one
+    bucket over every parameter of the part; ``cm``: the ``CostModel``, ``s``: the strategy), 0 for other programs and
+    runtimes (DDP and FSDP2 ``replicate`` sync the ends too: not priced).
+
+    - overlapped (``gathers_next_forward``): the output layer's (final norm, untied head) with the blocks' - its
+      gradient completes first in the last backward and it is read last in the forward, so its span reduces and
+      gathers beside them. ``edge``: the embedding's, the bucket's last span, reduced after the last backward and
+      gathered first (a tied table's too); on the last pipeline stage a tied copy of the table, a late span
+      (``runtime_parallel._apply_zero1``: reduced after ``sync_grads`` summed it over the stage pair, gathered first,
+      ahead of the first block's gather on the same stream): ``step_sync_exposed`` prices it exposed.
+    - after the backward (``syncs_after_backward``): all of them with the blocks, whole."""
+    if not (cm.ctx.runtime == "torch" and cm.ctx.fsdp_impl != "meta" and plan_dp_mode(s, cm.dtype) == "zero1"):
+        return 0.0, 0.0
+    emb = embedding.params_dense * gbytes if embedding else 0.0
+    out = output.params_dense * gbytes if output else 0.0
+    tied = cm.output.params_tied / s.tp * gbytes if output and s.pp > 1 else 0.0
+    if exposed_sync(cm, s):
+        return emb + out + tied, 0.0
+    return out, max(emb, tied)
 
 
 def last_bucket_bytes(s, dtype: str) -> int:

@@ -227,7 +227,8 @@ class RankPricer:
             return RankEval(INF, fwd, INF, INF, INF, None, ids)
         P = sum(g.time("none") * n for g, n in groups) + sum(e.time("none") for e in extra) + choice.extra_s
         report = RankReport(r, layers, fwd, P - fwd, choice.extra_s, {}, {}, in_flight)
-        D = self.zero3_time(cnt, layers) if self.per_unit else self.dp_time(groups, P - fwd, fwd, r == 0)
+        ends = (r == 0, r == self.p - 1)   # the input embedding's and the output layer's ranks, as ``extras``
+        D = self.zero3_time(cnt, layers) if self.per_unit else self.dp_time(groups, P - fwd, fwd, *ends)
         O = self._optimizer(report, cnt)
         return RankEval(P, fwd, D, O, mem, choice, ids)
 
@@ -266,14 +267,16 @@ class RankPricer:
             self._opt[cnt] = self.cm.optimizer_time(self.s, report, self.costs)
         return self._opt[cnt]
 
-    def dp_time(self, groups: list[tuple[LayerCost, int]], bwd: float, fwd: float = 0.0, first: bool = False) -> float:
+    def dp_time(self, groups: list[tuple[LayerCost, int]], bwd: float, fwd: float = 0.0, first: bool = False,
+                last: bool = False) -> float:
         """``CostModel.dp_time`` below ZeRO-3, with each gradient collective priced once per
         size and group (ranks of other strategies often reduce the same bytes); ``bwd`` / ``fwd``:
-        one micro-batch's backward / forward on the rank (``overlap.grad_sync_exposed``); ``first``: rank 0,
-        holding the input embedding."""
-        s, gbytes = self.s, bytes_per_param(self.cm.dtype)[1]
-        edge = self.costs["embedding"].params_dense * gbytes if first and self.costs["embedding"] else 0.0
-        dense = sum(g.params_dense * n for g, n in groups) * gbytes
+        one micro-batch's backward / forward on the rank (``overlap.grad_sync_exposed``); ``first`` / ``last``: the
+        rank holding the input embedding / the output layer (``extras``; ``fsdp.end_sync_bytes``)."""
+        s, gbytes, costs = self.s, bytes_per_param(self.cm.dtype)[1], self.costs
+        ends, edge = fsdp.end_sync_bytes(self.cm, s, costs["embedding"] if first else None,
+                                         costs["output"] if last else None, gbytes)
+        dense = sum(g.params_dense * n for g, n in groups) * gbytes + ends
         expert = sum(g.params_expert * n for g, n in groups) * gbytes
         hide = bool(self.m)
         return fsdp.step_sync_exposed(self.cm, s, self._sync, dense, expert, bwd * hide, fwd * hide, edge)

@@ -139,3 +139,49 @@ def _overlapped(ev: list[str], landed: bool, where) -> None:
     blocks = [j for j, e in enumerate(ev) if e == "blk"]
     assert len(lands) == spans and lands[-1] < bwd[0], (where, ev)
     assert any(lands[0] < j < lands[-1] for j in blocks), (where, ev)   # landed as the forward reaches them
+
+
+def _sync(cm, s, size: float) -> float:
+    return cm.grad_sync_time(size, s.dp * s.cp, s.tp, s)
+
+
+def test_zero1_syncs_the_output_layer_with_the_blocks():
+    """The program's bucket holds every parameter of the part: the output layer (final norm, untied head) reduces
+    first and gathers last, beside the blocks' spans; rank 0's embedding is the edge. With nothing to hide behind
+    (no micro-batch counted) the whole sync shows: the blocks' and the output's, then the edge's; the total the
+    contention reads counts the edge once."""
+    cm = build_cost_model(Inputs(model="llama3-8b", nodes=1, seq_len=2048, dtype="bf16"))[0]
+    s = Strategy.parse("dp=8,mbs=1,gbs=64,zero=1").resolve(8)
+    r, costs, gb = cm.estimate(s).ranks[0], cm.layer_costs(s), bytes_per_param(cm.dtype)[1]
+    blocks = sum(costs[i].params_dense for i in r.layers) * gb
+    head, edge = costs["output"].params_dense * gb, costs["embedding"].params_dense * gb
+    assert head > 1e9 and edge > 1e9   # the untied 128256 x 4096 bf16 tables
+    assert cm.dp_time(s, r, costs, 0) == pytest.approx(_sync(cm, s, blocks + head) + _sync(cm, s, edge))
+    assert cm.dp_comm_total(s, r, costs, 0) == pytest.approx(_sync(cm, s, blocks + head + edge))
+
+
+def test_zero1_tied_copy_is_the_last_stage_edge():
+    """GPT-2's tied table under a pipeline: rank 0's embedding and the last stage's copy (a late span, reduced after
+    the stage pair's sum, gathered first) are each rank's edge; the last stage's final norm syncs with its blocks."""
+    cm = build_cost_model(Inputs(model="gpt2-124m", nodes=1, seq_len=1024, dtype="bf16"))[0]
+    s = Strategy.parse("pp=2,dp=4,mbs=1,gbs=64,zero=1").resolve(8)
+    est, costs, gb = cm.estimate(s), cm.layer_costs(s), bytes_per_param(cm.dtype)[1]
+    tied = cm.output.params_tied * gb
+    assert tied > ZERO1_BUCKET_BYTES and costs["output"].params_dense * gb < ZERO1_BUCKET_BYTES   # norm only
+    ends = [(0.0, costs["embedding"].params_dense * gb), (costs["output"].params_dense * gb, tied)]
+    for r, (with_blocks, edge) in zip(est.ranks, ends):
+        blocks = sum(costs[i].params_dense for i in r.layers) * gb
+        assert cm.dp_time(s, r, costs, 0) == pytest.approx(_sync(cm, s, blocks + with_blocks) + _sync(cm, s, edge))
+
+
+def test_zero1_after_the_backward_syncs_the_ends_whole():
+    """Under a zero-bubble schedule every span reduces after the backward: rank 0 (both ends of the V) syncs its
+    blocks, embedding and head at once, exposed."""
+    cm = build_cost_model(Inputs(model="llama3-8b", nodes=1, seq_len=2048, dtype="bf16"))[0]
+    s = Strategy.parse("pp=2,dp=4,vpp=2,mbs=1,gbs=64,schedule=zbv,zero=1").resolve(8)
+    est, costs, gb = cm.estimate(s), cm.layer_costs(s), bytes_per_param(cm.dtype)[1]
+    ends = (costs["embedding"].params_dense + costs["output"].params_dense) * gb
+    for r in est.ranks:
+        blocks = sum(costs[i].params_dense for i in r.layers) * gb
+        want = _sync(cm, s, blocks + (ends if r.rank == 0 else 0.0))
+        assert cm.dp_time(s, r, costs, s.num_micro_batches) == pytest.approx(want)
