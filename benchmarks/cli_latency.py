@@ -15,10 +15,15 @@ The ``queued`` column is the time the command's threads were ready to run but wa
 second field of Linux's ``/proc/PID/task/TID/schedstat``, read every 5 ms while it runs): on a 2-core
 machine shared with other jobs, wall time is about CPU time plus this; blank where ``/proc`` lacks it.
 
-The ``search`` column is the search time the best warm run printed (``searched ... in X s``; for the
-awkward 530B command ``all searches X s wall``, which also counts its alternative searches), and
-``outside`` is that run's wall time less it: interpreter start, imports, reading the capture cache,
-building the inputs, printing and exit.
+Warm runs come two ways. "warm": the same command again, so the capture cache and the search cache
+(``planner/search_cache.py``) both answer: a ``plan`` prints the stored search result without searching.
+"warm, search run": the same with ``AUTOPAR_SEARCH_CACHE=0`` (the capture cache only), so the search runs;
+its ``search`` column is the search time that run printed (``searched ... in X s``; for the awkward 530B
+command ``all searches X s wall``, which also counts its alternative searches), and ``outside`` is that
+run's wall time less it: interpreter start, imports, reading the capture cache, building the inputs,
+printing and exit. A warm run that did not answer from the search cache (a command that does not
+search) prints ``-`` in the ``hit`` column; the search-run columns are left blank for commands that print
+no search time.
 
     python benchmarks/cli_latency.py            # all commands, one cold and REPEAT warm runs each
     python benchmarks/cli_latency.py --repeat 3
@@ -54,9 +59,9 @@ COMMANDS = {
 SEARCH_RE = re.compile(r"(?:all searches|configurations in) ([0-9.]+) s")
 
 
-def run(args: list[str], env: dict) -> tuple[float, float, int, float | None, float | None]:
-    """(wall s, CPU s, exit code, printed search s or None, queued s or None) of one ``python -m autopar ARGS``
-    process."""
+def run(args: list[str], env: dict) -> tuple[float, float, int, float | None, float | None, bool]:
+    """(wall s, CPU s, exit code, printed search s or None, queued s or None, answered from the search cache)
+    of one ``python -m autopar ARGS`` process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with tempfile.TemporaryFile("w+") as out:   # a file, not a pipe: the poll loop below does not drain it
         t0 = time.perf_counter()
@@ -73,7 +78,8 @@ def run(args: list[str], env: dict) -> tuple[float, float, int, float | None, fl
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     found = SEARCH_RE.search(stdout)  # the awkward table's "all searches" line comes first
     queued = sum(waits.values()) / 1e9 if waits else None
-    return wall, cpu, proc.returncode, float(found.group(1)) if found else None, queued
+    hit = "from the search cache" in " ".join(stdout.split())   # the note may wrap
+    return wall, cpu, proc.returncode, float(found.group(1)) if found else None, queued, hit
 
 
 def _read_waits(pid: int, waits: dict[str, int]) -> None:
@@ -99,19 +105,28 @@ def main() -> None:
         base.pop("PYTHONDONTWRITEBYTECODE", None)
     pyc = "off (PYTHONDONTWRITEBYTECODE set)" if base.get("PYTHONDONTWRITEBYTECODE") else "on"
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, bytecode cache {pyc}")
+    print(f"{'':76s}{'warm (both caches hit)':>34s}{'warm, search run (AUTOPAR_SEARCH_CACHE=0)':>43s}")
     print(f"{'command':42s} {'exit':>4s} {'cold wall':>10s} {'cold CPU':>9s} {'queued':>7s} {'warm wall':>10s} "
-          f"{'warm CPU':>9s} {'queued':>7s} {'search':>7s} {'outside':>8s}")
+          f"{'warm CPU':>9s} {'queued':>7s} {'hit':>4s} {'wall':>8s} {'CPU':>8s} {'queued':>7s} {'search':>7s} "
+          f"{'outside':>8s}")
     for label, cmd in COMMANDS.items():
         if args.only and args.only not in label:
             continue
         env = dict(base, AUTOPAR_CACHE_DIR=tempfile.mkdtemp(prefix="autopar-latency-"))  # cold: empty
         env.pop("AUTOPAR_NO_CACHE", None)
-        cw, cc, code, _, cq = run(cmd, env)
-        warm = [run(cmd, env) for _ in range(args.repeat)]
-        ww, wc, _, search, wq = min(warm, key=lambda r: r[0])
-        split = f" {search:6.2f}s {ww - search:7.2f}s" if search is not None else ""
-        print(f"{label:42s} {code:4d} {cw:9.2f}s {cc:8.2f}s {_secs(cq)} {ww:9.2f}s {wc:8.2f}s {_secs(wq)}{split}",
-              flush=True)
+        env.pop("AUTOPAR_SEARCH_CACHE", None)
+        cw, cc, code, _, cq, _ = run(cmd, env)
+        warm, searched = [], []
+        for _ in range(args.repeat):   # alternated: both ways see the same load
+            warm.append(run(cmd, env))
+            searched.append(run(cmd, dict(env, AUTOPAR_SEARCH_CACHE="0")))
+        ww, wc, _, _, wq, hit = min(warm, key=lambda r: r[0])
+        sw, sc, _, search, sq, _ = min(searched, key=lambda r: r[0])
+        line = f"{label:42s} {code:4d} {cw:9.2f}s {cc:8.2f}s {_secs(cq)} {ww:9.2f}s {wc:8.2f}s {_secs(wq)} " \
+               f"{'yes' if hit else '-':>4s}"
+        if search is not None:
+            line += f" {sw:7.2f}s {sc:7.2f}s {_secs(sq)} {search:6.2f}s {sw - search:7.2f}s"
+        print(line, flush=True)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
