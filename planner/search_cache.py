@@ -12,7 +12,8 @@ search can read, generically (a field added later is covered without editing thi
   ``MEMO_TYPES``; a state this walk cannot write deterministically (a closure ``moe_load`` from
   ``--trace``, an unknown object) turns the cache off for that call: it searches;
 - the call's arguments (``global_batch``, the whole ``Constraints``, ``top_k``, ``exhaustive``,
-  ``best_only``) and every ``AUTOPAR_*`` environment variable but the cache's own switches.
+  ``best_only``), every ``AUTOPAR_*`` environment variable but the cache's own switches, and the versions of
+  Python, numpy and pydantic.
 
 On only for the console command (``cli.main.main()`` without ``argv``: tests patch cost functions
 in-process, where a hit would hide the patch); ``--no-cache`` / ``AUTOPAR_NO_CACHE=1`` turn it off with the
@@ -28,6 +29,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -99,7 +101,16 @@ def call_key(cm, global_batch: int, cons, top_k: int, exhaustive: bool, best_onl
     except Uncacheable:
         return None
     env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("AUTOPAR_") and k not in SWITCHES}
-    return {"code": source_digest(), "env": env, "state": hashlib.sha256(text.encode()).hexdigest()}
+    return {"code": source_digest(), "env": env, "libraries": libraries(),
+            "state": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def libraries() -> dict[str, str]:
+    """The interpreter and the libraries the search computes with (already imported by the cost model)."""
+    import numpy
+    import pydantic
+
+    return {"python": sys.version, "numpy": numpy.__version__, "pydantic": pydantic.VERSION}
 
 
 # ----- the key's state: a deterministic JSON form of any object graph ---------------------------------
