@@ -34,6 +34,7 @@ from autopar.cost_models.cp_cost import cp_exposed, cp_kept_bytes, cp_rerun_s
 from autopar.cost_models.fp8_cost import Fp8Cast, fp8_casts
 from autopar.cost_models.fsdp import FsdpImpl
 from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, expert_gate_gemm, saved_bytes, working_bytes
+from autopar.cost_models.loss_memory import gathered_loss_bytes, logits_bytes
 from autopar.cost_models.megatron_ops import (
     expert_passes_s,
     megatron_block_tp,
@@ -225,14 +226,14 @@ def price_layer(layer: LayerTemplate, s: Strategy, ctx: PricingContext) -> Layer
         # full and op alike (the per-op policy keeps none of them)
         recompute_comm_s=tp_full + (comm.get("ep", 0.0) + comm.get("etp", 0.0)) / 2 + cp_rerun,
         recompute_comm_op_s=tp_op + (comm.get("ep", 0.0) + comm.get("etp", 0.0)) / 2 + cp_rerun,
-        act_bytes={m: saved_bytes(layer, sh, m, ctx.compile != "none") + _gathered_loss_bytes(layer, s, sh, ctx)
+        act_bytes={m: saved_bytes(layer, sh, m, ctx.compile != "none") + gathered_loss_bytes(layer, s, sh, ctx)
                    + _expert_load_excess(layer, s, sh, ctx, m) + cp_kept_bytes(layer, s, ctx, m)
                    + sel.get(m, (0.0, 0.0))[0] for m in RECOMPUTE_MODES},
         work_bytes={m: working_bytes(layer, sh, m) + _expert_grad_transient(layer, s, ctx)
                     + (cp_kv if m in ("op", "full") else 0.0) + sel.get(m, (0.0, 0.0))[1] for m in RECOMPUTE_MODES},
         params_dense=(layer.params_tp + layer.params_vocab) / s.tp + layer.params_rep,
         params_expert=layer.params_expert / (s.ep * s.etp),
-        temp_bytes=_logits_bytes(layer, s, sh, ctx),
+        temp_bytes=logits_bytes(layer, s, sh, ctx),
         flops_fwd=flops,
         sources={"compute": ctx.timer.source},
         source_counts={k: v - before.get(k, 0) for k, v in ctx.timer.hits.items()},
@@ -443,54 +444,3 @@ def _expert_load_excess(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: Pric
     terms = layer.op_saved if recompute == "op" and layer.op_saved else layer.saved
     expert = sum(t.bytes * sh.tokens / sh.of(t.shard) for t in terms if t.shard == "expert" and not t.const)
     return expert_rank_excess(expert, s, ctx)
-
-
-def _logits_bytes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext) -> float:
-    """Transient logits at the loss, full vocabulary on every tp rank (see ``_vocab_comm``); under
-    tp the all-gather's output and its concatenation along the vocabulary (DTensor Shard(-1) ->
-    Replicate) are both live when the loss starts."""
-    if ctx.runtime == "megatron" and layer.kind == "output":
-        return layer.temp_bytes * sh.tokens / s.tp  # vocab-parallel logits stay split
-    if layer.kind != "output":
-        return layer.temp_bytes * sh.tokens
-    split = _vocab_split(s, ctx)
-    if ctx.compile == "model+loss":  # one fused kernel writes the 16-bit logit gradient directly
-        return _vocab_saved(layer, sh) / 2 / split
-    forward = layer.temp_bytes * sh.tokens * (2 if s.tp > split else 1) / split
-    return max(forward, loss_backward_bytes(layer, sh, split > 1) / split)
-
-
-def loss_backward_bytes(layer: LayerTemplate, sh: Shards, vocab_parallel: bool = False) -> float:
-    """The loss's backward beyond its saved log-probabilities: ``nll_loss_backward`` writes a
-    full fp32 [tokens, vocab] gradient and ``log_softmax_backward`` another while the saved
-    output is still held (torch autograd frees a node's saved tensors only after it runs), so
-    the loss phase peaks at three fp32 logit-sized tensors, above the forward's bf16 logits +
-    fp32 upcast + log-probabilities. Full vocabulary on every tp rank (see ``_vocab_comm``).
-    DTensor's ``loss_parallel`` (torch/distributed/tensor/parallel/loss.py,
-    ``_nll_loss_and_log_softmax_backward``) builds ``(zeros_like(x) + exp(x)) * grad`` beside the
-    saved ``x``: three fp32 temporaries, four with the saved one."""
-    if layer.kind != "output":
-        return 0.0
-    return (3 if vocab_parallel else 2) * _vocab_saved(layer, sh)
-
-
-def _vocab_saved(layer: LayerTemplate, sh: Shards) -> float:
-    """The loss's vocabulary-sized saved tensors (fp32 log-probabilities), full vocabulary."""
-    return sum(t.bytes for t in layer.saved if t.shard in ("tp", "vocab") and not t.const) * sh.tokens
-
-
-def _vocab_split(s: Strategy, ctx: PricingContext) -> int:
-    """Over how many ranks the loss's logits are split: tp for a vocab-parallel loss, else 1."""
-    return s.tp if ctx.runtime == "megatron" or ctx.loss_parallel else 1
-
-
-def _gathered_loss_bytes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: PricingContext) -> float:
-    """The cross-entropy runs on the gathered logits on every tp rank: its vocabulary-sized saved
-    tensors are not split by tp (the (tp-1)/tp that ``saved_bytes`` divided away) unless the loss
-    is vocab-parallel. A compiled loss keeps the 16-bit logits (and a per-token logsumexp) instead
-    of fp32 log-probabilities: half the bytes."""
-    if layer.kind != "output":
-        return 0.0
-    full = _vocab_saved(layer, sh)
-    mine = full / _vocab_split(s, ctx) / (2 if ctx.compile == "model+loss" else 1)
-    return mine - full / s.tp  # saved_bytes counted full / tp
