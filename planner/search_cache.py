@@ -223,7 +223,11 @@ def note(stats) -> str:
 
 
 def _from_entry(obj: dict):
+    from autopar.planner.space import SearchResult
+
     res = from_json(obj["result"])
+    if not isinstance(res, SearchResult):
+        raise TypeError(type(res).__name__)
     res.stats.from_cache = str(obj["searched_at"])
     return res
 
