@@ -27,7 +27,8 @@ def _cm(model: str, runtime: str, dtype: str = "bf16"):
 
 def _priced(cm, text: str) -> tuple:
     s = Strategy.parse(text).resolve(Strategy.parse(text).world)
-    cm.check(s)
+    if cm.stack_name == "torch":  # torchtitan runs offload at zero 2 | 3 and tp with sp only (its stacks
+        cm.check(s)               # declarations refuse the rest: tests/test_stack_space.py); its prices still agree
     e = cm.estimate(s)
     return (e.step_time_s, e.peak_bytes, e.host_peak_bytes, tuple(sorted(e.time.items())),
             tuple(tuple(sorted(r.memory.items())) for r in e.ranks),

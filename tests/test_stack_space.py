@@ -139,3 +139,14 @@ def test_refusal_names_cli_spelling():
     (msg,) = runs.refusals("llm-foundry", {"zero_stage": 1})
     assert msg.startswith("zero=1: --runtime llm-foundry does not run it") and "0 | 2 | 3" in msg
     assert Strategy.parse("zero=1").zero_stage == 1   # the field as --strategy spells it
+
+
+def test_torchtitan_offloads_at_zero_2_or_3(cms):
+    cm = cms["torchtitan"]
+    for z in (0, 1, 2, 3):
+        s = Strategy.parse(f"dp=8,zero={z},offload=1,mbs=1,gbs={GB}").resolve(8)
+        if z < 2:
+            with pytest.raises(InputError, match=f"zero={z}.*: --runtime torchtitan"):
+                cm.check(s)
+        else:
+            cm.check(s)
