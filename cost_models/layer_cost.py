@@ -284,13 +284,33 @@ def _op_time(op: OpTerm, s: Strategy, sh: Shards, ctx: PricingContext, performed
     scale = sh.tokens / sh.of(op.shard)
     hit = t.exact(op.sig) if scale == 1 else None
     if hit is not None:
-        return hit
+        return _measured_attention(hit, op, performed, ctx.seq_len) if op.kind == "attention" else hit
     if op.kind == "attention":
         ratio = op.bwd_flops / op.fwd_flops if op.fwd_flops else 2.5
         return t.attention_fb(op.fwd_flops * scale, op.bytes_rw * scale, performed, ratio, ctx.stack_name,
                               ctx.seq_len, s.cp, ctx.attn_head_dim)
     f = t.membound(op.bytes_rw * scale, op.fwd_flops * scale)
     return f, 2.0 * f  # backward of an elementwise op reads the output grad and the saved input
+
+
+def _measured_attention(hit: tuple[float, float], op: OpTerm, performed: float, seq: int) -> tuple[float, float]:
+    """A measured attention call's (forward, backward) for a layer that performs ``performed`` of the score blocks
+    (``_attention_performed``): the measured time scaled by the work, as ``OpTimer.attention_fb`` prices it. The
+    profile timed the captured call (``autopar profile``: torch SDPA at the captured shape), which computed every
+    block where a mask was among its inputs (a sliding window's, or transformers' causal mask: SDPA skips none) and
+    the causal triangle where it ran ``is_causal``. Scaled, not looked up: capture groups window and full layers into
+    one template and times its first layer's call (``attention_rate.split_by_window``), so the other kind's own call
+    has no measurement; the kernel's rate at the shape stays the measured one (a band's short key rows run a little
+    slower than the triangle's: ``attention_rate.keys_per_query_tile``, not applied to a measured time)."""
+    done = 1.0 if len(_input_shapes(op.sig)) > 3 else causal_block_fraction(seq)
+    k = performed / done
+    return hit[0] * k, hit[1] * k
+
+
+def _input_shapes(sig: str | None) -> list[str]:
+    """The input shapes of an op signature (``core.op_signature.op_signature``: ``kind:in,...->out,...:dtype``)."""
+    body = (sig or "").split(":")
+    return body[1].split("->")[0].split(",") if len(body) > 2 else []
 
 
 def _grouped_experts(t: OpTimer, m: float, n: float, k: float, calls: float, ratio: float,
