@@ -27,8 +27,13 @@ docs/validation.md "Outlier rows, by mechanism". Prices nothing new: it prints t
    a x the priced attention (``two_factor_fit``). One model's rows that need a far from 1 (MPT-30B on H100:
    g 0.89, a 1.95) say its attention or its step structure is priced wrong for that model alone, not the stack.
 8. A candidate, not shipped: MPT-30B's attention (head dim 112, below the Triton kernel's power-of-two tile)
-   x k per GPU type, g left at 1: its rows and the source's mean / max / rows over 15% (``D112_FACTORS``).
+   x k per GPU type, g left at 1: its rows and the source's mean / max / rows over 15% (``D112_FACTORS``). The
+   tile's own 128 / 112 is priced on both GPU types since I12b (``attention_rate.stack_tile_factor``; Hopper's
+   ``HeadDimRate`` priced it before): k is what the kernel would need beyond it.
 9. The same model and sequence length on 8 H100 and 8 A100-80GB: published and priced H100 / A100 ratios.
+10. ``--i12b``: every published row (all sources) with I12b's two llm-foundry rules undone, one at a time and
+   both, and as shipped: its fp8 library (``core.gpu.STACK_FP8_LIBRARY``: ``te-linear`` -> torchao's casts) and
+   its kernels' power-of-two head-dim tile (``attention_rate.POW2_TILE_STACKS``), same tree, shipped constants.
 """
 
 from __future__ import annotations
@@ -231,6 +236,32 @@ def f3_before_after(built: list[cal.Built]) -> None:
         print(f"  {prefix or 'all rows':24s} {_summary(before, prefix)} -> {_summary(now, prefix)}")
 
 
+def i12b_before_after(built: list[cal.Built]) -> None:
+    """Section 10: every row with llm-foundry's fp8 library and head-dim tile rule undone (module docstring)."""
+    from autopar.core import gpu
+    from autopar.cost_models import attention_rate
+
+    lib, tile = gpu.STACK_FP8_LIBRARY["llm-foundry"], attention_rate.POW2_TILE_STACKS
+    cases = {"both undone": ("torchao", ()), "fp8 library only": (lib, ()), "tile only": ("torchao", tile),
+             "as shipped": (lib, tile)}
+    errors: dict[str, dict[str, float]] = {}
+    try:
+        for name, (fp8, tiles) in cases.items():
+            gpu.STACK_FP8_LIBRARY["llm-foundry"], attention_rate.POW2_TILE_STACKS = fp8, tiles
+            for b in built:
+                b.cm._cache.clear()
+            errors[name] = {b.case.id: cal.price(b).error for b in built}
+    finally:
+        gpu.STACK_FP8_LIBRARY["llm-foundry"], attention_rate.POW2_TILE_STACKS = lib, tile
+    before, now = errors["both undone"], errors["as shipped"]
+    print("\n10. Rows I12b's llm-foundry rules move (both undone -> as shipped)")
+    for rid in sorted(now):
+        if abs(now[rid] - before[rid]) >= 0.0005:
+            print(f"  {rid[:62]:62s} {100 * before[rid]:+6.1f}% -> {100 * now[rid]:+6.1f}%")
+    for name, errs in errors.items():
+        print(f"  {name:17s} " + "; ".join(f"{p or 'all rows'} {_summary(errs, p)}" for p in ("mpt_", "")))
+
+
 def _summary(errors: dict[str, float], prefix: str) -> str:
     e = [v for k, v in errors.items() if k.startswith(prefix)]
     return (f"{len(e)} rows mean {100 * statistics.mean(map(abs, e)):.2f}% bias {100 * statistics.mean(e):+.2f}% "
@@ -241,10 +272,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, help="pickle of the built rows (validate_published.py --cache)")
     ap.add_argument("--f3", action="store_true", help="section 6 only: every row with the F3 mappings undone")
+    ap.add_argument("--i12b", action="store_true", help="section 10 only: I12b's llm-foundry rules undone")
     args = ap.parse_args()
     built, _skipped = cal.load_or_build([pr.MODERN_YAML], args.cache)
-    if args.f3:
-        f3_before_after(built)
+    if args.f3 or args.i12b:
+        (f3_before_after if args.f3 else i12b_before_after)(built)
         return
     rows = [(b, cal.price(b)) for b in built if b.case.source == "llm-foundry"]
     same_work(rows)
