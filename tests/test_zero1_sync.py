@@ -5,13 +5,15 @@ the last backward each bucket reduce-scatters as soon as its gradients are compl
 bucket's all-gather runs beside the next forward, waited by the first module that reads it (Megatron-Core's
 ``--overlap-grad-reduce`` / ``--overlap-param-gather``): ``cost_models.fsdp.gathers_next_forward``, exposed what
 outlasts the last backward and the first forward plus the last bucket's reduce-scatter and the first one's gather
-(under zero-bubble schedules the whole sync after the backward: tests/test_pipeline_dp_sync.py). fp32 on plain
-parameters (``dp_mode`` "ddp"): DDP's all-reduce in the last backward, then ``ZeroRedundancyOptimizer``'s
-per-parameter broadcasts after the step: ``fsdp.broadcasts_after_step``, an all-gather's bytes exposed beside the
-hidden all-reduce."""
+(under zero-bubble schedules the whole sync after the backward: ``fsdp.syncs_after_backward``, counted here under
+ZBV and in tests/test_pipeline_dp_sync.py; interleaved 1F1B overlaps each stage in its own last backward pass).
+fp32 on plain parameters (``dp_mode`` "ddp"): DDP's all-reduce in the last backward, then
+``ZeroRedundancyOptimizer``'s per-parameter broadcasts after the step: ``fsdp.broadcasts_after_step``, an
+all-gather's bytes exposed beside the hidden all-reduce."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -26,11 +28,16 @@ from autopar.techniques.dp_program import ZERO1_BUCKET_BYTES
 
 HERE = Path(__file__).resolve().parent
 
-PLANS = {   # name: (strategy, dtype, backward passes per step on every rank); 4 micro-batches per step
-    "z1_dp": ("dp=4,mbs=1,gbs=16,zero=1", "bf16", 4),
-    "z1_pp": ("pp=2,dp=2,schedule=1f1b,mbs=1,gbs=8,zero=1", "bf16", 4),
-    "z1_ddp": ("dp=4,mbs=1,gbs=16,zero=1", "fp32", 4),
+PLANS = {   # name: (strategy, dtype, program); 4 micro-batches per step, on each pipeline stage
+    "z1_dp": ("dp=4,mbs=1,gbs=16,zero=1", "bf16", "overlap"),
+    "z1_pp": ("pp=2,dp=2,schedule=1f1b,mbs=1,gbs=8,zero=1", "bf16", "overlap"),
+    "z1_int": ("pp=2,dp=2,vpp=2,schedule=interleaved,mbs=1,gbs=8,zero=1", "bf16", "overlap"),
+    "z1_zbv": ("pp=2,dp=2,vpp=2,schedule=zbv,mbs=1,gbs=8,zero=1", "bf16", "after"),
+    "z1_ddp": ("dp=4,mbs=1,gbs=16,zero=1", "fp32", "ddp"),
 }
+# (syncs_after_backward, gathers_next_forward, broadcasts_after_step) of each program
+RULES = {"overlap": (False, True, False), "after": (True, False, False), "ddp": (False, False, True)}
+PASS = re.compile(r"([bw])(\d+)(\.?)$")   # a pipeline stage's backward / weight pass began (ended: ".")
 
 
 def _rules(text: str | Strategy, dtype: str, impl: str = "fsdp2") -> tuple[bool, bool, bool]:
@@ -95,49 +102,94 @@ def test_zero1_tail_is_the_embedding_on_the_first_pipeline_rank():
 
 
 @pytest.mark.slow
-def test_sharded_adamw_syncs_after_the_last_backward(tmp_path):
+def test_sharded_adamw_syncs_as_priced(tmp_path):
+    """Each program's step counted on 4 gloo ranks against the rules its price reads (``RULES``): ZeRO-1 overlapped
+    without a pipeline, under 1F1B and interleaved 1F1B (two stages per rank), after the backward under ZBV (split
+    backward: no hook sees the weight gradients), and fp32 DDP + ZeroRedundancyOptimizer."""
     sys.path.insert(0, str(HERE))
     from count_programs import launch
     from helpers_plans import make_plan
 
     from autopar.codegen.emit import emit
 
-    for name, (text, dtype, _) in PLANS.items():
+    for name, (text, dtype, program) in PLANS.items():
         plan = make_plan("gpt-tiny", 4, text, global_batch=16 if "pp" not in text else 8, dtype=dtype)
         assert plan.strategy.num_micro_batches == 4
-        assert _rules(plan.strategy, dtype) == ((False, True, False) if dtype == "bf16" else (False, False, True))
+        assert _rules(plan.strategy, dtype) == RULES[program], name
         emit(plan, tmp_path / name, "cpu")
     runs = launch(HERE / "zero1_sync_count.py", tmp_path, list(PLANS))
-    for name, (_, dtype, backwards) in PLANS.items():
+    for name, (text, _, program) in PLANS.items():
+        chunks = 2 if "vpp=2" in text else 1
         for r, steps in enumerate(runs[name]):
             assert len(steps) == 2
             for i, step in enumerate(steps):
-                ev = step["events"]
-                assert ev.count("bwd") == backwards, (name, r, ev)
-                if dtype == "bf16":
-                    _overlapped(ev, landed=i > 0, where=(name, r, i))
+                ev, where = step["events"], (name, r, i)
+                if program == "overlap":
+                    assert ev.count("bwd") == 4 * chunks, (where, ev)
+                    _overlapped(ev, landed=i > 0, where=where)
+                elif program == "after":
+                    _after_backward(ev, chunks, landed=i > 0, where=where)
                 else:   # ZeroRedundancyOptimizer: one broadcast per parameter, after every backward
+                    assert ev.count("bwd") == 4, (where, ev)
                     last = max(j for j, e in enumerate(ev) if e == "bwd")
-                    assert set(ev[last + 1:]) == {"bc"} and set(ev[:last]) <= {"bwd", "blk"}, (name, r, ev)
+                    assert set(ev[last + 1:]) == {"bc"} and set(ev[:last]) <= {"bwd", "blk"}, (where, ev)
 
 
 def _overlapped(ev: list[str], landed: bool, where) -> None:
     """ShardedAdamW's step as Megatron-Core's overlapped distributed optimizer runs it: reduce-scatters issued
-    inside the last backward (after the one before it returned), the rest right after it; one all-gather per
-    span after those; the previous step's gathers landed during the first forward (blocks begin between
-    landings), all before the first backward."""
+    inside the last backward of the stage whose spans they are (without a pipeline: after the one before it
+    returned; under a pipeline: inside each stage's last backward pass, ``_issued_in_last_passes``), the rest right
+    after the rank's last backward; one all-gather per span after those; the previous step's gathers landed
+    during the first forward (blocks begin between landings), all before the first backward."""
+    piped = any(PASS.match(e) for e in ev)
+    if piped:
+        _issued_in_last_passes(ev, where)
+        ev = [e for e in ev if not PASS.match(e)]
     bwd = [j for j, e in enumerate(ev) if e == "bwd"]
     inside = [j for j, e in enumerate(ev) if e == "rs_in_bwd"]
     spans = ev.count("ag")
-    assert spans > 2 and inside and all(bwd[-2] < j < bwd[-1] for j in inside), (where, ev)
+    assert spans > 2 and inside, (where, ev)
+    assert piped or all(bwd[-2] < j < bwd[-1] for j in inside), (where, ev)
     assert ev[bwd[-1] + 1:] == ["rs"] * (spans - len(inside)) + ["ag"] * spans, (where, ev)
     assert len(inside) >= spans - 1, (where, ev)   # at most the late span (a pipeline's tied embedding) waits
+    _landed(ev, bwd[0], spans, landed, where)
+
+
+def _issued_in_last_passes(ev: list[str], where) -> None:
+    """Each stage's bucket counts that stage's micro-batches, so its spans are reduce-scattered inside the stage's
+    last backward pass, whichever of the rank's stages runs last (interleaved: the second stage's before the
+    first's), and every stage issues there."""
+    last, began = {}, {}
+    for j, e in enumerate(ev):
+        m = PASS.match(e)
+        if m and m[1] == "b":
+            if m[3]:
+                last[m[2]] = (began[m[2]], j)
+            else:
+                began[m[2]] = j
+    owners = [next((c for c, (a, b) in last.items() if a < j < b), None) for j, e in enumerate(ev) if e == "rs_in_bwd"]
+    assert None not in owners and set(owners) == set(last), (where, last, ev)
+
+
+def _after_backward(ev: list[str], chunks: int, landed: bool, where) -> None:
+    """Under a split-backward schedule every reduce-scatter is issued after the rank's last pass (``sync_grads``),
+    then one all-gather per span; the split ran (weight passes on every stage of the rank); the previous step's
+    gathers land in the first forward, before the first backward pass."""
+    passes = [j for j, e in enumerate(ev) if PASS.match(e)]
+    stages = {PASS.match(ev[j])[2] for j in passes}
+    assert len(stages) == chunks and all(f"w{c}" in ev for c in stages), (where, ev)
+    spans = ev.count("ag")
+    assert spans > 2 and ev[passes[-1] + 1:] == ["rs"] * spans + ["ag"] * spans, (where, ev)
+    _landed(ev, passes[0], spans, landed, where)
+
+
+def _landed(ev: list[str], first_bwd: int, spans: int, landed: bool, where) -> None:
     lands = [j for j, e in enumerate(ev) if e == "land"]
     if not landed:
         assert not lands, (where, ev)
         return
     blocks = [j for j, e in enumerate(ev) if e == "blk"]
-    assert len(lands) == spans and lands[-1] < bwd[0], (where, ev)
+    assert len(lands) == spans and lands[-1] < first_bwd, (where, ev)
     assert any(lands[0] < j < lands[-1] for j in blocks), (where, ev)   # landed as the forward reaches them
 
 

@@ -4,7 +4,9 @@ after another in the same processes. Writes ``OUT_DIR/<program>.rank<r>.json``: 
 ``optimizer_step``) the events of the step in order: ``bwd`` (a backward pass returned: a micro-batch's, or a
 pipeline stage's), ``rs`` / ``ag`` / ``bc`` (a reduce-scatter / all-gather / broadcast was issued), ``rs_in_bwd`` /
 ``ag_in_bwd`` / ``bc_in_bwd`` (issued while autograd ran a backward), ``blk`` (a transformer block's forward
-began), ``land`` (a ZeRO-1 span's all-gather was waited and copied into its parameters). ZeRO-1's buckets are cut
+began), ``land`` (a ZeRO-1 span's all-gather was waited and copied into its parameters); under a pipeline also
+``b<i>`` / ``w<i>`` ... ``b<i>.`` / ``w<i>.``: stage ``i``'s backward (input, or full) / weight-gradient pass of one
+micro-batch began ... ended (``backward_one_chunk`` / ``backward_weight_one_chunk``). ZeRO-1's buckets are cut
 at 16 KiB here, so the tiny models reduce and gather in several spans."""
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.pipelining.stage import _PipelineStageBase
 
 out_dir, n_steps, programs = Path(sys.argv[1]), sys.argv[2], [Path(p) for p in sys.argv[3:]]
 sys.path.insert(0, str(programs[0]))
@@ -56,6 +59,15 @@ def _block(module, args) -> None:
         events.append("blk")
 
 
+def _stage_pass(fn, tag: str):
+    def wrapper(self, *args, **kwargs):
+        events.append(f"{tag}{self.stage_index}")
+        out = fn(self, *args, **kwargs)
+        events.append(f"{tag}{self.stage_index}.")
+        return out
+    return wrapper
+
+
 def _unrecorded(fn):
     """``rt.wait_params`` after the last step: its landings belong to no step (nor to the next program's first)."""
     def wrapper(*args, **kwargs):
@@ -67,6 +79,8 @@ def _unrecorded(fn):
 
 
 runtime_zero1.ZERO1_BUCKET_BYTES = 16 * 2**10
+_PipelineStageBase.backward_one_chunk = _stage_pass(_PipelineStageBase.backward_one_chunk, "b")
+_PipelineStageBase.backward_weight_one_chunk = _stage_pass(_PipelineStageBase.backward_weight_one_chunk, "w")
 rt.wait_params = _unrecorded(rt.wait_params)
 runtime_zero1.Bucket._land_all = _landing(runtime_zero1.Bucket._land_all)
 torch.nn.modules.module.register_module_forward_pre_hook(_block)
