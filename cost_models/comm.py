@@ -244,12 +244,10 @@ def _intra_cost(kind: str, size_bytes: float, n: int, link: LinkClass, algo: str
     return CommCost(t, "intra_node", "datasheet", name)
 
 
-def _inter_cost(kind: str, size_bytes: float, n: int, nodes_of: list[int], cluster: ClusterSpec,
-                algo: str) -> CommCost:
-    """Members on >= 2 nodes: NVLink inside nodes, each GPU's NIC share (or the slowest node pair) across."""
-    counts = Counter(nodes_of)
-    g, nodes = max(counts.values()), len(counts)
-    bw_x, pair = node_pair_bw(cluster, nodes_of)
+def _inter_cost(kind: str, size_bytes: float, n: int, span: tuple, cluster: ClusterSpec, algo: str) -> CommCost:
+    """Members on >= 2 nodes: NVLink inside nodes, each GPU's NIC share (or the slowest node pair) across.
+    ``span``: ``_layout``'s (most members on one node, nodes spanned, per-GPU bandwidth across, slowest pair)."""
+    g, nodes, bw_x, pair = span
     lat_x, intra = cluster.inter_node.latency_s, cluster.intra_node
     inter_name = f"node_pair[{pair[0]},{pair[1]}]" if pair else "inter_node"
     if kind == "p2p":
@@ -278,17 +276,30 @@ def _chain_nodes(cluster: ClusterSpec, size: int, stride: int, first_rank: int) 
 
 def _one_group(kind: str, size_bytes: float, size: int, stride: int, cluster: ClusterSpec, algo: str,
                fits: list[CommFit] | None, first_rank: int) -> CommCost:
-    if kind == "p2p":
-        nodes_of, n = _chain_nodes(cluster, size, stride, first_rank), 2
-    else:
-        nodes_of, n = group_nodes(cluster, size, stride, first_rank), size
-    link = "intra_node" if len(set(nodes_of)) == 1 else "inter_node"
+    n, link, span = _layout(cluster, size, stride, first_rank, kind == "p2p")
     fit = find_fit(fits, kind, n, link)
     if fit is not None:
         return CommCost(fit_time(fit, kind, size_bytes, n), link, "measurement", "fit")
     if link == "intra_node":
         return _intra_cost(kind, size_bytes, n, cluster.intra_node, algo)
-    return _inter_cost(kind, size_bytes, n, nodes_of, cluster, algo)
+    return _inter_cost(kind, size_bytes, n, span, cluster, algo)
+
+
+_LAYOUTS = IdentityMemo(20_000)   # _layout by its arguments (the cluster by identity)
+
+
+def _layout(cluster: ClusterSpec, size: int, stride: int, first_rank: int, p2p: bool) -> tuple:
+    """(members priced, link class, ``_inter_cost``'s span or None) of a group (``p2p``: its slowest neighbouring
+    pair), memoized: a pure function of the cluster and the group's place, which every message size of a group
+    reads alike (a group of 1,024 ranks lists and counts 1,024 nodes)."""
+    key, out = _LAYOUTS.lookup((size, stride, first_rank, p2p), (cluster,))
+    if out is MISS:
+        nodes_of = _chain_nodes(cluster, size, stride, first_rank) if p2p else group_nodes(cluster, size, stride,
+                                                                                           first_rank)
+        counts = Counter(nodes_of)
+        span = None if len(counts) == 1 else (max(counts.values()), len(counts), *node_pair_bw(cluster, nodes_of))
+        out = _LAYOUTS.put(key, (cluster,), (2 if p2p else size, "intra_node" if span is None else "inter_node", span))
+    return out
 
 
 _MEMO = IdentityMemo(200_000)   # collective_time by its arguments (the search asks the same ones many times)
