@@ -262,7 +262,10 @@ class ExpertParallelGroupedExperts(GroupedExperts):
             pos, padded = padded_layout(local.index_select(0, order), dev_counts, counts, bucket)
             out = self.run_sorted(rows.index_select(0, scatter_rows(pos, order, sum(padded))), padded)
             out = out.index_select(0, pos)
-        return torch.zeros_like(out).index_copy(0, order, out)
+        # back to the received order by a gather with the inverse permutation: index_copy's backward keeps its
+        # source (all the etp group's rows x hidden, for its shape alone); index_select's keeps the index only
+        inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(len(order), device=order.device))
+        return out.index_select(0, inverse)
 
 
 def _on_device(experts: nn.Module, name: str, device: torch.device) -> torch.Tensor:

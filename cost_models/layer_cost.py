@@ -174,7 +174,7 @@ def shards_for(s: Strategy, layer: LayerTemplate | None = None) -> Shards:
     # only by tp (the folded mapping splits a tp group's tokens before dispatch), not by cp again
     local = moe_tokens_local(s.sequence_parallel, s.ep, s.etp) if layer is None \
         else routes_local_tokens(layer, s.sequence_parallel, s.ep, s.etp)   # the program's rule, read from the layer
-    return Shards(tokens=s.micro_batch / s.cp, tp=s.tp, sp=s.sequence_parallel,
+    return Shards(tokens=s.micro_batch / s.cp, tp=s.tp, sp=s.sequence_parallel, etp=s.etp,
                   expert_div=1 if _experts_replicated(s) else s.tp, router_div=s.tp if local else 1)
 
 
@@ -462,5 +462,5 @@ def _expert_load_excess(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: Pric
     if s.ep == 1 or not layer.is_moe or recompute == "full":   # ep 1: skip the sum
         return 0.0
     terms = layer.op_saved if recompute == "op" and layer.op_saved else layer.saved
-    expert = sum(t.bytes * sh.tokens / sh.of(t.shard) for t in terms if t.shard == "expert" and not t.const)
+    expert = sum(t.bytes * sh.tokens / sh.div(t) for t in terms if t.shard == "expert" and not t.const)
     return expert_rank_excess(expert, s, ctx)

@@ -11,7 +11,9 @@ strategy by arithmetic only, which is what keeps the search fast:
   2022, Sec. 4.2.2);
 - ``expert`` work is spread evenly over the ``dp·tp·cp`` ranks of a stage (MoE Parallel
   Folding: ``edp·ep·etp = dp·tp·cp``), so per rank it is divided by ``tp·cp``; a routing
-  trace or placement multiplies it by the straggler's load ratio;
+  trace or placement multiplies it by the straggler's load ratio. The rows the first expert
+  linear reads (``etp_gathered``) are all-gathered over the ``etp`` ranks that split the
+  experts' ffn width before it, so each rank keeps ``etp`` times its share of them;
 - ``attn_core`` terms are dropped from the saved set by selective recompute and re-run
   in backward; full recompute keeps only the layer input and re-runs the whole forward;
   per-op checkpointing (``op``) keeps its own set ``op_saved`` (``layer_stats.op_policy``) and
@@ -55,6 +57,7 @@ class SavedTerm:
     const: bool = False                   # does not scale with the batch (e.g. causal mask)
     sp_only: bool = False                 # exists only under tp > 1 with sequence parallelism
     compile_drops: bool = False           # only residual adds use it: a compiled block does not keep it
+    etp_gathered: bool = False            # the first expert linear's input: gathered over etp (Shards.div)
 
 
 @dataclass
@@ -88,6 +91,17 @@ class Shards:
     sp: bool
     expert_div: float  # tp (a tp group's tokens split before expert dispatch), 1 when experts are replicated
     router_div: float = 1  # tp when each tp rank routes its own sequence shard (tp_collectives.routes_local_tokens)
+    etp: int = 1           # expert tensor parallel: ranks that gather each other's dispatched rows
+
+    def div(self, t: SavedTerm) -> float:
+        """The divisor of saved term ``t``: its shard's, times ``1/etp`` for the rows the first expert linear
+        reads, which both programs gather over the expert tensor-parallel group before it, each rank
+        running its ffn shard on all of them. autopar's (``codegen.runtime_moe``, ``_run_etp``: ``_GatherRows``
+        before ``_run_local``; measured, tests/test_etp_memory.py) and Megatron-Core's
+        (``MoEAlltoAllTokenDispatcher.dispatch_postprocess``: ``gather_from_sequence_parallel_region`` over
+        ``expt_tp`` before ``TEGroupedMLP.linear_fc1``, which saves that input for its weight gradient). The
+        ffn-wide tensors after it are ``etp`` times the rows at ``1/etp`` of the width: unchanged."""
+        return self.of(t.shard) / self.etp if t.etp_gathered else self.of(t.shard)
 
     def of(self, shard: Shard) -> float:
         if shard == "tp" or shard == "vocab":
@@ -114,7 +128,7 @@ def saved_bytes(layer: LayerTemplate, sh: Shards, recompute: str, compiled: bool
         if recompute == "selective" and t.attn_core:
             continue
         # batch-independent tensors (the causal mask) neither scale nor shard
-        total += t.bytes if t.const else t.bytes * sh.tokens / sh.of(t.shard)
+        total += t.bytes if t.const else t.bytes * sh.tokens / sh.div(t)
     return total
 
 
@@ -135,7 +149,7 @@ def _sum_terms(terms: list[SavedTerm], sh: Shards) -> float:
     for t in terms:
         if t.sp_only and not (sh.sp and sh.tp > 1):
             continue
-        total += t.bytes if t.const else t.bytes * sh.tokens / sh.of(t.shard)
+        total += t.bytes if t.const else t.bytes * sh.tokens / sh.div(t)
     return total
 
 

@@ -154,6 +154,8 @@ def _sig(o: OpCost) -> str | None:
 
 
 def _saved(name: str, nbytes: int, tags: list[str]) -> SavedTerm:
+    # ":dispatched_x": the expert rows w1/w3 read (profiles.graph._Recorder.experts' label), gathered over etp
     return SavedTerm(name=name, bytes=float(nbytes), shard=_shard(tags), attn_core="attn_core" in tags,
                      const="const" in tags, sp_only="sp_collective" in tags,
-                     compile_drops="residual_only" in tags)
+                     compile_drops="residual_only" in tags,
+                     etp_gathered="expert" in tags and name.endswith(":dispatched_x"))
