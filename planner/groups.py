@@ -9,7 +9,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 from autopar.cost_models.estimate import offload_copies, offload_step_time
-from autopar.cost_models.fsdp import plan_holds_stage_grads, syncs_once_per_step
+from autopar.cost_models.fsdp import holds_stage_grads, syncs_once_per_step
 from autopar.cost_models.memory import bytes_per_param
 from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches
 from autopar.planner.bounds import (
@@ -79,7 +79,7 @@ def with_deferred_grads(sp: Space, sh: Sharding, k: Knobs, floor):
     it counts: every layer's gradient, whole, resident beside the activations (in ``temps``, which the memory
     floor and the recompute floor both read)."""
     cm = sp.cm
-    if not plan_holds_stage_grads(cm, probe(sh, sp.gb, k)):
+    if not holds_grads(cm, sh, k):
         return floor
     # one copy per floor and what its gradients read (the floor kept beside it: its id stays its own)
     key = ("deferred", id(floor), sh.dp * sh.cp, sh.edp, k.zero, k.offload)
@@ -88,6 +88,15 @@ def with_deferred_grads(sp: Space, sh: Sharding, k: Knobs, floor):
         whole = (floor.dense + floor.expert) * bytes_per_param(cm.dtype)[1]
         hit = sp.memo[key] = (floor, replace(floor, temps=floor.temps + whole - floor.grads(cm, sh, k.zero, k.offload)))
     return hit[1]
+
+
+def holds_grads(cm, sh: Sharding, k: Knobs) -> bool:
+    """``fsdp.plan_holds_stage_grads`` of the configuration (sharding ``sh``, knobs ``k``) from the fields it reads,
+    without building its probe (``tests/test_search_caches.py`` checks the two agree)."""
+    return _holds(cm.ctx.runtime, sh.pp, k.schedule, k.zero, k.offload, sh.dp * sh.cp, cm.dtype)
+
+
+_holds = lru_cache(maxsize=4096)(holds_stage_grads)
 
 
 def expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
@@ -125,10 +134,10 @@ def expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
                 terms.append((k, extra, opt))
         stats.pruned_memory += len(ks) - len(terms)
         if terms:   # pipeline_bound grows with the per-micro-batch total and with the gradient sync
-            syncs = [grad_sync_floor(sp, sh, t[0], pr) for t in terms]   # reads zero, offload, schedule, vpp
+            terms = [(*t, *grad_sync_floor(sp, sh, t[0], pr)) for t in terms]   # reads zero, offload, schedule, vpp
             lb = pipeline_bound(sp, sh, k0, pr.total + min(t[1] for t in terms), p2p, peak, share,
-                                min(x[1] for x in syncs))
-            sp.push(lb + min(t[2] for t in terms) + min(x[0] for x in syncs), "group", sh,
+                                min(t[4] for t in terms))
+            sp.push(lb + min(t[2] for t in terms) + min(t[3] for t in terms), "group", sh,
                     (terms, pr.total, p2p, peak, share))
 
 
@@ -175,9 +184,7 @@ def _uniform_extra(sp: Space, sh: Sharding, k: Knobs, floor: Floor, modes: tuple
 def expand_group(sp: Space, sh: Sharding, group: tuple) -> None:
     """Queue each configuration of a schedule group (``expand_row``) under its own bound."""
     terms, total, p2p, peak, share = group
-    pr = sp.priced(sh)
-    for k, extra, opt in terms:
+    for k, extra, opt, last_bucket, sync in terms:   # expand_row's terms, each with its gradient sync floor
         sp.stats.enumerated += 1
-        last_bucket, sync = grad_sync_floor(sp, sh, k, pr)
         lb = pipeline_bound(sp, sh, k, total + extra, p2p, peak, share, sync)
         sp.push(lb + opt + last_bucket, "config", sh, k, (total + extra, p2p, peak, share, sync))

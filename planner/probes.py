@@ -25,9 +25,11 @@ def _shared_probe(sh: Sharding, gb: int, k: Knobs | None) -> Strategy:
     """``probe`` without extra fields, built once: the search's floors ask for the same configuration's probe
     from several terms (copies, gradient sync, recompute room, held gradients), 12 us a build against 1 us a hit.
     ``strategy_with`` of the defaults spelled out (its fields-set once per knobs or not, ``_probe_fields``)."""
-    d = _default_probe().__dict__.copy()   # every field, in order: the updates keep it
-    d.update(zip(SHARDING_FIELDS, (sh.dp, sh.tp, sh.pp, sh.cp, sh.ep, sh.etp, sh.mbs, gb, sh.sp)))
-    if k is not None:
+    if k is None:
+        d = _default_probe().__dict__.copy()   # every field, in order: the updates keep it
+        d.update(zip(SHARDING_FIELDS, (sh.dp, sh.tp, sh.pp, sh.cp, sh.ep, sh.etp, sh.mbs, gb, sh.sp)))
+    else:   # the sharding's own probe (most knobs of a sharding are asked for) with the knobs' fields
+        d = _shared_probe(sh, gb, None).__dict__.copy()
         d.update(zip(KNOB_FIELDS, (k.zero, k.offload, k.schedule, k.vpp)))
     out = Strategy.__new__(Strategy)
     object.__setattr__(out, "__dict__", d)

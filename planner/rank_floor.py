@@ -44,6 +44,7 @@ from autopar.cost_models.memory import (
 )
 from autopar.cost_models.pipeline import in_flight_microbatches
 from autopar.planner.bounds import probe, v_rank_layers
+from autopar.planner.groups import holds_grads
 from autopar.techniques import pipeline
 
 INF = float("inf")
@@ -217,7 +218,7 @@ def _states(cm, s, dense: float, expert: float, k, grads: bool, whole: bool = Fa
 
 def _holds_grads(sp, sh, k) -> bool:
     """``fsdp.plan_holds_stage_grads`` of the configuration (sharding ``sh``, knobs ``k``)."""
-    return fsdp.plan_holds_stage_grads(sp.cm, probe(sh, sp.gb, k))
+    return holds_grads(sp.cm, sh, k)
 
 
 def _deferred_block(sp, sh) -> float:

@@ -1,0 +1,51 @@
+"""What the search works out once and reads again gives what working it out again gives (issue 15, the same
+answers): ``groups.holds_grads`` against ``fsdp.plan_holds_stage_grads`` of the probe, and a group's gradient-sync
+floors (``groups.expand_row``), which ``expand_group`` reads instead of asking ``grad_sync_floor`` again."""
+
+from __future__ import annotations
+
+import pytest
+
+from autopar.cost_models.fsdp import plan_holds_stage_grads
+from autopar.cost_models.session import Inputs, build_cost_model
+from autopar.planner import bounds, groups
+from autopar.planner.search import Constraints, knob_options, shardings
+from autopar.planner.space import Knobs, Sharding
+
+
+@pytest.fixture(scope="module")
+def cm():
+    return build_cost_model(Inputs(model="llama-tiny", gpu="h100-sxm", nodes=2))[0]
+
+
+def test_holds_grads_is_the_probes_rule(cm):
+    seen = set()
+    for pp in (1, 2, 4):
+        for dp, cp in ((1, 1), (2, 1), (1, 2), (4, 2)):
+            sh = Sharding(1, cp, pp, dp, 1, 1, False, 1)
+            for zero in range(4):
+                for offload in (False, True):
+                    for schedule, vpp in (("1f1b", 1), ("interleaved", 2), ("zbv", 2), ("zb_interleaved", 2)):
+                        k = Knobs(zero, offload, schedule, vpp)
+                        want = plan_holds_stage_grads(cm, bounds.probe(sh, 64, k))
+                        assert groups.holds_grads(cm, sh, k) == want, (sh, k)
+                        seen.add(want)
+    assert seen == {True, False}
+
+
+def test_a_group_carries_its_configurations_sync_floors(cm):
+    gb, checked = 64, 0
+    sp = bounds.Space(cm, Constraints(), gb)
+    for row in shardings(cm, sp.cons, gb):
+        for sh in row[:2]:
+            knobs = knob_options(cm, sp.cons, sh, gb)
+            pushed = []
+            sp.push = lambda lb, kind, *payload: pushed.append((lb, kind, payload))   # noqa: B023
+            groups.expand_row(sp, sh, knobs)
+            fresh = bounds.Space(cm, Constraints(), gb)
+            for _, _, (_, group) in list(pushed):
+                for k, _, _, last_bucket, sync in group[0]:
+                    assert (last_bucket, sync) == bounds.grad_sync_floor(fresh, sh, k, fresh.priced(sh))
+                    checked += 1
+                groups.expand_group(sp, sh, group)   # each configuration's own bound reads them
+    assert checked > 50
