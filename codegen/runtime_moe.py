@@ -200,6 +200,23 @@ def _group_sizes(n: int, group, device) -> list[int]:
     return [int(x) for x in out]
 
 
+class _WeightedSum(torch.autograd.Function):
+    """Each token's expert outputs weighted by their gate values and summed on the token's row (a tensor shaped
+    like ``x``): ``index_add``'s backward would keep its source, the weighted rows (rows x hidden), for its shape
+    alone; this keeps the two factors the weighting's backward reads anyway and the index."""
+
+    @staticmethod
+    def forward(ctx, rows, w, token, x):
+        ctx.save_for_backward(rows, w, token)
+        return torch.zeros_like(x).index_add_(0, token, rows * w.unsqueeze(-1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, w, token = ctx.saved_tensors
+        g = grad.index_select(0, token)
+        return (g * w.unsqueeze(-1)).to(rows.dtype), (g * rows).sum(-1).to(w.dtype), None, None
+
+
 class ExpertParallelGroupedExperts(GroupedExperts):
     """``GroupedExperts`` holding a subset of experts, with all-to-all token dispatch."""
 
@@ -226,8 +243,7 @@ class ExpertParallelGroupedExperts(GroupedExperts):
         eids = fc.all_to_all_single(idx.reshape(-1)[order], recv_l, send_l, self.ep_group)
         out_rows = self._run_etp(rows, eids)
         back = fc.all_to_all_single(out_rows, send_l, recv_l, self.ep_group)
-        y = back * weight[token, slot].unsqueeze(-1)
-        return torch.zeros_like(x).index_add(0, token, y)
+        return _WeightedSum.apply(back, weight[token, slot], token, x)
 
     def _run_etp(self, rows: torch.Tensor, eids: torch.Tensor) -> torch.Tensor:
         """The experts on the received rows; under etp on the rows of the whole etp group, each

@@ -5,7 +5,10 @@ etp was.
 
 Measured on autopar's program (``codegen.runtime_moe``, 2 gloo ranks, tests/etp_saved_count.py): one moe-tiny expert
 layer saves, summed over the ranks, ``(etp - 1)`` dispatched-row tensors more under etp 2 than under ep 2 (the extra
-beyond that: the int64 sort order of the gathered rows). Megatron-Core runs the same gather (stated below)."""
+beyond that: the int64 sort order of the gathered rows), and under either what the captured expert terms price. Two
+program fixes made that so (both keep a tensor backward needs only the shape of): the put-back of ``_run_local``'s
+outputs (``index_copy`` kept the etp group's rows x hidden) and the gate-weighted sum (``index_add`` kept the
+weighted rows). Megatron-Core runs the same gather (stated below)."""
 
 from __future__ import annotations
 
@@ -61,6 +64,12 @@ def test_etp_program_saves_what_is_priced(tmp_path):
     fp32 = 4 / (d.bytes / (128 * spec.topk * spec.hidden))   # the program runs fp32 on CPU
     priced = 2 * (_expert_saved(block, 2) - _expert_saved(block, 1)) * fp32 * tokens / 128   # two ranks
     assert got["etp2"] - got["ep2"] == pytest.approx(priced, rel=0.1)
+    # and each whole: the captured expert terms (floats in fp32, the int64 indices as they are); beyond them only
+    # the program's int64 sort orders (2-4% at hidden 64)
+    for name, etp in (("ep2", 1), ("etp2", 2)):
+        whole = sum(t.bytes * tokens / 128 / Shards(tokens=1, tp=1, sp=False, expert_div=1, etp=etp).div(t)
+                    * (1 if t.name.endswith("_index") else fp32) for t in block.saved if t.shard == "expert")
+        assert got[name] == pytest.approx(2 * whole, rel=0.04), name
 
 
 def test_megatron_gathers_the_expert_input_over_etp():
