@@ -28,6 +28,8 @@ from autopar.planner.space import Knobs, Sharding
 from autopar.planner.step_floors import copy_floor
 from autopar.techniques import offload, pipeline
 
+MARGIN = 1e-9   # relative: ``ranks_room``'s sum runs in another order than rank by rank
+
 
 @lru_cache(maxsize=256)
 def allowed_modes(modes: tuple[str, ...], schedule: str, offloaded: bool) -> tuple[str, ...]:
@@ -150,19 +152,44 @@ def recompute_floor(sp: Space, sh: Sharding, k: Knobs, floor: Floor, in_flight: 
     ``sum((usable - b_r) / f_r) - (states + temporaries) / max f_r`` (the states may sit on the rank holding
     the most); Floor.recompute_time gives that room with ``in_flight = max f_r`` and ``usable = max f_r *
     sum((usable - b_r) / f_r) / pp``."""
-    m = sp.gb // (sh.dp * sh.mbs)
-    key = ("ranks_room", sh.pp, sh.mbs, sh.cp, sh.tp, sh.sp, m, k.schedule, k.vpp)   # what the buffers read
-    if key not in sp.memo:
-        f = [in_flight_microbatches(r, sh.pp, m, k.schedule, k.vpp) for r in range(sh.pp)]
-        s = probe(sh, sp.gb, k)
-        last = pipeline.stage_rank(sh.pp * k.vpp - 1, sh.pp, k.schedule)   # V-shaped: rank 0 holds both ends
-        ends = [(r == 0, r == last) for r in range(sh.pp)]
-        bufs = [sp.cm._pipeline_buffer_bytes(s, *e, x) if sp.cm.ctx.runtime != "torchtitan" else 0.0
-                for e, x in zip(ends, f)]
-        sp.memo[key] = (max(f), max(f) * sum((sp.usable - b) / x for b, x in zip(bufs, f)) / sh.pp)
-    f_max, usable = sp.memo[key]
+    f_max, usable = ranks_room(sp, sh, k)
     return max(floor.recompute_time(sp.cm, sh, k, in_flight, sp.usable, rc, warm),
                floor.recompute_time(sp.cm, sh, k, f_max, usable, rc, warm))
+
+
+def ranks_room(sp: Space, sh: Sharding, k: Knobs) -> tuple[float, float]:
+    """``recompute_floor``'s (``max f_r``, ``max f_r * sum((usable - b_r) / f_r) / pp``) of the schedule's pipeline
+    (what the buffers read: no ZeRO or offload term). ``b_r`` is linear in the rank's in-flight count
+    (``CostModel._pipeline_buffer_bytes``: a fixed part and the outputs kept per micro-batch), so the sum is, over
+    the classes of rank (the first, the last, the others), ``(usable - b(0)) sum(1 / f_r) - (b(1) - b(0)) n``
+    (``_in_flight_classes``): two buffer calls per class where the rank-by-rank sum made ``pp``. ``MARGIN`` lifts
+    the room over the rounding of a sum in another order (``tests/test_search_reuse.py`` checks both)."""
+    m = sp.gb // (sh.dp * sh.mbs)
+    key = ("ranks_room", sh.pp, sh.mbs, sh.cp, sh.tp, sh.sp, m, k.schedule, k.vpp)   # what the buffers read
+    hit = sp.memo.get(key)
+    if hit is None:
+        f_max, classes = _in_flight_classes(sh.pp, m, k.schedule, k.vpp)
+        s, total = probe(sh, sp.gb, k), 0.0
+        for (first, last), (n, inv) in classes.items():
+            b0 = b1 = 0.0
+            if sp.cm.ctx.runtime != "torchtitan":   # torchtitan's own pipeline memory: left out, as rank_memory does
+                b0, b1 = (sp.cm._pipeline_buffer_bytes(s, first, last, x) for x in (0.0, 1.0))
+            total += (sp.usable - b0) * inv - (b1 - b0) * n
+        usable = f_max * total / sh.pp
+        hit = sp.memo[key] = (f_max, usable + abs(usable) * MARGIN)
+    return hit
+
+
+@lru_cache(maxsize=4096)
+def _in_flight_classes(pp: int, m: int, schedule: str, vpp: int) -> tuple[float, dict]:
+    """(the most micro-batches a rank holds, {(first rank, last rank): (ranks, sum of 1 / in flight)}); the last
+    rank holds the last virtual stage (V-shaped: rank 0 holds both ends)."""
+    f = [in_flight_microbatches(r, pp, m, schedule, vpp) for r in range(pp)]
+    last = pipeline.stage_rank(pp * vpp - 1, pp, schedule)
+    classes: dict[tuple[bool, bool], list[float]] = {}
+    for r, x in enumerate(f):
+        classes.setdefault((r == 0, r == last), []).append(x)
+    return max(f), {e: (len(xs), sum(1.0 / x for x in xs)) for e, xs in classes.items()}
 
 
 def _uniform_extra(sp: Space, sh: Sharding, k: Knobs, floor: Floor, modes: tuple[str, ...], in_flight: float,

@@ -268,20 +268,25 @@ def _fill(sp: Space) -> None:
     probes = {key: (sp.priced(sh), sh.mbs) for key, sh in biggest.items()}
     ring = sp.cm.ctx.runtime != "torch"   # --runtime torch gathers K/V: its floor reads no forward window
     lows = {key: (sp.priced(sh) if ring else None, sh.mbs) for key, sh in smallest.items()}
+    totals: dict[tuple, tuple] = {}   # by (key, mbs): what every pipeline depth of it reads
     for sh, knobs in rows:
-        key = (sh.tp, sh.cp, sh.ep, sh.etp, sh.sp)
-        cp = cp_exposure_floor(sp, sh, *lows[key]) if key in lows else 0.0
-        sp.memo["probe", sh] = (*probes[key], cp)   # what its _row_bound reads
-        sp.push(_coarse_bound(sp, sh, knobs, *probes[key], cp), "coarse row", sh, knobs)
+        key = (sh.tp, sh.cp, sh.ep, sh.etp, sh.sp, sh.mbs)
+        hit = totals.get(key)
+        if hit is None:
+            cp = cp_exposure_floor(sp, sh, *lows[key[:-1]]) if key[:-1] in lows else 0.0
+            pr, b = probes[key[:-1]]
+            hit = totals[key] = ((pr, b, cp), scaled_no_cp(sp, sh, pr, sh.mbs / b)[0] + cp)
+        sp.memo["probe", sh] = hit[0]   # what its _row_bound reads
+        sp.push(_coarse_bound(sp, sh, knobs, hit[0][0], hit[1]), "coarse row", sh, knobs)
 
 
-def _coarse_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b: int, cp: float) -> float:
+def _coarse_bound(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, total: float) -> float:
     """A bound under ``_row_bound`` that needs no schedule: every schedule's ``pipeline_bound`` is at
     least ``m * total / pp`` (1F1B: ``(m - 1) max P + sum P >= (m - 1 + pp) total / pp``; interleaved,
     zero-bubble and pp = 1: ``m max P``), before the recompute, bubble and send terms; most rows
-    never reach the k-th best even so, and their schedules are never bounded one by one."""
+    never reach the k-th best even so, and their schedules are never bounded one by one. ``total``: the
+    layers' total per micro-batch (``scaled_no_cp`` of ``pr`` at this micro-batch, plus the ring's floor)."""
     m = sp.gb // (sh.dp * sh.mbs)
-    total = scaled_no_cp(sp, sh, pr, sh.mbs / b)[0] + cp
     lb = m * total / sh.pp + sp.cm.stack.step_overhead_s + _row_optimizer(sp, sh, sp.knobs(knobs), pr)
     return lb * (1 - 1e-12)   # rounding: never above the bound it stands for
 
@@ -317,29 +322,41 @@ def _schedule_bounds(sp: Space, sh: Sharding, knobs: list[Knobs], pr: Priced, b:
     # micro-batch itself; 0 and the fastest blocks otherwise
     own = b == sh.mbs
     out = {}
-    for k, least in zip(ks.schedules, ks.least):   # each term a bound of its schedule's configurations
-        extra = _schedule_recompute(sp, sh, least, k, pr, scale)
-        peak = peak_floor(sp, sh, k, pr) if own else held_layers(sp, sh, k) * block
+    for k, least, in_flight, warm, held in _schedule_facts(sp, sh, ks):   # each term a bound of its configurations
+        extra = _schedule_recompute(sp, sh, least, k, pr, scale, in_flight, warm)
+        peak = peak_floor(sp, sh, k, pr) if own else held * block
         term = pipeline_bound(sp, sh, k, total + extra, p2p, peak, bubble_share(k.schedule, *pr.fbw) if own else 0.0)
         out[k.schedule, k.vpp] = (term + opt) * (1 - 1e-12)   # rounding: never above expand_row's group bounds
     return out
 
 
-def _schedule_recompute(sp: Space, sh: Sharding, least: tuple[int, bool], k: Knobs, pr: Priced,
-                        scale: float) -> float:
-    """``Floor.recompute_time`` of a row's schedule under every one of its configurations' own: the
-    fewest micro-batches in flight the schedule holds, the least states of the schedule's (ZeRO, offload)
-    pairs (``least``, ``KnobSet.least``: its highest ZeRO stage, offload if offered; zero-bubble schedules run
-    no ZeRO-3), every recompute mode (a configuration allowed fewer only needs more) and its gradients freed
-    where the schedule frees them; recompute time grows with each of these."""
+def _schedule_facts(sp: Space, sh: Sharding, ks) -> list[tuple]:
+    """Per (schedule, vpp) of a row's knob set ``ks``: (its knobs, its least states, the fewest micro-batches a
+    rank holds, whether its gradients are freed before the peak, ``held_layers``), what ``_schedule_bounds``
+    reads of the schedule alone: once per (pp, micro-batches, knob set), for every row sharing them."""
     m = sp.gb // (sh.dp * sh.mbs)
-    in_flight, warm = min_in_flight(sh.pp, m, k.schedule, k.vpp), grads_freed(sp, sh, k.schedule, k.vpp)
+    key = ("facts", sh.pp, m, id(ks))   # ks: kept alive by ``sp.knob_sets``
+    hit = sp.memo.get(key)
+    if hit is None:
+        hit = sp.memo[key] = [(k, least, min_in_flight(sh.pp, m, k.schedule, k.vpp), grads_freed(sp, sh, k.schedule,
+                               k.vpp), held_layers(sp, sh, k)) for k, least in zip(ks.schedules, ks.least)]
+    return hit
+
+
+def _schedule_recompute(sp: Space, sh: Sharding, least: tuple[int, bool], k: Knobs, pr: Priced,
+                        scale: float, in_flight: float, warm: bool) -> float:
+    """``Floor.recompute_time`` of a row's schedule under every one of its configurations' own: the
+    fewest micro-batches in flight the schedule holds (``in_flight``), the least states of the schedule's (ZeRO,
+    offload) pairs (``least``, ``KnobSet.least``: its highest ZeRO stage, offload if offered; zero-bubble schedules
+    run no ZeRO-3), every recompute mode (a configuration allowed fewer only needs more) and its gradients freed
+    where the schedule frees them (``warm``); recompute time grows with each of these."""
     # what it reads: the floor's sharding, the states' groups, the pair, in flight, rc's pricing, the scale
     key = ("sched_rc", sh, least, in_flight, warm, id(pr), scale)
-    if key not in sp.memo:
+    hit = sp.memo.get(key)
+    if hit is None:
         best = Knobs(*least, k.schedule, k.vpp)
-        sp.memo[key] = sp.floor(sh).recompute_time(sp.cm, sh, best, in_flight, sp.usable, pr.rc, warm, scale)
-    return sp.memo[key]
+        hit = sp.memo[key] = sp.floor(sh).recompute_time(sp.cm, sh, best, in_flight, sp.usable, pr.rc, warm, scale)
+    return hit
 
 
 def _queue_groups(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
@@ -354,9 +371,11 @@ def _queue_groups(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
 def _row_optimizer(sp: Space, sh: Sharding, ks, pr: Priced) -> float:
     """The least ``groups.step_optimizer_floor`` over a row's (ZeRO, offload) pairs."""
     m = sp.gb // (sh.dp * sh.mbs)
-    key = ("opt_min", pr.params, sh.dp * sh.cp, sh.edp, sh.pp, m, ks.states)   # what step_optimizer_floor reads
-    if key not in sp.memo:
-        sp.memo[key] = min(step_optimizer_floor(sp, sh, k, pr) for k in ks.states)
-    return sp.memo[key]
+    # what step_optimizer_floor reads (ks: its states, kept alive by ``sp.knob_sets``)
+    key = ("opt_min", pr.params, sh.dp * sh.cp, sh.edp, sh.pp, m, id(ks))
+    hit = sp.memo.get(key)
+    if hit is None:
+        hit = sp.memo[key] = min(step_optimizer_floor(sp, sh, k, pr) for k in ks.states)
+    return hit
 
 

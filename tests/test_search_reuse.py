@@ -49,3 +49,29 @@ def test_a_group_carries_its_configurations_sync_floors(cm):
                     checked += 1
                 groups.expand_group(sp, sh, group)   # each configuration's own bound reads them
     assert checked > 50
+
+
+def test_ranks_room_is_the_rank_by_rank_sum(cm):
+    """``groups.ranks_room`` sums the ranks' room by class (first, last, the others: buffers linear in the in-flight
+    count) where ``recompute_floor`` summed rank by rank: the same count in flight, a room at least the rank-by-rank
+    sum (its margin) and within 1e-9 of it, over every pipelined row and schedule of a search."""
+    from autopar.cost_models.pipeline import in_flight_microbatches
+    from autopar.planner.bounds import probe
+    from autopar.techniques import pipeline
+
+    gb, checked = 64, 0
+    sp = bounds.Space(cm, Constraints(), gb)
+    for row in shardings(cm, sp.cons, gb):
+        for sh in row:
+            if sh.pp == 1:
+                continue
+            for k in sp.knobs(knob_options(cm, sp.cons, sh, gb)).schedules:
+                m = gb // (sh.dp * sh.mbs)
+                f = [in_flight_microbatches(r, sh.pp, m, k.schedule, k.vpp) for r in range(sh.pp)]
+                last = pipeline.stage_rank(sh.pp * k.vpp - 1, sh.pp, k.schedule)
+                bufs = [cm._pipeline_buffer_bytes(probe(sh, gb, k), r == 0, r == last, x) for r, x in enumerate(f)]
+                want = max(f) * sum((sp.usable - b) / x for b, x in zip(bufs, f)) / sh.pp
+                f_max, got = groups.ranks_room(sp, sh, k)
+                assert f_max == max(f) and want <= got <= want + abs(want) * 1e-9 * 1.01, (sh, k, got, want)
+                checked += 1
+    assert checked > 50
