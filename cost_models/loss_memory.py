@@ -1,12 +1,26 @@
 """The loss's vocabulary-sized memory on one rank (per micro-batch): the transient logits and the loss's
 backward (``logits_bytes``, ``loss_backward_bytes``) and its saved tensors beyond what ``saved_bytes`` shards
 (``gathered_loss_bytes``). ``ctx``: a ``layer_cost.PricingContext`` (not imported: layer_cost imports this module),
-of which these read the runtime, ``compile`` and ``loss_parallel``. Read by ``layer_cost.price_layer``."""
+of which these read the runtime, the stack, ``compile`` and ``loss_parallel``. Read by ``layer_cost.price_layer``."""
 
 from __future__ import annotations
 
 from autopar.core.strategy import Strategy
 from autopar.cost_models.layer_model import LayerTemplate, Shards
+
+# Stacks whose cross-entropy is one kernel on the 16-bit logits (``fused_loss``).
+FUSED_LOSS_STACKS = ("llm-foundry",)
+
+
+def fused_loss(ctx) -> bool:
+    """Whether the loss runs as one kernel on the 16-bit logits: it saves them and a per-token logsumexp (no fp32
+    log-probabilities) and its backward writes one 16-bit logit gradient. A compiled loss (``compile``
+    model+loss), and llm-foundry's MPT: ``ComposerMPTCausalLM`` defaults ``loss_fn`` to ``fused_crossentropy``,
+    flash-attn's ``losses.cross_entropy.CrossEntropyLoss`` (llm-foundry 0.3.0 ``models/mpt/modeling_mpt.py``
+    lines 721-727; the MPT forward leaves the logits 16-bit under autocast), whose xentropy kernel takes the bf16
+    logits, saves ``(logits, lse, labels)`` and returns a gradient of the logits' dtype, not in place
+    (``inplace_backward`` False by default)."""
+    return ctx.compile == "model+loss" or ctx.stack_name in FUSED_LOSS_STACKS
 
 
 def logits_bytes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx) -> float:
@@ -18,7 +32,7 @@ def logits_bytes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx) -> float:
     if layer.kind != "output":
         return layer.temp_bytes * sh.tokens
     split = _vocab_split(s, ctx)
-    if ctx.compile == "model+loss":  # one fused kernel writes the 16-bit logit gradient directly
+    if fused_loss(ctx):  # one fused kernel writes the 16-bit logit gradient directly
         return _vocab_saved(layer, sh) / 2 / split
     forward = layer.temp_bytes * sh.tokens * (2 if s.tp > split else 1) / split
     return max(forward, loss_backward_bytes(layer, sh, split > 1) / split)
@@ -51,10 +65,10 @@ def _vocab_split(s: Strategy, ctx) -> int:
 def gathered_loss_bytes(layer: LayerTemplate, s: Strategy, sh: Shards, ctx) -> float:
     """The cross-entropy runs on the gathered logits on every tp rank: its vocabulary-sized saved
     tensors are not split by tp (the (tp-1)/tp that ``saved_bytes`` divided away) unless the loss
-    is vocab-parallel. A compiled loss keeps the 16-bit logits (and a per-token logsumexp) instead
-    of fp32 log-probabilities: half the bytes."""
+    is vocab-parallel. A fused loss (``fused_loss``) keeps the 16-bit logits (and a per-token logsumexp)
+    instead of fp32 log-probabilities: half the bytes."""
     if layer.kind != "output":
         return 0.0
     full = _vocab_saved(layer, sh)
-    mine = full / _vocab_split(s, ctx) / (2 if ctx.compile == "model+loss" else 1)
+    mine = full / _vocab_split(s, ctx) / (2 if fused_loss(ctx) else 1)
     return mine - full / s.tp  # saved_bytes counted full / tp

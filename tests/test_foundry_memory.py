@@ -1,0 +1,41 @@
+"""llm-foundry's memory as its program runs (``cost_models.loss_memory.fused_loss``; the rows' headroom:
+``benchmarks/memory_headroom.py``, docs/validation.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+from autopar.core.strategy import Strategy
+from autopar.cost_models import loss_memory
+from autopar.cost_models.session import Inputs, build_cost_model
+
+
+def _output(runtime: str, **ctx):
+    cm, _spec, _cluster, _ = build_cost_model(Inputs(model="llama-tiny", gpu="h100-sxm", nodes=1, gpus_per_node=8,
+                                                     seq_len=64, dtype="bf16", runtime=runtime))
+    for k, v in ctx.items():
+        setattr(cm.ctx, k, v)
+    s = Strategy.parse("dp=8,mbs=2,zero=3").resolve(8)
+    return cm, cm.layer_costs(s)["output"]
+
+
+def test_foundry_loss_keeps_16_bit_logits_and_writes_a_16_bit_gradient():
+    """flash-attn's fused cross-entropy (MPT's default loss): the saved fp32 log-probabilities become the
+    16-bit logits and the loss backward's two fp32 logit-sized tensors one 16-bit gradient, as a compiled loss."""
+    cm, eager = _output("torch")
+    _, foundry = _output("llm-foundry")
+    _, compiled = _output("torch", compile="model+loss")
+    lsm = sum(t.bytes for t in cm.output.saved if t.shard in ("tp", "vocab") and not t.const) * 2  # fp32, mbs 2
+    assert foundry.temp_bytes == pytest.approx(lsm / 2) == pytest.approx(compiled.temp_bytes)
+    assert eager.temp_bytes == pytest.approx(2 * lsm)
+    assert eager.act_bytes["none"] - foundry.act_bytes["none"] == pytest.approx(lsm / 2)
+
+
+def test_foundry_loss_leaves_the_step_price_alone(monkeypatch):
+    """Memory only: the same job priced with the eager loss's bytes takes the same step time."""
+    s = Strategy.parse("dp=8,mbs=2,zero=3").resolve(8)
+    fused = _output("llm-foundry")[0].estimate(s)
+    monkeypatch.setattr(loss_memory, "FUSED_LOSS_STACKS", ())
+    eager = _output("llm-foundry")[0].estimate(s)
+    assert fused.peak_bytes < eager.peak_bytes
+    assert fused.step_time_s == eager.step_time_s
