@@ -286,7 +286,8 @@ def fused_saved(cost, template, s: Strategy, cm):
     stage partition all see them. An MoE block keeps its captured expert and router tensors (dispatched
     tokens, grouped fc1 / activation outputs, routing probabilities) and swaps only the rest, its norms
     and attention; a clamped gated activation adds its copy (``glu_clamp_copy_bytes``) in every mode that
-    keeps the experts' tensors. Other layers, other runtimes and the recompute modes keep the captured bytes."""
+    keeps the experts' tensors, and the SiLU output its fused bias-SwiGLU does not keep is taken off
+    (``fused_swiglu_unsaved_bytes``). Other layers, other runtimes and the recompute modes keep the captured bytes."""
     if template.kind != "block":
         return cost
     acts = dict(cost.act_bytes)
@@ -298,10 +299,26 @@ def fused_saved(cost, template, s: Strategy, cm):
         block += cost.act_bytes["none"] - dense
     if block is not None:
         acts["none"] = block
-    clamp = glu_clamp_copy_bytes(template, s, cm.ctx)
-    if block is None and not clamp:
+    experts = glu_clamp_copy_bytes(template, s, cm.ctx) - fused_swiglu_unsaved_bytes(template, s, cm.ctx)
+    if block is None and not experts:
         return cost
-    return replace(cost, act_bytes={m: b + (clamp if m != "full" else 0.0) for m, b in acts.items()})
+    return replace(cost, act_bytes={m: b + (experts if m != "full" else 0.0) for m, b in acts.items()})
+
+
+def fused_swiglu_unsaved_bytes(template, s: Strategy, ctx) -> float:
+    """The expert activation's output (the captured eager loop's ``silu_out``, the rank's share as
+    ``layer_model.saved_bytes`` scales it, plus the busiest expert rank's excess) that Megatron-Core does not keep:
+    its grouped MLP runs the fused bias-SwiGLU (``TEGroupedMLP.forward``: ``bias_swiglu_impl``, 0.11;
+    ``weighted_bias_swiglu_impl``, 0.16), whose ``SwiGLUFunction`` / ``WeightedSwiGLUFunction`` saves its input
+    (fc1's output, both halves) and the gate weights, and re-runs the SiLU in backward; fc2 keeps the product,
+    as the dense block's closed form counts it (``memory.fused_block_activation_bytes``: fc1 output and fc2
+    input). 0 for other runtimes and blocks without experts."""
+    if ctx.runtime != "megatron" or not template.is_moe:
+        return 0.0
+    sh = shards_for(s, template)
+    act = sum(t.bytes * sh.tokens / sh.div(t) for t in template.saved
+              if t.shard == "expert" and not t.const and t.name.endswith(":silu_out"))
+    return act + expert_rank_excess(act, s, ctx)
 
 
 def glu_clamp_copy_bytes(template, s: Strategy, ctx) -> float:

@@ -90,3 +90,22 @@ def test_megatron_gathers_the_expert_input_over_etp():
 
     # the same 8 ranks and tp 2; etp 2 instead of ep 4: the fc1 input is kept whole (tp 2 / etp 2), not halved
     assert kept("tp=2,ep=2,etp=2,dp=-1,mbs=1,sp=1") - kept("tp=2,ep=4,etp=1,dp=-1,mbs=1,sp=1") == pytest.approx(d / 2)
+
+
+def test_megatron_experts_keep_fc1_output_not_the_silu_output():
+    """Megatron-Core's grouped MLP runs the fused bias-SwiGLU (``TEGroupedMLP.forward``: ``bias_swiglu_impl`` in
+    0.11, ``weighted_bias_swiglu_impl`` in 0.16), whose autograd function saves its input (fc1's output, both
+    halves: the captured ``w1_out`` and ``w3_out``) and re-runs the SiLU in backward; fc2 keeps the product
+    (``w2_in``). So of the eager loop's captured expert tensors the SiLU output is not kept under ``--runtime
+    megatron``, in every mode that keeps the experts' tensors; autopar's own program keeps it."""
+    cm = build_cost_model(Inputs(model="moe-tiny", seq_len=128, gpus_per_node=8, runtime="megatron"))[0]
+    block = next(t for t in cm.templates if t.is_moe)
+    silu = next(t for t in block.saved if t.name.endswith(":silu_out"))
+    s = Strategy.parse("tp=2,ep=2,etp=2,dp=-1,mbs=2,sp=1,recompute=selective").resolve(8)
+    eager = price_layer(block, s, cm.ctx)
+    fused = fused_saved(eager, block, s, cm)
+    share = silu.bytes * 2 / 2     # mbs 2, over tp 2
+    assert silu.bytes > 0
+    for mode in ("none", "selective"):
+        assert fused.act_bytes[mode] == pytest.approx(eager.act_bytes[mode] - share), mode
+    assert fused.act_bytes["full"] == eager.act_bytes["full"]
