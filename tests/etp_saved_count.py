@@ -19,7 +19,7 @@ from autopar.profiles.models.layers import GroupedExperts
 
 
 def _saved_bytes(layer: GroupedExperts, x, idx, weight) -> int:
-    params = {(p.to_local() if hasattr(p, "to_local") else p).untyped_storage().data_ptr() for p in layer.parameters()}
+    params = {runtime_moe._local(p).untyped_storage().data_ptr() for p in layer.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -40,7 +40,7 @@ def _layer(hidden: int, ffn: int, experts: int, ep: int, etp: int) -> GroupedExp
     runtime_moe._keep_experts(layer, runtime_moe.contiguous_placement(experts, ep), mesh, False)
     for p in layer.parameters():
         with torch.no_grad():
-            (p.to_local() if hasattr(p, "to_local") else p).normal_()
+            runtime_moe._local(p).normal_()
     return layer
 
 
