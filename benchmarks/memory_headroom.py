@@ -4,7 +4,8 @@ configuration fitted, so a row priced over capacity is a memory-model error (or 
     python benchmarks/memory_headroom.py [FILE] --cache PICKLE [--rows] [--over]
 
 For each priced row of FILE (default ``published_modern.yaml``), priced as ``validate_published.py``
-prices it (``published_rows``, the shipped constants): the worst rank's predicted live-tensor peak
+prices it (``published_rows``, the shipped constants; torchtitan rows with ``loss_parallel`` under TP, as
+``validate_memory.price_memory`` maps them): the worst rank's predicted live-tensor peak
 (``max_memory_allocated``: ``Estimate.peak_bytes`` without ``framework_overhead``) and reserved peak
 (``Estimate.reserved_peak_bytes``: times ``1 + allocator_reserve_fraction``), each over the GPU's
 ``mem_capacity_bytes``. A row is *over* when its reserved peak plus the framework overhead (CUDA
@@ -58,6 +59,14 @@ def headroom(p: pr.Priced) -> Headroom:
                     None if pub is None else float(pub))
 
 
+def price(b: cal.Built) -> pr.Priced:
+    """One built row priced with its profile's shipped constants; a torchtitan row computes its loss on
+    vocabulary-sharded logits under TP (``loss_parallel``, as ``validate_memory.price_memory`` sets it)."""
+    if b.case.stack == "torchtitan":
+        b.cm.ctx.loss_parallel = b.strategy.tp > 1
+    return cal.price(b, load_gpu_profile(b.case.gpu).stack(b.case.runtime))
+
+
 def group_lines(rows: list[Headroom]) -> list[str]:
     """Per (source, stack): rows, the largest reserved / capacity, rows over capacity and rejected."""
     groups: dict[tuple[str, str], list[Headroom]] = {}
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for b in built:
         try:
-            rows.append(headroom(cal.price(b, load_gpu_profile(b.case.gpu).stack(b.case.runtime))))
+            rows.append(headroom(price(b)))
         except pr.RowSkip:
             continue
     for r in rows:

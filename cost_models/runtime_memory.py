@@ -300,9 +300,35 @@ def fused_saved(cost, template, s: Strategy, cm):
     if block is not None:
         acts["none"] = block
     experts = glu_clamp_copy_bytes(template, s, cm.ctx) - fused_swiglu_unsaved_bytes(template, s, cm.ctx)
-    if block is None and not experts:
+    copy = attention_output_copy_bytes(template, s, cm.ctx)  # in the modes that keep ``template.saved``'s copy
+    if block is None and not experts and not copy:
         return cost
-    return replace(cost, act_bytes={m: b + (experts if m != "full" else 0.0) for m, b in acts.items()})
+    return replace(cost, act_bytes={m: b + (experts if m != "full" else 0.0) - (copy if m in ("none", "selective")
+                                                                               else 0.0) for m, b in acts.items()})
+
+
+# Stacks whose attention kernel returns its output in the [b, s, heads, d] layout the output projection reads
+# as a view (``attention_output_copy_bytes``).
+VIEW_OUTPUT_STACKS = ("llm-foundry",)
+
+
+def attention_output_copy_bytes(template, s: Strategy, ctx) -> float:
+    """The copy of a block's attention output that the captured graph saves for the output projection and the
+    stack's program does not make (``template.saved``'s ``reshape`` of the SDPA output's bytes, the rank's
+    share as ``layer_model.saved_bytes`` scales it). The capture runs on meta tensors, whose SDPA output is
+    ``[b, heads, s, d]``-contiguous, so ``out.transpose(1, 2).reshape(b, s, -1)`` copies; llm-foundry's MPT
+    attention calls flash-attention on ``[b, s, heads, d]`` views of the fused qkv output and reads its output
+    as ``attn_output.view(b, s, -1)`` (llm-foundry 0.3.0 ``models/layers/attention.py``
+    ``triton_flash_attn_fn``), so the kernel's saved output is the projection's input. 0 for other stacks: on
+    CPU torch 2.13's SDPA also returns a ``[b, s, heads, d]``-strided output whose reshape is a view (not checked
+    on a GPU), but the torch stack's captured memory is left as it is (docs/validation.md)."""
+    if ctx.stack_name not in VIEW_OUTPUT_STACKS or template.kind != "block":
+        return 0.0
+    outs = [t for t in template.saved if t.name == "scaled_dot_product_attention"]
+    copies = [t for t in template.saved if t.name.startswith("reshape") and not t.const
+              and any(t.bytes == o.bytes and t.shard == o.shard for o in outs)][:len(outs)]
+    sh = shards_for(s, template)
+    return sum(t.bytes * sh.tokens / sh.div(t) for t in copies)
 
 
 def fused_swiglu_unsaved_bytes(template, s: Strategy, ctx) -> float:

@@ -39,3 +39,17 @@ def test_foundry_loss_leaves_the_step_price_alone(monkeypatch):
     eager = _output("llm-foundry")[0].estimate(s)
     assert fused.peak_bytes < eager.peak_bytes
     assert fused.step_time_s == eager.step_time_s
+
+
+def test_foundry_attention_output_is_the_projection_input():
+    """MPT reads flash-attention's [b, s, h, d] output as a view: one attention-output copy fewer per block than
+    the captured graph keeps, in the modes that keep it (none, selective), none less under full recompute."""
+    cm_t, _ = _output("torch")
+    cm_f, _ = _output("llm-foundry")
+    s = Strategy.parse("dp=8,mbs=2,zero=3").resolve(8)
+    torch_block, foundry_block = cm_t.layer_costs(s)[0], cm_f.layer_costs(s)[0]
+    out = next(t for t in cm_t.templates if t.kind == "block")
+    sdpa = next(t.bytes for t in out.saved if t.name == "scaled_dot_product_attention") * 2  # mbs 2
+    for mode in ("none", "selective"):
+        assert torch_block.act_bytes[mode] - foundry_block.act_bytes[mode] == pytest.approx(sdpa)
+    assert torch_block.act_bytes["full"] == foundry_block.act_bytes["full"]
