@@ -158,12 +158,12 @@ def grads_freed(sp: "Space", sh: Sharding, schedule: str, vpp: int) -> bool:
 
 
 def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...], cache: dict | None = None,
-                memo: dict | None = None) -> Floor:
+                memo: dict | None = None, gb: int = 0) -> Floor:
     """Same formulas as ``layer_cost.price_layer`` for parameters and ``layer_model.saved_bytes``.
     ``modes[0]`` is the fastest allowed recompute (none unless the user fixed another). ``cache``: the
     activation terms by the ``Shards`` they read (shardings differing in ep / etp alone share them);
-    ``memo``: the ``Floor.memo`` to share (a fresh one if None)."""
-    shards = shards_for(probe(sh, 0))
+    ``memo``: the ``Floor.memo`` to share (a fresh one if None); ``gb``: the probe's (unread: shares the search's)."""
+    shards = shards_for(probe(sh, gb))
     acts = None if cache is None else cache.get((shards, modes))
     if acts is None:
         acts = _floor_acts(cm, shards, modes)
@@ -264,10 +264,11 @@ class Space:
 
     def warm(self, sh: Sharding, ks: KnobSet) -> bool:
         """``grads_freed`` for some schedule of the row (it reads pp, the micro-batch count and the schedules)."""
-        key = ("warm", sh.pp, self.gb // (sh.dp * sh.mbs), ks.pairs)
-        if key not in self.memo:
-            self.memo[key] = any(grads_freed(self, sh, *x) for x in ks.pairs)
-        return self.memo[key]
+        key = ("warm", sh.pp, self.gb // (sh.dp * sh.mbs), id(ks))   # ks: its pairs, kept alive by ``knob_sets``
+        hit = self.memo.get(key)
+        if hit is None:
+            hit = self.memo[key] = any(grads_freed(self, sh, *x) for x in ks.pairs)
+        return hit
 
     def push(self, lb: float, kind: str, *payload) -> None:
         self.pushes += 1
@@ -278,7 +279,7 @@ class Space:
         if hit is None:
             key = (sh.tp, sh.cp, sh.ep, sh.etp, sh.sp, sh.mbs)
             if key not in self.floors:
-                self.floors[key] = floor_terms(self.cm, sh, self.cons.modes, self.floor_acts, self.floor_memo)
+                self.floors[key] = floor_terms(self.cm, sh, self.cons.modes, self.floor_acts, self.floor_memo, self.gb)
             hit = self.by_sh["floor", sh] = self.floors[key]
         return hit
 

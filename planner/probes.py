@@ -31,12 +31,15 @@ def _shared_probe(sh: Sharding, gb: int, k: Knobs | None) -> Strategy:
     else:   # the sharding's own probe (most knobs of a sharding are asked for) with the knobs' fields
         d = _shared_probe(sh, gb, None).__dict__.copy()
         d.update(zip(KNOB_FIELDS, (k.zero, k.offload, k.schedule, k.vpp)))
-    out = Strategy.__new__(Strategy)
-    object.__setattr__(out, "__dict__", d)
-    object.__setattr__(out, "__pydantic_extra__", None)
-    object.__setattr__(out, "__pydantic_fields_set__", set(_probe_fields(k is not None)))
-    object.__setattr__(out, "__pydantic_private__", None)
+    out = _new(Strategy)   # BaseModel defines no __new__: object's, bound once (the class lookup costs more)
+    _set(out, "__dict__", d)
+    _set(out, "__pydantic_extra__", None)
+    _set(out, "__pydantic_fields_set__", set(_probe_fields(k is not None)))
+    _set(out, "__pydantic_private__", None)
     return out
+
+
+_new, _set = object.__new__, object.__setattr__
 
 
 @lru_cache(maxsize=2)
