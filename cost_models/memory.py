@@ -233,9 +233,25 @@ def fused_block_activation_bytes(tokens: float, hidden: int, q_dim: int, kv_dim:
     return tokens * (rep / (tp if sp else 1) + split / tp)
 
 
-def megatron_block_bytes(spec: ModelSpec, s: Strategy, seq_len: int, runtime: str, moe: bool = False) -> float | None:
+def fp8_linear_inputs_delta_bytes(tokens: float, hidden: int, q_dim: int, ffn: int, tp: int, sp: bool) -> float:
+    """What a dense block's saved bytes (``fused_block_activation_bytes``, 16-bit) change by when its Transformer
+    Engine linears run fp8: each saves its input quantized, 1 byte per element, not 16-bit (TE 2.20
+    ``pytorch/module/linear.py`` lines 689-717: ``saved_inputmat = inputmat``, the quantizer's output, column-wise
+    data only; ``layernorm_linear.py`` 244-268 and 469: the norm kernel writes ``ln_out`` quantized and that is
+    saved). So the two norm outputs (qkv's and fc1's inputs, sequence-split under sp) and fc2's input (the
+    activation output) take half their bytes, and the output projection keeps an fp8 copy of the attention
+    output beside the 16-bit one the attention kernel saves (bf16 attention: Megatron-Core's fp8 dot-product
+    attention is off unless asked). ``ffn`` 0: an MoE block's attention half (its second norm feeds the router
+    and the experts, left as counted)."""
+    norms = (2 if ffn else 1) * hidden / (tp if sp else 1)
+    return tokens * (q_dim / tp - ffn / tp - norms)
+
+
+def megatron_block_bytes(spec: ModelSpec, s: Strategy, seq_len: int, runtime: str, moe: bool = False,
+                         fp8: bool = False) -> float | None:
     """``fused_block_activation_bytes`` for a block of ``spec`` under Megatron-Core (``runtime``
-    megatron; ``moe``: its attention half only), or None where the captured graph's saved tensors stand:
+    megatron; ``moe``: its attention half only; ``fp8``: Transformer Engine's fp8 linears,
+    ``fp8_linear_inputs_delta_bytes``), or None where the captured graph's saved tensors stand:
     another runtime (autopar's own programs and torchtitan save what the captured eager graph saves),
     eager attention (s² scores), multi-head latent attention, custom modules, shared experts (no closed
     form here)."""
@@ -243,10 +259,13 @@ def megatron_block_bytes(spec: ModelSpec, s: Strategy, seq_len: int, runtime: st
             or (moe and (spec.shared_experts or spec.shared_ffn_hidden)):
         return None
     head = spec.head_dim or spec.hidden // max(spec.heads, 1)
-    return fused_block_activation_bytes(
-        s.micro_batch * seq_len / s.cp, spec.hidden, spec.heads * head, (spec.kv_heads or spec.heads) * head,
-        0 if moe else spec.ffn_hidden, spec.resolved_mlp in ("swiglu", "geglu"), spec.dropout > 0, s.tp,
-        s.sequence_parallel, spec.qk_norm != "none")
+    tokens, ffn = s.micro_batch * seq_len / s.cp, 0 if moe else spec.ffn_hidden
+    block = fused_block_activation_bytes(
+        tokens, spec.hidden, spec.heads * head, (spec.kv_heads or spec.heads) * head, ffn,
+        spec.resolved_mlp in ("swiglu", "geglu"), spec.dropout > 0, s.tp, s.sequence_parallel, spec.qk_norm != "none")
+    if fp8:
+        block += fp8_linear_inputs_delta_bytes(tokens, spec.hidden, spec.heads * head, ffn, s.tp, s.sequence_parallel)
+    return block
 
 
 def in_flight_activation_bytes(per_microbatch_bytes: float, in_flight: float) -> float:

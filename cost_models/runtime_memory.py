@@ -291,7 +291,7 @@ def fused_saved(cost, template, s: Strategy, cm):
     if template.kind != "block":
         return cost
     acts = dict(cost.act_bytes)
-    block = megatron_block_bytes(cm.spec, s, cm.ctx.seq_len, cm.ctx.runtime, template.is_moe)
+    block = megatron_block_bytes(cm.spec, s, cm.ctx.seq_len, cm.ctx.runtime, template.is_moe, cm.dtype == "fp8")
     if block is not None and template.is_moe:  # the captured norm and attention terms, as saved_bytes counts them
         tok, tp = s.micro_batch / s.cp, s.tp
         dense = sum(t.bytes * tok / (tp if t.shard == "tp" or s.sequence_parallel else 1)
