@@ -1,7 +1,7 @@
 """Priced memory of every published run against its GPU's capacity: a run that ran is evidence its
 configuration fitted, so a row priced over capacity is a memory-model error (or a mapping error).
 
-    python benchmarks/memory_headroom.py [FILE] --cache PICKLE [--rows] [--over]
+    python benchmarks/memory_headroom.py [FILE] --cache PICKLE [--rows] [--over] [--bound]
 
 For each priced row of FILE (default ``published_modern.yaml``), priced as ``validate_published.py``
 prices it (``published_rows``, the shipped constants; torchtitan rows with ``loss_parallel`` under TP, as
@@ -12,7 +12,9 @@ prices it (``published_rows``, the shipped constants; torchtitan rows with ``los
 context, NCCL: outside the allocator) exceeds the capacity, and *rejected* when the planner would
 refuse it (``Estimate.feasible``: live peak above the usable bytes). Per source and stack: rows,
 the largest reserved ratio, how many are over and rejected. ``--rows`` prints every row, ``--over``
-only the rows over capacity or rejected.
+only the rows over capacity or rejected. ``--bound``: per GPU profile and stack, the largest caching-allocator
+reserve fraction at which every row of theirs still fits (min over rows of (capacity - framework overhead) /
+live peak - 1) beside the profile's ``allocator_reserve_fraction``: an upper bound the runs imply, not a fit.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class Headroom:
     reserved_ratio: float    # reserved peak / capacity
     over_bytes: float        # reserved + framework overhead - capacity (> 0: over)
     rejected: bool           # the planner refuses it (not Estimate.feasible)
+    room: float              # (capacity - framework overhead) / live peak - 1: the largest reserve that still fits
+    reserve: float           # the profile's allocator_reserve_fraction
     published_gib: float | None
 
     @property
@@ -56,6 +60,7 @@ def headroom(p: pr.Priced) -> Headroom:
     pub = (p.case.run.get("measured") or {}).get("memory_gib")
     return Headroom(p.case.id, p.case.source, p.case.stack, p.case.gpu, e.strategy.short(), live / cap,
                     e.reserved_peak_bytes / cap, e.reserved_peak_bytes + e.memory_overhead - cap, not e.feasible,
+                    (cap - e.memory_overhead) / live - 1.0, e.allocator_reserve_fraction,
                     None if pub is None else float(pub))
 
 
@@ -80,6 +85,18 @@ def group_lines(rows: list[Headroom]) -> list[str]:
     return out
 
 
+def bound_lines(rows: list[Headroom]) -> list[str]:
+    """Per (GPU profile, stack): the largest allocator reserve all their rows fit under, and the row that sets it."""
+    groups: dict[tuple[str, str], list[Headroom]] = {}
+    for r in rows:
+        groups.setdefault((r.gpu, r.stack), []).append(r)
+    out = [f"{'gpu':<10} {'stack':<12} {'rows':>4} {'profile':>7} {'bound':>6}  set by"]
+    for (gpu, stack), rs in sorted(groups.items()):
+        tight = min(rs, key=lambda r: r.room)
+        out.append(f"{gpu:<10} {stack:<12} {len(rs):>4} {tight.reserve:>7.3f} {tight.room:>6.3f}  {tight.id}")
+    return out
+
+
 def row_line(r: Headroom) -> str:
     pub = f"pub {r.published_gib:5.1f} GiB" if r.published_gib is not None else ""
     flag = ("OVER " if r.over else "") + ("REJECTED" if r.rejected else "")
@@ -101,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, help="pickle of the built rows (validate_published.py --cache)")
     ap.add_argument("--rows", action="store_true", help="print every row")
     ap.add_argument("--over", action="store_true", help="print the rows over capacity or rejected")
+    ap.add_argument("--bound", action="store_true", help="the largest allocator reserve each GPU and stack's rows fit")
     args = ap.parse_args(argv)
     built, _skipped = cal.load_or_build([args.file], args.cache)
     rows = []
@@ -114,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             print(row_line(r))
     print("\n".join(group_lines(rows)))
     print(totals_line(rows))
+    if args.bound:
+        print("\n".join(bound_lines(rows)))
     return 0
 
 
