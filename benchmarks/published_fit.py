@@ -1,7 +1,7 @@
 """Do the published runs fit? Every row of a published file ran, so its peak fit in its GPU's memory:
 a free check of autopar's memory model on every configuration the file holds.
 
-    python benchmarks/published_fit.py [FILE] [--cache PICKLE] [--source SRC] [--all]
+    python benchmarks/published_fit.py [FILE] [--cache PICKLE] [--source SRC] [--all] [--bound]
 
 FILE defaults to shared/validation/published_calibration.yaml; the modern set is
 shared/validation/published_modern.yaml. Rows are mapped and priced through the path
@@ -11,9 +11,14 @@ and ``autopar memory`` run. Per row: the worst rank's predicted peak by componen
 memory``'s kinds, in GiB: parameters, gradients, optimizer states, activations, recompute workspace,
 logits and temporaries, communication and pipeline buffers, framework overhead), the live peak
 without the framework overhead against the GPU's usable bytes (``Estimate.feasible``, what the
-planner checks), the capacity, and whether it fits. Then per source the rows that do not fit. torchtitan
-rows are priced as ``validate_memory.py`` prices them (their compile and vocabulary-parallel loss).
-``--all`` prints the rows that fit too (default: only those that do not).
+planner checks), the capacity, and whether it fits. Then per source the rows that do not fit, and the rows
+*over capacity*: whose reserved peak (``Estimate.reserved_peak_bytes``: live x (1 + the profile's
+``allocator_reserve_fraction``), what ``max_memory_reserved`` reports) plus the framework overhead exceeds the
+capacity, with the largest reserved / capacity. torchtitan rows are priced as ``validate_memory.py`` prices
+them (their compile and vocabulary-parallel loss). ``--all`` prints the rows that fit too (default: only those
+that do not). ``--bound``: per GPU profile and stack, the largest allocator reserve fraction at which every row
+of theirs still fits (min over rows of (capacity - framework overhead) / live peak - 1), beside the profile's:
+an upper bound the runs imply, not a fit.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ class Fit:
     usable_bytes: float
     capacity_bytes: float
     fits: bool
+    stack: str = ""
+    gpu: str = ""
+    reserve: float = 0.0     # the profile's allocator_reserve_fraction
 
     @property
     def peak_bytes(self) -> float:
@@ -57,11 +65,28 @@ class Fit:
         """What ``Estimate.feasible`` compares with the usable bytes (peak without framework overhead)."""
         return self.peak_bytes - self.memory.get("framework_overhead", 0.0)
 
+    @property
+    def reserved_ratio(self) -> float:
+        """The reserved peak (``Estimate.reserved_peak_bytes``) over the capacity."""
+        return self.live_bytes * (1.0 + self.reserve) / self.capacity_bytes
+
+    @property
+    def over(self) -> bool:
+        """Reserved peak and framework overhead above the capacity."""
+        return self.reserved_ratio * self.capacity_bytes + self.memory.get("framework_overhead", 0.0) > \
+            self.capacity_bytes
+
+    @property
+    def room(self) -> float:
+        """The largest allocator reserve fraction under which the row still fits its GPU."""
+        return (self.capacity_bytes - self.memory.get("framework_overhead", 0.0)) / self.live_bytes - 1.0
+
 
 def fit_of(p: pr.Priced) -> Fit:
     e = p.estimate
     return Fit(p.case.id, p.case.source, p.case.strategy, dict(e.worst_rank.memory), e.usable_bytes,
-               e.capacity_bytes, e.peak_bytes - e.memory_overhead <= e.usable_bytes)
+               e.capacity_bytes, e.peak_bytes - e.memory_overhead <= e.usable_bytes, p.case.stack, p.case.gpu,
+               e.allocator_reserve_fraction)
 
 
 def fits(path: Path, cache: Path | None) -> tuple[list[Fit], list[tuple[str, str]]]:
@@ -94,14 +119,28 @@ def print_rows(rows: list[Fit], show_all: bool) -> None:
 
 def print_summary(rows: list[Fit], skipped: list[tuple[str, str]], title: str) -> None:
     print(f"\n{title}")
-    print(f"{'source':22s} {'rows':>4s} {'not fit':>7s} {'worst live/usable':>17s}")
+    print(f"{'source':22s} {'rows':>4s} {'not fit':>7s} {'worst live/usable':>17s} {'over cap':>8s} "
+          f"{'max resv/cap':>12s}")
     by: dict[str, list[Fit]] = {}
     for f in rows:
         by.setdefault(f.source, []).append(f)
     for src, fs in sorted(by.items()):
         worst = max(f.live_bytes / f.usable_bytes for f in fs)
-        print(f"{src:22s} {len(fs):4d} {sum(not f.fits for f in fs):7d} {worst:16.2f}x")
-    print(f"{'all':22s} {len(rows):4d} {sum(not f.fits for f in rows):7d}   not priced: {len(skipped)}")
+        print(f"{src:22s} {len(fs):4d} {sum(not f.fits for f in fs):7d} {worst:16.2f}x {sum(f.over for f in fs):8d} "
+              f"{max(f.reserved_ratio for f in fs):12.2f}")
+    print(f"{'all':22s} {len(rows):4d} {sum(not f.fits for f in rows):7d} {'':17s} {sum(f.over for f in rows):8d}"
+          f"   not priced: {len(skipped)}")
+
+
+def print_bound(rows: list[Fit]) -> None:
+    """Per (GPU profile, stack): the largest allocator reserve all their rows fit under, and the row setting it."""
+    groups: dict[tuple[str, str], list[Fit]] = {}
+    for f in rows:
+        groups.setdefault((f.gpu, f.stack), []).append(f)
+    print(f"\n{'gpu':<10} {'stack':<12} {'rows':>4} {'profile':>7} {'bound':>6}  set by")
+    for (gpu, stack), fs in sorted(groups.items()):
+        tight = min(fs, key=lambda f: f.room)
+        print(f"{gpu:<10} {stack:<12} {len(fs):>4} {tight.reserve:>7.3f} {tight.room:>6.3f}  {tight.id}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,12 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, help="pickle of the built rows (validate_published.py's)")
     ap.add_argument("--source", help="only the rows of this source")
     ap.add_argument("--all", action="store_true", help="print the rows that fit too")
+    ap.add_argument("--bound", action="store_true", help="the largest allocator reserve each GPU and stack's rows fit")
     args = ap.parse_args(argv)
     rows, skipped = fits(args.file, args.cache)
     if args.source:
         rows = [f for f in rows if f.source == args.source]
     print_rows(rows, args.all)
     print_summary(rows, skipped, f"{args.file.name}: do the published runs fit? (worst rank, GiB)")
+    if args.bound:
+        print_bound(rows)
     return 0
 
 

@@ -77,7 +77,7 @@ def test_megatron_rank_memory_uses_the_fused_block_and_receive_buffers():
 
 @pytest.mark.skipif(not MODERN.is_file(), reason="shared/validation absent")
 def test_megatron_llama3_70b_row_fits_its_h100(tmp_path):
-    """Megatron-Bridge Llama 3 70B fp8 on 64 H100 (tp4 pp8 vp5, no recompute) ran: it must fit. Before the
+    """Megatron-Bridge Llama 3 70B fp8 on 64 H100 (tp4 pp8 vp5, no recompute) ran: it fits. Before the
     Megatron terms autopar priced its last stage at 136 GiB (43 GiB of kept stage outputs and logits)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import published_fit as pf
@@ -89,7 +89,7 @@ def test_megatron_llama3_70b_row_fits_its_h100(tmp_path):
     e = cm.estimate(s)
     fit = pf.fit_of(pr.Priced(case, e.step_time_s, pr.published_step_s(run, e), e))
     assert fit.memory["pipeline_buffers"] < 1 * 2**30
-    assert fit.live_bytes < 1.05 * fit.usable_bytes
+    assert fit.fits  # since its fp8 linears' inputs are saved in 1 byte (memory.fp8_linear_inputs_delta_bytes)
 
 
 def test_megatron_moe_block_swaps_only_its_norms_and_attention(tmp_path):
