@@ -105,35 +105,33 @@ def expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
     """Price one sharding and queue its configurations by schedule: a group holds the knobs of one
     (schedule, vpp) above the memory floor, under the least of their bounds (the ZeRO- and
     offload-dependent terms at their smallest), so most configurations are never bounded one by one
-    (a group whose bound reaches the k-th best never leaves the queue). Each term is worked out once
-    per row: the schedule's, and the ZeRO stage's and offload's for each in-flight count."""
+    (a group whose bound reaches the k-th best never leaves the queue). The schedule's terms are worked out once
+    per group, the ZeRO stage's and offload's once per configuration."""
     cm, stats = sp.cm, sp.stats
     m = sp.gb // (sh.dp * sh.mbs)
     pr = sp.priced(sh)
     p2p = sp.p2p(sh)
     host_usable = cm.gpu.host_mem_bytes * cm.gpu.host_usable_fraction if cm.gpu.host_mem_bytes else None
-    rests: dict[tuple, tuple] = {}
     for ks in sp.knobs(knobs).groups:
         k0 = ks[0]   # exact bubble share: the partition reads the same sums
         in_flight = min_in_flight(sh.pp, m, k0.schedule, k0.vpp)
         peak, share = peak_floor(sp, sh, k0, pr), bubble_share(k0.schedule, *pr.fbw)
         warm = grads_freed(sp, sh, k0.schedule, k0.vpp)
+        v_shaped = k0.schedule in pipeline.V_SHAPED
         terms = []
-        for k in ks:
+        for k in ks:   # one (ZeRO, offload) pair each
             modes = allowed_modes(sp.cons.modes, k.schedule, k.offload)
-            key = (k.zero, k.offload, k.schedule, k.vpp, in_flight, warm, modes, k.schedule in pipeline.V_SHAPED)
-            if key not in rests:
-                floor = with_deferred_grads(sp, sh, k, floor_for(sp, sh, modes))
-                fits = floor.bytes(cm, sh, k.zero, k.offload, in_flight, warm) <= sp.usable and not (
-                    k.offload and host_usable is not None and floor.host_bytes(cm, sh) > host_usable)
-                extra = recompute_floor(sp, sh, k, floor, in_flight, warm, pr.rc) if fits else 0.0
-                if fits and key[-1]:   # V-shaped: one recompute mode on every layer (_v_shaped)
-                    uniform = _uniform_extra(sp, sh, k, floor, modes, in_flight, warm, pr.rc)
-                    fits, extra = uniform is not None, max(extra, uniform or 0.0)
-                rests[key] = (fits, extra, fits and step_optimizer_floor(sp, sh, k, pr) + copy_floor(sp, sh, k, pr))
-            fits, extra, opt = rests[key]
-            if fits:
-                terms.append((k, extra, opt))
+            floor = with_deferred_grads(sp, sh, k, floor_for(sp, sh, modes))
+            if floor.bytes(cm, sh, k.zero, k.offload, in_flight, warm) > sp.usable or (
+                    k.offload and host_usable is not None and floor.host_bytes(cm, sh) > host_usable):
+                continue
+            extra = recompute_floor(sp, sh, k, floor, in_flight, warm, pr.rc)
+            if v_shaped:   # one recompute mode on every layer (_v_shaped)
+                uniform = _uniform_extra(sp, sh, k, floor, modes, in_flight, warm, pr.rc)
+                if uniform is None:
+                    continue
+                extra = max(extra, uniform)
+            terms.append((k, extra, step_optimizer_floor(sp, sh, k, pr) + copy_floor(sp, sh, k, pr)))
         stats.pruned_memory += len(ks) - len(terms)
         if terms:   # pipeline_bound grows with the per-micro-batch total and with the gradient sync
             terms = [(*t, *grad_sync_floor(sp, sh, t[0], pr)) for t in terms]   # reads zero, offload, schedule, vpp
@@ -153,8 +151,12 @@ def recompute_floor(sp: Space, sh: Sharding, k: Knobs, floor: Floor, in_flight: 
     the most); Floor.recompute_time gives that room with ``in_flight = max f_r`` and ``usable = max f_r *
     sum((usable - b_r) / f_r) / pp``."""
     f_max, usable = ranks_room(sp, sh, k)
-    return max(floor.recompute_time(sp.cm, sh, k, in_flight, sp.usable, rc, warm),
-               floor.recompute_time(sp.cm, sh, k, f_max, usable, rc, warm))
+    # recompute_time only falls as its room grows (each float step is monotone): the larger of the two is the
+    # one at the smaller room, worked out as recompute_time works it out
+    res = floor.resident(sp.cm, sh, k.zero, k.offload, warm)
+    if (sh.pp * usable - res - floor.temps) / f_max < (sh.pp * sp.usable - res - floor.temps) / in_flight:
+        return floor.recompute_time(sp.cm, sh, k, f_max, usable, rc, warm)
+    return floor.recompute_time(sp.cm, sh, k, in_flight, sp.usable, rc, warm)
 
 
 def ranks_room(sp: Space, sh: Sharding, k: Knobs) -> tuple[float, float]:

@@ -75,3 +75,31 @@ def test_ranks_room_is_the_rank_by_rank_sum(cm):
                 assert f_max == max(f) and want <= got <= want + abs(want) * 1e-9 * 1.01, (sh, k, got, want)
                 checked += 1
     assert checked > 50
+
+
+def test_recompute_floor_is_the_larger_of_its_two_floors(cm):
+    """``groups.recompute_floor`` works out ``Floor.recompute_time`` once, at the smaller of its two rooms: the same
+    float as the larger of both (the fewest in flight with the mean room, the most in flight with each rank's),
+    over every pipelined configuration of a search where memory binds somewhere."""
+    gb, checked, binding = 64, 0, 0
+    for usable in (1e6, 2e6, 4e6):   # tight (llama-tiny holds a few MB a rank): the floors are not all 0
+        sp = bounds.Space(cm, Constraints(), gb)
+        sp.usable = usable
+        checked, binding = _both_floors(cm, sp, gb, checked, binding)
+    assert checked > 100 and binding > 20, (checked, binding)
+
+
+def _both_floors(cm, sp, gb: int, checked: int, binding: int) -> tuple[int, int]:
+    for row in shardings(cm, sp.cons, gb):
+        for sh in row:
+            pr, m = sp.priced(sh), gb // (sh.dp * sh.mbs)
+            for k in knob_options(cm, sp.cons, sh, gb):
+                floor = groups.floor_for(sp, sh, groups.allowed_modes(sp.cons.modes, k.schedule, k.offload))
+                in_flight, warm = bounds.min_in_flight(sh.pp, m, k.schedule, k.vpp), bounds.grads_freed(
+                    sp, sh, k.schedule, k.vpp)
+                f_max, usable = groups.ranks_room(sp, sh, k)
+                want = max(floor.recompute_time(cm, sh, k, in_flight, sp.usable, pr.rc, warm),
+                           floor.recompute_time(cm, sh, k, f_max, usable, pr.rc, warm))
+                assert groups.recompute_floor(sp, sh, k, floor, in_flight, warm, pr.rc) == want, (sh, k)
+                checked, binding = checked + 1, binding + (want > 0)
+    return checked, binding
