@@ -185,10 +185,27 @@ def _v(x) -> str:
     return str(int(x)) if isinstance(x, bool) else str(x)
 
 
+def _stack_refuses(cm, cons: Constraints) -> None:
+    """Nothing to search: where the fixed knobs break a rule of the stack itself (e.g. DeepSpeed's pipeline
+    engine with ZeRO-2), say that rule rather than the generic divisibility line. The unfixed fields take their
+    defaults (degree 1, no ZeRO), under which the stacks' rules are the least restrictive."""
+    from autopar import techniques
+    from autopar.core.strategy import Strategy
+
+    try:
+        s = Strategy.build(**cons.fixed)
+    except InputError:
+        return
+    for t in techniques.ALL:
+        for msg in t.stacks[cm.stack_name].violations(cm.stack_name, s, None, cm.cluster.world, cm.seq_len):
+            raise InputError(f"strategy: {msg}")
+
+
 def _nothing_fits(cm, cons: Constraints, res: SearchResult) -> None:
     from autopar.planner import explain
 
     if res.stats.space == 0:
+        _stack_refuses(cm, cons)
         named = ",".join(f"{COMPACT_KEYS.get(k, k)}={_v(v)}" for k, v in cons.fixed.items()) or "the caps"
         raise InputError(f"no configuration satisfies {named} on {cm.cluster.world} GPUs (degrees multiply to the "
                          f"GPU count, tp and ep*etp stay in a node unless --cross-node, and they divide heads, "

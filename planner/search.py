@@ -191,10 +191,10 @@ def _partitioned(sp: Space, sh: Sharding, k: Knobs, upper: float) -> Candidate |
     try:
         s = Strategy(**probe(sh, sp.gb, k).model_dump()).resolve(cm.cluster.world)
         # one pass over every rule (emit rules included); where one breaks, the checks run as before for its message
-        if techniques.violations(s, rule_spec(cm), s.world, cm.seq_len, emitted=True) or \
+        if techniques.violations(s, rule_spec(cm), s.world, cm.seq_len, emitted=True, stack=cm.stack_name) or \
                 offload.gpu_violations(s, cm.gpu):
             cm.check(s)
-            techniques.check(s, rule_spec(cm), cm.seq_len, emitted=True)
+            techniques.check(s, rule_spec(cm), cm.seq_len, emitted=True, stack=cm.stack_name)
     except InputError as exc:  # a rule the enumeration does not test (none known): keep the reason
         sp.rule_error = sp.rule_error or exc.message
         return None
