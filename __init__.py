@@ -6,3 +6,9 @@ launch scripts (``autopar.codegen``). ``autopar.cli`` is a thin command line on 
 """
 
 __version__ = "0.1.0"
+
+import time as _time
+
+# When this process first imported autopar: a source file modified later may have been imported in either version
+# (``planner.search_cache`` then stores no answer).
+IMPORTED_S = _time.time()

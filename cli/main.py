@@ -20,6 +20,7 @@ import types
 from pathlib import Path
 from typing import NoReturn
 
+from autopar import IMPORTED_S
 from autopar.cli.app import app
 from autopar.errors import AutoparError, InputError
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     # the search cache serves this process only (in-process callers may patch the cost model: a hit would hide it)
     from autopar.planner import search_cache
 
-    search_cache.enable_console()
+    search_cache.enable_console(IMPORTED_S)
     # Collect cyclic garbage every 100,000 allocations instead of 700: the default threshold spent
     # 0.2 s of a warm `plan llama3-70b --nodes 128` (0.08 s of it importing pydantic models) and
     # 0.6 s of `plan deepseek-v3 --nodes 256` walking long-lived objects; at 100,000 the imports of

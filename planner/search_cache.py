@@ -46,16 +46,20 @@ SWITCHES = frozenset({"AUTOPAR_NO_CACHE", "AUTOPAR_CACHE_DIR", "AUTOPAR_SEARCH_C
 SKIPPED_DIRS = frozenset({"tests", "benchmarks", "docs"})
 _ROOT = Path(__file__).resolve().parents[1]
 _console = False
+_started_s = 0.0
 
 
 class Uncacheable(Exception):
     """A state or result this module cannot write deterministically: search, do not guess."""
 
 
-def enable_console() -> None:
-    """``autopar ...`` / ``python -m autopar ...`` (``cli.main.main`` without ``argv``) reads and writes it."""
-    global _console
-    _console = True
+def enable_console(started_s: float) -> None:
+    """``autopar ...`` / ``python -m autopar ...`` (``cli.main.main`` without ``argv``) reads and writes it.
+    ``started_s``: when the command began importing autopar (``time.time()``). A source file modified after that
+    may have been imported in either version, so ``store`` then writes nothing: otherwise answers of the old
+    code would be filed under the new code's digest (the digest is read at the first search, after the imports)."""
+    global _console, _started_s
+    _console, _started_s = True, started_s
 
 
 def enabled() -> bool:
@@ -204,7 +208,7 @@ def load(key: dict | None):
 
 def store(key: dict | None, result) -> None:
     """Store ``result`` under ``key`` (no-op without a key, or for a result this module cannot write back)."""
-    if key is None:
+    if key is None or _edited_since_start() or _digest_now() != key["code"]:   # maybe not this process's code
         return
     try:
         obj = {"searched_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "result": to_json(result)}
@@ -213,6 +217,16 @@ def store(key: dict | None, result) -> None:
     except Uncacheable:
         return
     capture_cache.store(NAMESPACE, key, obj, what="search cache")
+
+
+def _edited_since_start() -> bool:
+    """A source file modified after the command started (``enable_console``)."""
+    return any(p.stat().st_mtime >= _started_s for p in source_files())
+
+
+def _digest_now() -> str:
+    """``source_digest`` read again from disk (``source_digest`` itself is the process's first reading)."""
+    return source_digest.__wrapped__()
 
 
 def note(stats) -> str:
@@ -282,4 +296,10 @@ def from_json(obj) -> object:
         return {k: from_json(v) for k, v in obj["dict"].items()}
     cls = _classes()[obj["class"]]
     kwargs = {k: from_json(v) for k, v in obj["fields"].items()}
-    return cls(**kwargs) if dataclasses.is_dataclass(cls) else cls.model_construct(set(obj["set"]), **kwargs)
+    if dataclasses.is_dataclass(cls):
+        return cls(**kwargs)
+    # validated (a hand-edited entry with a wrong type is refused, not printed); the fields given kept as given
+    model = cls.model_validate(kwargs)
+    if set(obj["set"]) != model.model_fields_set:
+        raise ValueError(f"{cls.__name__}: fields set {sorted(obj['set'])} do not match the stored fields")
+    return model

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ def cache(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     capture_cache.set_enabled(True)
     monkeypatch.setattr(sc, "_console", True)   # what cli.main.main() turns on for the console command
+    monkeypatch.setattr(sc, "_started_s", time.time())   # and when it started (sources older than that)
     return tmp_path / "cache" / sc.NAMESPACE
 
 
@@ -62,6 +64,24 @@ def test_a_corrupted_entry_warns_once_and_searches_again(cm, cache, capsys):
     assert len(err) == 1 and err[0].startswith("warning: search cache entry") and "searching again" in err[0]
     assert again.stats.from_cache is None and again.candidates == first.candidates
     assert search(cm, 64).stats.from_cache   # rewritten
+
+
+def test_an_entry_that_parses_but_does_not_validate_is_refused(cm, cache, capsys):
+    first = search(cm, 64)
+    (entry,) = cache.glob("*.json")
+    text = entry.read_text()
+    assert '"tp":1' in text.replace(" ", "")
+    entry.write_text(re.sub(r'"tp":\s*1\b', '"tp": "eight"', text, count=1))
+    again = search(cm, 64)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is corrupted" in err[0] and "searching again" in err[0]
+    assert again.stats.from_cache is None and again.candidates == first.candidates
+
+
+def test_no_answer_is_stored_when_a_source_changed_after_the_command_started(cm, cache, monkeypatch):
+    monkeypatch.setattr(sc, "_started_s", 0.0)   # every source file is newer: the process may run either version
+    assert search(cm, 64).stats.from_cache is None
+    assert not list(cache.glob("*.json"))
 
 
 @pytest.mark.parametrize("switch", ["AUTOPAR_SEARCH_CACHE=0", "AUTOPAR_NO_CACHE=1", "--no-cache", "library"])
