@@ -33,7 +33,7 @@ docs/validation.md "Outlier rows, by mechanism". Prices nothing new: it prints t
 9. The same model and sequence length on 8 H100 and 8 A100-80GB: published and priced H100 / A100 ratios.
 10. ``--i12b``: every published row (all sources) with I12b's two llm-foundry rules undone, one at a time and
    both, and as shipped: its fp8 library (``core.gpu.STACK_FP8_LIBRARY``: ``te-linear`` -> torchao's casts) and
-   its kernels' power-of-two head-dim tile (``attention_rate.POW2_TILE_STACKS``), same tree, shipped constants.
+   its kernels' power-of-two head-dim tile (``gpu.POW2_TILE_STACKS``), same tree, shipped constants.
 """
 
 from __future__ import annotations
@@ -239,20 +239,19 @@ def f3_before_after(built: list[cal.Built]) -> None:
 def i12b_before_after(built: list[cal.Built]) -> None:
     """Section 10: every row with llm-foundry's fp8 library and head-dim tile rule undone (module docstring)."""
     from autopar.core import gpu
-    from autopar.cost_models import attention_rate
 
-    lib, tile = gpu.STACK_FP8_LIBRARY["llm-foundry"], attention_rate.POW2_TILE_STACKS
+    lib, tile = gpu.STACK_FP8_LIBRARY["llm-foundry"], gpu.POW2_TILE_STACKS
     cases = {"both undone": ("torchao", ()), "fp8 library only": (lib, ()), "tile only": ("torchao", tile),
              "as shipped": (lib, tile)}
     errors: dict[str, dict[str, float]] = {}
     try:
         for name, (fp8, tiles) in cases.items():
-            gpu.STACK_FP8_LIBRARY["llm-foundry"], attention_rate.POW2_TILE_STACKS = fp8, tiles
+            gpu.STACK_FP8_LIBRARY["llm-foundry"], gpu.POW2_TILE_STACKS = fp8, tiles
             for b in built:
                 b.cm._cache.clear()
             errors[name] = {b.case.id: cal.price(b).error for b in built}
     finally:
-        gpu.STACK_FP8_LIBRARY["llm-foundry"], attention_rate.POW2_TILE_STACKS = lib, tile
+        gpu.STACK_FP8_LIBRARY["llm-foundry"], gpu.POW2_TILE_STACKS = lib, tile
     before, now = errors["both undone"], errors["as shipped"]
     print("\n10. Rows I12b's llm-foundry rules move (both undone -> as shipped)")
     for rid in sorted(now):

@@ -80,6 +80,15 @@ Fp8Library = Literal["torchao", "te", "te-linear", "none"]
 STACK_FP8_LIBRARY: dict[str, Fp8Library] = {"torch": "torchao", "torchtitan": "torchao", "megatron": "te",
                                             "deepspeed": "torchao", "llm-foundry": "te-linear"}
 
+# Stacks whose attention kernel pads the head dim to a power of two, beyond what a profile's ``HeadDimRate``
+# prices (``cost_models.attention_rate.stack_tile_factor``). llm-foundry 0.2's MPT runs ``attn_impl: triton`` by
+# default (``models/mpt/configuration_mpt.py``): ``flash_attn_triton.py`` sets
+# ``BLOCK_HEADDIM = max(triton.next_power_of_2(d), 16)`` and masks the rest of the tile; its other kernel,
+# flash-attn 1.0 (``attn_impl: flash``), is templated at head dims 32 / 64 / 128, so d 112 computes in the 128 tile
+# either way. The A100 profiles carry no ``HeadDimRate`` (the d-64 penalty there is not what the A100 rows show),
+# so without this MPT-30B's d 112 was priced at the rate of d 128 on its own FLOPs.
+POW2_TILE_STACKS = ("llm-foundry",)
+
 
 def _interp_log(pts: list[tuple[float, float]], x: float) -> float:
     """Piecewise-linear in log10(x) through ``pts``, clamped outside the first / last point."""

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import lru_cache
 
+from autopar.core import gpu
 from autopar.core.gpu import HeadDimRate
 
 BLOCK = 128  # query / key tile rows of FlashAttention-2 / cuDNN on Hopper and Ampere (compute.causal_block_fraction)
@@ -82,21 +83,12 @@ def head_dim_factor(head_dim: int, ref_dim: int, rate: HeadDimRate | None) -> fl
     return min(1.0, rel(padded) / rel(ref_dim)) * head_dim / padded
 
 
-# Stacks whose attention kernel pads the head dim to a power of two, beyond what a profile's ``HeadDimRate``
-# prices. llm-foundry 0.2's MPT runs ``attn_impl: triton`` by default (``models/mpt/configuration_mpt.py``):
-# ``flash_attn_triton.py`` sets ``BLOCK_HEADDIM = max(triton.next_power_of_2(d), 16)`` and masks the rest of the
-# tile; its other kernel, flash-attn 1.0 (``attn_impl: flash``), is templated at head dims 32 / 64 / 128, so d 112
-# computes in the 128 tile either way. The A100 profiles carry no ``HeadDimRate`` (the d-64 penalty there is not
-# what the A100 rows show), so without this MPT-30B's d 112 was priced at the rate of d 128 on its own FLOPs.
-POW2_TILE_STACKS = ("llm-foundry",)
-
-
 def stack_tile_factor(head_dim: int, stack: str, rate: HeadDimRate | None) -> float:
     """The share of its tile a stack's kernel computes usefully where it pads more than the profile prices
-    (``POW2_TILE_STACKS``): head dim over its power-of-two tile (at least 16), over what ``head_dim_factor``
+    (``core.gpu.POW2_TILE_STACKS``): head dim over its power-of-two tile (at least 16), over what ``head_dim_factor``
     already takes off (``rate.round_to``: FlashAttention-2's 112 -> 128 on Hopper). 1 for other stacks and
     where the profile's padding reaches the tile."""
-    if stack not in POW2_TILE_STACKS or head_dim <= 0:
+    if stack not in gpu.POW2_TILE_STACKS or head_dim <= 0:
         return 1.0
     tile = max(16, 1 << (head_dim - 1).bit_length())
     priced = -(-head_dim // rate.round_to) * rate.round_to if rate is not None else head_dim

@@ -9,7 +9,8 @@ Hopper's fp8 tensor cores take only the TN layout, so each of the three GEMMs of
 Three libraries; which one a stack runs is ``core.gpu.STACK_FP8_LIBRARY`` (with its sources):
 
 - ``torchao`` (torchao float8, torchtitan's ``Float8LinearConverter``): dynamic per-tensor scaling, an
-  amax reduction pass over each bf16 operand then the scaled cast, every micro-batch, weights included: ``dynamic_cast_bytes``.
+  amax reduction pass over each bf16 operand then the scaled cast, every micro-batch, weights included:
+  ``dynamic_cast_bytes``.
 - ``te`` (Transformer Engine under Megatron-Core, ``--runtime megatron``): fused ``cast_transpose``
   kernels that read the bf16 tensor once and write the fp8 copy and its fp8 transpose, the amax taken in
   the same kernel (delayed scaling); the norms in front of ``linear_qkv`` and ``linear_fc1``
