@@ -164,19 +164,23 @@ def ranks_room(sp: Space, sh: Sharding, k: Knobs) -> tuple[float, float]:
     (what the buffers read: no ZeRO or offload term). ``b_r`` is linear in the rank's in-flight count
     (``CostModel._pipeline_buffer_bytes``: a fixed part and the outputs kept per micro-batch), so the sum is, over
     the classes of rank (the first, the last, the others), ``(usable - b(0)) sum(1 / f_r) - (b(1) - b(0)) n``
-    (``_in_flight_classes``): two buffer calls per class where the rank-by-rank sum made ``pp``. ``MARGIN`` lifts
-    the room over the rounding of a sum in another order (``tests/test_search_reuse.py`` checks both)."""
+    (``_in_flight_classes``; a class of one rank reads its own count): at most four buffer calls where the
+    rank-by-rank sum made ``pp``. ``MARGIN`` lifts the room over the rounding of a sum in another order
+    (``tests/test_search_reuse.py`` checks both)."""
     m = sp.gb // (sh.dp * sh.mbs)
     key = ("ranks_room", sh.pp, sh.mbs, sh.cp, sh.tp, sh.sp, m, k.schedule, k.vpp)   # what the buffers read
     hit = sp.memo.get(key)
     if hit is None:
         f_max, classes = _in_flight_classes(sh.pp, m, k.schedule, k.vpp)
-        s, total = probe(sh, sp.gb, k), 0.0
-        for (first, last), (n, inv) in classes.items():
-            b0 = b1 = 0.0
-            if sp.cm.ctx.runtime != "torchtitan":   # torchtitan's own pipeline memory: left out, as rank_memory does
+        s, total, titan = probe(sh, sp.gb, k), 0.0, sp.cm.ctx.runtime == "torchtitan"
+        for (first, last), (n, inv, f) in classes.items():
+            if titan:   # torchtitan's own pipeline memory: left out, as rank_memory does
+                total += sp.usable * inv
+            elif n == 1:   # one rank (the first, the last): its own count
+                total += (sp.usable - sp.cm._pipeline_buffer_bytes(s, first, last, f)) / f
+            else:
                 b0, b1 = (sp.cm._pipeline_buffer_bytes(s, first, last, x) for x in (0.0, 1.0))
-            total += (sp.usable - b0) * inv - (b1 - b0) * n
+                total += (sp.usable - b0) * inv - (b1 - b0) * n
         usable = f_max * total / sh.pp
         hit = sp.memo[key] = (f_max, usable + abs(usable) * MARGIN)
     return hit
@@ -184,14 +188,14 @@ def ranks_room(sp: Space, sh: Sharding, k: Knobs) -> tuple[float, float]:
 
 @lru_cache(maxsize=4096)
 def _in_flight_classes(pp: int, m: int, schedule: str, vpp: int) -> tuple[float, dict]:
-    """(the most micro-batches a rank holds, {(first rank, last rank): (ranks, sum of 1 / in flight)}); the last
-    rank holds the last virtual stage (V-shaped: rank 0 holds both ends)."""
+    """(the most micro-batches a rank holds, {(first rank, last rank): (ranks, sum of 1 / in flight, the first's in
+    flight)}); the last rank holds the last virtual stage (V-shaped: rank 0 holds both ends)."""
     f = [in_flight_microbatches(r, pp, m, schedule, vpp) for r in range(pp)]
     last = pipeline.stage_rank(pp * vpp - 1, pp, schedule)
     classes: dict[tuple[bool, bool], list[float]] = {}
     for r, x in enumerate(f):
         classes.setdefault((r == 0, r == last), []).append(x)
-    return max(f), {e: (len(xs), sum(1.0 / x for x in xs)) for e, xs in classes.items()}
+    return max(f), {e: (len(xs), sum(1.0 / x for x in xs), xs[0]) for e, xs in classes.items()}
 
 
 def _uniform_extra(sp: Space, sh: Sharding, k: Knobs, floor: Floor, modes: tuple[str, ...], in_flight: float,
