@@ -42,7 +42,8 @@ from dataclasses import replace
 from autopar.core.strategy import Strategy
 from autopar.cost_models import fsdp
 from autopar.cost_models.layer_cost import LayerCost, shards_for
-from autopar.cost_models.layer_model import expert_gate_gemm
+from autopar.cost_models.layer_model import expert_gate_gemm, saved_bytes
+from autopar.cost_models.loss_memory import gathered_loss_bytes, logits_bytes
 from autopar.cost_models.megatron_ops import glu_clamp_saved_bytes
 from autopar.cost_models.memory import (
     bytes_per_param,
@@ -329,6 +330,29 @@ def attention_output_copy_bytes(template, s: Strategy, ctx) -> float:
               and any(t.bytes == o.bytes and t.shard == o.shard for o in outs)][:len(outs)]
     sh = shards_for(s, template)
     return sum(t.bytes * sh.tokens / sh.div(t) for t in copies)
+
+
+def floor_block_saved(template, by_mode: dict[str, float], s: Strategy, cm) -> dict[str, float]:
+    """A block's saved bytes by mode for the search's memory floor (``planner.bounds._floor_acts``; ``by_mode``: the
+    captured ones), less what ``fused_saved`` takes off whatever the expert parallelism, so that the floor stays
+    under the priced peak of every sharding sharing it (those differing in ep / etp alone): the attention-output
+    copy the stack does not make, and a dense block's Megatron-Core closed form where smaller. MoE blocks keep
+    their captured bytes (their fused terms depend on the busiest expert rank)."""
+    copy = attention_output_copy_bytes(template, s, cm.ctx)
+    out = {m: b - (copy if m in ("none", "selective") else 0.0) for m, b in by_mode.items()}
+    block = None if template.is_moe or "none" not in out else \
+        megatron_block_bytes(cm.spec, s, cm.ctx.seq_len, cm.ctx.runtime, False, cm.dtype == "fp8")
+    return out if block is None else {**out, "none": min(out["none"], block)}
+
+
+def floor_output_bytes(layer, s: Strategy, sh, ctx) -> tuple[float, float]:
+    """(saved, loss-phase) bytes of a non-block layer for the search's memory floor (``sh``: the floor's
+    ``Shards``): the captured saved bytes less what a fused or vocab-parallel loss keeps fewer
+    (``loss_memory.gathered_loss_bytes`` where negative), and the captured forward temporaries, no more than the
+    loss phase ``loss_memory.logits_bytes`` prices (a fused loss's single 16-bit gradient)."""
+    temps = layer.temp_bytes * sh.tokens / (sh.tp if layer.kind == "output" else 1)
+    saved = saved_bytes(layer, sh, "none") + min(0.0, gathered_loss_bytes(layer, s, sh, ctx))
+    return saved, min(temps, logits_bytes(layer, s, sh, ctx))
 
 
 def fused_swiglu_unsaved_bytes(template, s: Strategy, ctx) -> float:

@@ -32,6 +32,7 @@ from autopar.cost_models.memory import bytes_per_param, grads_freed_before_activ
 from autopar.cost_models.moe_cost import ring_exposed
 from autopar.cost_models.pipeline import in_flight_microbatches, weight_grad_fraction
 from autopar.cost_models.recompute_cost import selective_bytes
+from autopar.cost_models.runtime_memory import floor_block_saved, floor_output_bytes
 from autopar.planner import partition as part
 from autopar.planner.probes import pricing_key, probe  # noqa: F401  (re-exported: the search's modules read them here)
 from autopar.planner.space import (
@@ -166,7 +167,7 @@ def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...], cache: dict
     shards = shards_for(probe(sh, gb))
     acts = None if cache is None else cache.get((shards, modes))
     if acts is None:
-        acts = _floor_acts(cm, shards, modes)
+        acts = _floor_acts(cm, shards, modes, probe(sh, gb))
         if cache is not None:
             cache[shards, modes] = acts
     dense = expert = 0.0
@@ -177,8 +178,8 @@ def floor_terms(cm: CostModel, sh: Sharding, modes: tuple[str, ...], cache: dict
     return Floor(dense, expert, *acts, memo={} if memo is None else memo)
 
 
-def _floor_acts(cm: CostModel, shards, modes: tuple[str, ...]) -> tuple:
-    """``floor_terms``' (act, act_base, temps, saves)."""
+def _floor_acts(cm: CostModel, shards, modes: tuple[str, ...], s) -> tuple:
+    """``floor_terms``' (act, act_base, temps, saves); ``s``: the probe (what the stack's own terms read)."""
     act = act_base = temps = 0.0
     saves = []
     for t in cm.templates:
@@ -186,14 +187,14 @@ def _floor_acts(cm: CostModel, shards, modes: tuple[str, ...]) -> tuple:
         if t.kind == "block":
             # the emitted programs' selective keeps less than the none set (recompute_cost.selective_bytes)
             sel = selective_bytes(t, t.ops, shards, cm.ctx.dtype_bytes)[0] if cm.ctx.runtime == "torch" else 0.0
-            by_mode = {k: saved_bytes(t, shards, k) + (sel if k == "selective" else 0.0) for k in modes}
+            by_mode = floor_block_saved(t, {k: saved_bytes(t, shards, k) + (sel if k == "selective" else 0.0)
+                                            for k in modes}, s, cm)
             act += n * min(by_mode.values())
             act_base += n * by_mode[modes[0]]
             saves.append((n, {k: by_mode[modes[0]] - b for k, b in by_mode.items() if k != modes[0]}))
         else:
-            act += saved_bytes(t, shards, "none")
-            act_base += saved_bytes(t, shards, "none")
-            temps += t.temp_bytes * shards.tokens / (shards.tp if t.kind == "output" else 1)
+            saved, temp = floor_output_bytes(t, s, shards, cm.ctx)
+            act, act_base, temps = act + saved, act_base + saved, temps + temp
     return act, act_base, temps, tuple(saves)
 
 
