@@ -88,6 +88,12 @@ STACK_FP8_LIBRARY: dict[str, Fp8Library] = {"torch": "torchao", "torchtitan": "t
 # either way. The A100 profiles carry no ``HeadDimRate`` (the d-64 penalty there is not what the A100 rows show),
 # so without this MPT-30B's d 112 was priced at the rate of d 128 on its own FLOPs.
 POW2_TILE_STACKS = ("llm-foundry",)
+# Stacks whose cross-entropy is one kernel on the 16-bit logits (``cost_models.loss_memory.fused_loss``: llm-foundry's
+# MPT default loss, flash-attn's fused cross-entropy, llm-foundry 0.3.0 ``modeling_mpt.py``).
+FUSED_LOSS_STACKS = ("llm-foundry",)
+# Stacks whose attention kernel returns its output in the [b, s, heads, d] layout the output projection reads as a
+# view (``cost_models.runtime_memory.attention_output_copy_bytes``: MPT's ``triton_flash_attn_fn``).
+VIEW_OUTPUT_STACKS = ("llm-foundry",)
 
 
 def _interp_log(pts: list[tuple[float, float]], x: float) -> float:

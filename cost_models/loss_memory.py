@@ -5,11 +5,9 @@ of which these read the runtime, the stack, ``compile`` and ``loss_parallel``. R
 
 from __future__ import annotations
 
+from autopar.core.gpu import FUSED_LOSS_STACKS
 from autopar.core.strategy import Strategy
 from autopar.cost_models.layer_model import LayerTemplate, Shards
-
-# Stacks whose cross-entropy is one kernel on the 16-bit logits (``fused_loss``).
-FUSED_LOSS_STACKS = ("llm-foundry",)
 
 
 def fused_loss(ctx) -> bool:

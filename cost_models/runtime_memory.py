@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from autopar.core.gpu import VIEW_OUTPUT_STACKS
 from autopar.core.strategy import Strategy
 from autopar.cost_models import fsdp
 from autopar.cost_models.layer_cost import LayerCost, shards_for
@@ -293,11 +294,8 @@ def fused_saved(cost, template, s: Strategy, cm):
         return cost
     acts = dict(cost.act_bytes)
     block = megatron_block_bytes(cm.spec, s, cm.ctx.seq_len, cm.ctx.runtime, template.is_moe, cm.dtype == "fp8")
-    if block is not None and template.is_moe:  # the captured norm and attention terms, as saved_bytes counts them
-        tok, tp = s.micro_batch / s.cp, s.tp
-        dense = sum(t.bytes * tok / (tp if t.shard == "tp" or s.sequence_parallel else 1)
-                    for t in template.saved if t.shard in ("rep", "tp") and not t.const)
-        block += cost.act_bytes["none"] - dense
+    if block is not None and template.is_moe:  # the closed form's norms and attention, the captured experts
+        block += cost.act_bytes["none"] - captured_dense_bytes(template, s)
     if block is not None:
         acts["none"] = block
     experts = glu_clamp_copy_bytes(template, s, cm.ctx) - fused_swiglu_unsaved_bytes(template, s, cm.ctx)
@@ -306,11 +304,6 @@ def fused_saved(cost, template, s: Strategy, cm):
         return cost
     return replace(cost, act_bytes={m: b + (experts if m != "full" else 0.0) - (copy if m in ("none", "selective")
                                                                                else 0.0) for m, b in acts.items()})
-
-
-# Stacks whose attention kernel returns its output in the [b, s, heads, d] layout the output projection reads
-# as a view (``attention_output_copy_bytes``).
-VIEW_OUTPUT_STACKS = ("llm-foundry",)
 
 
 def attention_output_copy_bytes(template, s: Strategy, ctx) -> float:
@@ -336,12 +329,17 @@ def floor_block_saved(template, by_mode: dict[str, float], s: Strategy, cm) -> d
     """A block's saved bytes by mode for the search's memory floor (``planner.bounds._floor_acts``; ``by_mode``: the
     captured ones), less what ``fused_saved`` takes off whatever the expert parallelism, so that the floor stays
     under the priced peak of every sharding sharing it (those differing in ep / etp alone): the attention-output
-    copy the stack does not make, and a dense block's Megatron-Core closed form where smaller. MoE blocks keep
-    their captured bytes (their fused terms depend on the busiest expert rank)."""
+    copy the stack does not make, Megatron-Core's closed form of the norms and attention where smaller, and a
+    Megatron MoE block's share of the SiLU output its fused SwiGLU does not keep (the busiest expert rank's excess
+    only adds to the price, and the clamp copy too: both left out, so the floor stays under)."""
     copy = attention_output_copy_bytes(template, s, cm.ctx)
-    out = {m: b - (copy if m in ("none", "selective") else 0.0) for m, b in by_mode.items()}
-    block = None if template.is_moe or "none" not in out else \
-        megatron_block_bytes(cm.spec, s, cm.ctx.seq_len, cm.ctx.runtime, False, cm.dtype == "fp8")
+    silu = fused_swiglu_share_bytes(template, s, cm.ctx)   # the busiest rank's excess on top is >= 0: left out
+    out = {m: b - (copy if m in ("none", "selective") else 0.0) - (silu if m != "full" else 0.0)
+           for m, b in by_mode.items()}
+    block = None if "none" not in out else \
+        megatron_block_bytes(cm.spec, s, cm.ctx.seq_len, cm.ctx.runtime, template.is_moe, cm.dtype == "fp8")
+    if block is not None and template.is_moe:   # the closed form's norms and attention, the captured experts
+        block += by_mode["none"] - captured_dense_bytes(template, s) - silu
     return out if block is None else {**out, "none": min(out["none"], block)}
 
 
@@ -355,6 +353,14 @@ def floor_output_bytes(layer, s: Strategy, sh, ctx) -> tuple[float, float]:
     return saved, min(temps, logits_bytes(layer, s, sh, ctx))
 
 
+def captured_dense_bytes(template, s: Strategy) -> float:
+    """An MoE block's captured norm and attention terms (replicated / tensor-parallel shards), as ``saved_bytes``
+    counts them without recompute: what ``megatron_block_bytes``' closed form stands in for."""
+    tok, tp = s.micro_batch / s.cp, s.tp
+    return sum(t.bytes * tok / (tp if t.shard == "tp" or s.sequence_parallel else 1)
+               for t in template.saved if t.shard in ("rep", "tp") and not t.const)
+
+
 def fused_swiglu_unsaved_bytes(template, s: Strategy, ctx) -> float:
     """The expert activation's output (the captured eager loop's ``silu_out``, the rank's share as
     ``layer_model.saved_bytes`` scales it, plus the busiest expert rank's excess) that Megatron-Core does not keep:
@@ -363,12 +369,18 @@ def fused_swiglu_unsaved_bytes(template, s: Strategy, ctx) -> float:
     (fc1's output, both halves) and the gate weights, and re-runs the SiLU in backward; fc2 keeps the product,
     as the dense block's closed form counts it (``memory.fused_block_activation_bytes``: fc1 output and fc2
     input). 0 for other runtimes and blocks without experts."""
+    act = fused_swiglu_share_bytes(template, s, ctx)
+    return act + expert_rank_excess(act, s, ctx) if act else 0.0
+
+
+def fused_swiglu_share_bytes(template, s: Strategy, ctx) -> float:
+    """``fused_swiglu_unsaved_bytes`` of a mean rank (its share of the experts' ``silu_out``, without the busiest
+    rank's excess): what the search's memory floor takes off (``floor_block_saved``)."""
     if ctx.runtime != "megatron" or not template.is_moe:
         return 0.0
     sh = shards_for(s, template)
-    act = sum(t.bytes * sh.tokens / sh.div(t) for t in template.saved
-              if t.shard == "expert" and not t.const and t.name.endswith(":silu_out"))
-    return act + expert_rank_excess(act, s, ctx)
+    return sum(t.bytes * sh.tokens / sh.div(t) for t in template.saved
+               if t.shard == "expert" and not t.const and t.name.endswith(":silu_out"))
 
 
 def glu_clamp_copy_bytes(template, s: Strategy, ctx) -> float:

@@ -1,5 +1,5 @@
 """llm-foundry's memory as its program runs (``cost_models.loss_memory.fused_loss``; the rows' headroom:
-``benchmarks/memory_headroom.py``, docs/validation.md)."""
+``benchmarks/published_fit.py``, docs/validation.md)."""
 
 from __future__ import annotations
 
@@ -55,16 +55,19 @@ def test_foundry_attention_output_is_the_projection_input():
     assert torch_block.act_bytes["full"] == foundry_block.act_bytes["full"]
 
 
-@pytest.mark.parametrize("runtime,dtype", [("llm-foundry", "bf16"), ("megatron", "fp8"), ("torch", "bf16")])
-def test_search_floor_stays_under_the_priced_activations(runtime, dtype):
+@pytest.mark.parametrize("runtime,dtype,model", [
+    ("llm-foundry", "bf16", "llama-tiny"), ("megatron", "fp8", "llama-tiny"), ("torch", "bf16", "llama-tiny"),
+    ("megatron", "bf16", "moe-tiny"), ("megatron", "fp8", "moe-tiny"), ("torch", "bf16", "moe-tiny")])
+def test_search_floor_stays_under_the_priced_activations(runtime, dtype, model):
     """The search prunes on its memory floor before pricing (``planner.bounds.floor_terms``): with the stacks'
     own saved bytes (fused loss, attention view, Megatron's closed form and fp8 inputs) its activations and loss
     phase must stay under the priced ones (``runtime_memory.floor_block_saved`` / ``floor_output_bytes``)."""
     from autopar.planner import search as S
 
-    cm, _spec, _cluster, _ = build_cost_model(Inputs(model="llama-tiny", gpu="h100-sxm", nodes=1, gpus_per_node=8,
+    cm, _spec, _cluster, _ = build_cost_model(Inputs(model=model, gpu="h100-sxm", nodes=1, gpus_per_node=8,
                                                      seq_len=512, dtype=dtype, runtime=runtime))
-    for text in ("dp=8,mbs=8,zero=3", "dp=4,tp=2,sp=1,mbs=8,zero=1"):
+    moe = ("dp=8,ep=4,mbs=8,zero=1", "dp=4,tp=2,sp=1,ep=2,mbs=8,zero=1") if cm.spec.is_moe else ()
+    for text in ("dp=8,mbs=8,zero=3", "dp=4,tp=2,sp=1,mbs=8,zero=1", *moe):
         s = Strategy.parse(text).resolve(8)
         sh = S.Sharding(s.tp, s.cp, s.pp, s.dp, s.ep, s.etp, s.sequence_parallel, s.micro_batch)
         floor = S.floor_terms(cm, sh, ("none",))

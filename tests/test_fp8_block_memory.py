@@ -1,5 +1,5 @@
 """Megatron-Core's dense block under fp8 saves its Transformer Engine linears' inputs in 1 byte
-(``memory.fp8_linear_inputs_delta_bytes``; the rows' headroom: ``benchmarks/memory_headroom.py``)."""
+(``memory.fp8_linear_inputs_delta_bytes``; the rows' headroom: ``benchmarks/published_fit.py``)."""
 
 from __future__ import annotations
 
