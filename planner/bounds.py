@@ -187,8 +187,9 @@ def _floor_acts(cm: CostModel, shards, modes: tuple[str, ...], s) -> tuple:
         if t.kind == "block":
             # the emitted programs' selective keeps less than the none set (recompute_cost.selective_bytes)
             sel = selective_bytes(t, t.ops, shards, cm.ctx.dtype_bytes)[0] if cm.ctx.runtime == "torch" else 0.0
-            by_mode = floor_block_saved(t, {k: saved_bytes(t, shards, k) + (sel if k == "selective" else 0.0)
-                                            for k in modes}, s, cm)
+            # compiled blocks keep fewer of the per-op policy's outputs, as the price counts (layer_cost.price_layer)
+            by_mode = floor_block_saved(t, {k: saved_bytes(t, shards, k, cm.ctx.compile != "none")
+                                            + (sel if k == "selective" else 0.0) for k in modes}, s, cm)
             act += n * min(by_mode.values())
             act_base += n * by_mode[modes[0]]
             saves.append((n, {k: by_mode[modes[0]] - b for k, b in by_mode.items() if k != modes[0]}))
