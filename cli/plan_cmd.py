@@ -88,8 +88,8 @@ def plan_cmd(model: Opt[str] = typer.Argument(None, help=c.Model.help + "; omitt
     if dtype == "fp8":  # a stack whose program runs no fp8 GEMMs (techniques.precision): nothing fp8 to search
         from autopar.techniques.precision import FP8, fp8_refusal
 
-        if runtime in FP8 and fp8_refusal(runtime):
-            raise InputError(fp8_refusal(runtime))
+        if runtime in FP8 and (msg := fp8_refusal(runtime)):
+            raise InputError(msg)
     inp = c.inputs(model, gpu, nodes, gpus_per_node, cluster, seq_len, dtype, profile, placement, trace, input_shape,
                    runtime, input_dtype, hf, compile, loss_parallel, moe_capacity_factor, no_a2a_overlap,
                    cross_entropy, tp_comm_overlap)

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Strategy
 from autopar.cost_models.moe_cost import capped_load
-from autopar.techniques.dp_program import ZERO1_BUCKET_BYTES
-from autopar.techniques.pipeline import ZERO_BUBBLE
+from autopar.techniques.dp_program import ZERO1_BUCKET_BYTES, whole_backward
 
 GiB = 1024**3
 
@@ -149,7 +148,7 @@ def grads_freed_before_activation_peak(s: Strategy, runtime: str) -> bool:
     non-zero-bubble pipelines (the rank's warm-up; torchtitan's pipeline is ``runtime_memory``'s).
     Megatron-Core and DeepSpeed keep a persistent contiguous gradient buffer: never."""
     if runtime == "torch" and s.pp > 1:
-        return s.schedule not in ZERO_BUBBLE
+        return whole_backward(s.schedule)
     return runtime in ("torch", "torchtitan") and s.pp == 1 and s.num_micro_batches == 1
 
 
@@ -288,12 +287,12 @@ def host_grads_at_device_peak(s: Strategy, runtime: str) -> bool:
     the first blocks' backward, where every activation of the micro-batch is still live). They
     are written block by block as the backward reduce-scatters, so not yet with one micro-batch
     per step, nor under a zero-bubble pipeline of autopar's programs (FSDP2 reduces there after
-    the step's final backward only, not ``techniques.dp_program.whole_backward``); with gradient
+    the step's final backward only: not ``techniques.dp_program.whole_backward``); with gradient
     accumulation the earlier micro-batches' shards are live (contract sweep traces,
     ``AUTOPAR_MEM_TRACE``: s02, s30, s11 peak at the loss without them, s06, s31 with them)."""
     if s.num_micro_batches <= 1:
         return False
-    return not (runtime == "torch" and s.pp > 1 and s.schedule in ZERO_BUBBLE)
+    return not (runtime == "torch" and s.pp > 1 and not whole_backward(s.schedule))
 
 
 def pooled_peak_bytes(device: dict[str, float], host: float, grad_shards: float, grads_at_peak: bool) -> float:

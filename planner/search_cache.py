@@ -100,8 +100,7 @@ def call_key(cm, global_batch: int, cons, top_k: int, exhaustive: bool, best_onl
     if not enabled():
         return None
     try:
-        text = json.dumps(state({"cm": cm, "call": [global_batch, cons, top_k, exhaustive, best_only]}),
-                          separators=(",", ":"))
+        text = _dumps(state({"cm": cm, "call": [global_batch, cons, top_k, exhaustive, best_only]}))
     except Uncacheable:
         return None
     env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("AUTOPAR_") and k not in SWITCHES}
@@ -208,7 +207,9 @@ def load(key: dict | None):
 
 def store(key: dict | None, result) -> None:
     """Store ``result`` under ``key`` (no-op without a key, or for a result this module cannot write back)."""
-    if key is None or _edited_since_start() or _digest_now() != key["code"]:   # maybe not this process's code
+    # maybe not this process's code: a source modified since the start (mtime), or whose contents changed while its
+    # mtime was kept (a copy with -p, an archive extracted over the tree): the digest read again
+    if key is None or _edited_since_start() or _digest_now() != key["code"]:
         return
     try:
         obj = {"searched_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "result": to_json(result)}
@@ -246,6 +247,7 @@ def _from_entry(obj: dict):
     return res
 
 
+@functools.lru_cache(maxsize=1)
 def _classes() -> dict[str, type]:
     """The types a ``SearchResult`` is made of, by name (``to_json`` writes no other)."""
     from autopar.core.strategy import Strategy

@@ -268,10 +268,9 @@ def knob_options(cm: CostModel, cons: Constraints, sh: Sharding, gb: int, cache:
     if cache is not None and key in cache:
         return cache[key]
     # without a reduced gradient every ZeRO stage is the same configuration: keep one
-    zeros = [z for z in data_parallel.ZERO_STAGES if cons.ok("zero_stage", z)
-             and allowed_shape(cm, data_parallel.TECHNIQUE, zero_stage=z, pp=sh.pp)] if reduced \
-        else [z for z in (cons.fixed.get("zero_stage", 0),)   # a fixed stage the stack refuses: none
-              if allowed_shape(cm, data_parallel.TECHNIQUE, zero_stage=z, pp=sh.pp)]
+    stages = data_parallel.ZERO_STAGES if reduced else (cons.fixed.get("zero_stage", 0),)
+    zeros = [z for z in stages if cons.ok("zero_stage", z)   # a fixed stage the stack refuses: none
+             and allowed_shape(cm, data_parallel.TECHNIQUE, zero_stage=z, pp=sh.pp)]
     offs = [x for x in (offload.VALUES if offload.priced_on(cm.gpu) else (False,)) if cons.ok("offload_optimizer", x)]
     scheds = schedule_options(cm, cons, sh.pp, m)   # once, not once per (zero, offload) pair
     # offload below ZeRO-3 runs ZeRO-2's program: offered once, as zero=2 (techniques.offload.stage_rule)
