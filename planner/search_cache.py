@@ -33,7 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-from autopar import __version__
 from autopar.profiles import capture_cache
 
 NAMESPACE = "search-v1"
@@ -88,11 +87,7 @@ def _searched(rel: Path) -> bool:
 @functools.lru_cache(maxsize=1)
 def source_digest() -> str:
     """Digest of ``source_files`` and ``__version__``, read once per process (before the first search)."""
-    h = hashlib.sha256(__version__.encode())
-    for p in source_files():
-        h.update(p.relative_to(_ROOT).as_posix().encode() + b"\0")
-        h.update(p.read_bytes())
-    return h.hexdigest()
+    return capture_cache.files_digest(_ROOT, [p.relative_to(_ROOT).as_posix() for p in source_files()])
 
 
 def call_key(cm, global_batch: int, cons, top_k: int, exhaustive: bool, best_only: bool) -> dict | None:

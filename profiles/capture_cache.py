@@ -78,11 +78,17 @@ def capture_sources(root: Path | None = None) -> list[str]:
 def code_digest() -> str:
     """A digest of the capture code: part of every key. Read once per process (the first
     lookup precedes any capture), so reads and writes of one run agree on it."""
+    return files_digest(_ROOT, capture_sources())[:16]
+
+
+def files_digest(root: Path, rels: list[str]) -> str:
+    """SHA-256 of autopar's version and each file's path (relative to ``root``) and bytes: the code part of a
+    cache key (``code_digest`` here, ``planner.search_cache.source_digest``)."""
     h = hashlib.sha256(__version__.encode())
-    for rel in capture_sources():
-        h.update(rel.encode())
-        h.update((_ROOT / rel).read_bytes())
-    return h.hexdigest()[:16]
+    for rel in rels:
+        h.update(rel.encode() + b"\0")
+        h.update((root / rel).read_bytes())
+    return h.hexdigest()
 
 
 def entry_path(namespace: str, key: dict, capture: bool = True) -> Path:
