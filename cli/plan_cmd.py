@@ -13,6 +13,7 @@ from autopar.cli import common as c
 from autopar.cli.app import app
 from autopar.core.strategy import COMPACT_KEYS, Strategy
 from autopar.errors import DoesNotFitError, InputError
+from autopar.techniques.base import cli_key, cli_value
 
 if TYPE_CHECKING:  # the cost model and the planner load inside the command (fast --help and input errors)
     from autopar.planner.search import Candidate, Constraints, SearchResult
@@ -177,12 +178,8 @@ def _inputs_record(inp, gb: int, fixed: dict) -> dict[str, str]:
     rec = {k: str(v) for k, v in vars(inp).items() if v is not None}
     rec["global_batch"] = str(gb)
     if fixed:
-        rec["constraints"] = ",".join(f"{COMPACT_KEYS.get(k, k)}={_v(v)}" for k, v in fixed.items())
+        rec["constraints"] = ",".join(f"{cli_key(k)}={cli_value(v)}" for k, v in fixed.items())
     return rec
-
-
-def _v(x) -> str:
-    return str(int(x)) if isinstance(x, bool) else str(x)
 
 
 def _stack_refuses(cm, cons: Constraints) -> None:
@@ -206,7 +203,7 @@ def _nothing_fits(cm, cons: Constraints, res: SearchResult) -> None:
 
     if res.stats.space == 0:
         _stack_refuses(cm, cons)
-        named = ",".join(f"{COMPACT_KEYS.get(k, k)}={_v(v)}" for k, v in cons.fixed.items()) or "the caps"
+        named = ",".join(f"{cli_key(k)}={cli_value(v)}" for k, v in cons.fixed.items()) or "the caps"
         raise InputError(f"no configuration satisfies {named} on {cm.cluster.world} GPUs (degrees multiply to the "
                          f"GPU count, tp and ep*etp stay in a node unless --cross-node, and they divide heads, "
                          f"layers, experts and the batch); relax them")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from autopar.core.strategy import COMPACT_KEYS, FIELDS, Strategy
+from autopar.core.strategy import FIELDS, Strategy
 from autopar.cost_models.estimate import CostModel, Estimate
 from autopar.cost_models.report import MATERIAL_HOST, host_bound_note, host_overflow_message, overflow_bytes, seconds
 from autopar.cost_models.session import same_job
@@ -21,6 +21,7 @@ from autopar.planner.search import (
     shardings,
 )
 from autopar.techniques import offload
+from autopar.techniques.base import cli_key, cli_value
 
 GiB = 2**30
 TIGHT_MEMORY = 0.05      # headroom below 5% of the usable memory: the winner is called memory-tight
@@ -101,15 +102,11 @@ def _runner_up(a: Candidate, b: Candidate) -> str:
 def _differences(a: Candidate, b: Candidate) -> str:
     keys = [k for k in FIELDS if k not in ("global_batch", "recompute")]   # recompute: per layer, below
     sa, sb = a.strategy, b.strategy
-    out = [f"{COMPACT_KEYS.get(k, k)} {_v(getattr(sa, k))}->{_v(getattr(sb, k))}" for k in keys
+    out = [f"{cli_key(k)} {cli_value(getattr(sa, k))}->{cli_value(getattr(sb, k))}" for k in keys
            if getattr(sa, k) != getattr(sb, k)]
     if a.layer_recompute != b.layer_recompute:
         out.append("recompute")
     return ", ".join(out)
-
-
-def _v(x) -> str:
-    return str(int(x)) if isinstance(x, bool) else str(x)
 
 
 def _share(x: float, e: Estimate) -> str:
