@@ -8,7 +8,7 @@ Token dispatch (per MoE layer, per microbatch), over the ``ep`` group of ``G`` r
    (uneven splits);
 3. each rank runs its experts on what it received;
 4. the outputs return with the reverse ``all_to_all_single`` and are weighted by the gate
-   values and summed per token on the source rank (``index_add``), as the single-process
+   values and summed per token on the source rank (``layers.WeightedSum``), as the single-process
    ``GroupedExperts`` does.
 
 The functional all-to-all is differentiable (its backward is the reverse exchange), and the
@@ -46,7 +46,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from autopar.codegen.runtime_mesh import ParallelMesh
-from autopar.profiles.models.layers import GroupedExperts, expert_counts, padded_layout, scatter_rows
+from autopar.profiles.models.layers import GroupedExperts, WeightedSum, expert_counts, padded_layout, scatter_rows
 
 
 def contiguous_placement(num_experts: int, ep: int) -> list[list[int]]:
@@ -200,23 +200,6 @@ def _group_sizes(n: int, group, device) -> list[int]:
     return [int(x) for x in out]
 
 
-class _WeightedSum(torch.autograd.Function):
-    """Each token's expert outputs weighted by their gate values and summed on the token's row (a tensor shaped
-    like ``x``): ``index_add``'s backward would keep its source, the weighted rows (rows x hidden), for its shape
-    alone; this keeps the two factors the weighting's backward reads anyway and the index."""
-
-    @staticmethod
-    def forward(ctx, rows, w, token, x):
-        ctx.save_for_backward(rows, w, token)
-        return torch.zeros_like(x).index_add_(0, token, rows * w.unsqueeze(-1))
-
-    @staticmethod
-    def backward(ctx, grad):
-        rows, w, token = ctx.saved_tensors
-        g = grad.index_select(0, token)
-        return (g * w.unsqueeze(-1)).to(rows.dtype), (g * rows).sum(-1).to(w.dtype), None, None
-
-
 class ExpertParallelGroupedExperts(GroupedExperts):
     """``GroupedExperts`` holding a subset of experts, with all-to-all token dispatch."""
 
@@ -243,7 +226,7 @@ class ExpertParallelGroupedExperts(GroupedExperts):
         eids = fc.all_to_all_single(idx.reshape(-1)[order], recv_l, send_l, self.ep_group)
         out_rows = self._run_etp(rows, eids)
         back = fc.all_to_all_single(out_rows, send_l, recv_l, self.ep_group)
-        return _WeightedSum.apply(back, weight[token, slot], token, x)
+        return WeightedSum.apply(back, weight[token, slot], token, x)
 
     def _run_etp(self, rows: torch.Tensor, eids: torch.Tensor) -> torch.Tensor:
         """The experts on the received rows; under etp on the rows of the whole etp group, each
