@@ -1,7 +1,7 @@
 """Price every published run of a file through the path ``autopar estimate`` uses and compare with
 what the run measured: per-row and per-source errors, the fitted constants, leave-one-source-out.
 
-    python benchmarks/validate_published.py [FILE] [--markdown] [--loso] [--cache PICKLE]
+    python benchmarks/validate_published.py [FILE] [--markdown] [--loso] [--by-feature] [--cache PICKLE]
 
 FILE defaults to shared/validation/published_calibration.yaml (18 Megatron-LM A100 rows); the
 modern set is shared/validation/published_modern.yaml. Rows are mapped to autopar inputs by
@@ -85,6 +85,59 @@ def print_summary(priced: list[pr.Priced], skipped: list[tuple[str, str]], title
               f"over 15%: {sum(e > 0.15 for e in errs)}  not priced: {len(skipped)}")
     for rid, why in skipped:
         print(f"not priced: {rid}: {why}")
+
+
+def _pow_bin(x: float, base: int) -> str:
+    """The power of ``base`` bin of ``x`` ("<=base^k"), so a feature spanning decades reads in a few bins."""
+    k = 0
+    while base ** k < x:
+        k += 1
+    return f"<={base ** k:g}"
+
+
+# Row features the errors are binned by (``--by-feature``): what the strategy, the model and the step hold.
+FEATURES = {
+    "recompute": lambda p: p.estimate.strategy.recompute,
+    "seq len": lambda p: _pow_bin(p.case.seq_len, 4),
+    "tokens/micro-batch": lambda p: _pow_bin(p.case.seq_len * p.estimate.strategy.micro_batch, 4),
+    "micro-batches": lambda p: _pow_bin(p.estimate.strategy.num_micro_batches, 4),
+    "GPUs": lambda p: _pow_bin(p.estimate.world, 8),
+    "model GFLOP/token": lambda p: _pow_bin(p.estimate.model_flops / p.estimate.tokens / 1e9, 4),
+    "pp x vpp": lambda p: f"{p.estimate.strategy.pp}x{p.estimate.strategy.vpp}",
+    "ep x etp": lambda p: f"{p.estimate.strategy.ep}x{p.estimate.strategy.etp}",
+}
+
+
+def feature_table(priced: list[pr.Priced]) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """(source, GPU) -> feature -> bin -> the rows' signed errors: a pattern by feature inside one source and GPU
+    type (one table of one stack) is physics or mapping the shared constants cannot carry; one row alone is not."""
+    out: dict[tuple[str, str], dict[str, dict[str, list[float]]]] = {}
+    for p in priced:
+        group = out.setdefault((p.case.source, p.case.gpu), {})
+        for name, of in FEATURES.items():
+            group.setdefault(name, {}).setdefault(of(p), []).append(p.error)
+    return out
+
+
+def print_features(priced: list[pr.Priced], min_rows: int = 5) -> None:
+    """``--by-feature``: per source and GPU type (``min_rows`` rows or more), each feature's bins as
+    ``bin: rows mean-signed-error``; features with one bin are left out."""
+    print("\nsigned error by feature (source, GPU type; bin: rows, mean signed error, max |error|)")
+    for (src, gpu), feats in sorted(feature_table(priced).items()):
+        if sum(len(v) for v in next(iter(feats.values())).values()) < min_rows:
+            continue
+        print(f"{src} {gpu}")
+        for name, bins in feats.items():
+            if len(bins) > 1:
+                cells = "  ".join(f"{b}: {len(e)} {100 * statistics.mean(e):+.1f}% ({100 * max(map(abs, e)):.0f})"
+                                  for b, e in sorted(bins.items(), key=lambda kv: _bin_order(kv[0])))
+                print(f"  {name:18s} {cells}")
+
+
+def _bin_order(label: str) -> tuple:
+    """Numeric bins in value order ("<=16" before "<=256", "2x12" by pp then vpp), the others by name."""
+    nums = [float(x) for x in label.lstrip("<=").split("x") if x.replace(".", "", 1).isdigit()]
+    return (0, nums) if nums else (1, label)
 
 
 def print_constants(built: list[cal.Built]) -> None:
@@ -174,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("file", nargs="?", type=Path, default=None)
     ap.add_argument("--yaml", type=Path, default=None, help="same as FILE")
     ap.add_argument("--markdown", action="store_true", help="per-row markdown table")
+    ap.add_argument("--by-feature", action="store_true", help="signed errors binned by feature per source and GPU")
     ap.add_argument("--loso", action="store_true", help="leave-one-source-out: refit without each source")
     ap.add_argument("--cache", type=Path, help="pickle of the built rows (reused when present)")
     ap.add_argument("--sweeps", type=int, default=cal.SWEEPS, help="coordinate-descent sweeps of each --loso refit")
@@ -195,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     priced = _shipped(built)
     print_rows(priced, args.markdown)
     print_summary(priced, skipped, f"{path.name}: constants as shipped")
+    if args.by_feature:
+        print_features(priced)
     print_constants(built)
     if args.zero3_excess:
         print("\nZeRO-3 time the ring model leaves (DeepSpeed rows):")
