@@ -198,7 +198,7 @@ def price(b: Built, consts: StackConstants | None = None) -> pr.Priced:
         b.cm.stack = b.cm.timer.stack = consts
         if any(getattr(old, f, None) != getattr(consts, f) for f in LAYER_FIELDS):
             b.cm._cache.clear()  # per-layer prices depend on these; the per-step terms are re-derived anyway
-    e = b.cm.estimate(b.strategy)
+    e = pr.estimate(b.case, b.cm, b.strategy)
     return pr.Priced(b.case, e.step_time_s, pr.published_step_s(b.case.run, e), e)
 
 

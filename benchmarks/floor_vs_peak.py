@@ -139,7 +139,7 @@ def row_tallies(path: str, source: str | None) -> list[Tally]:
             sp = Space(cm, Constraints(fixed={"recompute": s.recompute}), s.global_batch)
             sh = Sharding(s.tp, s.cp, s.pp, s.dp, s.ep, s.etp, s.sequence_parallel, s.micro_batch)
             k = Knobs(s.zero_stage, s.offload_optimizer, s.schedule, s.vpp)
-            e = cm.estimate(s)
+            e = pr.estimate(case, cm, s)
             t = tallies.setdefault(case.runtime, Tally(f"--runtime {case.runtime} (published rows)"))
             t.add(floor_bytes(sp, sh, k), e.peak_bytes - e.memory_overhead, sp.usable, e.feasible, case.id)
     return list(tallies.values())

@@ -26,7 +26,7 @@ from autopar.planner.search import search  # noqa: E402
 def compare(run: dict, workdir: Path) -> dict:
     case = pr.case_for(run)
     cm, pub = pr.build(case, workdir)
-    e_pub = cm.estimate(pub)
+    e_pub = pr.estimate(case, cm, pub)
     t0 = time.perf_counter()
     res = search(cm, pub.global_batch, top_k=1)
     elapsed = time.perf_counter() - t0

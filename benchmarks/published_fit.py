@@ -103,7 +103,7 @@ def _as_run(p: pr.Priced) -> pr.Priced:
     with tempfile.TemporaryDirectory() as tmp:
         cm, s = pr.build(p.case, Path(tmp))
     cm.ctx.compile, cm.ctx.loss_parallel = vm.compile_mode(p.case.run), s.tp > 1
-    e = cm.estimate(s)
+    e = pr.estimate(p.case, cm, s)
     return pr.Priced(p.case, e.step_time_s, p.pub_step_s, e)
 
 

@@ -22,8 +22,9 @@ Row conventions (each stated once, here):
   ``vpp`` > 1 selects the interleaved schedule (an unstated V: ``published_dense_rows.llama3_v`` for
   Llama 3, ``readme_v``, ``_folding_vpp``, else 2); Megatron-family rows with tp > 1 run sequence
   parallel (Megatron-Core / NeMo defaults; torchtitan and Meta's Llama 3 stack: ``SEQUENCE_PARALLEL_STACKS``);
-  recompute text maps to none | selective | full, and
-  torchtitan's per-op selective activation checkpointing ("per-op SAC", "selective op") to ``op``.
+  recompute text maps to none | selective | full,
+  torchtitan's per-op selective activation checkpointing ("per-op SAC", "selective op") to ``op``, and its
+  layer-level one ("selective layer") to every second block fully recomputed (``published_recompute``).
 - llm-foundry rows run as ``--runtime llm-foundry`` (torch's program, its own fitted constants: its 2023
   Triton flash attention and Composer FSDP1, ``published_foundry_rows``); Meta's Llama 3 row as ``--runtime
   torch``.
@@ -65,6 +66,7 @@ from published_dense_rows import (
 )
 from published_foundry_rows import foundry_heads, fsdp_impl
 from published_moe_rows import FOLDING, a2a_overlap_of, capacity_factor_of, cross_entropy_of, mcore_flops, moe_config
+from published_recompute import estimate, layer_sac_every
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "validation"
 MODERN_YAML = SHARED / "published_modern.yaml"
@@ -312,7 +314,7 @@ def strategy_of(run: dict, stack: str) -> str:
     # parallelism (Korthikanti et al. 2022), as the calibration rows of the same paper map it
     sp = int(stack in SEQUENCE_PARALLEL_STACKS and tp > 1 and source_key(run) not in LEGACY_MEGATRON)
     parts = [f"tp={tp}", f"pp={pp}", f"dp={dp}", f"cp={cp}", f"ep={ep}", f"etp={etp}", f"mbs={mbs}", f"gbs={gbs}",
-             f"zero={zero}", f"recompute={recompute_of(run)}", f"sp={sp}"]
+             f"zero={zero}", f"recompute={'full' if layer_sac_every(run, stack) else recompute_of(run)}", f"sp={sp}"]
     if pp > 1 and vpp > 1:
         parts += [f"vpp={vpp}", "schedule=interleaved"]
     return ",".join(parts)
@@ -449,7 +451,7 @@ def build(case: Case, workdir: Path):
 
 def price(case: Case, workdir: Path) -> Priced:
     cm, s = build(case, workdir)
-    e = cm.estimate(s)
+    e = estimate(case, cm, s)
     return Priced(case, e.step_time_s, published_step_s(case.run, e), e)
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from autopar.errors import AutoparError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from published_rows import MODERN_YAML, RowSkip, build, case_for, load_runs  # noqa: E402
+from published_rows import MODERN_YAML, RowSkip, build, case_for, estimate, load_runs  # noqa: E402
 
 GiB = 1024**3
 
@@ -62,7 +62,7 @@ def price_memory(run: dict, workdir: Path) -> dict:
     cm, s = build(case, workdir)
     if case.stack == "torchtitan":  # how torchtitan runs what the strategy names (module docstring)
         cm.ctx.compile, cm.ctx.loss_parallel = compile_mode(run), s.tp > 1
-    e = cm.estimate(s)
+    e = estimate(case, cm, s)
     live = e.peak_bytes - e.memory_overhead
     pub = float(run["measured"]["memory_gib"]) * GiB
     return {"id": run["id"], "gpu": case.gpu, "strategy": s.short(), "dtype": case.dtype, "live": live,

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from autopar.cost_models.layer_cost import RECOMPUTE_MODES, LayerCost
 from autopar.planner import frontier
+from autopar.techniques.pipeline import stage_rank
 
 Frontier = frontier.Frontier  # (act bytes, extra time, counts per group and mode), act ascending
 
@@ -203,3 +204,50 @@ def _cached_fit_sums(groups: list[tuple[LayerCost, int]], modes: tuple[str, ...]
     if key not in cache:
         cache[key] = (_fit_sums(groups, modes), list(groups))   # the groups kept alive: the key holds their ids
     return cache[key][0]
+
+
+# ----- what a stack's config places on the layers (techniques.recompute.LAYOUTS) ------------------------------
+def rank_chunks(stages: list[tuple[int, int]], pp: int, schedule: str) -> list[list[range]]:
+    """Per pipeline rank, the layers of each of its stages (virtual stages in model order, ``stages``), in the
+    order the rank builds them (ascending)."""
+    return [[range(a, b) for i, (a, b) in enumerate(stages) if stage_rank(i, pp, schedule) == r] for r in range(pp)]
+
+
+def first_n(stages: list[tuple[int, int]], n: int) -> list[str]:
+    """Megatron ``--recompute-method block --recompute-num-layers n`` (llm-foundry ``first-n``, one stage): the
+    first ``n`` layers of every stage fully recomputed, the rest not."""
+    return [("full" if i - a < n else "none") for a, b in stages for i in range(a, b)]
+
+
+def every_nth(chunks: list[list[range]], n: int, layers: int) -> list[str]:
+    """torchtitan ``selective_ac_option = n``: one counter over the blocks a rank builds, a block checkpointed
+    whole when the count is a multiple of ``n`` (``_apply_layer_sac``), the others not."""
+    out = ["none"] * layers
+    for ranks in chunks:
+        for k, i in enumerate((i for ch in ranks for i in ch), 1):
+            out[i] = "full" if k % n == 0 else "none"
+    return out
+
+
+def _least_n(sizes: list[int], need: int) -> int:
+    """The fewest first layers per stage (``first_n``) that recompute at least ``need`` of stages ``sizes``."""
+    return next(n for n in range(max(sizes, default=0) + 1) if sum(min(n, c) for c in sizes) >= need)
+
+
+def stack_layouts(mix: str, layer_recompute: list[str], stages: list[tuple[int, int]], pp: int,
+                  schedule: str) -> list[list[str]]:
+    """The per-layer recompute a stack's config runs nearest to a partition's ``layer_recompute`` of modes none /
+    full (``mix``: ``techniques.recompute.Layout``): itself where any mix (``per_layer``) or one mode (``uniform``)
+    runs; else the layouts of the least N that recomputes at least as many layers on every rank (``every_nth``)
+    or on every rank and on every stage (``first_n``: two N where they differ). Recomputing more never needs more
+    activation memory; the caller prices each (``CostModel.estimate``) and keeps the best that fits."""
+    if mix in ("per_layer", "uniform"):
+        return [list(layer_recompute)]
+    chunks = rank_chunks(stages, pp, schedule)
+    done = [[sum(layer_recompute[i] != "none" for i in ch) for ch in ranks] for ranks in chunks]
+    if mix == "first_n":
+        by_rank = max(_least_n([len(ch) for ch in ranks], sum(d)) for ranks, d in zip(chunks, done))
+        ns = sorted({by_rank, max(c for d in done for c in d)})
+        return [first_n(stages, n) for n in ns]
+    ratios = [sum(map(len, ranks)) // sum(d) for ranks, d in zip(chunks, done) if sum(d)]
+    return [every_nth(chunks, min(ratios), len(layer_recompute)) if ratios else ["none"] * len(layer_recompute)]

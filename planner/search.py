@@ -56,6 +56,7 @@ from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches
 from autopar.errors import InputError
 from autopar.planner import partition as part
 from autopar.planner import rank, search_cache
+from autopar.planner import recompute as rc
 from autopar.planner.bounds import (  # noqa: F401  (re-exported: tests and explain read them here)
     Floor,
     Priced,
@@ -90,6 +91,7 @@ from autopar.planner.space import (  # noqa: F401  (re-exported: the planner's p
     SearchResult,
     SearchStats,
     Sharding,
+    emits,
     for_stack,
     knob_options,
     rule_spec,
@@ -98,6 +100,7 @@ from autopar.planner.space import (  # noqa: F401  (re-exported: the planner's p
 )
 from autopar.planner.step_floors import scaled_no_cp
 from autopar.techniques import offload, pipeline
+from autopar.techniques.recompute import LAYOUTS
 
 
 def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, top_k: int = 5,
@@ -191,10 +194,10 @@ def _partitioned(sp: Space, sh: Sharding, k: Knobs, upper: float) -> Candidate |
     try:
         s = Strategy(**probe(sh, sp.gb, k).model_dump()).resolve(cm.cluster.world)
         # one pass over every rule (emit rules included); where one breaks, the checks run as before for its message
-        if techniques.violations(s, rule_spec(cm), s.world, cm.seq_len, emitted=True, stack=cm.stack_name) or \
+        if techniques.violations(s, rule_spec(cm), s.world, cm.seq_len, emitted=emits(cm), stack=cm.stack_name) or \
                 offload.gpu_violations(s, cm.gpu):
             cm.check(s)
-            techniques.check(s, rule_spec(cm), cm.seq_len, emitted=True, stack=cm.stack_name)
+            techniques.check(s, rule_spec(cm), cm.seq_len, emitted=emits(cm), stack=cm.stack_name)
     except InputError as exc:  # a rule the enumeration does not test (none known): keep the reason
         sp.rule_error = sp.rule_error or exc.message
         return None
@@ -206,10 +209,21 @@ def _partitioned(sp: Space, sh: Sharding, k: Knobs, upper: float) -> Candidate |
     # tight: the mean rank with the first rank's micro-batches in flight takes 60% of the memory or more
     tight = sp.floor(sh).bytes(cm, sh, s.zero_stage, s.offload_optimizer, in_flight_microbatches(
         0, s.pp, s.num_micro_batches, s.schedule, s.vpp), grads_freed(sp, sh, s.schedule, s.vpp)) > 0.6 * sp.usable
-    res = part.partition(cm, s, modes, upper, sp.priced(sh).costs, sp.shared, tight)
-    if res is None:
-        return None
-    return Candidate(_label(s, res.layer_recompute), res.stages, res.layer_recompute, res.step_time_s)
+    layouts = LAYOUTS[cm.stack_name]
+    if len(layouts) == 1 and layouts[0].mix == "per_layer":   # autopar's program: any mode on any layer
+        res = part.partition(cm, s, modes, upper, sp.priced(sh).costs, sp.shared, tight)
+        return None if res is None else Candidate(_label(s, res.layer_recompute), res.stages, res.layer_recompute,
+                                                  res.step_time_s)
+    best = None
+    for layout in layouts:   # each family the stack's config expresses, partitioned with its modes, then placed
+        fam = tuple(m for m in modes if m in layout.modes)
+        res = part.partition(cm, s, fam, upper, sp.priced(sh).costs, sp.shared, tight) if fam else None
+        for lr in rc.stack_layouts(layout.mix, res.layer_recompute, res.stages, s.pp, s.schedule) if res else ():
+            label = _label(s, lr)
+            e = cm.estimate(label, res.stages, lr)
+            if e.feasible and e.step_time_s < upper:
+                best, upper = Candidate(label, res.stages, lr, e.step_time_s, e), e.step_time_s
+    return best
 
 
 def _v_shaped(cm: CostModel, s: Strategy, modes: tuple[str, ...], upper: float) -> Candidate | None:

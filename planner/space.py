@@ -136,10 +136,15 @@ def rule_spec(cm: CostModel) -> ModelSpec:
 
 
 def allowed(cm: CostModel, tech: Technique, s: Strategy) -> bool:
-    """``s`` passes the technique's rules, its emit rules and what the cost model's stack runs (the search of
-    a stack other than torch keeps to the emit rules too: the configurations both autopar's program and the
-    stack run, a conservative narrowing that keeps the search's own checks, which read the emit rules, exact)."""
-    return not tech.violations(s, rule_spec(cm), cm.cluster.world, cm.seq_len, emitted=True, stack=cm.stack_name)
+    """``s`` passes the technique's rules and what the cost model's stack runs: under ``--runtime torch`` the emit
+    rules (autopar's program), under another stack its own rules (``Runs.rules``: torchtitan's include what torch's
+    schedules and checkpointing refuse, the torch rules it shares), not autopar's emit rules."""
+    return not tech.violations(s, rule_spec(cm), cm.cluster.world, cm.seq_len, emitted=emits(cm), stack=cm.stack_name)
+
+
+def emits(cm: CostModel) -> bool:
+    """The plan is autopar's emitted program (``--runtime torch``): the search keeps to the emit rules."""
+    return cm.stack_name == "torch"
 
 
 def allowed_shape(cm: CostModel, tech: Technique, **degrees) -> bool:
@@ -264,22 +269,26 @@ def schedule_options(cm: CostModel, cons: Constraints, pp: int, m: int) -> list[
 def knob_options(cm: CostModel, cons: Constraints, sh: Sharding, gb: int, cache: dict | None = None) -> list[Knobs]:
     reduced = sh.dp * sh.cp > 1 or sh.edp > 1
     m = gb // (sh.dp * sh.mbs)
-    key = (reduced, sh.pp, m)
+    # what the rules read of the sharding (beside pp): a reduced gradient, and data parallel beside another
+    # parallelism (torchtitan's DDP runs alone: data_parallel.torchtitan_ddp_rule)
+    key = (reduced, sh.pp, m, sh.dp * sh.cp > 1 and max(sh.tp, sh.cp, sh.ep) > 1)
     if cache is not None and key in cache:
         return cache[key]
     # without a reduced gradient every ZeRO stage is the same configuration: keep one
     stages = data_parallel.ZERO_STAGES if reduced else (cons.fixed.get("zero_stage", 0),)
     zeros = [z for z in stages if cons.ok("zero_stage", z)   # a fixed stage the stack refuses: none
-             and allowed_shape(cm, data_parallel.TECHNIQUE, zero_stage=z, pp=sh.pp)]
+             and allowed_shape(cm, data_parallel.TECHNIQUE, zero_stage=z, pp=sh.pp, dp=sh.dp, tp=sh.tp, cp=sh.cp,
+                               ep=sh.ep)]
     offs = [x for x in (offload.VALUES if offload.priced_on(cm.gpu) else (False,)) if cons.ok("offload_optimizer", x)]
     scheds = schedule_options(cm, cons, sh.pp, m)   # once, not once per (zero, offload) pair
     # offload below ZeRO-3 runs ZeRO-2's program: offered once, as zero=2 (techniques.offload.stage_rule)
     pairs = [(z, o) for z in zeros for o in offs if not o or allowed_shape(
         cm, offload.TECHNIQUE, dp=sh.dp, cp=sh.cp, tp=sh.tp, ep=sh.ep, etp=sh.etp, zero_stage=z, offload_optimizer=o)]
+    # the schedules whose rules read the ZeRO stage or offload (torch_rule), checked with them
     out = [Knobs(z, o, s, v) for z, o in pairs for s, v in scheds
-           if s not in pipeline.ZERO_BUBBLE or allowed_shape(cm, pipeline.TECHNIQUE, pp=sh.pp, dp=sh.dp,
-                                                             micro_batch=sh.mbs, global_batch=gb, zero_stage=z,
-                                                             offload_optimizer=o, schedule=s, vpp=v)]
+           if s not in pipeline.ZERO_BUBBLE + pipeline.LOOPED or allowed_shape(
+               cm, pipeline.TECHNIQUE, pp=sh.pp, dp=sh.dp, micro_batch=sh.mbs, global_batch=gb, zero_stage=z,
+               offload_optimizer=o, schedule=s, vpp=v)]
     if cache is not None:
         cache[key] = out
     return out

@@ -12,9 +12,11 @@ only strategies that pass both, so every plan it prints is one ``emit`` writes.
 
 ``stacks`` say what each software stack (``core.gpu.Runtime``) runs of the technique (``Runs``: the values
 of its fields the stack takes, extra rules, and the stack's documentation that says so). ``estimate
---runtime S`` refuses what S does not run; ``plan --runtime S`` searches only what S runs (and what
-the emit rules allow: a conservative narrowing, see ``planner.space.allowed``). ``torch`` (PyTorch
+--runtime S`` refuses what S does not run; ``plan --runtime S`` searches only what S runs
+(``planner.space.allowed``: autopar's emit rules bind ``--runtime torch`` alone; a stack that shares one,
+e.g. torchtitan running torch's schedules, lists it among its own rules). ``torch`` (PyTorch
 itself) declares nothing beyond the rules: its search is autopar's program, the emit rules.
+``RELEASES``: the release of a stack the declarations read, where they pin one.
 
 A rule is a pure function ``(strategy, model spec or None, world size, seq_len or None) ->
 [one-line violation, ...]``; rules that need the model return nothing when it is None.
@@ -29,6 +31,8 @@ from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import COMPACT_KEYS, Strategy
 
 Rule = Callable[[Strategy, "ModelSpec | None", int, "int | None"], list[str]]
+# stack -> the release whose config keys and code the declarations cite (a stack not named: no one release)
+RELEASES: dict[str, str] = {"torchtitan": "0.2.2", "llm-foundry": "0.22.0"}
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,11 @@ def chunk_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | N
 
 
 def window_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
-    """The emitted cp attention (``codegen.runtime_cp``) intercepts causal SDPA calls only; a
-    sliding-window layer calls SDPA with its window mask, which would attend within the rank's
-    local chunk alone: wrong attention, so not emitted (nor searched)."""
+    """Context parallel over sliding-window layers is not run as priced. The emitted cp attention
+    (``codegen.runtime_cp``), like torchtitan's (torch's ``context_parallel``), intercepts causal SDPA calls
+    only; a sliding-window layer calls SDPA with its window mask, which would attend within the rank's
+    local chunk alone: wrong attention, so not emitted (nor searched). Megatron's Transformer Engine runs a
+    window under cp with its a2a / allgather exchange only, not the ring ``cp_cost`` prices for it."""
     if s.cp == 1 or spec is None or not spec.sliding_window:
         return []
     if not any(spec.is_sliding_layer(i) for i in range(spec.layers)):
@@ -37,15 +39,17 @@ def window_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | 
 # other stacks' ring):
 # - torch: autopar's all-gather form (``codegen.runtime_cp``).
 # - torchtitan: ``parallelism.context_parallel_degree`` (torch's ``context_parallel``, key / values passed
-#   round by ``context_parallel_rotate_method`` allgather | alltoall).
+#   round by ``context_parallel_rotate_method`` allgather | alltoall); like autopar's program it splits causal
+#   SDPA calls only (``window_rule``).
 # - megatron: ``--context-parallel-size`` with ``--cp-comm-type`` p2p (ring) | a2a | allgather | a2a+p2p
-#   (Transformer Engine attention).
+#   (Transformer Engine attention); Transformer Engine runs a sliding window under cp with a2a / allgather only,
+#   not the ring ``cp_cost`` prices (``window_rule``).
 # - deepspeed: DeepSpeed-Ulysses splits heads by all-to-all, not the ring / all-gather cp priced here: left out.
 # - llm-foundry: no context parallel in its configs.
 STACKS = {
     "torch": Runs("autopar's program: all-gather context parallel"),
-    "torchtitan": Runs("torchtitan parallelism.context_parallel_degree"),
-    "megatron": Runs("Megatron-LM --context-parallel-size, --cp-comm-type"),
+    "torchtitan": Runs("torchtitan parallelism.context_parallel_degree", {}, (window_rule,)),
+    "megatron": Runs("Megatron-LM --context-parallel-size, --cp-comm-type", {}, (window_rule,)),
     "deepspeed": Runs("DeepSpeed-Ulysses is a head all-to-all, not the cp priced here", {"cp": (1,)}),
     "llm-foundry": Runs("no context parallel in llm-foundry", {"cp": (1,)}),
 }

@@ -44,12 +44,24 @@ def megatron_fsdp_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len:
     return []
 
 
+def torchtitan_ddp_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    """torchtitan 0.2.2 runs ZeRO-0 (DDP, ``data_parallel_replicate_degree``) as the only parallelism: its
+    ``parallelize_llama`` raises "DDP has not supported > 1D parallelism" when the world is larger than the
+    replicate mesh, and with cp > 1 it shards the parameters over cp (FSDP)."""
+    if s.zero_stage == 0 and s.dp * s.cp > 1 and max(s.tp, s.pp, s.cp, s.ep) > 1:
+        return [f"zero=0 with tp={s.tp}, pp={s.pp}, cp={s.cp}, ep={s.ep}: --runtime torchtitan runs DDP "
+                "(data_parallel_replicate_degree) alone (\"DDP has not supported > 1D parallelism\"); use zero=2 or "
+                "zero=3 (data_parallel_shard_degree)"]
+    return []
+
+
 # What each stack runs of data parallel and ZeRO (the sources name the configuration keys):
 # - torch: autopar's program (``dp_program.dp_mode``): DDP, ZeroRedundancyOptimizer, FSDP2 replicate,
 #   ``runtime_zero1.ShardedAdamW``, ``fully_shard``: zero 0-3.
 # - torchtitan: ``parallelism.data_parallel_replicate_degree`` (DDP: zero 0) and ``data_parallel_shard_degree``
 #   (FSDP2 ``fully_shard``: zero 3; ``parallelism.fsdp_reshard_after_forward = "never"``: zero 2). No
-#   optimizer-only sharding (ZeRO-1). Its HSDP (replicate x shard) has no field here: not searched.
+#   optimizer-only sharding (ZeRO-1). Its HSDP (replicate x shard) has no field here: not searched. Release
+#   0.2.2 runs DDP with no other parallelism (``torchtitan_ddp_rule``; 0.3.0 replicates through FSDP2 instead).
 # - megatron: Megatron-Core ``DistributedDataParallel`` (zero 0), ``--use-distributed-optimizer`` (ZeRO-1),
 #   ``--use-torch-fsdp2`` or Megatron-FSDP's ``--data-parallel-sharding-strategy optim_grads_params`` (zero 3,
 #   declared without a pipeline). Megatron-FSDP's ``optim_grads`` (ZeRO-2) is left out: which releases carry
@@ -61,7 +73,7 @@ def megatron_fsdp_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len:
 STACKS = {
     "torch": Runs("autopar's program: DDP / ZeroRedundancyOptimizer / ShardedAdamW / FSDP2"),
     "torchtitan": Runs("torchtitan data_parallel_replicate_degree / data_parallel_shard_degree, "
-                       "fsdp_reshard_after_forward", {"zero_stage": (0, 2, 3)}),
+                       "fsdp_reshard_after_forward", {"zero_stage": (0, 2, 3)}, (torchtitan_ddp_rule,)),
     "megatron": Runs("Megatron-Core DDP, --use-distributed-optimizer, --use-torch-fsdp2 / Megatron-FSDP",
                      {"zero_stage": (0, 1, 3)}, (megatron_fsdp_rule,)),
     "deepspeed": Runs("DeepSpeed zero_optimization.stage", {"zero_stage": ZERO_STAGES}, (deepspeed_pipeline_rule,)),

@@ -28,6 +28,8 @@ def gpu_violations(s: Strategy, gpu: GpuProfile) -> list[str]:
 
 
 def emitted_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    """No per-op recompute policy (``op``) beside FSDP2's ``CPUOffloadPolicy``: torch's selective checkpointing
+    meets the offload copies a different number of times than the forward did (``OFFLOAD_RECOMPUTE``)."""
     if s.offload_optimizer and s.recompute not in OFFLOAD_RECOMPUTE:
         return [f"offload=1 with recompute={s.recompute} is not emitted yet (the per-op policy's recompute "
                 "meets FSDP2's offload copies); use recompute=selective or full"]
@@ -60,20 +62,22 @@ def sharded_offload_rule(stages: tuple[int, ...], stack: str, how: str):
 
 # What each stack runs of optimizer offload (fp32 master weights and AdamW states on the host, the step on the CPU):
 # - torch: autopar's program (FSDP2 ``CPUOffloadPolicy``; the emit rules above).
-# - torchtitan: ``training.enable_cpu_offload`` (FSDP2 ``CPUOffloadPolicy`` on its ``fully_shard``): zero 2, 3.
+# - torchtitan: ``training.enable_cpu_offload`` (FSDP2 ``CPUOffloadPolicy`` on its ``fully_shard``): zero 2, 3;
+#   torch's per-op policy meets the policy's copies as in autopar's program (``emitted_rule``: no ``op`` with it).
 # - megatron: ``--optimizer-cpu-offload`` (hybrid device optimizer) keeps parameters and gradients on the GPU
 #   and offloads a fraction of the states: not the program offload=1 prices; left out.
-# - deepspeed: ``zero_optimization.offload_optimizer.device = "cpu"`` (ZeRO-Offload, DeepSpeedCPUAdam), ZeRO
-#   stages 1-3.
+# - deepspeed: ``zero_optimization.offload_optimizer.device = "cpu"`` (ZeRO-Offload, DeepSpeedCPUAdam), declared
+#   by DeepSpeed for ZeRO stages 1-3; declared here at 2 and 3: the cost model prices offload below ZeRO-3 as one
+#   program with sharded gradients (``stage_rule``), which stage 1 (gradients not partitioned) is not.
 # - llm-foundry: Composer's FSDP ``fsdp_config`` declares no optimizer offload: left out.
 STACKS = {
     "torch": Runs("autopar's program: FSDP2 CPUOffloadPolicy"),
     "torchtitan": Runs("torchtitan training.enable_cpu_offload", {},
-                       (sharded_offload_rule((2, 3), "torchtitan", "FSDP2's CPUOffloadPolicy"),)),
+                       (sharded_offload_rule((2, 3), "torchtitan", "FSDP2's CPUOffloadPolicy"), emitted_rule)),
     "megatron": Runs("Megatron-LM --optimizer-cpu-offload keeps parameters on the GPU: not this offload",
                      {"offload_optimizer": (False,)}),
     "deepspeed": Runs("DeepSpeed zero_optimization.offload_optimizer", {},
-                      (sharded_offload_rule((1, 2, 3), "deepspeed", "zero_optimization.offload_optimizer"),)),
+                      (sharded_offload_rule((2, 3), "deepspeed", "zero_optimization.offload_optimizer"),)),
     "llm-foundry": Runs("Composer fsdp_config declares no optimizer offload", {"offload_optimizer": (False,)}),
 }
 

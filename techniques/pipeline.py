@@ -76,17 +76,23 @@ def microbatch_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: in
     return []
 
 
+def tied_v_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    """autopar's program does not emit tied embeddings under a V schedule (an emit rule, autopar's alone)."""
+    if s.pp > 1 and s.schedule in V_SHAPED and spec is not None and spec.tie_embeddings:
+        return [f"{s.schedule} puts the first and last stage on one rank as two model copies; tied embeddings "
+                "are not emitted there; use schedule=zb_interleaved or untie them"]
+    return []
+
+
 def torch_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
-    """What ``torch.distributed.pipelining``'s schedules accept (an emit rule: Megatron runs fewer)."""
+    """What ``torch.distributed.pipelining``'s schedules accept, and run as priced: an emit rule, and a rule of
+    every stack that runs torch's schedules (torchtitan); Megatron and DeepSpeed run fewer micro-batches."""
     if s.pp == 1 or not s.global_batch:
         return []
     m = s.num_micro_batches
     if s.schedule == "1f1b" and m < s.pp:
         return [f"1f1b needs at least pp={s.pp} microbatches per data-parallel rank, the plan has {m} "
                 "(global_batch / (mbs*dp)); lower mbs or use schedule=gpipe"]
-    if s.schedule in V_SHAPED and spec is not None and spec.tie_embeddings:
-        return [f"{s.schedule} puts the first and last stage on one rank as two model copies; tied embeddings "
-                "are not emitted there; use schedule=zb_interleaved or untie them"]
     if s.schedule in ZERO_BUBBLE and s.recompute not in ZB_RECOMPUTE:
         return [f"{s.schedule} splits the backward in two; recompute={s.recompute} (selective checkpointing) "
                 "allows one backward per region; use recompute=none or full"]
@@ -107,19 +113,34 @@ def torch_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | N
     return []
 
 
+def torchtitan_tied_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | None) -> list[str]:
+    """torchtitan 0.2.2 builds each pipeline stage from its own copy of the model (``pipeline_module_split``)
+    and nothing ties the embedding of the first stage to the output layer of the last (qwen3's
+    ``enable_weight_tying`` ties them within one copy): tied embeddings are not trained tied under pp."""
+    if s.pp > 1 and spec is not None and spec.tie_embeddings:
+        return [f"pp={s.pp} with tied embeddings: --runtime torchtitan trains the first and last stage's copies "
+                "untied; use pp=1 or untie them"]
+    return []
+
+
 # What each stack runs of pipeline parallel:
 # - torch: autopar's program (``codegen.runtime_pp``: torch.distributed.pipelining), every schedule above.
 # - torchtitan: ``parallelism.pipeline_parallel_degree`` and ``pipeline_parallel_schedule``, a name torch's
 #   ``get_schedule_class`` takes: GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble, ZBVZeroBubble,
-#   DualPipeV (torch's own schedules, the ones autopar emits).
+#   DualPipeV (torch's own schedules, the ones autopar emits): what they refuse or run otherwise than priced
+#   (``torch_rule``) is its rule too; autopar's own emit limit (``tied_v_rule``) is not, but its stages are
+#   model copies that leave tied embeddings untied (``torchtitan_tied_rule``).
 # - megatron: ``--pipeline-model-parallel-size`` runs 1F1B; ``--num-layers-per-virtual-pipeline-stage`` /
 #   ``--virtual-pipeline-model-parallel-size`` interleaved 1F1B (Megatron-Core ``get_forward_backward_func``).
-#   No GPipe, zero-bubble or DualPipe schedule ships in Megatron-Core.
-# - deepspeed: ``deepspeed.pipe.PipelineModule`` runs ``TrainSchedule`` (1F1B), one stage per rank.
+#   No GPipe, zero-bubble or DualPipe schedule ships in Megatron-Core. Its 1F1B runs fewer micro-batches than
+#   pp (warm-up ``min(pp - rank - 1, m)``), which torch's ``Schedule1F1B`` refuses: searched.
+# - deepspeed: ``deepspeed.pipe.PipelineModule`` runs ``TrainSchedule`` (1F1B), one stage per rank, any number of
+#   micro-batches (``gradient_accumulation_steps``).
 # - llm-foundry: no pipeline parallel (Composer FSDP).
 STACKS = {
     "torch": Runs("autopar's program: torch.distributed.pipelining"),
-    "torchtitan": Runs("torchtitan parallelism.pipeline_parallel_schedule (torch's schedules)"),
+    "torchtitan": Runs("torchtitan parallelism.pipeline_parallel_schedule (torch's schedules)", {},
+                       (torch_rule, torchtitan_tied_rule)),
     "megatron": Runs("Megatron-LM --pipeline-model-parallel-size, --num-layers-per-virtual-pipeline-stage",
                      {"schedule": ("1f1b", "interleaved")}),
     "deepspeed": Runs("DeepSpeed PipelineModule: TrainSchedule (1F1B)", {"schedule": ("1f1b",), "vpp": (1,)}),
@@ -130,7 +151,7 @@ TECHNIQUE = Technique(
     name="pipeline",
     fields=("pp", "vpp", "schedule"),
     rules=(depth_rule, shape_rule, microbatch_rule),
-    emit_rules=(torch_rule,),
+    emit_rules=(torch_rule, tied_v_rule),
     search={"pp": "divisors of world / (tp*cp), at most the layer count", "schedule": SEARCHED,
             "vpp": "1; looped schedules: v dividing the layers with layers/v >= pp; V schedules: 2"},
     named_only={"schedule": NAMED_ONLY},

@@ -5,7 +5,8 @@ Applied by ``codegen.runtime_ac.apply_ac``; priced by the saved / working bytes 
 
 from __future__ import annotations
 
-from typing import get_args
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Recompute, Strategy
@@ -27,23 +28,56 @@ def mode_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | No
     return [msg] if msg else []
 
 
-# What each stack runs of activation recomputation (per layer: the plan's ``layer_recompute`` mixes the modes):
-# - torch: autopar's program (``codegen.runtime_ac``), every mode.
-# - torchtitan: ``activation_checkpoint.mode`` none | full | selective; ``selective_ac_option = "op"`` is the
-#   per-op policy (``op``); an integer N (every N-th block checkpointed whole) is priced as ``selective`` by the
-#   published rows' mapping (``benchmarks/published_rows.recompute``), so ``selective`` stays declared.
-# - megatron: ``--recompute-granularity selective`` (core attention, Korthikanti et al. 2022) | ``full`` with
-#   ``--recompute-method uniform | block``; no per-op policy.
-# - deepspeed: ``deepspeed.checkpointing.checkpoint`` (``activation_checkpointing``): whole blocks.
-# - llm-foundry: ``fsdp_config.activation_checkpointing`` (whole blocks).
+# What each stack runs of activation recomputation: the modes (``STACKS``) and how its config places them on the
+# layers (``LAYOUTS``: a plan names one mode per layer; a stack's config sets one knob for the whole model):
+# - torch: autopar's program (``codegen.runtime_ac``): every mode, layer by layer.
+# - torchtitan (release 0.2.2, ``base.RELEASES``): ``activation_checkpoint.mode`` none | full | selective;
+#   selective with ``selective_ac_option = "op"`` is the per-op policy (``op``), with an integer N every N-th
+#   block a rank builds is checkpointed whole (``distributed/activation_checkpoint._apply_layer_sac``: one counter
+#   over the rank's blocks, a block wrapped when count % N == 0): a mix of full and none. Autopar's ``selective``
+#   (core attention alone) has no setting there: not declared.
+# - megatron: ``--recompute-granularity selective`` (core attention on every layer, Korthikanti et al. 2022) |
+#   ``full`` with ``--recompute-method block --recompute-num-layers N`` (the first N layers of every pipeline
+#   stage / virtual chunk fully recomputed, the rest not; N at least the chunk: every layer, as ``uniform`` with
+#   N = 1); no per-op policy, no mix of selective and full.
+# - deepspeed: ``deepspeed.checkpointing.checkpoint`` over whole blocks, every layer or none (PipelineModule's
+#   ``activation_checkpoint_interval`` > 1 checkpoints groups of layers as one, which no per-layer mode prices).
+# - llm-foundry: ``fsdp_config.activation_checkpointing`` (whole blocks) with ``activation_checkpointing_target``
+#   ``{mptblock: "first-N"}`` (llmfoundry/models/utils/act_ckpt.py, 0.22.0): the first N blocks, no pipeline.
 STACKS = {
     "torch": Runs("autopar's program: checkpoint / per-op policies"),
-    "torchtitan": Runs("torchtitan activation_checkpoint.mode, selective_ac_option"),
-    "megatron": Runs("Megatron-LM --recompute-granularity selective | full",
-                     {"recompute": ("none", "selective", "full")}),
+    "torchtitan": Runs("torchtitan 0.2.2 activation_checkpoint.mode none | full | selective, selective_ac_option op "
+                       "(op) or N (every N-th block)", {"recompute": ("none", "op", "full")}),
+    "megatron": Runs("Megatron-LM --recompute-granularity selective | full, --recompute-method block, "
+                     "--recompute-num-layers", {"recompute": ("none", "selective", "full")}),
     "deepspeed": Runs("DeepSpeed activation_checkpointing: whole blocks", {"recompute": ("none", "full")}),
-    "llm-foundry": Runs("llm-foundry fsdp_config.activation_checkpointing: whole blocks",
-                        {"recompute": ("none", "full")}),
+    "llm-foundry": Runs("llm-foundry fsdp_config.activation_checkpointing, activation_checkpointing_target first-N: "
+                        "whole blocks", {"recompute": ("none", "full")}),
+}
+
+Mix = Literal["per_layer", "uniform", "first_n", "every_nth"]
+MIX_TEXT = {"per_layer": "any mode on any layer", "uniform": "one mode on every layer",
+            "first_n": "full on the first N layers of every stage / chunk, none on the rest",
+            "every_nth": "full on every N-th layer of each rank, none on the rest"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One family of per-layer recompute a stack's config expresses: the plan's layers use ``modes`` placed as
+    ``mix`` says (``per_layer``: any mode on any layer; ``uniform``: every layer the same one mode; ``first_n`` /
+    ``every_nth``: full on the layers a single N picks, none elsewhere; ``planner.recompute.stack_layout``)."""
+
+    modes: tuple[str, ...]
+    mix: Mix
+
+
+# stack -> the layout families it runs (``planner.search`` partitions each family's modes and keeps the best)
+LAYOUTS: dict[str, tuple[Layout, ...]] = {
+    "torch": (Layout(MODES, "per_layer"),),
+    "torchtitan": (Layout(("none", "full"), "every_nth"), Layout(("op",), "uniform")),
+    "megatron": (Layout(("none", "full"), "first_n"), Layout(("selective",), "uniform")),
+    "deepspeed": (Layout(("none",), "uniform"), Layout(("full",), "uniform")),
+    "llm-foundry": (Layout(("none", "full"), "first_n"),),
 }
 
 TECHNIQUE = Technique(

@@ -8,8 +8,9 @@ from typing import get_args
 
 from autopar import techniques
 from autopar.core.gpu import Runtime
-from autopar.techniques.base import cli_key, cli_value
+from autopar.techniques.base import RELEASES, cli_key, cli_value
 from autopar.techniques.precision import FP8
+from autopar.techniques.recompute import LAYOUTS
 
 STACKS: tuple[str, ...] = get_args(Runtime)
 # the fields shown: the parallel degrees and every field some stack narrows (dp, mbs, gbs: every stack, any value)
@@ -27,7 +28,18 @@ def rows() -> list[str]:
     head = ["| field | " + " | ".join(STACKS) + " |", "|---" * (len(STACKS) + 1) + "|"]
     body = [f"| {cli_key(n)} | " + " | ".join(cell(s, n) for s in STACKS) + " |" for n in SHOWN]
     fp8 = "| dtype fp8 (plan) | " + " | ".join("yes" if FP8[s] else "no" for s in STACKS) + " |"
-    return head + body + [fp8]
+    return head + body + [layout_row(), fp8]
+
+
+def layout_row() -> str:
+    """How each stack places its recompute modes on the layers (``recompute.LAYOUTS``)."""
+    bar = " \\| "
+    cells = ["; ".join(f"{bar.join(x.modes)}: {MIX_SHORT[x.mix]}" for x in LAYOUTS[s]) for s in STACKS]
+    return "| recompute layers | " + " | ".join(cells) + " |"
+
+
+MIX_SHORT = {"per_layer": "per layer", "uniform": "every layer", "first_n": "first N of each stage",
+             "every_nth": "every N-th of each rank"}
 
 
 def rules() -> list[str]:
@@ -47,8 +59,9 @@ def sources() -> list[str]:
 
 
 def markdown() -> str:
+    pinned = ", ".join(f"{s} {v}" for s, v in RELEASES.items())
     return "\n".join(rows() + ["", "Rules beyond the values:", "", *rules(), "", "Where each stack says so:", "",
-                               *sources()]) + "\n"
+                               *sources(), "", f"Releases read: {pinned}."]) + "\n"
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ def test_a_fixed_value_the_stack_does_not_run_is_one_line(cms):
     (("estimate", "--runtime", "llm-foundry", "--strategy", "zero=1"), ("zero=1", "llm-foundry", "0 | 2 | 3")),
     (("memory", "--runtime", "megatron", "--strategy", "pp=2,vpp=2,schedule=zbv"), ("schedule=zbv", "megatron")),
     (("estimate", "--runtime", "deepspeed", "--strategy", "pp=2,zero=3"), ("zero=3 with pp=2", "deepspeed")),
-    (("estimate", "--runtime", "torchtitan", "--strategy", "tp=2"), ("tp=2 with sp=0", "torchtitan")),
+    (("estimate", "--runtime", "torchtitan", "--strategy", "tp=2,zero=3"), ("tp=2 with sp=0", "torchtitan")),
+    (("estimate", "--runtime", "torchtitan", "--strategy", "tp=2,sp=1"), ("zero=0 with tp=2", "torchtitan", "DDP")),
     (("plan", "--runtime", "llm-foundry", "--zero", "1"), ("zero=1", "llm-foundry", "0 | 2 | 3")),
     (("plan", "--runtime", "deepspeed", "--dtype", "fp8"), ("--dtype fp8", "deepspeed", "--runtime megatron")),
 ])
