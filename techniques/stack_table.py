@@ -13,9 +13,10 @@ from autopar.techniques.precision import FP8
 from autopar.techniques.recompute import LAYOUTS
 
 STACKS: tuple[str, ...] = get_args(Runtime)
-# the fields shown: the parallel degrees and every field some stack narrows (dp, mbs, gbs: every stack, any value)
-SHOWN = ("tp", "sequence_parallel", "cp", "pp", "vpp", "schedule", "zero_stage", "offload_optimizer", "ep", "etp",
-         "recompute")
+# the fields shown: every field some stack narrows (``Runs.values``), in the techniques' order; the others (dp, mbs,
+# gbs) every stack runs at any value
+SHOWN: tuple[str, ...] = tuple(f for t in techniques.ALL for f in t.fields
+                               if any(f in t.stacks[s].values for s in STACKS))
 
 
 def cell(stack: str, name: str) -> str:
