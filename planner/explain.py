@@ -10,6 +10,7 @@ from autopar.cost_models.estimate import CostModel, Estimate
 from autopar.cost_models.report import MATERIAL_HOST, host_bound_note, host_overflow_message, overflow_bytes, seconds
 from autopar.cost_models.session import same_job
 from autopar.errors import InputError
+from autopar.planner.recompute import stack_setting
 from autopar.planner.search import (
     Candidate,
     Constraints,
@@ -22,6 +23,7 @@ from autopar.planner.search import (
 )
 from autopar.techniques import offload
 from autopar.techniques.base import cli_key, cli_value
+from autopar.techniques.recompute import LAYOUTS
 
 GiB = 2**30
 TIGHT_MEMORY = 0.05      # headroom below 5% of the usable memory: the winner is called memory-tight
@@ -38,7 +40,7 @@ def why(cands: list[Candidate], cm: CostModel | None = None) -> list[str]:
     (``report.host_bound_note``; ``cm`` prices its fix), then the runner-up's loss."""
     if not cands or cands[0].estimate is None:
         return []
-    out = [_limits(cands[0])]
+    out = [_limits(cands[0], cm.stack_name if cm is not None else "torch")]
     host = host_bound_note(cands[0].estimate, cm)
     out += [host] if host else []
     if len(cands) > 1 and cands[1].estimate is not None:
@@ -46,7 +48,7 @@ def why(cands: list[Candidate], cm: CostModel | None = None) -> list[str]:
     return out
 
 
-def _limits(c: Candidate) -> str:
+def _limits(c: Candidate, stack: str = "torch") -> str:
     e = c.estimate
     over = {k: v for k, v in e.time.items() if k != "compute" and v > 0}
     parts = [_compute_share(e)]
@@ -59,7 +61,7 @@ def _limits(c: Candidate) -> str:
     redo = {k: v for k, v in rc.items() if k != "none"}
     if redo:
         mem += f"; recomputes {sum(redo.values())} of {len(c.layer_recompute)} layers (" + \
-               ", ".join(f"{v} {k}" for k, v in sorted(redo.items())) + ")"
+               ", ".join(f"{v} {k}" for k, v in sorted(redo.items())) + ")" + _setting(c, stack)
     top_term = max(over, key=over.get) if over else None
     if e.host_floor_s >= max(MATERIAL_HOST * e.step_time_s, over.get(top_term, 0.0)):
         limit = "host-bound"   # its compute is the GPU waiting for kernel launches (the next sentence)
@@ -70,6 +72,13 @@ def _limits(c: Candidate) -> str:
     if headroom < TIGHT_MEMORY:  # nearly full memory, which says nothing about where the time goes
         limit += f" and memory-tight ({100 * max(headroom, 0.0):.1f}% of usable memory left)"
     return f"Winner ({c.strategy.short()}) is {limit}: " + ", ".join(parts) + f"; {mem}."
+
+
+def _setting(c: Candidate, stack: str) -> str:
+    """How the stack's configuration says the plan's per-layer recompute (``recompute.stack_setting``)."""
+    s = c.strategy
+    how = stack_setting(LAYOUTS[stack], c.layer_recompute, c.stages, s.pp, s.schedule) if stack != "torch" else ""
+    return f" as {stack} runs it: {how}" if how else ""
 
 
 def _compute_share(e: Estimate) -> str:

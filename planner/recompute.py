@@ -251,3 +251,27 @@ def stack_layouts(mix: str, layer_recompute: list[str], stages: list[tuple[int, 
         return [first_n(stages, n) for n in ns]
     ratios = [sum(map(len, ranks)) // sum(d) for ranks, d in zip(chunks, done) if sum(d)]
     return [every_nth(chunks, min(ratios), len(layer_recompute)) if ratios else ["none"] * len(layer_recompute)]
+
+
+def stack_setting(layouts, layer_recompute: list[str], stages: list[tuple[int, int]], pp: int,
+                  schedule: str) -> str | None:
+    """The configuration of the stack whose ``layouts`` (``techniques.recompute.LAYOUTS``) runs ``layer_recompute``
+    on these stages ("" where it recomputes nothing); None where none of them expresses it."""
+    if set(layer_recompute) == {"none"}:
+        return ""
+    chunks = rank_chunks(stages, pp, schedule)
+    for lay in layouts:
+        if not set(layer_recompute) <= set(lay.modes):
+            continue
+        if lay.mix == "per_layer" or (lay.mix == "uniform" and len(set(layer_recompute)) == 1):
+            return lay.setting
+        if lay.mix == "first_n":
+            n = max(sum(layer_recompute[i] == "full" for i in range(a, b)) for a, b in stages)
+            if layer_recompute == first_n(stages, n):
+                return lay.setting.format(n=n)
+        if lay.mix == "every_nth":
+            n = next(k for ranks in chunks for k, i in enumerate((i for ch in ranks for i in ch), 1)
+                     if layer_recompute[i] == "full")
+            if layer_recompute == every_nth(chunks, n, len(layer_recompute)):
+                return lay.setting.format(n=n)
+    return None

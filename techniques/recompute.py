@@ -69,15 +69,22 @@ class Layout:
 
     modes: tuple[str, ...]
     mix: Mix
+    setting: str = ""   # the stack's configuration that runs it ({n}: the N of first_n / every_nth)
 
 
 # stack -> the layout families it runs (``planner.search`` partitions each family's modes and keeps the best)
 LAYOUTS: dict[str, tuple[Layout, ...]] = {
-    "torch": (Layout(MODES, "per_layer"),),
-    "torchtitan": (Layout(("none", "full"), "every_nth"), Layout(("op",), "uniform")),
-    "megatron": (Layout(("none", "full"), "first_n"), Layout(("selective",), "uniform")),
-    "deepspeed": (Layout(("none",), "uniform"), Layout(("full",), "uniform")),
-    "llm-foundry": (Layout(("none", "full"), "first_n"),),
+    "torch": (Layout(MODES, "per_layer", "emitted by autopar emit"),),
+    "torchtitan": (Layout(("none", "full"), "every_nth", 'activation_checkpoint.mode = "selective", '
+                          'selective_ac_option = "{n}"'),
+                   Layout(("op",), "uniform", 'activation_checkpoint.mode = "selective", selective_ac_option = "op"')),
+    "megatron": (Layout(("none", "full"), "first_n", "--recompute-granularity full --recompute-method block "
+                        "--recompute-num-layers {n}"),
+                 Layout(("selective",), "uniform", "--recompute-granularity selective")),
+    "deepspeed": (Layout(("none",), "uniform"),
+                  Layout(("full",), "uniform", "deepspeed.checkpointing.checkpoint around every block")),
+    "llm-foundry": (Layout(("none", "full"), "first_n", "fsdp_config.activation_checkpointing: true, "
+                           "activation_checkpointing_target: {{mptblock: first-{n}}}"),),
 }
 
 TECHNIQUE = Technique(

@@ -129,3 +129,23 @@ def test_torchtitan_selective_layer_rows_run_every_second_block(tmp_path):
         assert s.recompute == "full" and lr == ["none", "full"] * (cm.num_layers // 2)
         assert pr.estimate(case, cm, s).feasible
 
+
+
+def test_stack_setting_names_the_config_that_runs_the_plan():
+    stages = [(0, 4), (4, 8), (8, 12), (12, 16)]
+    chunks = rc.rank_chunks(stages, 2, "interleaved")
+    assert rc.stack_setting(LAYOUTS["megatron"], rc.first_n(stages, 3), stages, 2, "interleaved").endswith(
+        "--recompute-method block --recompute-num-layers 3")
+    assert rc.stack_setting(LAYOUTS["megatron"], ["selective"] * 16, stages, 2, "interleaved") == \
+        "--recompute-granularity selective"
+    assert rc.stack_setting(LAYOUTS["megatron"], ["selective"] * 8 + ["full"] * 8, stages, 2, "interleaved") is None
+    assert rc.stack_setting(LAYOUTS["torchtitan"], rc.every_nth(chunks, 3, 16), stages, 2, "interleaved") == \
+        'activation_checkpoint.mode = "selective", selective_ac_option = "3"'
+    assert rc.stack_setting(LAYOUTS["torchtitan"], rc.first_n(stages, 1), stages, 2, "interleaved") is None
+    assert rc.stack_setting(LAYOUTS["deepspeed"], ["full"] * 15 + ["none"], stages, 2, "interleaved") is None
+    assert rc.stack_setting(LAYOUTS["llm-foundry"], ["none"] * 16, stages, 2, "interleaved") == ""
+
+
+def test_plan_says_the_stacks_recompute_setting(run_cli):
+    code, out, _ = run_cli("plan", "llama3-70b", "--nodes", "16", "--runtime", "llm-foundry", "--top", "1")
+    assert code == 0 and "activation_checkpointing_target: {mptblock: first-" in out.replace("\n", " ")
