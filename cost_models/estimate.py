@@ -18,6 +18,7 @@ Memory per pipeline rank: ``stage_memory.RankMemoryTerms`` (``rank_memory``, a p
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import replace
 from functools import partial
@@ -116,15 +117,28 @@ class CostModel(RankMemoryTerms):
         intra-stage sharding; identical layers are priced once."""
         key = (s.tp, s.cp, s.ep, s.etp, s.dp, s.micro_batch, s.sequence_parallel)
         if key not in self._cache:
-            if self.moe_load is not None and self.spec.is_moe:
-                ratio, cross = self.moe_load(s.ep)
-                self.ctx.expert_load_ratio, self.ctx.ep_cross_fraction = ratio, (cross if s.ep > 1 else None)
-            by_template = {id(t): fused_saved(price_layer(t, s, self.ctx), t, s, self) for t in self.templates}
+            cm = self.routed(s)
+            by_template = {id(t): fused_saved(price_layer(t, s, cm.ctx), t, s, cm) for t in self.templates}
             costs = {i: by_template[id(t)] for i, t in self.blocks.items()}
             costs["embedding"] = by_template[id(self.embedding)] if self.embedding else None
             costs["output"] = by_template[id(self.output)] if self.output else None
             self._cache[key] = costs
         return self._cache[key]
+
+    def routed(self, s: Strategy) -> CostModel:
+        """This model as it prices ``s``: under a routing trace or placement (``moe_load``) a view of it whose
+        pricing context is a copy carrying the busiest expert rank's load and the measured share of routed tokens
+        leaving the rank at ``s.ep``; else itself. Pricing leaves the shared ``self.ctx`` as built (set there, the
+        last strategy's load would reach every later reader). ``copy.copy``, not ``dataclasses.replace``:
+        ``PricingContext.__post_init__`` would adjust the already adjusted collective fits again."""
+        if self.moe_load is None or not self.spec.is_moe:
+            return self
+        ratio, cross = self.moe_load(s.ep)
+        ctx = copy.copy(self.ctx)
+        ctx.expert_load_ratio, ctx.ep_cross_fraction = ratio, (cross if s.ep > 1 else None)
+        view = object.__new__(CostModel)   # not copy.copy(self): that runs __setstate__ (a pickle's upgrade)
+        view.__dict__.update(self.__dict__, ctx=ctx)
+        return view
 
     # ----- one full estimate ----------------------------------------------------------
     def estimate(self, s: Strategy, stages: list[tuple[int, int]] | None = None,
