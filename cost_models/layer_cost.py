@@ -33,7 +33,15 @@ from autopar.cost_models.compute import OpTimer, causal_block_fraction, cpu_cont
 from autopar.cost_models.cp_cost import cp_exposed, cp_kept_bytes, cp_rerun_s
 from autopar.cost_models.fp8_cost import Fp8Cast, fp8_casts
 from autopar.cost_models.fsdp import FsdpImpl
-from autopar.cost_models.layer_model import LayerTemplate, OpTerm, Shards, expert_gate_gemm, saved_bytes, working_bytes
+from autopar.cost_models.layer_model import (
+    LayerTemplate,
+    OpTerm,
+    Shards,
+    expert_gate_gemm,
+    saved_bytes,
+    terms_bytes,
+    working_bytes,
+)
 from autopar.cost_models.loss_memory import gathered_loss_bytes, logits_bytes
 from autopar.cost_models.megatron_ops import (
     expert_passes_s,
@@ -462,5 +470,5 @@ def _expert_load_excess(layer: LayerTemplate, s: Strategy, sh: Shards, ctx: Pric
     if s.ep == 1 or not layer.is_moe or recompute == "full":   # ep 1: skip the sum
         return 0.0
     terms = layer.op_saved if recompute == "op" and layer.op_saved else layer.saved
-    expert = sum(t.bytes * sh.tokens / sh.div(t) for t in terms if t.shard == "expert" and not t.const)
+    expert = terms_bytes([t for t in terms if t.shard == "expert" and not t.const], sh)
     return expert_rank_excess(expert, s, ctx)

@@ -122,14 +122,10 @@ def saved_bytes(layer: LayerTemplate, sh: Shards, recompute: str, compiled: bool
     if recompute == "full":
         return layer.input_bytes * sh.tokens / (sh.tp if sh.sp else 1)
     if recompute == "op" and layer.op_saved:
-        return _sum_terms([t for t in layer.op_saved if not (compiled and t.compile_drops)], sh)
-    total = 0.0
-    for t in layer.saved:
-        if recompute == "selective" and t.attn_core:
-            continue
-        # batch-independent tensors (the causal mask) neither scale nor shard
-        total += t.bytes if t.const else t.bytes * sh.tokens / sh.div(t)
-    return total
+        # sp_only terms (reduce-scatter outputs) exist only under tensor + sequence parallelism
+        return terms_bytes([t for t in layer.op_saved if not (compiled and t.compile_drops)
+                            and (not t.sp_only or (sh.sp and sh.tp > 1))], sh)
+    return terms_bytes([t for t in layer.saved if not (recompute == "selective" and t.attn_core)], sh)
 
 
 def working_bytes(layer: LayerTemplate, sh: Shards, recompute: str) -> float:
@@ -144,13 +140,10 @@ def working_bytes(layer: LayerTemplate, sh: Shards, recompute: str) -> float:
     return max(0.0, keep - saved_bytes(layer, sh, recompute))
 
 
-def _sum_terms(terms: list[SavedTerm], sh: Shards) -> float:
-    total = 0.0
-    for t in terms:
-        if t.sp_only and not (sh.sp and sh.tp > 1):
-            continue
-        total += t.bytes if t.const else t.bytes * sh.tokens / sh.div(t)
-    return total
+def terms_bytes(terms: list[SavedTerm], sh: Shards) -> float:
+    """Bytes one micro-batch keeps of saved ``terms`` under ``sh``: each scaled to the local tokens and divided by
+    its shard's divisor (``Shards.div``); a batch-independent term (the causal mask) neither scales nor shards."""
+    return sum((t.bytes if t.const else t.bytes * sh.tokens / sh.div(t) for t in terms), 0.0)
 
 
 def expert_gate_gemm(layer: LayerTemplate) -> OpTerm | None:

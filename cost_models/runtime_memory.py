@@ -43,7 +43,7 @@ from autopar.core.gpu import VIEW_OUTPUT_STACKS
 from autopar.core.strategy import Strategy
 from autopar.cost_models import fsdp
 from autopar.cost_models.layer_cost import LayerCost, shards_for
-from autopar.cost_models.layer_model import expert_gate_gemm, saved_bytes
+from autopar.cost_models.layer_model import expert_gate_gemm, saved_bytes, terms_bytes
 from autopar.cost_models.loss_memory import gathered_loss_bytes, logits_bytes
 from autopar.cost_models.megatron_ops import glu_clamp_saved_bytes
 from autopar.cost_models.memory import (
@@ -321,8 +321,7 @@ def attention_output_copy_bytes(template, s: Strategy, ctx) -> float:
     outs = [t for t in template.saved if t.name == "scaled_dot_product_attention"]
     copies = [t for t in template.saved if t.name.startswith("reshape") and not t.const
               and any(t.bytes == o.bytes and t.shard == o.shard for o in outs)][:len(outs)]
-    sh = shards_for(s, template)
-    return sum(t.bytes * sh.tokens / sh.div(t) for t in copies)
+    return terms_bytes(copies, shards_for(s, template))
 
 
 def floor_block_saved(template, by_mode: dict[str, float], s: Strategy, cm) -> dict[str, float]:
@@ -356,9 +355,8 @@ def floor_output_bytes(layer, s: Strategy, sh, ctx) -> tuple[float, float]:
 def captured_dense_bytes(template, s: Strategy) -> float:
     """An MoE block's captured norm and attention terms (replicated / tensor-parallel shards), as ``saved_bytes``
     counts them without recompute: what ``megatron_block_bytes``' closed form stands in for."""
-    tok, tp = s.micro_batch / s.cp, s.tp
-    return sum(t.bytes * tok / (tp if t.shard == "tp" or s.sequence_parallel else 1)
-               for t in template.saved if t.shard in ("rep", "tp") and not t.const)
+    return terms_bytes([t for t in template.saved if t.shard in ("rep", "tp") and not t.const],
+                       shards_for(s, template))
 
 
 def fused_swiglu_unsaved_bytes(template, s: Strategy, ctx) -> float:
@@ -378,9 +376,8 @@ def fused_swiglu_share_bytes(template, s: Strategy, ctx) -> float:
     rank's excess): what the search's memory floor takes off (``floor_block_saved``)."""
     if ctx.runtime != "megatron" or not template.is_moe:
         return 0.0
-    sh = shards_for(s, template)
-    return sum(t.bytes * sh.tokens / sh.div(t) for t in template.saved
-               if t.shard == "expert" and not t.const and t.name.endswith(":silu_out"))
+    return terms_bytes([t for t in template.saved if t.shard == "expert" and not t.const
+                        and t.name.endswith(":silu_out")], shards_for(s, template))
 
 
 def glu_clamp_copy_bytes(template, s: Strategy, ctx) -> float:
