@@ -292,18 +292,32 @@ def fused_saved(cost, template, s: Strategy, cm):
     (``fused_swiglu_unsaved_bytes``). Other layers, other runtimes and the recompute modes keep the captured bytes."""
     if template.kind != "block":
         return cost
-    acts = dict(cost.act_bytes)
-    block = megatron_block_bytes(cm.spec, s, cm.ctx.seq_len, cm.ctx.runtime, template.is_moe, cm.dtype == "fp8")
-    if block is not None and template.is_moe:  # the closed form's norms and attention, the captured experts
-        block += cost.act_bytes["none"] - captured_dense_bytes(template, s)
-    if block is not None:
-        acts["none"] = block
+    block = closed_form_saved(template, cost.act_bytes["none"], s, cm)
     experts = glu_clamp_copy_bytes(template, s, cm.ctx) - fused_swiglu_unsaved_bytes(template, s, cm.ctx)
-    copy = attention_output_copy_bytes(template, s, cm.ctx)  # in the modes that keep ``template.saved``'s copy
+    copy = attention_output_copy_bytes(template, s, cm.ctx)
     if block is None and not experts and not copy:
         return cost
-    return replace(cost, act_bytes={m: b + (experts if m != "full" else 0.0) - (copy if m in ("none", "selective")
-                                                                               else 0.0) for m, b in acts.items()})
+    acts = cost.act_bytes if block is None else {**cost.act_bytes, "none": block}
+    return replace(cost, act_bytes=by_mode_less_copies(acts, copy, experts))
+
+
+def closed_form_saved(template, captured_none: float, s: Strategy, cm, less: float = 0.0) -> float | None:
+    """A block's saved bytes without recompute as Megatron-Core keeps them (``megatron_block_bytes``' closed form;
+    None where it has none: other runtimes), given the captured ones ``captured_none``: an MoE block keeps its
+    captured expert and router tensors (less ``less``) beside the closed form's norms and attention, which stand
+    in for its captured ones (``captured_dense_bytes``). Read by ``fused_saved`` and ``floor_block_saved``."""
+    block = megatron_block_bytes(cm.spec, s, cm.ctx.seq_len, cm.ctx.runtime, template.is_moe, cm.dtype == "fp8")
+    if block is not None and template.is_moe:
+        block += captured_none - captured_dense_bytes(template, s) - less
+    return block
+
+
+def by_mode_less_copies(by_mode: dict[str, float], copy: float, experts: float) -> dict[str, float]:
+    """A block's saved bytes ``by_mode`` less the attention-output ``copy`` the stack does not make (in the modes
+    that keep ``template.saved``'s copy: none, selective) plus ``experts`` (a change to the experts' tensors, in
+    every mode that keeps them: all but full). Read by ``fused_saved`` and ``floor_block_saved``."""
+    return {m: b - (copy if m in ("none", "selective") else 0.0) + (experts if m != "full" else 0.0)
+            for m, b in by_mode.items()}
 
 
 def attention_output_copy_bytes(template, s: Strategy, ctx) -> float:
@@ -325,20 +339,15 @@ def attention_output_copy_bytes(template, s: Strategy, ctx) -> float:
 
 
 def floor_block_saved(template, by_mode: dict[str, float], s: Strategy, cm) -> dict[str, float]:
-    """A block's saved bytes by mode for the search's memory floor (``planner.bounds._floor_acts``; ``by_mode``: the
-    captured ones), less what ``fused_saved`` takes off whatever the expert parallelism, so that the floor stays
-    under the priced peak of every sharding sharing it (those differing in ep / etp alone): the attention-output
-    copy the stack does not make, Megatron-Core's closed form of the norms and attention where smaller, and a
-    Megatron MoE block's share of the SiLU output its fused SwiGLU does not keep (the busiest expert rank's excess
-    only adds to the price, and the clamp copy too: both left out, so the floor stays under)."""
-    copy = attention_output_copy_bytes(template, s, cm.ctx)
+    """A block's saved bytes by mode for the search's memory floor (``planner.memory_floor._floor_acts``;
+    ``by_mode``: the captured ones), less what ``fused_saved`` takes off whatever the expert parallelism, so that
+    the floor stays under the priced peak of every sharding sharing it (those differing in ep / etp alone): the
+    attention-output copy the stack does not make, Megatron-Core's closed form of the norms and attention where
+    smaller, and a Megatron MoE block's share of the SiLU output its fused SwiGLU does not keep (the busiest expert
+    rank's excess only adds to the price, and the clamp copy too: both left out, so the floor stays under)."""
     silu = fused_swiglu_share_bytes(template, s, cm.ctx)   # the busiest rank's excess on top is >= 0: left out
-    out = {m: b - (copy if m in ("none", "selective") else 0.0) - (silu if m != "full" else 0.0)
-           for m, b in by_mode.items()}
-    block = None if "none" not in out else \
-        megatron_block_bytes(cm.spec, s, cm.ctx.seq_len, cm.ctx.runtime, template.is_moe, cm.dtype == "fp8")
-    if block is not None and template.is_moe:   # the closed form's norms and attention, the captured experts
-        block += by_mode["none"] - captured_dense_bytes(template, s) - silu
+    out = by_mode_less_copies(by_mode, attention_output_copy_bytes(template, s, cm.ctx), -silu)
+    block = None if "none" not in out else closed_form_saved(template, by_mode["none"], s, cm, silu)
     return out if block is None else {**out, "none": min(out["none"], block)}
 
 
