@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 from autopar.cost_models import overlap
+from autopar.cost_models.layer_model import tied_copy_params
 from autopar.techniques.dp_program import ZERO1_BUCKET_BYTES, dp_mode, plan_dp_mode, whole_backward
 
 # PyTorch DDP bucket_cap_mb default (torch.nn.parallel.DistributedDataParallel), also FSDP2 ``replicate``'s price;
@@ -229,7 +230,7 @@ def end_sync_bytes(cm, s, embedding, output, gbytes: int) -> tuple[float, float]
         return 0.0, 0.0
     emb = embedding.params_dense * gbytes if embedding else 0.0
     out = output.params_dense * gbytes if output else 0.0
-    tied = cm.output.params_tied / s.tp * gbytes if output and s.pp > 1 else 0.0
+    tied = tied_copy_params(cm.output, s.pp, s.tp) * gbytes if output else 0.0
     if exposed_sync(cm, s):
         return emb + out + tied, 0.0
     return out, max(emb, tied)

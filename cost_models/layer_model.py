@@ -115,6 +115,14 @@ class Shards:
         return 1  # partial: full-size partial sums
 
 
+def tied_copy_params(output: LayerTemplate | None, pp: int, tp: int) -> float:
+    """Parameters of ``output`` (the model's output layer, None without one) that a pipeline's last stage holds
+    beyond its own: an output weight tied to the input embedding (``params_tied``) is a second copy there when
+    pp > 1 (the first stage holds the embedding), tensor-parallel like the table (``/ tp``); 0 without a pipeline.
+    Read by every price of that stage's parameters, gradients and ZeRO-1 spans."""
+    return output.params_tied / tp if pp > 1 and output is not None else 0.0
+
+
 def saved_bytes(layer: LayerTemplate, sh: Shards, recompute: str, compiled: bool = False) -> float:
     """Activation bytes one micro-batch leaves saved for backward in this layer. ``compiled``: the
     block runs under ``torch.compile``, whose partitioner keeps of the per-op policy's outputs only

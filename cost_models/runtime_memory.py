@@ -43,7 +43,7 @@ from autopar.core.gpu import VIEW_OUTPUT_STACKS
 from autopar.core.strategy import Strategy
 from autopar.cost_models import fsdp
 from autopar.cost_models.layer_cost import LayerCost, shards_for
-from autopar.cost_models.layer_model import expert_gate_gemm, saved_bytes, terms_bytes
+from autopar.cost_models.layer_model import expert_gate_gemm, saved_bytes, terms_bytes, tied_copy_params
 from autopar.cost_models.loss_memory import gathered_loss_bytes, logits_bytes
 from autopar.cost_models.megatron_ops import glu_clamp_saved_bytes
 from autopar.cost_models.memory import (
@@ -236,8 +236,7 @@ def deferred_fsdp_memory(cm, s: Strategy, parts: list[LayerCost], extra: list[La
         return mem
     gbytes = bytes_per_param(cm.dtype)[1]
     dense = sum(c.params_dense for c in parts + extra)
-    if last and cm.output is not None:
-        dense += cm.output.params_tied / s.tp  # a tied output weight is a second copy on the last stage
+    dense += tied_copy_params(cm.output, s.pp, s.tp) if last else 0.0
     expert = sum(c.params_expert for c in parts)
     block = max(c.params_dense + c.params_expert for c in parts)
     edp = expert_shard_group(s, "torch")
@@ -264,11 +263,11 @@ def zero1_bucket_bytes(cm, s: Strategy, dense: float, expert: float, first: bool
     span (``runtime_parallel._apply_zero1``), reduced last."""
     head = cm.output is not None and last
     untied = head and cm.output.params_vocab > 0
-    tied_copy = head and s.pp > 1 and cm.output.params_tied > 0
+    tied = tied_copy_params(cm.output, s.pp, s.tp) if head else 0.0
     table = vocab_local_numel(cm, s) if cm.embedding is not None else 0.0
     first_numel = table if untied else 0.0
-    last_numel = table if (first and cm.embedding is not None) or tied_copy else 0.0
-    dense += cm.output.params_tied / s.tp if tied_copy else 0.0   # its gradient is in the bucket too
+    last_numel = table if (first and cm.embedding is not None) or tied > 0 else 0.0
+    dense += tied   # its gradient is in the bucket too
     return zero1_reduce_bytes(dense, expert, s, cm.dtype, first_numel, last_numel)
 
 
