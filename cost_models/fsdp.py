@@ -5,7 +5,7 @@ pipelining: ``syncs_once_per_step``); and in which dtype it reduces (``reduce_by
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 from autopar.cost_models import overlap
 from autopar.cost_models.layer_model import tied_copy_params
@@ -219,21 +219,41 @@ def end_sync_bytes(cm, s, embedding, output, gbytes: int) -> tuple[float, float]
     bucket over every parameter of the part; ``cm``: the ``CostModel``, ``s``: the strategy), 0 for other programs and
     runtimes (DDP and FSDP2 ``replicate`` sync the ends too: not priced).
 
-    - overlapped (``gathers_next_forward``): the output layer's (final norm, untied head) with the blocks' - its
-      gradient completes first in the last backward and it is read last in the forward, so its span reduces and
-      gathers beside them. ``edge``: the embedding's, the bucket's last span, reduced after the last backward and
-      gathered first (a tied table's too); on the last pipeline stage a tied copy of the table, a late span
-      (``runtime_parallel._apply_zero1``: reduced after ``sync_grads`` summed it over the stage pair, gathered first,
-      ahead of the first block's gather on the same stream): ``step_sync_exposed`` prices it exposed.
+    - overlapped (``gathers_next_forward``): the output layer's (final norm, untied head) with the blocks' - the
+      first spans (``zero1_ends``), reduced and gathered beside them. ``edge``: the last spans', the embedding's or
+      a tied copy's, reduced after the last backward and gathered first (ahead of the first block's gather on the
+      same stream): ``step_sync_exposed`` prices it exposed.
     - after the backward (``syncs_after_backward``): all of them with the blocks, whole."""
     if not (cm.ctx.runtime == "torch" and cm.ctx.fsdp_impl != "meta" and plan_dp_mode(s, cm.dtype) == "zero1"):
         return 0.0, 0.0
-    emb = embedding.params_dense * gbytes if embedding else 0.0
+    ends = zero1_ends(cm, s, embedding is not None, output is not None)
+    emb = embedding.params_dense * gbytes if ends.table_last else 0.0
     out = output.params_dense * gbytes if output else 0.0
-    tied = tied_copy_params(cm.output, s.pp, s.tp) * gbytes if output else 0.0
+    tied = tied_copy_params(cm.output, s.pp, s.tp) * gbytes if ends.tied_last else 0.0
     if exposed_sync(cm, s):
         return emb + out + tied, 0.0
     return out, max(emb, tied)
+
+
+class Zero1Ends(NamedTuple):
+    """Which vocab tables of a rank sit at the ends of autopar's ZeRO-1 dense bucket (``runtime_zero1.Bucket``:
+    spans in reverse parameter order, ``zero1_ends``)."""
+
+    head_first: bool   # an untied output head: its gradient completes first in the backward, the first span
+    table_last: bool   # the input embedding (or a tied table): first in ``model.parameters()``, the last span
+    tied_last: bool    # a pipeline's tied copy on the last stage: a late span (``runtime_parallel._apply_zero1``)
+
+
+def zero1_ends(cm, s, embedding: bool, output: bool) -> Zero1Ends:
+    """The one rule of ZeRO-1's end order for a rank of strategy ``s`` holding the input ``embedding`` and / or the
+    ``output`` layer (``cm``: the ``CostModel``): the first span reduced (and the last gathered) is an untied head's;
+    the last reduced (and the first gathered) the embedding's and a tied copy's, reduced after ``sync_grads`` summed
+    it over the stage pair. Read by ``end_sync_bytes`` (their sync time) and ``runtime_memory.zero1_bucket_bytes``
+    (their flat copies)."""
+    head = output and cm.output is not None
+    return Zero1Ends(head_first=head and cm.output.params_vocab > 0,
+                     table_last=embedding and cm.embedding is not None,
+                     tied_last=head and tied_copy_params(cm.output, s.pp, s.tp) > 0)
 
 
 def last_bucket_bytes(s, dtype: str) -> int:

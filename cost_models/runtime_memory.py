@@ -257,17 +257,13 @@ def replicated_embedding_grad(cm, s: Strategy) -> float:
 
 def zero1_bucket_bytes(cm, s: Strategy, dense: float, expert: float, first: bool, last: bool) -> float:
     """``memory.zero1_reduce_bytes`` of a rank holding the input embedding (``first``) and / or the output head
-    (``last``): the vocab-parallel tables the program's dense bucket reduces alone. The embedding (or a tied
-    table) comes first in ``model.parameters()``, so its span is the bucket's last; an untied head's gradient
-    completes first in the backward, its span the first; a pipeline's tied copy on the last stage is a late
-    span (``runtime_parallel._apply_zero1``), reduced last."""
-    head = cm.output is not None and last
-    untied = head and cm.output.params_vocab > 0
-    tied = tied_copy_params(cm.output, s.pp, s.tp) if head else 0.0
+    (``last``): the vocab-parallel tables the program's dense bucket reduces alone, at the ends ``fsdp.zero1_ends``
+    puts them."""
+    ends = fsdp.zero1_ends(cm, s, first, last)
     table = vocab_local_numel(cm, s) if cm.embedding is not None else 0.0
-    first_numel = table if untied else 0.0
-    last_numel = table if (first and cm.embedding is not None) or tied > 0 else 0.0
-    dense += tied   # its gradient is in the bucket too
+    first_numel = table if ends.head_first else 0.0
+    last_numel = table if ends.table_last or ends.tied_last else 0.0
+    dense += tied_copy_params(cm.output, s.pp, s.tp) if last else 0.0   # its gradient is in the bucket too
     return zero1_reduce_bytes(dense, expert, s, cm.dtype, first_numel, last_numel)
 
 
