@@ -5,6 +5,7 @@ pipelining: ``syncs_once_per_step``); and in which dtype it reduces (``reduce_by
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Literal, NamedTuple, get_args
 
 from autopar.cost_models import overlap
@@ -100,9 +101,17 @@ def holds_stage_grads(runtime: str, pp: int, schedule: str, zero_stage: int, off
 
 def plan_holds_stage_grads(cm, s) -> bool:
     """``holds_stage_grads`` of strategy ``s`` (a ``core.strategy.Strategy`` or the search's probe) priced by
-    ``cm`` (its runtime and dtype): read by ``runtime_memory.deferred_fsdp_memory`` and the search's floors."""
-    return holds_stage_grads(cm.ctx.runtime, s.pp, s.schedule, s.zero_stage, s.offload_optimizer, s.dp * s.cp,
-                             cm.dtype)
+    ``cm``: read by ``runtime_memory.deferred_fsdp_memory`` and the search's floors."""
+    return cm_holds_stage_grads(cm, s.pp, s.schedule, s.zero_stage, s.offload_optimizer, s.dp * s.cp)
+
+
+def cm_holds_stage_grads(cm, pp: int, schedule: str, zero_stage: int, offload: bool, dp_cp: int) -> bool:
+    """``holds_stage_grads`` under the runtime and dtype of ``cm`` (a ``CostModel``), memoized (the search asks it
+    of every configuration: ``planner.groups.holds_grads``, without building a probe)."""
+    return _holds(cm.ctx.runtime, pp, schedule, zero_stage, offload, dp_cp, cm.dtype)
+
+
+_holds = lru_cache(maxsize=4096)(holds_stage_grads)
 
 
 def syncs_after_backward(runtime: str, s, dtype: str, impl: str) -> bool:

@@ -9,7 +9,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 from autopar.cost_models.estimate import offload_copies, offload_step_time
-from autopar.cost_models.fsdp import holds_stage_grads, syncs_once_per_step
+from autopar.cost_models.fsdp import cm_holds_stage_grads, syncs_once_per_step
 from autopar.cost_models.memory import bytes_per_param
 from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches
 from autopar.planner.bounds import (
@@ -95,10 +95,7 @@ def with_deferred_grads(sp: Space, sh: Sharding, k: Knobs, floor):
 def holds_grads(cm, sh: Sharding, k: Knobs) -> bool:
     """``fsdp.plan_holds_stage_grads`` of the configuration (sharding ``sh``, knobs ``k``) from the fields it reads,
     without building its probe (``tests/test_search_caches.py`` checks the two agree)."""
-    return _holds(cm.ctx.runtime, sh.pp, k.schedule, k.zero, k.offload, sh.dp * sh.cp, cm.dtype)
-
-
-_holds = lru_cache(maxsize=4096)(holds_stage_grads)
+    return cm_holds_stage_grads(cm, sh.pp, k.schedule, k.zero, k.offload, sh.dp * sh.cp)
 
 
 def expand_row(sp: Space, sh: Sharding, knobs: list[Knobs]) -> None:
