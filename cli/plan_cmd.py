@@ -185,17 +185,11 @@ def _inputs_record(inp, gb: int, fixed: dict) -> dict[str, str]:
 def _stack_refuses(cm, cons: Constraints) -> None:
     """Nothing to search: where the fixed knobs break a rule of the stack itself (e.g. DeepSpeed's pipeline
     engine with ZeRO-2), say that rule rather than the generic divisibility line. The unfixed fields take their
-    defaults (degree 1, no ZeRO), under which the stacks' rules are the least restrictive."""
+    defaults (``techniques.stack_violations``)."""
     from autopar import techniques
-    from autopar.core.strategy import Strategy
 
-    try:
-        s = Strategy.build(**cons.fixed)
-    except InputError:
-        return
-    for t in techniques.ALL:
-        for msg in t.stacks[cm.stack_name].violations(cm.stack_name, s, None, cm.cluster.world, cm.seq_len):
-            raise InputError(f"strategy: {msg}")
+    for msg in techniques.stack_violations(cm.stack_name, cons.fixed, cm.cluster.world, cm.seq_len):
+        raise InputError(f"strategy: {msg}")
 
 
 def _nothing_fits(cm, cons: Constraints, res: SearchResult) -> None:
