@@ -149,3 +149,15 @@ def test_stack_setting_names_the_config_that_runs_the_plan():
 def test_plan_says_the_stacks_recompute_setting(run_cli):
     code, out, _ = run_cli("plan", "llama3-70b", "--nodes", "16", "--runtime", "llm-foundry", "--top", "1")
     assert code == 0 and "activation_checkpointing_target: {mptblock: first-" in out.replace("\n", " ")
+
+
+@pytest.mark.parametrize("stack", ["deepspeed", "megatron", pytest.param("torchtitan", marks=pytest.mark.slow)])
+def test_bounded_search_returns_the_exhaustive_plans_of_a_stack(stack):
+    """The bounds stay under each layout family's placed price (each family's modes are among the constraints'
+    modes the floors read): the bounded search lists what partitioning every configuration lists."""
+    cm = build_cost_model(Inputs(model="llama3-8b", gpu="h100-sxm", nodes=1, runtime=stack, seq_len=4096))[0]
+
+    def plans(res):
+        return [(c.strategy.compact(), round(c.estimate.step_time_s, 9), tuple(c.layer_recompute))
+                for c in res.candidates]
+    assert plans(S.search(cm, 64, top_k=3)) == plans(S.search(cm, 64, top_k=3, exhaustive=True))
