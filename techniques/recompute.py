@@ -38,8 +38,8 @@ def mode_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | No
 #   (core attention alone) has no setting there: not declared.
 # - megatron: ``--recompute-granularity selective`` (core attention on every layer, Korthikanti et al. 2022) |
 #   ``full`` with ``--recompute-method block --recompute-num-layers N`` (the first N layers of every pipeline
-#   stage / virtual chunk fully recomputed, the rest not; N at least the chunk: every layer, as ``uniform`` with
-#   N = 1); no per-op policy, no mix of selective and full.
+#   stage / virtual chunk fully recomputed, the rest not; N at least a chunk's length: every layer, as
+#   ``--recompute-method uniform --recompute-num-layers 1`` runs it); no per-op policy, no mix of selective and full.
 # - deepspeed: ``deepspeed.checkpointing.checkpoint`` over whole blocks, every layer or none (PipelineModule's
 #   ``activation_checkpoint_interval`` > 1 checkpoints groups of layers as one, which no per-layer mode prices).
 # - llm-foundry: ``fsdp_config.activation_checkpointing`` (whole blocks) with ``activation_checkpointing_target``
@@ -56,16 +56,13 @@ STACKS = {
 }
 
 Mix = Literal["per_layer", "uniform", "first_n", "every_nth"]
-MIX_TEXT = {"per_layer": "any mode on any layer", "uniform": "one mode on every layer",
-            "first_n": "full on the first N layers of every stage / chunk, none on the rest",
-            "every_nth": "full on every N-th layer of each rank, none on the rest"}
 
 
 @dataclass(frozen=True)
 class Layout:
     """One family of per-layer recompute a stack's config expresses: the plan's layers use ``modes`` placed as
     ``mix`` says (``per_layer``: any mode on any layer; ``uniform``: every layer the same one mode; ``first_n`` /
-    ``every_nth``: full on the layers a single N picks, none elsewhere; ``planner.recompute.stack_layout``)."""
+    ``every_nth``: full on the layers a single N picks, none elsewhere; ``planner.recompute.stack_layouts``)."""
 
     modes: tuple[str, ...]
     mix: Mix
