@@ -11,7 +11,7 @@ import pytest
 
 from autopar.cost_models import runtime_memory
 from autopar.cost_models.session import Inputs, build_cost_model
-from autopar.planner import bounds
+from autopar.planner import memory_floor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import floor_vs_peak  # noqa: E402
@@ -57,5 +57,5 @@ def test_check_catches_a_floor_keeping_the_fused_swiglu_silu_output(monkeypatch)
         silu = runtime_memory.fused_swiglu_share_bytes(template, s, cm.ctx)
         return {m: b + (silu if m != "full" else 0.0) for m, b in fixed(template, by_mode, s, cm).items()}
 
-    monkeypatch.setattr(bounds, "floor_block_saved", keeps_silu)
+    monkeypatch.setattr(memory_floor, "floor_block_saved", keeps_silu)
     assert _tally("moe-tiny", "megatron", recompute="none").above > 0
