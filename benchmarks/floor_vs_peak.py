@@ -122,7 +122,6 @@ def row_tallies(path: str, source: str | None) -> list[Tally]:
     """Every published row of ``path`` (its own configuration), tallied by runtime."""
     sys.path.insert(0, str(Path(__file__).parent))
     import published_rows as pr
-    import validate_memory as vm
 
     tallies: dict[str, Tally] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,8 +133,7 @@ def row_tallies(path: str, source: str | None) -> list[Tally]:
                 cm, s = pr.build(case, Path(tmp))
             except (pr.RowSkip, InputError):
                 continue
-            if case.stack == "torchtitan":   # as it ran (published_fit._as_run)
-                cm.ctx.compile, cm.ctx.loss_parallel = vm.compile_mode(case.run), s.tp > 1
+            pr.as_run(case, cm, s)
             sp = Space(cm, Constraints(fixed={"recompute": s.recompute}), s.global_batch)
             sh = Sharding(s.tp, s.cp, s.pp, s.dp, s.ep, s.etp, s.sequence_parallel, s.micro_batch)
             k = Knobs(s.zero_stage, s.offload_optimizer, s.schedule, s.vpp)

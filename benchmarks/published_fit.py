@@ -32,7 +32,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import calibrate_modern as cal  # noqa: E402
 import published_rows as pr  # noqa: E402
-import validate_memory as vm  # noqa: E402
 import validate_published as vp  # noqa: E402
 
 GiB = 1024**3
@@ -96,13 +95,12 @@ def fits(path: Path, cache: Path | None) -> tuple[list[Fit], list[tuple[str, str
 
 
 def _as_run(p: pr.Priced) -> pr.Priced:
-    """A torchtitan row priced as it ran (``validate_memory.price_memory``'s mapping, which its published
-    memory checks): the row's torch.compile and, under tp, the vocabulary-parallel loss."""
+    """A torchtitan row priced as it ran (``published_rows.as_run``)."""
     if p.case.stack != "torchtitan":
         return p
     with tempfile.TemporaryDirectory() as tmp:
         cm, s = pr.build(p.case, Path(tmp))
-    cm.ctx.compile, cm.ctx.loss_parallel = vm.compile_mode(p.case.run), s.tp > 1
+    pr.as_run(p.case, cm, s)
     e = pr.estimate(p.case, cm, s)
     return pr.Priced(p.case, e.step_time_s, p.pub_step_s, e)
 

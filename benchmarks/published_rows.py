@@ -432,6 +432,15 @@ def compile_of(run: dict) -> str:
     return compile_mode(run)
 
 
+def as_run(case: Case, cm, s) -> None:
+    """A torchtitan row's cost model ``cm`` (of strategy ``s``) set as the row ran, the mapping its published memory
+    checks (``validate_memory``): its torch.compile (``compile_of``) and, under tp, the vocabulary-parallel loss
+    (torchtitan's ``loss_parallel``); other stacks' rows as ``build`` makes them. Read by ``validate_memory``,
+    ``published_fit`` and ``floor_vs_peak --rows``."""
+    if case.stack == "torchtitan":
+        cm.ctx.compile, cm.ctx.loss_parallel = compile_of(case.run), s.tp > 1
+
+
 def build(case: Case, workdir: Path):
     """(CostModel, resolved Strategy) exactly as ``autopar estimate`` builds them."""
     from autopar.core.strategy import Strategy

@@ -40,7 +40,7 @@ from pathlib import Path
 from autopar.errors import AutoparError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from published_rows import MODERN_YAML, RowSkip, build, case_for, estimate, load_runs  # noqa: E402
+from published_rows import MODERN_YAML, RowSkip, as_run, build, case_for, estimate, load_runs  # noqa: E402
 
 GiB = 1024**3
 
@@ -60,8 +60,7 @@ def rows(path: Path) -> list[dict]:
 def price_memory(run: dict, workdir: Path) -> dict:
     case = case_for(run)
     cm, s = build(case, workdir)
-    if case.stack == "torchtitan":  # how torchtitan runs what the strategy names (module docstring)
-        cm.ctx.compile, cm.ctx.loss_parallel = compile_mode(run), s.tp > 1
+    as_run(case, cm, s)   # how torchtitan runs what the strategy names (module docstring)
     e = estimate(case, cm, s)
     live = e.peak_bytes - e.memory_overhead
     pub = float(run["measured"]["memory_gib"]) * GiB
