@@ -54,6 +54,7 @@ class Fit:
     stack: str = ""
     gpu: str = ""
     reserve: float = 0.0     # the profile's allocator_reserve_fraction
+    reserved_bytes: float = 0.0   # the reserved peak: ``Estimate.reserved_peak_bytes`` (live x (1 + reserve))
 
     @property
     def peak_bytes(self) -> float:
@@ -66,14 +67,13 @@ class Fit:
 
     @property
     def reserved_ratio(self) -> float:
-        """The reserved peak (``Estimate.reserved_peak_bytes``) over the capacity."""
-        return self.live_bytes * (1.0 + self.reserve) / self.capacity_bytes
+        """The reserved peak over the capacity."""
+        return self.reserved_bytes / self.capacity_bytes
 
     @property
     def over(self) -> bool:
         """Reserved peak and framework overhead above the capacity."""
-        return self.reserved_ratio * self.capacity_bytes + self.memory.get("framework_overhead", 0.0) > \
-            self.capacity_bytes
+        return self.reserved_bytes + self.memory.get("framework_overhead", 0.0) > self.capacity_bytes
 
     @property
     def room(self) -> float:
@@ -85,7 +85,7 @@ def fit_of(p: pr.Priced) -> Fit:
     e = p.estimate
     return Fit(p.case.id, p.case.source, p.case.strategy, dict(e.worst_rank.memory), e.usable_bytes,
                e.capacity_bytes, e.peak_bytes - e.memory_overhead <= e.usable_bytes, p.case.stack, p.case.gpu,
-               e.allocator_reserve_fraction)
+               e.allocator_reserve_fraction, e.reserved_peak_bytes)
 
 
 def fits(path: Path, cache: Path | None) -> tuple[list[Fit], list[tuple[str, str]]]:
