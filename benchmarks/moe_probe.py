@@ -144,7 +144,7 @@ def combined_order(rank: int, p: int, m: int, v: int) -> list[list[tuple]]:
     pipelining``: each steady-state forward runs merged with the next backward): units of ops whose outputs
     all exist when the unit ends."""
     plain = pipeline._interleaved_order(rank, p, m, v)
-    warm = min((p - rank - 1) * 2 + (v - 1) * p + 1, m * v)
+    warm = round(pipeline._looped_warmup(rank, p, m, v) * v)   # the plain schedule's warm-up forwards, in chunks
     fwd = [op for op in plain if op[0] == "F"]
     bwd = [op for op in plain if op[0] == "B"]
     steady = m * v - warm
