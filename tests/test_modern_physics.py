@@ -95,8 +95,8 @@ def test_row_mapping_synthetic():
     # torchtitan's per-op SAC is autopar's op recompute; its TP shards norms over the sequence
     assert "tp=2" in case.strategy and "zero=3" in case.strategy and "recompute=op" in case.strategy
     assert "sp=1" in case.strategy
-    run["parallel"]["recompute"] = "selective layer"
-    assert "recompute=selective" in pr.case_for(run).strategy
+    run["parallel"]["recompute"] = "selective layer"   # every second block whole (published_recompute)
+    assert "recompute=full" in pr.case_for(run).strategy and pr.layer_sac_every(run, "torchtitan") == 2
     run["hardware"]["gpu"] = "H100 (96GB HBM2e, 500 W cap; Grand Teton)"
     assert (pr.case_for(run).gpu, pr.case_for(run).cluster) == ("h100-96g", "dgx-h100")
     run["software"] = "llm-foundry (Composer FSDP)"
