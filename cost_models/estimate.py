@@ -39,7 +39,13 @@ from autopar.cost_models.layer_model import LayerTemplate
 from autopar.cost_models.memory import bytes_per_param, expert_shard_group, kv_bytes_per_token, sdpa_kv_bytes_per_token
 from autopar.cost_models.moe_load import LoadFn
 from autopar.cost_models.overlap import contention_time, exposed_behind, inter_node_factor, rate_capped, zero3_edges
-from autopar.cost_models.pipeline import in_flight_microbatches, shared_makespan, step_time, weight_grad_fraction
+from autopar.cost_models.pipeline import (
+    end_ranks,
+    in_flight_microbatches,
+    shared_makespan,
+    step_time,
+    weight_grad_fraction,
+)
 from autopar.cost_models.runtime_memory import fused_saved, torchtitan_stages
 from autopar.cost_models.stage_memory import RankMemoryTerms
 from autopar.errors import InputError
@@ -188,7 +194,8 @@ class CostModel(RankMemoryTerms):
         layers = [i for j in mine for i in range(*stages[j])]
         parts = [costs[i] for i in layers]
         modes = [recompute[i] for i in layers]
-        first, last = 0 in mine, len(stages) - 1 in mine
+        embedding, head = end_ranks(s.pp, len(stages) // s.pp, s.schedule)   # V-shaped: both on rank 0
+        first, last = rank == embedding, rank == head
         extra = ([costs["embedding"]] if first and costs["embedding"] else []) + \
                 ([costs["output"]] if last and costs["output"] else [])
         fwd = sum(c.fwd_s for c in parts + extra)

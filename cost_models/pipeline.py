@@ -47,6 +47,14 @@ class PipelineTime:
     events: list[tuple] = field(default_factory=list)  # (rank, kind, mb, chunk, start, end) from simulate()
 
 
+def end_ranks(pp: int, vpp: int, schedule: str) -> tuple[int, int]:
+    """(the pipeline rank holding the first virtual stage, with the input embedding; the rank holding the last,
+    with the final norm and the output layer): ``techniques.pipeline.stage_rank`` of stages ``0`` and
+    ``pp * vpp - 1``, the placement the program runs (``codegen.runtime_pp.split_stages``). Rank ``pp - 1`` holds the
+    output under one stage per rank and looped schedules; rank 0 holds both ends under the V-shaped ones."""
+    return stage_rank(0, pp, schedule), stage_rank(pp * vpp - 1, pp, schedule)
+
+
 def step_time(f: list[float], b: list[float], m: int, schedule: Schedule, v: int = 1,
               p2p: float = 0.0, w: list[float] | None = None) -> PipelineTime:
     """Closed-form step time of one optimizer step (see module docstring); ``w``: the

@@ -30,7 +30,7 @@ from autopar.cost_models.fsdp import exposed_sync, gathers_per_unit, syncs_once_
 from autopar.cost_models.layer_cost import shared_core_sync
 from autopar.cost_models.memory import bytes_per_param, grads_freed_before_activation_peak
 from autopar.cost_models.moe_cost import ring_exposed
-from autopar.cost_models.pipeline import in_flight_microbatches, weight_grad_fraction
+from autopar.cost_models.pipeline import end_ranks, in_flight_microbatches, weight_grad_fraction
 from autopar.planner import partition as part
 from autopar.planner.memory_floor import Floor, floor_terms, min_in_flight  # noqa: F401 (groups, tests read them here)
 from autopar.planner.probes import pricing_key, probe  # noqa: F401  (re-exported: the search's modules read them here)
@@ -80,7 +80,7 @@ class Priced:
     fbw: tuple[float, float, float]   # blocks' forward, backward and weight-gradient sums (bubble share)
     min_dense: float    # parameters of the smallest block (dense, on its rank): every rank holds one
     max_block: float    # the slowest transformer block
-    edges: tuple[float, float]    # embedding and output layer times (on the first / last rank)
+    edges: tuple[float, float]    # embedding and output layer times (on the ranks pipeline.end_ranks names)
     base: list[float]   # every block's time with the fastest allowed recompute, in model order
     min_block_no_cp: float   # the fastest block without context-parallel exposure (bounds smaller micro-batches)
     fwds: tuple = ()    # (forward seconds of a block, blocks with it): the windows of a context-parallel ring
@@ -257,8 +257,8 @@ def _peak_floor(sp: Space, sh: Sharding, k: Knobs, pr: Priced) -> float:
         return held
     if k.schedule in pipeline.V_SHAPED:
         per = [sum(pr.base[i] for i in layers) for layers in v_rank_layers(sp.cm.num_layers, p, v, k.schedule)]
-        per[pipeline.stage_rank(0, p, k.schedule)] += pr.edges[0]
-        per[pipeline.stage_rank(p * v - 1, p, k.schedule)] += pr.edges[1]
+        for r, edge in zip(end_ranks(p, v, k.schedule), pr.edges):   # rank 0 holds both ends
+            per[r] += edge
         return max(max(per), held)
     base_total = pr.total
     out = held

@@ -13,8 +13,10 @@ Layout. ``v`` chunks per rank (``v = 1`` unless interleaved); the layers form ``
 periods of ``C = L / v`` layers and rank ``r`` holds the same ``c_r`` consecutive positions
 ``[o_r, o_r + c_r)`` of every period, ``o_r = c_0 + ... + c_{r-1}``. With ``v = 1`` this is
 every contiguous partition; with ``v > 1`` each rank's chunks are equally long (Megatron-Core
-requires all chunks equal; this allows ranks to differ). Embedding sits on rank 0, the
-output layer on rank ``p - 1``, as in ``CostModel``.
+requires all chunks equal; this allows ranks to differ). The embedding and the output layer sit
+on the ranks ``pipeline.end_ranks`` names (rank 0 and rank ``p - 1`` for these layouts), as in
+``CostModel``. V-shaped schedules (rank ``r`` holds stages ``r`` and ``2p - 1 - r``, both ends on
+rank 0) are not this layout: the search takes their even split (``search._v_shaped``).
 
 Per rank, the recompute that minimises ``P_r`` under its memory budget is optimal for the
 whole step where ``B >= 1`` (1F1B, GPipe; no pipeline: ``A = m``): ``T`` grows by at least ``B``
@@ -36,11 +38,11 @@ from autopar.cost_models import fsdp
 from autopar.cost_models.estimate import CostModel, RankReport
 from autopar.cost_models.layer_cost import RECOMPUTE_MODES, LayerCost
 from autopar.cost_models.memory import bytes_per_param, warmup_gradient_bytes
-from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches, weight_grad_fraction
+from autopar.cost_models.pipeline import bubble_share, end_ranks, in_flight_microbatches, weight_grad_fraction
 from autopar.planner import recompute as rc
 from autopar.planner import stage_dp
 from autopar.planner.recompute import cannot_fit
-from autopar.techniques.pipeline import ZERO_BUBBLE
+from autopar.techniques.pipeline import V_SHAPED, ZERO_BUBBLE
 
 INF = float("inf")
 
@@ -82,7 +84,11 @@ class RankPricer:
         shared = {} if shared is None else shared       # caches that outlive one strategy
         self._frontiers = shared.setdefault("frontiers", {})
         self._syncs = shared.setdefault("grad_sync", {})
+        if s.schedule in V_SHAPED:   # ``layers`` below is the looped layout, not the V the program runs
+            raise ValueError(f"schedule={s.schedule}: the partition prices looped layouts; V-shaped schedules take "
+                             "the even split (search._v_shaped)")
         self.L, self.p, self.v = cm.num_layers, s.pp, s.vpp
+        self.ends = end_ranks(s.pp, s.vpp, s.schedule)   # the ranks holding the embedding and the output layer
         self.C = self.L // self.v
         self.m = s.num_micro_batches
         self.per_unit = fsdp.per_unit(cm, s)   # FSDP's per-layer traffic: D is zero3_time, whatever the recompute
@@ -110,13 +116,13 @@ class RankPricer:
     def layers(self, o: int, c: int) -> list[int]:
         return [k * self.C + o + i for k in range(self.v) for i in range(c)]
 
+    def holds_ends(self, r: int) -> tuple[bool, bool]:
+        """Whether rank ``r`` holds the input embedding and the output layer (``pipeline.end_ranks``)."""
+        return r == self.ends[0], r == self.ends[1]
+
     def extras(self, r: int) -> list[LayerCost]:
-        out = []
-        if r == 0 and self.costs["embedding"]:
-            out.append(self.costs["embedding"])
-        if r == self.p - 1 and self.costs["output"]:
-            out.append(self.costs["output"])
-        return out
+        """The embedding and output layers' costs rank ``r`` holds (``holds_ends``)."""
+        return [self.costs[k] for k, on in zip(("embedding", "output"), self.holds_ends(r)) if on and self.costs[k]]
 
     def counts(self, o: int, c: int) -> tuple[int, ...]:
         out = self._counts.get((o, c))
@@ -195,7 +201,7 @@ class RankPricer:
         cm, s = self.cm, self.s
         extra = self.extras(r)
         in_flight = in_flight_microbatches(r, self.p, self.m, s.schedule, self.v)
-        plain = cm.rank_memory(s, parts, ["none"] * len(parts), extra, in_flight, r == 0, r == self.p - 1).memory
+        plain = cm.rank_memory(s, parts, ["none"] * len(parts), extra, in_flight, *self.holds_ends(r)).memory
         extra_act = sum(e.act_bytes["none"] for e in extra)
         fixed = sum(plain.values()) - plain["activations"] - plain["recompute_workspace"]
         overhead = plain.get("framework_overhead", 0.0)
@@ -227,8 +233,7 @@ class RankPricer:
             return RankEval(INF, fwd, INF, INF, INF, None, ids)
         P = sum(g.time("none") * n for g, n in groups) + sum(e.time("none") for e in extra) + choice.extra_s
         report = RankReport(r, layers, fwd, P - fwd, choice.extra_s, {}, {}, in_flight)
-        ends = (r == 0, r == self.p - 1)   # the input embedding's and the output layer's ranks, as ``extras``
-        D = self.zero3_time(cnt, layers) if self.per_unit else self.dp_time(groups, P - fwd, fwd, *ends)
+        D = self.zero3_time(cnt, layers) if self.per_unit else self.dp_time(groups, P - fwd, fwd, *self.holds_ends(r))
         O = self._optimizer(report, cnt)
         return RankEval(P, fwd, D, O, mem, choice, ids)
 
@@ -253,7 +258,7 @@ class RankPricer:
             else:
                 modes = rc.assign([[i for i in layers if self.costs[i] is g] for g, _ in groups], choice)
                 chosen = [modes[i] for i in layers]
-                mem = sum(cm.rank_memory(s, parts, chosen, extra, in_flight, r == 0, r == self.p - 1).memory.values())
+                mem = sum(cm.rank_memory(s, parts, chosen, extra, in_flight, *self.holds_ends(r)).memory.values())
             if mem <= usable:
                 return choice, mem
             budget -= mem - usable

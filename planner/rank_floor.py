@@ -42,7 +42,7 @@ from autopar.cost_models.memory import (
     grads_freed_before_activation_peak,
     model_state_bytes,
 )
-from autopar.cost_models.pipeline import in_flight_microbatches
+from autopar.cost_models.pipeline import end_ranks, in_flight_microbatches
 from autopar.planner.bounds import probe, v_rank_layers
 from autopar.planner.groups import holds_grads
 from autopar.techniques import pipeline
@@ -182,9 +182,7 @@ def _rank_io(sp, sh, schedule: str, vpp: int) -> tuple:
     m = sp.gb // (sh.dp * sh.mbs)
     costs = sp.priced(sh).costs
     s = probe(sh, sp.gb, schedule=schedule, vpp=vpp)
-    ends = (0, p - 1)
-    if schedule in pipeline.V_SHAPED:
-        ends = pipeline.stage_rank(0, p, schedule), pipeline.stage_rank(p * vpp - 1, p, schedule)
+    ends = end_ranks(p, vpp, schedule)   # the ranks holding the embedding and the output layer
     # a rank that warms up every micro-batch before its gradients exist reuses their bytes (warmup_gradient_bytes)
     freed = grads_freed_before_activation_peak(s, cm.ctx.runtime)
     rows = []
