@@ -16,6 +16,7 @@ from __future__ import annotations
 from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate_types import RankMemory
 from autopar.cost_models.layer_cost import LayerCost
+from autopar.cost_models.layer_model import tied_copy_params
 from autopar.cost_models.memory import (
     bytes_per_param,
     cp_mask_bytes,
@@ -45,8 +46,7 @@ class RankMemoryTerms:
                     last) -> RankMemory:
         """Per-GPU memory of one pipeline rank by kind, and the bytes offloaded to host (public cost API)."""
         dense = sum(c.params_dense for c in parts + extra)
-        if s.pp > 1 and last and self.output is not None:
-            dense += self.output.params_tied / s.tp  # a tied output weight is a second copy on the last stage
+        dense += tied_copy_params(self.output, s.pp, s.tp) if last else 0.0   # a tied head's second copy
         expert = sum(c.params_expert for c in parts)
         ds = model_state_bytes(dense, self.dtype, s.zero_stage, s.dp * s.cp)
         eg = expert_shard_group(s, self.ctx.runtime)

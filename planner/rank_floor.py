@@ -36,6 +36,7 @@ import numpy as np
 
 from autopar.cost_models import fsdp
 from autopar.cost_models.estimate import RankReport
+from autopar.cost_models.layer_model import tied_copy_params
 from autopar.cost_models.memory import (
     bytes_per_param,
     expert_shard_group,
@@ -191,8 +192,7 @@ def _rank_io(sp, sh, schedule: str, vpp: int) -> tuple:
         extra = [c for c, on in ((costs["embedding"], first), (costs["output"], last)) if on and c]
         f = in_flight_microbatches(r, p, m, schedule, vpp)
         edge_dense = sum(c.params_dense for c in extra)
-        if p > 1 and last and cm.output is not None:
-            edge_dense += cm.output.params_tied / sh.tp   # the tied output weight's second copy
+        edge_dense += tied_copy_params(cm.output, p, sh.tp) if last else 0.0   # a tied head's second copy
         bufs = cm._pipeline_buffer_bytes(s, first and cm.embedding is not None, last, f)
         fixed = sum(c.temp_bytes for c in extra) + bufs + f * sum(c.act_bytes["none"] for c in extra)
         rows.append((sum(c.time("none") for c in extra), f, fixed, edge_dense, not (f >= m and freed)))
