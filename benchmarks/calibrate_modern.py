@@ -335,8 +335,7 @@ def fit(built: list[Built], exclude_source: str | None = None, one_level: bool =
                     {k: StackConstants() for k, v in groups.items() if len(v) >= MIN_STACK_ROWS})
     for _ in range(SWEEPS):  # stack choices first, so the hardware level never absorbs a stack's own term
         for key in sorted(fitted.stacks):
-            own = [n for n in gpu_fields_for(groups[key]) if n in fitted.stacks[key].model_fields_set]
-            _descend(groups[key], fitted, fitted.stacks, key, fields_for(groups[key], key[1]) + own)
+            descend_stack(groups[key], fitted, key)
         for gtype in sorted(fitted.gpu):
             mine = [b for b in rows if b.group[0] == gtype]
             _descend(mine, fitted, fitted.gpu, gtype, gpu_fields_for(mine))
@@ -344,6 +343,13 @@ def fit(built: list[Built], exclude_source: str | None = None, one_level: bool =
             if key[1] != "deepspeed":  # two rows: its ZeRO-3 terms only
                 _overrides(groups[key], fitted, key)
     return fitted
+
+
+def descend_stack(rows: list[Built], fitted: Fitted, key: tuple[str, str]) -> None:
+    """One sweep of the stack entry ``key`` (GPU type, stack) on its ``rows``: its choices (``fields_for``) and the
+    hardware-level fields it already overrides. Read by ``fit`` and ``calibrate_stack.fit_stack``."""
+    own = [n for n in gpu_fields_for(rows) if n in fitted.stacks[key].model_fields_set]
+    _descend(rows, fitted, fitted.stacks, key, fields_for(rows, key[1]) + own)
 
 
 def _fit_one_level(groups: dict[tuple[str, str], list[Built]]) -> Fitted:

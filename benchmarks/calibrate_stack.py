@@ -52,8 +52,7 @@ def fit_stack(built: list[cal.Built], stack: str) -> cal.Fitted:
             if len(rows) < cal.MIN_STACK_ROWS:
                 continue
             fitted.stacks.setdefault(key, StackConstants())
-            own = [n for n in cal.gpu_fields_for(rows) if n in fitted.stacks[key].model_fields_set]
-            cal._descend(rows, fitted, fitted.stacks, key, cal.fields_for(rows, stack) + own)
+            cal.descend_stack(rows, fitted, key)
             cal._overrides(rows, fitted, key)
     return fitted
 
