@@ -16,14 +16,17 @@ planner checks), the capacity, and whether it fits. Then per source the rows tha
 ``allocator_reserve_fraction``), what ``max_memory_reserved`` reports) plus the framework overhead exceeds the
 capacity, with the largest reserved / capacity. torchtitan rows are priced as ``validate_memory.py`` prices
 them (their compile and vocabulary-parallel loss). ``--all`` prints the rows that fit too (default: only those
-that do not). ``--bound``: per GPU profile and stack, the largest allocator reserve fraction at which every row
-of theirs still fits (min over rows of (capacity - framework overhead) / live peak - 1), beside the profile's:
-an upper bound the runs imply, not a fit.
+that do not). ``--bound``: per GPU profile and stack (``--runtime``), the largest allocator reserve fraction at
+which every row of theirs still fits (min over rows of (capacity - framework overhead) / live peak - 1), beside the
+stack's reserve on that profile (``GpuProfile.reserve_fraction``): an upper bound the runs imply, not a fit; the
+same over the rows the planner passes now, and the largest reserve the usable-memory rule turns into a limit they
+all still pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -53,7 +56,7 @@ class Fit:
     fits: bool
     stack: str = ""
     gpu: str = ""
-    reserve: float = 0.0     # the profile's allocator_reserve_fraction
+    reserve: float = 0.0     # the stack's allocator reserve on this GPU (GpuProfile.reserve_fraction)
     reserved_bytes: float = 0.0   # the reserved peak: ``Estimate.reserved_peak_bytes`` (live x (1 + reserve))
 
     @property
@@ -84,7 +87,7 @@ class Fit:
 def fit_of(p: pr.Priced) -> Fit:
     e = p.estimate
     return Fit(p.case.id, p.case.source, p.case.strategy, dict(e.worst_rank.memory), e.usable_bytes,
-               e.capacity_bytes, e.peak_bytes - e.memory_overhead <= e.usable_bytes, p.case.stack, p.case.gpu,
+               e.capacity_bytes, e.peak_bytes - e.memory_overhead <= e.usable_bytes, p.case.runtime, p.case.gpu,
                e.allocator_reserve_fraction, e.reserved_peak_bytes)
 
 
@@ -130,15 +133,29 @@ def print_summary(rows: list[Fit], skipped: list[tuple[str, str]], title: str) -
           f"   not priced: {len(skipped)}")
 
 
+def rule_max(bound: float) -> float:
+    """The largest reserve whose usable fraction (``core.gpu.usable_fraction``, rounded down) still lets a live
+    peak of 1 / (1 + ``bound``) of the memory fit: below ``bound`` by the rounding."""
+    return 100 / math.ceil(100 / (1 + bound) - 1e-9) - 1
+
+
 def print_bound(rows: list[Fit]) -> None:
-    """Per (GPU profile, stack): the largest allocator reserve all their rows fit under, and the row setting it."""
+    """Per (GPU profile, stack as --runtime): the largest allocator reserve all their rows fit under and the row
+    setting it; then over the rows the planner passes at the stack's reserve now (``Fit.fits``), that bound and
+    ``rule_max`` of it: a reserve above it would turn one of them away."""
     groups: dict[tuple[str, str], list[Fit]] = {}
     for f in rows:
         groups.setdefault((f.gpu, f.stack), []).append(f)
-    print(f"\n{'gpu':<10} {'stack':<12} {'rows':>4} {'profile':>7} {'bound':>6}  set by")
+    print(f"\n{'gpu':<10} {'stack':<12} {'rows':>4} {'profile':>7} {'bound':>6}  {'passing':>7} {'bound':>6} "
+          f"{'rule max':>8}  set by")
     for (gpu, stack), fs in sorted(groups.items()):
         tight = min(fs, key=lambda f: f.room)
-        print(f"{gpu:<10} {stack:<12} {len(fs):>4} {tight.reserve:>7.3f} {tight.room:>6.3f}  {tight.id}")
+        ok = [f for f in fs if f.fits]
+        fit_tight = min(ok, key=lambda f: f.room) if ok else None
+        within = (f"{len(ok):>7} {fit_tight.room:>6.3f} {rule_max(fit_tight.room):>8.3f}" if fit_tight
+                  else f"{0:>7} {'-':>6} {'-':>8}")
+        print(f"{gpu:<10} {stack:<12} {len(fs):>4} {tight.reserve:>7.3f} {tight.room:>6.3f}  {within}  "
+              f"{tight.id}" + (f" / {fit_tight.id}" if fit_tight and fit_tight is not tight else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

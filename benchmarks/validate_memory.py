@@ -9,8 +9,8 @@ It is compared with ``Estimate.reserved_peak_bytes``: the predicted live-tensor 
 rank (without ``framework_overhead``) times ``1 + allocator_reserve_fraction`` of the GPU profile.
 Error = predicted / published - 1 (negative: under-predicted).
 
-``--fit`` prints the allocator reserve fraction that the rows imply per GPU profile (mean of
-published / live-peak - 1 over that profile's rows), the number ``allocator_reserve_fraction`` in
+``--fit`` prints the allocator reserve fraction that the rows imply per GPU profile and stack (mean of
+published / live-peak - 1 over their rows without a pipeline), the number the stack's reserve in
 ``profiles/hardware/<gpu>.yaml`` is set from; the rows of other profiles (h200) check it.
 
 Row mapping: ``published_rows.case_for`` (torchtitan rows run as ``--runtime torchtitan``, whose
@@ -64,19 +64,21 @@ def price_memory(run: dict, workdir: Path) -> dict:
     e = estimate(case, cm, s)
     live = e.peak_bytes - e.memory_overhead
     pub = float(run["measured"]["memory_gib"]) * GiB
-    return {"id": run["id"], "gpu": case.gpu, "strategy": s.short(), "dtype": case.dtype, "live": live,
+    return {"id": run["id"], "gpu": case.gpu, "stack": case.runtime, "strategy": s.short(), "dtype": case.dtype,
+            "live": live,
             "pred": e.reserved_peak_bytes, "pub": pub, "err": e.reserved_peak_bytes / pub - 1.0,
             "reserve": e.allocator_reserve_fraction, "memory": e.worst_rank.memory}
 
 
-def fit(results: list[dict]) -> dict[str, float]:
-    """Per GPU profile: the mean of published / live-peak - 1 over its rows without a pipeline
-    (the constant was fitted on those; the pipeline rows, priced by ``runtime_memory``, check it)."""
-    by_gpu: dict[str, list[float]] = {}
+def fit(results: list[dict]) -> dict[tuple[str, str], tuple[float, int]]:
+    """Per (GPU profile, stack): the mean of published / live-peak - 1 over its rows without a pipeline
+    (the constant was fitted on those; the pipeline rows, priced by ``runtime_memory``, check it), and their count.
+    The reserve is the stack's allocator use (``StackConstants.allocator_reserve_fraction``)."""
+    by: dict[tuple[str, str], list[float]] = {}
     for r in results:
         if " pp1 " in f" {r['strategy']} ":
-            by_gpu.setdefault(r["gpu"], []).append(r["pub"] / r["live"] - 1.0)
-    return {g: statistics.fmean(v) for g, v in by_gpu.items()}
+            by.setdefault((r["gpu"], r["stack"]), []).append(r["pub"] / r["live"] - 1.0)
+    return {k: (statistics.fmean(v), len(v)) for k, v in by.items()}
 
 
 def report(results: list[dict], skipped: list[tuple[str, str]], markdown: bool) -> None:
@@ -114,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             print(r["id"], {k: round(v / GiB, 2) for k, v in r["memory"].items() if v})
     if args.fit:
-        for gpu, value in fit(results).items():
-            print(f"allocator_reserve_fraction {gpu}: {value:.3f}")
+        for (gpu, stack), (value, n) in fit(results).items():
+            print(f"allocator_reserve_fraction {gpu} {stack}: {value:.3f} ({n} rows)")
     return 0
 
 

@@ -208,7 +208,19 @@ class StackConstants(BaseModel):
                                                                "parameter gathers and gradient reduce-scatters "
                                                                "across nodes, where below the NCCL ring model "
                                                                "(0: the ring model)")
+    allocator_reserve_fraction: float | None = Field(
+        None, ge=0, le=1, description="bytes the stack's caching allocator holds beyond the live-tensor peak "
+                                      "(max_memory_reserved / max_memory_allocated - 1; FSDP2's per-stream "
+                                      "all-gather buffers vs Megatron's contiguous ones), from "
+                                      "GpuProfile.allocator_reserve_by_stack; None: the GPU profile's")
     sources: dict[str, str] = Field(default_factory=dict, description="field -> the command that fitted it")
+
+
+def usable_fraction(reserve: float) -> float:
+    """Share of (capacity - framework overhead) the live tensors may fill so that the caching allocator's
+    reserve on top still fits: ``floor(1 / (1 + reserve), 2)`` (tests/test_usable_memory_rule.py). A live peak
+    at that limit reserves live x (1 + reserve) <= capacity - overhead, what ``max_memory_reserved`` reports."""
+    return math.floor(100 / (1 + reserve)) / 100
 
 
 def resolve_stack(gpu_level: StackConstants, stack: StackConstants | None) -> StackConstants:
@@ -231,11 +243,18 @@ class GpuProfile(BaseModel):
     framework_overhead_bytes: int = Field(
         ..., ge=0, description="CUDA context + NCCL buffers + cuBLAS workspace, never available to tensors")
     usable_mem_fraction: float = Field(
-        ..., gt=0, le=1, description="fraction of the rest the caching allocator can fill (fragmentation)")
+        ..., gt=0, le=1, description="fraction of the rest live tensors may fill where no allocator reserve is "
+                                     "set (measured CPU profiles); with one, usable_fraction(reserve) "
+                                     "(GpuProfile.usable_bytes, tests/test_usable_memory_rule.py)")
     allocator_reserve_fraction: float = Field(
         0.0, ge=0, le=1, description="bytes the caching allocator holds beyond the live-tensor peak (fragmentation, "
                                      "cached blocks: max_memory_reserved / max_memory_allocated - 1), fitted per GPU "
                                      "and stack (benchmarks/validate_memory.py --fit); 0: not fitted")
+    allocator_reserve_by_stack: dict[Runtime, float] = Field(
+        default_factory=dict, description="a stack's own allocator reserve where its rows measure or bound it "
+                                          "(sources['allocator_reserve_fraction.<stack>'] names the command); "
+                                          "the other stacks take allocator_reserve_fraction. Outside stacks: "
+                                          "calibrate_modern.py --write rewrites that block from its fit")
     power_limit_w: float | None = Field(None, gt=0, description="board power limit the profile's numbers hold for, W")
     host_link_gbps: float | None = Field(
         None, gt=0, description="achievable GPU<->host copy bandwidth per GPU, GB/s per direction (PCIe)")
@@ -319,6 +338,11 @@ class GpuProfile(BaseModel):
         called = [rt for k in self.attention_kernels.values() for rt in k.stacks]
         if len(called) != len(set(called)):
             raise ValueError("attention_kernels: each runtime may call one kernel; fix the stacks lists")
+        unsourced = [rt for rt in self.allocator_reserve_by_stack
+                     if not self.sources.get(f"allocator_reserve_fraction.{rt}", "").strip()]
+        if unsourced or any(not 0 <= v <= 1 for v in self.allocator_reserve_by_stack.values()):
+            raise ValueError("allocator_reserve_by_stack: each value in [0, 1] with a source "
+                             f"'allocator_reserve_fraction.<stack>'; missing: {', '.join(unsourced) or 'none'}")
         stack_only = sorted(set(self.gpu_constants.model_fields_set) - set(GPU_LEVEL_FIELDS) - {"sources"})
         if stack_only:
             raise ValueError(f"gpu_constants may set only hardware-level fields ({', '.join(GPU_LEVEL_FIELDS)}); "
@@ -343,7 +367,14 @@ class GpuProfile(BaseModel):
     def stack(self, runtime: str) -> StackConstants:
         """The constants ``runtime`` prices with on this GPU: the hardware level, overridden by the
         fields the stack sets; neutral defaults where nothing was fitted."""
-        return resolve_stack(self.gpu_constants, self.stacks.get(runtime))
+        resolved = resolve_stack(self.gpu_constants, self.stacks.get(runtime))
+        own = self.allocator_reserve_by_stack.get(runtime)
+        return resolved if own is None else resolved.model_copy(update={"allocator_reserve_fraction": own})
+
+    def reserve_fraction(self, stack: StackConstants | None = None) -> float:
+        """The caching-allocator reserve ``stack`` runs with (its own, else this GPU's)."""
+        own = stack.allocator_reserve_fraction if stack is not None else None
+        return self.allocator_reserve_fraction if own is None else own
 
     def attention_kernel(self, runtime: str) -> AttentionKernel | None:
         """The measured attention kernel ``runtime`` calls on this GPU (None: not measured)."""
@@ -362,8 +393,16 @@ class GpuProfile(BaseModel):
 
     @property
     def usable_mem_bytes(self) -> int:
-        """Bytes tensors may use: (capacity - framework overhead) * usable fraction."""
-        return int((self.mem_capacity_bytes - self.framework_overhead_bytes) * self.usable_mem_fraction)
+        """``usable_bytes`` at this GPU's own reserve (no stack)."""
+        return self.usable_bytes()
+
+    def usable_bytes(self, stack: StackConstants | None = None) -> int:
+        """Bytes live tensors may use under ``stack`` (the planner's check, ``CostModel.usable_mem_bytes``):
+        (capacity - framework overhead) x ``usable_fraction`` of the stack's reserve; a profile with no reserve
+        (measured CPU profiles) keeps its ``usable_mem_fraction``."""
+        reserve = self.reserve_fraction(stack)
+        frac = usable_fraction(reserve) if reserve > 0 else self.usable_mem_fraction
+        return int((self.mem_capacity_bytes - self.framework_overhead_bytes) * frac)
 
     def eff(self, curve_name: str, x: float) -> float:
         """Efficiency from curve ``matmul`` | ``membound`` | ``attention`` (``*_eff`` also accepted)."""

@@ -105,6 +105,12 @@ class CostModel(RankMemoryTerms):
         return self.ctx.stack_name
 
     @property
+    def usable_mem_bytes(self) -> int:
+        """Bytes live tensors may use on one GPU under this stack's allocator reserve (``GpuProfile.usable_bytes``):
+        what ``Estimate.feasible``, the partition's budgets and the search's memory floor check."""
+        return self.gpu.usable_bytes(self.stack)
+
+    @property
     def num_layers(self) -> int:
         return len(self.blocks)
 
@@ -348,12 +354,12 @@ class CostModel(RankMemoryTerms):
         worst = max(ranks, key=lambda r: r.mem_bytes)
         return Estimate(
             strategy=s, step_time_s=total, time=time, ranks=ranks, peak_bytes=worst.mem_bytes,
-            capacity_bytes=float(self.gpu.mem_capacity_bytes), usable_bytes=float(self.gpu.usable_mem_bytes),
+            capacity_bytes=float(self.gpu.mem_capacity_bytes), usable_bytes=float(self.usable_mem_bytes),
             model_flops=model, hardware_flops=model + full_rc * s.global_batch, world=s.world,
             peak_flops=mfu_peak(self.gpu, self.timer), tokens=s.global_batch * self.seq_len,
             sources={"compute": self.timer.source,
                      "communication": "measurement" if self.ctx.fits else "datasheet"},
-            allocator_reserve_fraction=self.gpu.allocator_reserve_fraction,
+            allocator_reserve_fraction=self.gpu.reserve_fraction(self.stack),
             host_usable_bytes=self.gpu.host_mem_bytes * self.gpu.host_usable_fraction if self.gpu.host_mem_bytes
             else None)
 

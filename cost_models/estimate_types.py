@@ -52,7 +52,7 @@ class Estimate:
     peak_flops: float
     tokens: int
     sources: dict[str, str] = field(default_factory=dict)
-    allocator_reserve_fraction: float = 0.0  # the GPU profile's fitted caching-allocator reserve
+    allocator_reserve_fraction: float = 0.0  # the stack's caching-allocator reserve (GpuProfile.reserve_fraction)
     host_usable_bytes: float | None = None   # host DRAM per GPU offloaded states may hold (None: unchecked)
 
     @property

@@ -91,7 +91,7 @@ class Space:
 
     def __init__(self, cm: CostModel, cons: Constraints, gb: int):
         self.cm, self.cons, self.gb, self.stats = cm, cons, gb, SearchStats()
-        self.usable = float(cm.gpu.usable_mem_bytes)
+        self.usable = float(cm.usable_mem_bytes)
         self.floors: dict[tuple, Floor] = {}
         self.prices: dict[Sharding, Priced] = {}
         self.queue: list[tuple] = []

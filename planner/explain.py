@@ -171,7 +171,7 @@ def fit_suggestions(cm: CostModel, cons: Constraints, gb: int, max_nodes_factor:
     out.append(f"would fit on {more}" if more else
                f"no cluster up to {cm.cluster.world * max_nodes_factor} GPUs fits under these constraints")
     floor = _states_floor(cm, cons)
-    if floor > cm.gpu.usable_mem_bytes:
+    if floor > cm.usable_mem_bytes:
         out.append(f"a shorter sequence or a smaller batch cannot help: the model states alone need "
                    f"{floor / GiB:.1f} GiB per GPU even sharded over all {cm.cluster.world} GPUs")
         return out
@@ -190,7 +190,7 @@ def _more_gpus(cm: CostModel, cons: Constraints, gb: int, max_factor: int) -> st
     while factor <= max_factor:
         cl = cm.cluster.model_copy(update={"nodes": cm.cluster.nodes * factor})
         cm2 = same_job(cm, cluster=cl)
-        if _states_floor(cm2, cons) <= cm.gpu.usable_mem_bytes:
+        if _states_floor(cm2, cons) <= cm.usable_mem_bytes:
             res = search(cm2, gb, cons, top_k=1)
             if res.candidates:
                 c = res.candidates[0]

@@ -207,7 +207,7 @@ class RankPricer:
         overhead = plain.get("framework_overhead", 0.0)
         # a rank warming up every micro-batch peaks before its gradients exist (warmup_only_activations)
         reuse = warmup_gradient_bytes(s, cm.ctx.runtime, plain) if in_flight >= self.m else 0.0
-        return plain, cm.gpu.usable_mem_bytes + overhead - fixed + reuse - in_flight * extra_act, in_flight
+        return plain, cm.usable_mem_bytes + overhead - fixed + reuse - in_flight * extra_act, in_flight
 
     def may_fit(self, r: int, c: int) -> bool:
         """``cannot_fit`` is false for rank ``r`` holding ``c`` positions of every period: true of
@@ -245,7 +245,7 @@ class RankPricer:
         ``plain``: the rank's memory without recompute. Returns (choice or None, the rank's memory)."""
         cm, s = self.cm, self.s
         parts = [self.costs[i] for i in layers]
-        usable = cm.gpu.usable_mem_bytes + cm.gpu.framework_overhead_bytes
+        usable = cm.usable_mem_bytes + cm.gpu.framework_overhead_bytes
         workspace = _per_work(cm, s, parts, temps)
         for _ in range(4):
             if cannot_fit(groups, self.modes, in_flight, budget, workspace, self._frontiers):
