@@ -160,5 +160,5 @@ def print_memory(console: Console, e: Estimate) -> None:
     console.print(f"peak {c.gib(e.peak_bytes)} of {c.gib(e.capacity_bytes)} ({verdict})")
     if e.allocator_reserve_fraction:  # what torch.cuda.max_memory_reserved would report
         console.print(f"caching allocator reserved at peak: {c.gib(e.reserved_peak_bytes)} (live tensors without "
-                      f"framework_overhead x {1 + e.allocator_reserve_fraction:.3f}, fitted for "
-                      "this GPU)")
+                      f"framework_overhead x {1 + e.allocator_reserve_fraction:.3f}, the reserve of "
+                      "this stack on this GPU)")
