@@ -391,11 +391,6 @@ class GpuProfile(BaseModel):
     def mem_bw_bytes_per_s(self) -> float:
         return self.mem_bw_gbps * 1e9
 
-    @property
-    def usable_mem_bytes(self) -> int:
-        """``usable_bytes`` at this GPU's own reserve (no stack)."""
-        return self.usable_bytes()
-
     def usable_bytes(self, stack: StackConstants | None = None) -> int:
         """Bytes live tensors may use under ``stack`` (the planner's check, ``CostModel.usable_mem_bytes``):
         (capacity - framework overhead) x ``usable_fraction`` of the stack's reserve; a profile with no reserve

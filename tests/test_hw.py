@@ -35,7 +35,7 @@ def test_every_profile_loads_with_sources(name):
     for key in REQUIRED_SOURCES:
         assert p.sources[key].strip(), key
     assert all(v > 0 for v in p.peak_tflops.values())
-    assert 0 < p.usable_mem_bytes < p.mem_capacity_bytes
+    assert 0 < p.usable_bytes() < p.mem_capacity_bytes
 
 
 # Values from the vendor datasheets as shared/validation/hardware_facts.yaml records them (dense tensor
