@@ -100,7 +100,7 @@ from autopar.planner.space import (  # noqa: F401  (re-exported: the planner's p
 )
 from autopar.planner.step_floors import scaled_no_cp
 from autopar.techniques import offload, pipeline
-from autopar.techniques.recompute import LAYOUTS
+from autopar.techniques.recompute import layouts as stack_layouts_of
 
 
 def search(cm: CostModel, global_batch: int, cons: Constraints | None = None, top_k: int = 5,
@@ -209,7 +209,7 @@ def _partitioned(sp: Space, sh: Sharding, k: Knobs, upper: float) -> Candidate |
     # tight: the mean rank with the first rank's micro-batches in flight takes 60% of the memory or more
     tight = sp.floor(sh).bytes(cm, sh, s.zero_stage, s.offload_optimizer, in_flight_microbatches(
         0, s.pp, s.num_micro_batches, s.schedule, s.vpp), grads_freed(sp, sh, s.schedule, s.vpp)) > 0.6 * sp.usable
-    layouts = LAYOUTS[cm.stack_name]
+    layouts = stack_layouts_of(cm.stack_name, cm.spec)   # llm-foundry: first-N for MPT models only
     if len(layouts) == 1 and layouts[0].mix == "per_layer":   # autopar's program: any mode on any layer
         res = part.partition(cm, s, modes, upper, sp.priced(sh).costs, sp.shared, tight)
         return None if res is None else Candidate(_label(s, res.layer_recompute), res.stages, res.layer_recompute,

@@ -42,8 +42,11 @@ def mode_rule(s: Strategy, spec: ModelSpec | None, world: int, seq_len: int | No
 #   ``--recompute-method uniform --recompute-num-layers 1`` runs it); no per-op policy, no mix of selective and full.
 # - deepspeed: ``deepspeed.checkpointing.checkpoint`` over whole blocks, every layer or none (PipelineModule's
 #   ``activation_checkpoint_interval`` > 1 checkpoints groups of layers as one, which no per-layer mode prices).
-# - llm-foundry: ``fsdp_config.activation_checkpointing`` (whole blocks) with ``activation_checkpointing_target``
-#   ``{mptblock: "first-N"}`` (llmfoundry/models/utils/act_ckpt.py, 0.22.0): the first N blocks, no pipeline.
+# - llm-foundry (0.22.0): ``fsdp_config.activation_checkpointing: true`` checkpoints whole blocks, no pipeline.
+#   Only its own MPT (``mpt_causal_lm``) reads a target: ``MPTForCausalLM.activation_checkpointing_fn``
+#   (models/mpt/modeling_mpt.py) takes the **model** config's ``activation_checkpointing_target``
+#   (``{mptblock: "first-N"}``: the first N blocks; unset: every MPTBlock). Other models run as ``hf_causal_lm``,
+#   which checkpoints every block when the FSDP flag is set (models/hf/hf_fsdp.py): every block or none.
 STACKS = {
     "torch": Runs("autopar's program: checkpoint / per-op policies"),
     "torchtitan": Runs("torchtitan 0.2.2 activation_checkpoint.mode none | full | selective, selective_ac_option op "
@@ -51,11 +54,12 @@ STACKS = {
     "megatron": Runs("Megatron-LM --recompute-granularity selective | full, --recompute-method block, "
                      "--recompute-num-layers", {"recompute": ("none", "selective", "full")}),
     "deepspeed": Runs("DeepSpeed activation_checkpointing: whole blocks", {"recompute": ("none", "full")}),
-    "llm-foundry": Runs("llm-foundry fsdp_config.activation_checkpointing, activation_checkpointing_target first-N: "
-                        "whole blocks", {"recompute": ("none", "full")}),
+    "llm-foundry": Runs("llm-foundry fsdp_config.activation_checkpointing: whole blocks, every block or (MPT models, "
+                        "model.activation_checkpointing_target first-N) the first N", {"recompute": ("none", "full")}),
 }
 
 Mix = Literal["per_layer", "uniform", "first_n", "every_nth"]
+Models = Literal["any", "mpt", "not_mpt"]   # the models a layout's setting runs on (``is_mpt``)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class Layout:
     modes: tuple[str, ...]
     mix: Mix
     setting: str = ""   # the stack's configuration that runs it ({n}: the N of first_n / every_nth)
+    models: Models = "any"
 
 
 # stack -> the layout families it runs (``planner.search`` partitions each family's modes and keeps the best)
@@ -80,9 +85,29 @@ LAYOUTS: dict[str, tuple[Layout, ...]] = {
                  Layout(("selective",), "uniform", "--recompute-granularity selective")),
     "deepspeed": (Layout(("none",), "uniform"),
                   Layout(("full",), "uniform", "deepspeed.checkpointing.checkpoint around every block")),
-    "llm-foundry": (Layout(("none", "full"), "first_n", "fsdp_config.activation_checkpointing: true, "
-                           "activation_checkpointing_target: {{mptblock: first-{n}}}"),),
+    # every block first: the one setting that says it for any model (``planner.explain`` reads the first that fits)
+    "llm-foundry": (Layout(("none",), "uniform", models="not_mpt"),
+                    Layout(("full",), "uniform", "fsdp_config.activation_checkpointing: true", models="not_mpt"),
+                    Layout(("none", "full"), "first_n", "fsdp_config.activation_checkpointing: true, "
+                           "model.activation_checkpointing_target: {{mptblock: first-{n}}} (an MPT model, "
+                           "mpt_causal_lm)", models="mpt")),
 }
+
+
+def is_mpt(spec: ModelSpec | None) -> bool:
+    """The model is one llm-foundry builds as its MPT (``mpt_causal_lm``): a transformers config of
+    ``model_type: mpt``, or autopar's ``gpt`` family (learned positions, LayerNorm, GeLU MLP: an MPT with
+    ``learned_pos_emb: true, alibi: false``, the model its published MPT rows price). Llama, MoE and other
+    transformers models run as ``hf_causal_lm``."""
+    if spec is None:
+        return False
+    return spec.family == "gpt" or (spec.hf_config or {}).get("model_type") == "mpt"
+
+
+def layouts(stack: str, spec: ModelSpec | None) -> tuple[Layout, ...]:
+    """The recompute layouts ``stack`` runs for this model (``LAYOUTS`` less those for other models)."""
+    mpt = is_mpt(spec)
+    return tuple(x for x in LAYOUTS[stack] if x.models == "any" or (x.models == "mpt") == mpt)
 
 TECHNIQUE = Technique(
     name="recompute",

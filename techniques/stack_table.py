@@ -35,12 +35,14 @@ def rows() -> list[str]:
 def layout_row() -> str:
     """How each stack places its recompute modes on the layers (``recompute.LAYOUTS``)."""
     bar = " \\| "
-    cells = ["; ".join(f"{bar.join(x.modes)}: {MIX_SHORT[x.mix]}" for x in LAYOUTS[s]) for s in STACKS]
+    cells = ["; ".join(f"{bar.join(x.modes)}: {MIX_SHORT[x.mix]}{MODELS_SHORT[x.models]}" for x in LAYOUTS[s])
+             for s in STACKS]
     return "| recompute layers | " + " | ".join(cells) + " |"
 
 
 MIX_SHORT = {"per_layer": "per layer", "uniform": "every layer", "first_n": "first N of each stage",
              "every_nth": "every N-th of each rank"}
+MODELS_SHORT = {"any": "", "mpt": " (MPT models)", "not_mpt": " (other models)"}   # recompute.is_mpt
 
 
 def rules() -> list[str]:

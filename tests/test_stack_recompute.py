@@ -19,17 +19,18 @@ from autopar.cost_models.session import Inputs, build_cost_model
 from autopar.planner import recompute as rc
 from autopar.planner import search as S
 from autopar.planner.space import for_stack, knob_options, shardings
-from autopar.techniques.recompute import LAYOUTS
+from autopar.techniques.recompute import LAYOUTS, is_mpt, layouts
 
 STACKS = get_args(Runtime)
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 MODERN = Path(__file__).resolve().parents[2] / "shared" / "validation" / "published_modern.yaml"
 
 
-def expressed(stack: str, lr: list[str], stages: list[tuple[int, int]], pp: int, schedule: str) -> bool:
-    """``lr`` is one of the per-layer lists ``stack``'s configuration writes on these stages."""
+def expressed(stack: str, lr: list[str], stages: list[tuple[int, int]], pp: int, schedule: str,
+              spec=None) -> bool:
+    """``lr`` is one of the per-layer lists ``stack``'s configuration writes on these stages for model ``spec``."""
     chunks = rc.rank_chunks(stages, pp, schedule)
-    for lay in LAYOUTS[stack]:
+    for lay in layouts(stack, spec):
         if not set(lr) <= set(lay.modes):
             continue
         if lay.mix == "per_layer" or (lay.mix == "uniform" and len(set(lr)) == 1):
@@ -81,7 +82,8 @@ def test_plans_list_only_the_recompute_the_stack_expresses(cms, stack):
     assert res.candidates
     for c in res.candidates:
         s = c.strategy
-        assert expressed(stack, c.layer_recompute, c.stages, s.pp, s.schedule), (s.compact(), c.layer_recompute)
+        assert expressed(stack, c.layer_recompute, c.stages, s.pp, s.schedule, cms[stack].spec), \
+            (s.compact(), c.layer_recompute)
         e = cms[stack].estimate(s, c.stages, c.layer_recompute)
         assert e.step_time_s == pytest.approx(c.estimate.step_time_s) and e.feasible
 
@@ -147,8 +149,27 @@ def test_stack_setting_names_the_config_that_runs_the_plan():
 
 
 def test_plan_says_the_stacks_recompute_setting(run_cli):
-    code, out, _ = run_cli("plan", "llama3-70b", "--nodes", "16", "--runtime", "llm-foundry", "--top", "1")
-    assert code == 0 and "activation_checkpointing_target: {mptblock: first-" in out.replace("\n", " ")
+    """gpt3-13b on 16 H100 recomputes 30 of its 40 blocks: llm-foundry's MPT runs that as its model config's
+    target (``MPTForCausalLM.activation_checkpointing_fn``), not an fsdp_config key."""
+    code, out, _ = run_cli("plan", "gpt3-13b", "--nodes", "2", "--runtime", "llm-foundry", "--top", "1")
+    assert code == 0 and "model.activation_checkpointing_target: {mptblock: first-" in " ".join(out.split())
+
+
+def test_llm_foundry_recomputes_every_block_or_none_off_mpt(cms, run_cli):
+    """llm-foundry reads activation_checkpointing_target only in its MPT (mpt_causal_lm); a Llama runs as
+    hf_causal_lm, which checkpoints every block under fsdp_config.activation_checkpointing. Before, plan
+    llama3-8b --runtime llm-foundry priced 3 of 32 layers recomputed as "{mptblock: first-3}"."""
+    from autopar.core.model_spec import ModelSpec
+
+    cm = cms["llm-foundry"]
+    assert not is_mpt(cm.spec) and {x.mix for x in layouts("llm-foundry", cm.spec)} == {"uniform"}
+    assert is_mpt(ModelSpec(family="custom", hf_config={"model_type": "mpt"}))
+    assert "first_n" in {x.mix for x in layouts("llm-foundry", ModelSpec(family="gpt", hidden=64, layers=2,
+                                                                          heads=2, ffn_hidden=256, vocab=64))}
+    for c in S.search(cm, 128, top_k=5).candidates:
+        assert len(set(c.layer_recompute)) == 1, (c.strategy.compact(), c.layer_recompute)
+    code, out, _ = run_cli("plan", "llama3-8b", "--runtime", "llm-foundry", "--top", "1")
+    assert code == 0 and "mptblock" not in out and "fsdp_config.activation_checkpointing: true" in " ".join(out.split())
 
 
 @pytest.mark.parametrize("stack", ["deepspeed", "megatron", pytest.param("torchtitan", marks=pytest.mark.slow)])
