@@ -185,10 +185,11 @@ def _inputs_record(inp, gb: int, fixed: dict) -> dict[str, str]:
 def _stack_refuses(cm, cons: Constraints) -> None:
     """Nothing to search: where the fixed knobs break a rule of the stack itself (e.g. DeepSpeed's pipeline
     engine with ZeRO-2), say that rule rather than the generic divisibility line. The unfixed fields take their
-    defaults (``techniques.stack_violations``)."""
+    defaults (``techniques.stack_violations``); the model rules read the model as the search does (``rule_spec``)."""
     from autopar import techniques
+    from autopar.planner.space import rule_spec
 
-    for msg in techniques.stack_violations(cm.stack_name, cons.fixed, cm.cluster.world, cm.seq_len):
+    for msg in techniques.stack_violations(cm.stack_name, cons.fixed, cm.cluster.world, cm.seq_len, rule_spec(cm)):
         raise InputError(f"strategy: {msg}")
 
 

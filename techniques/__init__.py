@@ -48,15 +48,17 @@ def stack_refusals(stack: str, fields: dict) -> list[str]:
     return [msg for t in ALL for msg in t.stacks[stack].refusals(stack, fields)]
 
 
-def stack_violations(stack: str, fields: dict, world: int, seq_len: int | None = None) -> list[str]:
+def stack_violations(stack: str, fields: dict, world: int, seq_len: int | None = None,
+                     spec: ModelSpec | None = None) -> list[str]:
     """What ``stack`` does not run of a partial strategy (field -> value, e.g. the knobs ``plan`` fixes): its values
-    (``stack_refusals``) and its own rules (``base.Runs.rules``), the unfixed fields at their defaults (degree 1, no
-    ZeRO: where the stacks' rules are the least restrictive); none where ``fields`` do not build a strategy."""
+    (``stack_refusals``) and its own rules (``base.Runs.rules``; their model rules, e.g. torchtitan's tied
+    embeddings under pp, only when ``spec`` is given), the unfixed fields at their defaults (degree 1, no ZeRO:
+    where the stacks' rules are the least restrictive); none where ``fields`` do not build a strategy."""
     try:
         s = Strategy.build(**fields)
     except InputError:
         return []
-    return [msg for t in ALL for msg in t.stacks[stack].violations(stack, s, None, world, seq_len)]
+    return [msg for t in ALL for msg in t.stacks[stack].violations(stack, s, spec, world, seq_len)]
 
 
 def stack_values(stack: str, name: str, default: tuple) -> tuple:

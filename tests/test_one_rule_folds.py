@@ -59,3 +59,11 @@ def test_stack_violations_say_the_stacks_own_rule_for_the_fixed_knobs():
     assert msgs and "zero=2 with pp=2" in msgs[0] and "deepspeed" in msgs[0]
     assert techniques.stack_violations("torch", {"pp": 2, "zero_stage": 2}, 8) == []
     assert techniques.stack_violations("deepspeed", {"pp": 0}, 8) == []   # not a strategy: the caller's error
+
+
+def test_plan_refuses_a_fixed_knob_by_the_stacks_model_rule(run_cli):
+    """The stack's model rules (torchtitan's tied embeddings under pp) fire on the knobs plan fixes: before, plan
+    gpt2-124m --runtime torchtitan --strategy pp=2 said "no configuration satisfies pp=2 ... relax them"."""
+    code, _, err = run_cli("plan", "gpt2-124m", "--runtime", "torchtitan", "--strategy", "pp=2")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "pp=2 with tied embeddings" in err and "torchtitan" in err and "no configuration" not in err, err
