@@ -21,6 +21,7 @@ from autopar.planner.search import (
     search,
     shardings,
 )
+from autopar.planner.stack_split import split_setting
 from autopar.techniques import offload
 from autopar.techniques.base import cli_key, cli_value
 from autopar.techniques.recompute import LAYOUTS
@@ -62,6 +63,7 @@ def _limits(c: Candidate, stack: str = "torch") -> str:
     if redo:
         mem += f"; recomputes {sum(redo.values())} of {len(c.layer_recompute)} layers (" + \
                ", ".join(f"{v} {k}" for k, v in sorted(redo.items())) + ")" + _setting(c, stack)
+    mem += _split(c, stack)
     top_term = max(over, key=over.get) if over else None
     if e.host_floor_s >= max(MATERIAL_HOST * e.step_time_s, over.get(top_term, 0.0)):
         limit = "host-bound"   # its compute is the GPU waiting for kernel launches (the next sentence)
@@ -79,6 +81,17 @@ def _setting(c: Candidate, stack: str) -> str:
     s = c.strategy
     how = stack_setting(LAYOUTS[stack], c.layer_recompute, c.stages, s.pp, s.schedule) if stack != "torch" else ""
     return f" as {stack} runs it: {how}" if how else ""
+
+
+def _split(c: Candidate, stack: str) -> str:
+    """How the stack's configuration says the plan's stage split (``stack_split.split_setting``), where it needs
+    one; "" where the stack runs it by default."""
+    how = split_setting(stack, c.stages, c.strategy.pp)
+    if how == "":
+        return ""
+    sizes = [b - a for a, b in c.stages]
+    said = f"as {stack} runs them: {how}" if how else f"(no {stack} setting runs them)"
+    return f"; stages of {sizes} layers {said}"
 
 
 def _compute_share(e: Estimate) -> str:

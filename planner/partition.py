@@ -429,10 +429,11 @@ def partition(cm: CostModel, s: Strategy, modes: tuple[str, ...] = RECOMPUTE_MOD
     t, evs = evaluate_counts(pr, counts)
     if t == INF or t >= upper:
         return None
-    return _result(pr, counts, t, evs)
+    return result(pr, counts, t, evs)
 
 
-def _result(pr: RankPricer, counts: list[int], t: float, evs: list[RankEval]) -> PartitionResult:
+def result(pr: RankPricer, counts: list[int], t: float, evs: list[RankEval]) -> PartitionResult:
+    """The layout ``counts`` as stages and per-layer recompute (also read by ``stack_split.partition``)."""
     offs = [sum(counts[:r]) for r in range(pr.p)]
     stages = [(k * pr.C + offs[r], k * pr.C + offs[r] + counts[r]) for k in range(pr.v) for r in range(pr.p)]
     modes: dict[int, str] = {}

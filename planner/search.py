@@ -55,7 +55,7 @@ from autopar.cost_models.fsdp import gathers_per_unit
 from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches
 from autopar.errors import InputError
 from autopar.planner import partition as part
-from autopar.planner import rank, search_cache
+from autopar.planner import rank, search_cache, stack_split
 from autopar.planner import recompute as rc
 from autopar.planner.bounds import (  # noqa: F401  (re-exported: tests and explain read them here)
     Floor,
@@ -211,13 +211,13 @@ def _partitioned(sp: Space, sh: Sharding, k: Knobs, upper: float) -> Candidate |
         0, s.pp, s.num_micro_batches, s.schedule, s.vpp), grads_freed(sp, sh, s.schedule, s.vpp)) > 0.6 * sp.usable
     layouts = stack_layouts_of(cm.stack_name, cm.spec)   # llm-foundry: first-N for MPT models only
     if len(layouts) == 1 and layouts[0].mix == "per_layer":   # autopar's program: any mode on any layer
-        res = part.partition(cm, s, modes, upper, sp.priced(sh).costs, sp.shared, tight)
+        res = stack_split.partition(cm, s, modes, upper, sp.priced(sh).costs, sp.shared, tight)
         return None if res is None else Candidate(_label(s, res.layer_recompute), res.stages, res.layer_recompute,
                                                   res.step_time_s)
     best = None
     for layout in layouts:   # each family the stack's config expresses, partitioned with its modes, then placed
         fam = tuple(m for m in modes if m in layout.modes)
-        res = part.partition(cm, s, fam, upper, sp.priced(sh).costs, sp.shared, tight) if fam else None
+        res = stack_split.partition(cm, s, fam, upper, sp.priced(sh).costs, sp.shared, tight) if fam else None
         for lr in rc.stack_layouts(layout.mix, res.layer_recompute, res.stages, s.pp, s.schedule) if res else ():
             label = _label(s, lr)
             e = cm.estimate(label, res.stages, lr)

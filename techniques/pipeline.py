@@ -16,7 +16,7 @@ Priced by ``pipeline.step_time`` (closed forms, zero-bubble ones with the W shar
 
 from __future__ import annotations
 
-from typing import get_args
+from typing import Literal, get_args
 
 from autopar.core.model_spec import ModelSpec
 from autopar.core.strategy import Schedule, Strategy
@@ -146,6 +146,24 @@ STACKS = {
     "deepspeed": Runs("DeepSpeed PipelineModule: TrainSchedule (1F1B)", {"schedule": ("1f1b",), "vpp": (1,)}),
     "llm-foundry": Runs("no pipeline parallel in llm-foundry", {"pp": (1,), "vpp": (1,), "schedule": ("1f1b",)}),
 }
+
+# The stage splits each stack's config expresses (``planner.stack_split`` searches only those and prints the setting
+# that runs the one priced; a plan's stages are its layers per stage):
+# - torch: autopar's program runs the plan's stages, any split (``any``).
+# - torchtitan 0.2.2: ``parallelism.module_fqns_per_model_part`` names each stage's modules, any split (``any``);
+#   without it, its own split (``runtime_memory.torchtitan_stages``).
+# - megatron: every stage ``layers / pp`` layers; with ``--decoder-first-pipeline-num-layers`` /
+#   ``--decoder-last-pipeline-num-layers`` the first / last stage another count and the middle ones even (``ends``);
+#   the interleaved schedule takes equal chunks only (its uneven first / last stage is not claimed here).
+#   ``--pipeline-model-parallel-layout`` (any layout) is not claimed: no release of it is cited here.
+# - deepspeed: ``PipelineModule(partition_method=...)`` uniform | parameters | type:regex balances a count over its
+#   layer list (no explicit split); priced: ``type:<block class>`` where pp divides the blocks, every stage the
+#   same number of blocks (``even``); where it does not, which stages take the extra blocks depends on DeepSpeed's
+#   balancing (``ds_utils.partition_balanced``), so those splits are not searched.
+# - llm-foundry: no pipeline parallel.
+Split = Literal["any", "ends", "even"]
+SPLITS: dict[str, Split] = {"torch": "any", "torchtitan": "any", "megatron": "ends", "deepspeed": "even",
+                            "llm-foundry": "even"}
 
 TECHNIQUE = Technique(
     name="pipeline",
