@@ -10,6 +10,7 @@ from typing import Literal, NamedTuple, get_args
 
 from autopar.cost_models import overlap
 from autopar.cost_models.layer_model import tied_copy_params
+from autopar.cost_models.pipeline import end_ranks
 from autopar.techniques.dp_program import ZERO1_BUCKET_BYTES, dp_mode, plan_dp_mode, whole_backward
 
 # PyTorch DDP bucket_cap_mb default (torch.nn.parallel.DistributedDataParallel), also FSDP2 ``replicate``'s price;
@@ -210,15 +211,15 @@ def step_sync_exposed(cm, s, sync, dense: float, expert: float, bwd_s: float, fw
 
 
 def rank_sync_bytes(cm, s, r, costs, gbytes: int) -> tuple[float, float, float]:
-    """``(dense, expert, edge)`` gradient bytes of rank ``r`` (a ``RankReport``: its blocks ``r.layers``; rank 0 holds
-    the input embedding, the rank holding the last block the output layer) that ``step_sync_exposed`` prices for
+    """``(dense, expert, edge)`` gradient bytes of rank ``r`` (a ``RankReport``: its blocks ``r.layers``; the input
+    embedding and the output layer on the ranks ``pipeline.end_ranks`` names) that ``step_sync_exposed`` prices for
     strategy ``s``: its blocks' plus ``end_sync_bytes``' (``costs``: ``CostModel.layer_costs``). Read by
     ``CostModel.dp_time`` and ``dp_comm_total``."""
     dense = sum(costs[i].params_dense for i in r.layers) * gbytes
     expert = sum(costs[i].params_expert for i in r.layers) * gbytes
-    holds_output = bool(r.layers) and cm.num_layers - 1 in r.layers
-    ends, edge = end_sync_bytes(cm, s, costs["embedding"] if r.rank == 0 else None,
-                                costs["output"] if holds_output else None, gbytes)
+    first, last = end_ranks(s.pp, s.vpp, s.schedule)
+    ends, edge = end_sync_bytes(cm, s, costs["embedding"] if r.rank == first else None,
+                                costs["output"] if r.rank == last else None, gbytes)
     return dense + ends, expert, edge
 
 

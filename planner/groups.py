@@ -11,7 +11,7 @@ from functools import lru_cache
 from autopar.cost_models.estimate import offload_copies, offload_step_time
 from autopar.cost_models.fsdp import cm_holds_stage_grads, syncs_once_per_step
 from autopar.cost_models.memory import bytes_per_param
-from autopar.cost_models.pipeline import bubble_share, in_flight_microbatches
+from autopar.cost_models.pipeline import bubble_share, end_ranks, in_flight_microbatches
 from autopar.planner.bounds import (
     Floor,
     Priced,
@@ -186,12 +186,12 @@ def ranks_room(sp: Space, sh: Sharding, k: Knobs) -> tuple[float, float]:
 @lru_cache(maxsize=4096)
 def _in_flight_classes(pp: int, m: int, schedule: str, vpp: int) -> tuple[float, dict]:
     """(the most micro-batches a rank holds, {(first rank, last rank): (ranks, sum of 1 / in flight, the first's in
-    flight)}); the last rank holds the last virtual stage (V-shaped: rank 0 holds both ends)."""
+    flight)}); the first and last rank: those holding the embedding and the output layer (``end_ranks``)."""
     f = [in_flight_microbatches(r, pp, m, schedule, vpp) for r in range(pp)]
-    last = pipeline.stage_rank(pp * vpp - 1, pp, schedule)
+    first, last = end_ranks(pp, vpp, schedule)
     classes: dict[tuple[bool, bool], list[float]] = {}
     for r, x in enumerate(f):
-        classes.setdefault((r == 0, r == last), []).append(x)
+        classes.setdefault((r == first, r == last), []).append(x)
     return max(f), {e: (len(xs), sum(1.0 / x for x in xs), xs[0]) for e, xs in classes.items()}
 
 

@@ -67,3 +67,19 @@ def test_plan_refuses_a_fixed_knob_by_the_stacks_model_rule(run_cli):
     code, _, err = run_cli("plan", "gpt2-124m", "--runtime", "torchtitan", "--strategy", "pp=2")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "pp=2 with tied embeddings" in err and "torchtitan" in err and "no configuration" not in err, err
+
+
+def test_zero1_end_bytes_sit_on_the_end_ranks():
+    """``fsdp.rank_sync_bytes`` reads ``pipeline.end_ranks``, the ranks the estimate runs the embedding and the
+    output layer on: with stages (0, 32), (32, 32) rank 1 runs the output layer and syncs its gradient. Before, the
+    output's bytes went to the rank holding block 31 (rank 0), the rule restated."""
+    from autopar.cost_models.session import Inputs, build_cost_model
+
+    cm = build_cost_model(Inputs(model="llama3-8b", gpu="h100-sxm"))[0]
+    s = Strategy.parse("pp=2,zero=1,mbs=1").resolve(8)
+    costs = cm.layer_costs(s)
+    blocks = sum(costs[i].params_dense for i in range(32)) * 2
+    dense0, _, edge0 = fsdp.rank_sync_bytes(cm, s, SimpleNamespace(rank=0, layers=list(range(32))), costs, 2)
+    dense1, _, edge1 = fsdp.rank_sync_bytes(cm, s, SimpleNamespace(rank=1, layers=[]), costs, 2)
+    assert (dense0, edge0) == (blocks, costs["embedding"].params_dense * 2)
+    assert (dense1, edge1) == (costs["output"].params_dense * 2, 0.0)
