@@ -128,7 +128,7 @@ def test_compile_and_loss_parallel_are_refused_where_the_program_does_not_run_th
 
 
 def test_compile_and_loss_parallel_are_priced_and_recorded_in_the_plan(run_cli, tmp_path):
-    strategy = ("--strategy", "dp=4,tp=2,sp=1,mbs=2", "--runtime", "torchtitan", "--json")
+    strategy = ("--strategy", "dp=4,tp=2,sp=1,mbs=2,zero=3", "--runtime", "torchtitan", "--json")  # FSDP: DDP 1-D
     peaks = []
     for extra in ((), ("--compile", "model+loss", "--loss-parallel")):
         code, out, _ = run_cli("memory", *TINY, *strategy, *extra)
