@@ -21,7 +21,7 @@ from autopar.planner.search import (
     search,
     shardings,
 )
-from autopar.planner.stack_split import split_setting
+from autopar.planner.stack_split import no_split, split_setting
 from autopar.techniques import offload
 from autopar.techniques.base import cli_key, cli_value
 from autopar.techniques.recompute import LAYOUTS
@@ -155,6 +155,8 @@ def closest(cm: CostModel, cons: Constraints, gb: int, tries: int = 4) -> Estima
             s = Strategy(**s.model_dump()).resolve(cm.cluster.world)
             cm.check(s)
         except InputError:
+            continue
+        if no_split(cm.stack_name, cm.num_layers, s):   # not memory: the search's rule_error says why
             continue
         e = cm.estimate(s)
         if best is None or e.peak_bytes < best.peak_bytes:

@@ -201,6 +201,10 @@ def _partitioned(sp: Space, sh: Sharding, k: Knobs, upper: float) -> Candidate |
     except InputError as exc:  # a rule the enumeration does not test (none known): keep the reason
         sp.rule_error = sp.rule_error or exc.message
         return None
+    why = stack_split.no_split(cm.stack_name, cm.num_layers, s)
+    if why:   # the stack's config says none of the splits the partition would price
+        sp.rule_error = sp.rule_error or why
+        return None
     modes = allowed_modes(sp.cons.modes, s.schedule, s.offload_optimizer)
     if s.schedule in pipeline.V_SHAPED:
         return _v_shaped(cm, s, modes, upper)

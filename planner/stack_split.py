@@ -9,7 +9,7 @@ from autopar.core.strategy import Strategy
 from autopar.cost_models.estimate import CostModel
 from autopar.cost_models.runtime_memory import torchtitan_stages
 from autopar.planner import partition as part
-from autopar.techniques.pipeline import SPLITS
+from autopar.techniques.pipeline import SPLITS, V_SHAPED
 
 MEGATRON_FIRST = "--decoder-first-pipeline-num-layers"
 MEGATRON_LAST = "--decoder-last-pipeline-num-layers"
@@ -32,6 +32,22 @@ def split_counts(split: str, C: int, p: int, v: int) -> list[list[int]]:
         rest = C - (p - 2) * m
         out += [[f] + [m] * (p - 2) + [rest - f] for f in range(1, rest)]
     return out
+
+
+def no_split(stack: str, layers: int, s: Strategy) -> str | None:
+    """Why ``stack`` runs none of the splits the search prices for ``s`` (one line naming the fix), None where it
+    runs one: the search skips such a configuration and ``plan`` says why where nothing else is listed."""
+    split = SPLITS[stack]
+    if split == "any" or s.pp == 1 or s.schedule in V_SHAPED:
+        return None
+    C, p = layers // s.vpp, s.pp
+    if layers % s.vpp == 0 and C >= p and (C % p == 0 or (split == "ends" and s.vpp == 1)):
+        return None
+    if stack == "megatron":
+        return (f"pp*vpp = {p * s.vpp}: --runtime megatron runs the interleaved schedule with equal chunks and "
+                f"{layers} layers do not divide into them; pick pp*vpp dividing the layers")
+    return (f"pp={p}: --runtime {stack} is priced with equal stages ({DEEPSPEED_TYPE}) and {layers} layers do not "
+            f"divide into them; pick pp dividing the layers")
 
 
 def partition(cm: CostModel, s: Strategy, modes: tuple[str, ...], upper: float, costs: dict | None = None,

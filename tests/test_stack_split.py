@@ -88,3 +88,13 @@ def test_plan_prints_megatrons_split(run_cli):
     sizes = [b - a for a, b in plan["best"]["stages"]]
     said = " ".join(plan["why"])
     assert code == 0 and (len(set(sizes)) == 1) == ("--decoder-" not in said), (sizes, said)
+
+
+@pytest.mark.parametrize("stack,strategy,says", [
+    ("megatron", "pp=3,vpp=2,schedule=interleaved", "pp*vpp = 6: --runtime megatron runs the interleaved schedule"),
+    ("deepspeed", "pp=3", "pp=3: --runtime deepspeed is priced with equal stages")])
+def test_a_split_the_stack_does_not_run_is_named_not_called_memory(run_cli, stack, strategy, says):
+    """32 layers over 3 ranks: no Megatron interleaved chunks, no equal DeepSpeed stages. Before, plan listed
+    uneven stages; with the stacks' splits alone it said "nothing fits" of a configuration that fits."""
+    code, _, err = run_cli("plan", "llama3-8b", "--gpus-per-node", "6", "--runtime", stack, "--strategy", strategy)
+    assert code == 2 and says in " ".join(err.split()), err
