@@ -13,7 +13,8 @@ Layout. ``v`` chunks per rank (``v = 1`` unless interleaved); the layers form ``
 periods of ``C = L / v`` layers and rank ``r`` holds the same ``c_r`` consecutive positions
 ``[o_r, o_r + c_r)`` of every period, ``o_r = c_0 + ... + c_{r-1}``. With ``v = 1`` this is
 every contiguous partition; with ``v > 1`` each rank's chunks are equally long (Megatron-Core
-requires all chunks equal; this allows ranks to differ). The embedding and the output layer sit
+requires all chunks equal; this allows ranks to differ: the search prices this DP only for the stacks that run
+any split, ``stack_split.partition`` lists the others' splits). The embedding and the output layer sit
 on the ranks ``pipeline.end_ranks`` names (rank 0 and rank ``p - 1`` for these layouts), as in
 ``CostModel``. V-shaped schedules (rank ``r`` holds stages ``r`` and ``2p - 1 - r``, both ends on
 rank 0) are not this layout: the search takes their even split (``search._v_shaped``).
