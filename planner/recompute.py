@@ -243,14 +243,43 @@ def stack_layouts(mix: str, layer_recompute: list[str], stages: list[tuple[int, 
     activation memory; the caller prices each (``CostModel.estimate``) and keeps the best that fits."""
     if mix in ("per_layer", "uniform"):
         return [list(layer_recompute)]
+    return [mix_layout(mix, n, stages, pp, schedule, len(layer_recompute))
+            for n in _stack_ns(mix, layer_recompute, stages, pp, schedule)]
+
+
+def denser_layouts(mix: str, layer_recompute: list[str], stages: list[tuple[int, int]], pp: int,
+                   schedule: str) -> list[list[str]]:
+    """The layouts of ``mix`` that recompute more than every one of ``stack_layouts``, least recompute first
+    (``first_n``: each N above its largest up to the longest stage; ``every_nth``: each n below its smallest down
+    to 1; none for ``per_layer`` / ``uniform``). The partition prices its recompute on the layers it picks; the
+    stack's N puts it on others (Megatron's first N of a stage leaves the last layers plain, in DeepSeek-V3 the MoE
+    ones, whose activations are larger), so where none of ``stack_layouts`` fits the caller looks here."""
+    if mix in ("per_layer", "uniform"):
+        return []
+    ns = _stack_ns(mix, layer_recompute, stages, pp, schedule)
+    if mix == "first_n":
+        more = range(max(ns) + 1, max(b - a for a, b in stages) + 1)
+    else:   # an n above a rank's block count checkpoints nothing there
+        most = max(sum(map(len, ranks)) for ranks in rank_chunks(stages, pp, schedule))
+        more = range(min(min(ns) - 1, most), 0, -1)
+    return [mix_layout(mix, n, stages, pp, schedule, len(layer_recompute)) for n in more]
+
+
+def mix_layout(mix: str, n: int, stages: list[tuple[int, int]], pp: int, schedule: str, layers: int) -> list[str]:
+    """The per-layer recompute of ``first_n`` / ``every_nth`` with this N (``every_nth`` with ``n > layers``: none)."""
+    return first_n(stages, n) if mix == "first_n" else every_nth(rank_chunks(stages, pp, schedule), n, layers)
+
+
+def _stack_ns(mix: str, layer_recompute: list[str], stages: list[tuple[int, int]], pp: int,
+              schedule: str) -> list[int]:
+    """The N of ``stack_layouts``' layouts of a ``first_n`` / ``every_nth`` mix (``len + 1``: every_nth of none)."""
     chunks = rank_chunks(stages, pp, schedule)
     done = [[sum(layer_recompute[i] != "none" for i in ch) for ch in ranks] for ranks in chunks]
     if mix == "first_n":
         by_rank = max(_least_n([len(ch) for ch in ranks], sum(d)) for ranks, d in zip(chunks, done))
-        ns = sorted({by_rank, max(c for d in done for c in d)})
-        return [first_n(stages, n) for n in ns]
+        return sorted({by_rank, max(c for d in done for c in d)})
     ratios = [sum(map(len, ranks)) // sum(d) for ranks, d in zip(chunks, done) if sum(d)]
-    return [every_nth(chunks, min(ratios), len(layer_recompute)) if ratios else ["none"] * len(layer_recompute)]
+    return [min(ratios) if ratios else len(layer_recompute) + 1]
 
 
 def stack_setting(layouts, layer_recompute: list[str], stages: list[tuple[int, int]], pp: int,

@@ -222,11 +222,30 @@ def _partitioned(sp: Space, sh: Sharding, k: Knobs, upper: float) -> Candidate |
     for layout in layouts:   # each family the stack's config expresses, partitioned with its modes, then placed
         fam = tuple(m for m in modes if m in layout.modes)
         res = stack_split.partition(cm, s, fam, upper, sp.priced(sh).costs, sp.shared, tight) if fam else None
-        for lr in rc.stack_layouts(layout.mix, res.layer_recompute, res.stages, s.pp, s.schedule) if res else ():
-            label = _label(s, lr)
-            e = cm.estimate(label, res.stages, lr)
-            if e.feasible and e.step_time_s < upper:
-                best, upper = Candidate(label, res.stages, lr, e.step_time_s, e), e.step_time_s
+        cand = _placed(cm, s, layout.mix, res, upper) if res else None
+        if cand is not None:
+            best, upper = cand, cand.estimate.step_time_s
+    return best
+
+
+def _placed(cm: CostModel, s: Strategy, mix: str, res: part.PartitionResult, upper: float) -> Candidate | None:
+    """The fastest of the stack's placements of partition ``res`` (``rc.stack_layouts``) that fits under ``upper``.
+    Where none fits (the partition chose which layers recompute, the stack's N chooses others: Megatron's first N
+    of a stage leaves the last layers plain, DeepSeek-V3's MoE ones, whose activations are larger), the first of the
+    denser ones (``rc.denser_layouts``, least recompute first) that fits: the fastest of them that fits, since more
+    recompute never runs faster; at most one estimate per layer of the longest stage more, only where none fit."""
+    best, fits = None, False
+    for lr in rc.stack_layouts(mix, res.layer_recompute, res.stages, s.pp, s.schedule):
+        label = _label(s, lr)
+        e = cm.estimate(label, res.stages, lr)
+        fits = fits or e.feasible
+        if e.feasible and e.step_time_s < upper:
+            best, upper = Candidate(label, res.stages, lr, e.step_time_s, e), e.step_time_s
+    for lr in [] if fits else rc.denser_layouts(mix, res.layer_recompute, res.stages, s.pp, s.schedule):
+        label = _label(s, lr)
+        e = cm.estimate(label, res.stages, lr)
+        if e.feasible:   # the least recompute that fits (a layer's recompute transient can make more need more)
+            return Candidate(label, res.stages, lr, e.step_time_s, e) if e.step_time_s < upper else None
     return best
 
 
