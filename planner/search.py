@@ -236,17 +236,22 @@ def _placed(cm: CostModel, s: Strategy, mix: str, res: part.PartitionResult, upp
     recompute never runs faster; at most one estimate per layer of the longest stage more, only where none fit."""
     best, fits = None, False
     for lr in rc.stack_layouts(mix, res.layer_recompute, res.stages, s.pp, s.schedule):
-        label = _label(s, lr)
-        e = cm.estimate(label, res.stages, lr)
-        fits = fits or e.feasible
-        if e.feasible and e.step_time_s < upper:
-            best, upper = Candidate(label, res.stages, lr, e.step_time_s, e), e.step_time_s
+        c = _priced(cm, s, res.stages, lr)
+        fits = fits or c.estimate.feasible
+        if c.estimate.feasible and c.step_time_s < upper:
+            best, upper = c, c.step_time_s
     for lr in [] if fits else rc.denser_layouts(mix, res.layer_recompute, res.stages, s.pp, s.schedule):
-        label = _label(s, lr)
-        e = cm.estimate(label, res.stages, lr)
-        if e.feasible:   # the least recompute that fits (a layer's recompute transient can make more need more)
-            return Candidate(label, res.stages, lr, e.step_time_s, e) if e.step_time_s < upper else None
+        c = _priced(cm, s, res.stages, lr)
+        if c.estimate.feasible:   # the least recompute that fits (not bisected: a recompute transient can grow)
+            return c if c.step_time_s < upper else None
     return best
+
+
+def _priced(cm: CostModel, s: Strategy, stages: list[tuple[int, int]], lr: list[str]) -> Candidate:
+    """``s`` with per-layer recompute ``lr`` on ``stages``, estimated."""
+    label = _label(s, lr)
+    e = cm.estimate(label, stages, lr)
+    return Candidate(label, stages, lr, e.step_time_s, e)
 
 
 def _v_shaped(cm: CostModel, s: Strategy, modes: tuple[str, ...], upper: float) -> Candidate | None:
