@@ -22,6 +22,7 @@ StrategyOpt = typer.Option("", "--strategy", help="e.g. tp=8,pp=4,dp=-1,mbs=1,ze
 def _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype, profile,
            placement, trace, input_shape, runtime="torch", input_dtype="int64", hf=False, program=("none", False)):
     from autopar.cost_models.session import build_cost_model, default_global_batch
+    from autopar.planner.stack_split import no_split
 
     if not strategy.replace(",", "").strip():  # ",," names no key either
         raise InputError("--strategy is required, e.g. --strategy tp=8,pp=1,dp=-1,mbs=1")
@@ -34,6 +35,9 @@ def _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, str
         raise InputError(f"--global-batch={global_batch} disagrees with the strategy's gbs={s.global_batch}")
     s = s.resolve(cl.world, gb)
     cm.check(s)
+    why = no_split(cm.stack_name, cm.num_layers, s)   # plan's rule: the stack runs none of the splits priced
+    if why:
+        raise InputError(why)
     if cm.ctx.tp_comm_overlap and s.tp > 1 and not s.sequence_parallel:  # Megatron-Core asserts it
         raise InputError("--tp-comm-overlap: Megatron-Core overlaps tp communication only under sequence parallel; "
                          "add sp=1 to --strategy or drop --tp-comm-overlap")
@@ -53,25 +57,55 @@ def estimate_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Option
                  moe_capacity_factor: Optional[float] = c.MoeCapacityFactor, no_a2a_overlap: bool = c.NoA2aOverlap,
                  cross_entropy: str = c.CrossEntropy, tp_comm_overlap: bool = c.TpCommOverlap):
     """Predict step time, throughput, MFU and per-GPU memory of one strategy."""
-    from autopar.cost_models.report import estimate_dict, host_bound_note
+    from autopar.cost_models.report import host_bound_note
 
     cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
                           profile, placement, trace, input_shape, runtime, input_dtype, hf,
                           (compile, loss_parallel, moe_capacity_factor, no_a2a_overlap, cross_entropy,
                            tp_comm_overlap))
     if json_out:
-        c.print_json(estimate_dict(e, cm))
+        c.print_json(priced_dict(e, cm))
         return
     console = c.console()
     console.print(f"[bold]{cm.spec.short()}[/] on {cl.short()}, seq {cm.seq_len}, "
                   f"global batch {s.global_batch}, {cm.dtype}")
-    console.print(f"strategy: {s.compact()}")
+    print_strategy(console, cm, s)
     for msg in _emit_notes(cm, s):  # priced as written; emit names the strategy that runs it
         console.print(f"[yellow]emit: {msg}[/]")
     print_time(console, e)
     for note in filter(None, [host_bound_note(e, cm)]):  # only when the host adds a material share
         console.print(note, highlight=False, soft_wrap=True)
     print_memory(console, e)
+
+
+def _stages(cm, s: Strategy) -> list[tuple[int, int]]:
+    """The stages ``CostModel.estimate`` priced: the stack's default split (``estimate.default_stages``)."""
+    from autopar.cost_models.estimate import default_stages
+
+    return default_stages(cm.ctx.runtime, cm.num_layers, s.pp, s.vpp)
+
+
+def print_strategy(console: Console, cm, s: Strategy) -> None:
+    """The strategy, and the stage split priced with the stack's setting that runs it where it needs one."""
+    from autopar.planner.stack_settings import split_phrase
+
+    console.print(f"strategy: {s.compact()}")
+    split = split_phrase(cm.stack_name, _stages(cm, s), s.pp)
+    if split:
+        console.print(f"pipeline: {split}", highlight=False, soft_wrap=True)
+
+
+def priced_dict(e: Estimate, cm) -> dict:
+    """``report.estimate_dict`` with the stages priced and the stack's settings that run them
+    (``core.plan.StackSettings``, as ``plan --json`` gives each plan)."""
+    from autopar.cost_models.report import estimate_dict
+    from autopar.planner.stack_settings import stack_settings
+
+    s, stages = e.strategy, _stages(cm, e.strategy)
+    out = estimate_dict(e, cm)
+    out["stages"] = [list(x) for x in stages]
+    out["stack_settings"] = stack_settings(cm.stack_name, [s.recompute] * cm.num_layers, stages, s).model_dump()
+    return out
 
 
 def _emit_notes(cm, s: Strategy) -> list[str]:
@@ -96,7 +130,7 @@ def memory_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Optional
                moe_capacity_factor: Optional[float] = c.MoeCapacityFactor, no_a2a_overlap: bool = c.NoA2aOverlap,
                cross_entropy: str = c.CrossEntropy, tp_comm_overlap: bool = c.TpCommOverlap):
     """Say whether a strategy fits, per GPU and component; exit 3 with priced fixes when not."""
-    from autopar.cost_models.report import candidate_fixes, estimate_dict, host_overflow_message, overflow_bytes
+    from autopar.cost_models.report import candidate_fixes, host_overflow_message, overflow_bytes
 
     cm, cl, s, e = _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype,
                           profile, placement, trace, input_shape, runtime, input_dtype, hf,
@@ -104,13 +138,13 @@ def memory_cmd(model: str = c.Model, gpu: Optional[str] = c.Gpu, nodes: Optional
                            tp_comm_overlap))
     fixes = [] if e.feasible else candidate_fixes(cm, s, e)
     if json_out:
-        out = estimate_dict(e, cm)
+        out = priced_dict(e, cm)
         out["fixes"] = [{"change": label, "peak_bytes": f.peak_bytes, "feasible": f.feasible,
                          "step_time_s": f.step_time_s} for label, f in fixes]
         c.print_json(out)
     else:
         console = c.console()
-        console.print(f"strategy: {s.compact()}")
+        print_strategy(console, cm, s)
         print_memory(console, e)
         if fixes:
             console.print("fixes, each priced by the model:")

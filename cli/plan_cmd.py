@@ -280,11 +280,13 @@ def plan_json(cm, res: SearchResult, top: int) -> dict:
 
 def _cand_json(cm, cand: Candidate) -> dict:
     from autopar.cost_models.report import estimate_dict
+    from autopar.planner.stack_settings import stack_settings
 
     d = estimate_dict(cand.estimate, cm)
     d["strategy"] = strategy_keys(cand.strategy)
     d["layer_recompute"] = cand.layer_recompute
     d["stages"] = [list(x) for x in cand.stages]
+    d["stack_settings"] = stack_settings(cm.stack_name, cand.layer_recompute, cand.stages, cand.strategy).model_dump()
     return d
 
 

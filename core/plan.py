@@ -42,6 +42,17 @@ class StageSpec(BaseModel):
     predicted_mem_bytes: float | None = None
 
 
+class StackSettings(BaseModel):
+    """The configuration that makes the plan's stack run what was priced, for a launcher to read (``plan`` prints
+    the same text in its ``why``): "" where the stack runs it by default (and always for ``torch``: autopar's
+    program), None where no setting of the stack runs it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recompute: str | None = Field("", description="the per-layer recompute (planner.recompute.stack_setting)")
+    stage_split: str | None = Field("", description="the pipeline stage split (planner.stack_split.split_setting)")
+
+
 # torch.compile of the program the plan priced: nothing, the blocks, the blocks and the loss
 Compile = Literal["none", "model", "model+loss"]
 
@@ -79,6 +90,8 @@ class Plan(BaseModel):
     layer_recompute: list[Recompute] = Field(default_factory=list,
                                              description="per-layer recompute override (empty = strategy.recompute)")
     stages: list[StageSpec] = Field(default_factory=list)
+    stack_settings: StackSettings = Field(default_factory=StackSettings,
+                                          description="the runtime's settings that run these stages and recompute")
     expert_placement: list[list[list[int]]] | None = Field(
         None, description="[moe_layer][ep_rank] -> expert ids held by that rank")
     predictions: dict = Field(default_factory=dict)

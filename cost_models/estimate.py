@@ -156,9 +156,7 @@ class CostModel(RankMemoryTerms):
     def estimate(self, s: Strategy, stages: list[tuple[int, int]] | None = None,
                  layer_recompute: list[str] | None = None) -> Estimate:
         costs = self.layer_costs(s)
-        # a strategy without a stage split runs the runtime's own: torchtitan shortens the first stage
-        split = torchtitan_stages if self.ctx.runtime == "torchtitan" else even_stages
-        stages = stages or split(self.num_layers, s.pp * s.vpp)
+        stages = stages or default_stages(self.ctx.runtime, self.num_layers, s.pp, s.vpp)
         recompute = layer_recompute or [s.recompute] * self.num_layers
         m = s.num_micro_batches
         ranks = [self._rank(r, s, stages, recompute, costs, m) for r in range(s.pp)]
@@ -379,3 +377,31 @@ def even_stages(layers: int, n: int) -> list[tuple[int, int]]:
         start = end
     return out
 
+
+def default_stages(runtime: str, layers: int, pp: int, vpp: int) -> list[tuple[int, int]]:
+    """The stages ``estimate`` prices for a strategy without a split: torchtitan its own
+    (``runtime_memory.torchtitan_stages``), Megatron one its layer flags run (``megatron_stages``), the others
+    ``even_stages`` (DeepSpeed: equal stages only, ``planner.stack_split.no_split`` refuses the rest)."""
+    if runtime == "torchtitan":
+        return torchtitan_stages(layers, pp * vpp)
+    if runtime == "megatron" and vpp == 1:
+        return megatron_stages(layers, pp)
+    return even_stages(layers, pp * vpp)
+
+
+def megatron_stages(layers: int, pp: int) -> list[tuple[int, int]]:
+    """A split Megatron-Core runs (``--decoder-first/last-pipeline-num-layers``: the first and the last stage any
+    count, the others ``layers`` less those, evenly; ``techniques.pipeline.SPLITS``): ``even_stages`` where its
+    middle stages are one count, else the middle ones ``ceil(layers / pp)`` each and the first and the last stage
+    the rest, the last (it holds the output layer) the smaller half; the middle ones ``layers // pp`` where that
+    leaves the last none. Without the flags Megatron-Core asserts pp divides the layers."""
+    even = even_stages(layers, pp)
+    if len({b - a for a, b in even[1:-1]}) <= 1:
+        return even
+    middle = -(-layers // pp)
+    if layers - middle * (pp - 2) < 2:
+        middle = layers // pp
+    rest = layers - middle * (pp - 2)
+    sizes = [rest - rest // 2] + [middle] * (pp - 2) + [rest // 2]
+    bounds = [sum(sizes[:j]) for j in range(pp + 1)]
+    return list(zip(bounds, bounds[1:]))

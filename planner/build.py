@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from autopar.core.plan import Plan, Provenance, StageSpec
 from autopar.core.strategy import Strategy
-from autopar.cost_models.estimate import CostModel, even_stages
+from autopar.cost_models.estimate import CostModel, default_stages
 from autopar.cost_models.report import estimate_dict
 from autopar.planner.space import Candidate
+from autopar.planner.stack_settings import stack_settings
 from autopar.techniques.pipeline import stage_rank
 
 
@@ -27,13 +28,14 @@ def plan_from_candidate(cm: CostModel, cand: Candidate, provenance: Provenance |
                 cross_entropy=cm.ctx.cross_entropy, tp_comm_overlap=cm.ctx.tp_comm_overlap,
                 strategy=s, layer_recompute=list(cand.layer_recompute), stages=_stage_specs(cm, cand, e),
                 expert_placement=expert_placement, predictions=estimate_dict(e, cm),
+                stack_settings=stack_settings(cm.stack_name, cand.layer_recompute, cand.stages, s),
                 provenance=provenance or Provenance())
 
 
 def plan_from_strategy(cm: CostModel, s: Strategy, command: str = "") -> Plan:
-    """A plan for one resolved strategy as given: even stages (what ``estimate`` assumes), the
+    """A plan for one resolved strategy as given: the stages ``estimate`` assumes (``default_stages``), the
     strategy's recompute on every layer, default expert placement."""
-    stages = even_stages(cm.num_layers, s.pp * s.vpp)
+    stages = default_stages(cm.ctx.runtime, cm.num_layers, s.pp, s.vpp)
     modes = [s.recompute] * cm.num_layers
     e = cm.estimate(s, stages, modes)
     return plan_from_candidate(cm, Candidate(s, stages, modes, e.step_time_s, e), Provenance(command=command))

@@ -10,7 +10,6 @@ from autopar.cost_models.estimate import CostModel, Estimate
 from autopar.cost_models.report import MATERIAL_HOST, host_bound_note, host_overflow_message, overflow_bytes, seconds
 from autopar.cost_models.session import same_job
 from autopar.errors import InputError
-from autopar.planner.recompute import stack_setting
 from autopar.planner.search import (
     Candidate,
     Constraints,
@@ -21,10 +20,10 @@ from autopar.planner.search import (
     search,
     shardings,
 )
-from autopar.planner.stack_split import no_split, split_setting
+from autopar.planner.stack_settings import split_phrase, stack_settings
+from autopar.planner.stack_split import no_split
 from autopar.techniques import offload
 from autopar.techniques.base import cli_key, cli_value
-from autopar.techniques.recompute import LAYOUTS
 
 GiB = 2**30
 TIGHT_MEMORY = 0.05      # headroom below 5% of the usable memory: the winner is called memory-tight
@@ -78,20 +77,15 @@ def _limits(c: Candidate, stack: str = "torch") -> str:
 
 def _setting(c: Candidate, stack: str) -> str:
     """How the stack's configuration says the plan's per-layer recompute (``recompute.stack_setting``)."""
-    s = c.strategy
-    how = stack_setting(LAYOUTS[stack], c.layer_recompute, c.stages, s.pp, s.schedule) if stack != "torch" else ""
+    how = stack_settings(stack, c.layer_recompute, c.stages, c.strategy).recompute
     return f" as {stack} runs it: {how}" if how else ""
 
 
 def _split(c: Candidate, stack: str) -> str:
     """How the stack's configuration says the plan's stage split (``stack_split.split_setting``), where it needs
     one; "" where the stack runs it by default."""
-    how = split_setting(stack, c.stages, c.strategy.pp)
-    if how == "":
-        return ""
-    sizes = [b - a for a, b in c.stages]
-    said = f"as {stack} runs them: {how}" if how else f"(no {stack} setting runs them)"
-    return f"; stages of {sizes} layers {said}"
+    said = split_phrase(stack, c.stages, c.strategy.pp)
+    return f"; {said}" if said else ""
 
 
 def _compute_share(e: Estimate) -> str:
