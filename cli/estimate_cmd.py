@@ -22,7 +22,7 @@ StrategyOpt = typer.Option("", "--strategy", help="e.g. tp=8,pp=4,dp=-1,mbs=1,ze
 def _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, strategy, dtype, profile,
            placement, trace, input_shape, runtime="torch", input_dtype="int64", hf=False, program=("none", False)):
     from autopar.cost_models.session import build_cost_model, default_global_batch
-    from autopar.planner.stack_split import no_split
+    from autopar.planner.stack_split import no_split, split_setting
 
     if not strategy.replace(",", "").strip():  # ",," names no key either
         raise InputError("--strategy is required, e.g. --strategy tp=8,pp=1,dp=-1,mbs=1")
@@ -36,7 +36,7 @@ def _price(model, gpu, nodes, gpus_per_node, cluster, seq_len, global_batch, str
     s = s.resolve(cl.world, gb)
     cm.check(s)
     why = no_split(cm.stack_name, cm.num_layers, s)   # plan's rule: the stack runs none of the splits priced
-    if why:
+    if why and split_setting(cm.stack_name, _stages(cm, s), s.pp) is None:   # ... nor its default one
         raise InputError(why)
     if cm.ctx.tp_comm_overlap and s.tp > 1 and not s.sequence_parallel:  # Megatron-Core asserts it
         raise InputError("--tp-comm-overlap: Megatron-Core overlaps tp communication only under sequence parallel; "

@@ -386,7 +386,30 @@ def default_stages(runtime: str, layers: int, pp: int, vpp: int) -> list[tuple[i
         return torchtitan_stages(layers, pp * vpp)
     if runtime == "megatron" and vpp == 1:
         return megatron_stages(layers, pp)
+    if runtime == "megatron" and layers % (pp * vpp):
+        return megatron_accounted_stages(layers, pp * vpp) or even_stages(layers, pp * vpp)
     return even_stages(layers, pp * vpp)
+
+
+# Megatron-Core's ``--account-for-embedding-in-pipeline-split`` / ``--account-for-loss-in-pipeline-split``
+# (TransformerConfig fields since megatron-core 0.11: transformer_block.get_num_layers_to_build counts the
+# embedding / the loss as one layer each, then divides evenly over pp and each rank's vpp chunks).
+MEGATRON_ACCOUNT = {(1, 1): "--account-for-embedding-in-pipeline-split --account-for-loss-in-pipeline-split",
+                    (1, 0): "--account-for-embedding-in-pipeline-split",
+                    (0, 1): "--account-for-loss-in-pipeline-split"}
+
+
+def megatron_accounted_stages(layers: int, n: int) -> list[tuple[int, int]] | None:
+    """The ``n`` virtual stages Megatron-Core builds with the account-for flags (``MEGATRON_ACCOUNT``): every
+    chunk ``(layers + e + l) / n`` layers, the first one ``e`` less (the embedding), the last one ``l`` less (the
+    loss); None where no flag pair divides (Megatron-Core asserts it does)."""
+    for e, l in MEGATRON_ACCOUNT:
+        c, rest = divmod(layers + e + l, n)
+        if rest == 0 and c > max(e, l):
+            sizes = [c - e] + [c] * (n - 2) + [c - l] if n > 1 else [layers]
+            bounds = [sum(sizes[:j]) for j in range(n + 1)]
+            return list(zip(bounds, bounds[1:]))
+    return None
 
 
 def megatron_stages(layers: int, pp: int) -> list[tuple[int, int]]:

@@ -6,7 +6,7 @@ partition DP searches those; the others list their few families and price each."
 from __future__ import annotations
 
 from autopar.core.strategy import Strategy
-from autopar.cost_models.estimate import CostModel
+from autopar.cost_models.estimate import MEGATRON_ACCOUNT, CostModel, megatron_accounted_stages
 from autopar.cost_models.runtime_memory import torchtitan_stages
 from autopar.planner import partition as part
 from autopar.techniques.pipeline import SPLITS, V_SHAPED
@@ -43,9 +43,12 @@ def no_split(stack: str, layers: int, s: Strategy) -> str | None:
     C, p = layers // s.vpp, s.pp
     if layers % s.vpp == 0 and C >= p and (C % p == 0 or (split == "ends" and s.vpp == 1)):
         return None
+    if stack == "megatron" and megatron_accounted_stages(layers, p * s.vpp):
+        return (f"pp*vpp = {p * s.vpp}: plan searches Megatron's interleaved chunks only where they divide the "
+                f"{layers} layers; `autopar estimate` prices this one (--account-for-*-pipeline-split)")
     if stack == "megatron":
-        return (f"pp*vpp = {p * s.vpp}: --runtime megatron runs the interleaved schedule with equal chunks and "
-                f"{layers} layers do not divide into them; pick pp*vpp dividing the layers")
+        return (f"pp*vpp = {p * s.vpp}: --runtime megatron runs interleaved chunks of equal size (or one layer short "
+                f"at the ends: --account-for-*-pipeline-split) and {layers} layers fit neither; pick another pp*vpp")
     return (f"pp={p}: --runtime {stack} is priced with equal stages ({DEEPSPEED_TYPE}) and {layers} layers do not "
             f"divide into them; pick pp dividing the layers")
 
@@ -94,7 +97,9 @@ def split_setting(stack: str, stages: list[tuple[int, int]], pp: int) -> str | N
             "parallelism.module_fqns_per_model_part = " + _fqns(stages)
     if stack == "deepspeed":
         return DEEPSPEED_TYPE if len(set(sizes)) == 1 else None
-    if stack != "megatron" or (len(stages) > pp and len(set(sizes)) > 1):
+    if stack == "megatron" and len(stages) > pp and len(set(sizes)) > 1:
+        return _accounted(layers, stages)
+    if stack != "megatron":
         return None
     if len(set(sizes)) == 1:
         return ""
@@ -104,6 +109,17 @@ def split_setting(stack: str, stages: list[tuple[int, int]], pp: int) -> str | N
     if len(set(sizes[1:-1])) > 1:
         return None
     return " ".join(f"{flag} {n}" for flag, n in ((MEGATRON_FIRST, sizes[0]), (MEGATRON_LAST, sizes[-1])) if n != m)
+
+
+def _accounted(layers: int, stages: list[tuple[int, int]]) -> str | None:
+    """Megatron's account-for flags where they build ``stages`` (interleaved chunks one layer short at the ends:
+    ``estimate.megatron_accounted_stages``), else None (no setting of this release runs them)."""
+    for e, l in MEGATRON_ACCOUNT:
+        c, rest = divmod(layers + e + l, len(stages))
+        sizes = [c - e] + [c] * (len(stages) - 2) + [c - l]
+        if rest == 0 and [b - a for a, b in stages] == sizes:
+            return MEGATRON_ACCOUNT[e, l]
+    return None
 
 
 def _fqns(stages: list[tuple[int, int]]) -> str:

@@ -29,7 +29,7 @@ def test_megatron_default_split_is_one_its_flags_run():
     assert megatron_stages(32, 3) == even_stages(32, 3) == [(0, 11), (11, 22), (22, 32)]
     assert [b - a for a, b in megatron_stages(32, 5)] == [6, 7, 7, 7, 5]        # even_stages: 7, 7, 6, 6, 6
     assert [b - a for a, b in megatron_stages(7, 5)] == [2, 1, 1, 1, 2]
-    assert default_stages("megatron", 30, 2, 2) == even_stages(30, 4)           # interleaved: unchanged
+    assert [b - a for a, b in default_stages("megatron", 30, 2, 2)] == [7, 8, 8, 7]   # --account-for-* flags
     assert default_stages("torch", 32, 5, 1) == even_stages(32, 5)
 
 

@@ -91,7 +91,7 @@ def test_plan_prints_megatrons_split(run_cli):
 
 
 @pytest.mark.parametrize("stack,strategy,says", [
-    ("megatron", "pp=3,vpp=2,schedule=interleaved", "pp*vpp = 6: --runtime megatron runs the interleaved schedule"),
+    ("megatron", "pp=3,vpp=2,schedule=interleaved", "pp*vpp = 6: --runtime megatron runs interleaved chunks of equal"),
     ("deepspeed", "pp=3", "pp=3: --runtime deepspeed is priced with equal stages")])
 def test_a_split_the_stack_does_not_run_is_named_not_called_memory(run_cli, stack, strategy, says):
     """32 layers over 3 ranks: no Megatron interleaved chunks, no equal DeepSpeed stages. Before, plan listed
