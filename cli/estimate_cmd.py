@@ -104,7 +104,8 @@ def priced_dict(e: Estimate, cm) -> dict:
     s, stages = e.strategy, _stages(cm, e.strategy)
     out = estimate_dict(e, cm)
     out["stages"] = [list(x) for x in stages]
-    out["stack_settings"] = stack_settings(cm.stack_name, [s.recompute] * cm.num_layers, stages, s).model_dump()
+    settings = stack_settings(cm.stack_name, [s.recompute] * cm.num_layers, stages, s, cm.spec)
+    out["stack_settings"] = settings.model_dump()
     return out
 
 

@@ -286,7 +286,8 @@ def _cand_json(cm, cand: Candidate) -> dict:
     d["strategy"] = strategy_keys(cand.strategy)
     d["layer_recompute"] = cand.layer_recompute
     d["stages"] = [list(x) for x in cand.stages]
-    d["stack_settings"] = stack_settings(cm.stack_name, cand.layer_recompute, cand.stages, cand.strategy).model_dump()
+    settings = stack_settings(cm.stack_name, cand.layer_recompute, cand.stages, cand.strategy, cm.spec)
+    d["stack_settings"] = settings.model_dump()
     return d
 
 

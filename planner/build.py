@@ -28,7 +28,7 @@ def plan_from_candidate(cm: CostModel, cand: Candidate, provenance: Provenance |
                 cross_entropy=cm.ctx.cross_entropy, tp_comm_overlap=cm.ctx.tp_comm_overlap,
                 strategy=s, layer_recompute=list(cand.layer_recompute), stages=_stage_specs(cm, cand, e),
                 expert_placement=expert_placement, predictions=estimate_dict(e, cm),
-                stack_settings=stack_settings(cm.stack_name, cand.layer_recompute, cand.stages, s),
+                stack_settings=stack_settings(cm.stack_name, cand.layer_recompute, cand.stages, s, cm.spec),
                 provenance=provenance or Provenance())
 
 

@@ -40,7 +40,7 @@ def why(cands: list[Candidate], cm: CostModel | None = None) -> list[str]:
     (``report.host_bound_note``; ``cm`` prices its fix), then the runner-up's loss."""
     if not cands or cands[0].estimate is None:
         return []
-    out = [_limits(cands[0], cm.stack_name if cm is not None else "torch")]
+    out = [_limits(cands[0], cm.stack_name if cm is not None else "torch", cm.spec if cm is not None else None)]
     host = host_bound_note(cands[0].estimate, cm)
     out += [host] if host else []
     if len(cands) > 1 and cands[1].estimate is not None:
@@ -48,7 +48,7 @@ def why(cands: list[Candidate], cm: CostModel | None = None) -> list[str]:
     return out
 
 
-def _limits(c: Candidate, stack: str = "torch") -> str:
+def _limits(c: Candidate, stack: str = "torch", spec=None) -> str:
     e = c.estimate
     over = {k: v for k, v in e.time.items() if k != "compute" and v > 0}
     parts = [_compute_share(e)]
@@ -61,7 +61,7 @@ def _limits(c: Candidate, stack: str = "torch") -> str:
     redo = {k: v for k, v in rc.items() if k != "none"}
     if redo:
         mem += f"; recomputes {sum(redo.values())} of {len(c.layer_recompute)} layers (" + \
-               ", ".join(f"{v} {k}" for k, v in sorted(redo.items())) + ")" + _setting(c, stack)
+               ", ".join(f"{v} {k}" for k, v in sorted(redo.items())) + ")" + _setting(c, stack, spec)
     mem += _split(c, stack)
     top_term = max(over, key=over.get) if over else None
     if e.host_floor_s >= max(MATERIAL_HOST * e.step_time_s, over.get(top_term, 0.0)):
@@ -75,9 +75,9 @@ def _limits(c: Candidate, stack: str = "torch") -> str:
     return f"Winner ({c.strategy.short()}) is {limit}: " + ", ".join(parts) + f"; {mem}."
 
 
-def _setting(c: Candidate, stack: str) -> str:
+def _setting(c: Candidate, stack: str, spec) -> str:
     """How the stack's configuration says the plan's per-layer recompute (``recompute.stack_setting``)."""
-    how = stack_settings(stack, c.layer_recompute, c.stages, c.strategy).recompute
+    how = stack_settings(stack, c.layer_recompute, c.stages, c.strategy, spec).recompute
     return f" as {stack} runs it: {how}" if how else ""
 
 

@@ -4,20 +4,22 @@ and the pipeline stage split (``stack_split.split_setting``), as the typed field
 
 from __future__ import annotations
 
+from autopar.core.model_spec import ModelSpec
 from autopar.core.plan import StackSettings
 from autopar.core.strategy import Strategy
 from autopar.planner.recompute import stack_setting
 from autopar.planner.stack_split import split_setting
-from autopar.techniques.recompute import LAYOUTS
+from autopar.techniques.recompute import layouts
 
 
-def stack_settings(stack: str, layer_recompute: list[str], stages: list[tuple[int, int]],
-                   s: Strategy) -> StackSettings:
+def stack_settings(stack: str, layer_recompute: list[str], stages: list[tuple[int, int]], s: Strategy,
+                   spec: ModelSpec | None) -> StackSettings:
     """What ``stack`` is configured with to run ``layer_recompute`` on ``stages`` (virtual stages in model order)
-    under ``s``; ``torch`` (autopar's program) runs every plan as written."""
+    under ``s`` for the model ``spec`` (its layouts: ``recompute.layouts``, as the search reads them); ``torch``
+    (autopar's program) runs every plan as written."""
     if stack == "torch":
         return StackSettings()
-    return StackSettings(recompute=stack_setting(LAYOUTS[stack], layer_recompute, stages, s.pp, s.schedule),
+    return StackSettings(recompute=stack_setting(layouts(stack, spec), layer_recompute, stages, s.pp, s.schedule),
                          stage_split=split_setting(stack, stages, s.pp))
 
 
