@@ -135,7 +135,7 @@ def _fixed(strategy: str, flags: dict) -> dict:
         if v is None:
             continue
         if k in fixed and fixed[k] != v:
-            name = COMPACT_KEYS.get(k, k)
+            name = cli_key(k)
             raise InputError(f"--{name.replace('_', '-')}={v} disagrees with --strategy {name}={fixed[k]}")
         fixed[k] = v
     if fixed.get("vpp", 1) > 1 and "schedule" not in fixed:
@@ -144,7 +144,7 @@ def _fixed(strategy: str, flags: dict) -> dict:
         fixed["vpp"] = 2   # V-shaped schedules run two stages per rank
     for k in ("tp", "pp", "cp", "ep", "etp", "vpp", "micro_batch"):
         if k in fixed and fixed[k] < 1:
-            raise InputError(f"{COMPACT_KEYS.get(k, k)}={fixed[k]} must be a positive integer")
+            raise InputError(f"{cli_key(k)}={fixed[k]} must be a positive integer")
     if fixed.get("dp", 1) < 1 and fixed.get("dp") != -1:
         raise InputError(f"dp={fixed['dp']} must be a positive integer (or -1 for the rest)")
     return fixed

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_serializer, model_validator
 
@@ -250,7 +250,7 @@ class GpuProfile(BaseModel):
         0.0, ge=0, le=1, description="bytes the caching allocator holds beyond the live-tensor peak (fragmentation, "
                                      "cached blocks: max_memory_reserved / max_memory_allocated - 1), fitted per GPU "
                                      "and stack (benchmarks/validate_memory.py --fit); 0: not fitted")
-    allocator_reserve_by_stack: dict[Runtime, float] = Field(
+    allocator_reserve_by_stack: dict[Runtime, Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=dict, description="a stack's own allocator reserve where its rows measure or bound it "
                                           "(sources['allocator_reserve_fraction.<stack>'] names the command); "
                                           "the other stacks take allocator_reserve_fraction. Outside stacks: "
@@ -340,9 +340,9 @@ class GpuProfile(BaseModel):
             raise ValueError("attention_kernels: each runtime may call one kernel; fix the stacks lists")
         unsourced = [rt for rt in self.allocator_reserve_by_stack
                      if not self.sources.get(f"allocator_reserve_fraction.{rt}", "").strip()]
-        if unsourced or any(not 0 <= v <= 1 for v in self.allocator_reserve_by_stack.values()):
-            raise ValueError("allocator_reserve_by_stack: each value in [0, 1] with a source "
-                             f"'allocator_reserve_fraction.<stack>'; missing: {', '.join(unsourced) or 'none'}")
+        if unsourced:
+            raise ValueError("allocator_reserve_by_stack: each value needs a source "
+                             f"'allocator_reserve_fraction.<stack>'; missing: {', '.join(unsourced)}")
         stack_only = sorted(set(self.gpu_constants.model_fields_set) - set(GPU_LEVEL_FIELDS) - {"sources"})
         if stack_only:
             raise ValueError(f"gpu_constants may set only hardware-level fields ({', '.join(GPU_LEVEL_FIELDS)}); "

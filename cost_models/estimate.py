@@ -404,12 +404,20 @@ def megatron_accounted_stages(layers: int, n: int) -> list[tuple[int, int]] | No
     chunk ``(layers + e + l) / n`` layers, the first one ``e`` less (the embedding), the last one ``l`` less (the
     loss); None where no flag pair divides (Megatron-Core asserts it does)."""
     for e, l in MEGATRON_ACCOUNT:
-        c, rest = divmod(layers + e + l, n)
-        if rest == 0 and c > max(e, l):
-            sizes = [c - e] + [c] * (n - 2) + [c - l] if n > 1 else [layers]
+        sizes = megatron_accounted_sizes(layers, n, e, l)
+        if sizes:
             bounds = [sum(sizes[:j]) for j in range(n + 1)]
             return list(zip(bounds, bounds[1:]))
     return None
+
+
+def megatron_accounted_sizes(layers: int, n: int, e: int, l: int) -> list[int] | None:
+    """Layers per chunk Megatron-Core builds with the embedding (``e``) and the loss (``l``) counted as a layer
+    (``MEGATRON_ACCOUNT``); None where ``layers + e + l`` does not divide into ``n`` chunks of at least two."""
+    c, rest = divmod(layers + e + l, n)
+    if rest or c <= max(e, l) or n < 2:
+        return None
+    return [c - e] + [c] * (n - 2) + [c - l]
 
 
 def megatron_stages(layers: int, pp: int) -> list[tuple[int, int]]:

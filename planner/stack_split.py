@@ -6,7 +6,12 @@ partition DP searches those; the others list their few families and price each."
 from __future__ import annotations
 
 from autopar.core.strategy import Strategy
-from autopar.cost_models.estimate import MEGATRON_ACCOUNT, CostModel, megatron_accounted_stages
+from autopar.cost_models.estimate import (
+    MEGATRON_ACCOUNT,
+    CostModel,
+    megatron_accounted_sizes,
+    megatron_accounted_stages,
+)
 from autopar.cost_models.runtime_memory import torchtitan_stages
 from autopar.planner import partition as part
 from autopar.techniques.pipeline import SPLITS, V_SHAPED
@@ -114,12 +119,9 @@ def split_setting(stack: str, stages: list[tuple[int, int]], pp: int) -> str | N
 def _accounted(layers: int, stages: list[tuple[int, int]]) -> str | None:
     """Megatron's account-for flags where they build ``stages`` (interleaved chunks one layer short at the ends:
     ``estimate.megatron_accounted_stages``), else None (no setting of this release runs them)."""
-    for e, l in MEGATRON_ACCOUNT:
-        c, rest = divmod(layers + e + l, len(stages))
-        sizes = [c - e] + [c] * (len(stages) - 2) + [c - l]
-        if rest == 0 and [b - a for a, b in stages] == sizes:
-            return MEGATRON_ACCOUNT[e, l]
-    return None
+    sizes = [b - a for a, b in stages]
+    return next((flags for (e, l), flags in MEGATRON_ACCOUNT.items()
+                 if megatron_accounted_sizes(layers, len(stages), e, l) == sizes), None)
 
 
 def _fqns(stages: list[tuple[int, int]]) -> str:
